@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh Debian/Ubuntu machine:
+#   make demo   train the embedded default job (synthetic data, 2 MPI ranks, CPU)
+#   make test   run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed
+
+.PHONY: venv demo test bench clean
+
+venv: $(STAMP)
+
+$(STAMP): requirements/test.txt pyproject.toml cluster/install-deps.sh
+	bash cluster/install-deps.sh
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q -r requirements/test.txt
+	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+demo: venv
+	$(BIN)/autocnnp run xml_configs/demo.xml
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+bench: venv
+	$(BIN)/python benchmarks/engine_overhead.py
+
+clean:
+	rm -rf $(VENV) xml_configs/runs

@@ -1,0 +1,73 @@
+"""``autocnnp`` command line. Validation and planning never import torch (they must stay fast)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+
+from .engine.errors import JobError
+
+
+def _assemble(path: str):
+    from .generator.assemble import assemble
+
+    return assemble(path)
+
+
+def cmd_validate(args) -> int:
+    gen = _assemble(args.job)
+    print(f"{gen.job.file}: valid ({gen.job.task}, {gen.degree} ranks, "
+          f"{gen.action('dist_strategy').entry.name}, {gen.action('architecture_injection').entry.name})")
+    return 0
+
+
+def cmd_plan(args) -> int:
+    from .generator.plan import render
+    from .run.launch import build_command
+
+    gen = _assemble(args.job)
+    print(render(gen, build_command(gen)[0]))
+    return 0
+
+
+def cmd_run(args) -> int:
+    from .run.launch import run
+
+    return run(_assemble(args.job))
+
+
+def cmd_new(args) -> int:
+    target = Path(args.path)
+    if target.exists() and not args.force:
+        raise JobError(target, "the file exists already", "choose another name or pass --force")
+    text = resources.files("autocnnp.templates").joinpath("job.xml").read_text()
+    target.write_text(text)
+    print(f"wrote {target}; check it with: autocnnp validate {target}")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="autocnnp", description=__doc__.splitlines()[0].strip("`` "))
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, fn, doc in (("validate", cmd_validate, "check a job file (schema and semantics); builds nothing"),
+                          ("plan", cmd_plan, "print the assembled generator, hyperparameters and launch command"),
+                          ("run", cmd_run, "train: launch the ranks and run the job")):
+        s = sub.add_parser(name, help=doc, description=doc)
+        s.add_argument("job", help="the XML job file")
+        s.set_defaults(func=fn)
+    s = sub.add_parser("new", help="write a commented starter job file")
+    s.add_argument("path", nargs="?", default="job.xml")
+    s.add_argument("--force", action="store_true", help="overwrite an existing file")
+    s.set_defaults(func=cmd_new)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except JobError as exc:
+        print(f"autocnnp: {exc}", file=sys.stderr)
+        return exc.exit_code

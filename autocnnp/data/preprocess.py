@@ -1,0 +1,487 @@
+"""ImgMed: turning 3D/4D NIfTI cases into a fast on-disk cache of 2D training slices.
+
+The thesis' pre-processing (section 2.3 and ImgMed, section 3.3.2.1): keep some modalities
+(BraTS was reduced to T1w), extract N 2D slices per scan (70 in the thesis), resize them
+(512 x 512 for the left atrium) and z-score the intensities. :func:`build_cache` does this once
+and writes ``images.npy`` (float32 ``[N, C, H, W]``), ``labels.npy`` (uint8 ``[N, H, W]``) and
+``meta.json`` into a cache folder; :class:`CacheDataset` serves the slices to PyTorch from
+memory-mapped files, touching only the slices it is asked for.
+
+Cache building is idempotent and safe to run from many processes at once (all ranks of a job may
+call it): the build holds an exclusive ``fcntl.flock`` on ``cache_dir/.lock``, writes into a
+temporary folder inside ``cache_dir`` and renames the files into place, ``meta.json`` last; a
+second call whose content key (a hash of the parameters and of the source files' paths, sizes and
+modification times) matches ``meta.json`` returns at once without writing anything.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from autocnnp.data.decathlon import Case, _label_shape, _open_nifti, _read_array, load_case, read_dataset
+from autocnnp.data.errors import DataError
+
+MODES: tuple[str, ...] = ("even", "labelled")
+CACHE_FORMAT = 1
+IMAGES_FILE = "images.npy"
+LABELS_FILE = "labels.npy"
+META_FILE = "meta.json"
+LOCK_FILE = ".lock"
+_TMP_PREFIX = ".tmp-"
+
+
+# --------------------------------------------------------------------------------------------
+# Slice selection
+
+def _even(lo: int, hi: int, n: int | None) -> np.ndarray:
+    """``n`` distinct, evenly spread integers in ``[lo, hi]`` (all of them when ``n`` is too big)."""
+    count = hi - lo + 1
+    if n is None or n <= 0 or n >= count:
+        return np.arange(lo, hi + 1, dtype=np.int64)
+    if n == 1:
+        return np.array([(lo + hi) // 2], dtype=np.int64)
+    # floor(x + 0.5) (not banker's rounding) keeps the indices distinct when the step is >= 1.
+    return np.floor(np.linspace(lo, hi, n) + 0.5).astype(np.int64)
+
+
+def slice_indices(depth: int, n_slices: int | None, mode: str = "even", label=None, axis: int = 2) -> np.ndarray:
+    """Indices of the slices to take along ``axis`` of a volume ``depth`` slices deep.
+
+    ``mode="even"`` spreads ``n_slices`` evenly over the whole volume; ``mode="labelled"`` spreads
+    them evenly between the first and the last slice holding a non-zero label (falling back to the
+    whole volume when the label map is empty). ``n_slices`` of ``None``/``0``, or more than there
+    are slices, takes every slice once (indices never repeat). Sorted, distinct int64 indices.
+    """
+    if mode not in MODES:
+        raise ValueError(f"slice mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if depth < 1:
+        raise ValueError(f"cannot take slices of a volume with {depth} slices")
+    if mode == "labelled":
+        if label is None:
+            raise ValueError("mode 'labelled' needs the label map")
+        label = np.asarray(label)
+        other = tuple(a for a in range(label.ndim) if a != axis % label.ndim)
+        hit = np.flatnonzero(np.any(label > 0, axis=other))
+        if hit.size:
+            return _even(int(hit[0]), int(hit[-1]), n_slices)
+    return _even(0, int(depth) - 1, n_slices)
+
+
+def _channels_last(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 3:
+        return image[..., None]
+    if image.ndim != 4:
+        raise ValueError(f"expected an image (X, Y, Z) or (X, Y, Z, C), got shape {image.shape}")
+    return image
+
+
+def take_slices(image, label, indices, axis: int = 2):
+    """2D slices ``indices`` along spatial ``axis``: images ``[N, C, H, W]``, labels ``[N, H, W]`` or None."""
+    image = _channels_last(image)
+    idx = np.asarray(indices, dtype=np.int64)
+    imgs = np.moveaxis(np.take(image, idx, axis=axis), axis, 0)  # [N, h, w, C]
+    imgs = np.ascontiguousarray(np.moveaxis(imgs, -1, 1))  # [N, C, H, W]
+    labs = None
+    if label is not None:
+        labs = np.ascontiguousarray(np.moveaxis(np.take(np.asarray(label), idx, axis=axis), axis, 0))
+    return imgs, labs
+
+
+def extract_slices(image, label, n_slices: int | None, mode: str = "even", axis: int = 2):
+    """Pick ``n_slices`` slices (see :func:`slice_indices`) and return ``(indices, images, labels)``.
+
+    ``image`` is ``(X, Y, Z)`` or channels last ``(X, Y, Z, C)``; ``images`` is ``[N, C, H, W]``
+    and ``labels`` ``[N, H, W]`` (``None`` when ``label`` is ``None``).
+    """
+    image = _channels_last(image)
+    indices = slice_indices(image.shape[axis], n_slices, mode, label=label, axis=axis)
+    imgs, labs = take_slices(image, label, indices, axis=axis)
+    return indices, imgs, labs
+
+
+# --------------------------------------------------------------------------------------------
+# Modalities, resizing, normalisation
+
+def select_modalities(image, modalities) -> np.ndarray:
+    """Keep the channels ``modalities`` (a list of indices; ``None`` keeps all) of a channels-last image."""
+    image = _channels_last(image)
+    if modalities is None:
+        return image
+    mods = [int(m) for m in modalities]
+    n = image.shape[-1]
+    bad = [m for m in mods if not -n <= m < n]
+    if bad or not mods:
+        raise ValueError(f"modalities {mods} do not fit an image with {n} channel(s)")
+    return image[..., mods]
+
+
+def _size2(size) -> tuple[int, int]:
+    if isinstance(size, (int, np.integer)):
+        size = (int(size), int(size))
+    h, w = (int(s) for s in size)
+    if h < 1 or w < 1:
+        raise ValueError(f"size must be positive, got {size}")
+    return h, w
+
+
+def resize(image, size, *, label: bool = False) -> np.ndarray:
+    """Resize the last two axes (H, W) of ``image`` to ``size`` (an int or ``(H, W)``).
+
+    Works on ``[H, W]``, ``[C, H, W]`` or ``[N, C, H, W]``. Images are resampled bilinearly
+    (pixel-centre aligned, edge values repeated); ``label=True`` uses nearest neighbour so the
+    output only holds values of the input.
+    """
+    from scipy import ndimage
+
+    arr = np.asarray(image)
+    if arr.ndim < 2:
+        raise ValueError(f"cannot resize an array of shape {arr.shape}")
+    h, w = _size2(size)
+    if arr.shape[-2:] == (h, w):
+        return arr.copy()
+    factors = (1.0,) * (arr.ndim - 2) + (h / arr.shape[-2], w / arr.shape[-1])
+    if label:
+        out = ndimage.zoom(arr, factors, order=0, mode="nearest", grid_mode=True)
+    else:
+        out = ndimage.zoom(arr.astype(np.float32, copy=False), factors, order=1, mode="nearest", grid_mode=True)
+    if out.shape[-2:] != (h, w):  # guard against rounding in zoom's output shape
+        raise AssertionError(f"resize produced {out.shape[-2:]} instead of {(h, w)}")
+    return out
+
+
+def resize_label(label, size) -> np.ndarray:
+    """Nearest-neighbour :func:`resize` for label maps."""
+    return resize(label, size, label=True)
+
+
+def zscore(image, *, eps: float = 1e-8) -> np.ndarray:
+    """Z-score each channel of a channels-last image over its non-zero voxels.
+
+    Zero voxels (e.g. outside the skull-stripped brain) stay zero; a constant channel is only
+    centred. Returns float32.
+    """
+    image = _channels_last(image).astype(np.float32, copy=True)
+    for c in range(image.shape[-1]):
+        ch = image[..., c]
+        mask = ch != 0
+        if not mask.any():
+            continue
+        vals = ch[mask].astype(np.float64)
+        mean, std = vals.mean(), vals.std()
+        ch[mask] = ((vals - mean) / (std if std > eps else 1.0)).astype(np.float32)
+    return image
+
+
+# --------------------------------------------------------------------------------------------
+# The cache
+
+@contextmanager
+def _exclusive(lock_path: Path):
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
+
+
+def _stat(path: Path) -> list:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise DataError(path, "file does not exist", "fix the path in the dataset index or restore the file") from None
+    return [str(path.resolve()), st.st_size, st.st_mtime_ns]
+
+
+def _read_meta(cache_dir: Path) -> dict | None:
+    try:
+        return json.loads((cache_dir / META_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _is_current(cache_dir: Path, key: str) -> bool:
+    meta = _read_meta(cache_dir)
+    return (
+        meta is not None
+        and meta.get("key") == key
+        and (cache_dir / IMAGES_FILE).is_file()
+        and (cache_dir / LABELS_FILE).is_file()
+    )
+
+
+def cache_key(params: dict) -> str:
+    """The content key of a cache: sha256 of the canonical JSON of ``params``."""
+    return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
+
+
+def build_cache(
+    root,
+    cache_dir,
+    *,
+    n_slices: int | None,
+    size,
+    modalities=None,
+    mode: str = "even",
+    normalise: bool = True,
+    case_indices=None,
+    axis: int = 2,
+) -> Path:
+    """Build (or reuse) the 2D slice cache of the labelled cases of dataset ``root``.
+
+    ``root`` is anything :func:`~autocnnp.data.decathlon.read_dataset` accepts. ``n_slices`` slices
+    per case are taken along ``axis`` (``mode`` ``"even"`` or ``"labelled"``, see
+    :func:`slice_indices`; ``None``/``0`` takes all), restricted to the channels ``modalities``
+    (indices or modality names from dataset.json; ``None`` keeps all), z-scored per case and
+    channel when ``normalise``, and resized to ``size`` (int or ``(H, W)``). ``case_indices``
+    picks training cases by position in the index (``None``: all). Returns ``cache_dir``.
+
+    A second call with the same inputs is a no-op. Concurrent calls (several ranks or processes)
+    serialise on an exclusive lock of ``cache_dir/.lock``; the losers wait and reuse the cache.
+    """
+    if mode not in MODES:
+        raise ValueError(f"slice mode must be one of {', '.join(MODES)}, got {mode!r}")
+    if axis not in (0, 1, 2):
+        raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+    h, w = _size2(size)
+    ds = read_dataset(root)
+    cases = ds.cases("training")
+    if case_indices is not None:
+        picked = [int(i) for i in case_indices]
+        bad = [i for i in picked if not 0 <= i < len(cases)]
+        if bad:
+            raise DataError(ds.index_file, f"case indices {bad} are out of range (the index lists {len(cases)} "
+                            "training cases)", "pick case indices between 0 and the number of cases - 1")
+        cases = [cases[i] for i in picked]
+    if not cases:
+        raise DataError(ds.index_file, "no labelled training cases to build a cache from",
+                        "list image,label pairs in the dataset index")
+    mods = None if modalities is None else [ds.modality_index(m) for m in modalities]
+    if mods is not None and not mods:
+        raise DataError(ds.index_file, "an empty list of modalities was asked for", "name at least one modality")
+
+    params = {
+        "format": CACHE_FORMAT,
+        "n_slices": None if not n_slices else int(n_slices),
+        "size": [h, w],
+        "modalities": mods,
+        "mode": mode,
+        "normalise": bool(normalise),
+        "axis": axis,
+        "cases": [[c.name] + _stat(Path(c.image)) + _stat(Path(c.label)) for c in cases],
+    }
+    key = cache_key(params)
+    out = Path(cache_dir)
+    if _is_current(out, key):
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    with _exclusive(out / LOCK_FILE):
+        if _is_current(out, key):  # someone else built it while we waited
+            return out
+        for stale in out.glob(_TMP_PREFIX + "*"):  # left by a crashed build; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = out / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        try:
+            _write_cache(tmp, cases, params, key, ds, mods, (h, w))
+            _commit(tmp, out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def _plan(case: Case, mode: str, n_slices, axis: int) -> np.ndarray:
+    """Slice indices of one case, reading only the header (and the label for 'labelled')."""
+    img = _open_nifti(Path(case.image))
+    label = None
+    if mode == "labelled":
+        path = Path(case.label)
+        lab = _open_nifti(path)
+        label = _read_array(path, lab).reshape(_label_shape(path, lab.shape))
+    return slice_indices(img.shape[axis], n_slices, mode, label=label, axis=axis)
+
+
+def _write_cache(tmp: Path, cases, params, key, ds, mods, size) -> dict:
+    h, w = size
+    plans = [_plan(c, params["mode"], params["n_slices"], params["axis"]) for c in cases]
+    total = int(sum(len(p) for p in plans))
+    images = labels = None
+    slice_case: list[int] = []
+    slice_index: list[int] = []
+    counts = np.zeros(256, dtype=np.int64)
+    case_meta = []
+    pos = 0
+    channels = None
+    try:
+        for ci, (case, idx) in enumerate(zip(cases, plans)):
+            image, label, _, _ = load_case(case)
+            if mods is not None:
+                n = image.shape[-1]
+                if any(not 0 <= m < n for m in mods):
+                    raise DataError(case.image, f"image has {n} channel(s); modalities {mods} were asked for",
+                                    "pick modalities that every image has")
+                image = image[..., mods]
+            if channels is None:
+                channels = image.shape[-1]
+                images = np.lib.format.open_memmap(tmp / IMAGES_FILE, mode="w+", dtype=np.float32,
+                                                   shape=(total, channels, h, w))
+                labels = np.lib.format.open_memmap(tmp / LABELS_FILE, mode="w+", dtype=np.uint8,
+                                                   shape=(total, h, w))
+            elif image.shape[-1] != channels:
+                raise DataError(case.image, f"image has {image.shape[-1]} channel(s), earlier cases have {channels}",
+                                "give every case the same modalities, or select modalities")
+            if label.min() < 0 or label.max() > 255:
+                raise DataError(case.label, f"label values range {label.min()}..{label.max()} does not fit 0..255",
+                                "store class indices 0..255")
+            if params["normalise"]:
+                image = zscore(image)
+            imgs, labs = take_slices(image, label, idx, axis=params["axis"])
+            del image, label
+            images[pos:pos + len(idx)] = resize(imgs, (h, w))
+            labs = resize(labs.astype(np.uint8), (h, w), label=True)
+            labels[pos:pos + len(idx)] = labs
+            counts += np.bincount(labs.ravel(), minlength=256)
+            slice_case.extend([ci] * len(idx))
+            slice_index.extend(int(i) for i in idx)
+            case_meta.append({"name": case.name, "image": str(Path(case.image).resolve()),
+                              "label": str(Path(case.label).resolve()), "slices": int(len(idx))})
+            pos += len(idx)
+        images.flush()
+        labels.flush()
+    finally:
+        del images, labels
+    top = int(np.flatnonzero(counts).max()) if counts.any() else 0
+    meta = {
+        "format": CACHE_FORMAT,
+        "key": key,
+        "count": total,
+        "channels": int(channels),
+        "size": [h, w],
+        "dtype": {"images": "float32", "labels": "uint8"},
+        "source": str(ds.index_file.resolve()),
+        "dataset": ds.name,
+        "modalities": mods if mods is not None else list(range(int(channels))),
+        "modality_names": [ds.modalities.get(m, str(m)) for m in (mods if mods is not None else range(int(channels)))],
+        "labels": {str(k): v for k, v in ds.labels.items()},
+        "label_counts": counts[: top + 1].tolist(),
+        "params": {k: v for k, v in params.items() if k != "cases"},
+        "cases": case_meta,
+        "slice_case": slice_case,
+        "slice_index": slice_index,
+    }
+    (tmp / META_FILE).write_text(json.dumps(meta))
+    return meta
+
+
+def _commit(tmp: Path, out: Path) -> None:
+    """Move a finished build into place; ``meta.json`` goes last so a matching meta means complete data."""
+    try:
+        (out / META_FILE).unlink()
+    except FileNotFoundError:
+        pass
+    os.replace(tmp / IMAGES_FILE, out / IMAGES_FILE)
+    os.replace(tmp / LABELS_FILE, out / LABELS_FILE)
+    os.replace(tmp / META_FILE, out / META_FILE)
+
+
+def read_cache_meta(cache_dir) -> dict:
+    """The ``meta.json`` of a cache, or a DataError saying to build it."""
+    cache_dir = Path(cache_dir)
+    meta = _read_meta(cache_dir)
+    if meta is None or meta.get("format") != CACHE_FORMAT:
+        raise DataError(cache_dir / META_FILE, "no usable training cache here (meta.json missing, unreadable or "
+                        "of another format)", "build it with autocnnp.data.preprocess.build_cache")
+    return meta
+
+
+class CacheDataset(Dataset):
+    """A PyTorch dataset over a cache written by :func:`build_cache`.
+
+    ``dataset[i]`` is ``(image, label)``: a float32 tensor ``[C, H, W]`` and an int64 tensor
+    ``[H, W]``. The arrays are memory-mapped (opened lazily, once per process), so only the
+    slices asked for are read. ``indices`` restricts the dataset to some cache slices (e.g. a
+    train/validation split by case, see :meth:`indices_of_cases`). ``augment``, if given, is called
+    as ``augment(image, label, epoch=..., index=...)`` with the cache index of the slice and the
+    epoch set by :meth:`set_epoch`, and must return the new ``(image, label)``.
+    """
+
+    def __init__(self, cache_dir, augment=None, indices=None):
+        self.cache_dir = Path(cache_dir)
+        self.meta = read_cache_meta(self.cache_dir)
+        for name in (IMAGES_FILE, LABELS_FILE):
+            if not (self.cache_dir / name).is_file():
+                raise DataError(self.cache_dir / name, "cache file is missing", "rebuild the cache with build_cache")
+        self.count = int(self.meta["count"])
+        self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        if self.indices is not None and self.indices.size and (self.indices.min() < 0 or self.indices.max() >= self.count):
+            raise IndexError(f"indices out of range for a cache of {self.count} slices")
+        self.augment = augment
+        self.epoch = 0
+        self._images = None
+        self._labels = None
+
+    @property
+    def num_channels(self) -> int:
+        return int(self.meta["channels"])
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return tuple(self.meta["size"])
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch passed to ``augment`` (call it with the sampler's ``set_epoch``)."""
+        self.epoch = int(epoch)
+
+    def indices_of_cases(self, names) -> np.ndarray:
+        """Cache indices of the slices that come from the cases named ``names``."""
+        wanted = {str(n) for n in names}
+        case_ids = [i for i, c in enumerate(self.meta["cases"]) if c["name"] in wanted]
+        return np.flatnonzero(np.isin(np.asarray(self.meta["slice_case"]), case_ids))
+
+    def _open(self):
+        if self._images is None:
+            images = np.load(self.cache_dir / IMAGES_FILE, mmap_mode="r")
+            labels = np.load(self.cache_dir / LABELS_FILE, mmap_mode="r")
+            if images.shape[0] != self.count or labels.shape[0] != self.count or images.shape[2:] != labels.shape[1:]:
+                raise DataError(self.cache_dir, f"cache arrays {images.shape} / {labels.shape} disagree with "
+                                f"meta.json ({self.count} slices)", "rebuild the cache with build_cache")
+            self._images, self._labels = images, labels
+        return self._images, self._labels
+
+    def __getstate__(self):  # memmaps are reopened in each worker process
+        state = self.__dict__.copy()
+        state["_images"] = state["_labels"] = None
+        return state
+
+    def __len__(self) -> int:
+        return self.count if self.indices is None else int(self.indices.size)
+
+    def __getitem__(self, i):
+        n = len(self)
+        i = int(i)
+        if i < 0:
+            i += n
+        if not 0 <= i < n:
+            raise IndexError(f"index {i} out of range for {n} slices")
+        j = i if self.indices is None else int(self.indices[i])
+        images, labels = self._open()
+        image = torch.from_numpy(np.array(images[j], dtype=np.float32))
+        label = torch.from_numpy(labels[j].astype(np.int64))
+        if self.augment is not None:
+            image, label = self.augment(image, label, epoch=self.epoch, index=j)
+        return image, label

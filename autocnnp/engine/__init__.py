@@ -1,0 +1,1 @@
+"""The engine: parse and validate a job file (nothing here imports torch)."""

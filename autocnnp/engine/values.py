@@ -1,0 +1,118 @@
+"""Typed values: bind written settings onto a component's Config dataclass, with located errors.
+
+A Config is a plain dataclass. Supported field types: ``int``, ``float``, ``bool``, ``str``,
+``Path`` (relative paths resolve against the job file's folder), ``Literal[...]`` (enumerations,
+case-insensitive), and ``X | None``. Field metadata may carry ``min``, ``max`` and ``aliases``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from pathlib import Path
+
+from .errors import JobError, Location, did_you_mean
+from .job import Setting
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def _unwrap_optional(tp):
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return args[0]
+    return tp
+
+
+def type_name(tp) -> str:
+    """A short human name for a field type (for plans and errors)."""
+    tp = _unwrap_optional(tp)
+    if typing.get_origin(tp) is typing.Literal:
+        return "|".join(str(a) for a in typing.get_args(tp))
+    return {int: "integer", float: "number", bool: "boolean", str: "text", Path: "path"}.get(tp, str(tp))
+
+
+def convert(text: str, tp, where: Location, name: str, base_dir: Path, meta=None):
+    """Convert ``text`` to ``tp`` or raise a JobError at ``where``."""
+    tp = _unwrap_optional(tp)
+    meta = meta or {}
+    t = text.strip()
+    try:
+        if typing.get_origin(tp) is typing.Literal:
+            options = typing.get_args(tp)
+            by_lower = {str(o).lower(): o for o in options}
+            if t.lower() not in by_lower:
+                raise JobError(where, f"'{t}' is not a valid {name}", did_you_mean(t, map(str, options)))
+            return by_lower[t.lower()]
+        if tp is bool:
+            if t.lower() in _TRUE:
+                return True
+            if t.lower() in _FALSE:
+                return False
+            raise ValueError
+        if tp is int:
+            value = int(t)
+        elif tp is float:
+            value = float(t)
+            if value != value or value in (float("inf"), float("-inf")):
+                raise ValueError
+        elif tp is Path:
+            p = Path(t).expanduser()
+            p = p if p.is_absolute() else (base_dir / p).resolve()
+            if meta.get("must_exist") and not p.exists():
+                raise JobError(where, f"{name} {p} does not exist",
+                               "fix the path (relative paths are read from the job file's folder)")
+            return p
+        else:
+            return t
+    except ValueError:
+        raise JobError(where, f"{name} must be {_article(type_name(tp))}, not '{t}'",
+                       f"write {name} as {_example(tp)}") from None
+    lo, hi = meta.get("min"), meta.get("max")
+    if (lo is not None and value < lo) or (hi is not None and value > hi):
+        bounds = f"at least {lo}" if hi is None else (f"at most {hi}" if lo is None else f"between {lo} and {hi}")
+        raise JobError(where, f"{name} is {value}, it must be {bounds}", f"set {name} {bounds}")
+    return value
+
+
+def _article(name: str) -> str:
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _example(tp) -> str:
+    return {int: "a whole number such as 8", float: "a number such as 0.01 or 1e-5",
+            bool: "true or false"}.get(tp, "text")
+
+
+def bind(config_cls, settings: list[Setting], base_dir: Path, what: str):
+    """Build ``config_cls`` from settings; unknown names get 'did you mean' hints."""
+    if config_cls is None:
+        if settings:
+            s = settings[0]
+            raise JobError(s.where, f"{what} takes no parameters, but '{s.name}' is given", "remove it")
+        return None
+    fields = {f.name: f for f in dataclasses.fields(config_cls)}
+    hints = typing.get_type_hints(config_cls)
+    aliases = {a: f.name for f in fields.values() for a in f.metadata.get("aliases", ())}
+    values, seen = {}, {}
+    for s in settings:
+        key = s.name if s.name in fields else aliases.get(s.name, aliases.get(s.name.lower()))
+        if key is None:
+            raise JobError(s.where, f"{what} has no parameter '{s.name}'", did_you_mean(s.name, fields))
+        if key in seen:
+            raise JobError(s.where, f"'{s.name}' sets {key}, already set at line {seen[key].line}", "keep one")
+        seen[key] = s.where
+        values[key] = convert(s.text, hints[key], s.where, key, base_dir, fields[key].metadata)
+    try:
+        return config_cls(**values)
+    except (TypeError, ValueError) as exc:
+        where = settings[0].where if settings else Location(base_dir)
+        raise JobError(where, f"{what}: {exc}", "see the job file reference in README.rst") from None
+
+
+def describe(config) -> dict[str, object]:
+    """Field name -> value of a bound config (empty for None)."""
+    return {} if config is None else dataclasses.asdict(config)

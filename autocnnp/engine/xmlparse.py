@@ -1,0 +1,87 @@
+"""Safe XML reading: no DTD, no entities, no network, bounded size; schema errors made readable."""
+
+from __future__ import annotations
+
+import functools
+import re
+from pathlib import Path
+
+from lxml import etree
+
+from .errors import JobError, Location
+
+MAX_JOB_BYTES = 1 << 20
+SCHEMA_FILE = Path(__file__).with_name("schema") / "job.xsd"
+_FORBIDDEN = (b"<!DOCTYPE", b"<!ENTITY")
+
+
+def _parser() -> etree.XMLParser:
+    return etree.XMLParser(
+        resolve_entities=False, no_network=True, load_dtd=False, dtd_validation=False,
+        huge_tree=False, remove_comments=True, remove_pis=True,
+    )
+
+
+@functools.cache
+def schema() -> etree.XMLSchema:
+    """The job schema shipped with the package (compiled once per process)."""
+    return etree.XMLSchema(etree.parse(str(SCHEMA_FILE), _parser()))
+
+
+def read_xml(path: Path) -> etree._Element:
+    """Parse ``path`` safely and check it against the job schema; raise JobError on any problem."""
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise JobError(path, f"cannot read the job file ({exc.strerror})",
+                       "check the path; `autocnnp new JOB.xml` writes a starter job") from None
+    if size > MAX_JOB_BYTES:
+        raise JobError(path, f"the job file is {size} bytes, over the {MAX_JOB_BYTES}-byte limit",
+                       "a job file describes a run; keep data and code in the files it points at")
+    raw = path.read_bytes()
+    for marker in _FORBIDDEN:
+        at = raw.upper().find(marker)
+        if at >= 0:
+            line = raw.count(b"\n", 0, at) + 1
+            raise JobError(Location(path, line, 1), "document type and entity declarations are refused "
+                           "(they enable entity-expansion and external-entity attacks)",
+                           "remove the <!DOCTYPE ...> block; job files need neither DTDs nor entities")
+    try:
+        root = etree.fromstring(raw, _parser(), base_url=str(path)).getroottree().getroot()
+    except etree.XMLSyntaxError as exc:
+        line, col = exc.position if exc.position else (exc.lineno or 0, 0)
+        message = re.sub(r", line \d+, column \d+$", "", exc.msg or str(exc))
+        raise JobError(Location(path, line, col + 1), f"malformed XML: {message}",
+                       "fix the markup at that position (every <tag> needs its </tag>)") from None
+    validator = schema()
+    if not validator.validate(root):
+        raise _schema_error(path, validator.error_log.filter_from_errors()[0]) from None
+    return root
+
+
+_ELEMENT = re.compile(r"Element '([^']+)'")
+
+
+def _schema_error(path: Path, err) -> JobError:
+    """Turn the first libxml2 schema error into a JobError with a fix hint."""
+    where = Location(path, err.line, max(err.column, 1))
+    message = err.message.replace("{http://www.w3.org/2001/XMLSchema}", "xs:")
+    element = (_ELEMENT.search(message) or [None, "?"])[1]
+    if "This element is not expected" in message:
+        expected = re.search(r"Expected is (?:one of )?\( ?([^)]+)\)", message)
+        hint = (f"allowed here: {expected.group(1).strip()}" if expected
+                else "remove it or move it to its section; see the job file reference in README.rst")
+        return JobError(where, f"<{element}> is not allowed at this place", hint)
+    if "Missing child element" in message:
+        expected = re.search(r"Expected is (?:one of )?\( ?([^)]+)\)", message)
+        need = expected.group(1).strip() if expected else "a required child"
+        return JobError(where, f"<{element}> lacks {need}", f"add <{need.split(',')[0].strip()}>")
+    if "attribute" in message and "is required" in message:
+        attr = re.search(r"The attribute '([^']+)'", message)
+        name = attr.group(1) if attr else "?"
+        return JobError(where, f"<{element}> needs the attribute {name}=\"...\"", f"add {name}=\"...\" to <{element}>")
+    if "is not an element of the set" in message:
+        return JobError(where, f"{message.split(': ', 1)[-1]}", "use class=\"extensible\" or class=\"non_extensible\"")
+    if "The attribute" in message and "is not allowed" in message:
+        return JobError(where, message.split(": ", 1)[-1], f"remove that attribute from <{element}>")
+    return JobError(where, f"schema violation: {message}", "see the job file reference in README.rst")

@@ -1,0 +1,1 @@
+"""The CNN-Parallelism-Generator: registries, the component tree and its assembly."""

@@ -1,0 +1,1 @@
+"""Run & manage: launch the ranks, run the generator on each, watch them."""

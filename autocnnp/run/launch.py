@@ -1,0 +1,61 @@
+"""Run & manage: build the launch command for a job (accelerate style: ``(cmd, env)``) and run it.
+
+Inside an existing launch (Open MPI, Slurm, torchrun variables present) the job runs in place;
+otherwise ``mpirun -np <parallelism-degree>`` starts one worker per rank.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+from ..engine.errors import JobError
+from ..generator.assemble import Generator
+from .world import launcher_name
+
+MPIRUN_HINT = ("install Open MPI (Debian: apt-get install openmpi-bin libopenmpi-dev; or run `make venv`, "
+               "which does it) or run the ranks yourself under a launcher and use launcher=inplace")
+
+
+def launch_mode(gen: Generator, env=os.environ) -> str:
+    """'inplace' when this process already is a rank (or the job asks for it), else 'mpirun'."""
+    if gen.cluster.launcher != "auto":
+        return gen.cluster.launcher
+    return "inplace" if launcher_name(env) else "mpirun"
+
+
+def build_command(gen: Generator, env=os.environ) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that start every rank of ``gen``'s job."""
+    worker = [sys.executable, "-m", "autocnnp.run.worker", str(gen.job.file)]
+    child_env = dict(env)
+    if launch_mode(gen, env) == "inplace":
+        return worker, child_env
+    cmd = ["mpirun", "-np", str(gen.degree), "--bind-to", "none"]
+    if gen.cluster.oversubscribe:
+        cmd.append("--oversubscribe")
+    if gen.cluster.hostfile:
+        cmd += ["--hostfile", str(gen.cluster.hostfile)]
+    for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS"):
+        if name in child_env:
+            cmd += ["-x", name]
+    if os.geteuid() == 0:  # containers and CI often run as root; Open MPI refuses that by default
+        child_env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd += shlex.split(gen.cluster.mpirun_args)
+    return cmd + worker, child_env
+
+
+def run(gen: Generator) -> int:
+    """Start the ranks and wait; returns the job's exit code."""
+    if launch_mode(gen) == "inplace":
+        from .worker import run_rank
+
+        return run_rank(gen)
+    if shutil.which("mpirun") is None:
+        raise JobError(gen.job.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
+    cmd, env = build_command(gen)
+    Path(gen.output).mkdir(parents=True, exist_ok=True)
+    return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL).returncode

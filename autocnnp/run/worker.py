@@ -1,0 +1,55 @@
+"""One rank: assemble the job's generator and train; any failure ends the whole job, naming the rank."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+
+from ..engine.errors import JobError
+from ..generator.assemble import Generator, assemble
+from .world import discover_world
+
+
+def _abort(code: int) -> None:
+    """End every rank: MPI_Abort when MPI is up (so no peer waits forever), else exit."""
+    if "mpi4py" in sys.modules or discover_world().size > 1:
+        try:
+            from mpi4py import MPI
+
+            if MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
+                MPI.COMM_WORLD.Abort(code)
+        except ImportError:
+            pass
+    sys.exit(code)
+
+
+def run_rank(gen: Generator) -> int:
+    """Train on this rank; on error print one line naming the rank and abort the job."""
+    from ..training.monitor import Diverged
+    from ..training.trainer import train
+
+    rank = discover_world().rank
+    try:
+        train(gen)
+    except Diverged as exc:
+        print(f"autocnnp: rank {rank}: training diverged: {exc}", file=sys.stderr, flush=True)
+        _abort(3)
+    except Exception as exc:  # any failure on one rank must end all of them
+        traceback.print_exc()
+        print(f"autocnnp: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        _abort(1)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        gen = assemble(argv[0])
+    except JobError as exc:
+        print(f"autocnnp: {exc}", file=sys.stderr)
+        return exc.exit_code
+    return run_rank(gen)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,42 @@
+"""Who am I: rank, size and local rank from the standard launcher variables (torch-free)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+# (rank, size, local rank, local size) variables of each launcher, most specific first.
+_LAUNCHERS = (
+    ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
+    ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
+    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+)
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+    local_size: int = 1
+    backend: str = ""
+
+
+def launcher_name(env=os.environ) -> str | None:
+    """The launcher this process was started by, if any."""
+    for rank, size, _, _ in _LAUNCHERS:
+        if rank in env and size in env:
+            return rank.split("_")[0].lower()
+    return None
+
+
+def discover_world(env=os.environ) -> World:
+    """Read rank variables; a process started by no launcher is rank 0 of 1."""
+    for rank, size, local, local_size in _LAUNCHERS:
+        if rank in env and size in env:
+            lsize = env.get(local_size, "1").split("(")[0]
+            return World(int(env[rank]), int(env[size]), int(env.get(local, 0)), int(lsize or 1))
+    return World()

@@ -1,0 +1,1 @@
+"""Training utilities: losses and segmentation metrics."""

@@ -1,0 +1,392 @@
+"""Run monitoring: divergence guard, resource sampling, progress, metrics, TensorBoard, plots.
+
+Epochs and steps are 0-based indices in the API and shown 1-based in messages.
+matplotlib and TensorBoard are imported only by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import sys
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from autocnnp.run.config import MonitoringConfig
+from autocnnp.training.metrics import METRIC_NAMES
+
+RESOURCE_COLUMNS = ("time_s", "rank", "cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb")
+
+
+class Diverged(RuntimeError):
+    """Training loss became non-finite or exploded; carries ``epoch``, ``step`` and ``loss``."""
+
+    def __init__(self, message: str, epoch: int, step: int, loss: float) -> None:
+        super().__init__(message)
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+
+class DivergenceGuard:
+    """Raises :class:`Diverged` on a NaN/inf loss or one above ``factor`` x the first finite loss.
+
+    Check a loss that is identical on every rank (e.g. all-reduced) so all ranks stop together.
+    The explosion test needs a positive reference loss.
+    """
+
+    def __init__(self, factor: float, enabled: bool = True) -> None:
+        if factor <= 0:
+            raise ValueError(f"divergence factor must be > 0, got {factor}")
+        self.factor = factor
+        self.enabled = enabled
+        self.reference: float | None = None
+
+    def check(self, loss: float, epoch: int, step: int) -> None:
+        """Record the reference on the first finite loss; raise if this loss diverged."""
+        if not self.enabled:
+            return
+        loss = float(loss)
+        if not math.isfinite(loss):
+            reason = f"loss is {loss} (not finite)"
+        elif self.reference is None:
+            self.reference = loss
+            return
+        elif self.reference > 0 and loss > self.factor * self.reference:
+            reason = (
+                f"loss {loss:.6g} exceeds {self.factor:g} x the initial loss {self.reference:.6g}"
+            )
+        else:
+            return
+        raise Diverged(
+            f"Training diverged at epoch {epoch + 1}, step {step + 1}: {reason}. "
+            "Try a lower learning rate or a longer warmup, or set "
+            '<monitoring><property name="stop_on_divergence">false</property></monitoring> '
+            "to keep training regardless.",
+            epoch,
+            step,
+            loss,
+        )
+
+
+class ResourceSampler:
+    """Daemon thread appending ``time_s,rank,cpu_percent,rss_mb,gpu_util_percent,gpu_mem_mb`` rows.
+
+    ``time_s`` is Unix time. One row is taken at :meth:`start` and one at :meth:`stop`.
+    With ``append=False`` an existing file is replaced.
+    """
+
+    def __init__(self, path: Path, rank: int, interval_s: float, append: bool = True) -> None:
+        if interval_s <= 0:
+            raise ValueError(f"sample interval must be > 0 s, got {interval_s}")
+        self.path = Path(path)
+        self.rank = rank
+        self.interval_s = interval_s
+        self.append = append
+        self._process = psutil.Process()
+        self._cuda = torch.cuda.is_available()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._file = None
+        self._writer = None
+
+    def start(self) -> ResourceSampler:
+        """Open the CSV, take a first sample and start the thread (no-op if started)."""
+        if self._file is not None or self._stop.is_set():
+            return self
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fresh = not self.append or not self.path.exists() or self.path.stat().st_size == 0
+        self._file = open(self.path, "w" if fresh else "a", newline="")
+        self._writer = csv.writer(self._file)
+        if fresh:
+            self._writer.writerow(RESOURCE_COLUMNS)
+        self._process.cpu_percent(None)  # prime: the first call always reports 0
+        self._sample()
+        self._thread = threading.Thread(
+            target=self._run, name=f"resource-sampler-rank{self.rank}", daemon=True
+        )
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread, take a last sample and close the file (idempotent)."""
+        if self._stop.is_set():
+            return
+        self._stop.set()
+        if self._file is None:
+            return
+        self._thread.join()
+        self._sample()
+        self._file.close()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval_s):
+            self._sample()
+
+    def _sample(self) -> None:
+        gpu_util = gpu_mem = ""
+        if self._cuda:
+            try:
+                gpu_util = f"{torch.cuda.utilization():.0f}"
+            except Exception:  # needs pynvml / NVML; leave the column empty without it
+                pass
+            gpu_mem = f"{torch.cuda.memory_allocated() / 2**20:.1f}"
+        self._writer.writerow(
+            (
+                f"{time.time():.3f}",
+                self.rank,
+                f"{self._process.cpu_percent(None):.1f}",
+                f"{self._process.memory_info().rss / 2**20:.1f}",
+                gpu_util,
+                gpu_mem,
+            )
+        )
+        self._file.flush()
+
+    def __enter__(self) -> ResourceSampler:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+class Monitor:
+    """Per-rank run monitor: resource sampling everywhere; progress, metrics.csv,
+    TensorBoard and plots on rank 0.
+
+    TensorBoard steps are optimizer steps (``epoch * steps_per_epoch + step + 1``);
+    epoch metrics are logged at the last step of their epoch. On resume the metrics.csv rows
+    and TensorBoard events from ``start_epoch`` on are dropped.
+    """
+
+    def __init__(
+        self,
+        output_dir: Path,
+        rank: int,
+        world_size: int,
+        config: MonitoringConfig,
+        total_epochs: int,
+        steps_per_epoch: int,
+        start_epoch: int = 0,
+    ) -> None:
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.output_dir = Path(output_dir)
+        self.rank = rank
+        self.world_size = world_size
+        self.config = config
+        self.total_epochs = total_epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.start_epoch = start_epoch
+        self.metrics_path = self.output_dir / "metrics.csv"
+        self._closed = False
+        self._bar = None
+        self._writer = None
+        self._columns: list[str] | None = None
+        self._reset_epoch_counters()
+        self._sampler = ResourceSampler(
+            self.output_dir / "resources" / f"rank{rank}.csv",
+            rank,
+            config.sample_interval_s,
+            append=start_epoch > 0,
+        ).start()
+        if rank != 0:
+            return
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        self._truncate_metrics()
+        if config.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(
+                str(self.output_dir / "tensorboard"),
+                purge_step=start_epoch * steps_per_epoch + 1 if start_epoch > 0 else None,
+            )
+        self._bar = tqdm(
+            total=total_epochs * steps_per_epoch,
+            initial=start_epoch * steps_per_epoch,
+            unit="step",
+            file=sys.stderr,
+            dynamic_ncols=True,
+            disable=None if config.progress else True,  # None: off when not a TTY
+        )
+
+    def _reset_epoch_counters(self) -> None:
+        self._epoch_t0 = self._last_step_t = time.perf_counter()
+        self._epoch_samples = 0
+
+    def _truncate_metrics(self) -> None:
+        """Keep only the metrics.csv rows of epochs before ``start_epoch``."""
+        if not self.metrics_path.exists():
+            return
+        columns, rows = _read_csv(self.metrics_path)
+        kept = [row for row in rows if int(row["epoch"]) < self.start_epoch]
+        if not kept:
+            self.metrics_path.unlink()
+            return
+        self._columns = columns
+        _write_csv(self.metrics_path, columns, kept)
+
+    def step(self, epoch: int, step: int, loss: float, samples: int) -> None:
+        """Record one optimizer step; ``samples`` is this rank's batch size (rank 0 only acts)."""
+        if self.rank != 0 or self._closed:
+            return
+        now = time.perf_counter()
+        self._last_step_t = now
+        self._epoch_samples += samples * self.world_size
+        loss = float(loss)
+        self._bar.set_postfix(
+            epoch=f"{epoch + 1}/{self.total_epochs}",
+            loss=f"{loss:.4g}",
+            samples_s=f"{self._throughput():.1f}",
+            refresh=False,
+        )
+        self._bar.update(1)
+        global_step = epoch * self.steps_per_epoch + step + 1
+        if self._writer is not None and global_step % self.config.log_every_steps == 0:
+            self._writer.add_scalar("train/loss_step", loss, global_step)
+
+    def _throughput(self) -> float:
+        elapsed = self._last_step_t - self._epoch_t0
+        return self._epoch_samples / elapsed if elapsed > 0 else 0.0
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Append the epoch's metrics to metrics.csv and TensorBoard; print a summary line."""
+        if self.rank != 0 or self._closed:
+            return
+        metrics = {name: float(value) for name, value in metrics.items()}
+        self._append_metrics(epoch, metrics)
+        if self._writer is not None:
+            global_step = (epoch + 1) * self.steps_per_epoch
+            for name, value in metrics.items():
+                self._writer.add_scalar(f"metrics/{name}", value, global_step)
+            self._writer.flush()
+        ordered = sorted(metrics, key=lambda name: (not name.endswith("loss"), name))
+        parts = [f"epoch {epoch + 1}/{self.total_epochs}"]
+        parts += [f"{name}={metrics[name]:.4g}" for name in ordered]
+        parts.append(f"samples/s={self._throughput():.1f}")
+        tqdm.write(" ".join(parts), file=sys.stdout)
+        sys.stdout.flush()
+        self._reset_epoch_counters()
+
+    def _append_metrics(self, epoch: int, metrics: dict[str, float]) -> None:
+        row = {"epoch": epoch, **{name: repr(value) for name, value in metrics.items()}}
+        if self._columns is None or not set(metrics) <= set(self._columns):
+            # new metric names: rewrite the file with the union of columns
+            old = set(self._columns or ["epoch"]) - {"epoch"}
+            rows = _read_csv(self.metrics_path)[1] if self.metrics_path.exists() else []
+            self._columns = ["epoch", *sorted(old | set(metrics))]
+            _write_csv(self.metrics_path, self._columns, [*rows, row])
+            return
+        with open(self.metrics_path, "a", newline="") as f:
+            csv.DictWriter(f, self._columns, restval="").writerow(row)
+
+    def close(self) -> None:
+        """Stop sampling, close TensorBoard and the bar; rank 0 writes plots (idempotent)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._sampler.stop()
+        if self.rank != 0:
+            return
+        if self._writer is not None:
+            self._writer.close()
+        self._bar.close()
+        if self.config.plots:
+            plot_run(self.output_dir)
+
+    def __enter__(self) -> Monitor:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        rows = list(reader)
+        return list(reader.fieldnames or []), rows
+
+
+def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, columns, restval="")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(path)
+
+
+def _column(rows: list[dict[str, str]], name: str) -> list[float]:
+    return [float(row[name]) if row.get(name) else math.nan for row in rows]
+
+
+def plot_run(output_dir: Path) -> list[Path]:
+    """(Re)make ``plots/*.png`` from metrics.csv and resources/*.csv; returns the files written.
+
+    learning_curves.png: every ``*loss`` column; metrics.png: the SegEval metrics (also with a
+    prefix such as ``valid_dice``); resources.png: CPU, RSS (and GPU) per rank over time.
+    """
+    from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
+
+    output_dir = Path(output_dir)
+    plots = output_dir / "plots"
+    written: list[Path] = []
+
+    def save(fig: Figure, name: str) -> None:
+        plots.mkdir(parents=True, exist_ok=True)
+        fig.tight_layout()
+        fig.savefig(plots / name, dpi=100)
+        written.append(plots / name)
+
+    metrics_path = output_dir / "metrics.csv"
+    if metrics_path.exists():
+        columns, rows = _read_csv(metrics_path)
+        epochs = [int(row["epoch"]) + 1 for row in rows]
+        groups = {
+            "learning_curves.png": ("loss", [c for c in columns if c.endswith("loss")]),
+            "metrics.png": (
+                "metric",
+                [c for c in columns if any(c == m or c.endswith("_" + m) for m in METRIC_NAMES)],
+            ),
+        }
+        for filename, (ylabel, names) in groups.items():
+            if not rows or not names:
+                continue
+            fig = Figure(figsize=(7, 4.5))
+            ax = fig.add_subplot()
+            for name in names:
+                ax.plot(epochs, _column(rows, name), marker="o", markersize=3, label=name)
+            ax.set(xlabel="epoch", ylabel=ylabel)
+            ax.grid(alpha=0.3)
+            ax.legend()
+            save(fig, filename)
+
+    tables = {}
+    for path in sorted((output_dir / "resources").glob("rank*.csv")):
+        rows = _read_csv(path)[1]
+        if rows:
+            tables[int(rows[0]["rank"])] = rows
+    if tables:
+        t0 = min(float(rows[0]["time_s"]) for rows in tables.values())
+        panels = [("cpu_percent", "CPU %"), ("rss_mb", "RSS MB")]
+        panels += [
+            (name, label)
+            for name, label in (("gpu_util_percent", "GPU util %"), ("gpu_mem_mb", "GPU mem MB"))
+            if any(row[name] for rows in tables.values() for row in rows)
+        ]
+        fig = Figure(figsize=(7, 2.5 * len(panels)))
+        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+        for rank, rows in sorted(tables.items()):
+            times = [float(row["time_s"]) - t0 for row in rows]
+            for ax, (name, label) in zip(axes, panels):
+                ax.plot(times, _column(rows, name), label=f"rank {rank}")
+                ax.set_ylabel(label)
+                ax.grid(alpha=0.3)
+        axes[0].legend(fontsize="small", ncol=min(4, len(tables)))
+        axes[-1].set_xlabel("time [s]")
+        save(fig, "resources.png")
+    return written

@@ -1,0 +1,138 @@
+"""The training loop every rank runs. It only calls the generator's actions, in the thesis' order;
+which strategy, architecture or dataset is used is decided by the job, never here."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from ..generator.assemble import Generator
+from .monitor import DivergenceGuard, Monitor
+
+
+@dataclass
+class TrainState:
+    """What checkpoint plug-ins may look at and steer (``lr_scale`` multiplies the LR policy)."""
+
+    optimizer: torch.optim.Optimizer
+    lr_scale: float = 1.0
+    epoch: int = 0
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(hp, params) -> torch.optim.Optimizer:
+    if hp.optimiser == "adam":
+        return torch.optim.Adam(params, lr=hp.lr, weight_decay=hp.weight_decay)
+    return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+
+
+def _sum_across_ranks(values: list[float]) -> list[float]:
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        t = t.to(backend_device)
+        dist.all_reduce(t)
+    return t.cpu().tolist()
+
+
+def train(gen: Generator) -> dict[str, float]:
+    """Run the job on this rank; returns the last epoch's metrics."""
+    world = gen.action("communication_init").build(timeout_s=gen.cluster.rank_timeout_s)
+    device = gen.action("device_placement").build(world)
+    device = gen.action("memory_allocation").build(device)
+    torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // max(1, world.local_size)))
+    hp = gen.action("hyperparameters_injection").build()
+    task = gen.action("task_definition").build()
+    seed_everything(gen.seed)  # identical initial parameters on every rank (DDP broadcasts them too)
+    data = gen.action("dataset_injection").build(world=world, seed=gen.seed, cache_dir=gen.output / "cache")
+    net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
+    strategy = gen.action("dist_strategy").build(world=world, device=device)
+    model = strategy.wrap(net)
+    optimizer = strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model)
+    sampler = strategy.sampler(data.train, shuffle=True, seed=gen.seed)
+    loader = DataLoader(data.train, batch_size=hp.minibatch_size, sampler=sampler, drop_last=True)
+    # Validation shards without padding, so every sample is scored exactly once across the ranks.
+    valid_loader = DataLoader(data.valid, batch_size=hp.minibatch_size,
+                              sampler=range(world.rank, len(data.valid), world.size))
+    if len(loader) == 0:
+        raise RuntimeError(f"each rank gets {len(sampler)} training samples, fewer than one minibatch of "
+                           f"{hp.minibatch_size}: lower minibatch_size or the parallelism degree")
+    policy = gen.action("lr_policy").build(base_lr=hp.lr, world_size=world.size, steps_per_epoch=len(loader),
+                                           total_epochs=hp.end_epoch)
+    checkpoints = gen.action("checkpoint").build(directory=gen.output / "checkpoints", rank=world.rank)
+    state = TrainState(optimizer, epoch=hp.start_epoch)
+    _resume(checkpoints, strategy.unwrap(model), state)
+    loss_fn = task.loss(hp.loss)
+    guard = DivergenceGuard(gen.monitoring.divergence_factor, gen.monitoring.stop_on_divergence)
+    metrics: dict[str, float] = {}
+    with Monitor(gen.output, world.rank, world.size, gen.monitoring, hp.end_epoch, len(loader),
+                 start_epoch=state.epoch) as monitor:
+        for epoch in range(state.epoch, hp.end_epoch):
+            seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
+            sampler.set_epoch(epoch)
+            model.train()
+            total, count = 0.0, 0
+            for step, (x, y) in enumerate(loader):
+                for group in optimizer.param_groups:
+                    group["lr"] = policy.lr(epoch, step) * state.lr_scale
+                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+                loss = loss_fn(model(x), y)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                strategy.after_backward(model)
+                optimizer.step()
+                value = loss.item()
+                guard.check(value, epoch, step)
+                total, count = total + value * len(x), count + len(x)
+                monitor.step(epoch, step, value, len(x))
+            strategy.end_epoch(model)
+            metrics = evaluate(strategy.unwrap(model), valid_loader, task.evaluator(data.num_classes), loss_fn, device)
+            loss_sum, n = _sum_across_ranks([total, count])
+            metrics = {"train_loss": loss_sum / max(n, 1), "lr": optimizer.param_groups[0]["lr"], **metrics}
+            state.epoch = epoch + 1
+            checkpoints.callbacks_on_epoch_end(epoch, metrics, state)
+            monitor.epoch_end(epoch, metrics)
+            if checkpoints.due(epoch, hp.end_epoch - 1):
+                checkpoints.save(_checkpoint_state(strategy.unwrap(model), state, checkpoints, gen, world.size), epoch)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, loader: DataLoader, evaluator, loss_fn, device) -> dict[str, float]:
+    """SegEval over the whole validation set: confusion matrices are summed across ranks, never scores."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in loader:
+        x, y = x.to(device), y.to(device)
+        logits = model(x)
+        total, count = total + loss_fn(logits, y).item() * len(x), count + len(x)
+        evaluator.update(logits, y)
+    evaluator.all_reduce()
+    loss_sum, n = _sum_across_ranks([total, count])
+    return {"valid_loss": loss_sum / max(n, 1), **evaluator.compute()}
+
+
+def _checkpoint_state(model, state: TrainState, checkpoints, gen: Generator, world_size: int) -> dict:
+    return {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(), "epoch": state.epoch,
+            "lr_scale": state.lr_scale, "plugins": checkpoints.plugin_state(), "world_size": world_size,
+            "seed": gen.seed, "job": str(gen.job.file)}
+
+
+def _resume(checkpoints, model, state: TrainState) -> None:
+    saved = checkpoints.load()
+    if saved is None:
+        return
+    model.load_state_dict(saved["model"])
+    state.optimizer.load_state_dict(saved["optimizer"])
+    state.epoch, state.lr_scale = saved["epoch"], saved["lr_scale"]
+    checkpoints.load_plugin_state(saved["plugins"])

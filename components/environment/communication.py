@@ -1,0 +1,55 @@
+"""Communication init: a torch.distributed process group whose rendezvous is agreed over MPI."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+
+import torch
+import torch.distributed as dist
+
+from autocnnp.run.world import World, discover_world
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _rendezvous(world: World) -> tuple[str, int]:
+    """Address and port of rank 0: from the launcher's variables, else picked by rank 0 and sent over MPI.
+
+    Rank 0 binds port 0 to get a free port, so two jobs on one machine never collide.
+    """
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+    if world.size == 1:
+        return "127.0.0.1", _free_port()
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    addr = None
+    if comm.rank == 0:
+        host = socket.gethostname()
+        try:
+            ip = socket.gethostbyname(host)
+        except OSError:
+            ip = "127.0.0.1"
+        addr = (ip, _free_port())
+    return comm.bcast(addr, root=0)
+
+
+def init_torch_distributed(*, backend: str = "auto", timeout_s: float = 300.0) -> World:
+    """Join (or create) the default process group: gloo on CPU, NCCL where GPUs are present."""
+    world = discover_world()
+    if backend == "auto":
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl" and not torch.cuda.is_available():
+        raise RuntimeError("communication_init backend 'nccl' needs CUDA GPUs; use 'gloo' or 'auto' on CPU")
+    addr, port = _rendezvous(world)
+    if not dist.is_initialized():
+        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=world.rank,
+                                world_size=world.size, timeout=datetime.timedelta(seconds=timeout_s))
+    return World(world.rank, world.size, world.local_rank, world.local_size, backend)

@@ -1,0 +1,111 @@
+"""Tests for the U-Net and FCN-8s architectures."""
+
+import pytest
+import torch
+
+from autocnnp.components.architectures import fcn, unet
+from autocnnp.components.architectures.fcn import FCN
+from autocnnp.components.architectures.unet import UNet
+
+
+def n_params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+@pytest.mark.parametrize("depth,size", [(1, (5, 7)), (2, (6, 10)), (3, (8, 12)), (4, (16, 8))])
+def test_unet_output_shape(depth, size, norm):
+    model = UNet(2, 3, depth=depth, base_channels=4, norm=norm)
+    out = model(torch.randn(2, 2, *size))
+    assert out.shape == (2, 3, *size)
+
+
+def test_unet_parameter_count_by_hand():
+    # depth 2, base 2, 1 input channel, 1 class, no norm (convs carry a bias):
+    # level 0: conv 1->2 (1*2*9+2=20) + conv 2->2 (2*2*9+2=38)        = 58
+    # level 1: conv 2->4 (2*4*9+4=76) + conv 4->4 (4*4*9+4=148)       = 224
+    # up: ConvTranspose 4->2, k=2 (4*2*4+2=34)                         = 34
+    # decoder: conv 4->2 (4*2*9+2=74) + conv 2->2 (38)                 = 112
+    # head: 1x1 conv 2->1 (2+1=3)                                      = 3
+    assert n_params(UNet(1, 1, depth=2, base_channels=2, norm="none")) == 431
+
+
+def test_parameter_count_grows_with_width():
+    assert n_params(UNet(1, 2, depth=3, base_channels=4)) < n_params(
+        UNet(1, 2, depth=3, base_channels=8)
+    )
+    assert n_params(FCN(1, 2, width=1 / 32)) < n_params(FCN(1, 2, width=1 / 16))
+
+
+@pytest.mark.parametrize("norm", ["batch", "group", "none"])
+@pytest.mark.parametrize("size", [(32, 32), (64, 32)])
+def test_fcn_output_shape(size, norm):
+    model = FCN(3, 4, width=1 / 16, norm=norm)
+    out = model(torch.randn(2, 3, *size))
+    assert out.shape == (2, 4, *size)
+
+
+def test_fcn_channels_follow_vgg16_scaled_by_width():
+    convs = [m for m in FCN(1, 2, width=0.25).modules() if isinstance(m, torch.nn.Conv2d)]
+    encoder = [c.out_channels for c in convs[:13]]
+    assert encoder == [16, 16, 32, 32, 64, 64, 64, 128, 128, 128, 128, 128, 128]
+    tiny = [m for m in FCN(1, 2, width=0.001).modules() if isinstance(m, torch.nn.Conv2d)]
+    assert {c.out_channels for c in tiny[:13]} == {1}
+
+
+def test_fcn_upsampling_starts_bilinear():
+    # Each output pixel away from the border mixes two input pixels per axis
+    # with weights summing to 1, so a constant map stays constant there.
+    up = FCN(1, 2, width=1 / 64).up_final
+    out = up(torch.ones(1, 2, 4, 4))
+    assert out.shape == (1, 2, 32, 32)
+    torch.testing.assert_close(out[..., 4:-4, 4:-4], torch.ones(1, 2, 24, 24))
+
+
+@pytest.mark.parametrize(
+    "model,size,multiple",
+    [
+        (UNet(1, 2, depth=3, base_channels=2), (10, 12), 4),
+        (UNet(1, 2, depth=4, base_channels=2), (16, 12), 8),
+        (FCN(1, 2, width=1 / 64), (48, 32), 32),
+    ],
+)
+def test_bad_input_size(model, size, multiple):
+    with pytest.raises(ValueError, match=f"multiples of {multiple}"):
+        model(torch.randn(1, 1, *size))
+
+
+@pytest.mark.parametrize("cls", [UNet, FCN])
+def test_bad_norm(cls):
+    with pytest.raises(ValueError, match="norm must be one of"):
+        cls(1, 2, norm="layer")
+
+
+def test_bad_depth():
+    with pytest.raises(ValueError, match="depth"):
+        UNet(1, 2, depth=0)
+
+
+@pytest.mark.parametrize(
+    "model,size",
+    [
+        (UNet(2, 3, depth=3, base_channels=4), (8, 8)),
+        (FCN(2, 3, width=1 / 16, norm="batch"), (32, 32)),
+    ],
+)
+def test_gradients_reach_every_parameter(model, size):
+    torch.manual_seed(0)
+    model(torch.randn(2, 2, *size)).square().mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, name
+        assert torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+
+
+def test_build_passes_params():
+    model = unet.build(3, 5, depth=2, base_channels=4, norm="group")
+    assert isinstance(model, UNet)
+    assert model(torch.randn(1, 3, 4, 4)).shape == (1, 5, 4, 4)
+    model = fcn.build(3, 5, width=1 / 32)
+    assert isinstance(model, FCN)
+    assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32, 32)

@@ -1,0 +1,207 @@
+"""Tests for run monitoring: divergence guard, resource sampler, Monitor outputs and plots."""
+
+import csv
+import math
+
+import pytest
+
+from autocnnp.run.config import MonitoringConfig
+from autocnnp.training.monitor import (
+    RESOURCE_COLUMNS,
+    Diverged,
+    DivergenceGuard,
+    Monitor,
+    ResourceSampler,
+    plot_run,
+)
+
+PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+STEPS = 4
+
+
+def config(**overrides):
+    return MonitoringConfig(
+        progress=False, sample_interval_s=0.05, log_every_steps=2, **overrides
+    )
+
+
+def epoch_metrics(epoch):
+    return {
+        "train_loss": 1.0 / (epoch + 1),
+        "valid_loss": 1.2 / (epoch + 1),
+        "dice": 0.5 + 0.1 * epoch,
+        "mean_iou": 0.4 + 0.1 * epoch,
+    }
+
+
+def run_epochs(monitor, epochs):
+    for epoch in epochs:
+        for step in range(STEPS):
+            monitor.step(epoch, step, loss=1.0 / (epoch * STEPS + step + 1), samples=2)
+        monitor.epoch_end(epoch, epoch_metrics(epoch))
+
+
+def read_rows(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def is_png(path):
+    data = path.read_bytes()
+    return data.startswith(PNG_SIGNATURE) and len(data) > 5000
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished 3-epoch rank-0 run with world size 2."""
+    out = tmp_path_factory.mktemp("run")
+    with Monitor(out, 0, 2, config(), total_epochs=3, steps_per_epoch=STEPS) as monitor:
+        run_epochs(monitor, range(3))
+    monitor.close()  # second close is a no-op
+    return out
+
+
+# ---------------------------------------------------------------- divergence
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
+def test_non_finite_loss_diverges(bad):
+    guard = DivergenceGuard(1e3)
+    guard.check(0.7, epoch=0, step=0)
+    with pytest.raises(Diverged) as info:
+        guard.check(bad, epoch=2, step=4)
+    message = str(info.value)
+    assert "epoch 3" in message and "step 5" in message
+    assert "learning rate" in message and "warmup" in message and "stop_on_divergence" in message
+    assert info.value.epoch == 2 and info.value.step == 4
+
+
+def test_nan_as_first_loss_diverges():
+    with pytest.raises(Diverged, match="not finite"):
+        DivergenceGuard(1e3).check(math.nan, 0, 0)
+
+
+def test_exploding_loss_diverges():
+    guard = DivergenceGuard(100.0)
+    guard.check(0.5, 0, 0)
+    guard.check(49.0, 0, 1)  # below 100 x 0.5
+    with pytest.raises(Diverged, match="exceeds 100 x the initial loss 0.5"):
+        guard.check(51.0, 1, 3)
+
+
+def test_decreasing_loss_and_disabled_guard_never_raise():
+    guard = DivergenceGuard(10.0)
+    for step, loss in enumerate([2.0, 1.5, 1.0, 0.2, 1e-4]):
+        guard.check(loss, 0, step)
+    disabled = DivergenceGuard(10.0, enabled=False)
+    for step, loss in enumerate([1.0, 1e9, math.nan, math.inf]):
+        disabled.check(loss, 0, step)
+
+
+# ---------------------------------------------------------------- resources
+
+
+def test_resource_sampler_rows(tmp_path):
+    path = tmp_path / "res" / "rank3.csv"
+    with ResourceSampler(path, rank=3, interval_s=10.0) as sampler:
+        pass
+    sampler.stop()  # idempotent
+    rows = read_rows(path)
+    assert len(rows) >= 2
+    assert tuple(rows[0]) == RESOURCE_COLUMNS
+    assert all(row["rank"] == "3" and float(row["rss_mb"]) > 0 for row in rows)
+    assert float(rows[-1]["time_s"]) >= float(rows[0]["time_s"])
+
+
+# ---------------------------------------------------------------- Monitor
+
+
+def test_metrics_csv_after_three_epochs(run_dir):
+    rows = read_rows(run_dir / "metrics.csv")
+    assert list(rows[0]) == ["epoch", "dice", "mean_iou", "train_loss", "valid_loss"]
+    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    for row in rows:
+        expected = epoch_metrics(int(row["epoch"]))
+        for name, value in expected.items():
+            assert float(row[name]) == pytest.approx(value)
+
+
+def test_epoch_summary_printed(tmp_path, capsys):
+    with Monitor(tmp_path, 0, 2, config(tensorboard=False, plots=False), 3, STEPS) as monitor:
+        run_epochs(monitor, [0])
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("epoch 1/3 train_loss=1 valid_loss=1.2 dice=0.5")
+    assert "samples/s=" in line
+
+
+def test_resume_drops_later_epochs(tmp_path):
+    cfg = config(tensorboard=False, plots=False)
+    with Monitor(tmp_path, 0, 1, cfg, 3, STEPS) as monitor:
+        run_epochs(monitor, range(3))
+    with Monitor(tmp_path, 0, 1, cfg, 3, STEPS, start_epoch=1) as monitor:
+        assert [r["epoch"] for r in read_rows(tmp_path / "metrics.csv")] == ["0"]
+        run_epochs(monitor, [1])
+    assert [r["epoch"] for r in read_rows(tmp_path / "metrics.csv")] == ["0", "1"]
+
+
+def test_new_metric_names_extend_the_header(tmp_path):
+    cfg = config(tensorboard=False, plots=False)
+    with Monitor(tmp_path, 0, 1, cfg, 2, STEPS) as monitor:
+        monitor.epoch_end(0, {"train_loss": 1.0})
+        monitor.epoch_end(1, {"train_loss": 0.5, "dice": 0.7})
+    rows = read_rows(tmp_path / "metrics.csv")
+    assert list(rows[0]) == ["epoch", "dice", "train_loss"]
+    assert rows[0]["dice"] == "" and rows[1]["dice"] == "0.7"
+
+
+def test_tensorboard_scalars(run_dir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+    assert events
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    tags = acc.Tags()["scalars"]
+    assert {"train/loss_step", "metrics/dice", "metrics/train_loss"} <= set(tags)
+    dice = acc.Scalars("metrics/dice")
+    assert [e.value for e in dice] == pytest.approx([0.5, 0.6, 0.7])
+    assert [e.step for e in dice] == [STEPS, 2 * STEPS, 3 * STEPS]
+    loss_steps = [e.step for e in acc.Scalars("train/loss_step")]
+    assert loss_steps == list(range(2, 3 * STEPS + 1, 2))  # every log_every_steps=2
+
+
+def test_resumed_tensorboard_has_no_duplicates(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    cfg = config(plots=False)
+    with Monitor(tmp_path, 0, 1, cfg, 2, STEPS) as monitor:
+        run_epochs(monitor, range(2))
+    with Monitor(tmp_path, 0, 1, cfg, 2, STEPS, start_epoch=1) as monitor:
+        run_epochs(monitor, [1])
+    acc = EventAccumulator(str(tmp_path / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("metrics/dice")] == [STEPS, 2 * STEPS]
+    assert [e.step for e in acc.Scalars("train/loss_step")] == [2, 4, 6, 8]
+
+
+def test_plots_are_png(run_dir):
+    for name in ("learning_curves.png", "metrics.png", "resources.png"):
+        assert is_png(run_dir / "plots" / name), name
+    written = plot_run(run_dir)  # re-making from the CSVs works too
+    assert sorted(p.name for p in written) == [
+        "learning_curves.png",
+        "metrics.png",
+        "resources.png",
+    ]
+    rows = read_rows(run_dir / "resources" / "rank0.csv")
+    assert len(rows) >= 2 and all(float(r["rss_mb"]) > 0 for r in rows)
+
+
+def test_non_zero_rank_writes_only_resources(tmp_path):
+    with Monitor(tmp_path, 1, 2, config(), total_epochs=1, steps_per_epoch=STEPS) as monitor:
+        run_epochs(monitor, [0])
+    assert not (tmp_path / "metrics.csv").exists()
+    assert not (tmp_path / "plots").exists()
+    assert not (tmp_path / "tensorboard").exists()
+    rows = read_rows(tmp_path / "resources" / "rank1.csv")
+    assert len(rows) >= 2 and all(r["rank"] == "1" for r in rows)
