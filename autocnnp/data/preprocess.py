@@ -27,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import Dataset
 
 from autocnnp.data.decathlon import Case, _label_shape, _open_nifti, _read_array, load_case, read_dataset
@@ -139,26 +140,27 @@ def _size2(size) -> tuple[int, int]:
 def resize(image, size, *, label: bool = False) -> np.ndarray:
     """Resize the last two axes (H, W) of ``image`` to ``size`` (an int or ``(H, W)``).
 
-    Works on ``[H, W]``, ``[C, H, W]`` or ``[N, C, H, W]``. Images are resampled bilinearly
-    (pixel-centre aligned, edge values repeated); ``label=True`` uses nearest neighbour so the
-    output only holds values of the input.
+    Works on ``[H, W]``, ``[C, H, W]`` or ``[N, C, H, W]`` numpy arrays. Images are resampled
+    bilinearly with pixel centres aligned (``align_corners=False``; anti-aliased when shrinking)
+    and returned as float32; ``label=True`` uses nearest neighbour (``nearest-exact``), so the
+    output holds only values of the input and keeps its dtype.
     """
-    from scipy import ndimage
-
     arr = np.asarray(image)
     if arr.ndim < 2:
         raise ValueError(f"cannot resize an array of shape {arr.shape}")
     h, w = _size2(size)
+    lead = arr.shape[:-2]
     if arr.shape[-2:] == (h, w):
-        return arr.copy()
-    factors = (1.0,) * (arr.ndim - 2) + (h / arr.shape[-2], w / arr.shape[-1])
-    if label:
-        out = ndimage.zoom(arr, factors, order=0, mode="nearest", grid_mode=True)
-    else:
-        out = ndimage.zoom(arr.astype(np.float32, copy=False), factors, order=1, mode="nearest", grid_mode=True)
-    if out.shape[-2:] != (h, w):  # guard against rounding in zoom's output shape
-        raise AssertionError(f"resize produced {out.shape[-2:]} instead of {(h, w)}")
-    return out
+        return arr.copy() if label else arr.astype(np.float32, copy=True)
+    flat = torch.from_numpy(np.ascontiguousarray(arr.reshape((-1, 1) + arr.shape[-2:]), dtype=np.float32))
+    with torch.no_grad():
+        if label:
+            out = F.interpolate(flat, size=(h, w), mode="nearest-exact")
+        else:
+            shrink = h < arr.shape[-2] or w < arr.shape[-1]
+            out = F.interpolate(flat, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+    out = out.numpy().reshape(lead + (h, w))
+    return out.astype(arr.dtype) if label else out
 
 
 def resize_label(label, size) -> np.ndarray:

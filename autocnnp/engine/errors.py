@@ -32,7 +32,8 @@ class JobError(Exception):
 
     def __str__(self) -> str:
         text = f"{self.where}: {self.problem}."
-        return f"{text} Hint: {self.hint}." if self.hint else text
+        end = "" if self.hint.endswith("?") else "."
+        return f"{text} Hint: {self.hint}{end}" if self.hint else text
 
 
 def did_you_mean(word: str, choices) -> str:

@@ -2,7 +2,8 @@
 
 A Config is a plain dataclass. Supported field types: ``int``, ``float``, ``bool``, ``str``,
 ``Path`` (relative paths resolve against the job file's folder), ``Literal[...]`` (enumerations,
-case-insensitive), and ``X | None``. Field metadata may carry ``min``, ``max`` and ``aliases``.
+case-insensitive), and ``X | None``. Field metadata may carry ``min``, ``max`` (inclusive), ``gt`` (exclusive), ``aliases`` and
+``must_exist`` (paths).
 """
 
 from __future__ import annotations
@@ -71,6 +72,9 @@ def convert(text: str, tp, where: Location, name: str, base_dir: Path, meta=None
     except ValueError:
         raise JobError(where, f"{name} must be {_article(type_name(tp))}, not '{t}'",
                        f"write {name} as {_example(tp)}") from None
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise JobError(where, f"{name} is {value}, it must be greater than {meta['gt']}",
+                       f"set {name} above {meta['gt']}")
     lo, hi = meta.get("min"), meta.get("max")
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         bounds = f"at least {lo}" if hi is None else (f"at most {hi}" if lo is None else f"between {lo} and {hi}")
@@ -87,7 +91,7 @@ def _example(tp) -> str:
             bool: "true or false"}.get(tp, "text")
 
 
-def bind(config_cls, settings: list[Setting], base_dir: Path, what: str):
+def bind(config_cls, settings: list[Setting], base_dir: Path, what: str, where: Location | None = None):
     """Build ``config_cls`` from settings; unknown names get 'did you mean' hints."""
     if config_cls is None:
         if settings:
@@ -109,7 +113,8 @@ def bind(config_cls, settings: list[Setting], base_dir: Path, what: str):
     try:
         return config_cls(**values)
     except (TypeError, ValueError) as exc:
-        where = settings[0].where if settings else Location(base_dir)
+        named = [(str(exc).find(k), -len(k), k) for k in seen if k in str(exc)]
+        where = seen[min(named)[2]] if named else where or (settings[0].where if settings else Location(base_dir))
         raise JobError(where, f"{what}: {exc}", "see the job file reference in README.rst") from None
 
 

@@ -13,6 +13,9 @@ from .errors import JobError, Location
 MAX_JOB_BYTES = 1 << 20
 SCHEMA_FILE = Path(__file__).with_name("schema") / "job.xsd"
 _FORBIDDEN = (b"<!DOCTYPE", b"<!ENTITY")
+_DTD_PROBLEM = ("document type and entity declarations are refused "
+                "(they enable entity-expansion and external-entity attacks)")
+_DTD_HINT = "remove the <!DOCTYPE ...> block; job files need neither DTDs nor entities"
 
 
 def _parser() -> etree.XMLParser:
@@ -43,9 +46,7 @@ def read_xml(path: Path) -> etree._Element:
         at = raw.upper().find(marker)
         if at >= 0:
             line = raw.count(b"\n", 0, at) + 1
-            raise JobError(Location(path, line, 1), "document type and entity declarations are refused "
-                           "(they enable entity-expansion and external-entity attacks)",
-                           "remove the <!DOCTYPE ...> block; job files need neither DTDs nor entities")
+            raise JobError(Location(path, line, 1), _DTD_PROBLEM, _DTD_HINT)
     try:
         root = etree.fromstring(raw, _parser(), base_url=str(path)).getroottree().getroot()
     except etree.XMLSyntaxError as exc:
@@ -53,6 +54,14 @@ def read_xml(path: Path) -> etree._Element:
         message = re.sub(r", line \d+, column \d+$", "", exc.msg or str(exc))
         raise JobError(Location(path, line, col + 1), f"malformed XML: {message}",
                        "fix the markup at that position (every <tag> needs its </tag>)") from None
+    docinfo = root.getroottree().docinfo
+    if docinfo.doctype or docinfo.internalDTD is not None:  # a DTD in an encoding the byte scan cannot see
+        try:
+            text = raw.decode(docinfo.encoding or "utf-8", "replace")
+        except LookupError:
+            text = ""
+        line = text.count("\n", 0, max(text.upper().find("<!DOCTYPE"), 0)) + 1
+        raise JobError(Location(path, line, 1), _DTD_PROBLEM, _DTD_HINT)
     validator = schema()
     if not validator.validate(root):
         raise _schema_error(path, validator.error_log.filter_from_errors()[0]) from None
@@ -60,6 +69,14 @@ def read_xml(path: Path) -> etree._Element:
 
 
 _ELEMENT = re.compile(r"Element '([^']+)'")
+
+
+@functools.cache
+def _required() -> frozenset[str]:
+    """Names of the elements the schema declares as required somewhere (no minOccurs="0")."""
+    xs = "{http://www.w3.org/2001/XMLSchema}element"
+    doc = etree.parse(str(SCHEMA_FILE), _parser())
+    return frozenset(el.get("name") for el in doc.iter(xs) if el.get("minOccurs", "1") != "0")
 
 
 def _schema_error(path: Path, err) -> JobError:
@@ -74,8 +91,9 @@ def _schema_error(path: Path, err) -> JobError:
         return JobError(where, f"<{element}> is not allowed at this place", hint)
     if "Missing child element" in message:
         expected = re.search(r"Expected is (?:one of )?\( ?([^)]+)\)", message)
-        need = expected.group(1).strip() if expected else "a required child"
-        return JobError(where, f"<{element}> lacks {need}", f"add <{need.split(',')[0].strip()}>")
+        names = [n.strip() for n in expected.group(1).split(",")] if expected else ["a required child"]
+        names = [n for n in names if n in _required()] or names  # libxml2 also lists optional ones
+        return JobError(where, f"<{element}> lacks {', '.join(names)}", f"add <{names[0]}>")
     if "attribute" in message and "is required" in message:
         attr = re.search(r"The attribute '([^']+)'", message)
         name = attr.group(1) if attr else "?"

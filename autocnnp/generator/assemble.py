@@ -87,20 +87,22 @@ def _explicit_actions(spec: JobSpec):
             raise JobError(a.where, f"action '{point.type}' is given twice (first at line {seen[point.type].line})",
                            "keep one of them")
         seen[point.type] = a.where
+        if not point.extensible and a.choice and a.choice.path:
+            raise JobError(a.where, f"'{point.type}' is a non-extensible action: it can be parametrised "
+                           "but not overridden with your own code", "remove the <path> and pick one of: "
+                           + ", ".join(point.registry.names()))
         if a.extensible != point.extensible:
-            if not point.extensible and a.choice and a.choice.path:
-                raise JobError(a.where, f"'{point.type}' is a non-extensible action: it can be parametrised "
-                               "but not overridden with your own code", "remove the <path> and pick one of: "
-                               + ", ".join(point.registry.names()))
             right = "extensible" if point.extensible else "non_extensible"
-            raise JobError(a.where, f"'{point.type}' is {'an' if point.extensible else 'a non-'}extensible action",
+            raise JobError(a.where, f"'{point.type}' is {'an ' if point.extensible else 'a non-'}extensible action",
                            f'write class="{right}"')
         if a.plugins and not point.extensible:
             where = next(iter(a.plugins.values())).where
             raise JobError(where, f"'{point.type}' is non-extensible: user code cannot be plugged into it",
                            "remove the <path>; plug-ins go into extensible actions such as checkpoint")
         entry = _choose(point.registry, a.choice, point.default, a.where)
-        config = bind(entry.config, a.params, spec.base_dir, f"{point.type} '{entry.name}'") if entry.config else None
+        # user code (a file, an entry point without Config) is checked against its signature when built
+        checked = entry.config is not None or entry.origin == "built-in"
+        config = bind(entry.config, a.params, spec.base_dir, f"{point.type} '{entry.name}'") if checked else None
         plugins = {name: point.registry.from_file(c.path, c.entry or name, c.where) for name, c in a.plugins.items()}
         yield Action(point, entry, config, a.where, True, a.params, plugins, spec.base_dir)
 
@@ -122,7 +124,7 @@ def _injection_actions(spec: JobSpec, explicit: dict[str, Action]) -> dict[str, 
 
     def make(point_type, entry, settings, where):
         point = points[point_type]
-        config = bind(entry.config, settings, base, f"{point.title} '{entry.name}'") if entry.config else None
+        config = bind(entry.config, settings, base, f"{point.title} '{entry.name}'", where) if entry.config else None
         return Action(point, entry, config, where, True, settings, {}, base)
 
     task = TASKS.get(spec.task, spec.where)

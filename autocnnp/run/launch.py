@@ -9,12 +9,12 @@ from __future__ import annotations
 import os
 import shlex
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
 from ..engine.errors import JobError
 from ..generator.assemble import Generator
+from .watch import supervise
 from .world import launcher_name
 
 MPIRUN_HINT = ("install Open MPI (Debian: apt-get install openmpi-bin libopenmpi-dev; or run `make venv`, "
@@ -58,4 +58,4 @@ def run(gen: Generator) -> int:
         raise JobError(gen.job.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
     cmd, env = build_command(gen)
     Path(gen.output).mkdir(parents=True, exist_ok=True)
-    return subprocess.run(cmd, env=env, stdin=subprocess.DEVNULL).returncode
+    return supervise(cmd, env, gen.output, gen.degree, gen.cluster.rank_timeout_s, gen.cluster.startup_timeout_s)

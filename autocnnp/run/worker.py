@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 import traceback
 
 from ..engine.errors import JobError
 from ..generator.assemble import Generator, assemble
+from .watch import RankStatus
 from .world import discover_world
 
 
@@ -29,15 +31,26 @@ def run_rank(gen: Generator) -> int:
     from ..training.trainer import train
 
     rank = discover_world().rank
+    status = RankStatus(gen.output, rank)
+    status.set("started")
+
+    def terminated(signum, frame):
+        status.set("terminated", f"signal {signum} from the launcher")
+        sys.exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminated)
     try:
-        train(gen)
+        train(gen, beat=status.beat)
     except Diverged as exc:
+        status.set("failed", f"training diverged: {exc}")
         print(f"autocnnp: rank {rank}: training diverged: {exc}", file=sys.stderr, flush=True)
         _abort(3)
     except Exception as exc:  # any failure on one rank must end all of them
         traceback.print_exc()
+        status.set("failed", f"{type(exc).__name__}: {exc}")
         print(f"autocnnp: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
         _abort(1)
+    status.set("done")
     return 0
 
 

@@ -45,9 +45,10 @@ def _sum_across_ranks(values: list[float]) -> list[float]:
     return t.cpu().tolist()
 
 
-def train(gen: Generator) -> dict[str, float]:
-    """Run the job on this rank; returns the last epoch's metrics."""
-    world = gen.action("communication_init").build(timeout_s=gen.cluster.rank_timeout_s)
+def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
+    """Run the job on this rank, calling ``beat()`` as it progresses; returns the last epoch's metrics."""
+    # The collectives' own timeout backs up run & manage's watchdog (which names the silent rank).
+    world = gen.action("communication_init").build(timeout_s=gen.cluster.rank_timeout_s + 30)
     device = gen.action("device_placement").build(world)
     device = gen.action("memory_allocation").build(device)
     torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // max(1, world.local_size)))
@@ -80,9 +81,12 @@ def train(gen: Generator) -> dict[str, float]:
         for epoch in range(state.epoch, hp.end_epoch):
             seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
             sampler.set_epoch(epoch)
+            if hasattr(data.train, "set_epoch"):
+                data.train.set_epoch(epoch)  # epoch-dependent augmentation
             model.train()
             total, count = 0.0, 0
             for step, (x, y) in enumerate(loader):
+                beat()  # before the step's collectives: a rank stuck elsewhere shows the oldest beat
                 for group in optimizer.param_groups:
                     group["lr"] = policy.lr(epoch, step) * state.lr_scale
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -96,11 +100,13 @@ def train(gen: Generator) -> dict[str, float]:
                 total, count = total + value * len(x), count + len(x)
                 monitor.step(epoch, step, value, len(x))
             strategy.end_epoch(model)
-            metrics = evaluate(strategy.unwrap(model), valid_loader, task.evaluator(data.num_classes), loss_fn, device)
+            evaluator = task.evaluator(data.num_classes)
+            metrics = evaluate(strategy.unwrap(model), valid_loader, evaluator, loss_fn, device, beat)
             loss_sum, n = _sum_across_ranks([total, count])
             metrics = {"train_loss": loss_sum / max(n, 1), "lr": optimizer.param_groups[0]["lr"], **metrics}
             state.epoch = epoch + 1
             checkpoints.callbacks_on_epoch_end(epoch, metrics, state)
+            beat()
             monitor.epoch_end(epoch, metrics)
             if checkpoints.due(epoch, hp.end_epoch - 1):
                 checkpoints.save(_checkpoint_state(strategy.unwrap(model), state, checkpoints, gen, world.size), epoch)
@@ -108,7 +114,7 @@ def train(gen: Generator) -> dict[str, float]:
 
 
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, evaluator, loss_fn, device) -> dict[str, float]:
+def evaluate(model, loader: DataLoader, evaluator, loss_fn, device, beat=lambda: None) -> dict[str, float]:
     """SegEval over the whole validation set: confusion matrices are summed across ranks, never scores."""
     model.eval()
     total, count = 0.0, 0
@@ -117,6 +123,7 @@ def evaluate(model, loader: DataLoader, evaluator, loss_fn, device) -> dict[str,
         logits = model(x)
         total, count = total + loss_fn(logits, y).item() * len(x), count + len(x)
         evaluator.update(logits, y)
+        beat()
     evaluator.all_reduce()
     loss_sum, n = _sum_across_ranks([total, count])
     return {"valid_loss": loss_sum / max(n, 1), **evaluator.compute()}

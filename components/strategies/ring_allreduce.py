@@ -9,6 +9,8 @@ from torch.utils.data import DistributedSampler
 
 from autocnnp.run.world import World
 
+from . import sync_batchnorm
+
 
 class RingAllreduce:
     """DDP: parameters broadcast from rank 0 at wrap time, gradients averaged by bucketed ring allreduce
@@ -21,8 +23,9 @@ class RingAllreduce:
         self.find_unused_parameters = find_unused_parameters
 
     def wrap(self, model: nn.Module) -> nn.Module:
-        if self.sync_batchnorm:
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if self.sync_batchnorm:  # torch's SyncBatchNorm needs CUDA; ours runs on gloo as well
+            model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if self.device.type == "cuda"
+                     else sync_batchnorm.convert(model))
         model = model.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.bucket_cap_mb,

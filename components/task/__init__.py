@@ -15,7 +15,7 @@ class SegmentationConfig:
 class Hyperparameters:
     """``<hyperparameters>``: thesis defaults (SGD, lr 1e-5, dice loss, batch 10 per rank)."""
 
-    lr: float = field(default=1e-5, metadata={"min": 0.0})
+    lr: float = field(default=1e-5, metadata={"gt": 0.0})
     optimiser: Literal["sgd", "adam"] = field(default="sgd", metadata={"aliases": ("optimizer",)})
     momentum: float = field(default=0.9, metadata={"min": 0.0, "max": 1.0})
     weight_decay: float = field(default=0.0, metadata={"min": 0.0})

@@ -1,0 +1,37 @@
+"""Write small job files for tests (the demo job with a few fields changed)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DEMO = Path(__file__).resolve().parents[1] / "xml_configs" / "demo.xml"
+
+
+def write_job(path: Path, *, degree: int = 2, output: str = "out", arch: str | None = None,
+              actions: str | None = None, data: str | None = None, hyper: dict | None = None,
+              extra: str = "") -> Path:
+    """The demo job at ``path`` with its degree, output, sections and hyperparameters replaced."""
+    text = re.sub(r"<!--.*?-->", "", DEMO.read_text(), flags=re.S)
+    text = re.sub(r"<parallelism-degree>\d+</parallelism-degree>", f"<parallelism-degree>{degree}</parallelism-degree>", text)
+    text = re.sub(r"<output><path>[^<]*</path></output>", f"<output><path>{output}</path></output>{extra}", text)
+    if arch is not None:
+        text = re.sub(r"<CNN_archi.*?</CNN_archi>", arch, text, flags=re.S)
+    if actions is not None:
+        text = re.sub(r"<CNN-Parallelism-Generator>.*?</CNN-Parallelism-Generator>",
+                      f"<CNN-Parallelism-Generator>{actions}</CNN-Parallelism-Generator>", text, flags=re.S)
+    if data is not None:
+        text = re.sub(r"<data .*?</data>", data, text, flags=re.S)
+    for name, value in (hyper or {}).items():
+        new = f'<property name="{name}">{value}</property>'
+        text, n = re.subn(rf'<property name="{name}">[^<]*</property>', new, text)
+        if n == 0:
+            text = text.replace("</hyperparameters>", new + "</hyperparameters>")
+    path.write_text(text)
+    return path
+
+
+def strategy_module(strategy: str = "ring_allreduce", lr_policy: str = "constant", extra: str = "") -> str:
+    return (f'<module name="train_strategy_def">'
+            f'<action class="extensible" type="dist_strategy"><value>{strategy}</value></action>'
+            f'<action class="extensible" type="lr_policy"><value>{lr_policy}</value></action>{extra}</module>')

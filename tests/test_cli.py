@@ -1,0 +1,128 @@
+"""The ``autocnnp`` command line: validate, plan and new on the shipped jobs; exit codes; no torch."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from autocnnp.generator.assemble import assemble
+from autocnnp.generator.points import POINTS
+
+from conftest import DEMO, ROOT, TEMPLATE
+
+SHIPPED = pytest.mark.parametrize("path", [DEMO, TEMPLATE], ids=["demo", "template"])
+
+
+@SHIPPED
+def test_validate_shipped_jobs(cli, path):
+    rc, out, err = cli("validate", path)
+    assert (rc, err) == (0, "")
+    assert out == f"{path}: valid (imaging_segmentation, 2 ranks, ring_allreduce, unet)\n"
+
+
+@SHIPPED
+def test_plan_shipped_jobs(cli, path):
+    rc, out, err = cli("plan", path)
+    assert (rc, err) == (0, "")
+    gen = assemble(path)
+    lines = out.splitlines()
+    assert lines[0] == f"job: {path}"
+    assert "task: imaging_segmentation   parallelism-degree: 2   seed: 0" in lines
+    for point in POINTS:  # every action with its implementation and where it comes from
+        action = gen.action(point.type)
+        assert re.search(rf"^\s+- {point.type} \[(non-)?extensible\] = {action.entry.name}  \(built-in[,)]",
+                         out, re.M), point.type
+    assert "- dist_strategy [extensible] = ring_allreduce  (built-in)" in out
+    assert "- communication_init [non-extensible] = torch_distributed  (built-in, default)" in out
+    hyper = lines[lines.index("hyperparameters:") + 1:lines.index("launch:") - 1]
+    fields = [f.name for f in dataclasses.fields(gen.hyperparameters)]
+    assert [h.split(" = ")[0].strip() for h in hyper] == fields
+    assert "  lr = 0.01" in hyper and "  optimiser = sgd" in hyper and "  minibatch_size = 4" in hyper
+    launch = lines[lines.index("launch:") + 1]
+    assert launch.startswith("  mpirun -np 2 ")
+    assert launch.endswith(f"-m autocnnp.run.worker {path}")
+
+
+def test_plan_launch_line_follows_degree_and_launcher(cli, job):
+    rc, out, _ = cli("plan", job(("<parallelism-degree>2<", "<parallelism-degree>4<")))
+    assert rc == 0 and "  mpirun -np 4 " in out
+    inplace = '</hyperparameters>\n<cluster><property name="launcher">inplace</property></cluster>'
+    path = job(("</hyperparameters>", inplace), name="inplace.xml")
+    rc, out, _ = cli("plan", path)
+    launch = out.splitlines()[-1]
+    assert rc == 0 and "mpirun" not in launch and launch.endswith(f"-m autocnnp.run.worker {path}")
+
+
+def test_new_writes_a_job_that_validates_and_is_not_overwritten(cli, tmp_path):
+    target = tmp_path / "mine.xml"
+    rc, out, err = cli("new", target)
+    assert (rc, err) == (0, "") and f"wrote {target}" in out
+    assert target.read_text() == TEMPLATE.read_text()
+    assert cli("validate", target)[0] == 0
+    assert cli("plan", target)[0] == 0
+
+    target.write_text("my edits")
+    rc, out, err = cli("new", target)
+    assert (rc, out) == (2, "")
+    assert err.count("\n") == 1 and err.startswith(f"autocnnp: {target}:") and "exists already" in err
+    assert "Hint: choose another name or pass --force." in err
+    assert target.read_text() == "my edits"
+
+    rc, out, err = cli("new", target, "--force")
+    assert (rc, err) == (0, "") and target.read_text() == TEMPLATE.read_text()
+
+
+def test_new_default_name_in_current_folder(cli, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert cli("new")[0] == 0
+    assert (tmp_path / "job.xml").is_file()
+    rc, _, err = cli("validate", "job.xml")
+    assert rc == 0, err
+
+
+def test_relative_job_path_output_under_the_job_folder(cli, tmp_path, monkeypatch):
+    (tmp_path / "jobs").mkdir()
+    cli("new", tmp_path / "jobs" / "a.xml")
+    monkeypatch.chdir(tmp_path)
+    rc, out, _ = cli("plan", "jobs/a.xml")
+    assert rc == 0 and f"output: {tmp_path / 'jobs' / 'runs' / 'my-job'}" in out
+
+
+def test_usage_errors_exit_2(capsys):
+    from autocnnp.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main([])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate", "x.xml"])
+    assert info.value.code == 2
+
+
+def _python(*args, timeout=60):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env=env)
+
+
+def test_process_exit_code_and_single_line_on_bad_job(tmp_path):
+    bad = tmp_path / "bad.xml"
+    bad.write_text(DEMO.read_text().replace(">SGD<", ">sgdd<"))
+    proc = _python("-m", "autocnnp", "validate", str(bad))
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
+    assert re.match(rf"autocnnp: {re.escape(str(bad))}:\d+:\d+: 'sgdd' is not a valid optimiser\. "
+                    r"Hint: did you mean 'sgd'\?$", proc.stderr.strip())
+
+
+@pytest.mark.parametrize("command", ["validate", "plan"])
+def test_validate_and_plan_do_not_import_torch(command):
+    proc = _python("-X", "importtime", "-m", "autocnnp", command, "xml_configs/demo.xml")
+    assert proc.returncode == 0, proc.stderr
+    assert "import time:" in proc.stderr  # -X importtime really reported
+    assert [line for line in proc.stderr.splitlines() if "torch" in line] == []

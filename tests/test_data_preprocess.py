@@ -1,0 +1,341 @@
+"""ImgMed pre-processing, the slice cache, augmentation and the synthetic slice dataset."""
+
+import fcntl
+import multiprocessing as mp
+import os
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from autocnnp.data.augment import RandomAffine2D
+from autocnnp.data.datasets import SyntheticSliceDataset
+from autocnnp.data.errors import DataError
+from autocnnp.data.preprocess import (
+    CacheDataset,
+    build_cache,
+    extract_slices,
+    read_cache_meta,
+    resize,
+    select_modalities,
+    slice_indices,
+    zscore,
+)
+from autocnnp.data.synthetic import write_synthetic_dataset
+
+SHAPE = (24, 24, 8)
+
+
+@pytest.fixture(scope="module")
+def brain(tmp_path_factory):
+    return write_synthetic_dataset(tmp_path_factory.mktemp("brain"), "brain", cases=3, shape=SHAPE, seed=2)
+
+
+# ---------------------------------------------------------------- slice selection
+
+def test_even_slices():
+    assert slice_indices(10, 5).tolist() == [0, 2, 5, 7, 9]
+    assert slice_indices(10, 20).tolist() == list(range(10))
+    assert slice_indices(10, None).tolist() == list(range(10))
+    assert slice_indices(10, 1).tolist() == [4]
+    for depth in range(1, 40):
+        for n in range(1, depth + 1):
+            idx = slice_indices(depth, n)
+            assert len(idx) == n and len(set(idx.tolist())) == n
+            assert (np.diff(idx) > 0).all() and idx.min() >= 0 and idx.max() < depth
+            if n > 1:
+                assert idx[0] == 0 and idx[-1] == depth - 1
+
+
+def test_labelled_slices():
+    label = np.zeros((6, 6, 20), np.uint8)
+    label[2:4, 2:4, 5:13] = 1
+    idx = slice_indices(20, 4, "labelled", label=label)
+    assert idx.tolist() == [5, 7, 10, 12]
+    assert slice_indices(20, 50, "labelled", label=label).tolist() == list(range(5, 13))
+    # along another axis
+    assert slice_indices(6, 2, "labelled", label=label, axis=0).tolist() == [2, 3]
+    # empty label: falls back to the whole volume
+    assert slice_indices(20, 3, "labelled", label=np.zeros_like(label)).tolist() == [0, 10, 19]
+    with pytest.raises(ValueError):
+        slice_indices(20, 3, "labelled")
+    with pytest.raises(ValueError):
+        slice_indices(20, 3, "random")
+
+
+def test_extract_slices_layout():
+    rng = np.random.default_rng(0)
+    image = rng.standard_normal((5, 6, 7, 3)).astype(np.float32)
+    label = rng.integers(0, 3, (5, 6, 7))
+    idx, imgs, labs = extract_slices(image, label, 3)
+    assert idx.tolist() == [0, 3, 6]
+    assert imgs.shape == (3, 3, 5, 6) and labs.shape == (3, 5, 6)
+    np.testing.assert_array_equal(imgs[1, 2], image[:, :, 3, 2])
+    np.testing.assert_array_equal(labs[2], label[:, :, 6])
+    idx, imgs, labs = extract_slices(image[..., 0], None, 2, axis=0)
+    assert imgs.shape == (2, 1, 6, 7) and labs is None
+
+
+def test_select_modalities():
+    image = np.arange(2 * 2 * 2 * 4).reshape(2, 2, 2, 4)
+    out = select_modalities(image, [1, 3])
+    np.testing.assert_array_equal(out, image[..., [1, 3]])
+    assert select_modalities(image, None) is image
+    with pytest.raises(ValueError):
+        select_modalities(image, [4])
+
+
+def test_resize_keeps_label_values_and_shapes():
+    rng = np.random.default_rng(1)
+    label = rng.choice([0, 1, 3], size=(17, 23)).astype(np.uint8)
+    for size in [(32, 40), 8, (17, 23), (5, 50)]:
+        out = resize(label, size, label=True)
+        want = (size, size) if isinstance(size, int) else size
+        assert out.shape == want and out.dtype == np.uint8
+        assert set(np.unique(out)) <= {0, 1, 3}
+    image = rng.standard_normal((2, 17, 23)).astype(np.float32)
+    out = resize(image, (34, 46))
+    assert out.shape == (2, 34, 46) and out.dtype == np.float32
+    assert out.min() >= image.min() - 1e-5 and out.max() <= image.max() + 1e-5
+    np.testing.assert_allclose(resize(np.full((3, 9, 9), 2.5, np.float32), 20), 2.5, rtol=1e-6)
+    assert resize(np.zeros((4, 3, 9, 9)), 5).shape == (4, 3, 5, 5)
+
+
+def test_zscore_over_nonzero_voxels():
+    rng = np.random.default_rng(2)
+    image = np.zeros((10, 10, 4, 2), np.float32)
+    image[2:8, 2:8, :, 0] = rng.normal(300, 40, (6, 6, 4))
+    image[..., 1] = rng.normal(5, 2, (10, 10, 4))
+    out = zscore(image)
+    inside = image[..., 0] != 0
+    assert (out[~inside, 0] == 0).all()
+    assert abs(out[inside, 0].mean()) < 1e-4 and abs(out[inside, 0].std() - 1) < 1e-3
+    assert abs(out[..., 1].mean()) < 1e-4
+    assert out.dtype == np.float32 and image[3, 3, 0, 0] != out[3, 3, 0, 0]  # input untouched
+
+
+# ---------------------------------------------------------------- the cache
+
+def test_build_cache_contents(brain, tmp_path):
+    cache = build_cache(brain, tmp_path / "c", n_slices=4, size=(16, 12), modalities=["T1w", 0], mode="labelled")
+    meta = read_cache_meta(cache)
+    images = np.load(cache / "images.npy")
+    labels = np.load(cache / "labels.npy")
+    assert images.shape == (12, 2, 16, 12) and images.dtype == np.float32
+    assert labels.shape == (12, 16, 12) and labels.dtype == np.uint8
+    assert meta["count"] == 12 and meta["channels"] == 2 and meta["modalities"] == [1, 0]
+    assert meta["modality_names"] == ["T1w", "FLAIR"]
+    assert [c["name"] for c in meta["cases"]] == ["case_000", "case_001", "case_002"]
+    assert meta["slice_case"] == [0] * 4 + [1] * 4 + [2] * 4
+    assert len(meta["slice_index"]) == 12 and all(0 <= z < SHAPE[2] for z in meta["slice_index"])
+    assert set(np.unique(labels)) <= {0, 1, 2, 3} and labels.max() > 0
+    assert sum(meta["label_counts"]) == labels.size
+    assert np.isfinite(images).all() and abs(images.std() - 1) < 0.5
+    assert not [p for p in cache.iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_build_cache_is_idempotent_and_keyed(brain, tmp_path):
+    kwargs = dict(n_slices=3, size=16, modalities=None, mode="even")
+    cache = build_cache(brain, tmp_path / "c", **kwargs)
+    stamp = {n: (cache / n).stat().st_mtime_ns for n in ("images.npy", "labels.npy", "meta.json")}
+    key = read_cache_meta(cache)["key"]
+    assert build_cache(brain, tmp_path / "c", **kwargs) == cache
+    assert {n: (cache / n).stat().st_mtime_ns for n in stamp} == stamp
+    # other parameters: rebuilt under another key
+    build_cache(brain, tmp_path / "c", **dict(kwargs, n_slices=2))
+    meta = read_cache_meta(cache)
+    assert meta["key"] != key and meta["count"] == 6
+    # a touched source file changes the key too
+    src = brain / "imagesTr" / "case_001.nii.gz"
+    st = src.stat()
+    try:
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))
+        build_cache(brain, tmp_path / "c", **dict(kwargs, n_slices=2))
+        assert read_cache_meta(cache)["key"] != meta["key"]
+    finally:
+        os.utime(src, ns=(st.st_atime_ns, st.st_mtime_ns))
+
+
+def test_build_cache_case_indices_and_errors(brain, tmp_path):
+    cache = build_cache(brain, tmp_path / "c", n_slices=2, size=8, case_indices=[2, 0])
+    assert [c["name"] for c in read_cache_meta(cache)["cases"]] == ["case_002", "case_000"]
+    with pytest.raises(DataError, match="out of range"):
+        build_cache(brain, tmp_path / "d", n_slices=2, size=8, case_indices=[3])
+    with pytest.raises(DataError, match="not declared"):
+        build_cache(brain, tmp_path / "d", n_slices=2, size=8, modalities=["PET"])
+    with pytest.raises(DataError, match="build_cache"):
+        CacheDataset(tmp_path / "nothing")
+
+
+def _build_in_child(root, cache_dir, barrier, queue):
+    barrier.wait()  # start both builds at the same moment
+    out = build_cache(root, cache_dir, n_slices=5, size=20, mode="labelled")
+    queue.put((os.stat(out / "images.npy").st_ino, read_cache_meta(out)["key"]))
+
+
+def test_concurrent_builds_give_one_valid_cache(brain, tmp_path):
+    ctx = mp.get_context("fork")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_build_in_child, args=(brain, tmp_path / "c", barrier, queue)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    results = [queue.get(timeout=60) for _ in procs]
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    assert results[0] == results[1]  # same file: the loser reused the winner's build
+    ds = CacheDataset(tmp_path / "c")
+    assert len(ds) == 15
+    assert np.load(tmp_path / "c" / "images.npy").shape == (15, 4, 20, 20)
+    assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".lock", "images.npy", "labels.npy", "meta.json"]
+
+
+def test_build_waits_for_the_lock(brain, tmp_path):
+    cache = tmp_path / "c"
+    cache.mkdir()
+    fd = os.open(cache / ".lock", os.O_RDWR | os.O_CREAT)
+    ctx = mp.get_context("fork")
+    child = ctx.Process(target=build_cache, args=(brain, cache), kwargs=dict(n_slices=2, size=8))
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        child.start()
+        child.join(timeout=0.7)
+        assert child.is_alive() and not (cache / "meta.json").exists()
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
+    child.join(timeout=60)
+    assert child.exitcode == 0 and read_cache_meta(cache)["count"] == 6
+
+
+def test_cache_dataset(brain, tmp_path):
+    cache = build_cache(brain, tmp_path / "c", n_slices=3, size=16, modalities=[0, 2])
+    ds = CacheDataset(cache)
+    assert len(ds) == 9 and ds.num_channels == 2 and ds.size == (16, 16)
+    image, label = ds[4]
+    assert image.dtype == torch.float32 and image.shape == (2, 16, 16)
+    assert label.dtype == torch.int64 and label.shape == (16, 16)
+    np.testing.assert_array_equal(image.numpy(), np.load(cache / "images.npy")[4])
+    assert torch.equal(ds[-1][1], ds[8][1])
+    with pytest.raises(IndexError):
+        ds[9]
+    assert isinstance(ds._images, np.memmap)  # memory-mapped, rows read on demand
+    clone = pickle.loads(pickle.dumps(ds))
+    assert clone._images is None and torch.equal(clone[4][0], image)
+    sub = CacheDataset(cache, indices=ds.indices_of_cases(["case_001"]))
+    assert len(sub) == 3 and torch.equal(sub[0][0], ds[3][0])
+
+    calls = []
+
+    def augment(img, lab, *, epoch, index):
+        calls.append((epoch, index))
+        return img + 1, lab
+
+    aug = CacheDataset(cache, augment=augment, indices=[5, 6])
+    aug.set_epoch(3)
+    out, _ = aug[1]
+    assert calls == [(3, 6)] and torch.allclose(out, ds[6][0] + 1)
+
+
+# ---------------------------------------------------------------- augmentation
+
+def _blob(h=32, w=40):
+    label = np.zeros((h, w), np.int64)
+    label[8:20, 10:22] = 1
+    label[12:16, 14:18] = 2
+    label[24:28, 30:36] = 3
+    return label
+
+
+def test_augment_same_transform_on_image_and_mask():
+    label = torch.from_numpy(_blob())
+    image = torch.stack([label.float(), torch.rand(label.shape)])
+    for index in range(5):
+        nearest = RandomAffine2D(seed=4, translate=0.1, image_mode="nearest")
+        img, lab = nearest(image, label, epoch=1, index=index)
+        assert torch.equal(img[0], lab.float())
+        bilinear = RandomAffine2D(seed=4, translate=0.1)
+        img, lab2 = bilinear(image, label, epoch=1, index=index)
+        assert torch.equal(lab2, lab) and lab.dtype == torch.int64
+        assert (img[0].round() == lab.float()).float().mean() > 0.9
+        assert set(lab.unique().tolist()) <= {0, 1, 2, 3}
+
+
+def test_augment_deterministic_per_seed_epoch_index():
+    label = torch.from_numpy(_blob())
+    image = torch.rand(1, *label.shape)
+    aug = RandomAffine2D(seed=7, translate=0.1)
+    a = aug(image, label, epoch=2, index=5)
+    b = RandomAffine2D(seed=7, translate=0.1)(image, label, epoch=2, index=5)
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])
+    assert not torch.equal(a[0], aug(image, label, epoch=3, index=5)[0])
+    assert not torch.equal(a[0], aug(image, label, epoch=2, index=6)[0])
+    assert aug.params(epoch=2, index=5, size=(32, 40)) != RandomAffine2D(seed=8).params(epoch=2, index=5, size=(32, 40))
+
+
+def test_augment_ranges_and_geometry():
+    aug = RandomAffine2D()  # thesis Table 2.1 defaults
+    assert (aug.rotation, aug.zoom, aug.translate) == (45.0, (0.8, 1.2), 25.6)
+    for i in range(50):
+        angle, zoom, tx, ty = aug.params(epoch=0, index=i, size=(512, 512))
+        assert -45 <= angle <= 45 and 0.8 <= zoom <= 1.2 and abs(tx) <= 25.6 and abs(ty) <= 25.6
+    # identity
+    still = RandomAffine2D(rotation=0, zoom=(1, 1), translate=0)
+    image = torch.rand(2, 12, 15)
+    out, _ = still(image, None, epoch=0, index=0)
+    torch.testing.assert_close(out, image, atol=1e-5, rtol=0)
+    # a pure shift of 3 px along x moves a dot 3 px to the right
+    dot = np.zeros((11, 13), np.int64)
+    dot[5, 4] = 1
+    grid = torch.nn.functional.affine_grid(RandomAffine2D.theta(0, 1, 3, 0, (11, 13))[None], [1, 1, 11, 13],
+                                           align_corners=False)
+    moved = torch.nn.functional.grid_sample(torch.from_numpy(dot).float()[None, None], grid, mode="nearest",
+                                            align_corners=False)[0, 0]
+    assert moved[5, 7] == 1 and moved.sum() == 1
+    # a 90 degree rotation of a square image is a rot90 (either direction)
+    label = torch.from_numpy(_blob(24, 24))
+    rot = RandomAffine2D(rotation=0, zoom=(1, 1), translate=0, image_mode="nearest")
+    theta = RandomAffine2D.theta(90, 1, 0, 0, (24, 24))
+    grid = torch.nn.functional.affine_grid(theta[None], [1, 1, 24, 24], align_corners=False)
+    turned = torch.nn.functional.grid_sample(label.float()[None, None], grid, mode="nearest", align_corners=False)[0, 0]
+    assert torch.equal(turned, torch.rot90(label.float(), 1)) or torch.equal(turned, torch.rot90(label.float(), -1))
+    assert rot(label.float()[None], label, epoch=0, index=0)[1].equal(label)
+
+
+def test_augment_numpy_in_numpy_out():
+    label = _blob().astype(np.uint8)
+    image = np.stack([label.astype(np.float32)] * 2)
+    img, lab = RandomAffine2D(seed=1, translate=5)(image, label, epoch=0, index=0)
+    assert isinstance(img, np.ndarray) and img.dtype == np.float32 and img.shape == image.shape
+    assert isinstance(lab, np.ndarray) and lab.dtype == np.uint8 and lab.shape == label.shape
+
+
+# ---------------------------------------------------------------- synthetic slices
+
+@pytest.mark.parametrize("kind", ["brain", "atrium"])
+def test_synthetic_slice_dataset(kind):
+    ds = SyntheticSliceDataset(kind, n=6, size=(32, 40), in_channels=3, num_classes=3, seed=1)
+    assert len(ds) == 6
+    image, label = ds[2]
+    assert image.dtype == torch.float32 and image.shape == (3, 32, 40)
+    assert label.dtype == torch.int64 and label.shape == (32, 40)
+    assert set(label.unique().tolist()) == {0, 1, 2}
+    again = SyntheticSliceDataset(kind, n=6, size=(32, 40), in_channels=3, num_classes=3, seed=1)[2]
+    assert torch.equal(image, again[0]) and torch.equal(label, again[1])
+    other = SyntheticSliceDataset(kind, n=6, size=(32, 40), in_channels=3, num_classes=3, seed=2)[2]
+    assert not torch.equal(image, other[0])
+    assert not torch.equal(ds[0][1], ds[1][1])
+    # classes are separable on channel 0: mean intensity rises with the class
+    means = [image[0][label == c].mean().item() for c in range(3)]
+    assert means[0] < means[1] < means[2]
+    with pytest.raises(IndexError):
+        ds[6]
+
+
+def test_synthetic_slice_dataset_with_augment_and_loader():
+    ds = SyntheticSliceDataset("brain", n=4, size=16, in_channels=1, num_classes=2,
+                               augment=RandomAffine2D(translate=0.1))
+    ds.set_epoch(1)
+    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
+    assert batch[0].shape == (4, 1, 16, 16) and batch[1].shape == (4, 16, 16) and batch[1].dtype == torch.int64

@@ -1,0 +1,130 @@
+"""Real distributed runs: `autocnnp run` starting `mpirun -np 2` workers over gloo."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from jobfiles import strategy_module, write_job
+
+pytestmark = pytest.mark.mpi
+AUTOCNNP = [sys.executable, "-m", "autocnnp"]
+
+
+def run(job: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    return subprocess.run([*AUTOCNNP, "run", str(job)], capture_output=True, text=True, timeout=timeout)
+
+
+def metrics(out: Path) -> list[dict]:
+    with open(out / "metrics.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def final_params(out: Path) -> dict[str, torch.Tensor]:
+    latest = (out / "checkpoints" / "latest").read_text().strip()
+    return torch.load(out / "checkpoints" / Path(latest).name, map_location="cpu", weights_only=False)["model"]
+
+
+SMALL = dict(minibatch_size=2, end_epoch=2, lr=0.05)
+SMALL_DATA = ('<data format="synthetic"><param name="kind">atrium</param><param name="train_samples">16</param>'
+              '<param name="valid_samples">6</param><param name="size">16</param></data>')
+PLAIN_UNET = '<CNN_archi name="unet"><param name="depth">2</param><param name="base_channels">4</param>' \
+             '<param name="norm">none</param></CNN_archi>'
+
+
+def test_two_rank_run_writes_metrics_checkpoints_plots_and_resources(tmp_path):
+    job = write_job(tmp_path / "job.xml", output="out", arch=PLAIN_UNET, data=SMALL_DATA, hyper=SMALL)
+    result = run(job)
+    assert result.returncode == 0, result.stderr[-3000:]
+    out = tmp_path / "out"
+    rows = metrics(out)
+    assert [r["epoch"] for r in rows] == ["0", "1"]
+    for key in ("train_loss", "valid_loss", "dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
+        assert 0 <= float(rows[-1][key]) < 10, key
+    assert sorted(p.name for p in (out / "resources").iterdir()) == ["rank0.csv", "rank1.csv"]
+    assert (out / "plots" / "learning_curves.png").stat().st_size > 1000
+    assert list((out / "tensorboard").iterdir())
+    assert final_params(out)
+
+
+@pytest.mark.parametrize("norm,sync", [("none", "false"), ("batch", "true")])
+def test_two_ranks_match_one_rank_with_double_batch(tmp_path, norm, sync):
+    """The data-parallel oracle: 2 ranks x batch b == 1 rank x batch 2b after k steps."""
+    arch = PLAIN_UNET.replace(">none<", f">{norm}<")
+    extra = (f'<action class="extensible" type="dist_strategy"><value>ring_allreduce</value>'
+             f'<value name="sync_batchnorm">{sync}</value></action>')
+    env = '<module name="train_env_def"></module>'
+    outs = {}
+    for degree, batch in ((2, 2), (1, 4)):
+        actions = env + strategy_module(lr_policy="constant").replace(
+            '<action class="extensible" type="dist_strategy"><value>ring_allreduce</value></action>', extra)
+        job = write_job(tmp_path / f"job{degree}.xml", degree=degree, output=f"out{degree}", arch=arch,
+                        actions=actions, data=SMALL_DATA, hyper={**SMALL, "minibatch_size": batch, "end_epoch": 1})
+        result = run(job)
+        assert result.returncode == 0, result.stderr[-3000:]
+        outs[degree] = final_params(tmp_path / f"out{degree}")
+    init = write_job(tmp_path / "jobinit.xml", degree=1, output="init", arch=arch, data=SMALL_DATA,
+                     hyper={**SMALL, "lr": 1e-12, "end_epoch": 1})
+    assert run(init).returncode == 0
+    initial = final_params(tmp_path / "init")
+    moved = 0.0
+    for name, p in outs[1].items():
+        torch.testing.assert_close(outs[2][name], p, rtol=1e-4, atol=1e-5, msg=name)
+        moved = max(moved, (p.float() - initial[name].float()).abs().max().item())
+    assert moved > 1e-3  # the runs really trained
+
+
+def test_resume_continues_the_loss_curve_even_with_other_rank_count(tmp_path):
+    full = write_job(tmp_path / "full.xml", output="full", arch=PLAIN_UNET, data=SMALL_DATA,
+                     hyper={**SMALL, "end_epoch": 3})
+    assert run(full).returncode == 0
+    part = write_job(tmp_path / "part.xml", output="part", arch=PLAIN_UNET, data=SMALL_DATA,
+                     hyper={**SMALL, "end_epoch": 2})
+    assert run(part).returncode == 0
+    rest = write_job(tmp_path / "part.xml", output="part", arch=PLAIN_UNET, data=SMALL_DATA,
+                     hyper={**SMALL, "end_epoch": 3})
+    assert run(rest).returncode == 0
+    a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
+    assert [r["epoch"] for r in b] == ["0", "1", "2"]
+    for ra, rb in zip(a, b):
+        assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), rel=1e-5)
+        assert float(ra["valid_loss"]) == pytest.approx(float(rb["valid_loss"]), rel=1e-5)
+    one_rank = write_job(tmp_path / "part.xml", degree=1, output="part", arch=PLAIN_UNET, data=SMALL_DATA,
+                         hyper={**SMALL, "end_epoch": 4})
+    result = run(one_rank)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert [r["epoch"] for r in metrics(tmp_path / "part")] == ["0", "1", "2", "3"]
+
+
+FAIL_PLUGIN = """
+import os, time
+def Fail(epoch, metrics, state):
+    if os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+        {action}
+"""
+
+
+@pytest.mark.parametrize("action,expect", [
+    ("raise RuntimeError('injected failure')", "rank 1 failed"),
+    ("os._exit(7)", "rank 1 exited without reporting"),
+    ("time.sleep(600)", "rank 1 stopped responding"),
+])
+def test_a_failing_rank_ends_the_whole_job_naming_it(tmp_path, action, expect):
+    (tmp_path / "fail.py").write_text(FAIL_PLUGIN.format(action=action))
+    ckpt = ('<action class="extensible" type="checkpoint"><value>periodic</value>'
+            '<value name="Fail"><path>fail.py</path></value></action>')
+    job = write_job(tmp_path / "job.xml", output="out", arch=PLAIN_UNET, data=SMALL_DATA,
+                    actions=strategy_module(extra=ckpt), hyper={**SMALL, "end_epoch": 5},
+                    extra='<cluster><property name="rank_timeout_s">5</property></cluster>')
+    started = time.monotonic()
+    result = run(job, timeout=120)
+    assert time.monotonic() - started < 60
+    assert result.returncode != 0
+    assert expect in result.stderr + result.stdout
+    assert len(metrics(tmp_path / "out")) <= 1

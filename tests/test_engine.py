@@ -1,0 +1,595 @@
+"""The engine refuses every kind of bad job with ONE located, hinted paragraph and exit code 2, and
+starts nothing; good jobs (built-in names, user files, plug-ins, entry points) assemble."""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from autocnnp.engine.errors import JobError
+from autocnnp.engine.xmlparse import MAX_JOB_BYTES
+from autocnnp.generator import registry
+from autocnnp.generator.assemble import assemble
+from autocnnp.generator.points import POINTS
+
+from conftest import PLUGINS, line_of
+
+XML_DECL = '<?xml version="1.0" encoding="UTF-8"?>'
+ENV_MODULE = '<module name="train_env_def">'
+STRATEGY = '<action class="extensible" type="dist_strategy"><value>ring_allreduce</value></action>'
+PLACEMENT = '<action class="non_extensible" type="device_placement"><value>local_rank</value></action>'
+MEMORY = '<action class="non_extensible" type="memory_allocation"><value>soft_placement</value></action>'
+CHECKPOINT = '<value name="every_epochs">1</value>'
+ARCH_UNET = ('<CNN_archi name="unet">\n      <param name="depth">3</param>\n'
+             '      <param name="base_channels">16</param>\n    </CNN_archi>')
+DATA_SYNTHETIC = ('<data format="synthetic">\n      <param name="kind">brain</param>\n'
+                  '      <param name="train_samples">32</param>\n      <param name="valid_samples">8</param>\n'
+                  '      <param name="size">32</param>\n    </data>')
+HYPER_END = "</hyperparameters>"
+
+
+@pytest.fixture
+def refused(cli, monkeypatch):
+    """``refused(path, line_or_needle, *parts, file=None)``: `validate` and `run` both exit 2 with the same
+    single-paragraph ``file:line:col: problem. Hint: fix.`` message naming every part, and nothing starts."""
+    import autocnnp.run.launch as launch
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("a refused job must start nothing")
+
+    monkeypatch.setattr(launch, "run", no_start)
+    monkeypatch.setattr(subprocess, "run", no_start)
+    monkeypatch.setattr(subprocess, "Popen", no_start)
+
+    def check(path, line, *parts, file=None):
+        line = line_of(path, line) if isinstance(line, str) else line
+        rc, out, err = cli("validate", path)
+        assert rc == 2, err
+        assert out == ""
+        assert err.endswith("\n") and err.count("\n") == 1, f"not one paragraph: {err!r}"
+        msg = err.rstrip("\n")
+        where = re.escape(str((file or path).resolve()))
+        assert re.match(rf"autocnnp: {where}:{line}:\d+: \S", msg), f"expected {file or path}:{line}: in {msg}"
+        assert " Hint: " in msg and not msg.endswith(" Hint: ."), msg
+        for part in parts:
+            assert part in msg, f"{part!r} not in {msg}"
+        assert cli("run", path) == (2, "", err)
+        return msg
+
+    return check
+
+
+@contextlib.contextmanager
+def registered(reg, name, target="autocnnp_nowhere:Nothing", **kw):
+    """A fake registry entry for one test."""
+    reg.register(name, target, **kw)
+    try:
+        yield
+    finally:
+        reg._entries.pop(name)
+
+
+def copy_plugin(name, folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    return shutil.copy(PLUGINS / name, folder / name)
+
+
+# ---- malformed XML, schema ----------------------------------------------------------------------
+
+
+def test_malformed_xml(job, refused):
+    path = job(("</CNN_archi>", "</CNN_arch>"))
+    refused(path, "</CNN_arch>", "malformed XML", "CNN_archi", "Hint: fix the markup")
+
+
+def test_empty_file(job, refused):
+    refused(job(text=""), 1, "malformed XML")
+
+
+def test_schema_unknown_element(job, refused):
+    path = job(("<seed>0</seed>", "<seed>0</seed>\n    <bogus/>"))
+    refused(path, "<bogus/>", "<bogus> is not allowed", "Hint: allowed here:", "CNN_archi")
+
+
+def test_schema_missing_required_element_names_only_required_ones(job, refused):
+    path = job(("<seed>0</seed>", ""), (ARCH_UNET, ""))
+    msg = refused(path, "<task", "<task> lacks CNN_archi.", "Hint: add <CNN_archi>")
+    assert "seed" not in msg and "monitoring" not in msg
+
+
+def test_schema_bad_class_and_missing_attribute(job, refused):
+    path = job(('class="extensible" type="dist_strategy"', 'class="ext" type="dist_strategy"'))
+    refused(path, 'class="ext"', "'ext'", 'Hint: use class="extensible" or class="non_extensible"')
+    path = job(('class="extensible" type="dist_strategy"', 'class="extensible"'))
+    refused(path, STRATEGY.replace(' type="dist_strategy"', ""), 'needs the attribute type="..."')
+
+
+def test_schema_unknown_attribute(job, refused):
+    path = job(('<task name="imaging_segmentation">', '<task name="imaging_segmentation" gpus="2">'))
+    refused(path, "<task ", "gpus", "Hint: remove that attribute")
+
+
+def test_not_a_job_file(job, refused):
+    refused(job(text=XML_DECL + "\n<foo/>\n"), 2, "foo")
+
+
+def test_missing_job_file(tmp_path, refused):
+    refused(tmp_path / "nope.xml", 0, "cannot read the job file", "autocnnp new")
+
+
+# ---- XXE, billion laughs, oversize --------------------------------------------------------------
+
+XXE = '<!DOCTYPE system_config [\n  <!ENTITY xxe SYSTEM "file:///etc/passwd">\n]>'
+LAUGHS = ('<!DOCTYPE lolz [\n  <!ENTITY lol0 "lol">\n'
+          + "".join(f'  <!ENTITY lol{i} "{f"&lol{i - 1};" * 10}">\n' for i in range(1, 10)) + "]>")
+
+
+def test_xxe_refused(job, refused):
+    path = job((XML_DECL, XML_DECL + "\n" + XXE), ("<seed>0</seed>", "<seed>&xxe;</seed>"))
+    msg = refused(path, "<!DOCTYPE", "document type and entity declarations are refused",
+                  "Hint: remove the <!DOCTYPE")
+    assert "root:" not in msg
+
+
+def test_billion_laughs_refused_quickly(job, refused):
+    path = job((XML_DECL, XML_DECL + "\n" + LAUGHS), ("<seed>0</seed>", "<seed>&lol9;</seed>"))
+    start = time.perf_counter()
+    refused(path, "<!DOCTYPE", "entity declarations are refused")
+    assert time.perf_counter() - start < 2
+
+
+def test_lowercase_doctype_refused(job, refused):
+    path = job((XML_DECL, XML_DECL + "\n<!doctype system_config>"))
+    refused(path, "<!doctype", "entity declarations are refused")
+
+
+def test_dtd_in_utf16_refused(tmp_path, refused):
+    """The byte scan cannot see UTF-16 markup; the parsed document's DTD is refused all the same."""
+    path = tmp_path / "job16.xml"
+    text = XML_DECL.replace("UTF-8", "UTF-16") + "\n" + XXE + '\n<system_config><task name="x">&xxe;</task></system_config>\n'
+    path.write_bytes(text.encode("utf-16"))
+    refused(path, 2, "entity declarations are refused")
+
+
+def test_billion_laughs_in_utf16_refused_quickly(tmp_path, cli):
+    path = tmp_path / "laughs16.xml"
+    text = XML_DECL.replace("UTF-8", "UTF-16") + "\n" + LAUGHS + '\n<system_config><task name="x">&lol9;</task></system_config>\n'
+    path.write_bytes(text.encode("utf-16"))
+    start = time.perf_counter()
+    rc, out, err = cli("validate", path)
+    assert time.perf_counter() - start < 2
+    # refused by the DTD check or by libxml2's entity-amplification guard, as one located paragraph
+    assert (rc, out, err.count("\n")) == (2, "", 1) and f"{path}:" in err and " Hint: " in err, err
+
+
+def test_oversize_file_refused(job, refused):
+    pad = "<!--" + "x" * MAX_JOB_BYTES + "-->\n"
+    path = job(("<system_config>", pad + "<system_config>"))
+    refused(path, 0, f"over the {MAX_JOB_BYTES}-byte limit", "Hint:")
+
+
+def test_exactly_one_mib_is_accepted(job, cli):
+    path = job()
+    size = path.stat().st_size
+    pad = "<!--" + "x" * (MAX_JOB_BYTES - size - len("<!---->\n")) + "-->\n"
+    path = job(("<system_config>", pad + "<system_config>"))
+    assert path.stat().st_size == MAX_JOB_BYTES
+    assert cli("validate", path)[0] == 0
+
+
+# ---- names: modules, actions, implementations ("did you mean") ------------------------------------
+
+
+def test_unknown_module(job, refused):
+    path = job((ENV_MODULE, '<module name="train_env_deff">'))
+    refused(path, "train_env_deff", "unknown module 'train_env_deff'", "Hint: did you mean 'train_env_def'")
+
+
+def test_thesis_module_spelling_train_srategy_def_accepted(job, cli):
+    path = job(('<module name="train_strategy_def">', '<module name="train_srategy_def">'))
+    rc, out, err = cli("plan", path)
+    assert rc == 0, err
+    assert "Training Strategy Tuning (module train_strategy_def)" in out
+    assert "- dist_strategy [extensible] = ring_allreduce  (built-in)\n" in out
+
+
+def test_unknown_action_type(job, refused):
+    path = job(('type="memory_allocation"', 'type="memory_alocation"'))
+    refused(path, "memory_alocation", "unknown action type 'memory_alocation'",
+            "Hint: did you mean 'memory_allocation'?")
+
+
+def test_unknown_strategy(job, refused):
+    path = job(("<value>ring_allreduce</value>", "<value>ring_allreduse</value>"))
+    refused(path, "ring_allreduse", "unknown dist_strategy 'ring_allreduse'", "Hint: did you mean 'ring_allreduce'?")
+
+
+def test_unknown_name_far_from_any_lists_the_choices(job, refused):
+    path = job(("<value>ring_allreduce</value>", "<value>zzz</value>"))
+    refused(path, "zzz", "unknown dist_strategy 'zzz'", "Hint: valid choices are ", "'ring_allreduce'")
+
+
+def test_unknown_architecture(job, refused):
+    path = job(('<CNN_archi name="unet">', '<CNN_archi name="unett">'))
+    refused(path, "unett", "unknown architecture 'unett'", "Hint: did you mean 'unet'?")
+
+
+def test_unknown_data_format_and_lr_policy(job, refused):
+    refused(job(('format="synthetic"', 'format="synthetc"')), "synthetc", "unknown dataset 'synthetc'",
+            "did you mean 'synthetic'?")
+    refused(job(("<value>gradual_warmup</value>", "<value>gradual_warmpu</value>")), "gradual_warmpu",
+            "unknown lr_policy 'gradual_warmpu'", "did you mean 'gradual_warmup'")
+
+
+def test_action_in_wrong_module_and_action_set_elsewhere(job, refused):
+    path = job((STRATEGY, ""), (PLACEMENT, PLACEMENT + "\n" + STRATEGY))
+    refused(path, "dist_strategy", "does not belong to module 'train_env_def'",
+            'Hint: move it into <module name="train_strategy_def">')
+    path = job((PLACEMENT, PLACEMENT + '\n<action class="non_extensible" type="architecture"><value>fcn</value>'
+                           "</action>"))
+    refused(path, 'type="architecture"', "is not set by an <action>", "Hint: use <CNN_archi>")
+
+
+def test_unknown_action_parameter_and_parameter_on_parameterless(job, refused):
+    path = job((STRATEGY, STRATEGY.replace("</value>", '</value><value name="bucket_cap">5</value>')))
+    refused(path, "bucket_cap", "has no parameter 'bucket_cap'", "did you mean 'bucket_cap_mb'?")
+    path = job((PLACEMENT, PLACEMENT.replace("</value>", '</value><value name="gpus">2</value>')))
+    refused(path, 'name="gpus"', "takes no parameters, but 'gpus' is given", "Hint: remove it")
+
+
+def test_value_with_text_and_path_and_empty_value(job, refused):
+    path = job(("<value>ring_allreduce</value>", "<value>ring_allreduce<path>x.py</path></value>"))
+    refused(path, "x.py", "holds both text and a <path>")
+    refused(job(("<value>ring_allreduce</value>", "<value> </value>")), "<value> </value>", "empty <value>")
+
+
+def test_architecture_needs_exactly_one_of_name_and_path(job, refused):
+    refused(job(('<CNN_archi name="unet">', "<CNN_archi>")), "<CNN_archi>", "names no architecture",
+            'Hint: add name="unet"')
+    refused(job(('<CNN_archi name="unet">', '<CNN_archi name="unet"><path>n.py</path>')), "<CNN_archi",
+            "has both name= and <path>")
+
+
+# ---- missing files ----------------------------------------------------------------------------------
+
+
+def test_missing_architecture_file(job, refused, tmp_path):
+    path = job((ARCH_UNET, "<CNN_archi><path>nets/missing_net.py</path></CNN_archi>"))
+    refused(path, "<CNN_archi>", f"the architecture file {tmp_path / 'nets' / 'missing_net.py'} does not exist",
+            "relative paths are read from the job file's folder")
+    path = job((ARCH_UNET, "<CNN_archi><path>model.keras</path></CNN_archi>"))
+    refused(path, "<CNN_archi>", f"architecture file {tmp_path / 'model.keras'} does not exist")
+
+
+def test_missing_data_path(job, refused, tmp_path):
+    path = job((DATA_SYNTHETIC, '<data format="decathlon">\n      <train><path>data/missing</path></train>\n'
+                                "    </data>"))
+    refused(path, "data/missing", f"train {tmp_path / 'data' / 'missing'} does not exist", "Hint: fix the path")
+
+
+def test_decathlon_without_train_points_at_data(job, refused):
+    path = job((DATA_SYNTHETIC, '<data format="decathlon"/>'))
+    refused(path, '<data format="decathlon"/>', "<data> needs <train>")
+
+
+def test_missing_hostfile(job, refused, tmp_path):
+    path = job((HYPER_END, HYPER_END + '\n    <cluster>\n      <property name="hostfile">hosts.txt</property>\n'
+                                       "    </cluster>"))
+    refused(path, "hosts.txt", f"hostfile {tmp_path / 'hosts.txt'} does not exist")
+
+
+def test_missing_plugin_file(job, refused, tmp_path):
+    path = job((CHECKPOINT, CHECKPOINT + '\n          <value name="LRSchedule"><path>ckpt1.py</path></value>'))
+    refused(path, 'name="LRSchedule"', f"the checkpoint file {tmp_path / 'ckpt1.py'} does not exist")
+
+
+def test_missing_strategy_file(job, refused, tmp_path):
+    path = job((STRATEGY, STRATEGY.replace("ring_allreduce", "<path>mine/strategy.py</path>")))
+    refused(path, "mine/strategy.py", f"the dist_strategy file {tmp_path / 'mine' / 'strategy.py'} does not exist")
+
+
+def test_plugin_file_without_the_symbol(job, refused, tmp_path):
+    copy_plugin("ckpt1.py", tmp_path)
+    path = job((CHECKPOINT, CHECKPOINT + '\n          <value name="LRSchedul"><path>ckpt1.py</path></value>'))
+    refused(path, 'name="LRSchedul"', "defines no 'LRSchedul' for checkpoint", "did you mean 'LRSchedule'?",
+            'entry="..."')
+
+
+def test_user_file_with_syntax_error_is_located_in_that_file(job, refused, tmp_path):
+    (tmp_path / "broken.py").write_text("def build(:\n    pass\n")
+    path = job((ARCH_UNET, "<CNN_archi><path>broken.py</path></CNN_archi>"))
+    refused(path, 1, "syntax error in architecture file", file=tmp_path / "broken.py")
+
+
+# ---- non-extensible actions cannot be overridden -------------------------------------------------------
+
+
+def test_extensible_class_on_device_placement(job, refused):
+    path = job((PLACEMENT, PLACEMENT.replace('class="non_extensible"', 'class="extensible"')))
+    refused(path, "device_placement", "'device_placement' is a non-extensible action",
+            'Hint: write class="non_extensible"')
+
+
+def test_non_extensible_class_on_dist_strategy(job, refused):
+    path = job((STRATEGY, STRATEGY.replace('class="extensible"', 'class="non_extensible"')))
+    refused(path, "dist_strategy", "'dist_strategy' is an extensible action", 'Hint: write class="extensible"')
+
+
+@pytest.mark.parametrize("klass", ["non_extensible", "extensible"])
+def test_path_value_on_non_extensible_action(job, refused, tmp_path, klass):
+    """A <path> may not override device_placement, even when the file exists and class= is consistent."""
+    (tmp_path / "place.py").write_text("def place(**kw):\n    return 'cpu'\n")
+    path = job((PLACEMENT, f'<action class="{klass}" type="device_placement"><value><path>place.py</path>'
+                           "</value></action>"))
+    refused(path, "device_placement", "non-extensible action: it can be parametrised but not overridden",
+            "Hint: remove the <path> and pick one of: cpu, local_rank")
+
+
+def test_plugin_in_non_extensible_action(job, refused, tmp_path):
+    copy_plugin("ckpt1.py", tmp_path)
+    path = job((MEMORY, MEMORY.replace("</value>", '</value>\n<value name="LRSchedule"><path>ckpt1.py</path>'
+                                                   "</value>")))
+    refused(path, 'name="LRSchedule"', "'memory_allocation' is non-extensible: user code cannot be plugged",
+            "plug-ins go into extensible actions")
+
+
+# ---- parallelism degree, types, enums, booleans -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("degree", ["0", "-3"])
+def test_degree_below_one(job, refused, degree):
+    path = job(("<parallelism-degree>2<", f"<parallelism-degree>{degree}<"))
+    refused(path, "<parallelism-degree>", f"parallelism-degree is {degree}, it must be at least 1",
+            "Hint: set parallelism-degree at least 1")
+
+
+@pytest.mark.parametrize("degree", ["2.5", "two", ""])
+def test_degree_not_an_integer(job, refused, degree):
+    path = job(("<parallelism-degree>2<", f"<parallelism-degree>{degree}<"))
+    refused(path, "<parallelism-degree>", f"parallelism-degree must be an integer, not '{degree}'",
+            "Hint: write parallelism-degree as a whole number")
+
+
+def test_wrong_type(job, refused):
+    path = job(('<property name="lr">0.01<', '<property name="lr">fast<'))
+    refused(path, '"lr">fast', "lr must be a number, not 'fast'", "Hint: write lr as a number such as 0.01")
+    path = job(('<property name="lr">0.01<', '<property name="lr">nan<'))
+    refused(path, '"lr">nan', "lr must be a number")
+    path = job(('<property name="minibatch_size">4<', '<property name="minibatch_size">4.0<'))
+    refused(path, "4.0", "minibatch_size must be an integer")
+
+
+def test_out_of_range_parameter(job, refused):
+    refused(job(('<param name="depth">3<', '<param name="depth">9<')), '"depth">9', "depth is 9",
+            "between 1 and 8")
+
+
+def test_unknown_hyperparameter(job, refused):
+    path = job(('"minibatch_size"', '"minibarch_size"'))
+    refused(path, "minibarch_size", "has no parameter 'minibarch_size'", "Hint: did you mean 'minibatch_size'?")
+
+
+@pytest.mark.parametrize(("written", "value"), [("SGD", "sgd"), ("sgd", "sgd"), ("Adam", "adam"), ("ADAM", "adam")])
+def test_enum_case_insensitive(job, written, value):
+    gen = assemble(job((">SGD<", f">{written}<")))
+    assert gen.hyperparameters.optimiser == value
+
+
+def test_enum_alias_name(job):
+    gen = assemble(job(('name="optimiser"', 'name="optimizer"'), (">SGD<", ">adam<")))
+    assert gen.hyperparameters.optimiser == "adam"
+
+
+def test_wrong_enum(job, refused):
+    path = job((">SGD<", ">sgdd<"))
+    refused(path, "sgdd", "'sgdd' is not a valid optimiser", "Hint: did you mean 'sgd'?")
+
+
+def test_booleans(job, refused):
+    monitoring = ('<monitoring><property name="plots">No</property><property name="tensorboard">TRUE</property>'
+                  '<property name="progress">on</property><property name="stop_on_divergence">0</property>'
+                  "</monitoring>")
+    path = job((HYPER_END, HYPER_END + monitoring),
+               (STRATEGY, STRATEGY.replace("</value>", '</value><value name="sync_batchnorm">yes</value>')))
+    gen = assemble(path)
+    m = gen.monitoring
+    assert (m.plots, m.tensorboard, m.progress, m.stop_on_divergence) == (False, True, True, False)
+    assert gen.action("dist_strategy").config.sync_batchnorm is True
+    path = job((HYPER_END, HYPER_END + '\n<monitoring><property name="plots">maybe</property></monitoring>'))
+    refused(path, "maybe", "plots must be a boolean, not 'maybe'", "Hint: write plots as true or false")
+
+
+@pytest.mark.parametrize(("start", "end"), [("3", "3"), ("5", "2")])
+def test_end_epoch_not_after_start_epoch(job, refused, start, end):
+    path = job(('"start_epoch">0<', f'"start_epoch">{start}<'), ('"end_epoch">3<', f'"end_epoch">{end}<'))
+    refused(path, '"end_epoch"', f"end_epoch ({end}) must be greater than start_epoch ({start})")
+
+
+def test_end_epoch_zero(job, refused):
+    refused(job(('"end_epoch">3<', '"end_epoch">0<')), '"end_epoch"', "end_epoch is 0, it must be at least 1")
+
+
+# ---- duplicates -------------------------------------------------------------------------------------------------
+
+
+def test_duplicate_action(job, refused):
+    path = job((MEMORY, MEMORY + "\n        " + MEMORY.replace("soft_placement", "fraction")))
+    first = line_of(path, "memory_allocation")
+    refused(path, "fraction", "action 'memory_allocation' is given twice", f"(first at line {first})",
+            "Hint: keep one of them")
+
+
+def test_duplicate_property(job, refused):
+    path = job(('<property name="lr">0.01</property>',
+                '<property name="lr">0.01</property>\n      <property name="lr">0.02</property>'))
+    refused(path, "0.02", "<hyperparameters> property 'lr' is given twice", f"first at line {line_of(path, '0.01')}")
+
+
+def test_duplicate_through_alias(job, refused):
+    path = job(('<property name="optimiser">SGD</property>',
+                '<property name="optimiser">SGD</property>\n      <property name="optimizer">adam</property>'))
+    refused(path, '"optimizer"', "'optimizer' sets optimiser, already set at line")
+
+
+def test_duplicate_param_and_value(job, refused):
+    path = job(('<param name="depth">3</param>', '<param name="depth">3</param><param name="depth">4</param>'))
+    refused(path, "depth", "<CNN_archi> param 'depth' is given twice")
+    path = job((CHECKPOINT, CHECKPOINT + '\n<value name="every_epochs">2</value>'))
+    refused(path, '"every_epochs">2', "value 'every_epochs' is given twice in this action")
+    path = job(("<value>ring_allreduce</value>", "<value>ring_allreduce</value>\n<value>other</value>"))
+    refused(path, "<value>other", "the implementation (an unnamed <value>) is given twice")
+
+
+# ---- dependencies between actions, launcher ---------------------------------------------------------------------
+
+
+def test_dependency_conflict(job, refused):
+    comm = '<action class="non_extensible" type="communication_init"><value>torch_distributed</value></action>'
+    path = job((PLACEMENT, comm + "\n        " + PLACEMENT),
+               ("<value>ring_allreduce</value>", "<value>fake_needs_other</value>"))
+    with registered(registry.STRATEGIES, "fake_needs_other", requires={"communication_init": ("something_else",)}):
+        refused(path, "communication_init", "dist_strategy 'fake_needs_other' needs communication_init "
+                "'something_else', but the job sets 'torch_distributed'", "Hint: change this action to something_else")
+    assert "fake_needs_other" not in registry.STRATEGIES.names()
+
+
+def test_dependency_chosen_by_the_engine(job, cli):
+    path = job(("<value>ring_allreduce</value>", "<value>fake_needs_other</value>"))
+    with registered(registry.STRATEGIES, "fake_needs_other", requires={"communication_init": ("something_else",)}), \
+            registered(registry.COMMUNICATION, "something_else"):
+        rc, out, err = cli("plan", path)
+    assert rc == 0, err
+    assert "- communication_init [non-extensible] = something_else  (built-in, chosen by the engine)" in out
+
+
+def test_launcher_conflict(job, refused):
+    path = job(("<value>ring_allreduce</value>", "<value>fake_mpi_only</value>"),
+               (HYPER_END, HYPER_END + '\n    <cluster><property name="launcher">inplace</property></cluster>'))
+    with registered(registry.STRATEGIES, "fake_mpi_only", launchers=("mpirun",)):
+        refused(path, "fake_mpi_only", "dist_strategy 'fake_mpi_only' cannot be started by the 'inplace' launcher",
+                'Hint: set <property name="launcher"> to mpirun')
+
+
+def test_unknown_launcher(job, refused):
+    path = job((HYPER_END, HYPER_END + '\n    <cluster><property name="launcher">mpirn</property></cluster>'))
+    refused(path, "mpirn", "'mpirn' is not a valid launcher", "did you mean 'mpirun'?")
+
+
+# ---- good jobs ------------------------------------------------------------------------------------------------------
+
+
+def test_demo_assembles_into_the_thesis_tree():
+    from conftest import DEMO
+
+    gen = assemble(DEMO)
+    assert (gen.degree, gen.seed, gen.output) == (2, 0, DEMO.parent / "runs" / "demo")
+    assert [c.name for c in gen.root.children] == ["parallelism_definition", "model_definition"]
+    assert [m.name for m in gen.root.modules()] == ["train_env_def", "train_strategy_def", "injection"]
+    assert sorted(a.type for m in gen.root.modules() for a in m.actions) == sorted(p.type for p in POINTS)
+    assert gen.action("architecture_injection").config.depth == 3
+    assert gen.action("lr_policy").config.warmup_epochs == 1
+    assert ("architecture_injection", "dist_strategy", "model") in {(b.source, b.target, b.carries)
+                                                                  for b in gen.bindings}
+
+
+def test_relative_paths_resolve_against_the_job_folder(job, tmp_path, monkeypatch):
+    sub = tmp_path / "jobs"
+    copy_plugin("my_net.py", sub / "nets")
+    (sub / "data" / "Task01").mkdir(parents=True)
+    (sub / "hosts").write_text("localhost slots=2\n")
+    path = job((ARCH_UNET, "<CNN_archi><path>nets/my_net.py</path></CNN_archi>"),
+               (DATA_SYNTHETIC, '<data format="decathlon"><train><path>data/Task01</path></train></data>'),
+               (HYPER_END, HYPER_END + '<cluster><property name="hostfile">hosts</property></cluster>'),
+               name="jobs/job.xml")
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    gen = assemble("../jobs/job.xml")
+    assert gen.job.file == path.resolve()
+    assert gen.output == sub / "runs" / "demo"
+    assert gen.action("dataset_injection").config.train == sub / "data" / "Task01"
+    assert gen.cluster.hostfile == sub / "hosts"
+    assert gen.action("architecture_injection").entry.origin == f"file {sub / 'nets' / 'my_net.py'}"
+
+
+@pytest.mark.parametrize(("entry", "symbol"), [("", "build"), (' entry="MyNet"', "MyNet")])
+def test_user_architecture_file(job, cli, tmp_path, entry, symbol):
+    net = copy_plugin("my_net.py", tmp_path)
+    path = job((ARCH_UNET, f'<CNN_archi{entry}><path>my_net.py</path><param name="width">8</param></CNN_archi>'))
+    rc, out, err = cli("plan", path)
+    assert rc == 0, err
+    assert f"- architecture_injection [non-extensible] = {symbol}  (file {net})" in out
+    action = assemble(path).action("architecture_injection")
+    impl = action.entry.load()
+    assert impl.__name__ == symbol
+    assert action.params(impl) == {"width": 8}
+
+
+def test_user_architecture_unknown_parameter(job, tmp_path):
+    copy_plugin("my_net.py", tmp_path)
+    path = job((ARCH_UNET, '<CNN_archi><path>my_net.py</path><param name="widht">8</param></CNN_archi>'))
+    action = assemble(path).action("architecture_injection")
+    with pytest.raises(JobError, match=r"takes no parameter 'widht'.*Hint: accepted: task, width") as info:
+        action.params(action.entry.load())
+    assert info.value.where.line == line_of(path, "widht")
+
+
+@pytest.mark.parametrize(("entry", "symbol"), [("", "Strategy"), (' entry="OtherStrategy"', "OtherStrategy")])
+def test_user_strategy_file(job, cli, tmp_path, entry, symbol):
+    mine = copy_plugin("my_strategy.py", tmp_path / "strategies")
+    path = job((STRATEGY, STRATEGY.replace("<value>ring_allreduce", f"<value{entry}><path>strategies/my_strategy.py"
+                                                                    "</path>")))
+    rc, out, err = cli("plan", path)
+    assert rc == 0, err
+    assert f"- dist_strategy [extensible] = {symbol}  (file {mine})" in out
+    assert assemble(path).action("dist_strategy").entry.load().__name__ == symbol
+
+
+def test_checkpoint_plugin_thesis_listing_4_1(job, cli, tmp_path):
+    ckpt = copy_plugin("ckpt1.py", tmp_path)
+    path = job((CHECKPOINT, CHECKPOINT + '\n          <value name="LRSchedule"><path>ckpt1.py</path></value>'))
+    rc, out, err = cli("plan", path)
+    assert rc == 0, err
+    assert "- checkpoint [extensible] = periodic  (built-in)" in out
+    assert f"plug-in LRSchedule: LRSchedule from file {ckpt}" in out
+    plugin = assemble(path).action("checkpoint").plugins["LRSchedule"].load()
+    assert plugin.__name__ == "LRSchedule" and hasattr(plugin(), "on_epoch_end")
+
+
+@pytest.fixture
+def demo_plugin(tmp_path_factory):
+    """autocnnp-demo-plugin installed with pip into a private target folder that is put on sys.path."""
+    src = tmp_path_factory.mktemp("src") / "autocnnp_demo_plugin"
+    shutil.copytree(PLUGINS / "autocnnp_demo_plugin", src)  # pip builds in place: keep the repo clean
+    target = tmp_path_factory.mktemp("site")
+    subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
+                    "--disable-pip-version-check", "--no-index", "--target", str(target), str(src)],
+                   check=True, capture_output=True)
+    sys.path.insert(0, str(target))
+    try:
+        yield target
+    finally:
+        sys.path.remove(str(target))
+        sys.modules.pop("autocnnp_demo_plugin", None)
+
+
+def test_entry_point_strategy_from_an_installed_distribution(demo_plugin, job, cli):
+    path = job(("<value>ring_allreduce</value>", '<value>my_ring</value><value name="chunks">3</value>'))
+    rc, out, err = cli("plan", path)
+    assert rc == 0, err
+    assert "- dist_strategy [extensible] = my_ring  (entry point of autocnnp-demo-plugin 0.1)" in out
+    assert "chunks=3" in out
+    rc, out, err = cli("validate", job(("<value>ring_allreduce</value>", "<value>my_rign</value>"), name="typo.xml"))
+    assert rc == 2 and "did you mean 'my_ring'?" in err
+
+
+def test_entry_point_gone_once_off_sys_path(job, cli):
+    """The fixture above cleaned sys.path up: the plug-in is unknown again (tests stay independent)."""
+    rc, _, err = cli("validate", job(("<value>ring_allreduce</value>", "<value>my_ring</value>")))
+    assert rc == 2 and "unknown dist_strategy 'my_ring'" in err

@@ -1,0 +1,170 @@
+"""Tests for the learning-rate policies (values checked at hand-computed points)."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from autocnnp.components.training import (GradualWarmupConfig, GreScaleConfig, LinearScalingConfig,
+                                          WarmupStepDecayConfig)
+from autocnnp.components.training.lr_policies import (Constant, GradualWarmup, GreScale, LinearScaling,
+                                                      WarmupStepDecay, parse_milestones, schedule)
+from autocnnp.engine.errors import JobError, Location
+from autocnnp.engine.job import Setting
+from autocnnp.engine.values import bind
+from autocnnp.generator.registry import LR_POLICIES
+
+RUN = dict(base_lr=0.1, world_size=4, steps_per_epoch=2, total_epochs=100)
+
+
+def test_constant_ignores_world_size():
+    for world in (1, 4, 18):
+        p = Constant(**{**RUN, "world_size": world})
+        assert [p.lr(e, s) for e in (0, 5, 99) for s in (0, 1)] == [0.1] * 6
+    assert "0.1" in p.describe()
+
+
+def test_linear_scaling():
+    p = LinearScaling(**RUN)
+    assert p.lr(0, 0) == pytest.approx(0.4)
+    assert p.lr(50, 1) == pytest.approx(0.4)
+    assert LinearScaling(**RUN, scale=False).lr(0, 0) == pytest.approx(0.1)
+    assert "0.4" in p.describe()
+
+
+def test_gradual_warmup_hand_computed():
+    # world 4, base 0.1, 2 steps/epoch, warmup 5 epochs = 10 steps; +0.03 per step
+    p = GradualWarmup(**RUN, warmup_epochs=5)
+    assert p.lr(0, 0) == pytest.approx(0.1)
+    assert p.lr(0, 1) == pytest.approx(0.13)
+    assert p.lr(2, 1) == pytest.approx(0.25)  # global step 5: halfway from 0.1 to 0.4
+    assert p.lr(4, 1) == pytest.approx(0.37)
+    assert p.lr(5, 0) == pytest.approx(0.4)
+    assert p.lr(99, 1) == pytest.approx(0.4)
+    assert p.target_lr == pytest.approx(0.4)
+
+
+def test_gradual_warmup_edge_cases():
+    assert GradualWarmup(**RUN, warmup_epochs=0).lr(0, 0) == pytest.approx(0.4)
+    unscaled = GradualWarmup(**RUN, warmup_epochs=5, scale=False)
+    assert [unscaled.lr(e, 0) for e in (0, 3, 6)] == pytest.approx([0.1, 0.1, 0.1])
+    single = GradualWarmup(**{**RUN, "world_size": 1})
+    assert single.lr(2, 1) == pytest.approx(0.1)
+    short = GradualWarmup(**{**RUN, "total_epochs": 3}, warmup_epochs=5)
+    assert "never reached" in short.describe()
+
+
+def test_warmup_step_decay_milestones():
+    p = WarmupStepDecay(**RUN, warmup_epochs=5, milestones="30,60,80", decay=0.1)
+    assert p.lr(0, 0) == pytest.approx(0.1)
+    assert p.lr(2, 1) == pytest.approx(0.25)
+    assert p.lr(29, 1) == pytest.approx(0.4)
+    assert p.lr(30, 0) == pytest.approx(0.04)
+    assert p.lr(59, 1) == pytest.approx(0.04)
+    assert p.lr(60, 0) == pytest.approx(0.004)
+    assert p.lr(80, 0) == pytest.approx(0.0004)
+    assert p.lr(99, 1) == pytest.approx(0.0004)
+    assert p.milestones == (30, 60, 80)
+    assert "30, 60, 80" in p.describe()
+
+
+def test_warmup_step_decay_other_decay_and_no_milestones():
+    p = WarmupStepDecay(**RUN, warmup_epochs=0, milestones="10; 20", decay=0.5)
+    assert [p.lr(e, 0) for e in (0, 10, 20)] == pytest.approx([0.4, 0.2, 0.1])
+    none = WarmupStepDecay(**RUN, milestones="")
+    assert none.lr(99, 1) == pytest.approx(0.4)
+    late = WarmupStepDecay(**{**RUN, "total_epochs": 40})
+    assert "beyond" in late.describe()
+
+
+def test_parse_milestones():
+    assert parse_milestones("30,60,80") == (30, 60, 80)
+    assert parse_milestones(" 5 , 9 ") == (5, 9)
+    assert parse_milestones("") == ()
+    assert parse_milestones([7, 8]) == (7, 8)
+    for bad in ("30,x", "60,30", "30,30", "0,10", "-1"):
+        with pytest.raises(ValueError, match="milestone"):
+            parse_milestones(bad)
+    with pytest.raises(ValueError, match="inside the warmup"):
+        parse_milestones("3,30", warmup_epochs=5)
+
+
+def test_grescale_phases():
+    # 12 epochs: 5 warmup, 3/7 * 7 = 3 decay epochs (9, 10, 11), stabilisation epochs 5..8
+    p = GreScale(**{**RUN, "total_epochs": 12}, warmup_epochs=5, decay=0.1)
+    assert p.decay_epochs == 3
+    assert p.lr(2, 1) == pytest.approx(0.25)
+    assert p.lr(5, 0) == pytest.approx(0.4)
+    assert p.lr(8, 1) == pytest.approx(0.4)
+    # 6 decay steps, lr falls by 0.4 * 0.9 / 6 = 0.06 per step, reaching 0.04 on the last step
+    assert p.lr(9, 0) == pytest.approx(0.34)
+    assert p.lr(11, 1) == pytest.approx(0.04)
+    with pytest.raises(ValueError, match="exceed"):
+        GreScale(**{**RUN, "total_epochs": 12}, warmup_epochs=5, decay_epochs=8)
+
+
+@pytest.mark.parametrize("bad, match", [
+    (dict(base_lr=0), "base_lr"), (dict(base_lr=-0.1), "base_lr"), (dict(base_lr=float("nan")), "base_lr"),
+    (dict(base_lr="0.1"), "base_lr"), (dict(world_size=0), "world_size"), (dict(world_size=2.5), "world_size"),
+    (dict(steps_per_epoch=0), "steps_per_epoch"), (dict(total_epochs=0), "total_epochs"),
+    (dict(warmup_epochs=-1), "warmup_epochs"), (dict(scale="yes"), "scale"),
+])
+def test_invalid_parameters_raise(bad, match):
+    with pytest.raises(ValueError, match=match):
+        GradualWarmup(**{**RUN, **bad})
+
+
+def test_invalid_decay_and_steps_raise():
+    with pytest.raises(ValueError, match="decay"):
+        WarmupStepDecay(**RUN, decay=0)
+    with pytest.raises(ValueError, match="milestone"):
+        WarmupStepDecay(**RUN, milestones="80,60")
+    p = GradualWarmup(**RUN)
+    with pytest.raises(ValueError, match="step 2"):
+        p.lr(0, 2)
+    with pytest.raises(ValueError, match="epoch"):
+        p.lr(-1, 0)
+
+
+def test_schedule_for_plotting():
+    p = GradualWarmup(**RUN, warmup_epochs=1)
+    points = schedule(p, total_epochs=3, steps_per_epoch=2)
+    assert [e for e, _ in points] == [0.0, 0.5, 1.0, 1.5, 2.0, 2.5]
+    assert [lr for _, lr in points] == pytest.approx([0.1, 0.25, 0.4, 0.4, 0.4, 0.4])
+
+
+def test_registered_and_built_like_the_trainer():
+    where = Location(Path("job.xml"), 3, 1)
+    assert {"constant", "linear_scaling", "gradual_warmup", "warmup_step_decay", "grescale"} <= set(
+        LR_POLICIES.names())
+    assert LR_POLICIES.get("constant", where).config is None
+    for name, cls in [("gradual_warmup", GradualWarmup), ("warmup_step_decay", WarmupStepDecay),
+                      ("linear_scaling", LinearScaling), ("grescale", GreScale)]:
+        entry = LR_POLICIES.get(name, where)
+        config = bind(entry.config, [], Path("."), name)
+        fields = vars(config)
+        assert entry.load() is cls
+        policy = entry.load()(base_lr=0.1, world_size=4, steps_per_epoch=2, total_epochs=100, **fields)
+        assert policy.describe()
+    assert GradualWarmupConfig().warmup_epochs == 5 and GradualWarmupConfig().scale is True
+    assert LinearScalingConfig().scale is True and GreScaleConfig().decay_epochs is None
+
+
+def test_config_binding_from_job_settings():
+    where = Location(Path("job.xml"), 7, 5)
+    cfg = bind(WarmupStepDecayConfig, [Setting("warmup", "2", where), Setting("milestones", "10,20", where),
+                                       Setting("gamma", "0.5", where)], Path("."), "lr_policy")
+    assert (cfg.warmup_epochs, cfg.milestones, cfg.decay) == (2, "10,20", 0.5)
+    with pytest.raises(JobError, match="strictly increasing"):
+        bind(WarmupStepDecayConfig, [Setting("milestones", "20,10", where)], Path("."), "lr_policy")
+    with pytest.raises(JobError, match="at least 0"):
+        bind(GradualWarmupConfig, [Setting("warmup_epochs", "-2", where)], Path("."), "lr_policy")
+    with pytest.raises(JobError, match="greater than 0"):
+        bind(WarmupStepDecayConfig, [Setting("decay", "0", where)], Path("."), "lr_policy")
+
+
+def test_registration_does_not_import_torch():
+    code = ("import sys, autocnnp.components.training as t, autocnnp.components.training.lr_policies; "
+            "assert 'torch' not in sys.modules, 'torch imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
