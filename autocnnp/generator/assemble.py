@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.errors import JobError, Location, did_you_mean
-from ..engine.job import Choice, JobSpec, Setting, read_job
+from ..engine.job import Choice, JobSpec, read_job
 from ..engine.values import bind, convert
 from ..run.config import ClusterConfig, MonitoringConfig
 from .points import COMPOSITES, MODULE_BY_NAME, MODULES, POINT_BY_NAME, POINTS, SET_ELSEWHERE, Point
@@ -133,10 +133,9 @@ def _injection_actions(spec: JobSpec, explicit: dict[str, Action]) -> dict[str, 
         arch_entry = ARCHITECTURES.from_file(arch.path, arch.entry, arch.where)
         arch_settings = spec.architecture_params
     elif arch.path is not None:
-        arch_entry = ARCHITECTURES.get("keras", arch.where)
-        arch_settings = [Setting("path", str(arch.path), arch.where, True), *spec.architecture_params]
-        if not arch.path.exists():
-            raise JobError(arch.where, f"architecture file {arch.path} does not exist", "fix the <path>")
+        raise JobError(arch.where, f"architecture file {arch.path.name} is not a Python file",
+                       "describe the network in a .py file defining build(in_channels, num_classes, ...) "
+                       "or an nn.Module class (entry=\"ClassName\"); Keras model files are not supported yet")
     else:
         arch_entry, arch_settings = ARCHITECTURES.get(arch.name, arch.where), spec.architecture_params
     data_format = spec.data_format

@@ -1,7 +1,6 @@
 """Segmentation network architectures (each module exposes ``build``)."""
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Literal
 
 from autocnnp.generator.registry import ARCHITECTURES
@@ -20,14 +19,7 @@ class FCNConfig:
     norm: Literal["batch", "group", "none"] = "none"
 
 
-@dataclass
-class KerasConfig:
-    path: Path = field(default=Path("model.keras"), metadata={"must_exist": True})
-
-
 ARCHITECTURES.register("unet", "autocnnp.components.architectures.unet:build", UNetConfig,
                        "2D U-Net (Ronneberger et al.) with configurable depth and width")
 ARCHITECTURES.register("fcn", "autocnnp.components.architectures.fcn:build", FCNConfig,
                        "FCN-8s on a 16-layer VGG-style encoder, transposed-convolution upsampling")
-ARCHITECTURES.register("keras", "autocnnp.components.architectures.keras_model:build", KerasConfig,
-                       "a Keras 3 model file run on Keras' torch backend")

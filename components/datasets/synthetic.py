@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from autocnnp.data.datasets import SyntheticSliceDataset
 from autocnnp.run.world import World
@@ -27,8 +27,7 @@ class DataBundle:
 def build(*, world: World, seed: int, cache_dir: Path, kind: str = "brain", train_samples: int = 64,
           valid_samples: int = 16, size: int = 64) -> DataBundle:
     channels, classes = SHAPES[kind]
-
-    def make(n, offset):
-        return SyntheticSliceDataset(kind, n, size, channels, classes, seed + offset)
-
-    return DataBundle(make(train_samples, 0), make(valid_samples, 7919), channels, classes)
+    # One generator (same contrasts), disjoint items: the first samples train, the rest validate.
+    full = SyntheticSliceDataset(kind, train_samples + valid_samples, size, channels, classes, seed)
+    valid = Subset(full, range(train_samples, train_samples + valid_samples))
+    return DataBundle(Subset(full, range(train_samples)), valid, channels, classes)

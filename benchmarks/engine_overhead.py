@@ -1,0 +1,94 @@
+"""Engine overhead: how long `autocnnp validate` takes, as a process and in-process.
+
+    python benchmarks/engine_overhead.py [--runs 20] [--iterations 200] [JOB]
+
+(1) whole-process ``python -m autocnnp validate JOB`` wall time (median of --runs), target < 150 ms;
+(2) ``python -c pass`` median in the same run, and the ratio (1)/(2): the interpreter's own start-up;
+(3) in-process parse + schema validation + assembly (``autocnnp.generator.assemble.assemble``):
+    the cold first call (first-time imports included), then the median of --iterations warm calls,
+    target < 10 ms. Exits 1 when a target is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+VENV_PYTHON = ROOT / ".venv" / "bin" / "python"
+TARGET_PROCESS_MS = 150.0
+TARGET_INPROCESS_MS = 10.0
+
+
+def _median_ms(cmd: list[str], runs: int) -> tuple[float, float, float]:
+    """(median, min, max) wall time in ms of ``runs`` runs of ``cmd`` (one untimed warm-up run first)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
+    subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)  # warm the OS file cache
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run(cmd, cwd=ROOT, env=env, check=True, capture_output=True)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times), min(times), max(times)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("job", nargs="?", default="xml_configs/demo.xml")
+    ap.add_argument("--runs", type=int, default=20)
+    ap.add_argument("--iterations", type=int, default=200)
+    ap.add_argument("--python", default=str(VENV_PYTHON if VENV_PYTHON.exists() else sys.executable))
+    args = ap.parse_args(argv)
+    job = (ROOT / args.job).resolve()
+
+    # (3) first, while nothing of autocnnp is imported in this process: the cold call includes the imports.
+    start = time.perf_counter()
+    from autocnnp.generator.assemble import assemble
+    from autocnnp.engine.job import read_job
+
+    assemble(job)
+    cold_ms = (time.perf_counter() - start) * 1e3
+    warm, parse = [], []
+    for _ in range(args.iterations):
+        t0 = time.perf_counter()
+        read_job(job)
+        t1 = time.perf_counter()
+        assemble(job)
+        t2 = time.perf_counter()
+        parse.append((t1 - t0) * 1e3)
+        warm.append((t2 - t1) * 1e3)
+    warm_ms, parse_ms = statistics.median(warm), statistics.median(parse)
+
+    # (1) and (2)
+    validate = _median_ms([args.python, "-m", "autocnnp", "validate", str(job)], args.runs)
+    bare = _median_ms([args.python, "-c", "pass"], args.runs)
+
+    ok_process = validate[0] < TARGET_PROCESS_MS
+    ok_inprocess = warm_ms < TARGET_INPROCESS_MS
+    rows = [
+        ("(1) `autocnnp validate` process", f"{validate[0]:8.1f}", f"{validate[1]:.1f}-{validate[2]:.1f}",
+         f"< {TARGET_PROCESS_MS:.0f}", "ok" if ok_process else "MISSED"),
+        ("(2) `python -c pass` process", f"{bare[0]:8.1f}", f"{bare[1]:.1f}-{bare[2]:.1f}", "", ""),
+        ("    ratio (1)/(2)", f"{validate[0] / bare[0]:7.2f}x", "", "", ""),
+        ("    engine share (1)-(2)", f"{validate[0] - bare[0]:8.1f}", "", "", ""),
+        ("(3) assemble(), cold first call", f"{cold_ms:8.1f}", "", "", ""),
+        ("(3) assemble(), warm median", f"{warm_ms:8.2f}", f"{min(warm):.2f}-{max(warm):.2f}",
+         f"< {TARGET_INPROCESS_MS:.0f}", "ok" if ok_inprocess else "MISSED"),
+        ("    of which read_job() (parse+XSD)", f"{parse_ms:8.2f}", f"{min(parse):.2f}-{max(parse):.2f}", "", ""),
+    ]
+    print(f"engine overhead: {job.relative_to(ROOT) if job.is_relative_to(ROOT) else job}; python {args.python}; "
+          f"{args.runs} process runs, {args.iterations} in-process iterations")
+    head = ("measure", "median ms", "min-max ms", "target", "")
+    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(5)]
+    for r in (head, tuple("-" * w for w in widths), *rows):
+        print("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+    return 0 if ok_process and ok_inprocess else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
