@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from importlib import resources
 from pathlib import Path
 
 from .engine.errors import JobError
@@ -39,6 +38,8 @@ def cmd_run(args) -> int:
 
 
 def cmd_new(args) -> int:
+    from importlib import resources
+
     target = Path(args.path)
     if target.exists() and not args.force:
         raise JobError(target, "the file exists already", "choose another name or pass --force")

@@ -13,7 +13,7 @@ import pytest
 from autocnnp.generator.assemble import assemble
 from autocnnp.generator.points import POINTS
 
-from conftest import DEMO, ROOT, TEMPLATE
+from conftest import BASE_JOB, DEMO, ROOT, TEMPLATE
 
 SHIPPED = pytest.mark.parametrize("path", [DEMO, TEMPLATE], ids=["demo", "template"])
 
@@ -42,7 +42,7 @@ def test_plan_shipped_jobs(cli, path):
     hyper = lines[lines.index("hyperparameters:") + 1:lines.index("launch:") - 1]
     fields = [f.name for f in dataclasses.fields(gen.hyperparameters)]
     assert [h.split(" = ")[0].strip() for h in hyper] == fields
-    assert "  lr = 0.01" in hyper and "  optimiser = sgd" in hyper and "  minibatch_size = 4" in hyper
+    assert hyper == [f"  {k} = {v}" for k, v in dataclasses.asdict(gen.hyperparameters).items()]
     launch = lines[lines.index("launch:") + 1]
     assert launch.startswith("  mpirun -np 2 ")
     assert launch.endswith(f"-m autocnnp.run.worker {path}")
@@ -112,7 +112,7 @@ def _python(*args, timeout=60):
 
 def test_process_exit_code_and_single_line_on_bad_job(tmp_path):
     bad = tmp_path / "bad.xml"
-    bad.write_text(DEMO.read_text().replace(">SGD<", ">sgdd<"))
+    bad.write_text(BASE_JOB.replace(">SGD<", ">sgdd<"))
     proc = _python("-m", "autocnnp", "validate", str(bad))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr

@@ -31,7 +31,7 @@ def final_params(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoints" / Path(latest).name, map_location="cpu", weights_only=False)["model"]
 
 
-SMALL = dict(minibatch_size=2, end_epoch=2, lr=0.05)
+SMALL = dict(minibatch_size=2, end_epoch=2, lr=0.05, optimiser="sgd")
 SMALL_DATA = ('<data format="synthetic"><param name="kind">atrium</param><param name="train_samples">16</param>'
               '<param name="valid_samples">6</param><param name="size">16</param></data>')
 PLAIN_UNET = '<CNN_archi name="unet"><param name="depth">2</param><param name="base_channels">4</param>' \

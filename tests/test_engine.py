@@ -88,6 +88,13 @@ def test_malformed_xml(job, refused):
     refused(path, "</CNN_arch>", "malformed XML", "CNN_archi", "Hint: fix the markup")
 
 
+def test_malformed_xml_column_points_at_the_offending_character(job, refused):
+    path = job(("<seed>0</seed>", "<seed x=1>0</seed>"))
+    column = path.read_text().splitlines()[line_of(path, "x=1") - 1].index("x=1") + 3  # 1-based, at the '1'
+    msg = refused(path, "x=1", "malformed XML")
+    assert f":{line_of(path, 'x=1')}:{column}: " in msg
+
+
 def test_empty_file(job, refused):
     refused(job(text=""), 1, "malformed XML")
 
@@ -152,14 +159,16 @@ def test_lowercase_doctype_refused(job, refused):
 def test_dtd_in_utf16_refused(tmp_path, refused):
     """The byte scan cannot see UTF-16 markup; the parsed document's DTD is refused all the same."""
     path = tmp_path / "job16.xml"
-    text = XML_DECL.replace("UTF-8", "UTF-16") + "\n" + XXE + '\n<system_config><task name="x">&xxe;</task></system_config>\n'
+    body = '<system_config><task name="x">&xxe;</task></system_config>'
+    text = f"{XML_DECL.replace('UTF-8', 'UTF-16')}\n{XXE}\n{body}\n"
     path.write_bytes(text.encode("utf-16"))
     refused(path, 2, "entity declarations are refused")
 
 
 def test_billion_laughs_in_utf16_refused_quickly(tmp_path, cli):
     path = tmp_path / "laughs16.xml"
-    text = XML_DECL.replace("UTF-8", "UTF-16") + "\n" + LAUGHS + '\n<system_config><task name="x">&lol9;</task></system_config>\n'
+    body = '<system_config><task name="x">&lol9;</task></system_config>'
+    text = f"{XML_DECL.replace('UTF-8', 'UTF-16')}\n{LAUGHS}\n{body}\n"
     path.write_bytes(text.encode("utf-16"))
     start = time.perf_counter()
     rc, out, err = cli("validate", path)
@@ -263,8 +272,11 @@ def test_missing_architecture_file(job, refused, tmp_path):
     path = job((ARCH_UNET, "<CNN_archi><path>nets/missing_net.py</path></CNN_archi>"))
     refused(path, "<CNN_archi>", f"the architecture file {tmp_path / 'nets' / 'missing_net.py'} does not exist",
             "relative paths are read from the job file's folder")
-    path = job((ARCH_UNET, "<CNN_archi><path>model.keras</path></CNN_archi>"))
-    refused(path, "<CNN_archi>", f"architecture file {tmp_path / 'model.keras'} does not exist")
+
+
+def test_architecture_file_not_python(job, refused):
+    refused(job((ARCH_UNET, "<CNN_archi><path>model.keras</path></CNN_archi>")), "<CNN_archi>",
+            "model.keras is not a Python file", "Hint:")
 
 
 def test_missing_data_path(job, refused, tmp_path):
@@ -484,11 +496,10 @@ def test_unknown_launcher(job, refused):
 # ---- good jobs ------------------------------------------------------------------------------------------------------
 
 
-def test_demo_assembles_into_the_thesis_tree():
-    from conftest import DEMO
-
-    gen = assemble(DEMO)
-    assert (gen.degree, gen.seed, gen.output) == (2, 0, DEMO.parent / "runs" / "demo")
+def test_job_assembles_into_the_thesis_tree(job):
+    path = job()
+    gen = assemble(path)
+    assert (gen.degree, gen.seed, gen.output) == (2, 0, path.parent / "runs" / "demo")
     assert [c.name for c in gen.root.children] == ["parallelism_definition", "model_definition"]
     assert [m.name for m in gen.root.modules()] == ["train_env_def", "train_strategy_def", "injection"]
     assert sorted(a.type for m in gen.root.modules() for a in m.actions) == sorted(p.type for p in POINTS)

@@ -8,7 +8,7 @@ code 2; a bad job file as a :class:`~autocnnp.engine.errors.JobError` (the CLI p
 * ``autocnnp synth OUT --kind brain|atrium --cases N --shape X Y Z --seed S --test-cases T``
 * ``autocnnp preprocess DATA CACHE --slices N --size S --mode even|labelled --modalities all``
 * ``autocnnp check-data DATA [--num-classes K]``
-* ``autocnnp predict JOB.xml [--checkpoint CKPT] [--input DATA] [--split test] --out DIR``
+* ``autocnnp predict JOB.xml [--checkpoint CKPT] [--input DATA] [--split test] [--out DIR]``
 * ``autocnnp evaluate PRED_DIR REF [--num-classes K] [--out metrics.csv]``
 """
 
@@ -180,7 +180,7 @@ def _latest_checkpoint(folder: Path) -> Path | None:
     return found[-1][1] if found else None
 
 
-def _num_classes_for(cfg, output: Path, cache_root: Path) -> int | None:
+def _num_classes_for(cfg, cache_root: Path) -> int | None:
     """Classes the model was trained with: dataset.json's labels, else the training cache's meta."""
     import json
 
@@ -265,7 +265,7 @@ def cmd_predict(args) -> int:
 
     source = Path(args.input) if args.input else (Path(cfg.test) if getattr(cfg, "test", None) else Path(cfg.train))
     cases, input_index = _predict_cases(source, args.split)
-    out = Path(args.out)
+    out = Path(args.out) if args.out else gen.output / "predictions"
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder", "name a folder for the predicted label volumes")
 
@@ -281,7 +281,7 @@ def cmd_predict(args) -> int:
     except DataError:
         train_index = None
     mods = _modality_indices(parse_modalities(cfg.modalities), [input_index, train_index])
-    num_classes = args.num_classes or _num_classes_for(cfg, gen.output, cache_root)
+    num_classes = args.num_classes or _num_classes_for(cfg, cache_root)
     if num_classes is None:
         raise DataError(cfg.train, "the number of classes the model was trained with is not declared",
                         "pass --num-classes")
@@ -424,8 +424,10 @@ def cmd_evaluate(args) -> int:
         print(f"autocnnp: note: {len(unmatched)} prediction(s) have no reference and are skipped: "
               f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}", file=sys.stderr)
 
-    loaded = []
-    top = 1
+    # One case in memory at a time. A confusion matrix padded with classes that occur nowhere has the
+    # same metrics (absent classes are left out), so per-case matrices are summed after padding.
+    fixed = args.num_classes or declared
+    rows, matrices = [], []
     for name in matched:
         pred, pred_affine = _load_labels(preds[name])
         truth, ref_affine = _load_labels(refs[name])
@@ -436,21 +438,19 @@ def cmd_evaluate(args) -> int:
         if not np.allclose(pred_affine, ref_affine, atol=1e-3):
             print(f"autocnnp: warning: {preds[name]}: affine differs from the reference {refs[name]}; "
                   "comparing voxel by voxel", file=sys.stderr)
-        top = max(top, int(pred.max(initial=0)), int(truth.max(initial=0)))
-        loaded.append((name, pred, truth))
-
-    num_classes = args.num_classes or declared or (top + 1)
-    num_classes = max(2, int(num_classes))
-    total = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    rows = []
-    for name, pred, truth in loaded:
+        k = max(2, int(fixed)) if fixed else max(2, int(pred.max(initial=0)) + 1, int(truth.max(initial=0)) + 1)
         try:
-            conf = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), num_classes)
+            conf = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), k)
         except ValueError as exc:
-            path = preds[name] if int(pred.max(initial=0)) >= num_classes else refs[name]
-            raise DataError(path, f"{exc} ({num_classes} classes)", "pass --num-classes or fix the labels") from None
-        total += conf
-        rows.append({"case": name, **segmentation_metrics(conf), "voxels": int(pred.size)})
+            path = preds[name] if int(pred.max(initial=0)) >= k else refs[name]
+            raise DataError(path, f"{exc} ({k} classes)", "pass --num-classes or fix the labels") from None
+        del pred, truth
+        matrices.append(conf)
+        rows.append({"case": name, **segmentation_metrics(conf), "voxels": int(conf.sum())})
+    num_classes = max(m.shape[0] for m in matrices)
+    total = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+    for m in matrices:
+        total[: m.shape[0], : m.shape[1]] += m
     rows.append({"case": OVERALL, **segmentation_metrics(total), "voxels": int(total.sum())})
 
     out = Path(args.out) if args.out else pred_dir / "metrics.csv"
@@ -462,7 +462,7 @@ def cmd_evaluate(args) -> int:
         for r in rows:
             writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
     print(_table(rows, columns))
-    print(f"{len(loaded)} case(s), {num_classes} classes; overall from the summed confusion matrix; wrote {out}")
+    print(f"{len(matrices)} case(s), {num_classes} classes; overall from the summed confusion matrix; wrote {out}")
     return 0
 
 
@@ -535,7 +535,8 @@ def add_commands(sub) -> None:
                         "else its <train> dataset)")
     s.add_argument("--split", choices=("test", "training", "all"), default="test",
                    help="which cases of a dataset input to segment (default test)")
-    s.add_argument("--out", required=True, help="folder for the label volumes (<case>.nii.gz)")
+    s.add_argument("--out", default=None,
+                   help="folder for the label volumes <case>.nii.gz (default: predictions/ in the job's output)")
     s.add_argument("--num-classes", type=_positive, default=None,
                    help="classes the model was trained with (default: from dataset.json or the training cache)")
     s.add_argument("--batch-size", type=_positive, default=16, help="slices per forward pass (default 16)")

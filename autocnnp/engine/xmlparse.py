@@ -52,7 +52,7 @@ def read_xml(path: Path) -> etree._Element:
     except etree.XMLSyntaxError as exc:
         line, col = exc.position if exc.position else (exc.lineno or 0, 0)
         message = re.sub(r", line \d+, column \d+$", "", exc.msg or str(exc))
-        raise JobError(Location(path, line, col + 1), f"malformed XML: {message}",
+        raise JobError(Location(path, line, max(col, 1)), f"malformed XML: {message}",
                        "fix the markup at that position (every <tag> needs its </tag>)") from None
     docinfo = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None:  # a DTD in an encoding the byte scan cannot see

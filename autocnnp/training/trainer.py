@@ -130,7 +130,8 @@ def evaluate(model, loader: DataLoader, evaluator, loss_fn, device, beat=lambda:
 
 
 def _checkpoint_state(model, state: TrainState, checkpoints, gen: Generator, world_size: int) -> dict:
-    return {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(), "epoch": state.epoch,
+    return {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
+            "optimizer_type": type(state.optimizer).__name__, "epoch": state.epoch,
             "lr_scale": state.lr_scale, "plugins": checkpoints.plugin_state(), "world_size": world_size,
             "seed": gen.seed, "job": str(gen.job.file)}
 
@@ -139,6 +140,11 @@ def _resume(checkpoints, model, state: TrainState) -> None:
     saved = checkpoints.load()
     if saved is None:
         return
+    kind = type(state.optimizer).__name__
+    if saved.get("optimizer_type", kind) != kind:
+        raise RuntimeError(f"the checkpoint in {checkpoints.latest()} was written with the {saved['optimizer_type']} "
+                           f"optimiser, the job now asks for {kind}: resume with the same optimiser, or start "
+                           f"afresh with another <output> folder or resume=false on the checkpoint action")
     model.load_state_dict(saved["model"])
     state.optimizer.load_state_dict(saved["optimizer"])
     state.epoch, state.lr_scale = saved["epoch"], saved["lr_scale"]

@@ -70,8 +70,8 @@ def parse_modalities(text) -> list[str] | None:
 
 def problems_error(problems: list[DataError], root, *, limit: int = MAX_LISTED_PROBLEMS) -> DataError:
     """One DataError for a list of problems: the problem itself when alone, else the first ``limit``."""
-    if len(problems) == 1:
-        return problems[0]
+    if len(problems) == 1:  # a fresh copy: no traceback of where validation first met it
+        return DataError(problems[0].path, problems[0].problem, problems[0].hint)
     shown = problems[:limit]
     listed = " ".join(f"({i}) {p}" for i, p in enumerate(shown, start=1))
     more = f" ... and {len(problems) - len(shown)} more" if len(problems) > len(shown) else ""
@@ -119,10 +119,11 @@ def validate_once(root, state_dir, role: str = "train") -> None:
     """Run :func:`validate_dataset` on ``root`` unless an earlier run stamped the same files; raise on problems.
 
     Concurrent callers (the ranks of a job) serialise on a lock in ``state_dir``: the first one
-    validates and writes the verdict, the others read it.
+    validates and writes the verdict (``validated-<role>-<hash of root>.json``), the others read it.
     """
     state_dir = Path(state_dir)
-    stamp = state_dir / f"validated-{role}.json"
+    where = str(Path(root).resolve())
+    stamp = state_dir / f"validated-{role}-{hashlib.sha256(where.encode()).hexdigest()[:12]}.json"
     key = _files_key(root)
     with _locked(state_dir / ".validate.lock"):
         saved = None
@@ -131,11 +132,11 @@ def validate_once(root, state_dir, role: str = "train") -> None:
         except (OSError, ValueError):
             pass
         if (isinstance(saved, dict) and saved.get("format") == _STAMP_FORMAT and saved.get("key") == key
-                and saved.get("root") == str(Path(root).resolve())):
+                and saved.get("root") == where):
             problems = [DataError(*p) for p in saved.get("problems", [])]
         else:
             problems = validate_dataset(root)
-            record = {"format": _STAMP_FORMAT, "key": key, "root": str(Path(root).resolve()),
+            record = {"format": _STAMP_FORMAT, "key": key, "root": where,
                       "problems": [[None if p.path is None else str(p.path), p.problem, p.hint] for p in problems]}
             tmp = stamp.with_name(f".{stamp.name}.{os.getpid()}.tmp")
             tmp.write_text(json.dumps(record))
