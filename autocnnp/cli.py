@@ -62,7 +62,7 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("path", nargs="?", default="job.xml")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
     s.set_defaults(func=cmd_new)
-    from .data.commands import add_commands; add_commands(sub)  # noqa: E702 - synth, preprocess, check-data, predict, evaluate
+    from .data.commands import add_commands; add_commands(sub)  # noqa: E702 - the data commands
     return p
 
 

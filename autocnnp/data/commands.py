@@ -410,7 +410,8 @@ def cmd_evaluate(args) -> int:
 
     pred_dir, ref = Path(args.pred), Path(args.ref)
     if not pred_dir.is_dir():
-        raise DataError(pred_dir, "is not a folder of predicted label volumes", "name the folder `autocnnp predict` wrote")
+        raise DataError(pred_dir, "is not a folder of predicted label volumes",
+                        "name the folder `autocnnp predict` wrote")
     preds = _nifti_files(pred_dir)
     if not ref.exists():
         raise DataError(ref, "reference does not exist", "name the dataset or a folder of reference label files")
