@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import sys
 from pathlib import Path
 
 from .engine.errors import JobError
+
+# Feature areas that add their own subcommands (each module: ``add_commands(subparsers)``; keep its
+# imports light, torch only inside the command functions).
+COMMAND_MODULES = ("autocnnp.data.commands",)
 
 
 def _assemble(path: str):
@@ -50,7 +55,7 @@ def cmd_new(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="autocnnp", description=__doc__.splitlines()[0].strip("`` "))
+    p = argparse.ArgumentParser(prog="autocnnp", description="XML job files to distributed CNN segmentation training")
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, doc in (("validate", cmd_validate, "check a job file (schema and semantics); builds nothing"),
                           ("plan", cmd_plan, "print the assembled generator, hyperparameters and launch command"),
@@ -62,7 +67,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("path", nargs="?", default="job.xml")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
     s.set_defaults(func=cmd_new)
-    from .data.commands import add_commands; add_commands(sub)  # noqa: E702 - the data commands
+    for module in COMMAND_MODULES:
+        importlib.import_module(module).add_commands(sub)
     return p
 
 

@@ -27,6 +27,7 @@ def _abort(code: int) -> None:
 
 def run_rank(gen: Generator) -> int:
     """Train on this rank; on error print one line naming the rank and abort the job."""
+    from ..data.errors import DataError
     from ..training.monitor import Diverged
     from ..training.trainer import train
 
@@ -41,6 +42,10 @@ def run_rank(gen: Generator) -> int:
     signal.signal(signal.SIGTERM, terminated)
     try:
         train(gen, beat=status.beat)
+    except DataError as exc:  # bad input data: one clear paragraph, no traceback
+        status.set("failed", str(exc))
+        print(f"autocnnp: rank {rank}: {exc}", file=sys.stderr, flush=True)
+        _abort(2)
     except Diverged as exc:
         status.set("failed", f"training diverged: {exc}")
         print(f"autocnnp: rank {rank}: training diverged: {exc}", file=sys.stderr, flush=True)

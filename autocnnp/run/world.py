@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Callable
 
 # (rank, size, local rank, local size) variables of each launcher, most specific first.
 _LAUNCHERS = (
@@ -23,6 +24,16 @@ class World:
     local_rank: int = 0
     local_size: int = 1
     backend: str = ""
+    # Sums a tensor over all ranks (in place, returned); set by communication init.
+    all_reduce: Callable | None = field(default=None, compare=False, repr=False)
+
+    def sum(self, values: list[float]) -> list[float]:
+        """Element-wise sum of ``values`` over all ranks (float64)."""
+        if self.all_reduce is None or self.size == 1:
+            return list(values)
+        import torch
+
+        return self.all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
 
 
 def launcher_name(env=os.environ) -> str | None:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
 METRIC_NAMES = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
 
@@ -108,22 +107,13 @@ class SegEval:
         """Clear the accumulated counts."""
         self._conf.zero_()
 
-    def all_reduce(self) -> None:
-        """Sum the confusion matrix over all ranks (no-op without torch.distributed).
-
-        Call once per evaluation, after the last ``update``: a second call
+    def all_reduce(self, reduce) -> None:
+        """Sum the confusion matrix over all ranks with ``reduce`` (tensor -> summed tensor), e.g.
+        ``World.all_reduce``. Call once per evaluation, after the last ``update``: a second call
         would count the other ranks' pixels again.
         """
-        if not (dist.is_available() and dist.is_initialized()):
-            return
-        device = (
-            torch.device("cuda", torch.cuda.current_device())
-            if dist.get_backend() == "nccl"
-            else torch.device("cpu")
-        )
-        conf = self._conf.to(device)
-        dist.all_reduce(conf, op=dist.ReduceOp.SUM)
-        self._conf = conf.cpu()
+        if reduce is not None:
+            self._conf = reduce(self._conf).cpu()
 
     def compute(self) -> dict[str, float]:
         """Metrics of the accumulated confusion matrix."""

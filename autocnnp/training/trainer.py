@@ -8,7 +8,6 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from ..generator.assemble import Generator
@@ -36,15 +35,6 @@ def make_optimizer(hp, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
-def _sum_across_ranks(values: list[float]) -> list[float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        backend_device = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        t = t.to(backend_device)
-        dist.all_reduce(t)
-    return t.cpu().tolist()
-
-
 def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
     """Run the job on this rank, calling ``beat()`` as it progresses; returns the last epoch's metrics."""
     # The collectives' own timeout backs up run & manage's watchdog (which names the silent rank).
@@ -58,10 +48,14 @@ def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
     data = gen.action("dataset_injection").build(world=world, seed=gen.seed, cache_dir=gen.output / "cache")
     net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
     strategy = gen.action("dist_strategy").build(world=world, device=device)
+    if hp.channels_last:
+        net = net.to(memory_format=torch.channels_last)
     model = strategy.wrap(net)
     optimizer = strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model)
     sampler = strategy.sampler(data.train, shuffle=True, seed=gen.seed)
-    loader = DataLoader(data.train, batch_size=hp.minibatch_size, sampler=sampler, drop_last=True)
+    loader = DataLoader(data.train, batch_size=hp.minibatch_size, sampler=sampler, drop_last=True,
+                        num_workers=hp.loader_workers, pin_memory=device.type == "cuda",
+                        persistent_workers=hp.loader_workers > 0)
     # Validation shards without padding, so every sample is scored exactly once across the ranks.
     valid_loader = DataLoader(data.valid, batch_size=hp.minibatch_size,
                               sampler=range(world.rank, len(data.valid), world.size))
@@ -74,6 +68,7 @@ def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
     state = TrainState(optimizer, epoch=hp.start_epoch)
     _resume(checkpoints, strategy.unwrap(model), state)
     loss_fn = task.loss(hp.loss)
+    autocast, scaler = mixed_precision(hp.precision, device)
     guard = DivergenceGuard(gen.monitoring.divergence_factor, gen.monitoring.stop_on_divergence)
     metrics: dict[str, float] = {}
     with Monitor(gen.output, world.rank, world.size, gen.monitoring, hp.end_epoch, len(loader),
@@ -90,19 +85,23 @@ def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
                 for group in optimizer.param_groups:
                     group["lr"] = policy.lr(epoch, step) * state.lr_scale
                 x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                loss = loss_fn(model(x), y)
+                if hp.channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
+                with autocast:
+                    loss = loss_fn(model(x), y)
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                scaler.scale(loss).backward()
                 strategy.after_backward(model)
-                optimizer.step()
+                scaler.step(optimizer)
+                scaler.update()
                 value = loss.item()
                 guard.check(value, epoch, step)
                 total, count = total + value * len(x), count + len(x)
                 monitor.step(epoch, step, value, len(x))
             strategy.end_epoch(model)
             evaluator = task.evaluator(data.num_classes)
-            metrics = evaluate(strategy.unwrap(model), valid_loader, evaluator, loss_fn, device, beat)
-            loss_sum, n = _sum_across_ranks([total, count])
+            metrics = evaluate(strategy.unwrap(model), valid_loader, evaluator, loss_fn, device, world, beat)
+            loss_sum, n = world.sum([total, count])
             metrics = {"train_loss": loss_sum / max(n, 1), "lr": optimizer.param_groups[0]["lr"], **metrics}
             state.epoch = epoch + 1
             checkpoints.callbacks_on_epoch_end(epoch, metrics, state)
@@ -113,8 +112,15 @@ def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
     return metrics
 
 
+def mixed_precision(precision: str, device: torch.device):
+    """An autocast context and a gradient scaler (a no-op scaler unless fp16)."""
+    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
+    return autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
+
+
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, evaluator, loss_fn, device, beat=lambda: None) -> dict[str, float]:
+def evaluate(model, loader: DataLoader, evaluator, loss_fn, device, world, beat=lambda: None) -> dict[str, float]:
     """SegEval over the whole validation set: confusion matrices are summed across ranks, never scores."""
     model.eval()
     total, count = 0.0, 0
@@ -124,8 +130,8 @@ def evaluate(model, loader: DataLoader, evaluator, loss_fn, device, beat=lambda:
         total, count = total + loss_fn(logits, y).item() * len(x), count + len(x)
         evaluator.update(logits, y)
         beat()
-    evaluator.all_reduce()
-    loss_sum, n = _sum_across_ranks([total, count])
+    evaluator.all_reduce(world.all_reduce)
+    loss_sum, n = world.sum([total, count])
     return {"valid_loss": loss_sum / max(n, 1), **evaluator.compute()}
 
 

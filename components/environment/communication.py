@@ -52,4 +52,15 @@ def init_torch_distributed(*, backend: str = "auto", timeout_s: float = 300.0) -
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=world.rank,
                                 world_size=world.size, timeout=datetime.timedelta(seconds=timeout_s))
-    return World(world.rank, world.size, world.local_rank, world.local_size, backend)
+    return World(world.rank, world.size, world.local_rank, world.local_size, backend,
+                 all_reduce=_nccl_sum if backend == "nccl" else _sum)
+
+
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    dist.all_reduce(t)
+    return t
+
+
+def _nccl_sum(t: torch.Tensor) -> torch.Tensor:
+    """NCCL reduces GPU tensors only: go through the current device and back."""
+    return _sum(t.cuda()).to(t.device)

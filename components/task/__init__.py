@@ -23,6 +23,9 @@ class Hyperparameters:
     minibatch_size: int = field(default=10, metadata={"min": 1, "aliases": ("batch_size",)})
     start_epoch: int = field(default=0, metadata={"min": 0})
     end_epoch: int = field(default=120, metadata={"min": 1})
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype for forward/loss
+    channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
+    loader_workers: int = field(default=0, metadata={"min": 0})  # DataLoader worker processes per rank
 
     def __post_init__(self):
         if self.end_epoch <= self.start_epoch:
