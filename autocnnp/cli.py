@@ -24,7 +24,21 @@ def cmd_validate(args) -> int:
     gen = _assemble(args.job)
     print(f"{gen.job.file}: valid ({gen.job.task}, {gen.degree} ranks, "
           f"{gen.action('dist_strategy').entry.name}, {gen.action('architecture_injection').entry.name})")
-    return 0
+    return _validate_data(gen) if args.data else 0
+
+
+def _validate_data(gen) -> int:
+    """Check every file of the job's datasets (NIfTI readable, shapes, affines, labels)."""
+    from .data.decathlon import validate_dataset
+
+    config = gen.action("dataset_injection").config
+    roots = [getattr(config, part) for part in ("train", "valid", "test") if getattr(config, part, None)]
+    problems = [p for root in roots for p in validate_dataset(root)]
+    for problem in problems:
+        print(f"autocnnp: {problem}", file=sys.stderr)
+    checked = ", ".join(map(str, roots)) or "nothing (the dataset has no files)"
+    print(f"data: {len(problems)} problem(s) in {checked}")
+    return 2 if problems else 0
 
 
 def cmd_plan(args) -> int:
@@ -63,6 +77,8 @@ def parser() -> argparse.ArgumentParser:
         s = sub.add_parser(name, help=doc, description=doc)
         s.add_argument("job", help="the XML job file")
         s.set_defaults(func=fn)
+        if name == "validate":
+            s.add_argument("--data", action="store_true", help="also check every file of the job's datasets")
     s = sub.add_parser("new", help="write a commented starter job file")
     s.add_argument("path", nargs="?", default="job.xml")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")

@@ -126,3 +126,18 @@ def test_validate_and_plan_do_not_import_torch(command):
     assert proc.returncode == 0, proc.stderr
     assert "import time:" in proc.stderr  # -X importtime really reported
     assert [line for line in proc.stderr.splitlines() if "torch" in line] == []
+
+
+def test_validate_data_checks_every_dataset_file(cli, tmp_path):
+    from autocnnp.data.synthetic import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "data" / "Task01_BrainTumour", cases=3, shape=(24, 24, 8))
+    job = tmp_path / "job.xml"
+    job.write_text((ROOT / "xml_configs" / "brain_tumour_unet.xml").read_text())
+    rc, out, _ = cli("validate", "--data", job)
+    assert rc == 0 and "0 problem(s)" in out
+    broken = sorted((root / "labelsTr").iterdir())[1]
+    broken.write_bytes(broken.read_bytes()[:40])  # truncated NIfTI
+    rc, out, err = cli("validate", "--data", job)
+    assert rc == 2 and "1 problem(s)" in out
+    assert broken.name in err and "Hint:" in err

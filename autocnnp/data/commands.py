@@ -281,17 +281,18 @@ def cmd_predict(args) -> int:
     except DataError:
         train_index = None
     mods = _modality_indices(parse_modalities(cfg.modalities), [input_index, train_index])
-    num_classes = args.num_classes or _num_classes_for(cfg, cache_root)
-    if num_classes is None:
-        raise DataError(cfg.train, "the number of classes the model was trained with is not declared",
-                        "pass --num-classes")
-
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     except Exception as exc:  # noqa: BLE001 - any unreadable file
         raise DataError(checkpoint, f"cannot be read as a checkpoint ({type(exc).__name__}: {exc})",
                         "pass another --checkpoint") from None
+    # The checkpoint records what the model was trained with; older ones fall back to the dataset.
+    recorded = state.get("num_classes") if isinstance(state, dict) else None
+    num_classes = args.num_classes or recorded or _num_classes_for(cfg, cache_root)
+    if num_classes is None:
+        raise DataError(cfg.train, "the number of classes the model was trained with is not declared",
+                        "pass --num-classes")
     weights = state.get("model", state) if isinstance(state, dict) else None
     if not isinstance(weights, dict):
         raise DataError(checkpoint, "holds no model state dict", "pass a checkpoint written by autocnnp run")

@@ -108,7 +108,8 @@ def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
             beat()
             monitor.epoch_end(epoch, metrics)
             if checkpoints.due(epoch, hp.end_epoch - 1):
-                checkpoints.save(_checkpoint_state(strategy.unwrap(model), state, checkpoints, gen, world.size), epoch)
+                saved = _checkpoint_state(strategy.unwrap(model), state, checkpoints, gen, world.size)
+                checkpoints.save({**saved, "in_channels": data.in_channels, "num_classes": data.num_classes}, epoch)
     return metrics
 
 
