@@ -128,3 +128,35 @@ def test_a_failing_rank_ends_the_whole_job_naming_it(tmp_path, action, expect):
     assert result.returncode != 0
     assert expect in result.stderr + result.stdout
     assert len(metrics(tmp_path / "out")) <= 1
+
+
+def test_two_jobs_on_one_machine_do_not_collide(tmp_path):
+    """Each job's rank 0 picks its own free port, so simultaneous jobs rendezvous separately."""
+    jobs = [write_job(tmp_path / f"job{i}.xml", output=f"out{i}", arch=PLAIN_UNET, data=SMALL_DATA,
+                      hyper={**SMALL, "end_epoch": 1}) for i in range(2)]
+    procs = [subprocess.Popen([*AUTOCNNP, "run", str(j)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for j in jobs]
+    results = [p.communicate(timeout=240) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in results]
+    assert all(len(metrics(tmp_path / f"out{i}")) == 1 for i in range(2))
+
+
+def test_missing_mpirun_gets_an_install_hint(tmp_path):
+    job = write_job(tmp_path / "job.xml", output="out", arch=PLAIN_UNET, data=SMALL_DATA)
+    env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # no mpirun on this PATH
+    result = subprocess.run([*AUTOCNNP, "run", str(job)], capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 2
+    assert "mpirun (Open MPI) is not installed" in result.stderr and "apt-get install openmpi-bin" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_hostfile_reaches_the_mpirun_command(tmp_path):
+    from autocnnp.generator.assemble import assemble
+    from autocnnp.run.launch import build_command
+
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    job = write_job(tmp_path / "job.xml", extra='<cluster><property name="hostfile">hosts</property>'
+                    '<property name="launcher">mpirun</property></cluster>')
+    cmd, _ = build_command(assemble(job), env={})
+    assert cmd[:3] == ["mpirun", "-np", "2"]
+    assert cmd[cmd.index("--hostfile") + 1] == str(tmp_path / "hosts")

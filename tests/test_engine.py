@@ -275,8 +275,13 @@ def test_missing_architecture_file(job, refused, tmp_path):
 
 
 def test_architecture_file_not_python(job, refused):
+    refused(job((ARCH_UNET, "<CNN_archi><path>model.onnx</path></CNN_archi>")), "<CNN_archi>",
+            "model.onnx is not a Python file or a Keras model", "Hint:")
+
+
+def test_missing_keras_model_file(job, refused, tmp_path):
     refused(job((ARCH_UNET, "<CNN_archi><path>model.keras</path></CNN_archi>")), "<CNN_archi>",
-            "model.keras is not a Python file", "Hint:")
+            f"the Keras model file {tmp_path / 'model.keras'} does not exist", "Hint: fix the <path>")
 
 
 def test_missing_data_path(job, refused, tmp_path):

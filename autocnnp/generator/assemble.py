@@ -7,7 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..engine.errors import JobError, Location, did_you_mean
-from ..engine.job import Choice, JobSpec, read_job
+from ..engine.job import Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
 from ..run.config import ClusterConfig, MonitoringConfig
 from .points import COMPOSITES, MODULE_BY_NAME, MODULES, POINT_BY_NAME, POINTS, SET_ELSEWHERE, Point
@@ -132,10 +132,19 @@ def _injection_actions(spec: JobSpec, explicit: dict[str, Action]) -> dict[str, 
     if arch.path is not None and arch.path.suffix == ".py":
         arch_entry = ARCHITECTURES.from_file(arch.path, arch.entry, arch.where)
         arch_settings = spec.architecture_params
+    elif arch.path is not None and arch.path.suffix == ".keras":  # a Keras 3 model file: the `keras` entry
+        if arch.entry:
+            raise JobError(arch.where, f"entry=\"{arch.entry}\" names a Python symbol, but {arch.path.name} is a "
+                           "Keras model file", "remove entry= (it applies to .py architecture files)")
+        if not arch.path.is_file():
+            raise JobError(arch.where, f"the Keras model file {arch.path} does not exist",
+                           "fix the <path> (relative paths are read from the job file's folder)")
+        arch_entry = ARCHITECTURES.get("keras", arch.where)
+        arch_settings = [Setting("path", str(arch.path), arch.where, is_path=True), *spec.architecture_params]
     elif arch.path is not None:
-        raise JobError(arch.where, f"architecture file {arch.path.name} is not a Python file",
+        raise JobError(arch.where, f"architecture file {arch.path.name} is not a Python file or a Keras model",
                        "describe the network in a .py file defining build(in_channels, num_classes, ...) "
-                       "or an nn.Module class (entry=\"ClassName\"); Keras model files are not supported yet")
+                       "or an nn.Module class (entry=\"ClassName\"), or save a Keras 3 model as a .keras file")
     else:
         arch_entry, arch_settings = ARCHITECTURES.get(arch.name, arch.where), spec.architecture_params
     data_format = spec.data_format

@@ -19,6 +19,8 @@ class FractionConfig:
 _ENV = "autocnnp.components.environment"
 COMMUNICATION.register("torch_distributed", f"{_ENV}.communication:init_torch_distributed", TorchDistributedConfig,
                        "torch.distributed process group (auto: gloo on CPU, NCCL on GPU), rendezvous over MPI")
+COMMUNICATION.register("mpi4py", f"{_ENV}.mpi_comm:init_mpi4py", None,
+                       "MPI.COMM_WORLD through mpi4py only; no torch.distributed process group")
 PLACEMENT.register("local_rank", f"{_ENV}.placement:local_rank", None,
                    "one GPU per local rank (cuda:local_rank mod GPUs); CPU where no GPU is present")
 PLACEMENT.register("cpu", f"{_ENV}.placement:cpu", None, "every rank on the CPU")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import datetime
 import os
 import socket
@@ -52,8 +53,14 @@ def init_torch_distributed(*, backend: str = "auto", timeout_s: float = 300.0) -
     if not dist.is_initialized():
         dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=world.rank,
                                 world_size=world.size, timeout=datetime.timedelta(seconds=timeout_s))
+        atexit.register(_close)
     return World(world.rank, world.size, world.local_rank, world.local_size, backend,
                  all_reduce=_nccl_sum if backend == "nccl" else _sum)
+
+
+def _close() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def _sum(t: torch.Tensor) -> torch.Tensor:
