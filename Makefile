@@ -6,7 +6,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv demo test bench clean
+.PHONY: venv horovod demo test bench clean
 
 venv: $(STAMP)
 
@@ -16,6 +16,10 @@ $(STAMP): requirements/test.txt pyproject.toml cluster/install-deps.sh
 	$(BIN)/pip install -q -r requirements/test.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
+
+# Horovod 0.28.1 built from source for this torch (dist_strategy horovod); a few minutes, once
+horovod: venv
+	bash cluster/build-horovod.sh $(VENV)
 
 demo: venv
 	$(BIN)/autocnnp run xml_configs/demo.xml

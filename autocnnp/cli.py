@@ -11,17 +11,21 @@ from .engine.errors import JobError
 
 # Feature areas that add their own subcommands (each module: ``add_commands(subparsers)``; keep its
 # imports light, torch only inside the command functions).
-COMMAND_MODULES = ("autocnnp.data.commands",)
+COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.run.commands", "autocnnp.tuning.commands")
 
 
-def _assemble(path: str):
+def _assemble(path: str, sets: list[str] | None = None):
     from .generator.assemble import assemble
 
+    if sets:  # --set KEY=VALUE: a job variant (engine/overrides.py)
+        from .engine.overrides import parse_sets, read_variant
+
+        return assemble(read_variant(path, parse_sets(sets)))
     return assemble(path)
 
 
 def cmd_validate(args) -> int:
-    gen = _assemble(args.job)
+    gen = _assemble(args.job, args.set)
     print(f"{gen.job.file}: valid ({gen.job.task}, {gen.degree} ranks, "
           f"{gen.action('dist_strategy').entry.name}, {gen.action('architecture_injection').entry.name})")
     return _validate_data(gen) if args.data else 0
@@ -45,7 +49,7 @@ def cmd_plan(args) -> int:
     from .generator.plan import render
     from .run.launch import build_command
 
-    gen = _assemble(args.job)
+    gen = _assemble(args.job, args.set)
     print(render(gen, build_command(gen)[0]))
     return 0
 
@@ -53,7 +57,16 @@ def cmd_plan(args) -> int:
 def cmd_run(args) -> int:
     from .run.launch import run
 
-    return run(_assemble(args.job))
+    gen = _assemble(args.job, args.set)
+    if getattr(args, "launcher", None):  # the command line overrides <cluster> launcher
+        from .run.overrides import with_cluster
+
+        gen = with_cluster(gen, {"launcher": args.launcher})
+    if args.repeat != 1:  # K runs with seeds seed, seed+1, ... in output/seed-<s>/, then mean and std
+        from .run.repeat import run_repeats
+
+        return run_repeats(gen, args.repeat)
+    return run(gen)
 
 
 def cmd_new(args) -> int:
@@ -76,9 +89,17 @@ def parser() -> argparse.ArgumentParser:
                           ("run", cmd_run, "train: launch the ranks and run the job")):
         s = sub.add_parser(name, help=doc, description=doc)
         s.add_argument("job", help="the XML job file")
+        s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override the job, e.g. hyperparameters.lr=1e-4, lr_policy=grescale, seed=3 (repeatable)")
         s.set_defaults(func=fn)
         if name == "validate":
             s.add_argument("--data", action="store_true", help="also check every file of the job's datasets")
+        if name == "run":
+            s.add_argument("--repeat", type=int, default=1, metavar="K",
+                           help="train K times with seeds seed..seed+K-1 into output/seed-<s>/ and summarise "
+                                "the final metrics (mean, standard deviation)")
+            s.add_argument("--launcher", help="how to start the ranks: auto, mpirun, srun, inplace "
+                           "(overrides the job's <cluster> launcher)")
     s = sub.add_parser("new", help="write a commented starter job file")
     s.add_argument("path", nargs="?", default="job.xml")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")

@@ -29,7 +29,7 @@ bash cluster/install-deps.sh
 if ! command -v cmake >/dev/null || ! command -v g++ >/dev/null; then
   sudo=""
   if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null || die "cmake or g++ is missing and this user cannot apt-get; ask an admin for: cmake g++"
+    command -v sudo >/dev/null || die "cmake or g++ is missing and this user cannot apt-get; ask for: cmake g++"
     sudo="sudo"
   fi
   export DEBIAN_FRONTEND=noninteractive
@@ -49,7 +49,7 @@ src="$tmp/horovod-$VERSION"
 
 # C++14 -> C++17: torch 2.x headers need C++17. Fail loudly if the sdist is not the one we expect.
 for f in CMakeLists.txt horovod/torch/CMakeLists.txt; do
-  grep -q 'set(CMAKE_CXX_STANDARD 14)' "$src/$f" || die "'set(CMAKE_CXX_STANDARD 14)' not found in $f; patch needs updating"
+  grep -q 'set(CMAKE_CXX_STANDARD 14)' "$src/$f" || die "no 'set(CMAKE_CXX_STANDARD 14)' in $f: update the patch"
   sed -i 's/set(CMAKE_CXX_STANDARD 14)/set(CMAKE_CXX_STANDARD 17)/' "$src/$f"
   grep -q 'set(CMAKE_CXX_STANDARD 17)' "$src/$f" || die "patching $f failed"
   ! grep -q 'set(CMAKE_CXX_STANDARD 14)' "$src/$f" || die "patching $f left a C++14 setting"
@@ -60,7 +60,7 @@ started=$SECONDS
 HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
 HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI \
 MAKEFLAGS="-j$(nproc)" \
-  "$PY" -m pip install --no-deps --no-build-isolation --no-cache-dir "$src" \
+  "$PY" -m pip install --no-deps --no-build-isolation --no-cache-dir --force-reinstall "$src" \
   > "$tmp/build.log" 2>&1 || { tail -n 80 "$tmp/build.log" >&2; die "build failed (log above)"; }
 
 # Check: the torch extension loads and was built with the MPI and Gloo controllers.

@@ -31,6 +31,26 @@ def write_job(path: Path, *, degree: int = 2, output: str = "out", arch: str | N
     return path
 
 
+# Pieces for small, fast real runs.
+TINY_UNET = ('<CNN_archi name="unet"><param name="depth">2</param><param name="base_channels">4</param>'
+             '<param name="norm">none</param></CNN_archi>')
+QUIET = ('<monitoring><property name="tensorboard">false</property><property name="plots">false</property>'
+         '<property name="progress">false</property></monitoring>')  # metrics.csv only
+
+
+def synthetic_data(train_samples: int, valid_samples: int, kind: str = "atrium", size: int = 16) -> str:
+    """A ``<data format="synthetic">`` section."""
+    return (f'<data format="synthetic"><param name="kind">{kind}</param>'
+            f'<param name="train_samples">{train_samples}</param><param name="valid_samples">{valid_samples}</param>'
+            f'<param name="size">{size}</param></data>')
+
+
+def checkpoint_plugin(name: str, path: str) -> str:
+    """A periodic checkpoint action with the plug-in callable ``name`` from the file ``path``."""
+    return ('<action class="extensible" type="checkpoint"><value>periodic</value>'
+            f'<value name="{name}"><path>{path}</path></value></action>')
+
+
 def strategy_module(strategy: str = "ring_allreduce", lr_policy: str = "constant", extra: str = "") -> str:
     return (f'<module name="train_strategy_def">'
             f'<action class="extensible" type="dist_strategy"><value>{strategy}</value></action>'

@@ -13,7 +13,11 @@ import torch
 
 from jobfiles import write_job
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed")
+pytestmark = [
+    pytest.mark.skipif(importlib.util.find_spec("keras") is None, reason="keras is not installed"),
+    # Keras' torch backend converts variables with np.array(tensor) when saving (a Keras-side NumPy 2 notice)
+    pytest.mark.filterwarnings("ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"),
+]
 AUTOCNNP = [sys.executable, "-m", "autocnnp"]
 
 
@@ -90,6 +94,19 @@ def test_gradients_reach_the_keras_weights_and_an_optimizer_moves_them(keras, tm
     with torch.no_grad():
         net(torch.randn(4, 2, 8, 8))
     assert all(torch.equal(a, b) for a, b in zip(stats, (p for p in net.parameters() if not p.requires_grad)))
+
+
+def test_state_dict_round_trip_restores_the_keras_weights(keras, tmp_path):
+    path = save_model(keras, tmp_path / "model.keras")
+    trained, fresh = build(path), build(path)
+    with torch.no_grad():
+        for p in trained.parameters():
+            p.add_(0.5)
+    x = torch.randn(2, 2, 8, 8)
+    trained.eval(), fresh.eval()
+    assert not torch.allclose(trained(x), fresh(x))
+    fresh.load_state_dict(trained.state_dict())  # what resuming from a checkpoint does
+    torch.testing.assert_close(fresh(x), trained(x))
 
 
 def test_channel_and_class_mismatches_and_softmax_outputs_are_clear_errors(keras, tmp_path):

@@ -92,7 +92,7 @@ def test_parse_milestones():
 
 def test_grescale_phases():
     # 12 epochs: 5 warmup, 3/7 * 7 = 3 decay epochs (9, 10, 11), stabilisation epochs 5..8
-    p = GreScale(**{**RUN, "total_epochs": 12}, warmup_epochs=5, decay=0.1)
+    p = GreScale(**{**RUN, "total_epochs": 12}, warmup_epochs=5, stabilisation_scale=1.0, decay_coefficient=0.9)
     assert p.decay_epochs == 3
     assert p.lr(2, 1) == pytest.approx(0.25)
     assert p.lr(5, 0) == pytest.approx(0.4)
@@ -102,6 +102,53 @@ def test_grescale_phases():
     assert p.lr(11, 1) == pytest.approx(0.04)
     with pytest.raises(ValueError, match="exceed"):
         GreScale(**{**RUN, "total_epochs": 12}, warmup_epochs=5, decay_epochs=8)
+
+
+def test_grescale_defaults_reduced_stabilisation_and_decay_coefficient():
+    p = GreScale(**{**RUN, "total_epochs": 12})  # thesis defaults: 5-epoch warmup, 4/7 and 3/7
+    assert (p.warmup_epochs, p.decay_epochs) == (5, 3)
+    assert p.lr(4, 1) == pytest.approx(0.37)  # warmup still reaches for the scaled target 0.4
+    assert p.lr(5, 0) == pytest.approx(0.2)  # stabilisation at half the target
+    assert p.lr(11, 1) == pytest.approx(0.02)  # coefficient 0.9: ends at 1/10 of the stabilisation lr
+    steep = GreScale(**{**RUN, "total_epochs": 12}, decay_coefficient=2.0)  # faster: reaches 0 halfway
+    assert steep.lr(10, 1) == pytest.approx(0.0) and steep.lr(9, 0) == pytest.approx(0.2 * (1 - 2 / 6))
+    from autocnnp.components.training.lr_policies import grescale_phases
+    assert grescale_phases(120) == (5, 66, 49) and grescale_phases(3) == (3, 0, 0)
+    assert grescale_phases(12, 6, 2) == (6, 4, 2)
+
+
+def test_grescale_feedback_extends_warmup_and_lowers_stabilisation():
+    p = GreScale(**{**RUN, "total_epochs": 12})  # warmup 5 (may grow to 5 + 4 // 2 = 7), decay from epoch 9
+    assert p.max_warmup_epochs == 7
+    p.on_epoch_end(0, {"valid_loss": 1.0})
+    p.on_epoch_end(1, {"valid_loss": 0.9})
+    assert p.warmup_epochs == 5 and p.events == []
+    before = p.lr(1, 1)
+    p.on_epoch_end(2, {"valid_loss": 0.95})  # the loss rose during the warmup: one more warmup epoch
+    assert p.warmup_epochs == 6 and p.events == [(2, "warmup", 6)]
+    assert p.lr(3, 0) == pytest.approx(p.lr(2, 1) + (0.4 - p.lr(2, 1)) / 7)  # gentler ramp, no jump
+    assert p.lr(2, 1) > before and p.lr(5, 1) < 0.4 and p.lr(6, 0) == pytest.approx(0.2)
+    p.on_epoch_end(3, {"valid_loss": 0.9})
+    p.on_epoch_end(6, {"valid_loss": 0.99})  # a stabilisation epoch got worse: halve the stabilisation lr
+    assert p.stabilisation_scale == pytest.approx(0.25) and p.lr(7, 0) == pytest.approx(0.1)
+    p.on_epoch_end(9, {"valid_loss": 5.0})  # the decay stage has its fixed schedule
+    assert p.stabilisation_scale == pytest.approx(0.25) and p.decay_epochs == 3
+    # the state survives a checkpoint: a new policy that loads it answers the same
+    q = GreScale(**{**RUN, "total_epochs": 12})
+    q.load_state_dict(p.state_dict())
+    assert [q.lr(e, s) for e in range(12) for s in range(2)] == [p.lr(e, s) for e in range(12) for s in range(2)]
+    fixed = GreScale(**{**RUN, "total_epochs": 12}, adaptive=False)
+    fixed.on_epoch_end(0, {"valid_loss": 1.0})
+    fixed.on_epoch_end(1, {"valid_loss": float("nan")})
+    assert fixed.state_dict()["events"] == [] and fixed.warmup_epochs == 5
+
+
+def test_grescale_invalid_parameters():
+    for bad, match in ((dict(stabilisation_scale=1.5), "stabilisation_scale"), (dict(decay_coefficient=0), "decay"),
+                       (dict(feedback_factor=1.0), "feedback_factor"), (dict(monitor="dice"), "monitor"),
+                       (dict(max_warmup_epochs=3), "max_warmup_epochs"), (dict(tolerance=-1), "tolerance")):
+        with pytest.raises(ValueError, match=match):
+            GreScale(**{**RUN, "total_epochs": 12}, **bad)
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -471,28 +471,25 @@ def cmd_evaluate(args) -> int:
 # --------------------------------------------------------------------------------------------
 # registration
 
-def _positive(text: str) -> int:
+def _int_at_least(text: str, minimum: int, requirement: str) -> int:
+    """``text`` as an integer of at least ``minimum``; otherwise an argparse error ending "``requirement``, got N"."""
     import argparse
 
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
     return value
+
+
+def _positive(text: str) -> int:
+    return _int_at_least(text, 1, "must be at least 1")
 
 
 def _count(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0, "must be >= 0")
 
 
 def add_commands(sub) -> None:

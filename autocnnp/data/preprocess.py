@@ -190,7 +190,9 @@ def zscore(image, *, eps: float = 1e-8) -> np.ndarray:
 # The cache
 
 @contextmanager
-def _exclusive(lock_path: Path):
+def exclusive_lock(lock_path: Path):
+    """Hold an exclusive ``fcntl.flock`` on ``lock_path`` (created, with its folder, if missing) for the block."""
+    lock_path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
@@ -292,7 +294,7 @@ def build_cache(
     if _is_current(out, key):
         return out
     out.mkdir(parents=True, exist_ok=True)
-    with _exclusive(out / LOCK_FILE):
+    with exclusive_lock(out / LOCK_FILE):
         if _is_current(out, key):  # someone else built it while we waited
             return out
         for stale in out.glob(_TMP_PREFIX + "*"):  # left by a crashed build; we hold the lock

@@ -19,6 +19,16 @@ class Location:
         return f"{self.file}:{self.line}:{self.column}"
 
 
+@dataclass(frozen=True)
+class Source(Location):
+    """A place that is not a line of the job file: a command-line option, a Slurm job, ..."""
+
+    text: str = ""
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class JobError(Exception):
     """A job file the engine refuses. Its text is one paragraph with location, problem and hint."""
 

@@ -66,6 +66,8 @@ class JobSpec:
     cluster: list[Setting]
     seed: Setting | None = None
     output: Setting | None = None
+    # KEY=VALUE overrides applied on top of the file (engine/overrides.py); passed on to the workers
+    overrides: dict[str, str] = field(default_factory=dict)
 
     @property
     def base_dir(self) -> Path:

@@ -176,6 +176,8 @@ def _fit_dependencies(actions: dict[str, Action], cluster: ClusterConfig, spec: 
                                f"{' or '.join(repr(a) for a in allowed)}, but the job sets '{other.entry.name}'",
                                f"change this action to {allowed[0]} or remove it to let the engine choose")
         launchers = action.entry.launchers
+        if "mpirun" in launchers:  # srun starts the same MPI ranks (over PMIx) as mpirun does
+            launchers = (*launchers, "srun")
         if launchers and cluster.launcher != "auto" and cluster.launcher not in launchers:
             raise JobError(action.where or spec.where, f"{action.type} '{action.entry.name}' cannot be started by "
                            f"the '{cluster.launcher}' launcher", "set <property name=\"launcher\"> to "

@@ -31,14 +31,21 @@ def launch_mode(gen: Generator, env=os.environ) -> str:
 def build_command(gen: Generator, env=os.environ) -> tuple[list[str], dict[str, str]]:
     """The command and environment that start every rank of ``gen``'s job."""
     worker = [sys.executable, "-m", "autocnnp.run.worker", str(gen.job.file)]
+    worker += [f"--set={k}={v}" for k, v in gen.job.overrides.items()]  # a job variant (engine/overrides.py)
     child_env = dict(env)
     if launch_mode(gen, env) == "inplace":
         return worker, child_env
+    if launch_mode(gen, env) == "srun":  # in a Slurm allocation: one task per rank, MPI wired up over PMIx
+        from .slurm import srun_command
+
+        return srun_command(gen, worker, child_env)
     cmd = ["mpirun", "-np", str(gen.degree), "--bind-to", "none"]
     if gen.cluster.oversubscribe:
         cmd.append("--oversubscribe")
     if gen.cluster.hostfile:
         cmd += ["--hostfile", str(gen.cluster.hostfile)]
+    if gen.cluster.launch_agent:  # how mpirun reaches the other hosts (default: ssh)
+        cmd += ["--mca", "plm_rsh_agent", gen.cluster.launch_agent]
     for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS"):
         if name in child_env:
             cmd += ["-x", name]
@@ -54,8 +61,16 @@ def run(gen: Generator) -> int:
         from .worker import run_rank
 
         return run_rank(gen)
-    if shutil.which("mpirun") is None:
+    if launch_mode(gen) == "srun":
+        from .slurm import check_srun
+
+        check_srun(gen)
+    elif shutil.which("mpirun") is None:
         raise JobError(gen.job.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
+    elif gen.cluster.hostfile:  # several hosts: every one must resolve and answer before anything starts
+        from .hosts import check_hosts
+
+        check_hosts(gen)
     cmd, env = build_command(gen)
     Path(gen.output).mkdir(parents=True, exist_ok=True)
     return supervise(cmd, env, gen.output, gen.degree, gen.cluster.rank_timeout_s, gen.cluster.startup_timeout_s)

@@ -30,6 +30,7 @@ def run_rank(gen: Generator) -> int:
     from ..data.errors import DataError
     from ..training.monitor import Diverged
     from ..training.trainer import train
+    from .manifest import recording
 
     rank = discover_world().rank
     status = RankStatus(gen.output, rank)
@@ -41,7 +42,8 @@ def run_rank(gen: Generator) -> int:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        train(gen, beat=status.beat)
+        with recording(gen, rank):  # manifest.json on rank 0: the run's reproducibility record
+            train(gen, beat=status.beat)
     except DataError as exc:  # bad input data: one clear paragraph, no traceback
         status.set("failed", str(exc))
         print(f"autocnnp: rank {rank}: {exc}", file=sys.stderr, flush=True)
@@ -61,8 +63,11 @@ def run_rank(gen: Generator) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:
-        gen = assemble(argv[0])
+    try:  # JOB [--set=KEY=VALUE ...]: a job variant (engine/overrides.py)
+        from ..engine.overrides import parse_sets, read_variant
+
+        sets = [a.removeprefix("--set=") for a in argv[1:] if a.startswith("--set=")]
+        gen = assemble(read_variant(argv[0], parse_sets(sets)))
     except JobError as exc:
         print(f"autocnnp: {exc}", file=sys.stderr)
         return exc.exit_code

@@ -9,9 +9,12 @@ from typing import Callable
 # (rank, size, local rank, local size) variables of each launcher, most specific first.
 _LAUNCHERS = (
     ("OMPI_COMM_WORLD_RANK", "OMPI_COMM_WORLD_SIZE", "OMPI_COMM_WORLD_LOCAL_RANK", "OMPI_COMM_WORLD_LOCAL_SIZE"),
+    ("HOROVOD_RANK", "HOROVOD_SIZE", "HOROVOD_LOCAL_RANK", "HOROVOD_LOCAL_SIZE"),  # horovodrun --gloo
     ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE"),
     ("PMI_RANK", "PMI_SIZE", "MPI_LOCALRANKID", "MPI_LOCALNRANKS"),
-    ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_NTASKS_PER_NODE"),
+    # srun sets the STEP variables in each task; a batch script (sbatch) has SLURM_PROCID=0 and
+    # SLURM_NTASKS but no step, and is not a rank: it starts them (run & manage, launcher mpirun or srun)
+    ("SLURM_PROCID", "SLURM_STEP_NUM_TASKS", "SLURM_LOCALID", "SLURM_STEP_TASKS_PER_NODE"),
 )
 
 
@@ -48,6 +51,6 @@ def discover_world(env=os.environ) -> World:
     """Read rank variables; a process started by no launcher is rank 0 of 1."""
     for rank, size, local, local_size in _LAUNCHERS:
         if rank in env and size in env:
-            lsize = env.get(local_size, "1").split("(")[0]
+            lsize = env.get(local_size, "1").split("(")[0].split(",")[0]  # Slurm: "2(x3),1"
             return World(int(env[rank]), int(env[size]), int(env.get(local, 0)), int(lsize or 1))
     return World()

@@ -51,6 +51,11 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     _check(logits, target)
     if logits.shape[1] == 1:
         return F.binary_cross_entropy_with_logits(logits[:, 0], target.to(logits.dtype))
+    if logits.is_cuda and torch.are_deterministic_algorithms_enabled():
+        # deterministic mode: CUDA's nll_loss2d has no deterministic kernel; this is the same mean
+        logp = F.log_softmax(logits, dim=1)
+        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(logp.dtype)
+        return -(logp * onehot).sum(dim=1).mean()
     return F.cross_entropy(logits, target)
 
 

@@ -3,6 +3,7 @@ which strategy, architecture or dataset is used is decided by the job, never her
 
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass
 
@@ -11,6 +12,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from ..generator.assemble import Generator
+from ..run.manifest import record_run
+from . import determinism
 from .monitor import DivergenceGuard, Monitor
 
 
@@ -41,32 +44,42 @@ def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
     world = gen.action("communication_init").build(timeout_s=gen.cluster.rank_timeout_s + 30)
     device = gen.action("device_placement").build(world)
     device = gen.action("memory_allocation").build(device)
-    torch.set_num_threads(max(1, (torch.get_num_threads() or 1) // max(1, world.local_size)))
+    # Share this node's cores (those this process may run on) among its ranks.
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, world.local_size)))
     hp = gen.action("hyperparameters_injection").build()
+    deterministic = determinism.configure(hp.deterministic)  # fixed threads, deterministic kernels
     task = gen.action("task_definition").build()
     seed_everything(gen.seed)  # identical initial parameters on every rank (DDP broadcasts them too)
     data = gen.action("dataset_injection").build(world=world, seed=gen.seed, cache_dir=gen.output / "cache")
+    record_run(gen, world, data, deterministic)  # manifest.json (rank 0): split sizes, augmentation, MPI
     net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
     strategy = gen.action("dist_strategy").build(world=world, device=device)
+    if hasattr(strategy, "heartbeat"):  # a strategy that blocks outside the step loop (a dedicated server) beats too
+        strategy.heartbeat = beat
     if hp.channels_last:
         net = net.to(memory_format=torch.channels_last)
     model = strategy.wrap(net)
     optimizer = strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model)
     sampler = strategy.sampler(data.train, shuffle=True, seed=gen.seed)
+    loader_rng = determinism.loader_generator(hp.deterministic)
     loader = DataLoader(data.train, batch_size=hp.minibatch_size, sampler=sampler, drop_last=True,
                         num_workers=hp.loader_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=hp.loader_workers > 0)
+                        persistent_workers=hp.loader_workers > 0, generator=loader_rng,
+                        worker_init_fn=determinism.seed_worker if loader_rng is not None else None)
     # Validation shards without padding, so every sample is scored exactly once across the ranks.
     valid_loader = DataLoader(data.valid, batch_size=hp.minibatch_size,
                               sampler=range(world.rank, len(data.valid), world.size))
     if len(loader) == 0:
         raise RuntimeError(f"each rank gets {len(sampler)} training samples, fewer than one minibatch of "
                            f"{hp.minibatch_size}: lower minibatch_size or the parallelism degree")
-    policy = gen.action("lr_policy").build(base_lr=hp.lr, world_size=world.size, steps_per_epoch=len(loader),
+    # Linear scaling counts the replicas whose gradients make one step (fewer for a dedicated server,
+    # one for federated averaging), which a strategy may declare.
+    replicas = getattr(strategy, "data_parallel_size", world.size)
+    policy = gen.action("lr_policy").build(base_lr=hp.lr, world_size=replicas, steps_per_epoch=len(loader),
                                            total_epochs=hp.end_epoch)
     checkpoints = gen.action("checkpoint").build(directory=gen.output / "checkpoints", rank=world.rank)
     state = TrainState(optimizer, epoch=hp.start_epoch)
-    _resume(checkpoints, strategy.unwrap(model), state)
+    _resume(checkpoints, strategy.unwrap(model), state, policy)
     loss_fn = task.loss(hp.loss)
     autocast, scaler = mixed_precision(hp.precision, device)
     guard = DivergenceGuard(gen.monitoring.divergence_factor, gen.monitoring.stop_on_divergence)
@@ -76,6 +89,7 @@ def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
         for epoch in range(state.epoch, hp.end_epoch):
             seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
             sampler.set_epoch(epoch)
+            determinism.seed_loader(loader_rng, gen.seed, epoch, world.rank)
             if hasattr(data.train, "set_epoch"):
                 data.train.set_epoch(epoch)  # epoch-dependent augmentation
             model.train()
@@ -105,10 +119,12 @@ def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
             metrics = {"train_loss": loss_sum / max(n, 1), "lr": optimizer.param_groups[0]["lr"], **metrics}
             state.epoch = epoch + 1
             checkpoints.callbacks_on_epoch_end(epoch, metrics, state)
+            if (feedback := getattr(policy, "on_epoch_end", None)) is not None:
+                feedback(epoch, metrics)  # an adaptive LR policy (GreScale); metrics are the same on every rank
             beat()
             monitor.epoch_end(epoch, metrics)
             if checkpoints.due(epoch, hp.end_epoch - 1):
-                saved = _checkpoint_state(strategy.unwrap(model), state, checkpoints, gen, world.size)
+                saved = _checkpoint_state(strategy.unwrap(model), state, checkpoints, gen, world.size, policy)
                 checkpoints.save({**saved, "in_channels": data.in_channels, "num_classes": data.num_classes}, epoch)
     return metrics
 
@@ -136,14 +152,15 @@ def evaluate(model, loader: DataLoader, evaluator, loss_fn, device, world, beat=
     return {"valid_loss": loss_sum / max(n, 1), **evaluator.compute()}
 
 
-def _checkpoint_state(model, state: TrainState, checkpoints, gen: Generator, world_size: int) -> dict:
+def _checkpoint_state(model, state: TrainState, checkpoints, gen: Generator, world_size: int, policy=None) -> dict:
+    policy_state = getattr(policy, "state_dict", None)
     return {"model": model.state_dict(), "optimizer": state.optimizer.state_dict(),
             "optimizer_type": type(state.optimizer).__name__, "epoch": state.epoch,
             "lr_scale": state.lr_scale, "plugins": checkpoints.plugin_state(), "world_size": world_size,
-            "seed": gen.seed, "job": str(gen.job.file)}
+            "seed": gen.seed, "job": str(gen.job.file), "lr_policy": policy_state() if policy_state else None}
 
 
-def _resume(checkpoints, model, state: TrainState) -> None:
+def _resume(checkpoints, model, state: TrainState, policy=None) -> None:
     saved = checkpoints.load()
     if saved is None:
         return
@@ -156,3 +173,5 @@ def _resume(checkpoints, model, state: TrainState) -> None:
     state.optimizer.load_state_dict(saved["optimizer"])
     state.epoch, state.lr_scale = saved["epoch"], saved["lr_scale"]
     checkpoints.load_plugin_state(saved["plugins"])
+    if saved.get("lr_policy") is not None and hasattr(policy, "load_state_dict"):
+        policy.load_state_dict(saved["lr_policy"])  # the feedback-adjusted schedule goes on

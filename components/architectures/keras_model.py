@@ -72,6 +72,10 @@ def _final_activation(keras, model) -> str | None:
     return name if name in _LOGIT_FREE else None
 
 
+def _device_scope(device: str):
+    return sys.modules["keras"].device(device)
+
+
 class KerasModule(nn.Module):
     """A Keras model as an ``nn.Module``: NCHW in, NCHW logits out.
 
@@ -88,7 +92,9 @@ class KerasModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.channels_last:
             x = x.permute(0, 2, 3, 1)  # NCHW -> NHWC (contiguous when x is in torch's channels_last format)
-        y = self.keras_model(x, training=self.training)
+        # Tensors Keras creates while running go where the batch is (its default is the GPU whenever one exists).
+        with _device_scope(str(x.device)):
+            y = self.keras_model(x, training=self.training)
         if isinstance(y, (list, tuple)):
             y = y[0]
         return y.permute(0, 3, 1, 2) if self.channels_last else y

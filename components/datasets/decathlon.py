@@ -27,19 +27,17 @@ What :func:`build` does, on every rank (all steps are safe to run concurrently):
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import sys
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from autocnnp.data.augment import RandomAffine2D
 from autocnnp.data.decathlon import read_dataset, validate_dataset
 from autocnnp.data.errors import DataError
-from autocnnp.data.preprocess import CacheDataset, build_cache
+from autocnnp.data.preprocess import CacheDataset, build_cache, exclusive_lock
 from autocnnp.run.world import World
 
 from .synthetic import DataBundle
@@ -79,20 +77,6 @@ def problems_error(problems: list[DataError], root, *, limit: int = MAX_LISTED_P
                      f"fix the files named above; `autocnnp check-data {root}` lists every problem")
 
 
-@contextmanager
-def _locked(path: Path):
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-
 def _stat(path: Path) -> list:
     try:
         st = Path(path).stat()
@@ -125,7 +109,7 @@ def validate_once(root, state_dir, role: str = "train") -> None:
     where = str(Path(root).resolve())
     stamp = state_dir / f"validated-{role}-{hashlib.sha256(where.encode()).hexdigest()[:12]}.json"
     key = _files_key(root)
-    with _locked(state_dir / ".validate.lock"):
+    with exclusive_lock(state_dir / ".validate.lock"):
         saved = None
         try:
             saved = json.loads(stamp.read_text())

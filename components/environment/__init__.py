@@ -21,6 +21,9 @@ COMMUNICATION.register("torch_distributed", f"{_ENV}.communication:init_torch_di
                        "torch.distributed process group (auto: gloo on CPU, NCCL on GPU), rendezvous over MPI")
 COMMUNICATION.register("mpi4py", f"{_ENV}.mpi_comm:init_mpi4py", None,
                        "MPI.COMM_WORLD through mpi4py only; no torch.distributed process group")
+COMMUNICATION.register("horovod", f"{_ENV}.horovod_comm:init_horovod", None,
+                       "hvd.init(): Horovod's MPI (mpirun) or Gloo (horovodrun --gloo) controller, no "
+                       "torch.distributed group; `make horovod` installs Horovod")
 PLACEMENT.register("local_rank", f"{_ENV}.placement:local_rank", None,
                    "one GPU per local rank (cuda:local_rank mod GPUs); CPU where no GPU is present")
 PLACEMENT.register("cpu", f"{_ENV}.placement:cpu", None, "every rank on the CPU")

@@ -10,6 +10,7 @@ from torch.utils.data import DistributedSampler
 from autocnnp.run.world import World
 
 from . import sync_batchnorm
+from .sharding import shard_sampler
 
 
 class RingAllreduce:
@@ -35,8 +36,7 @@ class RingAllreduce:
         return optimizer
 
     def sampler(self, dataset, *, shuffle: bool, seed: int) -> DistributedSampler:
-        return DistributedSampler(dataset, num_replicas=self.world.size, rank=self.world.rank,
-                                  shuffle=shuffle, seed=seed, drop_last=False)
+        return shard_sampler(dataset, num_replicas=self.world.size, rank=self.world.rank, shuffle=shuffle, seed=seed)
 
     def after_backward(self, model: nn.Module) -> None:
         """Nothing to do: DDP already reduced the gradients during backward."""

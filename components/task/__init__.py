@@ -26,6 +26,8 @@ class Hyperparameters:
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # autocast dtype for forward/loss
     channels_last: bool = False  # NHWC memory format (faster convolutions on recent GPUs)
     loader_workers: int = field(default=0, metadata={"min": 0})  # DataLoader worker processes per rank
+    # bit-identical reruns: deterministic kernels, one CPU thread per rank, seeded loaders (training/determinism.py)
+    deterministic: bool = False
 
     def __post_init__(self):
         if self.end_epoch <= self.start_epoch:

@@ -8,6 +8,7 @@ imports torch.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal
 
 from autocnnp.generator.registry import CHECKPOINTS, LR_POLICIES
 
@@ -49,13 +50,22 @@ class WarmupStepDecayConfig:
 
 @dataclass
 class GreScaleConfig:
+    """GreScale (thesis 6.3.2); see ``lr_policies.GreScale``. Thesis defaults: 5-epoch warmup, then 4/7
+    stabilisation and 3/7 decay of the remaining epochs (use with SGD and lr 1e-5, the defaults)."""
+
     warmup_epochs: int = field(default=5, metadata=_WARMUP)
     scale: bool = field(default=True, metadata=_SCALE)
-    decay: float = field(default=0.1, metadata=_DECAY)  # lr at the end of the run = target x decay
+    # stabilisation lr = target x this (reduced; lowered further by the feedback)
+    stabilisation_scale: float = field(default=0.5, metadata={"gt": 0.0, "max": 1.0,
+                                                               "aliases": ("stabilization_scale",)})
+    # decay slope: lr = stabilisation lr x max(1 - coefficient x progress, 0); 0.9 ends at 1/10
+    decay_coefficient: float = field(default=0.9, metadata={"gt": 0.0, "aliases": ("decay_slope",)})
     decay_epochs: int | None = field(default=None, metadata={"min": 0, "aliases": ("decay_period",)})
-
-    def __post_init__(self):
-        _check_decay(self.decay)
+    adaptive: bool = True  # in-run feedback: extend the warmup, lower the stabilisation lr when the loss rises
+    max_warmup_epochs: int | None = field(default=None, metadata={"min": 0})  # default: warmup + half the stabilisation
+    feedback_factor: float = field(default=0.5, metadata={"gt": 0.0, "max": 0.999})
+    tolerance: float = field(default=0.0, metadata={"min": 0.0})  # relative rise of the loss that counts
+    monitor: Literal["valid_loss", "train_loss"] = "valid_loss"
 
 
 LR_POLICIES.register("constant", f"{_LR}:Constant", None,
@@ -67,7 +77,8 @@ LR_POLICIES.register("gradual_warmup", f"{_LR}:GradualWarmup", GradualWarmupConf
 LR_POLICIES.register("warmup_step_decay", f"{_LR}:WarmupStepDecay", WarmupStepDecayConfig,
                      summary="gradual warmup, then lr x decay at each milestone epoch (Goyal et al. 30,60,80)")
 LR_POLICIES.register("grescale", f"{_LR}:GreScale", GreScaleConfig,
-                     summary="GreScale (thesis 6.3.2): warmup, stabilisation, linear decay over the last 3/7")
+                     summary="GreScale (thesis 6.3.2): adaptive warmup, feedback-adjusted reduced stabilisation "
+                             "(4/7), linear decay with a tunable coefficient (3/7)")
 
 
 @dataclass

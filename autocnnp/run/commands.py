@@ -1,0 +1,147 @@
+"""Cluster commands of the ``autocnnp`` CLI: submit, status, cancel (Slurm), deploy (shared folder, swarm).
+
+``add_commands(sub)`` adds them to the CLI's sub-parsers; nothing here imports torch.
+
+* ``autocnnp submit JOB.xml [--nodes N --tasks-per-node T --cpus-per-task C --gpus-per-task G
+  --time HH:MM:SS --partition P --account A --job-name NAME --launcher mpirun|srun --dry-run]``
+* ``autocnnp status JOB.xml|JOBID [--wait --timeout S]``
+* ``autocnnp cancel JOB.xml|JOBID``
+* ``autocnnp deploy JOB.xml --to DIR [--with-package] [--dry-run]``
+* ``autocnnp deploy JOB.xml --swarm [--image IMAGE] [--to DIR]``
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+# command-line option -> <cluster> property of `autocnnp submit`
+SUBMIT_OPTIONS = (("nodes", int, "nodes to allocate"),
+                  ("tasks_per_node", int, "ranks per node (default: ranks / nodes, rounded up)"),
+                  ("cpus_per_task", int, "CPU cores per rank"),
+                  ("gpus_per_task", int, "GPUs per rank"),
+                  ("time_limit", str, "wall-clock limit (minutes, HH:MM:SS or D-HH:MM:SS)"),
+                  ("partition", str, "Slurm partition (default: the cluster's default one)"),
+                  ("account", str, "account to charge"),
+                  ("job_name", str, "Slurm job name (default: autocnnp-<job file name>)"),
+                  ("launcher", str, "how the batch script starts the ranks: mpirun (default) or srun"))
+
+
+def cmd_submit(args) -> int:
+    from ..generator.assemble import assemble
+    from .overrides import with_cluster
+    from .slurm import submit
+
+    if args.set:  # a job variant: checked here, passed on to `autocnnp run` in the batch script
+        from ..engine.overrides import parse_sets, read_variant
+
+        gen = assemble(read_variant(args.job, parse_sets(args.set)))
+    else:
+        gen = assemble(args.job)
+    gen = with_cluster(gen, {name: getattr(args, name) for name, _, _ in SUBMIT_OPTIONS}, flags={"time_limit": "--time"})
+    submit(gen, dry_run=args.dry_run)
+    return 0
+
+
+def _describe(job_id: str, output: Path | None, state) -> str:
+    from .slurm import progress
+
+    text = f"Slurm job {job_id}: {state.state}"
+    if state.exit_code and not state.active:
+        text += f" (exit code {state.exit_code})"
+    if state.elapsed:
+        text += f", {'running for' if state.active else 'ran'} {state.elapsed}"
+    if state.nodes and state.nodes != "(null)":
+        text += f" on {state.nodes}"
+    if state.reason and state.reason != "None":
+        text += f", reason: {state.reason}"
+    if state.state == "UNKNOWN":
+        text += " (Slurm no longer knows this job and it left no exit code)"
+    done = progress(output)
+    if done:
+        text += f"\n  progress: {done}"
+    if output is not None:
+        from .slurm import read_record
+
+        record = read_record(output) or {}
+        text += f"\n  output: {output}" + (f"\n  log: {record['log']}" if record.get("log") else "")
+    return text
+
+
+def cmd_status(args) -> int:
+    from .slurm import find_job, job_state, wait
+
+    job_id, output = find_job(args.target)
+    state = wait(job_id, output, args.timeout, poll_s=2.0) if args.wait else job_state(job_id, output)
+    print(_describe(job_id, output, state))
+    if not args.wait:
+        return 1 if state.state == "UNKNOWN" else 0
+    if state.active:
+        print(f"autocnnp: Slurm job {job_id} is still {state.state} after {args.timeout:g} s", file=sys.stderr)
+        return 124
+    return 0 if state.state == "COMPLETED" else 1
+
+
+def cmd_cancel(args) -> int:
+    from .slurm import cancel, find_job
+
+    job_id, output = find_job(args.target)
+    before, after = cancel(job_id, output)
+    if not before.active:
+        print(f"Slurm job {job_id} is not queued or running ({before.state}); nothing to cancel")
+        return 0
+    print(f"cancelled Slurm job {job_id} (was {before.state}, now {after.state})")
+    return 0 if not after.active else 1
+
+
+def cmd_deploy(args) -> int:
+    job = args.job
+    if args.to or not args.swarm:
+        from .deploy import deploy
+
+        job = deploy(args.job, args.to, with_package=args.with_package, dry_run=args.dry_run)
+    if not args.swarm or args.dry_run:
+        return 0
+    from ..generator.assemble import assemble
+    from .swarm import run_swarm
+
+    return run_swarm(assemble(job), args.image, timeout_s=args.timeout)
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("submit", help="submit the job to Slurm (sbatch); nothing is queued if a check fails",
+                       description="Render templates/sbatch.sh for the job (resources from its <cluster> section, "
+                       "overridden by the options) and submit it with sbatch. The job id is kept in "
+                       "<output>/slurm/job.json for status and cancel.")
+    s.add_argument("job", help="the XML job file")
+    for name, tp, doc in SUBMIT_OPTIONS:
+        flag = "--time" if name == "time_limit" else "--" + name.replace("_", "-")
+        s.add_argument(flag, dest=name, type=tp, help=doc)
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the job as `autocnnp run --set` does (repeatable)")
+    s.add_argument("--dry-run", action="store_true", help="print the sbatch script; check and submit nothing")
+    s.set_defaults(func=cmd_submit)
+
+    s = sub.add_parser("status", help="state of the job's Slurm job (and its training progress)")
+    s.add_argument("target", help="the XML job file that was submitted, or a Slurm job id")
+    s.add_argument("--wait", action="store_true", help="wait until the job ends; exit 0 only if it COMPLETED")
+    s.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits at most (then exit 124)")
+    s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("cancel", help="cancel the job's Slurm job (scancel)")
+    s.add_argument("target", help="the XML job file that was submitted, or a Slurm job id")
+    s.set_defaults(func=cmd_cancel)
+
+    s = sub.add_parser("deploy", help="copy the job and its user files (and autocnnp) to a shared folder, "
+                       "keyed by content: unchanged files are not copied again")
+    s.add_argument("job", help="the XML job file")
+    s.add_argument("--to", type=Path, help="the shared folder (default: the job's <cluster> deploy_dir)")
+    s.add_argument("--with-package", action="store_true",
+                   help="also deploy the autocnnp package (nodes then run it with PYTHONPATH=DIR/lib)")
+    s.add_argument("--dry-run", action="store_true", help="print what would be copied or skipped; write nothing")
+    s.add_argument("--swarm", action="store_true", help="run the job as a Docker swarm service of "
+                   "parallelism-degree replicas (rank = task slot - 1) and wait for it; with --to, the deployed copy")
+    s.add_argument("--image", default="autocnnp:latest", help="the runtime image for --swarm "
+                   "(built from cluster/docker/Dockerfile; default autocnnp:latest)")
+    s.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --swarm waits for the job at most")
+    s.set_defaults(func=cmd_deploy)

@@ -1,0 +1,420 @@
+"""The reproducibility record: ``manifest.json`` in every run's output folder (thesis chapter 5).
+
+Rank 0 writes it (atomically: a temporary file renamed over the old one) when the run starts,
+completes it once the dataset is built, and closes it when the run ends. It describes the whole
+training ecosystem the thesis lists as sources of variability (Figure 5.1, section 5.5):
+
+``job``          the job file's path, text and sha256, and the ``--set`` overrides of a variant
+``plan``         the resolved generator: every action, its implementation, where it came from
+                 (job, default, chosen by the engine), its parameters and plug-ins (with the sha256
+                 of user code files); the hyperparameters, monitoring and cluster settings
+``seeds``        the seed and how every random stream derives from it
+``determinism``  whether deterministic mode was on and what it set
+``dataset``      format, parameters, a checksum (and how it was computed), split sizes and
+                 ratios, the augmentation
+``software``     Python, autocnnp (and its git commit), torch, CUDA, cuDNN, NCCL, gloo, numpy,
+                 mpi4py, the MPI library, Open MPI's ``mpirun --version``, horovod if installed
+``hardware``     host, CPU model, cores, memory, GPUs, ranks
+``repeats``      how many runs of this setting were made (``autocnnp run --repeat K``) and which
+``invocations``  every start of the run (a resumed run adds one), with status and end time
+``final_metrics``  the last row of metrics.csv
+
+Nothing here needs the GPU or the network; every probe that fails is recorded as unknown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import datetime
+import hashlib
+import json
+import os
+import platform
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+FILENAME = "manifest.json"
+FORMAT = 1
+CONTENT_LIMIT = 512 * 2**20  # data_checksum=auto hashes contents up to this many bytes
+
+
+def now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def sha256_text(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _jsonable(value):
+    if is_dataclass(value) and not isinstance(value, type):
+        value = asdict(value)
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+# --- reading and writing --------------------------------------------------------------------------
+
+def read(output: Path | str) -> dict | None:
+    """The manifest of the run in ``output`` (None if there is none or it is unreadable)."""
+    try:
+        return json.loads((Path(output) / FILENAME).read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_json(path: Path, data: dict) -> Path:
+    """Write ``data`` as JSON atomically (temporary file, fsync, rename): readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(data), f, indent=2)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path
+
+
+def write(output: Path | str, manifest: dict) -> Path:
+    """Write the manifest of the run in ``output`` atomically."""
+    return write_json(Path(output) / FILENAME, manifest)
+
+
+def update(output: Path | str, **sections) -> dict:
+    """Merge ``sections`` into the manifest (top-level keys replaced) and write it."""
+    manifest = read(output) or {}
+    manifest.update(sections)
+    write(output, manifest)
+    return manifest
+
+
+# --- the sections -----------------------------------------------------------------------------------
+
+def job_record(gen) -> dict:
+    file = Path(gen.job.file)
+    try:
+        text = file.read_text()
+    except OSError:
+        text = None
+    overrides = dict(getattr(gen.job, "overrides", {}) or {})
+    sets = [part for k, v in overrides.items() for part in ("--set", f"{k}={v}")]
+    return {"file": str(file), "sha256": sha256_text(text) if text is not None else None, "text": text,
+            "overrides": overrides, "reproduce": shlex.join(["autocnnp", "run", *sets, str(file)])}
+
+
+def _entry_record(entry) -> dict:
+    out = {"implementation": entry.name, "origin": entry.origin}
+    if entry.origin.startswith("file "):
+        path = Path(entry.target.rsplit(":", 1)[0])
+        with contextlib.suppress(OSError):
+            out["file_sha256"] = sha256_file(path)
+    return out
+
+
+def plan_record(gen) -> dict:
+    from ..engine.values import describe
+
+    actions = []
+    for module in gen.root.modules():
+        for a in module.actions:
+            how = "job" if a.explicit else "default" if a.entry.name == a.point.default else "chosen by the engine"
+            params = describe(a.config) if a.config is not None else {s.name: s.text for s in a.settings}
+            actions.append({"type": a.type, "module": module.name, "extensible": a.point.extensible,
+                            **_entry_record(a.entry), "set_by": how, "parameters": params,
+                            "plugins": {name: _entry_record(p) for name, p in a.plugins.items()}})
+    return {"task": gen.job.task, "parallelism_degree": gen.degree, "seed": gen.seed, "output": str(gen.output),
+            "actions": actions, "hyperparameters": describe(gen.hyperparameters),
+            "monitoring": describe(gen.monitoring), "cluster": describe(gen.cluster)}
+
+
+def seeds_record(gen) -> dict:
+    return {"seed": gen.seed,
+            "initial_parameters": "random, numpy and torch seeded with seed before the model is built "
+                                  "(identical on every rank; DDP also broadcasts rank 0's parameters)",
+            "dataset": "the dataset is built with seed (synthetic items: numpy default_rng([seed, index]))",
+            "per_epoch": "random, numpy and torch re-seeded with seed + 1000 x epoch + rank at each epoch",
+            "sampler": "DistributedSampler(seed=seed), set_epoch(epoch)"}
+
+
+def _run(cmd: list[str], cwd: Path | None = None) -> str | None:
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=10, cwd=cwd, stdin=subprocess.DEVNULL)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
+def _version(dist: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _source_commit() -> dict:
+    root = Path(__file__).resolve().parents[2]
+    if not (root / ".git").exists() or shutil.which("git") is None:
+        return {}
+    commit = _run(["git", "rev-parse", "HEAD"], root)
+    if commit is None:
+        return {}
+    try:  # read-only: exit 1 when tracked files differ from the commit
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--"], cwd=root, timeout=10,
+                               capture_output=True).returncode == 1
+    except (OSError, subprocess.SubprocessError):
+        dirty = None
+    return {"git_commit": commit, "git_uncommitted_changes": dirty}
+
+
+def software() -> dict:
+    """Versions of everything the run depends on (torch is imported; MPI is not initialised)."""
+    import autocnnp
+
+    out: dict = {"python": sys.version.split()[0], "python_implementation": platform.python_implementation(),
+                 "python_executable": sys.executable, "os": platform.platform(),
+                 "autocnnp": {"version": autocnnp.__version__, **_source_commit()}}
+    try:
+        import torch
+        import torch.distributed as dist
+
+        cuda = torch.cuda.is_available()
+        out["torch"] = torch.__version__
+        out["torch_cuda"] = torch.version.cuda
+        out["cudnn"] = torch.backends.cudnn.version() if cuda else None
+        out["nccl"] = ".".join(map(str, torch.cuda.nccl.version())) if cuda and dist.is_nccl_available() else None
+        out["gloo"] = dist.is_gloo_available()
+        out["torch_mpi_backend"] = dist.is_mpi_available()
+    except Exception as exc:  # noqa: BLE001 - a broken probe must not stop the run
+        out["torch"] = f"unknown ({exc})"
+    for name in ("numpy", "mpi4py", "lxml", "psutil", "nibabel", "matplotlib", "tensorboard", "horovod"):
+        out[name] = _version(name)
+    mpirun = shutil.which("mpirun")
+    version = _run([mpirun, "--version"]) if mpirun else None
+    out["mpirun"] = {"path": mpirun, "version": version.splitlines()[0] if version else None}
+    out["mpi_library"] = mpi_library()
+    return out
+
+
+def mpi_library() -> str | None:
+    """``MPI.Get_library_version()`` when mpi4py's MPI module is loaded already (never initialises MPI)."""
+    mpi = sys.modules.get("mpi4py.MPI")
+    if mpi is None:
+        return None
+    try:
+        return mpi.Get_library_version().replace("\x00", "").strip().splitlines()[0]
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def _cpu_model() -> str:
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.lower().startswith(("model name", "hardware", "cpu model")):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def hardware(degree: int) -> dict:
+    import psutil
+
+    out = {"host": socket.gethostname(), "machine": platform.machine(), "cpu_model": _cpu_model(),
+           "cpu_logical_cores": os.cpu_count(), "cpu_physical_cores": psutil.cpu_count(logical=False),
+           "memory_bytes": psutil.virtual_memory().total, "ranks": degree,
+           "note": "the host of rank 0; other hosts are those of the hostfile"}
+    try:
+        import torch
+
+        out["gpus"] = [{"name": torch.cuda.get_device_name(i),
+                        "memory_bytes": torch.cuda.get_device_properties(i).total_memory,
+                        "capability": ".".join(map(str, torch.cuda.get_device_capability(i)))}
+                       for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    except Exception as exc:  # noqa: BLE001
+        out["gpus"] = f"unknown ({exc})"
+    out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    return out
+
+
+def _data_files(config) -> list[Path]:
+    """The files and folders named by a dataset's Path parameters (caches excluded: they are derived)."""
+    if config is None:
+        return []
+    return [Path(v) for k, v in vars(config).items() if isinstance(v, Path) and "cache" not in k.lower()]
+
+
+def dataset_checksum(roots: list[Path], method: str = "auto") -> dict:
+    """sha256 over the files under ``roots`` (sorted by path): their names, sizes and contents
+    (``content``) or modification times (``stat``, fast but machine-specific)."""
+    files: list[tuple[str, Path]] = []
+    for root in roots:
+        if root.is_file():
+            files.append((root.name, root))
+        elif root.is_dir():
+            for dirpath, dirnames, names in os.walk(root):
+                dirnames.sort()
+                files += [(str(Path(dirpath, n).relative_to(root.parent)), Path(dirpath, n)) for n in sorted(names)]
+    files.sort()
+    total = sum(p.stat().st_size for _, p in files)
+    if method == "auto":
+        method = "content" if total <= CONTENT_LIMIT else "stat"
+    h = hashlib.sha256()
+    for name, path in files:
+        st = path.stat()
+        third = sha256_file(path) if method == "content" else str(st.st_mtime_ns)
+        h.update(f"{name}\0{st.st_size}\0{third}\n".encode())
+    what = {"content": "sha256 over the relative file names, sizes and sha256 of the contents",
+            "stat": "sha256 over the relative file names, sizes and modification times (not the contents: "
+                    "set <monitoring> data_checksum=content for a content hash)"}[method]
+    return {"method": method, "description": what, "sha256": h.hexdigest(), "files": len(files), "bytes": total,
+            "roots": [str(r) for r in roots]}
+
+
+def dataset_record(gen) -> dict:
+    from ..engine.values import describe
+
+    action = gen.action("dataset_injection")
+    out = {"format": action.entry.name, "origin": action.entry.origin, "parameters": describe(action.config)}
+    method = getattr(gen.monitoring, "data_checksum", "auto")
+    roots = _data_files(action.config)
+    if method == "none":
+        out["checksum"] = {"method": "none"}
+    elif roots:
+        try:
+            out["checksum"] = dataset_checksum(roots, method)
+        except OSError as exc:
+            out["checksum"] = {"method": method, "error": str(exc)}
+    else:
+        params = {**describe(action.config), "seed": gen.seed}
+        out["checksum"] = {"method": "parameters",
+                           "description": "no files: generated from its parameters and the seed by autocnnp "
+                                          "(version in software); sha256 over the canonical JSON of both",
+                           "sha256": sha256_text(json.dumps(_jsonable(params), sort_keys=True))}
+    return out
+
+
+def _augmentation(dataset) -> str | None:
+    for _ in range(6):  # through Subset/ConcatDataset-style wrappers
+        aug = getattr(dataset, "augment", None)
+        if aug is not None and not isinstance(aug, bool):
+            return repr(aug)
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            break
+    return None
+
+
+def final_metrics(output: Path) -> dict:
+    """The last row of ``metrics.csv`` (numbers as floats), {} if there is none."""
+    try:
+        with open(Path(output) / "metrics.csv", newline="") as f:
+            rows = list(csv.DictReader(f))
+    except OSError:
+        return {}
+    if not rows:
+        return {}
+    out = {}
+    for k, v in rows[-1].items():
+        try:
+            out[k] = int(v) if k == "epoch" else float(v)
+        except (TypeError, ValueError):
+            out[k] = v
+    return out
+
+
+# --- the run's life cycle ---------------------------------------------------------------------------
+
+def start(gen) -> dict:
+    """Rank 0, before training: write everything known from the job and the machine."""
+    output = Path(gen.output)
+    old = read(output) or {}
+    latest = output / "checkpoints" / "latest"
+    invocation = {"started": now(), "status": "running", "host": socket.gethostname(), "ranks": gen.degree,
+                  "argv": sys.argv, "resumed_from": latest.read_text().strip() if latest.is_file() else None}
+    manifest = {"autocnnp_manifest": FORMAT, "status": "running", "updated": now(),
+                "job": job_record(gen), "plan": plan_record(gen), "seeds": seeds_record(gen),
+                "determinism": {"enabled": bool(getattr(gen.hyperparameters, "deterministic", False))},
+                "dataset": dataset_record(gen), "software": software(), "hardware": hardware(gen.degree),
+                "repeats": old.get("repeats", {"count": 1}),
+                "invocations": [*old.get("invocations", []), invocation],
+                "final_metrics": old.get("final_metrics", {})}
+    write(output, manifest)
+    return manifest
+
+
+def record_run(gen, world, data, determinism: dict | None = None) -> None:
+    """Rank 0, once the dataset is built (called by the trainer): split sizes and ratios, augmentation,
+    the MPI library now that MPI is up, what deterministic mode set."""
+    if world.rank != 0:
+        return
+    manifest = read(gen.output)
+    if manifest is None:  # trained without the worker (a test calling train() directly): start here
+        manifest = start(gen)
+    sizes = {}
+    for split in ("train", "valid", "test"):
+        part = getattr(data, split, None)
+        with contextlib.suppress(TypeError):
+            if part is not None:
+                sizes[split] = len(part)
+    total = sum(sizes.values())
+    dataset = manifest.setdefault("dataset", {})
+    dataset["split"] = {"samples": sizes, "ratios": {k: round(v / total, 6) for k, v in sizes.items()} if total else {},
+                        "validation": "held-out validation split scored with SegEval after every epoch"}
+    dataset["in_channels"], dataset["num_classes"] = getattr(data, "in_channels", None), getattr(data, "num_classes", None)
+    dataset["augmentation"] = _augmentation(getattr(data, "train", None)) or "none"
+    manifest["software"]["mpi_library"] = mpi_library() or manifest["software"].get("mpi_library")
+    manifest["determinism"] = determinism or manifest.get("determinism", {})
+    manifest["world"] = {"size": world.size, "backend": world.backend}
+    manifest["updated"] = now()
+    write(gen.output, manifest)
+
+
+def finish(gen, status: str, message: str = "") -> None:
+    """Rank 0, when the run ends: status, end time, final metrics."""
+    manifest = read(gen.output) or {}
+    manifest["status"] = status
+    manifest["updated"] = now()
+    invocations = manifest.setdefault("invocations", [{}])
+    invocations[-1].update(status=status, finished=now(), **({"message": message} if message else {}))
+    manifest["final_metrics"] = final_metrics(Path(gen.output))
+    write(gen.output, manifest)
+
+
+@contextlib.contextmanager
+def recording(gen, rank: int):
+    """Around a rank's training: rank 0 starts the manifest and closes it with the outcome."""
+    if rank != 0:
+        yield
+        return
+    start(gen)
+    try:
+        yield
+    except BaseException as exc:
+        from ..training.monitor import Diverged
+
+        status = ("diverged" if isinstance(exc, Diverged) else
+                  "terminated" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "failed")
+        with contextlib.suppress(Exception):
+            finish(gen, status, f"{type(exc).__name__}: {exc}")
+        raise
+    finish(gen, "completed")

@@ -1,0 +1,195 @@
+"""Docker swarm: run a job as a swarm service of N replicas, one rank per replica (docker Python SDK).
+
+``autocnnp deploy JOB.xml --swarm --image IMAGE`` creates, on a swarm manager, a service of
+parallelism-degree replicas of IMAGE (built from cluster/docker/Dockerfile) on an overlay network
+of its own. Each replica's rank is its task slot minus one (``{{.Task.Slot}}``); rank 0 publishes
+its address and a free port in a rendezvous folder inside the job's output folder, the others read
+it and all join torch.distributed through MASTER_ADDR/MASTER_PORT (no MPI between replicas). The
+job's folder and output folder are bind-mounted at the same paths, so on a swarm of several nodes
+they must be on a filesystem every node mounts (or deployed there first: add ``--to DIR``). The
+command waits for every task to end, prints the ranks' logs, removes the service and the network,
+and exits like ``autocnnp run``: 0 when every rank completed, 1 when one failed (named).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import time
+import uuid
+from pathlib import Path
+
+from ..engine.errors import JobError
+from ..generator.assemble import Generator
+
+TERMINAL = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
+SDK_HINT = "install the docker Python SDK (pip install docker) and a Docker engine (Debian: apt-get install docker.io)"
+
+
+def _client(gen: Generator):
+    try:
+        import docker
+    except ImportError:
+        raise JobError(gen.job.where, "--swarm needs the docker Python SDK, which is not installed", SDK_HINT) from None
+    try:
+        client = docker.from_env(timeout=60)
+        client.ping()
+    except Exception as exc:  # docker.errors.DockerException and connection errors
+        raise JobError(gen.job.where, f"no Docker engine answers: {exc}",
+                       "start it (dockerd, or systemctl start docker) and check DOCKER_HOST") from None
+    swarm = client.info().get("Swarm", {})
+    if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
+        raise JobError(gen.job.where, "this Docker engine is not a swarm manager "
+                       f"(swarm state: {swarm.get('LocalNodeState') or 'unknown'})",
+                       "run `docker swarm init` here, or run the command on a manager node")
+    return client
+
+
+def _mounts(gen: Generator) -> list:
+    """Bind mounts that show the job's folder and output folder at their own paths."""
+    from docker.types import Mount
+
+    folders: list[Path] = []
+    for folder in (gen.job.base_dir, Path(gen.output)):
+        folder = folder.resolve()
+        if not any(folder == f or f in folder.parents for f in folders):
+            folders = [f for f in folders if folder not in f.parents] + [folder]
+    return [Mount(target=str(f), source=str(f), type="bind") for f in folders]
+
+
+def run_swarm(gen: Generator, image: str, timeout_s: float = 3600.0, out=None) -> int:
+    """Run ``gen``'s job as a swarm service and wait for it; returns the job's exit code."""
+    out = out or sys.stdout
+    client = _client(gen)
+    import docker
+    from docker.types import EndpointSpec, RestartPolicy, ServiceMode
+
+    try:
+        client.images.get(image)
+    except docker.errors.ImageNotFound:
+        raise JobError(gen.job.where, f"image '{image}' is not on this Docker engine",
+                       f"build it: docker build -f cluster/docker/Dockerfile -t {image} . (where no base image can "
+                       "be pulled, first cluster/docker/base-from-host.sh; see the Dockerfile)") from None
+    run_id = uuid.uuid4().hex[:8]
+    name = f"autocnnp-{gen.job.file.stem.lower()}-{run_id}"[:63]
+    output = Path(gen.output).resolve()
+    rendezvous = output / ".swarm" / run_id
+    rendezvous.mkdir(parents=True, exist_ok=True)
+    from .watch import STATUS_DIR, diagnose, read_statuses
+
+    for stale in (output / STATUS_DIR).glob("rank*"):
+        stale.unlink(missing_ok=True)
+    network = client.networks.create(name, driver="overlay", attachable=True, labels={"autocnnp.run": run_id})
+    service = None
+    try:
+        service = client.services.create(
+            image, command=["python3", "-m", "autocnnp.run.swarm", str(gen.job.file)], name=name,
+            env=["AUTOCNNP_SLOT={{.Task.Slot}}", f"WORLD_SIZE={gen.degree}", f"AUTOCNNP_RENDEZVOUS={rendezvous}",
+                 f"AUTOCNNP_STARTUP_TIMEOUT_S={gen.cluster.startup_timeout_s:g}", "OMP_NUM_THREADS=1"],
+            hostname="{{.Service.Name}}-{{.Task.Slot}}", workdir=str(gen.job.base_dir),
+            mode=ServiceMode("replicated", replicas=gen.degree), restart_policy=RestartPolicy(condition="none"),
+            networks=[network.id], mounts=_mounts(gen), endpoint_spec=EndpointSpec(mode="dnsrr"),
+            stop_grace_period=5 * 10**9,  # ns: a rank stuck in a collective ignores SIGTERM until killed
+            labels={"autocnnp.job": str(gen.job.file), "autocnnp.run": run_id})
+        print(f"swarm service {name}: {gen.degree} replicas of {image}, ranks from the task slot", file=out, flush=True)
+        code, problem = _wait(service, gen, timeout_s)
+        logs = b"".join(service.logs(stdout=True, stderr=True, timestamps=False)).decode(errors="replace")
+        out.write(logs if logs.endswith("\n") or not logs else logs + "\n")
+        if code != 0:
+            why = problem or diagnose(read_statuses(output), gen.degree)
+            print(f"autocnnp: the job failed: {why}", file=sys.stderr, flush=True)
+        return code
+    finally:
+        _remove(client, service, network, run_id)
+        for f in rendezvous.glob("*"):
+            f.unlink(missing_ok=True)
+        rendezvous.rmdir()
+
+
+def _remove(client, service, network, run_id: str, timeout_s: float = 90.0) -> None:
+    """Remove the service, wait for its containers to go, then remove its network: nothing is left."""
+    import docker
+
+    deadline = time.monotonic() + timeout_s
+    if service is not None:
+        service.remove()
+        label = f"com.docker.swarm.service.id={service.id}"
+        while client.containers.list(all=True, filters={"label": label}) and time.monotonic() < deadline:
+            time.sleep(0.5)
+    while time.monotonic() < deadline:
+        try:
+            network.remove()
+        except docker.errors.NotFound:
+            pass
+        except docker.errors.APIError:  # endpoints not released yet
+            time.sleep(1)
+            continue
+        if not client.networks.list(filters={"label": f"autocnnp.run={run_id}"}):
+            return
+        time.sleep(0.5)
+    print(f"autocnnp: swarm network {network.name} could not be removed within {timeout_s:g} s; "
+          f"remove it with: docker network rm {network.name}", file=sys.stderr)
+
+
+def _wait(service, gen: Generator, timeout_s: float) -> tuple[int, str]:
+    """Poll the service's tasks until all ended; (exit code, problem or '')."""
+    from .watch import read_statuses
+
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tasks = service.tasks()
+        by_slot = {t.get("Slot"): t for t in sorted(tasks, key=lambda t: t.get("CreatedAt", ""))}
+        states = {slot: t["Status"]["State"] for slot, t in by_slot.items()}
+        failed = {slot: t for slot, t in by_slot.items() if t["Status"]["State"] in TERMINAL - {"complete"}}
+        if failed:
+            slot, task = min(failed.items())
+            status = task["Status"]
+            code = status.get("ContainerStatus", {}).get("ExitCode")
+            why = status.get("Err") or status.get("Message") or status["State"]
+            return (code if isinstance(code, int) and code > 0 else 1), \
+                f"rank {slot - 1} (task slot {slot}) {status['State']}: {why}" + (f" (exit code {code})" if code else "")
+        if len(states) == gen.degree and all(s == "complete" for s in states.values()):
+            return 0, ""
+        running = {r: age for r, (s, _, age) in read_statuses(gen.output).items() if s == "running"}
+        if running and max(running.values()) > gen.cluster.rank_timeout_s:
+            rank = max(running, key=running.get)
+            return 1, f"rank {rank} stopped responding (rank_timeout_s={gen.cluster.rank_timeout_s:g})"
+        if time.monotonic() > deadline:
+            return 1, f"the service did not finish within {timeout_s:g} s (task states: {states})"
+        time.sleep(1.0)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def task_main(job: str) -> int:
+    """Inside one replica: rank from the task slot, rendezvous through the shared folder, then train."""
+    slot, size = int(os.environ["AUTOCNNP_SLOT"]), int(os.environ["WORLD_SIZE"])
+    rank = slot - 1
+    os.environ.update(RANK=str(rank), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
+    master = Path(os.environ["AUTOCNNP_RENDEZVOUS"]) / "master"
+    if rank == 0:
+        addr = socket.gethostbyname(socket.gethostname())
+        tmp = master.with_suffix(".tmp")
+        tmp.write_text(f"{addr} {_free_port()}")
+        os.replace(tmp, master)
+    deadline = time.monotonic() + float(os.environ.get("AUTOCNNP_STARTUP_TIMEOUT_S", "120"))
+    while not master.exists():
+        if time.monotonic() > deadline:
+            print(f"autocnnp: rank {rank}: rank 0 never published its address in {master}", file=sys.stderr)
+            return 1
+        time.sleep(0.2)
+    addr, port = master.read_text().split()
+    os.environ.update(MASTER_ADDR=addr, MASTER_PORT=port)
+    print(f"autocnnp: rank {rank} of {size} on {socket.gethostname()}, rank 0 at {addr}:{port}", flush=True)
+    from .worker import main
+
+    return main([job])
+
+
+if __name__ == "__main__":
+    sys.exit(task_main(sys.argv[1]))

@@ -1,0 +1,193 @@
+"""``autocnnp tune`` (the GreScale guideline, thesis Figure 6.3) and ``autocnnp lr-plot``.
+
+* ``autocnnp tune JOB.xml [--out DIR] [--budget N] [--ranks-threshold 12] [--baseline RUN_DIR] ...``
+* ``autocnnp lr-plot JOB.xml [--out PNG] [--policy NAME ...] [--ranks N] [--metrics metrics.csv]``
+
+Heavy modules (torch, matplotlib) are imported inside the command functions.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+from pathlib import Path
+
+from ..engine.errors import JobError
+
+STATE = "state.json"
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("tune", help="tune GreScale for the job's ranks following the thesis guideline (Figure 6.3)",
+                       description="Start from the GreScale defaults (SGD, lr 1e-5, 5-epoch warmup). Below "
+                       "--ranks-threshold ranks just train; from it on walk the five ordered actions (decrease "
+                       "the initial lr, increase the decay coefficient, increase the warmup period, increase "
+                       "the decay-phase period, change the optimiser) until a run reaches the single-rank "
+                       "baseline (Dice, then mean accuracy, then mean IoU), then confirm with one more run. "
+                       "Writes tune.csv, tune.png and state.json in the tune folder; running again resumes.")
+    s.add_argument("job", help="the XML job file")
+    s.add_argument("--out", help="tune folder (default: the job's output folder/tune)")
+    s.add_argument("--budget", type=int, help="at most this many training runs, baseline included")
+    s.add_argument("--ranks-threshold", type=int, default=12,
+                   help="tune from this many ranks on (thesis: 12); below it, just train")
+    s.add_argument("--baseline", metavar="RUN_DIR", help="use this finished single-rank run's metrics.csv as the "
+                   "baseline instead of training one")
+    s.add_argument("--tolerance", type=float, default=0.001,
+                   help="metric differences up to this are ties (the next metric decides); default 0.001")
+    s.add_argument("--from-job", action="store_true", help="start from the job's lr, optimiser and GreScale "
+                   "settings instead of the thesis defaults")
+    s.add_argument("--revert-worse", action="store_true",
+                   help="undo a step that made the model worse before moving to the next action")
+    s.add_argument("--lr-factor", type=float, default=0.5, help="decrease the initial lr: lr x this (0.5)")
+    s.add_argument("--min-lr", type=float, default=1e-6, help="never below this initial lr (thesis: 1e-6)")
+    s.add_argument("--decay-step", type=float, default=0.05, help="increase the decay coefficient by this (0.05)")
+    s.add_argument("--warmup-step", type=int, default=1, help="epochs added to the warmup (1)")
+    s.add_argument("--decay-epochs-step", type=int, default=1, help="epochs added to the decay stage (1)")
+    s.add_argument("--restart", action="store_true", help="forget the saved state and start afresh")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the job for every run (e.g. hyperparameters.end_epoch=30)")
+    s.set_defaults(func=cmd_tune)
+
+    p = sub.add_parser("lr-plot", aliases=["plot-lr"], help="plot the job's learning-rate schedule",
+                       description="Plot the LR policy of a job (or any registered policy, --policy, with the "
+                       "job's lr, ranks and epochs) per optimizer step.")
+    p.add_argument("job", help="the XML job file")
+    p.add_argument("--out", help="PNG file (default: the job's output folder/plots/lr_schedule.png)")
+    p.add_argument("--policy", action="append", default=[], metavar="NAME",
+                   help="plot this registered policy instead (repeat to compare; 'job' is the job's own)")
+    p.add_argument("--ranks", type=int, help="number of ranks (default: the job's parallelism-degree)")
+    p.add_argument("--steps-per-epoch", type=int, help="optimizer steps per epoch (default: from the dataset "
+                   "size where known without loading it, else 10)")
+    p.add_argument("--metrics", metavar="CSV", help="a run's metrics.csv: mark the lr it really used")
+    p.add_argument("--log", action="store_true", help="logarithmic lr axis")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the job")
+    p.set_defaults(func=cmd_lr_plot)
+
+
+def _gen(args):
+    from ..engine.overrides import parse_sets, read_variant
+    from ..generator.assemble import assemble
+
+    sets = parse_sets(args.set)
+    return assemble(read_variant(args.job, sets)), sets
+
+
+def cmd_lr_plot(args) -> int:
+    from .lr_plot import ASSUMED_STEPS, actual_lr, build_policy, plot_schedules, steps_per_epoch
+
+    gen, _ = _gen(args)
+    ranks = args.ranks or gen.degree
+    if ranks < 1:
+        raise JobError(gen.job.where, f"--ranks {ranks} is not a number of ranks", "give 1 or more")
+    steps = args.steps_per_epoch or steps_per_epoch(gen, ranks)
+    note = "" if steps else " (assumed: pass --steps-per-epoch)"
+    steps = steps or ASSUMED_STEPS
+    names = args.policy or ["job"]
+    policies = {}
+    for name in names:
+        try:
+            policy = build_policy(gen, None if name == "job" else name, ranks, steps)
+        except ValueError as exc:
+            raise JobError(gen.job.where, f"lr_policy '{name}': {exc}", "fix the policy's parameters") from None
+        label = gen.action("lr_policy").entry.name if name == "job" else name
+        policies[label] = policy
+        print(f"{label}: {policy.describe()}")
+    out = Path(args.out) if args.out else gen.output / "plots" / "lr_schedule.png"
+    actual = actual_lr(Path(args.metrics)) if args.metrics else None
+    hp = gen.hyperparameters
+    title = (f"{gen.job.file.name}: base lr {hp.lr:g}, {ranks} rank(s), {hp.end_epoch} epochs, "
+             f"{steps} steps/epoch{note}")
+    plot_schedules(policies, hp.end_epoch, steps, out, title, actual, args.log)
+    print(f"wrote {out}")
+    return 0
+
+
+def _initial(gen, from_job: bool):
+    from .guideline import default_settings
+
+    hp = gen.hyperparameters
+    total = hp.end_epoch
+    if not from_job:
+        return default_settings(total)
+    action = gen.action("lr_policy")
+    if action.entry.name == "grescale" and action.config is not None:
+        c = action.config
+        return default_settings(total, c.warmup_epochs, hp.lr, hp.optimiser, c.decay_coefficient, c.decay_epochs)
+    return default_settings(total, lr=hp.lr, optimiser=hp.optimiser)
+
+
+def cmd_tune(args) -> int:
+    from ..run.manifest import final_metrics, now, write_json
+    from . import report
+    from .guideline import Guideline, Steps
+    from .runner import JobRunner, RunFailed
+
+    gen, sets = _gen(args)
+    job_file = Path(gen.job.file)
+    sha = hashlib.sha256(job_file.read_bytes()).hexdigest()
+    out = Path(args.out).resolve() if args.out else Path(gen.output) / "tune"
+    state_path = out / STATE
+    state = None if args.restart else _load(state_path)
+    if state is not None and state.get("job_sha256") != sha:
+        raise JobError(job_file, f"the job file changed since the tune in {out} began",
+                       "pass --restart to start the tune afresh, or --out another folder")
+    if args.budget is not None and args.budget < 1:
+        raise JobError(job_file, f"--budget {args.budget} allows no run", "give 1 or more")
+    baseline = None
+    if args.baseline:
+        baseline = final_metrics(Path(args.baseline))
+        if not baseline:
+            raise JobError(Path(args.baseline), "no metrics.csv with a finished epoch here",
+                           "point --baseline at the output folder of a finished single-rank run")
+    try:
+        steps = Steps(lr_factor=args.lr_factor, decay_step=args.decay_step, warmup_step=args.warmup_step,
+                      decay_epochs_step=args.decay_epochs_step, min_lr=args.min_lr)
+        initial = _initial(gen, args.from_job)
+    except ValueError as exc:
+        raise JobError(job_file, str(exc), "check the job's epochs and GreScale settings") from None
+    if not (0 < steps.lr_factor < 1) or steps.decay_step <= 0 or steps.warmup_step < 1 or steps.decay_epochs_step < 1:
+        raise JobError(job_file, "a tuning step does not move (need 0 < --lr-factor < 1, --decay-step > 0, "
+                       "--warmup-step >= 1, --decay-epochs-step >= 1)", "fix the step options")
+    options = {k: v for k, v in vars(args).items() if k not in ("func", "command", "restart")}
+    record = {"autocnnp_tune": 1, "job": str(job_file), "job_sha256": sha, "options": options,
+              "cache": dict((state or {}).get("cache", {}))}
+
+    def save(variant=None, metrics=None, cached=False):
+        record["updated"] = now()
+        write_json(state_path, record)
+
+    guideline = Guideline(JobRunner(job_file, out / "runs", sha, sets), degree=gen.degree,
+                          total_epochs=gen.hyperparameters.end_epoch, initial=initial, seed=gen.seed,
+                          threshold=args.ranks_threshold, budget=args.budget, tolerance=args.tolerance, steps=steps,
+                          revert_worse=args.revert_worse, baseline_metrics=baseline, cache=record["cache"],
+                          on_run=save)
+    save()
+    try:
+        outcome = guideline.walk()
+    except RunFailed as exc:
+        print(f"autocnnp: {exc}", file=sys.stderr)
+        return 1
+    record.update(status=outcome.status, finished=outcome.finished, runs=outcome.runs, branch=outcome.branch,
+                  best=None if outcome.best is None else {"iteration": outcome.best.iteration,
+                                                          "metrics": outcome.best.metrics,
+                                                          "overrides": outcome.best.settings.overrides()
+                                                          if outcome.best.settings else {}})
+    save()
+    table = report.write_csv(outcome, out / "tune.csv")
+    figure = report.plot(outcome, out / "tune.png")
+    print(report.format_table(outcome))
+    print(f"\n{outcome.status} ({outcome.runs} run(s))")
+    if outcome.best is not None and outcome.best.settings is not None:
+        print("best settings: " + " ".join(f"--set {k}={v}" for k, v in outcome.best.settings.overrides().items()))
+    print(f"wrote {table}" + (f", {figure}" if figure else "") + f", {state_path}")
+    return 0
+
+
+def _load(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise JobError(path, f"the tune state is unreadable ({exc})", "pass --restart to start afresh") from None

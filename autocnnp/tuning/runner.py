@@ -1,0 +1,55 @@
+"""The real runner of the guideline: train one job variant with run & manage, return its final metrics.
+
+Each variant trains in its own folder, ``RUNS/<name>-<hash>`` (the hash covers the job file's text and
+the variant's overrides), so an interrupted run resumes from its checkpoints when the tune is run
+again, and a changed job or variant never resumes someone else's checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..engine.errors import JobError
+from .guideline import METRICS, Variant
+
+DIVERGED = 3  # the exit code of a run stopped as diverged (a legitimate, very bad outcome)
+
+
+class RunFailed(RuntimeError):
+    pass
+
+
+@dataclass
+class JobRunner:
+    job: Path
+    runs_dir: Path
+    job_sha256: str
+    base_overrides: dict[str, str] = field(default_factory=dict)
+
+    def folder(self, variant: Variant) -> Path:
+        text = json.dumps({"job": self.job_sha256, "base": self.base_overrides, "key": variant.key}, sort_keys=True)
+        return self.runs_dir / f"{variant.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+
+    def __call__(self, variant: Variant) -> dict:
+        from ..engine.overrides import read_variant
+        from ..generator.assemble import assemble
+        from ..run.launch import run
+        from ..run.manifest import final_metrics
+
+        out = self.folder(variant)
+        overrides = {**self.base_overrides, **variant.overrides, "output": str(out)}
+        print(f"autocnnp tune: {variant.name} on {variant.degree} rank(s) -> {out}", flush=True)
+        gen = assemble(read_variant(self.job, overrides))
+        code = run(gen)
+        if code == DIVERGED:
+            return {**{m: 0.0 for m in METRICS}, "diverged": 1.0}
+        if code != 0:
+            raise RunFailed(f"run {variant.name} failed with exit code {code} (see {out}); fix the cause and run "
+                            "`autocnnp tune` again: it resumes where it stopped")
+        metrics = final_metrics(out)
+        if not metrics:
+            raise JobError(out, "the run wrote no metrics.csv", "check the run's output")
+        return metrics

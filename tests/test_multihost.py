@@ -1,0 +1,139 @@
+"""Several hosts: hostfile checks before mpirun starts anything, and a real two-host run on one machine.
+
+The two hosts are network namespaces (cluster/netns/hosts.sh): own addresses, own host names, one
+veth link between them, a shared filesystem; mpirun reaches the second one through the launch agent
+cluster/netns/agent instead of ssh. That part needs root and iproute2, and is skipped without them.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import autocnnp.run.launch as launch
+from autocnnp.generator.assemble import assemble
+from autocnnp.run.hosts import parse_hostfile
+
+from jobfiles import TINY_UNET, checkpoint_plugin, strategy_module, synthetic_data, write_job
+
+ROOT = Path(__file__).resolve().parents[1]
+NETNS = ROOT / "cluster" / "netns"
+TINY_DATA = synthetic_data(8, 4)
+WHERE = """import os, socket
+def Where(epoch, metrics, state):
+    with open(f"host-rank{os.environ['OMPI_COMM_WORLD_RANK']}.txt", "w") as f:
+        f.write(socket.gethostname())
+"""
+
+
+def hosts_job(tmp_path: Path, hosts: str, agent: str | Path = "", oversubscribe: bool = False) -> Path:
+    (tmp_path / "hosts").write_text(hosts)
+    (tmp_path / "where.py").write_text(WHERE)
+    cluster = '<property name="hostfile">hosts</property>'
+    cluster += f'<property name="launch_agent">{agent}</property>' if agent else ""
+    cluster += f'<property name="oversubscribe">{str(oversubscribe).lower()}</property>'
+    ckpt = checkpoint_plugin("Where", "where.py")
+    return write_job(tmp_path / "job.xml", output="out", arch=TINY_UNET, data=TINY_DATA,
+                     actions=strategy_module(extra=ckpt), hyper=dict(minibatch_size=2, end_epoch=1, lr=0.05),
+                     extra=f"<cluster>{cluster}</cluster>")
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    def no_start(*args, **kwargs):
+        raise AssertionError("a refused job must start nothing")
+
+    monkeypatch.setattr(launch, "supervise", no_start)
+
+
+def fake_agent(tmp_path: Path, body: str) -> Path:
+    agent = tmp_path / "agent"
+    agent.write_text(f"#!/bin/sh\nhost=$1; shift\n{body}\n")
+    agent.chmod(0o755)
+    return agent
+
+
+def test_hostfile_format(tmp_path):
+    (tmp_path / "h").write_text("# nodes\nnode1 slots=4 max_slots=8\n\nnode2   # one slot\nnode3 cpu=2\n")
+    assert parse_hostfile(tmp_path / "h") == [("node1", 4, 2), ("node2", 1, 4), ("node3", 2, 5)]
+
+
+def test_launch_agent_reaches_mpirun(tmp_path):
+    gen = assemble(hosts_job(tmp_path, "localhost slots=2\n", agent="/opt/my-rsh -q"))
+    cmd, _ = launch.build_command(gen, {})
+    assert cmd[cmd.index("plm_rsh_agent") - 1:cmd.index("plm_rsh_agent") + 2] == ["--mca", "plm_rsh_agent",
+                                                                                "/opt/my-rsh -q"]
+
+
+@pytest.mark.parametrize("hosts,agent,problem,hint", [
+    ("", "", "lists no hosts", "write one host per line"),
+    ("localhost slots=1\n", "", "offers 1 slots for 2 ranks and oversubscribe is off", "add hosts or slots"),
+    ("localhost slots=1\nno-such-host.invalid slots=1\n", "",
+     "host 'no-such-host.invalid' (line 2 of", "add it to DNS or /etc/hosts"),
+    ("localhost\n192.0.2.7\n", "echo 'ssh: connect to host 192.0.2.7 port 22: No route to host' >&2; exit 255",
+     "cannot reach host '192.0.2.7' with `AGENT`: ssh: connect to host 192.0.2.7 port 22: No route to host",
+     "passwordless ssh"),
+    ("localhost\n192.0.2.7\n", 'case "$*" in true) exit 0;; *) exit 1;; esac',
+     "host '192.0.2.7' does not see the job file", "shared filesystem"),
+])
+def test_bad_hosts_are_refused_before_anything_starts(cli, tmp_path, nothing_starts, hosts, agent, problem, hint):
+    agent_path = fake_agent(tmp_path, agent) if agent else ""
+    job = hosts_job(tmp_path, hosts, agent=agent_path)
+    rc, out, err = cli("run", job)
+    line = next(i for i, t in enumerate(job.read_text().splitlines(), 1) if 'name="hostfile"' in t)
+    assert rc == 2 and err.startswith(f"autocnnp: {job}:{line}:")
+    assert problem.replace("AGENT", str(agent_path)) in err and hint in err and err.count("\n") == 1
+
+
+def test_an_unreachable_host_over_real_ssh(cli, tmp_path, nothing_starts):
+    if shutil.which("ssh") is None:
+        pytest.skip("no ssh client here")
+    job = hosts_job(tmp_path, "localhost\n127.0.0.1\n192.0.2.7\n")  # 192.0.2.0/24: TEST-NET, never routed
+    rc, _, err = cli("run", job)
+    assert rc == 2 and "cannot reach host '192.0.2.7' with `ssh -o BatchMode=yes" in err
+
+
+# --------------------------------------------------------------------------- two hosts on one machine
+
+
+@pytest.fixture(scope="module")
+def two_hosts():
+    if os.geteuid() != 0 or shutil.which("ip") is None or shutil.which("unshare") is None:
+        pytest.skip("two hosts on one machine need root, ip (iproute2) and unshare (network namespaces)")
+    up = subprocess.run(["bash", str(NETNS / "hosts.sh"), "up"], capture_output=True, text=True)
+    if up.returncode != 0:
+        pytest.skip(f"network namespaces are not available here: {up.stderr.strip()}")
+    yield ["acp-h1", "acp-h2"]
+    subprocess.run(["bash", str(NETNS / "hosts.sh"), "down"], capture_output=True)
+
+
+def on(host: str, *cmd, cwd: Path, timeout: float = 240) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
+    return subprocess.run([str(NETNS / "on"), host, *map(str, cmd)], capture_output=True, text=True, cwd=cwd,
+                          timeout=timeout, env=env)
+
+
+def test_two_ranks_on_two_hosts(two_hosts, tmp_path):
+    job = hosts_job(tmp_path, "acp-h1 slots=1\nacp-h2 slots=1\n", agent=NETNS / "agent")
+    result = on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    # each rank ran on its own host: own host name, own network namespace, gloo and MPI over the veth link
+    assert [(tmp_path / f"host-rank{r}.txt").read_text() for r in (0, 1)] == ["acp-h1", "acp-h2"]
+    with open(tmp_path / "out" / "metrics.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["epoch"] for r in rows] == ["0"] and 0 < float(rows[0]["dice"]) <= 1
+
+
+def test_a_host_that_cannot_be_reached(two_hosts, tmp_path):
+    # 10.77.0.3 is on the hosts' network but nobody is there
+    job = hosts_job(tmp_path, "acp-h1 slots=1\n10.77.0.3 slots=1\n", agent=NETNS / "agent")
+    result = on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, cwd=tmp_path, timeout=60)
+    assert result.returncode == 2, result.stderr
+    assert "cannot reach host '10.77.0.3'" in result.stderr and "No route to host" in result.stderr
+    assert not (tmp_path / "out" / "metrics.csv").exists()
