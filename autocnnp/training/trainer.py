@@ -38,8 +38,44 @@ def make_optimizer(hp, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
+@dataclass
+class Run:
+    """What one rank built from the generator's actions before its first step."""
+
+    gen: Generator
+    world: object
+    device: torch.device
+    hp: object
+    task: object
+    data: object
+    strategy: object
+    model: torch.nn.Module
+    sampler: object
+    loader: DataLoader
+    loader_rng: torch.Generator | None
+    valid_loader: DataLoader
+    policy: object
+    checkpoints: object
+    state: TrainState
+    loss_fn: object
+    autocast: object
+    scaler: torch.amp.GradScaler  # kept across epochs: fp16 loss scaling adapts over the run
+    guard: DivergenceGuard  # kept across epochs: divergence is judged against the run's first loss
+
+
 def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
     """Run the job on this rank, calling ``beat()`` as it progresses; returns the last epoch's metrics."""
+    run = build(gen, beat)
+    metrics: dict[str, float] = {}
+    with Monitor(gen.output, run.world.rank, run.world.size, gen.monitoring, run.hp.end_epoch, len(run.loader),
+                 start_epoch=run.state.epoch) as monitor:
+        for epoch in range(run.state.epoch, run.hp.end_epoch):
+            metrics = train_epoch(run, epoch, monitor, beat)
+    return metrics
+
+
+def build(gen: Generator, beat) -> Run:
+    """Call the generator's actions in the thesis' order: environment, injection, strategy tuning."""
     # The collectives' own timeout backs up run & manage's watchdog (which names the silent rank).
     world = gen.action("communication_init").build(timeout_s=gen.cluster.rank_timeout_s + 30)
     device = gen.action("device_placement").build(world)
@@ -80,52 +116,57 @@ def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
     checkpoints = gen.action("checkpoint").build(directory=gen.output / "checkpoints", rank=world.rank)
     state = TrainState(optimizer, epoch=hp.start_epoch)
     _resume(checkpoints, strategy.unwrap(model), state, policy)
-    loss_fn = task.loss(hp.loss)
     autocast, scaler = mixed_precision(hp.precision, device)
     guard = DivergenceGuard(gen.monitoring.divergence_factor, gen.monitoring.stop_on_divergence)
-    metrics: dict[str, float] = {}
-    with Monitor(gen.output, world.rank, world.size, gen.monitoring, hp.end_epoch, len(loader),
-                 start_epoch=state.epoch) as monitor:
-        for epoch in range(state.epoch, hp.end_epoch):
-            seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
-            sampler.set_epoch(epoch)
-            determinism.seed_loader(loader_rng, gen.seed, epoch, world.rank)
-            if hasattr(data.train, "set_epoch"):
-                data.train.set_epoch(epoch)  # epoch-dependent augmentation
-            model.train()
-            total, count = 0.0, 0
-            for step, (x, y) in enumerate(loader):
-                beat()  # before the step's collectives: a rank stuck elsewhere shows the oldest beat
-                for group in optimizer.param_groups:
-                    group["lr"] = policy.lr(epoch, step) * state.lr_scale
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if hp.channels_last:
-                    x = x.contiguous(memory_format=torch.channels_last)
-                with autocast:
-                    loss = loss_fn(model(x), y)
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                strategy.after_backward(model)
-                scaler.step(optimizer)
-                scaler.update()
-                value = loss.item()
-                guard.check(value, epoch, step)
-                total, count = total + value * len(x), count + len(x)
-                monitor.step(epoch, step, value, len(x))
-            strategy.end_epoch(model)
-            evaluator = task.evaluator(data.num_classes)
-            metrics = evaluate(strategy.unwrap(model), valid_loader, evaluator, loss_fn, device, world, beat)
-            loss_sum, n = world.sum([total, count])
-            metrics = {"train_loss": loss_sum / max(n, 1), "lr": optimizer.param_groups[0]["lr"], **metrics}
-            state.epoch = epoch + 1
-            checkpoints.callbacks_on_epoch_end(epoch, metrics, state)
-            if (feedback := getattr(policy, "on_epoch_end", None)) is not None:
-                feedback(epoch, metrics)  # an adaptive LR policy (GreScale); metrics are the same on every rank
-            beat()
-            monitor.epoch_end(epoch, metrics)
-            if checkpoints.due(epoch, hp.end_epoch - 1):
-                saved = _checkpoint_state(strategy.unwrap(model), state, checkpoints, gen, world.size, policy)
-                checkpoints.save({**saved, "in_channels": data.in_channels, "num_classes": data.num_classes}, epoch)
+    return Run(gen, world, device, hp, task, data, strategy, model, sampler, loader, loader_rng, valid_loader,
+               policy, checkpoints, state, task.loss(hp.loss), autocast, scaler, guard)
+
+
+def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
+    """One epoch: the steps, the strategy's epoch end, validation, plug-ins, checkpoint."""
+    gen, hp, world, state, optimizer = run.gen, run.hp, run.world, run.state, run.state.optimizer
+    seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
+    run.sampler.set_epoch(epoch)
+    determinism.seed_loader(run.loader_rng, gen.seed, epoch, world.rank)
+    if hasattr(run.data.train, "set_epoch"):
+        run.data.train.set_epoch(epoch)  # epoch-dependent augmentation
+    loss_fn, scaler = run.loss_fn, run.scaler
+    run.model.train()
+    total, count = 0.0, 0
+    for step, (x, y) in enumerate(run.loader):
+        beat()  # before the step's collectives: a rank stuck elsewhere shows the oldest beat
+        for group in optimizer.param_groups:
+            group["lr"] = run.policy.lr(epoch, step) * state.lr_scale
+        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
+        if hp.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with run.autocast:
+            loss = loss_fn(run.model(x), y)
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+        run.strategy.after_backward(run.model)
+        scaler.step(optimizer)
+        scaler.update()
+        value = loss.item()
+        run.guard.check(value, epoch, step)
+        total, count = total + value * len(x), count + len(x)
+        monitor.step(epoch, step, value, len(x))
+    run.strategy.end_epoch(run.model)
+    net = run.strategy.unwrap(run.model)
+    metrics = evaluate(net, run.valid_loader, run.task.evaluator(run.data.num_classes), loss_fn, run.device,
+                       world, beat)
+    loss_sum, n = world.sum([total, count])
+    metrics = {"train_loss": loss_sum / max(n, 1), "lr": optimizer.param_groups[0]["lr"], **metrics}
+    state.epoch = epoch + 1
+    run.checkpoints.callbacks_on_epoch_end(epoch, metrics, state)
+    if (feedback := getattr(run.policy, "on_epoch_end", None)) is not None:
+        feedback(epoch, metrics)  # an adaptive LR policy (GreScale); metrics are the same on every rank
+    beat()
+    monitor.epoch_end(epoch, metrics)
+    if run.checkpoints.due(epoch, hp.end_epoch - 1):
+        saved = _checkpoint_state(net, state, run.checkpoints, gen, world.size, run.policy)
+        run.checkpoints.save({**saved, "in_channels": run.data.in_channels, "num_classes": run.data.num_classes},
+                             epoch)
     return metrics
 
 
