@@ -318,3 +318,22 @@ def test_predict_without_a_checkpoint_says_to_train_first(tmp_path, cli, brain_d
     job = small_job(BRAIN_JOB, tmp_path / "job.xml", **TINY_BRAIN)
     rc, _, err = cli("predict", job)
     assert rc == 2 and "no checkpoint" in err and "autocnnp run" in err
+
+
+def test_a_job_may_point_at_a_preprocessed_cache_read_in_memory(brain_data, tmp_path, cli):
+    """`autocnnp preprocess` output is used as it is (no re-validation, no second cache)."""
+    import numpy as np
+
+    train_cache, valid_cache = tmp_path / "pre-train", tmp_path / "pre-valid"
+    for cache in (train_cache, valid_cache):
+        rc, _, err = cli("preprocess", brain_data, cache, "--slices", "3", "--size", "16")
+        assert rc == 0, err
+    bundle = _build(train_cache, tmp_path, valid=valid_cache, in_memory=True)
+    assert not (tmp_path / "cache").exists()  # nothing was validated or cached again
+    assert bundle.train.cache_dir == train_cache and bundle.valid.cache_dir == valid_cache
+    image, label = bundle.valid[0]
+    assert tuple(image.shape) == (4, 16, 16) and tuple(label.shape) == (16, 16)
+    images, _ = bundle.valid._open()
+    assert not isinstance(images, np.memmap)  # in_memory: a plain array
+    mapped, _ = _build(train_cache, tmp_path, valid=valid_cache).valid._open()
+    assert isinstance(mapped, np.memmap)

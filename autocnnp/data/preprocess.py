@@ -421,10 +421,11 @@ class CacheDataset(Dataset):
     slices asked for are read. ``indices`` restricts the dataset to some cache slices (e.g. a
     train/validation split by case, see :meth:`indices_of_cases`). ``augment``, if given, is called
     as ``augment(image, label, epoch=..., index=...)`` with the cache index of the slice and the
-    epoch set by :meth:`set_epoch`, and must return the new ``(image, label)``.
+    epoch set by :meth:`set_epoch`, and must return the new ``(image, label)``. ``in_memory`` reads
+    the arrays into memory once instead (faster random access; memory grows with the cache).
     """
 
-    def __init__(self, cache_dir, augment=None, indices=None):
+    def __init__(self, cache_dir, augment=None, indices=None, in_memory: bool = False):
         self.cache_dir = Path(cache_dir)
         self.meta = read_cache_meta(self.cache_dir)
         for name in (IMAGES_FILE, LABELS_FILE):
@@ -435,6 +436,7 @@ class CacheDataset(Dataset):
         if self.indices is not None and self.indices.size and (self.indices.min() < 0 or self.indices.max() >= self.count):
             raise IndexError(f"indices out of range for a cache of {self.count} slices")
         self.augment = augment
+        self.in_memory = bool(in_memory)
         self.epoch = 0
         self._images = None
         self._labels = None
@@ -459,15 +461,16 @@ class CacheDataset(Dataset):
 
     def _open(self):
         if self._images is None:
-            images = np.load(self.cache_dir / IMAGES_FILE, mmap_mode="r")
-            labels = np.load(self.cache_dir / LABELS_FILE, mmap_mode="r")
+            mode = None if self.in_memory else "r"
+            images = np.load(self.cache_dir / IMAGES_FILE, mmap_mode=mode)
+            labels = np.load(self.cache_dir / LABELS_FILE, mmap_mode=mode)
             if images.shape[0] != self.count or labels.shape[0] != self.count or images.shape[2:] != labels.shape[1:]:
                 raise DataError(self.cache_dir, f"cache arrays {images.shape} / {labels.shape} disagree with "
                                 f"meta.json ({self.count} slices)", "rebuild the cache with build_cache")
             self._images, self._labels = images, labels
         return self._images, self._labels
 
-    def __getstate__(self):  # memmaps are reopened in each worker process
+    def __getstate__(self):  # arrays are reopened in each worker process
         state = self.__dict__.copy()
         state["_images"] = state["_labels"] = None
         return state

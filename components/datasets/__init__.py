@@ -19,7 +19,8 @@ class SyntheticConfig:
 
 @dataclass
 class DecathlonConfig:
-    """NIfTI volumes in the Medical Segmentation Decathlon layout (or a CSV of image,label pairs)."""
+    """NIfTI volumes in the Medical Segmentation Decathlon layout (or a CSV of image,label pairs), or a
+    slice cache already built by ``autocnnp preprocess`` (a folder holding its ``meta.json``)."""
 
     train: Path | None = field(default=None, metadata={"must_exist": True})
     valid: Path | None = field(default=None, metadata={"must_exist": True})
@@ -32,6 +33,7 @@ class DecathlonConfig:
     augment: bool = True
     normalise: bool = True
     cache: Path | None = None
+    in_memory: bool = False  # read the slice cache into memory (else memory-mapped: bounded memory)
 
     def __post_init__(self):
         if self.train is None:

@@ -37,7 +37,7 @@ from pathlib import Path
 from autocnnp.data.augment import RandomAffine2D
 from autocnnp.data.decathlon import read_dataset, validate_dataset
 from autocnnp.data.errors import DataError
-from autocnnp.data.preprocess import CacheDataset, build_cache, exclusive_lock
+from autocnnp.data.preprocess import IMAGES_FILE, META_FILE, CacheDataset, build_cache, exclusive_lock
 from autocnnp.run.world import World
 
 from .synthetic import DataBundle
@@ -138,6 +138,11 @@ def cache_folder(cache_root, role: str, root, *, slices_per_volume, slice_mode, 
     return Path(cache_root) / f"{role}-{digest}"
 
 
+def is_cache(root) -> bool:
+    """Whether ``root`` is a slice cache folder written by ``build_cache`` / ``autocnnp preprocess``."""
+    return (Path(root) / META_FILE).is_file() and (Path(root) / IMAGES_FILE).is_file()
+
+
 def split_cases(names: list[str], valid_fraction: float) -> tuple[list[str], list[str]]:
     """Hold out the last ``valid_fraction`` of the cases (at least one, and at least one left to train on)."""
     n = len(names)
@@ -156,19 +161,22 @@ def _num_classes(meta: dict) -> int:
 def build(*, world: World, seed: int, cache_dir: Path, train: Path, valid: Path | None = None,
           test: Path | None = None, slices_per_volume: int = 70, slice_mode: str = "labelled", size: int = 128,
           modalities: str = "all", valid_fraction: float = 0.2, augment: bool = True, normalise: bool = True,
-          cache: Path | None = None) -> DataBundle:
-    """Validate, cache and split a Decathlon-layout (or CSV-indexed) dataset; see the module docstring."""
+          cache: Path | None = None, in_memory: bool = False) -> DataBundle:
+    """Validate, cache and split a Decathlon-layout (or CSV-indexed) dataset; see the module docstring.
+    A ``train``/``valid`` folder that already is a slice cache (``autocnnp preprocess``) is used as it is."""
     del test  # used by `autocnnp predict`, not for training
     cache_root = Path(cache) if cache is not None else Path(cache_dir)
     mods = parse_modalities(modalities)
     prep = dict(slices_per_volume=int(slices_per_volume), slice_mode=slice_mode, size=int(size), modalities=mods,
                 normalise=bool(normalise))
 
-    validate_once(train, cache_root, "train")
-    if valid is not None:
-        validate_once(valid, cache_root, "valid")
+    for role, root in (("train", train), ("valid", valid)):
+        if root is not None and not is_cache(root):
+            validate_once(root, cache_root, role)
 
     def cached(role: str, root) -> Path:
+        if is_cache(root):  # preprocessed already: the job reads it as it is
+            return Path(root)
         folder = cache_folder(cache_root, role, root, **prep)
         start = time.perf_counter()
         build_cache(root, folder, n_slices=prep["slices_per_volume"], size=prep["size"], modalities=mods,
@@ -185,8 +193,8 @@ def build(*, world: World, seed: int, cache_dir: Path, train: Path, valid: Path 
                                    seed=int(seed))
     if valid is not None:
         valid_cache = cached("valid", valid)
-        train_ds = CacheDataset(train_cache, augment=augmenter)
-        valid_ds = CacheDataset(valid_cache)
+        train_ds = CacheDataset(train_cache, augment=augmenter, in_memory=in_memory)
+        valid_ds = CacheDataset(valid_cache, in_memory=in_memory)
         if valid_ds.num_channels != train_ds.num_channels:
             raise DataError(valid, f"validation images have {valid_ds.num_channels} channel(s) after modality "
                             f"selection, training images {train_ds.num_channels}",
@@ -199,8 +207,9 @@ def build(*, world: World, seed: int, cache_dir: Path, train: Path, valid: Path 
         except ValueError as exc:
             raise DataError(train, str(exc), "add cases, or name a separate validation dataset with "
                             "<valid><path>...</path></valid>") from None
-        train_ds = CacheDataset(train_cache, augment=augmenter, indices=full.indices_of_cases(train_names))
-        valid_ds = CacheDataset(train_cache, indices=full.indices_of_cases(valid_names))
+        train_ds = CacheDataset(train_cache, augment=augmenter, indices=full.indices_of_cases(train_names),
+                                in_memory=in_memory)
+        valid_ds = CacheDataset(train_cache, indices=full.indices_of_cases(valid_names), in_memory=in_memory)
 
     num_classes = max(_num_classes(train_ds.meta), _num_classes(valid_ds.meta))
     return DataBundle(train_ds, valid_ds, train_ds.num_channels, num_classes)
