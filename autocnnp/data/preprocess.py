@@ -163,11 +163,6 @@ def resize(image, size, *, label: bool = False) -> np.ndarray:
     return out.astype(arr.dtype) if label else out
 
 
-def resize_label(label, size) -> np.ndarray:
-    """Nearest-neighbour :func:`resize` for label maps."""
-    return resize(label, size, label=True)
-
-
 def zscore(image, *, eps: float = 1e-8) -> np.ndarray:
     """Z-score each channel of a channels-last image over its non-zero voxels.
 

@@ -16,7 +16,6 @@ class Setting:
     name: str
     text: str
     where: Location
-    is_path: bool = False
 
 
 @dataclass(frozen=True)
@@ -119,7 +118,7 @@ def read_job(file: Path | str) -> JobSpec:
         if el is None:
             return None
         p = el.find("path")
-        return Setting(tag, str(_resolve(base, _text(p))), _where(path, p), is_path=True)
+        return Setting(tag, str(_resolve(base, _text(p))), _where(path, p))
 
     arch = section("CNN_archi")
     arch_path = arch.find("path")
@@ -138,7 +137,7 @@ def read_job(file: Path | str) -> JobSpec:
         el = data.find(part)
         if el is not None:
             p = el.find("path")
-            data_paths[part] = Setting(part, str(_resolve(base, _text(p))), _where(path, p), is_path=True)
+            data_paths[part] = Setting(part, str(_resolve(base, _text(p))), _where(path, p))
 
     actions, modules = [], {}
     gen = section("CNN-Parallelism-Generator")

@@ -75,7 +75,7 @@ def apply_overrides(spec: JobSpec, overrides: Mapping[str, str], labels: Mapping
         if not name and low == "seed":
             out.seed = Setting("seed", value, where)
         elif not name and low == "output":
-            out.output = Setting("output", str(Path(value).expanduser().resolve()), where, is_path=True)
+            out.output = Setting("output", str(Path(value).expanduser().resolve()), where)
         elif not name and low in ("parallelism-degree", "parallelism_degree", "degree"):
             out.degree = Setting("parallelism-degree", value, where)
         elif name and low in _SECTIONS:
@@ -83,7 +83,7 @@ def apply_overrides(spec: JobSpec, overrides: Mapping[str, str], labels: Mapping
             setattr(out, attr, _put(getattr(out, attr), Setting(name, value, where)))
         elif name and low == "data":
             if name in _DATA_PATHS:
-                out.data_paths[name] = Setting(name, str(Path(value).expanduser().resolve()), where, is_path=True)
+                out.data_paths[name] = Setting(name, str(Path(value).expanduser().resolve()), where)
             else:
                 out.data_params = _put(out.data_params, Setting(name, value, where))
         elif name and low in _ARCH:

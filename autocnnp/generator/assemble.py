@@ -140,7 +140,7 @@ def _injection_actions(spec: JobSpec, explicit: dict[str, Action]) -> dict[str, 
             raise JobError(arch.where, f"the Keras model file {arch.path} does not exist",
                            "fix the <path> (relative paths are read from the job file's folder)")
         arch_entry = ARCHITECTURES.get("keras", arch.where)
-        arch_settings = [Setting("path", str(arch.path), arch.where, is_path=True), *spec.architecture_params]
+        arch_settings = [Setting("path", str(arch.path), arch.where), *spec.architecture_params]
     elif arch.path is not None:
         raise JobError(arch.where, f"architecture file {arch.path.name} is not a Python file or a Keras model",
                        "describe the network in a .py file defining build(in_channels, num_classes, ...) "

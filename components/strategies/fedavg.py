@@ -54,7 +54,6 @@ class FedAvg:
         self.data_parallel_size = 1  # each step uses one collaborator's batch: no linear LR scaling
         self.samples = 1  # this collaborator's weight: its training samples, set by sampler()
         self.epochs = 0
-        self.rounds = 0
 
     def wrap(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
@@ -76,7 +75,6 @@ class FedAvg:
         self.epochs += 1
         if self.epochs % self.local_epochs == 0:
             self.average(model, float(self.samples))
-            self.rounds += 1
 
     @staticmethod
     def unwrap(model: nn.Module) -> nn.Module:
