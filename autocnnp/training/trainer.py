@@ -66,6 +66,11 @@ class Run:
 def train(gen: Generator, beat=lambda: None) -> dict[str, float]:
     """Run the job on this rank, calling ``beat()`` as it progresses; returns the last epoch's metrics."""
     run = build(gen, beat)
+    if run.world.rank == 0 and run.state.epoch > run.hp.start_epoch:
+        done = run.state.epoch >= run.hp.end_epoch
+        print(f"autocnnp: resumed from {run.checkpoints.latest()} at epoch {run.state.epoch}"
+              + (f"; nothing to train (end_epoch is {run.hp.end_epoch}: raise it, or choose another <output> "
+                 "to start afresh)" if done else ""), flush=True)
     metrics: dict[str, float] = {}
     with Monitor(gen.output, run.world.rank, run.world.size, gen.monitoring, run.hp.end_epoch, len(run.loader),
                  start_epoch=run.state.epoch) as monitor:
