@@ -180,7 +180,8 @@ def hand_run(args, world, threads: int) -> list[tuple[float, float]]:
     init_process_group("nccl" if args.device == "cuda" else "gloo", world)
     channels, classes = SHAPES[args.kind]
     n_train = train_samples(args)
-    data = SyntheticSliceDataset(args.kind, n_train + args.ranks, args.size, channels, classes, seed=0)
+    data = SyntheticSliceDataset(args.kind, n_train + args.ranks, args.size, channels, classes, seed=0,
+                                 in_memory=True)  # as <data format="synthetic"> builds it
     train = Subset(data, range(n_train))
     torch.manual_seed(0)
     net = UNet(channels, classes, depth=args.depth, base_channels=args.base_channels, norm=args.norm).to(device)

@@ -113,3 +113,18 @@ def test_synthetic_and_decathlon_do_not_import_torch():
     code = ("import sys, autocnnp.data.synthetic, autocnnp.data.decathlon, autocnnp.data.errors; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_in_memory_synthetic_slices_equal_generated_ones_and_stay_intact():
+    import torch
+
+    from autocnnp.data.datasets import SyntheticSliceDataset
+
+    lazy = SyntheticSliceDataset("brain", 5, 16, 4, 4, seed=3)
+    eager = SyntheticSliceDataset("brain", 5, 16, 4, 4, seed=3, in_memory=True)
+    for i in range(5):
+        for a, b in zip(lazy[i], eager[i]):
+            assert torch.equal(a, b)
+    image, _ = eager[2]
+    image.zero_()  # a caller working in place must not change the stored slice
+    assert torch.equal(eager[2][0], lazy[2][0])

@@ -16,7 +16,8 @@ class SyntheticSliceDataset(Dataset):
     ``dataset[i]`` is ``(image, label)``: a float32 tensor ``[in_channels, H, W]`` and an int64
     tensor ``[H, W]`` -- the same types as :class:`~autocnnp.data.preprocess.CacheDataset`. Item
     ``i`` is generated on demand from ``numpy.random.default_rng([seed, i])``, so it is identical
-    on every rank, in every worker and on every call. Every channel shows every class with its own
+    on every rank, in every worker and on every call (``in_memory`` generates them all once, up
+    front, instead of at every access). Every channel shows every class with its own
     contrast, so any ``in_channels`` is learnable. ``augment`` follows the CacheDataset protocol:
     ``augment(image, label, epoch=..., index=...)`` with the epoch set by :meth:`set_epoch`.
     """
@@ -30,6 +31,7 @@ class SyntheticSliceDataset(Dataset):
         num_classes: int = 2,
         seed: int = 0,
         augment=None,
+        in_memory: bool = False,
     ):
         if kind not in SLICE_KINDS:
             raise ValueError(f"unknown synthetic kind {kind!r}; choose one of {', '.join(SLICE_KINDS)}")
@@ -54,6 +56,8 @@ class SyntheticSliceDataset(Dataset):
         self.gain[0] = abs(self.gain[0])
         self.bias = crng.uniform(-0.2, 0.2, size=self.in_channels)
         self.noise = 0.15
+        # in_memory: generate every item once, here (later epochs then cost no generation at all)
+        self._items = [self.sample(i) for i in range(self.n)] if in_memory else None
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = int(epoch)
@@ -95,7 +99,10 @@ class SyntheticSliceDataset(Dataset):
             index += self.n
         if not 0 <= index < self.n:
             raise IndexError(f"index {index} out of range for {self.n} items")
-        image, label = self.sample(index)
+        if self._items is not None:
+            image, label = (a.copy() for a in self._items[index])  # callers may work in place: keep ours intact
+        else:
+            image, label = self.sample(index)
         image, label = torch.from_numpy(image), torch.from_numpy(label)
         if self.augment is not None:
             image, label = self.augment(image, label, epoch=self.epoch, index=index)

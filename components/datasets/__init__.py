@@ -15,6 +15,7 @@ class SyntheticConfig:
     train_samples: int = field(default=64, metadata={"min": 1})
     valid_samples: int = field(default=16, metadata={"min": 1})
     size: int = field(default=64, metadata={"min": 8})
+    in_memory: bool = True  # generate every slice once, up front (False: on every access, no memory)
 
 
 @dataclass

@@ -25,9 +25,10 @@ class DataBundle:
 
 
 def build(*, world: World, seed: int, cache_dir: Path, kind: str = "brain", train_samples: int = 64,
-          valid_samples: int = 16, size: int = 64) -> DataBundle:
+          valid_samples: int = 16, size: int = 64, in_memory: bool = True) -> DataBundle:
     channels, classes = SHAPES[kind]
     # One generator (same contrasts), disjoint items: the first samples train, the rest validate.
-    full = SyntheticSliceDataset(kind, train_samples + valid_samples, size, channels, classes, seed)
+    full = SyntheticSliceDataset(kind, train_samples + valid_samples, size, channels, classes, seed,
+                                 in_memory=in_memory)
     valid = Subset(full, range(train_samples, train_samples + valid_samples))
     return DataBundle(Subset(full, range(train_samples)), valid, channels, classes)
