@@ -32,10 +32,10 @@ def build_command(gen: Generator, env=os.environ) -> tuple[list[str], dict[str, 
     """The command and environment that start every rank of ``gen``'s job."""
     worker = [sys.executable, "-m", "autocnnp.run.worker", str(gen.job.file)]
     worker += [f"--set={k}={v}" for k, v in gen.job.overrides.items()]  # a job variant (engine/overrides.py)
-    child_env = dict(env)
-    if launch_mode(gen, env) == "inplace":
+    child_env, mode = dict(env), launch_mode(gen, env)
+    if mode == "inplace":
         return worker, child_env
-    if launch_mode(gen, env) == "srun":  # in a Slurm allocation: one task per rank, MPI wired up over PMIx
+    if mode == "srun":  # in a Slurm allocation: one task per rank, MPI wired up over PMIx
         from .slurm import srun_command
 
         return srun_command(gen, worker, child_env)
@@ -57,11 +57,12 @@ def build_command(gen: Generator, env=os.environ) -> tuple[list[str], dict[str, 
 
 def run(gen: Generator) -> int:
     """Start the ranks and wait; returns the job's exit code."""
-    if launch_mode(gen) == "inplace":
+    mode = launch_mode(gen)
+    if mode == "inplace":
         from .worker import run_rank
 
         return run_rank(gen)
-    if launch_mode(gen) == "srun":
+    if mode == "srun":
         from .slurm import check_srun
 
         check_srun(gen)
