@@ -51,6 +51,23 @@ def run_ranks(script: Path, ranks: int, args: list[str], launcher: str = "auto",
     return rc
 
 
+def ranks_result(script: Path, ranks: int, argv: list[str], launcher: str, name: str) -> dict | None:
+    """Re-run ``script`` as ``ranks`` ranks with ``--worker FOLDER`` appended and return the
+    ``result.json`` its rank 0 writes there (None, with a message, if the ranks failed)."""
+    import json
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix=f"autocnnp-{name}-"))
+    try:
+        rc = run_ranks(script, ranks, [*argv, "--worker", str(folder)], launcher, log=folder / "ranks.log")
+        if rc != 0 or not (folder / "result.json").exists():
+            print(f"{name}: the ranks failed (exit code {rc}); see the output above", file=sys.stderr)
+            return None
+        return json.loads((folder / "result.json").read_text())
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def init_process_group(backend: str, world) -> None:
     """Join the default process group (rendezvous as autocnnp's: launcher variables, else rank 0 picks a
     free port and sends it over MPI), unless this process already joined one."""

@@ -27,15 +27,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import init_process_group, run_ranks, table  # noqa: E402
+from _bench import init_process_group, ranks_result, table  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -179,16 +177,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    folder = Path(tempfile.mkdtemp(prefix="autocnnp-allreduce-"))
-    try:
-        forwarded = [*(argv if argv is not None else sys.argv[1:]), "--worker", str(folder)]
-        rc = run_ranks(Path(__file__).resolve(), args.ranks, forwarded, args.launcher, log=folder / "ranks.log")
-        if rc != 0 or not (folder / "result.json").exists():
-            print(f"allreduce_bound: the ranks failed (exit code {rc}); see the output above", file=sys.stderr)
-            return 0
-        res = json.loads((folder / "result.json").read_text())
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    res = ranks_result(Path(__file__).resolve(), args.ranks, argv if argv is not None else sys.argv[1:],
+                       args.launcher, "allreduce_bound")
+    if res is None:
+        return 0
 
     n = args.ranks
     alpha = statistics.median(res["latency"])

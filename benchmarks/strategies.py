@@ -33,15 +33,13 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import shutil
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import run_ranks, table  # noqa: E402
+from _bench import ranks_result, table  # noqa: E402
 
 # (label, registered name, parameters)
 VARIANTS = (
@@ -223,16 +221,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    folder = Path(tempfile.mkdtemp(prefix="autocnnp-strategies-"))
-    try:
-        forwarded = [*(argv if argv is not None else sys.argv[1:]), "--worker", str(folder)]
-        rc = run_ranks(Path(__file__).resolve(), args.ranks, forwarded, "mpirun", log=folder / "ranks.log")
-        if rc != 0 or not (folder / "result.json").exists():
-            print(f"strategies: the ranks failed (exit code {rc}); see the output above", file=sys.stderr)
-            return 0
-        res = json.loads((folder / "result.json").read_text())
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+    res = ranks_result(Path(__file__).resolve(), args.ranks, argv if argv is not None else sys.argv[1:],
+                       "mpirun", "strategies")
+    if res is None:
+        return 0
 
     n = res["ranks"]
     per_rank = res["per_rank"]

@@ -10,7 +10,7 @@ from ..engine.errors import JobError, Location, did_you_mean
 from ..engine.job import Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
 from ..run.config import ClusterConfig, MonitoringConfig
-from .points import COMPOSITES, MODULE_BY_NAME, MODULES, POINT_BY_NAME, POINTS, SET_ELSEWHERE, Point
+from .points import COMPOSITES, MODULE_BY_NAME, MODULES, POINT_BY_NAME, POINTS, SET_ELSEWHERE
 from .registry import ARCHITECTURES, DATASETS, TASKS, Entry
 from .tree import Action, Binding, Composite, Module
 

@@ -43,6 +43,18 @@ def bcast_module(module: nn.Module, root: int, comm, buffers_only: bool = False)
         bcast_tensor(t, root, comm)
 
 
+def pack_gradients(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    """Copy the parameters' gradients one after another into ``flat`` (zeros where a gradient is None)."""
+    offset = 0
+    for p in params:
+        n = p.numel()
+        if p.grad is None:
+            flat[offset:offset + n].zero_()
+        else:
+            flat[offset:offset + n].copy_(p.grad.detach().reshape(-1))
+        offset += n
+
+
 class Bucket:
     """Parameters of one dtype whose gradients travel together in one flat CPU buffer."""
 
@@ -51,14 +63,7 @@ class Bucket:
         self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype)
 
     def pack(self) -> torch.Tensor:
-        offset = 0
-        for p in self.params:
-            n = p.numel()
-            if p.grad is None:
-                self.flat[offset:offset + n].zero_()
-            else:
-                self.flat[offset:offset + n].copy_(p.grad.detach().reshape(-1))
-            offset += n
+        pack_gradients(self.params, self.flat)
         return self.flat
 
     def unpack(self, divisor: float) -> None:

@@ -28,7 +28,7 @@ from torch.utils.data import Sampler
 
 from autocnnp.run.world import World
 
-from .mpi_allreduce import bcast_module, mpi
+from .mpi_allreduce import bcast_module, mpi, pack_gradients
 from .sharding import shard_sampler
 
 TAG_GRAD, TAG_END, TAG_PARAMS, TAG_STATE = 101, 102, 103, 104
@@ -168,14 +168,7 @@ class ParameterServer:
         lrs = self.message[:self.header].view(torch.float64)
         for i, group in enumerate(optimizer.param_groups):
             lrs[i] = float(group["lr"])
-        offset = self.header
-        for p in self.params:
-            n = p.numel()
-            if p.grad is None:
-                self.message[offset:offset + n].zero_()
-            else:
-                self.message[offset:offset + n].copy_(p.grad.detach().reshape(-1))
-            offset += n
+        pack_gradients(self.params, self.message[self.header:])
 
     def _unpack_params(self) -> None:
         offset = 0
