@@ -5,6 +5,9 @@ from typing import Literal
 
 from autocnnp.generator.registry import STRATEGIES
 
+# Every built-in runs as MPI ranks: started by mpirun (srun too, see assemble) or already running in place.
+MPI_LAUNCHERS = ("mpirun", "inplace")
+
 
 @dataclass
 class RingAllreduceConfig:
@@ -35,19 +38,19 @@ class HorovodConfig:
 
 STRATEGIES.register("ring_allreduce", "autocnnp.components.strategies.ring_allreduce:RingAllreduce",
                     RingAllreduceConfig, "synchronous data parallelism, gradients ring-allreduced by torch DDP",
-                    requires={"communication_init": ("torch_distributed",)}, launchers=("mpirun", "inplace"))
+                    requires={"communication_init": ("torch_distributed",)}, launchers=MPI_LAUNCHERS)
 STRATEGIES.register("mpi", "autocnnp.components.strategies.mpi_allreduce:MPIAllreduce", MPIConfig,
                     "synchronous data parallelism, gradients averaged by MPI Allreduce (mpi4py), no torch.distributed",
-                    requires={"communication_init": ("mpi4py",)}, launchers=("mpirun", "inplace"))
+                    requires={"communication_init": ("mpi4py",)}, launchers=MPI_LAUNCHERS)
 STRATEGIES.register("parameter_server", "autocnnp.components.strategies.parameter_server:ParameterServer",
                     ParameterServerConfig, "synchronous parameter server over MPI: workers push gradients, pull "
                     "parameters (server: shared = rank 0 also trains, dedicated = last rank only serves)",
-                    requires={"communication_init": ("mpi4py",)}, launchers=("mpirun", "inplace"))
+                    requires={"communication_init": ("mpi4py",)}, launchers=MPI_LAUNCHERS)
 STRATEGIES.register("fedavg", "autocnnp.components.strategies.fedavg:FedAvg", FedAvgConfig,
                     "federated averaging: local training on fixed partitions, sample-weighted model average "
                     "every local_epochs", requires={"communication_init": ("torch_distributed", "mpi4py")},
-                    launchers=("mpirun", "inplace"))
+                    launchers=MPI_LAUNCHERS)
 STRATEGIES.register("horovod", "autocnnp.components.strategies.horovod:Horovod", HorovodConfig,
                     "Horovod DistributedOptimizer: gradients allreduce-averaged during backward (MPI or Gloo "
                     "controller; `make horovod` installs it)", requires={"communication_init": ("horovod",)},
-                    launchers=("mpirun", "inplace"))
+                    launchers=MPI_LAUNCHERS)
