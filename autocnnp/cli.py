@@ -3,82 +3,89 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import sys
+import typing
+from importlib import resources
 from pathlib import Path
 
-from .engine.errors import JobError
+from .core.errors import DataError, ExitCode, JobError
+from .engine.values import type_name
+from .run.job import load_job
 
 # Feature areas that add their own subcommands (each module: ``add_commands(subparsers)``; keep its
 # imports light, torch only inside the command functions).
-COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.run.commands", "autocnnp.tuning.commands")
-
-
-def _assemble(path: str, sets: list[str] | None = None):
-    from .generator.assemble import assemble
-
-    if sets:  # --set KEY=VALUE: a job variant (engine/overrides.py)
-        from .engine.overrides import parse_sets, read_variant
-
-        return assemble(read_variant(path, parse_sets(sets)))
-    return assemble(path)
+COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.inference", "autocnnp.run.commands",
+                   "autocnnp.tuning.commands")
 
 
 def cmd_validate(args) -> int:
-    gen = _assemble(args.job, args.set)
-    print(f"{gen.job.file}: valid ({gen.job.task}, {gen.degree} ranks, "
+    gen = load_job(args.job, args.set).generator
+    print(f"{gen.job.file}: valid ({gen.job.task}, {gen.world_size} ranks, "
           f"{gen.action('dist_strategy').entry.name}, {gen.action('architecture_injection').entry.name})")
-    return _validate_data(gen) if args.data else 0
-
-
-def _validate_data(gen) -> int:
-    """Check every file of the job's datasets (NIfTI readable, shapes, affines, labels)."""
-    from .data.decathlon import validate_dataset
-
-    config = gen.action("dataset_injection").config
-    roots = [getattr(config, part) for part in ("train", "valid", "test") if getattr(config, part, None)]
-    problems = [p for root in roots for p in validate_dataset(root)]
+    if not args.data:
+        return ExitCode.OK
+    fmt = gen.data_format()  # every file of the job's datasets: NIfTI readable, shapes, affines, labels
+    problems = fmt.check()
     for problem in problems:
         print(f"autocnnp: {problem}", file=sys.stderr)
-    checked = ", ".join(map(str, roots)) or "nothing (the dataset has no files)"
+    checked = ", ".join(map(str, fmt.files())) or "nothing (the dataset has no files)"
     print(f"data: {len(problems)} problem(s) in {checked}")
-    return 2 if problems else 0
+    return ExitCode.BAD_INPUT if problems else ExitCode.OK
 
 
 def cmd_plan(args) -> int:
     from .generator.plan import render
     from .run.launch import build_command
 
-    gen = _assemble(args.job, args.set)
-    print(render(gen, build_command(gen)[0]))
-    return 0
+    job = load_job(args.job, args.set)
+    print(render(job.generator, build_command(job)[0]))
+    return ExitCode.OK
 
 
 def cmd_run(args) -> int:
     from .run.launch import run
 
-    gen = _assemble(args.job, args.set)
-    if getattr(args, "launcher", None):  # the command line overrides <cluster> launcher
-        from .run.overrides import with_cluster
-
-        gen = with_cluster(gen, {"launcher": args.launcher})
+    job = load_job(args.job, args.set)
+    if args.launcher:  # the command line overrides <cluster> launcher
+        job = job.with_cluster({"launcher": args.launcher})
     if args.repeat != 1:  # K runs with seeds seed, seed+1, ... in output/seed-<s>/, then mean and std
         from .run.repeat import run_repeats
 
-        return run_repeats(gen, args.repeat)
-    return run(gen)
+        return run_repeats(job, args.repeat)
+    return run(job)
 
 
 def cmd_new(args) -> int:
-    from importlib import resources
-
     target = Path(args.path)
     if target.exists() and not args.force:
         raise JobError(target, "the file exists already", "choose another name or pass --force")
-    text = resources.files("autocnnp.templates").joinpath("job.xml").read_text()
-    target.write_text(text)
+    target.write_text(resources.files("autocnnp.templates").joinpath("job.xml").read_text())
     print(f"wrote {target}; check it with: autocnnp validate {target}")
-    return 0
+    return ExitCode.OK
+
+
+def cmd_components(args) -> int:
+    """List every built-in implementation of each extension point with its parameters."""
+    from .generator.points import POINTS
+
+    for point in POINTS:
+        if args.point and args.point not in (point.type, *point.aliases):
+            continue
+        kind = "extensible" if point.extensible else "non-extensible"
+        print(f"{point.type} ({point.title}, {kind}; default {point.default or 'set by ' + point.folder})")
+        for name in point.registry.names():
+            entry = point.registry.builtin(name)
+            print(f"  {name}: {entry.summary}")
+            if entry.config is None:
+                continue
+            hints = typing.get_type_hints(entry.config)
+            for f in dataclasses.fields(entry.config):
+                default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
+                extra = f"; also {', '.join(f.metadata['aliases'])}" if f.metadata.get("aliases") else ""
+                print(f"      {f.name} ({type_name(hints[f.name])}, {default}{extra}): {f.metadata.get('help', '')}")
+    return ExitCode.OK
 
 
 def parser() -> argparse.ArgumentParser:
@@ -104,6 +111,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("path", nargs="?", default="job.xml")
     s.add_argument("--force", action="store_true", help="overwrite an existing file")
     s.set_defaults(func=cmd_new)
+    s = sub.add_parser("components", help="list the built-in implementations of every action and their parameters")
+    s.add_argument("point", nargs="?", help="only this action type (e.g. dist_strategy)")
+    s.set_defaults(func=cmd_components)
     for module in COMMAND_MODULES:
         importlib.import_module(module).add_commands(sub)
     return p
@@ -113,6 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.func(args)
-    except JobError as exc:
+    except (JobError, DataError) as exc:
         print(f"autocnnp: {exc}", file=sys.stderr)
         return exc.exit_code

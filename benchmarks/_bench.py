@@ -81,7 +81,7 @@ def init_process_group(backend: str, world) -> None:
         return
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         addr, port = os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
-    elif world.size == 1:
+    elif world.world_size == 1:
         addr, port = "127.0.0.1", 0
     else:
         from mpi4py import MPI
@@ -100,7 +100,7 @@ def init_process_group(backend: str, world) -> None:
         with socket.socket() as s:
             s.bind(("", 0))
             port = s.getsockname()[1]
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=world.rank, world_size=world.size,
+    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=world.rank, world_size=world.world_size,
                             timeout=datetime.timedelta(seconds=300))
 
 

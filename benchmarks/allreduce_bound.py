@@ -112,7 +112,7 @@ def _ddp(depth: int, base: int, args, world) -> dict:
         dist.all_reduce(buf)
         buckets.append(time.perf_counter() - start)
         sizes.append(buf.numel())
-        buf.div_(world.size)
+        buf.div_(world.world_size)
         fut = torch.futures.Future()
         fut.set_result(buf)
         return fut
@@ -151,10 +151,10 @@ def _ddp(depth: int, base: int, args, world) -> dict:
 def worker(args) -> int:
     import torch
 
-    from autocnnp.run.world import discover_world
+    from autocnnp.core.world import discover_world
 
     world = discover_world()
-    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, world.local_size)))
+    torch.set_num_threads(max(1, torch.get_num_threads() // max(1, world.local_world_size)))
     init_process_group("gloo", world)
     nbytes = int(args.p2p_mb * 2**20)
     result = {"latency": _p2p(world.rank, 4, args.iterations * 5),

@@ -68,22 +68,24 @@ def parse_args(argv=None) -> argparse.Namespace:
 def datasets(args, folder: Path) -> dict:
     """name -> training dataset, as the job's dataset components build them."""
     from autocnnp.components.datasets import decathlon, synthetic
+    from autocnnp.components.datasets.synthetic import SyntheticSliceDataset
+    from autocnnp.core.world import World
     from autocnnp.data.augment import RandomAffine2D
-    from autocnnp.data.datasets import SyntheticSliceDataset
-    from autocnnp.data.synthetic import write_synthetic_dataset
-    from autocnnp.run.world import World
+    from autocnnp.data.synth import write_synthetic_dataset
 
-    syn = synthetic.build(world=World(), seed=0, cache_dir=folder / "cache", kind="brain",
-                          train_samples=args.samples, valid_samples=4, size=args.size).train
-    aug = SyntheticSliceDataset("brain", args.samples, args.size, 4, 4, seed=0,
+    syn = synthetic.Synthetic(synthetic.Config(kind="brain", train_samples=args.samples, valid_samples=4,
+                                               size=args.size)).datasets(world=World(), seed=0,
+                                                                         cache_dir=folder / "cache").train
+    aug = SyntheticSliceDataset("brain", args.samples, args.size, 4, 4, seed=0, in_memory=False,
                                 augment=RandomAffine2D(decathlon.AUGMENT_ROTATION, decathlon.AUGMENT_ZOOM,
                                                        decathlon.AUGMENT_TRANSLATE, seed=0))
     depth = max(8, args.samples // 4)
     root = write_synthetic_dataset(folder / "brain", "brain", cases=5, shape=(args.size, args.size, depth), seed=0,
                                    test_cases=0)
     start = time.perf_counter()
-    dec = decathlon.build(world=World(), seed=0, cache_dir=folder / "cache", train=root, slices_per_volume=depth,
-                          slice_mode="even", size=args.size, valid_fraction=0.2, augment=True).train
+    config = decathlon.Config(train=root, slices_per_volume=depth, slice_mode="even", size=args.size,
+                              valid_fraction=0.2, augment=True)
+    dec = decathlon.Decathlon(config).datasets(world=World(), seed=0, cache_dir=folder / "cache").train
     cache_s = time.perf_counter() - start
     return {"synthetic": syn, "synthetic+aug": aug, "decathlon": dec, "_cache_s": cache_s, "_slices": 5 * depth}
 
@@ -147,7 +149,7 @@ def main(argv=None) -> int:
         data = datasets(args, folder)
         cache_s, raw_slices = data.pop("_cache_s"), data.pop("_slices")
         torch.manual_seed(0)
-        net = UNet(4, 4, depth=args.depth, base_channels=args.base_channels).to(device)
+        net = UNet(4, 4, depth=args.depth, base_channels=args.base_channels, norm="batch").to(device)
         x = torch.stack([data["synthetic"][i][0] for i in range(args.batch)]).to(device)
         y = torch.stack([data["synthetic"][i][1] for i in range(args.batch)]).to(device)
         if args.channels_last:

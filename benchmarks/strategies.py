@@ -31,7 +31,6 @@ asserts: exits 0.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import statistics
 import sys
@@ -115,11 +114,14 @@ def _flat_allreduce(comm, numel: int, iterations: int) -> dict[str, list[float]]
 
 
 def _world(comm_name: str, worlds: dict):
-    from autocnnp.engine.errors import Location
-    from autocnnp.generator.registry import COMMUNICATION
+    from autocnnp.core.errors import Location
+    from autocnnp.engine.values import bind
+    from autocnnp.generator.points import registry
 
     if comm_name not in worlds:
-        worlds[comm_name] = COMMUNICATION.get(comm_name, Location(Path("benchmark"), 0, 0)).load()(timeout_s=300)
+        entry = registry("communication_init").get(comm_name, Location(Path("benchmark"), 0, 0))
+        config = bind(entry.config, [], Path("."), comm_name)
+        worlds[comm_name] = entry.load()(*([config] if config is not None else []), timeout_s=300)
     return worlds[comm_name]
 
 
@@ -128,14 +130,13 @@ def _run_strategy(name: str, params: dict, args, worlds: dict, comm) -> dict:
     import torch.nn.functional as F
 
     from autocnnp.components.architectures.unet import UNet
-    from autocnnp.engine.errors import Location
-    from autocnnp.generator.registry import STRATEGIES
+    from autocnnp.core.errors import Location
+    from autocnnp.generator.points import registry
 
-    entry = STRATEGIES.get(name, Location(Path("benchmark"), 0, 0))
+    entry = registry("dist_strategy").get(name, Location(Path("benchmark"), 0, 0))
     inits = entry.requires.get("communication_init", ("torch_distributed",))
     world = _world(inits[0], worlds)
-    config = dataclasses.asdict(entry.config()) if entry.config else {}
-    strategy = entry.load()(world=world, device=torch.device("cpu"), **{**config, **params})
+    strategy = entry.load()(entry.config(**params), world=world, device=torch.device("cpu"))
 
     torch.manual_seed(0)
     net = UNet(4, 4, depth=args.depth, base_channels=args.base, norm="batch")
@@ -148,6 +149,7 @@ def _run_strategy(name: str, params: dict, args, worlds: dict, comm) -> dict:
     gen = torch.Generator().manual_seed(comm.rank)
     x = torch.randn(args.batch, 4, 32, 32, generator=gen)
     y = torch.randint(0, 4, (args.batch, 32, 32), generator=gen)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)  # a no-op scaler, as the trainer's in fp32
     steps, comms = [], []
     rounds = []
     for epoch, count in enumerate((args.warmup, args.steps)):
@@ -162,7 +164,7 @@ def _run_strategy(name: str, params: dict, args, worlds: dict, comm) -> dict:
                 t1 = time.perf_counter()
                 strategy.after_backward(model)
                 t2 = time.perf_counter()
-                optimizer.step()
+                strategy.step(optimizer, scaler)
                 t3 = time.perf_counter()
                 if epoch == 1:
                     steps.append(t3 - t0)

@@ -140,7 +140,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def framework_run(args, job: Path, out: Path) -> list[tuple[float, float]]:
     """One epoch of the real job on this rank; (wall, CPU) time of every step as the trainer reports it."""
-    from autocnnp.generator.assemble import assemble
+    from autocnnp.generator.overrides import read_variant
+    from autocnnp.run.job import load_job
     from autocnnp.run.worker import run_rank
     from autocnnp.training.monitor import Monitor
 
@@ -151,11 +152,10 @@ def framework_run(args, job: Path, out: Path) -> list[tuple[float, float]]:
         stamps.append((time.perf_counter(), time.process_time()))
         return original(self, *a, **k)
 
-    gen = assemble(job)
-    gen.output = out  # a fresh folder per run: no checkpoint to resume from
+    fresh = load_job(read_variant(job, {"output": str(out)}))  # a fresh folder per run: nothing to resume
     Monitor.step = stamped
     try:
-        run_rank(gen)
+        run_rank(fresh)
     finally:
         Monitor.step = original
     return stamps
@@ -169,9 +169,9 @@ def hand_run(args, world, threads: int) -> list[tuple[float, float]]:
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
     from autocnnp.components.architectures.unet import UNet
-    from autocnnp.data.datasets import SyntheticSliceDataset
+    from autocnnp.components.datasets.synthetic import SyntheticSliceDataset
 
-    torch.set_num_threads(max(1, threads // max(1, world.local_size)))
+    torch.set_num_threads(max(1, threads // max(1, world.local_world_size)))
     if args.device == "cuda":
         device = torch.device("cuda", world.local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
@@ -189,7 +189,7 @@ def hand_run(args, world, threads: int) -> list[tuple[float, float]]:
         net = net.to(memory_format=torch.channels_last)
     model = DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    sampler = DistributedSampler(train, num_replicas=world.size, rank=world.rank, shuffle=True, seed=0)
+    sampler = DistributedSampler(train, num_replicas=world.world_size, rank=world.rank, shuffle=True, seed=0)
     sampler.set_epoch(0)
     loader = DataLoader(train, batch_size=args.batch, sampler=sampler, drop_last=True, num_workers=args.workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
@@ -221,17 +221,17 @@ def bookkeeping_s(args, job: Path, out: Path, steps: int = 2000) -> float:
     guard, Monitor.step with its TensorBoard logging), timed alone: a noise-free view of the overhead."""
     import torch
 
-    from autocnnp.generator.assemble import assemble
-    from autocnnp.run.watch import RankStatus
+    from autocnnp.core.rundir import RunDir
+    from autocnnp.run.job import load_job
+    from autocnnp.run.supervise import RankStatus
     from autocnnp.training.monitor import DivergenceGuard, Monitor
 
-    gen = assemble(job)
-    policy = gen.action("lr_policy").build(base_lr=0.01, world_size=args.ranks, steps_per_epoch=steps,
-                                           total_epochs=1)
+    loaded = load_job(job)
+    policy = loaded.generator.lr_policy(steps_per_epoch=steps, world_size=args.ranks)
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
-    guard = DivergenceGuard(gen.monitoring.divergence_factor, gen.monitoring.stop_on_divergence)
-    status = RankStatus(out, 0)
-    with Monitor(out, 0, args.ranks, gen.monitoring, 1, steps) as monitor:
+    guard = DivergenceGuard(loaded.monitoring.divergence_factor, loaded.monitoring.stop_on_divergence)
+    status = RankStatus(RunDir(out), 0)
+    with Monitor(RunDir(out), 0, args.ranks, loaded.monitoring, 1, steps) as monitor:
         start = time.perf_counter()
         for step in range(steps):
             status.beat()
@@ -250,7 +250,7 @@ def train_samples(args) -> int:
 def worker(args) -> int:
     import torch
 
-    from autocnnp.run.world import discover_world
+    from autocnnp.core.world import discover_world
 
     world = discover_world()
     folder = Path(args.worker)

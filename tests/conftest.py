@@ -9,7 +9,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "xml_configs" / "demo.xml"
-TEMPLATE = ROOT / "templates" / "job.xml"
+TEMPLATE = ROOT / "autocnnp" / "templates" / "job.xml"
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
 # A fixed job for the tests to edit (the shipped demo and template are tuned by others). Comments included:

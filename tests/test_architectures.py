@@ -1,11 +1,16 @@
 """Tests for the U-Net and FCN-8s architectures."""
 
+from pathlib import Path
+
 import pytest
 import torch
 
 from autocnnp.components.architectures import fcn, unet
 from autocnnp.components.architectures.fcn import FCN
 from autocnnp.components.architectures.unet import UNet
+from autocnnp.core.errors import JobError, Location
+from autocnnp.engine.job import Setting
+from autocnnp.engine.values import bind
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -31,10 +36,10 @@ def test_unet_parameter_count_by_hand():
 
 
 def test_parameter_count_grows_with_width():
-    assert n_params(UNet(1, 2, depth=3, base_channels=4)) < n_params(
-        UNet(1, 2, depth=3, base_channels=8)
+    assert n_params(UNet(1, 2, depth=3, base_channels=4, norm="batch")) < n_params(
+        UNet(1, 2, depth=3, base_channels=8, norm="batch")
     )
-    assert n_params(FCN(1, 2, width=1 / 32)) < n_params(FCN(1, 2, width=1 / 16))
+    assert n_params(FCN(1, 2, width=1 / 32, norm="none")) < n_params(FCN(1, 2, width=1 / 16, norm="none"))
 
 
 @pytest.mark.parametrize("norm", ["batch", "group", "none"])
@@ -46,17 +51,17 @@ def test_fcn_output_shape(size, norm):
 
 
 def test_fcn_channels_follow_vgg16_scaled_by_width():
-    convs = [m for m in FCN(1, 2, width=0.25).modules() if isinstance(m, torch.nn.Conv2d)]
+    convs = [m for m in FCN(1, 2, width=0.25, norm="none").modules() if isinstance(m, torch.nn.Conv2d)]
     encoder = [c.out_channels for c in convs[:13]]
     assert encoder == [16, 16, 32, 32, 64, 64, 64, 128, 128, 128, 128, 128, 128]
-    tiny = [m for m in FCN(1, 2, width=0.001).modules() if isinstance(m, torch.nn.Conv2d)]
+    tiny = [m for m in FCN(1, 2, width=0.001, norm="none").modules() if isinstance(m, torch.nn.Conv2d)]
     assert {c.out_channels for c in tiny[:13]} == {1}
 
 
 def test_fcn_upsampling_starts_bilinear():
     # Each output pixel away from the border mixes two input pixels per axis
     # with weights summing to 1, so a constant map stays constant there.
-    up = FCN(1, 2, width=1 / 64).up_final
+    up = FCN(1, 2, width=1 / 64, norm="none").up_final
     out = up(torch.ones(1, 2, 4, 4))
     assert out.shape == (1, 2, 32, 32)
     torch.testing.assert_close(out[..., 4:-4, 4:-4], torch.ones(1, 2, 24, 24))
@@ -65,9 +70,9 @@ def test_fcn_upsampling_starts_bilinear():
 @pytest.mark.parametrize(
     "model,size,multiple",
     [
-        (UNet(1, 2, depth=3, base_channels=2), (10, 12), 4),
-        (UNet(1, 2, depth=4, base_channels=2), (16, 12), 8),
-        (FCN(1, 2, width=1 / 64), (48, 32), 32),
+        (UNet(1, 2, depth=3, base_channels=2, norm="batch"), (10, 12), 4),
+        (UNet(1, 2, depth=4, base_channels=2, norm="batch"), (16, 12), 8),
+        (FCN(1, 2, width=1 / 64, norm="none"), (48, 32), 32),
     ],
 )
 def test_bad_input_size(model, size, multiple):
@@ -75,21 +80,25 @@ def test_bad_input_size(model, size, multiple):
         model(torch.randn(1, 1, *size))
 
 
-@pytest.mark.parametrize("cls", [UNet, FCN])
-def test_bad_norm(cls):
-    with pytest.raises(ValueError, match="norm must be one of"):
-        cls(1, 2, norm="layer")
+WHERE = Location(Path("job.xml"), 9, 5)
 
 
-def test_bad_depth():
-    with pytest.raises(ValueError, match="depth"):
-        UNet(1, 2, depth=0)
+@pytest.mark.parametrize("module", [unet, fcn])
+def test_bad_norm_is_refused_where_the_job_writes_it(module):
+    with pytest.raises(JobError, match=r"job.xml:9:5: 'layer' is not a valid norm.*valid choices are 'batch'"):
+        bind(module.Config, [Setting("norm", "layer", WHERE)], Path("."), "architecture")
+
+
+def test_bad_depth_is_refused_where_the_job_writes_it():
+    for depth in ("0", "9"):
+        with pytest.raises(JobError, match="depth is .*, it must be between 1 and 8"):
+            bind(unet.Config, [Setting("depth", depth, WHERE)], Path("."), "architecture")
 
 
 @pytest.mark.parametrize(
     "model,size",
     [
-        (UNet(2, 3, depth=3, base_channels=4), (8, 8)),
+        (UNet(2, 3, depth=3, base_channels=4, norm="batch"), (8, 8)),
         (FCN(2, 3, width=1 / 16, norm="batch"), (32, 32)),
     ],
 )
@@ -103,9 +112,9 @@ def test_gradients_reach_every_parameter(model, size):
 
 
 def test_build_passes_params():
-    model = unet.build(3, 5, depth=2, base_channels=4, norm="group")
+    model = unet.build(unet.Config(depth=2, base_channels=4, norm="group"), in_channels=3, num_classes=5)
     assert isinstance(model, UNet)
     assert model(torch.randn(1, 3, 4, 4)).shape == (1, 5, 4, 4)
-    model = fcn.build(3, 5, width=1 / 32)
+    model = fcn.build(fcn.Config(width=1 / 32), in_channels=3, num_classes=5)
     assert isinstance(model, FCN)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32, 32)

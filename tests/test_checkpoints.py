@@ -11,11 +11,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from autocnnp.components.training import PeriodicConfig
-from autocnnp.components.training import checkpoints as ck
-from autocnnp.components.training.checkpoints import Periodic
-from autocnnp.engine.errors import Location
-from autocnnp.generator.registry import CHECKPOINTS
+from autocnnp.components.checkpoints import periodic as ck
+from autocnnp.core.errors import JobError, Location
+from autocnnp.core.files import atomic_write
+from autocnnp.engine.job import Setting
+from autocnnp.engine.values import bind
+from autocnnp.generator.points import registry
+
+
+def Periodic(*, directory, rank, plugins=None, **config):
+    """The periodic checkpointer as the generator builds it: its Config, then the runtime objects."""
+    return ck.Periodic(ck.Config(**config), directory=directory, rank=rank, plugins=plugins)
 
 
 def make_state(seed: int = 0) -> dict:
@@ -54,7 +60,7 @@ def test_round_trip_model_and_optimizer(tmp_path):
     model.load_state_dict(loaded["model"])
     opt.load_state_dict(loaded["optimizer"])
     assert same(model.state_dict(), state["model"])
-    assert same(ckpt.load(path), state)
+    assert same(torch.load(path, weights_only=False), state)
     assert names(tmp_path / "ck") == ["ckpt-epoch0003.pt", "latest"]
 
 
@@ -103,11 +109,12 @@ def test_due():
     assert all(every1.due(e, 4) for e in range(5))
 
 
-@pytest.mark.parametrize("kw", [dict(every_epochs=0), dict(keep=0), dict(rank=-1), dict(keep=1.5),
-                                dict(resume="yes")])
-def test_invalid_settings_raise(kw):
-    with pytest.raises(ValueError):
-        Periodic(**{"directory": Path("x"), "rank": 0, **kw})
+@pytest.mark.parametrize("name,text,problem", [("every_epochs", "0", "at least 1"), ("keep", "0", "at least 1"),
+                                               ("keep", "1.5", "whole number"), ("resume", "yes please", "boolean")])
+def test_invalid_settings_are_refused_where_written(name, text, problem):
+    where = Location(Path("job.xml"), 21, 11)
+    with pytest.raises(JobError, match=rf"job.xml:21:11: {name} .*{problem}"):
+        bind(ck.Config, [Setting(name, text, where)], Path("."), "checkpoint 'periodic'")
 
 
 # -- crashes -------------------------------------------------------------------------------
@@ -195,8 +202,8 @@ def test_unreadable_latest_falls_back_to_older(tmp_path):
 
 KILL_SCRIPT = textwrap.dedent("""
     import os, sys, torch
-    from autocnnp.components.training.checkpoints import Periodic
-    ckpt = Periodic(directory=sys.argv[1], rank=0)
+    from autocnnp.components.checkpoints.periodic import Config, Periodic
+    ckpt = Periodic(Config(), directory=sys.argv[1], rank=0)
     ckpt.save({"epoch": 1, "w": torch.arange(1000.0)}, 1)
     real = torch.save
     def dying_save(obj, f, *a, **k):
@@ -255,11 +262,11 @@ def test_plugin_hooks_class_and_function(tmp_path):
         seen.append((epoch, metrics["loss"], state.lr_scale))
 
     ckpt = Periodic(directory=tmp_path, rank=0, plugins={"LRSchedule": HalveOnPlateau, "log": log_epoch})
-    plugin = ckpt.plugins["LRSchedule"]
+    plugin = ckpt.plugins["LRSchedule"].obj
     assert isinstance(plugin, HalveOnPlateau)  # classes are instantiated once
     state = trainer_state()
     for epoch, loss in enumerate([1.0, 0.8, 0.9, 0.7]):
-        ckpt.callbacks_on_epoch_end(epoch, {"loss": loss}, state)
+        ckpt.on_epoch_end(epoch, {"loss": loss}, state)
     assert plugin.calls == [0, 1, 2, 3]
     assert state.lr_scale == 0.5
     assert state.optimizer.param_groups[0]["lr"] == pytest.approx(0.05)
@@ -270,8 +277,8 @@ def test_plugin_object_and_hookless_plugins(tmp_path):
     obj = HalveOnPlateau()
     stateless = type("Stateless", (), {})
     ckpt = Periodic(directory=tmp_path, rank=0, plugins={"obj": obj, "nothing": stateless})
-    assert ckpt.plugins["obj"] is obj
-    ckpt.callbacks_on_epoch_end(0, {"loss": 1.0}, trainer_state())
+    assert ckpt.plugins["obj"].obj is obj
+    ckpt.on_epoch_end(0, {"loss": 1.0}, trainer_state())
     assert obj.calls == [0]
     assert ckpt.plugin_state() == {"obj": {"best": 1.0}}
     with pytest.raises(TypeError, match="plug-in 'bad'"):
@@ -284,19 +291,19 @@ def test_plugin_errors_name_the_plugin(tmp_path):
 
     ckpt = Periodic(directory=tmp_path, rank=0, plugins={"Broken": broken})
     with pytest.raises(KeyError) as info:
-        ckpt.callbacks_on_epoch_end(4, {}, trainer_state())
+        ckpt.on_epoch_end(4, {}, trainer_state())
     assert any("Broken" in note for note in info.value.__notes__)
 
 
 def test_plugin_state_round_trip_inside_checkpoint(tmp_path):
     ckpt = Periodic(directory=tmp_path, rank=0, plugins={"LRSchedule": HalveOnPlateau})
-    ckpt.callbacks_on_epoch_end(0, {"loss": 0.3}, trainer_state())
+    ckpt.on_epoch_end(0, {"loss": 0.3}, trainer_state())
     ckpt.save({"model": {}, "plugins": ckpt.plugin_state()}, 0)
 
     resumed = Periodic(directory=tmp_path, rank=1, plugins={"LRSchedule": HalveOnPlateau})
-    assert resumed.plugins["LRSchedule"].best == float("inf")
+    assert resumed.plugins["LRSchedule"].obj.best == float("inf")
     resumed.load_plugin_state(resumed.load()["plugins"])
-    assert resumed.plugins["LRSchedule"].best == 0.3
+    assert resumed.plugins["LRSchedule"].obj.best == 0.3
     with pytest.warns(RuntimeWarning, match="'Gone'"):
         resumed.load_plugin_state({"Gone": {"x": 1}})
 
@@ -315,13 +322,12 @@ def test_plugins_from_a_user_file_through_the_registry(tmp_path):
                 self.n = d["n"]
     """))
     where = Location(tmp_path / "job.xml", 19, 18)
-    entry = CHECKPOINTS.from_file(tmp_path / "ckpt1.py", "LRSchedule", where)
-    periodic = CHECKPOINTS.get("periodic", where)
-    assert periodic.config is PeriodicConfig
-    ckpt = periodic.load()(directory=tmp_path / "ck", rank=0, plugins={"LRSchedule": entry.load()},
-                           **vars(PeriodicConfig()))
+    entry = registry("checkpoint").from_file(tmp_path / "ckpt1.py", "LRSchedule", where)
+    periodic = registry("checkpoint").get("periodic", where)
+    assert [f.name for f in periodic.config.__dataclass_fields__.values()] == ["every_epochs", "keep", "resume"]
+    ckpt = periodic.load()(periodic.config(), directory=tmp_path / "ck", rank=0, plugins={"LRSchedule": entry.load()})
     state = trainer_state()
-    ckpt.callbacks_on_epoch_end(0, {"dice": 0.2}, state)
+    ckpt.on_epoch_end(0, {"dice": 0.2}, state)
     assert state.lr_scale == 0.1
     assert ckpt.plugin_state() == {"LRSchedule": {"n": 1}}
 
@@ -335,7 +341,7 @@ def test_atomic_helper_leaves_target_untouched_on_error(tmp_path):
         raise RuntimeError("boom")
 
     with pytest.raises(RuntimeError):
-        ck._write_atomic(target, boom)
+        atomic_write(target, boom)
     assert target.read_text() == "old\n"
     assert names(tmp_path) == ["latest"]
 

@@ -9,11 +9,10 @@ import subprocess
 import sys
 
 import pytest
+from conftest import BASE_JOB, DEMO, ROOT, TEMPLATE
 
 from autocnnp.generator.assemble import assemble
 from autocnnp.generator.points import POINTS
-
-from conftest import BASE_JOB, DEMO, ROOT, TEMPLATE
 
 SHIPPED = pytest.mark.parametrize("path", [DEMO, TEMPLATE], ids=["demo", "template"])
 
@@ -116,7 +115,7 @@ def test_process_exit_code_and_single_line_on_bad_job(tmp_path):
     proc = _python("-m", "autocnnp", "validate", str(bad))
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
-    assert re.match(rf"autocnnp: {re.escape(str(bad))}:\d+:\d+: 'sgdd' is not a valid optimiser\. "
+    assert re.match(rf"autocnnp: {re.escape(str(bad))}:\d+:\d+: 'sgdd' is not a valid optimizer\. "
                     r"Hint: did you mean 'sgd'\?$", proc.stderr.strip())
 
 
@@ -129,7 +128,7 @@ def test_validate_and_plan_do_not_import_torch(command):
 
 
 def test_validate_data_checks_every_dataset_file(cli, tmp_path):
-    from autocnnp.data.synthetic import write_synthetic_dataset
+    from autocnnp.data.synth import write_synthetic_dataset
 
     root = write_synthetic_dataset(tmp_path / "data" / "Task01_BrainTumour", cases=3, shape=(24, 24, 8))
     job = tmp_path / "job.xml"

@@ -8,9 +8,11 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from autocnnp.data.decathlon import Case, load_case, read_dataset, read_dataset_index, validate_dataset
-from autocnnp.data.errors import DataError
-from autocnnp.data.synthetic import affine_for, write_synthetic_dataset
+from autocnnp.core.errors import DataError
+from autocnnp.data.checks import validate_dataset
+from autocnnp.data.index import Case, read_dataset, read_dataset_index
+from autocnnp.data.synth import affine_for, write_synthetic_dataset
+from autocnnp.data.volumes import load_case
 
 SHAPE = (12, 12, 6)
 

@@ -16,8 +16,8 @@ import nibabel as nib
 import numpy as np
 import pytest
 
-from autocnnp.data.errors import DataError
-from autocnnp.data.synthetic import write_synthetic_dataset
+from autocnnp.core.errors import DataError
+from autocnnp.data.synth import write_synthetic_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 BRAIN_JOB = ROOT / "xml_configs" / "brain_tumour_unet.xml"
@@ -95,20 +95,19 @@ def test_validate_stays_torch_free_with_the_data_commands(tmp_path):
 # --------------------------------------------------------------------------- the component, in process
 
 def _build(root, tmp_path, **kw):
-    from autocnnp.components.datasets.decathlon import build
-    from autocnnp.run.world import World
+    from autocnnp.components.datasets.decathlon import Config, Decathlon
+    from autocnnp.core.world import World
 
-    params = dict(world=World(), seed=3, cache_dir=tmp_path / "cache", train=root, slices_per_volume=4,
-                  slice_mode="labelled", size=32, modalities="all", valid_fraction=0.25, augment=True,
-                  normalise=True)
+    params = dict(train=root, slices_per_volume=4, slice_mode="labelled", size=32, modalities="all",
+                  valid_fraction=0.25, augment=True, normalise=True)
     params.update(kw)
-    return build(**params)
+    return Decathlon(Config(**params)).datasets(world=World(), seed=3, cache_dir=tmp_path / "cache")
 
 
 def test_component_splits_by_case_and_reads_channels_and_classes(brain_data, tmp_path, monkeypatch):
     import torch
 
-    import autocnnp.components.datasets.decathlon as component
+    import autocnnp.data.checks as checks
 
     data = _build(brain_data, tmp_path)
     assert (data.in_channels, data.num_classes) == (4, 4)
@@ -128,7 +127,7 @@ def test_component_splits_by_case_and_reads_channels_and_classes(brain_data, tmp
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
     # unchanged files: the validation verdict is reused (the other ranks, later runs)
-    monkeypatch.setattr(component, "validate_dataset", lambda *a, **k: pytest.fail("validated twice"))
+    monkeypatch.setattr(checks, "validate_dataset", lambda *a, **k: pytest.fail("validated twice"))
     _build(brain_data, tmp_path, valid_fraction=0.5)  # same cache, another split
     assert caches[0].stat().st_mtime_ns == stamp
     assert sorted((tmp_path / "cache").glob("train-*/meta.json")) == caches

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from autocnnp.components.datasets.synthetic import SyntheticSliceDataset
+from autocnnp.core.errors import DataError
 from autocnnp.data.augment import RandomAffine2D
-from autocnnp.data.datasets import SyntheticSliceDataset
-from autocnnp.data.errors import DataError
 from autocnnp.data.preprocess import (
     CacheDataset,
     build_cache,
@@ -22,7 +22,7 @@ from autocnnp.data.preprocess import (
     slice_indices,
     zscore,
 )
-from autocnnp.data.synthetic import write_synthetic_dataset
+from autocnnp.data.synth import write_synthetic_dataset
 
 SHAPE = (24, 24, 8)
 
@@ -315,15 +315,15 @@ def test_augment_numpy_in_numpy_out():
 
 @pytest.mark.parametrize("kind", ["brain", "atrium"])
 def test_synthetic_slice_dataset(kind):
-    ds = SyntheticSliceDataset(kind, n=6, size=(32, 40), in_channels=3, num_classes=3, seed=1)
+    ds = SyntheticSliceDataset(kind, n=6, size=(32, 40), in_channels=3, num_classes=3, seed=1, in_memory=False)
     assert len(ds) == 6
     image, label = ds[2]
     assert image.dtype == torch.float32 and image.shape == (3, 32, 40)
     assert label.dtype == torch.int64 and label.shape == (32, 40)
     assert set(label.unique().tolist()) == {0, 1, 2}
-    again = SyntheticSliceDataset(kind, n=6, size=(32, 40), in_channels=3, num_classes=3, seed=1)[2]
+    again = SyntheticSliceDataset(kind, n=6, size=(32, 40), in_channels=3, num_classes=3, seed=1, in_memory=False)[2]
     assert torch.equal(image, again[0]) and torch.equal(label, again[1])
-    other = SyntheticSliceDataset(kind, n=6, size=(32, 40), in_channels=3, num_classes=3, seed=2)[2]
+    other = SyntheticSliceDataset(kind, n=6, size=(32, 40), in_channels=3, num_classes=3, seed=2, in_memory=False)[2]
     assert not torch.equal(image, other[0])
     assert not torch.equal(ds[0][1], ds[1][1])
     # classes are separable on channel 0: mean intensity rises with the class
@@ -334,7 +334,7 @@ def test_synthetic_slice_dataset(kind):
 
 
 def test_synthetic_slice_dataset_with_augment_and_loader():
-    ds = SyntheticSliceDataset("brain", n=4, size=16, in_channels=1, num_classes=2,
+    ds = SyntheticSliceDataset("brain", n=4, size=16, in_channels=1, num_classes=2, seed=0, in_memory=False,
                                augment=RandomAffine2D(translate=0.1))
     ds.set_epoch(1)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))

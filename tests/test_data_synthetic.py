@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from scipy import ndimage
 
-from autocnnp.data.synthetic import KINDS, affine_for, write_synthetic_dataset
+from autocnnp.data.synth import KINDS, affine_for, write_synthetic_dataset
 
 SHAPE = (24, 24, 8)
 
@@ -110,7 +110,7 @@ def test_bad_arguments(tmp_path):
 
 
 def test_synthetic_and_decathlon_do_not_import_torch():
-    code = ("import sys, autocnnp.data.synthetic, autocnnp.data.decathlon, autocnnp.data.errors; "
+    code = ("import sys, autocnnp.data.synth, autocnnp.data.index, autocnnp.data.volumes, autocnnp.data.checks; "
             "assert 'torch' not in sys.modules, 'torch imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -118,9 +118,9 @@ def test_synthetic_and_decathlon_do_not_import_torch():
 def test_in_memory_synthetic_slices_equal_generated_ones_and_stay_intact():
     import torch
 
-    from autocnnp.data.datasets import SyntheticSliceDataset
+    from autocnnp.components.datasets.synthetic import SyntheticSliceDataset
 
-    lazy = SyntheticSliceDataset("brain", 5, 16, 4, 4, seed=3)
+    lazy = SyntheticSliceDataset("brain", 5, 16, 4, 4, seed=3, in_memory=False)
     eager = SyntheticSliceDataset("brain", 5, 16, 4, 4, seed=3, in_memory=True)
     for i in range(5):
         for a, b in zip(lazy[i], eager[i]):

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from jobfiles import strategy_module, write_job
 
 PLUGIN = "def Note(epoch, metrics, state):\n    pass\n"

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from jobfiles import strategy_module, write_job
 
 pytestmark = pytest.mark.mpi
@@ -151,12 +150,12 @@ def test_missing_mpirun_gets_an_install_hint(tmp_path):
 
 
 def test_hostfile_reaches_the_mpirun_command(tmp_path):
-    from autocnnp.generator.assemble import assemble
+    from autocnnp.run.job import load_job
     from autocnnp.run.launch import build_command
 
     (tmp_path / "hosts").write_text("localhost slots=2\n")
     job = write_job(tmp_path / "job.xml", extra='<cluster><property name="hostfile">hosts</property>'
                     '<property name="launcher">mpirun</property></cluster>')
-    cmd, _ = build_command(assemble(job), env={})
+    cmd, _ = build_command(load_job(job), env={})
     assert cmd[:3] == ["mpirun", "-np", "2"]
     assert cmd[cmd.index("--hostfile") + 1] == str(tmp_path / "hosts")

@@ -11,14 +11,14 @@ import sys
 import time
 
 import pytest
-
-from autocnnp.engine.errors import JobError
-from autocnnp.engine.xmlparse import MAX_JOB_BYTES
-from autocnnp.generator import registry
-from autocnnp.generator.assemble import assemble
-from autocnnp.generator.points import POINTS
-
 from conftest import PLUGINS, line_of
+
+from autocnnp.core.errors import JobError
+from autocnnp.engine.xmlparse import MAX_JOB_BYTES
+from autocnnp.generator.assemble import assemble
+from autocnnp.generator.points import POINTS, registry
+from autocnnp.generator.registry import Entry
+from autocnnp.run.job import load_job
 
 XML_DECL = '<?xml version="1.0" encoding="UTF-8"?>'
 ENV_MODULE = '<module name="train_env_def">'
@@ -66,13 +66,14 @@ def refused(cli, monkeypatch):
 
 
 @contextlib.contextmanager
-def registered(reg, name, target="autocnnp_nowhere:Nothing", **kw):
-    """A fake registry entry for one test."""
-    reg.register(name, target, **kw)
+def registered(point_type, name, target="autocnnp_nowhere:Nothing", **kw):
+    """A fake built-in of ``point_type`` for one test."""
+    reg = registry(point_type)
+    reg.extra[name] = Entry(name, target, **kw)
     try:
         yield
     finally:
-        reg._entries.pop(name)
+        del reg.extra[name]
 
 
 def copy_plugin(name, folder):
@@ -395,17 +396,17 @@ def test_unknown_hyperparameter(job, refused):
 @pytest.mark.parametrize(("written", "value"), [("SGD", "sgd"), ("sgd", "sgd"), ("Adam", "adam"), ("ADAM", "adam")])
 def test_enum_case_insensitive(job, written, value):
     gen = assemble(job((">SGD<", f">{written}<")))
-    assert gen.hyperparameters.optimiser == value
+    assert gen.hyperparameters.optimizer == value
 
 
 def test_enum_alias_name(job):
     gen = assemble(job(('name="optimiser"', 'name="optimizer"'), (">SGD<", ">adam<")))
-    assert gen.hyperparameters.optimiser == "adam"
+    assert gen.hyperparameters.optimizer == "adam"
 
 
 def test_wrong_enum(job, refused):
     path = job((">SGD<", ">sgdd<"))
-    refused(path, "sgdd", "'sgdd' is not a valid optimiser", "Hint: did you mean 'sgd'?")
+    refused(path, "sgdd", "'sgdd' is not a valid optimizer", "Hint: did you mean 'sgd'?")
 
 
 def test_booleans(job, refused):
@@ -414,10 +415,10 @@ def test_booleans(job, refused):
                   "</monitoring>")
     path = job((HYPER_END, HYPER_END + monitoring),
                (STRATEGY, STRATEGY.replace("</value>", '</value><value name="sync_batchnorm">yes</value>')))
-    gen = assemble(path)
-    m = gen.monitoring
+    job_ = load_job(path)
+    m = job_.monitoring
     assert (m.plots, m.tensorboard, m.progress, m.stop_on_divergence) == (False, True, True, False)
-    assert gen.action("dist_strategy").config.sync_batchnorm is True
+    assert job_.generator.action("dist_strategy").config.sync_batchnorm is True
     path = job((HYPER_END, HYPER_END + '\n<monitoring><property name="plots">maybe</property></monitoring>'))
     refused(path, "maybe", "plots must be a boolean, not 'maybe'", "Hint: write plots as true or false")
 
@@ -451,7 +452,7 @@ def test_duplicate_property(job, refused):
 def test_duplicate_through_alias(job, refused):
     path = job(('<property name="optimiser">SGD</property>',
                 '<property name="optimiser">SGD</property>\n      <property name="optimizer">adam</property>'))
-    refused(path, '"optimizer"', "'optimizer' sets optimiser, already set at line")
+    refused(path, '"optimizer"', "'optimizer' sets optimizer, already set at line")
 
 
 def test_duplicate_param_and_value(job, refused):
@@ -470,16 +471,16 @@ def test_dependency_conflict(job, refused):
     comm = '<action class="non_extensible" type="communication_init"><value>torch_distributed</value></action>'
     path = job((PLACEMENT, comm + "\n        " + PLACEMENT),
                ("<value>ring_allreduce</value>", "<value>fake_needs_other</value>"))
-    with registered(registry.STRATEGIES, "fake_needs_other", requires={"communication_init": ("something_else",)}):
+    with registered("dist_strategy", "fake_needs_other", requires={"communication_init": ("something_else",)}):
         refused(path, "communication_init", "dist_strategy 'fake_needs_other' needs communication_init "
                 "'something_else', but the job sets 'torch_distributed'", "Hint: change this action to something_else")
-    assert "fake_needs_other" not in registry.STRATEGIES.names()
+    assert "fake_needs_other" not in registry("dist_strategy").names()
 
 
 def test_dependency_chosen_by_the_engine(job, cli):
     path = job(("<value>ring_allreduce</value>", "<value>fake_needs_other</value>"))
-    with registered(registry.STRATEGIES, "fake_needs_other", requires={"communication_init": ("something_else",)}), \
-            registered(registry.COMMUNICATION, "something_else"):
+    with registered("dist_strategy", "fake_needs_other", requires={"communication_init": ("something_else",)}), \
+            registered("communication_init", "something_else"):
         rc, out, err = cli("plan", path)
     assert rc == 0, err
     assert "- communication_init [non-extensible] = something_else  (built-in, chosen by the engine)" in out
@@ -488,7 +489,7 @@ def test_dependency_chosen_by_the_engine(job, cli):
 def test_launcher_conflict(job, refused):
     path = job(("<value>ring_allreduce</value>", "<value>fake_mpi_only</value>"),
                (HYPER_END, HYPER_END + '\n    <cluster><property name="launcher">inplace</property></cluster>'))
-    with registered(registry.STRATEGIES, "fake_mpi_only", launchers=("mpirun",)):
+    with registered("dist_strategy", "fake_mpi_only", launchers=("mpirun",)):
         refused(path, "fake_mpi_only", "dist_strategy 'fake_mpi_only' cannot be started by the 'inplace' launcher",
                 'Hint: set <property name="launcher"> to mpirun')
 
@@ -504,7 +505,7 @@ def test_unknown_launcher(job, refused):
 def test_job_assembles_into_the_thesis_tree(job):
     path = job()
     gen = assemble(path)
-    assert (gen.degree, gen.seed, gen.output) == (2, 0, path.parent / "runs" / "demo")
+    assert (gen.world_size, gen.seed, gen.rundir.root) == (2, 0, path.parent / "runs" / "demo")
     assert [c.name for c in gen.root.children] == ["parallelism_definition", "model_definition"]
     assert [m.name for m in gen.root.modules()] == ["train_env_def", "train_strategy_def", "injection"]
     assert sorted(a.type for m in gen.root.modules() for a in m.actions) == sorted(p.type for p in POINTS)
@@ -526,11 +527,12 @@ def test_relative_paths_resolve_against_the_job_folder(job, tmp_path, monkeypatc
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     monkeypatch.chdir(elsewhere)
-    gen = assemble("../jobs/job.xml")
+    job_ = load_job("../jobs/job.xml")
+    gen = job_.generator
     assert gen.job.file == path.resolve()
-    assert gen.output == sub / "runs" / "demo"
+    assert gen.rundir.root == sub / "runs" / "demo"
     assert gen.action("dataset_injection").config.train == sub / "data" / "Task01"
-    assert gen.cluster.hostfile == sub / "hosts"
+    assert job_.launch.hostfile == sub / "hosts"
     assert gen.action("architecture_injection").entry.origin == f"file {sub / 'nets' / 'my_net.py'}"
 
 

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from jobfiles import strategy_module, write_job
 from test_distributed import PLAIN_UNET, SMALL, SMALL_DATA, final_params, metrics, run
 

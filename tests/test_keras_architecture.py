@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from jobfiles import write_job
 
 pytestmark = [
@@ -23,7 +22,7 @@ AUTOCNNP = [sys.executable, "-m", "autocnnp"]
 
 @pytest.fixture(scope="module")
 def keras():
-    from autocnnp.components.architectures.keras_model import import_keras
+    from autocnnp.components.architectures.keras_file import import_keras
 
     return import_keras()
 
@@ -48,9 +47,10 @@ def save_model(keras, path: Path, in_channels: int = 2, classes: int = 3, final:
 
 
 def build(path: Path, in_channels: int = 2, classes: int = 3):
-    from autocnnp.components.architectures.keras_model import build as build_keras
+    from autocnnp.components.architectures.keras_file import Config
+    from autocnnp.components.architectures.keras_file import build as build_keras
 
-    return build_keras(in_channels=in_channels, num_classes=classes, path=path)
+    return build_keras(Config(path=path), in_channels=in_channels, num_classes=classes)
 
 
 def test_adapter_takes_and_returns_nchw_like_the_keras_model(keras, tmp_path):

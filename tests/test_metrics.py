@@ -6,12 +6,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from autocnnp.training.metrics import (
-    METRIC_NAMES,
-    SegEval,
-    confusion_matrix,
-    segmentation_metrics,
-)
+from autocnnp.core.metrics import SEGEVAL
+from autocnnp.training.metrics import SegEval, confusion_matrix, segmentation_metrics
 
 # 2 classes: t = (4, 6), column sums (5, 5), diagonal (3, 4), total 10
 CONF_2 = [[3, 1], [2, 4]]
@@ -26,7 +22,7 @@ EXPECTED_2 = {
 
 def assert_metrics(conf, expected):
     result = segmentation_metrics(conf)
-    assert set(result) == set(METRIC_NAMES)
+    assert set(result) == set(SEGEVAL)
     for name, value in expected.items():
         assert result[name] == pytest.approx(value), name
 

@@ -5,12 +5,13 @@ import math
 
 import pytest
 
-from autocnnp.run.config import MonitoringConfig
+from autocnnp.core.rundir import RunDir
 from autocnnp.training.monitor import (
     RESOURCE_COLUMNS,
     Diverged,
     DivergenceGuard,
     Monitor,
+    MonitoringConfig,
     ResourceSampler,
     plot_run,
 )
@@ -55,7 +56,7 @@ def is_png(path):
 def run_dir(tmp_path_factory):
     """A finished 3-epoch rank-0 run with world size 2."""
     out = tmp_path_factory.mktemp("run")
-    with Monitor(out, 0, 2, config(), total_epochs=3, steps_per_epoch=STEPS) as monitor:
+    with Monitor(RunDir(out), 0, 2, config(), total_epochs=3, steps_per_epoch=STEPS) as monitor:
         run_epochs(monitor, range(3))
     monitor.close()  # second close is a no-op
     return out
@@ -127,7 +128,7 @@ def test_metrics_csv_after_three_epochs(run_dir):
 
 
 def test_epoch_summary_printed(tmp_path, capsys):
-    with Monitor(tmp_path, 0, 2, config(tensorboard=False, plots=False), 3, STEPS) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 2, config(tensorboard=False, plots=False), 3, STEPS) as monitor:
         run_epochs(monitor, [0])
     line = capsys.readouterr().out.strip()
     assert line.startswith("epoch 1/3 train_loss=1 valid_loss=1.2 dice=0.5")
@@ -136,9 +137,9 @@ def test_epoch_summary_printed(tmp_path, capsys):
 
 def test_resume_drops_later_epochs(tmp_path):
     cfg = config(tensorboard=False, plots=False)
-    with Monitor(tmp_path, 0, 1, cfg, 3, STEPS) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 1, cfg, 3, STEPS) as monitor:
         run_epochs(monitor, range(3))
-    with Monitor(tmp_path, 0, 1, cfg, 3, STEPS, start_epoch=1) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 1, cfg, 3, STEPS, start_epoch=1) as monitor:
         assert [r["epoch"] for r in read_rows(tmp_path / "metrics.csv")] == ["0"]
         run_epochs(monitor, [1])
     assert [r["epoch"] for r in read_rows(tmp_path / "metrics.csv")] == ["0", "1"]
@@ -146,7 +147,7 @@ def test_resume_drops_later_epochs(tmp_path):
 
 def test_new_metric_names_extend_the_header(tmp_path):
     cfg = config(tensorboard=False, plots=False)
-    with Monitor(tmp_path, 0, 1, cfg, 2, STEPS) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS) as monitor:
         monitor.epoch_end(0, {"train_loss": 1.0})
         monitor.epoch_end(1, {"train_loss": 0.5, "dice": 0.7})
     rows = read_rows(tmp_path / "metrics.csv")
@@ -174,9 +175,9 @@ def test_resumed_tensorboard_has_no_duplicates(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = config(plots=False)
-    with Monitor(tmp_path, 0, 1, cfg, 2, STEPS) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS) as monitor:
         run_epochs(monitor, range(2))
-    with Monitor(tmp_path, 0, 1, cfg, 2, STEPS, start_epoch=1) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS, start_epoch=1) as monitor:
         run_epochs(monitor, [1])
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()
@@ -187,7 +188,7 @@ def test_resumed_tensorboard_has_no_duplicates(tmp_path):
 def test_plots_are_png(run_dir):
     for name in ("learning_curves.png", "metrics.png", "resources.png"):
         assert is_png(run_dir / "plots" / name), name
-    written = plot_run(run_dir)  # re-making from the CSVs works too
+    written = plot_run(RunDir(run_dir))  # re-making from the CSVs works too
     assert sorted(p.name for p in written) == [
         "learning_curves.png",
         "metrics.png",
@@ -198,7 +199,7 @@ def test_plots_are_png(run_dir):
 
 
 def test_non_zero_rank_writes_only_resources(tmp_path):
-    with Monitor(tmp_path, 1, 2, config(), total_epochs=1, steps_per_epoch=STEPS) as monitor:
+    with Monitor(RunDir(tmp_path), 1, 2, config(), total_epochs=1, steps_per_epoch=STEPS) as monitor:
         run_epochs(monitor, [0])
     assert not (tmp_path / "metrics.csv").exists()
     assert not (tmp_path / "plots").exists()

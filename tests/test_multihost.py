@@ -15,12 +15,11 @@ import sys
 from pathlib import Path
 
 import pytest
+from jobfiles import TINY_UNET, checkpoint_plugin, strategy_module, synthetic_data, write_job
 
 import autocnnp.run.launch as launch
-from autocnnp.generator.assemble import assemble
 from autocnnp.run.hosts import parse_hostfile
-
-from jobfiles import TINY_UNET, checkpoint_plugin, strategy_module, synthetic_data, write_job
+from autocnnp.run.job import load_job
 
 ROOT = Path(__file__).resolve().parents[1]
 NETNS = ROOT / "cluster" / "netns"
@@ -65,8 +64,8 @@ def test_hostfile_format(tmp_path):
 
 
 def test_launch_agent_reaches_mpirun(tmp_path):
-    gen = assemble(hosts_job(tmp_path, "localhost slots=2\n", agent="/opt/my-rsh -q"))
-    cmd, _ = launch.build_command(gen, {})
+    job = load_job(hosts_job(tmp_path, "localhost slots=2\n", agent="/opt/my-rsh -q"))
+    cmd, _ = launch.build_command(job, {})
     assert cmd[cmd.index("plm_rsh_agent") - 1:cmd.index("plm_rsh_agent") + 2] == ["--mca", "plm_rsh_agent",
                                                                                 "/opt/my-rsh -q"]
 

@@ -9,32 +9,34 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
-
 from jobfiles import QUIET, TINY_UNET, synthetic_data, write_job
-from autocnnp.engine.errors import JobError
-from autocnnp.engine.job import read_job
-from autocnnp.engine.overrides import apply_overrides, parse_sets, read_variant
-from autocnnp.generator.assemble import assemble
-from autocnnp.run import manifest as mf
-from autocnnp.run.launch import build_command
 
+from autocnnp.core.errors import JobError
+from autocnnp.engine.job import read_job
+from autocnnp.generator.assemble import assemble
+from autocnnp.generator.overrides import apply_overrides, parse_sets, read_variant
+from autocnnp.run import manifest as mf
+from autocnnp.run.job import load_job
+from autocnnp.run.launch import build_command
 
 # --- job variants -------------------------------------------------------------------------------------------
 
 def test_overrides_change_the_assembled_job(job, tmp_path):
     path = job()
-    gen = assemble(read_variant(path, {"seed": "5", "output": str(tmp_path / "o"), "parallelism-degree": "3",
-                                       "hyperparameters.lr": "1e-4", "hyperparameters.deterministic": "true",
-                                       "monitoring.tensorboard": "false", "data.size": "16",
-                                       "architecture.depth": "2", "lr_policy": "grescale",
-                                       "lr_policy.decay_coefficient": "1.2"}))
-    assert (gen.seed, gen.output, gen.degree) == (5, tmp_path / "o", 3)
+    job_ = load_job(read_variant(path, {"seed": "5", "output": str(tmp_path / "o"), "parallelism-degree": "3",
+                                        "hyperparameters.lr": "1e-4", "hyperparameters.deterministic": "true",
+                                        "monitoring.tensorboard": "false", "data.size": "16",
+                                        "architecture.depth": "2", "lr_policy": "grescale",
+                                        "lr_policy.decay_coefficient": "1.2"}))
+    gen = job_.generator
+    assert (gen.seed, gen.rundir.root, gen.world_size) == (5, tmp_path / "o", 3)
     assert gen.hyperparameters.lr == 1e-4 and gen.hyperparameters.deterministic is True
     assert gen.hyperparameters.minibatch_size == 4  # untouched settings stay
-    assert gen.monitoring.tensorboard is False
+    assert job_.monitoring.tensorboard is False
     assert gen.action("dataset_injection").config.size == 16
     assert gen.action("architecture_injection").config.depth == 2
     policy = gen.action("lr_policy")
@@ -42,7 +44,7 @@ def test_overrides_change_the_assembled_job(job, tmp_path):
     assert policy.entry.name == "grescale" and policy.config.warmup_epochs == 5
     assert policy.config.decay_coefficient == 1.2
     # the workers get the variant on their command line
-    cmd, _ = build_command(gen)
+    cmd, _ = build_command(job_)
     assert "--set=lr_policy=grescale" in cmd and "--set=seed=5" in cmd
 
 
@@ -90,11 +92,11 @@ def test_dataset_checksum_content_and_stat(tmp_path):
 
 
 def test_lr_policy_state_is_saved_and_resumed():
-    from autocnnp.components.training.lr_policies import GreScale
-    from autocnnp.training.trainer import TrainState, _checkpoint_state, _resume
+    from autocnnp.components.lr_policies import grescale
+    from autocnnp.training.trainer import TrainState, _resume, checkpoint_state
 
-    run = dict(base_lr=0.1, world_size=2, steps_per_epoch=2, total_epochs=12)
-    policy = GreScale(**run)
+    numbers = dict(base_lr=0.1, replicas=2, steps_per_epoch=2, total_epochs=12)
+    policy = grescale.GreScale(grescale.Config(), **numbers)
     policy.on_epoch_end(0, {"valid_loss": 1.0})
     policy.on_epoch_end(1, {"valid_loss": 2.0})  # warmup extended
     model = torch.nn.Linear(2, 2)
@@ -107,12 +109,15 @@ def test_lr_policy_state_is_saved_and_resumed():
         def load_plugin_state(self, state):
             pass
 
-    class Gen:
-        seed, job = 0, type("J", (), {"file": "job.xml"})
+        def latest(self):
+            return "ckpt"
 
-    saved = _checkpoint_state(model, TrainState(opt, epoch=2), Checkpoints(), Gen, 2, policy)
+    run = SimpleNamespace(state=TrainState(opt, epoch=2), checkpoints=Checkpoints(), policy=policy,
+                          world=SimpleNamespace(world_size=2), gen=SimpleNamespace(seed=0, job=SimpleNamespace(file="j")),
+                          data=SimpleNamespace(in_channels=2, num_classes=2))
+    saved = checkpoint_state(model, run)
     assert saved["lr_policy"]["warmup_epochs"] == 6
-    resumed = GreScale(**run)
+    resumed = grescale.GreScale(grescale.Config(), **numbers)
     ckpt = Checkpoints()
     ckpt.load = lambda: saved
     _resume(ckpt, torch.nn.Linear(2, 2), TrainState(torch.optim.SGD(model.parameters(), lr=0.1)), resumed)

@@ -17,13 +17,11 @@ import time
 from pathlib import Path
 
 import pytest
-
-from autocnnp.generator.assemble import assemble
-from autocnnp.run.launch import build_command, launch_mode
-from autocnnp.run.overrides import with_cluster
-from autocnnp.run.world import discover_world, launcher_name
-
 from jobfiles import TINY_UNET, synthetic_data, write_job
+
+from autocnnp.core.world import discover_world, launcher_name
+from autocnnp.run.job import load_job
+from autocnnp.run.launch import build_command, launch_mode
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = synthetic_data(8, 4)
@@ -127,19 +125,19 @@ def test_a_batch_script_is_not_a_rank_but_an_srun_task_is():
             "SLURM_STEP_NUM_TASKS": "4", "SLURM_STEP_TASKS_PER_NODE": "2(x2)"}
     assert launcher_name(step) == "slurm"
     world = discover_world(step)
-    assert (world.rank, world.size, world.local_rank, world.local_size) == (3, 4, 1, 2)
-    assert discover_world({**step, "SLURM_STEP_TASKS_PER_NODE": "3,1"}).local_size == 3
+    assert (world.rank, world.world_size, world.local_rank, world.local_world_size) == (3, 4, 1, 2)
+    assert discover_world({**step, "SLURM_STEP_TASKS_PER_NODE": "3,1"}).local_world_size == 3
 
 
 def test_launch_commands_inside_an_allocation(tmp_path):
-    gen = assemble(tiny_job(tmp_path))
-    assert launch_mode(gen, BATCH_ENV) == "mpirun"
-    cmd, _ = build_command(gen, BATCH_ENV)
+    job = load_job(tiny_job(tmp_path))
+    assert launch_mode(job.launch, BATCH_ENV) == "mpirun"
+    cmd, _ = build_command(job, BATCH_ENV)
     assert cmd[:3] == ["mpirun", "-np", "2"]
-    srun = with_cluster(gen, {"launcher": "srun", "cpus_per_task": 2})
+    srun = job.with_cluster({"launcher": "srun", "cpus_per_task": 2})
     cmd, env = build_command(srun, BATCH_ENV)
     assert cmd[:4] == ["srun", "--ntasks=2", "--cpus-per-task=2", "--kill-on-bad-exit=1"]
-    assert cmd[-3:] == ["-m", "autocnnp.run.worker", str(gen.job.file)] and env["SLURM_MPI_TYPE"] == "pmix"
+    assert cmd[-3:] == ["-m", "autocnnp.run.worker", str(job.spec.file)] and env["SLURM_MPI_TYPE"] == "pmix"
     outside, _ = build_command(srun, {})  # outside an allocation srun asks for one itself
     assert "--nodes=1" in outside and "--time=01:00:00" in outside
 

@@ -12,14 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from jobfiles import strategy_module, write_job
 
 pytestmark = pytest.mark.mpi
 AUTOCNNP = [sys.executable, "-m", "autocnnp"]
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
-HYPER = dict(minibatch_size=2, end_epoch=2, lr=0.05, optimiser="sgd")
+HYPER = dict(minibatch_size=2, end_epoch=2, lr=0.05, optimiser="sgd")  # the thesis spelling
 DATA = ('<data format="synthetic"><param name="kind">atrium</param><param name="train_samples">16</param>'
         '<param name="valid_samples">6</param><param name="size">16</param></data>')
 ARCH = ('<CNN_archi name="unet"><param name="depth">2</param><param name="base_channels">4</param>'
@@ -41,12 +40,12 @@ def Probe(epoch, metrics, state):
 
 # A strategy written outside the package, named by file in the job (default symbol Strategy).
 USER_STRATEGY = '''"""My own allreduce: DDP with a smaller bucket, and a typed parameter of its own."""
-from autocnnp.components.strategies.ring_allreduce import RingAllreduce
+from autocnnp.components.strategies import ring_allreduce
 
 
-class Strategy(RingAllreduce):
-    def __init__(self, *, world, device, bucket_mb: float = 1.0):
-        super().__init__(world=world, device=device, bucket_cap_mb=bucket_mb)
+class Strategy(ring_allreduce.RingAllreduce):
+    def __init__(self, *, world, device, beat, bucket_mb: float = 1.0):
+        super().__init__(ring_allreduce.Config(bucket_cap_mb=bucket_mb), world=world, device=device, beat=beat)
 '''
 
 

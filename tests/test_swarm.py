@@ -15,7 +15,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from jobfiles import TINY_UNET, checkpoint_plugin, strategy_module, synthetic_data, write_job
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,11 +7,12 @@ import csv
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
-
 from jobfiles import QUIET, TINY_UNET, synthetic_data, write_job
+
 from autocnnp.tuning import guideline as gl
 from autocnnp.tuning.guideline import ACTIONS, Guideline, Settings, Steps, compare, default_settings
 
@@ -34,19 +35,19 @@ class Scripted:
         return self.script[variant.name]
 
 
-def walk(script, degree=14, **kw) -> tuple[gl.Outcome, Scripted]:
+def walk(script, world_size=14, **kw) -> tuple[gl.Outcome, Scripted]:
     runner = Scripted(script)
     kw = {"total_epochs": 120, "initial": DEFAULTS, "seed": 7, **kw}
-    return Guideline(runner, degree=degree, **kw).walk(), runner
+    return Guideline(runner, world_size=world_size, **kw).walk(), runner
 
 
 def test_defaults_follow_the_thesis():
-    assert DEFAULTS == Settings(lr=1e-5, optimiser="sgd", warmup_epochs=5, decay_coefficient=0.9, decay_epochs=49)
+    assert DEFAULTS == Settings(lr=1e-5, optimizer="sgd", warmup_epochs=5, decay_coefficient=0.9, decay_epochs=49)
     assert [label for _, label, _ in ACTIONS] == [
         "Decrease the initial Lr value", "Increase the Lr decay coefficient", "Increase the warmup period",
         "Increase the decay phase period", "Change the optimizer"]
     assert DEFAULTS.overrides() == {"lr_policy": "grescale", "hyperparameters.lr": "1e-05",
-                                    "hyperparameters.optimiser": "sgd", "lr_policy.warmup_epochs": "5",
+                                    "hyperparameters.optimizer": "sgd", "lr_policy.warmup_epochs": "5",
                                     "lr_policy.decay_coefficient": "0.9", "lr_policy.decay_epochs": "49"}
 
 
@@ -60,11 +61,11 @@ def test_compare_is_dice_then_mean_accuracy_then_mean_iou():
 
 
 def test_below_the_threshold_just_trains():
-    outcome, runner = walk({"iter-0": m(0.7)}, degree=8)
+    outcome, runner = walk({"iter-0": m(0.7)}, world_size=8)
     assert outcome.branch == "train" and outcome.finished and outcome.runs == 1
     assert [(r.iteration, r.action) for r in outcome.rows] == [(0, "Apply default parameters")]
     assert outcome.baseline is None
-    assert runner.calls[0].degree == 8 and runner.calls[0].overrides["lr_policy"] == "grescale"
+    assert runner.calls[0].world_size == 8 and runner.calls[0].overrides["lr_policy"] == "grescale"
 
 
 def test_table_6_3_left_atrium_14_gpus():
@@ -79,7 +80,7 @@ def test_table_6_3_left_atrium_14_gpus():
     assert outcome.finished and "confirmed" in outcome.status and outcome.runs == 7
     lrs = [float(c.overrides["hyperparameters.lr"]) for c in runner.calls[1:]]
     assert lrs == pytest.approx([1e-5, 5e-6, 2.5e-6, 1.25e-6, 1.25e-6, 1.25e-6])  # steps are cumulative
-    assert runner.calls[0].degree == 1 and runner.calls[0].overrides == {"parallelism-degree": "1"}
+    assert runner.calls[0].world_size == 1 and runner.calls[0].overrides == {"parallelism-degree": "1"}
     assert runner.calls[5].overrides["lr_policy.decay_coefficient"] == "0.95"
     assert runner.calls[6].overrides["seed"] == "8" and "seed" not in runner.calls[5].overrides
     assert [r.reached for r in outcome.rows][-2:] == [True, True]
@@ -110,19 +111,19 @@ def test_revert_worse_starts_the_next_action_from_the_last_improvement():
 def test_every_action_exhausted_without_reaching_the_baseline():
     calls = iter(range(100))
     runner = lambda v: m(0.5 - 0.01 * next(calls))  # noqa: E731 - always worse than the iteration before
-    outcome = Guideline(runner, degree=16, total_epochs=10, initial=default_settings(10), budget=50).walk()
+    outcome = Guideline(runner, world_size=16, total_epochs=10, initial=default_settings(10), budget=50).walk()
     assert outcome.finished and "not reached" in outcome.status
     actions = [r.action for r in outcome.rows[1:]]
     assert actions == [label for _, label, _ in ACTIONS]  # each tried once (never improved)
-    assert outcome.rows[-1].settings.optimiser == "adam"
+    assert outcome.rows[-1].settings.optimizer == "adam"
     assert outcome.best.iteration == 0
 
 
 def test_limits_stop_an_action_without_a_run():
-    s = Settings(lr=1.5e-6, warmup_epochs=5, decay_epochs=5)
+    s = Settings(lr=1.5e-6, optimizer="sgd", warmup_epochs=5, decay_coefficient=0.9, decay_epochs=5)
     assert gl.decrease_lr(s, Steps(), 10) is None  # 7.5e-7 would go below the thesis' 1e-6
     assert gl.increase_warmup(s, Steps(), 10) is None and gl.increase_decay_period(s, Steps(), 10) is None
-    assert gl.change_optimiser(Settings(optimiser="adam"), Steps(), 10, {"sgd"}) is None
+    assert gl.change_optimizer(replace(s, optimizer="adam"), Steps(), 10, {"sgd"}) is None
 
 
 def test_budget_then_resume_replays_without_retraining():
@@ -207,9 +208,9 @@ def test_lr_plot_command(tmp_path, cli):
                         "--policy", "constant", "--policy", "linear_scaling", "--policy", "job")
     assert rc == 0, err
     assert out.stat().st_size > 5000
-    assert "GreScale" in text and "x0.1 at epoch(s) 30, 60, 80" in text and "4 ranks" in text
+    assert "GreScale" in text and "x0.1 at epoch(s) 30, 60, 80" in text and "x 4 replicas" in text
     rc, text, _ = cli("plot-lr", job, "--out", tmp_path / "g.png", "--set", "lr_policy=grescale", "--ranks", "16")
-    assert rc == 0 and "16 ranks" in text and "grescale" in text
+    assert rc == 0 and "x 16 replicas" in text and "grescale" in text
     assert cli("lr-plot", job, "--policy", "nope", "--out", out)[0] == 2
 
 

@@ -1,13 +1,13 @@
-"""Medical image data for autocnnp (the ImgMed part of the thesis).
+"""Medical image data (the ImgMed part of the thesis); the data formats that use it are components
+(autocnnp/components/datasets/).
 
-* :mod:`autocnnp.data.synthetic` -- writes small, seeded Decathlon-style datasets (no downloads).
-* :mod:`autocnnp.data.decathlon` -- reads ``dataset.json`` / CSV indexes, loads NIfTI cases and
-  validates a dataset case by case.
-* :mod:`autocnnp.data.preprocess` -- slice extraction, modality selection, resizing, z-score
-  normalisation and the on-disk training cache (:func:`build_cache`, :class:`CacheDataset`).
-* :mod:`autocnnp.data.augment` -- seeded 2D affine augmentation (thesis Table 2.1).
-* :mod:`autocnnp.data.datasets` -- an in-memory synthetic 2D dataset for demos and unit tests.
-* :mod:`autocnnp.data.errors` -- :class:`DataError`, the one error type for bad data.
+* :mod:`.index` -- which cases a dataset holds (``dataset.json`` or a CSV index).
+* :mod:`.volumes` -- NIfTI cases loaded channels last; label maps written on the source grid.
+* :mod:`.checks` -- every file of a dataset checked, streaming the voxels; verdicts stamped.
+* :mod:`.preprocess` -- slices, modality selection, resizing, z-score and the on-disk slice cache.
+* :mod:`.augment` -- seeded 2D affine augmentation (thesis Table 2.1).
+* :mod:`.synth` -- small, seeded Decathlon-style datasets written as NIfTI (``autocnnp synth``).
+* :mod:`.commands` -- ``autocnnp synth``, ``preprocess``, ``check-data``.
 
-Only ``preprocess``, ``augment`` and ``datasets`` import torch.
+Only ``preprocess`` and ``augment`` import torch.
 """

@@ -16,13 +16,11 @@ modification times) matches ``meta.json`` returns at once without writing anythi
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
 import shutil
 import uuid
-from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -30,8 +28,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
-from autocnnp.data.decathlon import Case, _label_shape, _open_nifti, _read_array, load_case, read_dataset
-from autocnnp.data.errors import DataError
+from ..core.errors import DataError
+from ..core.files import exclusive_lock, read_json
+from .index import Case, read_dataset
+from .volumes import label_shape, load_case, open_nifti, read_array
 
 MODES: tuple[str, ...] = ("even", "labelled")
 CACHE_FORMAT = 1
@@ -115,6 +115,17 @@ def extract_slices(image, label, n_slices: int | None, mode: str = "even", axis:
 # --------------------------------------------------------------------------------------------
 # Modalities, resizing, normalisation
 
+def parse_modalities(text: str) -> list[str] | None:
+    """``"all"`` (or empty) -> ``None`` (keep every channel); ``"FLAIR, 2"`` -> ``["FLAIR", "2"]``."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    if not parts or (len(parts) == 1 and parts[0].lower() == "all"):
+        return None
+    if any(p.lower() == "all" for p in parts):
+        raise DataError(None, f"modalities {text!r} mixes 'all' with modality names",
+                        "write either all or a comma-separated list of modality names or channel indices")
+    return parts
+
+
 def select_modalities(image, modalities) -> np.ndarray:
     """Keep the channels ``modalities`` (a list of indices; ``None`` keeps all) of a channels-last image."""
     image = _channels_last(image)
@@ -184,21 +195,6 @@ def zscore(image, *, eps: float = 1e-8) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # The cache
 
-@contextmanager
-def exclusive_lock(lock_path: Path):
-    """Hold an exclusive ``fcntl.flock`` on ``lock_path`` (created, with its folder, if missing) for the block."""
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_UN)
-        finally:
-            os.close(fd)
-
-
 def _stat(path: Path) -> list:
     try:
         st = path.stat()
@@ -208,10 +204,7 @@ def _stat(path: Path) -> list:
 
 
 def _read_meta(cache_dir: Path) -> dict | None:
-    try:
-        return json.loads((cache_dir / META_FILE).read_text())
-    except (OSError, ValueError):
-        return None
+    return read_json(cache_dir / META_FILE)
 
 
 def _is_current(cache_dir: Path, key: str) -> bool:
@@ -306,12 +299,12 @@ def build_cache(
 
 def _plan(case: Case, mode: str, n_slices, axis: int) -> np.ndarray:
     """Slice indices of one case, reading only the header (and the label for 'labelled')."""
-    img = _open_nifti(Path(case.image))
+    img = open_nifti(Path(case.image))
     label = None
     if mode == "labelled":
         path = Path(case.label)
-        lab = _open_nifti(path)
-        label = _read_array(path, lab).reshape(_label_shape(path, lab.shape))
+        lab = open_nifti(path)
+        label = read_array(path, lab).reshape(label_shape(path, lab.shape))
     return slice_indices(img.shape[axis], n_slices, mode, label=label, axis=axis)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import JobError, Location
+from ..core.errors import JobError, Location
 from .xmlparse import read_xml
 
 

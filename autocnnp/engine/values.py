@@ -1,9 +1,10 @@
-"""Typed values: bind written settings onto a component's Config dataclass, with located errors.
+"""Typed values: bind written settings onto a Config dataclass (core/settings.py), with located errors.
 
-A Config is a plain dataclass. Supported field types: ``int``, ``float``, ``bool``, ``str``,
-``Path`` (relative paths resolve against the job file's folder), ``Literal[...]`` (enumerations,
-case-insensitive), and ``X | None``. Field metadata may carry ``min``, ``max`` (inclusive), ``gt`` (exclusive), ``aliases`` and
-``must_exist`` (paths).
+Supported field types: ``int``, ``float``, ``bool``, ``str``, ``Path`` (relative paths resolve
+against the job file's folder), ``Literal[...]`` (enumerations, case-insensitive) and ``X | None``.
+Field metadata may carry ``min``, ``max`` (inclusive), ``gt`` (exclusive), ``aliases``, ``help`` and
+``must_exist`` (paths). A value given on the command line (``--set``) replaces the file's, whatever
+spelling either uses.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import types
 import typing
 from pathlib import Path
 
-from .errors import JobError, Location, did_you_mean
+from ..core.errors import JobError, Location, Source, did_you_mean
 from .job import Setting
 
 _TRUE = {"true", "yes", "on", "1"}
@@ -91,6 +92,15 @@ def _example(tp) -> str:
             bool: "true or false"}.get(tp, "text")
 
 
+def _field_index(config_cls) -> dict[str, str]:
+    """Every name a job may use for a field of ``config_cls`` (names and aliases, any case) -> field."""
+    index = {}
+    for f in dataclasses.fields(config_cls):
+        for name in (f.name, *f.metadata.get("aliases", ())):
+            index[name] = index[name.lower()] = f.name
+    return index
+
+
 def bind(config_cls, settings: list[Setting], base_dir: Path, what: str, where: Location | None = None):
     """Build ``config_cls`` from settings; unknown names get 'did you mean' hints."""
     if config_cls is None:
@@ -100,22 +110,41 @@ def bind(config_cls, settings: list[Setting], base_dir: Path, what: str, where: 
         return None
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     hints = typing.get_type_hints(config_cls)
-    aliases = {a: f.name for f in fields.values() for a in f.metadata.get("aliases", ())}
+    index = _field_index(config_cls)
     values, seen = {}, {}
     for s in settings:
-        key = s.name if s.name in fields else aliases.get(s.name, aliases.get(s.name.lower()))
+        key = index.get(s.name, index.get(s.name.lower()))
         if key is None:
             raise JobError(s.where, f"{what} has no parameter '{s.name}'", did_you_mean(s.name, fields))
-        if key in seen:
+        if key in seen and not isinstance(s.where, Source):
             raise JobError(s.where, f"'{s.name}' sets {key}, already set at line {seen[key].line}", "keep one")
         seen[key] = s.where
         values[key] = convert(s.text, hints[key], s.where, key, base_dir, fields[key].metadata)
+    missing = [f.name for f in fields.values()
+               if f.name not in values and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+    if missing:
+        help_text = fields[missing[0]].metadata.get("help", "")
+        raise JobError(where or (settings[0].where if settings else Location(base_dir)),
+                       f"{what} needs the parameter '{missing[0]}'" + (f" ({help_text})" if help_text else ""),
+                       f"add it, e.g. <param name=\"{missing[0]}\">...</param>")
     try:
         return config_cls(**values)
     except (TypeError, ValueError) as exc:
         named = [(str(exc).find(k), -len(k), k) for k in seen if k in str(exc)]
         where = seen[min(named)[2]] if named else where or (settings[0].where if settings else Location(base_dir))
         raise JobError(where, f"{what}: {exc}", "see the job file reference in README.rst") from None
+
+
+def bind_section(config_classes: tuple, settings: list[Setting], base_dir: Path, section: str) -> list:
+    """Bind one job section (``<cluster>``, ``<monitoring>``) whose properties belong to several Configs:
+    each property goes to the Config that declares it; a name no Config declares is an error."""
+    owners = {name: cls for cls in config_classes for name in _field_index(cls)}
+    for s in settings:
+        if s.name not in owners and s.name.lower() not in owners:
+            names = [f.name for cls in config_classes for f in dataclasses.fields(cls)]
+            raise JobError(s.where, f"{section} has no property '{s.name}'", did_you_mean(s.name, names))
+    return [bind(cls, [s for s in settings if owners.get(s.name, owners.get(s.name.lower())) is cls], base_dir,
+                 section) for cls in config_classes]
 
 
 def describe(config) -> dict[str, object]:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from lxml import etree
 
-from .errors import JobError, Location
+from ..core.errors import JobError, Location
 
 MAX_JOB_BYTES = 1 << 20
 SCHEMA_FILE = Path(__file__).with_name("schema") / "job.xsd"

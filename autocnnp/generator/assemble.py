@@ -6,68 +6,94 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.errors import JobError, Location, did_you_mean
+from ..core.errors import JobError, Location, did_you_mean
+from ..core.rundir import RunDir
 from ..engine.job import Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
-from ..run.config import ClusterConfig, MonitoringConfig
-from .points import COMPOSITES, MODULE_BY_NAME, MODULES, POINT_BY_NAME, POINTS, SET_ELSEWHERE
-from .registry import ARCHITECTURES, DATASETS, TASKS, Entry
+from .points import COMPOSITES, MODULE_BY_NAME, MODULES, PLUGIN_FITS, POINT_BY_NAME, POINTS, SET_ELSEWHERE
+from .protocols import DataFormat, LRPolicy, StrategyConfig
+from .registry import Entry
 from .tree import Action, Binding, Composite, Module
 
 
 @dataclass
 class Generator:
-    """The assembled generator plus the run-wide settings of the job."""
+    """The assembled generator: the component tree, the number of ranks, the seed and the run folder."""
 
     job: JobSpec
     root: Composite
     bindings: list[Binding]
-    degree: int
+    world_size: int
     seed: int
-    output: Path
-    monitoring: MonitoringConfig
-    cluster: ClusterConfig
+    rundir: RunDir
+
+    def actions(self):
+        for module in self.root.modules():
+            yield from module.actions
 
     def action(self, type_: str) -> Action:
-        for module in self.root.modules():
-            for action in module.actions:
-                if action.type == type_:
-                    return action
+        for action in self.actions():
+            if action.type == type_:
+                return action
         raise KeyError(type_)
 
     @property
     def hyperparameters(self):
         return self.action("hyperparameters_injection").config
 
+    def data_format(self) -> DataFormat:
+        """The job's data format (cheap: it reads nothing until asked)."""
+        return self.action("dataset_injection").build()
+
+    def replicas(self, world_size: int | None = None) -> int:
+        """Model replicas whose gradients make one step with ``world_size`` ranks (default: the job's)."""
+        ranks = world_size or self.world_size
+        config = self.action("dist_strategy").config
+        return config.replicas(ranks) if isinstance(config, StrategyConfig) else ranks
+
+    def lr_policy(self, steps_per_epoch: int, world_size: int | None = None, name: str | None = None) -> LRPolicy:
+        """The learning-rate policy as training builds it: the job's, or the registered policy ``name``
+        with its defaults, for ``world_size`` ranks (default: the job's)."""
+        action = self.action("lr_policy")
+        if name is not None and name != action.entry.name:
+            action = default_action(POINT_BY_NAME["lr_policy"], name, self.job)
+        hp = self.hyperparameters
+        return action.build(base_lr=hp.lr, replicas=self.replicas(world_size), steps_per_epoch=steps_per_epoch,
+                            total_epochs=hp.end_epoch)
+
+
+def default_action(point, name: str, spec: JobSpec) -> Action:
+    """An action of ``point`` implemented by ``name`` with its default parameters."""
+    entry = point.registry.get(name, spec.where)
+    return Action(point, entry, bind(entry.config, [], spec.base_dir, point.title), None, False, base_dir=spec.base_dir)
+
 
 def assemble(job: JobSpec | Path | str) -> Generator:
     """Parse (if given a path), resolve and check a job; raise JobError on the first problem."""
     spec = job if isinstance(job, JobSpec) else read_job(job)
     base = spec.base_dir
-    degree = convert(spec.degree.text, int, spec.degree.where, "parallelism-degree", base, {"min": 1})
+    world_size = convert(spec.degree.text, int, spec.degree.where, "parallelism-degree", base, {"min": 1})
     seed = 0 if spec.seed is None else convert(spec.seed.text, int, spec.seed.where, "seed", base, {"min": 0})
-    output = Path(spec.output.text) if spec.output else base / "runs" / spec.file.stem
+    rundir = RunDir(Path(spec.output.text) if spec.output else base / "runs" / spec.file.stem)
     for name, where in spec.modules.items():
         if name.lower() not in MODULE_BY_NAME:
             raise JobError(where, f"unknown module '{name}'", did_you_mean(name, [m.name for m in MODULES]))
 
     actions = {a.type: a for a in _explicit_actions(spec)}
-    actions.update(_injection_actions(spec, actions))
+    actions.update(_injection_actions(spec))
     for point in POINTS:
         if point.type not in actions and point.default is not None:
-            actions[point.type] = Action(point, point.registry.get(point.default, spec.where), None, None, False,
-                                         base_dir=base)
-            actions[point.type].config = bind(actions[point.type].entry.config, [], base, point.title)
-    cluster = bind(ClusterConfig, spec.cluster, base, "<cluster>")
-    _fit_dependencies(actions, cluster, spec)
+            actions[point.type] = default_action(point, point.default, spec)
+    _fit_dependencies(actions, spec)
 
     modules = {m.name: Module(m.name, m.title, [actions[p.type] for p in POINTS if p.module == m.name])
                for m in MODULES}
     root = Composite("cnn_parallelism_generator", "CNN-Parallelism-Generator", [
         Composite(c, title, [modules[m.name] for m in MODULES if m.composite == c]) for c, title in COMPOSITES.items()
     ])
-    return Generator(spec, root, _bindings(), degree, seed, output,
-                     bind(MonitoringConfig, spec.monitoring, base, "<monitoring>"), cluster)
+    gen = Generator(spec, root, _bindings(), world_size, seed, rundir)
+    _check_lr_policy(gen)
+    return gen
 
 
 def _explicit_actions(spec: JobSpec):
@@ -100,11 +126,17 @@ def _explicit_actions(spec: JobSpec):
             raise JobError(where, f"'{point.type}' is non-extensible: user code cannot be plugged into it",
                            "remove the <path>; plug-ins go into extensible actions such as checkpoint")
         entry = _choose(point.registry, a.choice, point.default, a.where)
-        # user code (a file, an entry point without Config) is checked against its signature when built
-        checked = entry.config is not None or entry.origin == "built-in"
-        config = bind(entry.config, a.params, spec.base_dir, f"{point.type} '{entry.name}'") if checked else None
-        plugins = {name: point.registry.from_file(c.path, c.entry or name, c.where) for name, c in a.plugins.items()}
-        yield Action(point, entry, config, a.where, True, a.params, plugins, spec.base_dir)
+        plugins = {name: point.registry.from_file(c.path, c.entry or name, c.where, PLUGIN_FITS)
+                   for name, c in a.plugins.items()}
+        yield _action(point, entry, a.params, a.where, spec, plugins)
+
+
+def _action(point, entry: Entry, settings: list[Setting], where, spec: JobSpec, plugins=None) -> Action:
+    """An action whose parameters are bound now (built-ins, entry points with a Config) or, for user
+    code, when it is built (the file is not executed to validate a job)."""
+    config = bind(entry.config, settings, spec.base_dir, f"{point.type} '{entry.name}'", where) \
+        if entry.config is not None or entry.origin == "built-in" else None
+    return Action(point, entry, config, where, True, settings, plugins or {}, spec.base_dir)
 
 
 def _choose(registry, choice: Choice | None, default: str | None, where: Location) -> Entry:
@@ -117,21 +149,13 @@ def _choose(registry, choice: Choice | None, default: str | None, where: Locatio
     return registry.get(choice.name, choice.where)
 
 
-def _injection_actions(spec: JobSpec, explicit: dict[str, Action]) -> dict[str, Action]:
+def _injection_actions(spec: JobSpec) -> dict[str, Action]:
     """Task, architecture, dataset and hyperparameters come from their own job sections."""
-    base = spec.base_dir
-    points = {p.type: p for p in POINTS}
-
-    def make(point_type, entry, settings, where):
-        point = points[point_type]
-        config = bind(entry.config, settings, base, f"{point.title} '{entry.name}'", where) if entry.config else None
-        return Action(point, entry, config, where, True, settings, {}, base)
-
-    task = TASKS.get(spec.task, spec.where)
-    arch = spec.architecture
+    points = POINT_BY_NAME
+    arch, registry = spec.architecture, points["architecture_injection"].registry
+    arch_settings = spec.architecture_params
     if arch.path is not None and arch.path.suffix == ".py":
-        arch_entry = ARCHITECTURES.from_file(arch.path, arch.entry, arch.where)
-        arch_settings = spec.architecture_params
+        arch_entry = registry.from_file(arch.path, arch.entry, arch.where)
     elif arch.path is not None and arch.path.suffix == ".keras":  # a Keras 3 model file: the `keras` entry
         if arch.entry:
             raise JobError(arch.where, f"entry=\"{arch.entry}\" names a Python symbol, but {arch.path.name} is a "
@@ -139,52 +163,56 @@ def _injection_actions(spec: JobSpec, explicit: dict[str, Action]) -> dict[str, 
         if not arch.path.is_file():
             raise JobError(arch.where, f"the Keras model file {arch.path} does not exist",
                            "fix the <path> (relative paths are read from the job file's folder)")
-        arch_entry = ARCHITECTURES.get("keras", arch.where)
-        arch_settings = [Setting("path", str(arch.path), arch.where), *spec.architecture_params]
+        arch_entry = registry.get("keras", arch.where)
+        arch_settings = [Setting("path", str(arch.path), arch.where), *arch_settings]
     elif arch.path is not None:
         raise JobError(arch.where, f"architecture file {arch.path.name} is not a Python file or a Keras model",
                        "describe the network in a .py file defining build(in_channels, num_classes, ...) "
-                       "or an nn.Module class (entry=\"ClassName\"), or save a Keras 3 model as a .keras file")
+                       "or an nn.Module class, or save a Keras 3 model as a .keras file")
     else:
-        arch_entry, arch_settings = ARCHITECTURES.get(arch.name, arch.where), spec.architecture_params
-    data_format = spec.data_format
-    data_entry = DATASETS.get(data_format.name or "decathlon", data_format.where)
-    data_settings = [*spec.data_paths.values(), *spec.data_params]
+        arch_entry = registry.get(arch.name, arch.where)
+    data = spec.data_format
+    data_entry = points["dataset_injection"].registry.get(data.name or "decathlon", data.where)
+    hyper = points["hyperparameters_injection"]
     return {
-        "task_definition": make("task_definition", task, [], spec.where),
-        "architecture_injection": make("architecture_injection", arch_entry, arch_settings, arch.where),
-        "dataset_injection": make("dataset_injection", data_entry, data_settings, data_format.where),
-        "hyperparameters_injection": make("hyperparameters_injection",
-                                          points["hyperparameters_injection"].registry.get("xml", spec.where),
-                                          spec.hyperparameters, spec.where),
+        "task_definition": _action(points["task_definition"], points["task_definition"].registry.get(
+            spec.task, spec.where), [], spec.where, spec),
+        "architecture_injection": _action(points["architecture_injection"], arch_entry, arch_settings, arch.where,
+                                          spec),
+        "dataset_injection": _action(points["dataset_injection"], data_entry,
+                                     [*spec.data_paths.values(), *spec.data_params], data.where, spec),
+        "hyperparameters_injection": _action(hyper, hyper.registry.get(hyper.default, spec.where),
+                                             spec.hyperparameters, spec.where, spec),
     }
 
 
-def _fit_dependencies(actions: dict[str, Action], cluster: ClusterConfig, spec: JobSpec) -> None:
-    """Intra-module dependencies: a swapped implementation may need another action or launcher."""
-    points = {p.type: p for p in POINTS}
+def _fit_dependencies(actions: dict[str, Action], spec: JobSpec) -> None:
+    """Intra-module dependencies: a swapped implementation may need another action."""
     for action in list(actions.values()):
         for other_type, allowed in action.entry.requires.items():
             other = actions.get(other_type)
             if other is None or not other.explicit:
-                point = points[other_type]
-                entry = point.registry.get(allowed[0], spec.where)
-                actions[other_type] = Action(point, entry, bind(entry.config, [], spec.base_dir, point.title),
-                                             None, False, base_dir=spec.base_dir)
+                actions[other_type] = default_action(POINT_BY_NAME[other_type], allowed[0], spec)
             elif other.entry.name not in allowed:
                 raise JobError(other.where, f"{action.type} '{action.entry.name}' needs {other_type} "
                                f"{' or '.join(repr(a) for a in allowed)}, but the job sets '{other.entry.name}'",
                                f"change this action to {allowed[0]} or remove it to let the engine choose")
-        launchers = action.entry.launchers
-        if "mpirun" in launchers:  # srun starts the same MPI ranks (over PMIx) as mpirun does
-            launchers = (*launchers, "srun")
-        if launchers and cluster.launcher != "auto" and cluster.launcher not in launchers:
-            raise JobError(action.where or spec.where, f"{action.type} '{action.entry.name}' cannot be started by "
-                           f"the '{cluster.launcher}' launcher", "set <property name=\"launcher\"> to "
-                           + " or ".join(launchers))
     missing = [p.type for p in POINTS if p.type not in actions]
     if missing:
         raise JobError(spec.where, f"no implementation for {', '.join(missing)}", "add the missing actions")
+
+
+def _check_lr_policy(gen: Generator) -> None:
+    """Build a built-in LR policy once (cheap, torch-free) so that settings that do not fit the run (a
+    decay stage longer than the training, say) are refused before anything starts."""
+    action = gen.action("lr_policy")
+    if action.entry.origin != "built-in":
+        return
+    try:
+        gen.lr_policy(steps_per_epoch=1)
+    except ValueError as exc:
+        raise JobError(action.where or gen.job.where, f"lr_policy '{action.entry.name}': {exc}",
+                       "fix its parameters or the hyperparameters' end_epoch") from None
 
 
 def _bindings() -> list[Binding]:

@@ -16,8 +16,8 @@ def _params(config) -> str:
 
 
 def render(gen: Generator, command: list[str]) -> str:
-    lines = [f"job: {gen.job.file}", f"task: {gen.job.task}   parallelism-degree: {gen.degree}   seed: {gen.seed}",
-             f"output: {gen.output}", ""]
+    lines = [f"job: {gen.job.file}", f"task: {gen.job.task}   parallelism-degree: {gen.world_size}   seed: {gen.seed}",
+             f"output: {gen.rundir}", ""]
 
     def walk(node, depth):
         pad = "  " * depth
@@ -30,7 +30,7 @@ def render(gen: Generator, command: list[str]) -> str:
             for a in node.actions:
                 kind = "extensible" if a.point.extensible else "non-extensible"
                 how = "" if a.explicit else ", default" if a.entry.name == a.point.default else ", chosen by the engine"
-                params = _params(a.config)
+                params = _params(a.config) or ", ".join(f"{p.name}={p.text}" for p in a.settings)
                 lines.append(f"{pad}  - {a.type} [{kind}] = {a.entry.name}  ({a.entry.origin}{how})")
                 if params and a.type != "hyperparameters_injection":
                     lines.append(f"{pad}      {params}")

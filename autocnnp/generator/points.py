@@ -1,11 +1,31 @@
-"""The default generator tree: which extension points (action types) exist, in which module and
-composite they sit, whether users may override them, and what data they hand each other."""
+"""The generator tree: which extension points (action types) exist, in which module and composite
+they sit, whether users may override them, what data they hand each other, and how their
+implementations are called. This table is the one place that knows them.
+
+===========================  ====================================================================
+point                        implementation (``config``: the bound Config, first when declared)
+===========================  ====================================================================
+communication_init           ``init(config, timeout_s=) -> World``
+device_placement             ``place(world=) -> torch.device``
+memory_allocation            ``apply(config, device=) -> torch.device``
+hyperparameters_injection    ``inject(config) -> the bound hyperparameters``
+dist_strategy                ``Strategy(config, world=, device=, beat=)``: protocols.Strategy
+lr_policy                    ``Policy(config, base_lr=, replicas=, steps_per_epoch=, total_epochs=)``:
+                             protocols.LRPolicy
+checkpoint                   ``Checkpointer(config, directory=, rank=, plugins=)``: protocols.Checkpointer
+task_definition              ``Task()`` with ``loss(name)`` and ``evaluator(num_classes)``
+architecture_injection       ``build(config, in_channels=, num_classes=) -> nn.Module``
+dataset_injection            ``Format(config)``: protocols.DataFormat
+===========================  ====================================================================
+
+A user callable without a Config gets its parameters as keyword arguments instead.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from . import registry as r
+from .registry import Fits, Registry
 
 
 @dataclass(frozen=True)
@@ -16,11 +36,18 @@ class Point:
     title: str
     module: str
     extensible: bool
-    registry: r.Registry
+    folder: str  # autocnnp/components/<folder>/ holds its built-ins
     default: str | None
+    file_entry: str  # the symbol a user file defines by convention
+    fits: Fits = Fits()
     aliases: tuple[str, ...] = ()
     consumes: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
+    noun: str = ""  # what messages call an implementation (and the entry-point group autocnnp.<noun>); default: type
+    registry: Registry = field(init=False, compare=False, repr=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "registry", Registry(self.noun or self.type, self.folder, self.file_entry, self.fits))
 
 
 @dataclass(frozen=True)
@@ -44,28 +71,34 @@ MODULES = (
 )
 
 POINTS = (
-    Point("communication_init", "Communication Init", "train_env_def", False, r.COMMUNICATION, "torch_distributed",
-          ("comm_init",), provides=("world",)),
-    Point("device_placement", "Processes Device Placement", "train_env_def", False, r.PLACEMENT, "local_rank",
-          consumes=("world",), provides=("device",)),
-    Point("memory_allocation", "Memory Allocation", "train_env_def", False, r.MEMORY, "soft_placement",
+    Point("communication_init", "Communication Init", "train_env_def", False, "communication", "torch_distributed",
+          "init", aliases=("comm_init",), provides=("world",)),
+    Point("device_placement", "Processes Device Placement", "train_env_def", False, "placement", "local_rank",
+          "place", consumes=("world",), provides=("device",)),
+    Point("memory_allocation", "Memory Allocation", "train_env_def", False, "memory", "soft_placement", "apply",
           consumes=("device",)),
-    Point("hyperparameters_injection", "Hyperparameters Injection", "train_strategy_def", False,
-          r.HYPERPARAMETERS, "xml", ("hyperparameters",), provides=("hyperparameters",)),
-    Point("dist_strategy", "Distributed Optimizer", "train_strategy_def", True, r.STRATEGIES, "ring_allreduce",
-          ("distributed_optimizer",), consumes=("world", "device", "model", "hyperparameters"),
-          provides=("parallel model", "optimizer")),
-    Point("lr_policy", "Learning-Rate Policy", "train_strategy_def", True, r.LR_POLICIES, "gradual_warmup",
-          ("lr_schedule",), consumes=("world", "hyperparameters", "optimizer")),
-    Point("checkpoint", "Training Checkpoints", "train_strategy_def", True, r.CHECKPOINTS, "periodic",
+    Point("hyperparameters_injection", "Hyperparameters Injection", "train_strategy_def", False, "hyperparameters",
+          "xml", "inject", aliases=("hyperparameters",), provides=("hyperparameters",)),
+    Point("dist_strategy", "Distributed Optimizer", "train_strategy_def", True, "strategies", "ring_allreduce",
+          "Strategy", Fits(bases=("Strategy",), methods=("wrap", "sampler")), ("distributed_optimizer",),
+          consumes=("world", "device", "model", "hyperparameters"), provides=("parallel model", "optimizer")),
+    Point("lr_policy", "Learning-Rate Policy", "train_strategy_def", True, "lr_policies", "gradual_warmup",
+          "Policy", Fits(bases=("LRPolicy",), methods=("lr",)), ("lr_schedule",),
+          consumes=("world", "hyperparameters", "optimizer")),
+    Point("checkpoint", "Training Checkpoints", "train_strategy_def", True, "checkpoints", "periodic",
+          "Checkpointer", Fits(bases=("Checkpointer",), methods=("save", "load")),
           ("tr_checkpoint", "training_checkpoints"), consumes=("parallel model", "optimizer")),
-    Point("task_definition", "Task Definition", "injection", False, r.TASKS, None, ("task",),
+    Point("task_definition", "Task Definition", "injection", False, "tasks", None, "Task", aliases=("task",),
           provides=("task",)),
-    Point("architecture_injection", "Architecture Injection", "injection", False, r.ARCHITECTURES, None,
-          ("architecture",), consumes=("task",), provides=("model",)),
-    Point("dataset_injection", "Dataset Injection", "injection", False, r.DATASETS, None, ("dataset",),
-          consumes=("world", "task"), provides=("datasets",)),
+    Point("architecture_injection", "Architecture Injection", "injection", False, "architectures", None, "build",
+          Fits(bases=("Module", "Model"), methods=("forward",)), ("architecture",), consumes=("task",),
+          provides=("model",), noun="architecture"),
+    Point("dataset_injection", "Dataset Injection", "injection", False, "datasets", None, "Format",
+          aliases=("dataset",), consumes=("world", "task"), provides=("datasets",), noun="dataset"),
 )
+
+# What a checkpoint plug-in file may define (<value name="X"><path>f.py</path></value>).
+PLUGIN_FITS = Fits(bases=("CheckpointPlugin",), methods=("on_epoch_end",), functions=True)
 
 # Points whose implementation is chosen by another part of the job file, not by an <action>.
 SET_ELSEWHERE = {
@@ -86,3 +119,8 @@ def _index():
 
 POINT_BY_NAME = _index()
 MODULE_BY_NAME = {key.lower(): m for m in MODULES for key in (m.name, *m.aliases)}
+
+
+def registry(point_type: str) -> Registry:
+    """The registry of one extension point."""
+    return POINT_BY_NAME[point_type].registry

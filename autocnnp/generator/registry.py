@@ -1,21 +1,45 @@
-"""One small registry per extension point (detectron2 style), filled lazily so that the engine
-never imports torch: an entry names its implementation as ``"module:attr"``, imported on build.
+"""One small registry per extension point (detectron2 style).
 
-Implementations come from three places, and the plan says which one was used:
-built-in (``autocnnp.components``), a third-party distribution's entry point in the group
-``autocnnp.<point>``, or a Python file named in the job.
+An implementation comes from one of three places, and the plan says which:
+
+* **built-in**: a file of ``autocnnp/components/<folder>/``, one component per file, declared by
+  the marker ``@component("name")`` on its implementation; its parameters are the file's ``Config``
+  dataclass. Built-ins are found *without importing them* (their modules import torch, and validating
+  a job must not): the file is parsed, and only its ``*Config`` dataclasses, with the torch-free
+  imports and constants they use, are executed. tests/test_registry.py checks that this
+  reading equals what importing the module gives;
+* **an installed distribution** declaring an entry point in the group ``autocnnp.<point>``; its
+  parameters are the implementation's ``Config`` attribute;
+* **a Python file named in the job** (checked by AST, never executed until the generator is built);
+  without ``entry=``, its one definition that fits the point is used.
 """
 
 from __future__ import annotations
 
 import ast
+import functools
 import importlib
 import importlib.util
 import sys
+import types
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine.errors import JobError, Location, did_you_mean
+from ..core.errors import JobError, Location, did_you_mean
+from .protocols import summary
+
+COMPONENTS = Path(__file__).resolve().parent.parent / "components"
+COMPONENTS_PACKAGE = "autocnnp.components"
+# imports a Config may use: executed by the torch-free reading of a built-in file
+_LIGHT_MODULES = ("__future__", "dataclasses", "typing", "pathlib", "enum", "math", "re", "autocnnp.core",
+                  "autocnnp.generator.protocols")
+
+
+def component(name: str, *, aliases: tuple[str, ...] = ()):
+    """Mark the implementation of a built-in component (read by the registry from the file's text;
+    the file's ``Config`` dataclass holds its parameters). Returns the object unchanged."""
+    del name, aliases
+    return lambda obj: obj
 
 
 @dataclass(frozen=True)
@@ -23,95 +47,243 @@ class Entry:
     """A registered implementation of one extension point."""
 
     name: str
-    target: str
+    target: str  # "module:attr", or "/path/file.py:attr" for a user file
     config: type | None = None
     summary: str = ""
     origin: str = "built-in"
     requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
     launchers: tuple[str, ...] = ()
+    aliases: tuple[str, ...] = ()
+
+    @property
+    def file(self) -> Path | None:
+        """The user file this entry comes from, if any."""
+        return Path(self.target.rsplit(":", 1)[0]) if self.origin.startswith("file ") else None
 
     def load(self):
         """Import and return the implementation object."""
-        if self.origin.startswith("file "):
-            return load_file_symbol(Path(self.target.rsplit(":", 1)[0]), self.target.rsplit(":", 1)[1])
-        module, _, attr = self.target.partition(":")
-        obj = importlib.import_module(module)
+        location, _, attr = self.target.rpartition(":")
+        if self.file is not None:
+            return getattr(load_file(self.file), attr)
+        obj = importlib.import_module(location)
         for part in attr.split("."):
             obj = getattr(obj, part)
         return obj
 
 
+@dataclass(frozen=True)
+class Fits:
+    """What a user file's definition must look like to implement a point (used without entry=)."""
+
+    bases: tuple[str, ...] = ()  # a class deriving from one of these names
+    methods: tuple[str, ...] = ()  # or a class defining all of these methods
+    functions: bool = False  # any public function fits too
+
+
 class Registry:
     """Name -> Entry for one extension point."""
 
-    def __init__(self, point: str, file_entry: str):
-        self.point = point
-        self.file_entry = file_entry
-        self._entries: dict[str, Entry] = {}
+    def __init__(self, point: str, folder: str, file_entry: str, fits: Fits):
+        self.point, self.folder, self.file_entry, self.fits = point, folder, file_entry, fits
+        self.extra: dict[str, Entry] = {}  # implementations registered in this process (an interactive session, a test)
 
-    def register(self, name: str, target: str, config: type | None = None, summary: str = "", **kw) -> Entry:
-        if name in self._entries:
-            raise ValueError(f"{self.point} '{name}' is registered twice")
-        entry = self._entries[name] = Entry(name, target, config, summary, **kw)
-        return entry
+    # --- built-ins and installed distributions ---
+
+    def _marks(self) -> dict[str, tuple[Path, str]]:
+        """name or alias -> (file, definition) of every built-in of this point (read from the text only)."""
+        return {key: (path, definition) for path in sorted((COMPONENTS / self.folder).glob("*.py"))
+                for name, aliases, definition in _marks(path) for key in (name, *aliases)}
 
     def names(self) -> list[str]:
-        _load_builtins()
-        return sorted(self._entries)
+        files = sorted((COMPONENTS / self.folder).glob("*.py"))
+        return sorted({name for path in files for name, _, _ in _marks(path)} | set(self.extra))
+
+    def builtin(self, name: str) -> Entry | None:
+        """The built-in (or in-process registered) implementation called ``name``, if any."""
+        if name in self.extra:
+            return self.extra[name]
+        own = COMPONENTS / self.folder / f"{name}.py"  # most files are named after their component
+        found = {n: (own, d) for n, aliases, d in _marks(own) for n in (n, *aliases)} if own.is_file() else {}
+        where = found.get(name) or self._marks().get(name)
+        return _entry(*where) if where else None
 
     def get(self, name: str, where: Location) -> Entry:
         """The entry called ``name``: built-in first, then installed entry points."""
-        _load_builtins()
-        if name in self._entries:
-            return self._entries[name]
+        entry = self.builtin(name)
+        if entry is not None:
+            return entry
         from importlib.metadata import entry_points  # ~15 ms: only when a name is not built in
 
-        found = entry_points(group=f"autocnnp.{self.point}", name=name)
-        if found:
-            ep = next(iter(found))
+        points = entry_points(group=f"autocnnp.{self.point}", name=name)
+        if points:
+            ep = next(iter(points))
             try:
                 obj = ep.load()
             except Exception as exc:  # a broken plug-in must not look like a missing one
                 raise JobError(where, f"{self.point} '{name}' from entry point {ep.value} fails to import: "
                                f"{type(exc).__name__}: {exc}", "fix or reinstall that distribution") from None
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ep.value
-            return Entry(name, ep.value, getattr(obj, "Config", None), _summary(obj), f"entry point of {dist}",
+            return Entry(name, ep.value, getattr(obj, "Config", None), summary(obj), f"entry point of {dist}",
                          dict(getattr(obj, "requires", {})), tuple(getattr(obj, "launchers", ())))
         installed = [ep.name for ep in entry_points(group=f"autocnnp.{self.point}")]
         raise JobError(where, f"unknown {self.point} '{name}'", did_you_mean(name, self.names() + installed))
 
-    def from_file(self, path: Path, entry: str | None, where: Location) -> Entry:
-        """An entry for ``entry`` (default: this point's conventional name) defined in a user file.
+    # --- user files ---
 
-        The file is checked (exists, parses, defines the symbol) but not executed, so validation
-        stays fast and side-effect free; it is imported when the generator is built.
-        """
-        symbol = entry or self.file_entry
+    def from_file(self, path: Path, entry: str | None, where: Location, fits: Fits | None = None) -> Entry:
+        """The implementation defined in a user file: ``entry`` if given, else the point's conventional
+        symbol if the file defines it, else the file's only definition that fits the point (``fits``:
+        another shape, for plug-ins). The file is parsed, not executed (it is imported when the
+        generator is built)."""
         if not path.is_file():
             raise JobError(where, f"the {self.point} file {path} does not exist",
                            "fix the <path> (relative paths are read from the job file's folder)")
         if path.suffix != ".py":
-            raise JobError(where, f"{path} is not a Python file", f"point at a .py file defining {symbol}")
+            raise JobError(where, f"{path} is not a Python file", f"point at a .py file defining {self.file_entry}")
         try:
-            tree = ast.parse(path.read_text(), filename=str(path))
+            tree = ast.parse(path.read_bytes(), filename=str(path))
         except SyntaxError as exc:
             raise JobError(Location(path, exc.lineno or 0, exc.offset or 0), f"syntax error in {self.point} "
                            f"file: {exc.msg}", "fix the Python file named by the job") from None
-        defined = {n.name for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))}
-        defined |= {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-        if symbol not in defined:
-            hint = did_you_mean(symbol, defined) if defined else "the file defines nothing at top level"
-            raise JobError(where, f"{path} defines no '{symbol}' for {self.point}",
-                           f"{hint}; or name the symbol with entry=\"...\" on the element")
-        return Entry(symbol, f"{path}:{symbol}", None, ast.get_docstring(tree) or "", f"file {path}")
+        defined = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))}
+        assigned = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
+        fitting = [name for name, node in defined.items() if not name.startswith("_") and self._fits(node, fits)]
+        symbol = entry or (self.file_entry if self.file_entry in defined or self.file_entry in assigned else None)
+        if symbol is None and len(fitting) == 1:
+            symbol = fitting[0]
+        if symbol is None or symbol not in defined and symbol not in assigned:
+            if entry is None and fitting:
+                hint = did_you_mean(self.file_entry, fitting)
+                problem = f"{path} defines several candidates for {self.point} and no '{self.file_entry}'"
+            else:
+                names = sorted(defined) + sorted(assigned)
+                hint = did_you_mean(symbol or self.file_entry, names) if names else "the file defines nothing"
+                problem = f"{path} defines no '{symbol or self.file_entry}' for {self.point}"
+            raise JobError(where, problem, f"{hint}; or name the symbol with entry=\"...\" on the element")
+        node = defined.get(symbol)
+        attrs = _class_literals(node) if isinstance(node, ast.ClassDef) else {}
+        doc = ast.get_docstring(node) if node is not None else None
+        return Entry(symbol, f"{path}:{symbol}", None, (doc or ast.get_docstring(tree) or "").split("\n")[0],
+                     f"file {path}", dict(attrs.get("requires", {})), tuple(attrs.get("launchers", ())))
+
+    def _fits(self, node, fits: Fits | None) -> bool:
+        fits = fits or self.fits
+        if isinstance(node, ast.ClassDef):
+            bases = {_dotted(b).rsplit(".", 1)[-1] for b in node.bases}
+            methods = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
+            return bool(bases & set(fits.bases)) or bool(fits.methods) and set(fits.methods) <= methods
+        return fits.functions or node.name == self.file_entry
 
 
-def _summary(obj) -> str:
-    return (obj.__doc__ or "").strip().splitlines()[0] if obj.__doc__ else ""
+# --- reading built-in files without importing them -------------------------------------------------------
+
+_HEADERS: dict[Path, types.ModuleType] = {}
 
 
-def load_file_symbol(path: Path, symbol: str):
-    """Import a user file as a module (once per process) and return one of its symbols."""
+def _dotted(node) -> str:
+    if isinstance(node, ast.Name):
+        return node.id
+    if isinstance(node, ast.Attribute):
+        return f"{_dotted(node.value)}.{node.attr}"
+    if isinstance(node, ast.Call):
+        return _dotted(node.func)
+    return ""
+
+
+def _module_name(path: Path) -> str:
+    return ".".join([COMPONENTS_PACKAGE, *path.resolve().relative_to(COMPONENTS).with_suffix("").parts])
+
+
+def _is_static(node) -> bool:
+    """A constant the torch-free reading may execute: a literal, or a ``Literal[...]`` of literals."""
+    if isinstance(node, ast.Subscript) and _dotted(node.value).rsplit(".", 1)[-1] == "Literal":
+        node = node.slice
+    try:
+        ast.literal_eval(node)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return False
+    return True
+
+
+def _light(node) -> bool:
+    """An import the torch-free reading may execute (standard typing helpers and autocnnp's light layers)."""
+    if isinstance(node, ast.ImportFrom):
+        names = [] if node.level else [node.module or ""]
+    else:
+        names = [a.name for a in node.names]
+    return bool(names) and all(any(n == m or n.startswith(m + ".") for m in _LIGHT_MODULES) for n in names)
+
+
+def header(path: Path) -> types.ModuleType:
+    """The torch-free part of a built-in file as a module: its light imports, literal constants and
+    ``*Config`` dataclasses (sibling files' Configs imported with ``from .x import ...`` included)."""
+    path = path.resolve()
+    if path in _HEADERS:
+        return _HEADERS[path]
+    tree = ast.parse(path.read_bytes(), filename=str(path))
+    module = types.ModuleType(f"{_module_name(path)}.__header__")
+    module.__file__ = str(path)
+    sys.modules[module.__name__] = module  # so typing.get_type_hints resolves the Config's annotations
+    body = []
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
+            sibling = header(path.with_name(f"{node.module}.py"))
+            for alias in node.names:
+                if hasattr(sibling, alias.name):
+                    setattr(module, alias.asname or alias.name, getattr(sibling, alias.name))
+        elif isinstance(node, (ast.Import, ast.ImportFrom)) and _light(node):
+            body.append(node)
+        elif isinstance(node, (ast.Assign, ast.AnnAssign)) and node.value is not None and _is_static(node.value):
+            body.append(node)
+        elif isinstance(node, ast.ClassDef) and node.name.endswith("Config"):
+            body.append(node)
+    try:
+        exec(compile(ast.Module(body, type_ignores=[]), str(path), "exec"), module.__dict__)
+    except NameError as exc:
+        raise RuntimeError(f"{path}: a Config uses {exc.name!r}, which the torch-free reading of built-in "
+                           "components cannot see: write it as a literal, or import it from autocnnp.core or "
+                           "autocnnp.generator.protocols") from None
+    _HEADERS[path] = module
+    return module
+
+
+def _class_literals(node: ast.ClassDef, namespace: dict | None = None) -> dict:
+    """Class attributes ``requires`` and ``launchers``, evaluated as literals (or names of ``namespace``)."""
+    out = {}
+    for item in node.body:
+        if isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name) \
+                and item.targets[0].id in ("requires", "launchers"):
+            expression = compile(ast.Expression(item.value), "<component>", "eval")
+            out[item.targets[0].id] = eval(expression, dict(namespace or {}))  # literals and constants only
+    return out
+
+
+@functools.cache
+def _marks(path: Path) -> tuple[tuple[str, tuple[str, ...], str], ...]:
+    """``(name, aliases, definition)`` of each ``@component(...)`` mark in a built-in file (parsed, not run)."""
+    out = []
+    for node in ast.parse(path.read_bytes(), filename=str(path)).body:
+        for mark in getattr(node, "decorator_list", []):
+            if isinstance(mark, ast.Call) and _dotted(mark.func).rsplit(".", 1)[-1] == "component":
+                aliases = next((ast.literal_eval(k.value) for k in mark.keywords if k.arg == "aliases"), ())
+                out.append((ast.literal_eval(mark.args[0]), tuple(aliases), node.name))
+    return tuple(out)
+
+
+@functools.cache
+def _entry(path: Path, definition: str) -> Entry:
+    """The built-in ``definition`` of ``path``: its Config and class attributes read torch-free."""
+    mod = header(path)
+    node = next(n for n in ast.parse(path.read_bytes(), filename=str(path)).body if getattr(n, "name", None) == definition)
+    name, aliases, _ = next(m for m in _marks(path) if m[2] == definition)
+    attrs = _class_literals(node, vars(mod)) if isinstance(node, ast.ClassDef) else {}
+    return Entry(name, f"{_module_name(path)}:{definition}", getattr(mod, "Config", None),
+                 (ast.get_docstring(node) or "").split("\n")[0], "built-in", dict(attrs.get("requires", {})),
+                 tuple(attrs.get("launchers", ())), aliases)
+
+
+def load_file(path: Path) -> types.ModuleType:
+    """Import a user file as a module (once per process)."""
     name = f"autocnnp_user_{abs(hash(str(path)))}"
     module = sys.modules.get(name)
     if module is None:
@@ -119,27 +291,4 @@ def load_file_symbol(path: Path, symbol: str):
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
-    return getattr(module, symbol)
-
-
-_BUILTINS_LOADED = False
-
-
-def _load_builtins() -> None:
-    global _BUILTINS_LOADED
-    if not _BUILTINS_LOADED:
-        _BUILTINS_LOADED = True
-        importlib.import_module("autocnnp.components")
-
-
-# One registry per extension point; the second argument is the symbol a user file must define.
-COMMUNICATION = Registry("communication_init", "init")
-PLACEMENT = Registry("device_placement", "place")
-MEMORY = Registry("memory_allocation", "apply")
-STRATEGIES = Registry("dist_strategy", "Strategy")
-CHECKPOINTS = Registry("checkpoint", "Checkpointer")
-LR_POLICIES = Registry("lr_policy", "Policy")
-HYPERPARAMETERS = Registry("hyperparameters_injection", "inject")
-TASKS = Registry("task_definition", "Task")
-ARCHITECTURES = Registry("architecture", "build")
-DATASETS = Registry("dataset", "build")
+    return module

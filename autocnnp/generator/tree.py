@@ -3,15 +3,15 @@ modules hold actions, bindings carry data between actions."""
 
 from __future__ import annotations
 
-import dataclasses
 import inspect
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from ..engine.errors import JobError, Location
+from ..core.errors import JobError, Location
 from ..engine.job import Setting
-from ..engine.values import convert
+from ..engine.values import bind, convert
 from .points import Point
 from .registry import Entry
 
@@ -33,10 +33,12 @@ class Action:
     def type(self) -> str:
         return self.point.type
 
-    def params(self, impl=None) -> dict[str, Any]:
-        """Typed parameters: from the Config dataclass, or from the callable's signature for user code."""
-        if self.config is not None:
-            return {f.name: getattr(self.config, f.name) for f in dataclasses.fields(self.config)}
+    @property
+    def title(self) -> str:
+        return f"{self.type} '{self.entry.name}'"
+
+    def params(self, impl) -> dict[str, Any]:
+        """Keyword parameters of a user callable without a Config, typed by its signature."""
         if not self.settings:
             return {}
         sig = inspect.signature(impl)
@@ -51,13 +53,18 @@ class Action:
             out[s.name] = convert(s.text, tp, s.where, s.name, self.base_dir)
         return out
 
-    def build(self, *args, **runtime):
-        """Call the implementation with runtime objects, the typed parameters and any user plugins."""
+    def build(self, **runtime):
+        """Call the implementation: with its bound Config first (when it declares one) or its keyword
+        parameters, then the runtime objects, and the user plug-ins of an extensible action."""
         impl = self.entry.load()
-        kwargs = {**runtime, **self.params(impl)}
         if self.plugins:
-            kwargs["plugins"] = {name: e.load() for name, e in self.plugins.items()}
-        return impl(*args, **kwargs)
+            runtime["plugins"] = {name: e.load() for name, e in self.plugins.items()}
+        config = self.config
+        if config is None and (config_cls := getattr(impl, "Config", None)) is not None:  # user code: bound now
+            config = bind(config_cls, self.settings, self.base_dir, self.title, self.where)
+        if config is not None:
+            return impl(config, **runtime)
+        return impl(**runtime, **self.params(impl))
 
 
 @dataclass
@@ -75,7 +82,7 @@ class Composite:
 
     name: str
     title: str
-    children: list["Composite | Module"]
+    children: list[Composite | Module]
 
     def modules(self) -> Iterator[Module]:
         for child in self.children:

@@ -15,6 +15,13 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..core.files import read_json
+from ..core.rundir import RunDir
+from . import slurm
+from .deploy import deploy
+from .job import load_job
+from .swarm import run_swarm
+
 # command-line option -> <cluster> property of `autocnnp submit`
 SUBMIT_OPTIONS = (("nodes", int, "nodes to allocate"),
                   ("tasks_per_node", int, "ranks per node (default: ranks / nodes, rounded up)"),
@@ -28,24 +35,14 @@ SUBMIT_OPTIONS = (("nodes", int, "nodes to allocate"),
 
 
 def cmd_submit(args) -> int:
-    from ..generator.assemble import assemble
-    from .overrides import with_cluster
-    from .slurm import submit
-
-    if args.set:  # a job variant: checked here, passed on to `autocnnp run` in the batch script
-        from ..engine.overrides import parse_sets, read_variant
-
-        gen = assemble(read_variant(args.job, parse_sets(args.set)))
-    else:
-        gen = assemble(args.job)
-    gen = with_cluster(gen, {name: getattr(args, name) for name, _, _ in SUBMIT_OPTIONS}, flags={"time_limit": "--time"})
-    submit(gen, dry_run=args.dry_run)
+    # a job variant (--set) is checked here and passed on to `autocnnp run` in the batch script
+    job = load_job(args.job, args.set)
+    job = job.with_cluster({name: getattr(args, name) for name, _, _ in SUBMIT_OPTIONS}, flags={"time_limit": "--time"})
+    slurm.submit(job, dry_run=args.dry_run)
     return 0
 
 
-def _describe(job_id: str, output: Path | None, state) -> str:
-    from .slurm import progress
-
+def _describe(job_id: str, rundir: RunDir | None, state) -> str:
     text = f"Slurm job {job_id}: {state.state}"
     if state.exit_code and not state.active:
         text += f" (exit code {state.exit_code})"
@@ -57,23 +54,19 @@ def _describe(job_id: str, output: Path | None, state) -> str:
         text += f", reason: {state.reason}"
     if state.state == "UNKNOWN":
         text += " (Slurm no longer knows this job and it left no exit code)"
-    done = progress(output)
+    done = slurm.progress(rundir)
     if done:
         text += f"\n  progress: {done}"
-    if output is not None:
-        from .slurm import read_record
-
-        record = read_record(output) or {}
-        text += f"\n  output: {output}" + (f"\n  log: {record['log']}" if record.get("log") else "")
+    if rundir is not None:
+        record = read_json(rundir.slurm_record) or {}
+        text += f"\n  output: {rundir}" + (f"\n  log: {record['log']}" if record.get("log") else "")
     return text
 
 
 def cmd_status(args) -> int:
-    from .slurm import find_job, job_state, wait
-
-    job_id, output = find_job(args.target)
-    state = wait(job_id, output, args.timeout, poll_s=2.0) if args.wait else job_state(job_id, output)
-    print(_describe(job_id, output, state))
+    job_id, rundir = slurm.find_job(args.target)
+    state = slurm.wait(job_id, rundir, args.timeout, poll_s=2.0) if args.wait else slurm.job_state(job_id, rundir)
+    print(_describe(job_id, rundir, state))
     if not args.wait:
         return 1 if state.state == "UNKNOWN" else 0
     if state.active:
@@ -83,10 +76,8 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    from .slurm import cancel, find_job
-
-    job_id, output = find_job(args.target)
-    before, after = cancel(job_id, output)
+    job_id, rundir = slurm.find_job(args.target)
+    before, after = slurm.cancel(job_id, rundir)
     if not before.active:
         print(f"Slurm job {job_id} is not queued or running ({before.state}); nothing to cancel")
         return 0
@@ -95,17 +86,12 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_deploy(args) -> int:
-    job = args.job
+    job_file = args.job
     if args.to or not args.swarm:
-        from .deploy import deploy
-
-        job = deploy(args.job, args.to, with_package=args.with_package, dry_run=args.dry_run)
+        job_file = deploy(args.job, args.to, with_package=args.with_package, dry_run=args.dry_run)
     if not args.swarm or args.dry_run:
         return 0
-    from ..generator.assemble import assemble
-    from .swarm import run_swarm
-
-    return run_swarm(assemble(job), args.image, timeout_s=args.timeout)
+    return run_swarm(load_job(job_file), args.image, timeout_s=args.timeout)
 
 
 def add_commands(sub) -> None:

@@ -1,50 +1,50 @@
-"""Run-wide settings from ``<cluster>`` and ``<monitoring>`` (typed, torch-free)."""
+"""The ``<cluster>`` section: three Configs, one per part of run & manage that reads it. A property
+belongs to exactly one of them (run/job.py routes it)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-
-@dataclass
-class ClusterConfig:
-    """How run & manage starts the ranks."""
-
-    launcher: Literal["auto", "mpirun", "inplace", "srun"] = "auto"
-    hostfile: Path | None = field(default=None, metadata={"must_exist": True})
-    mpirun_args: str = ""
-    oversubscribe: bool = True
-    rank_timeout_s: float = field(default=300.0, metadata={"min": 1.0})
-    startup_timeout_s: float = field(default=120.0, metadata={"min": 1.0})
-    # several hosts: the program mpirun starts remote daemons with (plm_rsh_agent; default ssh)
-    launch_agent: str = ""
-    # Slurm (`autocnnp submit`): the allocation the sbatch script asks for
-    nodes: int = field(default=1, metadata={"min": 1})
-    tasks_per_node: int | None = field(default=None, metadata={"min": 1})  # default: ranks / nodes, rounded up
-    cpus_per_task: int = field(default=1, metadata={"min": 1})
-    gpus_per_task: int = field(default=0, metadata={"min": 0})
-    time_limit: str = "01:00:00"
-    partition: str = ""
-    account: str = ""
-    job_name: str = ""
-    slurm_output: str = "slurm-%j.out"  # relative paths: in the job's output folder
-    sbatch_args: str = ""
-    # `autocnnp deploy`: the shared folder jobs are deployed to (`--to` overrides)
-    deploy_dir: Path | None = None
+from ..core.settings import setting
 
 
 @dataclass
-class MonitoringConfig:
-    """What rank 0 reports and when a run is stopped as diverged."""
+class LaunchConfig:
+    """How run & manage starts the ranks and watches them (run/launch.py, run/supervise.py)."""
 
-    progress: bool = True
-    tensorboard: bool = True
-    plots: bool = True
-    sample_interval_s: float = field(default=2.0, metadata={"min": 0.1})
-    stop_on_divergence: bool = True
-    divergence_factor: float = field(default=1e3, metadata={"min": 1.0})
-    log_every_steps: int = field(default=10, metadata={"min": 1})
-    # manifest.json's dataset checksum: content (sha256 of the files), stat (names, sizes, mtimes),
-    # auto (content up to 512 MiB, else stat) or none
-    data_checksum: Literal["auto", "content", "stat", "none"] = "auto"
+    launcher: Literal["auto", "mpirun", "inplace", "srun"] = setting(
+        "auto", help="auto: in place under a launcher's variables, else mpirun")
+    hostfile: Path | None = setting(None, must_exist=True, help="Open MPI hostfile of the hosts to run on")
+    mpirun_args: str = setting("", help="extra mpirun arguments")
+    oversubscribe: bool = setting(True, help="allow more ranks than cores (mpirun --oversubscribe)")
+    rank_timeout_s: float = setting(300.0, min=1.0, help="a rank silent this long ends the job")
+    startup_timeout_s: float = setting(120.0, min=1.0, help="ranks that have not started after this end the job")
+    launch_agent: str = setting("", help="how mpirun reaches other hosts (plm_rsh_agent; default ssh)")
+
+
+@dataclass
+class SlurmConfig:
+    """The allocation ``autocnnp submit`` asks Slurm for (run/slurm.py)."""
+
+    nodes: int = setting(1, min=1, help="nodes to allocate")
+    tasks_per_node: int | None = setting(None, min=1, help="ranks per node (default: ranks / nodes, rounded up)")
+    cpus_per_task: int = setting(1, min=1, help="CPU cores per rank")
+    gpus_per_task: int = setting(0, min=0, help="GPUs per rank")
+    time_limit: str = setting("01:00:00", help="wall-clock limit (minutes, HH:MM:SS or D-HH:MM:SS)")
+    partition: str = setting("", help="Slurm partition (default: the cluster's default one)")
+    account: str = setting("", help="account to charge")
+    job_name: str = setting("", help="Slurm job name (default: autocnnp-<job file name>)")
+    slurm_output: str = setting("slurm-%j.out", help="the batch log; a relative path is in the run's output folder")
+    sbatch_args: str = setting("", help="extra #SBATCH directives")
+
+
+@dataclass
+class DeployConfig:
+    """Where ``autocnnp deploy`` puts the job (run/deploy.py; ``--to`` overrides)."""
+
+    deploy_dir: Path | None = setting(None, help="the shared folder jobs are deployed to")
+
+
+CLUSTER_CONFIGS = (LaunchConfig, SlurmConfig, DeployConfig)

@@ -17,16 +17,16 @@ report and writes nothing. Datasets are not deployed: the job reads them where i
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..engine.errors import JobError
-from ..generator.assemble import Generator, assemble
-from .manifest import sha256_file as sha256
+from ..core.errors import JobError
+from ..core.files import read_json, sha256_file, write_json
+from ..engine.xmlparse import read_xml
+from .job import Job, load_job
 
 MANIFEST = ".deploy.json"
 SKIP_DIRS = {"__pycache__", ".pytest_cache", ".mypy_cache"}
@@ -42,16 +42,14 @@ class Item:
 
 
 def _item(source: Path, rel: str) -> Item:
-    return Item(source, rel, sha256(source), source.stat().st_size)
+    return Item(source, rel, sha256_file(source), source.stat().st_size)
 
 
-def job_files(gen: Generator) -> tuple[list[Path], list[Path]]:
+def job_files(job: Job) -> tuple[list[Path], list[Path]]:
     """(files to deploy, those of them named by an absolute path): the job file and every file it names
-    in a ``<path>`` outside ``<data>`` and ``<output>``."""
-    from ..engine.xmlparse import read_xml
-
-    root, base = read_xml(gen.job.file), gen.job.base_dir
-    files, absolute = [gen.job.file], []
+    in a ``<path>`` outside ``<data>`` and ``<output>``, and the hostfile."""
+    root, base = read_xml(job.spec.file), job.spec.base_dir
+    files, absolute = [job.spec.file], []
     for el in root.iter("path"):
         if any(a.tag in ("data", "output") for a in el.iterancestors()):
             continue
@@ -62,37 +60,29 @@ def job_files(gen: Generator) -> tuple[list[Path], list[Path]]:
             files.append(full)
             if path.is_absolute():
                 absolute.append(full)
-    for value in vars(gen.cluster).values():  # hostfile and other file-valued <cluster> properties
-        if isinstance(value, Path) and value.is_file() and value.resolve() not in files:
-            files.append(value.resolve())
+    hostfile = job.launch.hostfile
+    if hostfile is not None and hostfile.is_file() and hostfile.resolve() not in files:
+        files.append(hostfile.resolve())
     return files, absolute
 
 
-def job_items(gen: Generator) -> tuple[list[Item], list[Path]]:
-    files, absolute = job_files(gen)
+def job_items(job: Job) -> tuple[list[Item], list[Path]]:
+    files, absolute = job_files(job)
     root = Path(os.path.commonpath([f.parent for f in files]))
     return [_item(f, f.relative_to(root).as_posix()) for f in files], absolute
 
 
 def package_items() -> list[Item]:
     """The autocnnp package as it is installed (built-in components and templates included)."""
-    import autocnnp
-    import autocnnp.components
-    import autocnnp.templates
-
-    items: dict[str, Item] = {}
-    for module, prefix in ((autocnnp, "autocnnp"), (autocnnp.components, "autocnnp/components"),
-                           (autocnnp.templates, "autocnnp/templates")):
-        top = Path(module.__file__).resolve().parent
-        for dirpath, dirnames, filenames in os.walk(top):
-            dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info"))
-            for name in sorted(filenames):
-                if name.endswith(SKIP_SUFFIXES):
-                    continue
+    top = Path(__file__).resolve().parents[1]
+    items = []
+    for dirpath, dirnames, filenames in os.walk(top):
+        dirnames[:] = sorted(d for d in dirnames if d not in SKIP_DIRS and not d.endswith(".egg-info"))
+        for name in sorted(filenames):
+            if not name.endswith(SKIP_SUFFIXES):
                 path = Path(dirpath) / name
-                rel = f"{prefix}/{path.relative_to(top).as_posix()}"
-                items.setdefault(rel, _item(path, rel))
-    return list(items.values())
+                items.append(_item(path, f"autocnnp/{path.relative_to(top).as_posix()}"))
+    return items
 
 
 def _object(store: Path, sha: str) -> Path:
@@ -100,10 +90,7 @@ def _object(store: Path, sha: str) -> Path:
 
 
 def _read_manifest(tree: Path) -> dict[str, str]:
-    try:
-        return json.loads((tree / MANIFEST).read_text())["files"]
-    except (OSError, ValueError, KeyError):
-        return {}
+    return (read_json(tree / MANIFEST) or {}).get("files", {})
 
 
 def _same(target: Path, obj: Path, sha: str, old: dict[str, str], rel: str) -> bool:
@@ -137,7 +124,7 @@ def _store(source: Path, obj: Path) -> None:
     obj.parent.mkdir(parents=True, exist_ok=True)
     tmp = obj.with_name(f".{obj.name}.{os.getpid()}.tmp")
     shutil.copyfile(source, tmp)
-    if sha256(tmp) != obj.name:  # changed while we copied: do not store it under the wrong key
+    if sha256_file(tmp) != obj.name:  # changed while we copied: do not store it under the wrong key
         tmp.unlink()
         raise OSError(f"{source} changed while it was copied; deploy again")
     os.chmod(tmp, 0o444)  # objects are shared by every job that has this content: never edit them
@@ -172,10 +159,7 @@ def sync(items: list[Item], store: Path, tree: Path, dry_run: bool, out=None) ->
         if not dry_run:
             (tree / rel).unlink(missing_ok=True)
     if not dry_run:
-        tree.mkdir(parents=True, exist_ok=True)
-        tmp = tree / (MANIFEST + ".tmp")
-        tmp.write_text(json.dumps({"files": {i.rel: i.sha for i in items}}, indent=1, sort_keys=True))
-        os.replace(tmp, tree / MANIFEST)
+        write_json(tree / MANIFEST, {"files": {i.rel: i.sha for i in sorted(items, key=lambda i: i.rel)}})
     return counts
 
 
@@ -185,18 +169,18 @@ def _summary(what: str, counts: dict[str, int], dry_run: bool) -> str:
             f"{counts['same']} unchanged, {counts['remove']} {'to remove' if dry_run else 'removed'}")
 
 
-def deploy(job: Path | str, to: Path | None, with_package: bool = False, dry_run: bool = False,
+def deploy(job_file: Path | str, to: Path | None, with_package: bool = False, dry_run: bool = False,
            out=None) -> Path:
     """Deploy (or update) the job to ``to``; returns the deployed job file's path."""
     out = out or sys.stdout
-    gen = assemble(job)
-    target = to or gen.cluster.deploy_dir
+    job = load_job(job_file)
+    target = to or job.deploy.deploy_dir
     if target is None:
-        raise JobError(gen.job.where, "no folder to deploy to", "pass --to DIR or set <property name=\"deploy_dir\"> "
+        raise JobError(job.spec.where, "no folder to deploy to", "pass --to DIR or set <property name=\"deploy_dir\"> "
                        "in <cluster>")
     store = Path(target).expanduser().resolve()
     if store.exists() and not store.is_dir():
-        raise JobError(gen.job.where, f"deploy target {store} is not a folder", "pass a folder to --to")
+        raise JobError(job.spec.where, f"deploy target {store} is not a folder", "pass a folder to --to")
     if not dry_run:
         try:
             store.mkdir(parents=True, exist_ok=True)
@@ -204,16 +188,16 @@ def deploy(job: Path | str, to: Path | None, with_package: bool = False, dry_run
             probe.write_text("")
             probe.unlink()
         except OSError as exc:
-            raise JobError(gen.job.where, f"cannot write to deploy target {store}: {exc.strerror or exc}",
+            raise JobError(job.spec.where, f"cannot write to deploy target {store}: {exc.strerror or exc}",
                            "pick a folder you can write to (on the filesystem every node mounts)") from None
-    items, absolute = job_items(gen)
-    tree = store / "jobs" / gen.job.file.stem
-    print(f"{'dry run: ' if dry_run else ''}deploying {gen.job.file} to {tree}", file=out)
+    items, absolute = job_items(job)
+    tree = store / "jobs" / job.spec.file.stem
+    print(f"{'dry run: ' if dry_run else ''}deploying {job.spec.file} to {tree}", file=out)
     counts = sync(items, store, tree, dry_run, out)
     print(_summary("job", counts, dry_run), file=out)
     for path in absolute:
         print(f"  note: the job names {path} by an absolute path; the deployed job still reads it there", file=out)
-    deployed_job = tree / next(i.rel for i in items if i.source == gen.job.file)
+    deployed_job = tree / next(i.rel for i in items if i.source == job.spec.file)
     if with_package:
         lib = store / "lib"
         print(f"{'dry run: ' if dry_run else ''}deploying the autocnnp package to {lib}", file=out)

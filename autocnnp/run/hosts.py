@@ -17,8 +17,9 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..engine.errors import JobError
-from ..generator.assemble import Generator
+from ..core.errors import JobError
+from .config import LaunchConfig
+from .job import Job
 
 REACH_TIMEOUT_S = 20.0
 SHARED_HINT = ("every host must see the job folder and the Python environment at the same paths: use a shared "
@@ -60,10 +61,10 @@ def _resolve(host: str) -> set[str] | None:
         return None
 
 
-def agent_command(gen: Generator) -> list[str]:
+def agent_command(launch: LaunchConfig) -> list[str]:
     """The launch agent as a command list (ssh that never prompts, unless the job names another agent)."""
-    if gen.cluster.launch_agent:
-        return shlex.split(gen.cluster.launch_agent)
+    if launch.launch_agent:
+        return shlex.split(launch.launch_agent)
     return ["ssh", "-o", "BatchMode=yes", "-o", f"ConnectTimeout={int(REACH_TIMEOUT_S // 2)}"]
 
 
@@ -75,18 +76,16 @@ def _remote(agent: list[str], host: str, command: str) -> subprocess.CompletedPr
         return subprocess.CompletedProcess(agent, 124, "", f"no answer within {REACH_TIMEOUT_S:g} s")
 
 
-def check_hosts(gen: Generator) -> None:
+def check_hosts(job: Job) -> None:
     """Raise a JobError unless every hostfile host resolves, answers through the launch agent and sees
     the job file and this Python at the same paths."""
-    from .slurm import where
-
-    path, here = gen.cluster.hostfile, where(gen, "hostfile")
+    path, here, world_size = job.launch.hostfile, job.where("hostfile"), job.generator.world_size
     hosts = parse_hostfile(path)
     if not hosts:
         raise JobError(here, f"hostfile {path} lists no hosts", "write one host per line, e.g. `node1 slots=2`")
     slots = sum(s for _, s, _ in hosts)
-    if slots < gen.degree and not gen.cluster.oversubscribe:
-        raise JobError(here, f"hostfile {path} offers {slots} slots for {gen.degree} ranks and oversubscribe is off",
+    if slots < world_size and not job.launch.oversubscribe:
+        raise JobError(here, f"hostfile {path} offers {slots} slots for {world_size} ranks and oversubscribe is off",
                        "add hosts or slots, lower parallelism-degree, or set oversubscribe to true")
     local, remote = _local_addresses(), []
     for host, _, line in hosts:
@@ -98,12 +97,12 @@ def check_hosts(gen: Generator) -> None:
             remote.append(host)
     if not remote:
         return
-    agent = agent_command(gen)
+    agent = agent_command(job.launch)
     if shutil.which(agent[0]) is None:
-        raise JobError(where(gen, "launch_agent"), f"the launch agent '{agent[0]}' that reaches other hosts is "
+        raise JobError(job.where("launch_agent"), f"the launch agent '{agent[0]}' that reaches other hosts is "
                        "not installed", "install openssh-client, or set <property name=\"launch_agent\"> to a "
                        "program called as AGENT HOST COMMAND")
-    probe = f"test -r {shlex.quote(str(gen.job.file))} && test -x {shlex.quote(sys.executable)}"
+    probe = f"test -r {shlex.quote(str(job.spec.file))} && test -x {shlex.quote(sys.executable)}"
 
     def check(host: str) -> tuple[str, str] | None:
         reach = _remote(agent, host, "true")
@@ -112,7 +111,7 @@ def check_hosts(gen: Generator) -> None:
             return host, (f"cannot reach host '{host}' with `{shlex.join(agent)}`: "
                           f"{lines[-1].strip() if lines else f'exit code {reach.returncode}'}")
         if _remote(agent, host, probe).returncode != 0:
-            return host, (f"host '{host}' does not see the job file {gen.job.file} or the Python "
+            return host, (f"host '{host}' does not see the job file {job.spec.file} or the Python "
                           f"{sys.executable} (no shared filesystem?)")
         return None
 

@@ -10,68 +10,66 @@ import os
 import shlex
 import shutil
 import sys
-from pathlib import Path
 
-from ..engine.errors import JobError
-from ..generator.assemble import Generator
-from .watch import supervise
-from .world import launcher_name
+from ..core.errors import JobError
+from ..core.world import launcher_name
+from .config import LaunchConfig
+from .hosts import check_hosts
+from .job import Job
+from .slurm import check_srun, srun_command
+from .supervise import supervise
 
 MPIRUN_HINT = ("install Open MPI (Debian: apt-get install openmpi-bin libopenmpi-dev; or run `make venv`, "
                "which does it) or run the ranks yourself under a launcher and use launcher=inplace")
 
 
-def launch_mode(gen: Generator, env=os.environ) -> str:
-    """'inplace' when this process already is a rank (or the job asks for it), else 'mpirun'."""
-    if gen.cluster.launcher != "auto":
-        return gen.cluster.launcher
+def launch_mode(launch: LaunchConfig, env=os.environ) -> str:
+    """'inplace' when this process already is a rank (or the job asks for it), else the launcher asked for."""
+    if launch.launcher != "auto":
+        return launch.launcher
     return "inplace" if launcher_name(env) else "mpirun"
 
 
-def build_command(gen: Generator, env=os.environ) -> tuple[list[str], dict[str, str]]:
-    """The command and environment that start every rank of ``gen``'s job."""
-    worker = [sys.executable, "-m", "autocnnp.run.worker", str(gen.job.file)]
-    worker += [f"--set={k}={v}" for k, v in gen.job.overrides.items()]  # a job variant (engine/overrides.py)
-    child_env, mode = dict(env), launch_mode(gen, env)
+def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
+    """The command and environment that start every rank of the job."""
+    spec, launch = job.spec, job.launch
+    worker = [sys.executable, "-m", "autocnnp.run.worker", str(spec.file)]
+    worker += [f"--set={k}={v}" for k, v in spec.overrides.items()]  # a job variant (generator/overrides.py)
+    child_env, mode = dict(env), launch_mode(launch, env)
     if mode == "inplace":
         return worker, child_env
     if mode == "srun":  # in a Slurm allocation: one task per rank, MPI wired up over PMIx
-        from .slurm import srun_command
-
-        return srun_command(gen, worker, child_env)
-    cmd = ["mpirun", "-np", str(gen.degree), "--bind-to", "none"]
-    if gen.cluster.oversubscribe:
+        return srun_command(job, worker, child_env)
+    cmd = ["mpirun", "-np", str(job.generator.world_size), "--bind-to", "none"]
+    if launch.oversubscribe:
         cmd.append("--oversubscribe")
-    if gen.cluster.hostfile:
-        cmd += ["--hostfile", str(gen.cluster.hostfile)]
-    if gen.cluster.launch_agent:  # how mpirun reaches the other hosts (default: ssh)
-        cmd += ["--mca", "plm_rsh_agent", gen.cluster.launch_agent]
+    if launch.hostfile:
+        cmd += ["--hostfile", str(launch.hostfile)]
+    if launch.launch_agent:  # how mpirun reaches the other hosts (default: ssh)
+        cmd += ["--mca", "plm_rsh_agent", launch.launch_agent]
     for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS"):
         if name in child_env:
             cmd += ["-x", name]
     if os.geteuid() == 0:  # containers and CI often run as root; Open MPI refuses that by default
         child_env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
-    cmd += shlex.split(gen.cluster.mpirun_args)
+    cmd += shlex.split(launch.mpirun_args)
     return cmd + worker, child_env
 
 
-def run(gen: Generator) -> int:
+def run(job: Job) -> int:
     """Start the ranks and wait; returns the job's exit code."""
-    mode = launch_mode(gen)
+    mode = launch_mode(job.launch)
     if mode == "inplace":
-        from .worker import run_rank
+        from .worker import run_rank  # imports torch: only where this process trains
 
-        return run_rank(gen)
+        return run_rank(job)
     if mode == "srun":
-        from .slurm import check_srun
-
-        check_srun(gen)
+        check_srun(job)
     elif shutil.which("mpirun") is None:
-        raise JobError(gen.job.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
-    elif gen.cluster.hostfile:  # several hosts: every one must resolve and answer before anything starts
-        from .hosts import check_hosts
-
-        check_hosts(gen)
-    cmd, env = build_command(gen)
-    Path(gen.output).mkdir(parents=True, exist_ok=True)
-    return supervise(cmd, env, gen.output, gen.degree, gen.cluster.rank_timeout_s, gen.cluster.startup_timeout_s)
+        raise JobError(job.spec.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
+    elif job.launch.hostfile:  # several hosts: every one must resolve and answer before anything starts
+        check_hosts(job)
+    cmd, env = build_command(job)
+    rundir = job.generator.rundir
+    rundir.root.mkdir(parents=True, exist_ok=True)
+    return supervise(cmd, env, rundir, job.generator.world_size, job.launch)

@@ -36,87 +36,48 @@ import shutil
 import socket
 import subprocess
 import sys
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-FILENAME = "manifest.json"
+from .. import __version__
+from ..core.files import jsonable, read_json, sha256_file, sha256_text, write_json
+from ..core.rundir import RunDir
+from ..engine.values import describe
+from ..training.monitor import Diverged
+from .job import Job
+
 FORMAT = 1
 CONTENT_LIMIT = 512 * 2**20  # data_checksum=auto hashes contents up to this many bytes
 
 
 def now() -> str:
-    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-
-
-def sha256_text(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _jsonable(value):
-    if is_dataclass(value) and not isinstance(value, type):
-        value = asdict(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple, set)):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    return str(value)
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
 
 
 # --- reading and writing --------------------------------------------------------------------------
 
-def read(output: Path | str) -> dict | None:
-    """The manifest of the run in ``output`` (None if there is none or it is unreadable)."""
-    try:
-        return json.loads((Path(output) / FILENAME).read_text())
-    except (OSError, ValueError):
-        return None
+def read(rundir: RunDir) -> dict | None:
+    """The manifest of a run (None if there is none or it is unreadable)."""
+    return read_json(rundir.manifest)
 
 
-def write_json(path: Path, data: dict) -> Path:
-    """Write ``data`` as JSON atomically (temporary file, fsync, rename): readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        json.dump(_jsonable(data), f, indent=2)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    return path
-
-
-def write(output: Path | str, manifest: dict) -> Path:
-    """Write the manifest of the run in ``output`` atomically."""
-    return write_json(Path(output) / FILENAME, manifest)
-
-
-def update(output: Path | str, **sections) -> dict:
+def update(rundir: RunDir, **sections) -> dict:
     """Merge ``sections`` into the manifest (top-level keys replaced) and write it."""
-    manifest = read(output) or {}
+    manifest = read(rundir) or {}
     manifest.update(sections)
-    write(output, manifest)
+    write_json(rundir.manifest, manifest)
     return manifest
 
 
 # --- the sections -----------------------------------------------------------------------------------
 
-def job_record(gen) -> dict:
-    file = Path(gen.job.file)
+def job_record(spec) -> dict:
+    """The job file (path, text, sha256) and the ``--set`` overrides of the variant."""
+    file = Path(spec.file)
     try:
         text = file.read_text()
     except OSError:
         text = None
-    overrides = dict(getattr(gen.job, "overrides", {}) or {})
+    overrides = dict(spec.overrides)
     sets = [part for k, v in overrides.items() for part in ("--set", f"{k}={v}")]
     return {"file": str(file), "sha256": sha256_text(text) if text is not None else None, "text": text,
             "overrides": overrides, "reproduce": shlex.join(["autocnnp", "run", *sets, str(file)])}
@@ -124,16 +85,14 @@ def job_record(gen) -> dict:
 
 def _entry_record(entry) -> dict:
     out = {"implementation": entry.name, "origin": entry.origin}
-    if entry.origin.startswith("file "):
-        path = Path(entry.target.rsplit(":", 1)[0])
+    if entry.file is not None:
         with contextlib.suppress(OSError):
-            out["file_sha256"] = sha256_file(path)
+            out["file_sha256"] = sha256_file(entry.file)
     return out
 
 
-def plan_record(gen) -> dict:
-    from ..engine.values import describe
-
+def plan_record(job: Job) -> dict:
+    gen = job.generator
     actions = []
     for module in gen.root.modules():
         for a in module.actions:
@@ -142,13 +101,14 @@ def plan_record(gen) -> dict:
             actions.append({"type": a.type, "module": module.name, "extensible": a.point.extensible,
                             **_entry_record(a.entry), "set_by": how, "parameters": params,
                             "plugins": {name: _entry_record(p) for name, p in a.plugins.items()}})
-    return {"task": gen.job.task, "parallelism_degree": gen.degree, "seed": gen.seed, "output": str(gen.output),
+    return {"task": gen.job.task, "parallelism_degree": gen.world_size, "seed": gen.seed, "output": str(gen.rundir),
             "actions": actions, "hyperparameters": describe(gen.hyperparameters),
-            "monitoring": describe(gen.monitoring), "cluster": describe(gen.cluster)}
+            "monitoring": describe(job.monitoring),
+            "cluster": {**describe(job.launch), **describe(job.slurm), **describe(job.deploy)}}
 
 
-def seeds_record(gen) -> dict:
-    return {"seed": gen.seed,
+def seeds_record(seed: int) -> dict:
+    return {"seed": seed,
             "initial_parameters": "random, numpy and torch seeded with seed before the model is built "
                                   "(identical on every rank; DDP also broadcasts rank 0's parameters)",
             "dataset": "the dataset is built with seed (synthetic items: numpy default_rng([seed, index]))",
@@ -190,11 +150,9 @@ def _source_commit() -> dict:
 
 def software() -> dict:
     """Versions of everything the run depends on (torch is imported; MPI is not initialised)."""
-    import autocnnp
-
     out: dict = {"python": sys.version.split()[0], "python_implementation": platform.python_implementation(),
                  "python_executable": sys.executable, "os": platform.platform(),
-                 "autocnnp": {"version": autocnnp.__version__, **_source_commit()}}
+                 "autocnnp": {"version": __version__, **_source_commit()}}
     try:
         import torch
         import torch.distributed as dist
@@ -236,12 +194,12 @@ def _cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
-def hardware(degree: int) -> dict:
+def hardware(world_size: int) -> dict:
     import psutil
 
     out = {"host": socket.gethostname(), "machine": platform.machine(), "cpu_model": _cpu_model(),
            "cpu_logical_cores": os.cpu_count(), "cpu_physical_cores": psutil.cpu_count(logical=False),
-           "memory_bytes": psutil.virtual_memory().total, "ranks": degree,
+           "memory_bytes": psutil.virtual_memory().total, "ranks": world_size,
            "note": "the host of rank 0; other hosts are those of the hostfile"}
     try:
         import torch
@@ -254,13 +212,6 @@ def hardware(degree: int) -> dict:
         out["gpus"] = f"unknown ({exc})"
     out["cuda_visible_devices"] = os.environ.get("CUDA_VISIBLE_DEVICES")
     return out
-
-
-def _data_files(config) -> list[Path]:
-    """The files and folders named by a dataset's Path parameters (caches excluded: they are derived)."""
-    if config is None:
-        return []
-    return [Path(v) for k, v in vars(config).items() if isinstance(v, Path) and "cache" not in k.lower()]
 
 
 def dataset_checksum(roots: list[Path], method: str = "auto") -> dict:
@@ -290,13 +241,12 @@ def dataset_checksum(roots: list[Path], method: str = "auto") -> dict:
             "roots": [str(r) for r in roots]}
 
 
-def dataset_record(gen) -> dict:
-    from ..engine.values import describe
-
+def dataset_record(job: Job) -> dict:
+    gen = job.generator
     action = gen.action("dataset_injection")
     out = {"format": action.entry.name, "origin": action.entry.origin, "parameters": describe(action.config)}
-    method = getattr(gen.monitoring, "data_checksum", "auto")
-    roots = _data_files(action.config)
+    method = job.monitoring.data_checksum
+    roots = gen.data_format().files()
     if method == "none":
         out["checksum"] = {"method": "none"}
     elif roots:
@@ -309,25 +259,14 @@ def dataset_record(gen) -> dict:
         out["checksum"] = {"method": "parameters",
                            "description": "no files: generated from its parameters and the seed by autocnnp "
                                           "(version in software); sha256 over the canonical JSON of both",
-                           "sha256": sha256_text(json.dumps(_jsonable(params), sort_keys=True))}
+                           "sha256": sha256_text(json.dumps(jsonable(params), sort_keys=True))}
     return out
 
 
-def _augmentation(dataset) -> str | None:
-    for _ in range(6):  # through Subset/ConcatDataset-style wrappers
-        aug = getattr(dataset, "augment", None)
-        if aug is not None and not isinstance(aug, bool):
-            return repr(aug)
-        dataset = getattr(dataset, "dataset", None)
-        if dataset is None:
-            break
-    return None
-
-
-def final_metrics(output: Path) -> dict:
+def final_metrics(rundir: RunDir) -> dict:
     """The last row of ``metrics.csv`` (numbers as floats), {} if there is none."""
     try:
-        with open(Path(output) / "metrics.csv", newline="") as f:
+        with open(rundir.metrics, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError:
         return {}
@@ -344,77 +283,71 @@ def final_metrics(output: Path) -> dict:
 
 # --- the run's life cycle ---------------------------------------------------------------------------
 
-def start(gen) -> dict:
+def start(job: Job) -> dict:
     """Rank 0, before training: write everything known from the job and the machine."""
-    output = Path(gen.output)
-    old = read(output) or {}
-    latest = output / "checkpoints" / "latest"
-    invocation = {"started": now(), "status": "running", "host": socket.gethostname(), "ranks": gen.degree,
-                  "argv": sys.argv, "resumed_from": latest.read_text().strip() if latest.is_file() else None}
+    gen = job.generator
+    old = read(gen.rundir) or {}
+    invocation = {"started": now(), "status": "running", "host": socket.gethostname(), "ranks": gen.world_size,
+                  "argv": sys.argv, "resumed_from": None}
     manifest = {"autocnnp_manifest": FORMAT, "status": "running", "updated": now(),
-                "job": job_record(gen), "plan": plan_record(gen), "seeds": seeds_record(gen),
-                "determinism": {"enabled": bool(getattr(gen.hyperparameters, "deterministic", False))},
-                "dataset": dataset_record(gen), "software": software(), "hardware": hardware(gen.degree),
+                "job": job_record(gen.job), "plan": plan_record(job), "seeds": seeds_record(gen.seed),
+                "determinism": {"enabled": gen.hyperparameters.deterministic},
+                "dataset": dataset_record(job), "software": software(), "hardware": hardware(gen.world_size),
                 "repeats": old.get("repeats", {"count": 1}),
                 "invocations": [*old.get("invocations", []), invocation],
                 "final_metrics": old.get("final_metrics", {})}
-    write(output, manifest)
+    write_json(gen.rundir.manifest, manifest)
     return manifest
 
 
-def record_run(gen, world, data, determinism: dict | None = None) -> None:
-    """Rank 0, once the dataset is built (called by the trainer): split sizes and ratios, augmentation,
+def record_run(job: Job, run) -> None:
+    """Rank 0, once the run is built: split sizes and ratios, augmentation, the checkpoint it resumed from,
     the MPI library now that MPI is up, what deterministic mode set."""
-    if world.rank != 0:
+    if run.world.rank != 0:
         return
-    manifest = read(gen.output)
-    if manifest is None:  # trained without the worker (a test calling train() directly): start here
-        manifest = start(gen)
-    sizes = {}
-    for split in ("train", "valid", "test"):
-        part = getattr(data, split, None)
-        with contextlib.suppress(TypeError):
-            if part is not None:
-                sizes[split] = len(part)
+    rundir = job.generator.rundir
+    manifest = read(rundir) or start(job)
+    data = run.data
+    sizes = {"train": len(data.train), "valid": len(data.valid)}
     total = sum(sizes.values())
     dataset = manifest.setdefault("dataset", {})
     dataset["split"] = {"samples": sizes, "ratios": {k: round(v / total, 6) for k, v in sizes.items()} if total else {},
                         "validation": "held-out validation split scored with SegEval after every epoch"}
-    dataset["in_channels"], dataset["num_classes"] = getattr(data, "in_channels", None), getattr(data, "num_classes", None)
-    dataset["augmentation"] = _augmentation(getattr(data, "train", None)) or "none"
+    dataset["in_channels"], dataset["num_classes"] = data.in_channels, data.num_classes
+    dataset["augmentation"] = data.augmentation
     manifest["software"]["mpi_library"] = mpi_library() or manifest["software"].get("mpi_library")
-    manifest["determinism"] = determinism or manifest.get("determinism", {})
-    manifest["world"] = {"size": world.size, "backend": world.backend}
+    manifest["determinism"] = run.determinism
+    manifest["world"] = {"size": run.world.world_size, "backend": run.world.backend}
+    manifest["invocations"][-1]["resumed_from"] = str(run.resumed_from) if run.resumed_from else None
     manifest["updated"] = now()
-    write(gen.output, manifest)
+    write_json(rundir.manifest, manifest)
 
 
-def finish(gen, status: str, message: str = "") -> None:
+def finish(rundir: RunDir, status: str, message: str = "") -> None:
     """Rank 0, when the run ends: status, end time, final metrics."""
-    manifest = read(gen.output) or {}
+    manifest = read(rundir) or {}
     manifest["status"] = status
     manifest["updated"] = now()
     invocations = manifest.setdefault("invocations", [{}])
     invocations[-1].update(status=status, finished=now(), **({"message": message} if message else {}))
-    manifest["final_metrics"] = final_metrics(Path(gen.output))
-    write(gen.output, manifest)
+    manifest["final_metrics"] = final_metrics(rundir)
+    write_json(rundir.manifest, manifest)
 
 
 @contextlib.contextmanager
-def recording(gen, rank: int):
+def recording(job: Job, rank: int):
     """Around a rank's training: rank 0 starts the manifest and closes it with the outcome."""
     if rank != 0:
         yield
         return
-    start(gen)
+    start(job)
+    rundir = job.generator.rundir
     try:
         yield
     except BaseException as exc:
-        from ..training.monitor import Diverged
-
         status = ("diverged" if isinstance(exc, Diverged) else
                   "terminated" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "failed")
         with contextlib.suppress(Exception):
-            finish(gen, status, f"{type(exc).__name__}: {exc}")
+            finish(rundir, status, f"{type(exc).__name__}: {exc}")
         raise
-    finish(gen, "completed")
+    finish(rundir, "completed")

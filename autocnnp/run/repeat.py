@@ -11,25 +11,26 @@ checkpoints.
 from __future__ import annotations
 
 import csv
-import dataclasses
+import io
 import math
-import os
 import statistics
-from pathlib import Path
 
-from ..engine.errors import JobError
-from ..engine.overrides import apply_overrides
+from ..core.errors import ExitCode, JobError
+from ..core.files import atomic_write, write_json
+from ..core.metrics import LOSSES, SEGEVAL
+from ..core.rundir import RunDir
+from ..generator.overrides import apply_overrides
+from . import launch
 from . import manifest as mf
+from .job import Job, load_job
 
-SUMMARY_METRICS = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou", "valid_loss", "train_loss")
-DIVERGED = 3
+SUMMARY_METRICS = (*SEGEVAL, *reversed(LOSSES))
 
 
-def seed_generator(gen, seed: int):
-    """``gen`` for one repeat: its seed, its own output folder (passed on to the workers as overrides)."""
-    out = Path(gen.output) / f"seed-{seed}"
-    spec = apply_overrides(gen.job, {"seed": str(seed), "output": str(out)})
-    return dataclasses.replace(gen, job=spec, seed=seed, output=out)
+def seed_job(job: Job, seed: int) -> Job:
+    """``job`` for one repeat: its seed, its own output folder (passed on to the workers as overrides)."""
+    out = job.generator.rundir.seed(seed)
+    return load_job(apply_overrides(job.spec, {"seed": str(seed), "output": str(out)}))
 
 
 def summarise(results: dict[int, dict]) -> dict[str, dict[str, float]]:
@@ -45,19 +46,17 @@ def summarise(results: dict[int, dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_summary(path: Path, results: dict[int, dict], status: dict[int, str], summary: dict) -> Path:
+def write_summary(rundir: RunDir, results: dict[int, dict], status: dict[int, str], summary: dict):
     names = list(summary) or list(SUMMARY_METRICS)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["seed", "status", "epochs", *names])
-        for seed, r in results.items():
-            w.writerow([seed, status.get(seed, ""), r.get("epoch", -1) + 1 if "epoch" in r else "",
-                        *[repr(float(r[n])) if n in r else "" for n in names]])
-        for stat in ("mean", "std"):
-            w.writerow([stat, "", "", *[repr(summary[n][stat]) if n in summary else "" for n in names]])
-    os.replace(tmp, path)
-    return path
+    text = io.StringIO(newline="")
+    w = csv.writer(text)
+    w.writerow(["seed", "status", "epochs", *names])
+    for seed, r in results.items():
+        w.writerow([seed, status.get(seed, ""), r.get("epoch", -1) + 1 if "epoch" in r else "",
+                    *[repr(float(r[n])) if n in r else "" for n in names]])
+    for stat in ("mean", "std"):
+        w.writerow([stat, "", "", *[repr(summary[n][stat]) if n in summary else "" for n in names]])
+    return atomic_write(rundir.repeats, text.getvalue())
 
 
 def format_summary(results: dict[int, dict], summary: dict) -> str:
@@ -70,43 +69,43 @@ def format_summary(results: dict[int, dict], summary: dict) -> str:
     return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])
 
 
-def run_repeats(gen, count: int, run=None) -> int:
-    """Train ``count`` seeds of ``gen``'s job; returns 0, or the first failing run's exit code."""
+def run_repeats(job: Job, count: int, run=None) -> int:
+    """Train ``count`` seeds of ``job``; returns 0, or the first failing run's exit code."""
     if count < 1:
-        raise JobError(gen.job.where, f"--repeat {count} asks for no run", "give 1 or more")
-    if run is None:
-        from .launch import run
-    base = Path(gen.output)
+        raise JobError(job.spec.where, f"--repeat {count} asks for no run", "give 1 or more")
+    run = run or launch.run
+    gen, base = job.generator, job.generator.rundir
     seeds = [gen.seed + i for i in range(count)]
-    repeats = {"count": count, "seeds": seeds, "summary": str(base / "repeats.csv")}
-    results, status, code = {}, {}, 0
+    repeats = {"count": count, "seeds": seeds, "summary": str(base.repeats)}
+    results, status, code = {}, {}, ExitCode.OK
     for index, seed in enumerate(seeds):
-        g = seed_generator(gen, seed)
-        done = mf.read(g.output) or {}
-        same = done.get("job", {}).get("sha256") == mf.job_record(gen)["sha256"] and \
-            done.get("job", {}).get("overrides") == dict(g.job.overrides)
+        one = seed_job(job, seed)
+        out = one.generator.rundir
+        done = mf.read(out) or {}
+        same = done.get("job", {}).get("sha256") == mf.job_record(job.spec)["sha256"] and \
+            done.get("job", {}).get("overrides") == dict(one.spec.overrides)
         if same and done.get("status") == "completed" and \
                 int(done.get("final_metrics", {}).get("epoch", -1)) + 1 >= gen.hyperparameters.end_epoch:
-            print(f"autocnnp: seed {seed} finished already ({g.output})", flush=True)
-            rc = 0
+            print(f"autocnnp: seed {seed} finished already ({out})", flush=True)
+            rc = ExitCode.OK
         else:
-            print(f"autocnnp: repeat {index + 1}/{count}: seed {seed} -> {g.output}", flush=True)
-            rc = run(g)
-        record = mf.read(g.output) or {}
-        mf.update(g.output, repeats={**repeats, "index": index})
-        results[seed] = mf.final_metrics(g.output)
+            print(f"autocnnp: repeat {index + 1}/{count}: seed {seed} -> {out}", flush=True)
+            rc = run(one)
+        record = mf.read(out) or {}
+        mf.update(out, repeats={**repeats, "index": index})
+        results[seed] = mf.final_metrics(out)
         status[seed] = record.get("status", "completed" if rc == 0 else f"exit {rc}")
         if rc != 0:
             code = code or rc
-            if rc != DIVERGED:  # a diverged seed is a result; anything else stops the set
+            if rc != ExitCode.DIVERGED:  # a diverged seed is a result; anything else stops the set
                 break
     finished = {s: r for s, r in results.items() if r}
     summary = summarise(finished)
-    table = write_summary(base / "repeats.csv", finished, status, summary)
-    mf.write(base, {"autocnnp_manifest": mf.FORMAT, "kind": "repeat set", "updated": mf.now(),
-                    "job": mf.job_record(gen), "plan": mf.plan_record(gen), "repeats": repeats,
-                    "runs": {str(s): str(base / f"seed-{s}") for s in seeds}, "status": status,
-                    "summary": summary, "standard_deviation": "sample (n - 1)"})
+    table = write_summary(base, finished, status, summary)
+    write_json(base.manifest, {"autocnnp_manifest": mf.FORMAT, "kind": "repeat set", "updated": mf.now(),
+                               "job": mf.job_record(job.spec), "plan": mf.plan_record(job), "repeats": repeats,
+                               "runs": {str(s): str(base.seed(s)) for s in seeds}, "status": status,
+                               "summary": summary, "standard_deviation": "sample (n - 1)"})
     if summary:
         print(format_summary(finished, summary))
     print(f"wrote {table}")

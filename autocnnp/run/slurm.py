@@ -10,9 +10,7 @@ then renders ``templates/sbatch.sh`` and submits it. The job id goes to ``<outpu
 
 from __future__ import annotations
 
-import json
 import math
-import os
 import re
 import shlex
 import shutil
@@ -20,15 +18,16 @@ import subprocess
 import sys
 import time
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from importlib import resources as importlib_resources
 from pathlib import Path
 from string import Template
 
-from ..engine.errors import JobError, Location, Source, did_you_mean
-from ..generator.assemble import Generator
+from ..core.errors import JobError, Source, did_you_mean
+from ..core.files import read_json, write_json
+from ..core.rundir import RunDir
+from .job import Job, load_job
 
-RECORD = Path("slurm") / "job.json"
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "STAGE_OUT",
           "SIGNALING", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "STOPPED")
 # sinfo %T states of a node that can take no job
@@ -56,63 +55,56 @@ class Resources:
     launcher: str
 
 
-def where(gen: Generator, name: str) -> Location:
-    """Where ``<cluster>`` property ``name`` was set (the job file line or the command-line option)."""
-    for s in gen.job.cluster:
-        if s.name == name:
-            return s.where
-    return gen.job.where
-
-
-def resources(gen: Generator) -> Resources:
-    """The allocation for ``gen``'s job; impossible combinations are refused here, before Slurm is asked."""
-    c, degree = gen.cluster, gen.degree
+def resources(job: Job) -> Resources:
+    """The allocation for the job; impossible combinations are refused here, before Slurm is asked."""
+    c, degree, where = job.slurm, job.generator.world_size, job.where
     if c.nodes > degree:
-        raise JobError(where(gen, "nodes"), f"the job asks for {c.nodes} nodes but has only {degree} ranks "
+        raise JobError(where("nodes"), f"the job asks for {c.nodes} nodes but has only {degree} ranks "
                        "(parallelism-degree), so some nodes would stay empty",
                        f"set nodes to at most {degree} or raise parallelism-degree")
     per_node = c.tasks_per_node or math.ceil(degree / c.nodes)
     if per_node * c.nodes < degree:
-        raise JobError(where(gen, "tasks_per_node"), f"{c.nodes} node(s) x {per_node} tasks per node hold "
+        raise JobError(where("tasks_per_node"), f"{c.nodes} node(s) x {per_node} tasks per node hold "
                        f"{per_node * c.nodes} ranks, fewer than parallelism-degree {degree}",
                        f"set tasks_per_node to {math.ceil(degree / c.nodes)} or more, or raise nodes")
     if per_node * (c.nodes - 1) >= degree:
-        raise JobError(where(gen, "tasks_per_node"), f"{degree} ranks at {per_node} per node fill fewer than "
+        raise JobError(where("tasks_per_node"), f"{degree} ranks at {per_node} per node fill fewer than "
                        f"the {c.nodes} nodes asked for", f"lower nodes to {math.ceil(degree / per_node)}")
     if not TIME_LIMIT.match(c.time_limit.strip()):
-        raise JobError(where(gen, "time_limit"), f"'{c.time_limit}' is not a Slurm time limit",
+        raise JobError(where("time_limit"), f"'{c.time_limit}' is not a Slurm time limit",
                        "write minutes, HH:MM:SS or D-HH:MM:SS, for example 02:00:00")
     for name in ("partition", "account", "job_name"):
         value = getattr(c, name)
         if value and not re.fullmatch(r"[\w.+-]+", value):
-            raise JobError(where(gen, name), f"{name} '{value}' has characters Slurm names never have",
+            raise JobError(where(name), f"{name} '{value}' has characters Slurm names never have",
                            "use letters, digits, '.', '_', '+' or '-'")
-    launcher = c.launcher if c.launcher in ("mpirun", "srun") else "mpirun"
+    launcher = job.launch.launcher if job.launch.launcher in ("mpirun", "srun") else "mpirun"
     output = Path(c.slurm_output)
-    output = output if output.is_absolute() else Path(gen.output) / output
+    output = output if output.is_absolute() else job.generator.rundir.root / output
     return Resources(c.nodes, degree, per_node, c.cpus_per_task, c.gpus_per_task, c.time_limit.strip(),
-                     c.partition, c.account, c.job_name or f"autocnnp-{gen.job.file.stem}", output, launcher)
+                     c.partition, c.account, c.job_name or f"autocnnp-{job.spec.file.stem}", output, launcher)
 
 
-def render(gen: Generator, res: Resources) -> str:
+def render(job: Job, res: Resources) -> str:
     """The sbatch script (``templates/sbatch.sh`` filled in)."""
     q = shlex.quote
     directives = [f"--job-name={res.job_name}", f"--nodes={res.nodes}", f"--ntasks={res.ntasks}",
                   f"--ntasks-per-node={res.tasks_per_node}", f"--cpus-per-task={res.cpus_per_task}",
-                  f"--time={res.time_limit}", f"--output={res.output}", f"--chdir={gen.job.base_dir}"]
+                  f"--time={res.time_limit}", f"--output={res.output}", f"--chdir={job.spec.base_dir}"]
     if res.gpus_per_task:
         directives.append(f"--gpus-per-task={res.gpus_per_task}")
     if res.partition:
         directives.append(f"--partition={res.partition}")
     if res.account:
         directives.append(f"--account={res.account}")
-    directives += shlex.split(gen.cluster.sbatch_args)
+    directives += shlex.split(job.slurm.sbatch_args)
+    rundir = job.generator.rundir
     text = importlib_resources.files("autocnnp.templates").joinpath("sbatch.sh").read_text()
     return Template(text).substitute(
-        job=q(str(gen.job.file)), job_name=res.job_name,
-        sets="".join(f" {q(f'--set={k}={v}')}" for k, v in getattr(gen.job, "overrides", {}).items()), ntasks=res.ntasks, nodes=res.nodes,
-        launcher=res.launcher, python=q(sys.executable), output=q(str(gen.output)),
-        exit_dir=q(str(Path(gen.output) / "slurm")), workdir=q(str(gen.job.base_dir)),
+        job=q(str(job.spec.file)), job_name=res.job_name,
+        sets="".join(f" {q(f'--set={k}={v}')}" for k, v in job.spec.overrides.items()), ntasks=res.ntasks,
+        nodes=res.nodes, launcher=res.launcher, python=q(sys.executable), output=q(str(rundir)),
+        exit_dir=q(str(rundir.slurm)), workdir=q(str(job.spec.base_dir)),
         directives="\n".join(f"#SBATCH {d}" for d in directives))
 
 
@@ -132,11 +124,11 @@ def _first_error(proc: subprocess.CompletedProcess) -> str:
     return re.sub(r"^(sbatch|sinfo|squeue|scontrol|scancel|sacct): (error: )?", "", text).rstrip(".")
 
 
-def _partitions(gen: Generator) -> dict[str, dict]:
+def _partitions(job: Job) -> dict[str, dict]:
     """partition -> {'default', 'up', 'nodes': [(state, count)]} from sinfo; the controller must answer."""
     proc = _call(["sinfo", "-h", "-o", "%P|%a|%T|%D"])
     if proc.returncode != 0:
-        raise JobError(gen.job.where, f"the Slurm controller does not answer: {_first_error(proc)}",
+        raise JobError(job.spec.where, f"the Slurm controller does not answer: {_first_error(proc)}",
                        "check `sinfo` on this machine; for the local test cluster run cluster/slurm/start.sh")
     parts: dict[str, dict] = {}
     for line in proc.stdout.splitlines():
@@ -154,62 +146,65 @@ def _usable(state: str) -> bool:
     return not any(s.startswith(u) for u in UNUSABLE) and not state.endswith("*")
 
 
-def preflight(gen: Generator, res: Resources) -> str:
+def preflight(job: Job, res: Resources) -> str:
     """Everything that can be checked before submitting; returns the partition the job goes to."""
+    where = job.where
     if shutil.which("sbatch") is None:
-        raise JobError(gen.job.where, "sbatch is not installed here (no Slurm client on this machine)", NO_SLURM_HINT)
-    parts = _partitions(gen)
+        raise JobError(job.spec.where, "sbatch is not installed here (no Slurm client on this machine)", NO_SLURM_HINT)
+    parts = _partitions(job)
     if not parts:
-        raise JobError(gen.job.where, "the Slurm cluster has no partitions", "ask its administrator")
+        raise JobError(job.spec.where, "the Slurm cluster has no partitions", "ask its administrator")
     name = res.partition
     if name and name not in parts:
-        raise JobError(where(gen, "partition"), f"unknown Slurm partition '{name}'", did_you_mean(name, parts))
+        raise JobError(where("partition"), f"unknown Slurm partition '{name}'", did_you_mean(name, parts))
     if not name:
         defaults = [p for p, info in parts.items() if info["default"]]
         if not defaults:
-            raise JobError(where(gen, "partition"), "the job names no partition and the cluster has no default one",
+            raise JobError(where("partition"), "the job names no partition and the cluster has no default one",
                            "set <property name=\"partition\"> (or --partition) to one of: " + ", ".join(sorted(parts)))
         name = defaults[0]
     info = parts[name]
     if not info["up"]:
-        raise JobError(where(gen, "partition"), f"Slurm partition '{name}' is not up (it takes no jobs now)",
+        raise JobError(where("partition"), f"Slurm partition '{name}' is not up (it takes no jobs now)",
                        "choose another partition or ask the administrator")
     usable = sum(n for state, n in info["nodes"] if _usable(state))
     if usable < res.nodes:
         states = ", ".join(f"{n} {state}" for state, n in info["nodes"])
-        raise JobError(where(gen, "nodes"), f"the job needs {res.nodes} node(s) but partition '{name}' has "
+        raise JobError(where("nodes"), f"the job needs {res.nodes} node(s) but partition '{name}' has "
                        f"{usable} that can run jobs ({states})",
                        "lower nodes, pick another partition, or bring the nodes back (scontrol update "
                        "nodename=... state=resume)")
-    earlier = read_record(gen.output)
+    rundir = job.generator.rundir
+    earlier = read_json(rundir.slurm_record)
     if earlier:
-        state = job_state(earlier["job_id"], gen.output)
+        state = job_state(earlier["job_id"], rundir)
         if state.state in ACTIVE:
-            raise JobError(gen.job.where, f"Slurm job {earlier['job_id']} from an earlier submit of this job is "
-                           f"{state.state} and writes to the same output folder {gen.output}",
-                           f"wait for it, cancel it (autocnnp cancel {gen.job.file}), or change <output>")
+            raise JobError(job.spec.where, f"Slurm job {earlier['job_id']} from an earlier submit of this job is "
+                           f"{state.state} and writes to the same output folder {rundir}",
+                           f"wait for it, cancel it (autocnnp cancel {job.spec.file}), or change <output>")
     return name
 
 
-def submit(gen: Generator, dry_run: bool = False, out=None) -> str | None:
+def submit(job: Job, dry_run: bool = False, out=None) -> str | None:
     """Check, render and submit; returns the Slurm job id (None for a dry run). Raises JobError, submitting
     nothing, when Slurm would refuse the job."""
     out = out or sys.stdout
-    res = resources(gen)
-    script = render(gen, res)
+    res = resources(job)
+    script = render(job, res)
     if dry_run:
         out.write(script)
         return None
-    partition = preflight(gen, res)
+    partition = preflight(job, res)
     test = _call(["sbatch", "--test-only"], stdin=script)
     if test.returncode != 0:
         asked = (f"nodes={res.nodes}, ntasks={res.ntasks}, tasks_per_node={res.tasks_per_node}, "
                  f"cpus_per_task={res.cpus_per_task}, gpus_per_task={res.gpus_per_task}, time_limit={res.time_limit}")
-        raise JobError(where(gen, "nodes"), f"Slurm refuses this job in partition '{partition}': "
+        raise JobError(job.where("nodes"), f"Slurm refuses this job in partition '{partition}': "
                        f"{_first_error(test)} (asked for {asked})",
                        f"compare with what the partition offers (sinfo -p {partition} -o '%N %c %G %l') "
                        "and lower the request")
-    folder = Path(gen.output) / "slurm"
+    rundir = job.generator.rundir
+    folder = rundir.slurm
     folder.mkdir(parents=True, exist_ok=True)
     res.output.parent.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log's folder
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -218,31 +213,22 @@ def submit(gen: Generator, dry_run: bool = False, out=None) -> str | None:
     proc = _call(["sbatch", "--parsable", str(path)], timeout=60)
     if proc.returncode != 0 or not proc.stdout.strip():
         path.unlink(missing_ok=True)
-        raise JobError(gen.job.where, f"sbatch refused the job: {_first_error(proc)}", "nothing was submitted; "
+        raise JobError(job.spec.where, f"sbatch refused the job: {_first_error(proc)}", "nothing was submitted; "
                        "fix the cause and submit again")
     job_id = proc.stdout.strip().split(";")[0]
-    record = {"job_id": job_id, "job_file": str(gen.job.file), "script": str(path), "partition": partition,
-              "log": str(res.output).replace("%j", job_id), "output": str(gen.output), "ntasks": res.ntasks,
+    record = {"job_id": job_id, "job_file": str(job.spec.file), "script": str(path), "partition": partition,
+              "log": str(res.output).replace("%j", job_id), "output": str(rundir), "ntasks": res.ntasks,
               "nodes": res.nodes, "launcher": res.launcher,
-              "submitted": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+              "submitted": datetime.now(UTC).isoformat(timespec="seconds")}
     try:
-        tmp = Path(gen.output) / (str(RECORD) + ".tmp")
-        tmp.write_text(json.dumps(record, indent=1))
-        os.replace(tmp, Path(gen.output) / RECORD)
+        write_json(rundir.slurm_record, record)
     except OSError as exc:  # no record means nobody could follow the job: do not leave it queued
         _call(["scancel", job_id])
-        raise JobError(gen.job.where, f"could not record Slurm job {job_id} in {folder}: {exc}; it was cancelled",
+        raise JobError(job.spec.where, f"could not record Slurm job {job_id} in {folder}: {exc}; it was cancelled",
                        "make the output folder writable and submit again") from None
     print(f"submitted Slurm job {job_id} ({res.ntasks} ranks on {res.nodes} node(s), partition {partition}, "
-          f"launcher {res.launcher})\n  log: {record['log']}\n  follow: autocnnp status {gen.job.file}", file=out)
+          f"launcher {res.launcher})\n  log: {record['log']}\n  follow: autocnnp status {job.spec.file}", file=out)
     return job_id
-
-
-def read_record(output: Path) -> dict | None:
-    try:
-        return json.loads((Path(output) / RECORD).read_text())
-    except (OSError, ValueError):
-        return None
 
 
 @dataclass(frozen=True)
@@ -259,7 +245,7 @@ class JobState:
         return self.state in ACTIVE
 
 
-def job_state(job_id: str, output: Path | None = None) -> JobState:
+def job_state(job_id: str, rundir: RunDir | None = None) -> JobState:
     """The state of Slurm job ``job_id``: from the controller while it remembers the job, then from
     accounting (sacct) where the cluster keeps it, then from the exit code the batch script left."""
     proc = _call(["scontrol", "show", "job", "-o", str(job_id)])
@@ -271,9 +257,9 @@ def job_state(job_id: str, output: Path | None = None) -> JobState:
     if proc.returncode == 0 and proc.stdout.strip():
         state, code, elapsed, nodes = (proc.stdout.strip().splitlines()[0].split("|") + [""] * 4)[:4]
         return JobState(state.split()[0], code, elapsed, "", nodes, "sacct")
-    if output is not None:
+    if rundir is not None:
         try:
-            code = int((Path(output) / "slurm" / f"{job_id}.exit").read_text().strip())
+            code = int(rundir.slurm_exit(job_id).read_text().strip())
         except (OSError, ValueError):
             pass
         else:
@@ -281,10 +267,10 @@ def job_state(job_id: str, output: Path | None = None) -> JobState:
     return JobState("UNKNOWN")
 
 
-def srun_command(gen: Generator, worker: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
+def srun_command(job: Job, worker: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """``srun`` starting one task per rank; Open MPI (and mpi4py) in the tasks wire up over PMIx."""
-    c = gen.cluster
-    cmd = ["srun", f"--ntasks={gen.degree}", f"--cpus-per-task={c.cpus_per_task}", "--kill-on-bad-exit=1"]
+    c = job.slurm
+    cmd = ["srun", f"--ntasks={job.generator.world_size}", f"--cpus-per-task={c.cpus_per_task}", "--kill-on-bad-exit=1"]
     if c.gpus_per_task:
         cmd.append(f"--gpus-per-task={c.gpus_per_task}")
     if "SLURM_JOB_ID" not in env:  # outside an allocation srun makes one: ask for it as sbatch would
@@ -295,32 +281,31 @@ def srun_command(gen: Generator, worker: list[str], env: dict[str, str]) -> tupl
     return cmd + worker, env
 
 
-def check_srun(gen: Generator) -> None:
+def check_srun(job: Job) -> None:
     if shutil.which("srun") is None:
-        raise JobError(where(gen, "launcher"), "launcher 'srun' is asked for, but srun is not installed here",
+        raise JobError(job.where("launcher"), "launcher 'srun' is asked for, but srun is not installed here",
                        "run inside a Slurm allocation (autocnnp submit JOB.xml) or use launcher mpirun")
 
 
-def find_job(target: str) -> tuple[str, Path | None]:
-    """(job id, output folder) from a job file (its recorded submission) or a bare Slurm job id."""
+def find_job(target: str) -> tuple[str, RunDir | None]:
+    """(job id, run folder) from a job file (its recorded submission) or a bare Slurm job id."""
     if re.fullmatch(r"\d+", target):
         return target, None
-    from ..generator.assemble import assemble
-
-    gen = assemble(target)
-    record = read_record(gen.output)
+    job = load_job(target)
+    rundir = job.generator.rundir
+    record = read_json(rundir.slurm_record)
     if record is None:
-        raise JobError(gen.job.where, f"this job was never submitted to Slurm (no {Path(gen.output) / RECORD})",
-                       f"submit it first: autocnnp submit {gen.job.file}")
-    return record["job_id"], Path(gen.output)
+        raise JobError(job.spec.where, f"this job was never submitted to Slurm (no {rundir.slurm_record})",
+                       f"submit it first: autocnnp submit {job.spec.file}")
+    return record["job_id"], rundir
 
 
-def progress(output: Path | None) -> str:
+def progress(rundir: RunDir | None) -> str:
     """The last epoch line of the job's metrics.csv, if training got that far."""
-    if output is None:
+    if rundir is None:
         return ""
     try:
-        lines = (output / "metrics.csv").read_text().strip().splitlines()
+        lines = rundir.metrics.read_text().strip().splitlines()
     except OSError:
         return ""
     if len(lines) < 2:
@@ -330,23 +315,23 @@ def progress(output: Path | None) -> str:
     return f"epoch {row.get('epoch', '?')} done" + (f": {extra}" if extra else "")
 
 
-def wait(job_id: str, output: Path | None, timeout_s: float, poll_s: float = 1.0) -> JobState:
+def wait(job_id: str, rundir: RunDir | None, timeout_s: float, poll_s: float = 1.0) -> JobState:
     """Poll until the job leaves the queue (or ``timeout_s`` passes); returns its last known state."""
     deadline = time.monotonic() + timeout_s
-    state = job_state(job_id, output)
+    state = job_state(job_id, rundir)
     while state.active and time.monotonic() < deadline:
         time.sleep(poll_s)
-        state = job_state(job_id, output)
+        state = job_state(job_id, rundir)
     return state
 
 
-def cancel(job_id: str, output: Path | None, wait_s: float = 60) -> tuple[JobState, JobState]:
+def cancel(job_id: str, rundir: RunDir | None, wait_s: float = 60) -> tuple[JobState, JobState]:
     """scancel the job if it is still queued or running; returns (state before, state after)."""
-    before = job_state(job_id, output)
+    before = job_state(job_id, rundir)
     if not before.active:
         return before, before
     proc = _call(["scancel", str(job_id)])
     if proc.returncode != 0:
         raise JobError(Source(Path(job_id), text=f"Slurm job {job_id}"), f"scancel failed: {_first_error(proc)}",
                        "check the job with squeue and that you own it")
-    return before, wait(job_id, output, wait_s)
+    return before, wait(job_id, rundir, wait_s)

@@ -20,84 +20,85 @@ import time
 import uuid
 from pathlib import Path
 
-from ..engine.errors import JobError
-from ..generator.assemble import Generator
+from ..core.errors import JobError
+from ..core.files import atomic_write
+from .job import Job
+from .supervise import diagnose, read_statuses
 
 TERMINAL = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
 SDK_HINT = "install the docker Python SDK (pip install docker) and a Docker engine (Debian: apt-get install docker.io)"
 
 
-def _client(gen: Generator):
+def _client(job: Job):
     try:
         import docker
     except ImportError:
-        raise JobError(gen.job.where, "--swarm needs the docker Python SDK, which is not installed", SDK_HINT) from None
+        raise JobError(job.spec.where, "--swarm needs the docker Python SDK, which is not installed", SDK_HINT) from None
     try:
         client = docker.from_env(timeout=60)
         client.ping()
     except Exception as exc:  # docker.errors.DockerException and connection errors
-        raise JobError(gen.job.where, f"no Docker engine answers: {exc}",
+        raise JobError(job.spec.where, f"no Docker engine answers: {exc}",
                        "start it (dockerd, or systemctl start docker) and check DOCKER_HOST") from None
     swarm = client.info().get("Swarm", {})
     if swarm.get("LocalNodeState") != "active" or not swarm.get("ControlAvailable"):
-        raise JobError(gen.job.where, "this Docker engine is not a swarm manager "
+        raise JobError(job.spec.where, "this Docker engine is not a swarm manager "
                        f"(swarm state: {swarm.get('LocalNodeState') or 'unknown'})",
                        "run `docker swarm init` here, or run the command on a manager node")
     return client
 
 
-def _mounts(gen: Generator) -> list:
+def _mounts(job: Job) -> list:
     """Bind mounts that show the job's folder and output folder at their own paths."""
     from docker.types import Mount
 
     folders: list[Path] = []
-    for folder in (gen.job.base_dir, Path(gen.output)):
+    for folder in (job.spec.base_dir, job.generator.rundir.root):
         folder = folder.resolve()
         if not any(folder == f or f in folder.parents for f in folders):
             folders = [f for f in folders if folder not in f.parents] + [folder]
     return [Mount(target=str(f), source=str(f), type="bind") for f in folders]
 
 
-def run_swarm(gen: Generator, image: str, timeout_s: float = 3600.0, out=None) -> int:
-    """Run ``gen``'s job as a swarm service and wait for it; returns the job's exit code."""
+def run_swarm(job: Job, image: str, timeout_s: float = 3600.0, out=None) -> int:
+    """Run the job as a swarm service and wait for it; returns the job's exit code."""
+    gen = job.generator
     out = out or sys.stdout
-    client = _client(gen)
+    client = _client(job)
     import docker
     from docker.types import EndpointSpec, RestartPolicy, ServiceMode
 
     try:
         client.images.get(image)
     except docker.errors.ImageNotFound:
-        raise JobError(gen.job.where, f"image '{image}' is not on this Docker engine",
+        raise JobError(job.spec.where, f"image '{image}' is not on this Docker engine",
                        f"build it: docker build -f cluster/docker/Dockerfile -t {image} . (where no base image can "
                        "be pulled, first cluster/docker/base-from-host.sh; see the Dockerfile)") from None
     run_id = uuid.uuid4().hex[:8]
     name = f"autocnnp-{gen.job.file.stem.lower()}-{run_id}"[:63]
-    output = Path(gen.output).resolve()
-    rendezvous = output / ".swarm" / run_id
+    rundir = gen.rundir
+    rendezvous = rundir.swarm.resolve() / run_id
     rendezvous.mkdir(parents=True, exist_ok=True)
-    from .watch import STATUS_DIR, diagnose, read_statuses
-
-    for stale in (output / STATUS_DIR).glob("rank*"):
+    for stale in rundir.ranks.glob("rank*"):
         stale.unlink(missing_ok=True)
     network = client.networks.create(name, driver="overlay", attachable=True, labels={"autocnnp.run": run_id})
     service = None
     try:
         service = client.services.create(
             image, command=["python3", "-m", "autocnnp.run.swarm", str(gen.job.file)], name=name,
-            env=["AUTOCNNP_SLOT={{.Task.Slot}}", f"WORLD_SIZE={gen.degree}", f"AUTOCNNP_RENDEZVOUS={rendezvous}",
-                 f"AUTOCNNP_STARTUP_TIMEOUT_S={gen.cluster.startup_timeout_s:g}", "OMP_NUM_THREADS=1"],
+            env=["AUTOCNNP_SLOT={{.Task.Slot}}", f"WORLD_SIZE={gen.world_size}", f"AUTOCNNP_RENDEZVOUS={rendezvous}",
+                 f"AUTOCNNP_STARTUP_TIMEOUT_S={job.launch.startup_timeout_s:g}", "OMP_NUM_THREADS=1"],
             hostname="{{.Service.Name}}-{{.Task.Slot}}", workdir=str(gen.job.base_dir),
-            mode=ServiceMode("replicated", replicas=gen.degree), restart_policy=RestartPolicy(condition="none"),
-            networks=[network.id], mounts=_mounts(gen), endpoint_spec=EndpointSpec(mode="dnsrr"),
+            mode=ServiceMode("replicated", replicas=gen.world_size), restart_policy=RestartPolicy(condition="none"),
+            networks=[network.id], mounts=_mounts(job), endpoint_spec=EndpointSpec(mode="dnsrr"),
             stop_grace_period=5 * 10**9,  # ns: a rank stuck in a collective ignores SIGTERM until killed
             labels={"autocnnp.job": str(gen.job.file), "autocnnp.run": run_id})
-        print(f"swarm service {name}: {gen.degree} replicas of {image}, ranks from the task slot", file=out, flush=True)
-        code, problem = _wait(service, gen, timeout_s)
+        print(f"swarm service {name}: {gen.world_size} replicas of {image}, ranks from the task slot", file=out, flush=True)
+        code, problem = _wait(service, job, timeout_s)
         logs = b"".join(service.logs(stdout=True, stderr=True, timestamps=False)).decode(errors="replace")
         out.write(logs if logs.endswith("\n") or not logs else logs + "\n")
         if code != 0:
-            why = problem or diagnose(read_statuses(output), gen.degree)
+            why = problem or diagnose(read_statuses(rundir), gen.world_size)
             print(f"autocnnp: the job failed: {why}", file=sys.stderr, flush=True)
         return code
     finally:
@@ -132,10 +133,8 @@ def _remove(client, service, network, run_id: str, timeout_s: float = 90.0) -> N
           f"remove it with: docker network rm {network.name}", file=sys.stderr)
 
 
-def _wait(service, gen: Generator, timeout_s: float) -> tuple[int, str]:
+def _wait(service, job: Job, timeout_s: float) -> tuple[int, str]:
     """Poll the service's tasks until all ended; (exit code, problem or '')."""
-    from .watch import read_statuses
-
     deadline = time.monotonic() + timeout_s
     while True:
         tasks = service.tasks()
@@ -149,12 +148,12 @@ def _wait(service, gen: Generator, timeout_s: float) -> tuple[int, str]:
             why = status.get("Err") or status.get("Message") or status["State"]
             return (code if isinstance(code, int) and code > 0 else 1), \
                 f"rank {slot - 1} (task slot {slot}) {status['State']}: {why}" + (f" (exit code {code})" if code else "")
-        if len(states) == gen.degree and all(s == "complete" for s in states.values()):
+        if len(states) == job.generator.world_size and all(s == "complete" for s in states.values()):
             return 0, ""
-        running = {r: age for r, (s, _, age) in read_statuses(gen.output).items() if s == "running"}
-        if running and max(running.values()) > gen.cluster.rank_timeout_s:
+        running = {r: age for r, (s, _, age) in read_statuses(job.generator.rundir).items() if s == "running"}
+        if running and max(running.values()) > job.launch.rank_timeout_s:
             rank = max(running, key=running.get)
-            return 1, f"rank {rank} stopped responding (rank_timeout_s={gen.cluster.rank_timeout_s:g})"
+            return 1, f"rank {rank} stopped responding (rank_timeout_s={job.launch.rank_timeout_s:g})"
         if time.monotonic() > deadline:
             return 1, f"the service did not finish within {timeout_s:g} s (task states: {states})"
         time.sleep(1.0)
@@ -174,9 +173,7 @@ def task_main(job: str) -> int:
     master = Path(os.environ["AUTOCNNP_RENDEZVOUS"]) / "master"
     if rank == 0:
         addr = socket.gethostbyname(socket.gethostname())
-        tmp = master.with_suffix(".tmp")
-        tmp.write_text(f"{addr} {_free_port()}")
-        os.replace(tmp, master)
+        atomic_write(master, f"{addr} {_free_port()}")
     deadline = time.monotonic() + float(os.environ.get("AUTOCNNP_STARTUP_TIMEOUT_S", "120"))
     while not master.exists():
         if time.monotonic() > deadline:

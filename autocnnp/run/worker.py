@@ -1,4 +1,4 @@
-"""One rank: assemble the job's generator and train; any failure ends the whole job, naming the rank."""
+"""One rank: load the job and train; any failure ends the whole job, naming the rank."""
 
 from __future__ import annotations
 
@@ -6,17 +6,20 @@ import signal
 import sys
 import traceback
 
-from ..engine.errors import JobError
-from ..generator.assemble import Generator, assemble
-from .watch import RankStatus
-from .world import discover_world
+from ..core.errors import DataError, ExitCode, JobError
+from ..core.world import discover_world
+from ..training.monitor import Diverged
+from ..training.trainer import build, fit
+from . import manifest
+from .job import Job, load_job
+from .supervise import RankStatus
 
 
 def _abort(code: int) -> None:
     """End every rank: MPI_Abort when MPI is up (so no peer waits forever), else exit."""
-    if "mpi4py" in sys.modules or discover_world().size > 1:
+    if "mpi4py" in sys.modules or discover_world().world_size > 1:
         try:
-            from mpi4py import MPI
+            from mpi4py import MPI  # initialises MPI if needed: the other ranks wait in it
 
             if MPI.Is_initialized() and MPI.COMM_WORLD.Get_size() > 1:
                 MPI.COMM_WORLD.Abort(code)
@@ -25,15 +28,17 @@ def _abort(code: int) -> None:
     sys.exit(code)
 
 
-def run_rank(gen: Generator) -> int:
-    """Train on this rank; on error print one line naming the rank and abort the job."""
-    from ..data.errors import DataError
-    from ..training.monitor import Diverged
-    from ..training.trainer import train
-    from .manifest import recording
+def train(job: Job, beat=lambda: None) -> dict[str, float]:
+    """Build the generator's run on this rank, record it in the manifest (rank 0), train it."""
+    run = build(job.generator, job.monitoring, beat=beat, timeout_s=job.launch.rank_timeout_s + 30)
+    manifest.record_run(job, run)
+    return fit(run, job.monitoring, beat)
 
+
+def run_rank(job: Job) -> int:
+    """Train on this rank; on error print one line naming the rank and abort the job."""
     rank = discover_world().rank
-    status = RankStatus(gen.output, rank)
+    status = RankStatus(job.generator.rundir, rank)
     status.set("started")
 
     def terminated(signum, frame):
@@ -42,36 +47,33 @@ def run_rank(gen: Generator) -> int:
 
     signal.signal(signal.SIGTERM, terminated)
     try:
-        with recording(gen, rank):  # manifest.json on rank 0: the run's reproducibility record
-            train(gen, beat=status.beat)
+        with manifest.recording(job, rank):  # manifest.json on rank 0: the run's reproducibility record
+            train(job, beat=status.beat)
     except DataError as exc:  # bad input data: one clear paragraph, no traceback
         status.set("failed", str(exc))
         print(f"autocnnp: rank {rank}: {exc}", file=sys.stderr, flush=True)
-        _abort(2)
+        _abort(ExitCode.BAD_INPUT)
     except Diverged as exc:
         status.set("failed", f"training diverged: {exc}")
         print(f"autocnnp: rank {rank}: training diverged: {exc}", file=sys.stderr, flush=True)
-        _abort(3)
+        _abort(ExitCode.DIVERGED)
     except Exception as exc:  # any failure on one rank must end all of them
         traceback.print_exc()
         status.set("failed", f"{type(exc).__name__}: {exc}")
         print(f"autocnnp: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
-        _abort(1)
+        _abort(ExitCode.FAILED)
     status.set("done")
-    return 0
+    return ExitCode.OK
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    try:  # JOB [--set=KEY=VALUE ...]: a job variant (engine/overrides.py)
-        from ..engine.overrides import parse_sets, read_variant
-
-        sets = [a.removeprefix("--set=") for a in argv[1:] if a.startswith("--set=")]
-        gen = assemble(read_variant(argv[0], parse_sets(sets)))
+    try:  # JOB [--set=KEY=VALUE ...]: a job variant (generator/overrides.py)
+        job = load_job(argv[0], [a.removeprefix("--set=") for a in argv[1:] if a.startswith("--set=")])
     except JobError as exc:
         print(f"autocnnp: {exc}", file=sys.stderr)
         return exc.exit_code
-    return run_rank(gen)
+    return run_rank(job)
 
 
 if __name__ == "__main__":

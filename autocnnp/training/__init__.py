@@ -1,1 +1,1 @@
-"""Training utilities: losses and segmentation metrics."""
+"""Training: the loop every rank runs, its losses, metrics, monitoring and determinism."""

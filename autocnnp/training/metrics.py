@@ -20,8 +20,6 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-METRIC_NAMES = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
-
 
 def _check_range(values: torch.Tensor, num_classes: int, name: str) -> None:
     bad = values[(values < 0) | (values >= num_classes)]

@@ -1,24 +1,42 @@
 """Run monitoring: divergence guard, resource sampling, progress, metrics, TensorBoard, plots.
 
-Epochs and steps are 0-based indices in the API and shown 1-based in messages.
-matplotlib and TensorBoard are imported only by the functions that need them.
+Epochs and steps are 0-based indices in the API and shown 1-based in messages. The ``<monitoring>``
+section binds :class:`MonitoringConfig`, which ``autocnnp validate`` reads: the monitors' heavy
+modules (torch, psutil, tqdm, TensorBoard, matplotlib) are imported when a monitor is built.
 """
 
 from __future__ import annotations
 
 import csv
+import io
 import math
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
-import psutil
-import torch
-from tqdm import tqdm
+from ..core.files import atomic_write
+from ..core.metrics import SEGEVAL
+from ..core.rundir import RunDir
+from ..core.settings import setting
 
-from autocnnp.run.config import MonitoringConfig
-from autocnnp.training.metrics import METRIC_NAMES
+
+@dataclass
+class MonitoringConfig:
+    """``<monitoring>``: what rank 0 reports and when a run is stopped as diverged."""
+
+    progress: bool = setting(True, help="progress bar on a terminal")
+    tensorboard: bool = setting(True, help="TensorBoard events")
+    plots: bool = setting(True, help="PNG plots when the run ends")
+    sample_interval_s: float = setting(2.0, min=0.1, help="seconds between resource samples of each rank")
+    stop_on_divergence: bool = setting(True, help="stop when the loss becomes non-finite or explodes")
+    divergence_factor: float = setting(1e3, min=1.0, help="'explodes': above this x the first loss")
+    log_every_steps: int = setting(10, min=1, help="TensorBoard step-loss interval")
+    data_checksum: Literal["auto", "content", "stat", "none"] = setting(
+        "auto", help="manifest.json's dataset checksum: content (sha256 of the files), stat (names, sizes, "
+                     "mtimes), auto (content up to 512 MiB, else stat) or none")
 
 RESOURCE_COLUMNS = ("time_s", "rank", "cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb")
 
@@ -82,12 +100,15 @@ class ResourceSampler:
     def __init__(self, path: Path, rank: int, interval_s: float, append: bool = True) -> None:
         if interval_s <= 0:
             raise ValueError(f"sample interval must be > 0 s, got {interval_s}")
+        import psutil
+        import torch
+
         self.path = Path(path)
         self.rank = rank
         self.interval_s = interval_s
         self.append = append
         self._process = psutil.Process()
-        self._cuda = torch.cuda.is_available()
+        self._cuda = torch.cuda if torch.cuda.is_available() else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._file = None
@@ -130,10 +151,10 @@ class ResourceSampler:
         gpu_util = gpu_mem = ""
         if self._cuda:
             try:
-                gpu_util = f"{torch.cuda.utilization():.0f}"
+                gpu_util = f"{self._cuda.utilization():.0f}"
             except Exception:  # needs pynvml / NVML; leave the column empty without it
                 pass
-            gpu_mem = f"{torch.cuda.memory_allocated() / 2**20:.1f}"
+            gpu_mem = f"{self._cuda.memory_allocated() / 2**20:.1f}"
         self._writer.writerow(
             (
                 f"{time.time():.3f}",
@@ -162,46 +183,37 @@ class Monitor:
     and TensorBoard events from ``start_epoch`` on are dropped.
     """
 
-    def __init__(
-        self,
-        output_dir: Path,
-        rank: int,
-        world_size: int,
-        config: MonitoringConfig,
-        total_epochs: int,
-        steps_per_epoch: int,
-        start_epoch: int = 0,
-    ) -> None:
+    def __init__(self, rundir: RunDir, rank: int, world_size: int, config: MonitoringConfig, total_epochs: int,
+                 steps_per_epoch: int, start_epoch: int = 0) -> None:
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
-        self.output_dir = Path(output_dir)
+        from tqdm import tqdm
+
+        self.rundir = rundir
         self.rank = rank
         self.world_size = world_size
         self.config = config
         self.total_epochs = total_epochs
         self.steps_per_epoch = steps_per_epoch
         self.start_epoch = start_epoch
-        self.metrics_path = self.output_dir / "metrics.csv"
+        self.metrics_path = rundir.metrics
         self._closed = False
         self._bar = None
         self._writer = None
         self._columns: list[str] | None = None
         self._reset_epoch_counters()
-        self._sampler = ResourceSampler(
-            self.output_dir / "resources" / f"rank{rank}.csv",
-            rank,
-            config.sample_interval_s,
-            append=start_epoch > 0,
-        ).start()
+        self._sampler = ResourceSampler(rundir.resource_samples(rank), rank, config.sample_interval_s,
+                                        append=start_epoch > 0).start()
         if rank != 0:
             return
-        self.output_dir.mkdir(parents=True, exist_ok=True)
+        rundir.root.mkdir(parents=True, exist_ok=True)
         self._truncate_metrics()
+        self._write_line = tqdm.write
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(
-                str(self.output_dir / "tensorboard"),
+                str(rundir.tensorboard),
                 purge_step=start_epoch * steps_per_epoch + 1 if start_epoch > 0 else None,
             )
         self._bar = tqdm(
@@ -267,7 +279,7 @@ class Monitor:
         parts = [f"epoch {epoch + 1}/{self.total_epochs}"]
         parts += [f"{name}={metrics[name]:.4g}" for name in ordered]
         parts.append(f"samples/s={self._throughput():.1f}")
-        tqdm.write(" ".join(parts), file=sys.stdout)
+        self._write_line(" ".join(parts), file=sys.stdout)
         sys.stdout.flush()
         self._reset_epoch_counters()
 
@@ -295,7 +307,7 @@ class Monitor:
             self._writer.close()
         self._bar.close()
         if self.config.plots:
-            plot_run(self.output_dir)
+            plot_run(self.rundir)
 
     def __enter__(self) -> Monitor:
         return self
@@ -312,19 +324,18 @@ def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
 
 
 def _write_csv(path: Path, columns: list[str], rows: list[dict]) -> None:
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, columns, restval="")
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, columns, restval="")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write(path, text.getvalue())
 
 
 def _column(rows: list[dict[str, str]], name: str) -> list[float]:
     return [float(row[name]) if row.get(name) else math.nan for row in rows]
 
 
-def plot_run(output_dir: Path) -> list[Path]:
+def plot_run(rundir: RunDir) -> list[Path]:
     """(Re)make ``plots/*.png`` from metrics.csv and resources/*.csv; returns the files written.
 
     learning_curves.png: every ``*loss`` column; metrics.png: the SegEval metrics (also with a
@@ -332,8 +343,7 @@ def plot_run(output_dir: Path) -> list[Path]:
     """
     from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
 
-    output_dir = Path(output_dir)
-    plots = output_dir / "plots"
+    plots = rundir.plots
     written: list[Path] = []
 
     def save(fig: Figure, name: str) -> None:
@@ -342,7 +352,7 @@ def plot_run(output_dir: Path) -> list[Path]:
         fig.savefig(plots / name, dpi=100)
         written.append(plots / name)
 
-    metrics_path = output_dir / "metrics.csv"
+    metrics_path = rundir.metrics
     if metrics_path.exists():
         columns, rows = _read_csv(metrics_path)
         epochs = [int(row["epoch"]) + 1 for row in rows]
@@ -350,7 +360,7 @@ def plot_run(output_dir: Path) -> list[Path]:
             "learning_curves.png": ("loss", [c for c in columns if c.endswith("loss")]),
             "metrics.png": (
                 "metric",
-                [c for c in columns if any(c == m or c.endswith("_" + m) for m in METRIC_NAMES)],
+                [c for c in columns if any(c == m or c.endswith("_" + m) for m in SEGEVAL)],
             ),
         }
         for filename, (ylabel, names) in groups.items():
@@ -366,7 +376,7 @@ def plot_run(output_dir: Path) -> list[Path]:
             save(fig, filename)
 
     tables = {}
-    for path in sorted((output_dir / "resources").glob("rank*.csv")):
+    for path in sorted(rundir.resources.glob("rank*.csv")):
         rows = _read_csv(path)[1]
         if rows:
             tables[int(rows[0]["rank"])] = rows

@@ -9,11 +9,14 @@ Heavy modules (torch, matplotlib) are imported inside the command functions.
 from __future__ import annotations
 
 import hashlib
-import json
 import sys
 from pathlib import Path
 
-from ..engine.errors import JobError
+from ..core.errors import ExitCode, JobError
+from ..core.files import read_json, write_json
+from ..core.rundir import RunDir
+from ..run.job import load_job
+from .guideline import DEFAULT_THRESHOLD, Guideline, Steps
 
 STATE = "state.json"
 
@@ -29,21 +32,25 @@ def add_commands(sub) -> None:
     s.add_argument("job", help="the XML job file")
     s.add_argument("--out", help="tune folder (default: the job's output folder/tune)")
     s.add_argument("--budget", type=int, help="at most this many training runs, baseline included")
-    s.add_argument("--ranks-threshold", type=int, default=12,
-                   help="tune from this many ranks on (thesis: 12); below it, just train")
+    s.add_argument("--ranks-threshold", type=int, default=DEFAULT_THRESHOLD,
+                   help=f"tune from this many ranks on (thesis: {DEFAULT_THRESHOLD}); below it, just train")
     s.add_argument("--baseline", metavar="RUN_DIR", help="use this finished single-rank run's metrics.csv as the "
                    "baseline instead of training one")
-    s.add_argument("--tolerance", type=float, default=0.001,
-                   help="metric differences up to this are ties (the next metric decides); default 0.001")
-    s.add_argument("--from-job", action="store_true", help="start from the job's lr, optimiser and GreScale "
+    s.add_argument("--tolerance", type=float, default=Guideline.tolerance,
+                   help=f"metric differences up to this are ties (the next metric decides); default {Guideline.tolerance}")
+    s.add_argument("--from-job", action="store_true", help="start from the job's lr, optimizer and GreScale "
                    "settings instead of the thesis defaults")
     s.add_argument("--revert-worse", action="store_true",
                    help="undo a step that made the model worse before moving to the next action")
-    s.add_argument("--lr-factor", type=float, default=0.5, help="decrease the initial lr: lr x this (0.5)")
-    s.add_argument("--min-lr", type=float, default=1e-6, help="never below this initial lr (thesis: 1e-6)")
-    s.add_argument("--decay-step", type=float, default=0.05, help="increase the decay coefficient by this (0.05)")
-    s.add_argument("--warmup-step", type=int, default=1, help="epochs added to the warmup (1)")
-    s.add_argument("--decay-epochs-step", type=int, default=1, help="epochs added to the decay stage (1)")
+    s.add_argument("--lr-factor", type=float, default=Steps.lr_factor,
+                   help=f"decrease the initial lr: lr x this ({Steps.lr_factor})")
+    s.add_argument("--min-lr", type=float, default=Steps.min_lr, help=f"never below this initial lr (thesis: {Steps.min_lr})")
+    s.add_argument("--decay-step", type=float, default=Steps.decay_step,
+                   help=f"increase the decay coefficient by this ({Steps.decay_step})")
+    s.add_argument("--warmup-step", type=int, default=Steps.warmup_step,
+                   help=f"epochs added to the warmup ({Steps.warmup_step})")
+    s.add_argument("--decay-epochs-step", type=int, default=Steps.decay_epochs_step,
+                   help=f"epochs added to the decay stage ({Steps.decay_epochs_step})")
     s.add_argument("--restart", action="store_true", help="forget the saved state and start afresh")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the job for every run (e.g. hyperparameters.end_epoch=30)")
@@ -65,39 +72,30 @@ def add_commands(sub) -> None:
     p.set_defaults(func=cmd_lr_plot)
 
 
-def _gen(args):
-    from ..engine.overrides import parse_sets, read_variant
-    from ..generator.assemble import assemble
-
-    sets = parse_sets(args.set)
-    return assemble(read_variant(args.job, sets)), sets
-
-
 def cmd_lr_plot(args) -> int:
-    from .lr_plot import ASSUMED_STEPS, actual_lr, build_policy, plot_schedules, steps_per_epoch
+    from .lr_plot import ASSUMED_STEPS, actual_lr, plot_schedules, steps_per_epoch
 
-    gen, _ = _gen(args)
-    ranks = args.ranks or gen.degree
+    gen = load_job(args.job, args.set).generator
+    ranks = args.ranks or gen.world_size
     if ranks < 1:
         raise JobError(gen.job.where, f"--ranks {ranks} is not a number of ranks", "give 1 or more")
     steps = args.steps_per_epoch or steps_per_epoch(gen, ranks)
     note = "" if steps else " (assumed: pass --steps-per-epoch)"
     steps = steps or ASSUMED_STEPS
-    names = args.policy or ["job"]
     policies = {}
-    for name in names:
+    for name in args.policy or ["job"]:
         try:
-            policy = build_policy(gen, None if name == "job" else name, ranks, steps)
+            policy = gen.lr_policy(steps, ranks, None if name == "job" else name)
         except ValueError as exc:
             raise JobError(gen.job.where, f"lr_policy '{name}': {exc}", "fix the policy's parameters") from None
         label = gen.action("lr_policy").entry.name if name == "job" else name
         policies[label] = policy
         print(f"{label}: {policy.describe()}")
-    out = Path(args.out) if args.out else gen.output / "plots" / "lr_schedule.png"
+    out = Path(args.out) if args.out else gen.rundir.plots / "lr_schedule.png"
     actual = actual_lr(Path(args.metrics)) if args.metrics else None
     hp = gen.hyperparameters
-    title = (f"{gen.job.file.name}: base lr {hp.lr:g}, {ranks} rank(s), {hp.end_epoch} epochs, "
-             f"{steps} steps/epoch{note}")
+    title = (f"{gen.job.file.name}: base lr {hp.lr:g}, {ranks} rank(s) ({gen.replicas(ranks)} replica(s) per step), "
+             f"{hp.end_epoch} epochs, {steps} steps/epoch{note}")
     plot_schedules(policies, hp.end_epoch, steps, out, title, actual, args.log)
     print(f"wrote {out}")
     return 0
@@ -106,27 +104,23 @@ def cmd_lr_plot(args) -> int:
 def _initial(gen, from_job: bool):
     from .guideline import default_settings
 
-    hp = gen.hyperparameters
-    total = hp.end_epoch
+    total = gen.hyperparameters.end_epoch
     if not from_job:
         return default_settings(total)
     action = gen.action("lr_policy")
-    if action.entry.name == "grescale" and action.config is not None:
-        c = action.config
-        return default_settings(total, c.warmup_epochs, hp.lr, hp.optimiser, c.decay_coefficient, c.decay_epochs)
-    return default_settings(total, lr=hp.lr, optimiser=hp.optimiser)
+    return default_settings(total, gen.hyperparameters, action.config if action.entry.name == "grescale" else None)
 
 
 def cmd_tune(args) -> int:
-    from ..run.manifest import final_metrics, now, write_json
+    from ..run.manifest import final_metrics, now
     from . import report
-    from .guideline import Guideline, Steps
     from .runner import JobRunner, RunFailed
 
-    gen, sets = _gen(args)
+    gen = load_job(args.job, args.set).generator
+    sets = gen.job.overrides
     job_file = Path(gen.job.file)
     sha = hashlib.sha256(job_file.read_bytes()).hexdigest()
-    out = Path(args.out).resolve() if args.out else Path(gen.output) / "tune"
+    out = Path(args.out).resolve() if args.out else gen.rundir.tune
     state_path = out / STATE
     state = None if args.restart else _load(state_path)
     if state is not None and state.get("job_sha256") != sha:
@@ -136,7 +130,7 @@ def cmd_tune(args) -> int:
         raise JobError(job_file, f"--budget {args.budget} allows no run", "give 1 or more")
     baseline = None
     if args.baseline:
-        baseline = final_metrics(Path(args.baseline))
+        baseline = final_metrics(RunDir(Path(args.baseline)))
         if not baseline:
             raise JobError(Path(args.baseline), "no metrics.csv with a finished epoch here",
                            "point --baseline at the output folder of a finished single-rank run")
@@ -157,7 +151,7 @@ def cmd_tune(args) -> int:
         record["updated"] = now()
         write_json(state_path, record)
 
-    guideline = Guideline(JobRunner(job_file, out / "runs", sha, sets), degree=gen.degree,
+    guideline = Guideline(JobRunner(job_file, out / "runs", sha, sets), world_size=gen.world_size,
                           total_epochs=gen.hyperparameters.end_epoch, initial=initial, seed=gen.seed,
                           threshold=args.ranks_threshold, budget=args.budget, tolerance=args.tolerance, steps=steps,
                           revert_worse=args.revert_worse, baseline_metrics=baseline, cache=record["cache"],
@@ -167,7 +161,7 @@ def cmd_tune(args) -> int:
         outcome = guideline.walk()
     except RunFailed as exc:
         print(f"autocnnp: {exc}", file=sys.stderr)
-        return 1
+        return ExitCode.FAILED
     record.update(status=outcome.status, finished=outcome.finished, runs=outcome.runs, branch=outcome.branch,
                   best=None if outcome.best is None else {"iteration": outcome.best.iteration,
                                                           "metrics": outcome.best.metrics,
@@ -181,13 +175,13 @@ def cmd_tune(args) -> int:
     if outcome.best is not None and outcome.best.settings is not None:
         print("best settings: " + " ".join(f"--set {k}={v}" for k, v in outcome.best.settings.overrides().items()))
     print(f"wrote {table}" + (f", {figure}" if figure else "") + f", {state_path}")
-    return 0
+    return ExitCode.OK
 
 
 def _load(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except FileNotFoundError:
+    if not path.exists():
         return None
-    except (OSError, ValueError) as exc:
-        raise JobError(path, f"the tune state is unreadable ({exc})", "pass --restart to start afresh") from None
+    state = read_json(path)
+    if state is None:
+        raise JobError(path, "the tune state is unreadable", "pass --restart to start afresh")
+    return state

@@ -5,7 +5,7 @@
 2. Below ``threshold`` ranks (12 in the thesis) just train with them.
 3. From ``threshold`` ranks on, compare with the single-rank baseline and walk the five ordered
    actions: decrease the initial lr, increase the lr decay coefficient, increase the warmup period,
-   increase the decay-phase period, change the optimiser. Each iteration applies one fixed small
+   increase the decay-phase period, change the optimizer. Each iteration applies one fixed small
    step of the current action and trains; while the model improves on the previous iteration the
    action is repeated, otherwise the walk moves on to the next action. Models are compared by
    Dice, then mean accuracy, then mean IoU (thesis 6.4: PA and fw IoU are dominated by the
@@ -29,30 +29,34 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import typing
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
-METRICS = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
+from ..components.hyperparameters.xml_properties import Config as Hyperparameters
+from ..components.lr_policies.grescale import Config as GreScaleConfig
+from ..components.lr_policies.grescale import grescale_phases
+
 PRIORITY = ("dice", "mean_accuracy", "mean_iou")
 DEFAULT_THRESHOLD = 12
 MIN_LR = 1e-6  # thesis 6.3.3, after [159]: keep the lr above 1e-6
-OPTIMISERS = ("sgd", "adam")
+OPTIMIZERS = typing.get_args(typing.get_type_hints(Hyperparameters)["optimizer"])  # what the job may name
 
 
 @dataclass(frozen=True)
 class Settings:
-    """What the guideline tunes: the initial lr, the optimiser and GreScale's stages."""
+    """What the guideline tunes: the initial lr, the optimizer and GreScale's stages."""
 
-    lr: float = 1e-5
-    optimiser: str = "sgd"
-    warmup_epochs: int = 5
-    decay_coefficient: float = 0.9
-    decay_epochs: int = 0
+    lr: float
+    optimizer: str
+    warmup_epochs: int
+    decay_coefficient: float
+    decay_epochs: int
 
     def overrides(self) -> dict[str, str]:
-        """The job overrides (engine/overrides.py) that train with these settings."""
+        """The job overrides (generator/overrides.py) that train with these settings."""
         return {"lr_policy": "grescale", "hyperparameters.lr": f"{self.lr:.6g}",
-                "hyperparameters.optimiser": self.optimiser, "lr_policy.warmup_epochs": str(self.warmup_epochs),
+                "hyperparameters.optimizer": self.optimizer, "lr_policy.warmup_epochs": str(self.warmup_epochs),
                 "lr_policy.decay_coefficient": f"{self.decay_coefficient:.6g}",
                 "lr_policy.decay_epochs": str(self.decay_epochs)}
 
@@ -66,7 +70,7 @@ class Steps:
     warmup_step: int = 1  # epochs added to the warmup (taken from the stabilisation stage)
     decay_epochs_step: int = 1  # epochs added to the decay stage (taken from the stabilisation stage)
     min_lr: float = MIN_LR
-    optimisers: tuple[str, ...] = OPTIMISERS
+    optimizers: tuple[str, ...] = OPTIMIZERS
 
 
 @dataclass(frozen=True)
@@ -75,11 +79,11 @@ class Variant:
 
     name: str
     overrides: dict[str, str]
-    degree: int
+    world_size: int
 
     @property
     def key(self) -> str:
-        text = json.dumps({"overrides": self.overrides, "degree": self.degree}, sort_keys=True)
+        text = json.dumps({"overrides": self.overrides, "world_size": self.world_size}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()[:10]
 
 
@@ -91,7 +95,7 @@ class Row:
     action: str
     metrics: dict[str, float]
     settings: Settings | None
-    degree: int
+    world_size: int
     run: str
     reached: bool | None = None
     improved: bool | None = None
@@ -120,10 +124,10 @@ def increase_decay_period(s: Settings, steps: Steps, total_epochs: int) -> Setti
     return replace(s, decay_epochs=s.decay_epochs + steps.decay_epochs_step) if ok else None
 
 
-def change_optimiser(s: Settings, steps: Steps, total_epochs: int, tried: set[str] | None = None) -> Settings | None:
-    tried = (tried or set()) | {s.optimiser}
-    left = [o for o in steps.optimisers if o not in tried]
-    return replace(s, optimiser=left[0]) if left else None
+def change_optimizer(s: Settings, steps: Steps, total_epochs: int, tried: set[str] | None = None) -> Settings | None:
+    tried = (tried or set()) | {s.optimizer}
+    left = [o for o in steps.optimizers if o not in tried]
+    return replace(s, optimizer=left[0]) if left else None
 
 
 # The five ordered workflow actions of Figure 6.3: (key, label as in Tables 6.1-6.10, step).
@@ -132,7 +136,7 @@ ACTIONS: tuple[tuple[str, str, Callable], ...] = (
     ("increase_decay", "Increase the Lr decay coefficient", increase_decay),
     ("increase_warmup", "Increase the warmup period", increase_warmup),
     ("increase_decay_period", "Increase the decay phase period", increase_decay_period),
-    ("change_optimiser", "Change the optimizer", change_optimiser),
+    ("change_optimizer", "Change the optimizer", change_optimizer),
 )
 DEFAULTS_LABEL = "Apply default parameters"
 VALIDATION_LABEL = "Model validation"
@@ -182,7 +186,7 @@ class Guideline:
     ``{"key": variant.key, "metrics": ...}`` for runs done before (a resumed tune)."""
 
     runner: Callable[[Variant], dict]
-    degree: int
+    world_size: int
     total_epochs: int
     initial: Settings
     seed: int = 0
@@ -198,22 +202,22 @@ class Guideline:
     def __post_init__(self):
         self.runs = 0
 
-    def execute(self, name: str, overrides: dict[str, str], degree: int) -> dict:
+    def execute(self, name: str, overrides: dict[str, str], world_size: int) -> dict:
         if self.budget is not None and self.runs >= self.budget:
             raise BudgetExhausted(name)
-        variant = Variant(name, dict(overrides), degree)
+        variant = Variant(name, dict(overrides), world_size)
         saved = self.cache.get(name)
         cached = saved is not None and saved.get("key") == variant.key
         metrics = dict(saved["metrics"]) if cached else dict(self.runner(variant))
         self.runs += 1
         self.cache[name] = {"key": variant.key, "metrics": metrics, "overrides": variant.overrides,
-                            "degree": degree}
+                            "world_size": world_size}
         if self.on_run is not None:
             self.on_run(variant, metrics, cached)
         return metrics
 
     def _variant(self, s: Settings, seed: int | None = None) -> dict[str, str]:
-        out = {**s.overrides(), "parallelism-degree": str(self.degree)}
+        out = {**s.overrides(), "parallelism-degree": str(self.world_size)}
         if seed is not None:
             out["seed"] = str(seed)
         return out
@@ -221,7 +225,7 @@ class Guideline:
     def walk(self) -> Outcome:
         rows: list[Row] = []
         baseline: Row | None = None
-        branch = "train" if self.degree < self.threshold else "tune"
+        branch = "train" if self.world_size < self.threshold else "tune"
 
         def done(status: str, finished: bool) -> Outcome:
             scored = [r for r in rows if r.metrics]
@@ -233,9 +237,9 @@ class Guideline:
 
         try:
             if branch == "train":
-                m = self.execute("iter-0", self._variant(self.initial), self.degree)
-                rows.append(Row(0, DEFAULTS_LABEL, m, self.initial, self.degree, "iter-0"))
-                return done(f"{self.degree} rank(s) < {self.threshold}: trained with the GreScale defaults "
+                m = self.execute("iter-0", self._variant(self.initial), self.world_size)
+                rows.append(Row(0, DEFAULTS_LABEL, m, self.initial, self.world_size, "iter-0"))
+                return done(f"{self.world_size} rank(s) < {self.threshold}: trained with the GreScale defaults "
                             "(no tuning needed below the threshold)", True)
             if self.baseline_metrics is not None:
                 base = dict(self.baseline_metrics)
@@ -244,24 +248,24 @@ class Guideline:
             baseline = Row("baseline", BASELINE_LABEL, base, None, 1, "baseline")
 
             current, it = self.initial, 0
-            m = self.execute("iter-0", self._variant(current), self.degree)
+            m = self.execute("iter-0", self._variant(current), self.world_size)
             reached = compare(m, base, self.tolerance) >= 0
-            rows.append(Row(0, DEFAULTS_LABEL, m, current, self.degree, "iter-0", reached))
+            rows.append(Row(0, DEFAULTS_LABEL, m, current, self.world_size, "iter-0", reached))
             previous, action, tried = m, 0, set()
             while not reached and action < len(ACTIONS):
                 key, label, step = ACTIONS[action]
-                candidate = (step(current, self.steps, self.total_epochs, tried) if key == "change_optimiser"
+                candidate = (step(current, self.steps, self.total_epochs, tried) if key == "change_optimizer"
                              else step(current, self.steps, self.total_epochs))
                 if candidate is None:  # this action cannot go any further
                     action += 1
                     continue
-                if key == "change_optimiser":
-                    tried |= {current.optimiser, candidate.optimiser}
+                if key == "change_optimizer":
+                    tried |= {current.optimizer, candidate.optimizer}
                 it += 1
-                m = self.execute(f"iter-{it}", self._variant(candidate), self.degree)
+                m = self.execute(f"iter-{it}", self._variant(candidate), self.world_size)
                 improved = compare(m, previous, self.tolerance) > 0
                 reached = compare(m, base, self.tolerance) >= 0
-                rows.append(Row(it, label, m, candidate, self.degree, f"iter-{it}", reached, improved))
+                rows.append(Row(it, label, m, candidate, self.world_size, f"iter-{it}", reached, improved))
                 if improved or not self.revert_worse:
                     current, previous = candidate, m
                 if not improved:
@@ -269,9 +273,9 @@ class Guideline:
             if not reached:
                 return done("every action tried: the baseline was not reached (best iteration shown)", True)
             it += 1
-            mv = self.execute(f"iter-{it}", self._variant(current, self.seed + 1), self.degree)
+            mv = self.execute(f"iter-{it}", self._variant(current, self.seed + 1), self.world_size)
             confirmed = compare(mv, base, self.tolerance) >= 0
-            rows.append(Row(it, VALIDATION_LABEL, mv, current, self.degree, f"iter-{it}", confirmed))
+            rows.append(Row(it, VALIDATION_LABEL, mv, current, self.world_size, f"iter-{it}", confirmed))
             return done("baseline reached and confirmed by the validation run (seed + 1)" if confirmed else
                         "baseline reached, but the validation run (seed + 1) fell short of it", True)
         except BudgetExhausted:
@@ -279,14 +283,14 @@ class Guideline:
                         False)
 
 
-def default_settings(total_epochs: int, warmup_epochs: int = 5, lr: float = 1e-5, optimiser: str = "sgd",
-                     decay_coefficient: float = 0.9, decay_epochs: int | None = None) -> Settings:
-    """The GreScale defaults for a run of ``total_epochs`` (decay stage: 3/7 after the default warmup)."""
-    from autocnnp.components.training.lr_policies import grescale_phases
-
-    _, _, decay = grescale_phases(total_epochs, warmup_epochs, decay_epochs)
-    return Settings(lr=lr, optimiser=optimiser, warmup_epochs=warmup_epochs, decay_coefficient=decay_coefficient,
-                    decay_epochs=decay)
+def default_settings(total_epochs: int, hyperparameters: Hyperparameters | None = None,
+                     grescale: GreScaleConfig | None = None) -> Settings:
+    """The GreScale defaults for a run of ``total_epochs``: the hyperparameters' lr and optimizer and
+    GreScale's stages, as their Configs declare them (or as given), the decay stage 3/7 after the warmup."""
+    hp, g = hyperparameters or Hyperparameters(), grescale or GreScaleConfig()
+    _, _, decay = grescale_phases(total_epochs, g.warmup_epochs, g.decay_epochs)
+    return Settings(lr=hp.lr, optimizer=hp.optimizer, warmup_epochs=g.warmup_epochs,
+                    decay_coefficient=g.decay_coefficient, decay_epochs=decay)
 
 
 def settings_dict(s: Settings | None) -> dict:

@@ -12,31 +12,18 @@ ASSUMED_STEPS = 10
 
 
 def steps_per_epoch(gen, world_size: int) -> int | None:
-    """Optimizer steps per epoch when the dataset size is known without loading it (synthetic data)."""
-    config = gen.action("dataset_injection").config
-    n = getattr(config, "train_samples", None)
+    """Optimizer steps per epoch when the data format knows its training samples without reading them."""
+    n = gen.data_format().train_samples()
     if not n:
         return None
     per_rank = math.ceil(n / world_size)  # DistributedSampler pads to equal shards
     return max(1, per_rank // gen.hyperparameters.minibatch_size)
 
 
-def build_policy(gen, name: str | None = None, world_size: int | None = None, steps: int = ASSUMED_STEPS):
-    """The job's LR policy (or the registered policy ``name`` with its defaults), built like the trainer does."""
-    from ..engine.values import bind, describe
-    from ..generator.registry import LR_POLICIES
-
-    action = gen.action("lr_policy")
-    if name is None or name == action.entry.name:
-        impl = action.entry.load()
-        params = action.params(impl)
-    else:
-        entry = LR_POLICIES.get(name, gen.job.where)
-        impl = entry.load()
-        params = describe(bind(entry.config, [], gen.job.base_dir, f"lr_policy '{name}'"))
-    hp = gen.hyperparameters
-    return impl(base_lr=hp.lr, world_size=world_size or gen.degree, steps_per_epoch=steps,
-                total_epochs=hp.end_epoch, **params)
+def schedule(policy, total_epochs: int, steps_per_epoch: int) -> list[tuple[float, float]]:
+    """``(epoch + step / steps_per_epoch, lr)`` for every step of the run."""
+    return [(epoch + step / steps_per_epoch, policy.lr(epoch, step))
+            for epoch in range(total_epochs) for step in range(steps_per_epoch)]
 
 
 def actual_lr(metrics_csv: Path) -> list[tuple[float, float]]:
@@ -47,8 +34,6 @@ def actual_lr(metrics_csv: Path) -> list[tuple[float, float]]:
 
 def plot_schedules(policies: dict[str, object], total_epochs: int, steps: int, out: Path, title: str,
                    actual: list[tuple[float, float]] | None = None, log: bool = False) -> Path:
-    from autocnnp.components.training.lr_policies import schedule
-
     import matplotlib
 
     matplotlib.use("Agg")
@@ -59,12 +44,10 @@ def plot_schedules(policies: dict[str, object], total_epochs: int, steps: int, o
         points = schedule(policy, total_epochs, steps)
         ax.plot([e for e, _ in points] + [total_epochs], [lr for _, lr in points] + [points[-1][1]],
                 color=f"C{i}", label=name, drawstyle="steps-post")
-        if hasattr(policy, "decay_start"):  # GreScale: mark its three stages
-            warm, decay = policy.warmup_epochs, total_epochs - policy.decay_epochs
-            for x, text in ((warm, "stabilisation"), (decay, "decay")):
-                if 0 < x < total_epochs:
-                    ax.axvline(x, color=f"C{i}", ls=":", lw=1)
-                    ax.text(x, ax.get_ylim()[1], f" {text}", color=f"C{i}", fontsize=7, va="top")
+        for x, text in policy.stages():  # where a stage of the schedule starts (GreScale's three)
+            if 0 < x < total_epochs:
+                ax.axvline(x, color=f"C{i}", ls=":", lw=1)
+                ax.text(x, ax.get_ylim()[1], f" {text}", color=f"C{i}", fontsize=7, va="top")
     if actual:
         ax.plot([e + 1 - 0.5 / steps for e, _ in actual], [lr for _, lr in actual], "kx",
                 label="used by the run (last step of each epoch)")

@@ -3,18 +3,20 @@
 from __future__ import annotations
 
 import csv
+import io
 import math
-import os
 import textwrap
 from pathlib import Path
 
-from .guideline import METRICS, Outcome, Row, settings_dict
+from ..core.files import atomic_write
+from ..core.metrics import SEGEVAL
+from .guideline import Outcome, Row, settings_dict
 from .lr_plot import save_figure
 
 HEADERS = {"dice": "Dice", "pixel_accuracy": "PA", "mean_accuracy": "MA", "mean_iou": "mean.IoU",
            "fw_iou": "f.w.IoU"}
-SETTING_COLUMNS = ("lr", "optimiser", "warmup_epochs", "decay_coefficient", "decay_epochs")
-COLUMNS = ("iteration", "action", *METRICS, "ranks", *SETTING_COLUMNS, "reached_baseline", "improved", "run")
+SETTING_COLUMNS = ("lr", "optimizer", "warmup_epochs", "decay_coefficient", "decay_epochs")
+COLUMNS = ("iteration", "action", *SEGEVAL, "ranks", *SETTING_COLUMNS, "reached_baseline", "improved", "run")
 
 
 def _rows(outcome: Outcome) -> list[Row]:
@@ -22,19 +24,16 @@ def _rows(outcome: Outcome) -> list[Row]:
 
 
 def write_csv(outcome: Outcome, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", newline="") as f:
-        w = csv.DictWriter(f, COLUMNS, restval="")
-        w.writeheader()
-        for r in _rows(outcome):
-            w.writerow({"iteration": r.iteration, "action": r.action,
-                        **{m: r.metrics.get(m, "") for m in METRICS}, "ranks": r.degree,
-                        **settings_dict(r.settings),
-                        "reached_baseline": "" if r.reached is None else r.reached,
-                        "improved": "" if r.improved is None else r.improved, "run": r.run})
-    os.replace(tmp, path)
-    return path
+    text = io.StringIO(newline="")
+    w = csv.DictWriter(text, COLUMNS, restval="")
+    w.writeheader()
+    for r in _rows(outcome):
+        w.writerow({"iteration": r.iteration, "action": r.action,
+                    **{m: r.metrics.get(m, "") for m in SEGEVAL}, "ranks": r.world_size,
+                    **settings_dict(r.settings),
+                    "reached_baseline": "" if r.reached is None else r.reached,
+                    "improved": "" if r.improved is None else r.improved, "run": r.run})
+    return atomic_write(path, text.getvalue())
 
 
 def _pct(v) -> str:
@@ -53,8 +52,8 @@ def format_table(outcome: Outcome) -> str:
         s = settings_dict(r.settings)
         mark = " *" if r.reached else ""
         lines.append([str(r.iteration) if r is not outcome.baseline else "", r.action + mark,
-                      *[_pct(r.metrics.get(m)) for m in METRICS],
-                      f"{s['lr']:.3g}" if s else "", s.get("optimiser", ""), str(s.get("warmup_epochs", "")),
+                      *[_pct(r.metrics.get(m)) for m in SEGEVAL],
+                      f"{s['lr']:.3g}" if s else "", s.get("optimizer", ""), str(s.get("warmup_epochs", "")),
                       f"{s['decay_coefficient']:g}" if s else "", str(s.get("decay_epochs", ""))])
     widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
     fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
@@ -85,6 +84,6 @@ def plot(outcome: Outcome, path: Path) -> Path | None:
     ax.set_xticklabels([f"{r.iteration}\n" + textwrap.fill(r.action.replace("the ", "").replace(" value", ""), 18)
                         for r in rows], fontsize=7)
     ax.set_ylabel("%")
-    ax.set_title(f"GreScale guideline on {rows[0].degree} rank(s): {outcome.status}", fontsize=8)
+    ax.set_title(f"GreScale guideline on {rows[0].world_size} rank(s): {outcome.status}", fontsize=8)
     ax.legend(fontsize=7)
     return save_figure(fig, path)

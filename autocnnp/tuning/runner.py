@@ -12,10 +12,14 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..engine.errors import JobError
-from .guideline import METRICS, Variant
-
-DIVERGED = 3  # the exit code of a run stopped as diverged (a legitimate, very bad outcome)
+from ..core.errors import ExitCode, JobError
+from ..core.metrics import SEGEVAL
+from ..core.rundir import RunDir
+from ..generator.overrides import read_variant
+from ..run.job import load_job
+from ..run.launch import run
+from ..run.manifest import final_metrics
+from .guideline import Variant
 
 
 class RunFailed(RuntimeError):
@@ -29,27 +33,21 @@ class JobRunner:
     job_sha256: str
     base_overrides: dict[str, str] = field(default_factory=dict)
 
-    def folder(self, variant: Variant) -> Path:
+    def folder(self, variant: Variant) -> RunDir:
         text = json.dumps({"job": self.job_sha256, "base": self.base_overrides, "key": variant.key}, sort_keys=True)
-        return self.runs_dir / f"{variant.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
+        return RunDir(self.runs_dir / f"{variant.name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}")
 
     def __call__(self, variant: Variant) -> dict:
-        from ..engine.overrides import read_variant
-        from ..generator.assemble import assemble
-        from ..run.launch import run
-        from ..run.manifest import final_metrics
-
         out = self.folder(variant)
         overrides = {**self.base_overrides, **variant.overrides, "output": str(out)}
-        print(f"autocnnp tune: {variant.name} on {variant.degree} rank(s) -> {out}", flush=True)
-        gen = assemble(read_variant(self.job, overrides))
-        code = run(gen)
-        if code == DIVERGED:
-            return {**{m: 0.0 for m in METRICS}, "diverged": 1.0}
+        print(f"autocnnp tune: {variant.name} on {variant.world_size} rank(s) -> {out}", flush=True)
+        code = run(load_job(read_variant(self.job, overrides)))
+        if code == ExitCode.DIVERGED:  # a legitimate, very bad outcome
+            return {**{m: 0.0 for m in SEGEVAL}, "diverged": 1.0}
         if code != 0:
             raise RunFailed(f"run {variant.name} failed with exit code {code} (see {out}); fix the cause and run "
                             "`autocnnp tune` again: it resumes where it stopped")
         metrics = final_metrics(out)
         if not metrics:
-            raise JobError(out, "the run wrote no metrics.csv", "check the run's output")
+            raise JobError(out.metrics, "the run wrote no metrics.csv", "check the run's output")
         return metrics

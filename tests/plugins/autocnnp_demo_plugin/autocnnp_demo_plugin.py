@@ -6,8 +6,11 @@ the strategy is built on a rank.
 
 from dataclasses import dataclass
 
+from autocnnp.generator.protocols import MPI_LAUNCHERS
+from autocnnp.generator.protocols import Strategy as StrategyProtocol
 
-class Strategy:
+
+class Strategy(StrategyProtocol):
     """A third-party allreduce strategy found through the autocnnp.dist_strategy entry-point group:
     gradients flattened and averaged with torch.distributed.all_reduce in ``chunks`` pieces."""
 
@@ -16,10 +19,7 @@ class Strategy:
         chunks: int = 2
 
     requires = {"communication_init": ("torch_distributed",)}
-    launchers = ("mpirun", "inplace")
-
-    def __init__(self, *, world=None, device=None, chunks: int = 2):
-        self.world, self.device, self.chunks = world, device, chunks
+    launchers = MPI_LAUNCHERS
 
     def wrap(self, model):
         import torch.distributed as dist
@@ -30,33 +30,16 @@ class Strategy:
                 dist.broadcast(t.data, src=0)
         return model
 
-    def wrap_optimizer(self, optimizer, model):
-        return optimizer
-
-    def sampler(self, dataset, *, shuffle, seed):
-        from torch.utils.data import DistributedSampler
-
-        return DistributedSampler(dataset, num_replicas=self.world.size, rank=self.world.rank, shuffle=shuffle,
-                                  seed=seed)
-
     def after_backward(self, model):
         import torch
         import torch.distributed as dist
 
+        from autocnnp.components.strategies.tensors import pack, unpack
+
         if not dist.is_initialized() or dist.get_world_size() == 1:
             return
         params = [p for p in model.parameters() if p.grad is not None]
-        flat = torch.cat([p.grad.reshape(-1) for p in params])
-        for chunk in flat.chunk(self.chunks):
+        flat = pack(params, torch.empty(sum(p.numel() for p in params), device=params[0].device), grads=True)
+        for chunk in flat.chunk(self.config.chunks):
             dist.all_reduce(chunk)
-        flat.div_(dist.get_world_size())
-        offset = 0
-        for p in params:
-            p.grad.copy_(flat[offset:offset + p.numel()].view_as(p.grad))
-            offset += p.numel()
-
-    def end_epoch(self, model):
-        pass
-
-    def unwrap(self, model):
-        return model
+        unpack(flat, params, grads=True, divisor=dist.get_world_size())

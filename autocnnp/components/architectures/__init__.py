@@ -1,0 +1,1 @@
+"""architecture_injection: segmentation networks (<CNN_archi>)."""

@@ -1,0 +1,1 @@
+"""checkpoint: when and how training state is saved (protocols.Checkpointer)."""

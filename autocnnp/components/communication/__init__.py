@@ -1,0 +1,1 @@
+"""communication_init: how the ranks join (returns a World)."""

@@ -1,0 +1,1 @@
+"""dataset_injection: data formats (<data format=...>, protocols.DataFormat)."""

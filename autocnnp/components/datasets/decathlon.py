@@ -1,0 +1,245 @@
+"""``<data format="decathlon">``: NIfTI volumes (Decathlon layout or a CSV index) as cached 2D slices.
+
+What :meth:`Decathlon.datasets` does, on every rank (all steps are safe to run concurrently):
+
+1. **Validate** the training (and validation) dataset with :func:`~autocnnp.data.checks.validate_once`
+   -- every file readable, shapes, affines, labels -- and raise a DataError naming the first problems,
+   so a bad file stops the job before any rank trains. One rank validates while the others wait on a
+   lock; the verdict is stamped so the others, and later runs on unchanged data, reuse it.
+2. **Cache** the slices once with :func:`~autocnnp.data.preprocess.build_cache` (modality selection,
+   ``slices_per_volume`` slices per case, z-score, resize to ``size``) under ``cache`` if the job sets
+   it, else under the run's ``cache`` folder. Each cache lives in a sub-folder named after its dataset
+   and parameters (``train-<hash>``, ``valid-<hash>``), so jobs that share a ``cache`` folder with
+   other parameters do not overwrite each other's caches.
+3. **Split** by case: a ``<valid>`` dataset gets its own cache; otherwise the last ``valid_fraction``
+   of the training cases (at least one, in index order, deterministic) are held out for validation.
+   Slices of one case never land on both sides.
+4. **Augment** the training slices with :class:`~autocnnp.data.augment.RandomAffine2D` (thesis Table
+   2.1: rotation +-45 degrees, zoom 0.8-1.2, shifts up to 5 % of the slice size), seeded with the job's
+   seed; the trainer selects the epoch with ``set_epoch(epoch)``.
+
+``in_channels`` is the number of selected modalities; ``num_classes`` the number of labels that
+``dataset.json`` declares (for a CSV index: the largest label value in the cache + 1). ``<test>`` is
+not used for training; ``autocnnp predict`` reads it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from autocnnp.core.errors import DataError
+from autocnnp.core.settings import setting
+from autocnnp.core.world import World
+from autocnnp.data.augment import RandomAffine2D
+from autocnnp.data.checks import validate_dataset, validate_once
+from autocnnp.data.index import Case, case_name, is_dataset, is_nifti, nifti_files, read_dataset
+from autocnnp.data.preprocess import (
+    IMAGES_FILE,
+    META_FILE,
+    CacheDataset,
+    build_cache,
+    parse_modalities,
+    resize,
+    select_modalities,
+    take_slices,
+    zscore,
+)
+from autocnnp.generator.protocols import DataBundle, DataFormat
+from autocnnp.generator.registry import component
+
+# Thesis Table 2.1 (left atrium): rotation [-45, 45] degrees, zoom [0.8, 1.2], shifts of 25.6 px
+# on 512 px slices = 5 % of the slice size (Keras width_shift_range / height_shift_range).
+AUGMENT_ROTATION = 45.0
+AUGMENT_ZOOM = (0.8, 1.2)
+AUGMENT_TRANSLATE = 0.05
+
+
+@dataclass
+class Config:
+    """NIfTI volumes in the Medical Segmentation Decathlon layout (or a CSV of image,label pairs), or a
+    slice cache already built by ``autocnnp preprocess`` (a folder holding its ``meta.json``)."""
+
+    train: Path | None = setting(None, must_exist=True, help="training data: dataset folder, dataset.json, CSV "
+                                                             "or slice cache")
+    valid: Path | None = setting(None, must_exist=True, help="validation data (default: a share of the training "
+                                                             "cases)")
+    test: Path | None = setting(None, must_exist=True, help="test images, read by autocnnp predict")
+    slices_per_volume: int = setting(70, min=1, help="2D slices taken per volume")
+    slice_mode: Literal["even", "labelled"] = setting("labelled", help="spread slices over the whole volume or "
+                                                                       "over its labelled part")
+    size: int = setting(128, min=8, help="slice side in pixels after resizing")
+    modalities: str = setting("all", help="'all' or comma-separated modality names or channel indices")
+    valid_fraction: float = setting(0.2, min=0.0, max=0.9, help="share of the training cases held out for "
+                                                                "validation when there is no <valid>")
+    augment: bool = setting(True, help="random rotation, zoom and shift of the training slices (thesis Table 2.1)")
+    normalise: bool = setting(True, help="z-score every case and channel over its non-zero voxels")
+    cache: Path | None = setting(None, help="slice cache folder (default: the run's cache folder)")
+    in_memory: bool = setting(False, help="read the slice cache into memory (else memory-mapped: bounded memory)")
+
+    def __post_init__(self):
+        if self.train is None:
+            raise ValueError("<data> needs <train><path>...</path></train> pointing at the training data")
+
+
+def is_cache(root) -> bool:
+    """Whether ``root`` is a slice cache folder written by ``build_cache`` / ``autocnnp preprocess``."""
+    return (Path(root) / META_FILE).is_file() and (Path(root) / IMAGES_FILE).is_file()
+
+
+def split_cases(names: list[str], valid_fraction: float) -> tuple[list[str], list[str]]:
+    """Hold out the last ``valid_fraction`` of the cases (at least one, and at least one left to train on)."""
+    n = len(names)
+    if n < 2:
+        raise ValueError(f"{n} labelled case(s) cannot be split into training and validation cases")
+    n_valid = min(n - 1, max(1, int(round(n * float(valid_fraction)))))
+    return list(names[: n - n_valid]), list(names[n - n_valid:])
+
+
+def _num_classes(meta: dict) -> int:
+    declared = len(meta.get("labels") or {})
+    present = len(meta.get("label_counts") or [])
+    return max(2, declared or present)
+
+
+@component("decathlon")
+class Decathlon(DataFormat):
+    """Decathlon-layout NIfTI (dataset.json, imagesTr, labelsTr) sliced and cached on disk."""
+
+    def _cache_folder(self, cache_root: Path, role: str, root) -> Path:
+        """``cache_root/<role>-<hash>``: one folder per dataset and pre-processing parameters."""
+        c = self.config
+        params = {"root": str(Path(root).resolve()), "slices": c.slices_per_volume, "mode": c.slice_mode,
+                  "size": c.size, "modalities": parse_modalities(c.modalities), "normalise": bool(c.normalise)}
+        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
+        return Path(cache_root) / f"{role}-{digest}"
+
+    def datasets(self, *, world: World, seed: int, cache_dir: Path) -> DataBundle:
+        """Validate, cache and split (see the module docstring). A ``train``/``valid`` folder that already is
+        a slice cache (``autocnnp preprocess``) is used as it is."""
+        c = self.config
+        cache_root = Path(c.cache) if c.cache is not None else Path(cache_dir)
+        for role, root in (("train", c.train), ("valid", c.valid)):
+            if root is not None and not is_cache(root):
+                validate_once(root, cache_root, role)
+
+        def cached(role: str, root) -> Path:
+            if is_cache(root):  # preprocessed already: the job reads it as it is
+                return Path(root)
+            folder = self._cache_folder(cache_root, role, root)
+            start = time.perf_counter()
+            build_cache(root, folder, n_slices=c.slices_per_volume, size=c.size,
+                        modalities=parse_modalities(c.modalities), mode=c.slice_mode, normalise=c.normalise)
+            took = time.perf_counter() - start
+            if world.rank == 0 and took > 2.0:
+                print(f"autocnnp: {role} slice cache ready in {folder} ({took:.1f} s)", file=sys.stderr, flush=True)
+            return folder
+
+        train_cache = cached("train", c.train)
+        augmenter = RandomAffine2D(rotation=AUGMENT_ROTATION, zoom=AUGMENT_ZOOM, translate=AUGMENT_TRANSLATE,
+                                   seed=int(seed)) if c.augment else None
+        if c.valid is not None:
+            train_ds = CacheDataset(train_cache, augment=augmenter, in_memory=c.in_memory)
+            valid_ds = CacheDataset(cached("valid", c.valid), in_memory=c.in_memory)
+            if valid_ds.num_channels != train_ds.num_channels:
+                raise DataError(c.valid, f"validation images have {valid_ds.num_channels} channel(s) after modality "
+                                f"selection, training images {train_ds.num_channels}",
+                                "give both datasets the same modalities")
+        else:
+            full = CacheDataset(train_cache)
+            names = [case["name"] for case in full.meta["cases"]]
+            try:
+                train_names, valid_names = split_cases(names, c.valid_fraction)
+            except ValueError as exc:
+                raise DataError(c.train, str(exc), "add cases, or name a separate validation dataset with "
+                                "<valid><path>...</path></valid>") from None
+            train_ds = CacheDataset(train_cache, augment=augmenter, indices=full.indices_of_cases(train_names),
+                                    in_memory=c.in_memory)
+            valid_ds = CacheDataset(train_cache, indices=full.indices_of_cases(valid_names), in_memory=c.in_memory)
+        num_classes = max(_num_classes(train_ds.meta), _num_classes(valid_ds.meta))
+        return DataBundle(train_ds, valid_ds, train_ds.num_channels, num_classes,
+                          repr(augmenter) if augmenter is not None else "none")
+
+    def check(self) -> list[DataError]:
+        c = self.config
+        return [p for root in (c.train, c.valid, c.test) if root is not None and not is_cache(root)
+                for p in validate_dataset(root)]
+
+    def files(self) -> list[Path]:
+        return [Path(p) for p in (self.config.train, self.config.valid, self.config.test) if p is not None]
+
+    def volumes(self) -> SliceTransform:
+        c = self.config
+        try:
+            index = read_dataset(c.train) if not is_cache(c.train) else None
+        except DataError:
+            index = None
+        names = parse_modalities(c.modalities)
+        if names is None:
+            modalities = None
+        elif all(m.lstrip("-").isdigit() for m in names):
+            modalities = [int(m) for m in names]
+        elif index is None or not index.modalities:
+            raise DataError(c.train, f"modalities {c.modalities!r} are names but the training data declares none",
+                            "name the modalities by channel index in the job")
+        else:
+            modalities = [index.modality_index(m) for m in names]
+        declared = len(index.labels) if index is not None else 0
+        return SliceTransform(c.size, modalities, c.normalise, Path(c.test or c.train), max(2, declared) if declared else None)
+
+
+@dataclass(frozen=True)
+class SliceTransform:
+    """How ``autocnnp predict`` turns a volume into the model's input slices and the predicted slices back
+    into a label volume on the source grid: the training pre-processing, every slice along the third axis."""
+
+    size: int
+    modalities: list[int] | None
+    normalise: bool
+    default_input: Path  # what predict reads when given no --input: the job's <test>, else its <train>
+    num_classes: int | None  # the labels the training data declares, if it declares them
+
+    def cases(self, source: Path, split: str) -> list[Case]:
+        """The cases to predict: a dataset's ``split``, every NIfTI file in a folder, or one file."""
+        if not source.exists():
+            raise DataError(source, "input does not exist", "name a dataset folder, a folder of NIfTI images or a file")
+        if source.is_file() and is_nifti(source):
+            return [Case(case_name(source), source, None)]
+        if is_dataset(source):
+            ds = read_dataset(source)
+            cases = [Case(c.name, c.image, None) for c in ds.cases(split)]
+            if not cases:
+                raise DataError(ds.index_file, f"the dataset lists no {split} cases",
+                                "pick another --split (test, training or all) or another --input")
+            return cases
+        if source.is_dir():
+            files = nifti_files(source)
+            if not files:
+                raise DataError(source, "the folder holds no NIfTI images (.nii or .nii.gz) and no dataset.json",
+                                "name a Decathlon dataset folder or a folder of images")
+            return [Case(name, path, None) for name, path in files.items()]
+        raise DataError(source, "is neither a NIfTI image, a dataset index nor a folder",
+                        "name a dataset folder, a folder of NIfTI images or a file")
+
+    def to_slices(self, image: np.ndarray, where: Path) -> np.ndarray:
+        """A channels-last volume ``(X, Y, Z, C)`` as model input ``[Z, C, size, size]``."""
+        try:
+            image = select_modalities(image, self.modalities)
+        except ValueError as exc:
+            raise DataError(where, str(exc), "predict on images with the modalities the model was trained on") from None
+        if self.normalise:
+            image = zscore(image)
+        slices, _ = take_slices(image, None, np.arange(image.shape[2]))
+        return resize(slices, (self.size, self.size))
+
+    def to_volume(self, labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+        """Predicted slices ``[Z, size, size]`` as a label volume ``(X, Y, Z)`` of the source's ``shape``."""
+        labels = resize(labels, tuple(shape[:2]), label=True)  # nearest neighbour back to the source grid
+        return np.ascontiguousarray(np.moveaxis(labels, 0, 2))

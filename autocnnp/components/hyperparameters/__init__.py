@@ -1,0 +1,1 @@
+"""hyperparameters_injection: the <hyperparameters> section handed to training."""

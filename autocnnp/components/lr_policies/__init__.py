@@ -1,0 +1,1 @@
+"""lr_policy: learning-rate policies (protocols.LRPolicy)."""

@@ -1,0 +1,1 @@
+"""memory_allocation: how GPU memory is allocated."""

@@ -1,0 +1,1 @@
+"""device_placement: which device each rank computes on."""

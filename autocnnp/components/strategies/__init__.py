@@ -1,0 +1,1 @@
+"""dist_strategy: distributed optimizers (protocols.Strategy)."""

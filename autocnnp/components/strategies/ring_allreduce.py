@@ -1,0 +1,44 @@
+"""The default distributed optimizer: synchronous ring-allreduce data parallelism with torch DDP."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from autocnnp.core.settings import setting
+from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig
+from autocnnp.generator.registry import component
+
+from . import cross_rank_batchnorm
+
+
+@dataclass
+class Config(StrategyConfig):
+    bucket_cap_mb: float = setting(25.0, min=0.1, help="DDP gradient bucket size (MiB)")
+    sync_batchnorm: bool = setting(False, help="BatchNorm statistics over every rank's samples")
+    find_unused_parameters: bool = setting(False, help="let DDP skip parameters that get no gradient")
+
+
+@component("ring_allreduce")
+class RingAllreduce(Strategy):
+    """Synchronous data parallelism, gradients ring-allreduced by torch DDP.
+
+    Parameters are broadcast from rank 0 at wrap time; gradients are averaged by bucketed ring
+    allreduce overlapped with the backward pass; each rank reads its own shard."""
+
+    requires = {"communication_init": ("torch_distributed",)}
+    launchers = MPI_LAUNCHERS
+
+    def wrap(self, model: nn.Module) -> nn.Module:
+        if self.config.sync_batchnorm:  # torch's SyncBatchNorm needs CUDA; ours runs on gloo as well
+            model = (nn.SyncBatchNorm.convert_sync_batchnorm(model) if self.device.type == "cuda"
+                     else cross_rank_batchnorm.convert(model))
+        model = model.to(self.device)
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.config.bucket_cap_mb,
+                                       find_unused_parameters=self.config.find_unused_parameters)
+
+    def unwrap(self, model: nn.Module) -> nn.Module:
+        return model.module if isinstance(model, DistributedDataParallel) else model

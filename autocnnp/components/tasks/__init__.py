@@ -1,0 +1,1 @@
+"""task_definition: what is learnt and how it is scored."""

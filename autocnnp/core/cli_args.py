@@ -1,0 +1,24 @@
+"""argparse types the command modules share: counts that fail with a one-line message."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def _at_least(text: str, minimum: int, requirement: str) -> int:
+    """``text`` as an integer of at least ``minimum``; otherwise an argparse error ending "``requirement``, got N"."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"{requirement}, got {value}")
+    return value
+
+
+def positive(text: str) -> int:
+    return _at_least(text, 1, "must be at least 1")
+
+
+def count(text: str) -> int:
+    return _at_least(text, 0, "must be >= 0")

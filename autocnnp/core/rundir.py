@@ -1,0 +1,114 @@
+"""The output folder of a run: every path in it is named here, once.
+
+::
+
+    OUTPUT/manifest.json        the reproducibility record (run/manifest.py)
+    OUTPUT/metrics.csv          one row per epoch (training/monitor.py)
+    OUTPUT/checkpoints/         written by the checkpoint action (latest, ckpt-epochNNNN.pt)
+    OUTPUT/cache/               slice caches and data-check stamps of the dataset
+    OUTPUT/plots/               PNG plots (learning curves, metrics, resources, lr schedule)
+    OUTPUT/tensorboard/         TensorBoard events
+    OUTPUT/resources/rankN.csv  per-rank CPU, memory and GPU samples
+    OUTPUT/predictions/         label volumes written by ``autocnnp predict``
+    OUTPUT/slurm/               sbatch scripts, job.json (the submitted job), <id>.exit
+    OUTPUT/tune/                ``autocnnp tune``: its runs, table, plot and state
+    OUTPUT/seed-S/              one run of ``autocnnp run --repeat K`` (a run folder itself)
+    OUTPUT/repeats.csv          the summary of the repeats
+    OUTPUT/.ranks/rankN         rank status files (their mtime is the rank's heartbeat)
+    OUTPUT/.swarm/              rendezvous of a Docker swarm run
+    OUTPUT/.lock                held by the run that owns the folder
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The paths of one run's output folder (nothing is created until someone writes)."""
+
+    root: Path
+
+    def __post_init__(self):
+        object.__setattr__(self, "root", Path(self.root))
+
+    def __fspath__(self) -> str:
+        return str(self.root)
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    @property
+    def manifest(self) -> Path:
+        return self.root / "manifest.json"
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / "metrics.csv"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.root / "checkpoints"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def plots(self) -> Path:
+        return self.root / "plots"
+
+    @property
+    def tensorboard(self) -> Path:
+        return self.root / "tensorboard"
+
+    @property
+    def resources(self) -> Path:
+        return self.root / "resources"
+
+    def resource_samples(self, rank: int) -> Path:
+        return self.resources / f"rank{rank}.csv"
+
+    @property
+    def predictions(self) -> Path:
+        return self.root / "predictions"
+
+    @property
+    def slurm(self) -> Path:
+        return self.root / "slurm"
+
+    @property
+    def slurm_record(self) -> Path:
+        return self.slurm / "job.json"
+
+    def slurm_exit(self, job_id: str) -> Path:
+        return self.slurm / f"{job_id}.exit"
+
+    @property
+    def tune(self) -> Path:
+        return self.root / "tune"
+
+    def seed(self, seed: int) -> RunDir:
+        """The run folder of one seed of ``autocnnp run --repeat``."""
+        return RunDir(self.root / f"seed-{seed}")
+
+    @property
+    def repeats(self) -> Path:
+        return self.root / "repeats.csv"
+
+    @property
+    def ranks(self) -> Path:
+        return self.root / ".ranks"
+
+    def rank_status(self, rank: int) -> Path:
+        return self.ranks / f"rank{rank}"
+
+    @property
+    def swarm(self) -> Path:
+        return self.root / ".swarm"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ".lock"

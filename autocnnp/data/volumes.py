@@ -1,0 +1,123 @@
+"""NIfTI volumes: loading a case (image channels last, integer labels) and writing label maps.
+
+Images are returned channels last ``(X, Y, Z, C)`` (3D images get ``C = 1``). Every problem is a
+:class:`~autocnnp.core.errors.DataError` naming the file, the problem and a hint.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from ..core.errors import DataError
+from .index import Case
+
+
+def open_nifti(path: Path):
+    import nibabel as nib
+
+    if not path.exists():
+        raise DataError(path, "file does not exist", "fix the path in the dataset index or restore the file")
+    try:
+        return nib.load(str(path))
+    except Exception as exc:  # nibabel raises many types for garbage / truncated headers
+        raise DataError(path, f"is not a readable NIfTI image ({type(exc).__name__}: {exc})",
+                        "re-download or re-export the file; it may be corrupt or truncated") from None
+
+
+def read_array(path: Path, img) -> np.ndarray:
+    try:
+        return np.asanyarray(img.dataobj)
+    except Exception as exc:
+        raise DataError(path, f"voxel data cannot be read ({type(exc).__name__}: {exc})",
+                        "re-download or re-export the file; it is probably truncated or corrupt") from None
+
+
+def image_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Shape ``(X, Y, Z, C)`` of an image with NIfTI shape ``shape``, or a DataError."""
+    if len(shape) == 3:
+        return tuple(shape) + (1,)
+    if len(shape) == 4:
+        return tuple(shape)
+    if len(shape) == 5 and shape[3] == 1:
+        return tuple(shape[:3]) + (shape[4],)
+    raise DataError(path, f"image has shape {tuple(shape)}, expected 3D (X, Y, Z) or 4D (X, Y, Z, C)",
+                    "export one volume per case, modalities along the 4th axis")
+
+
+def label_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
+    shape = tuple(shape)
+    while len(shape) > 3 and shape[-1] == 1:
+        shape = shape[:-1]
+    if len(shape) != 3:
+        raise DataError(path, f"label has shape {tuple(shape)}, expected 3D (X, Y, Z)",
+                        "store one integer label map per case")
+    return shape
+
+
+def load_case(case: Case):
+    """Load one case: ``(image, label, affine, header)``.
+
+    ``image`` is float32 ``(X, Y, Z, C)`` (channels last; 3D images get ``C = 1``), ``label`` an
+    int32 ``(X, Y, Z)`` array or ``None`` for a test case, ``affine`` the image's 4x4 affine and
+    ``header`` the image's NIfTI header. Raises :class:`DataError` for a missing, corrupt or
+    truncated file, a label of another spatial shape, or non-integer label values.
+    """
+    image_path = Path(case.image)
+    img = open_nifti(image_path)
+    shape = image_shape(image_path, img.shape)
+    try:
+        data = img.get_fdata(dtype=np.float32, caching="unchanged")
+    except Exception as exc:
+        raise DataError(image_path, f"voxel data cannot be read ({type(exc).__name__}: {exc})",
+                        "re-download or re-export the file; it is probably truncated or corrupt") from None
+    image = np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    header = img.header
+
+    label = None
+    if case.label is not None:
+        label_path = Path(case.label)
+        lab = open_nifti(label_path)
+        lshape = label_shape(label_path, lab.shape)
+        if lshape != shape[:3]:
+            raise DataError(label_path, f"label shape {lshape} does not match image shape {shape[:3]} of {image_path}",
+                            "pair each image with the label map drawn on it")
+        label = _integer(label_path, read_array(label_path, lab).reshape(lshape)).astype(np.int32)
+    return image, label, affine, header
+
+
+def _integer(path: Path, raw: np.ndarray) -> np.ndarray:
+    """Label values as stored, refused unless they are whole numbers."""
+    if raw.dtype.kind == "f":
+        rounded = np.rint(raw)
+        if not np.array_equal(rounded, raw):
+            raise DataError(path, "label map holds non-integer (or NaN) values",
+                            "store labels as integers, not resampled with linear interpolation")
+        raw = rounded
+    return raw
+
+
+def load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """A label map (int64 ``(X, Y, Z)``) and its affine; non-integer or negative values are refused."""
+    img = open_nifti(path)
+    raw = _integer(path, read_array(path, img).reshape(label_shape(path, img.shape)))
+    if raw.size and raw.min() < 0:
+        raise DataError(path, f"label map holds negative values ({int(raw.min())})", "store class indices 0, 1, ...")
+    return raw.astype(np.int64), np.asarray(img.affine)
+
+
+def save_label(volume: np.ndarray, affine: np.ndarray, header, path: Path) -> None:
+    """Write a label map on the grid of the image whose ``affine`` and ``header`` are given."""
+    import nibabel as nib
+
+    cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
+    img = cls(volume.astype(np.uint8), affine, header.copy() if header is not None else None)
+    img.set_data_dtype(np.uint8)
+    img.header.set_slope_inter(1.0, 0.0)
+    img.header["cal_min"], img.header["cal_max"] = 0, float(volume.max()) if volume.size else 0
+    img.header.set_intent("label")
+    img.set_qform(affine, code=int(img.header["qform_code"]) or 1)
+    img.set_sform(affine, code=int(img.header["sform_code"]) or 1)
+    nib.save(img, str(path))

@@ -1,0 +1,297 @@
+"""What the components of the extensible points implement: base classes whose hooks are documented
+no-ops, so an implementation overrides only what it changes. The trainer calls these and nothing
+else (no probing with ``hasattr``). Nothing here imports torch: tensors appear in annotations only.
+
+How each point's implementation is called is in generator/points.py; a component that declares a
+Config receives the bound Config as its first argument (``config``), else ``None``.
+"""
+
+from __future__ import annotations
+
+import inspect
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+
+def summary(obj) -> str:
+    """The first line of ``obj``'s docstring."""
+    doc = inspect.getdoc(obj) or ""
+    return doc.splitlines()[0] if doc else ""
+
+
+# --- dist_strategy --------------------------------------------------------------------------------------
+
+@dataclass
+class StrategyConfig:
+    """Base of a strategy's Config: what is known about the strategy before anything is built."""
+
+    def replicas(self, world_size: int) -> int:
+        """Model replicas whose gradients make one optimizer step (the k of the linear scaling rule)."""
+        return world_size
+
+
+class Strategy:
+    """A distributed optimizer (``dist_strategy``).
+
+    Built once per rank: ``Strategy(config, world=World, device=torch.device, beat=callable)``.
+    The trainer calls ``wrap(model)``, ``wrap_optimizer(optimizer, model)`` and
+    ``sampler(dataset, shuffle=, seed=)`` once; every step, after ``loss.backward()``,
+    ``after_backward(model)`` then ``step(optimizer, scaler)``; after each epoch's steps, before
+    validation, ``end_epoch(model)``; ``unwrap(model)`` wherever it needs the plain network.
+    ``beat()`` tells run & manage the rank is alive: call it while blocking outside the step loop.
+
+    Class attributes the engine reads: ``requires`` (``{action type: (implementations, ...)}`` this
+    strategy works with; the engine picks the first when the job leaves that action out) and
+    ``launchers`` (how its ranks may be started: ``mpirun``, ``inplace``; ``mpirun`` implies ``srun``).
+    """
+
+    requires: ClassVar[dict[str, tuple[str, ...]]] = {}
+    launchers: ClassVar[tuple[str, ...]] = ()
+
+    def __init__(self, config: Any = None, *, world, device, beat=lambda: None):
+        self.config, self.world, self.device, self.beat = config, world, device, beat
+
+    def wrap(self, model):
+        """The model to train (moved to the device; wrapped if the strategy needs it)."""
+        return model.to(self.device)
+
+    def wrap_optimizer(self, optimizer, model):
+        """The optimizer to step (the trainer's own by default)."""
+        return optimizer
+
+    def sampler(self, dataset, *, shuffle: bool, seed: int):
+        """This rank's samples of ``dataset`` (default: its shard, see :func:`shard_sampler`)."""
+        return shard_sampler(dataset, num_replicas=self.world.world_size, rank=self.world.rank, shuffle=shuffle,
+                             seed=seed)
+
+    def after_backward(self, model) -> None:
+        """Gradients are ready on this rank (no-op by default)."""
+
+    def step(self, optimizer, scaler) -> None:
+        """Apply one optimizer step (through the fp16 gradient scaler, a no-op scaler otherwise)."""
+        scaler.step(optimizer)
+        scaler.update()
+
+    def end_epoch(self, model) -> None:
+        """The epoch's steps are done; validation and checkpointing follow (no-op by default)."""
+
+    def unwrap(self, model):
+        """The plain network inside whatever ``wrap`` returned."""
+        return model
+
+
+def shard_sampler(dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int):
+    """Rank ``rank``'s shard of ``dataset`` split over ``num_replicas`` (a DistributedSampler, shuffled by
+    ``seed``; short shards are padded, so every rank takes the same number of steps)."""
+    from torch.utils.data import DistributedSampler  # torch only where a rank trains
+
+    return DistributedSampler(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
+                              drop_last=False)
+
+
+# Every built-in strategy runs as MPI ranks: started by mpirun (srun too) or already running in place.
+MPI_LAUNCHERS = ("mpirun", "inplace")
+
+
+# --- lr_policy ------------------------------------------------------------------------------------------
+
+class LRPolicy:
+    """A learning-rate policy (``lr_policy``): the learning rate of every optimizer step.
+
+    Built once per run by ``Generator.lr_policy`` (the one builder that training, ``lr-plot`` and
+    ``tune`` share): ``Policy(config, base_lr=, replicas=, steps_per_epoch=, total_epochs=)``, where
+    ``replicas`` counts the model replicas whose gradients make one step. The trainer asks
+    ``lr(epoch, step)`` (both 0-based) before every step, reports every epoch's (all-reduced) metrics
+    to ``on_epoch_end`` and checkpoints ``state_dict()``. Subclasses implement :meth:`rate`.
+    """
+
+    def __init__(self, config: Any = None, *, base_lr: float, replicas: int, steps_per_epoch: int,
+                 total_epochs: int):
+        self.config, self.base_lr, self.replicas = config, float(base_lr), int(replicas)
+        self.steps_per_epoch, self.total_epochs = int(steps_per_epoch), int(total_epochs)
+
+    def lr(self, epoch: int, step: int) -> float:
+        """The learning rate of mini-batch ``step`` of epoch ``epoch`` (both 0-based)."""
+        if epoch < 0 or not 0 <= step < self.steps_per_epoch:
+            raise ValueError(f"epoch {epoch}, step {step} is outside the run: epochs count from 0, steps are "
+                             f"0..{self.steps_per_epoch - 1} (steps_per_epoch={self.steps_per_epoch})")
+        return float(self.rate(epoch * self.steps_per_epoch + step))
+
+    def rate(self, t: int) -> float:
+        """The learning rate at global step ``t`` (0-based)."""
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
+        """Feedback after each epoch (no-op by default: a schedule that is a function of the step)."""
+
+    def state_dict(self) -> dict:
+        """What a resumed run needs to continue the same schedule (nothing by default)."""
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from :meth:`state_dict` (no-op by default)."""
+
+    def stages(self) -> list[tuple[float, str]]:
+        """``(epoch, name)`` where a stage of the schedule starts, for plots (none by default)."""
+        return []
+
+    def describe(self) -> str:
+        """One line for people (the class's docstring by default)."""
+        return summary(type(self))
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__}: {self.describe()}>"
+
+
+# --- checkpoint -----------------------------------------------------------------------------------------
+
+class CheckpointPlugin:
+    """User code plugged into the checkpoint action (``<value name="LRSchedule"><path>f.py</path></value>``).
+
+    Every hook is optional: a plain class or function written for this protocol works too (a function
+    is its ``on_epoch_end``). ``state`` has ``optimizer``, ``epoch`` and ``lr_scale`` (a multiplier of
+    the policy's learning rate that a plug-in may change)."""
+
+    def on_epoch_end(self, epoch: int, metrics: dict[str, float], state) -> None:
+        """After every epoch, on every rank, with the same (all-reduced) metrics."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from a checkpoint's state."""
+
+
+class Checkpointer:
+    """The checkpoint action: when the training state is saved, where, and what a run resumes from.
+
+    Built once per rank: ``Checkpointer(config, directory=Path, rank=int, plugins={name: plug-in})``.
+    The trainer calls ``load()`` once before training (None: start afresh), after every epoch
+    ``on_epoch_end(epoch, metrics, state)`` (which runs the plug-ins), then ``due(epoch, last_epoch)``
+    and, when due, ``save(state, epoch)``. ``latest()`` names the checkpoint a resumed run or
+    ``autocnnp predict`` reads. Plug-in handling is implemented here for every checkpointer.
+    """
+
+    def __init__(self, config: Any = None, *, directory: Path, rank: int, plugins: dict | None = None):
+        self.config, self.directory, self.rank = config, Path(directory), rank
+        self.plugins = {name: _as_plugin(name, p) for name, p in (plugins or {}).items()}
+
+    def due(self, epoch: int, last_epoch: int) -> bool:
+        raise NotImplementedError
+
+    def save(self, state: dict, epoch: int) -> Path | None:
+        raise NotImplementedError
+
+    def load(self) -> dict | None:
+        raise NotImplementedError
+
+    def latest(self) -> Path | None:
+        raise NotImplementedError
+
+    def on_epoch_end(self, epoch: int, metrics: dict, state) -> None:
+        """Run every plug-in's ``on_epoch_end`` in the job's order."""
+        for name, plugin in self.plugins.items():
+            try:
+                plugin.on_epoch_end(epoch, metrics, state)
+            except Exception as exc:
+                exc.add_note(f"in checkpoint plug-in '{name}' (on_epoch_end, epoch {epoch})")
+                raise
+
+    def plugin_state(self) -> dict:
+        """``{plug-in name: state}`` of the plug-ins that keep one."""
+        return {name: s for name, plugin in self.plugins.items() if (s := plugin.state_dict())}
+
+    def load_plugin_state(self, saved: dict | None) -> None:
+        """Give each plug-in its saved state back (a state for a plug-in not plugged in now is reported)."""
+        for name, state in (saved or {}).items():
+            if name in self.plugins:
+                self.plugins[name].load_state_dict(state)
+            else:
+                warnings.warn(f"checkpoint holds state for plug-in '{name}', which is not plugged in now; "
+                              "its state is ignored", RuntimeWarning, stacklevel=2)
+
+
+class _Adapted(CheckpointPlugin):
+    """A user object or function seen through the plug-in protocol (missing hooks are no-ops)."""
+
+    def __init__(self, obj):
+        self.obj = obj
+        hook = getattr(obj, "on_epoch_end", None)
+        self._on_epoch_end = hook if callable(hook) else obj if callable(obj) else None
+
+    def on_epoch_end(self, epoch, metrics, state) -> None:
+        if self._on_epoch_end is not None:
+            self._on_epoch_end(epoch, metrics, state)
+
+    def state_dict(self) -> dict:
+        method = getattr(self.obj, "state_dict", None)
+        return method() if callable(method) else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        method = getattr(self.obj, "load_state_dict", None)
+        if not callable(method):
+            raise TypeError(f"{type(self.obj).__name__} saved a state but has no load_state_dict()")
+        method(state)
+
+
+def _as_plugin(name: str, value) -> CheckpointPlugin:
+    """A plug-in instance: a class is instantiated with no arguments (its hooks are all optional); objects
+    with hooks and functions are adapted to the protocol."""
+    if inspect.isclass(value):
+        try:
+            value = value()
+        except TypeError as exc:
+            raise TypeError(f"checkpoint plug-in '{name}': class {value.__name__} must be constructible with no "
+                            f"arguments ({exc})") from None
+    elif not callable(value) and not any(hasattr(value, h) for h in ("on_epoch_end", "state_dict", "load_state_dict")):
+        raise TypeError(f"checkpoint plug-in '{name}' is a {type(value).__name__}: define a class, an object with "
+                        "on_epoch_end(epoch, metrics, state), or a function (epoch, metrics, state)")
+    return value if isinstance(value, CheckpointPlugin) else _Adapted(value)
+
+
+# --- dataset_injection ----------------------------------------------------------------------------------
+
+@dataclass
+class DataBundle:
+    """What a data format hands to the trainer."""
+
+    train: Any  # map-style datasets of (image [C, H, W] float32, label [H, W] int64)
+    valid: Any
+    in_channels: int
+    num_classes: int
+    augmentation: str = "none"  # for the manifest
+
+
+class DataFormat:
+    """A data format (``<data format="...">``, the dataset_injection point).
+
+    Built as ``Format(config)``: nothing is read until a method asks. The trainer calls
+    ``datasets(world=, seed=, cache_dir=)`` once per rank; ``autocnnp validate --data`` calls
+    ``check()``; the manifest hashes ``files()``; ``lr-plot`` asks ``train_samples()``;
+    ``autocnnp predict`` asks ``volumes()`` how to turn a volume into model inputs and back.
+    """
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    def datasets(self, *, world, seed: int, cache_dir: Path) -> DataBundle:
+        raise NotImplementedError
+
+    def check(self) -> list:
+        """Every problem of the data files (:class:`~autocnnp.core.errors.DataError`); none by default."""
+        return []
+
+    def files(self) -> list[Path]:
+        """The source files and folders of the data (none for generated data)."""
+        return []
+
+    def train_samples(self) -> int | None:
+        """Training samples, when known without reading the data (else None)."""
+        return None
+
+    def volumes(self):
+        """How ``autocnnp predict`` turns this format's volumes into model inputs and back (a
+        :class:`~autocnnp.data.volumes.SliceTransform`), or None for a format without volumes."""
+        return None

@@ -1,0 +1,82 @@
+"""The job as run & manage sees it: the assembled generator plus the ``<cluster>`` and ``<monitoring>``
+sections, each bound to the Config of the part that reads it. Loading a job checks all of it; nothing
+heavy is imported."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..core.errors import JobError, Location
+from ..engine.job import JobSpec
+from ..engine.values import bind_section
+from ..generator.assemble import Generator, assemble
+from ..generator.overrides import apply_overrides, parse_sets, read_variant
+from ..training.monitor import MonitoringConfig
+from .config import CLUSTER_CONFIGS, DeployConfig, LaunchConfig, SlurmConfig
+
+
+@dataclass(frozen=True)
+class Job:
+    """A checked job: the generator and the run-wide settings."""
+
+    generator: Generator
+    launch: LaunchConfig
+    slurm: SlurmConfig
+    deploy: DeployConfig
+    monitoring: MonitoringConfig
+
+    @property
+    def spec(self) -> JobSpec:
+        return self.generator.job
+
+    def where(self, cluster_property: str) -> Location:
+        """Where ``<cluster>`` property ``cluster_property`` was set (a job line or a command-line option)."""
+        for s in self.spec.cluster:
+            if s.name == cluster_property:
+                return s.where
+        return self.spec.where
+
+    def with_cluster(self, values: dict[str, object], flags: dict[str, str] | None = None) -> Job:
+        """This job with the given ``<cluster>`` properties replacing the job's (None: keep), typed and checked
+        as if written in the job; ``flags`` names the command-line option of a property where it is not
+        ``--the-name``. Launcher-side values: not passed on to the workers."""
+        texts, labels = {}, {}
+        for name, value in values.items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                text = "true" if value else "false"
+            elif isinstance(value, Path):
+                text = str(value.expanduser().resolve())  # relative to where the command runs, not the job
+            else:
+                text = str(value)
+            key = f"cluster.{name}"
+            texts[key] = text
+            labels[key] = f"{self.spec.file} (command line {(flags or {}).get(name, '--' + name.replace('_', '-'))})"
+        return load_job(apply_overrides(self.spec, texts, labels, record=False)) if texts else self
+
+
+def load_job(source: JobSpec | Path | str, sets: list[str] | None = None) -> Job:
+    """Parse, assemble and check a job file (or a parsed spec), with ``--set KEY=VALUE`` overrides."""
+    spec = source if isinstance(source, JobSpec) else read_variant(source, parse_sets(sets or []))
+    gen = assemble(spec)
+    base = spec.base_dir
+    launch, slurm, deploy = bind_section(CLUSTER_CONFIGS, spec.cluster, base, "<cluster>")
+    (monitoring,) = bind_section((MonitoringConfig,), spec.monitoring, base, "<monitoring>")
+    job = Job(gen, launch, slurm, deploy, monitoring)
+    _check_launcher(job)
+    return job
+
+
+def _check_launcher(job: Job) -> None:
+    """A strategy declares the launchers that can start its ranks; ``mpirun`` implies ``srun`` (srun
+    starts the same MPI ranks over PMIx)."""
+    strategy = job.generator.action("dist_strategy")
+    launchers = strategy.entry.launchers
+    if "mpirun" in launchers:
+        launchers = (*launchers, "srun")
+    if launchers and job.launch.launcher != "auto" and job.launch.launcher not in launchers:
+        raise JobError(strategy.where or job.where("launcher"), f"dist_strategy '{strategy.entry.name}' cannot be "
+                       f"started by the '{job.launch.launcher}' launcher",
+                       "set <property name=\"launcher\"> to " + " or ".join(launchers))
