@@ -1,12 +1,13 @@
 # Two commands do all set-up on a fresh Debian/Ubuntu machine:
 #   make demo   train the embedded default job (synthetic data, 2 MPI ranks, CPU)
-#   make test   run the test suite
+#   make test   run the test suite (what CI runs, with make lint)
+# While developing: make test-fast (no ranks, Slurm, Docker or network namespaces; seconds), make lint.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv horovod demo test bench clean
+.PHONY: venv horovod demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -26,6 +27,13 @@ demo: venv
 
 test: venv
 	$(BIN)/python -m pytest -q
+
+FAST = not (ranks or slurm or docker or multihost)
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "$(FAST)"
+
+lint: venv
+	$(BIN)/ruff check autocnnp tests benchmarks
 
 bench: venv
 	$(BIN)/python benchmarks/engine_overhead.py

@@ -12,7 +12,11 @@ from pathlib import Path
 
 from .core.errors import DataError, ExitCode, JobError
 from .engine.values import type_name
+from .generator.plan import render
+from .generator.points import POINTS
 from .run.job import load_job
+from .run.launch import build_command, run
+from .run.repeat import run_repeats
 
 # Feature areas that add their own subcommands (each module: ``add_commands(subparsers)``; keep its
 # imports light, torch only inside the command functions).
@@ -36,23 +40,16 @@ def cmd_validate(args) -> int:
 
 
 def cmd_plan(args) -> int:
-    from .generator.plan import render
-    from .run.launch import build_command
-
     job = load_job(args.job, args.set)
     print(render(job.generator, build_command(job)[0]))
     return ExitCode.OK
 
 
 def cmd_run(args) -> int:
-    from .run.launch import run
-
     job = load_job(args.job, args.set)
     if args.launcher:  # the command line overrides <cluster> launcher
         job = job.with_cluster({"launcher": args.launcher})
     if args.repeat != 1:  # K runs with seeds seed, seed+1, ... in output/seed-<s>/, then mean and std
-        from .run.repeat import run_repeats
-
         return run_repeats(job, args.repeat)
     return run(job)
 
@@ -68,8 +65,6 @@ def cmd_new(args) -> int:
 
 def cmd_components(args) -> int:
     """List every built-in implementation of each extension point with its parameters."""
-    from .generator.points import POINTS
-
     for point in POINTS:
         if args.point and args.point not in (point.type, *point.aliases):
             continue

@@ -17,6 +17,8 @@ from pathlib import Path
 from .core.cli_args import positive
 from .core.errors import DataError, JobError
 from .core.metrics import SEGEVAL
+from .generator.assemble import assemble
+from .generator.overrides import parse_sets, read_variant
 
 OVERALL = "overall"
 
@@ -26,8 +28,6 @@ def predict(args) -> int:
     import torch
 
     from .data.volumes import load_case, save_label
-    from .generator.assemble import assemble
-    from .generator.overrides import parse_sets, read_variant
 
     gen = assemble(read_variant(args.job, parse_sets(args.set)))
     data = gen.action("dataset_injection")

@@ -231,7 +231,7 @@ def bookkeeping_s(args, job: Path, out: Path, steps: int = 2000) -> float:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.01)
     guard = DivergenceGuard(loaded.monitoring.divergence_factor, loaded.monitoring.stop_on_divergence)
     status = RankStatus(RunDir(out), 0)
-    with Monitor(RunDir(out), 0, args.ranks, loaded.monitoring, 1, steps) as monitor:
+    with Monitor(RunDir(out), 0, args.ranks, loaded.monitoring, 1, steps, start_epoch=0) as monitor:
         start = time.perf_counter()
         for step in range(steps):
             status.beat()

@@ -100,3 +100,45 @@ def cli(capsys, monkeypatch):
         return rc, out, err
 
     return run
+
+
+# What a test starts decides its marker (pyproject.toml lists them; `make test-fast` deselects them all).
+MARKED_COMMANDS = {"mpirun": "ranks", "srun": "ranks", "horovodrun": "ranks", "sbatch": "slurm", "scancel": "slurm",
+                   "docker": "docker", "dockerd": "docker", "ip": "multihost"}
+AUTOCNNP_RANK_COMMANDS = ("run", "tune")  # `python -m autocnnp run|tune ...` starts ranks
+
+
+def _needed_marker(argv) -> str | None:
+    words = [str(a) for a in (argv if isinstance(argv, (list, tuple)) else [argv])]
+    if not words:
+        return None
+    program = Path(words[0]).name
+    if program == "on" and len(words) > 2:  # cluster/netns/on HOST COMMAND...: a command on a namespace host
+        return "multihost" if _needed_marker(words[2:]) is None else _needed_marker(words[2:])
+    if program in MARKED_COMMANDS:
+        return MARKED_COMMANDS[program]
+    if "-m" in words and words[words.index("-m") + 1:words.index("-m") + 2] == ["autocnnp"]:
+        rest = words[words.index("-m") + 2:]
+        return "ranks" if rest and rest[0] in AUTOCNNP_RANK_COMMANDS else None
+    if "-m" in words and words[words.index("-m") + 1:words.index("-m") + 2] == ["autocnnp.run.worker"]:
+        return "ranks"
+    return None
+
+
+@pytest.fixture(autouse=True)
+def markers_match_what_the_test_starts(request, monkeypatch):
+    """Fail a test that starts ranks, Slurm jobs, Docker or network namespaces without the marker that says so
+    (subprocesses started from this process: directly, or through the CLI called in process)."""
+    import subprocess
+
+    marked = {m.name for m in request.node.iter_markers()}
+    real_init = subprocess.Popen.__init__
+
+    def checked(self, args, *rest, **kw):
+        needed = _needed_marker(args)
+        if needed and needed not in marked:
+            pytest.fail(f"{request.node.nodeid} starts {Path(str(args[0] if isinstance(args, (list, tuple)) else args)).name}"
+                        f" ({' '.join(map(str, args))[:120]}): mark it @pytest.mark.{needed}")
+        real_init(self, args, *rest, **kw)
+
+    monkeypatch.setattr(subprocess.Popen, "__init__", checked)

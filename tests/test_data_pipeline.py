@@ -218,7 +218,7 @@ def trained(brain_data, tmp_path_factory):
     return job, folder / "out", result
 
 
-@pytest.mark.mpi
+@pytest.mark.ranks
 def test_two_rank_decathlon_run_caches_once_and_trains(trained):
     job, out, result = trained
     assert result.returncode == 0, result.stderr[-3000:]
@@ -234,7 +234,7 @@ def test_two_rank_decathlon_run_caches_once_and_trains(trained):
     assert (out / "checkpoints" / "latest").is_file()
 
 
-@pytest.mark.mpi
+@pytest.mark.ranks
 def test_corrupt_nifti_stops_the_run_naming_the_file(tmp_path, brain_data):
     shutil.copytree(brain_data, tmp_path / "data" / "Task01_BrainTumour")
     bad = tmp_path / "data" / "Task01_BrainTumour" / "imagesTr" / "case_002.nii.gz"
@@ -248,7 +248,7 @@ def test_corrupt_nifti_stops_the_run_naming_the_file(tmp_path, brain_data):
     assert not list((tmp_path / "out" / "cache").glob("train-*"))
 
 
-@pytest.mark.mpi
+@pytest.mark.ranks
 def test_predict_writes_label_volumes_on_the_source_grid_and_evaluate_scores_them(trained, brain_data, cli):
     job, out, result = trained
     assert result.returncode == 0, result.stderr[-3000:]

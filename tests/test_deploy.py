@@ -39,7 +39,7 @@ def test_deploy_copies_once_then_only_what_changed(cli, tmp_path):
 
     rc, out, err = cli("deploy", job, "--to", store, "--dry-run")
     assert (rc, err) == (0, "")
-    assert sorted(lines(out)) == sorted(["would copy   jobs/job.xml (%d bytes)" % job.stat().st_size,
+    assert sorted(lines(out)) == sorted([f"would copy   jobs/job.xml ({job.stat().st_size} bytes)",
                                          f"would copy   jobs/note.py ({len(PLUGIN)} bytes)",
                                          f"would copy   shared/net.py ({len(ARCH)} bytes)",
                                          "would copy   jobs/hosts (18 bytes)"])

@@ -12,7 +12,6 @@ import pytest
 import torch
 from jobfiles import strategy_module, write_job
 
-pytestmark = pytest.mark.mpi
 AUTOCNNP = [sys.executable, "-m", "autocnnp"]
 
 
@@ -37,6 +36,7 @@ PLAIN_UNET = '<CNN_archi name="unet"><param name="depth">2</param><param name="b
              '<param name="norm">none</param></CNN_archi>'
 
 
+@pytest.mark.ranks
 def test_two_rank_run_writes_metrics_checkpoints_plots_and_resources(tmp_path):
     job = write_job(tmp_path / "job.xml", output="out", arch=PLAIN_UNET, data=SMALL_DATA, hyper=SMALL)
     result = run(job)
@@ -52,6 +52,7 @@ def test_two_rank_run_writes_metrics_checkpoints_plots_and_resources(tmp_path):
     assert final_params(out)
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("norm,sync", [("none", "false"), ("batch", "true")])
 def test_two_ranks_match_one_rank_with_double_batch(tmp_path, norm, sync):
     """The data-parallel oracle: 2 ranks x batch b == 1 rank x batch 2b after k steps."""
@@ -79,6 +80,7 @@ def test_two_ranks_match_one_rank_with_double_batch(tmp_path, norm, sync):
     assert moved > 1e-3  # the runs really trained
 
 
+@pytest.mark.ranks
 def test_resume_continues_the_loss_curve_even_with_other_rank_count(tmp_path):
     full = write_job(tmp_path / "full.xml", output="full", arch=PLAIN_UNET, data=SMALL_DATA,
                      hyper={**SMALL, "end_epoch": 3})
@@ -109,6 +111,7 @@ def Fail(epoch, metrics, state):
 """
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("action,expect", [
     ("raise RuntimeError('injected failure')", "rank 1 failed"),
     ("os._exit(7)", "rank 1 exited without reporting"),
@@ -129,6 +132,7 @@ def test_a_failing_rank_ends_the_whole_job_naming_it(tmp_path, action, expect):
     assert len(metrics(tmp_path / "out")) <= 1
 
 
+@pytest.mark.ranks
 def test_two_jobs_on_one_machine_do_not_collide(tmp_path):
     """Each job's rank 0 picks its own free port, so simultaneous jobs rendezvous separately."""
     jobs = [write_job(tmp_path / f"job{i}.xml", output=f"out{i}", arch=PLAIN_UNET, data=SMALL_DATA,
@@ -140,6 +144,7 @@ def test_two_jobs_on_one_machine_do_not_collide(tmp_path):
     assert all(len(metrics(tmp_path / f"out{i}")) == 1 for i in range(2))
 
 
+@pytest.mark.ranks
 def test_missing_mpirun_gets_an_install_hint(tmp_path):
     job = write_job(tmp_path / "job.xml", output="out", arch=PLAIN_UNET, data=SMALL_DATA)
     env = {"PATH": str(tmp_path), "HOME": str(tmp_path)}  # no mpirun on this PATH

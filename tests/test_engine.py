@@ -611,3 +611,53 @@ def test_entry_point_gone_once_off_sys_path(job, cli):
     """The fixture above cleaned sys.path up: the plug-in is unknown again (tests stay independent)."""
     rc, _, err = cli("validate", job(("<value>ring_allreduce</value>", "<value>my_ring</value>")))
     assert rc == 2 and "unknown dist_strategy 'my_ring'" in err
+
+
+# ---- a user file without entry= -------------------------------------------------------------------------------
+
+UNET_FILE = '''"""A U-Net of my own, as thesis Listing 4.1 names it: <CNN_archi><path>archi/U-Net.py</path></CNN_archi>."""
+import torch
+from torch import nn
+
+
+def double_conv(a, b):
+    return nn.Sequential(nn.Conv2d(a, b, 3, padding=1), nn.ReLU())
+
+
+class MyUNet(nn.Module):
+    def __init__(self, in_channels, num_classes, width: int = 4):
+        super().__init__()
+        self.body = double_conv(in_channels, width)
+        self.head = nn.Conv2d(width, num_classes, 1)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+'''
+
+
+def test_a_file_with_one_network_class_is_used_without_entry(job, cli, tmp_path):
+    (tmp_path / "archi").mkdir()
+    (tmp_path / "archi" / "U-Net.py").write_text(UNET_FILE)
+    path = job((ARCH_UNET, '<CNN_archi><path>archi/U-Net.py</path><param name="width">6</param></CNN_archi>'))
+    rc, out, err = cli("plan", path)
+    assert rc == 0, err
+    assert f"- architecture_injection [non-extensible] = MyUNet  (file {tmp_path / 'archi' / 'U-Net.py'})" in out
+    net = assemble(path).action("architecture_injection").build(in_channels=2, num_classes=3)
+    assert type(net).__name__ == "MyUNet" and net.head.in_channels == 6
+
+
+def test_several_candidates_and_no_conventional_name_ask_for_entry(job, refused, tmp_path):
+    (tmp_path / "two.py").write_text(UNET_FILE + "\n\nclass Other(nn.Module):\n    def forward(self, x):\n"
+                                     "        return x\n")
+    path = job((ARCH_UNET, "<CNN_archi><path>two.py</path></CNN_archi>"))
+    refused(path, "<CNN_archi><path>two.py", "defines several candidates for architecture and no 'build'",
+            "'MyUNet'", "'Other'", 'name the symbol with entry="..."')
+
+
+def test_a_strategy_class_of_any_name_is_found_by_its_base(job, cli, tmp_path):
+    (tmp_path / "mine.py").write_text("from autocnnp.generator.protocols import Strategy\n\n\n"
+                                      "class ChunkedRing(Strategy):\n    '''Mine.'''\n")
+    path = job((STRATEGY, STRATEGY.replace("<value>ring_allreduce", "<value><path>mine.py</path>")))
+    rc, out, err = cli("plan", path)
+    assert rc == 0, err
+    assert f"- dist_strategy [extensible] = ChunkedRing  (file {tmp_path / 'mine.py'})" in out

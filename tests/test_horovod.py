@@ -19,7 +19,6 @@ import torch
 from jobfiles import strategy_module, write_job
 from test_distributed import PLAIN_UNET, SMALL, SMALL_DATA, final_params, metrics, run
 
-pytestmark = pytest.mark.mpi
 AUTOCNNP = [sys.executable, "-m", "autocnnp"]
 REQUIRED = os.environ.get("AUTOCNNP_REQUIRE_HOROVOD", "") not in ("", "0")
 
@@ -56,6 +55,7 @@ def assert_same_training(out: Path, reference: Path) -> None:
 
 # Adam with weight decay: Horovod's broadcast_optimizer_state would initialise a fresh optimizer with a
 # zero-gradient step (one weight-decay step, one Adam step counted); the strategy must not let it.
+@pytest.mark.ranks
 @pytest.mark.parametrize("hyper", [{}, {"optimiser": "adam", "lr": 1e-3, "weight_decay": 1e-2}],
                          ids=["sgd", "adam-weight-decay"])
 def test_two_rank_horovod_run_matches_ring_allreduce(tmp_path, horovod, hyper):
@@ -70,6 +70,7 @@ def test_two_rank_horovod_run_matches_ring_allreduce(tmp_path, horovod, hyper):
     assert max((trained[k] - p).abs().max().item() for k, p in initial.items()) > 1e-4  # the runs really trained
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("controller", ["mpi", "gloo"])
 def test_horovodrun_starts_the_ranks_in_place(tmp_path, horovod, controller):
     """Under horovodrun the processes are the ranks (Open MPI's variables, or HOROVOD_* with --gloo)."""
@@ -104,6 +105,7 @@ def test_a_job_setting_another_communication_init_is_refused(tmp_path):
     assert "dist_strategy 'horovod' needs communication_init 'horovod'" in result.stderr
 
 
+@pytest.mark.ranks
 def test_without_horovod_the_run_fails_saying_make_horovod(tmp_path):
     """A Horovod that cannot be imported (shadowed here) ends the job with the install command."""
     shadow = tmp_path / "shadow" / "horovod"

@@ -136,7 +136,7 @@ SMALL_DATA = ('<data format="synthetic"><param name="kind">atrium</param><param 
               '<param name="valid_samples">6</param><param name="size">16</param></data>')
 
 
-@pytest.mark.mpi
+@pytest.mark.ranks
 def test_two_rank_run_trains_a_keras_model(keras, tmp_path):
     save_model(keras, tmp_path / "model.keras", in_channels=1, classes=2)
     job = write_job(tmp_path / "job.xml", output="out", arch="<CNN_archi><path>model.keras</path></CNN_archi>",

@@ -168,6 +168,7 @@ def _rank_confusion(rank: int, world_size: int, init_file: str, results) -> None
     dist.destroy_process_group()
 
 
+@pytest.mark.ranks
 def test_all_reduce_sums_over_ranks(tmp_path):
     results = mp.Manager().dict()
     mp.spawn(_rank_confusion, args=(2, str(tmp_path / "init"), results), nprocs=2)

@@ -56,7 +56,7 @@ def is_png(path):
 def run_dir(tmp_path_factory):
     """A finished 3-epoch rank-0 run with world size 2."""
     out = tmp_path_factory.mktemp("run")
-    with Monitor(RunDir(out), 0, 2, config(), total_epochs=3, steps_per_epoch=STEPS) as monitor:
+    with Monitor(RunDir(out), 0, 2, config(), total_epochs=3, steps_per_epoch=STEPS, start_epoch=0) as monitor:
         run_epochs(monitor, range(3))
     monitor.close()  # second close is a no-op
     return out
@@ -128,7 +128,7 @@ def test_metrics_csv_after_three_epochs(run_dir):
 
 
 def test_epoch_summary_printed(tmp_path, capsys):
-    with Monitor(RunDir(tmp_path), 0, 2, config(tensorboard=False, plots=False), 3, STEPS) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 2, config(tensorboard=False, plots=False), 3, STEPS, 0) as monitor:
         run_epochs(monitor, [0])
     line = capsys.readouterr().out.strip()
     assert line.startswith("epoch 1/3 train_loss=1 valid_loss=1.2 dice=0.5")
@@ -137,7 +137,7 @@ def test_epoch_summary_printed(tmp_path, capsys):
 
 def test_resume_drops_later_epochs(tmp_path):
     cfg = config(tensorboard=False, plots=False)
-    with Monitor(RunDir(tmp_path), 0, 1, cfg, 3, STEPS) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 1, cfg, 3, STEPS, 0) as monitor:
         run_epochs(monitor, range(3))
     with Monitor(RunDir(tmp_path), 0, 1, cfg, 3, STEPS, start_epoch=1) as monitor:
         assert [r["epoch"] for r in read_rows(tmp_path / "metrics.csv")] == ["0"]
@@ -147,7 +147,7 @@ def test_resume_drops_later_epochs(tmp_path):
 
 def test_new_metric_names_extend_the_header(tmp_path):
     cfg = config(tensorboard=False, plots=False)
-    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS, 0) as monitor:
         monitor.epoch_end(0, {"train_loss": 1.0})
         monitor.epoch_end(1, {"train_loss": 0.5, "dice": 0.7})
     rows = read_rows(tmp_path / "metrics.csv")
@@ -175,7 +175,7 @@ def test_resumed_tensorboard_has_no_duplicates(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     cfg = config(plots=False)
-    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS, 0) as monitor:
         run_epochs(monitor, range(2))
     with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS, start_epoch=1) as monitor:
         run_epochs(monitor, [1])
@@ -199,7 +199,7 @@ def test_plots_are_png(run_dir):
 
 
 def test_non_zero_rank_writes_only_resources(tmp_path):
-    with Monitor(RunDir(tmp_path), 1, 2, config(), total_epochs=1, steps_per_epoch=STEPS) as monitor:
+    with Monitor(RunDir(tmp_path), 1, 2, config(), total_epochs=1, steps_per_epoch=STEPS, start_epoch=0) as monitor:
         run_epochs(monitor, [0])
     assert not (tmp_path / "metrics.csv").exists()
     assert not (tmp_path / "plots").exists()

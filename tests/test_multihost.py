@@ -118,6 +118,8 @@ def on(host: str, *cmd, cwd: Path, timeout: float = 240) -> subprocess.Completed
                           timeout=timeout, env=env)
 
 
+@pytest.mark.multihost
+@pytest.mark.ranks
 def test_two_ranks_on_two_hosts(two_hosts, tmp_path):
     job = hosts_job(tmp_path, "acp-h1 slots=1\nacp-h2 slots=1\n", agent=NETNS / "agent")
     result = on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, cwd=tmp_path)
@@ -129,6 +131,8 @@ def test_two_ranks_on_two_hosts(two_hosts, tmp_path):
     assert [r["epoch"] for r in rows] == ["0"] and 0 < float(rows[0]["dice"]) <= 1
 
 
+@pytest.mark.multihost
+@pytest.mark.ranks
 def test_a_host_that_cannot_be_reached(two_hosts, tmp_path):
     # 10.77.0.3 is on the hosts' network but nobody is there
     job = hosts_job(tmp_path, "acp-h1 slots=1\n10.77.0.3 slots=1\n", agent=NETNS / "agent")

@@ -149,7 +149,7 @@ def final_model(out: Path) -> dict[str, torch.Tensor]:
     return torch.load(out / "checkpoints" / Path(latest).name, map_location="cpu", weights_only=False)
 
 
-@pytest.mark.mpi
+@pytest.mark.ranks
 def test_deterministic_two_rank_runs_are_bit_identical_and_recorded(tmp_path):
     outs = []
     for name in ("a", "b"):
@@ -189,7 +189,7 @@ def test_deterministic_two_rank_runs_are_bit_identical_and_recorded(tmp_path):
     assert other["dataset"]["checksum"] == data["checksum"] and other["final_metrics"] == m["final_metrics"]
 
 
-@pytest.mark.mpi
+@pytest.mark.ranks
 def test_repeat_runs_seeds_and_summarises(tmp_path):
     job = tiny_job(tmp_path / "job.xml", "out", deterministic=False)
     result = autocnnp("run", "--repeat", "2", job)

@@ -188,6 +188,8 @@ def state_of(job_id: str) -> str:
 
 
 @pytest.mark.parametrize("launcher", ["mpirun", "srun"])
+@pytest.mark.slurm
+@pytest.mark.ranks
 def test_a_two_rank_job_trains_under_slurm(slurm, tmp_path, launcher):
     job = tiny_job(tmp_path)
     started = time.monotonic()
@@ -211,6 +213,8 @@ def test_a_two_rank_job_trains_under_slurm(slurm, tmp_path, launcher):
     print(f"slurm {launcher}: submit to COMPLETED in {time.monotonic() - started:.1f} s")
 
 
+@pytest.mark.slurm
+@pytest.mark.ranks
 def test_status_and_cancel_follow_a_long_job(slurm, tmp_path):
     job = tiny_job(tmp_path, epochs=500)
     sub = autocnnp("submit", job)
@@ -243,6 +247,7 @@ def test_status_and_cancel_follow_a_long_job(slurm, tmp_path):
         time.sleep(0.5)
 
 
+@pytest.mark.slurm
 def test_unknown_partition_and_impossible_resources_submit_nothing(slurm, tmp_path):
     job = tiny_job(tmp_path, cluster=prop("partition", "gpu-large"))
     before = queued_ids()
@@ -259,6 +264,7 @@ def test_unknown_partition_and_impossible_resources_submit_nothing(slurm, tmp_pa
     assert not list((tmp_path / "out-job").rglob("sbatch-*.sh"))
 
 
+@pytest.mark.slurm
 def test_a_controller_that_does_not_answer(slurm, tmp_path):
     conf = Path("/etc/slurm/slurm.conf").read_text() if Path("/etc/slurm/slurm.conf").exists() else ""
     if "SlurmctldHost" not in conf:
@@ -271,6 +277,7 @@ def test_a_controller_that_does_not_answer(slurm, tmp_path):
     assert not (tmp_path / "out-job").exists()
 
 
+@pytest.mark.slurm
 def test_a_drained_node_is_reported_before_submitting(slurm, tmp_path):
     node = subprocess.run(["sinfo", "-h", "-o", "%N"], capture_output=True, text=True).stdout.split()[0]
     if "," in node or "[" in node:

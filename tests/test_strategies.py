@@ -14,7 +14,6 @@ import pytest
 import torch
 from jobfiles import strategy_module, write_job
 
-pytestmark = pytest.mark.mpi
 AUTOCNNP = [sys.executable, "-m", "autocnnp"]
 PLUGINS = Path(__file__).resolve().parent / "plugins"
 
@@ -54,22 +53,22 @@ def dist_strategy(value: str, **params) -> str:
     return f'<action class="extensible" type="dist_strategy">{value}{named}</action>'
 
 
-def actions(strategy: str, comm: str | None = None, probe: bool = False) -> str:
+def actions(strategy: str, comm: str | None = None, probe: bool = False, lr_policy: str = "constant") -> str:
     env = ('<module name="train_env_def"><action class="non_extensible" type="communication_init">'
            f'<value>{comm}</value></action></module>') if comm else ""
     ckpt = ('<action class="extensible" type="checkpoint"><value>periodic</value>'
             '<value name="Probe"><path>probe.py</path></value></action>') if probe else ""
-    return env + strategy_module(extra=ckpt).replace(RING, strategy)
+    return env + strategy_module(lr_policy=lr_policy, extra=ckpt).replace(RING, strategy)
 
 
 def train(folder: Path, strategy: str, *, comm: str | None = None, degree: int = 2, env: dict | None = None,
-          probe: bool = False, **hyper) -> Path:
+          probe: bool = False, lr_policy: str = "constant", **hyper) -> Path:
     """Run a job with ``strategy`` in ``folder``; returns its output folder."""
     folder.mkdir(parents=True, exist_ok=True)
     if probe:
         (folder / "probe.py").write_text(PROBE)
     job = write_job(folder / "job.xml", degree=degree, output="out", arch=ARCH, data=DATA, extra=QUIET,
-                    actions=actions(strategy, comm, probe), hyper={**HYPER, **hyper})
+                    actions=actions(strategy, comm, probe, lr_policy), hyper={**HYPER, **hyper})
     result = subprocess.run([*AUTOCNNP, "run", str(job)], capture_output=True, text=True, timeout=180,
                             env={**os.environ, **(env or {})})
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
@@ -137,6 +136,7 @@ SYNCHRONOUS = {
 }
 
 
+@pytest.mark.ranks
 @pytest.mark.parametrize("name", SYNCHRONOUS)
 def test_synchronous_strategies_reproduce_ring_allreduce(name, ring, tmp_path, request):
     strategy, plugin = SYNCHRONOUS[name]
@@ -154,6 +154,7 @@ def test_synchronous_strategies_reproduce_ring_allreduce(name, ring, tmp_path, r
         assert [(tmp_path / f"torch_distributed_{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
 
 
+@pytest.mark.ranks
 def test_dedicated_parameter_server_trains_like_its_single_worker(tmp_path):
     """With 2 ranks, server=dedicated has one worker: it must follow a 1-rank run step for step, the server
     applying every update (rank 0 only computes gradients; its checkpoint holds the server's optimizer)."""
@@ -166,12 +167,17 @@ def test_dedicated_parameter_server_trains_like_its_single_worker(tmp_path):
     assert saved["optimizer_type"] == "SGD" and saved["optimizer"]["state"]  # the server's momentum buffers
 
 
-def test_fedavg_converges_and_is_the_same_over_torch_distributed_and_mpi(tmp_path):
-    out = train(tmp_path / "gloo", dist_strategy("<value>fedavg</value>"))  # torch_distributed by default
+@pytest.mark.ranks
+def test_fedavg_converges_and_is_the_same_over_torch_distributed_and_mpi(tmp_path, cli):
+    # gradual_warmup scales with the replicas of a step: one for federated averaging, so the lr stays the base lr
+    out = train(tmp_path / "gloo", dist_strategy("<value>fedavg</value>"), lr_policy="gradual_warmup")
     rows = metrics(out)
     assert_learns(out)
     assert rows[-1]["dice"] >= rows[0]["dice"], rows  # (this tiny task stays at background for 2 epochs)
-    mpi = train(tmp_path / "mpi", dist_strategy("<value>fedavg</value>"), comm="mpi4py")
+    assert [r["lr"] for r in rows] == [HYPER["lr"]] * len(rows)
+    rc, text, err = cli("lr-plot", tmp_path / "gloo" / "job.xml", "--out", tmp_path / "lr.png")  # the same builder
+    assert rc == 0 and f"x 1 replicas = {HYPER['lr']:g}" in text, err
+    mpi = train(tmp_path / "mpi", dist_strategy("<value>fedavg</value>"), comm="mpi4py", lr_policy="gradual_warmup")
     assert_same_run(mpi, out)
 
 
@@ -197,7 +203,7 @@ def test_plan_switches_communication_init_with_the_strategy(job, cli):
         rc, out, err = cli("plan", job(("<value>ring_allreduce</value>", f"<value>{strategy}</value>"),
                                        name=f"{strategy}.xml"))
         assert rc == 0, err
-        line = next(l for l in out.splitlines() if "- communication_init" in l)
+        line = next(text for text in out.splitlines() if "- communication_init" in text)
         picked[strategy] = line.split("= ")[1].strip()
     assert picked == {"ring_allreduce": "torch_distributed  (built-in, default)",
                       "mpi": "mpi4py  (built-in, chosen by the engine)",

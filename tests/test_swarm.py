@@ -72,6 +72,7 @@ def leftovers(client) -> list[str]:
         [n.name for n in client.networks.list(filters={"label": "autocnnp.run"})]
 
 
+@pytest.mark.docker
 def test_two_replicas_train_one_rank_each(swarm, cli, tmp_path):
     job = swarm_job(tmp_path)
     rc, out, err = cli("deploy", job, "--swarm", "--image", IMAGE, "--timeout", 300)
@@ -85,6 +86,7 @@ def test_two_replicas_train_one_rank_each(swarm, cli, tmp_path):
     assert leftovers(swarm) == []
 
 
+@pytest.mark.docker
 def test_a_failing_replica_fails_the_job_naming_its_rank(swarm, cli, tmp_path):
     job = swarm_job(tmp_path)
     (tmp_path / "fail-rank1").write_text("")
@@ -95,6 +97,7 @@ def test_a_failing_replica_fails_the_job_naming_its_rank(swarm, cli, tmp_path):
     assert leftovers(swarm) == []
 
 
+@pytest.mark.docker
 def test_an_image_that_is_not_there(swarm, cli, tmp_path):
     rc, _, err = cli("deploy", swarm_job(tmp_path), "--swarm", "--image", "autocnnp:no-such-tag")
     assert rc == 2 and "image 'autocnnp:no-such-tag' is not on this Docker engine" in err

@@ -52,12 +52,12 @@ def test_defaults_follow_the_thesis():
 
 
 def test_compare_is_dice_then_mean_accuracy_then_mean_iou():
-    assert compare(m(0.80), m(0.79)) == 1
-    assert compare(m(0.80, ma=0.5), m(0.79, ma=0.99)) == 1  # Dice decides first
+    assert compare(m(0.80), m(0.79), 0.0) == 1
+    assert compare(m(0.80, ma=0.5), m(0.79, ma=0.99), 0.0) == 1  # Dice decides first
     assert compare(m(0.80, ma=0.96), m(0.8004, ma=0.95), tolerance=0.001) == 1  # Dice tie -> MA
-    assert compare(m(0.80, ma=0.95, iou=0.8), m(0.80, ma=0.95, iou=0.9)) == -1  # then mean IoU
-    assert compare(m(0.8), m(0.8)) == 0
-    assert compare({"dice": float("nan")}, m(0.1)) == -1
+    assert compare(m(0.80, ma=0.95, iou=0.8), m(0.80, ma=0.95, iou=0.9), 0.0) == -1  # then mean IoU
+    assert compare(m(0.8), m(0.8), 0.0) == 0
+    assert compare({"dice": float("nan")}, m(0.1), 0.0) == -1
 
 
 def test_below_the_threshold_just_trains():
@@ -221,7 +221,7 @@ def autocnnp(*args, timeout=240):
                           timeout=timeout)
 
 
-@pytest.mark.mpi
+@pytest.mark.ranks
 def test_real_tune_below_the_threshold_trains_once(tmp_path):
     job = tiny_job(tmp_path)
     result = autocnnp("tune", job)
@@ -238,7 +238,7 @@ def test_real_tune_below_the_threshold_trains_once(tmp_path):
     assert manifest["plan"]["hyperparameters"]["lr"] == 1e-5
 
 
-@pytest.mark.mpi
+@pytest.mark.ranks
 def test_real_tune_above_a_lowered_threshold_with_a_budget(tmp_path):
     # 4-class blobs: the 1-rank baseline (SGD, lr 0.05) learns the background class in 2 epochs, while
     # GreScale's lr 1e-5 leaves the model near its random start: the walk has to begin

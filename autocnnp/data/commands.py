@@ -17,7 +17,8 @@ import time
 from pathlib import Path
 
 from ..core.cli_args import count, positive
-from ..core.errors import DataError
+from ..core.errors import DataError, Location
+from ..generator.points import registry
 
 # --------------------------------------------------------------------------------------------
 # synth
@@ -47,8 +48,6 @@ def _given(value, default):
 
 
 def cmd_preprocess(args) -> int:
-    from ..core.errors import Location
-    from ..generator.points import registry
     from .preprocess import META_FILE, build_cache, parse_modalities, read_cache_meta
 
     job = registry("dataset_injection").get("decathlon", Location(Path(args.data))).config  # a job's defaults

@@ -15,10 +15,14 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 
+def first_paragraph(doc: str | None) -> str:
+    """The first paragraph of a docstring, on one line."""
+    return " ".join((doc or "").split("\n\n")[0].split())
+
+
 def summary(obj) -> str:
-    """The first line of ``obj``'s docstring."""
-    doc = inspect.getdoc(obj) or ""
-    return doc.splitlines()[0] if doc else ""
+    """The first paragraph of ``obj``'s docstring."""
+    return first_paragraph(inspect.getdoc(obj))
 
 
 # --- dist_strategy --------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import JobError, Location, did_you_mean
-from .protocols import summary
+from .protocols import first_paragraph, summary
 
 COMPONENTS = Path(__file__).resolve().parent.parent / "components"
 COMPONENTS_PACKAGE = "autocnnp.components"
@@ -163,7 +163,7 @@ class Registry:
         node = defined.get(symbol)
         attrs = _class_literals(node) if isinstance(node, ast.ClassDef) else {}
         doc = ast.get_docstring(node) if node is not None else None
-        return Entry(symbol, f"{path}:{symbol}", None, (doc or ast.get_docstring(tree) or "").split("\n")[0],
+        return Entry(symbol, f"{path}:{symbol}", None, first_paragraph(doc or ast.get_docstring(tree)),
                      f"file {path}", dict(attrs.get("requires", {})), tuple(attrs.get("launchers", ())))
 
     def _fits(self, node, fits: Fits | None) -> bool:
@@ -278,7 +278,7 @@ def _entry(path: Path, definition: str) -> Entry:
     name, aliases, _ = next(m for m in _marks(path) if m[2] == definition)
     attrs = _class_literals(node, vars(mod)) if isinstance(node, ast.ClassDef) else {}
     return Entry(name, f"{_module_name(path)}:{definition}", getattr(mod, "Config", None),
-                 (ast.get_docstring(node) or "").split("\n")[0], "built-in", dict(attrs.get("requires", {})),
+                 first_paragraph(ast.get_docstring(node)), "built-in", dict(attrs.get("requires", {})),
                  tuple(attrs.get("launchers", ())), aliases)
 
 

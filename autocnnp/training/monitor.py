@@ -184,7 +184,7 @@ class Monitor:
     """
 
     def __init__(self, rundir: RunDir, rank: int, world_size: int, config: MonitoringConfig, total_epochs: int,
-                 steps_per_epoch: int, start_epoch: int = 0) -> None:
+                 steps_per_epoch: int, start_epoch: int) -> None:
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         from tqdm import tqdm

@@ -16,7 +16,11 @@ from ..core.errors import ExitCode, JobError
 from ..core.files import read_json, write_json
 from ..core.rundir import RunDir
 from ..run.job import load_job
-from .guideline import DEFAULT_THRESHOLD, Guideline, Steps
+from ..run.manifest import final_metrics, now
+from . import report
+from .guideline import DEFAULT_THRESHOLD, Guideline, Steps, default_settings
+from .lr_plot import ASSUMED_STEPS, actual_lr, plot_schedules, steps_per_epoch
+from .runner import JobRunner, RunFailed
 
 STATE = "state.json"
 
@@ -73,8 +77,6 @@ def add_commands(sub) -> None:
 
 
 def cmd_lr_plot(args) -> int:
-    from .lr_plot import ASSUMED_STEPS, actual_lr, plot_schedules, steps_per_epoch
-
     gen = load_job(args.job, args.set).generator
     ranks = args.ranks or gen.world_size
     if ranks < 1:
@@ -102,8 +104,6 @@ def cmd_lr_plot(args) -> int:
 
 
 def _initial(gen, from_job: bool):
-    from .guideline import default_settings
-
     total = gen.hyperparameters.end_epoch
     if not from_job:
         return default_settings(total)
@@ -112,10 +112,6 @@ def _initial(gen, from_job: bool):
 
 
 def cmd_tune(args) -> int:
-    from ..run.manifest import final_metrics, now
-    from . import report
-    from .runner import JobRunner, RunFailed
-
     gen = load_job(args.job, args.set).generator
     sets = gen.job.overrides
     job_file = Path(gen.job.file)

@@ -143,7 +143,7 @@ VALIDATION_LABEL = "Model validation"
 BASELINE_LABEL = "Baseline model performances"
 
 
-def compare(a: dict, b: dict, tolerance: float = 0.0) -> int:
+def compare(a: dict, b: dict, tolerance: float) -> int:
     """+1 if ``a`` is the better model, -1 if ``b`` is, 0 if they tie: Dice, then mean accuracy, then
     mean IoU; differences within ``tolerance`` are ties. A missing or NaN metric loses."""
     for name in PRIORITY:

@@ -12,16 +12,15 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from autocnnp.core.settings import setting
-from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig
+from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy
 from autocnnp.generator.registry import component
 
-from .tensors import bcast_module, mpi, pack, unpack
+from .tensors import BucketConfig, bcast_module, mpi, pack, unpack
 
 
 @dataclass
-class Config(StrategyConfig):
-    bucket_cap_mb: float = setting(25.0, min=0.1, help="gradients sent per MPI Allreduce (MiB)")
+class Config(BucketConfig):
+    """One non-blocking MPI Allreduce per bucket."""
 
 
 class Bucket:

@@ -8,15 +8,15 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from autocnnp.core.settings import setting
-from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig
+from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy
 from autocnnp.generator.registry import component
 
 from . import cross_rank_batchnorm
+from .tensors import BucketConfig
 
 
 @dataclass
-class Config(StrategyConfig):
-    bucket_cap_mb: float = setting(25.0, min=0.1, help="DDP gradient bucket size (MiB)")
+class Config(BucketConfig):
     sync_batchnorm: bool = setting(False, help="BatchNorm statistics over every rank's samples")
     find_unused_parameters: bool = setting(False, help="let DDP skip parameters that get no gradient")
 

@@ -4,9 +4,20 @@ MPI broadcasts of a module's tensors."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
+
+from autocnnp.core.settings import setting
+from autocnnp.generator.protocols import StrategyConfig
+
+
+@dataclass
+class BucketConfig(StrategyConfig):
+    """Strategies that reduce gradients in buckets, as DDP does."""
+
+    bucket_cap_mb: float = setting(25.0, min=0.1, help="gradients reduced together, at most this many MiB")
 
 
 def mpi():

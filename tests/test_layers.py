@@ -1,0 +1,67 @@
+"""The layers: every import, also one made inside a function, goes to the same layer or a lower one.
+
+core < engine < generator < data, training < components < run, inference < tuning, cli. So the core
+imports nothing above it, nothing below run/ imports it, and the engine never imports torch."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "autocnnp"
+LAYERS = {"core": 0, "engine": 1, "generator": 2, "data": 3, "training": 3, "components": 4, "run": 5,
+          "inference": 5, "tuning": 6, "cli": 6, "__main__": 7, "templates": 0, "__init__": 0}
+MODULES = sorted(PACKAGE.rglob("*.py"))
+
+
+def layer_of(module: str) -> int:
+    """The layer of ``autocnnp.x.y`` (by its first part below autocnnp)."""
+    parts = module.split(".")
+    first = parts[1] if len(parts) > 1 else "__init__"
+    return LAYERS[first if first in LAYERS else "__init__"]  # a name of the package itself (__version__)
+
+
+def module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = rel.parts[:-1] if rel.name == "__init__" else rel.parts
+    return ".".join(parts)
+
+
+def imports(path: Path) -> list[tuple[str, int]]:
+    """The autocnnp modules ``path`` imports, anywhere in it, with their lines."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_bytes())):
+        if isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+                base = ".".join([*anchor, base] if base else anchor)
+            targets = [base] if node.module else [f"{base}.{a.name}" for a in node.names]
+            out += [(t, node.lineno) for t in targets if t.startswith("autocnnp")]
+        elif isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names if a.name.startswith("autocnnp")]
+    return out
+
+
+@pytest.mark.parametrize("path", MODULES, ids=[str(p.relative_to(PACKAGE)) for p in MODULES])
+def test_no_import_runs_back_up(path):
+    here = layer_of(module_name(path))
+    upward = [f"line {line}: {target}" for target, line in imports(path) if layer_of(target) > here]
+    assert not upward, f"{path.relative_to(PACKAGE)} (layer {here}) imports from higher layers: {upward}"
+
+
+def test_every_module_is_in_a_layer():
+    assert {module_name(p).split(".")[1] if "." in module_name(p) else "__init__" for p in MODULES} <= set(LAYERS)
+
+
+def test_core_and_engine_import_no_torch_and_nothing_above_them():
+    core_and_engine = [module_name(p) for p in MODULES if module_name(p).split(".")[1:2] in (["core"], ["engine"])]
+    code = ("import sys\n" + "".join(f"import {m}\n" for m in core_and_engine) +
+            "loaded = [m for m in sys.modules if m == 'torch' or m.startswith(('autocnnp.generator', 'autocnnp.run'))]\n"
+            "assert not loaded, loaded")
+    subprocess.run([sys.executable, "-c", code], check=True)
