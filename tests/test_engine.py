@@ -661,3 +661,16 @@ def test_a_strategy_class_of_any_name_is_found_by_its_base(job, cli, tmp_path):
     rc, out, err = cli("plan", path)
     assert rc == 0, err
     assert f"- dist_strategy [extensible] = ChunkedRing  (file {tmp_path / 'mine.py'})" in out
+
+
+def test_a_user_file_is_never_run_to_validate_a_job(job, cli, tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.py").write_text(
+        f"class Strategy:\n    requires = __import__('pathlib').Path({str(marker)!r}).touch()\n"
+        f"    launchers = open({str(marker)!r}, 'w')\n    def wrap(self, m):\n        return m\n")
+    path = job((STRATEGY, STRATEGY.replace("<value>ring_allreduce", "<value><path>evil.py</path>")))
+    assert cli("validate", path)[0] == 0
+    evil_name = job((STRATEGY, STRATEGY.replace("<value>ring_allreduce", "<value>../../evil")), name="name.xml")
+    rc, _, err = cli("validate", evil_name)
+    assert rc == 2 and "unknown dist_strategy '../../evil'" in err
+    assert not marker.exists()

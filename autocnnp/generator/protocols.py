@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -257,6 +258,10 @@ def _as_plugin(name: str, value) -> CheckpointPlugin:
 
 # --- dataset_injection ----------------------------------------------------------------------------------
 
+def _no_epoch(epoch: int) -> None:
+    """Training data whose samples do not change with the epoch."""
+
+
 @dataclass
 class DataBundle:
     """What a data format hands to the trainer."""
@@ -266,6 +271,7 @@ class DataBundle:
     in_channels: int
     num_classes: int
     augmentation: str = "none"  # for the manifest
+    set_epoch: Callable[[int], None] = _no_epoch  # selects the epoch of the training set's random augmentation
 
 
 class DataFormat:

@@ -89,9 +89,10 @@ class Registry:
 
     # --- built-ins and installed distributions ---
 
-    def _marks(self) -> dict[str, tuple[Path, str]]:
-        """name or alias -> (file, definition) of every built-in of this point (read from the text only)."""
-        return {key: (path, definition) for path in sorted((COMPONENTS / self.folder).glob("*.py"))
+    def _marks(self, files=None) -> dict[str, tuple[Path, str]]:
+        """name or alias -> (file, definition) of the built-ins in ``files`` (default: all of this point's)."""
+        files = sorted((COMPONENTS / self.folder).glob("*.py")) if files is None else files
+        return {key: (path, definition) for path in files
                 for name, aliases, definition in _marks(path) for key in (name, *aliases)}
 
     def names(self) -> list[str]:
@@ -102,9 +103,10 @@ class Registry:
         """The built-in (or in-process registered) implementation called ``name``, if any."""
         if name in self.extra:
             return self.extra[name]
+        if not name.isidentifier():  # a name, never a path: nothing outside the components is read
+            return None
         own = COMPONENTS / self.folder / f"{name}.py"  # most files are named after their component
-        found = {n: (own, d) for n, aliases, d in _marks(own) for n in (n, *aliases)} if own.is_file() else {}
-        where = found.get(name) or self._marks().get(name)
+        where = (self._marks([own]) if own.is_file() else {}).get(name) or self._marks().get(name)
         return _entry(*where) if where else None
 
     def get(self, name: str, where: Location) -> Entry:
@@ -248,13 +250,17 @@ def header(path: Path) -> types.ModuleType:
 
 
 def _class_literals(node: ast.ClassDef, namespace: dict | None = None) -> dict:
-    """Class attributes ``requires`` and ``launchers``, evaluated as literals (or names of ``namespace``)."""
+    """Class attributes ``requires`` and ``launchers``: literals of a user file (anything else is not
+    evaluated, nothing of a user file runs), or expressions over a built-in's header ``namespace``."""
     out = {}
     for item in node.body:
         if isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name) \
                 and item.targets[0].id in ("requires", "launchers"):
-            expression = compile(ast.Expression(item.value), "<component>", "eval")
-            out[item.targets[0].id] = eval(expression, dict(namespace or {}))  # literals and constants only
+            if namespace is not None:  # a built-in: its own constants (MPI_LAUNCHERS)
+                expression = compile(ast.Expression(item.value), "<component>", "eval")
+                out[item.targets[0].id] = eval(expression, dict(namespace))
+            elif _is_static(item.value):
+                out[item.targets[0].id] = ast.literal_eval(item.value)
     return out
 
 

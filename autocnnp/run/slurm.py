@@ -57,19 +57,19 @@ class Resources:
 
 def resources(job: Job) -> Resources:
     """The allocation for the job; impossible combinations are refused here, before Slurm is asked."""
-    c, degree, where = job.slurm, job.generator.world_size, job.where
-    if c.nodes > degree:
-        raise JobError(where("nodes"), f"the job asks for {c.nodes} nodes but has only {degree} ranks "
+    c, world_size, where = job.slurm, job.generator.world_size, job.where
+    if c.nodes > world_size:
+        raise JobError(where("nodes"), f"the job asks for {c.nodes} nodes but has only {world_size} ranks "
                        "(parallelism-degree), so some nodes would stay empty",
-                       f"set nodes to at most {degree} or raise parallelism-degree")
-    per_node = c.tasks_per_node or math.ceil(degree / c.nodes)
-    if per_node * c.nodes < degree:
+                       f"set nodes to at most {world_size} or raise parallelism-degree")
+    per_node = c.tasks_per_node or math.ceil(world_size / c.nodes)
+    if per_node * c.nodes < world_size:
         raise JobError(where("tasks_per_node"), f"{c.nodes} node(s) x {per_node} tasks per node hold "
-                       f"{per_node * c.nodes} ranks, fewer than parallelism-degree {degree}",
-                       f"set tasks_per_node to {math.ceil(degree / c.nodes)} or more, or raise nodes")
-    if per_node * (c.nodes - 1) >= degree:
-        raise JobError(where("tasks_per_node"), f"{degree} ranks at {per_node} per node fill fewer than "
-                       f"the {c.nodes} nodes asked for", f"lower nodes to {math.ceil(degree / per_node)}")
+                       f"{per_node * c.nodes} ranks, fewer than parallelism-degree {world_size}",
+                       f"set tasks_per_node to {math.ceil(world_size / c.nodes)} or more, or raise nodes")
+    if per_node * (c.nodes - 1) >= world_size:
+        raise JobError(where("tasks_per_node"), f"{world_size} ranks at {per_node} per node fill fewer than "
+                       f"the {c.nodes} nodes asked for", f"lower nodes to {math.ceil(world_size / per_node)}")
     if not TIME_LIMIT.match(c.time_limit.strip()):
         raise JobError(where("time_limit"), f"'{c.time_limit}' is not a Slurm time limit",
                        "write minutes, HH:MM:SS or D-HH:MM:SS, for example 02:00:00")
@@ -81,7 +81,7 @@ def resources(job: Job) -> Resources:
     launcher = job.launch.launcher if job.launch.launcher in ("mpirun", "srun") else "mpirun"
     output = Path(c.slurm_output)
     output = output if output.is_absolute() else job.generator.rundir.root / output
-    return Resources(c.nodes, degree, per_node, c.cpus_per_task, c.gpus_per_task, c.time_limit.strip(),
+    return Resources(c.nodes, world_size, per_node, c.cpus_per_task, c.gpus_per_task, c.time_limit.strip(),
                      c.partition, c.account, c.job_name or f"autocnnp-{job.spec.file.stem}", output, launcher)
 
 

@@ -138,8 +138,7 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
     seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
     run.sampler.set_epoch(epoch)
     determinism.seed_loader(run.loader_rng, gen.seed, epoch, world.rank)
-    if hasattr(run.data.train, "set_epoch"):
-        run.data.train.set_epoch(epoch)  # epoch-dependent augmentation
+    run.data.set_epoch(epoch)  # epoch-dependent augmentation
     run.model.train()
     total, count = 0.0, 0
     for step, (x, y) in enumerate(run.loader):

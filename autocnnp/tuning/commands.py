@@ -30,7 +30,7 @@ def add_commands(sub) -> None:
                        description="Start from the GreScale defaults (SGD, lr 1e-5, 5-epoch warmup). Below "
                        "--ranks-threshold ranks just train; from it on walk the five ordered actions (decrease "
                        "the initial lr, increase the decay coefficient, increase the warmup period, increase "
-                       "the decay-phase period, change the optimiser) until a run reaches the single-rank "
+                       "the decay-phase period, change the optimizer) until a run reaches the single-rank "
                        "baseline (Dice, then mean accuracy, then mean IoU), then confirm with one more run. "
                        "Writes tune.csv, tune.png and state.json in the tune folder; running again resumes.")
     s.add_argument("job", help="the XML job file")

@@ -165,7 +165,7 @@ class Decathlon(DataFormat):
             valid_ds = CacheDataset(train_cache, indices=full.indices_of_cases(valid_names), in_memory=c.in_memory)
         num_classes = max(_num_classes(train_ds.meta), _num_classes(valid_ds.meta))
         return DataBundle(train_ds, valid_ds, train_ds.num_channels, num_classes,
-                          repr(augmenter) if augmenter is not None else "none")
+                          repr(augmenter) if augmenter is not None else "none", train_ds.set_epoch)
 
     def check(self) -> list[DataError]:
         c = self.config
