@@ -50,3 +50,35 @@ def test_the_wheel_holds_every_module_and_runs_alone(tmp_path):
     validate = subprocess.run([sys.executable, "-m", "autocnnp", "validate", str(ROOT / "xml_configs" / "demo.xml")],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert validate.returncode == 0 and "valid" in validate.stdout, validate.stderr
+
+    # adding a component is one file: dropped into its point's folder, a job names it and its parameters
+    (site / "autocnnp" / "components" / "lr_policies" / "halving.py").write_text(HALVING)
+    command = [sys.executable, "-m", "autocnnp", "plan", str(ROOT / "xml_configs" / "demo.xml"), "--set",
+               "lr_policy=halving", "--set", "lr_policy.every=3"]
+    plan = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert plan.returncode == 0 and "lr_policy [extensible] = halving  (built-in)" in plan.stdout, plan.stderr
+    assert "every=3" in plan.stdout
+    bad = subprocess.run(command[:-1] + ["lr_policy.every=0"], cwd=tmp_path, env=env, capture_output=True, text=True)
+    assert bad.returncode == 2 and "every is 0, it must be at least 1" in bad.stderr
+
+
+HALVING = '''"""Learning-rate policy: the base lr, halved every few epochs."""
+from dataclasses import dataclass
+
+from autocnnp.core.settings import setting
+from autocnnp.generator.protocols import LRPolicy
+from autocnnp.generator.registry import component
+
+
+@dataclass
+class Config:
+    every: int = setting(2, min=1, help="epochs between two halvings")
+
+
+@component("halving")
+class Halving(LRPolicy):
+    """The base lr halved every ``every`` epochs."""
+
+    def rate(self, t):
+        return self.base_lr * 0.5 ** (t // self.steps_per_epoch // self.config.every)
+'''
