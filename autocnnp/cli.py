@@ -10,12 +10,13 @@ import typing
 from importlib import resources
 from pathlib import Path
 
-from .core.errors import DataError, ExitCode, JobError
+from .core.errors import DataError, ExitCode, Interrupted, JobError
 from .engine.values import type_name
 from .generator.plan import render
 from .generator.points import POINTS
 from .run.job import load_job
 from .run.launch import build_command, run
+from .run.processes import interruptible
 from .run.repeat import run_repeats
 
 # Feature areas that add their own subcommands (each module: ``add_commands(subparsers)``; keep its
@@ -115,9 +116,12 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command; its errors and the signals that stop it (Ctrl-C, SIGTERM, SIGHUP) end it with one
+    line and the exit code of README's table, never a traceback."""
     args = parser().parse_args(argv)
     try:
-        return args.func(args)
-    except (JobError, DataError) as exc:
-        print(f"autocnnp: {exc}", file=sys.stderr)
+        with interruptible():
+            return args.func(args)
+    except (JobError, DataError, Interrupted) as exc:
+        print(f"autocnnp: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code

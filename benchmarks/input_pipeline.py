@@ -68,10 +68,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def datasets(args, folder: Path) -> dict:
     """name -> training dataset, as the job's dataset components build them."""
     from autocnnp.components.datasets import decathlon, synthetic
-    from autocnnp.components.datasets.synthetic import SyntheticSliceDataset
     from autocnnp.core.world import World
     from autocnnp.data.augment import RandomAffine2D
     from autocnnp.data.synth import write_synthetic_dataset
+    from autocnnp.data.synthetic_slices import SyntheticSliceDataset
 
     syn = synthetic.Synthetic(synthetic.Config(kind="brain", train_samples=args.samples, valid_samples=4,
                                                size=args.size)).datasets(world=World(), seed=0,

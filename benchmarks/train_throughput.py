@@ -169,7 +169,7 @@ def hand_run(args, world, threads: int) -> list[tuple[float, float]]:
     from torch.utils.data import DataLoader, DistributedSampler, Subset
 
     from autocnnp.components.architectures.unet import UNet
-    from autocnnp.components.datasets.synthetic import SyntheticSliceDataset
+    from autocnnp.data.synthetic_slices import SyntheticSliceDataset
 
     torch.set_num_threads(max(1, threads // max(1, world.local_world_size)))
     if args.device == "cuda":

@@ -142,3 +142,14 @@ def markers_match_what_the_test_starts(request, monkeypatch):
         real_init(self, args, *rest, **kw)
 
     monkeypatch.setattr(subprocess.Popen, "__init__", checked)
+
+
+@pytest.fixture
+def nothing_starts(monkeypatch):
+    """Fail if run & manage gets as far as starting the ranks."""
+    from autocnnp.run import launch
+
+    def no_start(*args, **kwargs):
+        raise AssertionError("a refused job must start nothing")
+
+    monkeypatch.setattr(launch, "supervise", no_start)

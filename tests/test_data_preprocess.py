@@ -9,7 +9,6 @@ import numpy as np
 import pytest
 import torch
 
-from autocnnp.components.datasets.synthetic import SyntheticSliceDataset
 from autocnnp.core.errors import DataError
 from autocnnp.data.augment import RandomAffine2D
 from autocnnp.data.preprocess import (
@@ -23,6 +22,7 @@ from autocnnp.data.preprocess import (
     zscore,
 )
 from autocnnp.data.synth import write_synthetic_dataset
+from autocnnp.data.synthetic_slices import SyntheticSliceDataset
 
 SHAPE = (24, 24, 8)
 

@@ -118,7 +118,7 @@ def test_synthetic_and_decathlon_do_not_import_torch():
 def test_in_memory_synthetic_slices_equal_generated_ones_and_stay_intact():
     import torch
 
-    from autocnnp.components.datasets.synthetic import SyntheticSliceDataset
+    from autocnnp.data.synthetic_slices import SyntheticSliceDataset
 
     lazy = SyntheticSliceDataset("brain", 5, 16, 4, 4, seed=3, in_memory=False)
     eager = SyntheticSliceDataset("brain", 5, 16, 4, 4, seed=3, in_memory=True)

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 from jobfiles import strategy_module, write_job
 
+from autocnnp.run.deploy import job_tree
+
 PLUGIN = "def Note(epoch, metrics, state):\n    pass\n"
 ARCH = "import torch.nn as nn\n\ndef build(in_channels, num_classes):\n    return nn.Conv2d(in_channels, num_classes, 1)\n"
 
@@ -47,7 +49,7 @@ def test_deploy_copies_once_then_only_what_changed(cli, tmp_path):
 
     rc, out, _ = cli("deploy", job, "--to", store)
     assert rc == 0 and "job: 4 copied" in out
-    tree = store / "jobs" / "job"
+    tree = job_tree(store, job)
     deployed = tree / "jobs" / "job.xml"
     assert deployed.read_text() == job.read_text()
     assert (tree / "shared" / "net.py").read_text() == ARCH  # ../shared/net.py still resolves from the copy
@@ -79,7 +81,7 @@ def test_deploy_copies_once_then_only_what_changed(cli, tmp_path):
 def test_files_the_job_no_longer_names_leave_the_deployment_but_outputs_stay(cli, tmp_path):
     job, store = make_job(tmp_path / "src"), tmp_path / "shared-fs"
     assert cli("deploy", job, "--to", store)[0] == 0
-    tree = store / "jobs" / "job"
+    tree = job_tree(store, job)
     (tree / "jobs" / "runs" / "out").mkdir(parents=True)
     (tree / "jobs" / "runs" / "out" / "metrics.csv").write_text("epoch\n0\n")
     job.write_text(job.read_text().replace('<property name="hostfile">hosts</property>', ""))
@@ -98,7 +100,7 @@ def test_deploy_with_the_package_runs_from_the_shared_folder(cli, tmp_path):
                 "autocnnp/templates/sbatch.sh", "autocnnp/templates/job.xml", "autocnnp/engine/schema/job.xsd"):
         assert (lib / rel).is_file(), rel
     assert not list(lib.rglob("__pycache__"))
-    deployed = store / "jobs" / "job" / "jobs" / "job.xml"
+    deployed = job_tree(store, job) / "jobs" / "job.xml"
     assert f"PYTHONPATH={lib} " in out and str(deployed) in out
     # a node with only the deployed copy: the package and the job come from the shared folder
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "SLURM_"))}
@@ -132,7 +134,7 @@ def test_deploy_dir_from_the_cluster_section(cli, tmp_path):
     job = write_job(tmp_path / "job.xml", extra=f'<cluster><property name="deploy_dir">{tmp_path / "d"}</property>'
                     '</cluster>')
     rc, out, _ = cli("deploy", job)
-    assert rc == 0 and (tmp_path / "d" / "jobs" / "job" / "job.xml").read_text() == job.read_text()
+    assert rc == 0 and (job_tree(tmp_path / "d", job) / "job.xml").read_text() == job.read_text()
 
 
 def test_a_broken_job_is_not_deployed(cli, tmp_path):

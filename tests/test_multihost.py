@@ -43,14 +43,6 @@ def hosts_job(tmp_path: Path, hosts: str, agent: str | Path = "", oversubscribe:
                      extra=f"<cluster>{cluster}</cluster>")
 
 
-@pytest.fixture
-def nothing_starts(monkeypatch):
-    def no_start(*args, **kwargs):
-        raise AssertionError("a refused job must start nothing")
-
-    monkeypatch.setattr(launch, "supervise", no_start)
-
-
 def fake_agent(tmp_path: Path, body: str) -> Path:
     agent = tmp_path / "agent"
     agent.write_text(f"#!/bin/sh\nhost=$1; shift\n{body}\n")
@@ -72,7 +64,7 @@ def test_launch_agent_reaches_mpirun(tmp_path):
 
 @pytest.mark.parametrize("hosts,agent,problem,hint", [
     ("", "", "lists no hosts", "write one host per line"),
-    ("localhost slots=1\n", "", "offers 1 slots for 2 ranks and oversubscribe is off", "add hosts or slots"),
+    ("localhost slots=1\n", "", "parallelism-degree 2 is more ranks than the 1 slots of the hostfile", "add slots"),
     ("localhost slots=1\nno-such-host.invalid slots=1\n", "",
      "host 'no-such-host.invalid' (line 2 of", "add it to DNS or /etc/hosts"),
     ("localhost\n192.0.2.7\n", "echo 'ssh: connect to host 192.0.2.7 port 22: No route to host' >&2; exit 255",

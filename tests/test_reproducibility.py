@@ -91,8 +91,9 @@ def test_dataset_checksum_content_and_stat(tmp_path):
     assert "not the contents" in stat["description"]
 
 
-def test_lr_policy_state_is_saved_and_resumed():
+def test_lr_policy_and_divergence_reference_are_saved_and_resumed():
     from autocnnp.components.lr_policies import grescale
+    from autocnnp.training.monitor import DivergenceGuard
     from autocnnp.training.trainer import TrainState, _resume, checkpoint_state
 
     numbers = dict(base_lr=0.1, replicas=2, steps_per_epoch=2, total_epochs=12)
@@ -114,14 +115,18 @@ def test_lr_policy_state_is_saved_and_resumed():
 
     run = SimpleNamespace(state=TrainState(opt, epoch=2), checkpoints=Checkpoints(), policy=policy,
                           world=SimpleNamespace(world_size=2), gen=SimpleNamespace(seed=0, job=SimpleNamespace(file="j")),
-                          data=SimpleNamespace(in_channels=2, num_classes=2))
+                          data=SimpleNamespace(in_channels=2, num_classes=2),
+                          scaler=torch.amp.GradScaler("cpu", enabled=False), guard=DivergenceGuard(1000.0))
+    run.guard.check(1.25, 0, 0)  # the first loss of the run: what divergence is judged against
     saved = checkpoint_state(model, run)
     assert saved["lr_policy"]["warmup_epochs"] == 6
-    resumed = grescale.GreScale(grescale.Config(), **numbers)
+    resumed, guard = grescale.GreScale(grescale.Config(), **numbers), DivergenceGuard(1000.0)
     ckpt = Checkpoints()
     ckpt.load = lambda: saved
-    _resume(ckpt, torch.nn.Linear(2, 2), TrainState(torch.optim.SGD(model.parameters(), lr=0.1)), resumed)
+    _resume(ckpt, torch.nn.Linear(2, 2), TrainState(torch.optim.SGD(model.parameters(), lr=0.1)), resumed,
+            torch.amp.GradScaler("cpu", enabled=False), guard)
     assert resumed.state_dict() == policy.state_dict()
+    assert guard.reference == 1.25  # not the first loss after the resume
 
 
 # --- real runs ---------------------------------------------------------------------------------------------

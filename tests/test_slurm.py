@@ -53,8 +53,9 @@ def test_dry_run_renders_the_cluster_section_and_command_line(cli, tmp_path):
     d = directives(out)
     assert d == {"job-name": "autocnnp-job", "nodes": "1", "ntasks": "2", "ntasks-per-node": "2",
                  "cpus-per-task": "1", "time": "5", "output": str(tmp_path / "out-job" / "slurm-%j.out"),
-                 "chdir": str(tmp_path), "gpus-per-task": "1", "partition": "debug", "account": "lab"}
-    assert "#SBATCH --exclusive" in out
+                 "chdir": str(tmp_path), "gpus-per-task": "1", "partition": "debug", "account": "lab",
+                 "signal": "B:USR1@300"}
+    assert "#SBATCH --exclusive" in out and "#SBATCH --requeue" not in out
     assert f"{sys.executable} -m autocnnp run --launcher srun {job}" in out
     assert not (tmp_path / "out-job").exists()  # a dry run writes nothing
 
@@ -66,6 +67,20 @@ def test_a_job_variant_reaches_the_batch_script(cli, tmp_path):
     assert f"-m autocnnp run --launcher mpirun --set=hyperparameters.lr=0.5 --set=cluster.nodes=2 {job}" in out
     rc, _, err = cli("submit", job, "--dry-run", "--set", "hyperparameters.lr=fast")
     assert rc == 2 and "lr" in err and "Hint:" in err
+
+
+def test_memory_exclusive_setup_and_requeue_reach_the_batch_script(cli, tmp_path):
+    job = tiny_job(tmp_path, cluster=prop("setup", "module load openmpi/4.1; source ~/env.sh")
+                   + prop("requeue", "true") + prop("signal_before_s", 600))
+    rc, out, err = cli("submit", job, "--dry-run", "--mem", "32G", "--exclusive")
+    assert (rc, err) == (0, "")
+    assert directives(out)["mem"] == "32G" and directives(out)["signal"] == "B:USR1@600"
+    assert "#SBATCH --exclusive" in out and "#SBATCH --requeue" in out
+    body = out.splitlines()
+    setup = body.index("module load openmpi/4.1")
+    assert body[setup + 1] == "source ~/env.sh" and setup < next(i for i, t in enumerate(body) if "-m autocnnp run" in t)
+    rc, out, _ = cli("submit", job, "--dry-run", "--set", "cluster.signal_before_s=0")
+    assert rc == 0 and "signal" not in directives(out)
 
 
 def test_tasks_spread_over_nodes(cli, tmp_path):
@@ -81,6 +96,9 @@ def test_tasks_spread_over_nodes(cli, tmp_path):
     ("", ("--nodes", "0"), "--nodes", "nodes is 0, it must be at least 1"),
     ("", ("--partition", "a b"), "--partition", "partition 'a b' has characters Slurm names never have"),
     ("", ("--launcher", "srn"), "--launcher", "'srn' is not a valid launcher. Hint: did you mean 'srun'?"),
+    ("", ("--time", "0"), "--time", "time limit '0' is zero, which Slurm takes as no limit"),
+    (prop("time_limit", "00:00:00"), (), 'name="time_limit"', "is zero, which Slurm takes as no limit"),
+    ("", ("--mem", "lots"), "--mem", "mem 'lots' is not a Slurm memory size"),
 ])
 def test_impossible_resources_are_refused_before_slurm_is_asked(cli, tmp_path, monkeypatch, cluster, options,
                                                                  needle, problem):
@@ -240,11 +258,48 @@ def test_status_and_cancel_follow_a_long_job(slurm, tmp_path):
     st = autocnnp("status", job_id)
     assert st.stdout.startswith(f"Slurm job {job_id}: CANCELLED")
     assert autocnnp("cancel", job).stdout.startswith(f"Slurm job {job_id} is not queued or running (CANCELLED)")
-    # the ranks are gone with the job
-    deadline = time.monotonic() + 30
-    while str(job) in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout:
-        assert time.monotonic() < deadline, "ranks outlived the cancelled job"
-        time.sleep(0.5)
+    # cancel returned once the ranks were gone
+    assert str(job) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+
+
+@pytest.mark.slurm
+@pytest.mark.ranks
+def test_the_time_limit_warning_checkpoints_and_requeues(slurm, tmp_path):
+    job = tiny_job(tmp_path, epochs=500, cluster=prop("requeue", "true"))
+    variant = ("--set", "output=variant")  # status and cancel follow the variant that was submitted
+    sub = autocnnp("submit", job, *variant)
+    assert sub.returncode == 0, sub.stderr
+    job_id = re.search(r"submitted Slurm job (\d+)", sub.stdout).group(1)
+    assert f"follow: autocnnp status --set output=variant {job}" in sub.stdout
+    out = tmp_path / "variant"
+    try:
+        deadline = time.monotonic() + 120
+        while "progress: epoch" not in (st := autocnnp("status", job, *variant)).stdout:
+            assert time.monotonic() < deadline, st.stdout + st.stderr
+            time.sleep(1)
+        # what Slurm sends signal_before_s before the time limit (--signal=B:USR1@300), now
+        subprocess.run(["scancel", "--signal=USR1", "--batch", job_id], check=True)
+        exit_file = out / "slurm" / f"{job_id}.exit"
+        deadline = time.monotonic() + 60
+        while not exit_file.exists():
+            assert time.monotonic() < deadline, (out / f"slurm-{job_id}.out").read_text()
+            time.sleep(0.5)
+        assert exit_file.read_text().strip() == "75"
+        log = (out / f"slurm-{job_id}.out").read_text()
+        assert "autocnnp: stopped on request after epoch" in log and f"requeueing Slurm job {job_id}" in log
+        with open(out / "metrics.csv") as f:
+            done = len(list(csv.DictReader(f)))
+        latest = (out / "checkpoints" / "latest").read_text().strip()
+        assert latest == f"ckpt-epoch{done - 1:04d}.pt"  # the checkpoint of the last epoch trained
+        deadline = time.monotonic() + 30
+        while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", job_id], capture_output=True,
+                                                 text=True).stdout:
+            assert time.monotonic() < deadline, "the job was not requeued"
+            time.sleep(0.5)
+        cancel = autocnnp("cancel", job, *variant, timeout=90)
+        assert cancel.returncode == 0 and cancel.stdout.startswith(f"cancelled Slurm job {job_id}"), cancel.stderr
+    finally:
+        subprocess.run(["scancel", job_id])
 
 
 @pytest.mark.slurm

@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import csv
 import os
+import signal
+import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +106,25 @@ def test_an_image_that_is_not_there(swarm, cli, tmp_path):
     assert rc == 2 and "image 'autocnnp:no-such-tag' is not on this Docker engine" in err
     assert "docker build -f cluster/docker/Dockerfile" in err
     assert leftovers(swarm) == []
+
+
+@pytest.mark.docker
+def test_sigterm_removes_the_service_and_its_network(swarm, tmp_path):
+    job = write_job(tmp_path / "job.xml", output="out", arch=TINY_UNET, data=TINY_DATA,
+                    hyper=dict(minibatch_size=2, end_epoch=500, lr=0.05))
+    proc = subprocess.Popen([sys.executable, "-m", "autocnnp", "deploy", str(job), "--swarm", "--image", IMAGE],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while not (tmp_path / "out" / "metrics.csv").exists():
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
+            time.sleep(0.5)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(120) == 143
+        last = proc.stderr.read().strip().splitlines()[-1]
+        assert last.startswith("autocnnp: interrupted by SIGTERM: removed swarm service autocnnp-job-") and \
+            "Traceback" not in last
+        assert leftovers(swarm) == []
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)

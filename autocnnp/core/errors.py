@@ -8,18 +8,42 @@ command with :attr:`ExitCode.BAD_INPUT`.
 from __future__ import annotations
 
 import difflib
+import signal
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
 
 class ExitCode(IntEnum):
-    """What ``autocnnp run``, ``submit``, ``deploy`` and ``tune`` return."""
+    """What ``autocnnp run``, ``submit``, ``deploy`` and ``tune`` return (README: Exit codes)."""
 
     OK = 0
-    FAILED = 1  # a rank failed (or the launcher did)
+    FAILED = 1  # a rank failed, hung or was killed, or the launcher did
     BAD_INPUT = 2  # the job, its data or an option was refused; nothing ran
     DIVERGED = 3  # training stopped because the loss diverged (a result, not a crash)
+    STOPPED = 75  # stopped on request at an epoch's end with a checkpoint (Slurm's time-limit warning)
+    INTERRUPTED = 128  # + the signal's number: 130 SIGINT (Ctrl-C), 143 SIGTERM, 129 SIGHUP
+
+
+class Interrupted(Exception):
+    """The command was stopped by a signal; ``detail`` says what it stopped (one line, no traceback)."""
+
+    def __init__(self, signum: int, detail: str = ""):
+        self.signum, self.detail = signum, detail
+        super().__init__(str(self))
+
+    @property
+    def exit_code(self) -> int:
+        return ExitCode.INTERRUPTED + self.signum
+
+    def __str__(self) -> str:
+        return f"interrupted by {signal.Signals(self.signum).name}" + (f": {self.detail}" if self.detail else "")
+
+
+def shorten(path: Path | str, limit: int = 200) -> str:
+    """A path for a message: whole when reasonable, else its start and end around '...'."""
+    text = str(path)
+    return text if len(text) <= limit else f"{text[:limit // 2]}...{text[-limit // 2:]}"
 
 
 @dataclass(frozen=True)
@@ -31,7 +55,7 @@ class Location:
     column: int = 0
 
     def __str__(self) -> str:
-        return f"{self.file}:{self.line}:{self.column}"
+        return f"{shorten(self.file)}:{self.line}:{self.column}"
 
 
 @dataclass(frozen=True)
@@ -55,8 +79,8 @@ class JobError(Exception):
 
     def __init__(self, where: Location | Path | str, problem: str, hint: str = ""):
         self.where = where if isinstance(where, Location) else Location(Path(where))
-        self.problem = str(problem).rstrip(".")
-        self.hint = str(hint).rstrip(".")
+        self.problem = _sentence(problem)  # one paragraph: whatever a library's message held
+        self.hint = _sentence(hint)
         super().__init__(str(self))
 
     def __str__(self) -> str:

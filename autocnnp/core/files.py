@@ -8,18 +8,23 @@ hits, the target is either the old complete file or the new complete file.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
 import os
 import secrets
+import stat
 from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from .errors import JobError, Location, shorten
+
 TEMP_SUFFIX = ".tmp"
+INPUT_LIMIT = 1 << 20  # bytes of a job file, a hostfile or a user's Python file
 
 
 def temp_path(path: Path) -> Path:
@@ -102,6 +107,32 @@ def sha256_file(path: Path | str) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def read_input(path: Path, where: Location | Path, what: str, limit: int = INPUT_LIMIT,
+               hint: str = "check the path") -> bytes:
+    """The bytes of a file the user named (a job file, a hostfile, user code): a regular file of at most
+    ``limit`` bytes. Anything else is a JobError at ``where``: never a folder, FIFO or device (a read
+    could block or never end), nor a size trusted from ``stat``."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        reason = {errno.ELOOP: "its path loops through symbolic links",
+                  errno.ENAMETOOLONG: "its path is too long"}.get(exc.errno, exc.strerror or str(exc))
+        raise JobError(where, f"cannot read the {what} {shorten(path)} ({reason})", hint) from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a device or socket"
+            raise JobError(where, f"the {what} {shorten(path)} is {kind}, not a file", f"name the {what} itself")
+        with os.fdopen(os.dup(fd), "rb") as f:
+            data = f.read(limit + 1)
+    finally:
+        os.close(fd)
+    if len(data) > limit:
+        raise JobError(where, f"the {what} {shorten(path)} is over the {limit}-byte limit",
+                       f"a {what} is small text; keep data and models in the files it points at")
+    return data
 
 
 @contextmanager

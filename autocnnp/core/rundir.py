@@ -14,9 +14,11 @@
     OUTPUT/tune/                ``autocnnp tune``: its runs, table, plot and state
     OUTPUT/seed-S/              one run of ``autocnnp run --repeat K`` (a run folder itself)
     OUTPUT/repeats.csv          the summary of the repeats
+    OUTPUT/logs/rankN.log       what each rank printed
     OUTPUT/.ranks/rankN         rank status files (their mtime is the rank's heartbeat)
+    OUTPUT/.stop                a request to the ranks: stop at the end of the epoch with a checkpoint
     OUTPUT/.swarm/              rendezvous of a Docker swarm run
-    OUTPUT/.lock                held by the run that owns the folder
+    OUTPUT/.lock                held by the run that owns the folder (its holder inside)
 """
 
 from __future__ import annotations
@@ -104,6 +106,17 @@ class RunDir:
 
     def rank_status(self, rank: int) -> Path:
         return self.ranks / f"rank{rank}"
+
+    @property
+    def logs(self) -> Path:
+        return self.root / "logs"
+
+    def rank_log(self, rank: int) -> Path:
+        return self.logs / f"rank{rank}.log"
+
+    @property
+    def stop_request(self) -> Path:
+        return self.root / ".stop"
 
     @property
     def swarm(self) -> Path:

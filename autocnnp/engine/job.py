@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -63,6 +64,7 @@ class JobSpec:
     hyperparameters: list[Setting]
     monitoring: list[Setting]
     cluster: list[Setting]
+    text: str = ""  # the file as written, decoded as it declares
     seed: Setting | None = None
     output: Setting | None = None
     # KEY=VALUE overrides applied on top of the file (engine/overrides.py); passed on to the workers
@@ -101,8 +103,9 @@ def _named(path: Path, els, kind: str) -> list[Setting]:
 
 def read_job(file: Path | str) -> JobSpec:
     """Parse and schema-check a job file into a JobSpec (raises JobError)."""
-    path = Path(file).resolve()
-    root = read_xml(path)
+    path = Path(os.path.abspath(file))
+    root, text = read_xml(path)  # refuses what is no readable file: a symbolic-link loop, a path too long
+    path = path.resolve()
     task = root.find("task")
     base = path.parent
 
@@ -152,7 +155,7 @@ def read_job(file: Path | str) -> JobSpec:
                        _where(path, section("parallelism-degree"))),
         architecture=architecture,
         architecture_params=_named(path, arch.findall("param"), "<CNN_archi> param"),
-        data_format=Choice(data.get("format"), None, None, _where(path, data)),
+        text=text, data_format=Choice(data.get("format"), None, None, _where(path, data)),
         data_paths=data_paths,
         data_params=_named(path, data.findall("param"), "<data> param"),
         actions=actions, modules=modules,

@@ -37,6 +37,20 @@ def type_name(tp) -> str:
     return {int: "integer", float: "number", bool: "boolean", str: "text", Path: "path"}.get(tp, str(tp))
 
 
+def _path(text: str, where: Location, name: str, base_dir: Path, must_exist: bool) -> Path:
+    shown = text if len(text) < 200 else text[:200] + "..."
+    try:
+        p = Path(text).expanduser()
+        p = p if p.is_absolute() else (base_dir / p).resolve()
+        if must_exist and not p.exists():
+            raise JobError(where, f"{name} {p} does not exist",
+                           "fix the path (relative paths are read from the job file's folder)")
+    except (OSError, RuntimeError) as exc:  # a symbolic-link loop, a name too long
+        raise JobError(where, f"{name} {shown} cannot be used ({getattr(exc, 'strerror', None) or exc})",
+                       "fix the path") from None
+    return p
+
+
 def convert(text: str, tp, where: Location, name: str, base_dir: Path, meta=None):
     """Convert ``text`` to ``tp`` or raise a JobError at ``where``."""
     tp = _unwrap_optional(tp)
@@ -55,6 +69,8 @@ def convert(text: str, tp, where: Location, name: str, base_dir: Path, meta=None
             if t.lower() in _FALSE:
                 return False
             raise ValueError
+        if tp in (int, float) and (not t.isascii() or "_" in t):  # Python would read 1_0 and full-width digits
+            raise ValueError
         if tp is int:
             value = int(t)
         elif tp is float:
@@ -62,12 +78,7 @@ def convert(text: str, tp, where: Location, name: str, base_dir: Path, meta=None
             if value != value or value in (float("inf"), float("-inf")):
                 raise ValueError
         elif tp is Path:
-            p = Path(t).expanduser()
-            p = p if p.is_absolute() else (base_dir / p).resolve()
-            if meta.get("must_exist") and not p.exists():
-                raise JobError(where, f"{name} {p} does not exist",
-                               "fix the path (relative paths are read from the job file's folder)")
-            return p
+            return _path(t, where, name, base_dir, meta.get("must_exist"))
         else:
             return t
     except ValueError:

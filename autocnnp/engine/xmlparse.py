@@ -9,6 +9,7 @@ from pathlib import Path
 from lxml import etree
 
 from ..core.errors import JobError, Location
+from ..core.files import read_input
 
 MAX_JOB_BYTES = 1 << 20
 SCHEMA_FILE = Path(__file__).with_name("schema") / "job.xsd"
@@ -31,17 +32,11 @@ def schema() -> etree.XMLSchema:
     return etree.XMLSchema(etree.parse(str(SCHEMA_FILE), _parser()))
 
 
-def read_xml(path: Path) -> etree._Element:
-    """Parse ``path`` safely and check it against the job schema; raise JobError on any problem."""
-    try:
-        size = path.stat().st_size
-    except OSError as exc:
-        raise JobError(path, f"cannot read the job file ({exc.strerror})",
-                       "check the path; `autocnnp new JOB.xml` writes a starter job") from None
-    if size > MAX_JOB_BYTES:
-        raise JobError(path, f"the job file is {size} bytes, over the {MAX_JOB_BYTES}-byte limit",
-                       "a job file describes a run; keep data and code in the files it points at")
-    raw = path.read_bytes()
+def read_xml(path: Path) -> tuple[etree._Element, str]:
+    """Parse ``path`` safely and check it against the job schema; the root element and the file's text
+    (decoded as it declares: UTF-8, UTF-16 ...). Raise JobError on any problem."""
+    raw = read_input(path, path, "job file", MAX_JOB_BYTES,
+                     hint="check the path; `autocnnp new JOB.xml` writes a starter job")
     for marker in _FORBIDDEN:
         at = raw.upper().find(marker)
         if at >= 0:
@@ -65,7 +60,7 @@ def read_xml(path: Path) -> etree._Element:
     validator = schema()
     if not validator.validate(root):
         raise _schema_error(path, validator.error_log.filter_from_errors()[0]) from None
-    return root
+    return root, raw.decode(docinfo.encoding or "utf-8", "replace")
 
 
 _ELEMENT = re.compile(r"Element '([^']+)'")

@@ -15,6 +15,8 @@ from .protocols import DataFormat, LRPolicy, StrategyConfig
 from .registry import Entry
 from .tree import Action, Binding, Composite, Module
 
+MAX_RANKS = 1_000_000  # far above any machine; a typo such as 1000000000 is refused, not planned
+
 
 @dataclass
 class Generator:
@@ -72,7 +74,8 @@ def assemble(job: JobSpec | Path | str) -> Generator:
     """Parse (if given a path), resolve and check a job; raise JobError on the first problem."""
     spec = job if isinstance(job, JobSpec) else read_job(job)
     base = spec.base_dir
-    world_size = convert(spec.degree.text, int, spec.degree.where, "parallelism-degree", base, {"min": 1})
+    world_size = convert(spec.degree.text, int, spec.degree.where, "parallelism-degree", base,
+                         {"min": 1, "max": MAX_RANKS})
     seed = 0 if spec.seed is None else convert(spec.seed.text, int, spec.seed.where, "seed", base, {"min": 0})
     rundir = RunDir(Path(spec.output.text) if spec.output else base / "runs" / spec.file.stem)
     for name, where in spec.modules.items():

@@ -6,7 +6,8 @@ manifest next to the job file's text. Keys:
 
 =============================  ====================================================================
 ``seed``                       ``<seed>``
-``output``                     ``<output><path>`` (a relative path is read from the current folder)
+``output``                     ``<output><path>`` (relative paths, here and in ``data.``, are read from
+                               the job file's folder, as in the file)
 ``parallelism-degree``         ``<parallelism-degree>`` (also ``degree``)
 ``hyperparameters.NAME``       a ``<hyperparameters>`` property (likewise ``monitoring.``, ``cluster.``)
 ``data.NAME``                  a ``<data>`` param; ``data.train``/``valid``/``test`` are paths
@@ -25,6 +26,7 @@ from pathlib import Path
 
 from ..core.errors import JobError, Location, Source
 from ..engine.job import ActionSpec, Choice, JobSpec, Setting, read_job
+from ..engine.values import convert
 from .points import MODULE_BY_NAME, POINT_BY_NAME
 
 _SECTIONS = {"hyperparameters": "hyperparameters", "monitoring": "monitoring", "cluster": "cluster"}
@@ -72,7 +74,7 @@ def apply_overrides(spec: JobSpec, overrides: Mapping[str, str], labels: Mapping
         if not name and low == "seed":
             out.seed = Setting("seed", value, where)
         elif not name and low == "output":
-            out.output = Setting("output", str(Path(value).expanduser().resolve()), where)
+            out.output = Setting("output", _in_job_folder(spec, value, where), where)
         elif not name and low in ("parallelism-degree", "parallelism_degree", "degree"):
             out.degree = Setting("parallelism-degree", value, where)
         elif name and low in _SECTIONS:
@@ -80,7 +82,7 @@ def apply_overrides(spec: JobSpec, overrides: Mapping[str, str], labels: Mapping
             setattr(out, attr, _put(getattr(out, attr), Setting(name, value, where)))
         elif name and low == "data":
             if name in _DATA_PATHS:
-                out.data_paths[name] = Setting(name, str(Path(value).expanduser().resolve()), where)
+                out.data_paths[name] = Setting(name, _in_job_folder(spec, value, where), where)
             else:
                 out.data_params = _put(out.data_params, Setting(name, value, where))
         elif name and low in _ARCH:
@@ -93,6 +95,11 @@ def apply_overrides(spec: JobSpec, overrides: Mapping[str, str], labels: Mapping
                            "cluster.NAME, data.NAME, architecture.NAME, an action type (lr_policy=grescale) "
                            "or ACTION.NAME (lr_policy.warmup_epochs=6)")
     return out
+
+
+def _in_job_folder(spec: JobSpec, value: str, where: Location) -> str:
+    """A path given on the command line, read as in the job file: relative to the job file's folder."""
+    return str(convert(value, Path, where, "the path", spec.base_dir))
 
 
 def _put(settings: list[Setting], new: Setting) -> list[Setting]:

@@ -36,6 +36,10 @@ class StrategyConfig:
         """Model replicas whose gradients make one optimizer step (the k of the linear scaling rule)."""
         return world_size
 
+    def shards(self, world_size: int) -> int:
+        """Parts the training set is split into, one per training rank."""
+        return world_size
+
 
 class Strategy:
     """A distributed optimizer (``dist_strategy``).
@@ -277,7 +281,8 @@ class DataBundle:
 class DataFormat:
     """A data format (``<data format="...">``, the dataset_injection point).
 
-    Built as ``Format(config)``: nothing is read until a method asks. The trainer calls
+    Built as ``Format(config)``: nothing is read until a method asks. Run & manage calls
+    ``prepare(seed=, cache_dir=)`` once before starting the ranks; the trainer calls
     ``datasets(world=, seed=, cache_dir=)`` once per rank; ``autocnnp validate --data`` calls
     ``check()``; the manifest hashes ``files()``; ``lr-plot`` asks ``train_samples()``;
     ``autocnnp predict`` asks ``volumes()`` how to turn a volume into model inputs and back.
@@ -300,6 +305,11 @@ class DataFormat:
     def train_samples(self) -> int | None:
         """Training samples, when known without reading the data (else None)."""
         return None
+
+    def prepare(self, *, seed: int, cache_dir: Path) -> int | None:
+        """Check and prepare the data once, in the front-end, before any rank starts (bad data raises a
+        DataError); returns the training samples when known. The ranks reuse what it cached."""
+        return self.train_samples()
 
     def volumes(self):
         """How ``autocnnp predict`` turns this format's volumes into model inputs and back (a

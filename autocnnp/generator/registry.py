@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import JobError, Location, did_you_mean
+from ..core.files import read_input
 from .protocols import first_paragraph, summary
 
 COMPONENTS = Path(__file__).resolve().parent.parent / "components"
@@ -103,7 +104,7 @@ class Registry:
         """The built-in (or in-process registered) implementation called ``name``, if any."""
         if name in self.extra:
             return self.extra[name]
-        if not name.isidentifier():  # a name, never a path: nothing outside the components is read
+        if not name.isidentifier() or len(name) > 100:  # a name, never a path: nothing else is read
             return None
         own = COMPONENTS / self.folder / f"{name}.py"  # most files are named after their component
         where = (self._marks([own]) if own.is_file() else {}).get(name) or self._marks().get(name)
@@ -137,16 +138,19 @@ class Registry:
         symbol if the file defines it, else the file's only definition that fits the point (``fits``:
         another shape, for plug-ins). The file is parsed, not executed (it is imported when the
         generator is built)."""
-        if not path.is_file():
+        if not path.exists():
             raise JobError(where, f"the {self.point} file {path} does not exist",
                            "fix the <path> (relative paths are read from the job file's folder)")
         if path.suffix != ".py":
             raise JobError(where, f"{path} is not a Python file", f"point at a .py file defining {self.file_entry}")
+        source = read_input(path, where, f"{self.point} file")
         try:
-            tree = ast.parse(path.read_bytes(), filename=str(path))
-        except SyntaxError as exc:
-            raise JobError(Location(path, exc.lineno or 0, exc.offset or 0), f"syntax error in {self.point} "
-                           f"file: {exc.msg}", "fix the Python file named by the job") from None
+            tree = ast.parse(source, filename=str(path))  # bytes: the file's own coding declaration holds
+        except (SyntaxError, ValueError) as exc:  # ValueError: a NUL byte
+            raise JobError(Location(path, getattr(exc, "lineno", 0) or 0, getattr(exc, "offset", 0) or 0),
+                           f"syntax error in {self.point} file: {getattr(exc, 'msg', exc)}",
+                           "fix the Python file named by the job (its encoding is UTF-8 unless it declares "
+                           "another, as # coding: latin-1)") from None
         defined = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))}
         assigned = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
         fitting = [name for name, node in defined.items() if not name.startswith("_") and self._fits(node, fits)]

@@ -3,9 +3,10 @@
 ``add_commands(sub)`` adds them to the CLI's sub-parsers; nothing here imports torch.
 
 * ``autocnnp submit JOB.xml [--nodes N --tasks-per-node T --cpus-per-task C --gpus-per-task G
-  --time HH:MM:SS --partition P --account A --job-name NAME --launcher mpirun|srun --dry-run]``
-* ``autocnnp status JOB.xml|JOBID [--wait --timeout S]``
-* ``autocnnp cancel JOB.xml|JOBID``
+  --time HH:MM:SS --partition P --account A --mem M --exclusive --job-name NAME --launcher mpirun|srun
+  --set KEY=VALUE --dry-run]``
+* ``autocnnp status JOB.xml|JOBID [--set KEY=VALUE] [--wait --timeout S]``
+* ``autocnnp cancel JOB.xml|JOBID [--set KEY=VALUE]``
 * ``autocnnp deploy JOB.xml --to DIR [--with-package] [--dry-run]``
 * ``autocnnp deploy JOB.xml --swarm [--image IMAGE] [--to DIR]``
 """
@@ -20,6 +21,7 @@ from ..core.rundir import RunDir
 from . import slurm
 from .deploy import deploy
 from .job import load_job
+from .lock import is_held
 from .swarm import run_swarm
 
 # command-line option -> <cluster> property of `autocnnp submit`
@@ -30,6 +32,8 @@ SUBMIT_OPTIONS = (("nodes", int, "nodes to allocate"),
                   ("time_limit", str, "wall-clock limit (minutes, HH:MM:SS or D-HH:MM:SS)"),
                   ("partition", str, "Slurm partition (default: the cluster's default one)"),
                   ("account", str, "account to charge"),
+                  ("mem", str, "memory per node (e.g. 32G)"),
+                  ("exclusive", bool, "whole nodes for this job alone"),
                   ("job_name", str, "Slurm job name (default: autocnnp-<job file name>)"),
                   ("launcher", str, "how the batch script starts the ranks: mpirun (default) or srun"))
 
@@ -64,7 +68,7 @@ def _describe(job_id: str, rundir: RunDir | None, state) -> str:
 
 
 def cmd_status(args) -> int:
-    job_id, rundir = slurm.find_job(args.target)
+    job_id, rundir = slurm.find_job(args.target, args.set)
     state = slurm.wait(job_id, rundir, args.timeout, poll_s=2.0) if args.wait else slurm.job_state(job_id, rundir)
     print(_describe(job_id, rundir, state))
     if not args.wait:
@@ -76,12 +80,15 @@ def cmd_status(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    job_id, rundir = slurm.find_job(args.target)
+    job_id, rundir = slurm.find_job(args.target, args.set)
     before, after = slurm.cancel(job_id, rundir)
     if not before.active:
         print(f"Slurm job {job_id} is not queued or running ({before.state}); nothing to cancel")
         return 0
     print(f"cancelled Slurm job {job_id} (was {before.state}, now {after.state})")
+    if rundir is not None and is_held(rundir):
+        print(f"autocnnp: the job's run & manage still holds {rundir} (ranks still ending?)", file=sys.stderr)
+        return 1
     return 0 if not after.active else 1
 
 
@@ -89,9 +96,16 @@ def cmd_deploy(args) -> int:
     job_file = args.job
     if args.to or not args.swarm:
         job_file = deploy(args.job, args.to, with_package=args.with_package, dry_run=args.dry_run)
-    if not args.swarm or args.dry_run:
+    if not args.swarm:
         return 0
-    return run_swarm(load_job(job_file), args.image, timeout_s=args.timeout)
+    return run_swarm(load_job(args.job if args.dry_run else job_file), args.image, timeout_s=args.timeout,
+                     dry_run=args.dry_run)
+
+
+def _add_set(s) -> None:
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the job as `autocnnp run --set` does (repeatable); status and cancel take the "
+                        "overrides it was submitted with")
 
 
 def add_commands(sub) -> None:
@@ -102,20 +116,24 @@ def add_commands(sub) -> None:
     s.add_argument("job", help="the XML job file")
     for name, tp, doc in SUBMIT_OPTIONS:
         flag = "--time" if name == "time_limit" else "--" + name.replace("_", "-")
-        s.add_argument(flag, dest=name, type=tp, help=doc)
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override the job as `autocnnp run --set` does (repeatable)")
+        if tp is bool:
+            s.add_argument(flag, dest=name, action="store_const", const=True, help=doc)
+        else:
+            s.add_argument(flag, dest=name, type=tp, help=doc)
+    _add_set(s)
     s.add_argument("--dry-run", action="store_true", help="print the sbatch script; check and submit nothing")
     s.set_defaults(func=cmd_submit)
 
     s = sub.add_parser("status", help="state of the job's Slurm job (and its training progress)")
     s.add_argument("target", help="the XML job file that was submitted, or a Slurm job id")
+    _add_set(s)
     s.add_argument("--wait", action="store_true", help="wait until the job ends; exit 0 only if it COMPLETED")
     s.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits at most (then exit 124)")
     s.set_defaults(func=cmd_status)
 
-    s = sub.add_parser("cancel", help="cancel the job's Slurm job (scancel)")
+    s = sub.add_parser("cancel", help="cancel the job's Slurm job (scancel) and wait until its ranks are gone")
     s.add_argument("target", help="the XML job file that was submitted, or a Slurm job id")
+    _add_set(s)
     s.set_defaults(func=cmd_cancel)
 
     s = sub.add_parser("deploy", help="copy the job and its user files (and autocnnp) to a shared folder, "

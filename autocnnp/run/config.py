@@ -18,10 +18,16 @@ class LaunchConfig:
         "auto", help="auto: in place under a launcher's variables, else mpirun")
     hostfile: Path | None = setting(None, must_exist=True, help="Open MPI hostfile of the hosts to run on")
     mpirun_args: str = setting("", help="extra mpirun arguments")
-    oversubscribe: bool = setting(True, help="allow more ranks than cores (mpirun --oversubscribe)")
+    oversubscribe: bool = setting(False, help="allow more ranks than slots (cores, hostfile slots, Slurm tasks)")
     rank_timeout_s: float = setting(300.0, min=1.0, help="a rank silent this long ends the job")
     startup_timeout_s: float = setting(120.0, min=1.0, help="ranks that have not started after this end the job")
     launch_agent: str = setting("", help="how mpirun reaches other hosts (plm_rsh_agent; default ssh)")
+    stop_grace_s: float = setting(10.0, min=0.0, help="when stopping the job, seconds between SIGTERM and SIGKILL")
+    max_restarts: int = setting(0, min=0, help="restart a failed or hung job this many times from its latest "
+                                               "checkpoint")
+    restart_backoff_s: float = setting(5.0, min=0.0, help="seconds before the first restart, doubled for each next")
+    min_ranks: int | None = setting(None, min=1, help="at a (re)start, go on with the hostfile's reachable slots "
+                                                      "when they are fewer than parallelism-degree, down to this many")
 
 
 @dataclass
@@ -36,6 +42,13 @@ class SlurmConfig:
     partition: str = setting("", help="Slurm partition (default: the cluster's default one)")
     account: str = setting("", help="account to charge")
     job_name: str = setting("", help="Slurm job name (default: autocnnp-<job file name>)")
+    mem: str = setting("", help="memory per node (sbatch --mem, e.g. 32G; default: the partition's)")
+    exclusive: bool = setting(False, help="whole nodes for this job alone (sbatch --exclusive)")
+    setup: str = setting("", help="shell lines the batch script runs before training (e.g. module load openmpi); "
+                                  "separate lines with ';' or newlines")
+    signal_before_s: int = setting(300, min=0, help="Slurm warns this many seconds before the time limit; the job "
+                                                    "then stops at the end of an epoch with a checkpoint (0: no warning)")
+    requeue: bool = setting(False, help="a job stopped by the time-limit warning requeues itself and resumes")
     slurm_output: str = setting("slurm-%j.out", help="the batch log; a relative path is in the run's output folder")
     sbatch_args: str = setting("", help="extra #SBATCH directives")
 

@@ -5,8 +5,10 @@ training. ``autocnnp deploy JOB.xml --to DIR`` copies the job file and every fil
 architecture files, the hostfile: each ``<path>`` outside ``<data>`` and ``<output>``) into::
 
     DIR/objects/ab/abcdef...        one read-only copy per distinct content (sha256)
-    DIR/jobs/<job>/...              the job tree, hard links to the objects, relative layout kept
-    DIR/jobs/<job>/.deploy.json     its manifest: relative path -> sha256
+    DIR/jobs/<job>-<key>/...        the job tree, hard links to the objects, relative layout kept; the
+                                    key (from the job file's absolute path) keeps two jobs of the same
+                                    name apart
+    DIR/jobs/<job>-<key>/.deploy.json  its manifest: relative path -> sha256
     DIR/lib/autocnnp/...            with --with-package: the autocnnp package (manifest DIR/lib/.deploy.json)
 
 Deploying again is the update: files whose content is unchanged are neither copied nor relinked,
@@ -24,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import JobError
-from ..core.files import read_json, sha256_file, write_json
+from ..core.files import read_json, sha256_file, sha256_text, write_json
 from ..engine.xmlparse import read_xml
 from .job import Job, load_job
 
@@ -48,7 +50,7 @@ def _item(source: Path, rel: str) -> Item:
 def job_files(job: Job) -> tuple[list[Path], list[Path]]:
     """(files to deploy, those of them named by an absolute path): the job file and every file it names
     in a ``<path>`` outside ``<data>`` and ``<output>``, and the hostfile."""
-    root, base = read_xml(job.spec.file), job.spec.base_dir
+    (root, _), base = read_xml(job.spec.file), job.spec.base_dir
     files, absolute = [job.spec.file], []
     for el in root.iter("path"):
         if any(a.tag in ("data", "output") for a in el.iterancestors()):
@@ -83,6 +85,13 @@ def package_items() -> list[Item]:
                 path = Path(dirpath) / name
                 items.append(_item(path, f"autocnnp/{path.relative_to(top).as_posix()}"))
     return items
+
+
+def job_tree(store: Path, job_file: Path) -> Path:
+    """Where a job is deployed in ``store``: one folder per job file (by its absolute path), so that
+    /a/job.xml and /b/job.xml never replace each other's files."""
+    path = Path(job_file).resolve()
+    return store / "jobs" / f"{path.stem}-{sha256_text(str(path))[:8]}"
 
 
 def _object(store: Path, sha: str) -> Path:
@@ -191,7 +200,7 @@ def deploy(job_file: Path | str, to: Path | None, with_package: bool = False, dr
             raise JobError(job.spec.where, f"cannot write to deploy target {store}: {exc.strerror or exc}",
                            "pick a folder you can write to (on the filesystem every node mounts)") from None
     items, absolute = job_items(job)
-    tree = store / "jobs" / job.spec.file.stem
+    tree = job_tree(store, job.spec.file)
     print(f"{'dry run: ' if dry_run else ''}deploying {job.spec.file} to {tree}", file=out)
     counts = sync(items, store, tree, dry_run, out)
     print(_summary("job", counts, dry_run), file=out)

@@ -17,7 +17,8 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from ..core.errors import JobError
+from ..core.errors import JobError, Location
+from ..core.files import read_input
 from .config import LaunchConfig
 from .job import Job
 
@@ -26,10 +27,12 @@ SHARED_HINT = ("every host must see the job folder and the Python environment at
                "filesystem, or `autocnnp deploy JOB.xml --to /shared/dir --with-package` and run the deployed job")
 
 
-def parse_hostfile(path: Path) -> list[tuple[str, int, int]]:
-    """(host, slots, line) per line of an Open MPI hostfile (``host [slots=N] [max_slots=M]``, ``#`` comments)."""
+def parse_hostfile(path: Path, where: Location | None = None) -> list[tuple[str, int, int]]:
+    """(host, slots, line) per line of an Open MPI hostfile (``host [slots=N] [max_slots=M]``, ``#`` comments);
+    a file that cannot be read is a JobError at ``where`` (the job's hostfile property)."""
     hosts = []
-    for number, line in enumerate(Path(path).read_text().splitlines(), 1):
+    text = read_input(Path(path), where or Path(path), "hostfile").decode("utf-8", "replace")
+    for number, line in enumerate(text.splitlines(), 1):
         words = line.split("#")[0].split()
         if not words:
             continue
@@ -76,27 +79,40 @@ def _remote(agent: list[str], host: str, command: str) -> subprocess.CompletedPr
         return subprocess.CompletedProcess(agent, 124, "", f"no answer within {REACH_TIMEOUT_S:g} s")
 
 
-def check_hosts(job: Job) -> None:
-    """Raise a JobError unless every hostfile host resolves, answers through the launch agent and sees
-    the job file and this Python at the same paths."""
-    path, here, world_size = job.launch.hostfile, job.where("hostfile"), job.generator.world_size
-    hosts = parse_hostfile(path)
+def check_hosts(job: Job, keep_going: bool = False) -> list[tuple[str, int]]:
+    """The hostfile's ``(host, slots)`` that resolve, answer through the launch agent and see the job file
+    and this Python at the same paths. A host that does not is a JobError, or with ``keep_going`` is left
+    out and named on stderr."""
+    path, here = job.launch.hostfile, job.where("hostfile")
+    hosts = parse_hostfile(path, here)
     if not hosts:
         raise JobError(here, f"hostfile {path} lists no hosts", "write one host per line, e.g. `node1 slots=2`")
-    slots = sum(s for _, s, _ in hosts)
-    if slots < world_size and not job.launch.oversubscribe:
-        raise JobError(here, f"hostfile {path} offers {slots} slots for {world_size} ranks and oversubscribe is off",
-                       "add hosts or slots, lower parallelism-degree, or set oversubscribe to true")
-    local, remote = _local_addresses(), []
+    local, remote, problems = _local_addresses(), [], []
     for host, _, line in hosts:
         addrs = _resolve(host)
         if addrs is None:
-            raise JobError(here, f"host '{host}' (line {line} of {path}) does not resolve to an address",
-                           "fix the name, or add it to DNS or /etc/hosts on this machine")
-        if not addrs & local and host not in (socket.gethostname(), "localhost"):
+            problems.append((host, f"host '{host}' (line {line} of {path}) does not resolve to an address"))
+        elif not addrs & local and host not in (socket.gethostname(), "localhost"):
             remote.append(host)
-    if not remote:
-        return
+    if remote:
+        problems += _remote_problems(job, remote)
+    if problems and not keep_going:
+        host, text = problems[0]
+        more = f" ({len(problems) - 1} more host(s) fail too: {', '.join(h for h, _ in problems[1:])})" \
+            if len(problems) > 1 else ""
+        hint = (SHARED_HINT if "does not see" in text else "fix the name, or add it to DNS or /etc/hosts on this "
+                "machine" if "does not resolve" in text else
+                "mpirun starts remote ranks over passwordless ssh: set up keys (ssh-copy-id HOST; test with "
+                "ssh -o BatchMode=yes HOST true), or name another launch agent in <property name=\"launch_agent\">")
+        raise JobError(here, text + more, hint)
+    for _, text in problems:
+        print(f"autocnnp: note: {text}; left out", file=sys.stderr, flush=True)
+    gone = {h for h, _ in problems}
+    return [(host, slots) for host, slots, _ in hosts if host not in gone]
+
+
+def _remote_problems(job: Job, remote: list[str]) -> list[tuple[str, str]]:
+    """(host, problem) of the remote hosts the launch agent cannot reach or that lack the job's files."""
     agent = agent_command(job.launch)
     if shutil.which(agent[0]) is None:
         raise JobError(job.where("launch_agent"), f"the launch agent '{agent[0]}' that reaches other hosts is "
@@ -116,12 +132,4 @@ def check_hosts(job: Job) -> None:
         return None
 
     with ThreadPoolExecutor(max_workers=min(16, len(remote))) as pool:
-        problems = [p for p in pool.map(check, remote) if p]
-    if problems:
-        host, text = problems[0]
-        more = f" ({len(problems) - 1} more host(s) fail too: {', '.join(h for h, _ in problems[1:])})" \
-            if len(problems) > 1 else ""
-        hint = SHARED_HINT if "does not see" in text else (
-            "mpirun starts remote ranks over passwordless ssh: set up keys (ssh-copy-id HOST; test with "
-            "ssh -o BatchMode=yes HOST true), or name another launch agent in <property name=\"launch_agent\">")
-        raise JobError(here, text + more, hint)
+        return [p for p in pool.map(check, remote) if p]

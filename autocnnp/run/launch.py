@@ -6,16 +6,21 @@ otherwise ``mpirun -np <parallelism-degree>`` starts one worker per rank.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import sys
+import time
 
-from ..core.errors import JobError
-from ..core.world import launcher_name
+from ..core.errors import ExitCode, JobError
+from ..core.files import atomic_write
+from ..core.world import discover_world, launcher_name
+from ..generator.overrides import apply_overrides
+from . import lock, manifest, preflight
 from .config import LaunchConfig
-from .hosts import check_hosts
-from .job import Job
+from .hosts import check_hosts, parse_hostfile
+from .job import Job, load_job
 from .slurm import check_srun, srun_command
 from .supervise import supervise
 
@@ -31,7 +36,8 @@ def launch_mode(launch: LaunchConfig, env=os.environ) -> str:
 
 
 def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
-    """The command and environment that start every rank of the job."""
+    """The command and environment that start every rank of the job (``cpus_per_task`` cores and
+    threads per rank)."""
     spec, launch = job.spec, job.launch
     worker = [sys.executable, "-m", "autocnnp.run.worker", str(spec.file)]
     worker += [f"--set={k}={v}" for k, v in spec.overrides.items()]  # a job variant (generator/overrides.py)
@@ -40,9 +46,15 @@ def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
         return worker, child_env
     if mode == "srun":  # in a Slurm allocation: one task per rank, MPI wired up over PMIx
         return srun_command(job, worker, child_env)
-    cmd = ["mpirun", "-np", str(job.generator.world_size), "--bind-to", "none"]
-    if launch.oversubscribe:
-        cmd.append("--oversubscribe")
+    # run & manage counted the slots itself (preflight.check_slots): mpirun, which counts only physical
+    # cores, must not refuse what was checked
+    cmd = ["mpirun", "-np", str(job.generator.world_size), "--oversubscribe"]
+    threads = job.slurm.cpus_per_task
+    if threads > 1:  # each rank gets its own cores, and torch as many threads
+        cmd += ["--map-by", f"slot:PE={threads}", "--bind-to", "core:overload-allowed" if launch.oversubscribe else "core"]
+        child_env.setdefault("OMP_NUM_THREADS", str(threads))
+    else:
+        cmd += ["--bind-to", "none"]
     if launch.hostfile:
         cmd += ["--hostfile", str(launch.hostfile)]
     if launch.launch_agent:  # how mpirun reaches the other hosts (default: ssh)
@@ -57,19 +69,71 @@ def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
 
 
 def run(job: Job) -> int:
-    """Start the ranks and wait; returns the job's exit code."""
+    """Own the output folder, check everything, start the ranks and watch them; restart a failed job
+    from its latest checkpoint up to ``max_restarts`` times. Returns the job's exit code."""
     mode = launch_mode(job.launch)
-    if mode == "inplace":
-        from .worker import run_rank  # imports torch: only where this process trains
-
-        return run_rank(job)
     if mode == "srun":
         check_srun(job)
-    elif shutil.which("mpirun") is None:
+    elif mode == "mpirun" and shutil.which("mpirun") is None:
         raise JobError(job.spec.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
-    elif job.launch.hostfile:  # several hosts: every one must resolve and answer before anything starts
-        check_hosts(job)
-    cmd, env = build_command(job)
     rundir = job.generator.rundir
-    rundir.root.mkdir(parents=True, exist_ok=True)
-    return supervise(cmd, env, rundir, job.generator.world_size, job.launch)
+    if mode == "inplace":  # this process is a rank: rank 0 owns the folder for all of them
+        from .worker import run_rank  # imports torch: only where this process trains
+
+        if discover_world().rank != 0:
+            return run_rank(job)
+        with _owned(job):
+            return run_rank(job)
+    with _owned(job):
+        preflight.check_output(job)
+        attempt = 0
+        while True:
+            now = _available(job)
+            preflight.check_slots(now, os.environ)
+            preflight.check_data(now)
+            cmd, env = build_command(now)
+            code, problem = supervise(cmd, env, rundir, now.generator.world_size, now.launch)
+            restart = code == ExitCode.FAILED and attempt < job.launch.max_restarts
+            if code == ExitCode.FAILED:
+                manifest.record_failure(rundir, problem, restart=attempt + 1 if restart else None)
+            if not restart:
+                return code
+            attempt += 1
+            delay = job.launch.restart_backoff_s * 2 ** (attempt - 1)
+            print(f"autocnnp: restart {attempt} of {job.launch.max_restarts} in {delay:g} s from the latest "
+                  f"checkpoint (after: {problem})", file=sys.stderr, flush=True)
+            time.sleep(delay)
+
+
+@contextlib.contextmanager
+def _owned(job: Job):
+    with lock.owned(job.generator.rundir, job.spec.output.where if job.spec.output else job.spec.where) as note:
+        if note:
+            print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
+        yield
+
+
+def _available(job: Job) -> Job:
+    """The job as it can start now: with ``min_ranks``, the hosts that answer (a filtered hostfile in the
+    run folder) and as many ranks as their slots hold, down to ``min_ranks``; otherwise the job itself
+    once every host answers."""
+    launch = job.launch
+    if launch.hostfile is None:
+        return job
+    hosts = check_hosts(job, keep_going=launch.min_ranks is not None)
+    gone = len(parse_hostfile(launch.hostfile, job.where("hostfile"))) - len(hosts)
+    offered = sum(slots for _, slots in hosts)
+    if launch.min_ranks is None or (not gone and offered >= job.generator.world_size):
+        return job
+    if offered < launch.min_ranks:
+        raise JobError(job.where("min_ranks"), f"the hosts that answer offer {offered} slot(s), fewer than "
+                       f"min_ranks={launch.min_ranks}", "bring hosts back, or lower min_ranks")
+    world_size = min(job.generator.world_size, offered)
+    rundir = job.generator.rundir
+    hostfile = rundir.root / "hostfile.available"
+    atomic_write(hostfile, "".join(f"{host} slots={slots}\n" for host, slots in hosts))
+    print(f"autocnnp: going on with {world_size} rank(s) on {len(hosts)} host(s) that answer "
+          f"(parallelism-degree {job.generator.world_size}, min_ranks {launch.min_ranks})", file=sys.stderr, flush=True)
+    spec = apply_overrides(job.spec, {"parallelism-degree": str(world_size)}) if world_size != job.generator.world_size \
+        else job.spec
+    return load_job(spec).with_cluster({"hostfile": hostfile})

@@ -17,6 +17,7 @@ training ecosystem the thesis lists as sources of variability (Figure 5.1, secti
 ``hardware``     host, CPU model, cores, memory, GPUs, ranks
 ``repeats``      how many runs of this setting were made (``autocnnp run --repeat K``) and which
 ``invocations``  every start of the run (a resumed run adds one), with status and end time
+``restarts``     every automatic restart of a failed run (``max_restarts``): when, and after what
 ``final_metrics``  the last row of metrics.csv
 
 Nothing here needs the GPU or the network; every probe that fails is recorded as unknown.
@@ -42,7 +43,7 @@ from .. import __version__
 from ..core.files import jsonable, read_json, sha256_file, sha256_text, write_json
 from ..core.rundir import RunDir
 from ..engine.values import describe
-from ..training.monitor import Diverged
+from ..training.monitor import Diverged, StopRequested
 from .job import Job
 
 FORMAT = 1
@@ -74,12 +75,12 @@ def job_record(spec) -> dict:
     """The job file (path, text, sha256) and the ``--set`` overrides of the variant."""
     file = Path(spec.file)
     try:
-        text = file.read_text()
+        digest = sha256_file(file)
     except OSError:
-        text = None
+        digest = None
     overrides = dict(spec.overrides)
     sets = [part for k, v in overrides.items() for part in ("--set", f"{k}={v}")]
-    return {"file": str(file), "sha256": sha256_text(text) if text is not None else None, "text": text,
+    return {"file": str(file), "sha256": digest, "text": spec.text,
             "overrides": overrides, "reproduce": shlex.join(["autocnnp", "run", *sets, str(file)])}
 
 
@@ -294,7 +295,7 @@ def start(job: Job) -> dict:
                 "determinism": {"enabled": gen.hyperparameters.deterministic},
                 "dataset": dataset_record(job), "software": software(), "hardware": hardware(gen.world_size),
                 "repeats": old.get("repeats", {"count": 1}),
-                "invocations": [*old.get("invocations", []), invocation],
+                "invocations": [*old.get("invocations", []), invocation], "restarts": old.get("restarts", []),
                 "final_metrics": old.get("final_metrics", {})}
     write_json(gen.rundir.manifest, manifest)
     return manifest
@@ -323,6 +324,21 @@ def record_run(job: Job, run) -> None:
     write_json(rundir.manifest, manifest)
 
 
+def record_failure(rundir: RunDir, reason: str, restart: int | None = None) -> None:
+    """run & manage, once every rank of a failed run is gone: the run failed, and why (rank 0 may have
+    recorded itself as a victim); ``restart``: the attempt about to start."""
+    manifest = read(rundir)
+    if manifest is None:  # rank 0 never got as far as the manifest
+        return
+    manifest["status"] = "failed"
+    last = manifest.setdefault("invocations", [{}])[-1]
+    last.update(status="failed", message=reason, finished=last.get("finished", now()))
+    if restart is not None:
+        manifest.setdefault("restarts", []).append({"attempt": restart, "at": now(), "after": reason})
+    manifest["updated"] = now()
+    write_json(rundir.manifest, manifest)
+
+
 def finish(rundir: RunDir, status: str, message: str = "") -> None:
     """Rank 0, when the run ends: status, end time, final metrics."""
     manifest = read(rundir) or {}
@@ -345,7 +361,7 @@ def recording(job: Job, rank: int):
     try:
         yield
     except BaseException as exc:
-        status = ("diverged" if isinstance(exc, Diverged) else
+        status = ("diverged" if isinstance(exc, Diverged) else "stopped" if isinstance(exc, StopRequested) else
                   "terminated" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "failed")
         with contextlib.suppress(Exception):
             finish(rundir, status, f"{type(exc).__name__}: {exc}")

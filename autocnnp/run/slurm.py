@@ -23,10 +23,11 @@ from importlib import resources as importlib_resources
 from pathlib import Path
 from string import Template
 
-from ..core.errors import JobError, Source, did_you_mean
+from ..core.errors import ExitCode, JobError, Source, did_you_mean
 from ..core.files import read_json, write_json
 from ..core.rundir import RunDir
 from .job import Job, load_job
+from .lock import is_held
 
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "STAGE_OUT",
           "SIGNALING", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "STOPPED")
@@ -73,6 +74,12 @@ def resources(job: Job) -> Resources:
     if not TIME_LIMIT.match(c.time_limit.strip()):
         raise JobError(where("time_limit"), f"'{c.time_limit}' is not a Slurm time limit",
                        "write minutes, HH:MM:SS or D-HH:MM:SS, for example 02:00:00")
+    if re.fullmatch(r"[0:-]+", c.time_limit.strip()):
+        raise JobError(where("time_limit"), f"time limit '{c.time_limit}' is zero, which Slurm takes as no limit",
+                       "write the wall-clock time the job needs (e.g. 02:00:00), or 'unlimited' if that is meant")
+    if c.mem and not re.fullmatch(r"\d+[KMGT]?", c.mem.strip(), re.I):
+        raise JobError(where("mem"), f"mem '{c.mem}' is not a Slurm memory size",
+                       "write a number with an optional unit K, M, G or T, e.g. 32G (0: all of a node's memory)")
     for name in ("partition", "account", "job_name"):
         value = getattr(c, name)
         if value and not re.fullmatch(r"[\w.+-]+", value):
@@ -97,7 +104,13 @@ def render(job: Job, res: Resources) -> str:
         directives.append(f"--partition={res.partition}")
     if res.account:
         directives.append(f"--account={res.account}")
-    directives += shlex.split(job.slurm.sbatch_args)
+    c = job.slurm
+    directives += [f"--mem={c.mem.strip()}"] if c.mem else []
+    directives += ["--exclusive"] if c.exclusive else []
+    # the warning goes to the batch shell (B:), which passes it to run & manage: stop with a checkpoint
+    directives += [f"--signal=B:USR1@{c.signal_before_s}"] if c.signal_before_s else []
+    directives += ["--requeue", "--open-mode=append"] if c.requeue else []  # one log for every start
+    directives += shlex.split(c.sbatch_args)
     rundir = job.generator.rundir
     text = importlib_resources.files("autocnnp.templates").joinpath("sbatch.sh").read_text()
     return Template(text).substitute(
@@ -105,6 +118,8 @@ def render(job: Job, res: Resources) -> str:
         sets="".join(f" {q(f'--set={k}={v}')}" for k, v in job.spec.overrides.items()), ntasks=res.ntasks,
         nodes=res.nodes, launcher=res.launcher, python=q(sys.executable), output=q(str(rundir)),
         exit_dir=q(str(rundir.slurm)), workdir=q(str(job.spec.base_dir)),
+        setup="\n".join(line.strip() for line in re.split(r"[;\n]", c.setup) if line.strip()) or "# (no setup lines)",
+        requeue="true" if c.requeue else "false", stopped=int(ExitCode.STOPPED),
         directives="\n".join(f"#SBATCH {d}" for d in directives))
 
 
@@ -216,6 +231,7 @@ def submit(job: Job, dry_run: bool = False, out=None) -> str | None:
         raise JobError(job.spec.where, f"sbatch refused the job: {_first_error(proc)}", "nothing was submitted; "
                        "fix the cause and submit again")
     job_id = proc.stdout.strip().split(";")[0]
+    sets = "".join(f" --set {shlex.quote(f'{k}={v}')}" for k, v in job.spec.overrides.items())
     record = {"job_id": job_id, "job_file": str(job.spec.file), "script": str(path), "partition": partition,
               "log": str(res.output).replace("%j", job_id), "output": str(rundir), "ntasks": res.ntasks,
               "nodes": res.nodes, "launcher": res.launcher,
@@ -227,7 +243,7 @@ def submit(job: Job, dry_run: bool = False, out=None) -> str | None:
         raise JobError(job.spec.where, f"could not record Slurm job {job_id} in {folder}: {exc}; it was cancelled",
                        "make the output folder writable and submit again") from None
     print(f"submitted Slurm job {job_id} ({res.ntasks} ranks on {res.nodes} node(s), partition {partition}, "
-          f"launcher {res.launcher})\n  log: {record['log']}\n  follow: autocnnp status {job.spec.file}", file=out)
+          f"launcher {res.launcher})\n  log: {record['log']}\n  follow: autocnnp status{sets} {job.spec.file}", file=out)
     return job_id
 
 
@@ -277,6 +293,8 @@ def srun_command(job: Job, worker: list[str], env: dict[str, str]) -> tuple[list
         cmd += [f"--nodes={c.nodes}", f"--time={c.time_limit}"]
         cmd += [f"--partition={c.partition}"] if c.partition else []
         cmd += [f"--account={c.account}"] if c.account else []
+    if c.cpus_per_task > 1:
+        env.setdefault("OMP_NUM_THREADS", str(c.cpus_per_task))
     env.setdefault("SLURM_MPI_TYPE", "pmix")  # Debian/Ubuntu Open MPI is built with PMIx, not Slurm's PMI-2
     return cmd + worker, env
 
@@ -287,11 +305,12 @@ def check_srun(job: Job) -> None:
                        "run inside a Slurm allocation (autocnnp submit JOB.xml) or use launcher mpirun")
 
 
-def find_job(target: str) -> tuple[str, RunDir | None]:
-    """(job id, run folder) from a job file (its recorded submission) or a bare Slurm job id."""
+def find_job(target: str, sets: list[str] | None = None) -> tuple[str, RunDir | None]:
+    """(job id, run folder) from a job file (its recorded submission; ``sets``: the ``--set`` overrides it
+    was submitted with) or a bare Slurm job id."""
     if re.fullmatch(r"\d+", target):
         return target, None
-    job = load_job(target)
+    job = load_job(target, sets)
     rundir = job.generator.rundir
     record = read_json(rundir.slurm_record)
     if record is None:
@@ -326,7 +345,8 @@ def wait(job_id: str, rundir: RunDir | None, timeout_s: float, poll_s: float = 1
 
 
 def cancel(job_id: str, rundir: RunDir | None, wait_s: float = 60) -> tuple[JobState, JobState]:
-    """scancel the job if it is still queued or running; returns (state before, state after)."""
+    """scancel the job if it is still queued or running and wait until it has left the queue and its
+    run & manage has released the output folder (its ranks are gone); returns (state before, after)."""
     before = job_state(job_id, rundir)
     if not before.active:
         return before, before
@@ -334,4 +354,8 @@ def cancel(job_id: str, rundir: RunDir | None, wait_s: float = 60) -> tuple[JobS
     if proc.returncode != 0:
         raise JobError(Source(Path(job_id), text=f"Slurm job {job_id}"), f"scancel failed: {_first_error(proc)}",
                        "check the job with squeue and that you own it")
-    return before, wait(job_id, rundir, wait_s)
+    deadline = time.monotonic() + wait_s
+    after = wait(job_id, rundir, wait_s)
+    while rundir is not None and is_held(rundir) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return before, after

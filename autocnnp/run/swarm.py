@@ -7,8 +7,11 @@ its address and a free port in a rendezvous folder inside the job's output folde
 it and all join torch.distributed through MASTER_ADDR/MASTER_PORT (no MPI between replicas). The
 job's folder and output folder are bind-mounted at the same paths, so on a swarm of several nodes
 they must be on a filesystem every node mounts (or deployed there first: add ``--to DIR``). The
-command waits for every task to end, prints the ranks' logs, removes the service and the network,
-and exits like ``autocnnp run``: 0 when every rank completed, 1 when one failed (named).
+command waits for every task to end, prints the ranks' logs, removes the service and the network
+(also when it is stopped by a signal), and exits like ``autocnnp run``: 0 when every rank completed,
+1 when one failed (named), 128+N when signal N stopped it. Only ``communication_init``
+torch_distributed can run in a swarm (MPI cannot start inside replicas); ``--dry-run`` prints the
+service.
 """
 
 from __future__ import annotations
@@ -20,8 +23,9 @@ import time
 import uuid
 from pathlib import Path
 
-from ..core.errors import JobError
+from ..core.errors import Interrupted, JobError
 from ..core.files import atomic_write
+from . import lock, preflight
 from .job import Job
 from .supervise import diagnose, read_statuses
 
@@ -48,64 +52,109 @@ def _client(job: Job):
     return client
 
 
-def _mounts(job: Job) -> list:
-    """Bind mounts that show the job's folder and output folder at their own paths."""
-    from docker.types import Mount
-
+def _mounts(job: Job) -> list[str]:
+    """The folders to bind-mount at their own paths: the job's folder and output folder."""
     folders: list[Path] = []
     for folder in (job.spec.base_dir, job.generator.rundir.root):
         folder = folder.resolve()
         if not any(folder == f or f in folder.parents for f in folders):
             folders = [f for f in folders if folder not in f.parents] + [folder]
-    return [Mount(target=str(f), source=str(f), type="bind") for f in folders]
+    return [str(f) for f in folders]
 
 
-def run_swarm(job: Job, image: str, timeout_s: float = 3600.0, out=None) -> int:
-    """Run the job as a swarm service and wait for it; returns the job's exit code."""
+def check_swarm(job: Job) -> None:
+    """Swarm replicas join through torch.distributed's MASTER_ADDR, never MPI: refuse any other
+    communication_init before Docker is asked for anything."""
+    comm = job.generator.action("communication_init")
+    if comm.entry.name != "torch_distributed":
+        strategy = job.generator.action("dist_strategy").entry.name
+        raise JobError(comm.where or job.spec.where, f"deploy --swarm starts the ranks as replicas without MPI, but "
+                       f"communication_init '{comm.entry.name}' (dist_strategy '{strategy}') joins them through MPI",
+                       "run this job with `autocnnp run` or `autocnnp submit`, or use communication_init "
+                       "torch_distributed (dist_strategy ring_allreduce or fedavg) for a swarm")
+
+
+def service_spec(job: Job, image: str, run_id: str) -> dict:
+    """The swarm service of the job (``docker service create`` arguments, Docker SDK spelling)."""
     gen = job.generator
-    out = out or sys.stdout
-    client = _client(job)
-    import docker
-    from docker.types import EndpointSpec, RestartPolicy, ServiceMode
+    rendezvous = gen.rundir.swarm.resolve() / run_id
+    return dict(
+        image=image, command=["python3", "-m", "autocnnp.run.swarm", str(gen.job.file)],
+        name=f"autocnnp-{gen.job.file.stem.lower()}-{run_id}"[:63],
+        env=["AUTOCNNP_SLOT={{.Task.Slot}}", f"WORLD_SIZE={gen.world_size}", f"AUTOCNNP_RENDEZVOUS={rendezvous}",
+             f"AUTOCNNP_STARTUP_TIMEOUT_S={job.launch.startup_timeout_s:g}", "OMP_NUM_THREADS=1"],
+        hostname="{{.Service.Name}}-{{.Task.Slot}}", workdir=str(gen.job.base_dir), replicas=gen.world_size,
+        mounts=_mounts(job), stop_grace_period_s=job.launch.stop_grace_s,
+        labels={"autocnnp.job": str(gen.job.file), "autocnnp.run": run_id})
 
-    try:
-        client.images.get(image)
-    except docker.errors.ImageNotFound:
-        raise JobError(job.spec.where, f"image '{image}' is not on this Docker engine",
-                       f"build it: docker build -f cluster/docker/Dockerfile -t {image} . (where no base image can "
-                       "be pulled, first cluster/docker/base-from-host.sh; see the Dockerfile)") from None
-    run_id = uuid.uuid4().hex[:8]
-    name = f"autocnnp-{gen.job.file.stem.lower()}-{run_id}"[:63]
+
+def print_spec(spec: dict, out) -> None:
+    """``deploy --swarm --dry-run``: what would be created, one setting per line."""
+    print(f"dry run: swarm service {spec['name']} (nothing is created)", file=out)
+    for key, value in spec.items():
+        if key != "name":
+            text = ", ".join(map(str, value)) if isinstance(value, list) else value
+            print(f"  {key}: {text}", file=out)
+
+
+def run_swarm(job: Job, image: str, timeout_s: float = 3600.0, dry_run: bool = False, out=None) -> int:
+    """Run the job as a swarm service and wait for it; returns the job's exit code. The service and its
+    network are removed however the command ends (a signal included)."""
+    out = out or sys.stdout
+    check_swarm(job)
+    spec = service_spec(job, image, uuid.uuid4().hex[:8])
+    if dry_run:
+        print_spec(spec, out)
+        return 0
+    gen = job.generator
     rundir = gen.rundir
-    rendezvous = rundir.swarm.resolve() / run_id
-    rendezvous.mkdir(parents=True, exist_ok=True)
-    for stale in rundir.ranks.glob("rank*"):
-        stale.unlink(missing_ok=True)
-    network = client.networks.create(name, driver="overlay", attachable=True, labels={"autocnnp.run": run_id})
-    service = None
-    try:
-        service = client.services.create(
-            image, command=["python3", "-m", "autocnnp.run.swarm", str(gen.job.file)], name=name,
-            env=["AUTOCNNP_SLOT={{.Task.Slot}}", f"WORLD_SIZE={gen.world_size}", f"AUTOCNNP_RENDEZVOUS={rendezvous}",
-                 f"AUTOCNNP_STARTUP_TIMEOUT_S={job.launch.startup_timeout_s:g}", "OMP_NUM_THREADS=1"],
-            hostname="{{.Service.Name}}-{{.Task.Slot}}", workdir=str(gen.job.base_dir),
-            mode=ServiceMode("replicated", replicas=gen.world_size), restart_policy=RestartPolicy(condition="none"),
-            networks=[network.id], mounts=_mounts(job), endpoint_spec=EndpointSpec(mode="dnsrr"),
-            stop_grace_period=5 * 10**9,  # ns: a rank stuck in a collective ignores SIGTERM until killed
-            labels={"autocnnp.job": str(gen.job.file), "autocnnp.run": run_id})
-        print(f"swarm service {name}: {gen.world_size} replicas of {image}, ranks from the task slot", file=out, flush=True)
-        code, problem = _wait(service, job, timeout_s)
-        logs = b"".join(service.logs(stdout=True, stderr=True, timestamps=False)).decode(errors="replace")
-        out.write(logs if logs.endswith("\n") or not logs else logs + "\n")
-        if code != 0:
-            why = problem or diagnose(read_statuses(rundir), gen.world_size)
-            print(f"autocnnp: the job failed: {why}", file=sys.stderr, flush=True)
-        return code
-    finally:
-        _remove(client, service, network, run_id)
-        for f in rendezvous.glob("*"):
-            f.unlink(missing_ok=True)
-        rendezvous.rmdir()
+    with lock.owned(rundir, job.spec.output.where if job.spec.output else job.spec.where):
+        preflight.check_output(job)
+        preflight.check_data(job)
+        client = _client(job)
+        import docker
+        from docker.types import EndpointSpec, Mount, RestartPolicy, ServiceMode
+
+        try:
+            client.images.get(image)
+        except docker.errors.ImageNotFound:
+            raise JobError(job.spec.where, f"image '{image}' is not on this Docker engine",
+                           f"build it: docker build -f cluster/docker/Dockerfile -t {image} . (where no base image "
+                           "can be pulled, first cluster/docker/base-from-host.sh; see the Dockerfile)") from None
+        run_id = spec["labels"]["autocnnp.run"]
+        rendezvous = rundir.swarm.resolve() / run_id
+        rendezvous.mkdir(parents=True, exist_ok=True)
+        for stale in rundir.ranks.glob("rank*"):
+            stale.unlink(missing_ok=True)
+        network = client.networks.create(spec["name"], driver="overlay", attachable=True,
+                                         labels={"autocnnp.run": run_id})
+        service = None
+        try:
+            service = client.services.create(
+                image, command=spec["command"], name=spec["name"], env=spec["env"], hostname=spec["hostname"],
+                workdir=spec["workdir"], mode=ServiceMode("replicated", replicas=spec["replicas"]),
+                restart_policy=RestartPolicy(condition="none"), networks=[network.id],
+                mounts=[Mount(target=m, source=m, type="bind") for m in spec["mounts"]],
+                endpoint_spec=EndpointSpec(mode="dnsrr"), labels=spec["labels"],
+                stop_grace_period=int(spec["stop_grace_period_s"] * 10**9))  # then SIGKILL
+            print(f"swarm service {spec['name']}: {gen.world_size} replicas of {image}, ranks from the task slot",
+                  file=out, flush=True)
+            code, problem = _wait(service, job, timeout_s)
+            logs = b"".join(service.logs(stdout=True, stderr=True, timestamps=False)).decode(errors="replace")
+            out.write(logs if logs.endswith("\n") or not logs else logs + "\n")
+            if code != 0:
+                why = problem or diagnose(read_statuses(rundir), gen.world_size)
+                print(f"autocnnp: the job failed: {why}", file=sys.stderr, flush=True)
+            return code
+        except Interrupted as exc:
+            exc.detail = (f"removed swarm service {spec['name']} and its {gen.world_size} replicas; the same command "
+                          "resumes from the latest checkpoint")
+            raise
+        finally:
+            _remove(client, service, network, run_id)
+            for f in rendezvous.glob("*"):
+                f.unlink(missing_ok=True)
+            rendezvous.rmdir()
 
 
 def _remove(client, service, network, run_id: str, timeout_s: float = 90.0) -> None:
@@ -150,7 +199,8 @@ def _wait(service, job: Job, timeout_s: float) -> tuple[int, str]:
                 f"rank {slot - 1} (task slot {slot}) {status['State']}: {why}" + (f" (exit code {code})" if code else "")
         if len(states) == job.generator.world_size and all(s == "complete" for s in states.values()):
             return 0, ""
-        running = {r: age for r, (s, _, age) in read_statuses(job.generator.rundir).items() if s == "running"}
+        running = {r: info["age"] for r, info in read_statuses(job.generator.rundir).items()
+                   if info["state"] == "running"}
         if running and max(running.values()) > job.launch.rank_timeout_s:
             rank = max(running, key=running.get)
             return 1, f"rank {rank} stopped responding (rank_timeout_s={job.launch.rank_timeout_s:g})"

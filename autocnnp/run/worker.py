@@ -2,16 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import signal
+import subprocess
 import sys
 import traceback
 
 from ..core.errors import DataError, ExitCode, JobError
+from ..core.rundir import RunDir
 from ..core.world import discover_world
-from ..training.monitor import Diverged
+from ..training.monitor import Diverged, StopRequested
 from ..training.trainer import build, fit
 from . import manifest
 from .job import Job, load_job
+from .processes import die_with_parent
 from .supervise import RankStatus
 
 
@@ -28,24 +32,50 @@ def _abort(code: int) -> None:
     sys.exit(code)
 
 
+def tee_output(rundir: RunDir, rank: int) -> None:
+    """Copy everything this rank writes to stdout and stderr (Python's and C libraries') into
+    ``logs/rankN.log`` as well, through one ``tee`` per stream that ends when the rank does."""
+    path = rundir.rank_log(rank)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+        fd = stream.fileno()
+        target = os.dup(fd)
+        tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=target, preexec_fn=_drain)
+        os.close(target)
+        os.dup2(tee.stdin.fileno(), fd)
+        tee.stdin.close()
+
+
+def _drain() -> None:
+    """In a ``tee``: outlive the signals that stop the rank, to write its last words; end at their end."""
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+
+
 def train(job: Job, beat=lambda: None) -> dict[str, float]:
-    """Build the generator's run on this rank, record it in the manifest (rank 0), train it."""
+    """Build the generator's run on this rank, record it in the manifest (rank 0), train it; stop at an
+    epoch's end with a checkpoint when run & manage asks (``OUTPUT/.stop``)."""
     run = build(job.generator, job.monitoring, beat=beat, timeout_s=job.launch.rank_timeout_s + 30)
     manifest.record_run(job, run)
-    return fit(run, job.monitoring, beat)
+    stop_request = job.generator.rundir.stop_request
+    return fit(run, job.monitoring, beat, should_stop=stop_request.exists)
 
 
 def run_rank(job: Job) -> int:
     """Train on this rank; on error print one line naming the rank and abort the job."""
     rank = discover_world().rank
-    status = RankStatus(job.generator.rundir, rank)
+    rundir = job.generator.rundir
+    tee_output(rundir, rank)
+    status = RankStatus(rundir, rank)
     status.set("started")
 
     def terminated(signum, frame):
-        status.set("terminated", f"signal {signum} from the launcher")
-        sys.exit(128 + signum)
+        status.set("terminated", f"stopped by {signal.Signals(signum).name}")
+        sys.exit(ExitCode.INTERRUPTED + signum)
 
-    signal.signal(signal.SIGTERM, terminated)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, terminated)
     try:
         with manifest.recording(job, rank):  # manifest.json on rank 0: the run's reproducibility record
             train(job, beat=status.beat)
@@ -57,6 +87,11 @@ def run_rank(job: Job) -> int:
         status.set("failed", f"training diverged: {exc}")
         print(f"autocnnp: rank {rank}: training diverged: {exc}", file=sys.stderr, flush=True)
         _abort(ExitCode.DIVERGED)
+    except StopRequested as exc:  # every rank stops at the same epoch: no abort needed
+        status.set("stopped", str(exc))
+        if rank == 0:
+            print(f"autocnnp: {exc}; the same command resumes from it", file=sys.stderr, flush=True)
+        return ExitCode.STOPPED
     except Exception as exc:  # any failure on one rank must end all of them
         traceback.print_exc()
         status.set("failed", f"{type(exc).__name__}: {exc}")
@@ -67,13 +102,18 @@ def run_rank(job: Job) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """A rank started by run & manage: it ends when its launcher does, whatever the way."""
+    die_with_parent()
     argv = sys.argv[1:] if argv is None else argv
     try:  # JOB [--set=KEY=VALUE ...]: a job variant (generator/overrides.py)
         job = load_job(argv[0], [a.removeprefix("--set=") for a in argv[1:] if a.startswith("--set=")])
     except JobError as exc:
         print(f"autocnnp: {exc}", file=sys.stderr)
         return exc.exit_code
-    return run_rank(job)
+    code = run_rank(job)
+    # a stop on request is no failure for the launcher (mpirun would print its abort banner); the rank
+    # status files tell run & manage that the job stopped
+    return ExitCode.OK if code == ExitCode.STOPPED else code
 
 
 if __name__ == "__main__":

@@ -2,13 +2,28 @@
 # Slurm batch script for the autocnnp job ${job}
 # rendered by `autocnnp submit` from templates/sbatch.sh (a Python string.Template). Inside the
 # allocation run & manage starts the ${ntasks} ranks with ${launcher} and watches them; outputs go
-# to ${output}.
+# to ${output}. Slurm's warning before the time limit (SIGUSR1) makes the ranks stop at the end of
+# an epoch with a checkpoint (exit ${stopped}); with requeue the job then queues itself again and resumes.
 ${directives}
 
 set -u
+# setup lines (<property name="setup">)
+${setup}
 echo "autocnnp: Slurm job $$SLURM_JOB_ID on $$SLURM_JOB_NODELIST: ${ntasks} ranks on ${nodes} node(s), launcher ${launcher}"
-${python} -m autocnnp run --launcher ${launcher}${sets} ${job}
-status=$$?
+${python} -m autocnnp run --launcher ${launcher}${sets} ${job} &
+pid=$$!
+# pass the time-limit warning and the signals that stop the job on to run & manage, which stops its ranks
+trap 'kill -USR1 "$$pid" 2>/dev/null' USR1
+trap 'kill -TERM "$$pid" 2>/dev/null' TERM INT HUP
+status=0
+while kill -0 "$$pid" 2>/dev/null; do
+  wait "$$pid"
+  status=$$?
+done
 # the exit code outlives the controller's memory of the job (clusters without accounting)
 mkdir -p ${exit_dir} && echo "$$status" > ${exit_dir}/"$$SLURM_JOB_ID".exit
+if [ "$$status" = ${stopped} ] && ${requeue}; then
+  echo "autocnnp: stopped with a checkpoint before the time limit; requeueing Slurm job $$SLURM_JOB_ID to resume"
+  scontrol requeue "$$SLURM_JOB_ID"
+fi
 exit "$$status"

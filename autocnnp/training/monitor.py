@@ -49,6 +49,10 @@ class Diverged(RuntimeError):
         self.epoch, self.step, self.loss = epoch, step, loss
 
 
+class StopRequested(Exception):
+    """Training stopped on request at the end of an epoch, with a checkpoint (Slurm's time-limit warning)."""
+
+
 class DivergenceGuard:
     """Raises :class:`Diverged` on a NaN/inf loss or one above ``factor`` x the first finite loss.
 

@@ -17,7 +17,7 @@ from ..core.world import World
 from ..generator.assemble import Generator
 from ..generator.protocols import Checkpointer, DataBundle, LRPolicy, Strategy
 from . import determinism
-from .monitor import DivergenceGuard, Monitor, MonitoringConfig
+from .monitor import DivergenceGuard, Monitor, MonitoringConfig, StopRequested
 
 
 @dataclass
@@ -81,8 +81,11 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     world = gen.action("communication_init").build(timeout_s=timeout_s)
     device = gen.action("device_placement").build(world=world)
     device = gen.action("memory_allocation").build(device=device)
-    # Share this node's cores (those this process may run on) among its ranks.
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // max(1, world.local_world_size)))
+    # Threads per rank: OMP_NUM_THREADS (run & manage sets it from cpus_per_task), else this node's cores
+    # (those this process may run on) shared among its ranks.
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
+                          else max(1, len(os.sched_getaffinity(0)) // max(1, world.local_world_size)))
     hp = gen.action("hyperparameters_injection").build()
     deterministic = determinism.configure(hp.deterministic)  # fixed threads, deterministic kernels
     task = gen.action("task_definition").build()
@@ -109,31 +112,39 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     policy = gen.lr_policy(steps_per_epoch=len(loader), world_size=world.world_size)
     checkpoints = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=world.rank)
     state = TrainState(optimizer, epoch=hp.start_epoch)
-    resumed_from = _resume(checkpoints, strategy.unwrap(model), state, policy)
     autocast, scaler = mixed_precision(hp.precision, device)
     guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
+    resumed_from = _resume(checkpoints, strategy.unwrap(model), state, policy, scaler, guard)
     return Run(gen, world, device, hp, task, data, strategy, model, sampler, loader, loader_rng, valid_loader,
                policy, checkpoints, state, task.loss(hp.loss), autocast, scaler, guard, deterministic, resumed_from)
 
 
-def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None) -> dict[str, float]:
+def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=lambda: False) -> dict[str, float]:
     """Train ``run`` from its current epoch to the end, calling ``beat()`` as it progresses; returns the
-    last epoch's metrics."""
+    last epoch's metrics. When ``should_stop()`` is true on any rank at an epoch's end, every rank saves
+    a checkpoint there and raises StopRequested."""
     if run.world.rank == 0 and run.resumed_from is not None:
         done = run.state.epoch >= run.hp.end_epoch
         print(f"autocnnp: resumed from {run.resumed_from} at epoch {run.state.epoch}"
               + (f"; nothing to train (end_epoch is {run.hp.end_epoch}: raise it, or choose another <output> "
                  "to start afresh)" if done else ""), flush=True)
     metrics: dict[str, float] = {}
+    last = run.hp.end_epoch - 1
     with Monitor(run.gen.rundir, run.world.rank, run.world.world_size, monitoring, run.hp.end_epoch,
                  len(run.loader), start_epoch=run.state.epoch) as monitor:
         for epoch in range(run.state.epoch, run.hp.end_epoch):
             metrics = train_epoch(run, epoch, monitor, beat)
+            stop = epoch < last and sum_over_ranks(run.world, [float(bool(should_stop()))])[0] > 0
+            if stop or run.checkpoints.due(epoch, last):
+                run.checkpoints.save(checkpoint_state(run.strategy.unwrap(run.model), run), epoch)
+            if stop:
+                raise StopRequested(f"stopped on request after epoch {epoch + 1} of {run.hp.end_epoch}, "
+                                    "with a checkpoint")
     return metrics
 
 
 def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
-    """One epoch: the steps, the strategy's epoch end, validation, plug-ins, checkpoint."""
+    """One epoch: the steps, the strategy's epoch end, validation, plug-ins and the LR policy's epoch end."""
     gen, hp, world, state, optimizer = run.gen, run.hp, run.world, run.state, run.state.optimizer
     seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
     run.sampler.set_epoch(epoch)
@@ -169,8 +180,6 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
     run.policy.on_epoch_end(epoch, metrics)  # an adaptive LR policy (GreScale); metrics are the same on every rank
     beat()
     monitor.epoch_end(epoch, metrics)
-    if run.checkpoints.due(epoch, hp.end_epoch - 1):
-        run.checkpoints.save(checkpoint_state(net, run), epoch)
     return metrics
 
 
@@ -205,11 +214,14 @@ def checkpoint_state(net: torch.nn.Module, run: Run) -> dict:
             "optimizer_type": type(state.optimizer).__name__, "epoch": state.epoch, "lr_scale": state.lr_scale,
             "plugins": run.checkpoints.plugin_state(), "world_size": run.world.world_size, "seed": run.gen.seed,
             "job": str(run.gen.job.file), "lr_policy": run.policy.state_dict(),
+            "grad_scaler": run.scaler.state_dict(), "divergence_reference": run.guard.reference,
             "in_channels": run.data.in_channels, "num_classes": run.data.num_classes}
 
 
-def _resume(checkpoints: Checkpointer, model, state: TrainState, policy: LRPolicy) -> Path | None:
-    """Load the latest checkpoint into the model, optimizer, state and policy; the file it came from."""
+def _resume(checkpoints: Checkpointer, model, state: TrainState, policy: LRPolicy, scaler: torch.amp.GradScaler,
+            guard: DivergenceGuard) -> Path | None:
+    """Load the latest checkpoint into the model, optimizer, state, policy, loss scaler and divergence guard
+    (judged against the first loss of the whole run, not of this start); the file it came from."""
     saved = checkpoints.load()
     if saved is None:
         return None
@@ -224,4 +236,7 @@ def _resume(checkpoints: Checkpointer, model, state: TrainState, policy: LRPolic
     checkpoints.load_plugin_state(saved["plugins"])
     if saved.get("lr_policy"):
         policy.load_state_dict(saved["lr_policy"])  # the feedback-adjusted schedule goes on
+    if saved.get("grad_scaler"):
+        scaler.load_state_dict(saved["grad_scaler"])
+    guard.reference = saved.get("divergence_reference", guard.reference)
     return checkpoints.latest()

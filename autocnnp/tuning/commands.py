@@ -157,7 +157,7 @@ def cmd_tune(args) -> int:
         outcome = guideline.walk()
     except RunFailed as exc:
         print(f"autocnnp: {exc}", file=sys.stderr)
-        return ExitCode.FAILED
+        return exc.exit_code
     record.update(status=outcome.status, finished=outcome.finished, runs=outcome.runs, branch=outcome.branch,
                   best=None if outcome.best is None else {"iteration": outcome.best.iteration,
                                                           "metrics": outcome.best.metrics,

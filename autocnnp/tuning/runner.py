@@ -23,7 +23,11 @@ from .guideline import Variant
 
 
 class RunFailed(RuntimeError):
-    pass
+    """A run of the guideline ended without a result; ``exit_code`` is its own (README: Exit codes)."""
+
+    def __init__(self, message: str, exit_code: int):
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 @dataclass
@@ -46,7 +50,7 @@ class JobRunner:
             return {**{m: 0.0 for m in SEGEVAL}, "diverged": 1.0}
         if code != 0:
             raise RunFailed(f"run {variant.name} failed with exit code {code} (see {out}); fix the cause and run "
-                            "`autocnnp tune` again: it resumes where it stopped")
+                            "`autocnnp tune` again: it resumes where it stopped", code)
         metrics = final_metrics(out)
         if not metrics:
             raise JobError(out.metrics, "the run wrote no metrics.csv", "check the run's output")

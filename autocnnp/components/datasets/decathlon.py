@@ -167,6 +167,10 @@ class Decathlon(DataFormat):
         return DataBundle(train_ds, valid_ds, train_ds.num_channels, num_classes,
                           repr(augmenter) if augmenter is not None else "none", train_ds.set_epoch)
 
+    def prepare(self, *, seed: int, cache_dir: Path) -> int:
+        """Validate, cache and split once, before the ranks start (they find the stamps and caches)."""
+        return len(self.datasets(world=World(), seed=seed, cache_dir=cache_dir).train)
+
     def check(self) -> list[DataError]:
         c = self.config
         return [p for root in (c.train, c.valid, c.test) if root is not None and not is_cache(root)

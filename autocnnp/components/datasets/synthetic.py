@@ -6,10 +6,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-import numpy as np
-import torch
-from torch.utils.data import Dataset, Subset
-
 from autocnnp.core.settings import setting
 from autocnnp.core.world import World
 from autocnnp.generator.protocols import DataBundle, DataFormat
@@ -17,7 +13,6 @@ from autocnnp.generator.registry import component
 
 # kind -> (input channels, classes), as the Decathlon tasks the thesis trained on.
 SHAPES = {"brain": (4, 4), "atrium": (1, 2)}
-KINDS: tuple[str, ...] = tuple(SHAPES)
 
 
 @dataclass
@@ -37,6 +32,10 @@ class Synthetic(DataFormat):
     """Seeded synthetic 2D slices generated in memory (brain-tumour-like or left-atrium-like)."""
 
     def datasets(self, *, world: World, seed: int, cache_dir: Path) -> DataBundle:
+        from torch.utils.data import Subset  # torch only where the data is built, not in the front-end
+
+        from autocnnp.data.synthetic_slices import SyntheticSliceDataset
+
         del world, cache_dir  # every rank generates the same items; nothing is cached
         c = self.config
         channels, classes = SHAPES[c.kind]
@@ -48,94 +47,3 @@ class Synthetic(DataFormat):
 
     def train_samples(self) -> int:
         return self.config.train_samples
-
-
-class SyntheticSliceDataset(Dataset):
-    """A seeded 2D dataset of noisy images with nested discs (``kind="brain"``) or concentric thin
-    rings (``kind="atrium"``), one shape per class ``1 .. num_classes-1``.
-
-    ``dataset[i]`` is ``(image, label)``: a float32 tensor ``[in_channels, H, W]`` and an int64
-    tensor ``[H, W]`` -- the same types as :class:`~autocnnp.data.preprocess.CacheDataset`. Item
-    ``i`` is generated on demand from ``numpy.random.default_rng([seed, i])``, so it is identical
-    on every rank, in every worker and on every call (``in_memory`` generates them all once, up
-    front, instead of at every access). Every channel shows every class with its own
-    contrast, so any ``in_channels`` is learnable. ``augment`` follows the CacheDataset protocol:
-    ``augment(image, label, epoch=..., index=...)`` with the epoch set by :meth:`set_epoch`.
-    """
-
-    def __init__(self, kind: str, n: int, size, in_channels: int, num_classes: int, seed: int, *, in_memory: bool,
-                 augment=None):
-        if kind not in KINDS:
-            raise ValueError(f"unknown synthetic kind {kind!r}; choose one of {', '.join(KINDS)}")
-        if int(n) < 0 or int(in_channels) < 1 or int(num_classes) < 2:
-            raise ValueError("need n >= 0, in_channels >= 1 and num_classes >= 2")
-        if isinstance(size, (int, np.integer)):
-            size = (int(size), int(size))
-        self.size = tuple(int(s) for s in size)
-        if len(self.size) != 2 or min(self.size) < 8:
-            raise ValueError(f"size must be at least 8 x 8, got {size}")
-        self.kind = kind
-        self.n = int(n)
-        self.in_channels = int(in_channels)
-        self.num_classes = int(num_classes)
-        self.seed = int(seed)
-        self.augment = augment
-        self.epoch = 0
-        # Per-channel contrast: intensity = gain[c] * class_level + bias[c]; |gain| >= 0.6 keeps
-        # every channel informative. Fixed for the dataset (depends on seed only).
-        crng = np.random.default_rng([self.seed, 0x5EED])
-        self.gain = crng.uniform(0.6, 1.2, size=self.in_channels) * crng.choice([-1.0, 1.0], size=self.in_channels)
-        self.gain[0] = abs(self.gain[0])
-        self.bias = crng.uniform(-0.2, 0.2, size=self.in_channels)
-        self.noise = 0.15
-        # in_memory: generate every item once, here (later epochs then cost no generation at all)
-        self._items = [self.sample(i) for i in range(self.n)] if in_memory else None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
-
-    def __len__(self) -> int:
-        return self.n
-
-    def sample(self, index: int) -> tuple[np.ndarray, np.ndarray]:
-        """Item ``index`` as numpy arrays: float32 ``[C, H, W]`` and int64 ``[H, W]``."""
-        h, w = self.size
-        rng = np.random.default_rng([self.seed, int(index)])
-        yy, xx = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
-        m = min(h, w)
-        radius = rng.uniform(0.22, 0.34) * m
-        cy = rng.uniform(radius + 1, h - radius - 1) if h > 2 * radius + 2 else (h - 1) / 2
-        cx = rng.uniform(radius + 1, w - radius - 1) if w > 2 * radius + 2 else (w - 1) / 2
-        aspect = rng.uniform(0.8, 1.25)
-        dist = np.sqrt(((yy - cy) * aspect) ** 2 + ((xx - cx) / aspect) ** 2)
-        k = self.num_classes - 1
-        label = np.zeros((h, w), dtype=np.int64)
-        if self.kind == "brain":  # nested discs, class 1 outermost
-            for c in range(1, k + 1):
-                label[dist < radius * (1.0 - (c - 1) / (k + 0.5))] = c
-        else:  # concentric thin rings, class 1 outermost
-            thick = max(1.5, 0.05 * m)
-            for c in range(1, k + 1):
-                r = radius * (1.0 - (c - 1) / (k + 0.5))
-                label[(dist < r) & (dist >= r - thick)] = c
-        level = label / float(k)
-        smooth = 0.2 * np.sin(xx / w * np.pi * rng.uniform(0.5, 2.0) + rng.uniform(0, 2 * np.pi))
-        image = np.empty((self.in_channels, h, w), dtype=np.float32)
-        for c in range(self.in_channels):
-            image[c] = self.gain[c] * level + self.bias[c] + smooth + self.noise * rng.standard_normal((h, w))
-        return image, label
-
-    def __getitem__(self, index):
-        index = int(index)
-        if index < 0:
-            index += self.n
-        if not 0 <= index < self.n:
-            raise IndexError(f"index {index} out of range for {self.n} items")
-        if self._items is not None:
-            image, label = (a.copy() for a in self._items[index])  # callers may work in place: keep ours intact
-        else:
-            image, label = self.sample(index)
-        image, label = torch.from_numpy(image), torch.from_numpy(label)
-        if self.augment is not None:
-            image, label = self.augment(image, label, epoch=self.epoch, index=index)
-        return image, label

@@ -43,6 +43,9 @@ class Config(StrategyConfig):
     def replicas(self, world_size: int) -> int:
         return world_size - 1 if self.server == "dedicated" and world_size > 1 else world_size
 
+    def shards(self, world_size: int) -> int:
+        return self.replicas(world_size)  # the workers' shards: a dedicated server reads no data
+
 
 class ServingSampler:
     """The dedicated server's sampler: the length of a worker's shard, but no samples."""

@@ -1,0 +1,73 @@
+"""Everything that can be checked before any rank starts, in the front-end: the output folder, the
+slots for the ranks, the data (checked and cached once, by content) and a minibatch per rank. Each
+problem is one JobError or DataError: one line, exit code 2, nothing started."""
+
+from __future__ import annotations
+
+import math
+import os
+
+from ..core.errors import JobError
+from ..core.files import atomic_write
+from ..generator.protocols import StrategyConfig
+from .hosts import parse_hostfile
+from .job import Job
+
+
+def check(job: Job) -> None:
+    """Run every check (the data last: it may read and cache the whole dataset)."""
+    check_output(job)
+    check_slots(job, os.environ)
+    check_data(job)
+
+
+def check_output(job: Job) -> None:
+    rundir = job.generator.rundir
+    probe = rundir.root / ".write-test"
+    try:
+        atomic_write(probe, b"")
+        probe.unlink()
+    except OSError as exc:
+        raise JobError(job.spec.output.where if job.spec.output else job.spec.where,
+                       f"the output folder {rundir} cannot be written ({exc.strerror or exc})",
+                       "choose an <output> folder you can write to, or fix its permissions") from None
+
+
+def slots(job: Job, env) -> tuple[int, str]:
+    """How many ranks the machines offer, and where that number comes from."""
+    if job.launch.hostfile is not None:
+        hosts = parse_hostfile(job.launch.hostfile, job.where("hostfile"))
+        return sum(s for _, s, _ in hosts), f"the hostfile {job.launch.hostfile}"
+    if env.get("SLURM_JOB_ID") and env.get("SLURM_NTASKS", "").isdigit():
+        return int(env["SLURM_NTASKS"]), f"the Slurm allocation {env['SLURM_JOB_ID']}"
+    cores, threads = len(os.sched_getaffinity(0)), job.slurm.cpus_per_task
+    return cores // threads, f"this machine's {cores} cores" + (f" at cpus_per_task={threads}" if threads > 1 else "")
+
+
+def check_slots(job: Job, env) -> None:
+    """No more ranks than slots (hostfile, Slurm allocation or local cores), unless oversubscribe is asked."""
+    world_size = job.generator.world_size
+    offered, source = slots(job, env)
+    if world_size > offered and not job.launch.oversubscribe:
+        where = job.where("hostfile") if job.launch.hostfile is not None else job.spec.degree.where
+        raise JobError(where, f"parallelism-degree {world_size} is more ranks than the {offered} "
+                       f"slots of {source}", "lower parallelism-degree, add slots, or set <property "
+                       "name=\"oversubscribe\">true</property> in <cluster> to run more ranks than slots")
+
+
+def check_data(job: Job) -> None:
+    """Check and cache the data once (the ranks reuse both), then that every rank gets a minibatch."""
+    gen = job.generator
+    samples = gen.data_format().prepare(seed=gen.seed, cache_dir=gen.rundir.cache)
+    if samples is None:
+        return
+    strategy = gen.action("dist_strategy").config
+    shards = strategy.shards(gen.world_size) if isinstance(strategy, StrategyConfig) else gen.world_size
+    per_rank = math.ceil(samples / shards)
+    batch = gen.hyperparameters.minibatch_size
+    if per_rank < batch:
+        where = next((s.where for s in job.spec.hyperparameters if s.name.lower() in ("minibatch_size", "batch_size")),
+                     job.spec.where)
+        raise JobError(where, f"each rank gets {per_rank} of the {samples} training samples, fewer than one "
+                       f"minibatch of {batch}", f"lower minibatch_size to {max(per_rank, 1)} or less, lower "
+                       "parallelism-degree, or add training data")

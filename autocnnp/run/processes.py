@@ -1,0 +1,100 @@
+"""The processes of a job: started in a session of their own, tied to their parent's life, stopped
+together (gracefully, then by force), and signals to the front-end turned into a clean stop.
+
+Open MPI's mpirun puts every rank in a process group of its own, so a job is followed by its
+*session*: the launcher is started with ``start_new_session`` and every process it starts, locally,
+stays in that session. Each process of the chain also asks the kernel to signal it when its parent
+dies (``PR_SET_PDEATHSIG``), so a front-end or launcher killed with SIGKILL still takes the ranks
+with it, on every host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import subprocess
+import time
+
+from ..core.errors import Interrupted
+
+PR_SET_PDEATHSIG = 1
+# what stops a run & manage command cleanly; SIGUSR1 is Slurm's warning before the time limit
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+def die_with_parent(sig: int = signal.SIGKILL) -> None:
+    """Have the kernel send ``sig`` to this process when its parent ends (Linux; a no-op elsewhere)."""
+    parent = os.getppid()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+    if os.getppid() != parent:  # the parent ended before the request took effect
+        os.kill(os.getpid(), sig)
+
+
+def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
+    """Start ``cmd`` as the leader of a new session that ends (SIGTERM) when this process ends."""
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+                            preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+
+
+def session_processes(sid: int) -> list[int]:
+    """The processes of session ``sid`` on this host (zombies included: see :func:`_running`)."""
+    out = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            with contextlib.suppress(OSError):
+                if os.getsid(int(entry)) == sid:
+                    out.append(int(entry))
+    return out
+
+
+def stop_session(proc: subprocess.Popen, grace_s: float) -> int:
+    """Stop ``proc`` (a launcher: it passes SIGTERM on to its ranks) and then every process left in its
+    session: SIGKILL for what is still there after ``grace_s``. Reaps ``proc``; returns how many processes
+    the session held."""
+    pids = session_processes(proc.pid)
+    with contextlib.suppress(OSError):
+        os.kill(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_s
+    while time.monotonic() < deadline and _alive(pids, proc):
+        time.sleep(0.1)
+    for pid in session_processes(proc.pid):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGKILL)
+    proc.wait()
+    deadline = time.monotonic() + 5.0  # SIGKILL is final, but it takes the kernel a moment
+    while time.monotonic() < deadline and any(_running(pid) for pid in session_processes(proc.pid)):
+        time.sleep(0.05)
+    return len(pids)
+
+
+def _alive(pids: list[int], proc: subprocess.Popen) -> bool:
+    proc.poll()
+    return any(_running(pid) for pid in pids)
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # zombies have ended
+    except OSError:
+        return False
+
+
+@contextlib.contextmanager
+def interruptible(signals=STOP_SIGNALS):
+    """Turn ``signals`` into :class:`Interrupted` in the main thread for the block (a second one while the
+    first is handled is ignored), so that ``finally`` blocks stop whatever the block started."""
+    def handler(signum, frame):
+        for s in signals:
+            signal.signal(s, signal.SIG_IGN)
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in signals}
+    try:
+        yield
+    finally:
+        for s, old in previous.items():
+            signal.signal(s, old)

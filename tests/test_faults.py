@@ -1,0 +1,426 @@
+"""Faults injected on purpose, with real processes: what run & manage does, how fast, what it says, the exit
+code, that no process of the job is left, and that the same command resumes.
+
+Every process a test starts carries a tag in its environment (``AUTOCNNP_FAULT_TAG``); mpirun passes it
+on to the ranks, so "nothing is left" is checked over every process of the machine, re-parented or not.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import torch
+from jobfiles import QUIET, TINY_UNET, checkpoint_plugin, strategy_module, synthetic_data, write_job
+
+from autocnnp.core.errors import ExitCode
+from autocnnp.core.rundir import RunDir
+from autocnnp.run import manifest
+from autocnnp.run.deploy import job_tree
+from autocnnp.run.job import load_job
+from autocnnp.run.launch import build_command
+
+TAG = "AUTOCNNP_FAULT_TAG"
+GRACE_S = 5
+DATA = synthetic_data(16, 4, size=16)
+HYPER = dict(minibatch_size=2, end_epoch=400, lr=0.05, optimiser="sgd")
+
+
+def tiny_job(tmp_path: Path, cluster: str = "", actions: str | None = None, name: str = "job.xml", **hyper) -> Path:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    extra = QUIET + f'<cluster><property name="stop_grace_s">{GRACE_S}</property>{cluster}</cluster>'
+    return write_job(tmp_path / name, output="out", arch=TINY_UNET, data=DATA, actions=actions,
+                     hyper={**HYPER, **hyper}, extra=extra)
+
+
+# --------------------------------------------------------------------------- processes of a job
+
+
+def tagged(tag: str) -> list[int]:
+    """Live (not zombie) processes carrying ``tag`` in their environment."""
+    needle = f"{TAG}={tag}".encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as f:
+                if needle not in f.read().split(b"\0"):
+                    continue
+            with open(f"/proc/{entry}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    continue
+        except OSError:
+            continue
+        found.append(int(entry))
+    return found
+
+
+def comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
+class Launch:
+    """``autocnnp run`` started as a user would, in a session of its own; output into files."""
+
+    def __init__(self, job: Path, *args: str, tmp_path: Path):
+        self.tag = uuid.uuid4().hex
+        n = len(list(tmp_path.glob("stderr-*")))
+        self.out, self.err = tmp_path / f"stdout-{n}", tmp_path / f"stderr-{n}"
+        with open(self.out, "wb") as out, open(self.err, "wb") as err:
+            self.proc = subprocess.Popen([sys.executable, "-m", "autocnnp", "run", str(job), *args], stdout=out,
+                                         stderr=err, env={**os.environ, TAG: self.tag}, start_new_session=True)
+
+    def wait(self, timeout: float = 120) -> int:
+        return self.proc.wait(timeout)
+
+    @property
+    def stderr(self) -> str:
+        return self.err.read_text()
+
+    def gone_within(self, seconds: float) -> list[int]:
+        """Processes of this launch still alive after ``seconds`` (empty: all gone)."""
+        deadline = time.monotonic() + seconds
+        while (left := tagged(self.tag)) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        return [(pid, comm(pid)) for pid in left]
+
+    def kill_all(self) -> None:
+        for pid in tagged(self.tag):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+@pytest.fixture
+def launches():
+    """Start launches; whatever a failing test leaves is killed afterwards."""
+    started: list[Launch] = []
+
+    def start(job: Path, *args: str, tmp_path: Path) -> Launch:
+        launch = Launch(job, *args, tmp_path=tmp_path)
+        started.append(launch)
+        return launch
+
+    yield start
+    for launch in started:
+        launch.kill_all()
+
+
+def epochs(out: Path) -> list[int]:
+    try:
+        with open(out / "metrics.csv") as f:
+            return [int(row["epoch"]) for row in csv.DictReader(f)]
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def wait_for_epochs(out: Path, n: int, launch: Launch, timeout: float = 120) -> None:
+    deadline = time.monotonic() + timeout
+    while len(epochs(out)) < n:
+        assert launch.proc.poll() is None, f"the run ended early ({launch.proc.returncode}): {launch.stderr}"
+        assert time.monotonic() < deadline, f"no {n} epochs within {timeout} s: {launch.stderr}"
+        time.sleep(0.1)
+
+
+def latest_epoch(out: Path) -> int:
+    """The epoch the latest checkpoint continues from (it loads)."""
+    name = (out / "checkpoints" / "latest").read_text().strip()
+    return torch.load(out / "checkpoints" / name, weights_only=False)["epoch"]
+
+
+def training(tmp_path: Path, launches) -> tuple[Path, Path, Launch]:
+    """(job, output folder, launch) of a long run that has trained two epochs."""
+    job = tiny_job(tmp_path)
+    run = launches(job, tmp_path=tmp_path)
+    wait_for_epochs(tmp_path / "out", 2, run)
+    return job, tmp_path / "out", run
+
+
+def resume_and_check(job: Path, out: Path, launches, tmp_path: Path) -> None:
+    """The same command (two more epochs) resumes from ``latest`` and the curve goes on without a gap."""
+    start = latest_epoch(out)
+    again = launches(job, "--set", f"hyperparameters.end_epoch={start + 2}", tmp_path=tmp_path)
+    assert again.wait() == 0, again.stderr
+    assert f"resumed from {out / 'checkpoints'}" in (out / "logs" / "rank0.log").read_text()
+    assert epochs(out) == list(range(start + 2))
+
+
+# --------------------------------------------------------------------------- stopping the front-end
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGHUP], ids=lambda s: s.name)
+def test_a_signal_to_the_front_end_stops_every_rank(tmp_path, launches, sig):
+    job, out, run = training(tmp_path, launches)
+    ranks = [pid for pid in tagged(run.tag) if comm(pid) not in ("mpirun", "tee")]
+    assert len(ranks) >= 3  # the front-end and two ranks
+    sent = time.monotonic()
+    run.proc.send_signal(sig)
+    assert run.wait(GRACE_S + 20) == ExitCode.INTERRUPTED + sig
+    took = time.monotonic() - sent
+    assert run.gone_within(2) == []
+    assert took < GRACE_S + 5, took
+    assert run.stderr.splitlines()[-1] == (f"autocnnp: interrupted by {sig.name}: stopped 2 rank(s); the same "
+                                           "command resumes from the latest checkpoint")
+    assert "Traceback" not in run.stderr
+    assert not list((out / "checkpoints").glob(".*.tmp"))
+    print(f"{sig.name}: every process gone {took:.1f} s after the signal")
+    resume_and_check(job, out, launches, tmp_path)
+    assert sorted(p.name for p in (out / "logs").iterdir()) == ["rank0.log", "rank1.log"]
+
+
+@pytest.mark.ranks
+def test_sigkill_of_the_front_end_takes_the_ranks_with_it(tmp_path, launches):
+    job, out, run = training(tmp_path, launches)
+    run.proc.kill()
+    run.wait()
+    assert run.gone_within(GRACE_S + 10) == []
+    again = launches(job, "--set", f"hyperparameters.end_epoch={latest_epoch(out) + 1}", tmp_path=tmp_path)
+    assert again.wait() == 0, again.stderr
+    assert f"took over the lock of pid {run.proc.pid} on host" in again.stderr
+
+
+@pytest.mark.ranks
+def test_sigkill_of_mpirun_names_the_launcher(tmp_path, launches):
+    job, out, run = training(tmp_path, launches)
+    mpirun = [pid for pid in tagged(run.tag) if comm(pid) == "mpirun"]
+    assert len(mpirun) == 1
+    os.kill(mpirun[0], signal.SIGKILL)
+    assert run.wait(30) == ExitCode.FAILED
+    assert run.gone_within(5) == []
+    assert run.stderr.splitlines()[-1] == ("autocnnp: the job failed: the launcher mpirun was killed by SIGKILL; "
+                                           "its ranks were stopped with it")
+    resume_and_check(job, out, launches, tmp_path)
+
+
+# --------------------------------------------------------------------------- a run owns its folder
+
+
+@pytest.mark.ranks
+def test_a_second_run_of_the_same_output_is_refused_and_harms_nothing(cli, tmp_path, launches):
+    job = tiny_job(tmp_path, end_epoch=12)
+    out = tmp_path / "out"
+    first = launches(job, tmp_path=tmp_path)
+    wait_for_epochs(out, 1, first)
+    rc, _, err = cli("run", job)
+    assert rc == 2 and err.count("\n") == 1
+    assert f"the output folder {out} is in use by another run: pid {first.proc.pid} on host " in err
+    assert "Hint: wait for it to end or stop it, or give this run another <output>" in err
+    assert first.wait() == 0, first.stderr
+    assert epochs(out) == list(range(12))  # every epoch once, none of them disturbed
+
+
+# --------------------------------------------------------------------------- restart
+
+
+CRASH_ONCE = '''import os
+from pathlib import Path
+
+MARK = Path(__file__).with_name("crashed")
+
+
+def CrashOnce(epoch, metrics, state):
+    """Rank 1 fails at the end of the third epoch, the first time only."""
+    if epoch == 2 and os.environ.get("OMPI_COMM_WORLD_RANK") == "1" and not MARK.exists():
+        MARK.write_text("once")
+        raise RuntimeError("injected failure")
+'''
+
+
+@pytest.mark.ranks
+def test_max_restarts_restarts_a_failed_job_from_its_checkpoint(tmp_path, launches):
+    (tmp_path / "crash.py").write_text(CRASH_ONCE)
+    actions = strategy_module(extra=checkpoint_plugin("CrashOnce", "crash.py"))
+    job = tiny_job(tmp_path, actions=actions, end_epoch=5,
+                   cluster='<property name="max_restarts">2</property><property name="restart_backoff_s">0.5</property>')
+    run = launches(job, tmp_path=tmp_path)
+    assert run.wait() == 0, run.stderr
+    out = tmp_path / "out"
+    assert "rank 1 failed: RuntimeError: injected failure" in run.stderr
+    assert "autocnnp: restart 1 of 2 in 0.5 s from the latest checkpoint (after: rank 1 failed: RuntimeError: " \
+           "injected failure" in run.stderr
+    assert epochs(out) == list(range(5))
+    record = manifest.read(RunDir(out))
+    assert [r["attempt"] for r in record["restarts"]] == [1] and "injected failure" in record["restarts"][0]["after"]
+    assert [i["status"] for i in record["invocations"]] == ["failed", "completed"]
+    assert run.gone_within(2) == []
+
+
+@pytest.mark.ranks
+def test_min_ranks_goes_on_without_a_host_that_is_gone(tmp_path, launches):
+    agent = tmp_path / "agent"
+    agent.write_text("#!/bin/sh\necho \"ssh: connect to host $1 port 22: No route to host\" >&2\nexit 255\n")
+    agent.chmod(0o755)
+    (tmp_path / "hosts").write_text("localhost slots=1\n192.0.2.7 slots=1\n")  # TEST-NET: never routed
+    cluster = (f'<property name="hostfile">hosts</property><property name="launch_agent">{agent}</property>'
+               '<property name="min_ranks">1</property>')
+    job = tiny_job(tmp_path, cluster=cluster, end_epoch=2)
+    run = launches(job, tmp_path=tmp_path)
+    assert run.wait() == 0, run.stderr
+    assert "note: cannot reach host '192.0.2.7'" in run.stderr
+    assert "going on with 1 rank(s) on 1 host(s) that answer (parallelism-degree 2, min_ranks 1)" in run.stderr
+    assert manifest.read(RunDir(tmp_path / "out"))["world"]["size"] == 1
+    assert epochs(tmp_path / "out") == [0, 1]
+
+
+def test_min_ranks_is_a_floor(cli, tmp_path, nothing_starts):
+    agent = tmp_path / "agent"
+    agent.write_text("#!/bin/sh\nexit 255\n")
+    agent.chmod(0o755)
+    (tmp_path / "hosts").write_text("192.0.2.7 slots=2\n192.0.2.8 slots=2\n")
+    cluster = (f'<property name="hostfile">hosts</property><property name="launch_agent">{agent}</property>'
+               '<property name="min_ranks">1</property>')
+    rc, _, err = cli("run", tiny_job(tmp_path, cluster=cluster))
+    assert rc == 2 and "the hosts that answer offer 0 slot(s), fewer than min_ranks=1" in err
+
+
+# --------------------------------------------------------------------------- bad input: one line, nothing starts
+
+
+def refused(cli, *argv) -> str:
+    rc, out, err = cli(*argv)
+    assert rc == 2 and err.startswith("autocnnp: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "device", "loop", "long"])
+def test_a_job_file_that_is_no_file(cli, tmp_path, kind):
+    path = {"folder": tmp_path, "device": Path("/dev/zero"), "loop": tmp_path / "loop",
+            "fifo": tmp_path / "fifo", "long": tmp_path / ("x" * 5000 + ".xml")}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)
+    if kind == "loop":
+        os.symlink(path, path)
+    err = refused(cli, "validate", path)
+    assert {"folder": "is a folder, not a file", "fifo": "is a FIFO, not a file",
+            "device": "is a device or socket, not a file", "loop": "loops through symbolic links",
+            "long": "too long"}[kind] in err
+    assert len(err) < 600
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "device"])
+def test_a_hostfile_that_is_no_file(cli, tmp_path, nothing_starts, kind):
+    path = {"folder": tmp_path / "hosts.d", "fifo": tmp_path / "hosts", "device": Path("/dev/zero")}[kind]
+    if kind == "folder":
+        path.mkdir()
+    if kind == "fifo":
+        os.mkfifo(path)
+    job = tiny_job(tmp_path, cluster=f'<property name="hostfile">{path}</property>')
+    err = refused(cli, "run", job)
+    line = next(i for i, t in enumerate(job.read_text().splitlines(), 1) if 'name="hostfile"' in t)
+    assert err.startswith(f"autocnnp: {job}:{line}:") and f"the hostfile {path} is a" in err
+
+
+ARCH = ("import torch.nn as nn\n\n\ndef build(in_channels, num_classes):\n    {note}\n"
+        "    return nn.Conv2d(in_channels, num_classes, 1)\n")
+
+
+def test_user_code_in_its_declared_encoding(cli, tmp_path):
+    (tmp_path / "net.py").write_bytes(b"# -*- coding: latin-1 -*-\n" + ARCH.format(note="'r\xe9seau'").encode("latin-1"))
+    job = write_job(tmp_path / "job.xml", arch='<CNN_archi><path>net.py</path></CNN_archi>', data=DATA)
+    assert cli("validate", job)[0] == 0 and cli("plan", job)[0] == 0
+    (tmp_path / "net.py").write_bytes(ARCH.format(note="'r\xe9seau'").encode("latin-1"))  # no declaration
+    err = refused(cli, "validate", job)
+    assert f"{tmp_path / 'net.py'}:" in err and "syntax error in architecture file" in err and "utf-8" in err
+
+
+def test_a_utf16_job_file_is_read_and_recorded(cli, tmp_path):
+    text = tiny_job(tmp_path).read_text().replace('encoding="UTF-8"', 'encoding="UTF-16"')
+    job = tmp_path / "utf16.xml"
+    job.write_bytes(text.encode("utf-16"))
+    assert cli("validate", job)[0] == 0
+    record = manifest.job_record(load_job(job).spec)
+    assert "<system_config>" in record["text"] and record["sha256"] is not None
+
+
+@pytest.mark.parametrize("value", ["1_0", "\uff12", "2\u0660"])
+def test_numbers_are_plain_ascii(cli, tmp_path, value):
+    job = tiny_job(tmp_path)
+    err = refused(cli, "validate", job, "--set", f"hyperparameters.minibatch_size={value}")
+    assert "minibatch_size must be an integer" in err
+
+
+def test_a_minibatch_larger_than_a_rank_shard(cli, tmp_path, nothing_starts):
+    err = refused(cli, "run", tiny_job(tmp_path, minibatch_size=64))
+    assert "each rank gets 8 of the 16 training samples, fewer than one minibatch of 64" in err
+    assert "Hint: lower minibatch_size to 8 or less" in err
+
+
+def test_bad_data_is_found_before_any_rank_starts(cli, tmp_path, nothing_starts):
+    from autocnnp.data.synth import write_synthetic_dataset
+
+    ds = write_synthetic_dataset(tmp_path / "ds", "atrium", cases=3, shape=(12, 12, 6), seed=1)
+    bad = sorted((ds / "imagesTr").iterdir())[1]
+    bad.write_bytes(b"not a nifti file" * 8)
+    data = f'<data format="decathlon"><train><path>{ds}</path></train></data>'
+    job = write_job(tmp_path / "job.xml", output="out", arch=TINY_UNET, data=data, hyper=dict(minibatch_size=1))
+    err = refused(cli, "run", job)
+    assert str(bad) in err
+
+
+def test_an_output_folder_that_cannot_be_written(cli, tmp_path, nothing_starts):
+    (tmp_path / "file").write_text("")
+    err = refused(cli, "run", tiny_job(tmp_path), "--set", f"output={tmp_path / 'file' / 'out'}")
+    assert f"the output folder {tmp_path / 'file' / 'out'} cannot be written" in err
+
+
+def test_more_ranks_than_cores_needs_oversubscribe(cli, tmp_path, nothing_starts):
+    cores = len(os.sched_getaffinity(0))
+    job = tiny_job(tmp_path)
+    err = refused(cli, "run", job, "--set", f"parallelism-degree={cores + 1}")
+    assert f"parallelism-degree {cores + 1} is more ranks than the {cores} slots of this machine's {cores} cores" in err
+    threads = refused(cli, "run", job, "--set", f"cluster.cpus_per_task={cores}")
+    assert f"than the 1 slots of this machine's {cores} cores at cpus_per_task={cores}" in threads
+
+
+def test_cpus_per_task_becomes_threads_and_mapping(tmp_path):
+    job = load_job(tiny_job(tmp_path, cluster='<property name="cpus_per_task">4</property>'))
+    cmd, env = build_command(job, {})
+    assert cmd[cmd.index("--map-by"):cmd.index("--map-by") + 4] == ["--map-by", "slot:PE=4", "--bind-to", "core"]
+    assert env["OMP_NUM_THREADS"] == "4"
+    cmd, env = build_command(load_job(tiny_job(tmp_path)), {})
+    assert "--map-by" not in cmd and "OMP_NUM_THREADS" not in env
+
+
+def test_relative_set_paths_are_read_from_the_job_folder(tmp_path, monkeypatch):
+    (tmp_path / "jobs").mkdir()
+    job = tiny_job(tmp_path / "jobs")
+    monkeypatch.chdir(tmp_path)
+    assert load_job(job, ["output=elsewhere"]).generator.rundir.root == tmp_path / "jobs" / "elsewhere"
+
+
+def test_status_and_cancel_follow_the_variant_that_was_submitted(cli, tmp_path):
+    job = tiny_job(tmp_path)
+    for command in ("status", "cancel"):
+        err = refused(cli, command, job, "--set", "output=variant")
+        assert f"no {tmp_path / 'variant' / 'slurm' / 'job.json'}" in err
+
+
+def test_two_jobs_named_alike_deploy_apart(cli, tmp_path):
+    a, b = tiny_job(tmp_path / "a"), tiny_job(tmp_path / "b", end_epoch=7)
+    for job in (a, b):
+        assert cli("deploy", job, "--to", tmp_path / "shared")[0] == 0
+    assert job_tree(tmp_path / "shared", a) != job_tree(tmp_path / "shared", b)
+    assert (job_tree(tmp_path / "shared", a) / "job.xml").read_text() == a.read_text()
+    assert (job_tree(tmp_path / "shared", b) / "job.xml").read_text() == b.read_text()
+
+
+def test_swarm_refuses_mpi_and_dry_run_prints_the_service(cli, tmp_path):
+    mpi = tiny_job(tmp_path, actions=strategy_module("mpi"), name="mpi.xml")
+    err = refused(cli, "deploy", mpi, "--swarm")
+    assert "deploy --swarm starts the ranks as replicas without MPI, but communication_init 'mpi4py'" in err
+    rc, out, _ = cli("deploy", tiny_job(tmp_path), "--swarm", "--dry-run", "--image", "autocnnp:test")
+    assert rc == 0 and out.startswith("dry run: swarm service autocnnp-job-")
+    assert "  image: autocnnp:test" in out and "  replicas: 2" in out and f"  stop_grace_period_s: {GRACE_S}" in out
