@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import os
 import sys
 import typing
 from importlib import resources
@@ -115,13 +116,46 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+class PipeGuard:
+    """Standard output that turns into /dev/null once its reader has gone (``autocnnp predict | head -1``):
+    the command finishes its work instead of dying with a BrokenPipeError traceback."""
+
+    def __init__(self, stream):
+        self._stream = stream
+
+    def write(self, text: str) -> int:
+        try:
+            return self._stream.write(text)
+        except BrokenPipeError:
+            self._divert()
+            return len(text)
+
+    def flush(self) -> None:
+        try:
+            self._stream.flush()
+        except BrokenPipeError:
+            self._divert()
+
+    def _divert(self) -> None:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, self._stream.fileno())
+        os.close(devnull)
+
+    def __getattr__(self, name):
+        return getattr(self._stream, name)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its errors and the signals that stop it (Ctrl-C, SIGTERM, SIGHUP) end it with one
     line and the exit code of README's table, never a traceback."""
     args = parser().parse_args(argv)
+    stdout, sys.stdout = sys.stdout, PipeGuard(sys.stdout)
     try:
         with interruptible():
             return args.func(args)
     except (JobError, DataError, Interrupted) as exc:
         print(f"autocnnp: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    finally:
+        sys.stdout.flush()
+        sys.stdout = stdout

@@ -1,129 +1,267 @@
-"""Inference: ``autocnnp predict`` segments volumes with a trained job's checkpoint and ``autocnnp
-evaluate`` scores label volumes against references with SegEval.
+"""Inference: ``autocnnp predict`` segments volumes with a trained network and ``autocnnp evaluate`` scores
+label volumes against references.
 
-Predict asks the job's data format how a volume becomes the model's input and back
-(``DataFormat.volumes()``), its checkpoint action which checkpoint is the latest, and its architecture
-action for the network: it never guesses from the configuration. Heavy modules are imported when a
-command runs, so the CLI starts without torch.
+A checkpoint describes its model (``model_card``, written by the trainer): the job it was trained with
+(text and overrides), the architecture and its parameters, the classes and their names, and how a volume
+becomes the model's input (slice axis, size, modalities, normalisation). Predict rebuilds the network and
+the input transform from it, without the job file; a job given on the command line only supplies where
+to read and write, and every disagreement with the checkpoint is reported. Heavy modules are imported
+when a command runs, so the CLI starts without torch.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
+import io
+import json
+import math
 import sys
 import time
 from pathlib import Path
 
 from .core.cli_args import positive
 from .core.errors import DataError, JobError
-from .core.metrics import SEGEVAL
-from .generator.assemble import assemble
-from .generator.overrides import parse_sets, read_variant
+from .core.files import atomic_write
+from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
+from .engine.job import read_job
+from .generator.assemble import Generator, assemble
+from .generator.overrides import apply_overrides, parse_sets, read_variant
+from .training.monitor import MonitoringConfig
 
 OVERALL = "overall"
+REGIONS_DEFAULT = next(f.default for f in dataclasses.fields(MonitoringConfig) if f.name == "regions")  # as a run
+POINTERS = ("latest", "best")
+SURFACE_CONVENTIONS = ("surface distances in mm from the reference's voxel spacing (MONAI definitions: HD95 = "
+                       "the larger directed 95th percentile, ASD = the mean of both directions); both masks empty: "
+                       "0, one empty: inf (left out of the means, counted)")
+
+
+# --- predict -----------------------------------------------------------------------------------------------
+
+def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
+    """The checkpoint file ``--checkpoint`` names: ``latest`` or ``best`` of the job's run, a checkpoint
+    file, a ``latest``/``best`` pointer file, or a run or checkpoint folder (its latest)."""
+    if arg in POINTERS:
+        if gen is None:
+            raise JobError(Path(arg), f"--checkpoint {arg} needs the job whose run it is",
+                           "name the job file, or give --checkpoint the path of a checkpoint file")
+        checkpoints = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=0)
+        found = checkpoints.latest() if arg == "latest" else checkpoints.best()
+        if found is None:
+            raise JobError(gen.job.where, f"no {arg} checkpoint in {gen.rundir.checkpoints}",
+                           f"train first (autocnnp run {gen.job.file})" + (", with a best_metric the run reports"
+                                                                          if arg == "best" else "")
+                           + ", or pass --checkpoint PATH")
+        return found
+    path = Path(arg).expanduser()
+    if path.is_dir():
+        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        path = folder / "latest"
+    if path.name in POINTERS and path.is_file() and path.stat().st_size < 4096:
+        text = path.read_text(errors="replace").strip()
+        name = (json.loads(text).get("file", "") if text.startswith("{") else text) if text else ""
+        path = path.with_name(name) if name else path
+    if not path.is_file():
+        raise DataError(path, "checkpoint does not exist", "pass a checkpoint file, a run folder, latest or best")
+    return path
+
+
+def _load_checkpoint(path: Path) -> dict:
+    import torch
+
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file
+        raise DataError(path, f"cannot be read as a checkpoint ({type(exc).__name__}: {str(exc)[:200]})",
+                        "pass another --checkpoint") from None
+    if not isinstance(state, dict) or not isinstance(state.get("model"), dict):
+        raise DataError(path, "holds no model state dict", "pass a checkpoint written by autocnnp run")
+    return state
+
+
+def _trained_job(card: dict, checkpoint: Path) -> Generator:
+    """The generator of the job the checkpoint was trained with, from the text it recorded."""
+    job = card["job"]
+    try:
+        return assemble(apply_overrides(read_job(job["file"], text=job["text"]), job.get("overrides") or {}))
+    except JobError as exc:
+        raise DataError(checkpoint, f"the job it was trained with cannot be rebuilt: {exc}",
+                        "restore the files that job names (an architecture file, say) at their paths") from None
+
+
+def _disagreements(card: dict, gen: Generator) -> list[str]:
+    """Where the job given to predict differs from what the checkpoint was trained with."""
+    found = []
+    arch = gen.action("architecture_injection")
+    if arch.entry.name != card["architecture"]["name"]:
+        found.append(f"architecture {arch.entry.name} (trained: {card['architecture']['name']})")
+    transform = gen.data_format().volumes()
+    given = transform.card() if transform is not None else {}
+    for key, trained in (card.get("input") or {}).items():
+        if key in given and given[key] != trained:
+            found.append(f"{key} {given[key]} (trained: {trained})")
+    return found
+
+
+def _model_and_transform(state: dict, checkpoint: Path, gen: Generator | None, num_classes: int | None):
+    """``(network with the checkpoint's weights, input transform, number of classes, class names)``."""
+    from .components.datasets.decathlon import SliceTransform
+
+    card = state.get("model_card")
+    if card is None:  # written before checkpoints described their model: the job must say it all
+        if gen is None:
+            raise DataError(checkpoint, "does not describe its model (an older checkpoint)",
+                            "also name the job file it was trained with")
+        transform, trained = gen.data_format().volumes(), gen
+        classes = num_classes or state.get("num_classes") or (transform.num_classes if transform else None)
+        names: tuple[str, ...] = ()
+    else:
+        if card.get("input") is None:
+            raise DataError(checkpoint, "was trained on data without volumes (a synthetic or in-memory format)",
+                            "predict with a model trained on NIfTI volumes (<data format=\"decathlon\">)")
+        trained = _trained_job(card, checkpoint)
+        classes = num_classes or card["num_classes"]
+        transform = SliceTransform.from_card(card["input"], classes)
+        names = tuple(card.get("classes", {}).values())
+        for text in _disagreements(card, gen) if gen is not None else []:
+            print(f"autocnnp: warning: the job says {text}; using what the checkpoint was trained with", file=sys.stderr)
+    if transform is None:
+        raise JobError(trained.job.where, f"predict needs volumes, but the job's data format "
+                       f"'{trained.action('dataset_injection').entry.name}' has none",
+                       "predict with a job that trained on NIfTI volumes (<data format=\"decathlon\">)")
+    if classes is None:
+        raise DataError(checkpoint, "the number of classes the model was trained with is not recorded",
+                        "pass --num-classes")
+    in_channels = (card or state).get("in_channels")
+    return trained, transform, int(classes), names, in_channels
+
+
+def _build_network(trained: Generator, weights: dict, in_channels: int, classes: int, checkpoint: Path):
+    model = trained.action("architecture_injection").build(in_channels=in_channels, num_classes=classes)
+    try:
+        model.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
+    except RuntimeError as exc:
+        raise DataError(checkpoint, f"does not fit the architecture with {in_channels} input channel(s) and {classes} "
+                        f"classes ({str(exc).splitlines()[0]})", "pass the --num-classes it was trained with") from None
+    return model
+
+
+def _probabilities(model, slices, batch_size: int, device, flips: bool):
+    """Softmax probabilities ``[Z, C, H, W]`` (float32) of the slices, averaged over flips when asked;
+    returns them and the seconds spent in the network."""
+    import numpy as np
+    import torch
+
+    out, spent = None, 0.0
+    with torch.inference_mode():
+        for lo in range(0, len(slices), batch_size):
+            batch = torch.from_numpy(np.ascontiguousarray(slices[lo:lo + batch_size])).to(device)
+            t0 = time.perf_counter()
+            views = [(), (-1,), (-2,)] if flips else [()]
+            probs = None
+            for dims in views:
+                x = batch.flip(dims) if dims else batch
+                logits = model(x)
+                p = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
+                if logits.shape[1] == 1:
+                    p = torch.cat([1 - p, p], dim=1)
+                p = p.flip(dims) if dims else p
+                probs = p if probs is None else probs + p
+            probs = probs / len(views)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            spent += time.perf_counter() - t0
+            probs = probs.float().cpu().numpy()
+            if out is None:
+                out = np.empty((len(slices), *probs.shape[1:]), dtype=np.float32)
+            out[lo:lo + len(probs)] = probs
+    return out, spent
 
 
 def predict(args) -> int:
     import numpy as np
     import torch
 
-    from .data.volumes import load_case, save_label
+    from .data.preprocess import resize
+    from .data.volumes import load_case, save_label, save_probabilities
 
-    gen = assemble(read_variant(args.job, parse_sets(args.set)))
-    data = gen.action("dataset_injection")
-    transform = gen.data_format().volumes()
-    if transform is None:
-        raise JobError(data.where or gen.job.where, f"predict needs volumes, but the job's data format "
-                       f"'{data.entry.name}' has none", "predict with a job that trained on NIfTI volumes "
-                       "(<data format=\"decathlon\">)")
-    cases = transform.cases(Path(args.input) if args.input else transform.default_input, args.split)
-    out = Path(args.out) if args.out else gen.rundir.predictions
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gen = assemble(read_variant(args.job, parse_sets(args.set))) if args.job else None
+    checkpoint = _checkpoint_path(args.checkpoint, gen)
+    state = _load_checkpoint(checkpoint)
+    trained, transform, classes, names, in_channels = _model_and_transform(state, checkpoint, gen, args.num_classes)
+    given_transform = gen.data_format().volumes() if gen is not None else None
+    source = Path(args.input) if args.input else (given_transform.default_input if given_transform else None)
+    if source is None:
+        raise JobError(checkpoint, "no volumes to segment", "pass --input (a dataset, a folder of NIfTI images or one)")
+    cases = transform.cases(source, args.split)
+    out = Path(args.out) if args.out else (gen.rundir.predictions if gen is not None else None)
+    if out is None:
+        raise JobError(checkpoint, "no folder for the predictions", "pass --out, or name the job")
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder", "name a folder for the predicted label volumes")
-    checkpoints = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=0)
-    checkpoint = Path(args.checkpoint) if args.checkpoint else checkpoints.latest()
-    if checkpoint is None:
-        raise JobError(gen.job.where, f"no checkpoint in {gen.rundir.checkpoints}",
-                       f"train first (autocnnp run {args.job}) or pass --checkpoint")
-    if not checkpoint.is_file():
-        raise JobError(gen.job.where, f"checkpoint {checkpoint} does not exist", "fix --checkpoint")
-    try:
-        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file
-        raise DataError(checkpoint, f"cannot be read as a checkpoint ({type(exc).__name__}: {exc})",
-                        "pass another --checkpoint") from None
-    weights = state.get("model") if isinstance(state, dict) else None
-    if not isinstance(weights, dict):
-        raise DataError(checkpoint, "holds no model state dict", "pass a checkpoint written by autocnnp run")
-    weights = {k.removeprefix("module."): v for k, v in weights.items()}
-    num_classes = args.num_classes or state.get("num_classes") or transform.num_classes
-    if num_classes is None:
-        raise DataError(checkpoint, "the number of classes the model was trained with is not recorded",
-                        "pass --num-classes")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model, in_channels = None, state.get("in_channels")
+    model = None
     out.mkdir(parents=True, exist_ok=True)
     total_slices, total_infer, total_wall = 0, 0.0, 0.0
     size = transform.size
-    print(f"predicting {len(cases)} volume(s) with {checkpoint} on {device} (slices resized to {size} x {size})")
+    print(f"predicting {len(cases)} volume(s) with {checkpoint} on {device} ({torch.get_num_threads()} thread(s), "
+          f"slices resized to {size} x {size}{', flip test-time augmentation' if args.tta else ''})")
     for case in cases:
         start = time.perf_counter()
         image, _, affine, header = load_case(case)
         slices = transform.to_slices(image, case.image)
         if model is None:
             in_channels = in_channels or slices.shape[1]
-            model = gen.action("architecture_injection").build(in_channels=in_channels, num_classes=num_classes)
-            try:
-                model.load_state_dict(weights)
-            except RuntimeError as exc:
-                raise DataError(checkpoint, f"does not fit the job's architecture with {in_channels} input "
-                                f"channel(s) and {num_classes} classes ({str(exc).splitlines()[0]})",
-                                "predict with the job the checkpoint was trained by, or pass --num-classes") from None
-            model.to(device).eval()
+            model = _build_network(trained, state["model"], in_channels, classes, checkpoint).to(device).eval()
         if slices.shape[1] != in_channels:
             raise DataError(case.image, f"image has {slices.shape[1]} channel(s) after modality selection, the model "
                             f"takes {in_channels}", "give every input the same modalities")
-        labels = np.empty((len(slices), size, size), dtype=np.uint8)
-        infer = 0.0
-        with torch.inference_mode():
-            for lo in range(0, len(slices), args.batch_size):
-                batch = torch.from_numpy(np.ascontiguousarray(slices[lo:lo + args.batch_size])).to(device)
-                t0 = time.perf_counter()
-                logits = model(batch)
-                pred = (logits[:, 0] > 0).long() if logits.shape[1] == 1 else logits.argmax(dim=1)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                infer += time.perf_counter() - t0
-                labels[lo:lo + len(batch)] = pred.to(torch.uint8).cpu().numpy()
+        probs, infer = _probabilities(model, slices, args.batch_size, device, args.tta)
         target = out / f"{case.name}.nii.gz"
-        save_label(transform.to_volume(labels, image.shape), affine, header, target)
+        grid = resize(probs, tuple(image.shape[:2]))  # [Z, C, X, Y]: bilinear back to the source grid, then argmax
+        save_label(np.ascontiguousarray(np.moveaxis(grid.argmax(axis=1), 0, 2)).astype(np.uint8), affine, header, target)
+        if args.probabilities:  # one channel per class
+            save_probabilities(np.ascontiguousarray(np.transpose(grid, (2, 3, 0, 1))), affine, header,
+                               out / f"{case.name}_probabilities.nii.gz")
         wall = time.perf_counter() - start
         depth = len(slices)
         total_slices, total_infer, total_wall = total_slices + depth, total_infer + infer, total_wall + wall
         print(f"  {case.name}: {depth} slices, inference {1000 * infer / max(depth, 1):.2f} ms/slice, "
               f"{wall:.3f} s/volume (load, preprocess, infer, write) -> {target}")
+    named = f"; classes: {', '.join(f'{i} {n}' for i, n in enumerate(names))}" if names else ""
     print(f"{len(cases)} volume(s), {total_slices} slices: inference {1000 * total_infer / max(total_slices, 1):.2f} "
-          f"ms/slice, {total_wall / max(len(cases), 1):.3f} s/volume on average; label volumes in {out}")
+          f"ms/slice, {total_wall / max(len(cases), 1):.3f} s/volume on average; label volumes in {out}{named}")
     return 0
 
 
-def _reference_labels(ref: Path) -> tuple[dict[str, Path], int | None]:
-    """``({case: label file}, declared number of classes or None)`` of a dataset or a folder of labels."""
+# --- evaluate ----------------------------------------------------------------------------------------------
+
+def _reference_labels(ref: Path) -> tuple[dict[str, Path], dict[int, str]]:
+    """``({case: label file}, {class value: name})`` of a dataset (its training labels and the held-out
+    labels next to its test images, ``labelsTs/``) or of a folder of label volumes."""
     from .data.index import is_dataset, nifti_files, read_dataset
 
     if is_dataset(ref):
         ds = read_dataset(ref)
-        return {c.name: Path(c.label) for c in ds.training}, (len(ds.labels) or None)
+        labels = {c.name: Path(c.label) for c in ds.training}
+        for case in ds.test:
+            held_out = Path(case.image).parent.parent / "labelsTs" / Path(case.image).name
+            if held_out.is_file():
+                labels[case.name] = held_out
+        return labels, dict(ds.labels)
     if ref.is_dir():
-        return nifti_files(ref), None
+        return nifti_files(ref), {}
     raise DataError(ref, "is neither a dataset (dataset.json / CSV) nor a folder of label volumes",
                     "name the dataset the images came from or a folder of reference label files")
 
 
 def _table(rows: list[dict], columns) -> str:
     head = ["case", *columns]
-    cells = [[str(r["case"]), *(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in columns)]
+    cells = [[str(r["case"]), *(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)]
              for r in rows]
     widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(head)]
     lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
@@ -132,35 +270,72 @@ def _table(rows: list[dict], columns) -> str:
     return "\n".join(lines)
 
 
+def _surface_means(rows: list[dict], columns: list[str]) -> dict:
+    """Mean of each surface column over the cases where it is finite, and how many were infinite."""
+    out: dict = {}
+    for column in columns:
+        values = [r[column] for r in rows if column in r]
+        finite = [v for v in values if math.isfinite(v)]
+        out[column] = sum(finite) / len(finite) if finite else math.nan
+        if len(finite) < len(values):
+            out[f"{column}_inf_cases"] = len(values) - len(finite)
+    return out
+
+
+def _write_report(out: Path, rows: list[dict], classes: dict[int, str], regions: dict) -> None:
+    """The per-case and overall rows as CSV, or as JSON when ``out`` ends in .json."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.suffix.lower() == ".json":
+        def plain(v):  # JSON has no inf or NaN: "inf" and null
+            return {k: plain(x) for k, x in v.items()} if isinstance(v, dict) else [plain(x) for x in v] \
+                if isinstance(v, list | tuple) else v if not isinstance(v, float) or math.isfinite(v) \
+                else ("inf" if v > 0 else None)
+
+        report = {"cases": rows[:-1], OVERALL: rows[-1], "classes": {str(k): v for k, v in classes.items()},
+                  "regions": regions, "surface": SURFACE_CONVENTIONS}
+        atomic_write(out, json.dumps(plain(report), indent=2, allow_nan=False) + "\n")
+        return
+    if out.suffix.lower() != ".csv":
+        raise DataError(out, "is neither a .csv nor a .json file", "name the report file.csv or file.json")
+    columns = list(dict.fromkeys(k for r in rows for k in r))
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=columns, restval="")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) and math.isfinite(v) else v) for k, v in r.items()})
+    atomic_write(out, text.getvalue())
+
+
 def evaluate(args) -> int:
     import numpy as np
     import torch
 
     from .data.index import nifti_files
     from .data.volumes import load_labels
-    from .training.metrics import confusion_matrix, segmentation_metrics
+    from .training.metrics import confusion_matrix, report
+    from .training.surface import class_surface_distances, voxel_spacing
 
     pred_dir, ref = Path(args.pred), Path(args.ref)
     if not pred_dir.is_dir():
         raise DataError(pred_dir, "is not a folder of predicted label volumes", "name the folder `autocnnp predict` wrote")
-    preds = nifti_files(pred_dir)
+    preds = {name: p for name, p in nifti_files(pred_dir).items() if not name.endswith("_probabilities")}
     if not ref.exists():
         raise DataError(ref, "reference does not exist", "name the dataset or a folder of reference label files")
     refs, declared = _reference_labels(ref)
     matched = [name for name in preds if name in refs]
     if not matched:
-        raise DataError(pred_dir, f"no prediction matches a reference case of {ref} by name",
-                        "predictions must be named like the cases (case_000.nii.gz for case_000)")
+        raise DataError(pred_dir, f"no prediction matches a reference case of {ref} by name (references: "
+                        f"{', '.join(sorted(refs)[:5]) or 'none'}{' ...' if len(refs) > 5 else ''})",
+                        "predictions are named after their cases (case_000.nii.gz for case_000); a dataset's held-out "
+                        "labels are read from labelsTs/ next to imagesTs/")
     unmatched = [name for name in preds if name not in refs]
     if unmatched:
         print(f"autocnnp: note: {len(unmatched)} prediction(s) have no reference and are skipped: "
               f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}", file=sys.stderr)
 
-    # One case in memory at a time. A confusion matrix padded with classes that occur nowhere has the
-    # same metrics (absent classes are left out), so per-case matrices are summed after padding.
-    fixed = args.num_classes or declared
+    fixed = args.num_classes or (len(declared) or None)
     rows, matrices = [], []
-    for name in matched:
+    for name in matched:  # one case in memory at a time
         pred, pred_affine = load_labels(preds[name])
         truth, ref_affine = load_labels(refs[name])
         if pred.shape != truth.shape:
@@ -176,36 +351,51 @@ def evaluate(args) -> int:
         except ValueError as exc:
             path = preds[name] if int(pred.max(initial=0)) >= k else refs[name]
             raise DataError(path, f"{exc} ({k} classes)", "pass --num-classes or fix the labels") from None
+        names = tuple(declared.get(i, f"class {i}") for i in range(k))
+        surface = class_surface_distances(pred, truth, voxel_spacing(ref_affine), range(1, k))
         del pred, truth
         matrices.append(conf)
-        rows.append({"case": name, **segmentation_metrics(conf), "voxels": int(conf.sum())})
+        row = {"case": name, **report(conf, names, _regions(args, names)), "voxels": int(conf.sum())}
+        for c, (hd95, asd) in surface.items():
+            row[f"hd95/{class_key(names[c])}"], row[f"asd/{class_key(names[c])}"] = hd95, asd
+        rows.append(row)
     num_classes = max(m.shape[0] for m in matrices)
     total = torch.zeros(num_classes, num_classes, dtype=torch.int64)
     for m in matrices:
         total[: m.shape[0], : m.shape[1]] += m
-    rows.append({"case": OVERALL, **segmentation_metrics(total), "voxels": int(total.sum())})
+    names = tuple(declared.get(i, f"class {i}") for i in range(num_classes))
+    surface_columns = sorted({k for r in rows for k in r if k.startswith(("hd95/", "asd/"))})
+    rows.append({"case": OVERALL, **report(total, names, _regions(args, names)), "voxels": int(total.sum()),
+                 **_surface_means(rows, surface_columns)})
 
     out = Path(args.out) if args.out else pred_dir / "metrics.csv"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    columns = (*SEGEVAL, "voxels")
-    with open(out, "w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=["case", *columns])
-        writer.writeheader()
-        for r in rows:
-            writer.writerow({k: (f"{v:.6f}" if isinstance(v, float) else v) for k, v in r.items()})
-    print(_table(rows, columns))
-    print(f"{len(matrices)} case(s), {num_classes} classes; overall from the summed confusion matrix; wrote {out}")
+    _write_report(out, rows, {i: n for i, n in enumerate(names)}, _regions(args, names))
+    shown = [FOREGROUND_DICE, *(k for k in rows[-1] if k.startswith(("dice/", "region_dice/")) and k != "dice/background"),
+             *(c for c in surface_columns if c.startswith("hd95/"))]
+    print(_table(rows, shown))
+    print(f"{OVERALL}: " + ", ".join(f"{m} {rows[-1][m]:.4f}" for m in SEGEVAL) + " (from the summed confusion matrix)")
+    print(f"{len(matrices)} case(s), {num_classes} classes; {SURFACE_CONVENTIONS}; wrote {out}")
     return 0
+
+
+def _regions(args, names: tuple[str, ...]) -> dict:
+    try:
+        return parse_regions(args.regions, names)
+    except ValueError as exc:
+        raise JobError(Path(args.pred), f"--regions: {exc}", "write NAME=1,2,3; NAME=2,3, auto or none") from None
 
 
 def add_commands(sub) -> None:
     """Add ``predict`` and ``evaluate`` to the ``autocnnp`` sub-parsers ``sub``."""
-    doc = "segment volumes slice by slice with a trained job's checkpoint and write NIfTI label volumes"
+    doc = ("segment volumes slice by slice with a trained network and write NIfTI label volumes (the checkpoint "
+           "describes its model: the job file is optional)")
     s = sub.add_parser("predict", help=doc, description=doc)
-    s.add_argument("job", help="the XML job file the model was trained with")
+    s.add_argument("job", nargs="?", help="the XML job file of the run (optional: for latest/best, the default "
+                                          "input and output folders)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the job variant that was trained (as `autocnnp run --set`)")
-    s.add_argument("--checkpoint", default=None, help="checkpoint file (default: the latest in the job's output)")
+    s.add_argument("--checkpoint", default="latest",
+                   help="latest (default) or best of the job's run, or a checkpoint file, pointer or run folder")
     s.add_argument("--input", default=None,
                    help="dataset folder/index, folder of NIfTI images or one image (default: the job's <test>, "
                         "else its <train> dataset)")
@@ -216,14 +406,22 @@ def add_commands(sub) -> None:
     s.add_argument("--num-classes", type=positive, default=None,
                    help="classes the model was trained with (default: recorded in the checkpoint)")
     s.add_argument("--batch-size", type=positive, default=16, help="slices per forward pass (default 16)")
+    s.add_argument("--threads", type=positive, default=None, help="CPU threads (default: torch's, all cores)")
+    s.add_argument("--probabilities", action="store_true",
+                   help="also write <case>_probabilities.nii.gz: float32 (X, Y, Z, classes)")
+    s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time)")
     s.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     s.set_defaults(func=predict)
 
-    doc = "score predicted label volumes against references with SegEval, per case and overall"
+    doc = ("score predicted label volumes against references: SegEval, Dice and IoU per class, region Dice and "
+           "surface distances (HD95, ASD in mm) per case and overall")
     s = sub.add_parser("evaluate", help=doc, description=doc)
     s.add_argument("pred", help="folder of predicted label volumes (<case>.nii.gz)")
-    s.add_argument("ref", help="the dataset (dataset.json / CSV) or a folder of reference label volumes")
-    s.add_argument("--out", default=None, help="CSV file to write (default PRED/metrics.csv)")
+    s.add_argument("ref", help="the dataset (dataset.json / CSV; its held-out labels in labelsTs/ too) or a folder "
+                               "of reference label volumes")
+    s.add_argument("--out", default=None, help="report file, .csv or .json (default PRED/metrics.csv)")
     s.add_argument("--num-classes", type=positive, default=None,
                    help="number of classes (default: the labels dataset.json declares, else the largest label + 1)")
+    s.add_argument("--regions", default=REGIONS_DEFAULT, help="groups of classes scored as one: auto (BraTS regions "
+                                                              "for brain-tumour labels), none, or NAME=1,2,3; NAME=2,3")
     s.set_defaults(func=evaluate)

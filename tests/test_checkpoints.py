@@ -324,7 +324,8 @@ def test_plugins_from_a_user_file_through_the_registry(tmp_path):
     where = Location(tmp_path / "job.xml", 19, 18)
     entry = registry("checkpoint").from_file(tmp_path / "ckpt1.py", "LRSchedule", where)
     periodic = registry("checkpoint").get("periodic", where)
-    assert [f.name for f in periodic.config.__dataclass_fields__.values()] == ["every_epochs", "keep", "resume"]
+    assert [f.name for f in periodic.config.__dataclass_fields__.values()] == ["every_epochs", "keep", "resume",
+                                                                            "best_metric"]
     ckpt = periodic.load()(periodic.config(), directory=tmp_path / "ck", rank=0, plugins={"LRSchedule": entry.load()})
     state = trainer_state()
     ckpt.on_epoch_end(0, {"dice": 0.2}, state)

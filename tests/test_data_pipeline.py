@@ -111,12 +111,14 @@ def test_component_splits_by_case_and_reads_channels_and_classes(brain_data, tmp
 
     data = _build(brain_data, tmp_path)
     assert (data.in_channels, data.num_classes) == (4, 4)
-    names = [c["name"] for c in data.train.meta["cases"]]
-    slice_case = np.asarray(data.train.meta["slice_case"])
-    train_cases = {names[i] for i in slice_case[data.train.indices]}
-    valid_cases = {names[i] for i in slice_case[data.valid.indices]}
+    assert data.class_names == ("background", "edema", "non-enhancing tumor", "enhancing tumour")
+    train_cases = {c["name"] for c in data.train.meta["cases"]}
+    valid_cases = {c["name"] for c in data.valid.meta["cases"]}
     assert train_cases == {"case_000", "case_001", "case_002"} and valid_cases == {"case_003"}
-    assert len(data.train) == 12 and len(data.valid) == 4
+    # 4 sampled slices per training volume; validation scores every slice of its volume
+    assert len(data.train) == 12 and len(data.valid) == SHAPE[2]
+    sampled = _build(brain_data, tmp_path, validation="slices")
+    assert len(sampled.valid) == 4
     image, label = data.train[0]
     assert image.shape == (4, 32, 32) and image.dtype == torch.float32 and label.shape == (32, 32)
     assert data.valid.augment is None and data.train.augment.translate == pytest.approx(0.05)
@@ -126,9 +128,9 @@ def test_component_splits_by_case_and_reads_channels_and_classes(brain_data, tmp
     caches = sorted((tmp_path / "cache").glob("train-*/meta.json"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
-    # unchanged files: the validation verdict is reused (the other ranks, later runs)
-    monkeypatch.setattr(checks, "validate_dataset", lambda *a, **k: pytest.fail("validated twice"))
-    _build(brain_data, tmp_path, valid_fraction=0.5)  # same cache, another split
+    # unchanged files: the validation verdict and the caches are reused (the other ranks, later runs)
+    monkeypatch.setattr(checks, "check_dataset", lambda *a, **k: pytest.fail("validated twice"))
+    _build(brain_data, tmp_path)
     assert caches[0].stat().st_mtime_ns == stamp
     assert sorted((tmp_path / "cache").glob("train-*/meta.json")) == caches
     _build(brain_data, tmp_path, size=16)  # other parameters: a second cache, the first is kept
@@ -140,7 +142,7 @@ def test_component_modalities_valid_dataset_and_shared_cache(brain_data, tmp_pat
     shared = tmp_path / "shared"
     data = _build(brain_data, tmp_path, valid=valid, modalities="T1w, 3", augment=False, cache=shared)
     assert data.in_channels == 2 and data.num_classes == 4
-    assert len(data.train) == 16 and len(data.valid) == 8 and data.train.augment is None
+    assert len(data.train) == 16 and len(data.valid) == 2 * SHAPE[2] and data.train.augment is None
     assert len(list(shared.glob("train-*/meta.json"))) == 1 and len(list(shared.glob("valid-*/meta.json"))) == 1
     assert not (tmp_path / "cache").exists()
     with pytest.raises(DataError, match="modality 'PD' is not declared"):
@@ -223,13 +225,14 @@ def test_two_rank_decathlon_run_caches_once_and_trains(trained):
     job, out, result = trained
     assert result.returncode == 0, result.stderr[-3000:]
     rows = read_csv(out / "metrics.csv")
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
     for key in METRICS:
         assert 0 <= float(rows[-1][key]) <= 1, key
     metas = list((out / "cache").glob("train-*/meta.json"))
     assert len(metas) == 1
     meta = json.loads(metas[0].read_text())
-    assert meta["count"] == 4 * 4 and meta["channels"] == 4 and meta["size"] == [32, 32]
+    assert meta["count"] == 3 * 4 and meta["channels"] == 4 and meta["size"] == [32, 32]  # the training cases
+    assert len(list((out / "cache").glob("valid-*/meta.json"))) == 1  # every slice of the validation volume
     assert not list(metas[0].parent.glob(".tmp-*"))  # one build, committed; the other rank reused it
     assert (out / "checkpoints" / "latest").is_file()
 
@@ -299,7 +302,11 @@ def test_predict_writes_label_volumes_on_the_source_grid_and_evaluate_scores_the
     # a folder of reference labels works too; predictions without a reference are an error
     rc, _, err = cli("evaluate", preds, brain_data / "labelsTr", "--out", preds.parent / "eval2.csv")
     assert rc == 0, err
-    rc, _, err = cli("evaluate", out / "predictions", brain_data)
+    rc, text, err = cli("evaluate", out / "predictions", brain_data)  # the test case, against labelsTs/
+    assert rc == 0 and "case_004" in text, err
+    stray = shutil.copytree(out / "predictions", preds.parent / "stray")
+    (stray / "case_004.nii.gz").rename(stray / "other.nii.gz")
+    rc, _, err = cli("evaluate", stray, brain_data)
     assert rc == 2 and "no prediction matches" in err
 
 
@@ -316,11 +323,11 @@ def test_predict_without_a_checkpoint_says_to_train_first(tmp_path, cli, brain_d
     shutil.copytree(brain_data, tmp_path / "data" / "Task01_BrainTumour")
     job = small_job(BRAIN_JOB, tmp_path / "job.xml", **TINY_BRAIN)
     rc, _, err = cli("predict", job)
-    assert rc == 2 and "no checkpoint" in err and "autocnnp run" in err
+    assert rc == 2 and "no latest checkpoint" in err and "autocnnp run" in err
 
 
 def test_a_job_may_point_at_a_preprocessed_cache_read_in_memory(brain_data, tmp_path, cli):
-    """`autocnnp preprocess` output is used as it is (no re-validation, no second cache)."""
+    """`autocnnp preprocess` output is used as it is (checked once, stamped; no second cache)."""
     import numpy as np
 
     train_cache, valid_cache = tmp_path / "pre-train", tmp_path / "pre-valid"
@@ -328,7 +335,8 @@ def test_a_job_may_point_at_a_preprocessed_cache_read_in_memory(brain_data, tmp_
         rc, _, err = cli("preprocess", brain_data, cache, "--slices", "3", "--size", "16")
         assert rc == 0, err
     bundle = _build(train_cache, tmp_path, valid=valid_cache, in_memory=True)
-    assert not (tmp_path / "cache").exists()  # nothing was validated or cached again
+    assert [p.name.split("-")[0] for p in (tmp_path / "cache").glob("*") if not p.name.startswith(".")] == \
+        ["validated", "validated"]  # the two caches were checked (and stamped), nothing was cached again
     assert bundle.train.cache_dir == train_cache and bundle.valid.cache_dir == valid_cache
     image, label = bundle.valid[0]
     assert tuple(image.shape) == (4, 16, 16) and tuple(label.shape) == (16, 16)
@@ -336,3 +344,65 @@ def test_a_job_may_point_at_a_preprocessed_cache_read_in_memory(brain_data, tmp_
     assert not isinstance(images, np.memmap)  # in_memory: a plain array
     mapped, _ = _build(train_cache, tmp_path, valid=valid_cache).valid._open()
     assert isinstance(mapped, np.memmap)
+
+
+# --------------------------------------------------------------------------- one set of data checks everywhere
+
+
+def test_preprocess_refuses_what_validate_refuses_and_validate_accepts_a_cache(brain_data, tmp_path, cli):
+    import nibabel as nib
+
+    data = shutil.copytree(brain_data, tmp_path / "data")
+    cache = tmp_path / "cache"
+    assert cli("preprocess", data, cache, "--slices", "4", "--size", "16")[0] == 0
+    job = small_job(BRAIN_JOB, tmp_path / "job.xml", **TINY_BRAIN)
+    text = job.read_text().replace("data/Task01_BrainTumour", str(cache))
+    job.write_text(text)
+    rc, out, err = cli("validate", "--data", job)
+    assert rc == 0 and "data: 0 problem(s)" in out, err  # a preprocessed cache is valid data
+    rc, out, _ = cli("check-data", cache)
+    assert rc == 0 and "slice cache of" in out
+    # a label outside the declared classes: preprocess refuses it as validate does, nothing is cached
+    label = sorted((data / "labelsTr").iterdir())[0]
+    img = nib.load(label)
+    bad = np.asarray(img.dataobj).copy()
+    bad[0, 0, 0] = 7
+    nib.save(nib.Nifti1Image(bad, img.affine, img.header), label)
+    rc, _, err = cli("preprocess", data, tmp_path / "cache2", "--slices", "4", "--size", "16")
+    assert rc == 2 and "label values {7} are outside the declared labels" in err
+    assert not (tmp_path / "cache2").exists()
+
+
+def test_a_broken_cache_and_empty_label_maps_are_reported(brain_data, tmp_path, cli):
+    import nibabel as nib
+
+    from autocnnp.data.preprocess import check_cache
+
+    data = shutil.copytree(brain_data, tmp_path / "data")
+    label = sorted((data / "labelsTr").iterdir())[1]
+    img = nib.load(label)
+    nib.save(nib.Nifti1Image(np.zeros(img.shape, np.uint8), img.affine, img.header), label)  # background only
+    cache = tmp_path / "cache"
+    rc, _, err = cli("preprocess", data, cache, "--slices", "4", "--size", "16")
+    assert rc == 0 and "1 case(s) have a label map with background only (case_001)" in err
+    assert check_cache(cache).empty_labels == ["case_001"]
+    images = np.load(cache / "images.npy", mmap_mode="r+")
+    images[5, 0, 0, 0] = np.nan  # a damaged cache: training on it would diverge without naming a file
+    images.flush()
+    del images
+    problems = check_cache(cache).problems
+    assert len(problems) == 1 and "NaN or infinite" in str(problems[0]) and "images.npy" in str(problems[0])
+    rc, out, err = cli("check-data", cache)
+    assert rc == 2 and "1 problem(s) found" in err
+
+
+def test_an_unreadable_test_image_does_not_stop_training(brain_data, tmp_path, cli):
+    data = shutil.copytree(brain_data, tmp_path / "data")
+    test_image = sorted((data / "imagesTs").iterdir())[0]
+    test_image.write_bytes(b"not a nifti file" * 4)
+    bundle = _build(data, tmp_path)  # the training cases are checked and cached
+    assert len(bundle.train) == 12
+    job = small_job(BRAIN_JOB, tmp_path / "job.xml", **TINY_BRAIN)
+    job.write_text(job.read_text().replace("data/Task01_BrainTumour", str(data)))
+    rc, _, err = cli("validate", "--data", job)  # validate --data reads every file, the test images too
+    assert rc == 2 and test_image.name in err

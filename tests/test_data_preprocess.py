@@ -339,3 +339,86 @@ def test_synthetic_slice_dataset_with_augment_and_loader():
     ds.set_epoch(1)
     batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
     assert batch[0].shape == (4, 1, 16, 16) and batch[1].shape == (4, 16, 16) and batch[1].dtype == torch.int64
+
+
+# ---------------------------------------------------------------- mixed slice selection
+
+def _mixed_label(depth=20, labelled=range(5, 9)):
+    label = np.zeros((4, 5, depth), np.uint8)
+    for z in labelled:
+        label[1, 2, z] = 1 + z % 3  # any non-zero class counts
+    return label
+
+
+def _groups(idx, labelled):
+    fg = [z for z in idx.tolist() if z in set(labelled)]
+    return len(fg), len(idx) - len(fg)
+
+
+def test_mixed_slices_counts_per_group():
+    label = _mixed_label()  # slices 5-8 labelled, 16 background
+    idx = slice_indices(20, 6, "mixed", label=label, foreground_fraction=0.5)
+    assert idx.dtype == np.int64 and _groups(idx, range(5, 9)) == (3, 3)
+    assert idx.tolist() == [0, 5, 7, 8, 12, 19]  # even within each group: fg [5, 7, 8], bg [0, 12, 19]
+    assert _groups(slice_indices(20, 8, "mixed", label=label, foreground_fraction=0.25), range(5, 9)) == (2, 6)
+    assert _groups(slice_indices(20, 5, "mixed", label=label, foreground_fraction=0.5), range(5, 9)) == (3, 2)  # half up
+    # the default fraction is 0.5
+    assert slice_indices(20, 6, "mixed", label=label).tolist() == idx.tolist()
+    # along another axis: label rows 1 of 4 along axis 0
+    assert slice_indices(4, 2, "mixed", label=label, axis=0, foreground_fraction=0.5).tolist() == [1, 2]
+
+
+def test_mixed_slices_fraction_bounds_and_fill_up():
+    labelled = [2, 3, 7, 11, 12, 15]  # not contiguous: "labelled" would take the range 2..15
+    label = _mixed_label(labelled=labelled)
+    only_fg = slice_indices(20, 3, "mixed", label=label, foreground_fraction=1.0)
+    assert only_fg.tolist() == [2, 11, 15]  # evenly among the labelled slices, none between them
+    only_bg = slice_indices(20, 4, "mixed", label=label, foreground_fraction=0.0)
+    assert _groups(only_bg, labelled) == (0, 4)
+    # a group too short: the other fills up, the total stays n
+    assert _groups(slice_indices(20, 10, "mixed", label=label, foreground_fraction=1.0), labelled) == (6, 4)
+    assert _groups(slice_indices(20, 17, "mixed", label=label, foreground_fraction=0.0), labelled) == (3, 14)
+    label = _mixed_label(labelled=range(20))  # every slice labelled
+    assert slice_indices(20, 5, "mixed", label=label, foreground_fraction=0.0).tolist() == [0, 5, 10, 14, 19]
+    for bad in (-0.1, 1.5, float("nan")):
+        with pytest.raises(ValueError, match="foreground_fraction"):
+            slice_indices(20, 5, "mixed", label=label, foreground_fraction=bad)
+    with pytest.raises(ValueError, match="label map"):
+        slice_indices(20, 5, "mixed")
+
+
+def test_mixed_slices_all_zero_all_slices_distinct_sorted():
+    empty = np.zeros((3, 3, 20), np.uint8)
+    assert slice_indices(20, 3, "mixed", label=empty, foreground_fraction=0.7).tolist() == [0, 10, 19]
+    label = _mixed_label()
+    for n in (None, 0, 20, 50):
+        assert slice_indices(20, n, "mixed", label=label).tolist() == list(range(20))
+    rng = np.random.default_rng(3)
+    for _ in range(200):
+        depth = int(rng.integers(1, 30))
+        label = (rng.random((2, 2, depth)) < rng.random()).astype(np.uint8)
+        n, f = int(rng.integers(1, depth + 3)), float(rng.random())
+        idx = slice_indices(depth, n, "mixed", label=label, foreground_fraction=f)
+        assert len(idx) == min(n, depth) and (np.diff(idx) > 0).all() and 0 <= idx.min() and idx.max() < depth
+        hit = set(np.flatnonzero(label.any(axis=(0, 1))).tolist())
+        if hit and n < depth:
+            want = min(max(int(np.floor(f * n + 0.5)), n - (depth - len(hit))), len(hit))
+            assert _groups(idx, hit)[0] == want
+
+
+def test_build_cache_mixed_keyed_by_fraction(brain, tmp_path):
+    kwargs = dict(n_slices=4, size=16, mode="mixed")
+    keys, fg = {}, {}
+    for f in (0.0, 1.0, 0.0):
+        cache = build_cache(brain, tmp_path / f"c{f}", foreground_fraction=f, **kwargs)
+        meta = read_cache_meta(cache)
+        assert meta["params"]["foreground_fraction"] == f and meta["count"] == 12
+        keys.setdefault(f, meta["key"])
+        assert keys[f] == meta["key"]  # same fraction, same key
+        fg[f] = (np.load(cache / "labels.npy") > 0).any(axis=(1, 2)).sum()
+    assert keys[0.0] != keys[1.0] and fg[1.0] > fg[0.0]
+    # the same folder rebuilds for another fraction
+    build_cache(brain, tmp_path / "c0.0", foreground_fraction=0.5, **kwargs)
+    assert read_cache_meta(tmp_path / "c0.0")["key"] not in keys.values()
+    with pytest.raises(ValueError, match="foreground_fraction"):
+        build_cache(brain, tmp_path / "d", foreground_fraction=2, **kwargs)

@@ -43,7 +43,7 @@ def test_two_rank_run_writes_metrics_checkpoints_plots_and_resources(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     out = tmp_path / "out"
     rows = metrics(out)
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
     for key in ("train_loss", "valid_loss", "dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou"):
         assert 0 <= float(rows[-1][key]) < 10, key
     assert sorted(p.name for p in (out / "resources").iterdir()) == ["rank0.csv", "rank1.csv"]
@@ -92,7 +92,7 @@ def test_resume_continues_the_loss_curve_even_with_other_rank_count(tmp_path):
                      hyper={**SMALL, "end_epoch": 3})
     assert run(rest).returncode == 0
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
-    assert [r["epoch"] for r in b] == ["0", "1", "2"]
+    assert [r["epoch"] for r in b] == ["1", "2", "3"]
     for ra, rb in zip(a, b):
         assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), rel=1e-5)
         assert float(ra["valid_loss"]) == pytest.approx(float(rb["valid_loss"]), rel=1e-5)
@@ -100,7 +100,7 @@ def test_resume_continues_the_loss_curve_even_with_other_rank_count(tmp_path):
                          hyper={**SMALL, "end_epoch": 4})
     result = run(one_rank)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert [r["epoch"] for r in metrics(tmp_path / "part")] == ["0", "1", "2", "3"]
+    assert [r["epoch"] for r in metrics(tmp_path / "part")] == ["1", "2", "3", "4"]
 
 
 FAIL_PLUGIN = """

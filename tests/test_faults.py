@@ -119,6 +119,7 @@ def launches():
 
 
 def epochs(out: Path) -> list[int]:
+    """The epochs metrics.csv holds (numbered from 1)."""
     try:
         with open(out / "metrics.csv") as f:
             return [int(row["epoch"]) for row in csv.DictReader(f)]
@@ -154,7 +155,7 @@ def resume_and_check(job: Path, out: Path, launches, tmp_path: Path) -> None:
     again = launches(job, "--set", f"hyperparameters.end_epoch={start + 2}", tmp_path=tmp_path)
     assert again.wait() == 0, again.stderr
     assert f"resumed from {out / 'checkpoints'}" in (out / "logs" / "rank0.log").read_text()
-    assert epochs(out) == list(range(start + 2))
+    assert epochs(out) == list(range(1, start + 3))
 
 
 # --------------------------------------------------------------------------- stopping the front-end
@@ -219,7 +220,7 @@ def test_a_second_run_of_the_same_output_is_refused_and_harms_nothing(cli, tmp_p
     assert f"the output folder {out} is in use by another run: pid {first.proc.pid} on host " in err
     assert "Hint: wait for it to end or stop it, or give this run another <output>" in err
     assert first.wait() == 0, first.stderr
-    assert epochs(out) == list(range(12))  # every epoch once, none of them disturbed
+    assert epochs(out) == list(range(1, 13))  # every epoch once, none of them disturbed
 
 
 # --------------------------------------------------------------------------- restart
@@ -251,7 +252,7 @@ def test_max_restarts_restarts_a_failed_job_from_its_checkpoint(tmp_path, launch
     assert "rank 1 failed: RuntimeError: injected failure" in run.stderr
     assert "autocnnp: restart 1 of 2 in 0.5 s from the latest checkpoint (after: rank 1 failed: RuntimeError: " \
            "injected failure" in run.stderr
-    assert epochs(out) == list(range(5))
+    assert epochs(out) == list(range(1, 6))
     record = manifest.read(RunDir(out))
     assert [r["attempt"] for r in record["restarts"]] == [1] and "injected failure" in record["restarts"][0]["after"]
     assert [i["status"] for i in record["invocations"]] == ["failed", "completed"]
@@ -272,7 +273,7 @@ def test_min_ranks_goes_on_without_a_host_that_is_gone(tmp_path, launches):
     assert "note: cannot reach host '192.0.2.7'" in run.stderr
     assert "going on with 1 rank(s) on 1 host(s) that answer (parallelism-degree 2, min_ranks 1)" in run.stderr
     assert manifest.read(RunDir(tmp_path / "out"))["world"]["size"] == 1
-    assert epochs(tmp_path / "out") == [0, 1]
+    assert epochs(tmp_path / "out") == [1, 2]
 
 
 def test_min_ranks_is_a_floor(cli, tmp_path, nothing_starts):

@@ -44,7 +44,7 @@ def horovod_job(path: Path, *, output: str, strategy: str = "horovod", hyper: di
 def assert_same_training(out: Path, reference: Path) -> None:
     """Per-epoch train_loss and the final parameters of two runs agree (and training really moved them)."""
     rows, ref_rows = metrics(out), metrics(reference)
-    assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == [r["epoch"] for r in ref_rows] == ["1", "2"]
     for row, ref in zip(rows, ref_rows):
         assert float(row["train_loss"]) == pytest.approx(float(ref["train_loss"]), rel=1e-5)
     params, ref_params = final_params(out), final_params(reference)
@@ -81,7 +81,7 @@ def test_horovodrun_starts_the_ranks_in_place(tmp_path, horovod, controller):
     result = subprocess.run([str(horovodrun), *flag, "-np", "2", "-H", "localhost:2", *AUTOCNNP, "run", str(job)],
                             capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, (result.stdout + result.stderr)[-3000:]
-    assert [r["epoch"] for r in metrics(tmp_path / "out")] == ["0", "1"]
+    assert [r["epoch"] for r in metrics(tmp_path / "out")] == ["1", "2"]
     reference = horovod_job(tmp_path / "ref.xml", output="ref", strategy="ring_allreduce")
     assert run(reference).returncode == 0
     assert_same_training(tmp_path / "out", tmp_path / "ref")

@@ -145,7 +145,7 @@ def test_two_rank_run_trains_a_keras_model(keras, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "out" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["0", "1"]
+    assert [r["epoch"] for r in rows] == ["1", "2"]
     assert all(0 <= float(r["train_loss"]) < 10 for r in rows)
     latest = (tmp_path / "out" / "checkpoints" / "latest").read_text().strip()
     saved = torch.load(tmp_path / "out" / "checkpoints" / Path(latest).name, map_location="cpu", weights_only=False)

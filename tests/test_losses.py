@@ -98,3 +98,22 @@ def test_get_loss():
 def test_shape_mismatch():
     with pytest.raises(ValueError, match="target"):
         dice_loss(torch.zeros(2, 3, 4, 4), torch.zeros(2, 4, 5, dtype=torch.long))
+
+
+def test_a_class_absent_from_a_slice_adds_no_dice_term():
+    torch.manual_seed(0)
+    logits = torch.randn(2, 3, 8, 8)
+    target = torch.randint(0, 2, (2, 8, 8))  # class 2 is in neither slice
+    target[1] = 0  # and the second slice holds only the background
+    p = torch.softmax(logits, dim=1)
+    expected = []
+    for i in range(2):
+        present = [c for c in range(3) if (target[i] == c).any()]
+        dices = [(2 * (p[i, c] * (target[i] == c)).sum() + 1e-6) / (p[i, c].sum() + (target[i] == c).sum() + 1e-6)
+                 for c in present]
+        expected.append(sum(dices) / len(dices))
+    assert dice_loss(logits, target).item() == pytest.approx(1 - sum(expected).item() / 2, rel=1e-6)
+    # predicting the absent class is still penalised by the cross-entropy of dice_ce
+    shifted = logits.clone()
+    shifted[:, 2] += 3.0
+    assert dice_ce(shifted, target) > dice_ce(logits, target)

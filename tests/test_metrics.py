@@ -7,7 +7,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from autocnnp.core.metrics import SEGEVAL
-from autocnnp.training.metrics import SegEval, confusion_matrix, segmentation_metrics
+from autocnnp.training.metrics import (
+    BRATS_REGIONS,
+    SegEval,
+    class_scores,
+    confusion_matrix,
+    foreground_dice,
+    region_dice,
+    segmentation_metrics,
+)
 
 # 2 classes: t = (4, 6), column sums (5, 5), diagonal (3, 4), total 10
 CONF_2 = [[3, 1], [2, 4]]
@@ -177,3 +185,119 @@ def test_all_reduce_sums_over_ranks(tmp_path):
         joined.update(logits, target)
     assert torch.equal(results[0], joined.confusion)
     assert torch.equal(results[1], joined.confusion)
+
+
+# --- per-class and region scores -------------------------------------------------------------
+
+# 3 classes: t = (3, 4, 3), column sums p = (4, 4, 2), diagonal (2, 3, 1)
+CONF_3 = [[2, 1, 0], [0, 3, 1], [2, 0, 1]]
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_class_scores_by_hand(as_tensor):
+    conf = torch.tensor(CONF_3) if as_tensor else np.array(CONF_3)
+    scores = class_scores(conf)
+    assert set(scores) == {"dice", "iou"}
+    assert scores["dice"].dtype == np.float64 and scores["dice"].shape == (3,)
+    np.testing.assert_allclose(scores["dice"], [4 / 7, 6 / 8, 2 / 5])  # 2 n_ii / (t_i + p_i)
+    np.testing.assert_allclose(scores["iou"], [2 / 5, 3 / 5, 1 / 4])  # n_ii / (t_i + p_i - n_ii)
+
+
+def test_class_scores_absent_class_is_nan():
+    conf = np.zeros((4, 4), dtype=np.int64)
+    conf[:2, :2] = CONF_2
+    conf[0, 3] = 1  # class 3 only predicted: present, score 0
+    scores = class_scores(conf)
+    np.testing.assert_allclose(scores["dice"], [6 / 10, 8 / 11, np.nan, 0.0])  # t = (5, 6), p = (5, 5, 0, 1)
+    np.testing.assert_allclose(scores["iou"], [3 / 7, 4 / 7, np.nan, 0.0])
+
+
+def test_class_scores_not_square():
+    with pytest.raises(ValueError, match="square"):
+        class_scores(np.zeros((2, 3)))
+
+
+def test_foreground_dice_by_hand():
+    assert foreground_dice(np.array(CONF_3)) == pytest.approx((6 / 8 + 2 / 5) / 2)
+    conf = np.zeros((4, 4), dtype=np.int64)
+    conf[:2, :2] = CONF_2  # classes 2 and 3 absent: left out
+    assert foreground_dice(torch.tensor(conf)) == pytest.approx(8 / 11)
+    conf[0, 3] = 1  # class 3 falsely predicted: counts with Dice 0
+    assert foreground_dice(conf) == pytest.approx((8 / 11 + 0) / 2)
+
+
+def test_foreground_dice_no_foreground_anywhere_is_one():
+    assert foreground_dice(np.array([[7, 0, 0], [0, 0, 0], [0, 0, 0]])) == 1.0
+
+
+def test_foreground_dice_only_in_truth_is_zero():
+    assert foreground_dice(np.array([[7, 0], [3, 0]])) == 0.0
+
+
+# 4 classes, rows = truth, columns = prediction
+CONF_4 = [[5, 1, 0, 0], [1, 3, 1, 0], [0, 1, 2, 1], [0, 0, 1, 4]]
+
+
+@pytest.mark.parametrize("as_tensor", [False, True])
+def test_region_dice_brats_by_hand(as_tensor):
+    conf = torch.tensor(CONF_4) if as_tensor else np.array(CONF_4)
+    assert region_dice(conf, BRATS_REGIONS) == pytest.approx(
+        {
+            "whole_tumour": 26 / 28,  # TP = 4 + 4 + 5 = 13, FP = row 0 cols 1-3 = 1, FN = rows 1-3 col 0 = 1
+            "tumour_core": 16 / 18,  # TP = 2 + 1 + 1 + 4 = 8, FP = rows 0-1 cols 2-3 = 1, FN = rows 2-3 cols 0-1 = 1
+            "enhancing_tumour": 8 / 10,  # TP = 4, FP = col 3 rows 0-2 = 1, FN = row 3 cols 0-2 = 1
+        }
+    )
+
+
+def test_region_of_one_class_is_its_dice():
+    dice = class_scores(np.array(CONF_4))["dice"]
+    result = region_dice(np.array(CONF_4), {f"c{c}": (c,) for c in range(4)})
+    assert list(result.values()) == pytest.approx(list(dice))
+
+
+def test_region_dice_empty_region_is_one():
+    conf = np.zeros((4, 4), dtype=np.int64)
+    conf[:2, :2] = CONF_2  # no label 2 or 3 in truth nor prediction
+    result = region_dice(conf, BRATS_REGIONS)
+    assert result["whole_tumour"] == pytest.approx(8 / 11)
+    assert result["tumour_core"] == 1.0
+    assert result["enhancing_tumour"] == 1.0
+
+
+@pytest.mark.parametrize(("values", "bad"), [((1, 4), "4"), ((-1, 2, 7), "-1, 7"), ((1.0,), "1.0")])
+def test_region_dice_bad_class_value(values, bad):
+    with pytest.raises(ValueError, match=rf"region 'tumour': class values \[{bad}\] are outside \[0, 4\)"):
+        region_dice(np.array(CONF_4), {"whole": (1, 2), "tumour": values})
+
+
+def brute_dice(pred_mask: np.ndarray, true_mask: np.ndarray) -> float:
+    size = pred_mask.sum() + true_mask.sum()
+    return 2 * (pred_mask & true_mask).sum() / size if size else np.nan
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_scores_match_brute_force_on_label_maps(seed):
+    rng = np.random.default_rng(seed)
+    num_classes = 5
+    # labels drawn below num_classes - 1: the last class is always absent
+    truth = rng.integers(0, rng.integers(2, num_classes), size=(4, 7, 9))
+    pred = np.where(rng.random(truth.shape) < 0.6, truth, rng.integers(0, num_classes - 1, size=truth.shape))
+    conf = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), num_classes)
+
+    scores = class_scores(conf)
+    for c in range(num_classes):
+        p, t = pred == c, truth == c
+        union = (p | t).sum()
+        np.testing.assert_allclose(scores["dice"][c], brute_dice(p, t), rtol=1e-12)
+        np.testing.assert_allclose(scores["iou"][c], (p & t).sum() / union if union else np.nan, rtol=1e-12)
+    assert np.isnan(scores["dice"][-1]) and np.isnan(scores["iou"][-1])
+
+    present = [brute_dice(pred == c, truth == c) for c in range(1, num_classes) if ((pred == c) | (truth == c)).any()]
+    assert foreground_dice(conf) == pytest.approx(np.mean(present) if present else 1.0, rel=1e-12)
+
+    regions = {**BRATS_REGIONS, "odd": (1, 3), "background": (0,), "everything": range(num_classes)}
+    for name, region in region_dice(conf, regions).items():
+        p, t = np.isin(pred, list(regions[name])), np.isin(truth, list(regions[name]))
+        expected = brute_dice(p, t)
+        assert region == pytest.approx(1.0 if np.isnan(expected) else expected, rel=1e-12), name

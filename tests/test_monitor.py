@@ -120,9 +120,9 @@ def test_resource_sampler_rows(tmp_path):
 def test_metrics_csv_after_three_epochs(run_dir):
     rows = read_rows(run_dir / "metrics.csv")
     assert list(rows[0]) == ["epoch", "dice", "mean_iou", "train_loss", "valid_loss"]
-    assert [int(r["epoch"]) for r in rows] == [0, 1, 2]
+    assert [int(r["epoch"]) for r in rows] == [1, 2, 3]  # numbered as the console numbers them
     for row in rows:
-        expected = epoch_metrics(int(row["epoch"]))
+        expected = epoch_metrics(int(row["epoch"]) - 1)
         for name, value in expected.items():
             assert float(row[name]) == pytest.approx(value)
 
@@ -135,14 +135,24 @@ def test_epoch_summary_printed(tmp_path, capsys):
     assert "samples/s=" in line
 
 
+def test_per_class_values_print_as_one_word_per_family(tmp_path, capsys):
+    with Monitor(RunDir(tmp_path), 0, 1, config(tensorboard=False, plots=False), 1, STEPS, 0) as monitor:
+        monitor.epoch_end(0, {"train_loss": 0.5, "dice": 0.75, "dice/background": 0.99, "dice/edema": 0.5,
+                              "iou/edema": 0.33, "region_dice/whole_tumour": 0.61})
+    line = capsys.readouterr().out.strip()
+    assert "train_loss=0.5 dice=0.75 dice[background,edema]=0.99,0.5 iou[edema]=0.33 region_dice[whole_tumour]=0.61" \
+        in line
+    assert read_rows(tmp_path / "metrics.csv")[0]["dice/edema"] == "0.5"
+
+
 def test_resume_drops_later_epochs(tmp_path):
     cfg = config(tensorboard=False, plots=False)
     with Monitor(RunDir(tmp_path), 0, 1, cfg, 3, STEPS, 0) as monitor:
         run_epochs(monitor, range(3))
     with Monitor(RunDir(tmp_path), 0, 1, cfg, 3, STEPS, start_epoch=1) as monitor:
-        assert [r["epoch"] for r in read_rows(tmp_path / "metrics.csv")] == ["0"]
+        assert [r["epoch"] for r in read_rows(tmp_path / "metrics.csv")] == ["1"]
         run_epochs(monitor, [1])
-    assert [r["epoch"] for r in read_rows(tmp_path / "metrics.csv")] == ["0", "1"]
+    assert [r["epoch"] for r in read_rows(tmp_path / "metrics.csv")] == ["1", "2"]
 
 
 def test_new_metric_names_extend_the_header(tmp_path):

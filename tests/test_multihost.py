@@ -120,7 +120,7 @@ def test_two_ranks_on_two_hosts(two_hosts, tmp_path):
     assert [(tmp_path / f"host-rank{r}.txt").read_text() for r in (0, 1)] == ["acp-h1", "acp-h2"]
     with open(tmp_path / "out" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["0"] and 0 < float(rows[0]["dice"]) <= 1
+    assert [r["epoch"] for r in rows] == ["1"] and 0 < float(rows[0]["dice"]) <= 1
 
 
 @pytest.mark.multihost

@@ -116,7 +116,7 @@ def test_lr_policy_and_divergence_reference_are_saved_and_resumed():
     run = SimpleNamespace(state=TrainState(opt, epoch=2), checkpoints=Checkpoints(), policy=policy,
                           world=SimpleNamespace(world_size=2), gen=SimpleNamespace(seed=0, job=SimpleNamespace(file="j")),
                           data=SimpleNamespace(in_channels=2, num_classes=2),
-                          scaler=torch.amp.GradScaler("cpu", enabled=False), guard=DivergenceGuard(1000.0))
+                          scaler=torch.amp.GradScaler("cpu", enabled=False), guard=DivergenceGuard(1000.0), card={})
     run.guard.check(1.25, 0, 0)  # the first loss of the run: what divergence is judged against
     saved = checkpoint_state(model, run)
     assert saved["lr_policy"]["warmup_epochs"] == 6
@@ -187,7 +187,7 @@ def test_deterministic_two_rank_runs_are_bit_identical_and_recorded(tmp_path):
     assert data["format"] == "synthetic" and data["checksum"]["method"] == "parameters"
     assert data["split"]["samples"] == {"train": 16, "valid": 6} and data["augmentation"] == "none"
     assert m["repeats"] == {"count": 1} and m["world"] == {"size": 2, "backend": "gloo"}
-    assert m["final_metrics"]["epoch"] == 1 and 0 <= m["final_metrics"]["dice"] <= 1
+    assert m["final_metrics"]["epoch"] == 2 and 0 <= m["final_metrics"]["dice"] <= 1  # metrics.csv counts from 1
     assert [i["status"] for i in m["invocations"]] == ["completed"]
     # the other run's record differs only in paths and times
     other = json.loads((outs[1] / "manifest.json").read_text())

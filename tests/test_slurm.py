@@ -225,7 +225,7 @@ def test_a_two_rank_job_trains_under_slurm(slurm, tmp_path, launcher):
     assert f"launcher {launcher}" in log and "epoch 1/1" in log
     with open(out / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [r["epoch"] for r in rows] == ["0"] and 0 < float(rows[0]["dice"]) <= 1
+    assert [r["epoch"] for r in rows] == ["1"] and 0 < float(rows[0]["dice"]) <= 1
     assert sorted(p.name for p in (out / "resources").iterdir()) == ["rank0.csv", "rank1.csv"]
     assert (out / "slurm" / f"{job_id}.exit").read_text().strip() == "0"
     print(f"slurm {launcher}: submit to COMPLETED in {time.monotonic() - started:.1f} s")

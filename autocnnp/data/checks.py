@@ -11,6 +11,7 @@ import gzip
 import hashlib
 import json
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,24 @@ def _fmt_values(values) -> str:
     return ", ".join(str(int(v)) if float(v).is_integer() else repr(v) for v in sorted(values))
 
 
-def _check_case(case: Case, allowed: set[int] | None, n_modalities: int | None, index_file: Path) -> list[DataError]:
+@dataclass
+class Verdict:
+    """What checking a dataset found: problems (each stops a job) and notes that do not."""
+
+    problems: list[DataError] = field(default_factory=list)
+    empty_labels: list[str] = field(default_factory=list)  # cases whose label map is background only
+
+    def note(self) -> str | None:
+        """One line about the empty label maps, if any."""
+        if not self.empty_labels:
+            return None
+        shown = ", ".join(self.empty_labels[:5]) + (" ..." if len(self.empty_labels) > 5 else "")
+        return (f"{len(self.empty_labels)} case(s) have a label map with background only ({shown}): they train "
+                "on background, and their slices are spread over the whole volume")
+
+
+def _check_case(case: Case, allowed: set[int] | None, n_modalities: int | None, index_file: Path,
+                verdict: Verdict) -> list[DataError]:
     errors: list[DataError] = []
     image_path = Path(case.image)
     try:
@@ -122,6 +140,8 @@ def _check_case(case: Case, allowed: set[int] | None, n_modalities: int | None, 
                                         f"(max difference {np.abs(lab.affine - img.affine).max():.4g})",
                                         "resample the label onto the image grid or fix its header"))
         values, finite, integer = _scan_voxels(label_path, lab, want_values=True)
+        if values is not None and not any(values):
+            verdict.empty_labels.append(case.name)
         if not finite or not integer:
             errors.append(DataError(label_path, "label map holds non-integer, NaN or infinite values",
                                     "store labels as integers, not resampled with linear interpolation"))
@@ -136,21 +156,30 @@ def _check_case(case: Case, allowed: set[int] | None, n_modalities: int | None, 
     return errors
 
 
-def validate_dataset(root, num_classes: int | None = None) -> list[DataError]:
-    """Check a whole dataset and return every problem found (an empty list means it is usable).
+def validate_dataset(root, num_classes: int | None = None, split: str = "all") -> list[DataError]:
+    """Every problem of the dataset (an empty list means it is usable): :func:`check_dataset`'s problems."""
+    return check_dataset(root, num_classes, split).problems
+
+
+def check_dataset(root, num_classes: int | None = None, split: str = "all") -> Verdict:
+    """Check a dataset's index and the cases of ``split`` (``training``, ``test`` or ``all``).
 
     Checks the index (missing keys, ``numTraining``/``numTest`` against the entries, label and
     modality numbering, duplicates, ``num_classes`` against the declared labels) and then every
     case, one at a time with streamed voxel data: files exist and are readable NIfTI (corrupt or
     truncated files are caught), channel count against the declared modalities, finite image
     values, image/label spatial shape and affine (``np.allclose``, atol 1e-3) agreement, integer
-    label values within the declared labels (and ``< num_classes`` when given).
+    label values within the declared labels (and ``< num_classes`` when given); label maps with
+    background only are noted, not refused.
     """
+    verdict = Verdict()
     try:
         ds = read_dataset(root)
     except DataError as exc:
-        return [exc]
-    errors = list(ds.problems)
+        verdict.problems.append(exc)
+        return verdict
+    errors = verdict.problems
+    errors.extend(ds.problems)
     allowed: set[int] | None = set(ds.labels) if ds.labels else None
     if num_classes is not None:
         if ds.labels and len(ds.labels) != int(num_classes):
@@ -163,9 +192,9 @@ def validate_dataset(root, num_classes: int | None = None) -> list[DataError]:
         errors.append(DataError(ds.index_file, "the dataset lists no labelled training cases",
                                 "add image,label pairs to the index"))
     n_mod = len(ds.modalities) or None
-    for case in ds.cases("all"):
-        errors.extend(_check_case(case, allowed, n_mod, ds.index_file))
-    return errors
+    for case in ds.cases(split):
+        errors.extend(_check_case(case, allowed, n_mod, ds.index_file, verdict))
+    return verdict
 
 
 def problems_error(problems: list[DataError], root, *, limit: int = 3) -> DataError:
@@ -201,11 +230,13 @@ def _files_key(root) -> str:
     return hashlib.sha256(json.dumps(files).encode()).hexdigest()
 
 
-_STAMP_FORMAT = 1
+_STAMP_FORMAT = 2
 
 
-def validate_once(root, state_dir: Path, role: str = "train") -> None:
-    """Run :func:`validate_dataset` on ``root`` unless an earlier run stamped the same files; raise on problems.
+def validate_once(root, state_dir: Path, role: str = "train", check=None, key: str | None = None) -> Verdict:
+    """Check the training cases of ``root`` (:func:`check_dataset`; the test images do not stop a job), or
+    run ``check()`` keyed by ``key`` (e.g. a slice cache's check), unless an earlier run stamped the same
+    files; raise on problems, else return the verdict.
 
     Concurrent callers (the ranks of a job) serialise on a lock in ``state_dir``: the first one
     validates and writes the verdict (``validated-<role>-<hash of root>.json``), the others read it.
@@ -213,7 +244,7 @@ def validate_once(root, state_dir: Path, role: str = "train") -> None:
     state_dir = Path(state_dir)
     where = str(Path(root).resolve())
     stamp = state_dir / f"validated-{role}-{hashlib.sha256(where.encode()).hexdigest()[:12]}.json"
-    key = _files_key(root)
+    key = key or _files_key(root)
     with exclusive_lock(state_dir / ".validate.lock"):
         try:
             saved = json.loads(stamp.read_text())
@@ -221,11 +252,13 @@ def validate_once(root, state_dir: Path, role: str = "train") -> None:
             saved = None
         if (isinstance(saved, dict) and saved.get("format") == _STAMP_FORMAT and saved.get("key") == key
                 and saved.get("root") == where):
-            problems = [DataError(*p) for p in saved.get("problems", [])]
+            verdict = Verdict([DataError(*p) for p in saved.get("problems", [])], list(saved.get("empty_labels", [])))
         else:
-            problems = validate_dataset(root)
-            record = {"format": _STAMP_FORMAT, "key": key, "root": where,
-                      "problems": [[None if p.path is None else str(p.path), p.problem, p.hint] for p in problems]}
+            verdict = check() if check is not None else check_dataset(root, split="training")
+            record = {"format": _STAMP_FORMAT, "key": key, "root": where, "empty_labels": verdict.empty_labels,
+                      "problems": [[None if p.path is None else str(p.path), p.problem, p.hint]
+                                   for p in verdict.problems]}
             atomic_write(stamp, json.dumps(record))
-    if problems:
-        raise problems_error(problems, root)
+    if verdict.problems:
+        raise problems_error(verdict.problems, root)
+    return verdict

@@ -5,12 +5,14 @@ are imported inside the command functions, so ``autocnnp validate`` stays fast a
 Bad data is one DataError paragraph on stderr (the CLI prints it) with exit code 2.
 
 * ``autocnnp synth OUT --kind brain|atrium --cases N --shape X Y Z --seed S --test-cases T``
-* ``autocnnp preprocess DATA CACHE --slices N --size S --mode even|labelled --modalities all``
-* ``autocnnp check-data DATA [--num-classes K]``
+* ``autocnnp preprocess DATA CACHE --slices N --size S --mode even|labelled|mixed --foreground-fraction F
+  --modalities all``
+* ``autocnnp check-data DATA|CACHE [--num-classes K]``
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 import time
@@ -36,7 +38,7 @@ def cmd_synth(args) -> int:
         raise DataError(out, str(exc), "see `autocnnp synth --help`") from None
     print(f"wrote {args.cases} training and {args.test_cases} test {args.kind} case(s) of shape "
           f"{' x '.join(str(s) for s in args.shape)} (seed {args.seed}) to {out} "
-          f"(dataset.json, imagesTr/, labelsTr/, imagesTs/)")
+          f"(dataset.json, imagesTr/, labelsTr/, imagesTs/, labelsTs/)")
     return 0
 
 
@@ -47,19 +49,37 @@ def _given(value, default):
     return default if value is None else value
 
 
+def unit_interval(text: str) -> float:
+    """argparse type: a float in ``[0, 1]``."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
 def cmd_preprocess(args) -> int:
+    from .checks import check_dataset, problems_error
     from .preprocess import META_FILE, build_cache, parse_modalities, read_cache_meta
 
     job = registry("dataset_injection").get("decathlon", Location(Path(args.data))).config  # a job's defaults
     defaults = {f.name: f.default for f in dataclasses.fields(job)}
     slices, size = _given(args.slices, defaults["slices_per_volume"]), _given(args.size, defaults["size"])
     mode, modalities = _given(args.mode, defaults["slice_mode"]), _given(args.modalities, defaults["modalities"])
+    fraction = _given(args.foreground_fraction, defaults["foreground_fraction"])
+    verdict = check_dataset(args.data, split="training")  # what `validate --data` checks: nothing bad is cached
+    if verdict.problems:
+        raise problems_error(verdict.problems, args.data)
+    if verdict.note():
+        print(f"autocnnp: note: {verdict.note()}", file=sys.stderr)
     cache = Path(args.cache)
     meta_file = cache / META_FILE
     before = meta_file.stat().st_mtime_ns if meta_file.is_file() else None
     start = time.perf_counter()
     build_cache(args.data, cache, n_slices=slices, size=size, modalities=parse_modalities(modalities), mode=mode,
-                normalise=not args.no_normalise)
+                normalise=not args.no_normalise, foreground_fraction=fraction)
     seconds = time.perf_counter() - start
     meta = read_cache_meta(cache)
     reused = before is not None and meta_file.stat().st_mtime_ns == before
@@ -73,15 +93,25 @@ def cmd_preprocess(args) -> int:
 # check-data
 
 def cmd_check_data(args) -> int:
-    from .checks import validate_dataset
+    from .checks import check_dataset
     from .index import read_dataset
+    from .preprocess import check_cache, is_cache, read_cache_meta
 
-    problems = validate_dataset(args.data, num_classes=args.num_classes)
+    cache = is_cache(args.data)
+    verdict = check_cache(args.data) if cache else check_dataset(args.data, num_classes=args.num_classes)
+    problems = verdict.problems
+    if verdict.note():
+        print(f"autocnnp: note: {verdict.note()}", file=sys.stderr)
     if problems:
         for p in problems:
             print(p)
         print(f"autocnnp: {args.data}: {len(problems)} problem(s) found", file=sys.stderr)
         return DataError.exit_code
+    if cache:
+        meta = read_cache_meta(args.data)
+        print(f"{args.data}: OK: slice cache of {meta['count']} slices from {len(meta['cases'])} case(s) of "
+              f"{meta.get('dataset', '?')!r}")
+        return 0
     ds = read_dataset(args.data)
     mods = ", ".join(f"{i}={n}" for i, n in ds.modalities.items()) or "not declared"
     labels = ", ".join(f"{i}={n}" for i, n in ds.labels.items()) or "not declared"
@@ -114,14 +144,18 @@ def add_commands(sub) -> None:
     s.add_argument("cache", help="cache folder to write")
     s.add_argument("--slices", type=count, help="slices per volume, 0 for all (default: as a decathlon job)")
     s.add_argument("--size", type=positive, help="slice size in pixels (default: as a decathlon job)")
-    s.add_argument("--mode", choices=("even", "labelled"),
-                   help="spread slices over the whole volume or over its labelled part (default: as a decathlon job)")
+    s.add_argument("--mode", choices=("even", "labelled", "mixed"),
+                   help="spread slices over the whole volume, over its labelled part, or over slices with and "
+                        "without a label in the share --foreground-fraction (default: as a decathlon job)")
+    s.add_argument("--foreground-fraction", type=unit_interval, metavar="F",
+                   help="--mode mixed: share of the slices taken among those holding a label, 0 to 1 "
+                        "(default: as a decathlon job, else 0.5)")
     s.add_argument("--modalities", help="'all' or comma-separated modality names or indices (default: all)")
     s.add_argument("--no-normalise", action="store_true", help="skip the per-case z-score")
     s.set_defaults(func=cmd_preprocess)
 
     doc = "check a dataset: every file readable, shapes, affines, label values; prints every problem"
     s = sub.add_parser("check-data", help=doc, description=doc)
-    s.add_argument("data", help="dataset folder (dataset.json), dataset.json file or CSV index")
+    s.add_argument("data", help="dataset folder (dataset.json), dataset.json file, CSV index or slice cache folder")
     s.add_argument("--num-classes", type=positive, default=None, help="also check labels are below this")
     s.set_defaults(func=cmd_check_data)

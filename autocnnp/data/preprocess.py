@@ -30,10 +30,11 @@ from torch.utils.data import Dataset
 
 from ..core.errors import DataError
 from ..core.files import exclusive_lock, read_json
+from .checks import Verdict
 from .index import Case, read_dataset
 from .volumes import label_shape, load_case, open_nifti, read_array
 
-MODES: tuple[str, ...] = ("even", "labelled")
+MODES: tuple[str, ...] = ("even", "labelled", "mixed")
 CACHE_FORMAT = 1
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.npy"
@@ -56,27 +57,53 @@ def _even(lo: int, hi: int, n: int | None) -> np.ndarray:
     return np.floor(np.linspace(lo, hi, n) + 0.5).astype(np.int64)
 
 
-def slice_indices(depth: int, n_slices: int | None, mode: str = "even", label=None, axis: int = 2) -> np.ndarray:
+def _spread(pool: np.ndarray, n: int) -> np.ndarray:
+    """``n`` evenly spread entries of the sorted index array ``pool`` (none when ``n`` is 0)."""
+    return pool[_even(0, pool.size - 1, n)] if n > 0 else pool[:0]
+
+
+def check_fraction(fraction) -> float:
+    """``fraction`` as a float in ``[0, 1]``, else a ValueError saying so."""
+    value = float(fraction)
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"foreground_fraction must be between 0 and 1, got {fraction!r}")
+    return value
+
+
+def slice_indices(depth: int, n_slices: int | None, mode: str = "even", label=None, axis: int = 2,
+                  foreground_fraction: float = 0.5) -> np.ndarray:
     """Indices of the slices to take along ``axis`` of a volume ``depth`` slices deep.
 
     ``mode="even"`` spreads ``n_slices`` evenly over the whole volume; ``mode="labelled"`` spreads
-    them evenly between the first and the last slice holding a non-zero label (falling back to the
-    whole volume when the label map is empty). ``n_slices`` of ``None``/``0``, or more than there
-    are slices, takes every slice once (indices never repeat). Sorted, distinct int64 indices.
+    them evenly between the first and the last slice holding a non-zero label; ``mode="mixed"``
+    spreads ``round(foreground_fraction * n_slices)`` (half up) of them evenly over the slices that
+    hold a non-zero label and the rest evenly over the slices that hold none, the other group
+    filling up when one has too few (nnU-Net-style foreground oversampling that still shows the
+    model background). Both fall back to ``"even"`` when the label map is empty. ``n_slices`` of
+    ``None``/``0``, or more than there are slices, takes every slice once (indices never repeat).
+    Sorted, distinct int64 indices.
     """
     if mode not in MODES:
         raise ValueError(f"slice mode must be one of {', '.join(MODES)}, got {mode!r}")
     if depth < 1:
         raise ValueError(f"cannot take slices of a volume with {depth} slices")
+    fraction = check_fraction(foreground_fraction)
+    if mode == "even":
+        return _even(0, int(depth) - 1, n_slices)
+    if label is None:
+        raise ValueError(f"mode {mode!r} needs the label map")
+    label = np.asarray(label)
+    other = tuple(a for a in range(label.ndim) if a != axis % label.ndim)
+    hit = np.flatnonzero(np.any(label > 0, axis=other))
+    if not hit.size:
+        return _even(0, int(depth) - 1, n_slices)
     if mode == "labelled":
-        if label is None:
-            raise ValueError("mode 'labelled' needs the label map")
-        label = np.asarray(label)
-        other = tuple(a for a in range(label.ndim) if a != axis % label.ndim)
-        hit = np.flatnonzero(np.any(label > 0, axis=other))
-        if hit.size:
-            return _even(int(hit[0]), int(hit[-1]), n_slices)
-    return _even(0, int(depth) - 1, n_slices)
+        return _even(int(hit[0]), int(hit[-1]), n_slices)
+    if not n_slices or n_slices >= depth:
+        return np.arange(int(depth), dtype=np.int64)
+    empty = np.setdiff1d(np.arange(int(depth), dtype=np.int64), hit)
+    n_fg = min(max(int(np.floor(fraction * n_slices + 0.5)), n_slices - empty.size), hit.size)
+    return np.sort(np.concatenate([_spread(hit.astype(np.int64), n_fg), _spread(empty, n_slices - n_fg)]))
 
 
 def _channels_last(image: np.ndarray) -> np.ndarray:
@@ -100,14 +127,16 @@ def take_slices(image, label, indices, axis: int = 2):
     return imgs, labs
 
 
-def extract_slices(image, label, n_slices: int | None, mode: str = "even", axis: int = 2):
+def extract_slices(image, label, n_slices: int | None, mode: str = "even", axis: int = 2,
+                   foreground_fraction: float = 0.5):
     """Pick ``n_slices`` slices (see :func:`slice_indices`) and return ``(indices, images, labels)``.
 
     ``image`` is ``(X, Y, Z)`` or channels last ``(X, Y, Z, C)``; ``images`` is ``[N, C, H, W]``
     and ``labels`` ``[N, H, W]`` (``None`` when ``label`` is ``None``).
     """
     image = _channels_last(image)
-    indices = slice_indices(image.shape[axis], n_slices, mode, label=label, axis=axis)
+    indices = slice_indices(image.shape[axis], n_slices, mode, label=label, axis=axis,
+                            foreground_fraction=foreground_fraction)
     imgs, labs = take_slices(image, label, indices, axis=axis)
     return indices, imgs, labs
 
@@ -233,14 +262,15 @@ def build_cache(
     normalise: bool = True,
     case_indices=None,
     axis: int = 2,
+    foreground_fraction: float = 0.5,
 ) -> Path:
     """Build (or reuse) the 2D slice cache of the labelled cases of dataset ``root``.
 
     ``root`` is anything :func:`~autocnnp.data.decathlon.read_dataset` accepts. ``n_slices`` slices
-    per case are taken along ``axis`` (``mode`` ``"even"`` or ``"labelled"``, see
-    :func:`slice_indices`; ``None``/``0`` takes all), restricted to the channels ``modalities``
-    (indices or modality names from dataset.json; ``None`` keeps all), z-scored per case and
-    channel when ``normalise``, and resized to ``size`` (int or ``(H, W)``). ``case_indices``
+    per case are taken along ``axis`` (``mode`` ``"even"``, ``"labelled"`` or ``"mixed"`` with
+    ``foreground_fraction``, see :func:`slice_indices`; ``None``/``0`` takes all), restricted to the
+    channels ``modalities`` (indices or modality names from dataset.json; ``None`` keeps all),
+    z-scored per case and channel when ``normalise``, and resized to ``size`` (int or ``(H, W)``). ``case_indices``
     picks training cases by position in the index (``None``: all). Returns ``cache_dir``.
 
     A second call with the same inputs is a no-op. Concurrent calls (several ranks or processes)
@@ -250,6 +280,7 @@ def build_cache(
         raise ValueError(f"slice mode must be one of {', '.join(MODES)}, got {mode!r}")
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+    fraction = check_fraction(foreground_fraction)
     h, w = _size2(size)
     ds = read_dataset(root)
     cases = ds.cases("training")
@@ -275,6 +306,7 @@ def build_cache(
         "mode": mode,
         "normalise": bool(normalise),
         "axis": axis,
+        "foreground_fraction": fraction,
         "cases": [[c.name] + _stat(Path(c.image)) + _stat(Path(c.label)) for c in cases],
     }
     key = cache_key(params)
@@ -297,20 +329,21 @@ def build_cache(
     return out
 
 
-def _plan(case: Case, mode: str, n_slices, axis: int) -> np.ndarray:
-    """Slice indices of one case, reading only the header (and the label for 'labelled')."""
+def _plan(case: Case, mode: str, n_slices, axis: int, foreground_fraction: float) -> np.ndarray:
+    """Slice indices of one case, reading only the header (and the label unless ``mode`` is 'even')."""
     img = open_nifti(Path(case.image))
     label = None
-    if mode == "labelled":
+    if mode != "even":
         path = Path(case.label)
         lab = open_nifti(path)
         label = read_array(path, lab).reshape(label_shape(path, lab.shape))
-    return slice_indices(img.shape[axis], n_slices, mode, label=label, axis=axis)
+    return slice_indices(img.shape[axis], n_slices, mode, label=label, axis=axis,
+                         foreground_fraction=foreground_fraction)
 
 
 def _write_cache(tmp: Path, cases, params, key, ds, mods, size) -> dict:
     h, w = size
-    plans = [_plan(c, params["mode"], params["n_slices"], params["axis"]) for c in cases]
+    plans = [_plan(c, params["mode"], params["n_slices"], params["axis"], params["foreground_fraction"]) for c in cases]
     total = int(sum(len(p) for p in plans))
     images = labels = None
     slice_case: list[int] = []
@@ -399,6 +432,64 @@ def read_cache_meta(cache_dir) -> dict:
         raise DataError(cache_dir / META_FILE, "no usable training cache here (meta.json missing, unreadable or "
                         "of another format)", "build it with autocnnp.data.preprocess.build_cache")
     return meta
+
+
+def is_cache(root) -> bool:
+    """Whether ``root`` is a slice cache folder written by :func:`build_cache` / ``autocnnp preprocess``."""
+    return (Path(root) / META_FILE).is_file() and (Path(root) / IMAGES_FILE).is_file()
+
+
+def cache_key_of(root) -> str:
+    """What a cache check is stamped with: the cache's content key and its files' sizes and times."""
+    root = Path(root)
+    meta = _read_meta(root) or {}
+    stats = [[name, (root / name).stat().st_size, (root / name).stat().st_mtime_ns]
+             for name in (IMAGES_FILE, LABELS_FILE, META_FILE) if (root / name).is_file()]
+    return hashlib.sha256(json.dumps([meta.get("key"), stats]).encode()).hexdigest()
+
+
+def check_cache(root, chunk: int = 256) -> Verdict:
+    """Check a slice cache as ``validate --data`` checks a dataset: meta.json, the arrays' shapes, finite
+    images, label values within the declared labels; cases whose slices hold background only are noted.
+    The arrays are read ``chunk`` slices at a time (bounded memory)."""
+    root = Path(root)
+    verdict = Verdict()
+    try:
+        meta = read_cache_meta(root)
+        images = np.load(root / IMAGES_FILE, mmap_mode="r")
+        labels = np.load(root / LABELS_FILE, mmap_mode="r")
+    except (DataError, OSError, ValueError) as exc:
+        verdict.problems.append(exc if isinstance(exc, DataError) else DataError(root, f"cache cannot be read ({exc})",
+                                                                                 "rebuild it with autocnnp preprocess"))
+        return verdict
+    count, (h, w) = int(meta["count"]), meta["size"]
+    if images.shape != (count, int(meta["channels"]), h, w) or labels.shape != (count, h, w):
+        verdict.problems.append(DataError(root, f"cache arrays {images.shape} / {labels.shape} disagree with meta.json "
+                                          f"({count} slices of {meta['channels']} x {h} x {w})",
+                                          "rebuild it with autocnnp preprocess"))
+        return verdict
+    names = [c["name"] for c in meta["cases"]]
+    slice_case = np.asarray(meta["slice_case"], dtype=np.int64)
+    declared = {int(k) for k in meta.get("labels") or {}}
+    bad_values, not_finite, foreground = set(), set(), np.zeros(len(names), dtype=bool)
+    for lo in range(0, count, chunk):
+        cases = slice_case[lo:lo + chunk]
+        lab = np.asarray(labels[lo:lo + chunk])
+        img = np.asarray(images[lo:lo + chunk])
+        finite = np.isfinite(img).reshape(len(img), -1).all(axis=1)
+        not_finite.update(names[c] for c in cases[~finite])
+        values = set(np.unique(lab).tolist())
+        if declared and values - declared:
+            bad_values |= values - declared
+        np.logical_or.at(foreground, cases, lab.reshape(len(lab), -1).any(axis=1))
+    if not_finite:
+        verdict.problems.append(DataError(root / IMAGES_FILE, f"slices of case(s) {', '.join(sorted(not_finite))} hold "
+                                          "NaN or infinite values", "fix the source images and rebuild the cache"))
+    if bad_values:
+        verdict.problems.append(DataError(root / LABELS_FILE, f"label values {sorted(bad_values)} are outside the "
+                                          f"declared labels {sorted(declared)}", "fix the label files and rebuild the cache"))
+    verdict.empty_labels.extend(name for name, hit in zip(names, foreground) if not hit)
+    return verdict
 
 
 class CacheDataset(Dataset):

@@ -4,7 +4,7 @@
 
     out_dir/dataset.json
     out_dir/imagesTr/case_000.nii.gz   out_dir/labelsTr/case_000.nii.gz   ...
-    out_dir/imagesTs/case_006.nii.gz   ...
+    out_dir/imagesTs/case_006.nii.gz   out_dir/labelsTs/case_006.nii.gz (held-out labels, for evaluate)
 
 Two kinds mimic the two use cases of the thesis:
 
@@ -158,12 +158,14 @@ def write_synthetic_dataset(
     shape=(32, 32, 16),
     seed: int = 0,
     test_cases: int = 1,
+    affine=None,
 ) -> Path:
     """Write a seeded Decathlon-layout dataset of ``cases`` labelled and ``test_cases`` test cases.
 
     Returns ``out_dir`` as a :class:`~pathlib.Path`. Training cases are ``case_000`` ...
-    ``case_{cases-1}``; test cases continue the numbering. Existing files of the same names are
-    overwritten.
+    ``case_{cases-1}``; test cases continue the numbering, their labels go to ``labelsTs/`` (not
+    listed in dataset.json, as in the Decathlon). ``affine`` (4x4) replaces :func:`affine_for`, e.g.
+    an oblique one. Existing files of the same names are overwritten.
     """
     if kind not in _GENERATORS:
         raise ValueError(f"unknown synthetic dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -171,10 +173,10 @@ def write_synthetic_dataset(
         raise ValueError("cases and test_cases must be >= 0")
     shape = _check_shape(shape)
     out = Path(out_dir)
-    for sub in ("imagesTr", "labelsTr", "imagesTs"):
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     make = _GENERATORS[kind]
-    affine = affine_for(shape)
+    affine = affine_for(shape) if affine is None else np.asarray(affine, dtype=np.float64)
 
     training, test = [], []
     for i in range(int(cases) + int(test_cases)):
@@ -186,6 +188,7 @@ def write_synthetic_dataset(
             training.append({"image": f"./imagesTr/{name}", "label": f"./labelsTr/{name}"})
         else:
             _save(image, affine, out / "imagesTs" / name)
+            _save(label, affine, out / "labelsTs" / name)
             test.append(f"./imagesTs/{name}")
 
     brain = kind == "brain"

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 
 from ..core.errors import DataError
+from ..core.files import atomic_write
 from .index import Case
 
 
@@ -110,14 +111,31 @@ def load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
 
 def save_label(volume: np.ndarray, affine: np.ndarray, header, path: Path) -> None:
     """Write a label map on the grid of the image whose ``affine`` and ``header`` are given."""
+    _save_like(volume.astype(np.uint8), affine, header, path, "label")
+
+
+def save_probabilities(volume: np.ndarray, affine: np.ndarray, header, path: Path) -> None:
+    """Write class probabilities ``(X, Y, Z, C)`` (float32) on the grid of the image of ``affine``/``header``."""
+    _save_like(volume.astype(np.float32), affine, header, path, "estimate")
+
+
+def _save_like(volume: np.ndarray, affine: np.ndarray, header, path: Path, intent: str) -> None:
+    """Write ``volume`` with the source's affine and its qform and sform codes (as the source has them)."""
     import nibabel as nib
 
     cls = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
-    img = cls(volume.astype(np.uint8), affine, header.copy() if header is not None else None)
-    img.set_data_dtype(np.uint8)
+    img = cls(volume, affine, header.copy() if header is not None else None)
+    img.set_data_dtype(volume.dtype)
     img.header.set_slope_inter(1.0, 0.0)
-    img.header["cal_min"], img.header["cal_max"] = 0, float(volume.max()) if volume.size else 0
-    img.header.set_intent("label")
-    img.set_qform(affine, code=int(img.header["qform_code"]) or 1)
-    img.set_sform(affine, code=int(img.header["sform_code"]) or 1)
-    nib.save(img, str(path))
+    img.header["cal_min"], img.header["cal_max"] = (float(volume.min()), float(volume.max())) if volume.size else (0, 0)
+    img.header.set_intent(intent)
+    codes = (1, 1) if header is None else (int(header["qform_code"]), int(header["sform_code"]))
+    img.set_qform(affine, code=codes[0])
+    img.set_sform(affine, code=codes[1])
+    atomic_write(path, lambda f: f.write(img.to_bytes() if not str(path).endswith(".gz") else _gzip(img.to_bytes())))
+
+
+def _gzip(data: bytes) -> bytes:
+    import gzip
+
+    return gzip.compress(data, compresslevel=6, mtime=0)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -101,11 +102,15 @@ def _named(path: Path, els, kind: str) -> list[Setting]:
     return out
 
 
-def read_job(file: Path | str) -> JobSpec:
-    """Parse and schema-check a job file into a JobSpec (raises JobError)."""
+def read_job(file: Path | str, text: str | None = None) -> JobSpec:
+    """Parse and schema-check a job file into a JobSpec (raises JobError); ``text``: the file as recorded
+    (e.g. in a checkpoint), read as if it were at ``file``."""
     path = Path(os.path.abspath(file))
-    root, text = read_xml(path)  # refuses what is no readable file: a symbolic-link loop, a path too long
-    path = path.resolve()
+    # refuses what is no readable file: a symbolic-link loop, a path too long
+    recorded = None if text is None else re.sub(r"^(\s*<\?xml[^>]*?)\s+encoding=[\"'][^\"']*[\"']", r"\1", text)
+    root, text = read_xml(path, None if recorded is None else recorded.encode("utf-8"))
+    if path.exists():
+        path = path.resolve()
     task = root.find("task")
     base = path.parent
 

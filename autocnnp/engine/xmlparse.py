@@ -32,11 +32,12 @@ def schema() -> etree.XMLSchema:
     return etree.XMLSchema(etree.parse(str(SCHEMA_FILE), _parser()))
 
 
-def read_xml(path: Path) -> tuple[etree._Element, str]:
-    """Parse ``path`` safely and check it against the job schema; the root element and the file's text
-    (decoded as it declares: UTF-8, UTF-16 ...). Raise JobError on any problem."""
-    raw = read_input(path, path, "job file", MAX_JOB_BYTES,
-                     hint="check the path; `autocnnp new JOB.xml` writes a starter job")
+def read_xml(path: Path, raw: bytes | None = None) -> tuple[etree._Element, str]:
+    """Parse ``path`` (or its recorded bytes ``raw``) safely and check it against the job schema; the root
+    element and the file's text (decoded as it declares: UTF-8, UTF-16 ...). Raise JobError on any problem."""
+    if raw is None:
+        raw = read_input(path, path, "job file", MAX_JOB_BYTES,
+                         hint="check the path; `autocnnp new JOB.xml` writes a starter job")
     for marker in _FORBIDDEN:
         at = raw.upper().find(marker)
         if at >= 0:

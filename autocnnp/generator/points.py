@@ -13,7 +13,7 @@ dist_strategy                ``Strategy(config, world=, device=, beat=)``: proto
 lr_policy                    ``Policy(config, base_lr=, replicas=, steps_per_epoch=, total_epochs=)``:
                              protocols.LRPolicy
 checkpoint                   ``Checkpointer(config, directory=, rank=, plugins=)``: protocols.Checkpointer
-task_definition              ``Task()`` with ``loss(name)`` and ``evaluator(num_classes)``
+task_definition              ``Task()`` with ``loss(name)`` and ``evaluator(num_classes, class_names, regions)``
 architecture_injection       ``build(config, in_channels=, num_classes=) -> nn.Module``
 dataset_injection            ``Format(config)``: protocols.DataFormat
 ===========================  ====================================================================

@@ -179,8 +179,10 @@ class Checkpointer:
     Built once per rank: ``Checkpointer(config, directory=Path, rank=int, plugins={name: plug-in})``.
     The trainer calls ``load()`` once before training (None: start afresh), after every epoch
     ``on_epoch_end(epoch, metrics, state)`` (which runs the plug-ins), then ``due(epoch, last_epoch)``
-    and, when due, ``save(state, epoch)``. ``latest()`` names the checkpoint a resumed run or
-    ``autocnnp predict`` reads. Plug-in handling is implemented here for every checkpointer.
+    and, when due, ``save(state, epoch)``, and ``save_best(state, epoch, metrics)`` when ``is_best(metrics)``.
+    ``latest()`` names the checkpoint a resumed run or ``autocnnp predict`` reads, ``best()`` the best
+    one so far (None when the checkpointer keeps none). Plug-in handling is implemented here for every
+    checkpointer.
     """
 
     def __init__(self, config: Any = None, *, directory: Path, rank: int, plugins: dict | None = None):
@@ -198,6 +200,16 @@ class Checkpointer:
 
     def latest(self) -> Path | None:
         raise NotImplementedError
+
+    def is_best(self, metrics: dict) -> bool:
+        """Whether an epoch with these metrics is the best so far (never, for a checkpointer keeping no best)."""
+        return False
+
+    def save_best(self, state: dict, epoch: int, metrics: dict) -> Path | None:
+        raise NotImplementedError
+
+    def best(self) -> Path | None:
+        return None
 
     def on_epoch_end(self, epoch: int, metrics: dict, state) -> None:
         """Run every plug-in's ``on_epoch_end`` in the job's order."""
@@ -276,6 +288,8 @@ class DataBundle:
     num_classes: int
     augmentation: str = "none"  # for the manifest
     set_epoch: Callable[[int], None] = _no_epoch  # selects the epoch of the training set's random augmentation
+    class_names: tuple[str, ...] = ()  # the name of every class value (metrics per class are named after them)
+    empty_label_cases: tuple[str, ...] = ()  # cases whose label map is background only (for the manifest)
 
 
 class DataFormat:

@@ -315,6 +315,8 @@ def record_run(job: Job, run) -> None:
     dataset["split"] = {"samples": sizes, "ratios": {k: round(v / total, 6) for k, v in sizes.items()} if total else {},
                         "validation": "held-out validation split scored with SegEval after every epoch"}
     dataset["in_channels"], dataset["num_classes"] = data.in_channels, data.num_classes
+    dataset["classes"] = {str(i): name for i, name in enumerate(data.class_names)}
+    dataset["empty_label_cases"] = {"count": len(data.empty_label_cases), "cases": list(data.empty_label_cases)}
     dataset["augmentation"] = data.augmentation
     manifest["software"]["mpi_library"] = mpi_library() or manifest["software"].get("mpi_library")
     manifest["determinism"] = run.determinism

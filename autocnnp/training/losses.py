@@ -27,11 +27,13 @@ def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     """``1 - soft Dice``, with the Dice computed per sample and averaged over samples.
 
-    For C > 1 the Dice of each sample is the mean over classes of
-    ``(2 sum(p t) + eps) / (sum(p) + sum(t) + eps)`` on softmax probabilities
-    ``p`` and one-hot targets ``t``; for C == 1 it is the binary foreground Dice
-    on sigmoid probabilities. Unlike a Dice pooled over the whole batch, this
-    per-sample mean decomposes over data-parallel ranks.
+    For C > 1 the Dice of each sample is the mean, over the classes present in that sample's target,
+    of ``(2 sum(p t) + eps) / (sum(p) + sum(t) + eps)`` on softmax probabilities ``p`` and one-hot
+    targets ``t``. A class absent from a slice adds no Dice term there (its near-zero Dice would push
+    its probability down everywhere, and a small class that most slices lack would never be
+    predicted); cross-entropy still penalises predicting it. For C == 1 it is the binary foreground
+    Dice on sigmoid probabilities. Unlike a Dice pooled over the whole batch, this per-sample mean
+    decomposes over data-parallel ranks.
     """
     _check(logits, target)
     if logits.shape[1] == 1:
@@ -41,9 +43,12 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> 
         probs = torch.softmax(logits, dim=1)
         onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
     intersection = (probs * onehot).sum(dim=(2, 3))
-    total = probs.sum(dim=(2, 3)) + onehot.sum(dim=(2, 3))
-    dice = (2 * intersection + eps) / (total + eps)
-    return 1 - dice.mean()
+    truth = onehot.sum(dim=(2, 3))
+    dice = (2 * intersection + eps) / (probs.sum(dim=(2, 3)) + truth + eps)
+    if logits.shape[1] == 1:
+        return 1 - dice.mean()
+    present = (truth > 0).to(dice.dtype)
+    return 1 - ((dice * present).sum(dim=1) / present.sum(dim=1).clamp(min=1)).mean()
 
 
 def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

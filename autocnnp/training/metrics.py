@@ -13,12 +13,23 @@ Absent-class rule: a class that occurs neither in the truth nor in the
 prediction has a zero Dice/IoU denominator and is left out of the class
 means, so ``n_cl`` counts only classes present in truth or prediction. For
 mean accuracy, classes with ``t_i = 0`` are left out.
+
+Per-class and region scores for reports (``class_scores``, ``foreground_dice``,
+``region_dice``) use ``p_j = sum_i n[i, j]``, the number of pixels predicted
+as class ``j``: Dice ``2 n_ii / (t_i + p_i)``, IoU ``n_ii / (t_i + p_i - n_ii)``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping
+
 import numpy as np
 import torch
+
+from ..core.metrics import BRATS_REGIONS, FOREGROUND_DICE, class_metric
+
+__all__ = ["BRATS_REGIONS", "SegEval", "class_scores", "confusion_matrix", "foreground_dice", "region_dice",
+           "report", "segmentation_metrics"]
 
 
 def _check_range(values: torch.Tensor, num_classes: int, name: str) -> None:
@@ -74,13 +85,20 @@ class SegEval:
     """Accumulates a confusion matrix over batches (and ranks) and reports metrics.
 
     Scores are always computed from the summed confusion matrix, never by
-    averaging per-batch or per-rank scores.
+    averaging per-batch or per-rank scores. :meth:`compute` reports the five
+    SegEval metrics and, with :func:`report`, the mean foreground Dice, the
+    Dice and IoU of every class (named ``class_names``) and the Dice of
+    every region (groups of classes).
     """
 
-    def __init__(self, num_classes: int) -> None:
+    def __init__(self, num_classes: int, class_names: tuple[str, ...] = (),
+                 regions: Mapping[str, Collection[int]] | None = None) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be >= 2 (use 2 for binary), got {num_classes}")
         self.num_classes = num_classes
+        self.class_names = tuple(class_names) or tuple(f"class {i}" for i in range(num_classes))
+        self.regions = dict(regions or {})
+        region_dice(np.zeros((num_classes, num_classes)), self.regions)  # class values checked now, not at the end
         self._conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, logits_or_pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -115,4 +133,74 @@ class SegEval:
 
     def compute(self) -> dict[str, float]:
         """Metrics of the accumulated confusion matrix."""
-        return segmentation_metrics(self._conf)
+        return report(self._conf, self.class_names, self.regions)
+
+
+def report(conf: torch.Tensor | np.ndarray, class_names: tuple[str, ...] = (),
+           regions: Mapping[str, Collection[int]] | None = None) -> dict[str, float]:
+    """Everything a run reports of a confusion matrix: the five SegEval metrics, ``dice_fg``, ``dice/NAME``
+    and ``iou/NAME`` of every class present (the background's IoU and Dice too) and ``region_dice/NAME``."""
+    scores = class_scores(conf)
+    names = tuple(class_names) + tuple(f"class {i}" for i in range(len(class_names), len(scores["dice"])))
+    out = {**segmentation_metrics(conf), FOREGROUND_DICE: foreground_dice(conf)}
+    for family in ("dice", "iou"):
+        out.update({class_metric(family, names[i]): float(v) for i, v in enumerate(scores[family]) if v == v})
+    out.update({class_metric("region_dice", name): v for name, v in region_dice(conf, regions or {}).items()})
+    return out
+
+
+def _square_matrix(conf: torch.Tensor | np.ndarray) -> np.ndarray:
+    if isinstance(conf, torch.Tensor):
+        conf = conf.detach().cpu().numpy()
+    n = np.asarray(conf, dtype=np.float64)
+    if n.ndim != 2 or n.shape[0] != n.shape[1]:
+        raise ValueError(f"confusion matrix must be square, got shape {n.shape}")
+    return n
+
+
+def class_scores(conf: torch.Tensor | np.ndarray) -> dict[str, np.ndarray]:
+    """Per-class ``"dice"`` and ``"iou"`` (float64, length C); NaN for a class absent from truth and prediction."""
+    n = _square_matrix(conf)
+    hits = np.diag(n)
+    sizes = n.sum(axis=1) + n.sum(axis=0)
+    present = sizes > 0
+    dice = np.full(len(n), np.nan)
+    iou = np.full(len(n), np.nan)
+    dice[present] = 2 * hits[present] / sizes[present]
+    iou[present] = hits[present] / (sizes - hits)[present]
+    return {"dice": dice, "iou": iou}
+
+
+def foreground_dice(conf: torch.Tensor | np.ndarray) -> float:
+    """Mean Dice over the foreground classes ``1..C-1`` present in truth or prediction.
+
+    If no foreground class is present in truth nor prediction, returns 1.0:
+    both agree that nothing is there (BraTS scores two empty masks as 1).
+    """
+    dice = class_scores(conf)["dice"][1:]
+    present = ~np.isnan(dice)
+    return float(dice[present].mean()) if present.any() else 1.0
+
+
+def region_dice(conf: torch.Tensor | np.ndarray, regions: Mapping[str, Collection[int]]) -> dict[str, float]:
+    """Dice of each region, the union of its class values (e.g. ``BRATS_REGIONS``).
+
+    ``TP = sum_{i, j in R} n_ij``, ``FP = sum_{i not in R, j in R} n_ij``,
+    ``FN = sum_{i in R, j not in R} n_ij``; Dice ``2TP / (2TP + FP + FN)``,
+    1.0 when the region is empty in truth and prediction. Raises ValueError
+    on a class value outside ``[0, C)``.
+    """
+    n = _square_matrix(conf)
+    num_classes = len(n)
+    scores = {}
+    for name, values in regions.items():
+        bad = [v for v in values if not (isinstance(v, int | np.integer) and 0 <= v < num_classes)]
+        if bad:
+            raise ValueError(f"region {name!r}: class values {bad} are outside [0, {num_classes})")
+        inside = np.zeros(num_classes, dtype=bool)
+        inside[list(values)] = True
+        tp = n[np.ix_(inside, inside)].sum()
+        fp = n[np.ix_(~inside, inside)].sum()
+        fn = n[np.ix_(inside, ~inside)].sum()
+        scores[name] = float(2 * tp / (2 * tp + fp + fn)) if tp + fp + fn > 0 else 1.0
+    return scores

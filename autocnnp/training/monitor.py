@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Literal
 
 from ..core.files import atomic_write
-from ..core.metrics import SEGEVAL
+from ..core.metrics import FOREGROUND_DICE, SEGEVAL, parse_regions
 from ..core.rundir import RunDir
 from ..core.settings import setting
 
@@ -37,6 +37,11 @@ class MonitoringConfig:
     data_checksum: Literal["auto", "content", "stat", "none"] = setting(
         "auto", help="manifest.json's dataset checksum: content (sha256 of the files), stat (names, sizes, "
                      "mtimes), auto (content up to 512 MiB, else stat) or none")
+    regions: str = setting("auto", help="Dice of groups of classes: auto (the BraTS regions for brain-tumour "
+                                        "labels), none, or NAME=1,2,3; NAME=2,3")
+
+    def __post_init__(self):
+        parse_regions(self.regions)  # the syntax now; the class values once the data is known
 
 RESOURCE_COLUMNS = ("time_s", "rank", "cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb")
 
@@ -183,8 +188,9 @@ class Monitor:
     TensorBoard and plots on rank 0.
 
     TensorBoard steps are optimizer steps (``epoch * steps_per_epoch + step + 1``);
-    epoch metrics are logged at the last step of their epoch. On resume the metrics.csv rows
-    and TensorBoard events from ``start_epoch`` on are dropped.
+    epoch metrics are logged at the last step of their epoch. metrics.csv numbers epochs from 1,
+    as the console does. On resume the metrics.csv rows and TensorBoard events of the epochs
+    after ``start_epoch`` (the epochs done) are dropped.
     """
 
     def __init__(self, rundir: RunDir, rank: int, world_size: int, config: MonitoringConfig, total_epochs: int,
@@ -234,11 +240,11 @@ class Monitor:
         self._epoch_samples = 0
 
     def _truncate_metrics(self) -> None:
-        """Keep only the metrics.csv rows of epochs before ``start_epoch``."""
+        """Keep only the metrics.csv rows of the ``start_epoch`` epochs done."""
         if not self.metrics_path.exists():
             return
         columns, rows = _read_csv(self.metrics_path)
-        kept = [row for row in rows if int(row["epoch"]) < self.start_epoch]
+        kept = [row for row in rows if int(row["epoch"]) <= self.start_epoch]
         if not kept:
             self.metrics_path.unlink()
             return
@@ -279,16 +285,13 @@ class Monitor:
             for name, value in metrics.items():
                 self._writer.add_scalar(f"metrics/{name}", value, global_step)
             self._writer.flush()
-        ordered = sorted(metrics, key=lambda name: (not name.endswith("loss"), name))
-        parts = [f"epoch {epoch + 1}/{self.total_epochs}"]
-        parts += [f"{name}={metrics[name]:.4g}" for name in ordered]
-        parts.append(f"samples/s={self._throughput():.1f}")
+        parts = [f"epoch {epoch + 1}/{self.total_epochs}", *summary(metrics), f"samples/s={self._throughput():.1f}"]
         self._write_line(" ".join(parts), file=sys.stdout)
         sys.stdout.flush()
         self._reset_epoch_counters()
 
     def _append_metrics(self, epoch: int, metrics: dict[str, float]) -> None:
-        row = {"epoch": epoch, **{name: repr(value) for name, value in metrics.items()}}
+        row = {"epoch": epoch + 1, **{name: repr(value) for name, value in metrics.items()}}
         if self._columns is None or not set(metrics) <= set(self._columns):
             # new metric names: rewrite the file with the union of columns
             old = set(self._columns or ["epoch"]) - {"epoch"}
@@ -320,6 +323,21 @@ class Monitor:
         self.close()
 
 
+def summary(metrics: dict[str, float]) -> list[str]:
+    """``name=value`` words for the console: losses first, then the rest by name; per-class values
+    (``dice/edema``, ``dice/core`` ...) as one word per family: ``dice[edema,core]=0.91,0.80``."""
+    families: dict[str, list[str]] = {}
+    for name in metrics:
+        if "/" in name:
+            families.setdefault(name.split("/", 1)[0], []).append(name)
+    words = [f"{name}={metrics[name]:.4g}" for name in sorted(metrics, key=lambda n: (not n.endswith("loss"), n))
+             if "/" not in name]
+    for family, names in families.items():
+        words.append(f"{family}[{','.join(n.split('/', 1)[1] for n in names)}]="
+                     + ",".join(f"{metrics[n]:.3g}" for n in names))
+    return words
+
+
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -342,8 +360,9 @@ def _column(rows: list[dict[str, str]], name: str) -> list[float]:
 def plot_run(rundir: RunDir) -> list[Path]:
     """(Re)make ``plots/*.png`` from metrics.csv and resources/*.csv; returns the files written.
 
-    learning_curves.png: every ``*loss`` column; metrics.png: the SegEval metrics (also with a
-    prefix such as ``valid_dice``); resources.png: CPU, RSS (and GPU) per rank over time.
+    learning_curves.png: every ``*loss`` column; metrics.png: the SegEval metrics and the mean
+    foreground Dice; classes.png: the Dice of every class and region (``dice/NAME``,
+    ``region_dice/NAME``); resources.png: CPU, RSS (and GPU) per rank over time.
     """
     from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
 
@@ -359,13 +378,11 @@ def plot_run(rundir: RunDir) -> list[Path]:
     metrics_path = rundir.metrics
     if metrics_path.exists():
         columns, rows = _read_csv(metrics_path)
-        epochs = [int(row["epoch"]) + 1 for row in rows]
+        epochs = [int(row["epoch"]) for row in rows]
         groups = {
             "learning_curves.png": ("loss", [c for c in columns if c.endswith("loss")]),
-            "metrics.png": (
-                "metric",
-                [c for c in columns if any(c == m or c.endswith("_" + m) for m in SEGEVAL)],
-            ),
+            "metrics.png": ("metric", [c for c in columns if c in (*SEGEVAL, FOREGROUND_DICE)]),
+            "classes.png": ("Dice", [c for c in columns if c.startswith(("dice/", "region_dice/"))]),
         }
         for filename, (ylabel, names) in groups.items():
             if not rows or not names:

@@ -13,6 +13,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from ..core.errors import DataError
+from ..core.files import jsonable
+from ..core.metrics import parse_regions
 from ..core.world import World
 from ..generator.assemble import Generator
 from ..generator.protocols import Checkpointer, DataBundle, LRPolicy, Strategy
@@ -73,6 +76,8 @@ class Run:
     guard: DivergenceGuard  # kept across epochs: divergence is judged against the run's first loss
     determinism: dict  # what deterministic mode set (for the manifest)
     resumed_from: Path | None  # the checkpoint this run continued from
+    regions: dict[str, tuple[int, ...]]  # groups of classes scored as one (<monitoring> regions)
+    card: dict  # what predict needs to rebuild and feed the network (model_card)
 
 
 def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, timeout_s: float) -> Run:
@@ -115,8 +120,15 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     autocast, scaler = mixed_precision(hp.precision, device)
     guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
     resumed_from = _resume(checkpoints, strategy.unwrap(model), state, policy, scaler, guard)
+    regions = parse_regions(monitoring.regions, data.class_names)
+    try:
+        task.evaluator(data.num_classes, data.class_names, regions)
+    except ValueError as exc:
+        raise DataError(None, f"<monitoring> regions: {exc}", f"use class values of the data's {data.num_classes} "
+                        "classes (0 is the background)") from None
     return Run(gen, world, device, hp, task, data, strategy, model, sampler, loader, loader_rng, valid_loader,
-               policy, checkpoints, state, task.loss(hp.loss), autocast, scaler, guard, deterministic, resumed_from)
+               policy, checkpoints, state, task.loss(hp.loss), autocast, scaler, guard, deterministic, resumed_from,
+               regions, model_card(gen, data))
 
 
 def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=lambda: False) -> dict[str, float]:
@@ -135,8 +147,11 @@ def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=l
         for epoch in range(run.state.epoch, run.hp.end_epoch):
             metrics = train_epoch(run, epoch, monitor, beat)
             stop = epoch < last and sum_over_ranks(run.world, [float(bool(should_stop()))])[0] > 0
+            net = run.strategy.unwrap(run.model)
             if stop or run.checkpoints.due(epoch, last):
-                run.checkpoints.save(checkpoint_state(run.strategy.unwrap(run.model), run), epoch)
+                run.checkpoints.save(checkpoint_state(net, run), epoch)
+            if run.checkpoints.is_best(metrics):
+                run.checkpoints.save_best(checkpoint_state(net, run), epoch, metrics)
             if stop:
                 raise StopRequested(f"stopped on request after epoch {epoch + 1} of {run.hp.end_epoch}, "
                                     "with a checkpoint")
@@ -171,8 +186,8 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
         monitor.step(epoch, step, value, len(x))
     run.strategy.end_epoch(run.model)
     net = run.strategy.unwrap(run.model)
-    metrics = evaluate(net, run.valid_loader, run.task.evaluator(run.data.num_classes), run.loss_fn, run.device,
-                       world, beat)
+    evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
+    metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, run.device, world, beat)
     loss_sum, n = sum_over_ranks(world, [total, count])
     metrics = {"train_loss": loss_sum / max(n, 1), "lr": optimizer.param_groups[0]["lr"], **metrics}
     state.epoch = epoch + 1
@@ -206,16 +221,31 @@ def evaluate(model, loader: DataLoader, evaluator, loss_fn, device, world: World
     return {"valid_loss": loss_sum / max(n, 1), **evaluator.compute()}
 
 
+def model_card(gen: Generator, data: DataBundle) -> dict:
+    """What ``autocnnp predict`` needs to rebuild the network and feed it without the job file: the job as
+    trained (text and overrides), the architecture and its parameters, the classes and their names, and
+    how a volume becomes the model's input (None for a format without volumes)."""
+    arch = gen.action("architecture_injection")
+    transform = gen.data_format().volumes()
+    params = jsonable(arch.config) if arch.config is not None else {s.name: s.text for s in arch.settings}
+    return {"job": {"file": str(gen.job.file), "text": gen.job.text, "overrides": dict(gen.job.overrides)},
+            "architecture": {"name": arch.entry.name, "file": None if arch.entry.file is None else str(arch.entry.file),
+                             "params": params},
+            "in_channels": data.in_channels, "num_classes": data.num_classes,
+            "classes": {str(i): name for i, name in enumerate(data.class_names)},
+            "input": None if transform is None else transform.card()}
+
+
 def checkpoint_state(net: torch.nn.Module, run: Run) -> dict:
     """What a checkpoint holds: the network, the optimizer, the epoch, the policy's and plug-ins' states,
-    and what predict needs to rebuild the network."""
+    and what predict needs to rebuild the network (``model_card``)."""
     state = run.state
     return {"model": net.state_dict(), "optimizer": state.optimizer.state_dict(),
             "optimizer_type": type(state.optimizer).__name__, "epoch": state.epoch, "lr_scale": state.lr_scale,
             "plugins": run.checkpoints.plugin_state(), "world_size": run.world.world_size, "seed": run.gen.seed,
             "job": str(run.gen.job.file), "lr_policy": run.policy.state_dict(),
             "grad_scaler": run.scaler.state_dict(), "divergence_reference": run.guard.reference,
-            "in_channels": run.data.in_channels, "num_classes": run.data.num_classes}
+            "in_channels": run.data.in_channels, "num_classes": run.data.num_classes, "model_card": run.card}
 
 
 def _resume(checkpoints: Checkpointer, model, state: TrainState, policy: LRPolicy, scaler: torch.amp.GradScaler,

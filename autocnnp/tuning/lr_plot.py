@@ -29,7 +29,7 @@ def schedule(policy, total_epochs: int, steps_per_epoch: int) -> list[tuple[floa
 def actual_lr(metrics_csv: Path) -> list[tuple[float, float]]:
     """(epoch index, lr of the epoch's last step) from a run's metrics.csv."""
     with open(metrics_csv, newline="") as f:
-        return [(int(r["epoch"]), float(r["lr"])) for r in csv.DictReader(f) if r.get("lr")]
+        return [(int(r["epoch"]) - 1, float(r["lr"])) for r in csv.DictReader(f) if r.get("lr")]  # numbered from 1
 
 
 def plot_schedules(policies: dict[str, object], total_epochs: int, steps: int, out: Path, title: str,

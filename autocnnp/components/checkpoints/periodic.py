@@ -5,6 +5,8 @@ Layout of the checkpoint folder (only rank 0 writes; every rank may read)::
     ckpt-epoch0003.pt      complete checkpoints (only ever created by an atomic rename)
     ckpt-epoch0004.pt
     latest                 one line: the file name of the newest complete checkpoint
+    ckpt-best.pt           the checkpoint of the best epoch by ``best_metric`` (``autocnnp predict
+    best                     --checkpoint best``); ``best`` records its metric, value and epoch
     .ckpt-epoch0005.pt.<pid>.<token>.tmp   a save in progress (or left by a crash: ignored)
 
 A save writes the checkpoint atomically (core/files.py), then replaces ``latest`` the same way and
@@ -24,12 +26,13 @@ from pathlib import Path
 
 import torch
 
-from autocnnp.core.files import TEMP_SUFFIX, atomic_write
+from autocnnp.core.files import TEMP_SUFFIX, atomic_write, read_json, write_json
 from autocnnp.core.settings import setting
 from autocnnp.generator.protocols import Checkpointer
 from autocnnp.generator.registry import component
 
 POINTER = "latest"
+BEST, BEST_RECORD = "ckpt-best.pt", "best"
 _CKPT = re.compile(r"^ckpt-epoch(\d{4,})\.pt$")
 
 
@@ -39,6 +42,8 @@ class Config:
                                 help="save after every this many epochs (and always after the last)")
     keep: int = setting(2, min=1, aliases=("keep_last", "max_to_keep"), help="complete checkpoints kept")
     resume: bool = setting(True, help="continue from the newest checkpoint of the output folder")
+    best_metric: str = setting("dice_fg", help="keep checkpoints/ckpt-best.pt of the epoch with the highest value "
+                                               "of this metric (a *loss: the lowest); empty: keep no best")
 
 
 def checkpoint_name(epoch: int) -> str:
@@ -82,6 +87,36 @@ class Periodic(Checkpointer):
         others = [p for _, p in self._complete() if p != keep_also]
         for p in others[:max(len(others) - (self.config.keep - 1), 0)]:
             p.unlink(missing_ok=True)
+
+    # -- the best epoch --------------------------------------------------------------------------
+
+    def _best_record(self) -> dict | None:
+        record = read_json(self.directory / BEST_RECORD)
+        return record if isinstance(record, dict) and record.get("metric") == self.config.best_metric else None
+
+    def is_best(self, metrics: dict) -> bool:
+        """Whether ``metrics[best_metric]`` beats the recorded best (a loss by being lower); rank 0, which
+        writes it, decides."""
+        name = self.config.best_metric
+        value = metrics.get(name)
+        if self.rank != 0 or not name or value is None or value != value:  # not ours, no best kept, or NaN
+            return False
+        record = self._best_record()
+        return record is None or (value < record["value"] if name.endswith("loss") else value > record["value"])
+
+    def save_best(self, state: dict, epoch: int, metrics: dict) -> Path | None:
+        """Write ``state`` as ``ckpt-best.pt`` and record why (rank 0 only)."""
+        if self.rank != 0:
+            return None
+        path = self.directory / BEST
+        atomic_write(path, lambda f: torch.save(state, f))
+        write_json(self.directory / BEST_RECORD, {"file": BEST, "metric": self.config.best_metric,
+                                                  "value": metrics[self.config.best_metric], "epoch": epoch + 1})
+        return path
+
+    def best(self) -> Path | None:
+        path = self.directory / BEST
+        return path if path.is_file() else None
 
     # -- find and load -----------------------------------------------------------------------
 

@@ -13,7 +13,10 @@ What :meth:`Decathlon.datasets` does, on every rank (all steps are safe to run c
    other parameters do not overwrite each other's caches.
 3. **Split** by case: a ``<valid>`` dataset gets its own cache; otherwise the last ``valid_fraction``
    of the training cases (at least one, in index order, deterministic) are held out for validation.
-   Slices of one case never land on both sides.
+   Slices of one case never land on both sides. With ``validation=volumes`` (the default) the
+   validation cache holds every slice of the validation volumes, so the validation metrics are those
+   of whole volumes (the validation loader spreads the slices over the ranks and their confusion
+   counts are summed); ``validation=slices`` samples them as the training slices are.
 4. **Augment** the training slices with :class:`~autocnnp.data.augment.RandomAffine2D` (thesis Table
    2.1: rotation +-45 degrees, zoom 0.8-1.2, shifts up to 5 % of the slice size), seeded with the job's
    seed; the trainer selects the epoch with ``set_epoch(epoch)``.
@@ -39,13 +42,14 @@ from autocnnp.core.errors import DataError
 from autocnnp.core.settings import setting
 from autocnnp.core.world import World
 from autocnnp.data.augment import RandomAffine2D
-from autocnnp.data.checks import validate_dataset, validate_once
+from autocnnp.data.checks import Verdict, validate_dataset, validate_once
 from autocnnp.data.index import Case, case_name, is_dataset, is_nifti, nifti_files, read_dataset
 from autocnnp.data.preprocess import (
-    IMAGES_FILE,
-    META_FILE,
     CacheDataset,
     build_cache,
+    cache_key_of,
+    check_cache,
+    is_cache,
     parse_modalities,
     resize,
     select_modalities,
@@ -73,12 +77,17 @@ class Config:
                                                              "cases)")
     test: Path | None = setting(None, must_exist=True, help="test images, read by autocnnp predict")
     slices_per_volume: int = setting(70, min=1, help="2D slices taken per volume")
-    slice_mode: Literal["even", "labelled"] = setting("labelled", help="spread slices over the whole volume or "
-                                                                       "over its labelled part")
+    slice_mode: Literal["mixed", "even", "labelled"] = setting(
+        "mixed", help="mixed: foreground_fraction of the slices from those holding a label, the rest from those "
+                      "holding none; even: over the whole volume; labelled: over its labelled part only")
+    foreground_fraction: float = setting(0.67, min=0.0, max=1.0, help="share of labelled slices in mixed mode "
+                                                                      "(benchmarks/slice_sampling.py)")
     size: int = setting(128, min=8, help="slice side in pixels after resizing")
     modalities: str = setting("all", help="'all' or comma-separated modality names or channel indices")
     valid_fraction: float = setting(0.2, min=0.0, max=0.9, help="share of the training cases held out for "
                                                                 "validation when there is no <valid>")
+    validation: Literal["volumes", "slices"] = setting("volumes", help="score every slice of the validation "
+                                                                       "volumes, or only slices sampled as for training")
     augment: bool = setting(True, help="random rotation, zoom and shift of the training slices (thesis Table 2.1)")
     normalise: bool = setting(True, help="z-score every case and channel over its non-zero voxels")
     cache: Path | None = setting(None, help="slice cache folder (default: the run's cache folder)")
@@ -89,11 +98,6 @@ class Config:
             raise ValueError("<data> needs <train><path>...</path></train> pointing at the training data")
 
 
-def is_cache(root) -> bool:
-    """Whether ``root`` is a slice cache folder written by ``build_cache`` / ``autocnnp preprocess``."""
-    return (Path(root) / META_FILE).is_file() and (Path(root) / IMAGES_FILE).is_file()
-
-
 def split_cases(names: list[str], valid_fraction: float) -> tuple[list[str], list[str]]:
     """Hold out the last ``valid_fraction`` of the cases (at least one, and at least one left to train on)."""
     n = len(names)
@@ -101,6 +105,12 @@ def split_cases(names: list[str], valid_fraction: float) -> tuple[list[str], lis
         raise ValueError(f"{n} labelled case(s) cannot be split into training and validation cases")
     n_valid = min(n - 1, max(1, int(round(n * float(valid_fraction)))))
     return list(names[: n - n_valid]), list(names[n - n_valid:])
+
+
+def class_names(labels: dict, num_classes: int) -> tuple[str, ...]:
+    """The name of every class value 0..num_classes-1 from dataset.json's labels (``class 2`` if unnamed)."""
+    named = {int(k): str(v) for k, v in labels.items() if str(k).lstrip("-").isdigit()}
+    return tuple(named.get(i, f"class {i}") for i in range(num_classes))
 
 
 def _num_classes(meta: dict) -> int:
@@ -113,68 +123,96 @@ def _num_classes(meta: dict) -> int:
 class Decathlon(DataFormat):
     """Decathlon-layout NIfTI (dataset.json, imagesTr, labelsTr) sliced and cached on disk."""
 
-    def _cache_folder(self, cache_root: Path, role: str, root) -> Path:
-        """``cache_root/<role>-<hash>``: one folder per dataset and pre-processing parameters."""
+    def _cache(self, cache_root: Path, role: str, root, cases: list[int] | None, every_slice: bool, rank: int) -> Path:
+        """Build (or find) the slice cache of ``cases`` (positions in the index; None: all) of ``root`` in
+        ``cache_root/<role>-<hash>``: one folder per dataset, cases and pre-processing parameters."""
         c = self.config
-        params = {"root": str(Path(root).resolve()), "slices": c.slices_per_volume, "mode": c.slice_mode,
-                  "size": c.size, "modalities": parse_modalities(c.modalities), "normalise": bool(c.normalise)}
+        n_slices, mode = (None, "even") if every_slice else (c.slices_per_volume, c.slice_mode)  # even & None: all
+        params = {"root": str(Path(root).resolve()), "slices": n_slices, "mode": mode, "size": c.size,
+                  "foreground_fraction": c.foreground_fraction,
+                  "modalities": parse_modalities(c.modalities), "normalise": bool(c.normalise), "cases": cases}
         digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-        return Path(cache_root) / f"{role}-{digest}"
+        folder = Path(cache_root) / f"{role}-{digest}"
+        start = time.perf_counter()
+        build_cache(root, folder, n_slices=n_slices, size=c.size, modalities=parse_modalities(c.modalities),
+                    mode=mode, normalise=c.normalise, case_indices=cases, foreground_fraction=c.foreground_fraction)
+        took = time.perf_counter() - start
+        if rank == 0 and took > 2.0:
+            print(f"autocnnp: {role} slice cache ready in {folder} ({took:.1f} s)", file=sys.stderr, flush=True)
+        return folder
 
     def datasets(self, *, world: World, seed: int, cache_dir: Path) -> DataBundle:
         """Validate, cache and split (see the module docstring). A ``train``/``valid`` folder that already is
         a slice cache (``autocnnp preprocess``) is used as it is."""
         c = self.config
         cache_root = Path(c.cache) if c.cache is not None else Path(cache_dir)
+        empty: list[str] = []
         for role, root in (("train", c.train), ("valid", c.valid)):
-            if root is not None and not is_cache(root):
-                validate_once(root, cache_root, role)
-
-        def cached(role: str, root) -> Path:
-            if is_cache(root):  # preprocessed already: the job reads it as it is
-                return Path(root)
-            folder = self._cache_folder(cache_root, role, root)
-            start = time.perf_counter()
-            build_cache(root, folder, n_slices=c.slices_per_volume, size=c.size,
-                        modalities=parse_modalities(c.modalities), mode=c.slice_mode, normalise=c.normalise)
-            took = time.perf_counter() - start
-            if world.rank == 0 and took > 2.0:
-                print(f"autocnnp: {role} slice cache ready in {folder} ({took:.1f} s)", file=sys.stderr, flush=True)
-            return folder
-
-        train_cache = cached("train", c.train)
+            if root is not None:  # a dataset, or a slice cache checked as one
+                check = (lambda r=root: check_cache(r)) if is_cache(root) else None
+                empty += validate_once(root, cache_root, role, check, cache_key_of(root) if check else None).empty_labels
+        volumes = c.validation == "volumes"
         augmenter = RandomAffine2D(rotation=AUGMENT_ROTATION, zoom=AUGMENT_ZOOM, translate=AUGMENT_TRANSLATE,
                                    seed=int(seed)) if c.augment else None
-        if c.valid is not None:
-            train_ds = CacheDataset(train_cache, augment=augmenter, in_memory=c.in_memory)
-            valid_ds = CacheDataset(cached("valid", c.valid), in_memory=c.in_memory)
+        if is_cache(c.train):  # preprocessed already: the job reads it as it is, validation from its slices
+            full = CacheDataset(c.train)
+            train_ds, valid_ds = self._split_cache(full, augmenter) if c.valid is None else (
+                CacheDataset(c.train, augment=augmenter, in_memory=c.in_memory), None)
+        else:
+            train_cases, valid_cases = (None, None) if c.valid is not None else self._split(c.train)
+            train_ds = CacheDataset(self._cache(cache_root, "train", c.train, train_cases, False, world.rank),
+                                    augment=augmenter, in_memory=c.in_memory)
+            valid_ds = None if valid_cases is None else CacheDataset(
+                self._cache(cache_root, "valid", c.train, valid_cases, volumes, world.rank), in_memory=c.in_memory)
+        if valid_ds is None:
+            valid = Path(c.valid)
+            valid_ds = CacheDataset(valid if is_cache(valid) else self._cache(cache_root, "valid", valid, None, volumes,
+                                                                              world.rank), in_memory=c.in_memory)
             if valid_ds.num_channels != train_ds.num_channels:
                 raise DataError(c.valid, f"validation images have {valid_ds.num_channels} channel(s) after modality "
                                 f"selection, training images {train_ds.num_channels}",
                                 "give both datasets the same modalities")
-        else:
-            full = CacheDataset(train_cache)
-            names = [case["name"] for case in full.meta["cases"]]
-            try:
-                train_names, valid_names = split_cases(names, c.valid_fraction)
-            except ValueError as exc:
-                raise DataError(c.train, str(exc), "add cases, or name a separate validation dataset with "
-                                "<valid><path>...</path></valid>") from None
-            train_ds = CacheDataset(train_cache, augment=augmenter, indices=full.indices_of_cases(train_names),
-                                    in_memory=c.in_memory)
-            valid_ds = CacheDataset(train_cache, indices=full.indices_of_cases(valid_names), in_memory=c.in_memory)
         num_classes = max(_num_classes(train_ds.meta), _num_classes(valid_ds.meta))
         return DataBundle(train_ds, valid_ds, train_ds.num_channels, num_classes,
-                          repr(augmenter) if augmenter is not None else "none", train_ds.set_epoch)
+                          repr(augmenter) if augmenter is not None else "none", train_ds.set_epoch,
+                          class_names=class_names(train_ds.meta.get("labels") or {}, num_classes),
+                          empty_label_cases=tuple(empty))
+
+    def _split(self, root) -> tuple[list[int], list[int]]:
+        """Positions of the training and the validation cases of dataset ``root``."""
+        names = [case.name for case in read_dataset(root).cases("training")]
+        try:
+            train_names, valid_names = split_cases(names, self.config.valid_fraction)
+        except ValueError as exc:
+            raise DataError(root, str(exc), "add cases, or name a separate validation dataset with "
+                            "<valid><path>...</path></valid>") from None
+        return [names.index(n) for n in train_names], [names.index(n) for n in valid_names]
+
+    def _split_cache(self, full: CacheDataset, augmenter) -> tuple[CacheDataset, CacheDataset]:
+        """Training and validation slices of a preprocessed cache, split by case."""
+        c = self.config
+        names = [case["name"] for case in full.meta["cases"]]
+        try:
+            train_names, valid_names = split_cases(names, c.valid_fraction)
+        except ValueError as exc:
+            raise DataError(c.train, str(exc), "add cases, or name a separate validation dataset with "
+                            "<valid><path>...</path></valid>") from None
+        return (CacheDataset(c.train, augment=augmenter, indices=full.indices_of_cases(train_names),
+                             in_memory=c.in_memory),
+                CacheDataset(c.train, indices=full.indices_of_cases(valid_names), in_memory=c.in_memory))
 
     def prepare(self, *, seed: int, cache_dir: Path) -> int:
         """Validate, cache and split once, before the ranks start (they find the stamps and caches)."""
-        return len(self.datasets(world=World(), seed=seed, cache_dir=cache_dir).train)
+        bundle = self.datasets(world=World(), seed=seed, cache_dir=cache_dir)
+        note = Verdict(empty_labels=list(bundle.empty_label_cases)).note()
+        if note:
+            print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
+        return len(bundle.train)
 
     def check(self) -> list[DataError]:
         c = self.config
-        return [p for root in (c.train, c.valid, c.test) if root is not None and not is_cache(root)
-                for p in validate_dataset(root)]
+        return [p for root in (c.train, c.valid, c.test) if root is not None
+                for p in (check_cache(root).problems if is_cache(root) else validate_dataset(root))]
 
     def files(self) -> list[Path]:
         return [Path(p) for p in (self.config.train, self.config.valid, self.config.test) if p is not None]
@@ -201,14 +239,24 @@ class Decathlon(DataFormat):
 
 @dataclass(frozen=True)
 class SliceTransform:
-    """How ``autocnnp predict`` turns a volume into the model's input slices and the predicted slices back
-    into a label volume on the source grid: the training pre-processing, every slice along the third axis."""
+    """How ``autocnnp predict`` turns a volume into the model's input slices: the training pre-processing,
+    every slice along the third axis (predict resizes the slices' class probabilities back to the source grid)."""
 
     size: int
     modalities: list[int] | None
     normalise: bool
-    default_input: Path  # what predict reads when given no --input: the job's <test>, else its <train>
+    default_input: Path | None  # what predict reads when given no --input: the job's <test>, else its <train>
     num_classes: int | None  # the labels the training data declares, if it declares them
+    axis: int = 2  # the slices are taken across this axis of the volume
+
+    def card(self) -> dict:
+        """What a checkpoint records of this transform (``from_card`` rebuilds it)."""
+        return {"slice_axis": self.axis, "size": self.size, "modalities": self.modalities, "normalise": self.normalise}
+
+    @classmethod
+    def from_card(cls, card: dict, num_classes: int | None) -> SliceTransform:
+        return cls(int(card["size"]), card["modalities"], bool(card["normalise"]), None, num_classes,
+                   int(card.get("slice_axis", 2)))
 
     def cases(self, source: Path, split: str) -> list[Case]:
         """The cases to predict: a dataset's ``split``, every NIfTI file in a folder, or one file."""
@@ -242,8 +290,3 @@ class SliceTransform:
             image = zscore(image)
         slices, _ = take_slices(image, None, np.arange(image.shape[2]))
         return resize(slices, (self.size, self.size))
-
-    def to_volume(self, labels: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        """Predicted slices ``[Z, size, size]`` as a label volume ``(X, Y, Z)`` of the source's ``shape``."""
-        labels = resize(labels, tuple(shape[:2]), label=True)  # nearest neighbour back to the source grid
-        return np.ascontiguousarray(np.moveaxis(labels, 0, 2))

@@ -8,6 +8,7 @@ from typing import Literal
 
 from autocnnp.core.settings import setting
 from autocnnp.core.world import World
+from autocnnp.data.synth import ATRIUM_LABELS, BRAIN_LABELS
 from autocnnp.generator.protocols import DataBundle, DataFormat
 from autocnnp.generator.registry import component
 
@@ -42,8 +43,10 @@ class Synthetic(DataFormat):
         # One generator (same contrasts), disjoint items: the first samples train, the rest validate.
         full = SyntheticSliceDataset(c.kind, c.train_samples + c.valid_samples, c.size, channels, classes, seed,
                                      in_memory=c.in_memory)
+        names = BRAIN_LABELS if c.kind == "brain" else ATRIUM_LABELS  # as the NIfTI datasets `autocnnp synth` writes
         return DataBundle(Subset(full, range(c.train_samples)),
-                          Subset(full, range(c.train_samples, c.train_samples + c.valid_samples)), channels, classes)
+                          Subset(full, range(c.train_samples, c.train_samples + c.valid_samples)), channels, classes,
+                          class_names=tuple(names[str(i)] for i in range(classes)))
 
     def train_samples(self) -> int:
         return self.config.train_samples

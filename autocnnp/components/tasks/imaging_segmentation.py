@@ -9,10 +9,11 @@ from autocnnp.training.metrics import SegEval
 
 @component("imaging_segmentation", aliases=("segmentation",))
 class SegmentationTask:
-    """Pixel-wise classification scored with SegEval (Dice, PA, MA, mean IoU, fw IoU)."""
+    """Pixel-wise classification scored with SegEval (Dice, PA, MA, mean IoU, fw IoU), the Dice and IoU of
+    every class and the Dice of regions (groups of classes)."""
 
     def loss(self, name: str):
         return get_loss(name)
 
-    def evaluator(self, num_classes: int) -> SegEval:
-        return SegEval(max(num_classes, 2))
+    def evaluator(self, num_classes: int, class_names: tuple[str, ...] = (), regions=None) -> SegEval:
+        return SegEval(max(num_classes, 2), class_names, regions)

@@ -1,0 +1,94 @@
+"""`autocnnp evaluate`: per-class and region Dice, surface distances in mm, CSV or JSON, any split."""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+
+from autocnnp.training.surface import surface_distances
+
+LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
+SPACING = (1.0, 1.5, 3.0)
+
+
+def nested(shape, lo) -> np.ndarray:
+    """Nested boxes: 1 outside, 3 inside it, 2 innermost (the brain-tumour layout)."""
+    label = np.zeros(shape, dtype=np.uint8)
+    for value, margin in ((1, lo), (3, lo + 2), (2, lo + 4)):
+        label[margin:-margin, margin:-margin, 1:-1] = value
+    return label
+
+
+@pytest.fixture
+def dataset(tmp_path):
+    """A dataset with a training case and a test case whose label sits in labelsTs/, and predictions."""
+    root = tmp_path / "ds"
+    affine = np.diag([*SPACING, 1.0])
+    truth = {"case_000": nested((16, 16, 5), 2), "case_001": nested((16, 16, 5), 3)}
+    pred = {"case_000": nested((16, 16, 5), 3), "case_001": np.where(nested((16, 16, 5), 3) == 2, 3, nested((16, 16, 5), 3))}
+    for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs", "../pred"):
+        (root / sub).mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(truth["case_000"], affine), root / "labelsTr" / "case_000.nii.gz")
+    nib.save(nib.Nifti1Image(truth["case_000"].astype(np.float32), affine), root / "imagesTr" / "case_000.nii.gz")
+    nib.save(nib.Nifti1Image(truth["case_001"], affine), root / "labelsTs" / "case_001.nii.gz")
+    nib.save(nib.Nifti1Image(truth["case_001"].astype(np.float32), affine), root / "imagesTs" / "case_001.nii.gz")
+    (root / "dataset.json").write_text(json.dumps({
+        "name": "t", "modality": {"0": "x"}, "labels": LABELS, "numTraining": 1, "numTest": 1,
+        "training": [{"image": "./imagesTr/case_000.nii.gz", "label": "./labelsTr/case_000.nii.gz"}],
+        "test": ["./imagesTs/case_001.nii.gz"]}))
+    for name, volume in pred.items():
+        nib.save(nib.Nifti1Image(volume, affine), tmp_path / "pred" / f"{name}.nii.gz")
+    return root, tmp_path / "pred", truth, pred
+
+
+def dice(a: np.ndarray, b: np.ndarray) -> float:
+    return 2 * (a & b).sum() / (a.sum() + b.sum()) if a.sum() + b.sum() else 1.0
+
+
+def test_per_class_region_and_surface_metrics_of_every_split(cli, dataset):
+    root, preds, truth, pred = dataset
+    rc, text, err = cli("evaluate", preds, root, "--out", preds / "report.json")
+    assert rc == 0, err
+    report = json.loads((preds / "report.json").read_text())
+    rows = {r["case"]: r for r in report["cases"]}
+    assert sorted(rows) == ["case_000", "case_001"]  # a training label and a held-out one from labelsTs/
+    for case, row in rows.items():
+        t, p = truth[case], pred[case]
+        for value, name in ((1, "edema"), (3, "enhancing_tumour")):
+            assert row[f"dice/{name}"] == pytest.approx(dice(t == value, p == value))
+        regions = {"whole_tumour": (1, 2, 3), "tumour_core": (2, 3), "enhancing_tumour": (3,)}
+        for region, values in regions.items():
+            assert row[f"region_dice/{region}"] == pytest.approx(dice(np.isin(t, values), np.isin(p, values)))
+        hd95, asd = surface_distances(p == 1, t == 1, SPACING)
+        assert row["hd95/edema"] == pytest.approx(hd95) and row["asd/edema"] == pytest.approx(asd)
+    assert rows["case_000"]["hd95/edema"] > 0  # one voxel off in x (1 mm) and y (1.5 mm)
+    # case_001 predicts no class 2: its HD95 is infinite, written "inf", left out of the overall mean, counted
+    assert rows["case_001"]["dice/non-enhancing_tumor"] == 0 and rows["case_001"]["hd95/non-enhancing_tumor"] == "inf"
+    assert report["overall"]["hd95/non-enhancing_tumor"] == pytest.approx(rows["case_000"]["hd95/non-enhancing_tumor"])
+    assert report["overall"]["hd95/non-enhancing_tumor_inf_cases"] == 1
+    assert report["classes"]["2"] == "non-enhancing tumor" and "MONAI" in report["surface"]
+    assert "region_dice/whole_tumour" in text.splitlines()[0] and "overall: dice " in text
+
+
+def test_csv_by_extension_custom_regions_and_refusals(cli, dataset):
+    root, preds, truth, pred = dataset
+    rc, _, err = cli("evaluate", preds, root, "--out", preds / "m.csv", "--regions", "tumour=1,2,3")
+    assert rc == 0, err
+    with open(preds / "m.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["case"] for r in rows] == ["case_000", "case_001", "overall"]
+    assert "region_dice/tumour" in rows[0] and "region_dice/whole_tumour" not in rows[0]
+    assert rows[1]["hd95/non-enhancing_tumor"] == "inf"
+    assert math.isclose(float(rows[0]["dice/edema"]), dice(truth["case_000"] == 1, pred["case_000"] == 1), rel_tol=1e-5)
+    rc, _, err = cli("evaluate", preds, root, "--out", preds / "m.txt")
+    assert rc == 2 and "is neither a .csv nor a .json file" in err
+    rc, _, err = cli("evaluate", preds, root, "--regions", "tumour=x")
+    assert rc == 2 and "--regions" in err
+    rc, _, err = cli("evaluate", preds, root / "labelsTr" / "..", "--out", Path(preds) / "n.csv", "--num-classes", "2")
+    assert rc == 2 and "outside" in err
