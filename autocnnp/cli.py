@@ -14,7 +14,7 @@ from pathlib import Path
 from .core.errors import DataError, ExitCode, Interrupted, JobError
 from .engine.values import type_name
 from .generator.plan import render
-from .generator.points import POINTS
+from .generator.points import POINTS, TRACKERS
 from .run.job import load_job
 from .run.launch import build_command, run
 from .run.processes import interruptible
@@ -22,7 +22,7 @@ from .run.repeat import run_repeats
 
 # Feature areas that add their own subcommands (each module: ``add_commands(subparsers)``; keep its
 # imports light, torch only inside the command functions).
-COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.inference", "autocnnp.run.commands",
+COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.inference", "autocnnp.run.commands", "autocnnp.run.dashboard",
                    "autocnnp.tuning.commands")
 
 
@@ -72,17 +72,24 @@ def cmd_components(args) -> int:
             continue
         kind = "extensible" if point.extensible else "non-extensible"
         print(f"{point.type} ({point.title}, {kind}; default {point.default or 'set by ' + point.folder})")
-        for name in point.registry.names():
-            entry = point.registry.builtin(name)
-            print(f"  {name}: {entry.summary}")
-            if entry.config is None:
-                continue
-            hints = typing.get_type_hints(entry.config)
-            for f in dataclasses.fields(entry.config):
-                default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
-                extra = f"; also {', '.join(f.metadata['aliases'])}" if f.metadata.get("aliases") else ""
-                print(f"      {f.name} ({type_name(hints[f.name])}, {default}{extra}): {f.metadata.get('help', '')}")
+        _list(point.registry)
+    if args.point in (None, "tracker"):
+        print("tracker (<monitoring> tracker, several at once; default files)")
+        _list(TRACKERS)
     return ExitCode.OK
+
+
+def _list(registry) -> None:
+    for name in registry.names():
+        entry = registry.builtin(name)
+        print(f"  {name}: {entry.summary}")
+        if entry.config is None:
+            continue
+        hints = typing.get_type_hints(entry.config)
+        for f in dataclasses.fields(entry.config):
+            default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"
+            extra = f"; also {', '.join(f.metadata['aliases'])}" if f.metadata.get("aliases") else ""
+            print(f"      {f.name} ({type_name(hints[f.name])}, {default}{extra}): {f.metadata.get('help', '')}")
 
 
 def parser() -> argparse.ArgumentParser:

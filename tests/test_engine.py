@@ -416,8 +416,8 @@ def test_booleans(job, refused):
     path = job((HYPER_END, HYPER_END + monitoring),
                (STRATEGY, STRATEGY.replace("</value>", '</value><value name="sync_batchnorm">yes</value>')))
     job_ = load_job(path)
-    m = job_.monitoring
-    assert (m.plots, m.tensorboard, m.progress, m.stop_on_divergence) == (False, True, True, False)
+    m, ((_, files),) = job_.monitoring, job_.trackers  # plots and tensorboard belong to the files tracker
+    assert (files.plots, files.tensorboard, m.progress, m.stop_on_divergence) == (False, True, True, False)
     assert job_.generator.action("dist_strategy").config.sync_batchnorm is True
     path = job((HYPER_END, HYPER_END + '\n<monitoring><property name="plots">maybe</property></monitoring>'))
     refused(path, "maybe", "plots must be a boolean, not 'maybe'", "Hint: write plots as true or false")

@@ -5,7 +5,10 @@ import math
 
 import pytest
 
+from autocnnp.components.trackers.files import Config as FilesConfig
+from autocnnp.components.trackers.files import Files
 from autocnnp.core.rundir import RunDir
+from autocnnp.generator.protocols import RunInfo
 from autocnnp.training.monitor import (
     RESOURCE_COLUMNS,
     Diverged,
@@ -24,6 +27,12 @@ def config(**overrides):
     return MonitoringConfig(
         progress=False, sample_interval_s=0.05, log_every_steps=2, **overrides
     )
+
+
+def files(path, first_step: int = 0, **overrides) -> list:
+    """The files tracker (TensorBoard, plots) of a run in ``path``."""
+    info = RunInfo("job", path, {}, {}, {}, first_step=first_step)
+    return [Files(FilesConfig(**overrides), info=info)]
 
 
 def epoch_metrics(epoch):
@@ -56,7 +65,8 @@ def is_png(path):
 def run_dir(tmp_path_factory):
     """A finished 3-epoch rank-0 run with world size 2."""
     out = tmp_path_factory.mktemp("run")
-    with Monitor(RunDir(out), 0, 2, config(), total_epochs=3, steps_per_epoch=STEPS, start_epoch=0) as monitor:
+    with Monitor(RunDir(out), 0, 2, config(), total_epochs=3, steps_per_epoch=STEPS, start_epoch=0,
+                 trackers=files(out)) as monitor:
         run_epochs(monitor, range(3))
     monitor.close()  # second close is a no-op
     return out
@@ -128,7 +138,7 @@ def test_metrics_csv_after_three_epochs(run_dir):
 
 
 def test_epoch_summary_printed(tmp_path, capsys):
-    with Monitor(RunDir(tmp_path), 0, 2, config(tensorboard=False, plots=False), 3, STEPS, 0) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 2, config(), 3, STEPS, 0) as monitor:
         run_epochs(monitor, [0])
     line = capsys.readouterr().out.strip()
     assert line.startswith("epoch 1/3 train_loss=1 valid_loss=1.2 dice=0.5")
@@ -136,7 +146,7 @@ def test_epoch_summary_printed(tmp_path, capsys):
 
 
 def test_per_class_values_print_as_one_word_per_family(tmp_path, capsys):
-    with Monitor(RunDir(tmp_path), 0, 1, config(tensorboard=False, plots=False), 1, STEPS, 0) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 1, config(), 1, STEPS, 0) as monitor:
         monitor.epoch_end(0, {"train_loss": 0.5, "dice": 0.75, "dice/background": 0.99, "dice/edema": 0.5,
                               "iou/edema": 0.33, "region_dice/whole_tumour": 0.61})
     line = capsys.readouterr().out.strip()
@@ -146,7 +156,7 @@ def test_per_class_values_print_as_one_word_per_family(tmp_path, capsys):
 
 
 def test_resume_drops_later_epochs(tmp_path):
-    cfg = config(tensorboard=False, plots=False)
+    cfg = config()
     with Monitor(RunDir(tmp_path), 0, 1, cfg, 3, STEPS, 0) as monitor:
         run_epochs(monitor, range(3))
     with Monitor(RunDir(tmp_path), 0, 1, cfg, 3, STEPS, start_epoch=1) as monitor:
@@ -156,7 +166,7 @@ def test_resume_drops_later_epochs(tmp_path):
 
 
 def test_new_metric_names_extend_the_header(tmp_path):
-    cfg = config(tensorboard=False, plots=False)
+    cfg = config()
     with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS, 0) as monitor:
         monitor.epoch_end(0, {"train_loss": 1.0})
         monitor.epoch_end(1, {"train_loss": 0.5, "dice": 0.7})
@@ -184,10 +194,11 @@ def test_tensorboard_scalars(run_dir):
 def test_resumed_tensorboard_has_no_duplicates(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    cfg = config(plots=False)
-    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS, 0) as monitor:
+    cfg = config()
+    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS, 0, trackers=files(tmp_path, plots=False)) as monitor:
         run_epochs(monitor, range(2))
-    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS, start_epoch=1) as monitor:
+    with Monitor(RunDir(tmp_path), 0, 1, cfg, 2, STEPS, start_epoch=1,
+                 trackers=files(tmp_path, first_step=STEPS, plots=False)) as monitor:
         run_epochs(monitor, [1])
     acc = EventAccumulator(str(tmp_path / "tensorboard"))
     acc.Reload()

@@ -19,7 +19,7 @@ import torch
 from autocnnp.core.errors import Location
 from autocnnp.core.world import World
 from autocnnp.engine.values import bind
-from autocnnp.generator.points import POINTS, registry
+from autocnnp.generator.points import POINTS, TRACKERS, registry
 from autocnnp.generator.protocols import StrategyConfig, summary
 from autocnnp.run.config import CLUSTER_CONFIGS
 from autocnnp.training.monitor import MonitoringConfig
@@ -54,6 +54,15 @@ def test_the_torch_free_reading_equals_the_module(point, name):
         assert entry.requires == dict(getattr(impl, "requires", {}))
         assert entry.launchers == tuple(getattr(impl, "launchers", ()))
     assert entry.summary and entry.summary == summary(impl)
+
+
+@pytest.mark.parametrize("name", TRACKERS.names())
+def test_a_tracker_is_read_as_its_module_declares_it(name):
+    entry = TRACKERS.get(name, WHERE)
+    impl = entry.load()
+    real = sys.modules[impl.__module__].Config
+    assert entry.config is not real and fields(entry.config) == fields(real)
+    assert entry.summary == summary(impl)
 
 
 def test_every_point_has_its_default_and_names_are_unique():

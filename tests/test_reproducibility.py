@@ -36,7 +36,7 @@ def test_overrides_change_the_assembled_job(job, tmp_path):
     assert (gen.seed, gen.rundir.root, gen.world_size) == (5, tmp_path / "o", 3)
     assert gen.hyperparameters.lr == 1e-4 and gen.hyperparameters.deterministic is True
     assert gen.hyperparameters.minibatch_size == 4  # untouched settings stay
-    assert job_.monitoring.tensorboard is False
+    assert dict((entry.name, config) for entry, config in job_.trackers)["files"].tensorboard is False
     assert gen.action("dataset_injection").config.size == 16
     assert gen.action("architecture_injection").config.depth == 2
     policy = gen.action("lr_policy")

@@ -97,6 +97,9 @@ POINTS = (
           aliases=("dataset",), consumes=("world", "task"), provides=("datasets",), noun="dataset"),
 )
 
+# Trackers (<monitoring> tracker, several at once) are no action of the generator tree: a registry of their own.
+TRACKERS = Registry("tracker", "trackers", "Tracker", Fits(bases=("Tracker",), methods=("epoch_end",)))
+
 # What a checkpoint plug-in file may define (<value name="X"><path>f.py</path></value>).
 PLUGIN_FITS = Fits(bases=("CheckpointPlugin",), methods=("on_epoch_end",), functions=True)
 

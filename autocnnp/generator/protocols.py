@@ -329,3 +329,38 @@ class DataFormat:
         """How ``autocnnp predict`` turns this format's volumes into model inputs and back (a
         :class:`~autocnnp.data.volumes.SliceTransform`), or None for a format without volumes."""
         return None
+
+
+# --- tracker (<monitoring> tracker: several at once) -----------------------------------------------------
+
+@dataclass(frozen=True)
+class RunInfo:
+    """What a tracker learns of a run when it starts."""
+
+    name: str  # the job file's stem
+    rundir: Path
+    params: dict[str, str]  # the resolved plan: every action and hyperparameter, flattened
+    tags: dict[str, str]  # strategy, degree, launcher, ...
+    artifacts: dict[str, Path]  # files logged at the start: the job file, the plan
+    first_step: int = 0  # the optimizer step the run starts after (a resumed run: its epochs done x steps)
+    parent: Path | None = None  # the run folder of the parent run (run --repeat, tune), if any
+
+
+class Tracker:
+    """Where a run's events go besides ``metrics.csv`` (which every run writes), on rank 0:
+    ``Tracker(config, info=RunInfo)``. The monitor calls ``step`` every ``log_every_steps`` optimizer steps,
+    ``epoch_end`` after every epoch and ``close(status)`` once, with ``completed``, ``failed``, ``diverged``
+    or ``stopped``. A tracker never stops training: a tracker that fails keeps what it could not send and
+    says so once."""
+
+    def __init__(self, config: Any = None, *, info: RunInfo):
+        self.config, self.info = config, info
+
+    def step(self, global_step: int, loss: float) -> None:
+        """The loss of one optimizer step."""
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float], global_step: int) -> None:
+        """The metrics of epoch ``epoch`` (0-based), reached at ``global_step``."""
+
+    def close(self, status: str) -> None:
+        """The run ended (plots, manifest and checkpoints are on disk)."""

@@ -4,7 +4,7 @@ heavy is imported."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..core.errors import JobError, Location
@@ -12,6 +12,7 @@ from ..engine.job import JobSpec
 from ..engine.values import bind_section
 from ..generator.assemble import Generator, assemble
 from ..generator.overrides import apply_overrides, parse_sets, read_variant
+from ..generator.points import TRACKERS
 from ..training.monitor import MonitoringConfig
 from .config import CLUSTER_CONFIGS, DeployConfig, LaunchConfig, SlurmConfig
 
@@ -25,6 +26,7 @@ class Job:
     slurm: SlurmConfig
     deploy: DeployConfig
     monitoring: MonitoringConfig
+    trackers: tuple = ()  # (registry entry, bound Config) of every <monitoring> tracker, in the job's order
 
     @property
     def spec(self) -> JobSpec:
@@ -63,10 +65,24 @@ def load_job(source: JobSpec | Path | str, sets: list[str] | None = None) -> Job
     gen = assemble(spec)
     base = spec.base_dir
     launch, slurm, deploy = bind_section(CLUSTER_CONFIGS, spec.cluster, base, "<cluster>")
-    (monitoring,) = bind_section((MonitoringConfig,), spec.monitoring, base, "<monitoring>")
-    job = Job(gen, launch, slurm, deploy, monitoring)
+    entries = _trackers(spec)
+    monitoring, *configs = bind_section((MonitoringConfig, *(e.config for e in entries if e.config)), spec.monitoring,
+                                        base, "<monitoring>")
+    bound = iter(configs)
+    job = Job(gen, launch, slurm, deploy, monitoring, tuple((e, next(bound) if e.config else None) for e in entries))
     _check_launcher(job)
     return job
+
+
+def _trackers(spec: JobSpec) -> list:
+    """The registry entries of the ``<monitoring>`` tracker property (default: files), each once."""
+    setting = next((s for s in spec.monitoring if s.name.lower() == "tracker"), None)
+    text = setting.text if setting is not None else next(f.default for f in fields(MonitoringConfig) if f.name == "tracker")
+    where = setting.where if setting is not None else spec.where
+    names = list(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names and setting is not None:
+        raise JobError(where, "<monitoring> tracker names no tracker", "write files, mlflow or both: files,mlflow")
+    return [TRACKERS.get(name, where) for name in names]
 
 
 def _check_launcher(job: Job) -> None:

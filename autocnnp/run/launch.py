@@ -12,6 +12,7 @@ import shlex
 import shutil
 import sys
 import time
+from pathlib import Path
 
 from ..core.errors import ExitCode, JobError
 from ..core.files import atomic_write
@@ -23,6 +24,24 @@ from .hosts import check_hosts, parse_hostfile
 from .job import Job, load_job
 from .slurm import check_srun, srun_command
 from .supervise import supervise
+
+PARENT_RUN = "AUTOCNNP_PARENT_RUN"  # the run folder of the parent of the runs started in the block (trackers)
+
+
+@contextlib.contextmanager
+def parent_run(folder: Path):
+    """Runs started in the block are children of the run in ``folder`` (``run --repeat``, ``tune``): the
+    ranks find it in their environment and their trackers group them under it."""
+    previous = os.environ.get(PARENT_RUN)
+    os.environ[PARENT_RUN] = str(folder)
+    try:
+        yield
+    finally:
+        if previous is None:
+            os.environ.pop(PARENT_RUN, None)
+        else:
+            os.environ[PARENT_RUN] = previous
+
 
 MPIRUN_HINT = ("install Open MPI (Debian: apt-get install openmpi-bin libopenmpi-dev; or run `make venv`, "
                "which does it) or run the ranks yourself under a launcher and use launcher=inplace")

@@ -43,7 +43,7 @@ from .. import __version__
 from ..core.files import jsonable, read_json, sha256_file, sha256_text, write_json
 from ..core.rundir import RunDir
 from ..engine.values import describe
-from ..training.monitor import Diverged, StopRequested
+from ..training.monitor import outcome
 from .job import Job
 
 FORMAT = 1
@@ -363,8 +363,7 @@ def recording(job: Job, rank: int):
     try:
         yield
     except BaseException as exc:
-        status = ("diverged" if isinstance(exc, Diverged) else "stopped" if isinstance(exc, StopRequested) else
-                  "terminated" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "failed")
+        status = outcome(exc)
         with contextlib.suppress(Exception):
             finish(rundir, status, f"{type(exc).__name__}: {exc}")
         raise

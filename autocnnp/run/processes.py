@@ -33,9 +33,10 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         os.kill(os.getpid(), sig)
 
 
-def start(cmd: list[str], env: dict[str, str]) -> subprocess.Popen:
-    """Start ``cmd`` as the leader of a new session that ends (SIGTERM) when this process ends."""
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, start_new_session=True,
+def start(cmd: list[str], env: dict[str, str] | None, stdout=None) -> subprocess.Popen:
+    """Start ``cmd`` (with ``env``, or this process's environment; output to ``stdout``, or ours) as the
+    leader of a new session that ends (SIGTERM) when this process ends."""
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, start_new_session=True,
                             preexec_fn=lambda: die_with_parent(signal.SIGTERM))
 
 

@@ -85,12 +85,13 @@ def run_repeats(job: Job, count: int, run=None) -> int:
         same = done.get("job", {}).get("sha256") == mf.job_record(job.spec)["sha256"] and \
             done.get("job", {}).get("overrides") == dict(one.spec.overrides)
         if same and done.get("status") == "completed" and \
-                int(done.get("final_metrics", {}).get("epoch", -1)) + 1 >= gen.hyperparameters.end_epoch:
+                int(done.get("final_metrics", {}).get("epoch", 0)) >= gen.hyperparameters.end_epoch:  # from 1
             print(f"autocnnp: seed {seed} finished already ({out})", flush=True)
             rc = ExitCode.OK
         else:
             print(f"autocnnp: repeat {index + 1}/{count}: seed {seed} -> {out}", flush=True)
-            rc = run(one)
+            with launch.parent_run(base.root):
+                rc = run(one)
         record = mf.read(out) or {}
         mf.update(out, repeats={**repeats, "index": index})
         results[seed] = mf.final_metrics(out)

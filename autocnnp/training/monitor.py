@@ -1,4 +1,4 @@
-"""Run monitoring: divergence guard, resource sampling, progress, metrics, TensorBoard, plots.
+"""Run monitoring: divergence guard, resource and step-time sampling, progress, metrics.csv, the trackers.
 
 Epochs and steps are 0-based indices in the API and shown 1-based in messages. The ``<monitoring>``
 section binds :class:`MonitoringConfig`, which ``autocnnp validate`` reads: the monitors' heavy
@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import socket
 import sys
 import threading
 import time
@@ -28,8 +29,8 @@ class MonitoringConfig:
     """``<monitoring>``: what rank 0 reports and when a run is stopped as diverged."""
 
     progress: bool = setting(True, help="progress bar on a terminal")
-    tensorboard: bool = setting(True, help="TensorBoard events")
-    plots: bool = setting(True, help="PNG plots when the run ends")
+    tracker: str = setting("files", help="where the run's events go besides metrics.csv, comma-separated: files "
+                                         "(TensorBoard, plots), mlflow")
     sample_interval_s: float = setting(2.0, min=0.1, help="seconds between resource samples of each rank")
     stop_on_divergence: bool = setting(True, help="stop when the loss becomes non-finite or explodes")
     divergence_factor: float = setting(1e3, min=1.0, help="'explodes': above this x the first loss")
@@ -43,7 +44,8 @@ class MonitoringConfig:
     def __post_init__(self):
         parse_regions(self.regions)  # the syntax now; the class values once the data is known
 
-RESOURCE_COLUMNS = ("time_s", "rank", "cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb")
+RESOURCE_COLUMNS = ("time_s", "rank", "cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb", "step_ms",
+                    "data_wait_ms", "host")
 
 
 class Diverged(RuntimeError):
@@ -100,7 +102,8 @@ class DivergenceGuard:
 
 
 class ResourceSampler:
-    """Daemon thread appending ``time_s,rank,cpu_percent,rss_mb,gpu_util_percent,gpu_mem_mb`` rows.
+    """Daemon thread appending rows of ``RESOURCE_COLUMNS``: CPU, RSS, GPU, and the mean step time and
+    time waiting for data of the steps since the last row (:meth:`record_step`).
 
     ``time_s`` is Unix time. One row is taken at :meth:`start` and one at :meth:`stop`.
     With ``append=False`` an existing file is replaced.
@@ -122,6 +125,13 @@ class ResourceSampler:
         self._thread: threading.Thread | None = None
         self._file = None
         self._writer = None
+        self._host = socket.gethostname()
+        self._steps = [0, 0.0, 0.0]  # steps, seconds in steps, seconds waiting for data: since the last row
+
+    def record_step(self, step_s: float, data_wait_s: float) -> None:
+        """Count one optimizer step and the part of it spent waiting for the next batch."""
+        steps = self._steps
+        steps[0], steps[1], steps[2] = steps[0] + 1, steps[1] + step_s, steps[2] + data_wait_s
 
     def start(self) -> ResourceSampler:
         """Open the CSV, take a first sample and start the thread (no-op if started)."""
@@ -164,6 +174,7 @@ class ResourceSampler:
             except Exception:  # needs pynvml / NVML; leave the column empty without it
                 pass
             gpu_mem = f"{self._cuda.memory_allocated() / 2**20:.1f}"
+        (n, step_s, wait_s), self._steps = self._steps, [0, 0.0, 0.0]
         self._writer.writerow(
             (
                 f"{time.time():.3f}",
@@ -172,6 +183,9 @@ class ResourceSampler:
                 f"{self._process.memory_info().rss / 2**20:.1f}",
                 gpu_util,
                 gpu_mem,
+                f"{1000 * step_s / n:.2f}" if n else "",
+                f"{1000 * wait_s / n:.2f}" if n else "",
+                self._host,
             )
         )
         self._file.flush()
@@ -184,17 +198,17 @@ class ResourceSampler:
 
 
 class Monitor:
-    """Per-rank run monitor: resource sampling everywhere; progress, metrics.csv,
-    TensorBoard and plots on rank 0.
+    """Per-rank run monitor: resource and step-time sampling everywhere; progress, the console line,
+    metrics.csv and the trackers (TensorBoard, plots, MLflow: components/trackers/) on rank 0.
 
-    TensorBoard steps are optimizer steps (``epoch * steps_per_epoch + step + 1``);
-    epoch metrics are logged at the last step of their epoch. metrics.csv numbers epochs from 1,
-    as the console does. On resume the metrics.csv rows and TensorBoard events of the epochs
-    after ``start_epoch`` (the epochs done) are dropped.
+    Tracker steps are optimizer steps (``epoch * steps_per_epoch + step + 1``); epoch metrics are
+    reported at the last step of their epoch. metrics.csv numbers epochs from 1, as the console does.
+    On resume the metrics.csv rows of the epochs after ``start_epoch`` (the epochs done) are dropped.
+    The console line gives the share of the epoch's step time spent waiting for data.
     """
 
     def __init__(self, rundir: RunDir, rank: int, world_size: int, config: MonitoringConfig, total_epochs: int,
-                 steps_per_epoch: int, start_epoch: int) -> None:
+                 steps_per_epoch: int, start_epoch: int, trackers=()) -> None:
         if steps_per_epoch < 1:
             raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
         from tqdm import tqdm
@@ -207,9 +221,9 @@ class Monitor:
         self.steps_per_epoch = steps_per_epoch
         self.start_epoch = start_epoch
         self.metrics_path = rundir.metrics
+        self.trackers = list(trackers)
         self._closed = False
         self._bar = None
-        self._writer = None
         self._columns: list[str] | None = None
         self._reset_epoch_counters()
         self._sampler = ResourceSampler(rundir.resource_samples(rank), rank, config.sample_interval_s,
@@ -219,13 +233,6 @@ class Monitor:
         rundir.root.mkdir(parents=True, exist_ok=True)
         self._truncate_metrics()
         self._write_line = tqdm.write
-        if config.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(
-                str(rundir.tensorboard),
-                purge_step=start_epoch * steps_per_epoch + 1 if start_epoch > 0 else None,
-            )
         self._bar = tqdm(
             total=total_epochs * steps_per_epoch,
             initial=start_epoch * steps_per_epoch,
@@ -238,6 +245,7 @@ class Monitor:
     def _reset_epoch_counters(self) -> None:
         self._epoch_t0 = self._last_step_t = time.perf_counter()
         self._epoch_samples = 0
+        self._epoch_step_s = self._epoch_wait_s = 0.0
 
     def _truncate_metrics(self) -> None:
         """Keep only the metrics.csv rows of the ``start_epoch`` epochs done."""
@@ -251,8 +259,13 @@ class Monitor:
         self._columns = columns
         _write_csv(self.metrics_path, columns, kept)
 
-    def step(self, epoch: int, step: int, loss: float, samples: int) -> None:
-        """Record one optimizer step; ``samples`` is this rank's batch size (rank 0 only acts)."""
+    def step(self, epoch: int, step: int, loss: float, samples: int, step_s: float = 0.0,
+             data_wait_s: float = 0.0) -> None:
+        """Record one optimizer step: ``samples`` is this rank's batch size, ``step_s`` the step's time and
+        ``data_wait_s`` the part of it spent waiting for the batch (sampled on every rank)."""
+        self._sampler.record_step(step_s, data_wait_s)
+        self._epoch_step_s += step_s
+        self._epoch_wait_s += data_wait_s
         if self.rank != 0 or self._closed:
             return
         now = time.perf_counter()
@@ -267,8 +280,9 @@ class Monitor:
         )
         self._bar.update(1)
         global_step = epoch * self.steps_per_epoch + step + 1
-        if self._writer is not None and global_step % self.config.log_every_steps == 0:
-            self._writer.add_scalar("train/loss_step", loss, global_step)
+        if global_step % self.config.log_every_steps == 0:
+            for tracker in self.trackers:
+                tracker.step(global_step, loss)
 
     def _throughput(self) -> float:
         elapsed = self._last_step_t - self._epoch_t0
@@ -280,12 +294,11 @@ class Monitor:
             return
         metrics = {name: float(value) for name, value in metrics.items()}
         self._append_metrics(epoch, metrics)
-        if self._writer is not None:
-            global_step = (epoch + 1) * self.steps_per_epoch
-            for name, value in metrics.items():
-                self._writer.add_scalar(f"metrics/{name}", value, global_step)
-            self._writer.flush()
-        parts = [f"epoch {epoch + 1}/{self.total_epochs}", *summary(metrics), f"samples/s={self._throughput():.1f}"]
+        for tracker in self.trackers:
+            tracker.epoch_end(epoch, metrics, (epoch + 1) * self.steps_per_epoch)
+        waiting = self._epoch_wait_s / self._epoch_step_s if self._epoch_step_s > 0 else 0.0
+        parts = [f"epoch {epoch + 1}/{self.total_epochs}", *summary(metrics), f"samples/s={self._throughput():.1f}",
+                 f"data_wait={100 * waiting:.0f}%"]
         self._write_line(" ".join(parts), file=sys.stdout)
         sys.stdout.flush()
         self._reset_epoch_counters()
@@ -302,25 +315,31 @@ class Monitor:
         with open(self.metrics_path, "a", newline="") as f:
             csv.DictWriter(f, self._columns, restval="").writerow(row)
 
-    def close(self) -> None:
-        """Stop sampling, close TensorBoard and the bar; rank 0 writes plots (idempotent)."""
+    def close(self, status: str = "completed") -> None:
+        """Stop sampling and the bar, and close the trackers with the run's ``status`` (idempotent)."""
         if self._closed:
             return
         self._closed = True
         self._sampler.stop()
         if self.rank != 0:
             return
-        if self._writer is not None:
-            self._writer.close()
         self._bar.close()
-        if self.config.plots:
-            plot_run(self.rundir)
+        for tracker in self.trackers:
+            tracker.close(status)
 
     def __enter__(self) -> Monitor:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self.close(outcome(exc))
+
+
+def outcome(exc: BaseException | None) -> str:
+    """A run's status from the exception that ended it (None: it completed)."""
+    if exc is None:
+        return "completed"
+    return ("diverged" if isinstance(exc, Diverged) else "stopped" if isinstance(exc, StopRequested) else
+            "terminated" if isinstance(exc, (SystemExit, KeyboardInterrupt)) else "failed")
 
 
 def summary(metrics: dict[str, float]) -> list[str]:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -131,10 +132,11 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
                regions, model_card(gen, data))
 
 
-def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=lambda: False) -> dict[str, float]:
-    """Train ``run`` from its current epoch to the end, calling ``beat()`` as it progresses; returns the
-    last epoch's metrics. When ``should_stop()`` is true on any rank at an epoch's end, every rank saves
-    a checkpoint there and raises StopRequested."""
+def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=lambda: False,
+        trackers=()) -> dict[str, float]:
+    """Train ``run`` from its current epoch to the end, calling ``beat()`` as it progresses and reporting
+    to ``trackers`` (rank 0); returns the last epoch's metrics. When ``should_stop()`` is true on any
+    rank at an epoch's end, every rank saves a checkpoint there and raises StopRequested."""
     if run.world.rank == 0 and run.resumed_from is not None:
         done = run.state.epoch >= run.hp.end_epoch
         print(f"autocnnp: resumed from {run.resumed_from} at epoch {run.state.epoch}"
@@ -143,7 +145,7 @@ def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=l
     metrics: dict[str, float] = {}
     last = run.hp.end_epoch - 1
     with Monitor(run.gen.rundir, run.world.rank, run.world.world_size, monitoring, run.hp.end_epoch,
-                 len(run.loader), start_epoch=run.state.epoch) as monitor:
+                 len(run.loader), start_epoch=run.state.epoch, trackers=trackers) as monitor:
         for epoch in range(run.state.epoch, run.hp.end_epoch):
             metrics = train_epoch(run, epoch, monitor, beat)
             stop = epoch < last and sum_over_ranks(run.world, [float(bool(should_stop()))])[0] > 0
@@ -167,7 +169,9 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
     run.data.set_epoch(epoch)  # epoch-dependent augmentation
     run.model.train()
     total, count = 0.0, 0
+    last = time.perf_counter()  # the end of the previous step: what follows until the batch is there is waiting
     for step, (x, y) in enumerate(run.loader):
+        waited = time.perf_counter() - last
         beat()  # before the step's collectives: a rank stuck elsewhere shows the oldest beat
         for group in optimizer.param_groups:
             group["lr"] = run.policy.lr(epoch, step) * state.lr_scale
@@ -183,7 +187,9 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
         value = loss.item()
         run.guard.check(value, epoch, step)
         total, count = total + value * len(x), count + len(x)
-        monitor.step(epoch, step, value, len(x))
+        now = time.perf_counter()
+        monitor.step(epoch, step, value, len(x), now - last, waited)
+        last = now
     run.strategy.end_epoch(run.model)
     net = run.strategy.unwrap(run.model)
     evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)

@@ -17,7 +17,7 @@ from ..core.metrics import SEGEVAL
 from ..core.rundir import RunDir
 from ..generator.overrides import read_variant
 from ..run.job import load_job
-from ..run.launch import run
+from ..run.launch import parent_run, run
 from ..run.manifest import final_metrics
 from .guideline import Variant
 
@@ -45,7 +45,8 @@ class JobRunner:
         out = self.folder(variant)
         overrides = {**self.base_overrides, **variant.overrides, "output": str(out)}
         print(f"autocnnp tune: {variant.name} on {variant.world_size} rank(s) -> {out}", flush=True)
-        code = run(load_job(read_variant(self.job, overrides)))
+        with parent_run(self.runs_dir.parent):  # the tune folder: its iterations are children of one run
+            code = run(load_job(read_variant(self.job, overrides)))
         if code == ExitCode.DIVERGED:  # a legitimate, very bad outcome
             return {**{m: 0.0 for m in SEGEVAL}, "diverged": 1.0}
         if code != 0:

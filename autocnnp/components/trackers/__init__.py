@@ -1,0 +1,1 @@
+"""tracker: where a run's events go besides metrics.csv (<monitoring> tracker, several at once)."""

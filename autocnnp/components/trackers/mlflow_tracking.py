@@ -1,0 +1,262 @@
+"""``tracker=mlflow``: the run in MLflow (R2D2's live web monitoring: ``autocnnp dashboard``).
+
+Rank 0 writes every event first to a journal in the run folder (``OUTPUT/tracking/mlflow-events.jsonl``);
+a background thread sends what is new to the tracking store every ``system_interval_s`` seconds, with
+the other ranks' resource samples (``OUTPUT/resources/rankN.csv``: CPU, RSS, GPU, step time, time
+waiting for data) as ``system/rankN/...`` metrics. A store that does not answer never stops training:
+the user is told once, the journal keeps everything, and ``autocnnp track sync OUTPUT`` sends it later.
+Where the journal has got to, and which MLflow run it feeds, is kept in ``OUTPUT/tracking/mlflow.json``.
+
+The default store is a SQLite database and an artifact folder beside the run (``OUTPUT/../mlflow/``), so
+nothing has to be started; ``tracking_uri`` points a team at a shared ``mlflow server``. mlflow is
+imported by the sending thread only, so a job that does not ask for it never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from autocnnp.core.files import read_json, write_json
+from autocnnp.core.settings import setting
+from autocnnp.generator.protocols import RunInfo, Tracker
+from autocnnp.generator.registry import component
+
+JOURNAL, STATE = "mlflow-events.jsonl", "mlflow.json"
+STATUS = {"completed": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "stopped": "KILLED", "terminated": "KILLED"}
+SYSTEM_COLUMNS = ("cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb", "step_ms", "data_wait_ms")
+BATCH = 900  # metrics per request (MLflow accepts 1,000)
+
+
+@dataclass
+class Config:
+    """An MLflow tracking store: by default a local SQLite database beside the runs."""
+
+    tracking_uri: str = setting("", help="MLflow tracking URI (http://host:5000, sqlite:///path.db, ...); empty: "
+                                         "OUTPUT/../mlflow/mlflow.db with its artifacts beside it")
+    experiment: str = setting("", help="MLflow experiment (default: the job file's name)")
+    system_interval_s: float = setting(5.0, min=0.5, help="seconds between two sends (resource samples included)")
+
+
+def store_of(rundir: Path, tracking_uri: str = "") -> tuple[str, Path | None]:
+    """(tracking URI, artifact folder for new experiments or None for a server's own) of a run folder."""
+    if tracking_uri:
+        return tracking_uri, None
+    folder = Path(rundir).resolve().parent / "mlflow"
+    return f"sqlite:///{folder / 'mlflow.db'}", folder / "artifacts"
+
+
+class Journal:
+    """Append-only JSON lines, safe to write from several threads."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+
+    def add(self, kind: str, **event) -> None:
+        line = json.dumps({"kind": kind, "time": time.time(), **event}, allow_nan=True) + "\n"
+        with self._lock, open(self.path, "a") as f:
+            f.write(line)
+
+
+class Sender:
+    """Sends a run folder's journal to its MLflow store from where it last stopped (``mlflow.json``)."""
+
+    def __init__(self, rundir: Path, tracking_uri: str = "", experiment: str = ""):
+        self.rundir = Path(rundir)
+        self.folder = self.rundir / "tracking"
+        self.state = read_json(self.folder / STATE) or {"offset": 0}
+        self.uri, self.artifacts = store_of(self.rundir, tracking_uri or self.state.get("tracking_uri", ""))
+        self.experiment = experiment or self.state.get("experiment", "")
+        self._client = None
+
+    def client(self):
+        if self._client is None:
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server that is down: fail fast
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            from mlflow.tracking import MlflowClient
+
+            logging.getLogger("mlflow").setLevel(logging.WARNING)  # not the store's table creation on the console
+
+            if self.artifacts is not None:
+                self.artifacts.mkdir(parents=True, exist_ok=True)
+            self._client = MlflowClient(tracking_uri=self.uri)
+        return self._client
+
+    def send(self) -> int:
+        """Send every journal line not sent yet; returns how many. Raises when the store does not answer."""
+        path = self.folder / JOURNAL
+        if not path.exists():
+            return 0
+        with open(path) as f:
+            f.seek(self.state["offset"])
+            lines = f.readlines()
+        complete = [ln for ln in lines if ln.endswith("\n")]  # a line being written is sent next time
+        events = [json.loads(ln) for ln in complete]
+        for lo in range(0, len(events), BATCH):
+            self._send(events[lo:lo + BATCH])
+            self.state["offset"] += sum(len(ln.encode()) for ln in complete[lo:lo + BATCH])
+            self._save()
+        return len(events)
+
+    def _save(self) -> None:
+        write_json(self.folder / STATE, {**self.state, "tracking_uri": self.uri if self.artifacts is None else "",
+                                         "experiment": self.experiment})
+
+    def _run(self, start: dict) -> str:
+        """The MLflow run this folder feeds (created at its first event; a resumed run goes on with it)."""
+        client = self.client()
+        if self.state.get("run_id"):
+            client.update_run(self.state["run_id"], status="RUNNING")
+            return self.state["run_id"]
+        name = self.experiment or start["name"]
+        self.experiment = name
+        found = client.get_experiment_by_name(name)
+        experiment = found.experiment_id if found else client.create_experiment(
+            name, artifact_location=self.artifacts.as_uri() if self.artifacts else None)
+        tags = {"mlflow.runName": start["run_name"], "autocnnp.rundir": str(self.rundir), **start["tags"]}
+        parent = start.get("parent")
+        if parent:
+            tags["mlflow.parentRunId"] = Sender(Path(parent), self.uri, name).parent_run()  # in the same store
+        run = client.create_run(experiment, start_time=int(start["time"] * 1000), tags=tags)
+        self.state["run_id"] = run.info.run_id
+        self._save()
+        return run.info.run_id
+
+    def parent_run(self) -> str:
+        """The MLflow run of this folder as a parent (repeats, tuning iterations), created if need be."""
+        run_id = self._run({"name": self.experiment, "run_name": self.rundir.name, "tags": {},
+                            "time": time.time()})
+        self.client().set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def _send(self, events: list[dict]) -> None:
+        from mlflow.entities import Metric, Param, RunTag
+
+        client = self.client()
+        metrics, params, tags = [], [], []
+        for event in events:
+            kind = event["kind"]
+            if kind == "start":
+                run_id = self._run(event)
+                if not self.state.get("params_logged"):
+                    params += [Param(k, str(v)[:6000]) for k, v in event["params"].items()]
+                    self.state["params_logged"] = True
+                for artifact, path in event["artifacts"].items():
+                    with contextlib.suppress(OSError):
+                        client.log_artifact(run_id, path, "job" if artifact != "plan" else None)
+            elif kind == "metrics":
+                ms = int(event["time"] * 1000)
+                metrics += [Metric(k, float(v), ms, int(event["step"])) for k, v in event["values"].items()]
+            elif kind == "tags":
+                tags += [RunTag(k, str(v)) for k, v in event["values"].items()]
+            elif kind == "artifacts":
+                for path, where in event["files"]:
+                    if Path(path).is_file():
+                        client.log_artifact(self.state["run_id"], path, where)
+            elif kind == "end":
+                self._flush(metrics, params, tags)
+                metrics, params, tags = [], [], []
+                client.set_terminated(self.state["run_id"], STATUS.get(event["status"], "FAILED"),
+                                      end_time=int(event["time"] * 1000))
+        self._flush(metrics, params, tags)
+
+    def _flush(self, metrics, params, tags) -> None:
+        """log_batch within MLflow's limits (1,000 metrics, 100 params, 100 tags a request)."""
+        run_id, client = self.state["run_id"], self.client()
+        for lo in range(0, len(metrics), BATCH):
+            client.log_batch(run_id, metrics=metrics[lo:lo + BATCH])
+        for lo in range(0, max(len(params), len(tags)), 100):
+            client.log_batch(run_id, params=params[lo:lo + 100], tags=tags[lo:lo + 100])
+
+
+class SystemTail:
+    """New rows of the ranks' resource samples, as ``system/rankN/...`` metrics events."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.offsets: dict[Path, int] = {}
+        self.steps: dict[int, int] = {}
+        self.hosts: dict[int, str] = {}
+
+    def read(self, journal: Journal) -> None:
+        for path in sorted(self.folder.glob("rank*.csv")):
+            with open(path, newline="") as f:
+                header = f.readline()
+                f.seek(max(self.offsets.get(path, 0), len(header)))
+                block = f.read()
+            complete = block[:block.rfind("\n") + 1]
+            self.offsets[path] = max(self.offsets.get(path, 0), len(header)) + len(complete.encode())
+            for row in csv.DictReader([header, *complete.splitlines()]):
+                self._event(row, journal)
+
+    def _event(self, row: dict, journal: Journal) -> None:
+        rank = int(row["rank"])
+        if row.get("host") and self.hosts.get(rank) != row["host"]:
+            self.hosts[rank] = row["host"]
+            journal.add("tags", values={f"host.rank{rank}": row["host"]})
+        values = {f"system/rank{rank}/{c}": float(row[c]) for c in SYSTEM_COLUMNS if row.get(c)}
+        step = self.steps.get(rank, 0)
+        self.steps[rank] = step + 1
+        journal.add("metrics", step=step, values=values, time=float(row["time_s"]))
+
+
+@component("mlflow")
+class MLflow(Tracker):
+    """The run in MLflow: params (the resolved plan), tags, per-epoch metrics, the step loss, every rank's
+    system metrics live, and plots, manifest and the best checkpoint at the end."""
+
+    def __init__(self, config: Config, *, info: RunInfo):
+        super().__init__(config, info=info)
+        folder = info.rundir / "tracking"
+        self.journal = Journal(folder / JOURNAL)
+        self.sender = Sender(info.rundir, config.tracking_uri, config.experiment)
+        self.tail = SystemTail(info.rundir / "resources")
+        self.journal.add("start", name=info.name, run_name=info.rundir.name, params=info.params, tags=info.tags,
+                         artifacts={k: str(v) for k, v in info.artifacts.items()},
+                         parent=str(info.parent) if info.parent else None)
+        self._warned = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)
+        self._thread.start()
+
+    def step(self, global_step: int, loss: float) -> None:
+        self.journal.add("metrics", step=global_step, values={"train/loss_step": loss})
+
+    def epoch_end(self, epoch: int, metrics: dict[str, float], global_step: int) -> None:
+        self.journal.add("metrics", step=epoch + 1, values=metrics)
+
+    def close(self, status: str) -> None:
+        rundir = self.info.rundir
+        files = [[str(p), "plots"] for p in sorted((rundir / "plots").glob("*.png"))]
+        files += [[str(rundir / "manifest.json"), None], [str(rundir / "metrics.csv"), None],
+                  [str(rundir / "checkpoints" / "ckpt-best.pt"), "checkpoints"]]
+        self.journal.add("artifacts", files=files)
+        self.journal.add("end", status=status)
+        self._stop.set()
+        self._thread.join(timeout=60)  # the last send; a store that is down keeps the journal for `track sync`
+
+    def _loop(self) -> None:
+        while True:
+            stopping = self._stop.wait(self.config.system_interval_s)
+            try:
+                self.tail.read(self.journal)
+                self.sender.send()
+            except Exception as exc:  # noqa: BLE001 - the store is down, refuses, or mlflow is missing
+                if not self._warned:
+                    self._warned = True
+                    print(f"autocnnp: note: the MLflow store {self.sender.uri} cannot be reached "
+                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); training "
+                          f"goes on, its events are kept in {self.journal.path.parent} and `autocnnp track sync "
+                          f"{self.info.rundir}` sends them", file=sys.stderr, flush=True)
+            if stopping:
+                return
