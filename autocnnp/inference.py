@@ -67,6 +67,16 @@ def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
     return path
 
 
+def _zoo_checkpoint(model: str) -> Path:
+    """The checkpoint of a zoo model (``zoo:NAME[/VERSION]``), pulled once into ~/.cache/autocnnp/zoo."""
+    from .run.zoo import fetch, parse, zoo_store
+
+    name, version = parse(model)
+    folder = Path.home() / ".cache" / "autocnnp" / "zoo" / f"{name}-{version or 'latest'}"
+    checkpoint, _ = fetch(name, version, folder, zoo_store())
+    return checkpoint
+
+
 def _load_checkpoint(path: Path) -> dict:
     import torch
 
@@ -189,7 +199,7 @@ def predict(args) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     gen = assemble(read_variant(args.job, parse_sets(args.set))) if args.job else None
-    checkpoint = _checkpoint_path(args.checkpoint, gen)
+    checkpoint = _zoo_checkpoint(args.model) if args.model else _checkpoint_path(args.checkpoint, gen)
     state = _load_checkpoint(checkpoint)
     trained, transform, classes, names, in_channels = _model_and_transform(state, checkpoint, gen, args.num_classes)
     given_transform = gen.data_format().volumes() if gen is not None else None
@@ -396,6 +406,8 @@ def add_commands(sub) -> None:
                    help="the job variant that was trained (as `autocnnp run --set`)")
     s.add_argument("--checkpoint", default="latest",
                    help="latest (default) or best of the job's run, or a checkpoint file, pointer or run folder")
+    s.add_argument("--model", help="a zoo model instead: zoo:NAME or zoo:NAME/VERSION (the zoo: $AUTOCNNP_ZOO, else "
+                                   "~/.autocnnp/zoo)")
     s.add_argument("--input", default=None,
                    help="dataset folder/index, folder of NIfTI images or one image (default: the job's <test>, "
                         "else its <train> dataset)")

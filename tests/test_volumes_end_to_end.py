@@ -109,3 +109,19 @@ def test_the_checkpoint_is_enough_to_predict(trained, cli, tmp_path):
     assert rc == 0, err
     rc, _, err = cli("predict", "--checkpoint", "best")
     assert rc == 2 and "--checkpoint best needs the job whose run it is" in err
+
+
+@pytest.mark.ranks
+def test_predict_with_a_zoo_model(trained, cli, tmp_path, monkeypatch):
+    pytest.importorskip("mlflow")
+    monkeypatch.setenv("AUTOCNNP_ZOO", str(tmp_path / "zoo"))
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # where predict keeps pulled models
+    rc, out, err = cli("zoo", "publish", trained / "out", "--name", "atrium")
+    assert rc == 0 and "zoo:atrium/1" in out, err
+    rc, _, err = cli("predict", "--model", "zoo:atrium", "--input", trained / "data", "--out", tmp_path / "zoo-pred")
+    assert rc == 0, err
+    rc, _, err = cli("predict", trained / "job.xml", "--checkpoint", "best", "--out", tmp_path / "best")
+    assert rc == 0, err
+    for case in ("case_006", "case_007"):  # the published model is the run's best checkpoint
+        assert np.array_equal(np.asarray(nib.load(tmp_path / "zoo-pred" / f"{case}.nii.gz").dataobj),
+                              np.asarray(nib.load(tmp_path / "best" / f"{case}.nii.gz").dataobj))

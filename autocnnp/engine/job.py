@@ -66,6 +66,8 @@ class JobSpec:
     monitoring: list[Setting]
     cluster: list[Setting]
     text: str = ""  # the file as written, decoded as it declares
+    pretrained: Setting | None = None  # <CNN_archi pretrained="zoo:NAME/VERSION"> or a checkpoint file
+    freeze: Setting | None = None  # <CNN_archi freeze="none|encoder">
     seed: Setting | None = None
     output: Setting | None = None
     # KEY=VALUE overrides applied on top of the file (engine/overrides.py); passed on to the workers
@@ -154,8 +156,11 @@ def read_job(file: Path | str, text: str | None = None) -> JobSpec:
         for act in mod.findall("action"):
             actions.append(_action(path, base, mod.get("name"), act))
 
+    attribute = {key: Setting(key, arch.get(key), _where(path, arch)) for key in ("pretrained", "freeze")
+                 if arch.get(key) is not None}
     return JobSpec(
         file=path, task=task.get("name"), where=_where(path, task),
+        pretrained=attribute.get("pretrained"), freeze=attribute.get("freeze"),
         degree=Setting("parallelism-degree", _text(section("parallelism-degree")),
                        _where(path, section("parallelism-degree"))),
         architecture=architecture,

@@ -3,6 +3,7 @@ bind its typed parameters, check the modules still fit together. Nothing heavy i
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +19,58 @@ from .tree import Action, Binding, Composite, Module
 MAX_RANKS = 1_000_000  # far above any machine; a typo such as 1000000000 is refused, not planned
 
 
+@dataclass(frozen=True)
+class Pretrained:
+    """Where the network's starting weights come from: a zoo model (``zoo:NAME[/VERSION]``, latest version
+    when none) or a checkpoint file or run folder; ``freeze`` none or encoder."""
+
+    zoo: tuple[str, int | None] | None
+    path: Path | None
+    freeze: str
+    where: Location
+
+    @property
+    def source(self) -> str:
+        if self.zoo is None:
+            return str(self.path)
+        return f"zoo:{self.zoo[0]}" + (f"/{self.zoo[1]}" if self.zoo[1] is not None else "")
+
+    def local(self, rundir: RunDir) -> Path:
+        """The checkpoint the ranks load: the file, a run folder's best (else latest) checkpoint, or where
+        run & manage puts a zoo model before the ranks start."""
+        if self.zoo is not None:
+            name, version = self.zoo
+            return rundir.cache / "pretrained" / f"{name}-{version or 'latest'}" / "checkpoint.pt"
+        if self.path.is_dir():
+            folder = self.path / "checkpoints" if (self.path / "checkpoints").is_dir() else self.path
+            for pointer in ("ckpt-best.pt", "latest"):
+                if (folder / pointer).is_file():
+                    return folder / pointer if pointer.endswith(".pt") else folder / (folder / pointer).read_text().strip()
+        return self.path
+
+
+ZOO_SOURCE = re.compile(r"^zoo:([\w.-]+)(?:/(\d+))?$")
+
+
+def _pretrained(spec: JobSpec) -> Pretrained | None:
+    freeze = (spec.freeze.text.strip().lower() if spec.freeze else "none")
+    if freeze not in ("none", "encoder"):
+        raise JobError(spec.freeze.where, f"freeze '{spec.freeze.text}' is neither none nor encoder",
+                       "write freeze=\"encoder\" (train the decoder and head only) or freeze=\"none\"")
+    if spec.pretrained is None:
+        if freeze != "none":
+            raise JobError(spec.freeze.where, "freeze needs pretrained weights", 'add pretrained="zoo:NAME" or a checkpoint')
+        return None
+    text, where = spec.pretrained.text.strip(), spec.pretrained.where
+    if text.startswith("zoo:"):
+        m = ZOO_SOURCE.match(text)
+        if m is None:
+            raise JobError(where, f"'{text}' is not a zoo model", "write zoo:NAME or zoo:NAME/VERSION (autocnnp zoo list)")
+        return Pretrained((m.group(1), int(m.group(2)) if m.group(2) else None), None, freeze, where)
+    path = convert(text, Path, where, "pretrained", spec.base_dir, {"must_exist": True})
+    return Pretrained(None, path, freeze, where)
+
+
 @dataclass
 class Generator:
     """The assembled generator: the component tree, the number of ranks, the seed and the run folder."""
@@ -28,6 +81,7 @@ class Generator:
     world_size: int
     seed: int
     rundir: RunDir
+    pretrained: Pretrained | None = None  # <CNN_archi pretrained=... freeze=...>
 
     def actions(self):
         for module in self.root.modules():
@@ -94,7 +148,7 @@ def assemble(job: JobSpec | Path | str) -> Generator:
     root = Composite("cnn_parallelism_generator", "CNN-Parallelism-Generator", [
         Composite(c, title, [modules[m.name] for m in MODULES if m.composite == c]) for c, title in COMPOSITES.items()
     ])
-    gen = Generator(spec, root, _bindings(), world_size, seed, rundir)
+    gen = Generator(spec, root, _bindings(), world_size, seed, rundir, _pretrained(spec))
     _check_lr_policy(gen)
     return gen
 

@@ -11,7 +11,8 @@ manifest next to the job file's text. Keys:
 ``parallelism-degree``         ``<parallelism-degree>`` (also ``degree``)
 ``hyperparameters.NAME``       a ``<hyperparameters>`` property (likewise ``monitoring.``, ``cluster.``)
 ``data.NAME``                  a ``<data>`` param; ``data.train``/``valid``/``test`` are paths
-``architecture.NAME``          a ``<CNN_archi>`` param (also ``CNN_archi.NAME``)
+``architecture.NAME``          a ``<CNN_archi>`` param (also ``CNN_archi.NAME``); ``architecture.pretrained``
+                               and ``architecture.freeze`` its attributes
 ``ACTION``                     the implementation of an action, e.g. ``lr_policy=grescale``; choosing
                                another implementation drops the parameters written for the old one
 ``ACTION.NAME``                an action parameter, e.g. ``lr_policy.warmup_epochs=6``
@@ -85,6 +86,8 @@ def apply_overrides(spec: JobSpec, overrides: Mapping[str, str], labels: Mapping
                 out.data_paths[name] = Setting(name, _in_job_folder(spec, value, where), where)
             else:
                 out.data_params = _put(out.data_params, Setting(name, value, where))
+        elif name and low in _ARCH and name.lower() in ("pretrained", "freeze"):
+            setattr(out, name.lower(), Setting(name.lower(), value, where))
         elif name and low in _ARCH:
             out.architecture_params = _put(out.architecture_params, Setting(name, value, where))
         elif low in POINT_BY_NAME:

@@ -109,6 +109,7 @@ def run(job: Job) -> int:
         while True:
             now = _available(job)
             preflight.check_slots(now, os.environ)
+            preflight.fetch_pretrained(now)
             preflight.check_data(now)
             cmd, env = build_command(now)
             code, problem = supervise(cmd, env, rundir, now.generator.world_size, now.launch)

@@ -14,11 +14,18 @@ from .hosts import parse_hostfile
 from .job import Job
 
 
-def check(job: Job) -> None:
-    """Run every check (the data last: it may read and cache the whole dataset)."""
-    check_output(job)
-    check_slots(job, os.environ)
-    check_data(job)
+def fetch_pretrained(job: Job) -> None:
+    """Put a ``zoo:`` model the job starts from where the ranks read it (once: it is kept in the run folder)."""
+    pretrained = job.generator.pretrained
+    if pretrained is None or pretrained.zoo is None:
+        return
+    from .zoo import fetch, zoo_store
+
+    name, version = pretrained.zoo
+    target = pretrained.local(job.generator.rundir)
+    if not target.is_file():
+        _, got = fetch(name, version, target.parent, zoo_store())
+        print(f"autocnnp: pretrained from zoo:{name}/{got} ({zoo_store()[0]})", flush=True)
 
 
 def check_output(job: Job) -> None:

@@ -22,6 +22,7 @@ from ..generator.assemble import Generator
 from ..generator.protocols import Checkpointer, DataBundle, LRPolicy, Strategy
 from . import determinism
 from .monitor import DivergenceGuard, Monitor, MonitoringConfig, StopRequested
+from .pretrained import load_pretrained
 
 
 @dataclass
@@ -98,6 +99,10 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     seed_everything(gen.seed)  # identical initial parameters on every rank (DDP broadcasts them too)
     data = gen.data_format().datasets(world=world, seed=gen.seed, cache_dir=gen.rundir.cache)
     net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
+    if gen.pretrained is not None:  # before any wrapping; a resumed run then loads its own checkpoint over it
+        loaded = load_pretrained(net, gen.pretrained.local(gen.rundir), gen.pretrained.freeze)
+        if world.rank == 0:
+            print(f"autocnnp: pretrained ({gen.pretrained.source}): {loaded}", flush=True)
     strategy = gen.action("dist_strategy").build(world=world, device=device, beat=beat)
     if hp.channels_last:
         net = net.to(memory_format=torch.channels_last)

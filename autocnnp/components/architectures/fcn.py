@@ -70,6 +70,10 @@ class FCN(nn.Module):
         self.up_pool4 = _bilinear_upsampler(num_classes, 2)
         self.up_final = _bilinear_upsampler(num_classes, 8)
 
+    def encoder(self) -> list[nn.Module]:
+        """The VGG16 stages (``freeze="encoder"`` of a pretrained network)."""
+        return list(self.stages)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_divisible(x, 32)
         pools = []

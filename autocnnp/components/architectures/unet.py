@@ -78,6 +78,10 @@ class UNet(nn.Module):
         )
         self.head = nn.Conv2d(channels[0], num_classes, 1)
 
+    def encoder(self) -> list[nn.Module]:
+        """The contracting path (``freeze="encoder"`` of a pretrained network)."""
+        return list(self.down)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         check_divisible(x, self.multiple)
         skips = []

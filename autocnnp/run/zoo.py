@@ -1,0 +1,221 @@
+"""The model zoo (R2D2's set of pretrained, pathology-specific models) on MLflow's model registry.
+
+* ``autocnnp zoo publish RUN_DIR --name NAME`` registers the run's best checkpoint (else its latest) as a new
+  version of NAME, with what reusing it needs: the checkpoint (which describes its model: architecture and
+  parameters, preprocessing, classes), ``model_card.json``, the job file, ``manifest.json``, the final
+  metrics and the dataset checksum;
+* ``autocnnp zoo list``, ``autocnnp zoo show NAME[/VERSION]``, ``autocnnp zoo pull NAME[/VERSION] DIR``;
+* a job starts from a zoo model with ``<CNN_archi pretrained="zoo:NAME/VERSION">`` (run & manage fetches it
+  before the ranks start) and ``autocnnp predict --model zoo:NAME`` predicts with one.
+
+The zoo is ``--zoo`` (a folder or a tracking URI), else ``$AUTOCNNP_ZOO``, else ``~/.autocnnp/zoo``: a SQLite
+registry with its artifacts beside it, or a shared ``mlflow server``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from ..core.errors import JobError, Source
+from ..core.files import read_json
+from ..core.metrics import FOREGROUND_DICE
+
+ZOO_ENV = "AUTOCNNP_ZOO"
+EXPERIMENT = "autocnnp-zoo"
+CHECKPOINT = "checkpoint.pt"
+
+
+def zoo_store(arg: str | None = None) -> tuple[str, Path | None]:
+    """(tracking URI, artifact folder or None) of the zoo."""
+    text = arg or os.environ.get(ZOO_ENV) or str(Path.home() / ".autocnnp" / "zoo")
+    if "://" in text:
+        return text, None
+    folder = Path(text).expanduser().resolve()
+    return f"sqlite:///{folder / 'zoo.db'}", folder / "artifacts"
+
+
+def _client(store: tuple[str, Path | None]):
+    try:
+        from mlflow.tracking import MlflowClient
+    except ImportError:
+        raise JobError(Source(Path("."), text="autocnnp zoo"), "the model zoo needs MLflow, which is not installed",
+                       "install it with `make venv` (requirements/test.txt pins mlflow)") from None
+    logging.getLogger("mlflow").setLevel(logging.WARNING)
+    uri, artifacts = store
+    if artifacts is not None:
+        artifacts.mkdir(parents=True, exist_ok=True)
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _where(text: str) -> Source:
+    return Source(Path(text), text=f"zoo model {text}")
+
+
+def parse(text: str) -> tuple[str, int | None]:
+    """``NAME`` or ``NAME/VERSION`` (a ``zoo:`` prefix allowed) -> (name, version or None)."""
+    name, _, version = text.removeprefix("zoo:").partition("/")
+    if not name or (version and not version.isdigit()):
+        raise JobError(_where(text), f"'{text}' is not a zoo model", "write NAME or NAME/VERSION (autocnnp zoo list)")
+    return name, int(version) if version else None
+
+
+def _version(client, name: str, version: int | None):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        if version is not None:
+            return client.get_model_version(name, str(version))
+        versions = client.search_model_versions(f"name='{name}'")
+    except MlflowException as exc:
+        raise JobError(_where(f"{name}/{version}" if version else name), f"the zoo has no such model ({exc.message})",
+                       "see `autocnnp zoo list`") from None
+    if not versions:
+        raise JobError(_where(name), f"the zoo has no model '{name}'", "see `autocnnp zoo list`")
+    return max(versions, key=lambda v: int(v.version))
+
+
+def _checkpoint_of(rundir: Path) -> Path:
+    folder = rundir / "checkpoints"
+    if (folder / "ckpt-best.pt").is_file():
+        return folder / "ckpt-best.pt"
+    pointer = folder / "latest"
+    if pointer.is_file() and (folder / pointer.read_text().strip()).is_file():
+        return folder / pointer.read_text().strip()
+    raise JobError(rundir, "the run folder holds no checkpoint", "name the output folder of a trained run")
+
+
+def publish(rundir: Path, name: str, store, description: str = "") -> int:
+    """Register the run's best (else latest) checkpoint as a new version of ``name``; returns the version."""
+    import torch
+
+    rundir = Path(rundir).resolve()
+    checkpoint = _checkpoint_of(rundir)
+    card = torch.load(checkpoint, map_location="cpu", weights_only=False).get("model_card")
+    if card is None:
+        raise JobError(checkpoint, "the checkpoint does not describe its model (written by an older autocnnp)",
+                       "train it again with this version, then publish")
+    manifest = read_json(rundir / "manifest.json") or {}
+    metrics = {k: v for k, v in (manifest.get("final_metrics") or {}).items() if isinstance(v, (int, float))}
+    best = read_json(rundir / "checkpoints" / "best") or {}
+    checksum = (manifest.get("dataset") or {}).get("checksum", {})
+    client = _client(store)
+    found = client.get_experiment_by_name(EXPERIMENT)
+    experiment = found.experiment_id if found else client.create_experiment(
+        EXPERIMENT, artifact_location=store[1].as_uri() if store[1] else None)
+    tags = {"architecture": card["architecture"]["name"], "classes": json.dumps(card["classes"]),
+            "in_channels": str(card["in_channels"]), "source_run": str(rundir), "checkpoint": checkpoint.name,
+            "dataset_checksum": json.dumps(checksum)[:5000]}
+    if best:
+        tags["best"] = f"{best['metric']}={best['value']:.4f} at epoch {best['epoch']}"
+    run = client.create_run(experiment, tags={"mlflow.runName": name, **tags})
+    with tempfile.TemporaryDirectory() as tmp:
+        model = Path(tmp) / "model"
+        model.mkdir()
+        shutil.copyfile(checkpoint, model / CHECKPOINT)
+        (model / "model_card.json").write_text(json.dumps({k: v for k, v in card.items() if k != "job"}, indent=2))
+        (model / "job.xml").write_text(card["job"]["text"])
+        if (rundir / "manifest.json").is_file():
+            shutil.copyfile(rundir / "manifest.json", model / "manifest.json")
+        client.log_artifacts(run.info.run_id, str(model), "model")
+    for key, value in metrics.items():
+        client.log_metric(run.info.run_id, key.replace("/", "."), float(value))
+    client.set_terminated(run.info.run_id)
+    from mlflow.exceptions import MlflowException
+
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(name, description=description or f"autocnnp {card['architecture']['name']}")
+    summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in (FOREGROUND_DICE, "dice") if k in metrics)
+    version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags,
+                                          description=description or summary)
+    return int(version.version)
+
+
+def fetch(name: str, version: int | None, dest: Path, store) -> tuple[Path, int]:
+    """Download a zoo model's files into ``dest`` (complete or not at all); returns (checkpoint, version)."""
+    import mlflow.artifacts
+
+    client = _client(store)
+    found = _version(client, name, version)
+    dest = Path(dest)
+    if (dest / CHECKPOINT).is_file() and (read_json(dest / "zoo.json") or {}).get("version") == int(found.version):
+        return dest / CHECKPOINT, int(found.version)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
+        got = Path(mlflow.artifacts.download_artifacts(artifact_uri=found.source, dst_path=tmp,
+                                                       tracking_uri=store[0]))
+        (got / "zoo.json").write_text(json.dumps({"name": name, "version": int(found.version),
+                                                  "source": found.source}))
+        shutil.rmtree(dest, ignore_errors=True)
+        os.replace(got, dest)
+    return dest / CHECKPOINT, int(found.version)
+
+
+# --- commands ------------------------------------------------------------------------------------------
+
+def cmd_publish(args) -> int:
+    version = publish(Path(args.rundir), args.name, zoo_store(args.zoo), args.description or "")
+    print(f"published zoo:{args.name}/{version} from {args.rundir} (zoo {zoo_store(args.zoo)[0]})")
+    return 0
+
+
+def cmd_list(args) -> int:
+    client = _client(zoo_store(args.zoo))
+    models = client.search_registered_models()
+    if not models:
+        print("the zoo holds no model yet (autocnnp zoo publish RUN_DIR --name NAME)")
+    for model in sorted(models, key=lambda m: m.name):
+        latest = _version(client, model.name, None)
+        print(f"{model.name}: {len(client.search_model_versions(f'name={model.name!r}'))} version(s), latest "
+              f"{latest.version} ({latest.tags.get('architecture', '?')}, classes "
+              f"{', '.join(json.loads(latest.tags.get('classes', '{}')).values())}) {latest.description or ''}")
+    return 0
+
+
+def cmd_show(args) -> int:
+    client = _client(zoo_store(args.zoo))
+    found = _version(client, *parse(args.model))
+    print(f"zoo:{found.name}/{found.version}: {found.description or ''}")
+    for key, value in sorted(found.tags.items()):
+        print(f"  {key}: {value}")
+    run = client.get_run(found.run_id)
+    for key, value in sorted(run.data.metrics.items()):
+        print(f"  metric {key}: {value:.4f}")
+    print(f"  files: {found.source}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    name, version = parse(args.model)
+    checkpoint, version = fetch(name, version, Path(args.dir), zoo_store(args.zoo))
+    print(f"zoo:{name}/{version} -> {Path(args.dir)} (checkpoint {checkpoint.name}, model_card.json, job.xml, "
+          "manifest.json)")
+    return 0
+
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("zoo", help="the model zoo: publish a run's model, list, show, pull (MLflow model registry)")
+    verbs = s.add_subparsers(dest="verb", required=True)
+
+    def verb(name: str, func, doc: str):
+        v = verbs.add_parser(name, help=doc, description=doc)
+        v.add_argument("--zoo", help=f"the zoo: a folder or a tracking URI (default ${ZOO_ENV}, else ~/.autocnnp/zoo)")
+        v.set_defaults(func=func)
+        return v
+
+    v = verb("publish", cmd_publish, "register a run's best (else latest) model as a new version of NAME")
+    v.add_argument("rundir", help="the run's output folder")
+    v.add_argument("--name", required=True, help="the model's name in the zoo")
+    v.add_argument("--description", help="a line about it (default: its final Dice)")
+    verb("list", cmd_list, "the zoo's models")
+    v = verb("show", cmd_show, "one model version: tags, metrics, files")
+    v.add_argument("model", help="NAME or NAME/VERSION (default: the latest version)")
+    v = verb("pull", cmd_pull, "download a model version for offline use")
+    v.add_argument("model", help="NAME or NAME/VERSION")
+    v.add_argument("dir", help="the folder to write (checkpoint.pt, model_card.json, job.xml, manifest.json)")
