@@ -26,9 +26,10 @@ demo: venv
 	$(BIN)/autocnnp run xml_configs/demo.xml
 
 test: venv
+	bash cluster/install-deps.sh test
 	$(BIN)/python -m pytest -q
 
-FAST = not (ranks or slurm or docker or multihost)
+FAST = not (ranks or slurm or docker or multihost or browser)
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "$(FAST)"
 

@@ -11,26 +11,16 @@ with it, on every host.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import os
 import signal
 import subprocess
 import time
 
 from ..core.errors import Interrupted
+from ..core.processes import die_with_parent
 
-PR_SET_PDEATHSIG = 1
 # what stops a run & manage command cleanly; SIGUSR1 is Slurm's warning before the time limit
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-def die_with_parent(sig: int = signal.SIGKILL) -> None:
-    """Have the kernel send ``sig`` to this process when its parent ends (Linux; a no-op elsewhere)."""
-    parent = os.getppid()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-    if os.getppid() != parent:  # the parent ended before the request took effect
-        os.kill(os.getpid(), sig)
 
 
 def start(cmd: list[str], env: dict[str, str] | None, stdout=None) -> subprocess.Popen:

@@ -1,15 +1,15 @@
 """``tracker=mlflow``: the run in MLflow (R2D2's live web monitoring: ``autocnnp dashboard``).
 
 Rank 0 writes every event first to a journal in the run folder (``OUTPUT/tracking/mlflow-events.jsonl``);
-a background thread sends what is new to the tracking store every ``system_interval_s`` seconds, with
-the other ranks' resource samples (``OUTPUT/resources/rankN.csv``: CPU, RSS, GPU, step time, time
+a sender process at the lowest CPU priority sends what is new to the tracking store every
+``system_interval_s`` seconds, with the ranks' resource samples (``OUTPUT/resources/rankN.csv``: CPU, RSS, GPU, step time, time
 waiting for data) as ``system/rankN/...`` metrics. A store that does not answer never stops training:
 the user is told once, the journal keeps everything, and ``autocnnp track sync OUTPUT`` sends it later.
 Where the journal has got to, and which MLflow run it feeds, is kept in ``OUTPUT/tracking/mlflow.json``.
 
 The default store is a SQLite database and an artifact folder beside the run (``OUTPUT/../mlflow/``), so
 nothing has to be started; ``tracking_uri`` points a team at a shared ``mlflow server``. mlflow is
-imported by the sending thread only, so a job that does not ask for it never imports it.
+imported by the sender only: a training process never imports it.
 """
 
 from __future__ import annotations
@@ -19,6 +19,8 @@ import csv
 import json
 import logging
 import os
+import signal
+import subprocess
 import sys
 import threading
 import time
@@ -26,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from autocnnp.core.files import read_json, write_json
+from autocnnp.core.processes import die_with_parent
 from autocnnp.core.settings import setting
 from autocnnp.generator.protocols import RunInfo, Tracker
 from autocnnp.generator.registry import component
@@ -78,11 +81,13 @@ class Sender:
         self.uri, self.artifacts = store_of(self.rundir, tracking_uri or self.state.get("tracking_uri", ""))
         self.experiment = experiment or self.state.get("experiment", "")
         self._client = None
+        self.ended = False  # the run's end event was sent
 
     def client(self):
         if self._client is None:
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # a server that is down: fail fast
             os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+            os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")  # ours goes to stderr, once
             from mlflow.tracking import MlflowClient
 
             logging.getLogger("mlflow").setLevel(logging.WARNING)  # not the store's table creation on the console
@@ -130,6 +135,9 @@ class Sender:
         run = client.create_run(experiment, start_time=int(start["time"] * 1000), tags=tags)
         self.state["run_id"] = run.info.run_id
         self._save()
+        if self.uri.startswith("http"):
+            print(f"autocnnp: MLflow run at {self.uri.rstrip('/')}/#/experiments/{experiment}/runs/{run.info.run_id}",
+                  file=sys.stderr, flush=True)
         return run.info.run_id
 
     def parent_run(self) -> str:
@@ -164,6 +172,7 @@ class Sender:
                     if Path(path).is_file():
                         client.log_artifact(self.state["run_id"], path, where)
             elif kind == "end":
+                self.ended = True
                 self._flush(metrics, params, tags)
                 metrics, params, tags = [], [], []
                 client.set_terminated(self.state["run_id"], STATUS.get(event["status"], "FAILED"),
@@ -217,17 +226,14 @@ class MLflow(Tracker):
 
     def __init__(self, config: Config, *, info: RunInfo):
         super().__init__(config, info=info)
-        folder = info.rundir / "tracking"
-        self.journal = Journal(folder / JOURNAL)
-        self.sender = Sender(info.rundir, config.tracking_uri, config.experiment)
-        self.tail = SystemTail(info.rundir / "resources")
+        self.journal = Journal(info.rundir / "tracking" / JOURNAL)
         self.journal.add("start", name=info.name, run_name=info.rundir.name, params=info.params, tags=info.tags,
                          artifacts={k: str(v) for k, v in info.artifacts.items()},
                          parent=str(info.parent) if info.parent else None)
-        self._warned = False
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="mlflow-tracker", daemon=True)
-        self._thread.start()
+        # the sender is a process of its own at low priority: training keeps its cores and never imports mlflow
+        self.sender = subprocess.Popen([sys.executable, "-m", __name__, str(info.rundir), config.tracking_uri,
+                                        config.experiment, str(config.system_interval_s)],
+                                       stdin=subprocess.DEVNULL, preexec_fn=_background)
 
     def step(self, global_step: int, loss: float) -> None:
         self.journal.add("metrics", step=global_step, values={"train/loss_step": loss})
@@ -242,21 +248,42 @@ class MLflow(Tracker):
                   [str(rundir / "checkpoints" / "ckpt-best.pt"), "checkpoints"]]
         self.journal.add("artifacts", files=files)
         self.journal.add("end", status=status)
-        self._stop.set()
-        self._thread.join(timeout=60)  # the last send; a store that is down keeps the journal for `track sync`
+        try:  # its last send; a store that is down keeps the journal for `autocnnp track sync`
+            self.sender.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            self.sender.kill()
+            self.sender.wait()
 
-    def _loop(self) -> None:
-        while True:
-            stopping = self._stop.wait(self.config.system_interval_s)
-            try:
-                self.tail.read(self.journal)
-                self.sender.send()
-            except Exception as exc:  # noqa: BLE001 - the store is down, refuses, or mlflow is missing
-                if not self._warned:
-                    self._warned = True
-                    print(f"autocnnp: note: the MLflow store {self.sender.uri} cannot be reached "
-                          f"({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}); training "
-                          f"goes on, its events are kept in {self.journal.path.parent} and `autocnnp track sync "
-                          f"{self.info.rundir}` sends them", file=sys.stderr, flush=True)
-            if stopping:
-                return
+
+def _background() -> None:
+    """In the sender: the lowest CPU priority, and an end with the rank that started it."""
+    os.nice(19)
+    die_with_parent(signal.SIGTERM)
+
+
+def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) -> int:
+    """The sender: every ``interval_s``, turn new resource samples into events and send the journal, until
+    the run's end event is sent (or the rank that started it is gone). Tells once when the store is down."""
+    journal = Journal(rundir / "tracking" / JOURNAL)
+    sender, tail = Sender(rundir, tracking_uri, experiment), SystemTail(rundir / "resources")
+    warned = False
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    while True:
+        stopping = stop.wait(interval_s)
+        try:
+            tail.read(journal)
+            sender.send()
+        except Exception as exc:  # noqa: BLE001 - the store is down, refuses, or mlflow is missing
+            if not warned:
+                warned = True
+                print(f"autocnnp: note: the MLflow store {sender.uri} cannot be reached ({type(exc).__name__}: "
+                      f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training goes on, its events are kept "
+                      f"in {journal.path.parent} and `autocnnp track sync {rundir}` sends them", file=sys.stderr,
+                      flush=True)
+        if stopping or sender.ended:
+            return 0
+
+
+if __name__ == "__main__":
+    sys.exit(follow(Path(sys.argv[1]), sys.argv[2], sys.argv[3], float(sys.argv[4])))
