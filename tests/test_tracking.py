@@ -96,6 +96,7 @@ def test_a_server_that_is_down_loses_nothing(tmp_path):
     client = MlflowClient(f"sqlite:///{store}")
     (run,) = the_run(client)
     assert run.info.status == "FINISHED" and len(client.get_metric_history(run.info.run_id, "dice_fg")) == 3
+    assert (tmp_path / "artifacts").is_dir() and not Path("mlruns").exists()  # beside the database, not in cwd
     again = autocnnp("track", "sync", rundir, "--tracking-uri", f"sqlite:///{store}")
     assert again.returncode == 0 and "sent 0 event(s)" in again.stdout  # nothing twice
 

@@ -29,11 +29,8 @@ MLFLOW_HINT = "install it with `make venv` (requirements/test.txt pins mlflow) o
 
 def _store(args) -> tuple[str, Path | None]:
     """The store the dashboard shows: --tracking-uri, --store DIR, the job's mlflow tracker, or beside its runs."""
-    if args.tracking_uri:
-        return args.tracking_uri, None
-    if args.store:
-        folder = Path(args.store).expanduser().resolve()
-        return f"sqlite:///{folder / 'mlflow.db'}", folder / "artifacts"
+    if args.tracking_uri or args.store:
+        return store_of(Path.cwd(), args.tracking_uri or f"sqlite:///{Path(args.store).expanduser().resolve() / 'mlflow.db'}")
     if args.job is None:
         raise JobError(Path("."), "the dashboard needs a store", "name a job file, --store DIR or --tracking-uri URI")
     job = load_job(args.job, args.set)

@@ -21,6 +21,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from ..components.trackers.mlflow_tracking import store_of
 from ..core.errors import JobError, Source
 from ..core.files import read_json
 from ..core.metrics import FOREGROUND_DICE
@@ -33,10 +34,8 @@ CHECKPOINT = "checkpoint.pt"
 def zoo_store(arg: str | None = None) -> tuple[str, Path | None]:
     """(tracking URI, artifact folder or None) of the zoo."""
     text = arg or os.environ.get(ZOO_ENV) or str(Path.home() / ".autocnnp" / "zoo")
-    if "://" in text:
-        return text, None
-    folder = Path(text).expanduser().resolve()
-    return f"sqlite:///{folder / 'zoo.db'}", folder / "artifacts"
+    uri = text if "://" in text else f"sqlite:///{Path(text).expanduser().resolve() / 'zoo.db'}"
+    return store_of(Path.cwd(), uri)
 
 
 def _client(store: tuple[str, Path | None]):

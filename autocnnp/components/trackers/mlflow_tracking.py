@@ -50,11 +50,13 @@ class Config:
 
 
 def store_of(rundir: Path, tracking_uri: str = "") -> tuple[str, Path | None]:
-    """(tracking URI, artifact folder for new experiments or None for a server's own) of a run folder."""
-    if tracking_uri:
-        return tracking_uri, None
-    folder = Path(rundir).resolve().parent / "mlflow"
-    return f"sqlite:///{folder / 'mlflow.db'}", folder / "artifacts"
+    """(tracking URI, artifact folder for new experiments, or None for a server's own) of a run folder: a SQLite
+    store keeps its artifacts beside its database, never in the current folder."""
+    if not tracking_uri:
+        tracking_uri = f"sqlite:///{Path(rundir).resolve().parent / 'mlflow' / 'mlflow.db'}"
+    if tracking_uri.startswith("sqlite:///"):
+        return tracking_uri, Path(tracking_uri[len("sqlite:///"):]).resolve().parent / "artifacts"
+    return tracking_uri, None
 
 
 class Journal:
@@ -78,10 +80,10 @@ class Sender:
         self.rundir = Path(rundir)
         self.folder = self.rundir / "tracking"
         self.state = read_json(self.folder / STATE) or {"offset": 0}
-        self.uri, self.artifacts = store_of(self.rundir, tracking_uri or self.state.get("tracking_uri", ""))
+        self.given_uri = tracking_uri or self.state.get("tracking_uri", "")
+        self.uri, self.artifacts = store_of(self.rundir, self.given_uri)
         self.experiment = experiment or self.state.get("experiment", "")
         self._client = None
-        self.ended = False  # the run's end event was sent
 
     def client(self):
         if self._client is None:
@@ -114,7 +116,7 @@ class Sender:
         return len(events)
 
     def _save(self) -> None:
-        write_json(self.folder / STATE, {**self.state, "tracking_uri": self.uri if self.artifacts is None else "",
+        write_json(self.folder / STATE, {**self.state, "tracking_uri": self.given_uri,
                                          "experiment": self.experiment})
 
     def _run(self, start: dict) -> str:
@@ -172,7 +174,6 @@ class Sender:
                     if Path(path).is_file():
                         client.log_artifact(self.state["run_id"], path, where)
             elif kind == "end":
-                self.ended = True
                 self._flush(metrics, params, tags)
                 metrics, params, tags = [], [], []
                 client.set_terminated(self.state["run_id"], STATUS.get(event["status"], "FAILED"),
@@ -248,7 +249,8 @@ class MLflow(Tracker):
                   [str(rundir / "checkpoints" / "ckpt-best.pt"), "checkpoints"]]
         self.journal.add("artifacts", files=files)
         self.journal.add("end", status=status)
-        try:  # its last send; a store that is down keeps the journal for `autocnnp track sync`
+        self.sender.terminate()  # "send what is left now, then end"
+        try:  # a store that is down keeps the journal for `autocnnp track sync`
             self.sender.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.sender.kill()
@@ -256,19 +258,23 @@ class MLflow(Tracker):
 
 
 def _background() -> None:
-    """In the sender: the lowest CPU priority, and an end with the rank that started it."""
+    """In the sender: the lowest CPU priority, a process group of its own (the launcher's signals to the rank's
+    group are not for it: its rank tells it when to finish) and an end with the rank that started it."""
+    os.setpgrp()
     os.nice(19)
+    signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGTERM})  # held until follow() listens for it
     die_with_parent(signal.SIGTERM)
 
 
 def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) -> int:
-    """The sender: every ``interval_s``, turn new resource samples into events and send the journal, until
-    the run's end event is sent (or the rank that started it is gone). Tells once when the store is down."""
+    """The sender: every ``interval_s``, turn new resource samples into events and send the journal; on SIGTERM
+    (its rank closing, or gone) send what is left and end. Tells once when the store is down."""
     journal = Journal(rundir / "tracking" / JOURNAL)
     sender, tail = Sender(rundir, tracking_uri, experiment), SystemTail(rundir / "resources")
     warned = False
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
     while True:
         stopping = stop.wait(interval_s)
         try:
@@ -281,7 +287,7 @@ def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) 
                       f"{str(exc).splitlines()[0][:200] if str(exc) else ''}); training goes on, its events are kept "
                       f"in {journal.path.parent} and `autocnnp track sync {rundir}` sends them", file=sys.stderr,
                       flush=True)
-        if stopping or sender.ended:
+        if stopping:
             return 0
 
 
