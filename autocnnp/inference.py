@@ -11,11 +11,13 @@ when a command runs, so the CLI starts without torch.
 
 from __future__ import annotations
 
+import argparse
 import csv
 import dataclasses
 import io
 import json
 import math
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,6 +34,7 @@ from .training.monitor import MonitoringConfig
 OVERALL = "overall"
 REGIONS_DEFAULT = next(f.default for f in dataclasses.fields(MonitoringConfig) if f.name == "regions")  # as a run
 POINTERS = ("latest", "best")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SURFACE_CONVENTIONS = ("surface distances in mm from the reference's voxel spacing (MONAI definitions: HD95 = "
                        "the larger directed 95th percentile, ASD = the mean of both directions); both masks empty: "
                        "0, one empty: inf (left out of the means, counted)")
@@ -157,36 +160,89 @@ def _build_network(trained: Generator, weights: dict, in_channels: int, classes:
     return model
 
 
-def _probabilities(model, slices, batch_size: int, device, flips: bool):
-    """Softmax probabilities ``[Z, C, H, W]`` (float32) of the slices, averaged over flips when asked;
-    returns them and the seconds spent in the network."""
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity: a container's or a Slurm job's share, not the
+    machine's count that torch uses by default)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on macOS and Windows
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """predict's CPU threads without --threads: OMP_NUM_THREADS where it is set (as the trainer), else
+    :func:`usable_cores`."""
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    return int(threads) if threads.isdigit() and int(threads) > 0 else usable_cores()
+
+
+def autocast_dtype(precision: str, device):
+    """The autocast dtype ``--precision`` means on ``device``, None for float32 (no autocast): auto is bf16 on
+    a GPU that supports it, else fp16, and float32 on a CPU."""
+    import torch
+
+    if precision == "auto":
+        if device.type != "cuda":
+            return None
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+
+def prepare_network(model, device, channels_last: bool):
+    """``model`` on ``device`` for inference (eval mode), its weights in channels_last when asked."""
+    import torch
+
+    model = model.to(device).eval()
+    return model.to(memory_format=torch.channels_last) if channels_last else model
+
+
+def _softmax(logits):
+    """Class probabilities in float32; one logit channel is the foreground of two classes (sigmoid)."""
+    import torch
+
+    logits = logits.float()
+    if logits.shape[1] == 1:
+        p = torch.sigmoid(logits)
+        return torch.cat([1 - p, p], dim=1)
+    return torch.softmax(logits, dim=1)
+
+
+def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dtype=None, channels_last: bool = False):
+    """Softmax probabilities ``[Z, C, H, W]`` (float32) of a volume's slices ``[Z, C_in, H, W]``, run through
+    the network ``batch_size`` slices at a time and written into one array allocated for the volume; averaged
+    over flips when asked. ``dtype`` is the autocast dtype (None: float32), ``channels_last`` the batches'
+    memory format. On a GPU the volume and the array sit in pinned host memory and the copies are
+    asynchronous, so the next batch is queued while the GPU works. Returns them and the seconds spent
+    (copies and network)."""
+    import contextlib
+
     import numpy as np
     import torch
 
-    out, spent = None, 0.0
-    with torch.inference_mode():
-        for lo in range(0, len(slices), batch_size):
-            batch = torch.from_numpy(np.ascontiguousarray(slices[lo:lo + batch_size])).to(device)
-            t0 = time.perf_counter()
-            views = [(), (-1,), (-2,)] if flips else [()]
+    cuda = device.type == "cuda"
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    views = [(), (-1,), (-2,)] if flips else [()]
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
+    start = time.perf_counter()
+    source = torch.from_numpy(np.ascontiguousarray(slices))
+    if cuda:
+        source = source.pin_memory()
+    out = None
+    with torch.inference_mode(), autocast:
+        for lo in range(0, len(source), batch_size):
+            batch = source[lo:lo + batch_size].to(device, non_blocking=cuda).contiguous(memory_format=layout)
             probs = None
             for dims in views:
-                x = batch.flip(dims) if dims else batch
-                logits = model(x)
-                p = torch.sigmoid(logits) if logits.shape[1] == 1 else torch.softmax(logits, dim=1)
-                if logits.shape[1] == 1:
-                    p = torch.cat([1 - p, p], dim=1)
+                p = _softmax(model(batch.flip(dims) if dims else batch))
                 p = p.flip(dims) if dims else p
                 probs = p if probs is None else probs + p
             probs = probs / len(views)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            spent += time.perf_counter() - t0
-            probs = probs.float().cpu().numpy()
             if out is None:
-                out = np.empty((len(slices), *probs.shape[1:]), dtype=np.float32)
-            out[lo:lo + len(probs)] = probs
-    return out, spent
+                out = torch.empty((len(source), *probs.shape[1:]), dtype=torch.float32, pin_memory=cuda)
+            out[lo:lo + len(probs)].copy_(probs.contiguous(), non_blocking=cuda)
+    if cuda:
+        torch.cuda.synchronize(device)
+    return out.numpy(), time.perf_counter() - start
 
 
 def predict(args) -> int:
@@ -196,8 +252,7 @@ def predict(args) -> int:
     from .data.preprocess import resize
     from .data.volumes import load_case, save_label, save_probabilities
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or default_threads())
     gen = assemble(read_variant(args.job, parse_sets(args.set))) if args.job else None
     checkpoint = _zoo_checkpoint(args.model) if args.model else _checkpoint_path(args.checkpoint, gen)
     state = _load_checkpoint(checkpoint)
@@ -214,23 +269,32 @@ def predict(args) -> int:
         raise DataError(out, "exists and is not a folder", "name a folder for the predicted label volumes")
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise JobError(checkpoint, f"--device {args.device}: torch sees no CUDA GPU here", "leave --device out")
+    dtype = autocast_dtype(args.precision, device)
+    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # a volume's batches share one shape: tune the convolutions once
     model = None
     out.mkdir(parents=True, exist_ok=True)
     total_slices, total_infer, total_wall = 0, 0.0, 0.0
     size = transform.size
+    arithmetic = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
     print(f"predicting {len(cases)} volume(s) with {checkpoint} on {device} ({torch.get_num_threads()} thread(s), "
-          f"slices resized to {size} x {size}{', flip test-time augmentation' if args.tta else ''})")
+          f"{arithmetic}{', channels_last' if channels_last else ''}, batches of {args.batch_size}, slices resized "
+          f"to {size} x {size}{', flip test-time augmentation' if args.tta else ''})")
     for case in cases:
         start = time.perf_counter()
         image, _, affine, header = load_case(case)
         slices = transform.to_slices(image, case.image)
         if model is None:
             in_channels = in_channels or slices.shape[1]
-            model = _build_network(trained, state["model"], in_channels, classes, checkpoint).to(device).eval()
+            model = prepare_network(_build_network(trained, state["model"], in_channels, classes, checkpoint),
+                                    device, channels_last)
         if slices.shape[1] != in_channels:
             raise DataError(case.image, f"image has {slices.shape[1]} channel(s) after modality selection, the model "
                             f"takes {in_channels}", "give every input the same modalities")
-        probs, infer = _probabilities(model, slices, args.batch_size, device, args.tta)
+        probs, infer = slice_probabilities(model, slices, args.batch_size, device, args.tta, dtype, channels_last)
         target = out / f"{case.name}.nii.gz"
         grid = resize(probs, tuple(image.shape[:2]))  # [Z, C, X, Y]: bilinear back to the source grid, then argmax
         save_label(np.ascontiguousarray(np.moveaxis(grid.argmax(axis=1), 0, 2)).astype(np.uint8), affine, header, target)
@@ -417,8 +481,16 @@ def add_commands(sub) -> None:
                    help="folder for the label volumes <case>.nii.gz (default: predictions/ in the job's output)")
     s.add_argument("--num-classes", type=positive, default=None,
                    help="classes the model was trained with (default: recorded in the checkpoint)")
-    s.add_argument("--batch-size", type=positive, default=16, help="slices per forward pass (default 16)")
-    s.add_argument("--threads", type=positive, default=None, help="CPU threads (default: torch's, all cores)")
+    s.add_argument("--batch-size", type=positive, default=16,
+                   help="slices per forward pass, taken across the whole volume (default 16)")
+    s.add_argument("--threads", type=positive, default=None,
+                   help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use); on a machine "
+                        "other work keeps busy, --threads 1 per process is best (all threads wait for the slowest)")
+    s.add_argument("--precision", choices=PRECISIONS, default="auto",
+                   help="the network's arithmetic: auto (default) is bf16 autocast on a GPU (fp16 where it has no "
+                        "bf16) and fp32 on a CPU; probabilities are float32 either way")
+    s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                   help="channels_last memory format for the network (default: on a GPU)")
     s.add_argument("--probabilities", action="store_true",
                    help="also write <case>_probabilities.nii.gz: float32 (X, Y, Z, classes)")
     s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time)")

@@ -1,0 +1,198 @@
+"""Inference speed of ``autocnnp predict``: ms per slice and per volume, beside the thesis' 153 / 182 ms per image.
+
+    python benchmarks/inference_speed.py [--models unet,fcn] [--size 512] [--batch-sizes 1,8] [--slices 130]
+    python benchmarks/inference_speed.py --device cuda --precision bf16 --channels-last   # on a GPU
+
+What is timed is ``autocnnp.inference.slice_probabilities``, the function predict runs on every volume: the
+batch's copy to the device (from pinned host memory, asynchronous, on a GPU), the forward pass (under autocast
+when a precision is given), the softmax and the copy back into the volume's preallocated probability array, on
+random slices of 1 channel and 2 classes (the thesis' left-atrium task). Loading, resampling and writing
+NIfTI files are left out. ms per slice is a call's time over its batch size; ms per volume is
+ceil(slices / batch size) calls, a volume of ``--slices`` slices.
+
+Models (``components/architectures``): ``unet`` and ``fcn`` are the built-in components with their default
+parameters (U-Net: 4 levels, 32 base channels, batch norm; FCN-8s on a full-width VGG16); ``unet-thesis`` is
+the U-Net of the thesis' Figure 2.15, Ronneberger et al.'s (5 levels, 64 base channels, no normalisation:
+the thesis does not give its implementation's widths, so this is an assumption). On a CPU the default leaves
+``unet-thesis`` out (about 3 s per 512 x 512 slice on one core).
+
+Variants, measured side by side, alternated within every round, medians over the rounds:
+
+* CPU: fp32 with 1 thread and with all the cores this process may use (its CPU affinity, predict's default);
+  ``--precision bf16`` / ``--channels-last`` add a third with those on all cores;
+* GPU (``--device cuda``): fp32, the ``--precision`` autocast (auto: bf16, fp16 where the GPU has none), and
+  that in channels_last (on by default on a GPU, as in predict; ``--no-channels-last`` leaves it out).
+
+Each (model, variant) runs once before the rounds (on a GPU once per batch size: cuDNN tunes per shape); a
+measurement repeats the call until ``--min-time`` seconds have passed. The thesis (section 3.4.2) measured
+153 ms (Dist-U-Net) and 182 ms (Dist-FCN) per 512 x 512 image on a GTX 1080 Ti (TensorFlow, mean of 10 runs);
+the goal on a GPU is <= 5 ms per 512 x 512 slice for U-Net. Figures, not asserts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import platform
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _bench import table  # noqa: E402
+
+from autocnnp.inference import (  # noqa: E402
+    PRECISIONS,
+    autocast_dtype,
+    prepare_network,
+    slice_probabilities,
+    usable_cores,
+)
+
+THESIS_MS = {"unet": 153, "fcn": 182}  # per 512 x 512 image, GTX 1080 Ti
+GPU_GOAL_MS = 5.0  # per 512 x 512 slice, U-Net
+MODELS = {  # name -> (architecture file, parameters)
+    "unet": ("unet", {}),
+    "unet-thesis": ("unet", {"depth": 5, "base_channels": 64, "norm": "none"}),
+    "fcn": ("fcn", {}),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """How the network runs: CPU threads, autocast dtype (None: float32), memory format."""
+
+    threads: int
+    dtype: object
+    channels_last: bool
+
+    def label(self, cuda: bool) -> str:
+        arithmetic = {"torch.bfloat16": "bf16", "torch.float16": "fp16"}.get(str(self.dtype), "fp32")
+        where = "" if cuda else f", {self.threads} thread{'s' if self.threads > 1 else ''}"
+        return f"{arithmetic}{', channels_last' if self.channels_last else ''}{where}"
+
+
+def variants(device, precision: str, channels_last: bool | None) -> list[Variant]:
+    """The variants a run compares (see the module's docstring)."""
+    cores, dtype = usable_cores(), autocast_dtype(precision, device)
+    if device.type == "cuda":
+        found = [Variant(cores, None, False)]
+        if dtype is not None:
+            found.append(Variant(cores, dtype, False))
+        if channels_last is not False:
+            found.append(Variant(cores, dtype, True))
+        return list(dict.fromkeys(found))
+    found = [Variant(1, None, False), Variant(cores, None, False)]
+    if dtype is not None or channels_last:
+        found.append(Variant(cores, dtype, bool(channels_last)))
+    return list(dict.fromkeys(found))
+
+
+def build(name: str, device, channels_last: bool):
+    import importlib
+
+    file, params = MODELS[name]
+    module = importlib.import_module(f"autocnnp.components.architectures.{file}")
+    return prepare_network(module.build(module.Config(**params), in_channels=1, num_classes=2), device, channels_last)
+
+
+def seconds_per_call(model, slices, device, variant: Variant, min_time: float) -> float:
+    """Mean seconds of ``slice_probabilities`` on ``slices`` (one batch), repeated for ``min_time`` seconds."""
+    import torch
+
+    torch.set_num_threads(variant.threads)
+    calls, start = 0, time.perf_counter()
+    while calls == 0 or time.perf_counter() - start < min_time:
+        slice_probabilities(model, slices, len(slices), device, False, variant.dtype, variant.channels_last)
+        calls += 1
+    return (time.perf_counter() - start) / calls
+
+
+def names(text: str) -> list[str]:
+    found = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in found if n not in MODELS]
+    if unknown or not found:
+        raise argparse.ArgumentTypeError(f"models are {', '.join(MODELS)}, not {text!r}")
+    return found
+
+
+def sizes(text: str) -> list[int]:
+    try:
+        found = sorted({int(n) for n in text.split(",")})
+    except ValueError:
+        found = []
+    if not found or found[0] < 1:
+        raise argparse.ArgumentTypeError(f"batch sizes are positive integers separated by commas, not {text!r}")
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--models", type=names, default=None,
+                    help=f"comma-separated, of {', '.join(MODELS)} (default: unet,fcn on a CPU, all on a GPU)")
+    ap.add_argument("--size", type=int, default=512, help="slice side in pixels (default 512, as the thesis)")
+    ap.add_argument("--batch-sizes", type=sizes, default=[1, 8], help="slices per call (default 1,8)")
+    ap.add_argument("--slices", type=int, default=130, help="slices of the volume its ms are given for (default 130)")
+    ap.add_argument("--rounds", type=int, default=None, help="alternated rounds (default 3 on a CPU, 10 on a GPU)")
+    ap.add_argument("--min-time", type=float, default=0.2, help="seconds each measurement repeats its call for")
+    ap.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    ap.add_argument("--precision", choices=PRECISIONS, default="auto",
+                    help="autocast of the variant measured beside fp32 (auto: bf16 on a GPU, none on a CPU)")
+    ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                    help="also measure channels_last (default: on a GPU)")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+    import torch
+
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch sees no CUDA GPU here")
+    if cuda:
+        torch.backends.cudnn.benchmark = True  # as predict
+    models = args.models or (list(MODELS) if cuda else ["unet", "fcn"])
+    rounds = args.rounds or (10 if cuda else 3)
+    runs = variants(device, args.precision, args.channels_last)
+    batches = args.batch_sizes
+    rng = np.random.default_rng(0)
+    inputs = {b: rng.standard_normal((b, 1, args.size, args.size), dtype=np.float32) for b in batches}
+    where = torch.cuda.get_device_name(device) if cuda else \
+        f"{platform.processor() or platform.machine()}, {usable_cores()} usable core(s), load {os.getloadavg()[0]:.2f}"
+    print(f"inference speed: {args.size} x {args.size} slices, 1 channel, 2 classes, on {device} ({where}); "
+          f"torch {torch.__version__}; {rounds} rounds, medians")
+
+    torch.manual_seed(0)
+    networks = {(m, layout): build(m, device, layout) for m in models for layout in {v.channels_last for v in runs}}
+    for m in models:  # warm-up: allocations, cuDNN's choice of algorithms
+        for v in runs:
+            for b in batches if cuda else batches[:1]:
+                seconds_per_call(networks[m, v.channels_last], inputs[b], device, v, 0)
+    seconds: dict[tuple, list[float]] = {}
+    for r in range(rounds):
+        for m in models:
+            for b in batches:
+                for v in runs:  # alternated: A B A B
+                    seconds.setdefault((m, b, v), []).append(
+                        seconds_per_call(networks[m, v.channels_last], inputs[b], device, v, args.min_time))
+        print(f"  round {r + 1}/{rounds} done", file=sys.stderr, flush=True)
+
+    rows = []
+    for (m, b, v), values in seconds.items():
+        per_call = statistics.median(values)
+        rows.append((m, v.label(cuda), str(b), f"{1000 * per_call / b:.2f}",
+                     f"{1000 * per_call * math.ceil(args.slices / b):.0f}",
+                     " ".join(f"{1000 * s / b:.1f}" for s in values),
+                     str(THESIS_MS.get(MODELS[m][0], ""))))
+    print(table(("model", "variant", "batch", "ms/slice", f"ms/volume ({args.slices})", "ms/slice by round",
+                 "thesis ms/image"), rows))
+    print(f"thesis: {THESIS_MS['unet']} ms (U-Net) and {THESIS_MS['fcn']} ms (FCN) per 512 x 512 image on a "
+          f"GTX 1080 Ti; goal on a GPU: <= {GPU_GOAL_MS:g} ms per 512 x 512 slice for U-Net")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""predict's fast paths: slices batched across the volume into one array, autocast, channels_last, the
+default threads; the GPU path (pinned memory, asynchronous copies) where a GPU is present."""
+
+from __future__ import annotations
+
+import os
+import types
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from jobfiles import QUIET, write_job
+
+from autocnnp.components.architectures.unet import UNet
+from autocnnp.data.synth import write_synthetic_dataset
+from autocnnp.generator.assemble import assemble
+from autocnnp.inference import autocast_dtype, default_threads, prepare_network, slice_probabilities, usable_cores
+from autocnnp.training.trainer import model_card
+
+CPU = torch.device("cpu")
+BF16_TOLERANCE = 0.03  # probabilities; bf16 keeps 8 bits of mantissa
+ARCH = '<CNN_archi name="unet"><param name="depth">3</param><param name="base_channels">8</param></CNN_archi>'
+DATA = ('<data format="decathlon"><train><path>data</path></train><test><path>data</path></test>'
+        '<param name="size">32</param></data>')
+
+
+def network(classes: int) -> UNet:
+    torch.manual_seed(0)
+    return UNet(2, classes, depth=3, base_channels=8, norm="batch").eval()
+
+
+def volume(depth: int = 7) -> np.ndarray:
+    return np.random.default_rng(1).standard_normal((depth, 2, 32, 32)).astype(np.float32)
+
+
+@pytest.fixture
+def torch_threads():
+    """predict sets torch's threads for the process: put them back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("classes", [3, 1])
+def test_probabilities_do_not_depend_on_the_batching(classes):
+    slices = volume()
+    whole, _ = slice_probabilities(network(classes), slices, 16, CPU, flips=False)
+    assert whole.shape == (7, max(classes, 2), 32, 32) and whole.dtype == np.float32
+    assert np.allclose(whole.sum(axis=1), 1, atol=1e-5)
+    for batch in (1, 3):  # 3 leaves a last batch of one slice
+        parts, _ = slice_probabilities(network(classes), slices, batch, CPU, flips=False)
+        np.testing.assert_allclose(parts, whole, atol=1e-5)
+
+
+@pytest.mark.parametrize(("channels_last", "dtype", "tolerance"),
+                         [(True, None, 1e-5), (False, torch.bfloat16, BF16_TOLERANCE),
+                          (True, torch.bfloat16, BF16_TOLERANCE)])
+def test_channels_last_and_autocast_change_the_arithmetic_not_the_answer(channels_last, dtype, tolerance):
+    slices = volume()
+    reference, _ = slice_probabilities(network(3), slices, 4, CPU, flips=True)
+    net, seen = prepare_network(network(3), CPU, channels_last), []
+    net.down[0][0].register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
+    probs, _ = slice_probabilities(net, slices, 4, CPU, True, dtype, channels_last)
+    assert len(seen) == 2 * 3  # two batches, three flips each
+    for x, y in seen:  # the flipped views too
+        assert x.is_contiguous(memory_format=torch.channels_last) == channels_last
+        assert y.dtype == (dtype or torch.float32)
+    difference = np.abs(probs - reference).max()
+    assert probs.dtype == np.float32 and difference <= tolerance and (dtype is None or difference > 0)
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="no CPU affinity on this system")
+def test_default_threads_are_the_cores_this_process_may_use(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    cores = os.sched_getaffinity(0)
+    try:
+        os.sched_setaffinity(0, {min(cores)})
+        assert usable_cores() == default_threads() == 1
+    finally:
+        os.sched_setaffinity(0, cores)
+    assert default_threads() == len(cores)
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # as the trainer: an explicit setting wins
+    assert default_threads() == 3
+
+
+@pytest.fixture(scope="module")
+def untrained(tmp_path_factory):
+    """A dataset with two test cases of 9 slices and a checkpoint of an untrained U-Net with its model card."""
+    root = tmp_path_factory.mktemp("predict")
+    write_synthetic_dataset(root / "data", "atrium", cases=1, shape=(20, 24, 9), seed=3, test_cases=2)
+    gen = assemble(write_job(root / "job.xml", arch=ARCH, data=DATA, extra=QUIET))
+    torch.manual_seed(0)
+    net = gen.action("architecture_injection").build(in_channels=1, num_classes=2)
+    data = types.SimpleNamespace(in_channels=1, num_classes=2, class_names=("background", "left atrium"))
+    torch.save({"model": net.state_dict(), "model_card": model_card(gen, data)}, root / "untrained.pt")
+    return root
+
+
+def test_predict_in_bf16_and_channels_last_agrees_with_float32(cli, untrained, tmp_path, torch_threads):
+    common = ("predict", "--checkpoint", untrained / "untrained.pt", "--input", untrained / "data", "--probabilities")
+    rc, text, err = cli(*common, "--out", tmp_path / "fp32", "--batch-size", "4")
+    assert rc == 0 and "float32, batches of 4" in text, err
+    rc, text, err = cli(*common, "--out", tmp_path / "bf16", "--precision", "bf16", "--channels-last",
+                        "--batch-size", "3")
+    assert rc == 0 and "bfloat16 autocast, channels_last, batches of 3" in text, err
+    for case in ("case_001", "case_002"):
+        exact, fast = (nib.load(tmp_path / run / f"{case}_probabilities.nii.gz").get_fdata() for run in ("fp32", "bf16"))
+        difference = np.abs(exact - fast).max()  # float32 in other batches and layouts: ~1e-7
+        assert exact.shape == (20, 24, 9, 2) and 1e-5 < difference <= BF16_TOLERANCE
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_the_gpu_path_agrees_with_the_cpu():
+    slices, gpu = volume(9), torch.device("cuda")
+    reference, _ = slice_probabilities(network(3), slices, 4, CPU, flips=True)
+    fp32, _ = slice_probabilities(prepare_network(network(3), gpu, False), slices, 4, gpu, True)
+    np.testing.assert_allclose(fp32, reference, atol=5e-3)  # cuDNN may convolve in TF32
+    fast, _ = slice_probabilities(prepare_network(network(3), gpu, True), slices, 4, gpu, True,
+                                  autocast_dtype("auto", gpu), True)
+    assert fast.dtype == np.float32 and np.abs(fast - reference).max() <= BF16_TOLERANCE
