@@ -23,7 +23,7 @@ from .run.repeat import run_repeats
 # Feature areas that add their own subcommands (each module: ``add_commands(subparsers)``; keep its
 # imports light, torch only inside the command functions).
 COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.inference", "autocnnp.run.commands", "autocnnp.run.dashboard",
-                   "autocnnp.run.zoo", "autocnnp.tuning.commands")
+                   "autocnnp.run.zoo", "autocnnp.tuning.commands", "autocnnp.tuning.scale")
 
 
 def cmd_validate(args) -> int:

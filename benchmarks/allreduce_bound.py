@@ -1,55 +1,90 @@
-"""Gradient allreduce vs the ring bound: achieved allreduce time of a model's gradients against
-``2 (N-1)/N x S / B``, with the link bandwidth B measured in the same run.
+"""Gradient allreduce vs the ring bound: gloo (what ``ring_allreduce`` uses on CPU) and MPI (the ``mpi``
+strategy), each against ``2 (N-1)/N x S / B`` with B measured on its own transport in the same run.
 
-    python benchmarks/allreduce_bound.py [--ranks 2] [--models 3x16,4x32] [--iterations 20]
+    python benchmarks/allreduce_bound.py [--ranks 2] [--models 3x16,4x32] [--caps 1,5,25,100] [--iterations 20]
 
-Starts ``--ranks`` ranks (``mpirun``; the script re-launches itself) joined in a gloo process
-group, as autocnnp's CPU ranks are. For each U-Net (``DEPTHxBASE_CHANNELS``, from
-``components/architectures/unet.py``; 3x16 is the CPU throughput benchmark's model, 4x32 the U-Net
-default and the GPU benchmark's model) with S bytes of float32 gradients it measures:
+Starts ``--ranks`` ranks with ``mpirun`` twice (the script re-launches itself), once with
+``--mca btl self,vader,tcp`` (Open MPI's default here: shared memory between ranks on one node) and once with
+``--mca btl self,tcp``; ``--rounds`` repeats the pair. The BTL Open MPI picked is read from its own log
+(``btl_base_verbose``: "Using vader btl for send"). Each launch joins a gloo process group as autocnnp's CPU
+ranks do. For each U-Net (``DEPTHxBASE_CHANNELS``; 3x16 is the CPU throughput benchmark's model, 4x32 the
+U-Net default) with S bytes of float32 gradients it measures, alternated so that the machine's drift hits all
+alike (medians of ``--iterations``):
 
-* flat: ``dist.all_reduce`` of one float32 tensor of S bytes;
-* DDP buckets: what ``ring_allreduce`` (DistributedDataParallel, 25 MB buckets) sends, timed by a
-  communication hook that lines the ranks up (barrier, untimed) and all-reduces each bucket
-  synchronously; the sum over the buckets of one backward pass (so without DDP's overlap with the
-  backward computation);
-* DDP exposed: backward-pass time with DDP minus the same under ``no_sync()`` (what the overlap leaves
-  visible in a training step);
+* the link of each transport, with an S-byte message between ranks 0 and 1: one-way B (ping-pong, round
+  trip / 2), B per direction when both ranks send at once (exchange, what a ring does), and the latency a
+  (4 bytes); and the time of the reduction a rank computes in a ring, ``(N-1)/N x S`` bytes summed;
+* flat allreduces of S: gloo ``all_reduce``; MPI ``Allreduce(IN_PLACE)`` (the ``mpi`` strategy's call) and
+  ``Iallreduce(IN_PLACE)`` (its call before: Open MPI's libnbc); each also while one more thread per rank
+  computes (``+ busy``: the backward pass that DDP overlaps with its allreduce), and with the CPU cores it
+  keeps busy per rank (process CPU time / wall time, all threads);
+* per bucket cap (``--caps`` MB): DDP (``ring_allreduce``) buckets all-reduced one by one after a barrier
+  (sum over a backward pass, no overlap); the backward pass with DDP minus the same under ``no_sync()``
+  (``exposed``: what overlap leaves visible); the ``mpi`` strategy's ``after_backward`` (copy into the buckets,
+  one Allreduce each, gradients as views of them).
 
-and, between ranks 0 and 1, the point-to-point bandwidth B (ping-pong of a ``--p2p-mb`` buffer with
-``dist.send``/``dist.recv``, one-way time = round trip / 2) and latency a (4-byte ping-pong). The
-table gives the ring bound ``2 (N-1)/N x S / B``, the ratio achieved / bound (1.0 = the ring
-algorithm at full link speed; a ring allreduce cannot beat it), and the bound with the latency term
-``2 (N-1) a`` added. Medians of ``--iterations`` repetitions. Figures, not asserts: exits 0.
+Bounds: ``ring`` = ``2 (N-1)/N x S / B`` with the one-way B of the path's transport (1.0 = the ring at link
+speed); ``duplex`` = ``2 (N-1)/N x S / B_exchange`` + the reduction time: what a ring can reach when both
+directions share the CPU and the CPU also sums. Figures, not asserts: exits 0.
+
+Why the CPU allreduce sits above the ring bound and DDP exposes it (2-core VM shared with other sessions,
+load 2-9 during the runs, 2 ranks, U-Net 4x32, S = 7.35 MiB; medians of 10, each figure ranges over runs):
+
+* The ring bound assumes a full-duplex link. On one node the link is CPU copies (TCP loopback: kernel copies
+  on both sides; vader: the receiver's single CMA copy), and when both ranks send at once, as every ring step
+  does, the directions share the CPU and memory: exchange B / one-way B = 0.81 for gloo, 0.4-0.6 for vader
+  (25-31 GB/s one-way, 12-13 GB/s per direction when quiet). The sum of (N-1)/N x S takes another 0.23-0.25
+  ms. Against that duplex bound gloo reaches 0.97-1.43 (1.24-1.81 of the ring bound) and MPI Allreduce over
+  vader, when undisturbed, 0.8-1.0 (1.8-2.4 of the ring bound: 0.36-0.73 ms).
+* Contention: one more computing thread per rank (``+ busy``: the backward pass beside DDP's allreduce) makes
+  gloo's allreduce 1.4-2.5x slower (2.6-3.1 of the ring bound): the 2 cores are already taken by the two
+  ranks and gloo's threads, so overlap has no core to run on. DDP's default 25 MB cap also puts all 7.35 MiB
+  in 1 bucket, reduced only after the whole backward pass: nothing to overlap. Exposed: +8 to +22 ms on a
+  30 ms backward; smaller caps (5 MB: 2 buckets, 1 MB: 6) do not hide more.
+* MPI busy-polls: a rank descheduled by another process's load stalls its peer for a time slice (4-byte
+  latency 2-4 ms under load, against tens of us quiet), so MPI medians on a loaded machine are noise; the
+  best runs and quiet-period runs are the figures to read.
+* The ``mpi`` strategy's former ``Iallreduce(IN_PLACE)`` goes through libnbc's binomial reduce-to-0 and
+  broadcast (chosen for fewer than 4 ranks or an in-place buffer): quiet runs 2.7-6.8 ms against 0.36-0.73 ms
+  for the blocking ``Allreduce`` (9-25x the vader ring bound, against 1.8-2.4x).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
+import shutil
 import statistics
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import init_process_group, ranks_result, table  # noqa: E402
+from _bench import init_process_group, run_ranks, table  # noqa: E402
+
+# how each launch restricts Open MPI's byte transfer layers (BTL)
+BTLS = {"vader": "self,vader,tcp", "tcp": "self,tcp"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ranks", type=int, default=2)
-    ap.add_argument("--launcher", choices=("auto", "mpirun", "torchrun"), default="auto")
     ap.add_argument("--models", default="3x16,4x32", help="U-Nets as DEPTHxBASE_CHANNELS, comma-separated")
+    ap.add_argument("--caps", default="1,5,25,100", help="bucket caps in MB, comma-separated")
     ap.add_argument("--in-channels", type=int, default=4)
     ap.add_argument("--classes", type=int, default=4)
     ap.add_argument("--iterations", type=int, default=20)
-    ap.add_argument("--p2p-mb", type=float, default=32.0, help="buffer size of the bandwidth ping-pong")
+    ap.add_argument("--rounds", type=int, default=1, help="launch pairs (vader, tcp)")
     ap.add_argument("--worker", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.ranks < 2:
         ap.error("an allreduce needs at least 2 ranks")
     args.model_list = [tuple(int(v) for v in m.lower().split("x")) for m in args.models.split(",") if m.strip()]
+    args.cap_list = [float(c) for c in args.caps.split(",") if c.strip()]
     return args
 
 
@@ -57,113 +92,204 @@ def parse_args(argv=None) -> argparse.Namespace:
 # rank side
 
 
-def _timed(fn, iterations: int, warmup: int = 3) -> list[float]:
-    import torch.distributed as dist
+class BusyCore:
+    """A thread that computes (small matmuls, no GIL held inside) while ``on`` is set: the backward pass
+    beside an overlapped allreduce."""
 
-    times = []
+    def __init__(self):
+        self.on, self.done = threading.Event(), False
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        import torch
+
+        a = torch.randn(128, 128)
+        while not self.done:
+            if self.on.wait(0.1):
+                torch.mm(a, a)
+
+    def beside(self, fn):
+        def run():
+            self.on.set()
+            try:
+                fn()
+            finally:
+                self.on.clear()
+        return run
+
+    def stop(self):
+        self.done = True
+        self.thread.join()
+
+
+def _alternated(fns: dict, comm, iterations: int, warmup: int = 2) -> dict[str, dict[str, list[float]]]:
+    """Each function once per iteration, in turn, after a barrier: wall and process CPU seconds."""
+    out = {name: {"wall": [], "cpu": []} for name in fns}
     for i in range(warmup + iterations):
-        dist.barrier()
-        start = time.perf_counter()
-        fn()
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return times
+        for name, fn in fns.items():
+            comm.Barrier()
+            cpu, start = time.process_time(), time.perf_counter()
+            fn()
+            wall, cpu = time.perf_counter() - start, time.process_time() - cpu
+            if i >= warmup:
+                out[name]["wall"].append(wall)
+                out[name]["cpu"].append(cpu)
+    return out
 
 
-def _p2p(rank: int, nbytes: int, iterations: int) -> list[float]:
-    """One-way transfer times of ``nbytes`` between ranks 0 and 1 (round trip / 2); others idle."""
+def _link(comm, nbytes: int, reduced_elems: int) -> dict[str, list[float]]:
+    """Seconds of: one-way transfers of ``nbytes`` (ping-pong / 2), exchanges (both ranks send at once), 4-byte
+    one-way latency, between ranks 0 and 1 over gloo and MPI; the sum of ``reduced_elems`` floats."""
     import torch
     import torch.distributed as dist
 
-    buf = torch.zeros(max(1, nbytes // 4), dtype=torch.float32)
+    rank, peer = comm.rank, 1 - comm.rank
+    buf, other = torch.ones(nbytes // 4), torch.ones(nbytes // 4)
+    tiny = torch.ones(1)
+    acc, addend = torch.ones(reduced_elems), torch.ones(reduced_elems)
 
-    def ping():
-        if rank == 0:
-            dist.send(buf, 1)
-            dist.recv(buf, 1)
-        elif rank == 1:
-            dist.recv(buf, 0)
-            dist.send(buf, 0)
+    def gloo_pingpong(t):
+        def run():
+            if rank == 0:
+                dist.send(t, 1)
+                dist.recv(t, 1)
+            elif rank == 1:
+                dist.recv(t, 0)
+                dist.send(t, 0)
+        return run
 
-    return [t / 2 for t in _timed(ping, iterations)]
+    def mpi_pingpong(t):
+        def run():
+            if rank == 0:
+                comm.Send(t.numpy(), 1)
+                comm.Recv(t.numpy(), 1)
+            elif rank == 1:
+                comm.Recv(t.numpy(), 0)
+                comm.Send(t.numpy(), 0)
+        return run
+
+    def gloo_exchange():
+        if rank < 2:
+            reqs = [dist.isend(buf, peer), dist.irecv(other, peer)]
+            for r in reqs:
+                r.wait()
+
+    def mpi_exchange():
+        if rank < 2:
+            comm.Sendrecv(buf.numpy(), peer, recvbuf=other.numpy(), source=peer)
+
+    fns = {"gloo one-way": gloo_pingpong(buf), "gloo exchange": gloo_exchange, "gloo latency": gloo_pingpong(tiny),
+           "mpi one-way": mpi_pingpong(buf), "mpi exchange": mpi_exchange, "mpi latency": mpi_pingpong(tiny),
+           "reduction": lambda: acc.add_(addend)}
+    times = {k: v["wall"] for k, v in _alternated(fns, comm, 10).items()}
+    for key in ("gloo one-way", "gloo latency", "mpi one-way", "mpi latency"):
+        times[key] = [t / 2 for t in times[key]]
+    return times
 
 
-def _ddp(depth: int, base: int, args, world) -> dict:
+def _flat(comm, numel: int, iterations: int, busy: BusyCore) -> dict:
+    import torch
+    import torch.distributed as dist
+    from mpi4py import MPI
+
+    flat = torch.zeros(numel, dtype=torch.float32)
+    arr = flat.numpy()
+    paths = {"gloo all_reduce": lambda: dist.all_reduce(flat),
+             "mpi Allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, arr, op=MPI.SUM),
+             "mpi Iallreduce (before)": lambda: comm.Iallreduce(MPI.IN_PLACE, arr, op=MPI.SUM).Wait()}
+    paths |= {f"{name} + busy": busy.beside(fn) for name, fn in list(paths.items())[:2]}
+    return _alternated(paths, comm, iterations)
+
+
+def _buckets(depth: int, base: int, cap: float, args, world, comm) -> dict:
+    """DDP and the mpi strategy with bucket cap ``cap`` on the same U-Net and input."""
     import torch
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel
 
     from autocnnp.components.architectures.unet import UNet
+    from autocnnp.components.strategies.mpi import Config, MPIAllreduce
 
-    torch.manual_seed(0)
-    net = UNet(args.in_channels, args.classes, depth=depth, base_channels=base, norm="batch")
-    size = sum(p.numel() for p in net.parameters() if p.requires_grad)
-    flat = torch.zeros(size, dtype=torch.float32)
-    flat_times = _timed(lambda: dist.all_reduce(flat), args.iterations)
+    def unet():
+        torch.manual_seed(0)
+        return UNet(args.in_channels, args.classes, depth=depth, base_channels=base, norm="batch")
 
-    model = DistributedDataParallel(net, bucket_cap_mb=25)
-    buckets: list[float] = []
-    sizes: list[int] = []
+    ddp = DistributedDataParallel(unet(), bucket_cap_mb=cap)
+    strategy = MPIAllreduce(Config(bucket_cap_mb=cap), world=world, device=torch.device("cpu"))
+    plain = strategy.wrap(unet())
+    side = 2 ** (depth - 1) * 4
+    x = torch.randn(1, args.in_channels, side, side)
+
+    def backward(model):
+        model.zero_grad(set_to_none=True)
+        model(x).float().mean().backward()
+
+    def local():
+        with ddp.no_sync():
+            backward(ddp)
+
+    mpi_times = []
+
+    def mpi_step():  # backward untimed, then the strategy's communication, as the trainer calls it
+        backward(plain)
+        comm.Barrier()
+        start = time.perf_counter()
+        strategy.after_backward(plain)
+        mpi_times.append(time.perf_counter() - start)
+
+    runs = _alternated({"ddp": lambda: backward(ddp), "no_sync": local, "mpi": mpi_step}, comm, args.iterations)
+    reduced, sizes = [], []
 
     def sync_allreduce(state, bucket):
         buf = bucket.buffer()
-        dist.barrier()  # ranks reach a bucket at slightly different times: time the transfer, not the skew
+        comm.Barrier()  # ranks reach a bucket at slightly different times: time the transfer, not the skew
         start = time.perf_counter()
         dist.all_reduce(buf)
-        buckets.append(time.perf_counter() - start)
+        reduced.append(time.perf_counter() - start)
         sizes.append(buf.numel())
         buf.div_(world.world_size)
         fut = torch.futures.Future()
         fut.set_result(buf)
         return fut
 
-    side = 2 ** (depth - 1) * 4
-    x = torch.randn(1, args.in_channels, side, side)
-
-    def backward():
-        model(x).float().mean().backward()
-
-    # exposed communication: backward with DDP's own (overlapped) allreduce vs without communication,
-    # alternated so that the machine's drift hits both alike
-    def local():
-        with model.no_sync():
-            backward()
-
-    with_comm, without = [], []
-    for _ in range(args.iterations):
-        with_comm += _timed(backward, 1, warmup=1)
-        without += _timed(local, 1, warmup=1)
-    model.register_comm_hook(None, sync_allreduce)
-    per_pass, counts = [], []
-    for i in range(3 + args.iterations):
-        buckets.clear()
+    ddp.register_comm_hook(None, sync_allreduce)
+    per_pass = []
+    for i in range(2 + args.iterations):
+        reduced.clear()
         sizes.clear()
-        dist.barrier()
-        backward()
-        if i >= 3:
-            per_pass.append(sum(buckets))
-            counts.append(len(buckets))
-    return {"model": f"{depth}x{base}", "params": size, "flat": flat_times, "ddp": per_pass,
-            "buckets": counts[-1], "bucket_elems": list(sizes), "exposed": statistics.median(with_comm)
-            - statistics.median(without), "backward": statistics.median(without)}
+        comm.Barrier()
+        backward(ddp)
+        if i >= 2:
+            per_pass.append(sum(reduced))
+    return {"cap": cap, "ddp_buckets": len(sizes), "mpi_buckets": len(strategy.buckets), "gloo_buckets": per_pass,
+            "exposed": statistics.median(runs["ddp"]["wall"]) - statistics.median(runs["no_sync"]["wall"]),
+            "backward": statistics.median(runs["no_sync"]["wall"]), "mpi": mpi_times[-args.iterations:]}
 
 
 def worker(args) -> int:
     import torch
+    from mpi4py import MPI
 
+    from autocnnp.components.architectures.unet import UNet
     from autocnnp.core.world import discover_world
 
-    world = discover_world()
+    world, comm = discover_world(), MPI.COMM_WORLD
     torch.set_num_threads(max(1, torch.get_num_threads() // max(1, world.local_world_size)))
     init_process_group("gloo", world)
-    nbytes = int(args.p2p_mb * 2**20)
-    result = {"latency": _p2p(world.rank, 4, args.iterations * 5),
-              "p2p": _p2p(world.rank, nbytes, args.iterations), "p2p_bytes": nbytes, "models": []}
-    for depth, base in args.model_list:
-        result["models"].append(_ddp(depth, base, args, world))
-    # bandwidth once more at the end: the machine is shared, take the better of the two
-    result["p2p_end"] = _p2p(world.rank, nbytes, args.iterations)
-    result["threads"] = torch.get_num_threads()
+    busy = BusyCore()
+    result = {"threads": torch.get_num_threads(), "models": []}
+    try:
+        for depth, base in args.model_list:
+            net = UNet(args.in_channels, args.classes, depth=depth, base_channels=base, norm="batch")
+            numel = sum(p.numel() for p in net.parameters() if p.requires_grad)
+            reduced = numel * (world.world_size - 1) // world.world_size
+            result["models"].append({
+                "model": f"{depth}x{base}", "params": numel, "link": _link(comm, numel * 4, reduced),
+                "flat": _flat(comm, numel, args.iterations, busy),
+                "caps": [_buckets(depth, base, cap, args, world, comm) for cap in args.cap_list]})
+    finally:
+        busy.stop()
     if world.rank == 0:
         (Path(args.worker) / "result.json").write_text(json.dumps(result))
     return 0
@@ -173,44 +299,137 @@ def worker(args) -> int:
 # launcher side
 
 
+def _launch(argv: list[str], ranks: int, btl: str) -> dict | None:
+    """Run the ranks with Open MPI's BTLs restricted to ``btl``; their result, with the BTL Open MPI used
+    between ranks (from its verbose log)."""
+    folder = Path(tempfile.mkdtemp(prefix="autocnnp-allreduce-bound-"))
+    saved = {k: os.environ.get(k) for k in ("OMPI_MCA_btl", "OMPI_MCA_btl_base_verbose")}
+    os.environ.update(OMPI_MCA_btl=btl, OMPI_MCA_btl_base_verbose="100")
+    try:
+        log = folder / "ranks.log"
+        rc = run_ranks(Path(__file__).resolve(), ranks, [*argv, "--worker", str(folder)], "mpirun", log=log)
+        if rc != 0 or not (folder / "result.json").exists():
+            print(f"allreduce_bound: the ranks failed (exit code {rc}) with btl {btl}", file=sys.stderr)
+            return None
+        result = json.loads((folder / "result.json").read_text())
+        used = sorted(set(re.findall(r"Using (\w+) btl for send", log.read_text(errors="replace"))))
+        result["btl_used"] = ",".join(used) or "?"
+        return result
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _pooled(runs: list[dict], pick) -> list[float]:
+    return [t for r in runs for t in pick(r)]
+
+
+def _both(seconds: list[float]) -> str:
+    """``median (best)`` milliseconds."""
+    return f"{statistics.median(seconds) * 1e3:.3f} ({min(seconds) * 1e3:.3f})"
+
+
+def _rate(nbytes: int, seconds: list[float]) -> str:
+    """``median (best)`` GB/s of moving ``nbytes`` in ``seconds``."""
+    return f"{nbytes / statistics.median(seconds) / 1e9:.2f} ({nbytes / min(seconds) / 1e9:.2f})"
+
+
+def _ratios(values: list[float], bound: tuple[float, float]) -> str:
+    """Achieved / bound: median over the median-B bound (best over the best-B bound)."""
+    return f"{statistics.median(values) / bound[0]:.2f} ({min(values) / bound[1]:.2f})"
+
+
+def report(args, launches: dict[str, list[dict]]) -> None:
+    n = args.ranks
+    factor = 2 * (n - 1) / n
+    every = [r for runs in launches.values() for r in runs]
+    first = every[0]
+    print(f"allreduce vs ring bound: {n} ranks, {first['threads']} compute thread(s)/rank, {args.iterations} "
+          f"runs of each, {args.rounds} launch pair(s); MPI launches: " + "; ".join(
+              f"--mca btl {BTLS[k]} -> Open MPI used {', '.join(sorted({r['btl_used'] for r in runs}))}"
+              for k, runs in launches.items()))
+    for mi, m in enumerate(first["models"]):
+        s = m["params"] * 4
+        # transport -> the launches that measured it, and its key in the link figures
+        transports = {"gloo tcp-loopback": (every, "gloo"), **{f"mpi {k}": (runs, "mpi") for k, runs in launches.items()}}
+
+        def figures(runs, pick):
+            return _pooled(runs, lambda r: pick(r["models"][mi]))
+
+        links = {name: {f: figures(runs, lambda m, f=f, key=key: m["link"][f"{key} {f}"])
+                        for f in ("one-way", "exchange", "latency")} for name, (runs, key) in transports.items()}
+        reduction = figures(every, lambda m: m["link"]["reduction"])
+
+        def bounds(transport: str) -> tuple[tuple[float, float], tuple[float, float]]:
+            """(ring, duplex) bounds, each (from median figures, from best figures)."""
+            ln = links[transport]
+            ring = tuple(factor * pick(ln["one-way"]) for pick in (statistics.median, min))
+            duplex = tuple(factor * pick(ln["exchange"]) + pick(reduction) for pick in (statistics.median, min))
+            return ring, duplex
+
+        print(f"\nU-Net {m['model']}: S = {s / 2**20:.2f} MiB of float32 gradients; summing (N-1)/N x S takes "
+              f"{_both(reduction)} ms")
+        print(table(("link, S-byte messages", "one-way B GB/s", "exchange B GB/s/dir", "exchange/one-way",
+                     "latency us"),
+                    [(k, _rate(s, v["one-way"]), _rate(s, v["exchange"]),
+                      f"{statistics.median(v['one-way']) / statistics.median(v['exchange']):.2f}",
+                      f"{statistics.median(v['latency']) * 1e6:.0f}") for k, v in links.items()]))
+        rows = []
+        for path in m["flat"]:
+            for name in ["gloo tcp-loopback"] if path.startswith("gloo") else [f"mpi {k}" for k in launches]:
+                walls = figures(transports[name][0], lambda m, p=path: m["flat"][p]["wall"])
+                cpu = figures(transports[name][0], lambda m, p=path: m["flat"][p]["cpu"])
+                ring, duplex = bounds(name)
+                rows.append((path, name, _both(walls), f"{sum(cpu) / sum(walls):.2f}", _both(list(ring)),
+                             _ratios(walls, ring), _both(list(duplex)), _ratios(walls, duplex)))
+        print(table(("flat allreduce of S", "transport", "achieved ms", "cores/rank", "ring bound ms", "ratio",
+                     "duplex bound ms", "ratio"), rows))
+
+        rows = []
+        for ci, c in enumerate(m["caps"]):
+            gloo = figures(every, lambda m, ci=ci: m["caps"][ci]["gloo_buckets"])
+            ring, duplex = bounds("gloo tcp-loopback")
+            row = [f"{c['cap']:g}", str(c["ddp_buckets"]), _both(gloo), _ratios(gloo, ring), _ratios(gloo, duplex),
+                   f"{statistics.median(figures(every, lambda m, ci=ci: [m['caps'][ci]['backward']])) * 1e3:.1f}",
+                   f"{statistics.median(figures(every, lambda m, ci=ci: [m['caps'][ci]['exposed']])) * 1e3:+.1f}",
+                   str(c["mpi_buckets"])]
+            for k, runs in launches.items():
+                mpi = _pooled(runs, lambda r, ci=ci: r["models"][mi]["caps"][ci]["mpi"])
+                row += [_both(mpi), _ratios(mpi, bounds(f"mpi {k}")[0])]
+            rows.append(tuple(row))
+        head = ["cap MB", "DDP buckets", "gloo ms", "ring ratio", "duplex ratio", "backward ms", "DDP exposed ms",
+                "mpi buckets"]
+        for k in launches:
+            head += [f"mpi {k} ms", "ring ratio"]
+        print(table(tuple(head), rows))
+    print("\nmedian (best) of the runs; ring bound = 2(N-1)/N x S / B (one-way B of the path's own transport); duplex "
+          "bound = 2(N-1)/N x S / B_exchange + the reduction; ratio = achieved / bound (1.0 = at the bound; best: the "
+          "fastest run over the bound from the fastest transfers); cores/rank = process CPU time / wall time (all "
+          "threads; + busy includes the computing thread); gloo ms = DDP's buckets all-reduced one by one, summed over "
+          "a backward pass; DDP exposed = backward with DDP - under no_sync; mpi ms = the mpi strategy's "
+          "after_backward (copy in, Allreduce per bucket, gradients as views)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.worker:
         return worker(args)
-    res = ranks_result(Path(__file__).resolve(), args.ranks, argv if argv is not None else sys.argv[1:],
-                       args.launcher, "allreduce_bound")
-    if res is None:
+    if shutil.which("mpirun") is None:
+        print("allreduce_bound: needs Open MPI's mpirun", file=sys.stderr)
         return 0
-
-    n = args.ranks
-    alpha = statistics.median(res["latency"])
-    p2p = res["p2p"] + res["p2p_end"]
-    one_way, best_way = statistics.median(p2p), min(p2p)
-    bandwidth, best_bandwidth = res["p2p_bytes"] / one_way, res["p2p_bytes"] / best_way  # bytes/s
-    print(f"allreduce vs ring bound: {n} ranks, gloo, {res['threads']} compute thread(s)/rank; "
-          f"{args.iterations} runs of each")
-    print(f"point-to-point (ranks 0<->1, send/recv ping-pong of {res['p2p_bytes'] / 2**20:.0f} MiB): "
-          f"B = {bandwidth / 1e9:.2f} GB/s median, {best_bandwidth / 1e9:.2f} GB/s best; "
-          f"latency a = {alpha * 1e6:.0f} us (4 bytes, median)")
-    rows = []
-    factor = 2 * (n - 1) / n
-    for m in res["models"]:
-        s = m["params"] * 4
-        bound, best_bound = factor * s / bandwidth, factor * s / best_bandwidth
-        bound_lat = bound + 2 * (n - 1) * alpha
-        for label, times in (("flat all_reduce", m["flat"]), (f"DDP, {m['buckets']} bucket(s)", m["ddp"])):
-            t, best = statistics.median(times), min(times)
-            rows.append((f"U-Net {m['model']}: {label}", f"{s / 2**20:.2f}", f"{t * 1e3:.3f}", f"{bound * 1e3:.3f}",
-                         f"{t / bound:.2f}", f"{best * 1e3:.3f}", f"{best_bound * 1e3:.3f}", f"{best / best_bound:.2f}",
-                         f"{bound_lat * 1e3:.3f}", f"{t / bound_lat:.2f}"))
-    print(table(("", "S MiB", "achieved ms", "bound ms", "ratio", "best ms", "best-B bound", "ratio",
-                 "bound+lat ms", "ratio"), rows))
-    print("bound = 2(N-1)/N x S / B (B median; best-B: the fastest transfer); bound+lat adds 2(N-1) x a; "
-          "achieved = median (best = fastest run); ratio = achieved / bound, 1.0 = the ring at link speed")
-    for m in res["models"]:
-        print(f"U-Net {m['model']}: backward pass {m['backward'] * 1e3:.1f} ms without communication (no_sync), "
-              f"{m['exposed'] * 1e3:+.1f} ms with DDP (exposed allreduce, BN buffer broadcast and waiting for the "
-              "slower rank)")
+    argv = argv if argv is not None else sys.argv[1:]
+    launches: dict[str, list[dict]] = {k: [] for k in BTLS}
+    for _ in range(args.rounds):
+        for kind, btl in BTLS.items():
+            res = _launch(argv, args.ranks, btl)
+            if res is None:
+                return 0
+            launches[kind].append(res)
+    report(args, launches)
     return 0
 
 

@@ -121,10 +121,11 @@ def test_component_splits_by_case_and_reads_channels_and_classes(brain_data, tmp
     assert len(sampled.valid) == 4
     image, label = data.train[0]
     assert image.shape == (4, 32, 32) and image.dtype == torch.float32 and label.shape == (32, 32)
-    assert data.valid.augment is None and data.train.augment.translate == pytest.approx(0.05)
-    data.train.set_epoch(1)  # augmentation depends on the epoch
-    again, _ = data.train[0]
-    assert not torch.equal(image, again)
+    assert data.augment.__self__.translate == pytest.approx(0.05) and "RandomAffine2D" in data.augmentation
+    batch = torch.stack([image, data.train[1][0]]), torch.stack([label, data.train[1][1]])
+    first, _ = data.augment(*batch, epoch=0, indices=[0, 1])
+    again, _ = data.augment(*batch, epoch=1, indices=[0, 1])  # augmentation depends on the epoch
+    assert not torch.equal(first, again) and torch.equal(first, data.augment(*batch, epoch=0, indices=[0, 1])[0])
     caches = sorted((tmp_path / "cache").glob("train-*/meta.json"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns
@@ -142,7 +143,7 @@ def test_component_modalities_valid_dataset_and_shared_cache(brain_data, tmp_pat
     shared = tmp_path / "shared"
     data = _build(brain_data, tmp_path, valid=valid, modalities="T1w, 3", augment=False, cache=shared)
     assert data.in_channels == 2 and data.num_classes == 4
-    assert len(data.train) == 16 and len(data.valid) == 2 * SHAPE[2] and data.train.augment is None
+    assert len(data.train) == 16 and len(data.valid) == 2 * SHAPE[2] and data.augment is None
     assert len(list(shared.glob("train-*/meta.json"))) == 1 and len(list(shared.glob("valid-*/meta.json"))) == 1
     assert not (tmp_path / "cache").exists()
     with pytest.raises(DataError, match="modality 'PD' is not declared"):

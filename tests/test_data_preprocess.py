@@ -1,19 +1,31 @@
 """ImgMed pre-processing, the slice cache, augmentation and the synthetic slice dataset."""
 
 import fcntl
+import io
+import json
 import multiprocessing as mp
 import os
 import pickle
+import shutil
+import signal
+import subprocess
+import sys
+import time
 
+import nibabel as nib
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 
 from autocnnp.core.errors import DataError
+from autocnnp.data import preprocess
 from autocnnp.data.augment import RandomAffine2D
+from autocnnp.data.index import read_dataset
 from autocnnp.data.preprocess import (
     CacheDataset,
     build_cache,
+    check_cache,
     extract_slices,
     read_cache_meta,
     resize,
@@ -122,7 +134,8 @@ def test_build_cache_contents(brain, tmp_path):
     meta = read_cache_meta(cache)
     images = np.load(cache / "images.npy")
     labels = np.load(cache / "labels.npy")
-    assert images.shape == (12, 2, 16, 12) and images.dtype == np.float32
+    assert images.shape == (12, 2, 16, 12) and images.dtype == np.float16  # z-scored: float16 (module docstring)
+    assert meta["dtype"] == {"images": "float16", "labels": "uint8"} and meta["format"] == 2
     assert labels.shape == (12, 16, 12) and labels.dtype == np.uint8
     assert meta["count"] == 12 and meta["channels"] == 2 and meta["modalities"] == [1, 0]
     assert meta["modality_names"] == ["T1w", "FLAIR"]
@@ -226,16 +239,11 @@ def test_cache_dataset(brain, tmp_path):
     sub = CacheDataset(cache, indices=ds.indices_of_cases(["case_001"]))
     assert len(sub) == 3 and torch.equal(sub[0][0], ds[3][0])
 
-    calls = []
-
-    def augment(img, lab, *, epoch, index):
-        calls.append((epoch, index))
-        return img + 1, lab
-
-    aug = CacheDataset(cache, augment=augment, indices=[5, 6])
-    aug.set_epoch(3)
-    out, _ = aug[1]
-    assert calls == [(3, 6)] and torch.allclose(out, ds[6][0] + 1)
+    images, labels = sub.read_batch(np.array([2, 0]))  # one read, in the order asked, in the cache's dtypes
+    assert images.shape == (2, *ds[0][0].shape) and labels.dtype == torch.uint8
+    assert torch.equal(images[0].float(), ds[5][0]) and torch.equal(labels[1].long(), ds[3][1])
+    with pytest.raises(IndexError):
+        sub.read_batch(np.array([3]))
 
 
 # ---------------------------------------------------------------- augmentation
@@ -333,12 +341,12 @@ def test_synthetic_slice_dataset(kind):
         ds[6]
 
 
-def test_synthetic_slice_dataset_with_augment_and_loader():
-    ds = SyntheticSliceDataset("brain", n=4, size=16, in_channels=1, num_classes=2, seed=0, in_memory=False,
-                               augment=RandomAffine2D(translate=0.1))
-    ds.set_epoch(1)
-    batch = next(iter(torch.utils.data.DataLoader(ds, batch_size=4)))
-    assert batch[0].shape == (4, 1, 16, 16) and batch[1].shape == (4, 16, 16) and batch[1].dtype == torch.int64
+def test_synthetic_slices_read_in_batches_as_item_by_item():
+    for in_memory in (False, True):
+        ds = SyntheticSliceDataset("brain", n=5, size=16, in_channels=2, num_classes=3, seed=0, in_memory=in_memory)
+        images, labels = ds.read_batch(np.array([4, 1, 1]))
+        assert images.shape == (3, 2, 16, 16) and labels.shape == (3, 16, 16)
+        assert all(torch.equal(images[k], ds[i][0]) and torch.equal(labels[k], ds[i][1]) for k, i in enumerate([4, 1, 1]))
 
 
 # ---------------------------------------------------------------- mixed slice selection
@@ -422,3 +430,217 @@ def test_build_cache_mixed_keyed_by_fraction(brain, tmp_path):
     assert read_cache_meta(tmp_path / "c0.0")["key"] not in keys.values()
     with pytest.raises(ValueError, match="foreground_fraction"):
         build_cache(brain, tmp_path / "d", foreground_fraction=2, **kwargs)
+
+
+# ---------------------------------------------------------------- fast, parallel, resumable builds
+
+def _reference_cache(root, *, mods, n_slices, size, mode, foreground_fraction, normalise, axis):
+    """The cache as the first implementation built it, written plainly: nibabel's get_fdata, a boolean-mask
+    z-score in float64 over the whole volume, np.take, one torch resize of every slice, float32."""
+    images, labels = [], []
+    for case in read_dataset(root).cases("training"):
+        image = nib.load(case.image).get_fdata(dtype=np.float32)[..., mods]
+        label = np.asanyarray(nib.load(case.label).dataobj).astype(np.int64)
+        if normalise:
+            for c in range(image.shape[-1]):
+                mask = image[..., c] != 0
+                values = image[..., c][mask].astype(np.float64)
+                std = values.std()
+                image[..., c][mask] = ((values - values.mean()) / (std if std > 1e-8 else 1.0)).astype(np.float32)
+        idx = slice_indices(image.shape[axis], n_slices, mode, label=label, axis=axis,
+                            foreground_fraction=foreground_fraction)
+        slices = np.moveaxis(np.moveaxis(np.take(image, idx, axis=axis), axis, 0), -1, 1)
+        flat = torch.from_numpy(np.ascontiguousarray(slices).reshape(-1, 1, *slices.shape[-2:]))
+        shrink = size[0] < slices.shape[-2] or size[1] < slices.shape[-1]
+        resized = F.interpolate(flat, size=size, mode="bilinear", align_corners=False, antialias=shrink)
+        images.append(resized.numpy().reshape(len(idx), len(mods), *size))
+        lab = torch.from_numpy(np.moveaxis(np.take(label, idx, axis=axis), axis, 0).astype(np.float32))[:, None]
+        labels.append(F.interpolate(lab, size=size, mode="nearest-exact")[:, 0].numpy().astype(np.uint8))
+    return np.concatenate(images), np.concatenate(labels)
+
+
+@pytest.mark.parametrize("normalise, axis", [(True, 2), (False, 2), (True, 0)])
+def test_build_cache_equals_a_plain_reference(brain, tmp_path, normalise, axis):
+    kwargs = dict(n_slices=5, size=(20, 12), mode="mixed", foreground_fraction=0.6, normalise=normalise, axis=axis)
+    cache = build_cache(brain, tmp_path / "c", modalities=["t1gd", 0], **kwargs)
+    images, labels = np.load(cache / "images.npy"), np.load(cache / "labels.npy")
+    want_images, want_labels = _reference_cache(brain, mods=[2, 0], **kwargs)
+    np.testing.assert_array_equal(labels, want_labels)
+    if normalise:  # float16: the float32 result rounded to 11 significant bits
+        assert images.dtype == np.float16 and read_cache_meta(cache)["dtype"]["images"] == "float16"
+        np.testing.assert_allclose(images.astype(np.float32), want_images, rtol=2**-11 + 1e-6, atol=2**-24)
+        assert np.mean(images == want_images.astype(np.float16)) > 0.99  # mostly the very same float16
+    else:  # raw intensities stay float32
+        assert images.dtype == np.float32 and read_cache_meta(cache)["dtype"]["images"] == "float32"
+        np.testing.assert_allclose(images, want_images, rtol=1e-6)
+
+
+def test_zscore_equals_the_masked_float64_reference():
+    rng = np.random.default_rng(5)
+    image = np.zeros((12, 10, 6, 4), np.float32)
+    image[2:9, 3:8, :, 0] = rng.normal(300, 40, (7, 5, 6))
+    image[2:9, 3:8, :, 1] = 7.0  # constant: only centred
+    image[1:11, :, 1:5, 2] = 1e4 + rng.normal(0, 0.5, (10, 10, 4))  # std 5e-5 of the mean: the two-pass path
+    out = zscore(image)  # channel 3 is all zero
+    for c in range(4):
+        mask = image[..., c] != 0
+        values = image[..., c][mask].astype(np.float64)
+        std = values.std() if mask.any() else 1.0
+        want = np.zeros(image.shape[:3], np.float32)
+        want[mask] = (values - values.mean()) / (std if std > 1e-8 else 1.0) if mask.any() else 0
+        np.testing.assert_allclose(out[..., c], want, rtol=1e-6, atol=1e-6)
+    assert (out[..., 1] == 0).all() and (out[..., 3] == 0).all()
+
+
+def test_a_data_error_in_a_worker_reaches_the_caller_unchanged(brain, tmp_path):
+    bad = shutil.copytree(brain, tmp_path / "bad")
+    image = bad / "imagesTr" / "case_001.nii.gz"
+    image.write_bytes(image.read_bytes()[:1000])  # the header is readable, the voxels are cut off
+    with pytest.raises(DataError) as here:
+        build_cache(bad, tmp_path / "c1", n_slices=4, size=16, workers=1)
+    with pytest.raises(DataError) as from_worker:
+        build_cache(bad, tmp_path / "c2", n_slices=4, size=16, workers=2)
+    assert type(from_worker.value) is DataError and str(from_worker.value) == str(here.value)
+    assert str(image) in str(here.value) and "truncated" in str(here.value)
+    assert not mp.active_children()  # the pool is gone
+
+
+_BUILD_THEN_HANG = """
+import sys, time
+from autocnnp.data import preprocess
+build_case = preprocess._build_case
+def build_then_hang(*args, **kwargs):
+    result = build_case(*args, **kwargs)
+    time.sleep(600)
+    return result
+preprocess._build_case = build_then_hang
+preprocess.build_cache(sys.argv[1], sys.argv[2], n_slices=4, size=16, mode="mixed", workers=1)
+"""
+
+
+def test_a_killed_build_goes_on_where_it_stopped(brain, tmp_path, monkeypatch):
+    cache = tmp_path / "c"
+    child = subprocess.Popen([sys.executable, "-c", _BUILD_THEN_HANG, str(brain), str(cache)])
+    try:
+        deadline = time.monotonic() + 60
+        while not list(cache.glob(".build-*/done/0.json")) and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        child.kill()
+        child.wait()
+    assert list(cache.glob(".build-*/done/0.json")) and not (cache / "meta.json").exists()
+    built, build_case = [], preprocess._build_case
+    monkeypatch.setattr(preprocess, "_build_case", lambda position, *a, **k: built.append(position) or
+                        build_case(position, *a, **k))
+    build_cache(brain, cache, n_slices=4, size=16, mode="mixed", workers=1)
+    assert built == [1, 2]  # case 0 was finished before the kill
+    whole = build_cache(brain, tmp_path / "whole", n_slices=4, size=16, mode="mixed", workers=1)
+    for name in ("images.npy", "labels.npy", "meta.json"):
+        assert (cache / name).read_bytes() == (whole / name).read_bytes()
+    assert sorted(p.name for p in cache.iterdir()) == [".lock", "images.npy", "labels.npy", "meta.json"]
+
+
+_BUILD_WITH_A_HANGING_CASE = """
+import sys, time
+from pathlib import Path
+from autocnnp.data import preprocess
+
+read_case = preprocess.read_case
+
+
+def read_case_or_hang(case):  # patched in the workers too: spawn imports this file in them
+    if case.name == "case_000":
+        (Path(sys.argv[2]).parent / "hanging").touch()
+        time.sleep(600)
+    return read_case(case)
+
+
+preprocess.read_case = read_case_or_hang
+if __name__ == "__main__":
+    preprocess.build_cache(sys.argv[1], sys.argv[2], n_slices=4, size=16, mode="mixed", workers=2)
+"""
+
+
+def _session(sid: int) -> list[int]:
+    """The live processes of session ``sid``."""
+    pids = []
+    for stat in os.listdir("/proc"):
+        try:
+            fields = open(f"/proc/{stat}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[3]) == sid and fields[0] != "Z":
+            pids.append(int(stat))
+    return pids
+
+
+def test_ctrl_c_stops_the_workers_and_the_build_goes_on_after(brain, tmp_path, monkeypatch):
+    script, cache = tmp_path / "build.py", tmp_path / "c"
+    script.write_text(_BUILD_WITH_A_HANGING_CASE)
+    child = subprocess.Popen([sys.executable, str(script), str(brain), str(cache)], start_new_session=True,
+                             stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 60
+        while not ((tmp_path / "hanging").exists() and len(list(cache.glob(".build-*/done/*.json"))) == 2):
+            assert child.poll() is None and time.monotonic() < deadline
+            time.sleep(0.05)
+        assert len(_session(child.pid)) >= 3  # the parent and its two workers (one hanging, one idle)
+        child.send_signal(signal.SIGINT)
+        _, err = child.communicate(timeout=60)
+        deadline = time.monotonic() + 20
+        while _session(child.pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert child.returncode != 0 and b"KeyboardInterrupt" in err
+        assert _session(child.pid) == []  # no worker outlived it
+    finally:
+        for pid in _session(child.pid):
+            os.kill(pid, signal.SIGKILL)
+    built, build_case = [], preprocess._build_case
+    monkeypatch.setattr(preprocess, "_build_case", lambda position, *a, **k: built.append(position) or
+                        build_case(position, *a, **k))
+    build_cache(brain, cache, n_slices=4, size=16, mode="mixed", workers=1)
+    assert built == [0]  # the workers had finished cases 1 and 2
+    whole = build_cache(brain, tmp_path / "whole", n_slices=4, size=16, mode="mixed", workers=1)
+    for name in ("images.npy", "labels.npy", "meta.json"):  # what the workers wrote equals a build in one process
+        assert (cache / name).read_bytes() == (whole / name).read_bytes()
+
+
+def test_progress_lines(brain, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(preprocess._Progress, "QUIET_S", 0.0)
+    build_cache(brain, tmp_path / "c", n_slices=2, size=8, progress=True, workers=1)
+    lines = capsys.readouterr().err.splitlines()  # not a terminal: a line at each quarter of the cases
+    assert [line.split(",")[0] for line in lines] == [f"preprocess: {i}/3 cases" for i in (1, 2, 3)]
+    assert "slices/s" in lines[0] and "ETA" in lines[0] and "done in" in lines[-1]
+    meter = preprocess._Progress(5000, 0)
+    for _ in range(5000):
+        meter.case_done(70)
+    assert len(capsys.readouterr().err.splitlines()) == 4  # thousands of cases: still a few lines
+
+    class Terminal(io.StringIO):
+        def isatty(self):
+            return True
+
+    monkeypatch.setattr(sys, "stderr", Terminal())
+    meter = preprocess._Progress(3, 1)  # resumed: one case done before
+    for _ in range(2):
+        meter.case_done(70)
+    text = sys.stderr.getvalue()
+    assert text.startswith("preprocess: resuming, 1 of 3 case(s) done before\n")
+    assert text.count("\r") == 2 and text.endswith("\n") and "3/3 cases" in text
+
+
+def test_format_1_caches_are_read_and_rebuilt(brain, tmp_path):
+    cache = build_cache(brain, tmp_path / "c", n_slices=2, size=8)
+    old = dict(read_cache_meta(cache), format=1, key="of format 1", dtype={"images": "float32", "labels": "uint8"})
+    np.save(cache / "images.npy", np.load(cache / "images.npy").astype(np.float32))
+    (cache / "meta.json").write_text(json.dumps(old))
+    assert read_cache_meta(cache)["format"] == 1 and not check_cache(cache).problems
+    build_cache(brain, cache, n_slices=2, size=8)
+    assert read_cache_meta(cache)["format"] == 2 and np.load(cache / "images.npy").dtype == np.float16
+
+
+def test_preprocess_command_shows_progress(brain, tmp_path, cli, monkeypatch):
+    monkeypatch.setattr(preprocess._Progress, "QUIET_S", 0.0)
+    rc, out, err = cli("preprocess", brain, tmp_path / "c", "--slices", 2, "--size", 8, "--workers", 1)
+    assert rc == 0 and "6 slices" in out and "preprocess: 3/3 cases" in err
+

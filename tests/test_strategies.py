@@ -220,3 +220,38 @@ def test_conflicting_communication_init_is_refused(job, cli):
     assert rc == 2
     assert "dist_strategy 'mpi' needs communication_init 'mpi4py', but the job sets 'torch_distributed'" in err
     assert not (path.parent / "runs").exists()  # nothing started
+
+
+class OtherRankAllOnes:
+    """MPI.COMM_WORLD of 2 ranks as rank 0 sees it when the other rank's gradients are all 1."""
+
+    size = 2
+    IN_PLACE, SUM = object(), object()
+
+    def Allreduce(self, sendbuf, recvbuf, op):  # noqa: N802 -- mpi4py's name
+        assert sendbuf is self.IN_PLACE and op is self.SUM
+        recvbuf += 1
+
+
+def test_mpi_buckets_average_gradients_into_views_of_the_bucket():
+    """The mpi strategy's buckets: each gradient becomes the mean over the ranks, as a view of its bucket
+    (nothing copied back); gradients accumulated into those views (zero_grad without set_to_none) and fresh
+    ones (set_to_none) are both averaged right in the following steps."""
+    from autocnnp.components.strategies.mpi import make_buckets
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Tanh(), torch.nn.Linear(256, 8))
+    buckets = make_buckets(net, cap_mb=0.05)  # 51 KiB: the 64 KiB weight of the first layer on its own
+    assert [[tuple(p.shape) for p in b.params] for b in buckets] == [[(8,), (8, 256), (256,)], [(256, 64)]]
+    comm = OtherRankAllOnes()
+    for set_to_none in (True, False, True):
+        net.zero_grad(set_to_none=set_to_none)
+        net(torch.randn(4, 64)).square().mean().backward()
+        expected = [(p.grad + 1) / 2 for p in net.parameters()]
+        for b in buckets:
+            b.average(comm, comm)
+        for p, want in zip(net.parameters(), expected):
+            assert torch.equal(p.grad, want)
+        for b in buckets:
+            start, end = b.flat.data_ptr(), b.flat.data_ptr() + b.flat.numel() * 4
+            assert all(start <= p.grad.data_ptr() < end for p in b.params)

@@ -6,7 +6,7 @@ Bad data is one DataError paragraph on stderr (the CLI prints it) with exit code
 
 * ``autocnnp synth OUT --kind brain|atrium --cases N --shape X Y Z --seed S --test-cases T``
 * ``autocnnp preprocess DATA CACHE --slices N --size S --mode even|labelled|mixed --foreground-fraction F
-  --modalities all``
+  --modalities all --workers N`` (progress on stderr; an interrupted run started again goes on where it stopped)
 * ``autocnnp check-data DATA|CACHE [--num-classes K]``
 """
 
@@ -79,7 +79,7 @@ def cmd_preprocess(args) -> int:
     before = meta_file.stat().st_mtime_ns if meta_file.is_file() else None
     start = time.perf_counter()
     build_cache(args.data, cache, n_slices=slices, size=size, modalities=parse_modalities(modalities), mode=mode,
-                normalise=not args.no_normalise, foreground_fraction=fraction)
+                normalise=not args.no_normalise, foreground_fraction=fraction, workers=args.workers, progress=True)
     seconds = time.perf_counter() - start
     meta = read_cache_meta(cache)
     reused = before is not None and meta_file.stat().st_mtime_ns == before
@@ -152,6 +152,8 @@ def add_commands(sub) -> None:
                         "(default: as a decathlon job, else 0.5)")
     s.add_argument("--modalities", help="'all' or comma-separated modality names or indices (default: all)")
     s.add_argument("--no-normalise", action="store_true", help="skip the per-case z-score")
+    s.add_argument("--workers", type=positive, help="processes sharing the cases (default: the cores this process may "
+                   "use, at most one per case; small datasets are built in one process)")
     s.set_defaults(func=cmd_preprocess)
 
     doc = "check a dataset: every file readable, shapes, affines, label values; prints every problem"

@@ -3,44 +3,76 @@
 The thesis' pre-processing (section 2.3 and ImgMed, section 3.3.2.1): keep some modalities
 (BraTS was reduced to T1w), extract N 2D slices per scan (70 in the thesis), resize them
 (512 x 512 for the left atrium) and z-score the intensities. :func:`build_cache` does this once
-and writes ``images.npy`` (float32 ``[N, C, H, W]``), ``labels.npy`` (uint8 ``[N, H, W]``) and
+and writes ``images.npy`` (``[N, C, H, W]``), ``labels.npy`` (uint8 ``[N, H, W]``) and
 ``meta.json`` into a cache folder; :class:`CacheDataset` serves the slices to PyTorch from
 memory-mapped files, touching only the slices it is asked for.
 
-Cache building is idempotent and safe to run from many processes at once (all ranks of a job may
-call it): the build holds an exclusive ``fcntl.flock`` on ``cache_dir/.lock``, writes into a
-temporary folder inside ``cache_dir`` and renames the files into place, ``meta.json`` last; a
-second call whose content key (a hash of the parameters and of the source files' paths, sizes and
-modification times) matches ``meta.json`` returns at once without writing anything.
+Storage dtype (``meta.json`` ``"dtype"``): z-scored images are stored as float16, raw intensities
+(``normalise`` off, e.g. CT in Hounsfield units, where float16 steps grow to 2 HU above 2048) as
+float32; labels as uint8. float16 is lossless enough for z-scored images: the values are in units of
+the channel's standard deviation, and float16 keeps 11 significant bits, so every stored value lies
+within a relative 2^-11 (0.05 %) of the float32 one (2^-25 absolute near zero), far below the noise
+of MRI or CT images (a few % of the signal). It cannot overflow either: a z-score over n voxels is
+at most sqrt(n - 1) in magnitude, below float16's 65504 for any volume of fewer than 4e9 voxels. The
+cache is half the size and reads twice as fast. Caches of format 1 (float32 images) stay readable; a
+build finding one rebuilds it.
+
+Building runs over the cases in parallel (``workers`` processes, each reading its cases and writing
+their slices straight into the preallocated arrays at offsets planned beforehand), and works on one
+case at a time per process: a volume is decompressed in one call, its z-score statistics summed in
+float64 without copies, and only the selected slices are normalised, resized (a slice at a time, in
+cache) and written. Cache building is idempotent, resumable and safe to run from many processes at
+once (all ranks of a job may call it): the build holds an exclusive ``fcntl.flock`` on
+``cache_dir/.lock`` and writes into ``cache_dir/.build-<content key>``, recording each finished case
+in ``done/``; a build interrupted (Ctrl-C, kill, a bad file) and started again with the same inputs
+skips the finished cases. The finished files are renamed into place, ``meta.json`` last, so a
+matching ``meta.json`` means complete data; a second call whose content key (a hash of the
+parameters and of the source files' paths, sizes and modification times) matches ``meta.json``
+returns at once without writing anything.
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import hashlib
 import json
+import math
+import multiprocessing
 import os
 import shutil
-import uuid
+import signal
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import Dataset
 
 from ..core.errors import DataError
-from ..core.files import exclusive_lock, read_json
+from ..core.files import exclusive_lock, read_json, write_json
+from ..core.processes import die_with_parent
+from .batches import BatchDataset
 from .checks import Verdict
 from .index import Case, read_dataset
-from .volumes import label_shape, load_case, open_nifti, read_array
+from .volumes import image_shape, open_label, open_nifti, read_case, read_label
 
 MODES: tuple[str, ...] = ("even", "labelled", "mixed")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+READABLE_FORMATS = (1, 2)  # format 1 stored the images as float32 whether z-scored or not
 IMAGES_FILE = "images.npy"
 LABELS_FILE = "labels.npy"
 META_FILE = "meta.json"
 LOCK_FILE = ".lock"
-_TMP_PREFIX = ".tmp-"
+BUILD_PREFIX = ".build-"  # + the content key: the build in progress
+_STALE_PREFIXES = (BUILD_PREFIX, ".tmp-")  # .tmp-: left by a crashed build of format 1
+PLANS_FILE = "plans.json"
+DONE_DIR = "done"
+POOL_MIN_BYTES = 64 << 20  # smaller sources are built in this process: starting workers costs about a second
+STEP_BYTES = 4 << 20  # float32 output resized per step: one 4-channel 512 x 512 slice, small enough to stay in cache
 
 
 # --------------------------------------------------------------------------------------------
@@ -177,13 +209,16 @@ def _size2(size) -> tuple[int, int]:
     return h, w
 
 
-def resize(image, size, *, label: bool = False) -> np.ndarray:
+_TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
+
+
+def resize(image, size, *, label: bool = False, dtype=np.float32) -> np.ndarray:
     """Resize the last two axes (H, W) of ``image`` to ``size`` (an int or ``(H, W)``).
 
     Works on ``[H, W]``, ``[C, H, W]`` or ``[N, C, H, W]`` numpy arrays. Images are resampled
-    bilinearly with pixel centres aligned (``align_corners=False``; anti-aliased when shrinking)
-    and returned as float32; ``label=True`` uses nearest neighbour (``nearest-exact``), so the
-    output holds only values of the input and keeps its dtype.
+    bilinearly in float32 with pixel centres aligned (``align_corners=False``; anti-aliased when
+    shrinking) and returned as ``dtype`` (float32, or float16 rounded by torch); ``label=True`` uses
+    nearest neighbour (``nearest-exact``), so the output holds only values of the input and keeps its dtype.
     """
     arr = np.asarray(image)
     if arr.ndim < 2:
@@ -191,7 +226,7 @@ def resize(image, size, *, label: bool = False) -> np.ndarray:
     h, w = _size2(size)
     lead = arr.shape[:-2]
     if arr.shape[-2:] == (h, w):
-        return arr.copy() if label else arr.astype(np.float32, copy=True)
+        return arr.copy() if label else arr.astype(dtype, copy=True)
     flat = torch.from_numpy(np.ascontiguousarray(arr.reshape((-1, 1) + arr.shape[-2:]), dtype=np.float32))
     with torch.no_grad():
         if label:
@@ -199,26 +234,52 @@ def resize(image, size, *, label: bool = False) -> np.ndarray:
         else:
             shrink = h < arr.shape[-2] or w < arr.shape[-1]
             out = F.interpolate(flat, size=(h, w), mode="bilinear", align_corners=False, antialias=shrink)
+            out = out.to(_TORCH_DTYPES[np.dtype(dtype)])
     out = out.numpy().reshape(lead + (h, w))
     return out.astype(arr.dtype) if label else out
 
 
+def zscore_stats(channel, *, eps: float = 1e-8) -> tuple[float, float]:
+    """``(mean, scale)`` of the non-zero voxels of one channel, so that ``z = (x - mean) / scale``.
+
+    The sums run in float64 over the voxels as they lie (``count_nonzero``; ``sum`` and ``einsum``
+    accumulate in float64), without a boolean-mask copy: zeros add nothing to them. Where the
+    one-pass variance could lose digits (std below 1e-4 of the mean) mean and std are recomputed over
+    the non-zero voxels in two passes. ``scale`` is the std, or 1 for a constant channel (only
+    centred); an all-zero channel gives ``(0, 1)``.
+    """
+    flat = np.asarray(channel).ravel(order="K")
+    n = np.count_nonzero(flat)
+    if not n:
+        return 0.0, 1.0
+    mean = float(flat.sum(dtype=np.float64)) / n
+    var = float(np.einsum("i,i->", flat, flat, dtype=np.float64)) / n - mean * mean
+    if var <= 1e-8 * mean * mean:
+        values = flat[flat != 0].astype(np.float64)
+        mean, var = float(values.mean()), float(values.var())
+    std = math.sqrt(max(var, 0.0))
+    return mean, (std if std > eps else 1.0)
+
+
+def _zscored(x: np.ndarray, mean, scale) -> np.ndarray:
+    """``(x - mean) / scale`` computed in float64, 0 where ``x`` is 0, as float32 (``mean``/``scale`` broadcast)."""
+    z = np.subtract(x, mean, dtype=np.float64)
+    z /= scale
+    z[x == 0] = 0.0
+    return z.astype(np.float32)
+
+
 def zscore(image, *, eps: float = 1e-8) -> np.ndarray:
-    """Z-score each channel of a channels-last image over its non-zero voxels.
+    """Z-score each channel of a channels-last image over its non-zero voxels (:func:`zscore_stats`).
 
     Zero voxels (e.g. outside the skull-stripped brain) stay zero; a constant channel is only
     centred. Returns float32.
     """
-    image = _channels_last(image).astype(np.float32, copy=True)
+    image = _channels_last(image)
+    out = np.empty(image.shape, np.float32)
     for c in range(image.shape[-1]):
-        ch = image[..., c]
-        mask = ch != 0
-        if not mask.any():
-            continue
-        vals = ch[mask].astype(np.float64)
-        mean, std = vals.mean(), vals.std()
-        ch[mask] = ((vals - mean) / (std if std > eps else 1.0)).astype(np.float32)
-    return image
+        out[..., c] = _zscored(image[..., c], *zscore_stats(image[..., c], eps=eps))
+    return out
 
 
 # --------------------------------------------------------------------------------------------
@@ -251,6 +312,11 @@ def cache_key(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
+def default_workers() -> int:
+    """The cores this process may use."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
 def build_cache(
     root,
     cache_dir,
@@ -263,23 +329,31 @@ def build_cache(
     case_indices=None,
     axis: int = 2,
     foreground_fraction: float = 0.5,
+    workers: int | None = None,
+    progress: bool = False,
 ) -> Path:
-    """Build (or reuse) the 2D slice cache of the labelled cases of dataset ``root``.
+    """Build (or reuse, or finish) the 2D slice cache of the labelled cases of dataset ``root``.
 
     ``root`` is anything :func:`~autocnnp.data.decathlon.read_dataset` accepts. ``n_slices`` slices
     per case are taken along ``axis`` (``mode`` ``"even"``, ``"labelled"`` or ``"mixed"`` with
     ``foreground_fraction``, see :func:`slice_indices`; ``None``/``0`` takes all), restricted to the
     channels ``modalities`` (indices or modality names from dataset.json; ``None`` keeps all),
     z-scored per case and channel when ``normalise``, and resized to ``size`` (int or ``(H, W)``). ``case_indices``
-    picks training cases by position in the index (``None``: all). Returns ``cache_dir``.
+    picks training cases by position in the index (``None``: all). ``workers`` processes share the
+    cases (default: the cores this process may use, capped by the number of cases; sources under
+    64 MiB are built in this process). ``progress`` shows cases done, slices/s and the time left on
+    stderr. Returns ``cache_dir``.
 
-    A second call with the same inputs is a no-op. Concurrent calls (several ranks or processes)
-    serialise on an exclusive lock of ``cache_dir/.lock``; the losers wait and reuse the cache.
+    A second call with the same inputs is a no-op; one after an interrupted build finishes it.
+    Concurrent calls (several ranks or processes) serialise on an exclusive lock of
+    ``cache_dir/.lock``; the losers wait and reuse the cache.
     """
     if mode not in MODES:
         raise ValueError(f"slice mode must be one of {', '.join(MODES)}, got {mode!r}")
     if axis not in (0, 1, 2):
         raise ValueError(f"axis must be 0, 1 or 2, got {axis}")
+    if workers is not None and int(workers) < 1:
+        raise ValueError(f"workers must be at least 1, got {workers}")
     fraction = check_fraction(foreground_fraction)
     h, w = _size2(size)
     ds = read_dataset(root)
@@ -317,118 +391,278 @@ def build_cache(
     with exclusive_lock(out / LOCK_FILE):
         if _is_current(out, key):  # someone else built it while we waited
             return out
-        for stale in out.glob(_TMP_PREFIX + "*"):  # left by a crashed build; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
-        tmp = out / f"{_TMP_PREFIX}{os.getpid()}-{uuid.uuid4().hex[:8]}"
-        tmp.mkdir()
-        try:
-            _write_cache(tmp, cases, params, key, ds, mods, (h, w))
-            _commit(tmp, out)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        work = out / f"{BUILD_PREFIX}{key[:16]}"
+        for stale in out.iterdir():  # left by a build of other inputs; we hold the lock
+            if stale.name.startswith(_STALE_PREFIXES) and stale != work:
+                shutil.rmtree(stale, ignore_errors=True)
+        work.mkdir(exist_ok=True)
+        source_bytes = sum(entry[2] for entry in params["cases"])
+        n_workers = min(len(cases), int(workers) if workers is not None else
+                        (default_workers() if source_bytes >= POOL_MIN_BYTES else 1))
+        with _case_runner(n_workers) as run:
+            _write_cache(work, cases, params, key, ds, mods, run, progress)
+        _commit(work, out)
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
-def _plan(case: Case, mode: str, n_slices, axis: int, foreground_fraction: float) -> np.ndarray:
-    """Slice indices of one case, reading only the header (and the label unless ``mode`` is 'even')."""
-    img = open_nifti(Path(case.image))
-    label = None
-    if mode != "even":
-        path = Path(case.label)
-        lab = open_nifti(path)
-        label = read_array(path, lab).reshape(label_shape(path, lab.shape))
-    return slice_indices(img.shape[axis], n_slices, mode, label=label, axis=axis,
-                         foreground_fraction=foreground_fraction)
+# --------------------------------------------------------------------------------------------
+# Building: the plans, one case, the workers
+
+def _plan_case(position: int, case: Case, *, mods, mode: str, n_slices, axis: int, fraction: float):
+    """``(position, slice indices, channels)`` of one case from the image header (and the label unless 'even')."""
+    image_path = Path(case.image)
+    shape = image_shape(image_path, open_nifti(image_path).shape)
+    if mods is not None and any(not 0 <= m < shape[-1] for m in mods):
+        raise DataError(image_path, f"image has {shape[-1]} channel(s); modalities {mods} were asked for",
+                        "pick modalities that every image has")
+    lab = open_label(case, shape)
+    label = None if mode == "even" else read_label(Path(case.label), lab)
+    indices = slice_indices(shape[axis], n_slices, mode, label=label, axis=axis, foreground_fraction=fraction)
+    return position, indices.tolist(), len(mods) if mods is not None else shape[-1]
 
 
-def _write_cache(tmp: Path, cases, params, key, ds, mods, size) -> dict:
-    h, w = size
-    plans = [_plan(c, params["mode"], params["n_slices"], params["axis"], params["foreground_fraction"]) for c in cases]
-    total = int(sum(len(p) for p in plans))
-    images = labels = None
-    slice_case: list[int] = []
-    slice_index: list[int] = []
-    counts = np.zeros(256, dtype=np.int64)
-    case_meta = []
-    pos = 0
-    channels = None
+@dataclass(frozen=True)
+class _Layout:
+    """Where and how a case's slices are written: the arrays (and their data offsets), the slices' form."""
+
+    images: Path
+    labels: Path
+    images_offset: int
+    labels_offset: int
+    image_dtype: str
+    channels: list[int] | None
+    axis: int
+    normalise: bool
+    size: tuple[int, int]
+    done: Path
+
+
+def _build_case(position: int, case: Case, indices: list[int], first: int, layout: _Layout) -> tuple[int, dict]:
+    """Write the slices ``indices`` of ``case`` as cache rows ``first, first + 1, ...`` and record the case done:
+    ``(position, record)``; only the selected slices are normalised, resized and converted."""
+    volume, label, _ = read_case(case)
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise DataError(case.label, f"label values range {int(label.min())}..{int(label.max())} does not fit 0..255",
+                        "store class indices 0..255")
+    h, w = layout.size
+    channels = layout.channels if layout.channels is not None else list(range(volume.shape[-1]))
+    if layout.normalise:
+        stats = np.array([zscore_stats(volume[..., m]) for m in channels]).T.reshape(2, 1, -1, 1, 1)
+    dtype = np.dtype(layout.image_dtype)
+    row_bytes = len(channels) * h * w * dtype.itemsize
+    step = max(1, STEP_BYTES // (len(channels) * h * w * 4))
+    where = [slice(None)] * 3
+    with open(layout.images, "r+b") as images, open(layout.labels, "r+b") as labels:
+        for lo in range(0, len(indices), step):
+            part = indices[lo:lo + step]
+            raw = np.empty((len(part), len(channels)) + _plane(volume.shape, layout.axis), np.float32)
+            for j, z in enumerate(part):
+                where[layout.axis] = z
+                for c, m in enumerate(channels):
+                    raw[j, c] = volume[(*where, m)]
+            if layout.normalise:
+                raw = _zscored(raw, *stats)
+            _write_at(images, resize(raw, (h, w), dtype=dtype), layout.images_offset + (first + lo) * row_bytes)
+        slices = resize(np.moveaxis(np.take(label, indices, axis=layout.axis), layout.axis, 0).astype(np.uint8),
+                        (h, w), label=True)
+        _write_at(labels, slices, layout.labels_offset + first * h * w)
+    counts = np.bincount(slices.ravel(), minlength=1)
+    record = {"slices": len(indices), "label_counts": counts.tolist()}
+    write_json(layout.done / f"{position}.json", record)
+    return position, record
+
+
+def _plane(shape: tuple[int, ...], axis: int) -> tuple[int, int]:
+    """The spatial shape of a slice across ``axis`` of a volume of ``shape`` ``(X, Y, Z, ...)``."""
+    return tuple(int(s) for a, s in enumerate(shape[:3]) if a != axis)
+
+
+def _write_at(file, array: np.ndarray, offset: int) -> None:
+    """Write ``array``'s bytes at ``offset`` of the open ``file`` (positioned writes: workers share the file)."""
+    view = memoryview(np.ascontiguousarray(array)).cast("B")
+    while view:
+        written = os.pwrite(file.fileno(), view, offset)
+        view, offset = view[written:], offset + written
+
+
+def _start_worker() -> None:
+    """A worker leaves Ctrl-C to the parent (which stops it), dies with the parent and uses one thread."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(signal.SIGTERM)
+    torch.set_num_threads(1)
+
+
+@contextlib.contextmanager
+def _case_runner(workers: int):
+    """``run(fn, jobs)``: ``fn(*job)`` for each job, results as they come; in this process for one worker, else
+    in a pool of ``workers`` spawned processes that is stopped (its processes killed) on any error or Ctrl-C.
+    Each runs torch on one thread: the cases are the parallel work (torch's thread pool on small per-slice
+    calls is slower, several times so on a busy machine)."""
+    if workers <= 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            yield lambda fn, jobs: (fn(*job) for job in jobs)
+        finally:
+            torch.set_num_threads(threads)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
+
+    def run(fn, jobs):
+        for future in as_completed([pool.submit(fn, *job) for job in jobs]):
+            yield future.result()
+
     try:
-        for ci, (case, idx) in enumerate(zip(cases, plans)):
-            image, label, _, _ = load_case(case)
-            if mods is not None:
-                n = image.shape[-1]
-                if any(not 0 <= m < n for m in mods):
-                    raise DataError(case.image, f"image has {n} channel(s); modalities {mods} were asked for",
-                                    "pick modalities that every image has")
-                image = image[..., mods]
-            if channels is None:
-                channels = image.shape[-1]
-                images = np.lib.format.open_memmap(tmp / IMAGES_FILE, mode="w+", dtype=np.float32,
-                                                   shape=(total, channels, h, w))
-                labels = np.lib.format.open_memmap(tmp / LABELS_FILE, mode="w+", dtype=np.uint8,
-                                                   shape=(total, h, w))
-            elif image.shape[-1] != channels:
-                raise DataError(case.image, f"image has {image.shape[-1]} channel(s), earlier cases have {channels}",
-                                "give every case the same modalities, or select modalities")
-            if label.min() < 0 or label.max() > 255:
-                raise DataError(case.label, f"label values range {label.min()}..{label.max()} does not fit 0..255",
-                                "store class indices 0..255")
-            if params["normalise"]:
-                image = zscore(image)
-            imgs, labs = take_slices(image, label, idx, axis=params["axis"])
-            del image, label
-            images[pos:pos + len(idx)] = resize(imgs, (h, w))
-            labs = resize(labs.astype(np.uint8), (h, w), label=True)
-            labels[pos:pos + len(idx)] = labs
-            counts += np.bincount(labs.ravel(), minlength=256)
-            slice_case.extend([ci] * len(idx))
-            slice_index.extend(int(i) for i in idx)
-            case_meta.append({"name": case.name, "image": str(Path(case.image).resolve()),
-                              "label": str(Path(case.label).resolve()), "slices": int(len(idx))})
-            pos += len(idx)
-        images.flush()
-        labels.flush()
-    finally:
-        del images, labels
+        yield run
+    except BaseException:
+        processes = list((pool._processes or {}).values())  # no public way to stop running workers before 3.14
+        pool.shutdown(wait=False, cancel_futures=True)
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            process.join()
+        raise
+    pool.shutdown()
+
+
+def _plans(work: Path, cases, params, mods, run) -> tuple[list[list[int]], int]:
+    """The slice indices of every case and the channel count, planned once per build (kept for a resume)."""
+    saved = read_json(work / PLANS_FILE)
+    if saved is not None:
+        return saved["plans"], saved["channels"]
+    plan = functools.partial(_plan_case, mods=mods, mode=params["mode"], n_slices=params["n_slices"],
+                             axis=params["axis"], fraction=params["foreground_fraction"])
+    plans: list = [None] * len(cases)
+    channels: list = [None] * len(cases)
+    for position, indices, count in run(plan, list(enumerate(cases))):
+        plans[position], channels[position] = indices, count
+    for case, count in zip(cases, channels):
+        if count != channels[0]:
+            raise DataError(case.image, f"image has {count} channel(s), earlier cases have {channels[0]}",
+                            "give every case the same modalities, or select modalities")
+    write_json(work / PLANS_FILE, {"plans": plans, "channels": channels[0]})
+    return plans, channels[0]
+
+
+def _arrays(work: Path, shapes: dict) -> list[int]:
+    """The data offsets of the arrays ``{file: (shape, dtype)}`` in ``work``: those of a build in progress
+    when they match, else new (sparse) files, and the record of finished cases cleared."""
+    try:
+        arrays = [np.load(work / name, mmap_mode="r") for name in shapes]
+        if all(a.shape == shape and a.dtype == dtype for a, (shape, dtype) in zip(arrays, shapes.values())):
+            return [a.offset for a in arrays]
+    except (OSError, ValueError):
+        pass
+    shutil.rmtree(work / DONE_DIR, ignore_errors=True)
+    return [np.lib.format.open_memmap(work / name, mode="w+", dtype=dtype, shape=shape).offset
+            for name, (shape, dtype) in shapes.items()]
+
+
+def _write_cache(work: Path, cases, params, key, ds, mods, run, progress: bool) -> dict:
+    """Plan the cases, allocate the arrays (or find those of an interrupted build), build the cases not
+    recorded done, and write ``meta.json`` in the build folder ``work``."""
+    h, w = params["size"]
+    plans, channels = _plans(work, cases, params, mods, run)
+    firsts = np.concatenate([[0], np.cumsum([len(p) for p in plans])]).tolist()
+    total = firsts[-1]
+    image_dtype = np.dtype(np.float16 if params["normalise"] else np.float32)
+    images_offset, labels_offset = _arrays(work, {IMAGES_FILE: ((total, channels, h, w), image_dtype),
+                                                  LABELS_FILE: ((total, h, w), np.dtype(np.uint8))})
+    layout = _Layout(work / IMAGES_FILE, work / LABELS_FILE, images_offset, labels_offset, image_dtype.name, mods,
+                     params["axis"], params["normalise"], (h, w), work / DONE_DIR)
+    layout.done.mkdir(exist_ok=True)
+    records = {int(p.stem): read_json(p) for p in layout.done.glob("*.json")}
+    records = {i: r for i, r in records.items() if r is not None and 0 <= i < len(cases) and r["slices"] == len(plans[i])}
+    todo = [(i, cases[i], plans[i], firsts[i]) for i in range(len(cases)) if i not in records]
+    meter = _Progress(len(cases), len(records)) if progress else None
+    for position, record in run(functools.partial(_build_case, layout=layout), todo):
+        records[position] = record
+        if meter is not None:
+            meter.case_done(record["slices"])
+    counts = np.zeros(256, dtype=np.int64)
+    for record in records.values():
+        counts[: len(record["label_counts"])] += record["label_counts"]
     top = int(np.flatnonzero(counts).max()) if counts.any() else 0
+    names = mods if mods is not None else list(range(int(channels)))
     meta = {
         "format": CACHE_FORMAT,
         "key": key,
         "count": total,
         "channels": int(channels),
         "size": [h, w],
-        "dtype": {"images": "float32", "labels": "uint8"},
+        "dtype": {"images": image_dtype.name, "labels": "uint8"},
         "source": str(ds.index_file.resolve()),
         "dataset": ds.name,
-        "modalities": mods if mods is not None else list(range(int(channels))),
-        "modality_names": [ds.modalities.get(m, str(m)) for m in (mods if mods is not None else range(int(channels)))],
+        "modalities": names,
+        "modality_names": [ds.modalities.get(m, str(m)) for m in names],
         "labels": {str(k): v for k, v in ds.labels.items()},
         "label_counts": counts[: top + 1].tolist(),
         "params": {k: v for k, v in params.items() if k != "cases"},
-        "cases": case_meta,
-        "slice_case": slice_case,
-        "slice_index": slice_index,
+        "cases": [{"name": c.name, "image": str(Path(c.image).resolve()), "label": str(Path(c.label).resolve()),
+                   "slices": len(p)} for c, p in zip(cases, plans)],
+        "slice_case": [i for i, p in enumerate(plans) for _ in p],
+        "slice_index": [int(z) for p in plans for z in p],
     }
-    (tmp / META_FILE).write_text(json.dumps(meta))
+    (work / META_FILE).write_text(json.dumps(meta))
     return meta
 
 
-def _commit(tmp: Path, out: Path) -> None:
+class _Progress:
+    """Cases done of the total, slices/s and the time left, on stderr: one line redrawn in place on a
+    terminal, else a plain line at each quarter of the cases and at most one a minute in between; nothing
+    for builds done within ``QUIET_S`` seconds."""
+
+    QUIET_S = 2.0
+
+    def __init__(self, total: int, done: int):
+        self.stream = sys.stderr
+        self.tty = self.stream.isatty()
+        self.total, self.done, self.resumed = total, done, done
+        self.slices = 0
+        self.start = self.shown = time.monotonic()
+        self.quarter = 4 * done // total
+        if done:
+            print(f"preprocess: resuming, {done} of {total} case(s) done before", file=self.stream, flush=True)
+
+    def case_done(self, slices: int) -> None:
+        self.done += 1
+        self.slices += slices
+        now = time.monotonic()
+        quarter, last = 4 * self.done // self.total, self.done == self.total
+        if now - self.start < self.QUIET_S:
+            return
+        if self.tty and (last or now - self.shown >= 0.2) or quarter > self.quarter or now - self.shown >= 60:
+            self.quarter, self.shown = quarter, now
+            elapsed = now - self.start
+            left = elapsed / (self.done - self.resumed) * (self.total - self.done)
+            text = (f"preprocess: {self.done}/{self.total} cases, {self.slices / max(elapsed, 1e-9):.1f} slices/s, "
+                    + (f"done in {elapsed:.1f} s" if last else f"ETA {_duration(left)}"))
+            self.stream.write(f"\r{text}\033[K" + ("\n" if last else "") if self.tty else text + "\n")
+            self.stream.flush()
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+def _commit(work: Path, out: Path) -> None:
     """Move a finished build into place; ``meta.json`` goes last so a matching meta means complete data."""
     try:
         (out / META_FILE).unlink()
     except FileNotFoundError:
         pass
-    os.replace(tmp / IMAGES_FILE, out / IMAGES_FILE)
-    os.replace(tmp / LABELS_FILE, out / LABELS_FILE)
-    os.replace(tmp / META_FILE, out / META_FILE)
+    os.replace(work / IMAGES_FILE, out / IMAGES_FILE)
+    os.replace(work / LABELS_FILE, out / LABELS_FILE)
+    os.replace(work / META_FILE, out / META_FILE)
 
 
 def read_cache_meta(cache_dir) -> dict:
-    """The ``meta.json`` of a cache, or a DataError saying to build it."""
+    """The ``meta.json`` of a cache (of any readable format), or a DataError saying to build it."""
     cache_dir = Path(cache_dir)
     meta = _read_meta(cache_dir)
-    if meta is None or meta.get("format") != CACHE_FORMAT:
+    if meta is None or meta.get("format") not in READABLE_FORMATS:
         raise DataError(cache_dir / META_FILE, "no usable training cache here (meta.json missing, unreadable or "
                         "of another format)", "build it with autocnnp.data.preprocess.build_cache")
     return meta
@@ -492,19 +726,19 @@ def check_cache(root, chunk: int = 256) -> Verdict:
     return verdict
 
 
-class CacheDataset(Dataset):
+class CacheDataset(BatchDataset):
     """A PyTorch dataset over a cache written by :func:`build_cache`.
 
-    ``dataset[i]`` is ``(image, label)``: a float32 tensor ``[C, H, W]`` and an int64 tensor
-    ``[H, W]``. The arrays are memory-mapped (opened lazily, once per process), so only the
-    slices asked for are read. ``indices`` restricts the dataset to some cache slices (e.g. a
-    train/validation split by case, see :meth:`indices_of_cases`). ``augment``, if given, is called
-    as ``augment(image, label, epoch=..., index=...)`` with the cache index of the slice and the
-    epoch set by :meth:`set_epoch`, and must return the new ``(image, label)``. ``in_memory`` reads
-    the arrays into memory once instead (faster random access; memory grows with the cache).
+    ``dataset[i]`` is ``(image, label)``: a float32 tensor ``[C, H, W]`` and an int64 tensor ``[H, W]``;
+    :meth:`read_batch` reads a whole minibatch in one fancy-indexed read, in the cache's dtypes. The
+    arrays are memory-mapped (opened lazily, once per process), so only the slices asked for are read.
+    ``indices`` restricts the dataset to some cache slices (e.g. a train/validation split by case, see
+    :meth:`indices_of_cases`). ``in_memory`` reads the arrays into memory once instead (faster random
+    access; memory grows with the cache). Augmentation is not the dataset's: the trainer applies the data
+    format's batch augmentation on the training device.
     """
 
-    def __init__(self, cache_dir, augment=None, indices=None, in_memory: bool = False):
+    def __init__(self, cache_dir, indices=None, in_memory: bool = False):
         self.cache_dir = Path(cache_dir)
         self.meta = read_cache_meta(self.cache_dir)
         for name in (IMAGES_FILE, LABELS_FILE):
@@ -514,9 +748,7 @@ class CacheDataset(Dataset):
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
         if self.indices is not None and self.indices.size and (self.indices.min() < 0 or self.indices.max() >= self.count):
             raise IndexError(f"indices out of range for a cache of {self.count} slices")
-        self.augment = augment
         self.in_memory = bool(in_memory)
-        self.epoch = 0
         self._images = None
         self._labels = None
 
@@ -527,10 +759,6 @@ class CacheDataset(Dataset):
     @property
     def size(self) -> tuple[int, int]:
         return tuple(self.meta["size"])
-
-    def set_epoch(self, epoch: int) -> None:
-        """Select the epoch passed to ``augment`` (call it with the sampler's ``set_epoch``)."""
-        self.epoch = int(epoch)
 
     def indices_of_cases(self, names) -> np.ndarray:
         """Cache indices of the slices that come from the cases named ``names``."""
@@ -557,17 +785,13 @@ class CacheDataset(Dataset):
     def __len__(self) -> int:
         return self.count if self.indices is None else int(self.indices.size)
 
-    def __getitem__(self, i):
+    def read_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         n = len(self)
-        i = int(i)
-        if i < 0:
-            i += n
-        if not 0 <= i < n:
-            raise IndexError(f"index {i} out of range for {n} slices")
-        j = i if self.indices is None else int(self.indices[i])
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            raise IndexError(f"indices out of range for {n} slices")
+        rows = indices if self.indices is None else self.indices[indices]
+        order = np.argsort(rows, kind="stable")  # the file read in its own order, then put in the batch's
+        back = np.empty_like(order)
+        back[order] = np.arange(order.size)
         images, labels = self._open()
-        image = torch.from_numpy(np.array(images[j], dtype=np.float32))
-        label = torch.from_numpy(labels[j].astype(np.int64))
-        if self.augment is not None:
-            image, label = self.augment(image, label, epoch=self.epoch, index=j)
-        return image, label
+        return torch.from_numpy(images[rows[order]][back]), torch.from_numpy(labels[rows[order]][back])

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset
 
+from .batches import BatchDataset
 from .synth import KINDS
 
 
-class SyntheticSliceDataset(Dataset):
+class SyntheticSliceDataset(BatchDataset):
     """A seeded 2D dataset of noisy images with nested discs (``kind="brain"``) or concentric thin
     rings (``kind="atrium"``), one shape per class ``1 .. num_classes-1``.
 
@@ -17,13 +17,11 @@ class SyntheticSliceDataset(Dataset):
     tensor ``[H, W]`` -- the same types as :class:`~autocnnp.data.preprocess.CacheDataset`. Item
     ``i`` is generated on demand from ``numpy.random.default_rng([seed, i])``, so it is identical
     on every rank, in every worker and on every call (``in_memory`` generates them all once, up
-    front, instead of at every access). Every channel shows every class with its own
-    contrast, so any ``in_channels`` is learnable. ``augment`` follows the CacheDataset protocol:
-    ``augment(image, label, epoch=..., index=...)`` with the epoch set by :meth:`set_epoch`.
+    front, into two arrays a minibatch is read from in one go). Every channel shows every class with
+    its own contrast, so any ``in_channels`` is learnable.
     """
 
-    def __init__(self, kind: str, n: int, size, in_channels: int, num_classes: int, seed: int, *, in_memory: bool,
-                 augment=None):
+    def __init__(self, kind: str, n: int, size, in_channels: int, num_classes: int, seed: int, *, in_memory: bool):
         if kind not in KINDS:
             raise ValueError(f"unknown synthetic kind {kind!r}; choose one of {', '.join(KINDS)}")
         if int(n) < 0 or int(in_channels) < 1 or int(num_classes) < 2:
@@ -38,8 +36,6 @@ class SyntheticSliceDataset(Dataset):
         self.in_channels = int(in_channels)
         self.num_classes = int(num_classes)
         self.seed = int(seed)
-        self.augment = augment
-        self.epoch = 0
         # Per-channel contrast: intensity = gain[c] * class_level + bias[c]; |gain| >= 0.6 keeps
         # every channel informative. Fixed for the dataset (depends on seed only).
         crng = np.random.default_rng([self.seed, 0x5EED])
@@ -47,11 +43,10 @@ class SyntheticSliceDataset(Dataset):
         self.gain[0] = abs(self.gain[0])
         self.bias = crng.uniform(-0.2, 0.2, size=self.in_channels)
         self.noise = 0.15
-        # in_memory: generate every item once, here (later epochs then cost no generation at all)
-        self._items = [self.sample(i) for i in range(self.n)] if in_memory else None
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = int(epoch)
+        self._arrays = None  # in_memory: every item generated once, here (later epochs cost no generation at all)
+        if in_memory and self.n:
+            items = [self.sample(i) for i in range(self.n)]
+            self._arrays = np.stack([im for im, _ in items]), np.stack([lab for _, lab in items])
 
     def __len__(self) -> int:
         return self.n
@@ -84,17 +79,11 @@ class SyntheticSliceDataset(Dataset):
             image[c] = self.gain[c] * level + self.bias[c] + smooth + self.noise * rng.standard_normal((h, w))
         return image, label
 
-    def __getitem__(self, index):
-        index = int(index)
-        if index < 0:
-            index += self.n
-        if not 0 <= index < self.n:
-            raise IndexError(f"index {index} out of range for {self.n} items")
-        if self._items is not None:
-            image, label = (a.copy() for a in self._items[index])  # callers may work in place: keep ours intact
+    def read_batch(self, indices: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        if indices.size and (indices.min() < 0 or indices.max() >= self.n):
+            raise IndexError(f"indices out of range for {self.n} items")
+        if self._arrays is not None:
+            images, labels = (a[indices] for a in self._arrays)
         else:
-            image, label = self.sample(index)
-        image, label = torch.from_numpy(image), torch.from_numpy(label)
-        if self.augment is not None:
-            image, label = self.augment(image, label, epoch=self.epoch, index=index)
-        return image, label
+            images, labels = (np.stack(a) for a in zip(*(self.sample(int(i)) for i in indices)))
+        return torch.from_numpy(images), torch.from_numpy(labels)

@@ -6,6 +6,8 @@ Images are returned channels last ``(X, Y, Z, C)`` (3D images get ``C = 1``). Ev
 
 from __future__ import annotations
 
+import gzip
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -35,6 +37,41 @@ def read_array(path: Path, img) -> np.ndarray:
                         "re-download or re-export the file; it is probably truncated or corrupt") from None
 
 
+def read_voxels(path: Path, img) -> np.ndarray:
+    """The voxels of ``img`` (opened from ``path`` by :func:`open_nifti`), scaled as nibabel scales them.
+
+    A single-file NIfTI is read in one go: a ``.nii.gz`` decompressed in one ``zlib`` call into a buffer
+    of the known size (twice as fast as nibabel's chunked reads), then viewed as stored, in Fortran
+    order (no copy unless the header scales the values). Other images fall back to nibabel.
+    """
+    proxy = img.dataobj
+    try:
+        offset, dtype, shape = int(proxy.offset), np.dtype(proxy.dtype), tuple(proxy.shape)
+        slope, inter = float(proxy.slope), float(proxy.inter)
+        single_file = str(getattr(proxy, "file_like", "")) == str(path)
+    except (AttributeError, TypeError, ValueError):
+        single_file = False
+    if not single_file:
+        return read_array(path, img)
+    count = int(np.prod(shape, dtype=np.int64))
+    need = offset + count * dtype.itemsize
+    try:
+        data = path.read_bytes()
+        if path.name.lower().endswith(".gz"):
+            unpacked = zlib.decompress(data, wbits=31, bufsize=need)  # the first gzip member
+            data = unpacked if len(unpacked) >= need else gzip.decompress(data)  # several members: all of them
+    except (OSError, EOFError, zlib.error) as exc:
+        raise DataError(path, f"voxel data cannot be read ({type(exc).__name__}: {exc})",
+                        "re-download or re-export the file; it is probably truncated or corrupt") from None
+    if len(data) < need:
+        raise DataError(path, f"voxel data cannot be read (the file holds {len(data)} bytes, its header needs {need})",
+                        "re-download or re-export the file; it is probably truncated")
+    voxels = np.frombuffer(data, dtype, count, offset).reshape(shape, order="F")
+    if not np.isnan(slope) and (slope != 1 or inter != 0):
+        voxels = voxels * np.float32(slope) + np.float32(inter)
+    return voxels
+
+
 def image_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
     """Shape ``(X, Y, Z, C)`` of an image with NIfTI shape ``shape``, or a DataError."""
     if len(shape) == 3:
@@ -57,6 +94,39 @@ def label_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
     return shape
 
 
+def open_label(case: Case, shape: tuple[int, ...]):
+    """The label image of ``case`` (header only), checked to lie on the image's grid ``shape`` ``(X, Y, Z, ...)``."""
+    label_path = Path(case.label)
+    lab = open_nifti(label_path)
+    lshape = label_shape(label_path, lab.shape)
+    if lshape != tuple(shape[:3]):
+        raise DataError(label_path, f"label shape {lshape} does not match image shape {tuple(shape[:3])} of "
+                        f"{case.image}", "pair each image with the label map drawn on it")
+    return lab
+
+
+def read_label(path: Path, lab) -> np.ndarray:
+    """The integer voxels ``(X, Y, Z)`` of the label image ``lab`` opened from ``path`` (as stored, Fortran order)."""
+    return _integer(path, read_voxels(path, lab).reshape(label_shape(path, lab.shape), order="F"))
+
+
+def read_case(case: Case):
+    """One case as stored: ``(image, label, img)``.
+
+    ``image`` is ``(X, Y, Z, C)`` in the file's dtype and Fortran order (a read-only view of the
+    decompressed file, no copy), ``label`` an integer ``(X, Y, Z)`` array or ``None`` for a test case,
+    ``img`` the nibabel image (affine, header). Raises :class:`DataError` as :func:`load_case`.
+    """
+    image_path = Path(case.image)
+    img = open_nifti(image_path)
+    shape = image_shape(image_path, img.shape)
+    image = read_voxels(image_path, img).reshape(shape, order="F")
+    label = None
+    if case.label is not None:
+        label = read_label(Path(case.label), open_label(case, shape))
+    return image, label, img
+
+
 def load_case(case: Case):
     """Load one case: ``(image, label, affine, header)``.
 
@@ -65,28 +135,9 @@ def load_case(case: Case):
     ``header`` the image's NIfTI header. Raises :class:`DataError` for a missing, corrupt or
     truncated file, a label of another spatial shape, or non-integer label values.
     """
-    image_path = Path(case.image)
-    img = open_nifti(image_path)
-    shape = image_shape(image_path, img.shape)
-    try:
-        data = img.get_fdata(dtype=np.float32, caching="unchanged")
-    except Exception as exc:
-        raise DataError(image_path, f"voxel data cannot be read ({type(exc).__name__}: {exc})",
-                        "re-download or re-export the file; it is probably truncated or corrupt") from None
-    image = np.ascontiguousarray(data.reshape(shape), dtype=np.float32)
-    affine = np.asarray(img.affine, dtype=np.float64)
-    header = img.header
-
-    label = None
-    if case.label is not None:
-        label_path = Path(case.label)
-        lab = open_nifti(label_path)
-        lshape = label_shape(label_path, lab.shape)
-        if lshape != shape[:3]:
-            raise DataError(label_path, f"label shape {lshape} does not match image shape {shape[:3]} of {image_path}",
-                            "pair each image with the label map drawn on it")
-        label = _integer(label_path, read_array(label_path, lab).reshape(lshape)).astype(np.int32)
-    return image, label, affine, header
+    image, label, img = read_case(case)
+    return (np.array(image, dtype=np.float32, order="C"), None if label is None else label.astype(np.int32),
+            np.asarray(img.affine, dtype=np.float64), img.header)
 
 
 def _integer(path: Path, raw: np.ndarray) -> np.ndarray:

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 
 def first_paragraph(doc: str | None) -> str:
@@ -39,6 +39,23 @@ class StrategyConfig:
     def shards(self, world_size: int) -> int:
         """Parts the training set is split into, one per training rank."""
         return world_size
+
+
+@dataclass(frozen=True)
+class Traffic:
+    """What a strategy sends for one optimizer step, as ``autocnnp scale`` models it.
+
+    ``pattern``: ``ring`` (every rank all-reduces ``bytes`` around a ring), ``server`` (every other rank
+    pushes ``bytes`` to one server and pulls ``bytes`` back, all through the server's link) or ``none``.
+    The exchange happens once every ``every_steps`` steps; ``overlap`` is the fraction of the backward
+    pass it can hide behind (None: the model's assumption from the gradient buckets; 0: none, it waits
+    for the step). ``workers``: the ranks that compute gradients (their batches make the throughput)."""
+
+    pattern: Literal["ring", "server", "none"]
+    bytes: int
+    workers: int
+    every_steps: float = 1.0
+    overlap: float | None = None
 
 
 class Strategy:
@@ -89,6 +106,15 @@ class Strategy:
     def unwrap(self, model):
         """The plain network inside whatever ``wrap`` returned."""
         return model
+
+    @classmethod
+    def traffic(cls, config: Any, *, grad_bytes: int, model_bytes: int, ranks: int, steps_per_epoch: int) -> Traffic:
+        """What one step of ``ranks`` ranks sends (``autocnnp scale``): by default a ring allreduce of the
+        gradients (``grad_bytes``) every step, overlapped with the backward pass bucket by bucket.
+        ``model_bytes`` counts parameters and floating-point buffers; ``steps_per_epoch`` is per rank."""
+        del model_bytes, steps_per_epoch
+        workers = config.shards(ranks) if isinstance(config, StrategyConfig) else ranks
+        return Traffic("ring", grad_bytes, workers)
 
 
 def shard_sampler(dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int):
@@ -274,22 +300,25 @@ def _as_plugin(name: str, value) -> CheckpointPlugin:
 
 # --- dataset_injection ----------------------------------------------------------------------------------
 
-def _no_epoch(epoch: int) -> None:
-    """Training data whose samples do not change with the epoch."""
-
-
 @dataclass
 class DataBundle:
     """What a data format hands to the trainer."""
 
-    train: Any  # map-style datasets of (image [C, H, W] float32, label [H, W] int64)
-    valid: Any
+    train: Any  # map-style datasets of (image [C, H, W] float32, label [H, W] int64); a data.batches.BatchDataset
+    valid: Any  # (read_batch) is read a minibatch at a time, any other dataset a sample at a time
     in_channels: int
     num_classes: int
-    augmentation: str = "none"  # for the manifest
-    set_epoch: Callable[[int], None] = _no_epoch  # selects the epoch of the training set's random augmentation
+    # Random augmentation of the training minibatches, on the training device:
+    # augment(images [B, C, H, W] float32, labels [B, H, W] int64, *, epoch, indices) -> (images, labels), where
+    # indices are the items' positions in ``train`` (the draws must depend on (epoch, index) only: reproducible)
+    augment: Callable[..., tuple] | None = None
     class_names: tuple[str, ...] = ()  # the name of every class value (metrics per class are named after them)
     empty_label_cases: tuple[str, ...] = ()  # cases whose label map is background only (for the manifest)
+
+    @property
+    def augmentation(self) -> str:
+        """What the augmentation is, for the manifest."""
+        return "none" if self.augment is None else repr(getattr(self.augment, "__self__", self.augment))
 
 
 class DataFormat:

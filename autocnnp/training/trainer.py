@@ -12,12 +12,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from ..core.errors import DataError
 from ..core.files import jsonable
 from ..core.metrics import parse_regions
 from ..core.world import World
+from ..data.batches import DeviceBatches, batch_loader
 from ..generator.assemble import Generator
 from ..generator.protocols import Checkpointer, DataBundle, LRPolicy, Strategy
 from . import determinism
@@ -66,9 +66,9 @@ class Run:
     strategy: Strategy
     model: torch.nn.Module
     sampler: object
-    loader: DataLoader
+    loader: DeviceBatches  # the training minibatches, on the device, augmented
     loader_rng: torch.Generator | None
-    valid_loader: DataLoader
+    valid_loader: DeviceBatches
     policy: LRPolicy
     checkpoints: Checkpointer
     state: TrainState
@@ -110,13 +110,15 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     optimizer = strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model)
     sampler = strategy.sampler(data.train, shuffle=True, seed=gen.seed)
     loader_rng = determinism.loader_generator(hp.deterministic)
-    loader = DataLoader(data.train, batch_size=hp.minibatch_size, sampler=sampler, drop_last=True,
-                        num_workers=hp.loader_workers, pin_memory=device.type == "cuda",
-                        persistent_workers=hp.loader_workers > 0, generator=loader_rng,
-                        worker_init_fn=determinism.seed_worker if loader_rng is not None else None)
+    pin = device.type == "cuda"
+    loader = DeviceBatches(batch_loader(data.train, sampler, hp.minibatch_size, drop_last=True,
+                                        workers=hp.loader_workers, pin_memory=pin, generator=loader_rng,
+                                        worker_init_fn=determinism.seed_worker if loader_rng is not None else None),
+                           device, data.augment, hp.channels_last)
     # Validation shards without padding, so every sample is scored exactly once across the ranks.
-    valid_loader = DataLoader(data.valid, batch_size=hp.minibatch_size,
-                              sampler=range(world.rank, len(data.valid), world.world_size))
+    valid_loader = DeviceBatches(batch_loader(data.valid, range(world.rank, len(data.valid), world.world_size),
+                                              hp.minibatch_size, drop_last=False, pin_memory=pin), device,
+                                 channels_last=hp.channels_last)
     if len(loader) == 0:
         raise RuntimeError(f"each rank gets {len(sampler)} training samples, fewer than one minibatch of "
                            f"{hp.minibatch_size}: lower minibatch_size or the parallelism degree")
@@ -167,11 +169,11 @@ def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=l
 
 def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
     """One epoch: the steps, the strategy's epoch end, validation, plug-ins and the LR policy's epoch end."""
-    gen, hp, world, state, optimizer = run.gen, run.hp, run.world, run.state, run.state.optimizer
+    gen, world, state, optimizer = run.gen, run.world, run.state, run.state.optimizer
     seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
     run.sampler.set_epoch(epoch)
     determinism.seed_loader(run.loader_rng, gen.seed, epoch, world.rank)
-    run.data.set_epoch(epoch)  # epoch-dependent augmentation
+    run.loader.set_epoch(epoch)  # epoch-dependent augmentation
     run.model.train()
     total, count = 0.0, 0
     last = time.perf_counter()  # the end of the previous step: what follows until the batch is there is waiting
@@ -180,9 +182,6 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
         beat()  # before the step's collectives: a rank stuck elsewhere shows the oldest beat
         for group in optimizer.param_groups:
             group["lr"] = run.policy.lr(epoch, step) * state.lr_scale
-        x, y = x.to(run.device, non_blocking=True), y.to(run.device, non_blocking=True)
-        if hp.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
         with run.autocast:
             loss = run.loss_fn(run.model(x), y)
         optimizer.zero_grad()
@@ -198,7 +197,7 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
     run.strategy.end_epoch(run.model)
     net = run.strategy.unwrap(run.model)
     evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
-    metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, run.device, world, beat)
+    metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat)
     loss_sum, n = sum_over_ranks(world, [total, count])
     metrics = {"train_loss": loss_sum / max(n, 1), "lr": optimizer.param_groups[0]["lr"], **metrics}
     state.epoch = epoch + 1
@@ -217,12 +216,11 @@ def mixed_precision(precision: str, device: torch.device):
 
 
 @torch.no_grad()
-def evaluate(model, loader: DataLoader, evaluator, loss_fn, device, world: World, beat=lambda: None) -> dict[str, float]:
+def evaluate(model, loader: DeviceBatches, evaluator, loss_fn, world: World, beat=lambda: None) -> dict[str, float]:
     """SegEval over the whole validation set: confusion matrices are summed across ranks, never scores."""
     model.eval()
     total, count = 0.0, 0
     for x, y in loader:
-        x, y = x.to(device), y.to(device)
         logits = model(x)
         total, count = total + loss_fn(logits, y).item() * len(x), count + len(x)
         evaluator.update(logits, y)

@@ -17,9 +17,10 @@ What :meth:`Decathlon.datasets` does, on every rank (all steps are safe to run c
    validation cache holds every slice of the validation volumes, so the validation metrics are those
    of whole volumes (the validation loader spreads the slices over the ranks and their confusion
    counts are summed); ``validation=slices`` samples them as the training slices are.
-4. **Augment** the training slices with :class:`~autocnnp.data.augment.RandomAffine2D` (thesis Table
-   2.1: rotation +-45 degrees, zoom 0.8-1.2, shifts up to 5 % of the slice size), seeded with the job's
-   seed; the trainer selects the epoch with ``set_epoch(epoch)``.
+4. **Augment** the training minibatches on the training device with
+   :meth:`~autocnnp.data.augment.RandomAffine2D.batch` (thesis Table 2.1: rotation +-45 degrees, zoom
+   0.8-1.2, shifts up to 5 % of the slice size; optionally flips and intensity changes), seeded with the
+   job's seed, the epoch and each slice's index.
 
 ``in_channels`` is the number of selected modalities; ``num_classes`` the number of labels that
 ``dataset.json`` declares (for a CSV index: the largest label value in the cache + 1). ``<test>`` is
@@ -89,6 +90,9 @@ class Config:
     validation: Literal["volumes", "slices"] = setting("volumes", help="score every slice of the validation "
                                                                        "volumes, or only slices sampled as for training")
     augment: bool = setting(True, help="random rotation, zoom and shift of the training slices (thesis Table 2.1)")
+    augment_flips: bool = setting(False, help="with augment: also mirror each axis of a slice with probability 1/2")
+    augment_intensity: float = setting(0.0, min=0.0, help="with augment: also scale and shift the intensities by factors "
+                                                  "1 + u and v, u, v uniform in [-intensity, intensity] (z-score units)")
     normalise: bool = setting(True, help="z-score every case and channel over its non-zero voxels")
     cache: Path | None = setting(None, help="slice cache folder (default: the run's cache folder)")
     in_memory: bool = setting(False, help="read the slice cache into memory (else memory-mapped: bounded memory)")
@@ -135,7 +139,8 @@ class Decathlon(DataFormat):
         folder = Path(cache_root) / f"{role}-{digest}"
         start = time.perf_counter()
         build_cache(root, folder, n_slices=n_slices, size=c.size, modalities=parse_modalities(c.modalities),
-                    mode=mode, normalise=c.normalise, case_indices=cases, foreground_fraction=c.foreground_fraction)
+                    mode=mode, normalise=c.normalise, case_indices=cases, foreground_fraction=c.foreground_fraction,
+                    progress=rank == 0)
         took = time.perf_counter() - start
         if rank == 0 and took > 2.0:
             print(f"autocnnp: {role} slice cache ready in {folder} ({took:.1f} s)", file=sys.stderr, flush=True)
@@ -153,15 +158,15 @@ class Decathlon(DataFormat):
                 empty += validate_once(root, cache_root, role, check, cache_key_of(root) if check else None).empty_labels
         volumes = c.validation == "volumes"
         augmenter = RandomAffine2D(rotation=AUGMENT_ROTATION, zoom=AUGMENT_ZOOM, translate=AUGMENT_TRANSLATE,
-                                   seed=int(seed)) if c.augment else None
+                                   seed=int(seed), flips=c.augment_flips, intensity=c.augment_intensity) if c.augment else None
         if is_cache(c.train):  # preprocessed already: the job reads it as it is, validation from its slices
             full = CacheDataset(c.train)
-            train_ds, valid_ds = self._split_cache(full, augmenter) if c.valid is None else (
-                CacheDataset(c.train, augment=augmenter, in_memory=c.in_memory), None)
+            train_ds, valid_ds = self._split_cache(full) if c.valid is None else (
+                CacheDataset(c.train, in_memory=c.in_memory), None)
         else:
             train_cases, valid_cases = (None, None) if c.valid is not None else self._split(c.train)
             train_ds = CacheDataset(self._cache(cache_root, "train", c.train, train_cases, False, world.rank),
-                                    augment=augmenter, in_memory=c.in_memory)
+                                    in_memory=c.in_memory)
             valid_ds = None if valid_cases is None else CacheDataset(
                 self._cache(cache_root, "valid", c.train, valid_cases, volumes, world.rank), in_memory=c.in_memory)
         if valid_ds is None:
@@ -174,7 +179,7 @@ class Decathlon(DataFormat):
                                 "give both datasets the same modalities")
         num_classes = max(_num_classes(train_ds.meta), _num_classes(valid_ds.meta))
         return DataBundle(train_ds, valid_ds, train_ds.num_channels, num_classes,
-                          repr(augmenter) if augmenter is not None else "none", train_ds.set_epoch,
+                          augment=augmenter.batch if augmenter is not None else None,
                           class_names=class_names(train_ds.meta.get("labels") or {}, num_classes),
                           empty_label_cases=tuple(empty))
 
@@ -188,7 +193,7 @@ class Decathlon(DataFormat):
                             "<valid><path>...</path></valid>") from None
         return [names.index(n) for n in train_names], [names.index(n) for n in valid_names]
 
-    def _split_cache(self, full: CacheDataset, augmenter) -> tuple[CacheDataset, CacheDataset]:
+    def _split_cache(self, full: CacheDataset) -> tuple[CacheDataset, CacheDataset]:
         """Training and validation slices of a preprocessed cache, split by case."""
         c = self.config
         names = [case["name"] for case in full.meta["cases"]]
@@ -197,7 +202,7 @@ class Decathlon(DataFormat):
         except ValueError as exc:
             raise DataError(c.train, str(exc), "add cases, or name a separate validation dataset with "
                             "<valid><path>...</path></valid>") from None
-        return (CacheDataset(c.train, augment=augmenter, indices=full.indices_of_cases(train_names),
+        return (CacheDataset(c.train, indices=full.indices_of_cases(train_names),
                              in_memory=c.in_memory),
                 CacheDataset(c.train, indices=full.indices_of_cases(valid_names), in_memory=c.in_memory))
 

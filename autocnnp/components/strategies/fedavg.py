@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from autocnnp.core.settings import setting
-from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig
+from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig, Traffic
 from autocnnp.generator.registry import component
 
 from .tensors import pack, unpack
@@ -72,6 +72,13 @@ class FedAvg(Strategy):
             raise RuntimeError("fedavg needs a communication init that provides World.all_reduce")
         self.samples = 1  # this collaborator's weight: its training samples, set by sampler()
         self.epochs = 0
+
+    @classmethod
+    def traffic(cls, config: Config, *, grad_bytes: int, model_bytes: int, ranks: int, steps_per_epoch: int) -> Traffic:
+        """One all-reduce of the parameters and buffers per round (``local_epochs`` epochs), between epochs."""
+        del grad_bytes
+        return Traffic("ring", model_bytes, ranks, every_steps=config.local_epochs * max(1, steps_per_epoch),
+                       overlap=0.0)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)

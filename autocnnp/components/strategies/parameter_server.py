@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from autocnnp.core.settings import setting
-from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig, shard_sampler
+from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig, Traffic, shard_sampler
 from autocnnp.generator.registry import component
 
 from .tensors import bcast_module, mpi, pack, unpack
@@ -94,6 +94,13 @@ class ParameterServer(Strategy):
         self.params: list[nn.Parameter] = []
 
     # --- the strategy protocol ----------------------------------------------------------------------
+
+    @classmethod
+    def traffic(cls, config: Config, *, grad_bytes: int, model_bytes: int, ranks: int, steps_per_epoch: int) -> Traffic:
+        """Every step each rank but the server pushes its gradients through the server's link and pulls the
+        parameters back (as many bytes), after the backward pass: nothing overlaps."""
+        del model_bytes, steps_per_epoch
+        return Traffic("server", grad_bytes, config.replicas(ranks), overlap=0.0)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)

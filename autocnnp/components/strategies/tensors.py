@@ -27,7 +27,8 @@ def mpi():
     return MPI
 
 
-def _pieces(flat: torch.Tensor, tensors: Sequence[torch.Tensor]):
+def pieces(flat: torch.Tensor, tensors: Sequence[torch.Tensor]):
+    """``(piece of flat shaped as t, t)`` for each of ``tensors``, laid out one after another."""
     offset = 0
     for t in tensors:
         n = t.numel()
@@ -37,13 +38,13 @@ def _pieces(flat: torch.Tensor, tensors: Sequence[torch.Tensor]):
 
 def pack(tensors: Sequence[torch.Tensor], flat: torch.Tensor, *, grads: bool = False) -> torch.Tensor:
     """Copy ``tensors`` (their gradients with ``grads``; zeros where a gradient is None) one after another
-    into ``flat``; returns ``flat``."""
+    into ``flat``, skipping those that already are their piece of it; returns ``flat``."""
     with torch.no_grad():
-        for piece, t in _pieces(flat, tensors):
+        for piece, t in pieces(flat, tensors):
             value = t.grad if grads else t
             if value is None:
                 piece.zero_()
-            else:
+            elif (value.device, value.data_ptr(), value.stride()) != (piece.device, piece.data_ptr(), piece.stride()):
                 piece.copy_(value.detach())
     return flat
 
@@ -52,7 +53,7 @@ def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor], *, grads: bool =
     """Copy consecutive pieces of ``flat``, divided by ``divisor``, into ``tensors`` (their gradients with
     ``grads``, created where None), keeping each tensor's device and dtype."""
     with torch.no_grad():
-        for piece, t in _pieces(flat, tensors):
+        for piece, t in pieces(flat, tensors):
             value = piece / divisor if divisor != 1 else piece
             if grads and t.grad is None:
                 t.grad = value.to(t.device, t.dtype, copy=True)

@@ -1,0 +1,443 @@
+"""``autocnnp scale JOB.xml``: profile one rank's step of the job on this machine and predict throughput,
+speedup and efficiency at 1..1024 ranks with the model of :mod:`.scaling` (the strategy's own traffic,
+a network preset or a measured link, the data path). ``--preset r2d2-unet|r2d2-fcn`` replays R2D2's
+18-GPU experiments from stated assumptions instead of a profile.
+
+Heavy modules (torch, matplotlib) are imported inside the functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from ..core.errors import ExitCode, JobError, did_you_mean
+from ..generator.protocols import Strategy, Traffic
+from ..run.job import load_job
+from .scaling import (
+    GB,
+    LINKS,
+    DataPath,
+    Link,
+    Placement,
+    Profile,
+    Report,
+    bucket_overlap,
+    option,
+    parse_data_path,
+    plot,
+    powers_of_two,
+    predict,
+    table,
+)
+
+DDP_BUCKET_MB = 25.0  # torch DDP's bucket_cap_mb, the bucket of strategies that name none
+
+
+def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) -> Profile:
+    """Profile the job's step as its ranks would run on this node: for each ``threads: k`` of ``copies``, k
+    processes at once (the node's k ranks sharing its cores) with ``threads`` threads each
+    (``OMP_NUM_THREADS``, as run & manage sets it); the median of their figures."""
+    figures: dict[int, list[dict]] = {}
+    with tempfile.TemporaryDirectory(prefix="autocnnp-scale-") as tmp:
+        for threads, k in copies.items():
+            folder = Path(tmp) / f"threads-{threads}"
+            folder.mkdir()
+            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+            cmd = [sys.executable, "-m", "autocnnp.tuning.scale", str(job), str(folder), str(k), str(steps),
+                   *(f"--set={s}" for s in sets)]
+            procs = [subprocess.Popen([*cmd, str(i)], env=env) for i in range(k)]
+            try:
+                codes = [proc.wait() for proc in procs]
+            finally:
+                for proc in procs:  # an interrupted command leaves no profiler behind
+                    if proc.poll() is None:
+                        proc.kill()
+                        proc.wait()
+            if any(codes):
+                raise RuntimeError(f"profiling the job's step with {threads} thread(s) failed (exit codes {codes})")
+            figures[threads] = [json.loads((folder / f"copy-{i}.json").read_text()) for i in range(k)]
+    first = next(iter(figures.values()))[0]
+
+    def median(key: str) -> dict[int, float]:
+        return {t: statistics.median(f[key] for f in fs) for t, fs in figures.items()}
+
+    return Profile(first["batch"], median("compute_s"), median("backward_s"), median("data_s"), first["grad_bytes"],
+                   first["model_bytes"], first["sample_bytes"], first["loader_workers"], first["train_samples"])
+
+
+def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) -> dict:
+    """This process's figures for the job's step: forward, backward and optimizer step of one rank's
+    minibatch (median of ``steps`` after 2 warm-up steps, ``barrier()`` in between), the loader's time per
+    minibatch and what the step moves. Built as a rank builds it, without a process group."""
+    import torch
+    from torch.utils.data import RandomSampler
+
+    from ..core.world import World
+    from ..data.batches import DeviceBatches, batch_loader
+    from ..training.trainer import make_optimizer, mixed_precision, seed_everything
+
+    world = World()
+    device = gen.action("memory_allocation").build(device=gen.action("device_placement").build(world=world))
+    hp = gen.action("hyperparameters_injection").build()
+    task = gen.action("task_definition").build()
+    seed_everything(gen.seed)
+    fmt = gen.data_format()
+    fmt.prepare(seed=gen.seed, cache_dir=gen.rundir.cache)
+    data = fmt.datasets(world=world, seed=gen.seed, cache_dir=gen.rundir.cache)
+    net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
+    net = net.to(device).train()
+    if hp.channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(hp, net.parameters())
+    loss_fn = task.loss(hp.loss)
+    autocast, scaler = mixed_precision(hp.precision, device)
+    raw = batch_loader(data.train, RandomSampler(data.train), hp.minibatch_size, drop_last=True,
+                       workers=hp.loader_workers)
+    loader = DeviceBatches(raw, device, data.augment, hp.channels_last)  # the trainer's: read, moved, augmented
+    if len(loader) == 0:
+        raise JobError(gen.job.where, f"the training set has fewer samples than one minibatch of {hp.minibatch_size}",
+                       "lower minibatch_size")
+    images, labels, _ = next(iter(raw))
+    sample_bytes = (images.nbytes + labels.nbytes) // len(images)  # as stored: what a sample read moves
+    x, y = next(iter(loader))
+
+    def sync() -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        return time.perf_counter()
+
+    def step() -> tuple[float, float]:
+        """One forward, backward and optimizer step: (its time, the backward's)."""
+        start = sync()
+        with autocast:
+            loss = loss_fn(net(x), y)
+        optimizer.zero_grad()
+        forward_end = sync()
+        scaler.scale(loss).backward()
+        backward_end = sync()
+        scaler.step(optimizer)
+        scaler.update()
+        return sync() - start, backward_end - forward_end
+
+    def load() -> float:
+        """The loader's time for one minibatch (a fresh pass: the first batch pays the loader's start)."""
+        batches = iter(loader)
+        next(batches)
+        start = time.perf_counter()
+        next(batches, None)
+        return time.perf_counter() - start
+
+    step()
+    step()
+    barrier()
+    timed = [(*step(), load()) for _ in range(steps)]
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    floats = (*net.parameters(), *(b for b in net.buffers() if b.is_floating_point()))
+    return {"compute_s": statistics.median(s[0] for s in timed), "backward_s": statistics.median(s[1] for s in timed),
+            "data_s": statistics.median(s[2] for s in timed), "batch": hp.minibatch_size,
+            "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
+            "model_bytes": sum(t.numel() * t.element_size() for t in floats), "sample_bytes": sample_bytes,
+            "loader_workers": hp.loader_workers, "train_samples": len(data.train)}
+
+
+def _profile_copy(argv: list[str]) -> None:
+    """One copy of :func:`profile_job`: ``JOB FOLDER COPIES STEPS [--set=K=V ...] INDEX``. The copies wait for
+    each other after their warm-up (files in FOLDER), so they time their steps together."""
+    job, folder, copies, steps, *sets, index = argv
+    folder = Path(folder)
+    gen = load_job(job, [s.removeprefix("--set=") for s in sets]).generator
+
+    def barrier() -> None:
+        (folder / f"ready-{index}").touch()
+        deadline = time.monotonic() + 120
+        while len(list(folder.glob("ready-*"))) < int(copies) and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+    figures = profile_here(gen, int(steps), barrier)
+    (folder / f"copy-{index}.json").write_text(json.dumps(figures))
+
+
+# --- the link --------------------------------------------------------------------------------------------
+
+PROBE_SIZES = (4, 1 << 20, 16 << 20)  # bytes: latency from the first, bandwidth between the last two
+PROBE_ROUNDS = 20
+
+
+def _probe(rank: int, port: int, out: str) -> None:
+    """One of the two processes of :func:`measure_link`: ping-pong every size with gloo send/recv."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    one_way = {}
+    for size in PROBE_SIZES:
+        buf = torch.zeros(max(1, size // 4), dtype=torch.float32)
+        times = []
+        for i in range(PROBE_ROUNDS + 2):
+            start = time.perf_counter()
+            if rank == 0:
+                dist.send(buf, 1)
+                dist.recv(buf, 1)
+            else:
+                dist.recv(buf, 0)
+                dist.send(buf, 0)
+            if i >= 2:
+                times.append((time.perf_counter() - start) / 2)
+        one_way[size] = statistics.median(times)
+    if rank == 0:
+        Path(out).write_text(json.dumps(one_way))
+    dist.destroy_process_group()
+
+
+def measure_link() -> Link:
+    """Latency and bandwidth between two local processes over gloo (what ranks on this node use), from
+    ping-pong times: latency of the smallest message, bandwidth between the two largest."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "link.json"
+        mp.spawn(_probe, args=(port, str(out)), nprocs=2, join=True)  # returns when both have ended
+        times = {int(k): v for k, v in json.loads(out.read_text()).items()}
+    small, mid, large = PROBE_SIZES
+    bandwidth = (large - mid) / max(times[large] - times[mid], 1e-9)
+    return Link(times[small], bandwidth, "measured")
+
+
+def choose_link(name: str, args) -> Link:
+    """The link ``name`` (``--link``), with ``--bandwidth-gbps`` and ``--latency-us`` overriding its figures."""
+    if name == "measured":
+        link = measure_link()
+    elif name in LINKS:
+        link = LINKS[name]
+    else:
+        raise JobError(option("--link"), f"unknown link '{name}'", did_you_mean(name, [*LINKS, "measured"]))
+    if args.bandwidth_gbps is not None:
+        link = dataclasses.replace(link, bandwidth=args.bandwidth_gbps / 8 * GB, name="custom")
+    if args.latency_us is not None:
+        link = dataclasses.replace(link, latency_s=args.latency_us * 1e-6, name="custom")
+    return link
+
+
+# --- R2D2's experiments ---------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Preset:
+    """A setting replayed from published figures instead of a profile: one GPU's whole step (``step_s``,
+    the data read included), the minibatch, the parameters (fp32 gradients), the bytes a sample reads."""
+
+    title: str
+    step_s: float
+    batch: int
+    params: int
+    sample_bytes: int
+    data_path: DataPath
+    link: str = "ib-edr"
+    bucket_mb: float = 64 * 2**20 / 1e6  # Horovod's tensor fusion threshold, 64 MiB
+    ranks_per_node: int = 2
+    ranks: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 18, 32, 64, 128, 256, 512, 1024)
+
+    def profile(self, data_path: DataPath) -> Profile:
+        """The profile whose one-rank step over ``data_path`` is the published one: compute is the step less
+        the read; backward is taken as 2/3 of the compute (twice the forward's FLOPs)."""
+        compute = self.step_s - data_path.read_s(1, self.ranks_per_node, self.batch * self.sample_bytes)
+        return Profile(self.batch, {1: compute}, {1: compute * 2 / 3}, {1: 0.0}, 4 * self.params, 4 * self.params,
+                       self.sample_bytes, 0)
+
+
+def _r2d2(name: str, batch: int, hours: float, epochs: int, params: int, data_path: DataPath) -> Preset:
+    """R2D2 on Grid'5000's grele (thesis section 3.4, paper section 4): 2 GTX 1080 Ti per node,
+    InfiniBand (taken as EDR, 100 Gb/s: the papers give no rate), Horovod (ring allreduce over Open MPI and
+    NCCL, 64 MiB tensor fusion buckets), fp32 gradients. One GPU's step is R2D2's own single-GPU time over
+    its steps: every epoch trains the 33,880 BraTS slices (the thesis' left-atrium curves, 512 x 512, match),
+    so a step is hours / (epochs * 33,880 / batch). A sample read is a 512 x 512 float32 slice and its
+    uint8 label."""
+    step = hours * 3600 / (epochs * 33_880 / batch)
+    return Preset(f"R2D2 {name}, minibatch {batch} per GTX 1080 Ti, Horovod", step, batch, params, 512 * 512 * 5,
+                  data_path)
+
+
+UNET_PARAMS = 31_030_658  # Ronneberger et al.'s U-Net: autocnnp's unet at depth 5, base_channels 64, 1 in, 2 out
+# Long et al.'s FCN-8s: VGG16's 13 convolutions (autocnnp's fcn at width 1, 1 in, 2 out: 14,717,254) plus fc6
+# as a 7x7 convolution 512 -> 4096 and fc7 as a 1x1 convolution 4096 -> 4096 (the layers the thesis' transfer
+# from a full VGG-16 model brings along)
+FCN_PARAMS = 14_717_254 + (7 * 7 * 512 * 4096 + 4096) + (4096 * 4096 + 4096)
+PRESETS = {
+    # U-Net: minibatch 7, 100 epochs, 21 h 40 min on one GPU (thesis 3.4.2-3.4.3.2); data in each node's RAM
+    "r2d2-unet": _r2d2("U-Net", 7, 21 + 40 / 60, 100, UNET_PARAMS, DataPath()),
+    # FCN: minibatch 10, 120 epochs, 35 h 40 min on one GPU (thesis 3.4.3.1); every minibatch read over NFS,
+    # taken as one 10 GbE NFS server (1.25 GB/s) shared by all ranks, not overlapped with compute
+    "r2d2-fcn": _r2d2("FCN-8s", 10, 35 + 40 / 60, 120, FCN_PARAMS, DataPath("nfs", 1.25 * GB)),
+}
+
+
+# --- the command -----------------------------------------------------------------------------------------
+
+def add_commands(sub) -> None:
+    s = sub.add_parser("scale", help="predict throughput, speedup and efficiency of the job at 1..1024 ranks",
+                       description="Profile one rank's step of the job on this machine (compute with the threads "
+                       "a rank gets at each rank count, data time, gradient bytes), combine it with a link and "
+                       "the strategy's traffic (ring allreduce overlapped with backward, parameter server, "
+                       "federated rounds) and the data path, and print step time, samples/s, speedup and "
+                       "efficiency per rank count.")
+    s.add_argument("job", nargs="?", help="the XML job file (not with --preset)")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the job")
+    s.add_argument("--preset", help="instead of a job: " + ", ".join(PRESETS) + " (R2D2's experiments)")
+    s.add_argument("--link", help=f"{', '.join(LINKS)} or measured (gloo between two local processes); "
+                   "default measured for a job, the preset's link for a preset")
+    s.add_argument("--bandwidth-gbps", type=float, help="link bandwidth in Gb/s (overrides the link's)")
+    s.add_argument("--latency-us", type=float, help="link latency in microseconds (overrides the link's)")
+    s.add_argument("--data-path", help="ram (default), disk:GBPS (each node's disk) or nfs:GBPS (one server for "
+                   "all ranks), bandwidth in GB/s")
+    s.add_argument("--sample-bytes", type=int, help="bytes read per sample on the data path (default: the "
+                   "sample's size in memory)")
+    s.add_argument("--overlap", type=float, help="fraction of the backward pass the allreduce hides behind "
+                   "(default: 1 - 1/buckets)")
+    s.add_argument("--bucket-mb", type=float, help="gradient bucket in MB (default: the strategy's bucket_cap_mb, "
+                   f"else {DDP_BUCKET_MB:g})")
+    s.add_argument("--ranks", help="comma-separated rank counts (default 1, 2, 4, ..., --max-ranks, and the job's)")
+    s.add_argument("--max-ranks", type=int, default=1024)
+    s.add_argument("--ranks-per-node", type=int, help="ranks on one node (default: this machine's slots, "
+                   "its GPUs where it has some)")
+    s.add_argument("--compute-ms", type=float, help="one rank's compute step measured elsewhere (ms); the backward "
+                   "keeps its measured share")
+    s.add_argument("--speedup-of-gpu", type=float, metavar="X", help="the device is X times faster than this "
+                   "machine's profile (compute divided by X)")
+    s.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after 2 warm-up steps)")
+    s.add_argument("--plot", metavar="PNG", help="write speedup and efficiency to this PNG")
+    s.add_argument("--json", metavar="FILE", help="write inputs and prediction as JSON ('-': standard output)")
+    s.set_defaults(func=cmd_scale)
+
+
+def cmd_scale(args) -> int:
+    if (args.job is None) == (args.preset is None):
+        raise JobError(option("JOB.xml"), "give a job file or --preset, not both and not neither",
+                       f"autocnnp scale JOB.xml, or autocnnp scale --preset {next(iter(PRESETS))}")
+    ranks = _rank_counts(args.ranks, args.max_ranks)
+    if args.preset is not None:
+        if args.preset not in PRESETS:
+            raise JobError(option("--preset"), f"unknown preset '{args.preset}'", did_you_mean(args.preset, PRESETS))
+        preset = PRESETS[args.preset]
+        data_path = parse_data_path(args.data_path) if args.data_path else preset.data_path
+        title, profile, bucket_mb = preset.title, preset.profile(data_path), args.bucket_mb or preset.bucket_mb
+        placement = Placement(args.ranks_per_node or preset.ranks_per_node, 1, 1)  # a GPU each: threads do not count
+        ranks = ranks if args.ranks else list(preset.ranks)
+        traffic = _traffic(Strategy, None, profile)
+        link = choose_link(args.link or preset.link, args)
+    else:
+        job = load_job(args.job, args.set)
+        gen = job.generator
+        data_path = parse_data_path(args.data_path or "ram")
+        link = choose_link(args.link or "measured", args)  # before torch fills the cores
+        placement = _placement(args.ranks_per_node, job.slurm.cpus_per_task)
+        ranks = sorted({*ranks, gen.world_size}) if not args.ranks else ranks
+        copies: dict[int, int] = {}  # threads per rank -> the most ranks on one node that get them
+        for n in ranks:
+            threads = placement.threads(n)
+            copies[threads] = max(copies.get(threads, 1), min(n, placement.ranks_per_node))
+        profile = profile_job(Path(args.job), args.set, copies, args.steps)
+        action = gen.action("dist_strategy")
+        impl = action.entry.load()
+        strategy = impl if isinstance(impl, type) and issubclass(impl, Strategy) else Strategy
+        traffic = _traffic(strategy, action.config, profile)
+        bucket_mb = args.bucket_mb or _bucket_mb(action.config)
+        title = (f"{gen.job.file.name}: {action.entry.name}, {link.name} link, "
+                 f"{gen.action('architecture_injection').entry.name}, minibatch {profile.batch} per rank")
+    profile = _overridden(profile, args)
+    overlap = args.overlap if args.overlap is not None else bucket_overlap(profile.grad_bytes, bucket_mb * 1e6)
+    if not 0 <= overlap <= 1:
+        raise JobError(option("--overlap"), f"{overlap} is not a fraction", "give a value from 0 to 1")
+    rows = predict(profile, traffic, link, ranks, placement=placement, data_path=data_path, overlap=overlap)
+    print(f"{title}\nlink: latency {link.latency_s * 1e6:.2f} us, bandwidth {link.bandwidth / GB:.3g} GB/s; "
+          f"data: {data_path.describe()}; gradients {profile.grad_bytes / 1e6:.3g} MB; overlap {overlap:.2f}; "
+          f"{placement.ranks_per_node} ranks per node")
+    print(table(rows))
+    if args.plot:
+        print(f"wrote {plot(rows, Path(args.plot), title)}")
+    if args.json:
+        report = Report(title, link, data_path.describe(), overlap, placement, profile, rows).jsonable()
+        text = json.dumps(report, indent=2, default=str)
+        if args.json == "-":
+            print(text)
+        else:
+            Path(args.json).write_text(text + "\n")
+            print(f"wrote {args.json}")
+    return ExitCode.OK
+
+
+def _traffic(strategy: type[Strategy], config, profile: Profile):
+    """``traffic(n)``: what the strategy sends per step with n ranks."""
+    def at(ranks: int) -> Traffic:
+        per_rank = math.ceil((profile.train_samples or 0) / ranks)
+        return strategy.traffic(config, grad_bytes=profile.grad_bytes, model_bytes=profile.model_bytes, ranks=ranks,
+                                steps_per_epoch=per_rank // profile.batch)
+    return at
+
+
+def _bucket_mb(config) -> float:
+    """The strategy's own bucket size where its Config has one (``bucket_cap_mb``, MiB), else DDP's."""
+    names = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    return (config.bucket_cap_mb if "bucket_cap_mb" in names else DDP_BUCKET_MB) * 2**20 / 1e6
+
+
+def _placement(ranks_per_node: int | None, cpus_per_task: int) -> Placement:
+    """This machine as a node: its cores and slots (or GPUs)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0))
+    slots = torch.cuda.device_count() or max(1, cores // cpus_per_task)
+    return Placement(ranks_per_node or slots, cores, cpus_per_task)
+
+
+def _overridden(profile: Profile, args) -> Profile:
+    """The profile with ``--compute-ms``, ``--speedup-of-gpu`` and ``--sample-bytes`` applied."""
+    compute, backward = dict(profile.compute_s), dict(profile.backward_s)
+    if args.compute_ms is not None:
+        if not args.compute_ms > 0:
+            raise JobError(option("--compute-ms"), f"{args.compute_ms} ms is not a step time", "give a positive time")
+        backward = {t: args.compute_ms / 1e3 * backward[t] / compute[t] for t in compute}
+        compute = dict.fromkeys(compute, args.compute_ms / 1e3)
+    if args.speedup_of_gpu is not None:
+        if not args.speedup_of_gpu > 0:
+            raise JobError(option("--speedup-of-gpu"), f"{args.speedup_of_gpu} is not a speed-up",
+                           "give a positive factor")
+        compute = {t: s / args.speedup_of_gpu for t, s in compute.items()}
+        backward = {t: s / args.speedup_of_gpu for t, s in backward.items()}
+    sample_bytes = args.sample_bytes if args.sample_bytes is not None else profile.sample_bytes
+    return dataclasses.replace(profile, compute_s=compute, backward_s=backward, sample_bytes=sample_bytes)
+
+
+def _rank_counts(text: str | None, top: int) -> list[int]:
+    if text is None:
+        if top < 1:
+            raise JobError(option("--max-ranks"), f"{top} ranks", "give 1 or more")
+        return powers_of_two(top)
+    try:
+        counts = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        counts = []
+    if not counts or min(counts) < 1:
+        raise JobError(option("--ranks"), f"'{text}' is not a list of rank counts", "write e.g. --ranks 1,2,4,18")
+    return sorted(set(counts))
+
+
+if __name__ == "__main__":
+    _profile_copy(sys.argv[1:])
