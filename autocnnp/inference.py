@@ -176,6 +176,13 @@ def default_threads() -> int:
     return int(threads) if threads.isdigit() and int(threads) > 0 else usable_cores()
 
 
+def default_batch(device, size: int) -> int:
+    """Slices per forward pass: 16 on a GPU; on a CPU as many as hold the pixels of one 512 x 512 slice (at most
+    16): larger batches of large slices were slower per slice there (U-Net at 512 x 512 on 2 cores: 458 ms
+    a slice one at a time, 607 ms in batches of 8: activations of hundreds of MB cost page faults)."""
+    return 16 if device.type == "cuda" else max(1, min(16, (512 * 512) // (size * size)))
+
+
 def autocast_dtype(precision: str, device):
     """The autocast dtype ``--precision`` means on ``device``, None for float32 (no autocast): auto is bf16 on
     a GPU that supports it, else fp16, and float32 on a CPU."""
@@ -279,9 +286,10 @@ def predict(args) -> int:
     out.mkdir(parents=True, exist_ok=True)
     total_slices, total_infer, total_wall = 0, 0.0, 0.0
     size = transform.size
+    batch_size = args.batch_size or default_batch(device, size)
     arithmetic = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
     print(f"predicting {len(cases)} volume(s) with {checkpoint} on {device} ({torch.get_num_threads()} thread(s), "
-          f"{arithmetic}{', channels_last' if channels_last else ''}, batches of {args.batch_size}, slices resized "
+          f"{arithmetic}{', channels_last' if channels_last else ''}, batches of {batch_size}, slices resized "
           f"to {size} x {size}{', flip test-time augmentation' if args.tta else ''})")
     for case in cases:
         start = time.perf_counter()
@@ -294,7 +302,7 @@ def predict(args) -> int:
         if slices.shape[1] != in_channels:
             raise DataError(case.image, f"image has {slices.shape[1]} channel(s) after modality selection, the model "
                             f"takes {in_channels}", "give every input the same modalities")
-        probs, infer = slice_probabilities(model, slices, args.batch_size, device, args.tta, dtype, channels_last)
+        probs, infer = slice_probabilities(model, slices, batch_size, device, args.tta, dtype, channels_last)
         target = out / f"{case.name}.nii.gz"
         grid = resize(probs, tuple(image.shape[:2]))  # [Z, C, X, Y]: bilinear back to the source grid, then argmax
         save_label(np.ascontiguousarray(np.moveaxis(grid.argmax(axis=1), 0, 2)).astype(np.uint8), affine, header, target)
@@ -481,8 +489,9 @@ def add_commands(sub) -> None:
                    help="folder for the label volumes <case>.nii.gz (default: predictions/ in the job's output)")
     s.add_argument("--num-classes", type=positive, default=None,
                    help="classes the model was trained with (default: recorded in the checkpoint)")
-    s.add_argument("--batch-size", type=positive, default=16,
-                   help="slices per forward pass, taken across the whole volume (default 16)")
+    s.add_argument("--batch-size", type=positive, default=None,
+                   help="slices per forward pass, taken across the whole volume (default: 16 on a GPU; on a CPU as "
+                        "many as make one 512 x 512 slice's pixels, at most 16)")
     s.add_argument("--threads", type=positive, default=None,
                    help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use); on a machine "
                         "other work keeps busy, --threads 1 per process is best (all threads wait for the slowest)")

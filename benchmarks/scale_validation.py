@@ -49,7 +49,7 @@ def autocnnp(*args: str) -> None:
 def predict(job: Path, sets: list[str], ranks: list[int], out: Path) -> dict[int, float]:
     """``autocnnp scale``'s samples/s per rank count."""
     autocnnp("scale", str(job), *(f"--set={s}" for s in sets), "--ranks", ",".join(map(str, ranks)),
-             "--link", "measured", "--steps", "15", "--json", str(out))
+             "--link", "measured", "--steps", "30", "--json", str(out))
     return {row["ranks"]: row["samples_s"] for row in json.loads(out.read_text())["rows"]}
 
 

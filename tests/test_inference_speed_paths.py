@@ -15,7 +15,14 @@ from jobfiles import QUIET, write_job
 from autocnnp.components.architectures.unet import UNet
 from autocnnp.data.synth import write_synthetic_dataset
 from autocnnp.generator.assemble import assemble
-from autocnnp.inference import autocast_dtype, default_threads, prepare_network, slice_probabilities, usable_cores
+from autocnnp.inference import (
+    autocast_dtype,
+    default_batch,
+    default_threads,
+    prepare_network,
+    slice_probabilities,
+    usable_cores,
+)
 from autocnnp.training.trainer import model_card
 
 CPU = torch.device("cpu")
@@ -119,3 +126,9 @@ def test_the_gpu_path_agrees_with_the_cpu():
     fast, _ = slice_probabilities(prepare_network(network(3), gpu, True), slices, 4, gpu, True,
                                   autocast_dtype("auto", gpu), True)
     assert fast.dtype == np.float32 and np.abs(fast - reference).max() <= BF16_TOLERANCE
+
+
+def test_default_batch_keeps_cpu_batches_to_one_large_slice():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert [default_batch(cpu, size) for size in (512, 600, 256, 128, 64)] == [1, 1, 4, 16, 16]
+    assert default_batch(gpu, 512) == 16

@@ -12,6 +12,13 @@ from pathlib import Path
 
 import numpy as np
 
+try:  # Intel ISA-L's inflate: the same bytes as zlib's, 1.3-1.8x faster on NIfTI volumes
+    from isal.isal_zlib import decompress as inflate
+    from isal.isal_zlib import error as InflateError
+except ImportError:  # isal missing (it is pinned in requirements/test.txt): zlib
+    from zlib import decompress as inflate
+    from zlib import error as InflateError
+
 from ..core.errors import DataError
 from ..core.files import atomic_write
 from .index import Case
@@ -40,7 +47,7 @@ def read_array(path: Path, img) -> np.ndarray:
 def read_voxels(path: Path, img) -> np.ndarray:
     """The voxels of ``img`` (opened from ``path`` by :func:`open_nifti`), scaled as nibabel scales them.
 
-    A single-file NIfTI is read in one go: a ``.nii.gz`` decompressed in one ``zlib`` call into a buffer
+    A single-file NIfTI is read in one go: a ``.nii.gz`` decompressed in one call (ISA-L, else zlib) into a buffer
     of the known size (twice as fast as nibabel's chunked reads), then viewed as stored, in Fortran
     order (no copy unless the header scales the values). Other images fall back to nibabel.
     """
@@ -58,9 +65,9 @@ def read_voxels(path: Path, img) -> np.ndarray:
     try:
         data = path.read_bytes()
         if path.name.lower().endswith(".gz"):
-            unpacked = zlib.decompress(data, wbits=31, bufsize=need)  # the first gzip member
+            unpacked = inflate(data, wbits=31, bufsize=need)  # the first gzip member
             data = unpacked if len(unpacked) >= need else gzip.decompress(data)  # several members: all of them
-    except (OSError, EOFError, zlib.error) as exc:
+    except (OSError, EOFError, zlib.error, InflateError) as exc:
         raise DataError(path, f"voxel data cannot be read ({type(exc).__name__}: {exc})",
                         "re-download or re-export the file; it is probably truncated or corrupt") from None
     if len(data) < need:

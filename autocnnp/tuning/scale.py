@@ -40,13 +40,16 @@ from .scaling import (
     table,
 )
 
+WARMUP_STEPS = 5  # the first steps pay for kernel selection and allocation
 DDP_BUCKET_MB = 25.0  # torch DDP's bucket_cap_mb, the bucket of strategies that name none
 
 
 def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) -> Profile:
     """Profile the job's step as its ranks would run on this node: for each ``threads: k`` of ``copies``, k
     processes at once (the node's k ranks sharing its cores) with ``threads`` threads each
-    (``OMP_NUM_THREADS``, as run & manage sets it); the median of their figures."""
+    (``OMP_NUM_THREADS``, as run & manage sets it). A synchronous step lasts as long as its slowest rank: the
+    compute and backward times are those of the slowest copy (cores are not alike: SMT siblings, other work),
+    the data time the median."""
     figures: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="autocnnp-scale-") as tmp:
         for threads, k in copies.items():
@@ -68,16 +71,18 @@ def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) 
             figures[threads] = [json.loads((folder / f"copy-{i}.json").read_text()) for i in range(k)]
     first = next(iter(figures.values()))[0]
 
-    def median(key: str) -> dict[int, float]:
-        return {t: statistics.median(f[key] for f in fs) for t, fs in figures.items()}
+    def over_copies(key: str, of=statistics.median) -> dict[int, float]:
+        return {t: of(f[key] for f in fs) for t, fs in figures.items()}
 
-    return Profile(first["batch"], median("compute_s"), median("backward_s"), median("data_s"), first["grad_bytes"],
+    return Profile(first["batch"], over_copies("compute_s", max), over_copies("backward_s", max),
+                   over_copies("data_s"), first["grad_bytes"],
                    first["model_bytes"], first["sample_bytes"], first["loader_workers"], first["train_samples"])
 
 
 def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) -> dict:
     """This process's figures for the job's step: forward, backward and optimizer step of one rank's
-    minibatch (median of ``steps`` after 2 warm-up steps, ``barrier()`` in between), the loader's time per
+    minibatch (median of ``steps`` after WARMUP_STEPS warm-up steps; ``barrier()`` before the timed steps and at the end of
+    each, so copies profiled together step together, as synchronous ranks do), the loader's time per
     minibatch and what the step moves. Built as a rank builds it, without a process group."""
     import torch
     from torch.utils.data import RandomSampler
@@ -127,6 +132,7 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) ->
         backward_end = sync()
         scaler.step(optimizer)
         scaler.update()
+        barrier()
         return sync() - start, backward_end - forward_end
 
     def load() -> float:
@@ -137,8 +143,8 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) ->
         next(batches, None)
         return time.perf_counter() - start
 
-    step()
-    step()
+    for _ in range(WARMUP_STEPS):
+        step()
     barrier()
     timed = [(*step(), load()) for _ in range(steps)]
     trainable = [p for p in net.parameters() if p.requires_grad]
@@ -151,20 +157,23 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) ->
 
 
 def _profile_copy(argv: list[str]) -> None:
-    """One copy of :func:`profile_job`: ``JOB FOLDER COPIES STEPS [--set=K=V ...] INDEX``. The copies wait for
-    each other after their warm-up (files in FOLDER), so they time their steps together."""
+    """One copy of :func:`profile_job`: ``JOB FOLDER COPIES STEPS [--set=K=V ...] INDEX``. Copies profiled
+    together join a gloo group (rendezvous in FOLDER) whose barrier ends each timed step: the step then
+    lasts as long as the slowest copy's, with the jitter of cores shared with other work, as in training."""
+    import torch.distributed as dist
+
     job, folder, copies, steps, *sets, index = argv
-    folder = Path(folder)
     gen = load_job(job, [s.removeprefix("--set=") for s in sets]).generator
-
-    def barrier() -> None:
-        (folder / f"ready-{index}").touch()
-        deadline = time.monotonic() + 120
-        while len(list(folder.glob("ready-*"))) < int(copies) and time.monotonic() < deadline:
-            time.sleep(0.01)
-
-    figures = profile_here(gen, int(steps), barrier)
-    (folder / f"copy-{index}.json").write_text(json.dumps(figures))
+    together = int(copies) > 1
+    if together:
+        dist.init_process_group("gloo", store=dist.FileStore(str(Path(folder) / "store"), int(copies)),
+                                rank=int(index), world_size=int(copies))
+    try:
+        figures = profile_here(gen, int(steps), dist.barrier if together else lambda: None)
+    finally:
+        if together:
+            dist.destroy_process_group()
+    (Path(folder) / f"copy-{index}.json").write_text(json.dumps(figures))
 
 
 # --- the link --------------------------------------------------------------------------------------------
@@ -321,7 +330,8 @@ def add_commands(sub) -> None:
                    "keeps its measured share")
     s.add_argument("--speedup-of-gpu", type=float, metavar="X", help="the device is X times faster than this "
                    "machine's profile (compute divided by X)")
-    s.add_argument("--steps", type=int, default=5, help="timed steps per measurement (after 2 warm-up steps)")
+    s.add_argument("--steps", type=int, default=20,
+                   help=f"timed steps per measurement (after {WARMUP_STEPS} warm-up steps; default 20)")
     s.add_argument("--plot", metavar="PNG", help="write speedup and efficiency to this PNG")
     s.add_argument("--json", metavar="FILE", help="write inputs and prediction as JSON ('-': standard output)")
     s.set_defaults(func=cmd_scale)
