@@ -516,12 +516,9 @@ def _case_runner(workers: int):
     try:
         yield run
     except BaseException:
-        processes = list((pool._processes or {}).values())  # no public way to stop running workers before 3.14
-        pool.shutdown(wait=False, cancel_futures=True)
-        for process in processes:
+        for process in list((pool._processes or {}).values()):  # no public way to stop running workers before 3.14
             process.terminate()
-        for process in processes:
-            process.join()
+        pool.shutdown(wait=True, cancel_futures=True)  # its manager thread finds them gone and reaps them all
         raise
     pool.shutdown()
 
