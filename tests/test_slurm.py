@@ -22,6 +22,7 @@ from jobfiles import TINY_UNET, synthetic_data, write_job
 from autocnnp.core.world import discover_world, launcher_name
 from autocnnp.run.job import load_job
 from autocnnp.run.launch import build_command, launch_mode
+from autocnnp.run.slurm import limit_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_DATA = synthetic_data(8, 4)
@@ -54,7 +55,7 @@ def test_dry_run_renders_the_cluster_section_and_command_line(cli, tmp_path):
     assert d == {"job-name": "autocnnp-job", "nodes": "1", "ntasks": "2", "ntasks-per-node": "2",
                  "cpus-per-task": "1", "time": "5", "output": str(tmp_path / "out-job" / "slurm-%j.out"),
                  "chdir": str(tmp_path), "gpus-per-task": "1", "partition": "debug", "account": "lab",
-                 "signal": "B:USR1@300"}
+                 "signal": "B:USR1@150"}  # the 300 s warning, at most half of a 5-minute limit: not at the start
     assert "#SBATCH --exclusive" in out and "#SBATCH --requeue" not in out
     assert f"{sys.executable} -m autocnnp run --launcher srun {job}" in out
     assert not (tmp_path / "out-job").exists()  # a dry run writes nothing
@@ -81,6 +82,11 @@ def test_memory_exclusive_setup_and_requeue_reach_the_batch_script(cli, tmp_path
     assert body[setup + 1] == "source ~/env.sh" and setup < next(i for i, t in enumerate(body) if "-m autocnnp run" in t)
     rc, out, _ = cli("submit", job, "--dry-run", "--set", "cluster.signal_before_s=0")
     assert rc == 0 and "signal" not in directives(out)
+
+
+def test_time_limits_in_seconds():
+    assert [limit_seconds(t) for t in ("5", "5:30", "01:00:00", "2-3", "1-00:10", "1-0:0:7", "UNLIMITED")] == \
+        [300, 330, 3600, 2 * 86400 + 3 * 3600, 86400 + 600, 86407, None]
 
 
 def test_tasks_spread_over_nodes(cli, tmp_path):

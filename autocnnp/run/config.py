@@ -46,8 +46,9 @@ class SlurmConfig:
     exclusive: bool = setting(False, help="whole nodes for this job alone (sbatch --exclusive)")
     setup: str = setting("", help="shell lines the batch script runs before training (e.g. module load openmpi); "
                                   "separate lines with ';' or newlines")
-    signal_before_s: int = setting(300, min=0, help="Slurm warns this many seconds before the time limit; the job "
-                                                    "then stops at the end of an epoch with a checkpoint (0: no warning)")
+    signal_before_s: int = setting(300, min=0, help="Slurm warns this many seconds before the time limit (at most "
+                                                    "half of it); the job then stops at the end of an epoch with a "
+                                                    "checkpoint (0: no warning)")
     requeue: bool = setting(False, help="a job stopped by the time-limit warning requeues itself and resumes")
     slurm_output: str = setting("slurm-%j.out", help="the batch log; a relative path is in the run's output folder")
     sbatch_args: str = setting("", help="extra #SBATCH directives")

@@ -92,6 +92,21 @@ def resources(job: Job) -> Resources:
                      c.partition, c.account, c.job_name or f"autocnnp-{job.spec.file.stem}", output, launcher)
 
 
+def limit_seconds(text: str) -> int | None:
+    """A Slurm time limit (minutes, M:S, H:M:S, D-H, D-H:M, D-H:M:S) in seconds; None when unlimited."""
+    text = text.strip().lower()
+    if text in ("unlimited", "infinite"):
+        return None
+    days, _, rest = text.rpartition("-")
+    parts = [int(x) for x in rest.split(":")]
+    if days:  # D-H, D-H:M, D-H:M:S
+        h, m, sec = (parts + [0, 0])[:3]
+        return ((int(days) * 24 + h) * 60 + m) * 60 + sec
+    if len(parts) == 3:
+        return (parts[0] * 60 + parts[1]) * 60 + parts[2]
+    return parts[0] * 60 + (parts[1] if len(parts) == 2 else 0)
+
+
 def render(job: Job, res: Resources) -> str:
     """The sbatch script (``templates/sbatch.sh`` filled in)."""
     q = shlex.quote
@@ -107,8 +122,11 @@ def render(job: Job, res: Resources) -> str:
     c = job.slurm
     directives += [f"--mem={c.mem.strip()}"] if c.mem else []
     directives += ["--exclusive"] if c.exclusive else []
-    # the warning goes to the batch shell (B:), which passes it to run & manage: stop with a checkpoint
-    directives += [f"--signal=B:USR1@{c.signal_before_s}"] if c.signal_before_s else []
+    # the warning goes to the batch shell (B:), which passes it to run & manage: stop with a checkpoint; a
+    # warning as early as the limit (a short test job with the default 300 s) would stop the job as it starts
+    limit = limit_seconds(res.time_limit)
+    lead = min(c.signal_before_s, limit // 2) if limit else c.signal_before_s
+    directives += [f"--signal=B:USR1@{lead}"] if lead else []
     directives += ["--requeue", "--open-mode=append"] if c.requeue else []  # one log for every start
     directives += shlex.split(c.sbatch_args)
     rundir = job.generator.rundir
