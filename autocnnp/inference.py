@@ -17,7 +17,6 @@ import dataclasses
 import io
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -26,6 +25,7 @@ from .core.cli_args import positive
 from .core.errors import DataError, JobError
 from .core.files import atomic_write
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
+from .core.processes import default_threads
 from .engine.job import read_job
 from .generator.assemble import Generator, assemble
 from .generator.overrides import apply_overrides, parse_sets, read_variant
@@ -158,22 +158,6 @@ def _build_network(trained: Generator, weights: dict, in_channels: int, classes:
         raise DataError(checkpoint, f"does not fit the architecture with {in_channels} input channel(s) and {classes} "
                         f"classes ({str(exc).splitlines()[0]})", "pass the --num-classes it was trained with") from None
     return model
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its CPU affinity: a container's or a Slurm job's share, not the
-    machine's count that torch uses by default)."""
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # no affinity on macOS and Windows
-        return os.cpu_count() or 1
-
-
-def default_threads() -> int:
-    """predict's CPU threads without --threads: OMP_NUM_THREADS where it is set (as the trainer), else
-    :func:`usable_cores`."""
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    return int(threads) if threads.isdigit() and int(threads) > 0 else usable_cores()
 
 
 def default_batch(device, size: int) -> int:

@@ -13,15 +13,14 @@ import torch
 from jobfiles import QUIET, write_job
 
 from autocnnp.components.architectures.unet import UNet
+from autocnnp.core.processes import default_threads, usable_cores
 from autocnnp.data.synth import write_synthetic_dataset
 from autocnnp.generator.assemble import assemble
 from autocnnp.inference import (
     autocast_dtype,
     default_batch,
-    default_threads,
     prepare_network,
     slice_probabilities,
-    usable_cores,
 )
 from autocnnp.training.trainer import model_card
 

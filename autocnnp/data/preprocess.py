@@ -54,7 +54,7 @@ import torch.nn.functional as F
 
 from ..core.errors import DataError
 from ..core.files import exclusive_lock, read_json, write_json
-from ..core.processes import die_with_parent
+from ..core.processes import die_with_parent, usable_cores
 from .batches import BatchDataset
 from .checks import Verdict
 from .index import Case, read_dataset
@@ -312,11 +312,6 @@ def cache_key(params: dict) -> str:
     return hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()
 
 
-def default_workers() -> int:
-    """The cores this process may use."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-
-
 def build_cache(
     root,
     cache_dir,
@@ -398,7 +393,7 @@ def build_cache(
         work.mkdir(exist_ok=True)
         source_bytes = sum(entry[2] for entry in params["cases"])
         n_workers = min(len(cases), int(workers) if workers is not None else
-                        (default_workers() if source_bytes >= POOL_MIN_BYTES else 1))
+                        (usable_cores() if source_bytes >= POOL_MIN_BYTES else 1))
         with _case_runner(n_workers) as run:
             _write_cache(work, cases, params, key, ds, mods, run, progress)
         _commit(work, out)

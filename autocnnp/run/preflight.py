@@ -5,10 +5,10 @@ problem is one JobError or DataError: one line, exit code 2, nothing started."""
 from __future__ import annotations
 
 import math
-import os
 
 from ..core.errors import JobError
 from ..core.files import atomic_write
+from ..core.processes import usable_cores
 from ..generator.protocols import StrategyConfig
 from .hosts import parse_hostfile
 from .job import Job
@@ -47,7 +47,7 @@ def slots(job: Job, env) -> tuple[int, str]:
         return sum(s for _, s, _ in hosts), f"the hostfile {job.launch.hostfile}"
     if env.get("SLURM_JOB_ID") and env.get("SLURM_NTASKS", "").isdigit():
         return int(env["SLURM_NTASKS"]), f"the Slurm allocation {env['SLURM_JOB_ID']}"
-    cores, threads = len(os.sched_getaffinity(0)), job.slurm.cpus_per_task
+    cores, threads = usable_cores(), job.slurm.cpus_per_task
     return cores // threads, f"this machine's {cores} cores" + (f" at cpus_per_task={threads}" if threads > 1 else "")
 
 

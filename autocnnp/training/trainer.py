@@ -4,7 +4,6 @@ dataset is used is decided by the job, never here."""
 
 from __future__ import annotations
 
-import os
 import random
 import time
 from dataclasses import dataclass
@@ -16,6 +15,7 @@ import torch
 from ..core.errors import DataError
 from ..core.files import jsonable
 from ..core.metrics import parse_regions
+from ..core.processes import default_threads
 from ..core.world import World
 from ..data.batches import DeviceBatches, batch_loader
 from ..generator.assemble import Generator
@@ -88,11 +88,7 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     world = gen.action("communication_init").build(timeout_s=timeout_s)
     device = gen.action("device_placement").build(world=world)
     device = gen.action("memory_allocation").build(device=device)
-    # Threads per rank: OMP_NUM_THREADS (run & manage sets it from cpus_per_task), else this node's cores
-    # (those this process may run on) shared among its ranks.
-    threads = os.environ.get("OMP_NUM_THREADS", "")
-    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0
-                          else max(1, len(os.sched_getaffinity(0)) // max(1, world.local_world_size)))
+    torch.set_num_threads(default_threads(world.local_world_size))  # this node's cores shared among its ranks
     hp = gen.action("hyperparameters_injection").build()
     deterministic = determinism.configure(hp.deterministic)  # fixed threads, deterministic kernels
     task = gen.action("task_definition").build()

@@ -21,6 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from ..core.errors import ExitCode, JobError, did_you_mean
+from ..core.processes import usable_cores
 from ..generator.protocols import Strategy, Traffic
 from ..run.job import load_job
 from .scaling import (
@@ -412,7 +413,7 @@ def _placement(ranks_per_node: int | None, cpus_per_task: int) -> Placement:
     """This machine as a node: its cores and slots (or GPUs)."""
     import torch
 
-    cores = len(os.sched_getaffinity(0))
+    cores = usable_cores()
     slots = torch.cuda.device_count() or max(1, cores // cpus_per_task)
     return Placement(ranks_per_node or slots, cores, cpus_per_task)
 
