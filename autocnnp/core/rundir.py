@@ -4,11 +4,12 @@
 
     OUTPUT/manifest.json        the reproducibility record (run/manifest.py)
     OUTPUT/metrics.csv          one row per epoch (training/monitor.py)
-    OUTPUT/checkpoints/         written by the checkpoint action (latest, ckpt-epochNNNN.pt)
+    OUTPUT/checkpoints/         written by the checkpoint action (latest, ckpt-epochNNNN.pt, ckpt-best.pt, best)
     OUTPUT/cache/               slice caches and data-check stamps of the dataset
     OUTPUT/plots/               PNG plots (learning curves, metrics, resources, lr schedule)
     OUTPUT/tensorboard/         TensorBoard events
     OUTPUT/resources/rankN.csv  per-rank CPU, memory and GPU samples
+    OUTPUT/tracking/            a tracker's journal and state (the mlflow tracker), the plan it logged
     OUTPUT/predictions/         label volumes written by ``autocnnp predict``
     OUTPUT/slurm/               sbatch scripts, job.json (the submitted job), <id>.exit
     OUTPUT/tune/                ``autocnnp tune``: its runs, table, plot and state
@@ -25,6 +26,21 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+# In a checkpoints folder: the file naming the newest checkpoint, the best checkpoint and its record
+LATEST_POINTER, BEST_CHECKPOINT, BEST_RECORD = "latest", "ckpt-best.pt", "best"
+
+
+def start_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint a run (or checkpoints) folder offers to start from: its best, else the one its ``latest``
+    pointer names; None when it has neither."""
+    folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    if (folder / BEST_CHECKPOINT).is_file():
+        return folder / BEST_CHECKPOINT
+    pointer = folder / LATEST_POINTER
+    if pointer.is_file() and (folder / pointer.read_text().strip()).is_file():
+        return folder / pointer.read_text().strip()
+    return None
 
 
 @dataclass(frozen=True)
@@ -53,6 +69,10 @@ class RunDir:
     @property
     def checkpoints(self) -> Path:
         return self.root / "checkpoints"
+
+    @property
+    def tracking(self) -> Path:
+        return self.root / "tracking"
 
     @property
     def cache(self) -> Path:

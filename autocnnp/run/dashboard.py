@@ -82,7 +82,7 @@ def cmd_dashboard(args) -> int:
 
 def cmd_track_sync(args) -> int:
     rundir = RunDir(Path(args.rundir).expanduser().resolve())
-    if not (rundir.root / "tracking").is_dir():
+    if not rundir.tracking.is_dir():
         raise JobError(rundir.root, "this run folder has no tracking journal (its job had no mlflow tracker)",
                        "name the output folder of a run whose <monitoring> tracker includes mlflow")
     sender = Sender(rundir.root, args.tracking_uri or "")

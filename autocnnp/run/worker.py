@@ -76,7 +76,7 @@ def run_info(job: Job, run) -> RunInfo:
     for action in plan["actions"]:
         params[action["type"]] = action["implementation"]
         params.update(_flatten(action["parameters"], f"{action['type']}."))
-    plan_file = gen.rundir.root / "tracking" / "plan.json"
+    plan_file = gen.rundir.tracking / "plan.json"
     write_json(plan_file, plan)
     parent = os.environ.get(PARENT_RUN)
     tags = {"strategy": gen.action("dist_strategy").entry.name, "degree": str(gen.world_size),

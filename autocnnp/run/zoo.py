@@ -25,6 +25,7 @@ from ..components.trackers.mlflow_tracking import store_of
 from ..core.errors import JobError, Source
 from ..core.files import read_json
 from ..core.metrics import FOREGROUND_DICE
+from ..core.rundir import BEST_RECORD, RunDir, start_checkpoint
 
 ZOO_ENV = "AUTOCNNP_ZOO"
 EXPERIMENT = "autocnnp-zoo"
@@ -79,13 +80,10 @@ def _version(client, name: str, version: int | None):
 
 
 def _checkpoint_of(rundir: Path) -> Path:
-    folder = rundir / "checkpoints"
-    if (folder / "ckpt-best.pt").is_file():
-        return folder / "ckpt-best.pt"
-    pointer = folder / "latest"
-    if pointer.is_file() and (folder / pointer.read_text().strip()).is_file():
-        return folder / pointer.read_text().strip()
-    raise JobError(rundir, "the run folder holds no checkpoint", "name the output folder of a trained run")
+    found = start_checkpoint(RunDir(rundir).checkpoints)
+    if found is None:
+        raise JobError(rundir, "the run folder holds no checkpoint", "name the output folder of a trained run")
+    return found
 
 
 def publish(rundir: Path, name: str, store, description: str = "") -> int:
@@ -98,9 +96,10 @@ def publish(rundir: Path, name: str, store, description: str = "") -> int:
     if card is None:
         raise JobError(checkpoint, "the checkpoint does not describe its model (written by an older autocnnp)",
                        "train it again with this version, then publish")
-    manifest = read_json(rundir / "manifest.json") or {}
+    paths = RunDir(rundir)
+    manifest = read_json(paths.manifest) or {}
     metrics = {k: v for k, v in (manifest.get("final_metrics") or {}).items() if isinstance(v, (int, float))}
-    best = read_json(rundir / "checkpoints" / "best") or {}
+    best = read_json(paths.checkpoints / BEST_RECORD) or {}
     checksum = (manifest.get("dataset") or {}).get("checksum", {})
     client = _client(store)
     found = client.get_experiment_by_name(EXPERIMENT)
@@ -118,8 +117,8 @@ def publish(rundir: Path, name: str, store, description: str = "") -> int:
         shutil.copyfile(checkpoint, model / CHECKPOINT)
         (model / "model_card.json").write_text(json.dumps({k: v for k, v in card.items() if k != "job"}, indent=2))
         (model / "job.xml").write_text(card["job"]["text"])
-        if (rundir / "manifest.json").is_file():
-            shutil.copyfile(rundir / "manifest.json", model / "manifest.json")
+        if paths.manifest.is_file():
+            shutil.copyfile(paths.manifest, model / "manifest.json")
         client.log_artifacts(run.info.run_id, str(model), "model")
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key.replace("/", "."), float(value))

@@ -27,12 +27,11 @@ from pathlib import Path
 import torch
 
 from autocnnp.core.files import TEMP_SUFFIX, atomic_write, read_json, write_json
+from autocnnp.core.rundir import BEST_CHECKPOINT, BEST_RECORD, LATEST_POINTER
 from autocnnp.core.settings import setting
 from autocnnp.generator.protocols import Checkpointer
 from autocnnp.generator.registry import component
 
-POINTER = "latest"
-BEST, BEST_RECORD = "ckpt-best.pt", "best"
 _CKPT = re.compile(r"^ckpt-epoch(\d{4,})\.pt$")
 
 
@@ -69,7 +68,7 @@ class Periodic(Checkpointer):
             return None
         path = self.directory / checkpoint_name(epoch)
         atomic_write(path, lambda f: torch.save(state, f))
-        atomic_write(self.directory / POINTER, path.name + "\n")
+        atomic_write(self.directory / LATEST_POINTER, path.name + "\n")
         self._rotate(keep_also=path)
         for p in self.directory.iterdir():  # temp files a crashed save left (a single writer: none in use)
             if p.name.endswith(TEMP_SUFFIX) and p.name.startswith("."):
@@ -108,14 +107,14 @@ class Periodic(Checkpointer):
         """Write ``state`` as ``ckpt-best.pt`` and record why (rank 0 only)."""
         if self.rank != 0:
             return None
-        path = self.directory / BEST
+        path = self.directory / BEST_CHECKPOINT
         atomic_write(path, lambda f: torch.save(state, f))
-        write_json(self.directory / BEST_RECORD, {"file": BEST, "metric": self.config.best_metric,
+        write_json(self.directory / BEST_RECORD, {"file": BEST_CHECKPOINT, "metric": self.config.best_metric,
                                                   "value": metrics[self.config.best_metric], "epoch": epoch + 1})
         return path
 
     def best(self) -> Path | None:
-        path = self.directory / BEST
+        path = self.directory / BEST_CHECKPOINT
         return path if path.is_file() else None
 
     # -- find and load -----------------------------------------------------------------------
@@ -123,7 +122,7 @@ class Periodic(Checkpointer):
     def latest(self) -> Path | None:
         """The newest complete checkpoint: the one ``latest`` names, else the highest epoch on disk."""
         try:
-            name = (self.directory / POINTER).read_text().strip()
+            name = (self.directory / LATEST_POINTER).read_text().strip()
         except (OSError, UnicodeDecodeError):
             name = ""
         if _CKPT.match(name) and (self.directory / name).is_file():

@@ -29,6 +29,7 @@ from pathlib import Path
 
 from autocnnp.core.files import read_json, write_json
 from autocnnp.core.processes import die_with_parent
+from autocnnp.core.rundir import BEST_CHECKPOINT, RunDir
 from autocnnp.core.settings import setting
 from autocnnp.generator.protocols import RunInfo, Tracker
 from autocnnp.generator.registry import component
@@ -78,7 +79,7 @@ class Sender:
 
     def __init__(self, rundir: Path, tracking_uri: str = "", experiment: str = ""):
         self.rundir = Path(rundir)
-        self.folder = self.rundir / "tracking"
+        self.folder = RunDir(self.rundir).tracking
         self.state = read_json(self.folder / STATE) or {"offset": 0}
         self.given_uri = tracking_uri or self.state.get("tracking_uri", "")
         self.uri, self.artifacts = store_of(self.rundir, self.given_uri)
@@ -227,7 +228,7 @@ class MLflow(Tracker):
 
     def __init__(self, config: Config, *, info: RunInfo):
         super().__init__(config, info=info)
-        self.journal = Journal(info.rundir / "tracking" / JOURNAL)
+        self.journal = Journal(RunDir(info.rundir).tracking / JOURNAL)
         self.journal.add("start", name=info.name, run_name=info.rundir.name, params=info.params, tags=info.tags,
                          artifacts={k: str(v) for k, v in info.artifacts.items()},
                          parent=str(info.parent) if info.parent else None)
@@ -243,10 +244,10 @@ class MLflow(Tracker):
         self.journal.add("metrics", step=epoch + 1, values=metrics)
 
     def close(self, status: str) -> None:
-        rundir = self.info.rundir
-        files = [[str(p), "plots"] for p in sorted((rundir / "plots").glob("*.png"))]
-        files += [[str(rundir / "manifest.json"), None], [str(rundir / "metrics.csv"), None],
-                  [str(rundir / "checkpoints" / "ckpt-best.pt"), "checkpoints"]]
+        run = RunDir(self.info.rundir)
+        files = [[str(p), "plots"] for p in sorted(run.plots.glob("*.png"))]
+        files += [[str(run.manifest), None], [str(run.metrics), None],
+                  [str(run.checkpoints / BEST_CHECKPOINT), "checkpoints"]]
         self.journal.add("artifacts", files=files)
         self.journal.add("end", status=status)
         self.sender.terminate()  # "send what is left now, then end"
@@ -269,8 +270,8 @@ def _background() -> None:
 def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) -> int:
     """The sender: every ``interval_s``, turn new resource samples into events and send the journal; on SIGTERM
     (its rank closing, or gone) send what is left and end. Tells once when the store is down."""
-    journal = Journal(rundir / "tracking" / JOURNAL)
-    sender, tail = Sender(rundir, tracking_uri, experiment), SystemTail(rundir / "resources")
+    journal = Journal(RunDir(rundir).tracking / JOURNAL)
+    sender, tail = Sender(rundir, tracking_uri, experiment), SystemTail(RunDir(rundir).resources)
     warned = False
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
