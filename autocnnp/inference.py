@@ -118,7 +118,8 @@ def _disagreements(card: dict, gen: Generator) -> list[str]:
 
 
 def _model_and_transform(state: dict, checkpoint: Path, gen: Generator | None, num_classes: int | None):
-    """``(network with the checkpoint's weights, input transform, number of classes, class names)``."""
+    """``(the generator of the job it was trained with, input transform, number of classes, class names, input
+    channels)`` of a checkpoint."""
     from .components.datasets.decathlon import SliceTransform
 
     card = state.get("model_card")

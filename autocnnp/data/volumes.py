@@ -194,6 +194,4 @@ def _save_like(volume: np.ndarray, affine: np.ndarray, header, path: Path, inten
 
 
 def _gzip(data: bytes) -> bytes:
-    import gzip
-
     return gzip.compress(data, compresslevel=6, mtime=0)
