@@ -152,11 +152,12 @@ def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=l
         for epoch in range(run.state.epoch, run.hp.end_epoch):
             metrics = train_epoch(run, epoch, monitor, beat)
             stop = epoch < last and sum_over_ranks(run.world, [float(bool(should_stop()))])[0] > 0
-            net = run.strategy.unwrap(run.model)
-            if stop or run.checkpoints.due(epoch, last):
-                run.checkpoints.save(checkpoint_state(net, run), epoch)
-            if run.checkpoints.is_best(metrics):
-                run.checkpoints.save_best(checkpoint_state(net, run), epoch, metrics)
+            due, best = stop or run.checkpoints.due(epoch, last), run.checkpoints.is_best(metrics)
+            saved = checkpoint_state(run.strategy.unwrap(run.model), run) if due or best else None
+            if due:
+                run.checkpoints.save(saved, epoch)
+            if best:
+                run.checkpoints.save_best(saved, epoch, metrics)
             if stop:
                 raise StopRequested(f"stopped on request after epoch {epoch + 1} of {run.hp.end_epoch}, "
                                     "with a checkpoint")
