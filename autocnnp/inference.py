@@ -26,6 +26,7 @@ from .core.errors import DataError, JobError
 from .core.files import atomic_write
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
 from .core.processes import default_threads
+from .core.text import text_table
 from .engine.job import read_job
 from .generator.assemble import Generator, assemble
 from .generator.overrides import apply_overrides, parse_sets, read_variant
@@ -327,14 +328,9 @@ def _reference_labels(ref: Path) -> tuple[dict[str, Path], dict[int, str]]:
 
 
 def _table(rows: list[dict], columns) -> str:
-    head = ["case", *columns]
     cells = [[str(r["case"]), *(f"{r[c]:.4f}" if isinstance(r.get(c), float) else str(r.get(c, "")) for c in columns)]
              for r in rows]
-    widths = [max(len(h), *(len(row[i]) for row in cells)) for i, h in enumerate(head)]
-    lines = ["  ".join(h.ljust(w) if i == 0 else h.rjust(w) for i, (h, w) in enumerate(zip(head, widths)))]
-    lines += ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(row, widths)))
-              for row in cells]
-    return "\n".join(lines)
+    return text_table(["case", *columns], cells)
 
 
 def _surface_means(rows: list[dict], columns: list[str]) -> dict:

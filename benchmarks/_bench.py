@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from autocnnp.core.text import text_table
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -106,9 +108,4 @@ def init_process_group(backend: str, world) -> None:
 
 def table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """A plain text table: first column left-aligned, the others right-aligned."""
-    widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-    lines = []
-    for r in (head, tuple("-" * w for w in widths), *rows):
-        lines.append("  ".join(c.ljust(w) if i == 0 else c.rjust(w)
-                               for i, (c, w) in enumerate(zip(r, widths))).rstrip())
-    return "\n".join(lines)
+    return "\n".join(line.rstrip() for line in text_table(head, rows, rule=True).splitlines())

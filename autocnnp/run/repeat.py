@@ -19,6 +19,7 @@ from ..core.errors import ExitCode, JobError
 from ..core.files import atomic_write, write_json
 from ..core.metrics import LOSSES, SEGEVAL
 from ..core.rundir import RunDir
+from ..core.text import text_table
 from ..generator.overrides import apply_overrides
 from . import launch
 from . import manifest as mf
@@ -64,9 +65,7 @@ def format_summary(results: dict[int, dict], summary: dict) -> str:
     head = ["metric", "mean", "std", *[f"seed {s}" for s in seeds]]
     rows = [[n, f"{v['mean']:.4f}", "" if math.isnan(v["std"]) else f"{v['std']:.4f}",
              *[f"{float(results[s][n]):.4f}" if n in results[s] else "" for s in seeds]] for n, v in summary.items()]
-    widths = [max(len(x) for x in col) for col in zip(head, *rows)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    return "\n".join([fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)])
+    return text_table(head, rows, rule=True)
 
 
 def run_repeats(job: Job, count: int, run=None) -> int:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from ..core.files import atomic_write
 from ..core.metrics import SEGEVAL
+from ..core.text import text_table
 from .guideline import Outcome, Row, settings_dict
 from .lr_plot import save_figure
 
@@ -55,9 +56,7 @@ def format_table(outcome: Outcome) -> str:
                       *[_pct(r.metrics.get(m)) for m in SEGEVAL],
                       f"{s['lr']:.3g}" if s else "", s.get("optimizer", ""), str(s.get("warmup_epochs", "")),
                       f"{s['decay_coefficient']:g}" if s else "", str(s.get("decay_epochs", ""))])
-    widths = [max(len(str(x)) for x in col) for col in zip(head, *lines)]
-    fmt = lambda cells: "  ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-    out = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, lines)]
+    out = [text_table(head, lines, left=2, rule=True)]
     if outcome.baseline is not None:
         out.append("* reached the baseline (Dice, then MA, then mean IoU)")
     return "\n".join(out)

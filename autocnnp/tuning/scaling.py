@@ -20,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from ..core.errors import JobError, Source
+from ..core.text import text_table
 from ..generator.protocols import Traffic
 
 GB = 1e9
@@ -220,8 +221,7 @@ def table(rows: list[Row]) -> str:
     body = [(str(r.ranks), str(r.threads), f"{1e3 * r.compute_s:.2f}", f"{1e3 * r.data_s:.2f}",
              f"{1e3 * r.comm_s:.2f}", f"{1e3 * r.exposed_s:.2f}", f"{1e3 * r.step_s:.2f}", f"{r.samples_s:.1f}",
              f"{r.speedup:.2f}x", f"{100 * r.efficiency:.1f}%") for r in rows]
-    widths = [max(len(h), *(len(b[i]) for b in body)) for i, h in enumerate(head)]
-    return "\n".join("  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in (head, *body))
+    return text_table(head, body, left=0)
 
 
 @dataclass
