@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from autocnnp.core.rundir import RunDir
 from autocnnp.core.settings import setting
 from autocnnp.generator.protocols import RunInfo, Tracker
 from autocnnp.generator.registry import component
@@ -27,7 +28,7 @@ class Files(Tracker):
         if config.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(info.rundir / "tensorboard"),  # a resumed run drops the events after it
+            self.writer = SummaryWriter(str(RunDir(info.rundir).tensorboard),  # a resumed run drops the events after it
                                         purge_step=info.first_step + 1 if info.first_step else None)
 
     def step(self, global_step: int, loss: float) -> None:
@@ -44,7 +45,6 @@ class Files(Tracker):
         if self.writer is not None:
             self.writer.close()
         if self.config.plots:
-            from autocnnp.core.rundir import RunDir
             from autocnnp.training.monitor import plot_run
 
             plot_run(RunDir(self.info.rundir))
