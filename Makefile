@@ -7,7 +7,7 @@ VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
 
-.PHONY: venv horovod demo test test-fast lint bench clean
+.PHONY: venv horovod tensorflow demo test test-fast lint bench clean
 
 venv: $(STAMP)
 
@@ -21,6 +21,11 @@ $(STAMP): requirements/test.txt pyproject.toml cluster/install-deps.sh
 # Horovod 0.28.1 built from source for this torch (dist_strategy horovod); a few minutes, once
 horovod: venv
 	bash cluster/build-horovod.sh $(VENV)
+
+# TensorFlow 2.21 (CPU) for jobs whose framework action is tensorflow; torch jobs never import it
+tensorflow: venv
+	$(BIN)/pip install -q -r requirements/tensorflow.txt
+	$(BIN)/python -c "import tensorflow as tf; print('tensorflow', tf.__version__, 'installed')"
 
 demo: venv
 	$(BIN)/autocnnp run xml_configs/demo.xml

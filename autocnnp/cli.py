@@ -81,10 +81,14 @@ def cmd_components(args) -> int:
 
 def _list(registry) -> None:
     for name in registry.names():
-        entry = registry.builtin(name)
-        print(f"  {name}: {entry.summary}")
-        if entry.config is None:
-            continue
+        for entry in registry.builtins(name):
+            _describe(name, entry)
+
+
+def _describe(name: str, entry) -> None:
+    """One implementation and its parameters (``autocnnp components``)."""
+    print(f"  {name} [{', '.join(entry.frameworks)}]: {entry.summary}")
+    if entry.config is not None:
         hints = typing.get_type_hints(entry.config)
         for f in dataclasses.fields(entry.config):
             default = "required" if f.default is dataclasses.MISSING else f"default {f.default!r}"

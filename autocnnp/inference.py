@@ -153,13 +153,13 @@ def _model_and_transform(state: dict, checkpoint: Path, gen: Generator | None, n
 
 
 def _build_network(trained: Generator, weights: dict, in_channels: int, classes: int, checkpoint: Path):
-    model = trained.action("architecture_injection").build(in_channels=in_channels, num_classes=classes)
+    """The trained network as a torch module (NCHW in, logits out), whatever framework trained it."""
+    framework = trained.action("framework").build()
     try:
-        model.load_state_dict({k.removeprefix("module."): v for k, v in weights.items()})
-    except RuntimeError as exc:
+        return framework.network(trained, weights, in_channels=in_channels, num_classes=classes)
+    except (RuntimeError, ValueError) as exc:
         raise DataError(checkpoint, f"does not fit the architecture with {in_channels} input channel(s) and {classes} "
                         f"classes ({str(exc).splitlines()[0]})", "pass the --num-classes it was trained with") from None
-    return model
 
 
 def default_batch(device, size: int) -> int:

@@ -22,7 +22,7 @@ from autocnnp.inference import (
     prepare_network,
     slice_probabilities,
 )
-from autocnnp.training.trainer import model_card
+from autocnnp.training.loop import model_card
 
 CPU = torch.device("cpu")
 BF16_TOLERANCE = 0.03  # probabilities; bf16 keeps 8 bits of mantissa

@@ -26,7 +26,8 @@ from autocnnp.training.monitor import MonitoringConfig
 
 PACKAGE = Path(__file__).resolve().parents[1] / "autocnnp"
 WHERE = Location(Path("job.xml"), 1, 1)
-BUILTINS = [(p.type, name) for p in POINTS for name in p.registry.names()]
+# the torch built-ins; tests/test_tensorflow.py checks the tensorflow ones in a process of their own
+BUILTINS = [(p.type, name) for p in POINTS for name in p.registry.names("torch")]
 # Built with world size 1 in a subprocess of their own: they initialise MPI or a process group.
 IN_SUBPROCESS = {"communication_init", "dist_strategy"}
 
@@ -125,7 +126,7 @@ BUILD_WITH_ONE_RANK = textwrap.dedent("""
     from autocnnp.generator.points import registry
     built = []
     for point in ("communication_init", "dist_strategy"):
-        for name in registry(point).names():
+        for name in registry(point).names("torch"):
             entry = registry(point).get(name, None)
             if name == "horovod" and not HOROVOD:
                 continue
@@ -160,7 +161,7 @@ def test_communication_inits_and_strategies_build_from_their_defaults_with_one_r
     result = subprocess.run([sys.executable, "-c", f"HOROVOD = {horovod}\n" + BUILD_WITH_ONE_RANK], cwd=tmp_path,
                             capture_output=True, text=True, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]
-    expected = set(registry("communication_init").names()) | set(registry("dist_strategy").names())
+    expected = set(registry("communication_init").names("torch")) | set(registry("dist_strategy").names("torch"))
     assert set(result.stdout.split()) == (expected if horovod else expected - {"horovod"})
 
 
@@ -170,13 +171,13 @@ def test_replicas_are_known_before_anything_is_built():
     assert strategies.get("fedavg", WHERE).config().replicas(4) == 1
     server = strategies.get("parameter_server", WHERE).config
     assert server(server="dedicated").replicas(4) == 3 and server().replicas(4) == 4
-    assert all(issubclass(strategies.get(n, WHERE).config, StrategyConfig) for n in strategies.names())
+    assert all(issubclass(e.config, StrategyConfig) for n in strategies.names() for e in strategies.builtins(n))
 
 
 # --- each default declared once ---------------------------------------------------------------------
 
 def _configs() -> list[type]:
-    builtins = [entry_of(p, n).config for p, n in BUILTINS]
+    builtins = [e.config for p in POINTS for n in p.registry.names() for e in p.registry.builtins(n)]
     return [c for c in builtins if c is not None] + [MonitoringConfig, *CLUSTER_CONFIGS]
 
 

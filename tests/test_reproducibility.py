@@ -93,8 +93,9 @@ def test_dataset_checksum_content_and_stat(tmp_path):
 
 def test_lr_policy_and_divergence_reference_are_saved_and_resumed():
     from autocnnp.components.lr_policies import grescale
+    from autocnnp.training.loop import TrainState
     from autocnnp.training.monitor import DivergenceGuard
-    from autocnnp.training.trainer import TrainState, _resume, checkpoint_state
+    from autocnnp.training.trainer import _resume, checkpoint_state
 
     numbers = dict(base_lr=0.1, replicas=2, steps_per_epoch=2, total_epochs=12)
     policy = grescale.GreScale(grescale.Config(), **numbers)

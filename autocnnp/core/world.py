@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -47,3 +48,18 @@ def discover_world(env=os.environ) -> World:
             lsize = env.get(local_size, "1").split("(")[0].split(",")[0]  # Slurm: "2(x3),1"
             return World(int(env[rank]), int(env[size]), int(env.get(local, 0)), int(lsize or 1))
     return World()
+
+
+def free_port() -> int:
+    """A TCP port free now on this host (bound to port 0, then released)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def host_address() -> str:
+    """This host's address as the other ranks reach it (loopback when the name does not resolve)."""
+    try:
+        return socket.gethostbyname(socket.gethostname())
+    except OSError:
+        return "127.0.0.1"

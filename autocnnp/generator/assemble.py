@@ -78,6 +78,11 @@ class Generator:
     rundir: RunDir
     pretrained: Pretrained | None = None  # <CNN_archi pretrained=... freeze=...>
 
+    @property
+    def framework(self) -> str:
+        """What the ranks train with: torch or tensorflow (the framework action)."""
+        return self.action("framework").entry.name
+
     def actions(self):
         for module in self.root.modules():
             yield from module.actions
@@ -107,15 +112,15 @@ class Generator:
         with its defaults, for ``world_size`` ranks (default: the job's)."""
         action = self.action("lr_policy")
         if name is not None and name != action.entry.name:
-            action = default_action(POINT_BY_NAME["lr_policy"], name, self.job)
+            action = default_action(POINT_BY_NAME["lr_policy"], name, self.job, self.framework)
         hp = self.hyperparameters
         return action.build(base_lr=hp.lr, replicas=self.replicas(world_size), steps_per_epoch=steps_per_epoch,
                             total_epochs=hp.end_epoch)
 
 
-def default_action(point, name: str, spec: JobSpec) -> Action:
-    """An action of ``point`` implemented by ``name`` with its default parameters."""
-    entry = point.registry.get(name, spec.where)
+def default_action(point, name: str, spec: JobSpec, framework: str) -> Action:
+    """An action of ``point`` implemented by ``name`` for ``framework``, with its default parameters."""
+    entry = point.registry.get(name, spec.where, framework)
     return Action(point, entry, bind(entry.config, [], spec.base_dir, point.title), None, False, base_dir=spec.base_dir)
 
 
@@ -131,12 +136,13 @@ def assemble(job: JobSpec | Path | str) -> Generator:
         if name.lower() not in MODULE_BY_NAME:
             raise JobError(where, f"unknown module '{name}'", did_you_mean(name, [m.name for m in MODULES]))
 
-    actions = {a.type: a for a in _explicit_actions(spec)}
-    actions.update(_injection_actions(spec))
-    for point in POINTS:
-        if point.type not in actions and point.default is not None:
-            actions[point.type] = default_action(point, point.default, spec)
-    _fit_dependencies(actions, spec)
+    framework = _framework(spec)
+    actions = {a.type: a for a in _explicit_actions(spec, framework)}
+    actions.update(_injection_actions(spec, framework))
+    for point in POINTS:  # a default this framework lacks is set by a dependency (a strategy's requires)
+        if point.type not in actions and point.default is not None and point.registry.builtin(point.default, framework):
+            actions[point.type] = default_action(point, point.default, spec, framework)
+    _fit_dependencies(actions, spec, framework)
 
     modules = {m.name: Module(m.name, m.title, [actions[p.type] for p in POINTS if p.module == m.name])
                for m in MODULES}
@@ -144,11 +150,24 @@ def assemble(job: JobSpec | Path | str) -> Generator:
         Composite(c, title, [modules[m.name] for m in MODULES if m.composite == c]) for c, title in COMPOSITES.items()
     ])
     gen = Generator(spec, root, _bindings(), world_size, seed, rundir, _pretrained(spec))
+    if gen.pretrained is not None and framework != "torch":
+        raise JobError(gen.pretrained.where, f"pretrained weights are loaded on the torch framework only; this job "
+                       f"trains with {framework}", "remove pretrained= (and freeze=), or train with framework torch")
     _check_lr_policy(gen)
     return gen
 
 
-def _explicit_actions(spec: JobSpec):
+def _framework(spec: JobSpec) -> str:
+    """The framework action's choice (torch when the job has none), read before the other actions, which
+    are resolved for it."""
+    point = POINT_BY_NAME["framework"]
+    for a in spec.actions:
+        if a.type.lower() == point.type and a.choice is not None and a.choice.path is None:
+            return point.registry.get(a.choice.name, a.choice.where, None).name
+    return point.default
+
+
+def _explicit_actions(spec: JobSpec, framework: str):
     seen: dict[str, Location] = {}
     for a in spec.actions:
         point = POINT_BY_NAME.get(a.type.lower())
@@ -168,7 +187,7 @@ def _explicit_actions(spec: JobSpec):
         if not point.extensible and a.choice and a.choice.path:
             raise JobError(a.where, f"'{point.type}' is a non-extensible action: it can be parametrised "
                            "but not overridden with your own code", "remove the <path> and pick one of: "
-                           + ", ".join(point.registry.names()))
+                           + ", ".join(point.registry.names(framework)))
         if a.extensible != point.extensible:
             right = "extensible" if point.extensible else "non_extensible"
             raise JobError(a.where, f"'{point.type}' is {'an ' if point.extensible else 'a non-'}extensible action",
@@ -177,7 +196,9 @@ def _explicit_actions(spec: JobSpec):
             where = next(iter(a.plugins.values())).where
             raise JobError(where, f"'{point.type}' is non-extensible: user code cannot be plugged into it",
                            "remove the <path>; plug-ins go into extensible actions such as checkpoint")
-        entry = _choose(point.registry, a.choice, point.default, a.where)
+        entry = _choose(point.registry, a.choice, point.default, a.where,
+                        None if point.type == "framework" else framework)
+        _check_framework(point, entry, framework, a.where)
         plugins = {name: point.registry.from_file(c.path, c.entry or name, c.where, PLUGIN_FITS)
                    for name, c in a.plugins.items()}
         yield _action(point, entry, a.params, a.where, spec, plugins)
@@ -191,23 +212,34 @@ def _action(point, entry: Entry, settings: list[Setting], where, spec: JobSpec, 
     return Action(point, entry, config, where, True, settings, plugins or {}, spec.base_dir)
 
 
-def _choose(registry, choice: Choice | None, default: str | None, where: Location) -> Entry:
+def _choose(registry, choice: Choice | None, default: str | None, where: Location, framework: str | None) -> Entry:
     if choice is None:
         if default is None:
             raise JobError(where, f"no {registry.point} is chosen", "add an unnamed <value> naming one")
-        return registry.get(default, where)
+        return registry.get(default, where, framework)
     if choice.path is not None:
         return registry.from_file(choice.path, choice.entry, choice.where)
-    return registry.get(choice.name, choice.where)
+    return registry.get(choice.name, choice.where, framework)
 
 
-def _injection_actions(spec: JobSpec) -> dict[str, Action]:
+def _check_framework(point, entry: Entry, framework: str, where: Location | None) -> None:
+    """An implementation that declares its frameworks must train with the job's (user files that declare
+    none are taken to be written for it)."""
+    if entry.frameworks and framework not in entry.frameworks and point.type != "framework":
+        raise JobError(where, f"{point.type} '{entry.name}' ({entry.origin}) is written for "
+                       f"{', '.join(entry.frameworks)}, but the job trains with {framework}",
+                       f"choose one of: {', '.join(point.registry.names(framework)) or 'none'}; or set the "
+                       f"framework action to {entry.frameworks[0]}")
+
+
+def _injection_actions(spec: JobSpec, framework: str) -> dict[str, Action]:
     """Task, architecture, dataset and hyperparameters come from their own job sections."""
     points = POINT_BY_NAME
     arch, registry = spec.architecture, points["architecture_injection"].registry
     arch_settings = spec.architecture_params
     if arch.path is not None and arch.path.suffix == ".py":
         arch_entry = registry.from_file(arch.path, arch.entry, arch.where)
+        _check_framework(points["architecture_injection"], arch_entry, framework, arch.where)
     elif arch.path is not None and arch.path.suffix == ".keras":  # a Keras 3 model file: the `keras` entry
         if arch.entry:
             raise JobError(arch.where, f"entry=\"{arch.entry}\" names a Python symbol, but {arch.path.name} is a "
@@ -215,43 +247,44 @@ def _injection_actions(spec: JobSpec) -> dict[str, Action]:
         if not arch.path.is_file():
             raise JobError(arch.where, f"the Keras model file {arch.path} does not exist",
                            "fix the <path> (relative paths are read from the job file's folder)")
-        arch_entry = registry.get("keras", arch.where)
+        arch_entry = registry.get("keras", arch.where, framework)
         arch_settings = [Setting("path", str(arch.path), arch.where), *arch_settings]
     elif arch.path is not None:
         raise JobError(arch.where, f"architecture file {arch.path.name} is not a Python file or a Keras model",
                        "describe the network in a .py file defining build(in_channels, num_classes, ...) "
                        "or an nn.Module class, or save a Keras 3 model as a .keras file")
     else:
-        arch_entry = registry.get(arch.name, arch.where)
+        arch_entry = registry.get(arch.name, arch.where, framework)
     data = spec.data_format
-    data_entry = points["dataset_injection"].registry.get(data.name or "decathlon", data.where)
+    data_entry = points["dataset_injection"].registry.get(data.name or "decathlon", data.where, framework)
     hyper = points["hyperparameters_injection"]
     return {
         "task_definition": _action(points["task_definition"], points["task_definition"].registry.get(
-            spec.task, spec.where), [], spec.where, spec),
+            spec.task, spec.where, framework), [], spec.where, spec),
         "architecture_injection": _action(points["architecture_injection"], arch_entry, arch_settings, arch.where,
                                           spec),
         "dataset_injection": _action(points["dataset_injection"], data_entry,
                                      [*spec.data_paths.values(), *spec.data_params], data.where, spec),
-        "hyperparameters_injection": _action(hyper, hyper.registry.get(hyper.default, spec.where),
+        "hyperparameters_injection": _action(hyper, hyper.registry.get(hyper.default, spec.where, framework),
                                              spec.hyperparameters, spec.where, spec),
     }
 
 
-def _fit_dependencies(actions: dict[str, Action], spec: JobSpec) -> None:
+def _fit_dependencies(actions: dict[str, Action], spec: JobSpec, framework: str) -> None:
     """Intra-module dependencies: a swapped implementation may need another action."""
     for action in list(actions.values()):
         for other_type, allowed in action.entry.requires.items():
             other = actions.get(other_type)
             if other is None or not other.explicit:
-                actions[other_type] = default_action(POINT_BY_NAME[other_type], allowed[0], spec)
+                actions[other_type] = default_action(POINT_BY_NAME[other_type], allowed[0], spec, framework)
             elif other.entry.name not in allowed:
                 raise JobError(other.where, f"{action.type} '{action.entry.name}' needs {other_type} "
                                f"{' or '.join(repr(a) for a in allowed)}, but the job sets '{other.entry.name}'",
                                f"change this action to {allowed[0]} or remove it to let the engine choose")
     missing = [p.type for p in POINTS if p.type not in actions]
     if missing:
-        raise JobError(spec.where, f"no implementation for {', '.join(missing)}", "add the missing actions")
+        raise JobError(spec.where, f"no {framework} implementation for {', '.join(missing)}", "add the missing "
+                       f"actions, naming implementations of {framework} (autocnnp components lists them)")
 
 
 def _check_lr_policy(gen: Generator) -> None:

@@ -5,20 +5,26 @@ implementations are called. This table is the one place that knows them.
 ===========================  ====================================================================
 point                        implementation (``config``: the bound Config, first when declared)
 ===========================  ====================================================================
+framework                    ``Framework(config)``: protocols.Framework (builds and trains a rank's run)
 communication_init           ``init(config, timeout_s=) -> World``
-device_placement             ``place(world=) -> torch.device``
-memory_allocation            ``apply(config, device=) -> torch.device``
+device_placement             ``place(world=) -> device`` (a torch.device; a TensorFlow device name)
+memory_allocation            ``apply(config, device=) -> device``
 hyperparameters_injection    ``inject(config) -> the bound hyperparameters``
 dist_strategy                ``Strategy(config, world=, device=, beat=)``: protocols.Strategy
 lr_policy                    ``Policy(config, base_lr=, replicas=, steps_per_epoch=, total_epochs=)``:
                              protocols.LRPolicy
 checkpoint                   ``Checkpointer(config, directory=, rank=, plugins=)``: protocols.Checkpointer
 task_definition              ``Task()`` with ``loss(name)`` and ``evaluator(num_classes, class_names, regions)``
-architecture_injection       ``build(config, in_channels=, num_classes=) -> nn.Module``
+architecture_injection       ``build(config, in_channels=, num_classes=) -> nn.Module`` (a keras.Model on
+                             tensorflow)
 dataset_injection            ``Format(config)``: protocols.DataFormat
 ===========================  ====================================================================
 
 A user callable without a Config gets its parameters as keyword arguments instead.
+
+Every built-in declares the frameworks it trains with (``@component(..., frameworks=)``, torch unless
+it says); one name may have an implementation per framework (``ring_allreduce`` is DDP on torch and
+MultiWorkerMirroredStrategy on tensorflow), so a job swaps framework by its framework action alone.
 """
 
 from __future__ import annotations
@@ -71,6 +77,8 @@ MODULES = (
 )
 
 POINTS = (
+    Point("framework", "Training Framework", "train_env_def", False, "frameworks", "torch", "Framework",
+          provides=("framework",)),
     Point("communication_init", "Communication Init", "train_env_def", False, "communication", "torch_distributed",
           "init", aliases=("comm_init",), provides=("world",)),
     Point("device_placement", "Processes Device Placement", "train_env_def", False, "placement", "local_rank",

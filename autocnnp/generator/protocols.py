@@ -8,6 +8,7 @@ Config receives the bound Config as its first argument (``config``), else ``None
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import warnings
 from collections.abc import Callable
@@ -24,6 +25,33 @@ def first_paragraph(doc: str | None) -> str:
 def summary(obj) -> str:
     """The first paragraph of ``obj``'s docstring."""
     return first_paragraph(inspect.getdoc(obj))
+
+
+# --- framework ------------------------------------------------------------------------------------------
+
+class Framework:
+    """The training framework (``framework``): what builds one rank's run from the generator's actions,
+    trains it and turns its checkpoints back into a network.
+
+    Built as ``Framework(config)`` on every rank by run & manage's worker, which calls
+    ``build(gen, monitoring, beat=, timeout_s=)`` then ``fit(run, monitoring, beat=, should_stop=,
+    trackers=)``; ``autocnnp predict`` calls ``network(gen, weights, in_channels=, num_classes=)`` for
+    a torch module that takes and returns NCHW tensors, whatever framework trained it. A run has at least
+    ``world``, ``data``, ``state`` (its ``epoch``), ``loader`` (its length: steps per epoch),
+    ``determinism`` and ``resumed_from``, which the manifest and trackers read.
+    """
+
+    def __init__(self, config: Any = None):
+        self.config = config
+
+    def build(self, gen, monitoring, *, beat=lambda: None, timeout_s: float):
+        raise NotImplementedError
+
+    def fit(self, run, monitoring, *, beat=lambda: None, should_stop=lambda: False, trackers=()) -> dict[str, float]:
+        raise NotImplementedError
+
+    def network(self, gen, weights: dict, *, in_channels: int, num_classes: int):
+        raise NotImplementedError
 
 
 # --- dist_strategy --------------------------------------------------------------------------------------
@@ -115,6 +143,35 @@ class Strategy:
         del model_bytes, steps_per_epoch
         workers = config.shards(ranks) if isinstance(config, StrategyConfig) else ranks
         return Traffic("ring", grad_bytes, workers)
+
+
+class KerasStrategy(Strategy):
+    """A distributed optimizer of the tensorflow framework (same names as its torch twins: ``ring_allreduce``).
+
+    Built like every strategy (``device`` is the TensorFlow device name the placement chose). The Keras
+    trainer builds the network and optimizer inside ``scope()``; each step runs ``run(step_fn, x, y)`` (in a
+    ``tf.function``, returning this rank's result), where ``step_fn`` scales this rank's loss by ``share``,
+    takes its gradients with ``gradients(tape, loss, variables)`` and applies them; after each epoch's steps,
+    ``synchronize(variables)`` makes the network's non-trainable variables (BatchNorm statistics) equal on
+    every rank before validation and checkpoints. ``sampler`` shards the data as on torch. ``wrap``,
+    ``step`` and the other torch hooks are not called."""
+
+    share = 1.0  # the weight of this rank's gradient in one step's: 1/replicas where they are summed, 1 if averaged
+
+    def scope(self):
+        """Where the network and optimizer are created (a tf.distribute scope; none by default)."""
+        return contextlib.nullcontext()
+
+    def synchronize(self, variables) -> None:
+        """Make ``variables`` equal on every rank (no-op by default)."""
+
+    def run(self, fn, *args):
+        """Run one step's ``fn(*args)`` on this rank's replica; its result on this rank."""
+        return fn(*args)
+
+    def gradients(self, tape, loss, variables):
+        """The gradients this step applies (the tape's own by default)."""
+        return tape.gradient(loss, variables)
 
 
 def shard_sampler(dataset, *, num_replicas: int, rank: int, shuffle: bool, seed: int):

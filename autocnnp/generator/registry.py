@@ -36,10 +36,14 @@ _LIGHT_MODULES = ("__future__", "dataclasses", "typing", "pathlib", "enum", "mat
                   "autocnnp.generator.protocols")
 
 
-def component(name: str, *, aliases: tuple[str, ...] = ()):
+FRAMEWORKS = ("torch", "tensorflow")  # what the framework action may choose; a component runs on torch unless it says
+
+
+def component(name: str, *, aliases: tuple[str, ...] = (), frameworks: tuple[str, ...] = ("torch",)):
     """Mark the implementation of a built-in component (read by the registry from the file's text;
-    the file's ``Config`` dataclass holds its parameters). Returns the object unchanged."""
-    del name, aliases
+    the file's ``Config`` dataclass holds its parameters) for the ``frameworks`` it trains with: one name
+    may have one implementation per framework. Returns the object unchanged."""
+    del name, aliases, frameworks
     return lambda obj: obj
 
 
@@ -55,6 +59,7 @@ class Entry:
     requires: dict[str, tuple[str, ...]] = field(default_factory=dict)
     launchers: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
+    frameworks: tuple[str, ...] = ()  # the frameworks it trains with (empty: not declared, a user file's)
 
     @property
     def file(self) -> Path | None:
@@ -90,31 +95,39 @@ class Registry:
 
     # --- built-ins and installed distributions ---
 
-    def _marks(self, files=None) -> dict[str, tuple[Path, str]]:
-        """name or alias -> (file, definition) of the built-ins in ``files`` (default: all of this point's)."""
-        files = sorted((COMPONENTS / self.folder).glob("*.py")) if files is None else files
-        return {key: (path, definition) for path in files
-                for name, aliases, definition in _marks(path) for key in (name, *aliases)}
+    def _files(self) -> list[Path]:
+        return sorted((COMPONENTS / self.folder).glob("*.py"))
 
-    def names(self) -> list[str]:
-        files = sorted((COMPONENTS / self.folder).glob("*.py"))
-        return sorted({name for path in files for name, _, _ in _marks(path)} | set(self.extra))
+    def names(self, framework: str | None = None) -> list[str]:
+        """The built-in names (those implemented for ``framework`` when given)."""
+        return sorted({name for path in self._files() for name, _, _, frameworks in _marks(path)
+                       if framework is None or framework in frameworks}
+                      | {name for name, e in self.extra.items() if _runs_on(e, framework)})
 
-    def builtin(self, name: str) -> Entry | None:
-        """The built-in (or in-process registered) implementation called ``name``, if any."""
+    def builtins(self, name: str) -> list[Entry]:
+        """Every framework's built-in implementation called ``name`` (or aliased so)."""
         if name in self.extra:
-            return self.extra[name]
+            return [self.extra[name]]
         if not name.isidentifier() or len(name) > 100:  # a name, never a path: nothing else is read
-            return None
-        own = COMPONENTS / self.folder / f"{name}.py"  # most files are named after their component
-        where = (self._marks([own]) if own.is_file() else {}).get(name) or self._marks().get(name)
-        return _entry(*where) if where else None
+            return []
+        return [_entry(path, definition) for path in self._files() for key, definition in _keys(path) if key == name]
 
-    def get(self, name: str, where: Location) -> Entry:
-        """The entry called ``name``: built-in first, then installed entry points."""
-        entry = self.builtin(name)
+    def builtin(self, name: str, framework: str | None = "torch") -> Entry | None:
+        """The built-in (or in-process registered) implementation called ``name`` for ``framework`` (None:
+        any), if any."""
+        return next((e for e in self.builtins(name) if _runs_on(e, framework)), None)
+
+    def get(self, name: str, where: Location, framework: str | None = "torch") -> Entry:
+        """The entry called ``name`` for ``framework`` (None: any): built-in first, then installed entry
+        points. A name implemented for other frameworks only is refused, naming this framework's choices."""
+        entry = self.builtin(name, framework)
         if entry is not None:
             return entry
+        others = sorted({f for e in self.builtins(name) for f in e.frameworks})
+        if others:
+            raise JobError(where, f"{self.point} '{name}' has no {framework} implementation (it exists for "
+                           f"{', '.join(others)})", f"with framework {framework} choose one of: "
+                           f"{', '.join(self.names(framework)) or 'none'}; or choose framework {others[0]}")
         from importlib.metadata import entry_points  # ~15 ms: only when a name is not built in
 
         points = entry_points(group=f"autocnnp.{self.point}", name=name)
@@ -127,7 +140,8 @@ class Registry:
                                f"{type(exc).__name__}: {exc}", "fix or reinstall that distribution") from None
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ep.value
             return Entry(name, ep.value, getattr(obj, "Config", None), summary(obj), f"entry point of {dist}",
-                         dict(getattr(obj, "requires", {})), tuple(getattr(obj, "launchers", ())))
+                         dict(getattr(obj, "requires", {})), tuple(getattr(obj, "launchers", ())),
+                         frameworks=tuple(getattr(obj, "frameworks", ("torch",))))
         installed = [ep.name for ep in entry_points(group=f"autocnnp.{self.point}")]
         raise JobError(where, f"unknown {self.point} '{name}'", did_you_mean(name, self.names() + installed))
 
@@ -170,7 +184,8 @@ class Registry:
         attrs = _class_literals(node) if isinstance(node, ast.ClassDef) else {}
         doc = ast.get_docstring(node) if node is not None else None
         return Entry(symbol, f"{path}:{symbol}", None, first_paragraph(doc or ast.get_docstring(tree)),
-                     f"file {path}", dict(attrs.get("requires", {})), tuple(attrs.get("launchers", ())))
+                     f"file {path}", dict(attrs.get("requires", {})), tuple(attrs.get("launchers", ())),
+                     frameworks=tuple(attrs.get("frameworks", ())))
 
     def _fits(self, node, fits: Fits | None) -> bool:
         fits = fits or self.fits
@@ -179,6 +194,11 @@ class Registry:
             methods = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
             return bool(bases & set(fits.bases)) or bool(fits.methods) and set(fits.methods) <= methods
         return fits.functions or node.name == self.file_entry
+
+
+def _runs_on(entry: Entry, framework: str | None) -> bool:
+    """Whether ``entry`` trains with ``framework`` (None: any; an entry that declares none: any)."""
+    return framework is None or not entry.frameworks or framework in entry.frameworks
 
 
 # --- reading built-in files without importing them -------------------------------------------------------
@@ -254,12 +274,12 @@ def header(path: Path) -> types.ModuleType:
 
 
 def _class_literals(node: ast.ClassDef, namespace: dict | None = None) -> dict:
-    """Class attributes ``requires`` and ``launchers``: literals of a user file (anything else is not
+    """Class attributes ``requires``, ``launchers`` and ``frameworks``: literals of a user file (anything else is not
     evaluated, nothing of a user file runs), or expressions over a built-in's header ``namespace``."""
     out = {}
     for item in node.body:
         if isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name) \
-                and item.targets[0].id in ("requires", "launchers"):
+                and item.targets[0].id in ("requires", "launchers", "frameworks"):
             if namespace is not None:  # a built-in: its own constants (MPI_LAUNCHERS)
                 expression = compile(ast.Expression(item.value), "<component>", "eval")
                 out[item.targets[0].id] = eval(expression, dict(namespace))
@@ -269,15 +289,22 @@ def _class_literals(node: ast.ClassDef, namespace: dict | None = None) -> dict:
 
 
 @functools.cache
-def _marks(path: Path) -> tuple[tuple[str, tuple[str, ...], str], ...]:
-    """``(name, aliases, definition)`` of each ``@component(...)`` mark in a built-in file (parsed, not run)."""
+def _marks(path: Path) -> tuple[tuple[str, tuple[str, ...], str, tuple[str, ...]], ...]:
+    """``(name, aliases, definition, frameworks)`` of each ``@component(...)`` mark in a built-in file
+    (parsed, not run)."""
     out = []
     for node in ast.parse(path.read_bytes(), filename=str(path)).body:
         for mark in getattr(node, "decorator_list", []):
             if isinstance(mark, ast.Call) and _dotted(mark.func).rsplit(".", 1)[-1] == "component":
-                aliases = next((ast.literal_eval(k.value) for k in mark.keywords if k.arg == "aliases"), ())
-                out.append((ast.literal_eval(mark.args[0]), tuple(aliases), node.name))
+                keywords = {k.arg: ast.literal_eval(k.value) for k in mark.keywords}
+                out.append((ast.literal_eval(mark.args[0]), tuple(keywords.get("aliases", ())), node.name,
+                            tuple(keywords.get("frameworks", ("torch",)))))
     return tuple(out)
+
+
+def _keys(path: Path) -> list[tuple[str, str]]:
+    """``(name or alias, definition)`` of every mark in a built-in file."""
+    return [(key, definition) for name, aliases, definition, _ in _marks(path) for key in (name, *aliases)]
 
 
 @functools.cache
@@ -285,11 +312,11 @@ def _entry(path: Path, definition: str) -> Entry:
     """The built-in ``definition`` of ``path``: its Config and class attributes read torch-free."""
     mod = header(path)
     node = next(n for n in ast.parse(path.read_bytes(), filename=str(path)).body if getattr(n, "name", None) == definition)
-    name, aliases, _ = next(m for m in _marks(path) if m[2] == definition)
+    name, aliases, _, frameworks = next(m for m in _marks(path) if m[2] == definition)
     attrs = _class_literals(node, vars(mod)) if isinstance(node, ast.ClassDef) else {}
     return Entry(name, f"{_module_name(path)}:{definition}", getattr(mod, "Config", None),
                  first_paragraph(ast.get_docstring(node)), "built-in", dict(attrs.get("requires", {})),
-                 tuple(attrs.get("launchers", ())), aliases)
+                 tuple(attrs.get("launchers", ())), aliases, frameworks)
 
 
 def load_file(path: Path) -> types.ModuleType:

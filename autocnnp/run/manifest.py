@@ -167,7 +167,8 @@ def software() -> dict:
         out["torch_mpi_backend"] = dist.is_mpi_available()
     except Exception as exc:  # noqa: BLE001 - a broken probe must not stop the run
         out["torch"] = f"unknown ({exc})"
-    for name in ("numpy", "mpi4py", "lxml", "psutil", "nibabel", "matplotlib", "tensorboard", "horovod"):
+    for name in ("numpy", "mpi4py", "lxml", "psutil", "nibabel", "matplotlib", "tensorboard", "horovod", "keras",
+                 "tensorflow", "tensorflow-cpu"):
         out[name] = _version(name)
     mpirun = shutil.which("mpirun")
     version = _run([mpirun, "--version"]) if mpirun else None

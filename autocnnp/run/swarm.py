@@ -25,6 +25,7 @@ from pathlib import Path
 
 from ..core.errors import Interrupted, JobError
 from ..core.files import atomic_write
+from ..core.world import free_port
 from . import lock, preflight
 from .job import Job
 from .supervise import diagnose, read_statuses
@@ -209,12 +210,6 @@ def _wait(service, job: Job, timeout_s: float) -> tuple[int, str]:
         time.sleep(1.0)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
 def task_main(job: str) -> int:
     """Inside one replica: rank from the task slot, rendezvous through the shared folder, then train."""
     slot, size = int(os.environ["AUTOCNNP_SLOT"]), int(os.environ["WORLD_SIZE"])
@@ -222,8 +217,7 @@ def task_main(job: str) -> int:
     os.environ.update(RANK=str(rank), LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     master = Path(os.environ["AUTOCNNP_RENDEZVOUS"]) / "master"
     if rank == 0:
-        addr = socket.gethostbyname(socket.gethostname())
-        atomic_write(master, f"{addr} {_free_port()}")
+        atomic_write(master, f"{socket.gethostbyname(socket.gethostname())} {free_port()}")
     deadline = time.monotonic() + float(os.environ.get("AUTOCNNP_STARTUP_TIMEOUT_S", "120"))
     while not master.exists():
         if time.monotonic() > deadline:

@@ -16,7 +16,6 @@ from ..core.rundir import RunDir
 from ..core.world import discover_world, launcher_name
 from ..generator.protocols import RunInfo
 from ..training.monitor import Diverged, StopRequested
-from ..training.trainer import build, fit
 from . import manifest
 from .job import Job, load_job
 from .launch import PARENT_RUN
@@ -61,11 +60,12 @@ def _drain() -> None:
 def train(job: Job, beat=lambda: None) -> dict[str, float]:
     """Build the generator's run on this rank, record it in the manifest (rank 0), train it with the job's
     trackers (rank 0); stop at an epoch's end with a checkpoint when run & manage asks (``OUTPUT/.stop``)."""
-    run = build(job.generator, job.monitoring, beat=beat, timeout_s=job.launch.rank_timeout_s + 30)
+    framework = job.generator.action("framework").build()
+    run = framework.build(job.generator, job.monitoring, beat=beat, timeout_s=job.launch.rank_timeout_s + 30)
     manifest.record_run(job, run)
     trackers = start_trackers(job, run) if run.world.rank == 0 else []
     stop_request = job.generator.rundir.stop_request
-    return fit(run, job.monitoring, beat, should_stop=stop_request.exists, trackers=trackers)
+    return framework.fit(run, job.monitoring, beat=beat, should_stop=stop_request.exists, trackers=trackers)
 
 
 def run_info(job: Job, run) -> RunInfo:
@@ -79,7 +79,7 @@ def run_info(job: Job, run) -> RunInfo:
     plan_file = gen.rundir.tracking / "plan.json"
     write_json(plan_file, plan)
     parent = os.environ.get(PARENT_RUN)
-    tags = {"strategy": gen.action("dist_strategy").entry.name, "degree": str(gen.world_size),
+    tags = {"framework": gen.framework, "strategy": gen.action("dist_strategy").entry.name, "degree": str(gen.world_size),
             "launcher": launcher_name(os.environ) or "none", "architecture": gen.action("architecture_injection").entry.name,
             "lr_policy": gen.action("lr_policy").entry.name, "data": gen.action("dataset_injection").entry.name}
     return RunInfo(gen.job.file.stem, gen.rundir.root, params, tags, {"job": gen.job.file, "plan": plan_file},

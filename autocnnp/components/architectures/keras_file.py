@@ -1,4 +1,5 @@
-"""``<CNN_archi><path>model.keras</path></CNN_archi>``: a Keras 3 model file trained as a torch module.
+"""``<CNN_archi><path>model.keras</path></CNN_archi>``: a Keras 3 model file, trained as a torch module on
+the torch framework, as the Keras model it is on the tensorflow framework.
 
 The thesis described its architectures in Keras. Keras 3 on its torch backend builds every layer
 as a ``torch.nn.Module`` whose variables are ``torch.nn.Parameter`` objects, so a loaded model is
@@ -8,7 +9,7 @@ layers' code is deserialised), checks its input channels and output classes agai
 returns a :class:`KerasModule` adapter taking and returning NCHW tensors, as the trainer and the
 losses expect.
 
-Keras is imported here only (never by ``autocnnp validate``/``plan``), with ``KERAS_BACKEND=torch``.
+Keras is imported here only (never by ``autocnnp validate``/``plan``), with the framework's backend.
 
 What to know about Keras models here: the model must output logits (no final softmax/sigmoid:
 autocnnp's losses apply those themselves); the adapter passes ``training=`` from torch's
@@ -41,16 +42,16 @@ class Config:
     path: Path = setting(must_exist=True, help="the Keras 3 model file (.keras)")
 
 
-def import_keras():
-    """Keras on its torch backend; a clear error when Keras was already imported with another one."""
+def import_keras(backend: str = "torch"):
+    """Keras on ``backend``; a clear error when Keras was already imported with another one."""
     loaded = sys.modules.get("keras")
     if loaded is None:
-        os.environ["KERAS_BACKEND"] = "torch"
+        os.environ["KERAS_BACKEND"] = backend
         import keras as loaded
-    backend = loaded.backend.backend()
-    if backend != "torch":
-        raise RuntimeError(f"Keras is already loaded with the {backend!r} backend in this process, but a Keras "
-                           "architecture trains on the torch backend: set KERAS_BACKEND=torch (or import "
+    found = loaded.backend.backend()
+    if found != backend:
+        raise RuntimeError(f"Keras is already loaded with the {found!r} backend in this process, but this Keras "
+                           f"architecture trains on the {backend} backend: set KERAS_BACKEND={backend} (or import "
                            "nothing that imports keras before the job builds its network)")
     return loaded
 
@@ -121,15 +122,39 @@ def build(config: Config, *, in_channels: int, num_classes: int) -> KerasModule:
     The model is loaded and checked against the data (``in_channels``, ``num_classes``)."""
     path = Path(config.path)
     keras = import_keras()
-    if not path.is_file():
-        raise FileNotFoundError(f"Keras model file {path} does not exist")
     # Load onto the CPU: the dist_strategy moves the network to the rank's device (Keras' own default
     # device would be cuda:0 for every rank).
     with keras.device("cpu"):
-        try:
-            model = keras.saving.load_model(path, compile=False)
-        except Exception as exc:
-            raise ValueError(f"cannot load the Keras model {path}: {type(exc).__name__}: {exc}") from exc
+        model = load_checked(keras, path, in_channels, num_classes)
+    module = KerasModule(model, _data_format(keras, model) == "channels_last", path)
+    if not any(p.requires_grad for p in module.parameters()):
+        raise ValueError(f"Keras model {path} has no trainable weights visible to torch (is it a Keras 3 model "
+                         "saved as .keras?)")
+    return module
+
+
+@component("keras", frameworks=("tensorflow",))
+def build_tensorflow(config: Config, *, in_channels: int, num_classes: int):
+    """A Keras 3 model file (.keras) trained on Keras' TensorFlow backend as the Keras model it is.
+
+    The model is loaded and checked against the data; it must take channels_last images (TensorFlow
+    convolves NHWC on the CPU)."""
+    keras = import_keras("tensorflow")
+    model = load_checked(keras, Path(config.path), in_channels, num_classes)
+    if _data_format(keras, model) != "channels_last":
+        raise ValueError(f"Keras model {config.path} is channels_first; the tensorflow framework trains channels_last "
+                         "models (batch, H, W, channels): build it with data_format='channels_last'")
+    return model
+
+
+def load_checked(keras, path: Path, in_channels: int, num_classes: int):
+    """Load a .keras file (compile=False, safe mode) and check it is a logits network for the data."""
+    if not path.is_file():
+        raise FileNotFoundError(f"Keras model file {path} does not exist")
+    try:
+        model = keras.saving.load_model(path, compile=False)
+    except Exception as exc:
+        raise ValueError(f"cannot load the Keras model {path}: {type(exc).__name__}: {exc}") from exc
     where = f"Keras model {path}"
     if len(model.inputs) != 1 or len(model.outputs) != 1:
         raise ValueError(f"{where} has {len(model.inputs)} input(s) and {len(model.outputs)} output(s); a "
@@ -152,7 +177,4 @@ def build(config: Config, *, in_channels: int, num_classes: int) -> KerasModule:
     if final is not None:
         raise ValueError(f"{where} ends in a {final} activation, but autocnnp's losses and metrics take logits: "
                          "save the model without the final activation (activation=None on the last layer)")
-    module = KerasModule(model, fmt == "channels_last", path)
-    if not any(p.requires_grad for p in module.parameters()):
-        raise ValueError(f"{where} has no trainable weights visible to torch (is it a Keras 3 model saved as .keras?)")
-    return module
+    return model

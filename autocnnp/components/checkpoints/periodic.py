@@ -49,7 +49,7 @@ def checkpoint_name(epoch: int) -> str:
     return f"ckpt-epoch{epoch:04d}.pt"
 
 
-@component("periodic")
+@component("periodic", frameworks=("torch", "tensorflow"))
 class Periodic(Checkpointer):
     """Atomic checkpoints every N epochs and at the end, keep the newest, resume, with user plug-ins."""
 

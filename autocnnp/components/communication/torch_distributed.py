@@ -5,7 +5,6 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 from typing import Literal
 
@@ -13,19 +12,13 @@ import torch
 import torch.distributed as dist
 
 from autocnnp.core.settings import setting
-from autocnnp.core.world import World, discover_world
+from autocnnp.core.world import World, discover_world, free_port, host_address
 from autocnnp.generator.registry import component
 
 
 @dataclass
 class Config:
     backend: Literal["auto", "gloo", "nccl"] = setting("auto", help="auto: gloo on CPU, NCCL where GPUs are present")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
 
 
 def _rendezvous(world: World) -> tuple[str, int]:
@@ -36,18 +29,11 @@ def _rendezvous(world: World) -> tuple[str, int]:
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
         return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
     if world.world_size == 1:
-        return "127.0.0.1", _free_port()
+        return "127.0.0.1", free_port()
     from mpi4py import MPI  # initialises MPI: only for a multi-rank rendezvous
 
     comm = MPI.COMM_WORLD
-    addr = None
-    if comm.rank == 0:
-        try:
-            ip = socket.gethostbyname(socket.gethostname())
-        except OSError:
-            ip = "127.0.0.1"
-        addr = (ip, _free_port())
-    return comm.bcast(addr, root=0)
+    return comm.bcast((host_address(), free_port()) if comm.rank == 0 else None, root=0)
 
 
 @component("torch_distributed")

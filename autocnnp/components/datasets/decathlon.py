@@ -123,7 +123,7 @@ def _num_classes(meta: dict) -> int:
     return max(2, declared or present)
 
 
-@component("decathlon")
+@component("decathlon", frameworks=("torch", "tensorflow"))
 class Decathlon(DataFormat):
     """Decathlon-layout NIfTI (dataset.json, imagesTr, labelsTr) sliced and cached on disk."""
 

@@ -28,7 +28,7 @@ class Config:
     in_memory: bool = setting(True, help="generate every slice once, up front (false: on every access, no memory)")
 
 
-@component("synthetic")
+@component("synthetic", frameworks=("torch", "tensorflow"))
 class Synthetic(DataFormat):
     """Seeded synthetic 2D slices generated in memory (brain-tumour-like or left-atrium-like)."""
 

@@ -32,7 +32,7 @@ class Config:
             raise ValueError(f"end_epoch ({self.end_epoch}) must be greater than start_epoch ({self.start_epoch})")
 
 
-@component("xml")
+@component("xml", frameworks=("torch", "tensorflow"))
 def inject(config: Config) -> Config:
     """Typed values of <hyperparameters> handed to the training strategy."""
     return config

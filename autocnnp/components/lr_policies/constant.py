@@ -6,7 +6,7 @@ from autocnnp.generator.protocols import LRPolicy
 from autocnnp.generator.registry import component
 
 
-@component("constant")
+@component("constant", frameworks=("torch", "tensorflow"))
 class Constant(LRPolicy):
     """The base learning rate on every step, not scaled with the number of ranks."""
 

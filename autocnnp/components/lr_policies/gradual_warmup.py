@@ -14,7 +14,7 @@ class Config(WarmupConfig):
     """The warmup and whether to scale."""
 
 
-@component("gradual_warmup")
+@component("gradual_warmup", frameworks=("torch", "tensorflow"))
 class GradualWarmup(Warmup):
     """Linear scaling rule with a per-step gradual warmup from the base lr (Goyal et al.), then constant."""
 

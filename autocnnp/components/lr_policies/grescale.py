@@ -65,7 +65,7 @@ def grescale_phases(total_epochs: int, warmup_epochs: int, decay_epochs: int | N
     return min(warmup_epochs, total_epochs), remaining - decay, decay
 
 
-@component("grescale")
+@component("grescale", frameworks=("torch", "tensorflow"))
 class GreScale(Warmup):
     """GreScale (thesis 6.3.2): adaptive warmup, feedback-adjusted reduced stabilisation (4/7), linear decay
     with a tunable coefficient (3/7)."""

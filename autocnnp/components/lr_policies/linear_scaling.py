@@ -14,7 +14,7 @@ class Config(ScalingConfig):
     """Whether to scale the base lr with the replicas."""
 
 
-@component("linear_scaling")
+@component("linear_scaling", frameworks=("torch", "tensorflow"))
 class LinearScaling(Scaled):
     """Linear scaling rule (Goyal et al.): lr = base lr x world size, no warmup."""
 

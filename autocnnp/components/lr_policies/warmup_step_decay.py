@@ -42,7 +42,7 @@ class Config(WarmupConfig):
         return tuple(values)
 
 
-@component("warmup_step_decay")
+@component("warmup_step_decay", frameworks=("torch", "tensorflow"))
 class WarmupStepDecay(Warmup):
     """Gradual warmup, then lr x decay at each milestone epoch (Goyal et al. 30,60,80)."""
 

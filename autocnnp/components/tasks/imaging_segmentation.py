@@ -7,7 +7,7 @@ from autocnnp.training.losses import get_loss
 from autocnnp.training.metrics import SegEval
 
 
-@component("imaging_segmentation", aliases=("segmentation",))
+@component("imaging_segmentation", aliases=("segmentation",), frameworks=("torch", "tensorflow"))
 class SegmentationTask:
     """Pixel-wise classification scored with SegEval (Dice, PA, MA, mean IoU, fw IoU), the Dice and IoU of
     every class and the Dice of regions (groups of classes)."""

@@ -18,7 +18,7 @@ class Config:
     plots: bool = setting(True, help="PNG plots in OUTPUT/plots when the run ends")
 
 
-@component("files")
+@component("files", frameworks=("torch", "tensorflow"))
 class Files(Tracker):
     """TensorBoard events (the step loss and every epoch metric) and PNG plots when the run ends."""
 

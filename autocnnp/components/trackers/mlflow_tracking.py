@@ -221,7 +221,7 @@ class SystemTail:
         journal.add("metrics", step=step, values=values, time=float(row["time_s"]))
 
 
-@component("mlflow")
+@component("mlflow", frameworks=("torch", "tensorflow"))
 class MLflow(Tracker):
     """The run in MLflow: params (the resolved plan), tags, per-epoch metrics, the step loss, every rank's
     system metrics live, and plots, manifest and the best checkpoint at the end."""

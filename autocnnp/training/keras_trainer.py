@@ -1,0 +1,241 @@
+"""The tensorflow framework's run on every rank: a Keras 3 network on TensorFlow, trained in a custom loop
+through the job's KerasStrategy (``model.fit`` cannot take each rank's own batches under
+MultiWorkerMirroredStrategy). Everything around the step is torch's: the same sharded, seeded and
+augmented minibatches (the CPU data pipeline, handed over as NHWC arrays), the same SegEval code
+scoring the validation logits, LR policies, checkpoints (the weights as arrays), monitoring and
+training/loop.py's epoch loop. Importing this module imports TensorFlow, with Keras on its backend."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+os.environ["KERAS_BACKEND"] = "tensorflow"  # before Keras is imported (this module is imported by tensorflow jobs only)
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from ..core.processes import default_threads  # noqa: E402
+from ..core.world import World  # noqa: E402
+from ..data.batches import DeviceBatches  # noqa: E402
+from ..generator.assemble import Generator  # noqa: E402
+from ..generator.protocols import Checkpointer, DataBundle, KerasStrategy, LRPolicy  # noqa: E402
+from . import determinism, keras_losses  # noqa: E402
+from .loop import (  # noqa: E402
+    TrainState,
+    common_state,
+    end_of_epoch,
+    evaluate,
+    evaluation_regions,
+    loaders,
+    model_card,
+    restore,
+    seed_everything,
+    sum_over_ranks,
+)
+from .monitor import DivergenceGuard, Monitor, MonitoringConfig  # noqa: E402
+
+if keras.backend.backend() != "tensorflow":
+    raise RuntimeError(f"Keras was imported with the {keras.backend.backend()!r} backend before this tensorflow job "
+                       "built its network: set KERAS_BACKEND=tensorflow, or import nothing that imports keras first")
+
+POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}  # Keras mixed-precision policies of <precision>
+
+
+class KerasInference(nn.Module):
+    """A Keras network seen as a torch module in evaluation mode: NCHW tensors in, NCHW float32 logits out
+    (validation and ``autocnnp predict`` score every framework's logits with the same code)."""
+
+    def __init__(self, model: keras.Model) -> None:
+        super().__init__()
+        self.keras_model = model
+        self.forward_fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.forward_fn(nhwc(x.detach().float().cpu())).numpy()
+        return torch.from_numpy(logits.transpose(0, 3, 1, 2).copy()).to(x.device)
+
+
+@dataclass
+class KerasRun:
+    """What one rank built from the generator's actions before its first step (fields as torch's Run)."""
+
+    gen: Generator
+    world: World
+    device: str
+    hp: object
+    task: object
+    data: DataBundle
+    strategy: KerasStrategy
+    model: keras.Model
+    sampler: object
+    loader: DeviceBatches
+    loader_rng: torch.Generator | None
+    valid_loader: DeviceBatches
+    policy: LRPolicy
+    checkpoints: Checkpointer
+    state: TrainState
+    loss_fn: object  # the task's torch loss, for validation
+    train_step: object  # tf.function (images NHWC, labels) -> this rank's mean loss
+    inference: KerasInference  # the network as validation scores it
+    guard: DivergenceGuard
+    determinism: dict
+    resumed_from: Path | None
+    regions: dict[str, tuple[int, ...]]
+    card: dict
+
+    def train_epoch(self, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
+        return train_epoch(self, epoch, monitor, beat)
+
+    def snapshot(self) -> dict:
+        """The network's and the optimizer's variables as arrays, and training/loop.py's common state."""
+        return {"model": weights_of(self.model), "optimizer": [v.numpy() for v in self.state.optimizer.variables],
+                **common_state(self)}
+
+
+def weights_of(model: keras.Model) -> dict[str, np.ndarray]:
+    """Every variable of ``model`` (BatchNorm statistics included) by its path."""
+    return {v.path: np.array(v.numpy()) for v in model.weights}
+
+
+def load_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
+    """Set ``model``'s variables from :func:`weights_of`; a missing, extra or reshaped variable is an error."""
+    own = {v.path: v for v in model.weights}
+    if set(own) != set(weights):
+        missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+        raise ValueError(f"the saved weights do not fit the network: missing {missing[:3]}, unexpected {extra[:3]}")
+    for path, value in weights.items():
+        if tuple(own[path].shape) != value.shape:
+            raise ValueError(f"the saved weight {path} has shape {value.shape}, the network's {tuple(own[path].shape)}")
+        own[path].assign(value)
+
+
+def make_optimizer(hp) -> keras.optimizers.Optimizer:
+    """Adam or SGD as torch's (Adam's epsilon 1e-8; weight decay is added to the gradients by the step, the
+    L2 of torch's optimizers, not Keras' decoupled one)."""
+    if hp.optimizer == "adam":
+        return keras.optimizers.Adam(learning_rate=hp.lr, epsilon=1e-8)
+    return keras.optimizers.SGD(learning_rate=hp.lr, momentum=hp.momentum)
+
+
+def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, timeout_s: float) -> KerasRun:
+    """Call the generator's actions in the thesis' order; the tf.distribute strategy is created before any
+    TensorFlow operation, as TensorFlow requires (its collectives are configured at start-up)."""
+    world = gen.action("communication_init").build(timeout_s=timeout_s)
+    device = gen.action("device_placement").build(world=world)
+    device = gen.action("memory_allocation").build(device=device)
+    threads = default_threads(world.local_world_size)  # this node's cores shared among its ranks
+    tf.config.threading.set_intra_op_parallelism_threads(threads)
+    torch.set_num_threads(threads)  # the data pipeline's augmentation
+    hp = gen.action("hyperparameters_injection").build()
+    if hp.precision not in POLICIES:
+        raise ValueError(f"precision {hp.precision} is not available on the tensorflow framework: use "
+                         f"{' or '.join(POLICIES)}")
+    deterministic = determinism.configure(hp.deterministic)
+    if hp.deterministic:
+        tf.config.experimental.enable_op_determinism()
+        deterministic["tensorflow_op_determinism"] = True
+    strategy = gen.action("dist_strategy").build(world=world, device=device, beat=beat)
+    task = gen.action("task_definition").build()
+    seed_everything(gen.seed)
+    keras.utils.set_random_seed(gen.seed % 2**32)  # identical initial variables on every rank
+    keras.mixed_precision.set_global_policy(POLICIES[hp.precision])
+    data = gen.data_format().datasets(world=world, seed=gen.seed, cache_dir=gen.rundir.cache)
+    with strategy.scope():
+        net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
+        if not isinstance(net, keras.Model):
+            raise TypeError(f"the architecture built a {type(net).__name__}; the tensorflow framework trains Keras "
+                            "models (keras.Model): return one from build(), or choose the torch framework")
+        optimizer = make_optimizer(hp)
+        optimizer.build(net.trainable_variables)
+    sampler = strategy.sampler(data.train, shuffle=True, seed=gen.seed)
+    loader_rng = determinism.loader_generator(hp.deterministic)
+    loader, valid_loader = loaders(data, sampler, hp, world, torch.device("cpu"), loader_rng)
+    policy = gen.lr_policy(steps_per_epoch=len(loader), world_size=world.world_size)
+    checkpoints = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=world.rank)
+    state = TrainState(optimizer, epoch=hp.start_epoch)
+    guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
+    resumed_from = _resume(checkpoints, net, state, policy, guard)
+    regions = evaluation_regions(task, data, monitoring)
+    step = train_step(net, optimizer, strategy, keras_losses.get_loss(hp.loss), hp.weight_decay, data.num_classes)
+    return KerasRun(gen, world, device, hp, task, data, strategy, net, sampler, loader, loader_rng, valid_loader,
+                    policy, checkpoints, state, task.loss(hp.loss), step, KerasInference(net), guard, deterministic,
+                    resumed_from, regions, model_card(gen, data))
+
+
+def train_step(model: keras.Model, optimizer, strategy: KerasStrategy, loss_fn, weight_decay: float, num_classes: int):
+    """One synchronous step as a ``tf.function``: this rank's loss, weighted by its ``share`` of the step, its
+    gradients (plus L2 weight decay, as torch's optimizers add it), applied through the strategy."""
+    variables = model.trainable_variables
+
+    def replica_step(images, labels):
+        with tf.GradientTape() as tape:
+            logits = tf.cast(model(images, training=True), tf.float32)
+            loss = tf.reduce_mean(loss_fn(logits, labels, num_classes))
+            weighted = loss * strategy.share
+        grads = strategy.gradients(tape, weighted, variables)
+        if weight_decay:
+            grads = [g + (weight_decay * strategy.share) * tf.cast(v, g.dtype) for g, v in zip(grads, variables)]
+        optimizer.apply_gradients(zip(grads, variables))
+        return loss
+
+    return tf.function(lambda images, labels: strategy.run(replica_step, images, labels), reduce_retracing=True)
+
+
+def nhwc(images: torch.Tensor) -> np.ndarray:
+    """A minibatch of the data pipeline (NCHW) as the NHWC array Keras convolves."""
+    return np.ascontiguousarray(images.numpy().transpose(0, 2, 3, 1))
+
+
+def train_epoch(run: KerasRun, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
+    """One epoch: the steps, validation, plug-ins and the LR policy's epoch end."""
+    gen, world, state, optimizer = run.gen, run.world, run.state, run.state.optimizer
+    seed_everything(gen.seed + 1000 * epoch + world.rank)  # the data pipeline's RNG, as torch's
+    run.sampler.set_epoch(epoch)
+    determinism.seed_loader(run.loader_rng, gen.seed, epoch, world.rank)
+    run.loader.set_epoch(epoch)
+    total, count = 0.0, 0
+    last = time.perf_counter()
+    for step, (x, y) in enumerate(run.loader):
+        waited = time.perf_counter() - last
+        beat()
+        optimizer.learning_rate.assign(run.policy.lr(epoch, step) * state.lr_scale)
+        value = float(run.train_step(nhwc(x), y.numpy()))
+        run.guard.check(value, epoch, step)
+        total, count = total + value * len(x), count + len(x)
+        now = time.perf_counter()
+        monitor.step(epoch, step, value, len(x), now - last, waited)
+        last = now
+    run.strategy.synchronize(run.model.non_trainable_variables)
+    evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
+    metrics = evaluate(run.inference, run.valid_loader, evaluator, run.loss_fn, world, beat)
+    loss_sum, n = sum_over_ranks(world, [total, count])
+    metrics = {"train_loss": loss_sum / max(n, 1), "lr": float(optimizer.learning_rate.numpy()), **metrics}
+    return end_of_epoch(run, epoch, metrics, monitor, beat)
+
+
+def inference_module(gen: Generator, weights: dict, *, in_channels: int, num_classes: int) -> KerasInference:
+    """The job's Keras network with a checkpoint's ``weights``, for ``autocnnp predict``."""
+    net = gen.action("architecture_injection").build(in_channels=in_channels, num_classes=num_classes)
+    load_weights(net, weights)
+    return KerasInference(net)
+
+
+def _resume(checkpoints: Checkpointer, model: keras.Model, state: TrainState, policy: LRPolicy,
+            guard: DivergenceGuard) -> Path | None:
+    """Load the latest checkpoint into the network, the optimizer (its step count and moments), the state,
+    policy and divergence guard; the file it came from."""
+    saved = checkpoints.load()
+    if saved is None:
+        return None
+    resumed_from = restore(saved, checkpoints, state, policy, guard, "tensorflow")
+    load_weights(model, saved["model"])
+    for variable, value in zip(state.optimizer.variables, saved["optimizer"], strict=True):
+        variable.assign(value)
+    return resumed_from

@@ -1,0 +1,177 @@
+"""What every framework's training shares: the epoch loop with its checkpoints and stop requests, the
+state plug-ins see, the resumed fields, metrics summed over ranks, and the model card predict reads. A
+framework's run supplies ``train_epoch(epoch, monitor, beat)`` and ``snapshot()``."""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..core.errors import DataError
+from ..core.files import jsonable
+from ..core.metrics import parse_regions
+from ..core.world import World
+from ..data.batches import DeviceBatches, batch_loader
+from ..generator.assemble import Generator
+from ..generator.protocols import Checkpointer, DataBundle, LRPolicy
+from . import determinism
+from .monitor import DivergenceGuard, Monitor, MonitoringConfig, StopRequested
+
+
+@dataclass
+class TrainState:
+    """What checkpoint plug-ins may look at and steer (``lr_scale`` multiplies the LR policy)."""
+
+    optimizer: object  # the framework's optimizer (torch.optim.Optimizer, keras.optimizers.Optimizer)
+    lr_scale: float = 1.0
+    epoch: int = 0
+
+
+def sum_over_ranks(world: World, values: list[float]) -> list[float]:
+    """Element-wise sum of ``values`` over all ranks (float64)."""
+    if world.all_reduce is None or world.world_size == 1:
+        return list(values)
+    return world.all_reduce(torch.tensor(values, dtype=torch.float64)).tolist()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def loaders(data: DataBundle, sampler, hp, world: World, device, loader_rng) -> tuple[DeviceBatches, DeviceBatches]:
+    """This rank's training minibatches (its shard, augmented, on ``device``) and validation minibatches."""
+    pin = device.type == "cuda"
+    loader = DeviceBatches(batch_loader(data.train, sampler, hp.minibatch_size, drop_last=True,
+                                        workers=hp.loader_workers, pin_memory=pin, generator=loader_rng,
+                                        worker_init_fn=determinism.seed_worker if loader_rng is not None else None),
+                           device, data.augment, hp.channels_last)
+    # Validation shards without padding, so every sample is scored exactly once across the ranks.
+    valid_loader = DeviceBatches(batch_loader(data.valid, range(world.rank, len(data.valid), world.world_size),
+                                              hp.minibatch_size, drop_last=False, pin_memory=pin), device,
+                                 channels_last=hp.channels_last)
+    if len(loader) == 0:
+        raise RuntimeError(f"each rank gets {len(sampler)} training samples, fewer than one minibatch of "
+                           f"{hp.minibatch_size}: lower minibatch_size or the parallelism degree")
+    return loader, valid_loader
+
+
+def evaluation_regions(task, data: DataBundle, monitoring: MonitoringConfig) -> dict[str, tuple[int, ...]]:
+    """The ``<monitoring> regions`` scored as one, checked against the data's classes."""
+    regions = parse_regions(monitoring.regions, data.class_names)
+    try:
+        task.evaluator(data.num_classes, data.class_names, regions)
+    except ValueError as exc:
+        raise DataError(None, f"<monitoring> regions: {exc}", f"use class values of the data's {data.num_classes} "
+                        "classes (0 is the background)") from None
+    return regions
+
+
+def fit(run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=lambda: False,
+        trackers=()) -> dict[str, float]:
+    """Train ``run`` from its current epoch to the end, calling ``beat()`` as it progresses and reporting
+    to ``trackers`` (rank 0); returns the last epoch's metrics. When ``should_stop()`` is true on any
+    rank at an epoch's end, every rank saves a checkpoint there and raises StopRequested."""
+    if run.world.rank == 0 and run.resumed_from is not None:
+        done = run.state.epoch >= run.hp.end_epoch
+        print(f"autocnnp: resumed from {run.resumed_from} at epoch {run.state.epoch}"
+              + (f"; nothing to train (end_epoch is {run.hp.end_epoch}: raise it, or choose another <output> "
+                 "to start afresh)" if done else ""), flush=True)
+    metrics: dict[str, float] = {}
+    last = run.hp.end_epoch - 1
+    with Monitor(run.gen.rundir, run.world.rank, run.world.world_size, monitoring, run.hp.end_epoch,
+                 len(run.loader), start_epoch=run.state.epoch, trackers=trackers) as monitor:
+        for epoch in range(run.state.epoch, run.hp.end_epoch):
+            metrics = run.train_epoch(epoch, monitor, beat)
+            stop = epoch < last and sum_over_ranks(run.world, [float(bool(should_stop()))])[0] > 0
+            due, best = stop or run.checkpoints.due(epoch, last), run.checkpoints.is_best(metrics)
+            saved = run.snapshot() if due or best else None
+            if due:
+                run.checkpoints.save(saved, epoch)
+            if best:
+                run.checkpoints.save_best(saved, epoch, metrics)
+            if stop:
+                raise StopRequested(f"stopped on request after epoch {epoch + 1} of {run.hp.end_epoch}, "
+                                    "with a checkpoint")
+    return metrics
+
+
+def end_of_epoch(run, epoch: int, metrics: dict[str, float], monitor: Monitor, beat) -> dict[str, float]:
+    """After an epoch's validation: the next epoch is due, plug-ins and the LR policy see the (all-reduced)
+    metrics, the monitor records them."""
+    run.state.epoch = epoch + 1
+    run.checkpoints.on_epoch_end(epoch, metrics, run.state)
+    run.policy.on_epoch_end(epoch, metrics)  # an adaptive LR policy (GreScale); metrics are the same on every rank
+    beat()
+    monitor.epoch_end(epoch, metrics)
+    return metrics
+
+
+@torch.no_grad()
+def evaluate(model, loader: DeviceBatches, evaluator, loss_fn, world: World, beat=lambda: None) -> dict[str, float]:
+    """SegEval over the whole validation set: confusion matrices are summed across ranks, never scores."""
+    model.eval()
+    total, count = 0.0, 0
+    for x, y in loader:
+        logits = model(x)
+        total, count = total + loss_fn(logits, y).item() * len(x), count + len(x)
+        evaluator.update(logits, y)
+        beat()
+    evaluator.all_reduce(world.all_reduce)
+    loss_sum, n = sum_over_ranks(world, [total, count])
+    return {"valid_loss": loss_sum / max(n, 1), **evaluator.compute()}
+
+
+def common_state(run) -> dict:
+    """What a checkpoint holds besides the network and the optimizer: the epoch, the policy's and plug-ins'
+    states, and what predict needs to rebuild the network (``model_card``)."""
+    state = run.state
+    return {"optimizer_type": type(state.optimizer).__name__, "epoch": state.epoch, "lr_scale": state.lr_scale,
+            "plugins": run.checkpoints.plugin_state(), "world_size": run.world.world_size, "seed": run.gen.seed,
+            "job": str(run.gen.job.file), "lr_policy": run.policy.state_dict(),
+            "divergence_reference": run.guard.reference, "in_channels": run.data.in_channels,
+            "num_classes": run.data.num_classes, "model_card": run.card}
+
+
+def restore(saved: dict, checkpoints: Checkpointer, state: TrainState, policy: LRPolicy, guard: DivergenceGuard,
+            framework: str) -> Path:
+    """Continue from ``saved`` (the network and optimizer are the framework's part): the epoch, the plug-ins,
+    the feedback-adjusted schedule, and the divergence reference (the first loss of the whole run, not of
+    this start). Refuses a checkpoint of another framework or optimizer. Returns the checkpoint's file."""
+    trained = (saved.get("model_card") or {}).get("framework", "torch")
+    if trained != framework:
+        raise RuntimeError(f"the checkpoint in {checkpoints.latest()} was written by a {trained} run, the job now "
+                           f"trains with {framework}: resume with the framework it was trained with, or start "
+                           "afresh with another <output> folder or resume=false on the checkpoint action")
+    kind = type(state.optimizer).__name__
+    if saved.get("optimizer_type", kind) != kind:
+        raise RuntimeError(f"the checkpoint in {checkpoints.latest()} was written with the {saved['optimizer_type']} "
+                           f"optimizer, the job now asks for {kind}: resume with the same optimizer, or start "
+                           f"afresh with another <output> folder or resume=false on the checkpoint action")
+    state.epoch, state.lr_scale = saved["epoch"], saved["lr_scale"]
+    checkpoints.load_plugin_state(saved["plugins"])
+    if saved.get("lr_policy"):
+        policy.load_state_dict(saved["lr_policy"])
+    guard.reference = saved.get("divergence_reference", guard.reference)
+    return checkpoints.latest()
+
+
+def model_card(gen: Generator, data: DataBundle) -> dict:
+    """What ``autocnnp predict`` needs to rebuild the network and feed it without the job file: the job as
+    trained (text and overrides), the framework, the architecture and its parameters, the classes and their
+    names, and how a volume becomes the model's input (None for a format without volumes)."""
+    arch = gen.action("architecture_injection")
+    transform = gen.data_format().volumes()
+    params = jsonable(arch.config) if arch.config is not None else {s.name: s.text for s in arch.settings}
+    return {"job": {"file": str(gen.job.file), "text": gen.job.text, "overrides": dict(gen.job.overrides)},
+            "framework": gen.framework,
+            "architecture": {"name": arch.entry.name, "file": None if arch.entry.file is None else str(arch.entry.file),
+                             "params": params},
+            "in_channels": data.in_channels, "num_classes": data.num_classes,
+            "classes": {str(i): name for i, name in enumerate(data.class_names)},
+            "input": None if transform is None else transform.card()}
