@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 DEMO = Path(__file__).resolve().parents[1] / "xml_configs" / "demo.xml"
 
@@ -55,3 +60,15 @@ def strategy_module(strategy: str = "ring_allreduce", lr_policy: str = "constant
     return (f'<module name="train_strategy_def">'
             f'<action class="extensible" type="dist_strategy"><value>{strategy}</value></action>'
             f'<action class="extensible" type="lr_policy"><value>{lr_policy}</value></action>{extra}</module>')
+
+
+def require_import(module: str, make_target: str, flag: str) -> None:
+    """Skip the test unless ``import module`` works in a fresh interpreter; where the environment variable
+    ``flag`` is set (CI sets it), fail instead: there the skip would hide a missing install."""
+    probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
+    if probe.returncode != 0:
+        why = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
+        message = f"{module} cannot be imported ({why}); `make {make_target}` installs it"
+        if os.environ.get(flag, "") not in ("", "0"):
+            pytest.fail(f"{flag} is set but {message}", pytrace=False)
+        pytest.skip(message)

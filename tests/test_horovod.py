@@ -16,23 +16,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from jobfiles import strategy_module, write_job
+from jobfiles import require_import, strategy_module, write_job
 from test_distributed import PLAIN_UNET, SMALL, SMALL_DATA, final_params, metrics, run
 
 AUTOCNNP = [sys.executable, "-m", "autocnnp"]
-REQUIRED = os.environ.get("AUTOCNNP_REQUIRE_HOROVOD", "") not in ("", "0")
 
 
 @pytest.fixture(scope="module")
 def horovod() -> None:
     """Skip (or, with AUTOCNNP_REQUIRE_HOROVOD set, fail) unless `import horovod.torch` works here."""
-    probe = subprocess.run([sys.executable, "-c", "import horovod.torch"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        why = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
-        message = f"horovod.torch cannot be imported ({why}); `make horovod` builds and installs it"
-        if REQUIRED:
-            pytest.fail(f"AUTOCNNP_REQUIRE_HOROVOD is set but {message}", pytrace=False)
-        pytest.skip(message)
+    require_import("horovod.torch", "horovod", "AUTOCNNP_REQUIRE_HOROVOD")
 
 
 def horovod_job(path: Path, *, output: str, strategy: str = "horovod", hyper: dict | None = None,

@@ -18,10 +18,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from jobfiles import QUIET, synthetic_data, write_job
+from jobfiles import QUIET, require_import, synthetic_data, write_job
 
 AUTOCNNP = [sys.executable, "-m", "autocnnp"]
-REQUIRED = os.environ.get("AUTOCNNP_REQUIRE_TENSORFLOW", "") not in ("", "0")
 FRAMEWORK = '<action class="non_extensible" type="framework"><value>tensorflow</value></action>'
 PLAIN_UNET = ('<CNN_archi name="unet"><param name="depth">2</param><param name="base_channels">4</param>'
               '<param name="norm">none</param></CNN_archi>')
@@ -52,13 +51,7 @@ def last_metrics(out: Path) -> dict:
 @pytest.fixture(scope="module")
 def tensorflow() -> None:
     """Skip (or, with AUTOCNNP_REQUIRE_TENSORFLOW set, fail) unless `import tensorflow` works here."""
-    probe = subprocess.run([sys.executable, "-c", "import tensorflow"], capture_output=True, text=True)
-    if probe.returncode != 0:
-        why = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
-        message = f"tensorflow cannot be imported ({why}); `make tensorflow` installs it"
-        if REQUIRED:
-            pytest.fail(f"AUTOCNNP_REQUIRE_TENSORFLOW is set but {message}", pytrace=False)
-        pytest.skip(message)
+    require_import("tensorflow", "tensorflow", "AUTOCNNP_REQUIRE_TENSORFLOW")
 
 
 # --- the engine: no TensorFlow needed ----------------------------------------------------------------------
