@@ -1,12 +1,16 @@
 #!/usr/bin/env bash
-# Build and install Horovod 0.28.1 (PyTorch; MPI and Gloo controllers; CPU) into a virtualenv.
+# Build and install Horovod 0.28.1 (PyTorch, and TensorFlow where it is installed; MPI and Gloo controllers;
+# CPU) into a virtualenv.
 #
 #   bash cluster/build-horovod.sh [VENV]      (default .venv; `make horovod` runs this)
 #
 # 0.28.1 is Horovod's last release and ships no wheels; its sdist asks CMake for C++14, which
 # torch 2.x headers reject. We download the sdist (pinned by hash), raise CMAKE_CXX_STANDARD to 17 in
 # CMakeLists.txt and horovod/torch/CMakeLists.txt, and build it against the venv's torch without build
-# isolation. About 6 minutes on 2 cores. Idempotent: does nothing when `import horovod.torch` works.
+# isolation. Where TensorFlow is installed (`make tensorflow`, first), its extension is built too, without
+# Horovod's XLA ops: xla_mpi_ops.cc includes TensorFlow's XLA headers, which include highwayhash headers
+# that the TensorFlow 2.21 wheel does not ship. About 6 minutes on 2 cores (torch), about 15 with
+# TensorFlow. Idempotent: does nothing when horovod.torch (and horovod.tensorflow) import.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -18,7 +22,11 @@ SHA256=92a43f5a94c43907a56805bad15f19700c62ffc83b7ca483f9e104e229f67ef0
 die() { echo "build-horovod: $*" >&2; exit 1; }
 
 [ -x "$PY" ] || die "no virtualenv at $VENV (run \`make venv\` first)"
-if "$PY" -c "import horovod.torch" >/dev/null 2>&1; then
+WITH_TF=0
+if "$PY" -c "import tensorflow" >/dev/null 2>&1; then WITH_TF=1; fi
+WANTED="import horovod.torch"
+[ "$WITH_TF" = 1 ] && WANTED="$WANTED, horovod.tensorflow"
+if "$PY" -c "$WANTED" >/dev/null 2>&1; then
   echo "build-horovod: horovod $("$PY" -c 'import horovod; print(horovod.__version__)') already installed in $VENV"
   exit 0
 fi
@@ -54,21 +62,31 @@ for f in CMakeLists.txt horovod/torch/CMakeLists.txt; do
   grep -q 'set(CMAKE_CXX_STANDARD 17)' "$src/$f" || die "patching $f failed"
   ! grep -q 'set(CMAKE_CXX_STANDARD 14)' "$src/$f" || die "patching $f left a C++14 setting"
 done
+if [ "$WITH_TF" = 1 ]; then  # no XLA ops (see above): the TensorFlow extension without xla_mpi_ops.cc
+  f=horovod/tensorflow/CMakeLists.txt
+  grep -q 'xla_mpi_ops.cc' "$src/$f" || die "no xla_mpi_ops.cc in $f: update the patch"
+  sed -i '/xla_mpi_ops.cc/d' "$src/$f"
+  TF_FLAG=HOROVOD_WITH_TENSORFLOW=1
+else
+  TF_FLAG=HOROVOD_WITHOUT_TENSORFLOW=1
+fi
 
 echo "build-horovod: building horovod $VERSION in $src (several minutes)"
 started=$SECONDS
-HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 \
-HOROVOD_WITHOUT_TENSORFLOW=1 HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI \
-MAKEFLAGS="-j$(nproc)" \
+env HOROVOD_WITH_PYTORCH=1 HOROVOD_WITH_MPI=1 HOROVOD_WITH_GLOO=1 "$TF_FLAG" \
+HOROVOD_WITHOUT_MXNET=1 HOROVOD_CPU_OPERATIONS=MPI MAKEFLAGS="-j$(nproc)" \
   "$PY" -m pip install --no-deps --no-build-isolation --no-cache-dir --force-reinstall "$src" \
   > "$tmp/build.log" 2>&1 || { tail -n 80 "$tmp/build.log" >&2; die "build failed (log above)"; }
 
 # Check: the torch extension loads and was built with the MPI and Gloo controllers.
-"$PY" - <<'PYEOF' || die "horovod installed but does not load; see the message above"
-import horovod.torch as hvd
-missing = [name for name, ok in (("mpi", hvd.mpi_built()), ("gloo", hvd.gloo_built())) if not ok]
-if missing:
-    raise SystemExit(f"horovod.torch built without {', '.join(missing)}")
-print(f"build-horovod: horovod {__import__('horovod').__version__} (torch, MPI + Gloo) installed")
+"$PY" - "$WITH_TF" <<'PYEOF' || die "horovod installed but does not load; see the message above"
+import importlib, sys
+frameworks = ["torch"] + ["tensorflow"] * (sys.argv[1] == "1")
+for framework in frameworks:
+    hvd = importlib.import_module(f"horovod.{framework}")
+    missing = [name for name, ok in (("mpi", hvd.mpi_built()), ("gloo", hvd.gloo_built())) if not ok]
+    if missing:
+        raise SystemExit(f"horovod.{framework} built without {', '.join(missing)}")
+print(f"build-horovod: horovod {__import__('horovod').__version__} ({', '.join(frameworks)}; MPI + Gloo) installed")
 PYEOF
 echo "build-horovod: built in $((SECONDS - started)) s"

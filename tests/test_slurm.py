@@ -8,6 +8,7 @@ AUTOCNNP_REQUIRE_SLURM=1 (CI) turns the skip into a failure.
 from __future__ import annotations
 
 import csv
+import json
 import os
 import re
 import shutil
@@ -17,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import TINY_UNET, synthetic_data, write_job
+from jobfiles import TINY_UNET, require_import, synthetic_data, write_job
 
 from autocnnp.core.world import discover_world, launcher_name
 from autocnnp.run.job import load_job
@@ -211,13 +212,15 @@ def state_of(job_id: str) -> str:
     return re.search(r"JobState=(\w+)", out).group(1)
 
 
-@pytest.mark.parametrize("launcher", ["mpirun", "srun"])
+@pytest.mark.parametrize("launcher,framework", [("mpirun", "torch"), ("srun", "torch"), ("srun", "tensorflow")])
 @pytest.mark.slurm
 @pytest.mark.ranks
-def test_a_two_rank_job_trains_under_slurm(slurm, tmp_path, launcher):
+def test_a_two_rank_job_trains_under_slurm(slurm, tmp_path, launcher, framework):
+    if framework == "tensorflow":  # its ranks become TensorFlow workers over the MPI world srun starts
+        require_import("tensorflow", "tensorflow", "AUTOCNNP_REQUIRE_TENSORFLOW")
     job = tiny_job(tmp_path)
     started = time.monotonic()
-    sub = autocnnp("submit", job, "--launcher", launcher, "--time", "5")
+    sub = autocnnp("submit", job, "--launcher", launcher, "--time", "5", "--set", f"framework={framework}")
     assert sub.returncode == 0, sub.stderr
     job_id = re.search(r"submitted Slurm job (\d+) \(2 ranks on 1 node\(s\), partition \w+, launcher "
                        + launcher, sub.stdout).group(1)
@@ -234,7 +237,11 @@ def test_a_two_rank_job_trains_under_slurm(slurm, tmp_path, launcher):
     assert [r["epoch"] for r in rows] == ["1"] and 0 < float(rows[0]["dice"]) <= 1
     assert sorted(p.name for p in (out / "resources").iterdir()) == ["rank0.csv", "rank1.csv"]
     assert (out / "slurm" / f"{job_id}.exit").read_text().strip() == "0"
-    print(f"slurm {launcher}: submit to COMPLETED in {time.monotonic() - started:.1f} s")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["plan"]["actions"][0] == {**manifest["plan"]["actions"][0], "type": "framework",
+                                              "implementation": framework}
+    assert manifest["world"] == {"size": 2, "backend": "gloo" if framework == "torch" else "tensorflow"}
+    print(f"slurm {launcher} ({framework}): submit to COMPLETED in {time.monotonic() - started:.1f} s")
 
 
 @pytest.mark.slurm

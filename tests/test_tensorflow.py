@@ -57,9 +57,9 @@ def tensorflow() -> None:
 # --- the engine: no TensorFlow needed ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("env,strategy,refusal,alternatives", [
-    ("", "mpi", "dist_strategy 'mpi' has no tensorflow implementation (it exists for torch)", "ring_allreduce"),
+    ("", "mpi", "dist_strategy 'mpi' has no tensorflow implementation (it exists for torch)", "horovod, ring_allreduce"),
     ('<action class="non_extensible" type="communication_init"><value>torch_distributed</value></action>',
-     "ring_allreduce", "communication_init 'torch_distributed' has no tensorflow implementation", "tf_config"),
+     "ring_allreduce", "communication_init 'torch_distributed' has no tensorflow implementation", "horovod, tf_config"),
     ('<action class="non_extensible" type="memory_allocation"><value>fraction</value></action>',
      "ring_allreduce", "memory_allocation 'fraction' has no tensorflow implementation", "allow_growth, soft_placement"),
 ])
@@ -106,6 +106,23 @@ def test_validate_and_plan_import_neither_tensorflow_nor_torch(tmp_path):
     assert "communication_init [non-extensible] = tf_config  (built-in, chosen by the engine)" in result.stdout
 
 
+def test_a_torch_job_never_imports_tensorflow(tensorflow, tmp_path):
+    """TensorBoard imports TensorFlow where it is installed: the files tracker of a torch job keeps it out."""
+    code = textwrap.dedent(f"""
+        import sys
+        from pathlib import Path
+        from autocnnp.components.trackers.files import Config, Files
+        from autocnnp.generator.protocols import RunInfo
+        files = Files(Config(plots=False), info=RunInfo("job", Path({str(tmp_path)!r}), {{}}, {{}}, {{}}))
+        files.epoch_end(0, {{"dice": 0.5}}, 1)
+        files.close("completed")
+        assert "tensorflow" not in sys.modules
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert list((tmp_path / "tensorboard").iterdir())
+
+
 # --- the tensorflow components ------------------------------------------------------------------------------
 
 BUILD_EVERY_TENSORFLOW_BUILTIN = textwrap.dedent("""
@@ -131,7 +148,7 @@ BUILD_EVERY_TENSORFLOW_BUILTIN = textwrap.dedent("""
             assert (entry.config is None) == (real is None), name
             assert real is None or fields(entry.config) == fields(real), name
             assert entry.summary == summary(impl), name
-            if entry.origin != "built-in" or "torch" in entry.frameworks or name == "keras":
+            if "torch" in entry.frameworks or name in ("keras", "horovod"):  # horovod: the runs below
                 continue
             config = bind(entry.config, [], Path("."), name)
             args = [config] if config is not None else []
@@ -164,16 +181,19 @@ def test_every_tensorflow_builtin_reads_as_its_module_and_builds_from_its_defaul
 
 # --- real ranks ----------------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("strategy", ["ring_allreduce", "horovod"])
 @pytest.mark.ranks
-def test_two_ranks_with_batch_b_give_the_weights_of_one_rank_with_batch_2b(tensorflow, tmp_path):
-    """MultiWorkerMirroredStrategy over 2 MPI ranks: 8 steps of 2 x 2 samples end where 8 steps of 4 do
-    (constant LR, SGD with momentum and L2 weight decay, per-sample Dice + cross-entropy, no BatchNorm)."""
+def test_two_ranks_with_batch_b_give_the_weights_of_one_rank_with_batch_2b(tensorflow, tmp_path, strategy):
+    """MultiWorkerMirroredStrategy (or Horovod) over 2 MPI ranks: 8 steps of 2 x 2 samples end where 8 steps
+    of 4 do (constant LR, SGD with momentum and L2 weight decay, per-sample Dice + cross-entropy, no BatchNorm)."""
+    if strategy == "horovod":
+        require_import("horovod.tensorflow", "horovod", "AUTOCNNP_REQUIRE_HOROVOD")
     hyper = dict(minibatch_size=2, end_epoch=2, lr=0.05, optimiser="sgd", weight_decay=0.01, loss="dice_ce")
     data = synthetic_data(16, 6)
     two = write_job(tmp_path / "two.xml", degree=2, output="two", arch=PLAIN_UNET, data=data, hyper=hyper,
-                    actions=generator(), extra=QUIET)
+                    actions=generator(strategy=strategy), extra=QUIET)
     one = write_job(tmp_path / "one.xml", degree=1, output="one", arch=PLAIN_UNET, data=data,
-                    hyper={**hyper, "minibatch_size": 4}, actions=generator(), extra=QUIET)
+                    hyper={**hyper, "minibatch_size": 4}, actions=generator(strategy=strategy), extra=QUIET)
     for job in (two, one):
         result = cli("run", job)
         assert result.returncode == 0, result.stderr[-3000:]

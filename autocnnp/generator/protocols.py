@@ -151,9 +151,10 @@ class KerasStrategy(Strategy):
     Built like every strategy (``device`` is the TensorFlow device name the placement chose). The Keras
     trainer builds the network and optimizer inside ``scope()``; each step runs ``run(step_fn, x, y)`` (in a
     ``tf.function``, returning this rank's result), where ``step_fn`` scales this rank's loss by ``share``,
-    takes its gradients with ``gradients(tape, loss, variables)`` and applies them; after each epoch's steps,
-    ``synchronize(variables)`` makes the network's non-trainable variables (BatchNorm statistics) equal on
-    every rank before validation and checkpoints. ``sampler`` shards the data as on torch. ``wrap``,
+    takes its gradients with ``gradients(tape, loss, variables)`` and applies them. ``synchronize(variables)``
+    makes variables equal on every rank: all of the network's and optimizer's once they are built (or
+    resumed), and the non-trainable ones (BatchNorm statistics) after each epoch's steps, before validation
+    and checkpoints. ``sampler`` shards the data as on torch. ``wrap``,
     ``step`` and the other torch hooks are not called."""
 
     share = 1.0  # the weight of this rank's gradient in one step's: 1/replicas where they are summed, 1 if averaged

@@ -162,6 +162,7 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     state = TrainState(optimizer, epoch=hp.start_epoch)
     guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
     resumed_from = _resume(checkpoints, net, state, policy, guard)
+    strategy.synchronize([*net.weights, *optimizer.variables])
     regions = evaluation_regions(task, data, monitoring)
     step = train_step(net, optimizer, strategy, keras_losses.get_loss(hp.loss), hp.weight_decay, data.num_classes)
     return KerasRun(gen, world, device, hp, task, data, strategy, net, sampler, loader, loader_rng, valid_loader,

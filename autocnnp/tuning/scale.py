@@ -357,6 +357,10 @@ def cmd_scale(args) -> int:
     else:
         job = load_job(args.job, args.set)
         gen = job.generator
+        if gen.framework != "torch":
+            raise JobError(gen.action("framework").where or gen.job.where, f"autocnnp scale profiles the torch step; "
+                           f"this job trains with {gen.framework}", "profile the same architecture and data with "
+                           "--set framework=torch (benchmarks/tensorflow_framework.py compares the two frameworks)")
         data_path = parse_data_path(args.data_path or "ram")
         link = choose_link(args.link or "measured", args)  # before torch fills the cores
         placement = _placement(args.ranks_per_node, job.slurm.cpus_per_task)

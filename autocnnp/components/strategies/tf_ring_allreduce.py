@@ -42,8 +42,8 @@ class MultiWorkerMirrored(KerasStrategy):
         self.share = 1.0 / self.distribution.num_replicas_in_sync
 
     def synchronize(self, variables) -> None:
-        """The mean over ranks of the floating-point ``variables`` (each replica updates its own BatchNorm
-        statistics, as torch's ranks do; torch's DDP broadcasts rank 0's at every step instead)."""
+        """The mean over ranks of the floating-point ``variables`` (variables are created equal, broadcast
+        from worker 0; each replica then updates its own BatchNorm statistics)."""
         floats = [v for v in variables if "float" in str(v.dtype)]
         if self.world.world_size == 1 or not floats:
             return

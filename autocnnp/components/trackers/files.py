@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import sys
+import types
 from dataclasses import dataclass
 
 from autocnnp.core.rundir import RunDir
 from autocnnp.core.settings import setting
 from autocnnp.generator.protocols import RunInfo, Tracker
 from autocnnp.generator.registry import component
+
+# TensorBoard imports TensorFlow where it is installed unless this module exists (its own switch)
+NO_TENSORFLOW = "tensorboard.compat.notf"
 
 
 @dataclass
@@ -26,6 +31,8 @@ class Files(Tracker):
         super().__init__(config, info=info)
         self.writer = None
         if config.tensorboard:
+            if "tensorflow" not in sys.modules:  # a torch job: TensorBoard's stub, not TensorFlow (seconds to import)
+                sys.modules.setdefault(NO_TENSORFLOW, types.ModuleType(NO_TENSORFLOW))
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(str(RunDir(info.rundir).tensorboard),  # a resumed run drops the events after it
