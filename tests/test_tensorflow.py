@@ -80,7 +80,7 @@ def test_the_torch_tree_refuses_a_tensorflow_only_component(tmp_path):
     assert "communication_init 'tf_config' has no torch implementation (it exists for tensorflow)" in result.stderr
 
 
-def test_a_user_file_declaring_another_framework_and_pretrained_weights_are_refused(tmp_path):
+def test_a_user_file_declaring_another_framework_pretrained_weights_and_fp16_are_refused(tmp_path):
     (tmp_path / "net.py").write_text("class Net:\n    frameworks = ('torch',)\n    def forward(self, x):\n        return x\n")
     job = write_job(tmp_path / "job.xml", actions=generator(), arch='<CNN_archi><path>net.py</path></CNN_archi>')
     result = cli("validate", job)
@@ -89,6 +89,10 @@ def test_a_user_file_declaring_another_framework_and_pretrained_weights_are_refu
                     arch=PLAIN_UNET.replace('name="unet"', 'name="unet" pretrained="zoo:atrium"'))
     result = cli("validate", job)
     assert result.returncode == 2 and "pretrained weights are loaded on the torch framework only" in result.stderr
+    job = write_job(tmp_path / "job.xml", actions=generator(), arch=PLAIN_UNET, hyper={"precision": "fp16"})
+    result = cli("validate", job)
+    assert result.returncode == 2 and "precision fp16 (with a loss scaler) is trained on the torch framework only" \
+        in result.stderr and "Hint: write bf16" in result.stderr
 
 
 def test_validate_and_plan_import_neither_tensorflow_nor_torch(tmp_path):

@@ -153,6 +153,10 @@ def assemble(job: JobSpec | Path | str) -> Generator:
     if gen.pretrained is not None and framework != "torch":
         raise JobError(gen.pretrained.where, f"pretrained weights are loaded on the torch framework only; this job "
                        f"trains with {framework}", "remove pretrained= (and freeze=), or train with framework torch")
+    if framework != "torch" and gen.hyperparameters.precision == "fp16":
+        where = next((s.where for s in spec.hyperparameters if s.name == "precision"), spec.where)
+        raise JobError(where, f"precision fp16 (with a loss scaler) is trained on the torch framework only; this job "
+                       f"trains with {framework}", "write bf16 (Keras' mixed_bfloat16) or fp32")
     _check_lr_policy(gen)
     return gen
 

@@ -100,20 +100,20 @@ class KerasRun:
 
 
 def weights_of(model: keras.Model) -> dict[str, np.ndarray]:
-    """Every variable of ``model`` (BatchNorm statistics included) by its path."""
+    """Every variable of ``model`` (BatchNorm statistics included), in the model's order, by its path."""
     return {v.path: np.array(v.numpy()) for v in model.weights}
 
 
 def load_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
-    """Set ``model``'s variables from :func:`weights_of`; a missing, extra or reshaped variable is an error."""
-    own = {v.path: v for v in model.weights}
-    if set(own) != set(weights):
-        missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
-        raise ValueError(f"the saved weights do not fit the network: missing {missing[:3]}, unexpected {extra[:3]}")
-    for path, value in weights.items():
-        if tuple(own[path].shape) != value.shape:
-            raise ValueError(f"the saved weight {path} has shape {value.shape}, the network's {tuple(own[path].shape)}")
-        own[path].assign(value)
+    """Set ``model``'s variables from :func:`weights_of`, in order (Keras numbers unnamed layers per process,
+    so paths may differ); another count or shape of variables is an error."""
+    if len(model.weights) != len(weights):
+        raise ValueError(f"the saved weights hold {len(weights)} variables, the network has {len(model.weights)}")
+    for variable, (path, value) in zip(model.weights, weights.items()):
+        if tuple(variable.shape) != value.shape:
+            raise ValueError(f"the saved weight {path} has shape {value.shape}, the network's {variable.path} "
+                             f"{tuple(variable.shape)}")
+        variable.assign(value)
 
 
 def make_optimizer(hp) -> keras.optimizers.Optimizer:
@@ -133,10 +133,7 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     threads = default_threads(world.local_world_size)  # this node's cores shared among its ranks
     tf.config.threading.set_intra_op_parallelism_threads(threads)
     torch.set_num_threads(threads)  # the data pipeline's augmentation
-    hp = gen.action("hyperparameters_injection").build()
-    if hp.precision not in POLICIES:
-        raise ValueError(f"precision {hp.precision} is not available on the tensorflow framework: use "
-                         f"{' or '.join(POLICIES)}")
+    hp = gen.action("hyperparameters_injection").build()  # precision: fp32 or bf16 (the engine refuses fp16)
     deterministic = determinism.configure(hp.deterministic)
     if hp.deterministic:
         tf.config.experimental.enable_op_determinism()
