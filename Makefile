@@ -24,7 +24,7 @@ horovod: venv
 
 # TensorFlow 2.21 (CPU) for jobs whose framework action is tensorflow; torch jobs never import it
 tensorflow: venv
-	$(BIN)/pip install -q -r requirements/tensorflow.txt
+	$(BIN)/pip install -q -r requirements/tensorflow.txt -c requirements/test.txt
 	$(BIN)/python -c "import tensorflow as tf; print('tensorflow', tf.__version__, 'installed')"
 
 demo: venv

@@ -82,7 +82,8 @@ def cmd_components(args) -> int:
 def _list(registry) -> None:
     for name in registry.names():
         for entry in registry.builtins(name):
-            _describe(name, entry)
+            if entry.name == name:  # not an alias of another implementation
+                _describe(name, entry)
 
 
 def _describe(name: str, entry) -> None:

@@ -95,6 +95,21 @@ def test_a_user_file_declaring_another_framework_pretrained_weights_and_fp16_are
         in result.stderr and "Hint: write bf16" in result.stderr
 
 
+def test_run_without_tensorflow_installed_says_make_tensorflow_before_any_rank_starts(tmp_path, monkeypatch):
+    import importlib.util
+
+    from autocnnp.core.errors import JobError
+    from autocnnp.run import preflight
+    from autocnnp.run.job import load_job
+
+    job = load_job(write_job(tmp_path / "job.xml", actions=generator(), arch=PLAIN_UNET), [])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "tensorflow" else real(name, *a))
+    with pytest.raises(JobError, match=r"job.xml:\d+:\d+: the job trains with framework tensorflow, which is not "
+                       r"installed in this environment. Hint: run `make tensorflow`"):
+        preflight.check_framework(job)
+
+
 def test_validate_and_plan_import_neither_tensorflow_nor_torch(tmp_path):
     job = write_job(tmp_path / "job.xml", actions=generator(), arch=PLAIN_UNET)
     code = textwrap.dedent(f"""

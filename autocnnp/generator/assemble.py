@@ -191,7 +191,7 @@ def _explicit_actions(spec: JobSpec, framework: str):
         if not point.extensible and a.choice and a.choice.path:
             raise JobError(a.where, f"'{point.type}' is a non-extensible action: it can be parametrised "
                            "but not overridden with your own code", "remove the <path> and pick one of: "
-                           + ", ".join(point.registry.names(framework)))
+                           + ", ".join(point.registry.names(None if point.type == "framework" else framework)))
         if a.extensible != point.extensible:
             right = "extensible" if point.extensible else "non_extensible"
             raise JobError(a.where, f"'{point.type}' is {'an ' if point.extensible else 'a non-'}extensible action",
@@ -243,7 +243,6 @@ def _injection_actions(spec: JobSpec, framework: str) -> dict[str, Action]:
     arch_settings = spec.architecture_params
     if arch.path is not None and arch.path.suffix == ".py":
         arch_entry = registry.from_file(arch.path, arch.entry, arch.where)
-        _check_framework(points["architecture_injection"], arch_entry, framework, arch.where)
     elif arch.path is not None and arch.path.suffix == ".keras":  # a Keras 3 model file: the `keras` entry
         if arch.entry:
             raise JobError(arch.where, f"entry=\"{arch.entry}\" names a Python symbol, but {arch.path.name} is a "
@@ -259,8 +258,10 @@ def _injection_actions(spec: JobSpec, framework: str) -> dict[str, Action]:
                        "or an nn.Module class, or save a Keras 3 model as a .keras file")
     else:
         arch_entry = registry.get(arch.name, arch.where, framework)
+    _check_framework(points["architecture_injection"], arch_entry, framework, arch.where)
     data = spec.data_format
     data_entry = points["dataset_injection"].registry.get(data.name or "decathlon", data.where, framework)
+    _check_framework(points["dataset_injection"], data_entry, framework, data.where)
     hyper = points["hyperparameters_injection"]
     return {
         "task_definition": _action(points["task_definition"], points["task_definition"].registry.get(

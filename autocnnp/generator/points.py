@@ -88,7 +88,7 @@ POINTS = (
     Point("hyperparameters_injection", "Hyperparameters Injection", "train_strategy_def", False, "hyperparameters",
           "xml", "inject", aliases=("hyperparameters",), provides=("hyperparameters",)),
     Point("dist_strategy", "Distributed Optimizer", "train_strategy_def", True, "strategies", "ring_allreduce",
-          "Strategy", Fits(bases=("Strategy",), methods=("wrap", "sampler")), ("distributed_optimizer",),
+          "Strategy", Fits(bases=("Strategy", "KerasStrategy"), methods=("wrap", "sampler")), ("distributed_optimizer",),
           consumes=("world", "device", "model", "hyperparameters"), provides=("parallel model", "optimizer")),
     Point("lr_policy", "Learning-Rate Policy", "train_strategy_def", True, "lr_policies", "gradual_warmup",
           "Policy", Fits(bases=("LRPolicy",), methods=("lr",)), ("lr_schedule",),

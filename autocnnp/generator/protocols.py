@@ -151,10 +151,10 @@ class KerasStrategy(Strategy):
     Built like every strategy (``device`` is the TensorFlow device name the placement chose). The Keras
     trainer builds the network and optimizer inside ``scope()``; each step runs ``run(step_fn, x, y)`` (in a
     ``tf.function``, returning this rank's result), where ``step_fn`` scales this rank's loss by ``share``,
-    takes its gradients with ``gradients(tape, loss, variables)`` and applies them. ``synchronize(variables)``
-    makes variables equal on every rank: all of the network's and optimizer's once they are built (or
-    resumed), and the non-trainable ones (BatchNorm statistics) after each epoch's steps, before validation
-    and checkpoints. ``sampler`` shards the data as on torch. ``wrap``,
+    takes its gradients with ``gradients(tape, loss, variables)`` and applies them. ``broadcast(variables)``
+    gives every rank rank 0's network and optimizer once they are built (or resumed); after each epoch's
+    steps, ``synchronize(variables)`` makes the non-trainable ones (BatchNorm statistics) equal on every
+    rank before validation and checkpoints. ``sampler`` shards the data as on torch. ``wrap``,
     ``step`` and the other torch hooks are not called."""
 
     share = 1.0  # the weight of this rank's gradient in one step's: 1/replicas where they are summed, 1 if averaged
@@ -162,6 +162,9 @@ class KerasStrategy(Strategy):
     def scope(self):
         """Where the network and optimizer are created (a tf.distribute scope; none by default)."""
         return contextlib.nullcontext()
+
+    def broadcast(self, variables) -> None:
+        """Give every rank rank 0's ``variables`` (no-op by default: created equal)."""
 
     def synchronize(self, variables) -> None:
         """Make ``variables`` equal on every rank (no-op by default)."""

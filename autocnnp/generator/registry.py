@@ -36,13 +36,10 @@ _LIGHT_MODULES = ("__future__", "dataclasses", "typing", "pathlib", "enum", "mat
                   "autocnnp.generator.protocols")
 
 
-FRAMEWORKS = ("torch", "tensorflow")  # what the framework action may choose; a component runs on torch unless it says
-
-
 def component(name: str, *, aliases: tuple[str, ...] = (), frameworks: tuple[str, ...] = ("torch",)):
     """Mark the implementation of a built-in component (read by the registry from the file's text;
     the file's ``Config`` dataclass holds its parameters) for the ``frameworks`` it trains with: one name
-    may have one implementation per framework. Returns the object unchanged."""
+    may have one implementation per framework (torch, tensorflow). Returns the object unchanged."""
     del name, aliases, frameworks
     return lambda obj: obj
 
@@ -141,7 +138,7 @@ class Registry:
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ep.value
             return Entry(name, ep.value, getattr(obj, "Config", None), summary(obj), f"entry point of {dist}",
                          dict(getattr(obj, "requires", {})), tuple(getattr(obj, "launchers", ())),
-                         frameworks=tuple(getattr(obj, "frameworks", ("torch",))))
+                         frameworks=_frameworks(getattr(obj, "frameworks", ())))
         installed = [ep.name for ep in entry_points(group=f"autocnnp.{self.point}")]
         raise JobError(where, f"unknown {self.point} '{name}'", did_you_mean(name, self.names() + installed))
 
@@ -185,7 +182,7 @@ class Registry:
         doc = ast.get_docstring(node) if node is not None else None
         return Entry(symbol, f"{path}:{symbol}", None, first_paragraph(doc or ast.get_docstring(tree)),
                      f"file {path}", dict(attrs.get("requires", {})), tuple(attrs.get("launchers", ())),
-                     frameworks=tuple(attrs.get("frameworks", ())))
+                     frameworks=_frameworks(attrs.get("frameworks", ())))
 
     def _fits(self, node, fits: Fits | None) -> bool:
         fits = fits or self.fits
@@ -194,6 +191,11 @@ class Registry:
             methods = {n.name for n in node.body if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef))}
             return bool(bases & set(fits.bases)) or bool(fits.methods) and set(fits.methods) <= methods
         return fits.functions or node.name == self.file_entry
+
+
+def _frameworks(value) -> tuple[str, ...]:
+    """A plug-in's ``frameworks`` attribute as a tuple of names (a single name is accepted)."""
+    return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
 
 
 def _runs_on(entry: Entry, framework: str | None) -> bool:

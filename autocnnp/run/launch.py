@@ -104,6 +104,7 @@ def run(job: Job) -> int:
         with _owned(job):
             return run_rank(job)
     with _owned(job):
+        preflight.check_framework(job)
         preflight.check_output(job)
         attempt = 0
         while True:

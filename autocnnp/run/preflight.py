@@ -4,6 +4,7 @@ problem is one JobError or DataError: one line, exit code 2, nothing started."""
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
 from ..core.errors import JobError
@@ -26,6 +27,15 @@ def fetch_pretrained(job: Job) -> None:
     if not target.is_file():
         _, got = fetch(name, version, target.parent, zoo_store())
         print(f"autocnnp: pretrained from zoo:{name}/{got} ({zoo_store()[0]})", flush=True)
+
+
+def check_framework(job: Job) -> None:
+    """The job's framework is installed here (TensorFlow is not part of `make venv`)."""
+    gen = job.generator
+    if gen.framework == "tensorflow" and importlib.util.find_spec("tensorflow") is None:
+        raise JobError(gen.action("framework").where or job.spec.where, "the job trains with framework tensorflow, "
+                       "which is not installed in this environment", "run `make tensorflow` (pip install -r "
+                       "requirements/tensorflow.txt), or choose framework torch")
 
 
 def check_output(job: Job) -> None:

@@ -100,8 +100,9 @@ class KerasRun:
 
 
 def weights_of(model: keras.Model) -> dict[str, np.ndarray]:
-    """Every variable of ``model`` (BatchNorm statistics included), in the model's order, by its path."""
-    return {v.path: np.array(v.numpy()) for v in model.weights}
+    """Every variable of ``model`` (BatchNorm statistics included), in the model's order, keyed ``N:path``
+    (sub-models may repeat a path)."""
+    return {f"{i}:{v.path}": np.array(v.numpy()) for i, v in enumerate(model.weights)}
 
 
 def load_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
@@ -159,7 +160,7 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     state = TrainState(optimizer, epoch=hp.start_epoch)
     guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
     resumed_from = _resume(checkpoints, net, state, policy, guard)
-    strategy.synchronize([*net.weights, *optimizer.variables])
+    strategy.broadcast([*net.weights, *optimizer.variables])
     regions = evaluation_regions(task, data, monitoring)
     step = train_step(net, optimizer, strategy, keras_losses.get_loss(hp.loss), hp.weight_decay, data.num_classes)
     return KerasRun(gen, world, device, hp, task, data, strategy, net, sampler, loader, loader_rng, valid_loader,
@@ -234,6 +235,11 @@ def _resume(checkpoints: Checkpointer, model: keras.Model, state: TrainState, po
         return None
     resumed_from = restore(saved, checkpoints, state, policy, guard, "tensorflow")
     load_weights(model, saved["model"])
-    for variable, value in zip(state.optimizer.variables, saved["optimizer"], strict=True):
+    own = state.optimizer.variables
+    if len(own) != len(saved["optimizer"]) or any(tuple(v.shape) != s.shape for v, s in zip(own, saved["optimizer"])):
+        raise RuntimeError(f"the optimizer state in {resumed_from} does not fit this optimizer (its momentum or "
+                           "optimizer changed): resume with the same hyperparameters, or start afresh with another "
+                           "<output> folder or resume=false on the checkpoint action")
+    for variable, value in zip(own, saved["optimizer"]):
         variable.assign(value)
     return resumed_from

@@ -22,10 +22,15 @@ def load_pretrained(net: torch.nn.Module, checkpoint: Path, freeze: str) -> str:
         raise DataError(checkpoint, "the pretrained checkpoint is not there",
                         "run the job with `autocnnp run` (it fetches zoo models first), or `autocnnp zoo pull` it")
     try:
-        saved = torch.load(checkpoint, map_location="cpu", weights_only=False)["model"]
+        state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+        saved = state["model"]
     except Exception as exc:  # noqa: BLE001 - anything unreadable
         raise DataError(checkpoint, f"cannot be read as a checkpoint ({type(exc).__name__}: {str(exc)[:200]})",
                         "name a checkpoint written by autocnnp run, or a zoo model") from None
+    trained = (state.get("model_card") or {}).get("framework", "torch")
+    if trained != "torch":
+        raise DataError(checkpoint, f"holds a {trained} model; pretrained weights start torch networks",
+                        "start from a checkpoint of a torch run of the same architecture")
     saved = {k.removeprefix("module."): v for k, v in saved.items()}
     own = net.state_dict()
     loaded = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}

@@ -18,7 +18,7 @@ def init_tf_config(*, timeout_s: float) -> World:
     So mpirun, srun and hostfiles start TensorFlow jobs unchanged. Worker ``i`` is MPI rank ``i``; the
     trainer's metrics are summed over MPI. A single rank gets no TF_CONFIG (a one-worker cluster)."""
     if discover_world().world_size == 1:
-        return World(backend="tensorflow", all_reduce=allreduce_sum)
+        return World(backend="tensorflow")
     world = init_mpi4py(timeout_s=timeout_s)
     from mpi4py import MPI
 

@@ -5,7 +5,15 @@ from __future__ import annotations
 
 from autocnnp.generator.protocols import Framework
 from autocnnp.generator.registry import component
-from autocnnp.training import keras_trainer, loop
+from autocnnp.training import loop
+
+try:
+    from autocnnp.training import keras_trainer
+except ModuleNotFoundError as exc:  # TensorFlow is installed by `make tensorflow`, not by `make venv`
+    if exc.name != "tensorflow":
+        raise
+    raise RuntimeError("the job trains with framework tensorflow, which is not installed in this environment: run "
+                       "`make tensorflow` (pip install -r requirements/tensorflow.txt)") from None
 
 
 @component("tensorflow", aliases=("tf",), frameworks=("tensorflow",))

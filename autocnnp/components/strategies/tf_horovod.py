@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tensorflow as tf
+
 from autocnnp.components.communication.tf_horovod import import_horovod_tensorflow
 from autocnnp.generator.protocols import MPI_LAUNCHERS, KerasStrategy
 from autocnnp.generator.registry import component
@@ -31,8 +33,12 @@ class HorovodKeras(KerasStrategy):
         grads = tape.gradient(loss, variables)
         if self.hvd.size() == 1:
             return grads
+        grads = [tf.zeros_like(v) if g is None else g for g, v in zip(grads, variables)]  # a variable the loss skips
         return self.hvd.grouped_allreduce(grads, op=self.hvd.Average, compression=self.compression)
 
-    def synchronize(self, variables) -> None:
+    def broadcast(self, variables) -> None:
         if self.hvd.size() > 1 and variables:
             self.hvd.broadcast_variables([v.value for v in variables], root_rank=0)
+
+    def synchronize(self, variables) -> None:
+        self.broadcast(variables)

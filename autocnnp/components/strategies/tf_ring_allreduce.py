@@ -43,14 +43,14 @@ class MultiWorkerMirrored(KerasStrategy):
 
     def synchronize(self, variables) -> None:
         """The mean over ranks of the floating-point ``variables`` (variables are created equal, broadcast
-        from worker 0; each replica then updates its own BatchNorm statistics)."""
-        floats = [v for v in variables if "float" in str(v.dtype)]
-        if self.world.world_size == 1 or not floats:
+        from worker 0, so ``broadcast`` has nothing to do; each replica updates its own BatchNorm statistics)."""
+        values = [(v, v.numpy()) for v in variables if "float" in str(v.dtype)]
+        if self.world.world_size == 1 or not values:
             return
-        flat = np.concatenate([np.ravel(v.numpy()).astype(np.float64) for v in floats])
+        flat = np.concatenate([np.ravel(value).astype(np.float64) for _, value in values])
         mean = self.world.all_reduce(torch.from_numpy(flat)).numpy() / self.world.world_size
-        for v, part in zip(floats, np.split(mean, np.cumsum([int(np.prod(v.shape)) for v in floats])[:-1])):
-            v.assign(part.reshape(v.shape).astype(np.dtype(str(v.dtype))))
+        for (v, value), part in zip(values, np.split(mean, np.cumsum([value.size for _, value in values])[:-1])):
+            v.assign(part.reshape(value.shape).astype(value.dtype))
 
     def scope(self):
         return self.distribution.scope()
