@@ -111,7 +111,13 @@ class Registry:
 
     def builtin(self, name: str, framework: str | None = "torch") -> Entry | None:
         """The built-in (or in-process registered) implementation called ``name`` for ``framework`` (None:
-        any), if any."""
+        any), if any. The file named after it is read first: most components live there (validate stays fast)."""
+        own = COMPONENTS / self.folder / f"{name}.py"
+        if name not in self.extra and name.isidentifier() and len(name) <= 100 and own.is_file():
+            found = (_entry(own, definition) for key, definition in _keys(own) if key == name)
+            entry = next((e for e in found if _runs_on(e, framework)), None)
+            if entry is not None:
+                return entry
         return next((e for e in self.builtins(name) if _runs_on(e, framework)), None)
 
     def get(self, name: str, where: Location, framework: str | None = "torch") -> Entry:
