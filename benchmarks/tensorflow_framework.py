@@ -80,8 +80,7 @@ def worker(args) -> None:
         while done < n:
             run.loader.set_epoch(done)
             for step, (x, y) in enumerate(run.loader):
-                run.state.optimizer.learning_rate.assign(run.policy.lr(0, step))
-                float(run.train_step(keras_trainer.nhwc(x), y.numpy()))
+                run.step(x, y, run.policy.lr(0, step))
                 done += 1
                 if done == n:
                     break

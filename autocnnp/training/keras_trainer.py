@@ -8,7 +8,6 @@ training/loop.py's epoch loop. Importing this module imports TensorFlow, with Ke
 from __future__ import annotations
 
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,16 +29,13 @@ from . import determinism, keras_losses  # noqa: E402
 from .loop import (  # noqa: E402
     TrainState,
     common_state,
-    end_of_epoch,
-    evaluate,
     evaluation_regions,
     loaders,
     model_card,
     restore,
     seed_everything,
-    sum_over_ranks,
 )
-from .monitor import DivergenceGuard, Monitor, MonitoringConfig  # noqa: E402
+from .monitor import DivergenceGuard, MonitoringConfig  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise RuntimeError(f"Keras was imported with the {keras.backend.backend()!r} backend before this tensorflow job "
@@ -90,8 +86,20 @@ class KerasRun:
     regions: dict[str, tuple[int, ...]]
     card: dict
 
-    def train_epoch(self, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
-        return train_epoch(self, epoch, monitor, beat)
+    def begin_steps(self) -> None:
+        """Nothing: the step function sets Keras' training mode itself."""
+
+    def step(self, x, y, lr: float) -> float:
+        """One synchronous step at ``lr`` on this rank's minibatch (NCHW from the data pipeline); its loss."""
+        self.state.optimizer.learning_rate.assign(lr)
+        return float(self.train_step(nhwc(x), y.numpy()))
+
+    def end_steps(self) -> KerasInference:
+        self.strategy.synchronize(self.model.non_trainable_variables)
+        return self.inference
+
+    def current_lr(self) -> float:
+        return float(self.state.optimizer.learning_rate.numpy())
 
     def snapshot(self) -> dict:
         """The network's and the optimizer's variables as arrays, and training/loop.py's common state."""
@@ -190,33 +198,6 @@ def train_step(model: keras.Model, optimizer, strategy: KerasStrategy, loss_fn, 
 def nhwc(images: torch.Tensor) -> np.ndarray:
     """A minibatch of the data pipeline (NCHW) as the NHWC array Keras convolves."""
     return np.ascontiguousarray(images.numpy().transpose(0, 2, 3, 1))
-
-
-def train_epoch(run: KerasRun, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
-    """One epoch: the steps, validation, plug-ins and the LR policy's epoch end."""
-    gen, world, state, optimizer = run.gen, run.world, run.state, run.state.optimizer
-    seed_everything(gen.seed + 1000 * epoch + world.rank)  # the data pipeline's RNG, as torch's
-    run.sampler.set_epoch(epoch)
-    determinism.seed_loader(run.loader_rng, gen.seed, epoch, world.rank)
-    run.loader.set_epoch(epoch)
-    total, count = 0.0, 0
-    last = time.perf_counter()
-    for step, (x, y) in enumerate(run.loader):
-        waited = time.perf_counter() - last
-        beat()
-        optimizer.learning_rate.assign(run.policy.lr(epoch, step) * state.lr_scale)
-        value = float(run.train_step(nhwc(x), y.numpy()))
-        run.guard.check(value, epoch, step)
-        total, count = total + value * len(x), count + len(x)
-        now = time.perf_counter()
-        monitor.step(epoch, step, value, len(x), now - last, waited)
-        last = now
-    run.strategy.synchronize(run.model.non_trainable_variables)
-    evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
-    metrics = evaluate(run.inference, run.valid_loader, evaluator, run.loss_fn, world, beat)
-    loss_sum, n = sum_over_ranks(world, [total, count])
-    metrics = {"train_loss": loss_sum / max(n, 1), "lr": float(optimizer.learning_rate.numpy()), **metrics}
-    return end_of_epoch(run, epoch, metrics, monitor, beat)
 
 
 def inference_module(gen: Generator, weights: dict, *, in_channels: int, num_classes: int) -> KerasInference:

@@ -1,10 +1,12 @@
 """What every framework's training shares: the epoch loop with its checkpoints and stop requests, the
 state plug-ins see, the resumed fields, metrics summed over ranks, and the model card predict reads. A
-framework's run supplies ``train_epoch(epoch, monitor, beat)`` and ``snapshot()``."""
+framework's run supplies its step and what surrounds it: ``begin_steps()``, ``step(x, y, lr) -> loss``,
+``end_steps() -> the network validation scores`` (a torch-callable), ``current_lr()`` and ``snapshot()``."""
 
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -87,7 +89,7 @@ def fit(run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=lambda
     with Monitor(run.gen.rundir, run.world.rank, run.world.world_size, monitoring, run.hp.end_epoch,
                  len(run.loader), start_epoch=run.state.epoch, trackers=trackers) as monitor:
         for epoch in range(run.state.epoch, run.hp.end_epoch):
-            metrics = run.train_epoch(epoch, monitor, beat)
+            metrics = train_epoch(run, epoch, monitor, beat)
             stop = epoch < last and sum_over_ranks(run.world, [float(bool(should_stop()))])[0] > 0
             due, best = stop or run.checkpoints.due(epoch, last), run.checkpoints.is_best(metrics)
             saved = run.snapshot() if due or best else None
@@ -101,11 +103,33 @@ def fit(run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=lambda
     return metrics
 
 
-def end_of_epoch(run, epoch: int, metrics: dict[str, float], monitor: Monitor, beat) -> dict[str, float]:
-    """After an epoch's validation: the next epoch is due, plug-ins and the LR policy see the (all-reduced)
-    metrics, the monitor records them."""
-    run.state.epoch = epoch + 1
-    run.checkpoints.on_epoch_end(epoch, metrics, run.state)
+def train_epoch(run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
+    """One epoch: the steps, validation, then plug-ins, the LR policy and the monitor see the (all-reduced)
+    metrics."""
+    gen, world, state = run.gen, run.world, run.state
+    seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
+    run.sampler.set_epoch(epoch)
+    determinism.seed_loader(run.loader_rng, gen.seed, epoch, world.rank)
+    run.loader.set_epoch(epoch)  # epoch-dependent augmentation
+    run.begin_steps()
+    total, count = 0.0, 0
+    last = time.perf_counter()  # the end of the previous step: what follows until the batch is there is waiting
+    for step, (x, y) in enumerate(run.loader):
+        waited = time.perf_counter() - last
+        beat()  # before the step's collectives: a rank stuck elsewhere shows the oldest beat
+        value = run.step(x, y, run.policy.lr(epoch, step) * state.lr_scale)
+        run.guard.check(value, epoch, step)
+        total, count = total + value * len(x), count + len(x)
+        now = time.perf_counter()
+        monitor.step(epoch, step, value, len(x), now - last, waited)
+        last = now
+    net = run.end_steps()
+    evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
+    metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat)
+    loss_sum, n = sum_over_ranks(world, [total, count])
+    metrics = {"train_loss": loss_sum / max(n, 1), "lr": run.current_lr(), **metrics}
+    state.epoch = epoch + 1
+    run.checkpoints.on_epoch_end(epoch, metrics, state)
     run.policy.on_epoch_end(epoch, metrics)  # an adaptive LR policy (GreScale); metrics are the same on every rank
     beat()
     monitor.epoch_end(epoch, metrics)

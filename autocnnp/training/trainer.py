@@ -4,7 +4,6 @@ dataset is used is decided by the job, never here. The epoch loop is training/lo
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,16 +18,13 @@ from . import determinism
 from .loop import (
     TrainState,
     common_state,
-    end_of_epoch,
-    evaluate,
     evaluation_regions,
     loaders,
     model_card,
     restore,
     seed_everything,
-    sum_over_ranks,
 )
-from .monitor import DivergenceGuard, Monitor, MonitoringConfig
+from .monitor import DivergenceGuard, MonitoringConfig
 from .pretrained import load_pretrained
 
 
@@ -66,8 +62,29 @@ class Run:
     regions: dict[str, tuple[int, ...]]  # groups of classes scored as one (<monitoring> regions)
     card: dict  # what predict needs to rebuild and feed the network (model_card)
 
-    def train_epoch(self, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
-        return train_epoch(self, epoch, monitor, beat)
+    def begin_steps(self) -> None:
+        self.model.train()
+
+    def step(self, x, y, lr: float) -> float:
+        """One optimizer step at ``lr``: forward under autocast, backward through the loss scaler, the strategy's
+        hooks; this rank's loss."""
+        optimizer = self.state.optimizer
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        with self.autocast:
+            loss = self.loss_fn(self.model(x), y)
+        optimizer.zero_grad()
+        self.scaler.scale(loss).backward()
+        self.strategy.after_backward(self.model)
+        self.strategy.step(optimizer, self.scaler)
+        return loss.item()
+
+    def end_steps(self) -> torch.nn.Module:
+        self.strategy.end_epoch(self.model)
+        return self.strategy.unwrap(self.model)
+
+    def current_lr(self) -> float:
+        return self.state.optimizer.param_groups[0]["lr"]
 
     def snapshot(self) -> dict:
         return checkpoint_state(self.strategy.unwrap(self.model), self)
@@ -109,42 +126,6 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
                policy, checkpoints, state, task.loss(hp.loss), autocast, scaler, guard, deterministic, resumed_from,
                regions, model_card(gen, data))
 
-
-
-def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
-    """One epoch: the steps, the strategy's epoch end, validation, plug-ins and the LR policy's epoch end."""
-    gen, world, state, optimizer = run.gen, run.world, run.state, run.state.optimizer
-    seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
-    run.sampler.set_epoch(epoch)
-    determinism.seed_loader(run.loader_rng, gen.seed, epoch, world.rank)
-    run.loader.set_epoch(epoch)  # epoch-dependent augmentation
-    run.model.train()
-    total, count = 0.0, 0
-    last = time.perf_counter()  # the end of the previous step: what follows until the batch is there is waiting
-    for step, (x, y) in enumerate(run.loader):
-        waited = time.perf_counter() - last
-        beat()  # before the step's collectives: a rank stuck elsewhere shows the oldest beat
-        for group in optimizer.param_groups:
-            group["lr"] = run.policy.lr(epoch, step) * state.lr_scale
-        with run.autocast:
-            loss = run.loss_fn(run.model(x), y)
-        optimizer.zero_grad()
-        run.scaler.scale(loss).backward()
-        run.strategy.after_backward(run.model)
-        run.strategy.step(optimizer, run.scaler)
-        value = loss.item()
-        run.guard.check(value, epoch, step)
-        total, count = total + value * len(x), count + len(x)
-        now = time.perf_counter()
-        monitor.step(epoch, step, value, len(x), now - last, waited)
-        last = now
-    run.strategy.end_epoch(run.model)
-    net = run.strategy.unwrap(run.model)
-    evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
-    metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat)
-    loss_sum, n = sum_over_ranks(world, [total, count])
-    metrics = {"train_loss": loss_sum / max(n, 1), "lr": optimizer.param_groups[0]["lr"], **metrics}
-    return end_of_epoch(run, epoch, metrics, monitor, beat)
 
 
 def mixed_precision(precision: str, device: torch.device):
