@@ -26,6 +26,7 @@ from .core.errors import DataError, JobError
 from .core.files import atomic_write
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
 from .core.processes import default_threads
+from .core.rundir import checkpoint_file
 from .core.text import text_table
 from .engine.job import read_job
 from .generator.assemble import Generator, assemble
@@ -44,8 +45,8 @@ SURFACE_CONVENTIONS = ("surface distances in mm from the reference's voxel spaci
 # --- predict -----------------------------------------------------------------------------------------------
 
 def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
-    """The checkpoint file ``--checkpoint`` names: ``latest`` or ``best`` of the job's run, a checkpoint
-    file, a ``latest``/``best`` pointer file, or a run or checkpoint folder (its latest)."""
+    """The checkpoint file ``--checkpoint`` names: ``latest`` or ``best`` of the job's run, or a path
+    (core/rundir.checkpoint_file: a checkpoint file, a ``latest``/``best`` file, a run or checkpoints folder)."""
     if arg in POINTERS:
         if gen is None:
             raise JobError(Path(arg), f"--checkpoint {arg} needs the job whose run it is",
@@ -58,14 +59,7 @@ def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
                                                                           if arg == "best" else "")
                            + ", or pass --checkpoint PATH")
         return found
-    path = Path(arg).expanduser()
-    if path.is_dir():
-        folder = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-        path = folder / "latest"
-    if path.name in POINTERS and path.is_file() and path.stat().st_size < 4096:
-        text = path.read_text(errors="replace").strip()
-        name = (json.loads(text).get("file", "") if text.startswith("{") else text) if text else ""
-        path = path.with_name(name) if name else path
+    path = checkpoint_file(Path(arg).expanduser())
     if not path.is_file():
         raise DataError(path, "checkpoint does not exist", "pass a checkpoint file, a run folder, latest or best")
     return path
@@ -169,18 +163,6 @@ def default_batch(device, size: int) -> int:
     return 16 if device.type == "cuda" else max(1, min(16, (512 * 512) // (size * size)))
 
 
-def autocast_dtype(precision: str, device):
-    """The autocast dtype ``--precision`` means on ``device``, None for float32 (no autocast): auto is bf16 on
-    a GPU that supports it, else fp16, and float32 on a CPU."""
-    import torch
-
-    if precision == "auto":
-        if device.type != "cuda":
-            return None
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-
-
 def prepare_network(model, device, channels_last: bool):
     """``model`` on ``device`` for inference (eval mode), its weights in channels_last when asked."""
     import torch
@@ -244,6 +226,7 @@ def predict(args) -> int:
 
     from .data.preprocess import resize
     from .data.volumes import load_case, save_label, save_probabilities
+    from .training.precision import autocast_dtype
 
     torch.set_num_threads(args.threads or default_threads())
     gen = assemble(read_variant(args.job, parse_sets(args.set))) if args.job else None
@@ -458,7 +441,8 @@ def add_commands(sub) -> None:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the job variant that was trained (as `autocnnp run --set`)")
     s.add_argument("--checkpoint", default="latest",
-                   help="latest (default) or best of the job's run, or a checkpoint file, pointer or run folder")
+                   help="latest (default) or best of the job's run, or a checkpoint file, a latest/best file in a "
+                        "checkpoints folder, or a run folder (its best, else its latest)")
     s.add_argument("--model", help="a zoo model instead: zoo:NAME or zoo:NAME/VERSION (the zoo: $AUTOCNNP_ZOO, else "
                                    "~/.autocnnp/zoo)")
     s.add_argument("--input", default=None,

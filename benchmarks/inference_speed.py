@@ -45,7 +45,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import table  # noqa: E402
 
 from autocnnp.core.processes import usable_cores  # noqa: E402
-from autocnnp.inference import PRECISIONS, autocast_dtype, prepare_network, slice_probabilities  # noqa: E402
+from autocnnp.inference import PRECISIONS, prepare_network, slice_probabilities  # noqa: E402
+from autocnnp.training.precision import autocast_dtype  # noqa: E402
 
 THESIS_MS = {"unet": 153, "fcn": 182}  # per 512 x 512 image, GTX 1080 Ti
 GPU_GOAL_MS = 5.0  # per 512 x 512 slice, U-Net

@@ -44,6 +44,8 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import table  # noqa: E402
 
+from autocnnp.training.precision import AUTOCAST_DTYPES  # noqa: E402
+
 TARGET = 3.0
 
 
@@ -117,8 +119,7 @@ def loader(ds, augment, args, device, workers: int, batched: bool):
     if batched:
         return _epochs(DeviceBatches(batch_loader(ds, order, args.batch, drop_last=True, workers=workers,
                                                   pin_memory=pin), device, augment, args.channels_last), args)
-    item_augment = getattr(augment, "__self__", None)  # the same transform, applied item by item
-    plain = DataLoader(PerSample(ds, item_augment), batch_size=args.batch, sampler=order, drop_last=True,
+    plain = DataLoader(PerSample(ds, augment), batch_size=args.batch, sampler=order, drop_last=True,  # item by item
                        num_workers=workers, pin_memory=pin, persistent_workers=workers > 0)
     return ((x.to(device, non_blocking=True), y.to(device, non_blocking=True)) for x, y in _epochs(plain, args))
 
@@ -147,7 +148,7 @@ def training_rate(args, net, optimizer, batch) -> float:
 
     x, y = batch
     device = x.device
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    dtype = AUTOCAST_DTYPES[args.precision]
 
     def step():
         with torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):

@@ -54,6 +54,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import init_process_group, run_ranks, table  # noqa: E402
 
+from autocnnp.training.precision import AUTOCAST_DTYPES  # noqa: E402
+
 TARGET = 0.97
 SHAPES = {"brain": (4, 4), "atrium": (1, 2)}  # kind -> (channels, classes), as components/datasets/synthetic.py
 
@@ -193,7 +195,7 @@ def hand_run(args, world, threads: int) -> list[tuple[float, float]]:
     sampler.set_epoch(0)
     loader = DataLoader(train, batch_size=args.batch, sampler=sampler, drop_last=True, num_workers=args.workers,
                         pin_memory=device.type == "cuda", persistent_workers=args.workers > 0)
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[args.precision]
+    dtype = AUTOCAST_DTYPES[args.precision]
     scaler = torch.amp.GradScaler(device.type) if args.precision == "fp16" else None
     stamps: list[tuple[float, float]] = []
     model.train()

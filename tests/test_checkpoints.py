@@ -365,3 +365,23 @@ def test_save_order_is_durable(tmp_path, monkeypatch):
     Periodic(directory=tmp_path, rank=0).save({"x": 1}, 7)
     assert events == [("fsync", "file"), ("replace", "ckpt-epoch0007.pt"), ("fsync", "dir"),
                       ("fsync", "file"), ("replace", "latest"), ("fsync", "dir")]
+
+
+def test_checkpoint_file_names_what_predict_pretrained_and_the_zoo_load(tmp_path):
+    """A run folder offers its best checkpoint, else its latest; pointer and record files name their file."""
+    from autocnnp.core.rundir import checkpoint_file
+
+    run = tmp_path / "run"
+    c = Periodic(directory=run / "checkpoints", rank=0, every_epochs=1, keep=2)
+    c.save(make_state(0), epoch=0)
+    c.save(make_state(1), epoch=1)
+    latest = run / "checkpoints" / (run / "checkpoints" / "latest").read_text().strip()
+    assert checkpoint_file(run) == checkpoint_file(run / "checkpoints") == latest
+    assert checkpoint_file(run / "checkpoints" / "latest") == latest
+    c.save_best(make_state(1), epoch=1, metrics={"dice_fg": 0.5})
+    best = run / "checkpoints" / "ckpt-best.pt"
+    assert checkpoint_file(run) == checkpoint_file(run / "checkpoints" / "best") == best
+    assert checkpoint_file(run / "checkpoints" / "latest") == latest  # the pointer still names the newest
+    assert checkpoint_file(latest) == latest
+    (run / "checkpoints" / "latest").write_text("../../etc/passwd\n")
+    assert checkpoint_file(run / "checkpoints" / "latest") == run / "checkpoints" / "latest"

@@ -53,7 +53,7 @@ def test_views_and_plain_datasets_are_batched_too():
 def test_device_batches_augment_each_item_as_alone_with_the_epoch(cache):
     ds = CacheDataset(cache)
     affine = RandomAffine2D(translate=0.1, seed=5, flips=True, intensity=0.1)
-    loader = DeviceBatches(batch_loader(ds, [7, 3, 11, 0], 2, drop_last=True), torch.device("cpu"), affine.batch,
+    loader = DeviceBatches(batch_loader(ds, [7, 3, 11, 0], 2, drop_last=True), torch.device("cpu"), affine,
                            channels_last=True)
     loader.set_epoch(3)
     (x0, y0), (x1, y1) = list(loader)

@@ -121,11 +121,11 @@ def test_component_splits_by_case_and_reads_channels_and_classes(brain_data, tmp
     assert len(sampled.valid) == 4
     image, label = data.train[0]
     assert image.shape == (4, 32, 32) and image.dtype == torch.float32 and label.shape == (32, 32)
-    assert data.augment.__self__.translate == pytest.approx(0.05) and "RandomAffine2D" in data.augmentation
+    assert data.augment.translate == pytest.approx(0.05) and "RandomAffine2D" in data.augmentation
     batch = torch.stack([image, data.train[1][0]]), torch.stack([label, data.train[1][1]])
-    first, _ = data.augment(*batch, epoch=0, indices=[0, 1])
-    again, _ = data.augment(*batch, epoch=1, indices=[0, 1])  # augmentation depends on the epoch
-    assert not torch.equal(first, again) and torch.equal(first, data.augment(*batch, epoch=0, indices=[0, 1])[0])
+    first, _ = data.augment.batch(*batch, epoch=0, indices=[0, 1])
+    again, _ = data.augment.batch(*batch, epoch=1, indices=[0, 1])  # augmentation depends on the epoch
+    assert not torch.equal(first, again) and torch.equal(first, data.augment.batch(*batch, epoch=0, indices=[0, 1])[0])
     caches = sorted((tmp_path / "cache").glob("train-*/meta.json"))
     assert len(caches) == 1
     stamp = caches[0].stat().st_mtime_ns

@@ -17,12 +17,12 @@ from autocnnp.core.processes import default_threads, usable_cores
 from autocnnp.data.synth import write_synthetic_dataset
 from autocnnp.generator.assemble import assemble
 from autocnnp.inference import (
-    autocast_dtype,
     default_batch,
     prepare_network,
     slice_probabilities,
 )
 from autocnnp.training.loop import model_card
+from autocnnp.training.precision import autocast_dtype
 
 CPU = torch.device("cpu")
 BF16_TOLERANCE = 0.03  # probabilities; bf16 keeps 8 bits of mantissa

@@ -37,10 +37,32 @@ def start_checkpoint(folder: Path) -> Path | None:
     folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
     if (folder / BEST_CHECKPOINT).is_file():
         return folder / BEST_CHECKPOINT
-    pointer = folder / LATEST_POINTER
-    if pointer.is_file() and (folder / pointer.read_text().strip()).is_file():
-        return folder / pointer.read_text().strip()
-    return None
+    return _pointed(folder / LATEST_POINTER)
+
+
+def checkpoint_file(path: Path) -> Path:
+    """The checkpoint file ``path`` names: a run or checkpoints folder's :func:`start_checkpoint`, the file a
+    ``latest`` pointer names, the best checkpoint beside a ``best`` record, else ``path`` itself (which the
+    caller checks)."""
+    if path.is_dir():
+        return start_checkpoint(path) or path
+    if path.name == LATEST_POINTER:
+        return _pointed(path) or path
+    if path.name == BEST_RECORD and (path.parent / BEST_CHECKPOINT).is_file():
+        return path.parent / BEST_CHECKPOINT
+    return path
+
+
+def _pointed(pointer: Path) -> Path | None:
+    """The checkpoint a small ``latest`` pointer file names, when both exist."""
+    try:
+        if not pointer.is_file() or pointer.stat().st_size > 4096:
+            return None
+        name = pointer.read_text(errors="replace").strip()
+    except OSError:
+        return None
+    target = pointer.parent / name
+    return target if name and "/" not in name and target.is_file() else None
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,8 @@ computes.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -67,7 +68,13 @@ def batch_loader(dataset, sampler, batch_size: int, *, drop_last: bool, workers:
                       prefetch_factor=4 if workers > 0 else None, generator=generator, worker_init_fn=worker_init_fn)
 
 
-Augment = Callable[..., tuple[torch.Tensor, torch.Tensor]]  # (images, labels, *, epoch, indices) -> (images, labels)
+class Augment(Protocol):
+    """A seeded batch augmentation (e.g. :class:`~autocnnp.data.augment.RandomAffine2D`); its repr describes it
+    in the manifest."""
+
+    def batch(self, images: torch.Tensor, labels: torch.Tensor, *, epoch: int, indices) -> tuple:
+        """``(images, labels)`` transformed on their device, item ``k`` as item ``indices[k]`` of ``epoch`` (the
+        draws depend on (epoch, index) only: reproducible)."""
 
 
 class DeviceBatches:
@@ -94,7 +101,7 @@ class DeviceBatches:
     def _ready(self, images: torch.Tensor, labels: torch.Tensor, indices: torch.Tensor):
         images, labels = images.float(), labels.long()
         if self.augment is not None:
-            images, labels = self.augment(images, labels, epoch=self.epoch, indices=indices)
+            images, labels = self.augment.batch(images, labels, epoch=self.epoch, indices=indices)
         if self.channels_last:
             images = images.contiguous(memory_format=torch.channels_last)
         return images, labels

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import JobError, Location, did_you_mean
-from ..core.rundir import RunDir, start_checkpoint
+from ..core.rundir import RunDir, checkpoint_file
 from ..engine.job import Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
 from .points import COMPOSITES, MODULE_BY_NAME, MODULES, PLUGIN_FITS, POINT_BY_NAME, POINTS, SET_ELSEWHERE
@@ -41,7 +41,7 @@ class Pretrained:
         if self.zoo is not None:
             name, version = self.zoo
             return rundir.cache / "pretrained" / f"{name}-{version or 'latest'}" / "checkpoint.pt"
-        return (start_checkpoint(self.path) if self.path.is_dir() else None) or self.path
+        return checkpoint_file(self.path)
 
 
 ZOO_SOURCE = re.compile(r"^zoo:([\w.-]+)(?:/(\d+))?$")

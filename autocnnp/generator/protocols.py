@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import inspect
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Literal
@@ -369,17 +368,17 @@ class DataBundle:
     valid: Any  # (read_batch) is read a minibatch at a time, any other dataset a sample at a time
     in_channels: int
     num_classes: int
-    # Random augmentation of the training minibatches, on the training device:
-    # augment(images [B, C, H, W] float32, labels [B, H, W] int64, *, epoch, indices) -> (images, labels), where
-    # indices are the items' positions in ``train`` (the draws must depend on (epoch, index) only: reproducible)
-    augment: Callable[..., tuple] | None = None
+    # Random augmentation of the training minibatches on the training device (data.batches.Augment): an object
+    # whose augment.batch(images [B, C, H, W] float32, labels [B, H, W] int64, *, epoch, indices) returns
+    # (images, labels), indices being the items' positions in ``train``; its repr describes it in the manifest
+    augment: Any = None
     class_names: tuple[str, ...] = ()  # the name of every class value (metrics per class are named after them)
     empty_label_cases: tuple[str, ...] = ()  # cases whose label map is background only (for the manifest)
 
     @property
     def augmentation(self) -> str:
         """What the augmentation is, for the manifest."""
-        return "none" if self.augment is None else repr(getattr(self.augment, "__self__", self.augment))
+        return "none" if self.augment is None else repr(self.augment)
 
 
 class DataFormat:

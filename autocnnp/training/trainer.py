@@ -25,6 +25,7 @@ from .loop import (
     seed_everything,
 )
 from .monitor import DivergenceGuard, MonitoringConfig
+from .precision import mixed_precision
 from .pretrained import load_pretrained
 
 
@@ -126,13 +127,6 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
                policy, checkpoints, state, task.loss(hp.loss), autocast, scaler, guard, deterministic, resumed_from,
                regions, model_card(gen, data))
 
-
-
-def mixed_precision(precision: str, device: torch.device):
-    """An autocast context and a gradient scaler (a no-op scaler unless fp16)."""
-    dtype = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
-    autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
-    return autocast, torch.amp.GradScaler(device.type, enabled=precision == "fp16")
 
 
 def checkpoint_state(net: torch.nn.Module, run: Run) -> dict:

@@ -91,7 +91,8 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) ->
     from ..core.world import World
     from ..data.batches import DeviceBatches, batch_loader
     from ..training.loop import seed_everything
-    from ..training.trainer import make_optimizer, mixed_precision
+    from ..training.precision import mixed_precision
+    from ..training.trainer import make_optimizer
 
     world = World()
     device = gen.action("memory_allocation").build(device=gen.action("device_placement").build(world=world))

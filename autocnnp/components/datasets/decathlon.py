@@ -179,7 +179,7 @@ class Decathlon(DataFormat):
                                 "give both datasets the same modalities")
         num_classes = max(_num_classes(train_ds.meta), _num_classes(valid_ds.meta))
         return DataBundle(train_ds, valid_ds, train_ds.num_channels, num_classes,
-                          augment=augmenter.batch if augmenter is not None else None,
+                          augment=augmenter,
                           class_names=class_names(train_ds.meta.get("labels") or {}, num_classes),
                           empty_label_cases=tuple(empty))
 

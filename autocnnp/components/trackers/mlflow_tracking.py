@@ -29,7 +29,7 @@ from pathlib import Path
 
 from autocnnp.core.files import read_json, write_json
 from autocnnp.core.processes import die_with_parent
-from autocnnp.core.rundir import BEST_CHECKPOINT, RunDir
+from autocnnp.core.rundir import RunDir, start_checkpoint
 from autocnnp.core.settings import setting
 from autocnnp.generator.protocols import RunInfo, Tracker
 from autocnnp.generator.registry import component
@@ -224,7 +224,7 @@ class SystemTail:
 @component("mlflow", frameworks=("torch", "tensorflow"))
 class MLflow(Tracker):
     """The run in MLflow: params (the resolved plan), tags, per-epoch metrics, the step loss, every rank's
-    system metrics live, and plots, manifest and the best checkpoint at the end."""
+    system metrics live, and plots, manifest and the best (else latest) checkpoint at the end."""
 
     def __init__(self, config: Config, *, info: RunInfo):
         super().__init__(config, info=info)
@@ -246,8 +246,9 @@ class MLflow(Tracker):
     def close(self, status: str) -> None:
         run = RunDir(self.info.rundir)
         files = [[str(p), "plots"] for p in sorted(run.plots.glob("*.png"))]
-        files += [[str(run.manifest), None], [str(run.metrics), None],
-                  [str(run.checkpoints / BEST_CHECKPOINT), "checkpoints"]]
+        files += [[str(run.manifest), None], [str(run.metrics), None]]
+        model = start_checkpoint(run.checkpoints)  # what the zoo registers: the best, else the latest
+        files += [[str(model), "checkpoints"]] if model else []
         self.journal.add("artifacts", files=files)
         self.journal.add("end", status=status)
         self.sender.terminate()  # "send what is left now, then end"
