@@ -1,7 +1,7 @@
 # Two commands do all set-up on a fresh Debian/Ubuntu machine:
 #   make demo   train the embedded default job (synthetic data, 2 MPI ranks, CPU)
 #   make test   run the test suite (what CI runs, with make lint)
-# While developing: make test-fast (no ranks, Slurm, Docker or network namespaces; seconds), make lint.
+# While developing: make test-fast (no ranks, Slurm, Docker, network namespaces or slow tests; seconds), make lint.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
@@ -34,7 +34,7 @@ test: venv
 	bash cluster/install-deps.sh test
 	$(BIN)/python -m pytest -q
 
-FAST = not (ranks or slurm or docker or multihost or browser)
+FAST = not (ranks or slurm or docker or multihost or browser or slow)
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "$(FAST)"
 

@@ -215,6 +215,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_process_killed_mid_save(tmp_path):
     proc = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(tmp_path)])
     assert proc.returncode == 9

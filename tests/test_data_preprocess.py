@@ -492,6 +492,7 @@ def test_zscore_equals_the_masked_float64_reference():
     assert (out[..., 1] == 0).all() and (out[..., 3] == 0).all()
 
 
+@pytest.mark.slow
 def test_a_data_error_in_a_worker_reaches_the_caller_unchanged(brain, tmp_path):
     bad = shutil.copytree(brain, tmp_path / "bad")
     image = bad / "imagesTr" / "case_001.nii.gz"
@@ -518,6 +519,7 @@ preprocess.build_cache(sys.argv[1], sys.argv[2], n_slices=4, size=16, mode="mixe
 """
 
 
+@pytest.mark.slow
 def test_a_killed_build_goes_on_where_it_stopped(brain, tmp_path, monkeypatch):
     cache = tmp_path / "c"
     child = subprocess.Popen([sys.executable, "-c", _BUILD_THEN_HANG, str(brain), str(cache)])
@@ -574,6 +576,7 @@ def _session(sid: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_workers_and_the_build_goes_on_after(brain, tmp_path, monkeypatch):
     script, cache = tmp_path / "build.py", tmp_path / "c"
     script.write_text(_BUILD_WITH_A_HANGING_CASE)

@@ -597,6 +597,7 @@ def demo_plugin(tmp_path_factory):
         sys.modules.pop("autocnnp_demo_plugin", None)
 
 
+@pytest.mark.slow
 def test_entry_point_strategy_from_an_installed_distribution(demo_plugin, job, cli):
     path = job(("<value>ring_allreduce</value>", '<value>my_ring</value><value name="chunks">3</value>'))
     rc, out, err = cli("plan", path)

@@ -74,6 +74,7 @@ def mutants(tmp_path_factory) -> list[Path]:
     return paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", ["validate", "plan"])
 def test_no_mutant_lets_a_traceback_escape(cli, mutants, command):
     outcomes = {0: 0, 2: 0}

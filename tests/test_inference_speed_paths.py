@@ -48,6 +48,7 @@ def torch_threads():
     torch.set_num_threads(threads)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("classes", [3, 1])
 def test_probabilities_do_not_depend_on_the_batching(classes):
     slices = volume()
@@ -62,6 +63,7 @@ def test_probabilities_do_not_depend_on_the_batching(classes):
 @pytest.mark.parametrize(("channels_last", "dtype", "tolerance"),
                          [(True, None, 1e-5), (False, torch.bfloat16, BF16_TOLERANCE),
                           (True, torch.bfloat16, BF16_TOLERANCE)])
+@pytest.mark.slow
 def test_channels_last_and_autocast_change_the_arithmetic_not_the_answer(channels_last, dtype, tolerance):
     slices = volume()
     reference, _ = slice_probabilities(network(3), slices, 4, CPU, flips=True)
@@ -103,6 +105,7 @@ def untrained(tmp_path_factory):
     return root
 
 
+@pytest.mark.slow
 def test_predict_in_bf16_and_channels_last_agrees_with_float32(cli, untrained, tmp_path, torch_threads):
     common = ("predict", "--checkpoint", untrained / "untrained.pt", "--input", untrained / "data", "--probabilities")
     rc, text, err = cli(*common, "--out", tmp_path / "fp32", "--batch-size", "4")

@@ -53,6 +53,7 @@ def build(path: Path, in_channels: int = 2, classes: int = 3):
     return build_keras(Config(path=path), in_channels=in_channels, num_classes=classes)
 
 
+@pytest.mark.slow
 def test_adapter_takes_and_returns_nchw_like_the_keras_model(keras, tmp_path):
     net = build(save_model(keras, tmp_path / "model.keras"))
     x = torch.randn(2, 2, 16, 24)

@@ -82,6 +82,7 @@ def test_bad_hosts_are_refused_before_anything_starts(cli, tmp_path, nothing_sta
     assert problem.replace("AGENT", str(agent_path)) in err and hint in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 def test_an_unreachable_host_over_real_ssh(cli, tmp_path, nothing_starts):
     if shutil.which("ssh") is None:
         pytest.skip("no ssh client here")

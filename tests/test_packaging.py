@@ -9,6 +9,8 @@ import sys
 import zipfile
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 IMPORT_EVERY_MODULE = """
@@ -30,6 +32,7 @@ print(len(names))
 """
 
 
+@pytest.mark.slow
 def test_the_wheel_holds_every_module_and_runs_alone(tmp_path):
     source = tmp_path / "src"
     source.mkdir()

@@ -152,6 +152,7 @@ BUILD_WITH_ONE_RANK = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_communication_inits_and_strategies_build_from_their_defaults_with_one_rank(tmp_path):
     import importlib.util
 

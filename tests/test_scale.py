@@ -157,6 +157,7 @@ def test_r2d2_preset_at_18_gpus(capsys, tmp_path):
     assert "R2D2 U-Net" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_command_on_a_tiny_job(capsys, tmp_path, tiny_job):
     plot, out = tmp_path / "scale.png", tmp_path / "scale.json"
     assert main(["scale", str(tiny_job), "--link", "10gbe", "--max-ranks", "64", "--ranks-per-node", "1",

@@ -125,6 +125,7 @@ def test_validate_and_plan_import_neither_tensorflow_nor_torch(tmp_path):
     assert "communication_init [non-extensible] = tf_config  (built-in, chosen by the engine)" in result.stdout
 
 
+@pytest.mark.slow
 def test_a_torch_job_never_imports_tensorflow(tensorflow, tmp_path):
     """TensorBoard imports TensorFlow where it is installed: the files tracker of a torch job keeps it out."""
     code = textwrap.dedent(f"""
@@ -187,6 +188,7 @@ BUILD_EVERY_TENSORFLOW_BUILTIN = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_every_tensorflow_builtin_reads_as_its_module_and_builds_from_its_defaults(tensorflow, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "RANK", "WORLD_SIZE", "TF_CONFIG"))}
     result = subprocess.run([sys.executable, "-c", BUILD_EVERY_TENSORFLOW_BUILTIN], cwd=tmp_path, capture_output=True,

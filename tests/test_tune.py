@@ -255,3 +255,20 @@ def test_real_tune_above_a_lowered_threshold_with_a_budget(tmp_path):
     runs = sorted(p.name.split("-")[0] for p in (tune / "runs").iterdir())
     assert runs == ["baseline", "iter", "iter"]
     assert (tune / "tune.png").exists()
+
+
+def test_lr_plot_counts_the_steps_training_takes_with_each_strategy():
+    """lr-plot's steps per epoch are the trainer's: the shard of each training rank (a dedicated parameter
+    server reads no data, so 3 ranks split the data in 2), padded, in whole minibatches."""
+    from autocnnp.generator.assemble import assemble
+    from autocnnp.generator.overrides import read_variant
+    from autocnnp.tuning.lr_plot import steps_per_epoch
+
+    demo = Path(__file__).resolve().parents[1] / "xml_configs" / "demo.xml"
+    sets = {"parallelism-degree": "3", "hyperparameters.minibatch_size": "4", "data.train_samples": "128"}
+    ring = assemble(read_variant(demo, sets))
+    server = assemble(read_variant(demo, {**sets, "dist_strategy": "parameter_server",
+                                          "dist_strategy.server": "dedicated"}))
+    assert steps_per_epoch(ring, 3) == 43 // 4 == 10  # ceil(128 / 3) = 43 samples per rank
+    assert steps_per_epoch(server, 3) == 64 // 4 == 16  # 2 workers hold the data
+    assert steps_per_epoch(server, 5) == 32 // 4 == 8

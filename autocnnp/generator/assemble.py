@@ -12,7 +12,7 @@ from ..core.rundir import RunDir, checkpoint_file
 from ..engine.job import Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
 from .points import COMPOSITES, MODULE_BY_NAME, MODULES, PLUGIN_FITS, POINT_BY_NAME, POINTS, SET_ELSEWHERE
-from .protocols import DataFormat, LRPolicy, StrategyConfig
+from .protocols import DataFormat, LRPolicy, replicas_of, shards_of, steps_per_epoch
 from .registry import Entry
 from .tree import Action, Binding, Composite, Module
 
@@ -103,9 +103,13 @@ class Generator:
 
     def replicas(self, world_size: int | None = None) -> int:
         """Model replicas whose gradients make one step with ``world_size`` ranks (default: the job's)."""
-        ranks = world_size or self.world_size
-        config = self.action("dist_strategy").config
-        return config.replicas(ranks) if isinstance(config, StrategyConfig) else ranks
+        return replicas_of(self.action("dist_strategy").config, world_size or self.world_size)
+
+    def steps_per_epoch(self, samples: int, world_size: int | None = None) -> int:
+        """Each rank's optimizer steps per epoch over ``samples`` training samples with ``world_size`` ranks
+        (default: the job's), the training set split as the strategy splits it."""
+        shards = shards_of(self.action("dist_strategy").config, world_size or self.world_size)
+        return steps_per_epoch(samples, shards, self.hyperparameters.minibatch_size)
 
     def lr_policy(self, steps_per_epoch: int, world_size: int | None = None, name: str | None = None) -> LRPolicy:
         """The learning-rate policy as training builds it: the job's, or the registered policy ``name``

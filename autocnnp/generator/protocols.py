@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import math
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,6 +67,22 @@ class StrategyConfig:
     def shards(self, world_size: int) -> int:
         """Parts the training set is split into, one per training rank."""
         return world_size
+
+
+def replicas_of(config: Any, world_size: int) -> int:
+    """:meth:`StrategyConfig.replicas` of a strategy's Config; ``world_size`` for any other (a user strategy's)."""
+    return config.replicas(world_size) if isinstance(config, StrategyConfig) else world_size
+
+
+def shards_of(config: Any, world_size: int) -> int:
+    """:meth:`StrategyConfig.shards` of a strategy's Config; ``world_size`` for any other (a user strategy's)."""
+    return config.shards(world_size) if isinstance(config, StrategyConfig) else world_size
+
+
+def steps_per_epoch(samples: int, shards: int, minibatch: int) -> int:
+    """Optimizer steps of each rank per epoch: its shard, padded to equal shards as DistributedSampler does,
+    in whole minibatches (the last partial one is dropped)."""
+    return math.ceil(samples / shards) // minibatch
 
 
 @dataclass(frozen=True)
@@ -140,8 +157,7 @@ class Strategy:
         gradients (``grad_bytes``) every step, overlapped with the backward pass bucket by bucket.
         ``model_bytes`` counts parameters and floating-point buffers; ``steps_per_epoch`` is per rank."""
         del model_bytes, steps_per_epoch
-        workers = config.shards(ranks) if isinstance(config, StrategyConfig) else ranks
-        return Traffic("ring", grad_bytes, workers)
+        return Traffic("ring", grad_bytes, shards_of(config, ranks))
 
 
 class KerasStrategy(Strategy):

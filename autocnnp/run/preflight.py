@@ -10,7 +10,7 @@ import math
 from ..core.errors import JobError
 from ..core.files import atomic_write
 from ..core.processes import usable_cores
-from ..generator.protocols import StrategyConfig
+from ..generator.protocols import shards_of, steps_per_epoch
 from .hosts import parse_hostfile
 from .job import Job
 
@@ -78,11 +78,10 @@ def check_data(job: Job) -> None:
     samples = gen.data_format().prepare(seed=gen.seed, cache_dir=gen.rundir.cache)
     if samples is None:
         return
-    strategy = gen.action("dist_strategy").config
-    shards = strategy.shards(gen.world_size) if isinstance(strategy, StrategyConfig) else gen.world_size
+    shards = shards_of(gen.action("dist_strategy").config, gen.world_size)
     per_rank = math.ceil(samples / shards)
     batch = gen.hyperparameters.minibatch_size
-    if per_rank < batch:
+    if steps_per_epoch(samples, shards, batch) < 1:
         where = next((s.where for s in job.spec.hyperparameters if s.name.lower() in ("minibatch_size", "batch_size")),
                      job.spec.where)
         raise JobError(where, f"each rank gets {per_rank} of the {samples} training samples, fewer than one "

@@ -5,7 +5,6 @@ stabilisation lr during a run, so the plot shows its plan; ``--metrics`` adds th
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 ASSUMED_STEPS = 10
@@ -14,10 +13,7 @@ ASSUMED_STEPS = 10
 def steps_per_epoch(gen, world_size: int) -> int | None:
     """Optimizer steps per epoch when the data format knows its training samples without reading them."""
     n = gen.data_format().train_samples()
-    if not n:
-        return None
-    per_rank = math.ceil(n / world_size)  # DistributedSampler pads to equal shards
-    return max(1, per_rank // gen.hyperparameters.minibatch_size)
+    return max(1, gen.steps_per_epoch(n, world_size)) if n else None
 
 
 def schedule(policy, total_epochs: int, steps_per_epoch: int) -> list[tuple[float, float]]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import os
 import statistics
 import subprocess
@@ -22,7 +21,8 @@ from pathlib import Path
 
 from ..core.errors import ExitCode, JobError, did_you_mean
 from ..core.processes import usable_cores
-from ..generator.protocols import Strategy, Traffic
+from ..generator.points import POINT_BY_NAME
+from ..generator.protocols import Strategy, Traffic, shards_of, steps_per_epoch
 from ..run.job import load_job
 from .scaling import (
     GB,
@@ -42,7 +42,6 @@ from .scaling import (
 )
 
 WARMUP_STEPS = 5  # the first steps pay for kernel selection and allocation
-DDP_BUCKET_MB = 25.0  # torch DDP's bucket_cap_mb, the bucket of strategies that name none
 
 
 def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) -> Profile:
@@ -324,7 +323,7 @@ def add_commands(sub) -> None:
     s.add_argument("--overlap", type=float, help="fraction of the backward pass the allreduce hides behind "
                    "(default: 1 - 1/buckets)")
     s.add_argument("--bucket-mb", type=float, help="gradient bucket in MB (default: the strategy's bucket_cap_mb, "
-                   f"else {DDP_BUCKET_MB:g})")
+                   "else ring_allreduce's, as DDP's)")
     s.add_argument("--ranks", help="comma-separated rank counts (default 1, 2, 4, ..., --max-ranks, and the job's)")
     s.add_argument("--max-ranks", type=int, default=1024)
     s.add_argument("--ranks-per-node", type=int, help="ranks on one node (default: this machine's slots, "
@@ -403,16 +402,18 @@ def cmd_scale(args) -> int:
 def _traffic(strategy: type[Strategy], config, profile: Profile):
     """``traffic(n)``: what the strategy sends per step with n ranks."""
     def at(ranks: int) -> Traffic:
-        per_rank = math.ceil((profile.train_samples or 0) / ranks)
+        steps = steps_per_epoch(profile.train_samples or 0, shards_of(config, ranks), profile.batch)
         return strategy.traffic(config, grad_bytes=profile.grad_bytes, model_bytes=profile.model_bytes, ranks=ranks,
-                                steps_per_epoch=per_rank // profile.batch)
+                                steps_per_epoch=steps)
     return at
 
 
 def _bucket_mb(config) -> float:
-    """The strategy's own bucket size where its Config has one (``bucket_cap_mb``, MiB), else DDP's."""
-    names = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
-    return (config.bucket_cap_mb if "bucket_cap_mb" in names else DDP_BUCKET_MB) * 2**20 / 1e6
+    """The strategy's own bucket size where its Config has one (``bucket_cap_mb``, MiB), else ring_allreduce's
+    (DDP's), in MB."""
+    if not (dataclasses.is_dataclass(config) and "bucket_cap_mb" in {f.name for f in dataclasses.fields(config)}):
+        config = POINT_BY_NAME["dist_strategy"].registry.get("ring_allreduce", None, "torch").config()
+    return config.bucket_cap_mb * 2**20 / 1e6
 
 
 def _placement(ranks_per_node: int | None, cpus_per_task: int) -> Placement:
