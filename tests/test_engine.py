@@ -655,6 +655,70 @@ def test_several_candidates_and_no_conventional_name_ask_for_entry(job, refused,
             "'MyUNet'", "'Other'", 'name the symbol with entry="..."')
 
 
+def test_a_subclass_in_the_same_file_is_the_candidate_not_its_base(job, cli, tmp_path, refused):
+    """Following inheritance within the file: a base class the network derives from is no second candidate;
+    two leaves are."""
+    body = ("from torch import nn\n\n\nclass Base(nn.Module):\n    def __init__(self, width):\n"
+            "        super().__init__()\n        self.width = width\n\n\n"
+            "class Net(Base):\n    def __init__(self, in_channels, num_classes):\n        super().__init__(4)\n"
+            "        self.head = nn.Conv2d(in_channels, num_classes, 1)\n\n    def forward(self, x):\n"
+            "        return self.head(x)\n")
+    (tmp_path / "net.py").write_text(body)
+    path = job((ARCH_UNET, "<CNN_archi><path>net.py</path></CNN_archi>"))
+    rc, out, err = cli("plan", path)
+    assert rc == 0 and "architecture_injection [non-extensible] = Net  (file" in out, err
+    assert type(assemble(path).action("architecture_injection").build(in_channels=2, num_classes=3)).__name__ == "Net"
+    (tmp_path / "net.py").write_text(body + "\n\nclass Wider(Base):\n    def forward(self, x):\n        return x\n")
+    refused(path, "<CNN_archi><path>net.py", "defines several candidates for architecture", "'Net'", "'Wider'")
+
+
+HALVE = '''class Halve:
+    """Half the base rate."""
+
+    def __init__(self, *, base_lr, **_):
+        self.base_lr = base_lr
+
+    def lr(self, epoch, step):
+        return self.base_lr / 2
+'''
+
+PLAIN_STRATEGY = '''class Plain:
+    def __init__(self, *, world, device, beat):
+        self.world, self.device = world, device
+
+    def wrap(self, model):
+        return model
+
+    def sampler(self, dataset, *, shuffle, seed):
+        return range(len(dataset))
+'''
+
+
+def test_a_user_class_with_only_the_required_methods_gets_the_protocol_hooks(job, cli, tmp_path):
+    """A policy defining only lr() and a strategy defining only wrap() and sampler() fit by their methods;
+    built, they are the protocol's classes, with its documented no-op hooks (lr-plot's describe, the
+    trainer's on_epoch_end, after_backward, wrap_optimizer ...)."""
+    from autocnnp.generator.protocols import LRPolicy, Strategy
+
+    (tmp_path / "halve.py").write_text(HALVE)
+    (tmp_path / "plain.py").write_text(PLAIN_STRATEGY)
+    path = job((STRATEGY, STRATEGY.replace("<value>ring_allreduce", "<value><path>plain.py</path>")),
+               ('<value>gradual_warmup</value>\n          <value name="warmup_epochs">1</value>',
+                "<value><path>halve.py</path></value>"))
+    gen = assemble(path)
+    policy = gen.lr_policy(steps_per_epoch=4)
+    assert isinstance(policy, LRPolicy) and type(policy).__name__ == "Halve"
+    assert policy.lr(0, 0) == gen.hyperparameters.lr / 2 and policy.describe() == "Half the base rate."
+    policy.on_epoch_end(0, {})
+    policy.load_state_dict(policy.state_dict())
+    strategy = gen.action("dist_strategy").build(world=None, device="cpu", beat=lambda: None)
+    assert isinstance(strategy, Strategy) and strategy.after_backward(None) is None
+    assert strategy.wrap_optimizer("opt", None) == "opt"
+    assert list(strategy.sampler([1, 2], shuffle=False, seed=0)) == [0, 1]
+    rc, out, err = cli("lr-plot", path, "--out", tmp_path / "lr.png")
+    assert rc == 0 and "Half the base rate" in out, err
+
+
 def test_a_strategy_class_of_any_name_is_found_by_its_base(job, cli, tmp_path):
     (tmp_path / "mine.py").write_text("from autocnnp.generator.protocols import Strategy\n\n\n"
                                       "class ChunkedRing(Strategy):\n    '''Mine.'''\n")

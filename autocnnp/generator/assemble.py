@@ -125,7 +125,8 @@ class Generator:
 def default_action(point, name: str, spec: JobSpec, framework: str) -> Action:
     """An action of ``point`` implemented by ``name`` for ``framework``, with its default parameters."""
     entry = point.registry.get(name, spec.where, framework)
-    return Action(point, entry, bind(entry.config, [], spec.base_dir, point.title), None, False, base_dir=spec.base_dir)
+    return Action(point, entry, bind(entry.config, [], spec.base_dir, point.title), None, False, base_dir=spec.base_dir,
+                  framework=framework)
 
 
 def assemble(job: JobSpec | Path | str) -> Generator:
@@ -209,15 +210,16 @@ def _explicit_actions(spec: JobSpec, framework: str):
         _check_framework(point, entry, framework, a.where)
         plugins = {name: point.registry.from_file(c.path, c.entry or name, c.where, PLUGIN_FITS)
                    for name, c in a.plugins.items()}
-        yield _action(point, entry, a.params, a.where, spec, plugins)
+        yield _action(point, entry, a.params, a.where, spec, framework, plugins)
 
 
-def _action(point, entry: Entry, settings: list[Setting], where, spec: JobSpec, plugins=None) -> Action:
+def _action(point, entry: Entry, settings: list[Setting], where, spec: JobSpec, framework: str,
+            plugins=None) -> Action:
     """An action whose parameters are bound now (built-ins, entry points with a Config) or, for user
     code, when it is built (the file is not executed to validate a job)."""
     config = bind(entry.config, settings, spec.base_dir, f"{point.type} '{entry.name}'", where) \
         if entry.config is not None or entry.origin == "built-in" else None
-    return Action(point, entry, config, where, True, settings, plugins or {}, spec.base_dir)
+    return Action(point, entry, config, where, True, settings, plugins or {}, spec.base_dir, framework)
 
 
 def _choose(registry, choice: Choice | None, default: str | None, where: Location, framework: str | None) -> Entry:
@@ -269,13 +271,13 @@ def _injection_actions(spec: JobSpec, framework: str) -> dict[str, Action]:
     hyper = points["hyperparameters_injection"]
     return {
         "task_definition": _action(points["task_definition"], points["task_definition"].registry.get(
-            spec.task, spec.where, framework), [], spec.where, spec),
+            spec.task, spec.where, framework), [], spec.where, spec, framework),
         "architecture_injection": _action(points["architecture_injection"], arch_entry, arch_settings, arch.where,
-                                          spec),
+                                          spec, framework),
         "dataset_injection": _action(points["dataset_injection"], data_entry,
-                                     [*spec.data_paths.values(), *spec.data_params], data.where, spec),
+                                     [*spec.data_paths.values(), *spec.data_params], data.where, spec, framework),
         "hyperparameters_injection": _action(hyper, hyper.registry.get(hyper.default, spec.where, framework),
-                                             spec.hyperparameters, spec.where, spec),
+                                             spec.hyperparameters, spec.where, spec, framework),
     }
 
 

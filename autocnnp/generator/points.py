@@ -31,6 +31,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .protocols import Checkpointer, DataFormat, Framework, KerasStrategy, LRPolicy, Strategy
 from .registry import Fits, Registry
 
 
@@ -50,10 +51,16 @@ class Point:
     consumes: tuple[str, ...] = ()
     provides: tuple[str, ...] = ()
     noun: str = ""  # what messages call an implementation (and the entry-point group autocnnp.<noun>); default: type
+    # (framework, base class) of protocols.py an implementation is seen through ("": any framework)
+    protocols: tuple[tuple[str, type], ...] = ()
     registry: Registry = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "registry", Registry(self.noun or self.type, self.folder, self.file_entry, self.fits))
+
+    def protocol(self, framework: str) -> type | None:
+        """The base class an implementation of this point is for ``framework`` (None: no protocol class)."""
+        return next((base for name, base in self.protocols if name in ("", framework)), None)
 
 
 @dataclass(frozen=True)
@@ -78,7 +85,7 @@ MODULES = (
 
 POINTS = (
     Point("framework", "Training Framework", "train_env_def", False, "frameworks", "torch", "Framework",
-          provides=("framework",)),
+          provides=("framework",), protocols=(("", Framework),)),
     Point("communication_init", "Communication Init", "train_env_def", False, "communication", "torch_distributed",
           "init", aliases=("comm_init",), provides=("world",)),
     Point("device_placement", "Processes Device Placement", "train_env_def", False, "placement", "local_rank",
@@ -89,20 +96,23 @@ POINTS = (
           "xml", "inject", aliases=("hyperparameters",), provides=("hyperparameters",)),
     Point("dist_strategy", "Distributed Optimizer", "train_strategy_def", True, "strategies", "ring_allreduce",
           "Strategy", Fits(bases=("Strategy", "KerasStrategy"), methods=("wrap", "sampler")), ("distributed_optimizer",),
-          consumes=("world", "device", "model", "hyperparameters"), provides=("parallel model", "optimizer")),
+          consumes=("world", "device", "model", "hyperparameters"), provides=("parallel model", "optimizer"),
+          protocols=(("tensorflow", KerasStrategy), ("", Strategy))),
     Point("lr_policy", "Learning-Rate Policy", "train_strategy_def", True, "lr_policies", "gradual_warmup",
           "Policy", Fits(bases=("LRPolicy",), methods=("lr",)), ("lr_schedule",),
-          consumes=("world", "hyperparameters", "optimizer")),
+          consumes=("world", "hyperparameters", "optimizer"), protocols=(("", LRPolicy),)),
     Point("checkpoint", "Training Checkpoints", "train_strategy_def", True, "checkpoints", "periodic",
           "Checkpointer", Fits(bases=("Checkpointer",), methods=("save", "load")),
-          ("tr_checkpoint", "training_checkpoints"), consumes=("parallel model", "optimizer")),
+          ("tr_checkpoint", "training_checkpoints"), consumes=("parallel model", "optimizer"),
+          protocols=(("", Checkpointer),)),
     Point("task_definition", "Task Definition", "injection", False, "tasks", None, "Task", aliases=("task",),
           provides=("task",)),
     Point("architecture_injection", "Architecture Injection", "injection", False, "architectures", None, "build",
           Fits(bases=("Module", "Model"), methods=("forward",)), ("architecture",), consumes=("task",),
           provides=("model",), noun="architecture"),
     Point("dataset_injection", "Dataset Injection", "injection", False, "datasets", None, "Format",
-          aliases=("dataset",), consumes=("world", "task"), provides=("datasets",), noun="dataset"),
+          aliases=("dataset",), consumes=("world", "task"), provides=("datasets",), noun="dataset",
+          protocols=(("", DataFormat),)),
 )
 
 # Trackers (<monitoring> tracker, several at once) are no action of the generator tree: a registry of their own.

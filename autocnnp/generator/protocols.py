@@ -17,6 +17,16 @@ from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 
+def adopt(impl: Any, protocol: type | None) -> Any:
+    """``impl`` seen through ``protocol``: a user class that defines only some of the protocol's methods (it
+    fits by its methods, not by deriving from the base class) derives from both, so the hooks it leaves out
+    are the protocol's documented defaults; anything else comes back unchanged."""
+    if protocol is None or not isinstance(impl, type) or issubclass(impl, protocol):
+        return impl
+    return type(impl.__name__, (impl, protocol), {"__module__": impl.__module__, "__qualname__": impl.__qualname__,
+                                                  "__doc__": impl.__doc__})
+
+
 def first_paragraph(doc: str | None) -> str:
     """The first paragraph of a docstring, on one line."""
     return " ".join((doc or "").split("\n\n")[0].split())

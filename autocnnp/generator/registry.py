@@ -170,7 +170,7 @@ class Registry:
                            "another, as # coding: latin-1)") from None
         defined = {n.name: n for n in tree.body if isinstance(n, (ast.FunctionDef, ast.ClassDef, ast.AsyncFunctionDef))}
         assigned = {t.id for n in tree.body if isinstance(n, ast.Assign) for t in n.targets if isinstance(t, ast.Name)}
-        fitting = [name for name, node in defined.items() if not name.startswith("_") and self._fits(node, fits)]
+        fitting = self._candidates(defined, fits)
         symbol = entry or (self.file_entry if self.file_entry in defined or self.file_entry in assigned else None)
         if symbol is None and len(fitting) == 1:
             symbol = fitting[0]
@@ -189,6 +189,27 @@ class Registry:
         return Entry(symbol, f"{path}:{symbol}", None, first_paragraph(doc or ast.get_docstring(tree)),
                      f"file {path}", dict(attrs.get("requires", {})), tuple(attrs.get("launchers", ())),
                      frameworks=_frameworks(attrs.get("frameworks", ())))
+
+    def _candidates(self, defined: dict, fits: Fits | None) -> list[str]:
+        """The file's public definitions that fit the point, a class deriving from a fitting class of the file
+        included; a class that another candidate derives from is its base, not a candidate."""
+        classes = {name for name, node in defined.items() if isinstance(node, ast.ClassDef)}
+
+        def local_bases(name: str) -> set[str]:
+            node = defined[name]
+            return {_dotted(b).rsplit(".", 1)[-1] for b in node.bases} & classes if name in classes else set()
+
+        fit: dict[str, bool] = {}
+
+        def fits_point(name: str) -> bool:
+            if name not in fit:
+                fit[name] = False  # an inheritance cycle fits nothing
+                fit[name] = self._fits(defined[name], fits) or any(fits_point(b) for b in local_bases(name))
+            return fit[name]
+
+        fitting = [name for name in defined if fits_point(name)]
+        bases = {b for name in fitting for b in local_bases(name)}
+        return [name for name in fitting if not name.startswith("_") and name not in bases]
 
     def _fits(self, node, fits: Fits | None) -> bool:
         fits = fits or self.fits

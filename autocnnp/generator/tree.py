@@ -13,6 +13,7 @@ from ..core.errors import JobError, Location
 from ..engine.job import Setting
 from ..engine.values import bind, convert
 from .points import Point
+from .protocols import adopt
 from .registry import Entry
 
 
@@ -28,6 +29,7 @@ class Action:
     settings: list[Setting] = field(default_factory=list)
     plugins: dict[str, Entry] = field(default_factory=dict)
     base_dir: Path = Path(".")
+    framework: str = "torch"  # the job's: which protocol a user class is seen through
 
     @property
     def type(self) -> str:
@@ -56,7 +58,7 @@ class Action:
     def build(self, **runtime):
         """Call the implementation: with its bound Config first (when it declares one) or its keyword
         parameters, then the runtime objects, and the user plug-ins of an extensible action."""
-        impl = self.entry.load()
+        impl = adopt(self.entry.load(), self.point.protocol(self.framework))
         if self.plugins:
             runtime["plugins"] = {name: e.load() for name, e in self.plugins.items()}
         config = self.config

@@ -14,7 +14,7 @@ from ..core.errors import DataError, ExitCode, JobError
 from ..core.files import write_json
 from ..core.rundir import RunDir
 from ..core.world import discover_world, launcher_name
-from ..generator.protocols import RunInfo
+from ..generator.protocols import RunInfo, Tracker, adopt
 from ..training.monitor import Diverged, StopRequested
 from . import manifest
 from .job import Job, load_job
@@ -99,7 +99,7 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, str]:
 def start_trackers(job: Job, run) -> list:
     """The job's trackers (``<monitoring> tracker``), started on rank 0."""
     info = run_info(job, run)
-    return [entry.load()(config, info=info) for entry, config in job.trackers]
+    return [adopt(entry.load(), Tracker)(config, info=info) for entry, config in job.trackers]
 
 
 def run_rank(job: Job) -> int:

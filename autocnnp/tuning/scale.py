@@ -22,7 +22,7 @@ from pathlib import Path
 from ..core.errors import ExitCode, JobError, did_you_mean
 from ..core.processes import usable_cores
 from ..generator.points import POINT_BY_NAME
-from ..generator.protocols import Strategy, Traffic, shards_of, steps_per_epoch
+from ..generator.protocols import Strategy, Traffic, adopt, shards_of, steps_per_epoch
 from ..run.job import load_job
 from .scaling import (
     GB,
@@ -371,9 +371,7 @@ def cmd_scale(args) -> int:
             copies[threads] = max(copies.get(threads, 1), min(n, placement.ranks_per_node))
         profile = profile_job(Path(args.job), args.set, copies, args.steps)
         action = gen.action("dist_strategy")
-        impl = action.entry.load()
-        strategy = impl if isinstance(impl, type) and issubclass(impl, Strategy) else Strategy
-        traffic = _traffic(strategy, action.config, profile)
+        traffic = _traffic(adopt(action.entry.load(), Strategy), action.config, profile)
         bucket_mb = args.bucket_mb or _bucket_mb(action.config)
         title = (f"{gen.job.file.name}: {action.entry.name}, {link.name} link, "
                  f"{gen.action('architecture_injection').entry.name}, minibatch {profile.batch} per rank")
