@@ -182,7 +182,7 @@ def _softmax(logits):
     return torch.softmax(logits, dim=1)
 
 
-def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dtype=None, channels_last: bool = False):
+def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dtype, channels_last: bool):
     """Softmax probabilities ``[Z, C, H, W]`` (float32) of a volume's slices ``[Z, C_in, H, W]``, run through
     the network ``batch_size`` slices at a time and written into one array allocated for the volume; averaged
     over flips when asked. ``dtype`` is the autocast dtype (None: float32), ``channels_last`` the batches'

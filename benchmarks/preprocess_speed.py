@@ -59,7 +59,7 @@ def build_once(data: str, cache: str, args) -> None:
 
     extra = {"workers": int(args.workers)} if "workers" in inspect.signature(build_cache).parameters else {}
     start = time.perf_counter()
-    build_cache(data, cache, n_slices=args.slices, size=args.size, mode="even", **extra)
+    build_cache(data, cache, normalise=True, n_slices=args.slices, size=args.size, mode="even", **extra)
     seconds = time.perf_counter() - start
     meta = read_cache_meta(cache)
     print(json.dumps({"seconds": seconds, "count": meta["count"], "cases": len(meta["cases"]),
@@ -102,7 +102,7 @@ def profile_one_case(data: Path, scratch: Path, args) -> None:
     extra = {"workers": 1} if "workers" in inspect.signature(build_cache).parameters else {}
     profiler = cProfile.Profile()
     profiler.enable()
-    build_cache(data, scratch / "profile-cache", n_slices=args.slices, size=args.size, case_indices=[0], **extra)
+    build_cache(data, scratch / "profile-cache", normalise=True, n_slices=args.slices, size=args.size, case_indices=[0], **extra)
     profiler.disable()
     shutil.rmtree(scratch / "profile-cache", ignore_errors=True)
     print("\nwhere one case's time goes (cProfile, single process, cumulative seconds):")

@@ -163,8 +163,8 @@ def main(argv=None) -> int:
             add_distractors(root, args.seed)
 
         def cache(name, ids, n_slices=None, mode="even", fraction=0.5):
-            return build_cache(root, folder / name, n_slices=n_slices, size=args.size, mode=mode, case_indices=ids,
-                               foreground_fraction=fraction)
+            return build_cache(root, folder / name, normalise=True, n_slices=n_slices, size=args.size, mode=mode,
+                               case_indices=ids, foreground_fraction=fraction)
 
         valid_whole = load(cache("valid-whole", valid_ids))
         test_whole = load(cache("test-whole", test_ids))

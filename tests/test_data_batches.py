@@ -19,7 +19,7 @@ from autocnnp.data.synthetic_slices import SyntheticSliceDataset
 def cache(tmp_path_factory):
     folder = tmp_path_factory.mktemp("batches")
     root = write_synthetic_dataset(folder / "brain", "brain", cases=3, shape=(24, 20, 10), seed=1, test_cases=0)
-    return build_cache(root, folder / "cache", n_slices=6, size=16, mode="even")
+    return build_cache(root, folder / "cache", normalise=True, n_slices=6, size=16, mode="even")
 
 
 def per_sample(dataset, sampler, batch_size):
@@ -29,7 +29,7 @@ def per_sample(dataset, sampler, batch_size):
 
 @pytest.mark.parametrize("workers", [0, 2])
 def test_cache_batches_equal_the_per_sample_loader(cache, workers):
-    ds = CacheDataset(cache, indices=np.arange(2, 18))
+    ds = CacheDataset(cache, indices=np.arange(2, 18), in_memory=False)
     order = list(np.random.default_rng(0).permutation(len(ds)))
     batches = list(batch_loader(ds, order, 4, drop_last=True, workers=workers))
     reference = per_sample(ds, order, 4)
@@ -51,7 +51,7 @@ def test_views_and_plain_datasets_are_batched_too():
 
 
 def test_device_batches_augment_each_item_as_alone_with_the_epoch(cache):
-    ds = CacheDataset(cache)
+    ds = CacheDataset(cache, in_memory=False)
     affine = RandomAffine2D(translate=0.1, seed=5, flips=True, intensity=0.1)
     loader = DeviceBatches(batch_loader(ds, [7, 3, 11, 0], 2, drop_last=True), torch.device("cpu"), affine,
                            channels_last=True)

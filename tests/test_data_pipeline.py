@@ -195,6 +195,11 @@ def test_synth_preprocess_and_check_data_commands(tmp_path, cli):
     assert rc == 0 and "reused" in out
     rc, _, err = cli("preprocess", data, tmp_path / "c2", "--modalities", "T2w")
     assert rc == 2 and "T2w" in err and "Hint:" in err
+    for option, value, problem in (("--size", 4, "at least 8"), ("--mode", "odd", "'odd'"),
+                                   ("--foreground-fraction", 1.5, "between 0.0 and 1.0"), ("--slices", -1, "at least 0")):
+        rc, _, err = cli("preprocess", data, tmp_path / "c3", option, value)  # the bounds of a job's decathlon data
+        assert rc == 2 and f"autocnnp preprocess {option}" in err and problem in err and err.count("\n") == 1, err
+    assert not (tmp_path / "c3").exists()
 
     rc, out, err = cli("check-data", data, "--num-classes", 2)
     assert rc == 0 and "OK" in out and "3 labelled and 1 test" in out, err

@@ -130,7 +130,7 @@ def test_zscore_over_nonzero_voxels():
 # ---------------------------------------------------------------- the cache
 
 def test_build_cache_contents(brain, tmp_path):
-    cache = build_cache(brain, tmp_path / "c", n_slices=4, size=(16, 12), modalities=["T1w", 0], mode="labelled")
+    cache = build_cache(brain, tmp_path / "c", normalise=True, n_slices=4, size=(16, 12), modalities=["T1w", 0], mode="labelled")
     meta = read_cache_meta(cache)
     images = np.load(cache / "images.npy")
     labels = np.load(cache / "labels.npy")
@@ -149,7 +149,7 @@ def test_build_cache_contents(brain, tmp_path):
 
 
 def test_build_cache_is_idempotent_and_keyed(brain, tmp_path):
-    kwargs = dict(n_slices=3, size=16, modalities=None, mode="even")
+    kwargs = dict(normalise=True, n_slices=3, size=16, modalities=None, mode="even")
     cache = build_cache(brain, tmp_path / "c", **kwargs)
     stamp = {n: (cache / n).stat().st_mtime_ns for n in ("images.npy", "labels.npy", "meta.json")}
     key = read_cache_meta(cache)["key"]
@@ -171,19 +171,19 @@ def test_build_cache_is_idempotent_and_keyed(brain, tmp_path):
 
 
 def test_build_cache_case_indices_and_errors(brain, tmp_path):
-    cache = build_cache(brain, tmp_path / "c", n_slices=2, size=8, case_indices=[2, 0])
+    cache = build_cache(brain, tmp_path / "c", normalise=True, n_slices=2, size=8, case_indices=[2, 0])
     assert [c["name"] for c in read_cache_meta(cache)["cases"]] == ["case_002", "case_000"]
     with pytest.raises(DataError, match="out of range"):
-        build_cache(brain, tmp_path / "d", n_slices=2, size=8, case_indices=[3])
+        build_cache(brain, tmp_path / "d", normalise=True, n_slices=2, size=8, case_indices=[3])
     with pytest.raises(DataError, match="not declared"):
-        build_cache(brain, tmp_path / "d", n_slices=2, size=8, modalities=["PET"])
+        build_cache(brain, tmp_path / "d", normalise=True, n_slices=2, size=8, modalities=["PET"])
     with pytest.raises(DataError, match="build_cache"):
-        CacheDataset(tmp_path / "nothing")
+        CacheDataset(tmp_path / "nothing", in_memory=False)
 
 
 def _build_in_child(root, cache_dir, barrier, queue):
     barrier.wait()  # start both builds at the same moment
-    out = build_cache(root, cache_dir, n_slices=5, size=20, mode="labelled")
+    out = build_cache(root, cache_dir, normalise=True, n_slices=5, size=20, mode="labelled")
     queue.put((os.stat(out / "images.npy").st_ino, read_cache_meta(out)["key"]))
 
 
@@ -198,7 +198,7 @@ def test_concurrent_builds_give_one_valid_cache(brain, tmp_path):
         p.join(timeout=60)
         assert p.exitcode == 0
     assert results[0] == results[1]  # same file: the loser reused the winner's build
-    ds = CacheDataset(tmp_path / "c")
+    ds = CacheDataset(tmp_path / "c", in_memory=False)
     assert len(ds) == 15
     assert np.load(tmp_path / "c" / "images.npy").shape == (15, 4, 20, 20)
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == [".lock", "images.npy", "labels.npy", "meta.json"]
@@ -209,7 +209,7 @@ def test_build_waits_for_the_lock(brain, tmp_path):
     cache.mkdir()
     fd = os.open(cache / ".lock", os.O_RDWR | os.O_CREAT)
     ctx = mp.get_context("fork")
-    child = ctx.Process(target=build_cache, args=(brain, cache), kwargs=dict(n_slices=2, size=8))
+    child = ctx.Process(target=build_cache, args=(brain, cache), kwargs=dict(normalise=True, n_slices=2, size=8))
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         child.start()
@@ -223,8 +223,8 @@ def test_build_waits_for_the_lock(brain, tmp_path):
 
 
 def test_cache_dataset(brain, tmp_path):
-    cache = build_cache(brain, tmp_path / "c", n_slices=3, size=16, modalities=[0, 2])
-    ds = CacheDataset(cache)
+    cache = build_cache(brain, tmp_path / "c", normalise=True, n_slices=3, size=16, modalities=[0, 2])
+    ds = CacheDataset(cache, in_memory=False)
     assert len(ds) == 9 and ds.num_channels == 2 and ds.size == (16, 16)
     image, label = ds[4]
     assert image.dtype == torch.float32 and image.shape == (2, 16, 16)
@@ -236,7 +236,7 @@ def test_cache_dataset(brain, tmp_path):
     assert isinstance(ds._images, np.memmap)  # memory-mapped, rows read on demand
     clone = pickle.loads(pickle.dumps(ds))
     assert clone._images is None and torch.equal(clone[4][0], image)
-    sub = CacheDataset(cache, indices=ds.indices_of_cases(["case_001"]))
+    sub = CacheDataset(cache, indices=ds.indices_of_cases(["case_001"]), in_memory=False)
     assert len(sub) == 3 and torch.equal(sub[0][0], ds[3][0])
 
     images, labels = sub.read_batch(np.array([2, 0]))  # one read, in the order asked, in the cache's dtypes
@@ -415,7 +415,7 @@ def test_mixed_slices_all_zero_all_slices_distinct_sorted():
 
 
 def test_build_cache_mixed_keyed_by_fraction(brain, tmp_path):
-    kwargs = dict(n_slices=4, size=16, mode="mixed")
+    kwargs = dict(normalise=True, n_slices=4, size=16, mode="mixed")
     keys, fg = {}, {}
     for f in (0.0, 1.0, 0.0):
         cache = build_cache(brain, tmp_path / f"c{f}", foreground_fraction=f, **kwargs)
@@ -498,9 +498,9 @@ def test_a_data_error_in_a_worker_reaches_the_caller_unchanged(brain, tmp_path):
     image = bad / "imagesTr" / "case_001.nii.gz"
     image.write_bytes(image.read_bytes()[:1000])  # the header is readable, the voxels are cut off
     with pytest.raises(DataError) as here:
-        build_cache(bad, tmp_path / "c1", n_slices=4, size=16, workers=1)
+        build_cache(bad, tmp_path / "c1", normalise=True, n_slices=4, size=16, workers=1)
     with pytest.raises(DataError) as from_worker:
-        build_cache(bad, tmp_path / "c2", n_slices=4, size=16, workers=2)
+        build_cache(bad, tmp_path / "c2", normalise=True, n_slices=4, size=16, workers=2)
     assert type(from_worker.value) is DataError and str(from_worker.value) == str(here.value)
     assert str(image) in str(here.value) and "truncated" in str(here.value)
     assert not mp.active_children()  # the pool is gone
@@ -515,7 +515,7 @@ def build_then_hang(*args, **kwargs):
     time.sleep(600)
     return result
 preprocess._build_case = build_then_hang
-preprocess.build_cache(sys.argv[1], sys.argv[2], n_slices=4, size=16, mode="mixed", workers=1)
+preprocess.build_cache(sys.argv[1], sys.argv[2], normalise=True, n_slices=4, size=16, mode="mixed", workers=1)
 """
 
 
@@ -534,9 +534,9 @@ def test_a_killed_build_goes_on_where_it_stopped(brain, tmp_path, monkeypatch):
     built, build_case = [], preprocess._build_case
     monkeypatch.setattr(preprocess, "_build_case", lambda position, *a, **k: built.append(position) or
                         build_case(position, *a, **k))
-    build_cache(brain, cache, n_slices=4, size=16, mode="mixed", workers=1)
+    build_cache(brain, cache, normalise=True, n_slices=4, size=16, mode="mixed", workers=1)
     assert built == [1, 2]  # case 0 was finished before the kill
-    whole = build_cache(brain, tmp_path / "whole", n_slices=4, size=16, mode="mixed", workers=1)
+    whole = build_cache(brain, tmp_path / "whole", normalise=True, n_slices=4, size=16, mode="mixed", workers=1)
     for name in ("images.npy", "labels.npy", "meta.json"):
         assert (cache / name).read_bytes() == (whole / name).read_bytes()
     assert sorted(p.name for p in cache.iterdir()) == [".lock", "images.npy", "labels.npy", "meta.json"]
@@ -559,7 +559,7 @@ def read_case_or_hang(case):  # patched in the workers too: spawn imports this f
 
 preprocess.read_case = read_case_or_hang
 if __name__ == "__main__":
-    preprocess.build_cache(sys.argv[1], sys.argv[2], n_slices=4, size=16, mode="mixed", workers=2)
+    preprocess.build_cache(sys.argv[1], sys.argv[2], normalise=True, n_slices=4, size=16, mode="mixed", workers=2)
 """
 
 
@@ -601,16 +601,16 @@ def test_ctrl_c_stops_the_workers_and_the_build_goes_on_after(brain, tmp_path, m
     built, build_case = [], preprocess._build_case
     monkeypatch.setattr(preprocess, "_build_case", lambda position, *a, **k: built.append(position) or
                         build_case(position, *a, **k))
-    build_cache(brain, cache, n_slices=4, size=16, mode="mixed", workers=1)
+    build_cache(brain, cache, normalise=True, n_slices=4, size=16, mode="mixed", workers=1)
     assert built == [0]  # the workers had finished cases 1 and 2
-    whole = build_cache(brain, tmp_path / "whole", n_slices=4, size=16, mode="mixed", workers=1)
+    whole = build_cache(brain, tmp_path / "whole", normalise=True, n_slices=4, size=16, mode="mixed", workers=1)
     for name in ("images.npy", "labels.npy", "meta.json"):  # what the workers wrote equals a build in one process
         assert (cache / name).read_bytes() == (whole / name).read_bytes()
 
 
 def test_progress_lines(brain, tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(preprocess._Progress, "QUIET_S", 0.0)
-    build_cache(brain, tmp_path / "c", n_slices=2, size=8, progress=True, workers=1)
+    build_cache(brain, tmp_path / "c", normalise=True, n_slices=2, size=8, progress=True, workers=1)
     lines = capsys.readouterr().err.splitlines()  # not a terminal: a line at each quarter of the cases
     assert [line.split(",")[0] for line in lines] == [f"preprocess: {i}/3 cases" for i in (1, 2, 3)]
     assert "slices/s" in lines[0] and "ETA" in lines[0] and "done in" in lines[-1]
@@ -633,12 +633,12 @@ def test_progress_lines(brain, tmp_path, capsys, monkeypatch):
 
 
 def test_format_1_caches_are_read_and_rebuilt(brain, tmp_path):
-    cache = build_cache(brain, tmp_path / "c", n_slices=2, size=8)
+    cache = build_cache(brain, tmp_path / "c", normalise=True, n_slices=2, size=8)
     old = dict(read_cache_meta(cache), format=1, key="of format 1", dtype={"images": "float32", "labels": "uint8"})
     np.save(cache / "images.npy", np.load(cache / "images.npy").astype(np.float32))
     (cache / "meta.json").write_text(json.dumps(old))
     assert read_cache_meta(cache)["format"] == 1 and not check_cache(cache).problems
-    build_cache(brain, cache, n_slices=2, size=8)
+    build_cache(brain, cache, normalise=True, n_slices=2, size=8)
     assert read_cache_meta(cache)["format"] == 2 and np.load(cache / "images.npy").dtype == np.float16
 
 

@@ -52,11 +52,11 @@ def torch_threads():
 @pytest.mark.parametrize("classes", [3, 1])
 def test_probabilities_do_not_depend_on_the_batching(classes):
     slices = volume()
-    whole, _ = slice_probabilities(network(classes), slices, 16, CPU, flips=False)
+    whole, _ = slice_probabilities(network(classes), slices, 16, CPU, False, None, False)
     assert whole.shape == (7, max(classes, 2), 32, 32) and whole.dtype == np.float32
     assert np.allclose(whole.sum(axis=1), 1, atol=1e-5)
     for batch in (1, 3):  # 3 leaves a last batch of one slice
-        parts, _ = slice_probabilities(network(classes), slices, batch, CPU, flips=False)
+        parts, _ = slice_probabilities(network(classes), slices, batch, CPU, False, None, False)
         np.testing.assert_allclose(parts, whole, atol=1e-5)
 
 
@@ -66,7 +66,7 @@ def test_probabilities_do_not_depend_on_the_batching(classes):
 @pytest.mark.slow
 def test_channels_last_and_autocast_change_the_arithmetic_not_the_answer(channels_last, dtype, tolerance):
     slices = volume()
-    reference, _ = slice_probabilities(network(3), slices, 4, CPU, flips=True)
+    reference, _ = slice_probabilities(network(3), slices, 4, CPU, True, None, False)
     net, seen = prepare_network(network(3), CPU, channels_last), []
     net.down[0][0].register_forward_hook(lambda module, inputs, output: seen.append((inputs[0], output)))
     probs, _ = slice_probabilities(net, slices, 4, CPU, True, dtype, channels_last)
@@ -122,8 +122,8 @@ def test_predict_in_bf16_and_channels_last_agrees_with_float32(cli, untrained, t
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_the_gpu_path_agrees_with_the_cpu():
     slices, gpu = volume(9), torch.device("cuda")
-    reference, _ = slice_probabilities(network(3), slices, 4, CPU, flips=True)
-    fp32, _ = slice_probabilities(prepare_network(network(3), gpu, False), slices, 4, gpu, True)
+    reference, _ = slice_probabilities(network(3), slices, 4, CPU, True, None, False)
+    fp32, _ = slice_probabilities(prepare_network(network(3), gpu, False), slices, 4, gpu, True, None, False)
     np.testing.assert_allclose(fp32, reference, atol=5e-3)  # cuDNN may convolve in TF32
     fast, _ = slice_probabilities(prepare_network(network(3), gpu, True), slices, 4, gpu, True,
                                   autocast_dtype("auto", gpu), True)

@@ -214,8 +214,9 @@ def _literal(node):
 
 
 def _defaults_outside_configs(tree: ast.AST):
-    """(name, default, line) of every keyword default in signatures, every field default of a class that is
-    not a Config, and every argparse ``default=`` (named by its flag)."""
+    """(name, default, line) of every keyword default in signatures, every attribute of a class that is not
+    a Config, every fallback of ``getattr(x, "name", default)`` and ``x.get("name", default)``, and every
+    argparse ``default=`` (named by its flag)."""
     for node in ast.walk(tree):
         if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
             args = node.args
@@ -229,6 +230,15 @@ def _defaults_outside_configs(tree: ast.AST):
             for item in node.body:
                 if isinstance(item, ast.AnnAssign) and isinstance(item.target, ast.Name) and item.value is not None:
                     yield item.target.id, _literal(item.value), item.lineno
+                elif isinstance(item, ast.Assign):
+                    for target in item.targets:
+                        if isinstance(target, ast.Name):
+                            yield target.id, _literal(item.value), item.lineno
+        elif isinstance(node, ast.Call) and (getattr(node.func, "id", "") == "getattr" and len(node.args) == 3
+                                             or getattr(node.func, "attr", "") == "get" and len(node.args) == 2):
+            key, default = node.args[-2:]  # getattr(config, "name", default), mapping.get("name", default)
+            if isinstance(key, ast.Constant) and isinstance(key.value, str):
+                yield key.value, _literal(default), default.lineno
         elif isinstance(node, ast.Call) and getattr(node.func, "attr", "") == "add_argument":
             flags = [a.value for a in node.args if isinstance(a, ast.Constant) and str(a.value).startswith("--")]
             for k in node.keywords:
@@ -237,7 +247,7 @@ def _defaults_outside_configs(tree: ast.AST):
 
 
 # Same name, another setting: the kind of NIfTI dataset `autocnnp synth` writes is not <data format="synthetic">'s.
-NOT_THE_SAME_SETTING = {("data/synth.py", "kind"), ("data/commands.py", "kind")}
+NOT_THE_SAME_SETTING = {("data/synth.py", "kind")}
 
 
 def test_no_default_is_written_again_outside_its_config():
@@ -248,7 +258,7 @@ def test_no_default_is_written_again_outside_its_config():
     for path in sorted(PACKAGE.rglob("*.py")):
         for name, value, line in _defaults_outside_configs(ast.parse(path.read_bytes())):
             owners = [] if (path.relative_to(PACKAGE).as_posix(), name) in NOT_THE_SAME_SETTING else declared.get(name, [])
-            if value is not NotImplemented and value is not None and not isinstance(value, bool) and \
+            if value is not NotImplemented and value is not None and \
                     any(type(value) is type(d) and value == d for d, _ in owners):
                 again.append(f"{path.relative_to(PACKAGE.parent)}:{line}: {name}={value!r} (declared in "
                              f"{', '.join(o for _, o in owners)})")

@@ -82,8 +82,7 @@ class DeviceBatches:
     with the epoch of :meth:`set_epoch`, channels-last if asked; on CUDA the next batch is copied on a side
     stream while the current one is used."""
 
-    def __init__(self, loader: DataLoader, device: torch.device, augment: Augment | None = None,
-                 channels_last: bool = False):
+    def __init__(self, loader: DataLoader, device: torch.device, augment: Augment | None, channels_last: bool):
         self.loader, self.device, self.augment, self.channels_last = loader, device, augment, channels_last
         self.epoch = 0
         self._stream = torch.cuda.Stream(device) if device.type == "cuda" else None

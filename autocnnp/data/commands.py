@@ -12,18 +12,28 @@ Bad data is one DataError paragraph on stderr (the CLI prints it) with exit code
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
+import ast
 import sys
 import time
 from pathlib import Path
 
 from ..core.cli_args import count, positive
-from ..core.errors import DataError, Location
+from ..core.errors import DataError, Location, Source
+from ..engine.job import Setting
+from ..engine.values import bind
 from ..generator.points import registry
 
 # --------------------------------------------------------------------------------------------
 # synth
+
+def _synth_defaults() -> dict:
+    """write_synthetic_dataset's keyword defaults, read from its source (importing it costs numpy, and the
+    CLI builds every parser)."""
+    tree = ast.parse(Path(__file__).with_name("synth.py").read_bytes())
+    fn = next(n for n in tree.body if isinstance(n, ast.FunctionDef) and n.name == "write_synthetic_dataset")
+    named = fn.args.args[len(fn.args.args) - len(fn.args.defaults):]
+    return {a.arg: ast.literal_eval(d) for a, d in zip(named, fn.args.defaults, strict=True)}
+
 
 def cmd_synth(args) -> int:
     from .synth import write_synthetic_dataset
@@ -45,30 +55,27 @@ def cmd_synth(args) -> int:
 # --------------------------------------------------------------------------------------------
 # preprocess
 
-def _given(value, default):
-    return default if value is None else value
+# option -> the decathlon Config field it sets: the Config holds the defaults and bounds, as in a job
+PREPROCESS_OPTIONS = {"slices": "slices_per_volume", "size": "size", "mode": "slice_mode",
+                      "foreground_fraction": "foreground_fraction", "modalities": "modalities"}
 
 
-def unit_interval(text: str) -> float:
-    """argparse type: a float in ``[0, 1]``."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
+def _preprocessing(args):
+    """The decathlon Config a job with these options would bind (a bad value is refused as a job's would be)."""
+    entry = registry("dataset_injection").get("decathlon", Location(Path(args.data)))
+    settings = [Setting(field, str(value), Source(Path("."), text=f"autocnnp preprocess --{option.replace('_', '-')}"))
+                for option, field in PREPROCESS_OPTIONS.items() if (value := getattr(args, option)) is not None]
+    if args.no_normalise:
+        settings.append(Setting("normalise", "false", Source(Path("."), text="autocnnp preprocess --no-normalise")))
+    settings.append(Setting("train", str(args.data), Source(Path("."), text="autocnnp preprocess DATA")))
+    return bind(entry.config, settings, Path.cwd(), "preprocess")
 
 
 def cmd_preprocess(args) -> int:
     from .checks import check_dataset, problems_error
     from .preprocess import META_FILE, build_cache, parse_modalities, read_cache_meta
 
-    job = registry("dataset_injection").get("decathlon", Location(Path(args.data))).config  # a job's defaults
-    defaults = {f.name: f.default for f in dataclasses.fields(job)}
-    slices, size = _given(args.slices, defaults["slices_per_volume"]), _given(args.size, defaults["size"])
-    mode, modalities = _given(args.mode, defaults["slice_mode"]), _given(args.modalities, defaults["modalities"])
-    fraction = _given(args.foreground_fraction, defaults["foreground_fraction"])
+    config = _preprocessing(args)
     verdict = check_dataset(args.data, split="training")  # what `validate --data` checks: nothing bad is cached
     if verdict.problems:
         raise problems_error(verdict.problems, args.data)
@@ -78,8 +85,9 @@ def cmd_preprocess(args) -> int:
     meta_file = cache / META_FILE
     before = meta_file.stat().st_mtime_ns if meta_file.is_file() else None
     start = time.perf_counter()
-    build_cache(args.data, cache, n_slices=slices, size=size, modalities=parse_modalities(modalities), mode=mode,
-                normalise=not args.no_normalise, foreground_fraction=fraction, workers=args.workers, progress=True)
+    build_cache(args.data, cache, n_slices=config.slices_per_volume, size=config.size,
+                modalities=parse_modalities(config.modalities), mode=config.slice_mode, normalise=config.normalise,
+                foreground_fraction=config.foreground_fraction, workers=args.workers, progress=True)
     seconds = time.perf_counter() - start
     meta = read_cache_meta(cache)
     reused = before is not None and meta_file.stat().st_mtime_ns == before
@@ -128,29 +136,31 @@ def add_commands(sub) -> None:
     doc = "write a small seeded synthetic dataset in the Decathlon layout (dataset.json, imagesTr, labelsTr)"
     s = sub.add_parser("synth", help=doc, description=doc)
     s.add_argument("out", help="the dataset folder to write")
-    s.add_argument("--kind", choices=("brain", "atrium"), default="brain",
+    default = _synth_defaults()
+    s.add_argument("--kind", choices=("brain", "atrium"), default=default["kind"],
                    help="brain: 4 modalities, labels 0-3 (like Task01_BrainTumour); atrium: 1 modality, labels 0-1 "
-                        "(like Task02_Heart)")
-    s.add_argument("--cases", type=count, default=6, help="labelled training cases (default 6)")
-    s.add_argument("--shape", type=positive, nargs=3, default=[32, 32, 16], metavar=("X", "Y", "Z"),
-                   help="volume shape in voxels (default 32 32 16)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--test-cases", type=count, default=1, help="unlabelled test cases (default 1)")
+                        f"(like Task02_Heart); default {default['kind']}")
+    s.add_argument("--cases", type=count, default=default["cases"],
+                   help=f"labelled training cases (default {default['cases']})")
+    s.add_argument("--shape", type=positive, nargs=3, default=list(default["shape"]), metavar=("X", "Y", "Z"),
+                   help=f"volume shape in voxels (default {' '.join(map(str, default['shape']))})")
+    s.add_argument("--seed", type=int, default=default["seed"], help=f"default {default['seed']}")
+    s.add_argument("--test-cases", type=count, default=default["test_cases"],
+                   help=f"test cases, their labels in labelsTs/ (default {default['test_cases']})")
     s.set_defaults(func=cmd_synth)
 
     doc = "build the 2D slice cache of a dataset (what a decathlon job builds before training) and time it"
     s = sub.add_parser("preprocess", help=doc, description=doc)
     s.add_argument("data", help="dataset folder (dataset.json) or CSV index")
     s.add_argument("cache", help="cache folder to write")
-    s.add_argument("--slices", type=count, help="slices per volume, 0 for all (default: as a decathlon job)")
-    s.add_argument("--size", type=positive, help="slice size in pixels (default: as a decathlon job)")
-    s.add_argument("--mode", choices=("even", "labelled", "mixed"),
-                   help="spread slices over the whole volume, over its labelled part, or over slices with and "
-                        "without a label in the share --foreground-fraction (default: as a decathlon job)")
-    s.add_argument("--foreground-fraction", type=unit_interval, metavar="F",
-                   help="--mode mixed: share of the slices taken among those holding a label, 0 to 1 "
-                        "(default: as a decathlon job, else 0.5)")
-    s.add_argument("--modalities", help="'all' or comma-separated modality names or indices (default: all)")
+    job = "as a decathlon job: "
+    s.add_argument("--slices", help=f"slices per volume, 0 for all ({job}slices_per_volume)")
+    s.add_argument("--size", help=f"slice size in pixels ({job}size)")
+    s.add_argument("--mode", help="even: spread slices over the whole volume, labelled: over its labelled part, mixed: "
+                   f"over slices with and without a label in the share --foreground-fraction ({job}slice_mode)")
+    s.add_argument("--foreground-fraction", metavar="F", help="--mode mixed: share of the slices taken among those "
+                   f"holding a label ({job}foreground_fraction)")
+    s.add_argument("--modalities", help=f"'all' or comma-separated modality names or indices ({job}modalities)")
     s.add_argument("--no-normalise", action="store_true", help="skip the per-case z-score")
     s.add_argument("--workers", type=positive, help="processes sharing the cases (default: the cores this process may "
                    "use, at most one per case; small datasets are built in one process)")

@@ -320,7 +320,7 @@ def build_cache(
     size,
     modalities=None,
     mode: str = "even",
-    normalise: bool = True,
+    normalise: bool,
     case_indices=None,
     axis: int = 2,
     foreground_fraction: float = 0.5,
@@ -730,7 +730,7 @@ class CacheDataset(BatchDataset):
     format's batch augmentation on the training device.
     """
 
-    def __init__(self, cache_dir, indices=None, in_memory: bool = False):
+    def __init__(self, cache_dir, indices=None, *, in_memory: bool):
         self.cache_dir = Path(cache_dir)
         self.meta = read_cache_meta(self.cache_dir)
         for name in (IMAGES_FILE, LABELS_FILE):

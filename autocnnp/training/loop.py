@@ -56,7 +56,7 @@ def loaders(data: DataBundle, sampler, hp, world: World, device, loader_rng) -> 
     # Validation shards without padding, so every sample is scored exactly once across the ranks.
     valid_loader = DeviceBatches(batch_loader(data.valid, range(world.rank, len(data.valid), world.world_size),
                                               hp.minibatch_size, drop_last=False, pin_memory=pin), device,
-                                 channels_last=hp.channels_last)
+                                 None, hp.channels_last)
     if len(loader) == 0:
         raise RuntimeError(f"each rank gets {len(sampler)} training samples, fewer than one minibatch of "
                            f"{hp.minibatch_size}: lower minibatch_size or the parallelism degree")

@@ -77,7 +77,7 @@ class Config:
     valid: Path | None = setting(None, must_exist=True, help="validation data (default: a share of the training "
                                                              "cases)")
     test: Path | None = setting(None, must_exist=True, help="test images, read by autocnnp predict")
-    slices_per_volume: int = setting(70, min=1, help="2D slices taken per volume")
+    slices_per_volume: int = setting(70, min=0, help="2D slices taken per volume (0: every slice)")
     slice_mode: Literal["mixed", "even", "labelled"] = setting(
         "mixed", help="mixed: foreground_fraction of the slices from those holding a label, the rest from those "
                       "holding none; even: over the whole volume; labelled: over its labelled part only")
@@ -160,7 +160,7 @@ class Decathlon(DataFormat):
         augmenter = RandomAffine2D(rotation=AUGMENT_ROTATION, zoom=AUGMENT_ZOOM, translate=AUGMENT_TRANSLATE,
                                    seed=int(seed), flips=c.augment_flips, intensity=c.augment_intensity) if c.augment else None
         if is_cache(c.train):  # preprocessed already: the job reads it as it is, validation from its slices
-            full = CacheDataset(c.train)
+            full = CacheDataset(c.train, in_memory=False)  # its indices only
             train_ds, valid_ds = self._split_cache(full) if c.valid is None else (
                 CacheDataset(c.train, in_memory=c.in_memory), None)
         else:
