@@ -129,6 +129,8 @@ def test_a_failing_rank_ends_the_whole_job_naming_it(tmp_path, action, expect):
     assert time.monotonic() - started < 60
     assert result.returncode != 0
     assert expect in result.stderr + result.stdout
+    blame = next(line for line in result.stderr.splitlines() if line.startswith("autocnnp: the job failed"))
+    assert "rank 0" not in blame, blame  # its victim (taken down by the launcher or a lost peer) is not named
     assert len(metrics(tmp_path / "out")) <= 1
 
 

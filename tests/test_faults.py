@@ -73,13 +73,14 @@ def comm(pid: int) -> str:
 class Launch:
     """``autocnnp run`` started as a user would, in a session of its own; output into files."""
 
-    def __init__(self, job: Path, *args: str, tmp_path: Path):
+    def __init__(self, job: Path, *args: str, tmp_path: Path, ignore=()):
         self.tag = uuid.uuid4().hex
         n = len(list(tmp_path.glob("stderr-*")))
         self.out, self.err = tmp_path / f"stdout-{n}", tmp_path / f"stderr-{n}"
         with open(self.out, "wb") as out, open(self.err, "wb") as err:
             self.proc = subprocess.Popen([sys.executable, "-m", "autocnnp", "run", str(job), *args], stdout=out,
-                                         stderr=err, env={**os.environ, TAG: self.tag}, start_new_session=True)
+                                         stderr=err, env={**os.environ, TAG: self.tag}, start_new_session=True,
+                                         preexec_fn=lambda: [signal.signal(s, signal.SIG_IGN) for s in ignore])
 
     def wait(self, timeout: float = 120) -> int:
         return self.proc.wait(timeout)
@@ -108,8 +109,8 @@ def launches():
     """Start launches; whatever a failing test leaves is killed afterwards."""
     started: list[Launch] = []
 
-    def start(job: Path, *args: str, tmp_path: Path) -> Launch:
-        launch = Launch(job, *args, tmp_path=tmp_path)
+    def start(job: Path, *args: str, tmp_path: Path, ignore=()) -> Launch:
+        launch = Launch(job, *args, tmp_path=tmp_path, ignore=ignore)
         started.append(launch)
         return launch
 
@@ -204,6 +205,91 @@ def test_sigkill_of_mpirun_names_the_launcher(tmp_path, launches):
     assert run.stderr.splitlines()[-1] == ("autocnnp: the job failed: the launcher mpirun was killed by SIGKILL; "
                                            "its ranks were stopped with it")
     resume_and_check(job, out, launches, tmp_path)
+
+
+# --------------------------------------------------------------------------- blame
+
+
+def status(state: str, message: str = "", time: float = 0.0) -> dict:
+    return {"state": state, "message": message, "time": time, "age": 0.0}
+
+
+LOST = "RuntimeError: Connection reset by peer"
+
+
+@pytest.mark.parametrize(("statuses", "named"), [
+    ({0: status("running"), 1: status("failed", "ValueError: bad", 1.0)}, "rank 1 failed: ValueError: bad"),  # MPI_Abort
+    ({0: status("failed", LOST, 2.0), 1: status("terminated", "stopped by SIGTERM", 1.0)},
+     "rank 1 was stopped by SIGTERM from outside the job"),
+    ({0: status("terminated", "stopped by SIGTERM", 1.0), 1: status("terminated", "stopped by SIGTERM", 1.0)},
+     "every rank was stopped by a signal autocnnp did not send (stopped by SIGTERM); the launcher mpirun exited "
+     "with code 1: was the launcher signalled?"),
+    ({0: status("failed", LOST, 2.0), 1: status("running")}, "rank 1 exited without reporting (crashed or was killed)"),
+    ({}, "no rank started: the launcher mpirun exited with code 1 (its message is above)"),
+    ({0: status("failed", LOST, 2.0), 1: status("done", "", 1.0)}, f"rank 0 failed: {LOST}"),
+    ({0: status("running")}, "rank 0 exited without reporting (crashed or was killed)"),
+    ({0: status("done")}, "1 rank(s) never started (1)"),
+], ids=["abort-victim", "one-rank-signalled", "launcher-signalled", "crash", "none-started", "lost-peer", "vanished",
+        "missing"])
+def test_blame_names_the_cause_not_its_victims(statuses, named):
+    from autocnnp.run.supervise import diagnose
+
+    assert diagnose(statuses, 2, "the launcher mpirun", 1) == named
+
+
+def rank_pid(launch: Launch, rank: int) -> int:
+    """The pid of ``rank`` of a launch (the training process, not its log tee)."""
+    for pid in tagged(launch.tag):
+        try:
+            environ = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"OMPI_COMM_WORLD_RANK={rank}".encode() in environ and comm(pid).startswith("python"):
+            return pid
+    raise AssertionError(f"no rank {rank} among {[(p, comm(p)) for p in tagged(launch.tag)]}")
+
+
+@pytest.mark.ranks
+def test_a_rank_signalled_from_outside_is_named(tmp_path, launches):
+    job, out, run = training(tmp_path, launches)
+    os.kill(rank_pid(run, 1), signal.SIGTERM)
+    assert run.wait(60) == ExitCode.FAILED
+    assert run.gone_within(5) == []
+    assert run.stderr.splitlines()[-1] == "autocnnp: the job failed: rank 1 was stopped by SIGTERM from outside the job"
+
+
+@pytest.mark.ranks
+def test_nohup_keeps_a_run_through_the_logout(tmp_path, launches):
+    """A SIGHUP ignored when `autocnnp run` starts (nohup) stays ignored; the run trains on."""
+    job = tiny_job(tmp_path)
+    run = launches(job, tmp_path=tmp_path, ignore=(signal.SIGHUP,))
+    wait_for_epochs(tmp_path / "out", 1, run)
+    run.proc.send_signal(signal.SIGHUP)
+    seen = len(epochs(tmp_path / "out"))
+    wait_for_epochs(tmp_path / "out", seen + 2, run)
+    run.proc.send_signal(signal.SIGTERM)
+    assert run.wait(GRACE_S + 20) == ExitCode.INTERRUPTED + signal.SIGTERM
+    assert run.gone_within(2) == []
+
+
+def test_an_interrupt_during_the_data_check_is_an_interrupt_and_leaves_no_verdict(tmp_path, monkeypatch):
+    """Ctrl-C while the front-end checks the data ends the command (130); it is not reported as a corrupt
+    file, and no verdict is cached for the next run."""
+    import nibabel as nib
+
+    from autocnnp.core.errors import Interrupted
+    from autocnnp.data import checks
+    from autocnnp.data.synth import write_synthetic_dataset
+
+    root = write_synthetic_dataset(tmp_path / "data", "atrium", cases=3, shape=(8, 8, 6), test_cases=0)
+
+    def interrupted(*args, **kwargs):
+        raise Interrupted(signal.SIGINT)
+
+    monkeypatch.setattr(nib, "load", interrupted)
+    with pytest.raises(Interrupted):
+        checks.validate_once(root, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("validated-*"))
 
 
 # --------------------------------------------------------------------------- a run owns its folder

@@ -25,8 +25,10 @@ class ExitCode(IntEnum):
     INTERRUPTED = 128  # + the signal's number: 130 SIGINT (Ctrl-C), 143 SIGTERM, 129 SIGHUP
 
 
-class Interrupted(Exception):
-    """The command was stopped by a signal; ``detail`` says what it stopped (one line, no traceback)."""
+class Interrupted(BaseException):
+    """The command was stopped by a signal; ``detail`` says what it stopped (one line, no traceback). A
+    BaseException, as KeyboardInterrupt is: no ``except Exception`` (a file check reporting an unreadable
+    file, say) may take it for a failure and carry on."""
 
     def __init__(self, signum: int, detail: str = ""):
         self.signum, self.detail = signum, detail

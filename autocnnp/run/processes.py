@@ -77,13 +77,14 @@ def _running(pid: int) -> bool:
 @contextlib.contextmanager
 def interruptible(signals=STOP_SIGNALS):
     """Turn ``signals`` into :class:`Interrupted` in the main thread for the block (a second one while the
-    first is handled is ignored), so that ``finally`` blocks stop whatever the block started."""
+    first is handled is ignored), so that ``finally`` blocks stop whatever the block started. A signal
+    ignored when the block starts stays ignored (``nohup autocnnp run`` survives the logout's SIGHUP)."""
     def handler(signum, frame):
         for s in signals:
             signal.signal(s, signal.SIG_IGN)
         raise Interrupted(signum)
 
-    previous = {s: signal.signal(s, handler) for s in signals}
+    previous = {s: signal.signal(s, handler) for s in signals if signal.getsignal(s) is not signal.SIG_IGN}
     try:
         yield
     finally:

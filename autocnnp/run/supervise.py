@@ -62,22 +62,39 @@ def read_statuses(rundir: RunDir) -> dict[int, dict]:
 _LOST_PEER = re.compile(r"connection (closed|reset|refused)|broken pipe|peer|timed? ?out|socket|ECONNRESET|EPIPE", re.I)
 
 
-def diagnose(statuses: dict[int, dict], world_size: int) -> str:
-    """Name the rank(s) that ended the job, the cause first: ranks that failed on their own (earliest
-    first), then ranks that vanished without a word (crashed or were killed), then ranks that failed
-    because a peer was gone. Ranks stopped by a signal are victims and not named."""
-    failed = sorted((info.get("time", 0), rank, info["message"]) for rank, info in statuses.items()
-                    if info["state"] == "failed")
-    own = [f"rank {rank} failed: {message}" for _, rank, message in failed if not _LOST_PEER.search(message)]
-    lost = [f"rank {rank} failed: {message}" for _, rank, message in failed if _LOST_PEER.search(message)]
-    silent = sorted(rank for rank, info in statuses.items() if info["state"] in ("started", "running"))
-    parts = own + ([", ".join(f"rank {r}" for r in silent) + " exited without reporting (crashed or was killed)"]
-                   if silent else []) + lost
-    if len(statuses) < world_size:
+def diagnose(statuses: dict[int, dict], world_size: int, launcher: str = "the launcher", code: int | None = None) -> str:
+    """Name what ended the job, the cause only, never its victims: the ranks that failed on their own
+    (earliest first); else the ranks that vanished without a word (crashed or were killed); else a rank
+    stopped by a signal nobody in the job sent (every rank stopped so: the launcher was signalled); else
+    the ranks that lost a peer. Ranks taken down by a failed rank (MPI_Abort, the launcher's SIGTERM, a
+    closed connection) are not named. ``launcher`` exited with ``code``."""
+    def named(state: str, lost: bool | None = None) -> list[tuple[float, int, str]]:
+        return sorted((info.get("time", 0), rank, info.get("message", "")) for rank, info in statuses.items()
+                      if info["state"] == state and (lost is None or bool(_LOST_PEER.search(info.get("message", ""))) == lost))
+
+    ended = f"{launcher} exited with code {code}" if code is not None else f"{launcher} failed"
+    own, silent, terminated, lost = named("failed", False), named("started") + named("running"), named("terminated"), \
+        named("failed", True)
+    if own:
+        return "; ".join(f"rank {rank} failed: {message}" for _, rank, message in own)
+    if silent:
+        ranks = sorted(rank for _, rank, _ in silent)
+        return ", ".join(f"rank {rank}" for rank in ranks) + " exited without reporting (crashed or was killed)"
+    if terminated and len(terminated) == len(statuses) == world_size:
+        return (f"every rank was stopped by a signal autocnnp did not send ({terminated[0][2]}); {ended}: was the "
+                "launcher signalled?")
+    if terminated:
+        _, rank, message = terminated[0]
+        return f"rank {rank} was {message} from outside the job"
+    if lost:
+        return "; ".join(f"rank {rank} failed: {message}" for _, rank, message in lost)
+    if statuses and len(statuses) < world_size:
         missing = [r for r in range(min(world_size, 64)) if r not in statuses]
-        parts.append(f"{world_size - len(statuses)} rank(s) never started ({', '.join(map(str, missing))}"
-                     f"{' ...' if world_size > 64 else ''})")
-    return "; then ".join(parts) or "the launcher failed"
+        return (f"{world_size - len(statuses)} rank(s) never started ({', '.join(map(str, missing))}"
+                f"{' ...' if world_size > 64 else ''})")
+    if not statuses:
+        return f"no rank started: {ended} (its message is above)"
+    return ended
 
 
 def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
@@ -111,7 +128,7 @@ def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
         return ExitCode(code), None
     if problem is None and code < 0:
         problem = f"the launcher {cmd[0]} was killed by {signal.Signals(-code).name}; its ranks were stopped with it"
-    problem = problem or diagnose(read_statuses(rundir), world_size)
+    problem = problem or diagnose(read_statuses(rundir), world_size, f"the launcher {cmd[0]}", code)
     print(f"autocnnp: the job failed: {problem}", file=sys.stderr, flush=True)
     return ExitCode.FAILED, problem
 
