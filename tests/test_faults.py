@@ -8,8 +8,11 @@ on to the ranks, so "nothing is left" is checked over every process of the machi
 from __future__ import annotations
 
 import csv
+import errno
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -345,6 +348,27 @@ def test_max_restarts_restarts_a_failed_job_from_its_checkpoint(tmp_path, launch
     assert run.gone_within(2) == []
 
 
+CRASH_AND_LOSE_A_SLOT = CRASH_ONCE.replace('MARK.write_text("once")', 'MARK.write_text("once")\n        '
+                                           'MARK.with_name("hosts").write_text("localhost slots=1\\n")')
+
+
+@pytest.mark.ranks
+def test_a_restart_whose_checks_fail_is_a_failure_on_record(tmp_path, launches):
+    (tmp_path / "crash.py").write_text(CRASH_AND_LOSE_A_SLOT)
+    (tmp_path / "hosts").write_text("localhost slots=2\n")
+    actions = strategy_module(extra=checkpoint_plugin("CrashOnce", "crash.py"))
+    job = tiny_job(tmp_path, actions=actions, end_epoch=5, cluster='<property name="hostfile">hosts</property>'
+                   '<property name="max_restarts">2</property><property name="restart_backoff_s">0.5</property>')
+    run = launches(job, tmp_path=tmp_path)
+    assert run.wait() == ExitCode.FAILED, run.stderr
+    last = run.stderr.splitlines()[-1]
+    assert last.startswith("autocnnp: restart 1 could not start: ") and "more ranks than the 1 slots" in last, last
+    record = manifest.read(RunDir(tmp_path / "out"))
+    assert record["status"] == "failed" and "restart 1 could not start" in record["invocations"][-1]["message"]
+    assert [r["attempt"] for r in record["restarts"]] == [1]
+    assert run.gone_within(2) == []
+
+
 @pytest.mark.ranks
 def test_min_ranks_goes_on_without_a_host_that_is_gone(tmp_path, launches):
     agent = tmp_path / "agent"
@@ -443,6 +467,58 @@ def test_a_minibatch_larger_than_a_rank_shard(cli, tmp_path, nothing_starts):
     err = refused(cli, "run", tiny_job(tmp_path, minibatch_size=64))
     assert "each rank gets 8 of the 16 training samples, fewer than one minibatch of 64" in err
     assert "Hint: lower minibatch_size to 8 or less" in err
+    assert not (tmp_path / "out").exists()  # a refused run leaves no output folder behind (no lock, no cache)
+
+
+def test_a_refusal_keeps_an_existing_output_folder(cli, tmp_path, nothing_starts):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "notes.txt").write_text("mine")
+    refused(cli, "run", tiny_job(tmp_path, minibatch_size=64))
+    assert (tmp_path / "out" / "notes.txt").read_text() == "mine"
+
+
+def test_a_file_where_the_run_keeps_a_folder(cli, tmp_path, nothing_starts):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "checkpoints").write_text("not a folder")
+    err = refused(cli, "run", tiny_job(tmp_path))
+    assert f"{tmp_path / 'out' / 'checkpoints'} is a file where the run keeps its checkpoints folder" in err
+    assert (tmp_path / "out" / "checkpoints").read_text() == "not a folder"
+
+
+@pytest.mark.parametrize("content", [b"", b"garbage" * 100, b"PK\x03\x04 a broken zip"])
+def test_a_pretrained_file_that_is_no_checkpoint(cli, tmp_path, nothing_starts, content):
+    (tmp_path / "weights.pt").write_bytes(content)
+    job = tiny_job(tmp_path)
+    job.write_text(job.read_text().replace("<CNN_archi ", "<CNN_archi pretrained=\"weights.pt\" "))
+    err = refused(cli, "run", job)
+    line = next(i for i, t in enumerate(job.read_text().splitlines(), 1) if "pretrained=" in t)
+    assert err.startswith(f"autocnnp: {job}:{line}:") and f"the pretrained checkpoint {tmp_path / 'weights.pt'}" in err
+
+
+def test_a_lock_whose_holder_still_runs_here_is_not_taken(cli, tmp_path, nothing_starts):
+    """Where the filesystem's locks do not hold (the holder's flock is not seen), a holder that still runs
+    on this host keeps the folder."""
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "autocnnp"])
+    try:
+        (tmp_path / "out").mkdir()
+        record = {"pid": holder.pid, "host": socket.gethostname(), "command": "autocnnp run", "started": "now"}
+        (tmp_path / "out" / ".lock").write_text(json.dumps(record))
+        err = refused(cli, "run", tiny_job(tmp_path))
+        assert f"is in use by another run: pid {holder.pid} on host {socket.gethostname()}" in err
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_filesystem_without_locks_is_refused(cli, tmp_path, nothing_starts, monkeypatch):
+    import fcntl
+
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)  # what an NFS mount without its lock service answers
+    err = refused(cli, "run", tiny_job(tmp_path))
+    assert "is on a filesystem that cannot lock files (No locks available)" in err
 
 
 def test_bad_data_is_found_before_any_rank_starts(cli, tmp_path, nothing_starts):
@@ -455,6 +531,23 @@ def test_bad_data_is_found_before_any_rank_starts(cli, tmp_path, nothing_starts)
     job = write_job(tmp_path / "job.xml", output="out", arch=TINY_UNET, data=data, hyper=dict(minibatch_size=1))
     err = refused(cli, "run", job)
     assert str(bad) in err
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind", ["fifo", "folder", "device"])
+def test_a_dataset_index_that_is_no_file(cli, tmp_path, kind):
+    (tmp_path / "ds").mkdir()
+    index = tmp_path / "ds" / "dataset.json"
+    if kind == "fifo":
+        os.mkfifo(index)  # reading it would wait for a writer forever
+    elif kind == "folder":
+        index.mkdir()
+    else:
+        index.symlink_to("/dev/zero")
+    data = f'<data format="decathlon"><train><path>{tmp_path / "ds"}</path></train></data>'
+    job = write_job(tmp_path / "job.xml", output="out", arch=TINY_UNET, data=data)
+    err = refused(cli, "validate", "--data", job)
+    assert f"{index}: the dataset index {index} is a" in err and "not a file" in err
 
 
 def test_an_output_folder_that_cannot_be_written(cli, tmp_path, nothing_starts):

@@ -165,5 +165,10 @@ class RunDir:
         return self.root / ".swarm"
 
     @property
+    def folders(self) -> tuple[Path, ...]:
+        """The folders a run writes in (each created on first use)."""
+        return (self.checkpoints, self.cache, self.logs, self.ranks, self.plots, self.predictions)
+
+    @property
     def lock(self) -> Path:
         return self.root / ".lock"

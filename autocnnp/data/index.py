@@ -16,17 +16,20 @@ Every problem is a :class:`~autocnnp.core.errors.DataError` naming the file, the
 from __future__ import annotations
 
 import csv
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from ..core.errors import DataError
+from ..core.errors import DataError, JobError
+from ..core.files import read_input
 
 NIFTI_SUFFIXES = (".nii.gz", ".nii")
 _REQUIRED_KEYS = ("name", "modality", "labels", "numTraining", "training")
 _SPLITS = ("training", "test", "all")
+INDEX_LIMIT = 64 << 20  # bytes of a dataset.json or CSV index
 
 
 @dataclass(frozen=True)
@@ -139,15 +142,26 @@ def _int_keyed(mapping, what: str, index_file: Path, problems: list[DataError]) 
     return dict(sorted(out.items()))
 
 
+def _index_text(index_file: Path, missing_hint: str) -> str:
+    """The index's text, read as a bounded regular file (a folder, FIFO or device is refused, never read)."""
+    if not index_file.exists():
+        raise DataError(index_file, "dataset index file does not exist", missing_hint)
+    try:
+        data = read_input(index_file, index_file, "dataset index", limit=INDEX_LIMIT, hint="check the file's permissions")
+    except JobError as exc:
+        raise DataError(index_file, exc.problem, exc.hint) from None
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise DataError(index_file, f"the dataset index is not UTF-8 text ({exc.reason} at byte {exc.start})",
+                        "save it as UTF-8") from None
+
+
 def _read_json_index(index_file: Path) -> DatasetIndex:
     base = index_file.parent
+    text = _index_text(index_file, "point to a Decathlon folder holding dataset.json, or to a CSV of image,label pairs")
     try:
-        data = json.loads(index_file.read_text())
-    except FileNotFoundError:
-        raise DataError(index_file, "dataset index file does not exist",
-                        "point to a Decathlon folder holding dataset.json, or to a CSV of image,label pairs") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise DataError(index_file, f"cannot read the dataset index ({exc})", "check the file's permissions") from None
+        data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise DataError(index_file, f"is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg})",
                         "fix the JSON syntax, e.g. a trailing comma or a missing quote") from None
@@ -216,12 +230,10 @@ def _read_json_index(index_file: Path) -> DatasetIndex:
 
 def _read_csv_index(index_file: Path) -> DatasetIndex:
     base = index_file.parent
+    text = _index_text(index_file, "check the path of the CSV file")
     try:
-        with open(index_file, newline="") as fh:
-            rows = [row for row in csv.reader(fh) if row and any(cell.strip() for cell in row)]
-    except FileNotFoundError:
-        raise DataError(index_file, "dataset index file does not exist", "check the path of the CSV file") from None
-    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        rows = [row for row in csv.reader(io.StringIO(text, newline="")) if row and any(cell.strip() for cell in row)]
+    except csv.Error as exc:
         raise DataError(index_file, f"cannot read the CSV index ({exc})", "write a plain-text CSV of image,label pairs") from None
     header = [cell.strip().lower() for cell in rows[0]] if rows else []
     if "image" not in header:

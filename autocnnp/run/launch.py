@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..core.errors import ExitCode, JobError
+from ..core.errors import DataError, ExitCode, JobError
 from ..core.files import atomic_write
 from ..core.world import discover_world, launcher_name
 from ..generator.overrides import apply_overrides
@@ -101,17 +101,22 @@ def run(job: Job) -> int:
 
         if discover_world().rank != 0:
             return run_rank(job)
-        with _owned(job):
+        with _owned(job, front_end=False):
             return run_rank(job)
-    with _owned(job):
+    with _owned(job, front_end=True):
         preflight.check_framework(job)
         preflight.check_output(job)
         attempt = 0
         while True:
-            now = _available(job)
-            preflight.check_slots(now, os.environ)
-            preflight.fetch_pretrained(now)
-            preflight.check_data(now)
+            try:
+                now = _ready(job)
+            except (JobError, DataError) as exc:
+                if not attempt:
+                    raise
+                problem = f"restart {attempt} could not start: {exc}"
+                manifest.record_failure(rundir, problem)
+                print(f"autocnnp: {problem}", file=sys.stderr, flush=True)
+                return ExitCode.FAILED
             cmd, env = build_command(now)
             code, problem = supervise(cmd, env, rundir, now.generator.world_size, now.launch)
             restart = code == ExitCode.FAILED and attempt < job.launch.max_restarts
@@ -126,12 +131,31 @@ def run(job: Job) -> int:
             time.sleep(delay)
 
 
+def _ready(job: Job) -> Job:
+    """The job as it starts now, checked: slots, pretrained weights, data and a minibatch per rank."""
+    now = _available(job)
+    preflight.check_slots(now, os.environ)
+    preflight.fetch_pretrained(now)
+    preflight.check_pretrained(now)
+    preflight.check_data(now)
+    return now
+
+
 @contextlib.contextmanager
-def _owned(job: Job):
-    with lock.owned(job.generator.rundir, job.spec.output.where if job.spec.output else job.spec.where) as note:
+def _owned(job: Job, front_end: bool):
+    """Hold the output folder for the block; a folder the front-end created is removed again when the job
+    is refused before any rank started (a refused run leaves nothing behind)."""
+    rundir = job.generator.rundir
+    fresh = front_end and not rundir.root.exists()
+    with lock.owned(rundir, job.spec.output.where if job.spec.output else job.spec.where) as note:
         if note:
             print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
-        yield
+        try:
+            yield
+        except (JobError, DataError):
+            if fresh and not rundir.ranks.exists():
+                shutil.rmtree(rundir.root, ignore_errors=True)
+            raise
 
 
 def _available(job: Job) -> Job:

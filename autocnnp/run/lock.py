@@ -32,13 +32,10 @@ def owned(rundir: RunDir, where: Location):
         raise JobError(where, f"the output folder {rundir} cannot be written ({exc.strerror or exc})",
                        "choose an <output> folder you can write to, or fix its permissions") from None
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            record = _read(fd)
-            raise JobError(where, f"the output folder {rundir} is in use by another run: {_holder_text(record)}",
-                           "wait for it to end or stop it, or give this run another <output>") from None
-        earlier = _read(fd)
+        earlier = _read(fd) if _flock(fd, fcntl.LOCK_EX, rundir, where) else None
+        if earlier is None or _alive_here(earlier):
+            raise JobError(where, f"the output folder {rundir} is in use by another run: {_holder_text(_read(fd))}",
+                           "wait for it to end or stop it, or give this run another <output>")
         note = (f"took over the lock of {_holder_text(earlier)}, which ended without releasing it"
                 if earlier else None)
         record = {"pid": os.getpid(), "host": socket.gethostname(), "command": " ".join(["autocnnp", *sys.argv[1:3]]),
@@ -68,9 +65,32 @@ def is_held(rundir: RunDir) -> bool:
         return False
     fd = os.open(path, os.O_RDONLY)
     try:
-        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return True
+        return not _flock(fd, fcntl.LOCK_SH, rundir, Location(path)) or _alive_here(_read(fd))
     finally:
         os.close(fd)
-    return False
+
+
+def _flock(fd: int, kind: int, rundir: RunDir, where: Location) -> bool:
+    """Take the lock without waiting: False when another process holds it. A filesystem without locks
+    (some NFS mounts) is refused: two runs of one folder could not be told apart there."""
+    try:
+        fcntl.flock(fd, kind | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:  # ENOLCK, ENOSYS, EOPNOTSUPP
+        raise JobError(where, f"the output folder {rundir} is on a filesystem that cannot lock files "
+                       f"({exc.strerror or exc})", "give the run an <output> folder on a local or lock-capable "
+                       "filesystem (NFS needs its lock service)") from None
+    return True
+
+
+def _alive_here(record: dict) -> bool:
+    """Whether the holder a lock file names still runs on this host: its lock was free, so the
+    filesystem's locks do not stop a second run (checked only where the holder's pid can be seen)."""
+    if record.get("host") != socket.gethostname() or not isinstance(record.get("pid"), int):
+        return False
+    try:
+        cmdline = Path(f"/proc/{record['pid']}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return record["pid"] != os.getpid() and b"autocnnp" in cmdline

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import math
+import zipfile
 
 from ..core.errors import JobError
 from ..core.files import atomic_write
@@ -29,6 +30,25 @@ def fetch_pretrained(job: Job) -> None:
         print(f"autocnnp: pretrained from zoo:{name}/{got} ({zoo_store()[0]})", flush=True)
 
 
+def check_pretrained(job: Job) -> None:
+    """The checkpoint the job starts from is a torch checkpoint (a zip archive holding ``data.pkl``, or a
+    legacy pickle): a garbage file is refused here, not by every rank after the launch."""
+    pretrained = job.generator.pretrained
+    if pretrained is None:
+        return
+    path = pretrained.local(job.generator.rundir)
+    try:
+        with open(path, "rb") as f:
+            legacy = f.read(1) == b"\x80"  # a pickle's PROTO opcode
+        archive = zipfile.is_zipfile(path) and any(n.endswith("/data.pkl") for n in zipfile.ZipFile(path).namelist())
+    except (OSError, zipfile.BadZipFile) as exc:
+        raise JobError(pretrained.where, f"the pretrained checkpoint {path} cannot be read ({exc})",
+                       "name a checkpoint written by autocnnp run, its run folder, or a zoo model") from None
+    if not (legacy or archive):
+        raise JobError(pretrained.where, f"the pretrained checkpoint {path} is not a torch checkpoint",
+                       "name a checkpoint written by autocnnp run, its run folder, or a zoo model")
+
+
 def check_framework(job: Job) -> None:
     """The job's framework is installed here (TensorFlow is not part of `make venv`)."""
     gen = job.generator
@@ -39,15 +59,20 @@ def check_framework(job: Job) -> None:
 
 
 def check_output(job: Job) -> None:
+    """The output folder can be written, and none of the folders the run writes in is something else."""
     rundir = job.generator.rundir
+    where = job.spec.output.where if job.spec.output else job.spec.where
     probe = rundir.root / ".write-test"
     try:
         atomic_write(probe, b"")
         probe.unlink()
     except OSError as exc:
-        raise JobError(job.spec.output.where if job.spec.output else job.spec.where,
-                       f"the output folder {rundir} cannot be written ({exc.strerror or exc})",
+        raise JobError(where, f"the output folder {rundir} cannot be written ({exc.strerror or exc})",
                        "choose an <output> folder you can write to, or fix its permissions") from None
+    for folder in rundir.folders:
+        if folder.exists() and not folder.is_dir():
+            raise JobError(where, f"{folder} is a file where the run keeps its {folder.name} folder",
+                           "move that file away, or give this run another <output>")
 
 
 def slots(job: Job, env) -> tuple[int, str]:
