@@ -312,6 +312,43 @@ def test_a_second_run_of_the_same_output_is_refused_and_harms_nothing(cli, tmp_p
     assert epochs(out) == list(range(1, 13))  # every epoch once, none of them disturbed
 
 
+@pytest.mark.ranks
+def test_a_diverged_run_says_so_once_per_rank_without_the_launchers_banner(tmp_path, launches):
+    run = launches(tiny_job(tmp_path, end_epoch=5, lr=1e8), tmp_path=tmp_path)
+    assert run.wait() == ExitCode.DIVERGED, run.stderr
+    lines = run.stderr.splitlines()
+    assert 1 <= len(lines) <= 2 and all(line.startswith("autocnnp: rank ") and "training diverged" in line
+                                        for line in lines), run.stderr
+    assert run.gone_within(2) == []
+
+
+OPEN_MPI_HELP = b"""--------------------------------------------------------------------------
+A requested component was not found, or was unable to be opened.
+--------------------------------------------------------------------------
+"""
+OPEN_MPI_ABORT = b"""[vm:01966] [[27472,0],0] ORTE_ERROR_LOG: Out of resource in file ../../../orte/util/show_help.c at line 507
+[vm:01479] [[26937,0],0] ORTE_ERROR_LOG: Data unpack would read past end of buffer in file orte/util/show_help.c at line 501
+--------------------------------------------------------------------------
+MPI_ABORT was invoked on rank 0 in communicator MPI_COMM_WORLD
+with errorcode 3.
+
+NOTE: invoking MPI_ABORT causes Open MPI to kill all MPI processes.
+--------------------------------------------------------------------------
+[vm:01678] 1 more process has sent help message help-mpi-api.txt / mpi-abort
+[vm:01678] Set MCA parameter "orte_base_help_aggregate" to 0 to see all help / error messages
+"""
+
+
+def test_the_launchers_abort_banner_is_left_out_and_its_other_messages_kept():
+    import io
+
+    from autocnnp.run.processes import forward_stderr
+
+    out = io.StringIO()
+    forward_stderr(io.BytesIO(b"autocnnp: rank 1: why\n" + OPEN_MPI_ABORT + OPEN_MPI_HELP + b"last\n"), out).join(5)
+    assert out.getvalue() == "autocnnp: rank 1: why\n" + OPEN_MPI_HELP.decode() + "last\n"
+
+
 # --------------------------------------------------------------------------- restart
 
 

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
+import threading
 import time
 
 from ..core.errors import Interrupted
@@ -23,11 +25,47 @@ from ..core.processes import die_with_parent
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def start(cmd: list[str], env: dict[str, str] | None, stdout=None) -> subprocess.Popen:
-    """Start ``cmd`` (with ``env``, or this process's environment; output to ``stdout``, or ours) as the
-    leader of a new session that ends (SIGTERM) when this process ends."""
-    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, start_new_session=True,
-                            preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+def start(cmd: list[str], env: dict[str, str] | None, stdout=None, stderr=None) -> subprocess.Popen:
+    """Start ``cmd`` (with ``env``, or this process's environment; output to ``stdout`` and ``stderr``, or
+    ours) as the leader of a new session that ends (SIGTERM) when this process ends."""
+    return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
+                            start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+
+
+# Open MPI's banner when a rank calls MPI_Abort (the rank has said why), its count of the other ranks'
+# banners with the advice that follows it, and the show_help noise of 4.1
+_BANNER_EDGE, _ABORT_BANNER = "-" * 20, "MPI_ABORT was invoked"
+_LAUNCHER_NOISE = re.compile(r"ORTE_ERROR_LOG: .* in file \S*show_help\.c|sent help message "
+                             r"help-mpi-api\.txt / mpi-abort|Set MCA parameter \"orte_base_help_aggregate\" to 0")
+
+
+def forward_stderr(stream, out) -> threading.Thread:
+    """Copy a launcher's stderr to ``out`` as it comes, leaving out Open MPI's MPI_ABORT banner and its
+    unpack noise: a failed rank's own line says what happened. Returns the copying thread."""
+    def copy() -> None:
+        held, in_banner = None, False  # held: a dashed line, until the next one tells whether a banner starts
+        for line in iter(stream.readline, b""):
+            text = line.decode(errors="replace")
+            if in_banner:
+                in_banner = not text.startswith(_BANNER_EDGE)
+                continue
+            if held is not None:
+                in_banner = text.startswith(_ABORT_BANNER)
+                out.write("" if in_banner else held)
+                held = None
+                if in_banner:
+                    continue
+            if text.startswith(_BANNER_EDGE):
+                held = text
+            elif not _LAUNCHER_NOISE.search(text):
+                out.write(text)
+                out.flush()
+        out.write(held or "")
+        out.flush()
+
+    thread = threading.Thread(target=copy, daemon=True)
+    thread.start()
+    return thread
 
 
 def session_processes(sid: int) -> list[int]:

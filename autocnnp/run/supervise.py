@@ -108,7 +108,8 @@ def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
     rundir.stop_request.unlink(missing_ok=True)
     rundir.ranks.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGUSR1, lambda *_: atomic_write(rundir.stop_request, "time limit\n"))
-    proc = processes.start(cmd, env)
+    proc = processes.start(cmd, env, stderr=subprocess.PIPE)
+    forwarding = processes.forward_stderr(proc.stderr, sys.stderr)
     try:
         with processes.interruptible():
             try:
@@ -120,6 +121,7 @@ def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
             processes.stop_session(proc, launch.stop_grace_s)  # a hang's ranks; stragglers of a finished launch
     finally:
         signal.signal(signal.SIGUSR1, previous)
+        forwarding.join(timeout=5.0)  # the launcher's last words before ours
     code = proc.returncode
     if problem is None and code == 0:
         stopped = any(info["state"] == "stopped" for info in read_statuses(rundir).values())
