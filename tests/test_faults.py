@@ -186,6 +186,31 @@ def test_a_signal_to_the_front_end_stops_every_rank(tmp_path, launches, sig):
     assert sorted(p.name for p in (out / "logs").iterdir()) == ["rank0.log", "rank1.log"]
 
 
+DEAF_RANK = '''import os
+import signal
+
+
+def Deaf(epoch, metrics, state):
+    """Rank 1 ignores SIGTERM from its first epoch's end on."""
+    if os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+'''
+
+
+@pytest.mark.ranks
+def test_a_rank_that_ignores_sigterm_is_killed_after_the_grace_quietly(tmp_path, launches):
+    (tmp_path / "deaf.py").write_text(DEAF_RANK)
+    job = tiny_job(tmp_path, actions=strategy_module(extra=checkpoint_plugin("Deaf", "deaf.py")))
+    run = launches(job, tmp_path=tmp_path)
+    wait_for_epochs(tmp_path / "out", 2, run)
+    sent = time.monotonic()
+    run.proc.send_signal(signal.SIGINT)
+    assert run.wait(GRACE_S + 20) == ExitCode.INTERRUPTED + signal.SIGINT
+    assert time.monotonic() - sent < GRACE_S + 5
+    assert run.gone_within(2) == []
+    assert "Traceback" not in run.stderr and run.stderr.splitlines()[-1].startswith("autocnnp: interrupted by SIGINT")
+
+
 @pytest.mark.ranks
 def test_sigkill_of_the_front_end_takes_the_ranks_with_it(tmp_path, launches):
     job, out, run = training(tmp_path, launches)

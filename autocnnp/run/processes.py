@@ -39,13 +39,17 @@ _LAUNCHER_NOISE = re.compile(r"ORTE_ERROR_LOG: .* in file \S*show_help\.c|sent h
                              r"help-mpi-api\.txt / mpi-abort|Set MCA parameter \"orte_base_help_aggregate\" to 0")
 
 
-def forward_stderr(stream, out) -> threading.Thread:
+def forward_stderr(stream, out, mute: threading.Event | None = None) -> threading.Thread:
     """Copy a launcher's stderr to ``out`` as it comes, leaving out Open MPI's MPI_ABORT banner and its
-    unpack noise: a failed rank's own line says what happened. Returns the copying thread."""
+    unpack noise (a failed rank's own line says what happened), and everything once ``mute`` is set (a
+    job being stopped: the ranks' last words are in their logs). Returns the copying thread."""
     def copy() -> None:
         held, in_banner = None, False  # held: a dashed line, until the next one tells whether a banner starts
         for line in iter(stream.readline, b""):
             text = line.decode(errors="replace")
+            if mute is not None and mute.is_set():
+                held = None
+                continue
             if in_banner:
                 in_banner = not text.startswith(_BANNER_EDGE)
                 continue

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 from ..core.errors import ExitCode, Interrupted
@@ -109,12 +110,14 @@ def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
     rundir.ranks.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGUSR1, lambda *_: atomic_write(rundir.stop_request, "time limit\n"))
     proc = processes.start(cmd, env, stderr=subprocess.PIPE)
-    forwarding = processes.forward_stderr(proc.stderr, sys.stderr)
+    stopping = threading.Event()
+    forwarding = processes.forward_stderr(proc.stderr, sys.stderr, mute=stopping)
     try:
         with processes.interruptible():
             try:
                 problem = _watch(proc, rundir, world_size, launch)
             except Interrupted as exc:
+                stopping.set()
                 processes.stop_session(proc, launch.stop_grace_s)
                 exc.detail = f"stopped {world_size} rank(s); the same command resumes from the latest checkpoint"
                 raise
