@@ -102,7 +102,7 @@ def load(cache: Path):
     """The slices of a cache as tensors ``[N, C, H, W]`` and ``[N, H, W]``."""
     import torch
 
-    return torch.from_numpy(np.load(cache / "images.npy")), torch.from_numpy(np.load(cache / "labels.npy").astype(np.int64))
+    return torch.from_numpy(np.load(cache / "images.npy")).float(), torch.from_numpy(np.load(cache / "labels.npy").astype(np.int64))
 
 
 def train(images, labels, args, seed: int):

@@ -386,3 +386,16 @@ def test_checkpoint_file_names_what_predict_pretrained_and_the_zoo_load(tmp_path
     assert checkpoint_file(latest) == latest
     (run / "checkpoints" / "latest").write_text("../../etc/passwd\n")
     assert checkpoint_file(run / "checkpoints" / "latest") == run / "checkpoints" / "latest"
+
+
+def test_a_best_metric_the_run_never_reports_is_refused_before_training(tmp_path):
+    from autocnnp.core.errors import DataError
+    from autocnnp.training.metrics import SegEval
+
+    reported = SegEval(4, ("background", "edema", "core", "rim")).names()
+    assert {"dice_fg", "dice/edema", "iou/rim", "mean_iou"} <= reported
+    Periodic(directory=tmp_path, rank=0, best_metric="dice/edema").check_metrics(reported)
+    Periodic(directory=tmp_path, rank=0, best_metric="").check_metrics(reported)  # no best kept: nothing read
+    with pytest.raises(DataError, match=r"best_metric 'dice/edma' is not a metric this run reports\. Hint: did you "
+                                        r"mean 'dice/edema'"):
+        Periodic(directory=tmp_path, rank=0, best_metric="dice/edma").check_metrics(reported)

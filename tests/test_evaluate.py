@@ -92,3 +92,20 @@ def test_csv_by_extension_custom_regions_and_refusals(cli, dataset):
     assert rc == 2 and "--regions" in err
     rc, _, err = cli("evaluate", preds, root / "labelsTr" / "..", "--out", Path(preds) / "n.csv", "--num-classes", "2")
     assert rc == 2 and "outside" in err
+
+
+def test_a_prediction_keeps_the_sources_qform_and_sform_apart(tmp_path):
+    """A scanner image whose qform (code 1) and sform (code 2) differ: both matrices and codes are kept."""
+    from autocnnp.data.volumes import save_label
+
+    qform = np.array([[0, -1.2, 0, 10], [0.9, 0, 0, -7.5], [0, 0, 2.5, 3], [0, 0, 0, 1]])
+    sform = np.array([[0.95, 0.1, 0, -12.5], [-0.1, 1.1, 0, 4], [0, 0, 2.5, 1], [0, 0, 0, 1]])
+    src = nib.Nifti1Image(np.zeros((5, 4, 3), np.int16), sform)
+    src.set_qform(qform, code=1)
+    src.set_sform(sform, code=2)
+    nib.save(src, tmp_path / "src.nii.gz")
+    src = nib.load(tmp_path / "src.nii.gz")
+    save_label(np.ones((5, 4, 3)), src.affine, src.header, tmp_path / "pred.nii.gz")
+    pred = nib.load(tmp_path / "pred.nii.gz")
+    assert np.allclose(pred.get_qform(), src.get_qform(), atol=1e-5) and np.allclose(pred.get_sform(), sform)
+    assert int(pred.header["qform_code"]) == 1 and int(pred.header["sform_code"]) == 2

@@ -374,6 +374,15 @@ def test_the_launchers_abort_banner_is_left_out_and_its_other_messages_kept():
     assert out.getvalue() == "autocnnp: rank 1: why\n" + OPEN_MPI_HELP.decode() + "last\n"
 
 
+@pytest.mark.ranks
+def test_a_mistyped_best_metric_stops_the_run_before_training(tmp_path, launches):
+    run = launches(tiny_job(tmp_path, end_epoch=3), "--set", "checkpoint.best_metric=dice_fgg", tmp_path=tmp_path)
+    assert run.wait() == ExitCode.BAD_INPUT, run.stderr
+    assert "best_metric 'dice_fgg' is not a metric this run reports. Hint: did you mean 'dice_fg'" in run.stderr
+    assert "Traceback" not in run.stderr and epochs(tmp_path / "out") == []
+    assert run.gone_within(2) == []
+
+
 # --------------------------------------------------------------------------- restart
 
 

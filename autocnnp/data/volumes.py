@@ -188,7 +188,7 @@ def _save_like(volume: np.ndarray, affine: np.ndarray, header, path: Path, inten
     img.header["cal_min"], img.header["cal_max"] = (float(volume.min()), float(volume.max())) if volume.size else (0, 0)
     img.header.set_intent(intent)
     codes = (1, 1) if header is None else (int(header["qform_code"]), int(header["sform_code"]))
-    img.set_qform(affine, code=codes[0])
+    img.set_qform(affine if header is None or not codes[0] else header.get_qform(), code=codes[0])  # both kept
     img.set_sform(affine, code=codes[1])
     atomic_write(path, lambda f: f.write(img.to_bytes() if not str(path).endswith(".gz") else _gzip(img.to_bytes())))
 

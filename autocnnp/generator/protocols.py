@@ -313,6 +313,10 @@ class Checkpointer:
     def latest(self) -> Path | None:
         raise NotImplementedError
 
+    def check_metrics(self, reported: set[str]) -> None:
+        """Before training: the metrics this checkpointer reads are among those every epoch ``reported`` (a
+        DataError otherwise); nothing to check by default."""
+
     def is_best(self, metrics: dict) -> bool:
         """Whether an epoch with these metrics is the best so far (never, for a checkpointer keeping no best)."""
         return False

@@ -28,8 +28,8 @@ from ..generator.protocols import Checkpointer, DataBundle, KerasStrategy, LRPol
 from . import determinism, keras_losses  # noqa: E402
 from .loop import (  # noqa: E402
     TrainState,
+    checked_regions,
     common_state,
-    evaluation_regions,
     loaders,
     model_card,
     restore,
@@ -169,7 +169,7 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
     resumed_from = _resume(checkpoints, net, state, policy, guard)
     strategy.broadcast([*net.weights, *optimizer.variables])
-    regions = evaluation_regions(task, data, monitoring)
+    regions = checked_regions(task, data, monitoring, checkpoints)
     step = train_step(net, optimizer, strategy, keras_losses.get_loss(hp.loss), hp.weight_decay, data.num_classes)
     return KerasRun(gen, world, device, hp, task, data, strategy, net, sampler, loader, loader_rng, valid_loader,
                     policy, checkpoints, state, task.loss(hp.loss), step, KerasInference(net), guard, deterministic,

@@ -15,7 +15,7 @@ import torch
 
 from ..core.errors import DataError
 from ..core.files import jsonable
-from ..core.metrics import parse_regions
+from ..core.metrics import LOSSES, parse_regions
 from ..core.world import World
 from ..data.batches import DeviceBatches, batch_loader
 from ..generator.assemble import Generator
@@ -63,14 +63,17 @@ def loaders(data: DataBundle, sampler, hp, world: World, device, loader_rng) -> 
     return loader, valid_loader
 
 
-def evaluation_regions(task, data: DataBundle, monitoring: MonitoringConfig) -> dict[str, tuple[int, ...]]:
-    """The ``<monitoring> regions`` scored as one, checked against the data's classes."""
+def checked_regions(task, data: DataBundle, monitoring: MonitoringConfig,
+                    checkpoints: Checkpointer) -> dict[str, tuple[int, ...]]:
+    """The ``<monitoring> regions`` scored as one, checked against the data's classes; the metrics the
+    checkpointer reads (``best_metric``) checked against those every epoch reports. Before training."""
     regions = parse_regions(monitoring.regions, data.class_names)
     try:
-        task.evaluator(data.num_classes, data.class_names, regions)
+        evaluator = task.evaluator(data.num_classes, data.class_names, regions)
     except ValueError as exc:
         raise DataError(None, f"<monitoring> regions: {exc}", f"use class values of the data's {data.num_classes} "
                         "classes (0 is the background)") from None
+    checkpoints.check_metrics({*evaluator.names(), *LOSSES, "lr"})
     return regions
 
 

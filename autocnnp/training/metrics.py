@@ -135,6 +135,10 @@ class SegEval:
         """Metrics of the accumulated confusion matrix."""
         return report(self._conf, self.class_names, self.regions)
 
+    def names(self) -> set[str]:
+        """Every metric :meth:`compute` reports when each class occurs."""
+        return set(report(np.eye(self.num_classes), self.class_names, self.regions))
+
 
 def report(conf: torch.Tensor | np.ndarray, class_names: tuple[str, ...] = (),
            regions: Mapping[str, Collection[int]] | None = None) -> dict[str, float]:

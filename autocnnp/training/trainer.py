@@ -17,8 +17,8 @@ from ..generator.protocols import Checkpointer, DataBundle, LRPolicy, Strategy
 from . import determinism
 from .loop import (
     TrainState,
+    checked_regions,
     common_state,
-    evaluation_regions,
     loaders,
     model_card,
     restore,
@@ -122,7 +122,7 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     autocast, scaler = mixed_precision(hp.precision, device)
     guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
     resumed_from = _resume(checkpoints, strategy.unwrap(model), state, policy, scaler, guard)
-    regions = evaluation_regions(task, data, monitoring)
+    regions = checked_regions(task, data, monitoring, checkpoints)
     return Run(gen, world, device, hp, task, data, strategy, model, sampler, loader, loader_rng, valid_loader,
                policy, checkpoints, state, task.loss(hp.loss), autocast, scaler, guard, deterministic, resumed_from,
                regions, model_card(gen, data))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from autocnnp.core.errors import DataError, did_you_mean
 from autocnnp.core.files import TEMP_SUFFIX, atomic_write, read_json, write_json
 from autocnnp.core.rundir import BEST_CHECKPOINT, BEST_RECORD, LATEST_POINTER
 from autocnnp.core.settings import setting
@@ -92,6 +93,12 @@ class Periodic(Checkpointer):
     def _best_record(self) -> dict | None:
         record = read_json(self.directory / BEST_RECORD)
         return record if isinstance(record, dict) and record.get("metric") == self.config.best_metric else None
+
+    def check_metrics(self, reported: set[str]) -> None:
+        name = self.config.best_metric
+        if name and name not in reported:
+            raise DataError(None, f"checkpoint best_metric '{name}' is not a metric this run reports",
+                            did_you_mean(name, reported))
 
     def is_best(self, metrics: dict) -> bool:
         """Whether ``metrics[best_metric]`` beats the recorded best (a loss by being lower); rank 0, which
