@@ -51,7 +51,7 @@ def test_round_trip_model_and_optimizer(tmp_path):
     state = make_state(3)
     ckpt = Periodic(directory=tmp_path / "ck", rank=0)
     path = ckpt.save(state, 3)
-    assert path == tmp_path / "ck" / "ckpt-epoch0003.pt"
+    assert path == tmp_path / "ck" / "ckpt-epoch0004.pt"
     loaded = ckpt.load()
     assert same(loaded, state)
     # the loaded state drives a fresh model and optimizer
@@ -61,7 +61,7 @@ def test_round_trip_model_and_optimizer(tmp_path):
     opt.load_state_dict(loaded["optimizer"])
     assert same(model.state_dict(), state["model"])
     assert same(torch.load(path, weights_only=False), state)
-    assert names(tmp_path / "ck") == ["ckpt-epoch0003.pt", "latest"]
+    assert names(tmp_path / "ck") == ["ckpt-epoch0004.pt", "latest"]
 
 
 def test_nothing_to_resume_and_resume_off(tmp_path):
@@ -77,13 +77,13 @@ def test_keep_rotation_and_latest_pointer(tmp_path):
     ckpt = Periodic(directory=tmp_path, rank=0, keep=2)
     for epoch in range(5):
         ckpt.save({"epoch": epoch}, epoch)
-        assert (tmp_path / "latest").read_text().strip() == f"ckpt-epoch{epoch:04d}.pt"
-        assert ckpt.latest() == tmp_path / f"ckpt-epoch{epoch:04d}.pt"
-    assert names(tmp_path) == ["ckpt-epoch0003.pt", "ckpt-epoch0004.pt", "latest"]
+        assert (tmp_path / "latest").read_text().strip() == f"ckpt-epoch{epoch + 1:04d}.pt"
+        assert ckpt.latest() == tmp_path / f"ckpt-epoch{epoch + 1:04d}.pt"
+    assert names(tmp_path) == ["ckpt-epoch0004.pt", "ckpt-epoch0005.pt", "latest"]
     assert ckpt.load() == {"epoch": 4}
     one = Periodic(directory=tmp_path, rank=0, keep=1)
     one.save({"epoch": 5}, 5)
-    assert names(tmp_path) == ["ckpt-epoch0005.pt", "latest"]
+    assert names(tmp_path) == ["ckpt-epoch0006.pt", "latest"]
 
 
 def test_resaving_an_epoch_replaces_it(tmp_path):
@@ -91,7 +91,7 @@ def test_resaving_an_epoch_replaces_it(tmp_path):
     ckpt.save({"v": 1}, 2)
     ckpt.save({"v": 2}, 2)
     assert ckpt.load() == {"v": 2}
-    assert names(tmp_path) == ["ckpt-epoch0002.pt", "latest"]
+    assert names(tmp_path) == ["ckpt-epoch0003.pt", "latest"]
 
 
 def test_non_zero_rank_writes_nothing_but_reads(tmp_path):
@@ -157,26 +157,26 @@ def test_crash_mid_save_keeps_previous_latest(tmp_path, monkeypatch, crash):
         ckpt.save(make_state(2), 2)
     monkeypatch.undo()
     assert not [n for n in names(tmp_path) if n.endswith(".tmp")]  # temp files cleaned up
-    assert ckpt.latest() == tmp_path / "ckpt-epoch0001.pt"
+    assert ckpt.latest() == tmp_path / "ckpt-epoch0002.pt"
     assert same(ckpt.load(), before)
     # the next save works and rotation then drops the older files
     ckpt.save(make_state(3), 3)
-    assert names(tmp_path) == ["ckpt-epoch0003.pt", "latest"]
+    assert names(tmp_path) == ["ckpt-epoch0004.pt", "latest"]
 
 
 def test_stray_and_truncated_temp_files_are_ignored(tmp_path):
     ckpt = Periodic(directory=tmp_path, rank=0)
     ckpt.save({"ok": 1}, 1)
-    good = (tmp_path / "ckpt-epoch0001.pt").read_bytes()
-    (tmp_path / ".ckpt-epoch0002.pt.999.abcd.tmp").write_bytes(good[: len(good) // 2])
-    (tmp_path / ".latest.999.abcd.tmp").write_text("ckpt-epoch0002.pt\n")
-    (tmp_path / "ckpt-epoch0009.pt.tmp").write_bytes(b"junk")
-    assert ckpt.latest() == tmp_path / "ckpt-epoch0001.pt"
+    good = (tmp_path / "ckpt-epoch0002.pt").read_bytes()
+    (tmp_path / ".ckpt-epoch0003.pt.999.abcd.tmp").write_bytes(good[: len(good) // 2])
+    (tmp_path / ".latest.999.abcd.tmp").write_text("ckpt-epoch0003.pt\n")
+    (tmp_path / "ckpt-epoch0010.pt.tmp").write_bytes(b"junk")
+    assert ckpt.latest() == tmp_path / "ckpt-epoch0002.pt"
     assert ckpt.load() == {"ok": 1}
     (tmp_path / "latest").unlink()  # even without the pointer, temp files are never candidates
-    assert ckpt.latest() == tmp_path / "ckpt-epoch0001.pt"
+    assert ckpt.latest() == tmp_path / "ckpt-epoch0002.pt"
     ckpt.save({"ok": 2}, 2)  # a successful save sweeps the crash leftovers of our own naming
-    assert ".ckpt-epoch0002.pt.999.abcd.tmp" not in names(tmp_path)
+    assert ".ckpt-epoch0003.pt.999.abcd.tmp" not in names(tmp_path)
     assert ".latest.999.abcd.tmp" not in names(tmp_path)
 
 
@@ -184,18 +184,18 @@ def test_pointer_to_missing_or_garbage_falls_back_to_newest(tmp_path):
     ckpt = Periodic(directory=tmp_path, rank=0, keep=5)
     for e in (1, 2, 3):
         ckpt.save({"e": e}, e)
-    (tmp_path / "ckpt-epoch0003.pt").unlink()
-    assert ckpt.latest() == tmp_path / "ckpt-epoch0002.pt"
+    (tmp_path / "ckpt-epoch0004.pt").unlink()
+    assert ckpt.latest() == tmp_path / "ckpt-epoch0003.pt"
     assert ckpt.load() == {"e": 2}
     (tmp_path / "latest").write_text("../../etc/passwd\n")
-    assert ckpt.latest() == tmp_path / "ckpt-epoch0002.pt"
+    assert ckpt.latest() == tmp_path / "ckpt-epoch0003.pt"
 
 
 def test_unreadable_latest_falls_back_to_older(tmp_path):
     ckpt = Periodic(directory=tmp_path, rank=0, keep=5)
     ckpt.save({"e": 1}, 1)
     ckpt.save({"e": 2}, 2)
-    (tmp_path / "ckpt-epoch0002.pt").write_bytes(b"damaged")
+    (tmp_path / "ckpt-epoch0003.pt").write_bytes(b"damaged")
     with pytest.warns(RuntimeWarning, match="cannot be read"):
         assert ckpt.load() == {"e": 1}
 
@@ -222,7 +222,7 @@ def test_process_killed_mid_save(tmp_path):
     leftovers = [n for n in names(tmp_path) if n.endswith(".tmp")]
     assert len(leftovers) == 1  # the truncated temp file is still there
     ckpt = Periodic(directory=tmp_path, rank=0)
-    assert ckpt.latest() == tmp_path / "ckpt-epoch0001.pt"
+    assert ckpt.latest() == tmp_path / "ckpt-epoch0002.pt"
     state = ckpt.load()
     assert state["epoch"] == 1 and torch.equal(state["w"], torch.arange(1000.0))
 
@@ -364,7 +364,7 @@ def test_save_order_is_durable(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "replace", replace)
     Periodic(directory=tmp_path, rank=0).save({"x": 1}, 7)
-    assert events == [("fsync", "file"), ("replace", "ckpt-epoch0007.pt"), ("fsync", "dir"),
+    assert events == [("fsync", "file"), ("replace", "ckpt-epoch0008.pt"), ("fsync", "dir"),
                       ("fsync", "file"), ("replace", "latest"), ("fsync", "dir")]
 
 

@@ -269,7 +269,7 @@ def test_predict_writes_label_volumes_on_the_source_grid_and_evaluate_scores_the
 
     preds = out / "pred_train"
     rc, text, err = cli("predict", job, "--split", "training", "--out", preds,
-                        "--checkpoint", out / "checkpoints" / "ckpt-epoch0001.pt")
+                        "--checkpoint", out / "checkpoints" / "ckpt-epoch0002.pt")
     assert rc == 0, err
     assert "ms/slice" in text and "s/volume" in text
     assert sorted(p.name for p in preds.iterdir()) == [f"case_00{i}.nii.gz" for i in range(4)]

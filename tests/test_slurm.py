@@ -303,7 +303,7 @@ def test_the_time_limit_warning_checkpoints_and_requeues(slurm, tmp_path):
         with open(out / "metrics.csv") as f:
             done = len(list(csv.DictReader(f)))
         latest = (out / "checkpoints" / "latest").read_text().strip()
-        assert latest == f"ckpt-epoch{done - 1:04d}.pt"  # the checkpoint of the last epoch trained
+        assert latest == f"ckpt-epoch{done:04d}.pt"  # the checkpoint of the last epoch trained
         deadline = time.monotonic() + 30
         while "Restarts=1" not in subprocess.run(["scontrol", "show", "job", job_id], capture_output=True,
                                                  text=True).stdout:

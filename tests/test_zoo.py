@@ -71,7 +71,7 @@ def test_publish_then_fine_tune_from_the_zoo(tmp_path):
     done = autocnnp("run", frozen, env=env)
     assert done.returncode == 0 and "encoder frozen" in done.stdout, done.stderr[-2000:]
     zoo = torch.load(tmp_path / "pulled" / "checkpoint.pt", weights_only=False)["model"]
-    after = torch.load(tmp_path / "runs" / "frozen" / "checkpoints" / "ckpt-epoch0000.pt", weights_only=False)["model"]
+    after = torch.load(tmp_path / "runs" / "frozen" / "checkpoints" / "ckpt-epoch0001.pt", weights_only=False)["model"]
     downs = [k for k in zoo if k.startswith("down.")]
     assert downs and all(torch.equal(zoo[k], after[k]) for k in downs)  # the encoder did not move
     assert not torch.equal(zoo["head.weight"], after["head.weight"])  # the rest trained

@@ -46,8 +46,8 @@ class Config:
                                                "of this metric (a *loss: the lowest); empty: keep no best")
 
 
-def checkpoint_name(epoch: int) -> str:
-    return f"ckpt-epoch{epoch:04d}.pt"
+def checkpoint_name(epochs_done: int) -> str:
+    return f"ckpt-epoch{epochs_done:04d}.pt"
 
 
 @component("periodic", frameworks=("torch", "tensorflow"))
@@ -64,10 +64,11 @@ class Periodic(Checkpointer):
     # -- save --------------------------------------------------------------------------------
 
     def save(self, state: dict, epoch: int) -> Path | None:
-        """Write ``state`` as the checkpoint of ``epoch``; rank 0 only (other ranks return None)."""
+        """Write ``state`` as the checkpoint after ``epoch`` (0-based), named by the epochs done, as metrics.csv
+        and the console count them; rank 0 only (other ranks return None)."""
         if self.rank != 0:
             return None
-        path = self.directory / checkpoint_name(epoch)
+        path = self.directory / checkpoint_name(epoch + 1)
         atomic_write(path, lambda f: torch.save(state, f))
         atomic_write(self.directory / LATEST_POINTER, path.name + "\n")
         self._rotate(keep_also=path)
