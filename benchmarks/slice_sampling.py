@@ -102,7 +102,8 @@ def load(cache: Path):
     """The slices of a cache as tensors ``[N, C, H, W]`` and ``[N, H, W]``."""
     import torch
 
-    return torch.from_numpy(np.load(cache / "images.npy")).float(), torch.from_numpy(np.load(cache / "labels.npy").astype(np.int64))
+    images = torch.from_numpy(np.load(cache / "images.npy")).float()  # the cache may hold float16
+    return images, torch.from_numpy(np.load(cache / "labels.npy").astype(np.int64))
 
 
 def train(images, labels, args, seed: int):
