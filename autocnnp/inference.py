@@ -291,21 +291,23 @@ def predict(args) -> int:
 
 # --- evaluate ----------------------------------------------------------------------------------------------
 
-def _reference_labels(ref: Path) -> tuple[dict[str, Path], dict[int, str]]:
-    """``({case: label file}, {class value: name})`` of a dataset (its training labels and the held-out
-    labels next to its test images, ``labelsTs/``) or of a folder of label volumes."""
+def _reference_labels(ref: Path) -> tuple[dict[str, Path], dict[str, str], dict[int, str]]:
+    """``({case: label file}, {case: split}, {class value: name})`` of a dataset (its training labels and the
+    held-out labels next to its test images, ``labelsTs/``) or of a folder of label volumes."""
     from .data.index import is_dataset, nifti_files, read_dataset
 
     if is_dataset(ref):
         ds = read_dataset(ref)
         labels = {c.name: Path(c.label) for c in ds.training}
+        splits = dict.fromkeys(labels, "training")
         for case in ds.test:
             held_out = Path(case.image).parent.parent / "labelsTs" / Path(case.image).name
             if held_out.is_file():
-                labels[case.name] = held_out
-        return labels, dict(ds.labels)
+                labels[case.name], splits[case.name] = held_out, "test"
+        return labels, splits, dict(ds.labels)
     if ref.is_dir():
-        return nifti_files(ref), {}
+        labels = nifti_files(ref)
+        return labels, dict.fromkeys(labels, "folder"), {}
     raise DataError(ref, "is neither a dataset (dataset.json / CSV) nor a folder of label volumes",
                     "name the dataset the images came from or a folder of reference label files")
 
@@ -329,7 +331,7 @@ def _surface_means(rows: list[dict], columns: list[str]) -> dict:
 
 
 def _write_report(out: Path, rows: list[dict], classes: dict[int, str], regions: dict) -> None:
-    """The per-case and overall rows as CSV, or as JSON when ``out`` ends in .json."""
+    """The per-case and overall rows as JSON when ``out`` ends in .json, else as CSV."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
         def plain(v):  # JSON has no inf or NaN: "inf" and null
@@ -341,8 +343,6 @@ def _write_report(out: Path, rows: list[dict], classes: dict[int, str], regions:
                   "regions": regions, "surface": SURFACE_CONVENTIONS}
         atomic_write(out, json.dumps(plain(report), indent=2, allow_nan=False) + "\n")
         return
-    if out.suffix.lower() != ".csv":
-        raise DataError(out, "is neither a .csv nor a .json file", "name the report file.csv or file.json")
     columns = list(dict.fromkeys(k for r in rows for k in r))
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, restval="")
@@ -367,7 +367,10 @@ def evaluate(args) -> int:
     preds = {name: p for name, p in nifti_files(pred_dir).items() if not name.endswith("_probabilities")}
     if not ref.exists():
         raise DataError(ref, "reference does not exist", "name the dataset or a folder of reference label files")
-    refs, declared = _reference_labels(ref)
+    out = Path(args.out) if args.out else pred_dir / "metrics.csv"
+    if out.suffix.lower() not in (".csv", ".json"):
+        raise DataError(out, "is neither a .csv nor a .json file", "name the report file.csv or file.json")
+    refs, splits, declared = _reference_labels(ref)
     matched = [name for name in preds if name in refs]
     if not matched:
         raise DataError(pred_dir, f"no prediction matches a reference case of {ref} by name (references: "
@@ -378,8 +381,13 @@ def evaluate(args) -> int:
     if unmatched:
         print(f"autocnnp: note: {len(unmatched)} prediction(s) have no reference and are skipped: "
               f"{', '.join(unmatched[:5])}{' ...' if len(unmatched) > 5 else ''}", file=sys.stderr)
+    scored_splits = {splits[name] for name in matched}
+    missing = sorted(name for name, split in splits.items() if split in scored_splits and name not in preds)
+    if missing:
+        print(f"autocnnp: note: {len(missing)} reference case(s) have no prediction and are not scored: "
+              f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
 
-    fixed = args.num_classes or (len(declared) or None)
+    fixed = args.num_classes or (max(declared) + 1 if declared else None)  # declared values may leave gaps
     rows, matrices = [], []
     for name in matched:  # one case in memory at a time
         pred, pred_affine = load_labels(preds[name])
@@ -414,7 +422,6 @@ def evaluate(args) -> int:
     rows.append({"case": OVERALL, **report(total, names, _regions(args, names)), "voxels": int(total.sum()),
                  **_surface_means(rows, surface_columns)})
 
-    out = Path(args.out) if args.out else pred_dir / "metrics.csv"
     _write_report(out, rows, {i: n for i, n in enumerate(names)}, _regions(args, names))
     shown = [FOREGROUND_DICE, *(k for k in rows[-1] if k.startswith(("dice/", "region_dice/")) and k != "dice/background"),
              *(c for c in surface_columns if c.startswith("hd95/"))]

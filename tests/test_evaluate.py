@@ -109,3 +109,34 @@ def test_a_prediction_keeps_the_sources_qform_and_sform_apart(tmp_path):
     pred = nib.load(tmp_path / "pred.nii.gz")
     assert np.allclose(pred.get_qform(), src.get_qform(), atol=1e-5) and np.allclose(pred.get_sform(), sform)
     assert int(pred.header["qform_code"]) == 1 and int(pred.header["sform_code"]) == 2
+
+
+def test_references_left_without_a_prediction_are_named(cli, dataset, tmp_path):
+    root, preds, truth, pred = dataset
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    for name in ("labelsTr/case_000.nii.gz", "labelsTs/case_001.nii.gz"):
+        (refs / Path(name).name).write_bytes((root / name).read_bytes())
+    (preds / "case_001.nii.gz").unlink()
+    rc, text, err = cli("evaluate", preds, refs, "--out", tmp_path / "m.json")
+    assert rc == 0, err
+    assert "note: 1 reference case(s) have no prediction and are not scored: case_001" in err
+    assert [r["case"] for r in json.loads((tmp_path / "m.json").read_text())["cases"]] == ["case_000"]
+    rc, _, err = cli("evaluate", preds, root)  # a dataset: only the split that was predicted is expected
+    assert rc == 0 and "no prediction" not in err
+
+
+def test_declared_labels_with_a_gap_are_scored_by_their_values(cli, dataset):
+    """BraTS as distributed labels its classes 0, 1, 2 and 4: evaluate scores such predictions as they are."""
+    root, preds, truth, pred = dataset
+    index = json.loads((root / "dataset.json").read_text())
+    index["labels"] = {"0": "background", "1": "edema", "2": "necrosis", "4": "enhancing"}
+    (root / "dataset.json").write_text(json.dumps(index))
+    for folder, volumes in ((root / "labelsTr", {"case_000": truth["case_000"]}), (preds, pred)):
+        for name, volume in volumes.items():
+            nib.save(nib.Nifti1Image(np.where(volume == 3, 4, volume).astype(np.uint8), np.diag([*SPACING, 1.0])),
+                     folder / f"{name}.nii.gz")
+    rc, _, err = cli("evaluate", preds, root, "--out", preds / "gap.json", "--regions", "none")
+    assert rc == 0, err
+    row = json.loads((preds / "gap.json").read_text())["cases"][0]
+    assert row["dice/enhancing"] == pytest.approx(dice(truth["case_000"] == 3, pred["case_000"] == 3))
