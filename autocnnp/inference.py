@@ -36,6 +36,7 @@ from .training.monitor import MonitoringConfig
 OVERALL = "overall"
 REGIONS_DEFAULT = next(f.default for f in dataclasses.fields(MonitoringConfig) if f.name == "regions")  # as a run
 POINTERS = ("latest", "best")
+PROBABILITY_MARK = "_prob-"  # <case>_prob-<value>-<class>.nii.gz: not a label volume
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SURFACE_CONVENTIONS = ("surface distances in mm from the reference's voxel spacing (MONAI definitions: HD95 = "
                        "the larger directed 95th percentile, ASD = the mean of both directions); both masks empty: "
@@ -220,6 +221,11 @@ def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dty
     return out.numpy(), time.perf_counter() - start
 
 
+def probability_file(case: str, names: tuple[str, ...], k: int) -> str:
+    """The name of the probability volume of class ``k`` of ``case``: ``case_004_prob-1-edema.nii.gz``."""
+    return f"{case}{PROBABILITY_MARK}{k}-{class_key(names[k]) if k < len(names) else 'class'}.nii.gz"
+
+
 def predict(args) -> int:
     import numpy as np
     import torch
@@ -275,9 +281,10 @@ def predict(args) -> int:
         target = out / f"{case.name}.nii.gz"
         grid = resize(probs, tuple(image.shape[:2]))  # [Z, C, X, Y]: bilinear back to the source grid, then argmax
         save_label(np.ascontiguousarray(np.moveaxis(grid.argmax(axis=1), 0, 2)).astype(np.uint8), affine, header, target)
-        if args.probabilities:  # one channel per class
-            save_probabilities(np.ascontiguousarray(np.transpose(grid, (2, 3, 0, 1))), affine, header,
-                               out / f"{case.name}_probabilities.nii.gz")
+        if args.probabilities:  # a float32 volume per class, named after it
+            for k in range(grid.shape[1]):
+                save_probabilities(np.ascontiguousarray(np.transpose(grid[:, k], (1, 2, 0))), affine, header,
+                                   out / probability_file(case.name, names, k))
         wall = time.perf_counter() - start
         depth = len(slices)
         total_slices, total_infer, total_wall = total_slices + depth, total_infer + infer, total_wall + wall
@@ -364,7 +371,7 @@ def evaluate(args) -> int:
     pred_dir, ref = Path(args.pred), Path(args.ref)
     if not pred_dir.is_dir():
         raise DataError(pred_dir, "is not a folder of predicted label volumes", "name the folder `autocnnp predict` wrote")
-    preds = {name: p for name, p in nifti_files(pred_dir).items() if not name.endswith("_probabilities")}
+    preds = {name: p for name, p in nifti_files(pred_dir).items() if PROBABILITY_MARK not in name}
     if not ref.exists():
         raise DataError(ref, "reference does not exist", "name the dataset or a folder of reference label files")
     out = Path(args.out) if args.out else pred_dir / "metrics.csv"
@@ -473,7 +480,8 @@ def add_commands(sub) -> None:
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                    help="channels_last memory format for the network (default: on a GPU)")
     s.add_argument("--probabilities", action="store_true",
-                   help="also write <case>_probabilities.nii.gz: float32 (X, Y, Z, classes)")
+                   help="also write the probability of each class as a float32 volume, "
+                        "<case>_prob-<value>-<class>.nii.gz")
     s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time)")
     s.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     s.set_defaults(func=predict)

@@ -77,7 +77,10 @@ def test_predict_keeps_the_source_grid_and_evaluate_scores_the_held_out_labels(t
         assert predicted.shape == SHAPE and np.allclose(predicted.affine, source.affine)
         for code in ("qform_code", "sform_code"):
             assert int(predicted.header[code]) == int(source.header[code])
-        probs = nib.load(out / "predictions" / f"{case}_probabilities.nii.gz").get_fdata()
+        files = [out / "predictions" / f"{case}_prob-{k}-{name}.nii.gz" for k, name in enumerate(("background",
+                                                                                                "left_atrium"))]
+        probs = np.stack([nib.load(f).get_fdata() for f in files], axis=-1)  # a float32 volume per class
+        assert all(nib.load(f).get_data_dtype() == np.float32 for f in files)
         assert probs.shape == (*SHAPE, 2) and np.allclose(probs.sum(axis=-1), 1, atol=1e-4)
         assert np.array_equal(probs.argmax(axis=-1), np.asarray(predicted.dataobj))
     rc, text, err = cli("evaluate", out / "predictions", trained / "data", "--out", out / "eval.json")
