@@ -105,6 +105,11 @@ def _disagreements(card: dict, gen: Generator) -> list[str]:
     arch = gen.action("architecture_injection")
     if arch.entry.name != card["architecture"]["name"]:
         found.append(f"architecture {arch.entry.name} (trained: {card['architecture']['name']})")
+    else:
+        given = arch.recorded()
+        found += [f"architecture {key} {given[key]} (trained: {trained})"
+                  for key, trained in (card["architecture"].get("params") or {}).items()
+                  if key in given and given[key] != trained]
     transform = gen.data_format().volumes()
     given = transform.card() if transform is not None else {}
     for key, trained in (card.get("input") or {}).items():

@@ -99,9 +99,10 @@ def test_the_checkpoint_is_enough_to_predict(trained, cli, tmp_path):
     rc, _, err = cli("predict", "--checkpoint", out / "checkpoints" / "latest", "--input", trained / "data",
                      "--out", tmp_path / "alone")
     assert rc == 0, err
-    rc, _, err = cli("predict", trained / "job.xml", "--set", "data.size=48", "--out", tmp_path / "other",
-                     "--checkpoint", "latest", "--threads", "1")
+    rc, _, err = cli("predict", trained / "job.xml", "--set", "data.size=48", "--set", "architecture.base_channels=16",
+                     "--out", tmp_path / "other", "--checkpoint", "latest", "--threads", "1")
     assert rc == 0 and "warning: the job says size 48 (trained: 32); using what the checkpoint was trained with" in err
+    assert "warning: the job says architecture base_channels 16 (trained: 8)" in err
     reference = tmp_path / "reference"
     assert cli("predict", trained / "job.xml", "--out", reference)[0] == 0
     for case in ("case_006", "case_007"):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ..core.errors import JobError, Location
+from ..core.files import jsonable
 from ..engine.job import Setting
 from ..engine.values import bind, convert
 from .points import Point
@@ -38,6 +39,11 @@ class Action:
     @property
     def title(self) -> str:
         return f"{self.type} '{self.entry.name}'"
+
+    def recorded(self) -> dict[str, Any]:
+        """The parameters as a record keeps them (the manifest, a model card): the Config's fields as plain
+        values, else the settings' texts."""
+        return jsonable(self.config) if self.config is not None else {s.name: s.text for s in self.settings}
 
     def params(self, impl) -> dict[str, Any]:
         """Keyword parameters of a user callable without a Config, typed by its signature."""

@@ -98,9 +98,8 @@ def plan_record(job: Job) -> dict:
     for module in gen.root.modules():
         for a in module.actions:
             how = "job" if a.explicit else "default" if a.entry.name == a.point.default else "chosen by the engine"
-            params = describe(a.config) if a.config is not None else {s.name: s.text for s in a.settings}
             actions.append({"type": a.type, "module": module.name, "extensible": a.point.extensible,
-                            **_entry_record(a.entry), "set_by": how, "parameters": params,
+                            **_entry_record(a.entry), "set_by": how, "parameters": a.recorded(),
                             "plugins": {name: _entry_record(p) for name, p in a.plugins.items()}})
     return {"task": gen.job.task, "parallelism_degree": gen.world_size, "seed": gen.seed, "output": str(gen.rundir),
             "actions": actions, "hyperparameters": describe(gen.hyperparameters),

@@ -14,7 +14,6 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
-from ..core.files import jsonable
 from ..core.metrics import LOSSES, parse_regions
 from ..core.world import World
 from ..data.batches import DeviceBatches, batch_loader
@@ -194,11 +193,10 @@ def model_card(gen: Generator, data: DataBundle) -> dict:
     names, and how a volume becomes the model's input (None for a format without volumes)."""
     arch = gen.action("architecture_injection")
     transform = gen.data_format().volumes()
-    params = jsonable(arch.config) if arch.config is not None else {s.name: s.text for s in arch.settings}
     return {"job": {"file": str(gen.job.file), "text": gen.job.text, "overrides": dict(gen.job.overrides)},
             "framework": gen.framework,
             "architecture": {"name": arch.entry.name, "file": None if arch.entry.file is None else str(arch.entry.file),
-                             "params": params},
+                             "params": arch.recorded()},
             "in_channels": data.in_channels, "num_classes": data.num_classes,
             "classes": {str(i): name for i, name in enumerate(data.class_names)},
             "input": None if transform is None else transform.card()}
