@@ -101,9 +101,9 @@ def run(job: Job) -> int:
 
         if discover_world().rank != 0:
             return run_rank(job)
-        with _owned(job):
+        with lock.own_output(job):
             return run_rank(job)
-    with _owned(job):
+    with lock.own_output(job):
         preflight.check_framework(job)
         preflight.check_output(job)
         attempt = 0
@@ -124,14 +124,6 @@ def run(job: Job) -> int:
             print(f"autocnnp: restart {attempt} of {job.launch.max_restarts} in {delay:g} s from the latest "
                   f"checkpoint (after: {problem})", file=sys.stderr, flush=True)
             time.sleep(delay)
-
-
-@contextlib.contextmanager
-def _owned(job: Job):
-    with lock.owned(job.generator.rundir, job.spec.output.where if job.spec.output else job.spec.where) as note:
-        if note:
-            print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
-        yield
 
 
 def _available(job: Job) -> Job:

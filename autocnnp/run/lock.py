@@ -12,9 +12,13 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from ..core.errors import JobError, Location
 from ..core.rundir import RunDir
+
+if TYPE_CHECKING:
+    from .job import Job
 
 
 def _holder_text(record: dict) -> str:
@@ -51,6 +55,16 @@ def owned(rundir: RunDir, where: Location):
             os.ftruncate(fd, 0)  # released cleanly: the next run finds no holder to report
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def own_output(job: Job):
+    """Hold the job's output folder for the block (``autocnnp run``, ``deploy --swarm``); a dead holder's
+    lock taken over is said on stderr."""
+    with owned(job.generator.rundir, job.spec.output.where if job.spec.output else job.spec.where) as note:
+        if note:
+            print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
+        yield
 
 
 def _read(fd: int) -> dict:
