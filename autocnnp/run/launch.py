@@ -101,9 +101,9 @@ def run(job: Job) -> int:
 
         if discover_world().rank != 0:
             return run_rank(job)
-        with _owned(job, front_end=False):
+        with lock.own_output(job, front_end=False):
             return run_rank(job)
-    with _owned(job, front_end=True):
+    with lock.own_output(job, front_end=True):
         preflight.check_framework(job)
         preflight.check_output(job)
         attempt = 0
@@ -139,23 +139,6 @@ def _ready(job: Job) -> Job:
     preflight.check_pretrained(now)
     preflight.check_data(now)
     return now
-
-
-@contextlib.contextmanager
-def _owned(job: Job, front_end: bool):
-    """Hold the output folder for the block; a folder the front-end created is removed again when the job
-    is refused before any rank started (a refused run leaves nothing behind)."""
-    rundir = job.generator.rundir
-    fresh = front_end and not rundir.root.exists()
-    with lock.owned(rundir, job.spec.output.where if job.spec.output else job.spec.where) as note:
-        if note:
-            print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
-        try:
-            yield
-        except (JobError, DataError):
-            if fresh and not rundir.ranks.exists():
-                shutil.rmtree(rundir.root, ignore_errors=True)
-            raise
 
 
 def _available(job: Job) -> Job:

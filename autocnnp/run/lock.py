@@ -9,12 +9,17 @@ import datetime
 import fcntl
 import json
 import os
+import shutil
 import socket
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from ..core.errors import JobError, Location
+from ..core.errors import DataError, JobError, Location
 from ..core.rundir import RunDir
+
+if TYPE_CHECKING:
+    from .job import Job
 
 
 def _holder_text(record: dict) -> str:
@@ -48,6 +53,24 @@ def owned(rundir: RunDir, where: Location):
             os.ftruncate(fd, 0)  # released cleanly: the next run finds no holder to report
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def own_output(job: Job, front_end: bool):
+    """Hold the job's output folder for the block (``autocnnp run``, ``deploy --swarm``, or rank 0 of ranks
+    started by another launcher); a dead holder's lock taken over is said on stderr. A folder a front-end
+    created is removed again when the job is refused before any rank started: a refused run leaves nothing."""
+    rundir = job.generator.rundir
+    fresh = front_end and not rundir.root.exists()
+    with owned(rundir, job.spec.output.where if job.spec.output else job.spec.where) as note:
+        if note:
+            print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
+        try:
+            yield
+        except (JobError, DataError):
+            if fresh and not rundir.ranks.exists():
+                shutil.rmtree(rundir.root, ignore_errors=True)
+            raise
 
 
 def _read(fd: int) -> dict:

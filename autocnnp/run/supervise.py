@@ -98,6 +98,15 @@ def diagnose(statuses: dict[int, dict], world_size: int, launcher: str = "the la
     return ended
 
 
+def verdict(code: int, rundir: RunDir) -> ExitCode | None:
+    """The job's exit code when its ranks ended with ``code`` (the launcher's, or the first rank's to end):
+    0 (every rank done, or stopped on request) and a rank's verdict pass on; None for a failure."""
+    if code == 0:
+        stopped = any(info["state"] == "stopped" for info in read_statuses(rundir).values())
+        return ExitCode.STOPPED if stopped else ExitCode.OK
+    return ExitCode(code) if code in RANK_VERDICTS else None
+
+
 def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
               launch: LaunchConfig) -> tuple[ExitCode, str | None]:
     """Run the launch command and watch its ranks; returns the job's exit code and, for a failure, what
@@ -126,11 +135,8 @@ def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
         signal.signal(signal.SIGUSR1, previous)
         forwarding.join(timeout=5.0)  # the launcher's last words before ours
     code = proc.returncode
-    if problem is None and code == 0:
-        stopped = any(info["state"] == "stopped" for info in read_statuses(rundir).values())
-        return (ExitCode.STOPPED if stopped else ExitCode.OK), None
-    if problem is None and code in RANK_VERDICTS:
-        return ExitCode(code), None
+    if problem is None and (passed := verdict(code, rundir)) is not None:
+        return passed, None
     if problem is None and code < 0:
         problem = f"the launcher {cmd[0]} was killed by {signal.Signals(-code).name}; its ranks were stopped with it"
     problem = problem or diagnose(read_statuses(rundir), world_size, f"the launcher {cmd[0]}", code)

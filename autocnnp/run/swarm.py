@@ -9,28 +9,35 @@ job's folder and output folder are bind-mounted at the same paths, so on a swarm
 they must be on a filesystem every node mounts (or deployed there first: add ``--to DIR``). The
 command waits for every task to end, prints the ranks' logs, removes the service and the network
 (also when it is stopped by a signal), and exits like ``autocnnp run``: 0 when every rank completed,
-1 when one failed (named), 128+N when signal N stopped it. Only ``communication_init``
-torch_distributed can run in a swarm (MPI cannot start inside replicas); ``--dry-run`` prints the
-service.
+a rank's verdict (2 bad input, 3 diverged) as it is, 1 for any other failure (the first rank to fail
+is named, not its victims), 128+N when signal N stopped it. Before the service is created a guardian
+starts in a session of its own, tied to the command by a pipe: should the command die without
+saying it cleaned up (SIGKILL), the guardian removes the service and the network. Only
+``communication_init`` torch_distributed can run in a swarm (MPI cannot start inside replicas), and
+a swarm neither restarts (``max_restarts``) nor goes on with fewer ranks (``min_ranks``);
+``--dry-run`` prints the service.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
+import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-from ..core.errors import Interrupted, JobError
+from ..core.errors import ExitCode, Interrupted, JobError
 from ..core.files import atomic_write
 from ..core.world import free_port
 from . import lock, preflight
 from .job import Job
-from .supervise import diagnose, read_statuses
+from .supervise import diagnose, read_statuses, verdict
 
 TERMINAL = {"complete", "failed", "shutdown", "rejected", "orphaned", "remove"}
+ENDED = b"ended\n"  # the front-end to its guardian: everything of the run is removed
 SDK_HINT = "install the docker Python SDK (pip install docker) and a Docker engine (Debian: apt-get install docker.io)"
 
 
@@ -73,6 +80,15 @@ def check_swarm(job: Job) -> None:
                        f"communication_init '{comm.entry.name}' (dist_strategy '{strategy}') joins them through MPI",
                        "run this job with `autocnnp run` or `autocnnp submit`, or use communication_init "
                        "torch_distributed (dist_strategy ring_allreduce or fedavg) for a swarm")
+    launch = job.launch
+    if launch.max_restarts:
+        raise JobError(job.where("max_restarts"), f"deploy --swarm does not restart a failed job, but max_restarts "
+                       f"is {launch.max_restarts}", "run the job with `autocnnp run` to have it restarted, or remove "
+                       "max_restarts (or set it to 0) for a swarm")
+    if launch.min_ranks is not None:
+        raise JobError(job.where("min_ranks"), f"deploy --swarm starts all {job.generator.world_size} ranks or none, "
+                       f"but min_ranks is {launch.min_ranks}", "run the job with `autocnnp run` and a hostfile to go "
+                       "on with the hosts that answer, or remove min_ranks for a swarm")
 
 
 def service_spec(job: Job, image: str, run_id: str) -> dict:
@@ -100,7 +116,7 @@ def print_spec(spec: dict, out) -> None:
 
 def run_swarm(job: Job, image: str, timeout_s: float = 3600.0, dry_run: bool = False, out=None) -> int:
     """Run the job as a swarm service and wait for it; returns the job's exit code. The service and its
-    network are removed however the command ends (a signal included)."""
+    network are removed however the command ends: a signal included, by its guardian after a SIGKILL."""
     out = out or sys.stdout
     check_swarm(job)
     spec = service_spec(job, image, uuid.uuid4().hex[:8])
@@ -109,7 +125,7 @@ def run_swarm(job: Job, image: str, timeout_s: float = 3600.0, dry_run: bool = F
         return 0
     gen = job.generator
     rundir = gen.rundir
-    with lock.owned(rundir, job.spec.output.where if job.spec.output else job.spec.where):
+    with lock.own_output(job, front_end=True):
         preflight.check_output(job)
         preflight.check_data(job)
         client = _client(job)
@@ -127,87 +143,137 @@ def run_swarm(job: Job, image: str, timeout_s: float = 3600.0, dry_run: bool = F
         rendezvous.mkdir(parents=True, exist_ok=True)
         for stale in rundir.ranks.glob("rank*"):
             stale.unlink(missing_ok=True)
-        network = client.networks.create(spec["name"], driver="overlay", attachable=True,
-                                         labels={"autocnnp.run": run_id})
-        service = None
+        guardian = subprocess.Popen([sys.executable, "-m", "autocnnp.run.swarm", "--guard", run_id],
+                                    stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
         try:
+            network = client.networks.create(spec["name"], driver="overlay", attachable=True, labels=spec["labels"])
             service = client.services.create(
                 image, command=spec["command"], name=spec["name"], env=spec["env"], hostname=spec["hostname"],
                 workdir=spec["workdir"], mode=ServiceMode("replicated", replicas=spec["replicas"]),
                 restart_policy=RestartPolicy(condition="none"), networks=[network.id],
                 mounts=[Mount(target=m, source=m, type="bind") for m in spec["mounts"]],
-                endpoint_spec=EndpointSpec(mode="dnsrr"), labels=spec["labels"],
+                endpoint_spec=EndpointSpec(mode="dnsrr"), labels=spec["labels"], container_labels=spec["labels"],
                 stop_grace_period=int(spec["stop_grace_period_s"] * 10**9))  # then SIGKILL
             print(f"swarm service {spec['name']}: {gen.world_size} replicas of {image}, ranks from the task slot",
                   file=out, flush=True)
             code, problem = _wait(service, job, timeout_s)
             logs = b"".join(service.logs(stdout=True, stderr=True, timestamps=False)).decode(errors="replace")
             out.write(logs if logs.endswith("\n") or not logs else logs + "\n")
-            if code != 0:
-                why = problem or diagnose(read_statuses(rundir), gen.world_size)
-                print(f"autocnnp: the job failed: {why}", file=sys.stderr, flush=True)
-            return code
+            passed = verdict(code, rundir)
+            if passed is not None:
+                return passed
+            print(f"autocnnp: the job failed: {problem}", file=sys.stderr, flush=True)
+            return ExitCode.FAILED
         except Interrupted as exc:
             exc.detail = (f"removed swarm service {spec['name']} and its {gen.world_size} replicas; the same command "
                           "resumes from the latest checkpoint")
             raise
         finally:
-            _remove(client, service, network, run_id)
+            left = _remove_run(client, run_id)
+            if left:
+                print(f"autocnnp: {', '.join(left)} of swarm run {run_id} could not be removed; {_by_hand(run_id)}",
+                      file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):  # a broken pipe: the guardian is gone already
+                guardian.stdin.write(ENDED)
+                guardian.stdin.close()
+            guardian.wait()
             for f in rendezvous.glob("*"):
                 f.unlink(missing_ok=True)
             rendezvous.rmdir()
 
 
-def _remove(client, service, network, run_id: str, timeout_s: float = 90.0) -> None:
-    """Remove the service, wait for its containers to go, then remove its network: nothing is left."""
+def _remove_run(client, run_id: str, timeout_s: float = 90.0) -> list[str]:
+    """Remove everything labelled with the run: its service, then, once its containers are gone, its network.
+    Returns the names of what is still there after ``timeout_s``."""
     import docker
 
-    deadline = time.monotonic() + timeout_s
-    if service is not None:
-        service.remove()
-        label = f"com.docker.swarm.service.id={service.id}"
-        while client.containers.list(all=True, filters={"label": label}) and time.monotonic() < deadline:
-            time.sleep(0.5)
-    while time.monotonic() < deadline:
-        try:
-            network.remove()
-        except docker.errors.NotFound:
-            pass
-        except docker.errors.APIError:  # endpoints not released yet
-            time.sleep(1)
-            continue
-        if not client.networks.list(filters={"label": f"autocnnp.run={run_id}"}):
-            return
-        time.sleep(0.5)
-    print(f"autocnnp: swarm network {network.name} could not be removed within {timeout_s:g} s; "
-          f"remove it with: docker network rm {network.name}", file=sys.stderr)
-
-
-def _wait(service, job: Job, timeout_s: float) -> tuple[int, str]:
-    """Poll the service's tasks until all ended; (exit code, problem or '')."""
+    labelled = {"label": f"autocnnp.run={run_id}"}
     deadline = time.monotonic() + timeout_s
     while True:
-        tasks = service.tasks()
-        by_slot = {t.get("Slot"): t for t in sorted(tasks, key=lambda t: t.get("CreatedAt", ""))}
-        states = {slot: t["Status"]["State"] for slot, t in by_slot.items()}
-        failed = {slot: t for slot, t in by_slot.items() if t["Status"]["State"] in TERMINAL - {"complete"}}
+        services = client.services.list(filters=labelled)
+        containers = client.containers.list(all=True, filters=labelled)
+        networks = client.networks.list(filters=labelled)
+        if not (services or containers or networks):
+            return []
+        if time.monotonic() > deadline:
+            return [item.name for item in services + containers + networks]
+        for item in services + ([] if containers else networks):  # a network is in use until its containers go
+            with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                item.remove()
+        time.sleep(0.5)
+
+
+def _by_hand(run_id: str) -> str:
+    label = f"label=autocnnp.run={run_id}"
+    return (f"remove them with: docker service rm $(docker service ls -q -f {label}); "
+            f"docker network rm $(docker network ls -q -f {label})")
+
+
+def guard(run_id: str) -> int:
+    """The guardian of a swarm run (``python -m autocnnp.run.swarm --guard RUN_ID``, a session of its own): when
+    the front-end's pipe on stdin closes without ENDED (the front-end died, by SIGKILL too), remove everything
+    labelled with the run."""
+    if sys.stdin.buffer.read() == ENDED:
+        return 0
+    import docker
+
+    time.sleep(2.0)  # a request the front-end had under way when it died (creating the service) lands first
+    try:
+        left = _remove_run(docker.from_env(timeout=60), run_id)
+    except docker.errors.DockerException as exc:
+        left = [f"the service and network (Docker: {exc})"]
+    if left:
+        print(f"autocnnp: the front-end of swarm run {run_id} died; its guardian could not remove {', '.join(left)}; "
+              f"{_by_hand(run_id)}", file=sys.stderr, flush=True)
+        return 1
+    print(f"autocnnp: the front-end of swarm run {run_id} died; its guardian removed the run's service, replicas "
+          "and network", file=sys.stderr, flush=True)
+    return 0
+
+
+def _wait(service, job: Job, timeout_s: float) -> tuple[int, str | None]:
+    """Poll the service's tasks until every one completed or one ended otherwise: (0, None), or the exit code of
+    the first task to fail (1 without one) and what ended the job."""
+    gen = job.generator
+    deadline = time.monotonic() + timeout_s
+    while True:
+        by_slot = {t.get("Slot"): t for t in sorted(service.tasks(), key=lambda t: t.get("CreatedAt", ""))}
+        ended = {slot: t for slot, t in by_slot.items() if t["Status"]["State"] in TERMINAL}
+        failed = [t for t in ended.values() if t["Status"]["State"] != "complete"]
         if failed:
-            slot, task = min(failed.items())
-            status = task["Status"]
-            code = status.get("ContainerStatus", {}).get("ExitCode")
-            why = status.get("Err") or status.get("Message") or status["State"]
-            return (code if isinstance(code, int) and code > 0 else 1), \
-                f"rank {slot - 1} (task slot {slot}) {status['State']}: {why}" + (f" (exit code {code})" if code else "")
-        if len(states) == job.generator.world_size and all(s == "complete" for s in states.values()):
-            return 0, ""
-        running = {r: info["age"] for r, info in read_statuses(job.generator.rundir).items()
-                   if info["state"] == "running"}
+            first = min(failed, key=_moment)
+            code = first["Status"].get("ContainerStatus", {}).get("ExitCode")
+            return (code if isinstance(code, int) and code > 0 else ExitCode.FAILED), _blame(first, ended, job)
+        if len(ended) == gen.world_size:
+            return 0, None
+        running = {r: info["age"] for r, info in read_statuses(gen.rundir).items() if info["state"] == "running"}
         if running and max(running.values()) > job.launch.rank_timeout_s:
             rank = max(running, key=running.get)
-            return 1, f"rank {rank} stopped responding (rank_timeout_s={job.launch.rank_timeout_s:g})"
+            return ExitCode.FAILED, f"rank {rank} stopped responding (rank_timeout_s={job.launch.rank_timeout_s:g})"
         if time.monotonic() > deadline:
-            return 1, f"the service did not finish within {timeout_s:g} s (task states: {states})"
+            states = {slot: t["Status"]["State"] for slot, t in by_slot.items()}
+            return ExitCode.FAILED, f"the service did not finish within {timeout_s:g} s (task states: {states})"
         time.sleep(1.0)
+
+
+def _moment(task: dict) -> tuple[str, float]:
+    """When the task reached its state, comparable (Docker's RFC 3339 UTC time trims the nanoseconds' zeros)."""
+    whole, _, fraction = task["Status"]["Timestamp"].rstrip("Z").partition(".")
+    return whole, float(f"0.{fraction or 0}")
+
+
+def _blame(first: dict, ended: dict[int, dict], job: Job) -> str:
+    """What ended the job, ``first`` being the first task to fail: named as ``autocnnp run`` names it, from the
+    rank statuses that are final (a rank still running is a victim at most, unless its task ended: killed);
+    where the rank never reported, the task's own error."""
+    slot, status = first["Slot"], first["Status"]
+    code = status.get("ContainerStatus", {}).get("ExitCode")
+    statuses = {r: info for r, info in read_statuses(job.generator.rundir).items()
+                if r + 1 in ended or info["state"] not in ("started", "running")}
+    if slot - 1 in statuses:
+        return diagnose(statuses, job.generator.world_size, f"the replica of rank {slot - 1} (task slot {slot})", code)
+    why = status.get("Err") or status.get("Message") or status["State"]
+    return f"rank {slot - 1} (task slot {slot}) {status['State']}: {why}" + (f" (exit code {code})" if code else "")
 
 
 def task_main(job: str) -> int:
@@ -233,4 +299,4 @@ def task_main(job: str) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(task_main(sys.argv[1]))
+    sys.exit(guard(sys.argv[2]) if sys.argv[1] == "--guard" else task_main(sys.argv[1]))

@@ -22,10 +22,14 @@ from .launch import PARENT_RUN
 from .processes import die_with_parent
 from .supervise import RankStatus
 
+# the launchers (launcher_name) whose ranks are MPI's: MPI_Abort reaches every peer
+MPI_RANKS = ("ompi", "pmi", "slurm")
+
 
 def _abort(code: int) -> None:
-    """End every rank: MPI_Abort when MPI is up (so no peer waits forever), else exit."""
-    if "mpi4py" in sys.modules or discover_world().world_size > 1:
+    """End every rank: MPI_Abort when MPI is up or the ranks are MPI's (so no peer waits forever), else exit
+    (ranks that joined through MASTER_ADDR, a swarm's replicas, have no MPI: their peers lose the connection)."""
+    if "mpi4py" in sys.modules or (discover_world().world_size > 1 and launcher_name() in MPI_RANKS):
         try:
             from mpi4py import MPI  # initialises MPI if needed: the other ranks wait in it
 

@@ -36,7 +36,7 @@ for d in bin sbin lib lib64; do  # merged /usr: the top-level folders are links
 done
 copy /usr/lib64 /usr/lib/x86_64-linux-gnu /usr/lib/openmpi /usr/share/openmpi /etc/openmpi \
      /etc/ld.so.conf /etc/ld.so.conf.d /etc/ld.so.cache /etc/passwd /etc/group /etc/nsswitch.conf
-for tool in sh dash bash env cat hostname sleep ls mkdir rm cp mv id uname true false head tail grep sed \
+for tool in sh dash bash env cat tee hostname sleep ls mkdir rm cp mv id uname true false head tail grep sed \
             ps kill date mpirun mpiexec orterun orted ompi_info; do
   p=$(command -v "$tool" || true)
   [ -n "$p" ] || continue
