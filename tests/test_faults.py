@@ -500,9 +500,14 @@ def test_a_hostfile_that_is_no_file(cli, tmp_path, nothing_starts, kind):
     if kind == "fifo":
         os.mkfifo(path)
     job = tiny_job(tmp_path, cluster=f'<property name="hostfile">{path}</property>')
-    err = refused(cli, "run", job)
     line = next(i for i, t in enumerate(job.read_text().splitlines(), 1) if 'name="hostfile"' in t)
+    err = refused(cli, "run", job)
     assert err.startswith(f"autocnnp: {job}:{line}:") and f"the hostfile {path} is a" in err
+    # refused when the job is read, by every command: a process of its own each, as a FIFO read could block
+    for command in (["validate"], ["plan"], ["submit", "--dry-run"], ["deploy", "--dry-run", "--to", tmp_path / "d"]):
+        r = subprocess.run([sys.executable, "-m", "autocnnp", command[0], job, *command[1:]], capture_output=True,
+                           text=True, timeout=60)
+        assert (r.returncode, r.stdout, r.stderr) == (2, "", err), command
 
 
 ARCH = ("import torch.nn as nn\n\n\ndef build(in_channels, num_classes):\n    {note}\n"

@@ -20,9 +20,11 @@ from pathlib import Path
 import pytest
 from jobfiles import TINY_UNET, require_import, synthetic_data, write_job
 
+from autocnnp.core.rundir import RunDir
 from autocnnp.core.world import discover_world, launcher_name
 from autocnnp.run.job import load_job
 from autocnnp.run.launch import build_command, launch_mode
+from autocnnp.run.lock import is_held, owned
 from autocnnp.run.slurm import limit_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,17 +74,27 @@ def test_a_job_variant_reaches_the_batch_script(cli, tmp_path):
 
 
 def test_memory_exclusive_setup_and_requeue_reach_the_batch_script(cli, tmp_path):
-    job = tiny_job(tmp_path, cluster=prop("setup", "module load openmpi/4.1; source ~/env.sh")
+    job = tiny_job(tmp_path, cluster=prop("setup", "module load openmpi/4.1; source ~/env.sh\n  export A=1  # note")
                    + prop("requeue", "true") + prop("signal_before_s", 600))
     rc, out, err = cli("submit", job, "--dry-run", "--mem", "32G", "--exclusive")
     assert (rc, err) == (0, "")
     assert directives(out)["mem"] == "32G" and directives(out)["signal"] == "B:USR1@600"
     assert "#SBATCH --exclusive" in out and "#SBATCH --requeue" in out
     body = out.splitlines()
-    setup = body.index("module load openmpi/4.1")
-    assert body[setup + 1] == "source ~/env.sh" and setup < next(i for i, t in enumerate(body) if "-m autocnnp run" in t)
+    setup = body.index("{ module load openmpi/4.1; source ~/env.sh")  # one line, one command: ';' stays in it
+    assert body[setup + 1:setup + 4] == ["} || setup_failed 1 $? 'module load openmpi/4.1; source ~/env.sh'",
+                                         "{ export A=1  # note", "} || setup_failed 2 $? 'export A=1  # note'"]
+    assert setup < next(i for i, t in enumerate(body) if "-m autocnnp run" in t)
     rc, out, _ = cli("submit", job, "--dry-run", "--set", "cluster.signal_before_s=0")
     assert rc == 0 and "signal" not in directives(out)
+
+
+def test_a_setup_line_that_is_no_whole_command_is_refused(cli, tmp_path):
+    job = tiny_job(tmp_path, cluster=prop("setup", "module load openmpi\nif true; then"))
+    rc, out, err = cli("submit", job, "--dry-run")
+    line = next(i for i, t in enumerate(job.read_text().splitlines(), 1) if 'name="setup"' in t)
+    assert (rc, out) == (2, "") and err.count("\n") == 1
+    assert err.startswith(f"autocnnp: {job}:{line}:") and "setup line 2 `if true; then` is not a complete shell" in err
 
 
 def test_time_limits_in_seconds():
@@ -244,9 +256,10 @@ def test_a_two_rank_job_trains_under_slurm(slurm, tmp_path, launcher, framework)
     print(f"slurm {launcher} ({framework}): submit to COMPLETED in {time.monotonic() - started:.1f} s")
 
 
+@pytest.mark.parametrize("by", ["job file", "job id"])
 @pytest.mark.slurm
 @pytest.mark.ranks
-def test_status_and_cancel_follow_a_long_job(slurm, tmp_path):
+def test_status_and_cancel_follow_a_long_job(slurm, tmp_path, by):
     job = tiny_job(tmp_path, epochs=500)
     sub = autocnnp("submit", job)
     assert sub.returncode == 0, sub.stderr
@@ -263,16 +276,17 @@ def test_status_and_cancel_follow_a_long_job(slurm, tmp_path):
         assert again.returncode == 2 and f"Slurm job {job_id} from an earlier submit of this job is RUNNING" \
             in again.stderr
         assert queued_ids() == before
-        cancel = autocnnp("cancel", job, timeout=90)
+        cancel = autocnnp("cancel", job if by == "job file" else job_id, timeout=90)
+        # cancel returned once the ranks were gone and run & manage had let go of the output folder
+        assert str(job) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+        assert not is_held(RunDir(tmp_path / "out-job"))
         assert cancel.returncode == 0, cancel.stderr
         assert cancel.stdout.strip() == f"cancelled Slurm job {job_id} (was RUNNING, now CANCELLED)"
     finally:
         subprocess.run(["scancel", job_id])
-    st = autocnnp("status", job_id)
-    assert st.stdout.startswith(f"Slurm job {job_id}: CANCELLED")
+    st = autocnnp("status", job_id)  # a job id leads to the run folder too
+    assert st.stdout.startswith(f"Slurm job {job_id}: CANCELLED") and "progress: epoch" in st.stdout
     assert autocnnp("cancel", job).stdout.startswith(f"Slurm job {job_id} is not queued or running (CANCELLED)")
-    # cancel returned once the ranks were gone
-    assert str(job) not in subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
 
 
 @pytest.mark.slurm
@@ -330,6 +344,53 @@ def test_unknown_partition_and_impossible_resources_submit_nothing(slurm, tmp_pa
     assert queued_ids() == before
     assert not (tmp_path / "out-job" / "slurm" / "job.json").exists()
     assert not list((tmp_path / "out-job").rglob("sbatch-*.sh"))
+
+
+def nothing_queued(r: subprocess.CompletedProcess, out: Path, before: set[str]) -> str:
+    """The one-line refusal of a submit that queued nothing."""
+    assert r.returncode == 2 and r.stdout == "" and r.stderr.count("\n") == 1 and "Traceback" not in r.stderr, r.stderr
+    assert queued_ids() == before
+    assert not (out / "slurm").exists()
+    return r.stderr
+
+
+@pytest.mark.slurm
+def test_what_run_checks_is_checked_before_anything_is_queued(slurm, tmp_path):
+    job, out, before = tiny_job(tmp_path), tmp_path / "out-job", queued_ids()
+    err = nothing_queued(autocnnp("submit", job, "--set", "hyperparameters.minibatch_size=64"), out, before)
+    assert "each rank gets 4 of the 8 training samples, fewer than one minibatch of 64" in err
+    from autocnnp.data.synth import write_synthetic_dataset
+
+    ds = write_synthetic_dataset(tmp_path / "ds", "atrium", cases=3, shape=(12, 12, 6), seed=1)
+    bad = sorted((ds / "imagesTr").iterdir())[1]
+    bad.write_bytes(b"not a nifti file" * 8)
+    data = f'<data format="decathlon"><train><path>{ds}</path></train></data>'
+    bad_data = write_job(tmp_path / "bad.xml", output="out-job", arch=TINY_UNET, data=data, hyper=dict(minibatch_size=1))
+    assert str(bad) in nothing_queued(autocnnp("submit", bad_data), out, before)
+    assert "cannot be written" in nothing_queued(autocnnp("submit", job, "--set", f"output={job}/out"),
+                                                 Path(f"{job}/out"), before)
+    with owned(RunDir(out), None):  # a run of the same output folder is going on
+        assert "is in use by another run" in nothing_queued(autocnnp("submit", job), out, before)
+
+
+@pytest.mark.slurm
+def test_setup_lines_run_in_the_batch_shell_and_the_first_that_fails_ends_the_job(slurm, tmp_path):
+    setup = "\n".join(["export A=1; export B=2", "for m in x y; do echo \"setup $m; $A$B\"; done",
+                       'test "$A$B" = 12', "false  # a module that does not load", "echo never"])
+    job = tiny_job(tmp_path, cluster=prop("setup", setup))
+    sub = autocnnp("submit", job, "--time", "5")
+    assert sub.returncode == 0, sub.stderr
+    job_id = re.search(r"submitted Slurm job (\d+)", sub.stdout).group(1)
+    try:
+        done = autocnnp("status", job, "--wait", "--timeout", 60, timeout=90)
+    finally:
+        subprocess.run(["scancel", job_id])
+    out = tmp_path / "out-job"
+    log = (out / f"slurm-{job_id}.out").read_text()
+    assert done.returncode == 1 and done.stdout.startswith(f"Slurm job {job_id}: FAILED (exit code 2:0)"), log
+    assert log.splitlines() == ["setup x; 12", "setup y; 12", "autocnnp: setup line 4 failed (exit code 1), training "
+                                "not started: false  # a module that does not load"]
+    assert (out / "slurm" / f"{job_id}.exit").read_text().strip() == "2" and not (out / "metrics.csv").exists()
 
 
 @pytest.mark.slurm

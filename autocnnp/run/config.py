@@ -44,8 +44,9 @@ class SlurmConfig:
     job_name: str = setting("", help="Slurm job name (default: autocnnp-<job file name>)")
     mem: str = setting("", help="memory per node (sbatch --mem, e.g. 32G; default: the partition's)")
     exclusive: bool = setting(False, help="whole nodes for this job alone (sbatch --exclusive)")
-    setup: str = setting("", help="shell lines the batch script runs before training (e.g. module load openmpi); "
-                                  "separate lines with ';' or newlines")
+    setup: str = setting("", help="shell lines the batch script runs before training (e.g. module load openmpi), "
+                                  "one command per line (';' stays within a line); the first that fails ends "
+                                  "the job")
     signal_before_s: int = setting(300, min=0, help="Slurm warns this many seconds before the time limit (at most "
                                                     "half of it); the job then stops at the end of an epoch with a "
                                                     "checkpoint (0: no warning)")

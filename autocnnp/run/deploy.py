@@ -63,7 +63,7 @@ def job_files(job: Job) -> tuple[list[Path], list[Path]]:
             if path.is_absolute():
                 absolute.append(full)
     hostfile = job.launch.hostfile
-    if hostfile is not None and hostfile.is_file() and hostfile.resolve() not in files:
+    if hostfile is not None and hostfile.resolve() not in files:
         files.append(hostfile.resolve())
     return files, absolute
 

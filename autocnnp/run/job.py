@@ -8,6 +8,7 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 
 from ..core.errors import JobError, Location
+from ..core.files import read_input
 from ..engine.job import JobSpec
 from ..engine.values import bind_section
 from ..generator.assemble import Generator, assemble
@@ -71,6 +72,8 @@ def load_job(source: JobSpec | Path | str, sets: list[str] | None = None) -> Job
     bound = iter(configs)
     job = Job(gen, launch, slurm, deploy, monitoring, tuple((e, next(bound) if e.config else None) for e in entries))
     _check_launcher(job)
+    if launch.hostfile is not None:  # a folder, FIFO or device is refused here, not when the ranks start
+        read_input(launch.hostfile, job.where("hostfile"), "hostfile")
     return job
 
 

@@ -1,10 +1,12 @@
 """Slurm: render an sbatch script for a job, submit it, follow it and cancel it (torch-free).
 
-``autocnnp submit JOB.xml`` checks everything it can before anything is queued (sbatch present,
-controller answering, partition known and with usable nodes, resources Slurm can grant, checked
-with ``sbatch --test-only``, no earlier submission of the job still writing to its output folder),
-then renders ``templates/sbatch.sh`` and submits it. The job id goes to ``<output>/slurm/job.json``;
-``autocnnp status`` and ``autocnnp cancel`` read it. Inside the allocation the script runs
+``autocnnp submit JOB.xml`` checks everything it can before anything is queued (setup lines that
+parse, sbatch present, controller answering, partition known and with usable nodes, resources Slurm
+can grant, checked with ``sbatch --test-only``, no earlier submission or run still writing to its
+output folder, and what ``autocnnp run`` checks before the ranks start: framework, output folder,
+pretrained model, data, a minibatch per rank), then renders ``templates/sbatch.sh`` and submits it.
+The job id goes to ``<output>/slurm/job.json``; ``autocnnp status`` and ``autocnnp cancel`` read it
+(given a job id, they find the run folder from its batch script). Inside the allocation the script runs
 ``autocnnp run --launcher mpirun|srun JOB``: run & manage starts the ranks and watches them.
 """
 
@@ -27,7 +29,8 @@ from ..core.errors import ExitCode, JobError, Source, did_you_mean
 from ..core.files import read_json, write_json
 from ..core.rundir import RunDir
 from .job import Job, load_job
-from .lock import is_held
+from .lock import is_held, own_output
+from .preflight import check_data, check_framework, check_output, check_pretrained, fetch_pretrained
 
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "STAGE_OUT",
           "SIGNALING", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "STOPPED")
@@ -136,9 +139,31 @@ def render(job: Job, res: Resources) -> str:
         sets="".join(f" {q(f'--set={k}={v}')}" for k, v in job.spec.overrides.items()), ntasks=res.ntasks,
         nodes=res.nodes, launcher=res.launcher, python=q(sys.executable), output=q(str(rundir)),
         exit_dir=q(str(rundir.slurm)), workdir=q(str(job.spec.base_dir)),
-        setup="\n".join(line.strip() for line in re.split(r"[;\n]", c.setup) if line.strip()) or "# (no setup lines)",
-        requeue="true" if c.requeue else "false", stopped=int(ExitCode.STOPPED),
+        setup="\n".join(f"{_grouped(line)} || setup_failed {n} $? {q(line)}" for n, line in _setup_lines(c.setup))
+        or "# (no setup lines)",
+        requeue="true" if c.requeue else "false", stopped=int(ExitCode.STOPPED), bad_input=int(ExitCode.BAD_INPUT),
         directives="\n".join(f"#SBATCH {d}" for d in directives))
+
+
+def _setup_lines(setup: str) -> list[tuple[int, str]]:
+    """(number, command) of each non-empty line of the setup property; a line may hold ';'."""
+    return list(enumerate((line.strip() for line in setup.splitlines() if line.strip()), 1))
+
+
+def _grouped(line: str) -> str:
+    """A setup line run in this shell (module load, export), ended by a newline: a trailing comment or ';'
+    stays harmless."""
+    return f"{{ {line}\n}}"
+
+
+def check_setup(job: Job) -> None:
+    """Each setup line is a complete shell command (bash -n), so the batch script cannot fail to parse."""
+    for number, line in _setup_lines(job.slurm.setup):
+        proc = _call(["bash", "-n"], stdin=_grouped(line))
+        if proc.returncode != 0:
+            why = re.sub(r"^bash: (line \d+: )?", "", (proc.stderr.strip().splitlines() or ["bash -n fails"])[0])
+            raise JobError(job.where("setup"), f"setup line {number} `{line}` is not a complete shell command ({why})",
+                           "write one whole command per line; join the parts of an if/for/while with ';'")
 
 
 def _call(cmd: list[str], timeout: float = 30, stdin: str | None = None) -> subprocess.CompletedProcess:
@@ -223,6 +248,7 @@ def submit(job: Job, dry_run: bool = False, out=None) -> str | None:
     nothing, when Slurm would refuse the job."""
     out = out or sys.stdout
     res = resources(job)
+    check_setup(job)
     script = render(job, res)
     if dry_run:
         out.write(script)
@@ -237,6 +263,14 @@ def submit(job: Job, dry_run: bool = False, out=None) -> str | None:
                        f"compare with what the partition offers (sinfo -p {partition} -o '%N %c %G %l') "
                        "and lower the request")
     rundir = job.generator.rundir
+    # what `autocnnp run` checks in the front-end, but the slots (the allocation's, checked above): done in
+    # the batch script, a refusal would come after the wait in the queue
+    with own_output(job, front_end=True):
+        check_framework(job)
+        check_output(job)
+        fetch_pretrained(job)
+        check_pretrained(job)
+        check_data(job)
     folder = rundir.slurm
     folder.mkdir(parents=True, exist_ok=True)
     res.output.parent.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log's folder
@@ -325,9 +359,9 @@ def check_srun(job: Job) -> None:
 
 def find_job(target: str, sets: list[str] | None = None) -> tuple[str, RunDir | None]:
     """(job id, run folder) from a job file (its recorded submission; ``sets``: the ``--set`` overrides it
-    was submitted with) or a bare Slurm job id."""
+    was submitted with) or a bare Slurm job id (the run folder of its batch script, if submit wrote it)."""
     if re.fullmatch(r"\d+", target):
-        return target, None
+        return target, _submitted_from(target)
     job = load_job(target, sets)
     rundir = job.generator.rundir
     record = read_json(rundir.slurm_record)
@@ -335,6 +369,17 @@ def find_job(target: str, sets: list[str] | None = None) -> tuple[str, RunDir | 
         raise JobError(job.spec.where, f"this job was never submitted to Slurm (no {rundir.slurm_record})",
                        f"submit it first: autocnnp submit {job.spec.file}")
     return record["job_id"], rundir
+
+
+def _submitted_from(job_id: str) -> RunDir | None:
+    """The run folder of a job ``autocnnp submit`` queued: its batch script is ``<output>/slurm/sbatch-*.sh``
+    and its job.json names the job; None for another job, or one the controller has forgotten."""
+    proc = _call(["scontrol", "show", "job", "-o", job_id])
+    script = re.search(r"\bCommand=(\S+)", proc.stdout) if proc.returncode == 0 else None
+    if script is None:
+        return None
+    rundir = RunDir(Path(script.group(1)).parent.parent)
+    return rundir if (read_json(rundir.slurm_record) or {}).get("job_id") == job_id else None
 
 
 def progress(rundir: RunDir | None) -> str:

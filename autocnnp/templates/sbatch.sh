@@ -6,9 +6,16 @@
 # an epoch with a checkpoint (exit ${stopped}); with requeue the job then queues itself again and resumes.
 ${directives}
 
-set -u
-# setup lines (<property name="setup">)
+# the exit code outlives the controller's memory of the job (clusters without accounting)
+record_exit() { mkdir -p ${exit_dir} && echo "$$1" > ${exit_dir}/"$$SLURM_JOB_ID".exit; }
+setup_failed() {
+  echo "autocnnp: setup line $$1 failed (exit code $$2), training not started: $$3" >&2
+  record_exit ${bad_input}
+  exit ${bad_input}
+}
+# setup lines (<property name="setup">): one command each; the first that fails ends the job
 ${setup}
+set -u
 echo "autocnnp: Slurm job $$SLURM_JOB_ID on $$SLURM_JOB_NODELIST: ${ntasks} ranks on ${nodes} node(s), launcher ${launcher}"
 ${python} -m autocnnp run --launcher ${launcher}${sets} ${job} &
 pid=$$!
@@ -20,8 +27,7 @@ while kill -0 "$$pid" 2>/dev/null; do
   wait "$$pid"
   status=$$?
 done
-# the exit code outlives the controller's memory of the job (clusters without accounting)
-mkdir -p ${exit_dir} && echo "$$status" > ${exit_dir}/"$$SLURM_JOB_ID".exit
+record_exit "$$status"
 if [ "$$status" = ${stopped} ] && ${requeue}; then
   echo "autocnnp: stopped with a checkpoint before the time limit; requeueing Slurm job $$SLURM_JOB_ID to resume"
   scontrol requeue "$$SLURM_JOB_ID"
