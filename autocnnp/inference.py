@@ -235,7 +235,7 @@ def predict(args) -> int:
     import numpy as np
     import torch
 
-    from .data.preprocess import resize
+    from .data.slices import resize
     from .data.volumes import load_case, save_label, save_probabilities
     from .training.precision import autocast_dtype
 

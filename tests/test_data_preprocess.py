@@ -22,17 +22,8 @@ from autocnnp.core.errors import DataError
 from autocnnp.data import preprocess
 from autocnnp.data.augment import RandomAffine2D
 from autocnnp.data.index import read_dataset
-from autocnnp.data.preprocess import (
-    CacheDataset,
-    build_cache,
-    check_cache,
-    extract_slices,
-    read_cache_meta,
-    resize,
-    select_modalities,
-    slice_indices,
-    zscore,
-)
+from autocnnp.data.preprocess import CacheDataset, build_cache, check_cache, read_cache_meta
+from autocnnp.data.slices import extract_slices, resize, select_modalities, slice_indices, zscore
 from autocnnp.data.synth import write_synthetic_dataset
 from autocnnp.data.synthetic_slices import SyntheticSliceDataset
 

@@ -73,7 +73,8 @@ def _preprocessing(args):
 
 def cmd_preprocess(args) -> int:
     from .checks import check_dataset, problems_error
-    from .preprocess import META_FILE, build_cache, parse_modalities, read_cache_meta
+    from .preprocess import META_FILE, build_cache, read_cache_meta
+    from .slices import parse_modalities
 
     config = _preprocessing(args)
     verdict = check_dataset(args.data, split="training")  # what `validate --data` checks: nothing bad is cached

@@ -45,18 +45,8 @@ from autocnnp.core.world import World
 from autocnnp.data.augment import RandomAffine2D
 from autocnnp.data.checks import Verdict, validate_dataset, validate_once
 from autocnnp.data.index import Case, case_name, is_dataset, is_nifti, nifti_files, read_dataset
-from autocnnp.data.preprocess import (
-    CacheDataset,
-    build_cache,
-    cache_key_of,
-    check_cache,
-    is_cache,
-    parse_modalities,
-    resize,
-    select_modalities,
-    take_slices,
-    zscore,
-)
+from autocnnp.data.preprocess import CacheDataset, build_cache, cache_key_of, check_cache, is_cache
+from autocnnp.data.slices import parse_modalities, resize, select_modalities, take_slices, zscore
 from autocnnp.generator.protocols import DataBundle, DataFormat
 from autocnnp.generator.registry import component
 
