@@ -26,7 +26,7 @@ from .core.errors import DataError, JobError
 from .core.files import atomic_write
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
 from .core.processes import default_threads
-from .core.rundir import checkpoint_file
+from .core.rundir import BEST_RECORD, LATEST_POINTER, checkpoint_file, zoo_folder
 from .core.text import text_table
 from .engine.job import read_job
 from .generator.assemble import Generator, assemble
@@ -35,7 +35,6 @@ from .training.monitor import MonitoringConfig
 
 OVERALL = "overall"
 REGIONS_DEFAULT = next(f.default for f in dataclasses.fields(MonitoringConfig) if f.name == "regions")  # as a run
-POINTERS = ("latest", "best")
 PROBABILITY_MARK = "_prob-"  # <case>_prob-<value>-<class>.nii.gz: not a label volume
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 SURFACE_CONVENTIONS = ("surface distances in mm from the reference's voxel spacing (MONAI definitions: HD95 = "
@@ -48,16 +47,16 @@ SURFACE_CONVENTIONS = ("surface distances in mm from the reference's voxel spaci
 def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
     """The checkpoint file ``--checkpoint`` names: ``latest`` or ``best`` of the job's run, or a path
     (core/rundir.checkpoint_file: a checkpoint file, a ``latest``/``best`` file, a run or checkpoints folder)."""
-    if arg in POINTERS:
+    if arg in (LATEST_POINTER, BEST_RECORD):
         if gen is None:
             raise JobError(Path(arg), f"--checkpoint {arg} needs the job whose run it is",
                            "name the job file, or give --checkpoint the path of a checkpoint file")
         checkpoints = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=0)
-        found = checkpoints.latest() if arg == "latest" else checkpoints.best()
+        found = checkpoints.latest() if arg == LATEST_POINTER else checkpoints.best()
         if found is None:
             raise JobError(gen.job.where, f"no {arg} checkpoint in {gen.rundir.checkpoints}",
                            f"train first (autocnnp run {gen.job.file})" + (", with a best_metric the run reports"
-                                                                          if arg == "best" else "")
+                                                                          if arg == BEST_RECORD else "")
                            + ", or pass --checkpoint PATH")
         return found
     path = checkpoint_file(Path(arg).expanduser())
@@ -71,8 +70,7 @@ def _zoo_checkpoint(model: str) -> Path:
     from .run.zoo import fetch, parse, zoo_store
 
     name, version = parse(model)
-    folder = Path.home() / ".cache" / "autocnnp" / "zoo" / f"{name}-{version or 'latest'}"
-    checkpoint, _ = fetch(name, version, folder, zoo_store())
+    checkpoint, _ = fetch(name, version, zoo_folder(Path.home() / ".cache" / "autocnnp" / "zoo", name, version), zoo_store())
     return checkpoint
 
 
@@ -120,9 +118,7 @@ def _disagreements(card: dict, gen: Generator) -> list[str]:
 
 def _model_and_transform(state: dict, checkpoint: Path, gen: Generator | None, num_classes: int | None):
     """``(the generator of the job it was trained with, input transform, number of classes, class names, input
-    channels)`` of a checkpoint."""
-    from .components.datasets.decathlon import SliceTransform
-
+    channels)`` of a checkpoint; the transform is the one the trained job's data format rebuilds from the card."""
     card = state.get("model_card")
     if card is None:  # written before checkpoints described their model: the job must say it all
         if gen is None:
@@ -137,7 +133,12 @@ def _model_and_transform(state: dict, checkpoint: Path, gen: Generator | None, n
                             "predict with a model trained on NIfTI volumes (<data format=\"decathlon\">)")
         trained = _trained_job(card, checkpoint)
         classes = num_classes or card["num_classes"]
-        transform = SliceTransform.from_card(card["input"], classes)
+        transform = trained.data_format().volumes_from_card(card["input"], classes)
+        if transform is None:
+            raise DataError(checkpoint, f"its data format '{trained.action('dataset_injection').entry.name}' recorded "
+                            "how a volume becomes the model's input, but cannot rebuild that from the checkpoint",
+                            "give the data format a volumes_from_card(card, num_classes) method (DataFormat in "
+                            "autocnnp/generator/protocols.py)")
         names = tuple(card.get("classes", {}).values())
         for text in _disagreements(card, gen) if gen is not None else []:
             print(f"autocnnp: warning: the job says {text}; using what the checkpoint was trained with", file=sys.stderr)
@@ -459,7 +460,7 @@ def add_commands(sub) -> None:
                                           "input and output folders)")
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="the job variant that was trained (as `autocnnp run --set`)")
-    s.add_argument("--checkpoint", default="latest",
+    s.add_argument("--checkpoint", default=LATEST_POINTER,
                    help="latest (default) or best of the job's run, or a checkpoint file, a latest/best file in a "
                         "checkpoints folder, or a run folder (its best, else its latest)")
     s.add_argument("--model", help="a zoo model instead: zoo:NAME or zoo:NAME/VERSION (the zoo: $AUTOCNNP_ZOO, else "

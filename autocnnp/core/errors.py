@@ -15,13 +15,14 @@ from pathlib import Path
 
 
 class ExitCode(IntEnum):
-    """What ``autocnnp run``, ``submit``, ``deploy`` and ``tune`` return (README: Exit codes)."""
+    """What ``autocnnp run``, ``submit``, ``deploy``, ``tune`` and ``status`` return (README: Exit codes)."""
 
     OK = 0
     FAILED = 1  # a rank failed, hung or was killed, or the launcher did
     BAD_INPUT = 2  # the job, its data or an option was refused; nothing ran
     DIVERGED = 3  # training stopped because the loss diverged (a result, not a crash)
     STOPPED = 75  # stopped on request at an epoch's end with a checkpoint (Slurm's time-limit warning)
+    TIMED_OUT = 124  # status --wait: the Slurm job is still queued or running after --timeout (as timeout(1))
     INTERRUPTED = 128  # + the signal's number: 130 SIGINT (Ctrl-C), 143 SIGTERM, 129 SIGHUP
 
 

@@ -46,15 +46,28 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], object]) -> Path:
-    """Write ``content`` (bytes, text, or a function writing to a binary file) to ``path`` atomically.
-
-    The folder is created if needed. On any error the temporary file is removed and ``path`` is
-    left as it was."""
+def atomic_create(path: Path | str, create: Callable[[Path], object]) -> Path:
+    """Have ``create(tmp)`` make the file at a temporary name next to ``path`` (a copy, a hard link), then
+    rename it over ``path`` atomically. The folder is created if needed. On any error the temporary file
+    is removed and ``path`` is left as it was."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     try:
+        create(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], object]) -> Path:
+    """Write ``content`` (bytes, text, or a function writing to a binary file) to ``path`` atomically
+    (:func:`atomic_create`), flushed to disk before the rename."""
+
+    def write(tmp: Path) -> None:
         with open(tmp, "xb") as f:
             if callable(content):
                 content(f)
@@ -62,12 +75,8 @@ def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], o
                 f.write(content.encode() if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-    return path
+
+    return atomic_create(path, write)
 
 
 def jsonable(value):

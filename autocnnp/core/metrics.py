@@ -6,10 +6,15 @@ import re
 
 # The five SegEval metrics of the thesis (training/metrics.py computes them from a confusion matrix).
 SEGEVAL = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
+DICE, PIXEL_ACCURACY, MEAN_ACCURACY, MEAN_IOU, FW_IOU = SEGEVAL
 # The mean Dice of the foreground classes: what a user reports (the SegEval Dice counts the background).
 FOREGROUND_DICE = "dice_fg"
-# Per-epoch losses of metrics.csv.
+# Per-epoch losses of metrics.csv, and the learning rate of each epoch's last step.
 LOSSES = ("train_loss", "valid_loss")
+TRAIN_LOSS, VALID_LOSS = LOSSES
+LEARNING_RATE = "lr"
+# How the tuning guideline ranks two runs (thesis 6.3.3): Dice, then mean accuracy, then mean IoU.
+GUIDELINE_PRIORITY = (DICE, MEAN_ACCURACY, MEAN_IOU)
 
 
 def class_key(name: str) -> str:

@@ -6,6 +6,7 @@
     OUTPUT/metrics.csv          one row per epoch (training/monitor.py)
     OUTPUT/checkpoints/         written by the checkpoint action (latest, ckpt-epochNNNN.pt, ckpt-best.pt, best)
     OUTPUT/cache/               slice caches and data-check stamps of the dataset
+    OUTPUT/cache/pretrained/    the zoo model a job starts from (NAME-VERSION/checkpoint.pt), fetched before the ranks start
     OUTPUT/plots/               PNG plots (learning curves, metrics, resources, lr schedule)
     OUTPUT/tensorboard/         TensorBoard events
     OUTPUT/resources/rankN.csv  per-rank CPU, memory and GPU samples
@@ -29,12 +30,20 @@ from pathlib import Path
 
 # In a checkpoints folder: the file naming the newest checkpoint, the best checkpoint and its record
 LATEST_POINTER, BEST_CHECKPOINT, BEST_RECORD = "latest", "ckpt-best.pt", "best"
+# The checkpoint in the folder of a model fetched from the zoo (run/zoo.py)
+ZOO_CHECKPOINT = "checkpoint.pt"
+
+
+def zoo_folder(folder: Path, name: str, version: int | None) -> Path:
+    """The folder in ``folder`` that zoo model ``name`` (``version``, else its latest) is fetched into."""
+    return folder / f"{name}-{version or 'latest'}"
 
 
 def start_checkpoint(folder: Path) -> Path | None:
     """The checkpoint a run (or checkpoints) folder offers to start from: its best, else the one its ``latest``
     pointer names; None when it has neither."""
-    folder = folder / "checkpoints" if (folder / "checkpoints").is_dir() else folder
+    run = RunDir(folder)
+    folder = run.checkpoints if run.checkpoints.is_dir() else folder
     if (folder / BEST_CHECKPOINT).is_file():
         return folder / BEST_CHECKPOINT
     return _pointed(folder / LATEST_POINTER)
@@ -100,6 +109,10 @@ class RunDir:
     def cache(self) -> Path:
         return self.root / "cache"
 
+    def pretrained(self, name: str, version: int | None) -> Path:
+        """Where run & manage fetches zoo model ``name`` (``version``, else its latest) that the job starts from."""
+        return zoo_folder(self.cache / "pretrained", name, version)
+
     @property
     def plots(self) -> Path:
         return self.root / "plots"
@@ -114,6 +127,10 @@ class RunDir:
 
     def resource_samples(self, rank: int) -> Path:
         return self.resources / f"rank{rank}.csv"
+
+    def all_resource_samples(self) -> list[Path]:
+        """The resource samples of every rank that wrote some, in name order."""
+        return sorted(self.resources.glob("rank*.csv"))
 
     @property
     def predictions(self) -> Path:

@@ -21,7 +21,7 @@ from ..core.cli_args import count, positive
 from ..core.errors import DataError, Location, Source
 from ..engine.job import Setting
 from ..engine.values import bind
-from ..generator.points import registry
+from ..generator.points import POINT_BY_NAME
 
 # --------------------------------------------------------------------------------------------
 # synth
@@ -62,7 +62,8 @@ PREPROCESS_OPTIONS = {"slices": "slices_per_volume", "size": "size", "mode": "sl
 
 def _preprocessing(args):
     """The decathlon Config a job with these options would bind (a bad value is refused as a job's would be)."""
-    entry = registry("dataset_injection").get("decathlon", Location(Path(args.data)))
+    point = POINT_BY_NAME["dataset_injection"]  # the default data format: decathlon, whose slice cache this builds
+    entry = point.registry.get(point.default, Location(Path(args.data)))
     settings = [Setting(field, str(value), Source(Path("."), text=f"autocnnp preprocess --{option.replace('_', '-')}"))
                 for option, field in PREPROCESS_OPTIONS.items() if (value := getattr(args, option)) is not None]
     if args.no_normalise:

@@ -51,7 +51,7 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
-from ..core.files import exclusive_lock, read_json, write_json
+from ..core.files import atomic_write, exclusive_lock, read_json, write_json
 from ..core.processes import die_with_parent, usable_cores
 from .batches import BatchDataset
 from .checks import Verdict
@@ -186,8 +186,8 @@ def build_cache(
         n_workers = min(len(cases), int(workers) if workers is not None else
                         (usable_cores() if source_bytes >= POOL_MIN_BYTES else 1))
         with _case_runner(n_workers) as run:
-            _write_cache(work, cases, params, key, ds, mods, run, progress)
-        _commit(work, out)
+            meta = _write_cache(work, cases, params, key, ds, mods, run, progress)
+        _commit(work, out, meta)
         shutil.rmtree(work, ignore_errors=True)
     return out
 
@@ -344,7 +344,7 @@ def _arrays(work: Path, shapes: dict) -> list[int]:
 
 def _write_cache(work: Path, cases, params, key, ds, mods, run, progress: bool) -> dict:
     """Plan the cases, allocate the arrays (or find those of an interrupted build), build the cases not
-    recorded done, and write ``meta.json`` in the build folder ``work``."""
+    recorded done in the build folder ``work``; returns what ``meta.json`` will hold."""
     h, w = params["size"]
     plans, channels = _plans(work, cases, params, mods, run)
     firsts = np.concatenate([[0], np.cumsum([len(p) for p in plans])]).tolist()
@@ -387,7 +387,6 @@ def _write_cache(work: Path, cases, params, key, ds, mods, run, progress: bool) 
         "slice_case": [i for i, p in enumerate(plans) for _ in p],
         "slice_index": [int(z) for p in plans for z in p],
     }
-    (work / META_FILE).write_text(json.dumps(meta))
     return meta
 
 
@@ -430,15 +429,12 @@ def _duration(seconds: float) -> str:
     return f"{seconds // 3600}h{seconds // 60 % 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
-def _commit(work: Path, out: Path) -> None:
-    """Move a finished build into place; ``meta.json`` goes last so a matching meta means complete data."""
-    try:
-        (out / META_FILE).unlink()
-    except FileNotFoundError:
-        pass
+def _commit(work: Path, out: Path, meta: dict) -> None:
+    """Move a finished build into place; ``meta.json`` is written last so a matching meta means complete data."""
+    (out / META_FILE).unlink(missing_ok=True)
     os.replace(work / IMAGES_FILE, out / IMAGES_FILE)
     os.replace(work / LABELS_FILE, out / LABELS_FILE)
-    os.replace(work / META_FILE, out / META_FILE)
+    atomic_write(out / META_FILE, json.dumps(meta))
 
 
 def read_cache_meta(cache_dir) -> dict:

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import JobError, Location, did_you_mean
-from ..core.rundir import RunDir, checkpoint_file
+from ..core.rundir import ZOO_CHECKPOINT, RunDir, checkpoint_file
 from ..engine.job import Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
 from .points import COMPOSITES, MODULE_BY_NAME, MODULES, PLUGIN_FITS, POINT_BY_NAME, POINTS, SET_ELSEWHERE
@@ -39,8 +39,7 @@ class Pretrained:
         """The checkpoint the ranks load: the file, a run folder's best (else latest) checkpoint, or where
         run & manage puts a zoo model before the ranks start."""
         if self.zoo is not None:
-            name, version = self.zoo
-            return rundir.cache / "pretrained" / f"{name}-{version or 'latest'}" / "checkpoint.pt"
+            return rundir.pretrained(*self.zoo) / ZOO_CHECKPOINT
         return checkpoint_file(self.path)
 
 
@@ -265,9 +264,9 @@ def _injection_actions(spec: JobSpec, framework: str) -> dict[str, Action]:
     else:
         arch_entry = registry.get(arch.name, arch.where, framework)
     _check_framework(points["architecture_injection"], arch_entry, framework, arch.where)
-    data = spec.data_format
-    data_entry = points["dataset_injection"].registry.get(data.name or "decathlon", data.where, framework)
-    _check_framework(points["dataset_injection"], data_entry, framework, data.where)
+    data, data_point = spec.data_format, points["dataset_injection"]
+    data_entry = data_point.registry.get(data.name or data_point.default, data.where, framework)
+    _check_framework(data_point, data_entry, framework, data.where)
     hyper = points["hyperparameters_injection"]
     return {
         "task_definition": _action(points["task_definition"], points["task_definition"].registry.get(

@@ -110,7 +110,7 @@ POINTS = (
     Point("architecture_injection", "Architecture Injection", "injection", False, "architectures", None, "build",
           Fits(bases=("Module", "Model"), methods=("forward",)), ("architecture",), consumes=("task",),
           provides=("model",), noun="architecture"),
-    Point("dataset_injection", "Dataset Injection", "injection", False, "datasets", None, "Format",
+    Point("dataset_injection", "Dataset Injection", "injection", False, "datasets", "decathlon", "Format",
           aliases=("dataset",), consumes=("world", "task"), provides=("datasets",), noun="dataset",
           protocols=(("", DataFormat),)),
 )

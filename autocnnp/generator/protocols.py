@@ -418,7 +418,8 @@ class DataFormat:
     ``prepare(seed=, cache_dir=)`` once before starting the ranks; the trainer calls
     ``datasets(world=, seed=, cache_dir=)`` once per rank; ``autocnnp validate --data`` calls
     ``check()``; the manifest hashes ``files()``; ``lr-plot`` asks ``train_samples()``;
-    ``autocnnp predict`` asks ``volumes()`` how to turn a volume into model inputs and back.
+    ``autocnnp predict`` asks ``volumes()`` how to turn a volume into model inputs and back, and
+    ``volumes_from_card(card, num_classes)`` for the same of a checkpoint's model card.
     """
 
     def __init__(self, config: Any = None):
@@ -445,8 +446,14 @@ class DataFormat:
         return self.train_samples()
 
     def volumes(self):
-        """How ``autocnnp predict`` turns this format's volumes into model inputs and back (a
-        :class:`~autocnnp.data.volumes.SliceTransform`), or None for a format without volumes."""
+        """How ``autocnnp predict`` turns this format's volumes into model inputs and back (as the decathlon
+        format's :class:`~autocnnp.components.datasets.decathlon.SliceTransform`: ``card()``, ``cases``,
+        ``to_slices``, ``size``, ``num_classes``, ``default_input``), or None for a format without volumes."""
+        return None
+
+    def volumes_from_card(self, card: dict, num_classes: int | None):
+        """The transform whose ``card()`` a checkpoint recorded, for a model of ``num_classes`` classes;
+        None (the default) for a format that cannot predict volumes."""
         return None
 
 

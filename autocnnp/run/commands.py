@@ -16,6 +16,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+from ..core.errors import ExitCode
 from ..core.files import read_json
 from ..core.rundir import RunDir
 from . import slurm
@@ -75,7 +76,7 @@ def cmd_status(args) -> int:
         return 1 if state.state == "UNKNOWN" else 0
     if state.active:
         print(f"autocnnp: Slurm job {job_id} is still {state.state} after {args.timeout:g} s", file=sys.stderr)
-        return 124
+        return ExitCode.TIMED_OUT
     return 0 if state.state == "COMPLETED" else 1
 
 
@@ -128,7 +129,8 @@ def add_commands(sub) -> None:
     s.add_argument("target", help="the XML job file that was submitted, or a Slurm job id")
     _add_set(s)
     s.add_argument("--wait", action="store_true", help="wait until the job ends; exit 0 only if it COMPLETED")
-    s.add_argument("--timeout", type=float, default=24 * 3600.0, help="seconds --wait waits at most (then exit 124)")
+    s.add_argument("--timeout", type=float, default=24 * 3600.0,
+                   help=f"seconds --wait waits at most (then exit {ExitCode.TIMED_OUT:d})")
     s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("cancel", help="cancel the job's Slurm job (scancel) and wait until its ranks are gone")

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ..core.errors import JobError
-from ..core.files import read_json, sha256_file, sha256_text, write_json
+from ..core.files import atomic_create, read_json, sha256_file, sha256_text, write_json
 from ..engine.xmlparse import read_xml
 from .job import Job, load_job
 
@@ -119,25 +119,24 @@ def _same(target: Path, obj: Path, sha: str, old: dict[str, str], rel: str) -> b
 
 def _place(obj: Path, target: Path) -> None:
     """Put the object at target: a hard link where the filesystem allows, else a copy."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f".{target.name}.deploy-tmp")
-    tmp.unlink(missing_ok=True)
-    try:
-        os.link(obj, tmp)
-    except OSError:
-        shutil.copy2(obj, tmp)
-    os.replace(tmp, target)
+
+    def link(tmp: Path) -> None:
+        try:
+            os.link(obj, tmp)
+        except OSError:
+            shutil.copy2(obj, tmp)
+
+    atomic_create(target, link)
 
 
 def _store(source: Path, obj: Path) -> None:
-    obj.parent.mkdir(parents=True, exist_ok=True)
-    tmp = obj.with_name(f".{obj.name}.{os.getpid()}.tmp")
-    shutil.copyfile(source, tmp)
-    if sha256_file(tmp) != obj.name:  # changed while we copied: do not store it under the wrong key
-        tmp.unlink()
-        raise OSError(f"{source} changed while it was copied; deploy again")
-    os.chmod(tmp, 0o444)  # objects are shared by every job that has this content: never edit them
-    os.replace(tmp, obj)
+    def copy(tmp: Path) -> None:
+        shutil.copyfile(source, tmp)
+        if sha256_file(tmp) != obj.name:  # changed while we copied: do not store it under the wrong key
+            raise OSError(f"{source} changed while it was copied; deploy again")
+        os.chmod(tmp, 0o444)  # objects are shared by every job that has this content: never edit them
+
+    atomic_create(obj, copy)
 
 
 def sync(items: list[Item], store: Path, tree: Path, dry_run: bool, out=None) -> dict[str, int]:

@@ -27,6 +27,7 @@ from string import Template
 
 from ..core.errors import ExitCode, JobError, Source, did_you_mean
 from ..core.files import read_json, write_json
+from ..core.metrics import DICE, TRAIN_LOSS, VALID_LOSS
 from ..core.rundir import RunDir
 from .job import Job, load_job
 from .lock import is_held, own_output
@@ -393,7 +394,7 @@ def progress(rundir: RunDir | None) -> str:
     if len(lines) < 2:
         return ""
     row = dict(zip(lines[0].split(","), lines[-1].split(",")))
-    extra = ", ".join(f"{k} {float(row[k]):.4g}" for k in ("train_loss", "valid_loss", "dice") if row.get(k))
+    extra = ", ".join(f"{k} {float(row[k]):.4g}" for k in (TRAIN_LOSS, VALID_LOSS, DICE) if row.get(k))
     return f"epoch {row.get('epoch', '?')} done" + (f": {extra}" if extra else "")
 
 

@@ -24,12 +24,11 @@ from pathlib import Path
 from ..components.trackers.mlflow_tracking import store_of
 from ..core.errors import JobError, Source
 from ..core.files import read_json
-from ..core.metrics import FOREGROUND_DICE
-from ..core.rundir import BEST_RECORD, RunDir, start_checkpoint
+from ..core.metrics import DICE, FOREGROUND_DICE
+from ..core.rundir import BEST_RECORD, ZOO_CHECKPOINT, RunDir, start_checkpoint
 
 ZOO_ENV = "AUTOCNNP_ZOO"
 EXPERIMENT = "autocnnp-zoo"
-CHECKPOINT = "checkpoint.pt"
 
 
 def zoo_store(arg: str | None = None) -> tuple[str, Path | None]:
@@ -114,7 +113,7 @@ def publish(rundir: Path, name: str, store, description: str = "") -> int:
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
         model.mkdir()
-        shutil.copyfile(checkpoint, model / CHECKPOINT)
+        shutil.copyfile(checkpoint, model / ZOO_CHECKPOINT)
         (model / "model_card.json").write_text(json.dumps({k: v for k, v in card.items() if k != "job"}, indent=2))
         (model / "job.xml").write_text(card["job"]["text"])
         if paths.manifest.is_file():
@@ -129,7 +128,7 @@ def publish(rundir: Path, name: str, store, description: str = "") -> int:
         client.get_registered_model(name)
     except MlflowException:
         client.create_registered_model(name, description=description or f"autocnnp {card['architecture']['name']}")
-    summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in (FOREGROUND_DICE, "dice") if k in metrics)
+    summary = ", ".join(f"{k} {metrics[k]:.4f}" for k in (FOREGROUND_DICE, DICE) if k in metrics)
     version = client.create_model_version(name, f"{run.info.artifact_uri}/model", run_id=run.info.run_id, tags=tags,
                                           description=description or summary)
     return int(version.version)
@@ -142,8 +141,8 @@ def fetch(name: str, version: int | None, dest: Path, store) -> tuple[Path, int]
     client = _client(store)
     found = _version(client, name, version)
     dest = Path(dest)
-    if (dest / CHECKPOINT).is_file() and (read_json(dest / "zoo.json") or {}).get("version") == int(found.version):
-        return dest / CHECKPOINT, int(found.version)
+    if (dest / ZOO_CHECKPOINT).is_file() and (read_json(dest / "zoo.json") or {}).get("version") == int(found.version):
+        return dest / ZOO_CHECKPOINT, int(found.version)
     dest.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=dest.parent) as tmp:
         got = Path(mlflow.artifacts.download_artifacts(artifact_uri=found.source, dst_path=tmp,
@@ -152,7 +151,7 @@ def fetch(name: str, version: int | None, dest: Path, store) -> tuple[Path, int]
                                                   "source": found.source}))
         shutil.rmtree(dest, ignore_errors=True)
         os.replace(got, dest)
-    return dest / CHECKPOINT, int(found.version)
+    return dest / ZOO_CHECKPOINT, int(found.version)
 
 
 # --- commands ------------------------------------------------------------------------------------------
@@ -216,4 +215,4 @@ def add_commands(sub) -> None:
     v.add_argument("model", help="NAME or NAME/VERSION (default: the latest version)")
     v = verb("pull", cmd_pull, "download a model version for offline use")
     v.add_argument("model", help="NAME or NAME/VERSION")
-    v.add_argument("dir", help="the folder to write (checkpoint.pt, model_card.json, job.xml, manifest.json)")
+    v.add_argument("dir", help=f"the folder to write ({ZOO_CHECKPOINT}, model_card.json, job.xml, manifest.json)")

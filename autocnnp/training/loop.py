@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
-from ..core.metrics import LOSSES, parse_regions
+from ..core.metrics import LEARNING_RATE, LOSSES, TRAIN_LOSS, VALID_LOSS, parse_regions
 from ..core.world import World
 from ..data.batches import DeviceBatches, batch_loader
 from ..generator.assemble import Generator
@@ -72,7 +72,7 @@ def checked_regions(task, data: DataBundle, monitoring: MonitoringConfig,
     except ValueError as exc:
         raise DataError(None, f"<monitoring> regions: {exc}", f"use class values of the data's {data.num_classes} "
                         "classes (0 is the background)") from None
-    checkpoints.check_metrics({*evaluator.names(), *LOSSES, "lr"})
+    checkpoints.check_metrics({*evaluator.names(), *LOSSES, LEARNING_RATE})
     return regions
 
 
@@ -129,7 +129,7 @@ def train_epoch(run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
     evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
     metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat)
     loss_sum, n = sum_over_ranks(world, [total, count])
-    metrics = {"train_loss": loss_sum / max(n, 1), "lr": run.current_lr(), **metrics}
+    metrics = {TRAIN_LOSS: loss_sum / max(n, 1), LEARNING_RATE: run.current_lr(), **metrics}
     state.epoch = epoch + 1
     run.checkpoints.on_epoch_end(epoch, metrics, state)
     run.policy.on_epoch_end(epoch, metrics)  # an adaptive LR policy (GreScale); metrics are the same on every rank
@@ -150,7 +150,7 @@ def evaluate(model, loader: DeviceBatches, evaluator, loss_fn, world: World, bea
         beat()
     evaluator.all_reduce(world.all_reduce)
     loss_sum, n = sum_over_ranks(world, [total, count])
-    return {"valid_loss": loss_sum / max(n, 1), **evaluator.compute()}
+    return {VALID_LOSS: loss_sum / max(n, 1), **evaluator.compute()}
 
 
 def common_state(run) -> dict:

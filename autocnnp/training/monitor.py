@@ -416,7 +416,7 @@ def plot_run(rundir: RunDir) -> list[Path]:
             save(fig, filename)
 
     tables = {}
-    for path in sorted(rundir.resources.glob("rank*.csv")):
+    for path in rundir.all_resource_samples():
         rows = _read_csv(path)[1]
         if rows:
             tables[int(rows[0]["rank"])] = rows

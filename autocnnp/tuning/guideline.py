@@ -36,8 +36,8 @@ from dataclasses import asdict, dataclass, field, replace
 from ..components.hyperparameters.xml_properties import Config as Hyperparameters
 from ..components.lr_policies.grescale import Config as GreScaleConfig
 from ..components.lr_policies.grescale import grescale_phases
+from ..core.metrics import GUIDELINE_PRIORITY
 
-PRIORITY = ("dice", "mean_accuracy", "mean_iou")
 DEFAULT_THRESHOLD = 12
 MIN_LR = 1e-6  # thesis 6.3.3, after [159]: keep the lr above 1e-6
 OPTIMIZERS = typing.get_args(typing.get_type_hints(Hyperparameters)["optimizer"])  # what the job may name
@@ -146,7 +146,7 @@ BASELINE_LABEL = "Baseline model performances"
 def compare(a: dict, b: dict, tolerance: float) -> int:
     """+1 if ``a`` is the better model, -1 if ``b`` is, 0 if they tie: Dice, then mean accuracy, then
     mean IoU; differences within ``tolerance`` are ties. A missing or NaN metric loses."""
-    for name in PRIORITY:
+    for name in GUIDELINE_PRIORITY:
         x, y = _num(a.get(name)), _num(b.get(name))
         if x - y > tolerance:
             return 1

@@ -7,6 +7,8 @@ from __future__ import annotations
 import csv
 from pathlib import Path
 
+from ..core.metrics import LEARNING_RATE
+
 ASSUMED_STEPS = 10
 
 
@@ -25,7 +27,8 @@ def schedule(policy, total_epochs: int, steps_per_epoch: int) -> list[tuple[floa
 def actual_lr(metrics_csv: Path) -> list[tuple[float, float]]:
     """(epoch index, lr of the epoch's last step) from a run's metrics.csv."""
     with open(metrics_csv, newline="") as f:
-        return [(int(r["epoch"]) - 1, float(r["lr"])) for r in csv.DictReader(f) if r.get("lr")]  # numbered from 1
+        rows = csv.DictReader(f)
+        return [(int(r["epoch"]) - 1, float(r[LEARNING_RATE])) for r in rows if r.get(LEARNING_RATE)]  # numbered from 1
 
 
 def plot_schedules(policies: dict[str, object], total_epochs: int, steps: int, out: Path, title: str,

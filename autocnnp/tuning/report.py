@@ -9,13 +9,12 @@ import textwrap
 from pathlib import Path
 
 from ..core.files import atomic_write
-from ..core.metrics import SEGEVAL
+from ..core.metrics import GUIDELINE_PRIORITY, SEGEVAL
 from ..core.text import text_table
 from .guideline import Outcome, Row, settings_dict
 from .lr_plot import save_figure
 
-HEADERS = {"dice": "Dice", "pixel_accuracy": "PA", "mean_accuracy": "MA", "mean_iou": "mean.IoU",
-           "fw_iou": "f.w.IoU"}
+HEADERS = dict(zip(SEGEVAL, ("Dice", "PA", "MA", "mean.IoU", "f.w.IoU"), strict=True))
 SETTING_COLUMNS = ("lr", "optimizer", "warmup_epochs", "decay_coefficient", "decay_epochs")
 COLUMNS = ("iteration", "action", *SEGEVAL, "ranks", *SETTING_COLUMNS, "reached_baseline", "improved", "run")
 
@@ -73,7 +72,7 @@ def plot(outcome: Outcome, path: Path) -> Path | None:
 
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) + 3), 4.5))
     xs = list(range(len(rows)))
-    for name, color in (("dice", "C0"), ("mean_accuracy", "C1"), ("mean_iou", "C2")):
+    for name, color in zip(GUIDELINE_PRIORITY, ("C0", "C1", "C2"), strict=True):
         ax.plot(xs, [100 * float(r.metrics.get(name, math.nan)) for r in rows], "o-", color=color,
                 label=HEADERS[name])
         if outcome.baseline is not None and name in outcome.baseline.metrics:

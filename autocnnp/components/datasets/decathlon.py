@@ -231,6 +231,9 @@ class Decathlon(DataFormat):
         declared = len(index.labels) if index is not None else 0
         return SliceTransform(c.size, modalities, c.normalise, Path(c.test or c.train), max(2, declared) if declared else None)
 
+    def volumes_from_card(self, card: dict, num_classes: int | None) -> SliceTransform:
+        return SliceTransform.from_card(card, num_classes)
+
 
 @dataclass(frozen=True)
 class SliceTransform:

@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
+from autocnnp.core.metrics import TRAIN_LOSS, VALID_LOSS
 from autocnnp.core.settings import setting
 from autocnnp.generator.registry import component
 
@@ -51,7 +52,7 @@ class Config(WarmupConfig):
                                                               "the stabilisation)")
     feedback_factor: float = setting(0.5, gt=0.0, max=0.999, help="stabilisation lr x this when the loss rises")
     tolerance: float = setting(0.0, min=0.0, help="relative rise of the loss that counts as rising")
-    monitor: Literal["valid_loss", "train_loss"] = setting("valid_loss", help="the loss the feedback watches")
+    monitor: Literal[VALID_LOSS, TRAIN_LOSS] = setting(VALID_LOSS, help="the loss the feedback watches")
 
 
 def grescale_phases(total_epochs: int, warmup_epochs: int, decay_epochs: int | None) -> tuple[int, int, int]:
@@ -111,7 +112,7 @@ class GreScale(Warmup):
         when the monitored loss rose. The decay stage has a fixed schedule (no feedback)."""
         if not self.config.adaptive:
             return
-        value = metrics.get(self.config.monitor, metrics.get("train_loss"))
+        value = metrics.get(self.config.monitor, metrics.get(TRAIN_LOSS))
         if value is None:
             return
         value = float(value)

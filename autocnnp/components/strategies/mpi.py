@@ -23,7 +23,7 @@ from torch import nn
 from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy
 from autocnnp.generator.registry import component
 
-from .tensors import BucketConfig, bcast_module, mpi, pack, pieces
+from .tensors import BucketConfig, bcast_module, mpi, pack, unpack
 
 
 @dataclass
@@ -47,14 +47,7 @@ class Bucket:
         pack(self.params, self.flat, grads=True)
         comm.Allreduce(MPI.IN_PLACE, self.flat.numpy(), op=MPI.SUM)
         self.flat.div_(comm.size)
-        with torch.no_grad():
-            for piece, p in pieces(self.flat, self.params):
-                if p.device == self.flat.device:
-                    p.grad = piece
-                elif p.grad is None:
-                    p.grad = piece.to(p.device, copy=True)
-                else:
-                    p.grad.copy_(piece)
+        unpack(self.flat, self.params, grads=True, views=True)
 
 
 def make_buckets(model: nn.Module, cap_mb: float) -> list[Bucket]:

@@ -49,13 +49,17 @@ def pack(tensors: Sequence[torch.Tensor], flat: torch.Tensor, *, grads: bool = F
     return flat
 
 
-def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor], *, grads: bool = False, divisor: float = 1.0) -> None:
+def unpack(flat: torch.Tensor, tensors: Sequence[torch.Tensor], *, grads: bool = False, divisor: float = 1.0,
+           views: bool = False) -> None:
     """Copy consecutive pieces of ``flat``, divided by ``divisor``, into ``tensors`` (their gradients with
-    ``grads``, created where None), keeping each tensor's device and dtype."""
+    ``grads``, created where None), keeping each tensor's device and dtype. With ``views`` (gradients, no
+    divisor) the gradient of a tensor on ``flat``'s device becomes its piece of ``flat``: nothing is copied."""
     with torch.no_grad():
         for piece, t in pieces(flat, tensors):
             value = piece / divisor if divisor != 1 else piece
-            if grads and t.grad is None:
+            if views and t.device == flat.device:
+                t.grad = value
+            elif grads and t.grad is None:
                 t.grad = value.to(t.device, t.dtype, copy=True)
             else:
                 (t.grad if grads else t).copy_(value)

@@ -13,6 +13,8 @@ from autocnnp.core.settings import setting
 from autocnnp.generator.protocols import MPI_LAUNCHERS, KerasStrategy, StrategyConfig
 from autocnnp.generator.registry import component
 
+from .tensors import pack, unpack
+
 _COLLECTIVES = {"ring": "RING", "nccl": "NCCL", "auto": "AUTO"}
 
 
@@ -47,10 +49,11 @@ class MultiWorkerMirrored(KerasStrategy):
         values = [(v, v.numpy()) for v in variables if "float" in str(v.dtype)]
         if self.world.world_size == 1 or not values:
             return
-        flat = np.concatenate([np.ravel(value).astype(np.float64) for _, value in values])
-        mean = self.world.all_reduce(torch.from_numpy(flat)).numpy() / self.world.world_size
-        for (v, value), part in zip(values, np.split(mean, np.cumsum([value.size for _, value in values])[:-1])):
-            v.assign(part.reshape(value.shape).astype(value.dtype))
+        tensors = [torch.from_numpy(np.asarray(value, dtype=np.float64)) for _, value in values]
+        flat = pack(tensors, torch.empty(sum(t.numel() for t in tensors), dtype=torch.float64))
+        unpack(self.world.all_reduce(flat), tensors, divisor=self.world.world_size)
+        for (v, value), mean in zip(values, tensors, strict=True):
+            v.assign(mean.numpy().astype(value.dtype))
 
     def scope(self):
         return self.distribution.scope()

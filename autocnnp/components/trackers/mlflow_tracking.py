@@ -193,14 +193,14 @@ class Sender:
 class SystemTail:
     """New rows of the ranks' resource samples, as ``system/rankN/...`` metrics events."""
 
-    def __init__(self, folder: Path):
-        self.folder = folder
+    def __init__(self, rundir: RunDir):
+        self.rundir = rundir
         self.offsets: dict[Path, int] = {}
         self.steps: dict[int, int] = {}
         self.hosts: dict[int, str] = {}
 
     def read(self, journal: Journal) -> None:
-        for path in sorted(self.folder.glob("rank*.csv")):
+        for path in self.rundir.all_resource_samples():
             with open(path, newline="") as f:
                 header = f.readline()
                 f.seek(max(self.offsets.get(path, 0), len(header)))
@@ -272,7 +272,7 @@ def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) 
     """The sender: every ``interval_s``, turn new resource samples into events and send the journal; on SIGTERM
     (its rank closing, or gone) send what is left and end. Tells once when the store is down."""
     journal = Journal(RunDir(rundir).tracking / JOURNAL)
-    sender, tail = Sender(rundir, tracking_uri, experiment), SystemTail(RunDir(rundir).resources)
+    sender, tail = Sender(rundir, tracking_uri, experiment), SystemTail(RunDir(rundir))
     warned = False
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
