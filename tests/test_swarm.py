@@ -203,17 +203,26 @@ def test_a_stale_lock_is_taken_over_with_a_note(swarm, cli, tmp_path):
     assert rc == 2 and "autocnnp: note: took over the lock of pid 99999999 on host gone since then (x)" in err
 
 
-@pytest.mark.docker
-def test_sigterm_removes_the_service_and_its_network(swarm, tmp_path):
+def long_swarm_run(tmp_path: Path, until) -> subprocess.Popen:
+    """``deploy --swarm`` of a long job, in a session of its own, once ``until(output folder)`` holds."""
     job = write_job(tmp_path / "job.xml", output="out", arch=TINY_UNET, data=TINY_DATA,
                     hyper=dict(minibatch_size=2, end_epoch=500, lr=0.05))
     proc = subprocess.Popen([sys.executable, "-m", "autocnnp", "deploy", str(job), "--swarm", "--image", IMAGE],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 180
+    while not until(tmp_path / "out"):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"the swarm run did not get going: {proc.stderr.read() if proc.poll() else ''}")
+        time.sleep(0.5)
+    return proc
+
+
+@pytest.mark.docker
+def test_sigterm_removes_the_service_and_its_network(swarm, tmp_path):
+    proc = long_swarm_run(tmp_path, lambda out: (out / "metrics.csv").exists())
     try:
-        deadline = time.monotonic() + 180
-        while not (tmp_path / "out" / "metrics.csv").exists():
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
-            time.sleep(0.5)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(120) == 143
         last = proc.stderr.read().strip().splitlines()[-1]
@@ -227,15 +236,8 @@ def test_sigterm_removes_the_service_and_its_network(swarm, tmp_path):
 
 @pytest.mark.docker
 def test_sigkill_of_the_front_end_leaves_nothing_behind(swarm, tmp_path):
-    job = write_job(tmp_path / "job.xml", output="out", arch=TINY_UNET, data=TINY_DATA,
-                    hyper=dict(minibatch_size=2, end_epoch=500, lr=0.05))
-    proc = subprocess.Popen([sys.executable, "-m", "autocnnp", "deploy", str(job), "--swarm", "--image", IMAGE],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = long_swarm_run(tmp_path, lambda out: len(list((out / ".ranks").glob("rank*"))) == 2)  # both replicas up
     try:
-        deadline = time.monotonic() + 180
-        while len(list((tmp_path / "out" / ".ranks").glob("rank*"))) < 2:  # both replicas are up
-            assert proc.poll() is None and time.monotonic() < deadline, proc.stderr.read() if proc.poll() else ""
-            time.sleep(0.5)
         assert len(guardians()) == 1 and leftovers(swarm)
         os.killpg(proc.pid, signal.SIGKILL)  # the front-end and its process group; the guardian has its own
         proc.wait(10)
