@@ -33,12 +33,14 @@ def cmd_validate(args) -> int:
     if not args.data:
         return ExitCode.OK
     fmt = gen.data_format()  # every file of the job's datasets: NIfTI readable, shapes, affines, labels
-    problems = fmt.check()
-    for problem in problems:
+    found = fmt.check()
+    for problem in found.problems:
         print(f"autocnnp: {problem}", file=sys.stderr)
+    for note in found.notes:
+        print(f"autocnnp: note: {note}", file=sys.stderr)
     checked = ", ".join(map(str, fmt.files())) or "nothing (the dataset has no files)"
-    print(f"data: {len(problems)} problem(s) in {checked}")
-    return ExitCode.BAD_INPUT if problems else ExitCode.OK
+    print(f"data: {len(found.problems)} problem(s) in {checked}" + (f", {len(found.notes)} note(s)" if found.notes else ""))
+    return ExitCode.BAD_INPUT if found.problems else ExitCode.OK
 
 
 def cmd_plan(args) -> int:

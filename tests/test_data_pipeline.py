@@ -392,6 +392,12 @@ def test_a_broken_cache_and_empty_label_maps_are_reported(brain_data, tmp_path, 
     rc, _, err = cli("preprocess", data, cache, "--slices", "4", "--size", "16")
     assert rc == 0 and "1 case(s) have a label map with background only (case_001)" in err
     assert check_cache(cache).empty_labels == ["case_001"]
+    for source in (data, cache):  # validate --data notes it too, of a dataset and of a cache
+        job = small_job(BRAIN_JOB, tmp_path / "job.xml", **TINY_BRAIN)
+        job.write_text(job.read_text().replace("data/Task01_BrainTumour", str(source)))
+        rc, out, err = cli("validate", "--data", job)
+        assert rc == 0 and "1 note(s)" in out and "note: 1 case(s) have a label map with background only (case_001)" \
+            in err, err
     images = np.load(cache / "images.npy", mmap_mode="r+")
     images[5, 0, 0, 0] = np.nan  # a damaged cache: training on it would diverge without naming a file
     images.flush()
@@ -410,5 +416,7 @@ def test_an_unreadable_test_image_does_not_stop_training(brain_data, tmp_path, c
     assert len(bundle.train) == 12
     job = small_job(BRAIN_JOB, tmp_path / "job.xml", **TINY_BRAIN)
     job.write_text(job.read_text().replace("data/Task01_BrainTumour", str(data)))
-    rc, _, err = cli("validate", "--data", job)  # validate --data reads every file, the test images too
-    assert rc == 2 and test_image.name in err
+    rc, out, err = cli("validate", "--data", job)  # validate --data reads every file, the test images too
+    assert rc == 0 and "data: 0 problem(s)" in out and "1 note(s)" in out, err
+    assert f"autocnnp: note: {test_image}" in err and "(a test case: training goes on without it, predict would " \
+        "refuse it)" in err

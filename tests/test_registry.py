@@ -116,7 +116,7 @@ def test_the_decathlon_format_builds_from_its_defaults_and_a_dataset(tmp_path):
     fmt = entry.load()(entry.config(train=root))
     data = fmt.datasets(world=World(), seed=0, cache_dir=tmp_path / "cache")
     assert (data.in_channels, data.num_classes) == (1, 2) and len(data.train) and len(data.valid)
-    assert fmt.check() == [] and fmt.files() == [root]
+    assert fmt.check().problems == [] and fmt.check().notes == [] and fmt.files() == [root]
 
 
 BUILD_WITH_ONE_RANK = textwrap.dedent("""

@@ -12,7 +12,7 @@ import contextlib
 import inspect
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -411,6 +411,15 @@ class DataBundle:
         return "none" if self.augment is None else repr(self.augment)
 
 
+@dataclass
+class DataCheck:
+    """What ``DataFormat.check()`` found: problems (DataErrors: each stops a job) and notes (lines that do
+    not, such as a test case training never reads or a label map holding background only)."""
+
+    problems: list = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+
+
 class DataFormat:
     """A data format (``<data format="...">``, the dataset_injection point).
 
@@ -428,9 +437,9 @@ class DataFormat:
     def datasets(self, *, world, seed: int, cache_dir: Path) -> DataBundle:
         raise NotImplementedError
 
-    def check(self) -> list:
-        """Every problem of the data files (:class:`~autocnnp.core.errors.DataError`); none by default."""
-        return []
+    def check(self) -> DataCheck:
+        """Every file of the data checked: what stops a job and what does not; nothing by default."""
+        return DataCheck()
 
     def files(self) -> list[Path]:
         """The source files and folders of the data (none for generated data)."""

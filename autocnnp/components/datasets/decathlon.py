@@ -43,11 +43,11 @@ from autocnnp.core.errors import DataError
 from autocnnp.core.settings import setting
 from autocnnp.core.world import World
 from autocnnp.data.augment import RandomAffine2D
-from autocnnp.data.checks import Verdict, validate_dataset, validate_once
+from autocnnp.data.checks import Verdict, check_dataset, validate_once
 from autocnnp.data.index import Case, case_name, is_dataset, is_nifti, nifti_files, read_dataset
 from autocnnp.data.preprocess import CacheDataset, build_cache, cache_key_of, check_cache, is_cache
 from autocnnp.data.slices import parse_modalities, resize, select_modalities, take_slices, zscore
-from autocnnp.generator.protocols import DataBundle, DataFormat
+from autocnnp.generator.protocols import DataBundle, DataCheck, DataFormat
 from autocnnp.generator.registry import component
 
 # Thesis Table 2.1 (left atrium): rotation [-45, 45] degrees, zoom [0.8, 1.2], shifts of 25.6 px
@@ -204,10 +204,22 @@ class Decathlon(DataFormat):
             print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
         return len(bundle.train)
 
-    def check(self) -> list[DataError]:
-        c = self.config
-        return [p for root in (c.train, c.valid, c.test) if root is not None
-                for p in (check_cache(root).problems if is_cache(root) else validate_dataset(root))]
+    def check(self) -> DataCheck:
+        """The training and validation cases' problems stop a job, as ``run`` checks them; a test case's (training
+        never reads it, predict would refuse it) and label maps holding background only are notes."""
+        c, found = self.config, DataCheck()
+        for root, trains in ((c.train, True), (c.valid, True), (c.test, False)):
+            if root is None:
+                continue
+            verdict = check_cache(root) if is_cache(root) else check_dataset(root, split="training") if trains \
+                else Verdict()
+            found.problems += verdict.problems
+            found.notes += [verdict.note()] if verdict.note() else []
+            if not is_cache(root):
+                known = {str(p) for p in verdict.problems}
+                found.notes += [f"{p} (a test case: training goes on without it, predict would refuse it)"
+                                for p in check_dataset(root, split="test").problems if str(p) not in known]
+        return found
 
     def files(self) -> list[Path]:
         return [Path(p) for p in (self.config.train, self.config.valid, self.config.test) if p is not None]
