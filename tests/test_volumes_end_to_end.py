@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,19 @@ def test_the_checkpoint_is_enough_to_predict(trained, cli, tmp_path):
     assert rc == 0, err
     rc, _, err = cli("predict", "--checkpoint", "best")
     assert rc == 2 and "--checkpoint best needs the job whose run it is" in err
+
+
+@pytest.mark.ranks
+def test_predict_refuses_data_of_other_modalities(trained, cli, tmp_path):
+    data = shutil.copytree(trained / "data", tmp_path / "data")
+    index = json.loads((data / "dataset.json").read_text())
+    trained_on = index["modality"]["0"]
+    index["modality"] = {"0": "CT"}
+    (data / "dataset.json").write_text(json.dumps(index))
+    rc, _, err = cli("predict", "--checkpoint", trained / "out", "--input", data, "--out", tmp_path / "p")
+    assert rc == 2 and f"the channels the model reads are the modalities CT here, but it was trained on {trained_on}" \
+        in err, err
+    assert not (tmp_path / "p").exists()
 
 
 @pytest.mark.ranks

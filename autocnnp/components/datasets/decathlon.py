@@ -241,10 +241,19 @@ class Decathlon(DataFormat):
         else:
             modalities = [index.modality_index(m) for m in names]
         declared = len(index.labels) if index is not None else 0
-        return SliceTransform(c.size, modalities, c.normalise, Path(c.test or c.train), max(2, declared) if declared else None)
+        return SliceTransform(c.size, modalities, c.normalise, Path(c.test or c.train), max(2, declared) if declared else None,
+                              channel_names=_channel_names(index.modalities, modalities) if index is not None else None)
 
     def volumes_from_card(self, card: dict, num_classes: int | None) -> SliceTransform:
         return SliceTransform.from_card(card, num_classes)
+
+
+def _channel_names(declared: dict[int, str], modalities: list[int] | None) -> tuple[str, ...] | None:
+    """The names of the channels a model reads (``modalities``, or all), from dataset.json's ``modality``."""
+    if not declared:
+        return None
+    picked = modalities if modalities is not None else range(len(declared))
+    return tuple(str(declared.get(i % len(declared), f"channel {i}")) for i in picked)
 
 
 @dataclass(frozen=True)
@@ -258,15 +267,18 @@ class SliceTransform:
     default_input: Path | None  # what predict reads when given no --input: the job's <test>, else its <train>
     num_classes: int | None  # the labels the training data declares, if it declares them
     axis: int = 2  # the slices are taken across this axis of the volume
+    channel_names: tuple[str, ...] | None = None  # the modalities the model reads, by dataset.json's names
 
     def card(self) -> dict:
         """What a checkpoint records of this transform (``from_card`` rebuilds it)."""
-        return {"slice_axis": self.axis, "size": self.size, "modalities": self.modalities, "normalise": self.normalise}
+        return {"slice_axis": self.axis, "size": self.size, "modalities": self.modalities, "normalise": self.normalise,
+                "channel_names": self.channel_names}
 
     @classmethod
     def from_card(cls, card: dict, num_classes: int | None) -> SliceTransform:
+        names = card.get("channel_names")
         return cls(int(card["size"]), card["modalities"], bool(card["normalise"]), None, num_classes,
-                   int(card.get("slice_axis", 2)))
+                   int(card.get("slice_axis", 2)), tuple(names) if names else None)
 
     def cases(self, source: Path, split: str) -> list[Case]:
         """The cases to predict: a dataset's ``split``, every NIfTI file in a folder, or one file."""
@@ -276,6 +288,12 @@ class SliceTransform:
             return [Case(case_name(source), source, None)]
         if is_dataset(source):
             ds = read_dataset(source)
+            given = _channel_names(ds.modalities, self.modalities)
+            if self.channel_names and given and [n.lower() for n in given] != [n.lower() for n in self.channel_names]:
+                raise DataError(ds.index_file, f"the channels the model reads are the modalities {', '.join(given)} "
+                                f"here, but it was trained on {', '.join(self.channel_names)}",
+                                "predict on data whose dataset.json 'modality' lists the same modalities in the same "
+                                "order")
             cases = [Case(c.name, c.image, None) for c in ds.cases(split)]
             if not cases:
                 raise DataError(ds.index_file, f"the dataset lists no {split} cases",
