@@ -50,7 +50,7 @@ def predict(job: Path, sets: list[str], ranks: list[int], out: Path) -> dict[int
     """``autocnnp scale``'s samples/s per rank count."""
     autocnnp("scale", str(job), *(f"--set={s}" for s in sets), "--ranks", ",".join(map(str, ranks)),
              "--link", "measured", "--steps", "30", "--json", str(out))
-    return {row["ranks"]: row["samples_s"] for row in json.loads(out.read_text())["rows"]}
+    return {row["world_size"]: row["samples_s"] for row in json.loads(out.read_text())["rows"]}
 
 
 def measure(job: Path, sets: list[str], ranks: int, epochs: int, batch: int, out: Path) -> float:

@@ -69,7 +69,7 @@ def test_speedup_and_efficiency_are_against_one_rank():
 
 def test_parameter_server_saturates_its_link():
     config = ServerConfig(server="shared")
-    traffic = lambda n: ParameterServer.traffic(config, grad_bytes=10 * MB, model_bytes=10 * MB, ranks=n,  # noqa: E731
+    traffic = lambda n: ParameterServer.traffic(config, grad_bytes=10 * MB, model_bytes=10 * MB, world_size=n,  # noqa: E731
                                                 steps_per_epoch=10)
     assert traffic(8) == Traffic("server", 10 * MB, 8, overlap=0.0)
     assert server_exchange_s(10 * MB, 8, LINK) == pytest.approx(2 * 7 * 0.01 + 2e-5)
@@ -79,14 +79,14 @@ def test_parameter_server_saturates_its_link():
     assert rows[-1].samples_s == pytest.approx(1024 * 8 / (0.1 + 2 * 1023 * 0.01 + 2e-5))
     assert rows[-1].samples_s < 400 < rows[-1].samples_s * 1.01
     assert rows[-1].efficiency < 0.05
-    dedicated = ParameterServer.traffic(ServerConfig(server="dedicated"), grad_bytes=1, model_bytes=1, ranks=8,
+    dedicated = ParameterServer.traffic(ServerConfig(server="dedicated"), grad_bytes=1, model_bytes=1, world_size=8,
                                         steps_per_epoch=1)
     assert dedicated.workers == 7  # the server computes no gradient
 
 
 def test_federated_rounds_are_amortised_over_their_steps():
     config = FedAvgConfig(local_epochs=3)
-    traffic = lambda n: FedAvg.traffic(config, grad_bytes=1, model_bytes=100 * MB, ranks=n,  # noqa: E731
+    traffic = lambda n: FedAvg.traffic(config, grad_bytes=1, model_bytes=100 * MB, world_size=n,  # noqa: E731
                                        steps_per_epoch=800 // n // 8)
     assert traffic(4) == Traffic("ring", 100 * MB, 4, every_steps=3 * 25, overlap=0.0)
     rows = predict(profile(), traffic, LINK, [1, 4], placement=Placement(1, 1, 1), overlap=0.75)
@@ -98,9 +98,9 @@ def test_federated_rounds_are_amortised_over_their_steps():
 
 
 def test_default_strategy_traffic_is_a_ring_allreduce_of_the_gradients():
-    assert Strategy.traffic(StrategyConfig(), grad_bytes=5, model_bytes=9, ranks=6, steps_per_epoch=1) == \
+    assert Strategy.traffic(StrategyConfig(), grad_bytes=5, model_bytes=9, world_size=6, steps_per_epoch=1) == \
         Traffic("ring", 5, 6)
-    assert Strategy.traffic(None, grad_bytes=5, model_bytes=9, ranks=3, steps_per_epoch=1).workers == 3
+    assert Strategy.traffic(None, grad_bytes=5, model_bytes=9, world_size=3, steps_per_epoch=1).workers == 3
 
 
 def test_data_path_shared_by_every_rank_and_hidden_by_loader_workers():
@@ -152,7 +152,7 @@ def test_r2d2_preset_at_18_gpus(capsys, tmp_path):
     one, eighteen = report["rows"]
     # 21 h 40 min over 100 epochs of 33,880 slices, minibatch 7: the one-GPU step
     assert one["step_s"] == pytest.approx(78_000 / (100 * 33_880 / 7))
-    assert eighteen["ranks"] == 18 and 0.85 < eighteen["efficiency"] < 1.0
+    assert eighteen["world_size"] == 18 and 0.85 < eighteen["efficiency"] < 1.0
     assert eighteen["speedup"] == pytest.approx(18 * eighteen["efficiency"])
     assert "R2D2 U-Net" in capsys.readouterr().out
 
@@ -169,7 +169,7 @@ def test_command_on_a_tiny_job(capsys, tmp_path, tiny_job):
     assert plot.stat().st_size > 1000 and plot.read_bytes()[:4] == b"\x89PNG"
     report = json.loads(out.read_text())
     assert report["link"]["name"] == "10gbe"
-    assert [r["ranks"] for r in report["rows"]] == [1, 2, 4, 8, 16, 32, 64]
+    assert [r["world_size"] for r in report["rows"]] == [1, 2, 4, 8, 16, 32, 64]
     assert report["profile"]["grad_bytes"] > 0 and report["profile"]["batch"] == 2
     assert all(r["comm_s"] > 0 for r in report["rows"][1:])
     assert report["rows"][-1]["efficiency"] < report["rows"][1]["efficiency"]

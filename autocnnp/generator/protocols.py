@@ -162,12 +162,12 @@ class Strategy:
         return model
 
     @classmethod
-    def traffic(cls, config: Any, *, grad_bytes: int, model_bytes: int, ranks: int, steps_per_epoch: int) -> Traffic:
+    def traffic(cls, config: Any, *, grad_bytes: int, model_bytes: int, world_size: int, steps_per_epoch: int) -> Traffic:
         """What one step of ``ranks`` ranks sends (``autocnnp scale``): by default a ring allreduce of the
         gradients (``grad_bytes``) every step, overlapped with the backward pass bucket by bucket.
         ``model_bytes`` counts parameters and floating-point buffers; ``steps_per_epoch`` is per rank."""
         del model_bytes, steps_per_epoch
-        return Traffic("ring", grad_bytes, shards_of(config, ranks))
+        return Traffic("ring", grad_bytes, shards_of(config, world_size))
 
 
 class KerasStrategy(Strategy):

@@ -78,16 +78,16 @@ def add_commands(sub) -> None:
 
 def cmd_lr_plot(args) -> int:
     gen = load_job(args.job, args.set).generator
-    ranks = args.ranks or gen.world_size
-    if ranks < 1:
-        raise JobError(gen.job.where, f"--ranks {ranks} is not a number of ranks", "give 1 or more")
-    steps = args.steps_per_epoch or steps_per_epoch(gen, ranks)
+    world_size = args.ranks or gen.world_size
+    if world_size < 1:
+        raise JobError(gen.job.where, f"--ranks {world_size} is not a number of ranks", "give 1 or more")
+    steps = args.steps_per_epoch or steps_per_epoch(gen, world_size)
     note = "" if steps else " (assumed: pass --steps-per-epoch)"
     steps = steps or ASSUMED_STEPS
     policies = {}
     for name in args.policy or ["job"]:
         try:
-            policy = gen.lr_policy(steps, ranks, None if name == "job" else name)
+            policy = gen.lr_policy(steps, world_size, None if name == "job" else name)
         except ValueError as exc:
             raise JobError(gen.job.where, f"lr_policy '{name}': {exc}", "fix the policy's parameters") from None
         label = gen.action("lr_policy").entry.name if name == "job" else name
@@ -96,7 +96,7 @@ def cmd_lr_plot(args) -> int:
     out = Path(args.out) if args.out else gen.rundir.plots / "lr_schedule.png"
     actual = actual_lr(Path(args.metrics)) if args.metrics else None
     hp = gen.hyperparameters
-    title = (f"{gen.job.file.name}: base lr {hp.lr:g}, {ranks} rank(s) ({gen.replicas(ranks)} replica(s) per step), "
+    title = (f"{gen.job.file.name}: base lr {hp.lr:g}, {world_size} rank(s) ({gen.replicas(world_size)} replica(s) per step), "
              f"{hp.end_epoch} epochs, {steps} steps/epoch{note}")
     plot_schedules(policies, hp.end_epoch, steps, out, title, actual, args.log)
     print(f"wrote {out}")

@@ -264,7 +264,7 @@ class Preset:
     link: str = "ib-edr"
     bucket_mb: float = 64 * 2**20 / 1e6  # Horovod's tensor fusion threshold, 64 MiB
     ranks_per_node: int = 2
-    ranks: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 18, 32, 64, 128, 256, 512, 1024)
+    world_sizes: tuple[int, ...] = (1, 2, 4, 8, 12, 16, 18, 32, 64, 128, 256, 512, 1024)
 
     def profile(self, data_path: DataPath) -> Profile:
         """The profile whose one-rank step over ``data_path`` is the published one: compute is the step less
@@ -343,7 +343,7 @@ def cmd_scale(args) -> int:
     if (args.job is None) == (args.preset is None):
         raise JobError(option("JOB.xml"), "give a job file or --preset, not both and not neither",
                        f"autocnnp scale JOB.xml, or autocnnp scale --preset {next(iter(PRESETS))}")
-    ranks = _rank_counts(args.ranks, args.max_ranks)
+    world_sizes = _rank_counts(args.ranks, args.max_ranks)
     if args.preset is not None:
         if args.preset not in PRESETS:
             raise JobError(option("--preset"), f"unknown preset '{args.preset}'", did_you_mean(args.preset, PRESETS))
@@ -351,7 +351,7 @@ def cmd_scale(args) -> int:
         data_path = parse_data_path(args.data_path) if args.data_path else preset.data_path
         title, profile, bucket_mb = preset.title, preset.profile(data_path), args.bucket_mb or preset.bucket_mb
         placement = Placement(args.ranks_per_node or preset.ranks_per_node, 1, 1)  # a GPU each: threads do not count
-        ranks = ranks if args.ranks else list(preset.ranks)
+        world_sizes = world_sizes if args.ranks else list(preset.world_sizes)
         traffic = _traffic(Strategy, None, profile)
         link = choose_link(args.link or preset.link, args)
     else:
@@ -364,9 +364,9 @@ def cmd_scale(args) -> int:
         data_path = parse_data_path(args.data_path or "ram")
         link = choose_link(args.link or "measured", args)  # before torch fills the cores
         placement = _placement(args.ranks_per_node, job.slurm.cpus_per_task)
-        ranks = sorted({*ranks, gen.world_size}) if not args.ranks else ranks
+        world_sizes = sorted({*world_sizes, gen.world_size}) if not args.ranks else world_sizes
         copies: dict[int, int] = {}  # threads per rank -> the most ranks on one node that get them
-        for n in ranks:
+        for n in world_sizes:
             threads = placement.threads(n)
             copies[threads] = max(copies.get(threads, 1), min(n, placement.ranks_per_node))
         profile = profile_job(Path(args.job), args.set, copies, args.steps)
@@ -379,7 +379,7 @@ def cmd_scale(args) -> int:
     overlap = args.overlap if args.overlap is not None else bucket_overlap(profile.grad_bytes, bucket_mb * 1e6)
     if not 0 <= overlap <= 1:
         raise JobError(option("--overlap"), f"{overlap} is not a fraction", "give a value from 0 to 1")
-    rows = predict(profile, traffic, link, ranks, placement=placement, data_path=data_path, overlap=overlap)
+    rows = predict(profile, traffic, link, world_sizes, placement=placement, data_path=data_path, overlap=overlap)
     print(f"{title}\nlink: latency {link.latency_s * 1e6:.2f} us, bandwidth {link.bandwidth / GB:.3g} GB/s; "
           f"data: {data_path.describe()}; gradients {profile.grad_bytes / 1e6:.3g} MB; overlap {overlap:.2f}; "
           f"{placement.ranks_per_node} ranks per node")
@@ -399,10 +399,10 @@ def cmd_scale(args) -> int:
 
 def _traffic(strategy: type[Strategy], config, profile: Profile):
     """``traffic(n)``: what the strategy sends per step with n ranks."""
-    def at(ranks: int) -> Traffic:
-        steps = steps_per_epoch(profile.train_samples or 0, shards_of(config, ranks), profile.batch)
-        return strategy.traffic(config, grad_bytes=profile.grad_bytes, model_bytes=profile.model_bytes, ranks=ranks,
-                                steps_per_epoch=steps)
+    def at(world_size: int) -> Traffic:
+        steps = steps_per_epoch(profile.train_samples or 0, shards_of(config, world_size), profile.batch)
+        return strategy.traffic(config, grad_bytes=profile.grad_bytes, model_bytes=profile.model_bytes,
+                                world_size=world_size, steps_per_epoch=steps)
     return at
 
 

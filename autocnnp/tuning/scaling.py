@@ -65,11 +65,11 @@ class DataPath:
     kind: str = "ram"
     bandwidth: float = math.inf
 
-    def read_s(self, ranks: int, ranks_per_node: int, batch_bytes: float) -> float:
+    def read_s(self, world_size: int, ranks_per_node: int, batch_bytes: float) -> float:
         """Seconds to read one minibatch of ``batch_bytes`` on every rank at once."""
         if self.kind == "ram":
             return 0.0
-        readers = ranks if self.kind == "nfs" else min(ranks, ranks_per_node)
+        readers = world_size if self.kind == "nfs" else min(world_size, ranks_per_node)
         return readers * batch_bytes / self.bandwidth
 
     def describe(self) -> str:
@@ -121,17 +121,17 @@ class Placement:
     cores: int
     cpus_per_task: int
 
-    def threads(self, ranks: int) -> int:
+    def threads(self, world_size: int) -> int:
         if self.cpus_per_task > 1:
             return self.cpus_per_task
-        return max(1, self.cores // min(ranks, self.ranks_per_node))
+        return max(1, self.cores // min(world_size, self.ranks_per_node))
 
 
 @dataclass(frozen=True)
 class Row:
     """The prediction at one rank count (times in seconds)."""
 
-    ranks: int
+    world_size: int
     threads: int
     compute_s: float
     data_s: float
@@ -143,19 +143,19 @@ class Row:
     efficiency: float = 1.0
 
 
-def ring_allreduce_s(size: float, ranks: int, link: Link) -> float:
+def ring_allreduce_s(size: float, world_size: int, link: Link) -> float:
     """Ring allreduce of ``size`` bytes: reduce-scatter then allgather, 2(n-1) steps of size/n each."""
-    if ranks < 2:
+    if world_size < 2:
         return 0.0
-    return 2 * (ranks - 1) / ranks * size / link.bandwidth + 2 * (ranks - 1) * link.latency_s
+    return 2 * (world_size - 1) / world_size * size / link.bandwidth + 2 * (world_size - 1) * link.latency_s
 
 
-def server_exchange_s(size: float, ranks: int, link: Link) -> float:
+def server_exchange_s(size: float, world_size: int, link: Link) -> float:
     """Every other rank pushes ``size`` bytes into the server, then pulls as much back: the server's link
     carries (n-1) * size each way, one way after the other."""
-    if ranks < 2:
+    if world_size < 2:
         return 0.0
-    return 2 * (ranks - 1) * size / link.bandwidth + 2 * link.latency_s
+    return 2 * (world_size - 1) * size / link.bandwidth + 2 * link.latency_s
 
 
 def exposed_s(comm_s: float, backward_s: float, overlap: float) -> float:
@@ -170,22 +170,22 @@ def bucket_overlap(grad_bytes: int, bucket_bytes: float) -> float:
     return 1 - 1 / buckets
 
 
-def exchange_s(traffic: Traffic, ranks: int, link: Link) -> float:
+def exchange_s(traffic: Traffic, world_size: int, link: Link) -> float:
     """One exchange of ``traffic`` among ``ranks`` ranks."""
     if traffic.pattern == "ring":
-        return ring_allreduce_s(traffic.bytes, ranks, link)
+        return ring_allreduce_s(traffic.bytes, world_size, link)
     if traffic.pattern == "server":
-        return server_exchange_s(traffic.bytes, ranks, link)
+        return server_exchange_s(traffic.bytes, world_size, link)
     return 0.0
 
 
-def predict(profile: Profile, traffic: Callable[[int], Traffic], link: Link, ranks: list[int], *,
+def predict(profile: Profile, traffic: Callable[[int], Traffic], link: Link, world_sizes: list[int], *,
             placement: Placement, data_path: DataPath = DataPath(), overlap: float) -> list[Row]:
     """The model's row for every rank count; speedup and efficiency against the first (usually 1 rank).
     ``traffic(n)`` is the strategy's traffic with n ranks; ``overlap`` the default overlap fraction for
     traffic that does not fix its own."""
     rows = []
-    for n in ranks:
+    for n in world_sizes:
         t = placement.threads(n)
         compute, backward = _at(profile.compute_s, t), _at(profile.backward_s, t)
         tr = traffic(n)
@@ -198,7 +198,7 @@ def predict(profile: Profile, traffic: Callable[[int], Traffic], link: Link, ran
         rows.append(Row(n, t, compute, data, comm / tr.every_steps, exposed, step, tr.workers * profile.batch / step))
     base = rows[0]
     return [Row(**{**asdict(r), "speedup": r.samples_s / base.samples_s,
-                   "efficiency": r.samples_s / base.samples_s * base.ranks / r.ranks}) for r in rows]
+                   "efficiency": r.samples_s / base.samples_s * base.world_size / r.world_size}) for r in rows]
 
 
 def _at(by_threads: dict[int, float], threads: int) -> float:
@@ -218,7 +218,7 @@ def table(rows: list[Row]) -> str:
     """The prediction as an aligned text table."""
     head = ("ranks", "threads", "compute ms", "data ms", "comm ms", "exposed ms", "step ms", "samples/s",
             "speedup", "efficiency")
-    body = [(str(r.ranks), str(r.threads), f"{1e3 * r.compute_s:.2f}", f"{1e3 * r.data_s:.2f}",
+    body = [(str(r.world_size), str(r.threads), f"{1e3 * r.compute_s:.2f}", f"{1e3 * r.data_s:.2f}",
              f"{1e3 * r.comm_s:.2f}", f"{1e3 * r.exposed_s:.2f}", f"{1e3 * r.step_s:.2f}", f"{r.samples_s:.1f}",
              f"{r.speedup:.2f}x", f"{100 * r.efficiency:.1f}%") for r in rows]
     return text_table(head, body, left=0)
@@ -252,14 +252,14 @@ def plot(rows: list[Row], path, title: str):
 
     from .lr_plot import save_figure
 
-    ranks = [r.ranks for r in rows]
+    world_sizes = [r.world_size for r in rows]
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    left.loglog(ranks, [r.speedup for r in rows], "o-", label="predicted", base=2)
-    left.loglog(ranks, [n / ranks[0] for n in ranks], "k:", label="ideal", base=2)
+    left.loglog(world_sizes, [r.speedup for r in rows], "o-", label="predicted", base=2)
+    left.loglog(world_sizes, [n / world_sizes[0] for n in world_sizes], "k:", label="ideal", base=2)
     left.set_xlabel("ranks")
     left.set_ylabel("speedup")
     left.legend(fontsize=8)
-    right.semilogx(ranks, [100 * r.efficiency for r in rows], "o-", base=2)
+    right.semilogx(world_sizes, [100 * r.efficiency for r in rows], "o-", base=2)
     right.set_ylim(0, 105)
     right.set_xlabel("ranks")
     right.set_ylabel("efficiency (%)")

@@ -74,10 +74,10 @@ class FedAvg(Strategy):
         self.epochs = 0
 
     @classmethod
-    def traffic(cls, config: Config, *, grad_bytes: int, model_bytes: int, ranks: int, steps_per_epoch: int) -> Traffic:
+    def traffic(cls, config: Config, *, grad_bytes: int, model_bytes: int, world_size: int, steps_per_epoch: int) -> Traffic:
         """One all-reduce of the parameters and buffers per round (``local_epochs`` epochs), between epochs."""
         del grad_bytes
-        return Traffic("ring", model_bytes, ranks, every_steps=config.local_epochs * max(1, steps_per_epoch),
+        return Traffic("ring", model_bytes, world_size, every_steps=config.local_epochs * max(1, steps_per_epoch),
                        overlap=0.0)
 
     def wrap(self, model: nn.Module) -> nn.Module:

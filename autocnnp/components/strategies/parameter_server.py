@@ -96,11 +96,11 @@ class ParameterServer(Strategy):
     # --- the strategy protocol ----------------------------------------------------------------------
 
     @classmethod
-    def traffic(cls, config: Config, *, grad_bytes: int, model_bytes: int, ranks: int, steps_per_epoch: int) -> Traffic:
+    def traffic(cls, config: Config, *, grad_bytes: int, model_bytes: int, world_size: int, steps_per_epoch: int) -> Traffic:
         """Every step each rank but the server pushes its gradients through the server's link and pulls the
         parameters back (as many bytes), after the backward pass: nothing overlaps."""
         del model_bytes, steps_per_epoch
-        return Traffic("server", grad_bytes, config.replicas(ranks), overlap=0.0)
+        return Traffic("server", grad_bytes, config.replicas(world_size), overlap=0.0)
 
     def wrap(self, model: nn.Module) -> nn.Module:
         model = model.to(self.device)
