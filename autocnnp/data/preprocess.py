@@ -120,7 +120,7 @@ def build_cache(
 ) -> Path:
     """Build (or reuse, or finish) the 2D slice cache of the labelled cases of dataset ``root``.
 
-    ``root`` is anything :func:`~autocnnp.data.decathlon.read_dataset` accepts. ``n_slices`` slices
+    ``root`` is anything :func:`~autocnnp.data.index.read_dataset` accepts. ``n_slices`` slices
     per case are taken along ``axis`` (``mode`` ``"even"``, ``"labelled"`` or ``"mixed"`` with
     ``foreground_fraction``, see :func:`slice_indices`; ``None``/``0`` takes all), restricted to the
     channels ``modalities`` (indices or modality names from dataset.json; ``None`` keeps all),
