@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
@@ -62,13 +63,17 @@ def strategy_module(strategy: str = "ring_allreduce", lr_policy: str = "constant
             f'<action class="extensible" type="lr_policy"><value>{lr_policy}</value></action>{extra}</module>')
 
 
+def skip_or_fail(message: str, flag: str) -> NoReturn:
+    """Skip the test, saying why; where the environment variable ``flag`` is set (CI sets it), fail instead:
+    there the skip would hide a missing install."""
+    if os.environ.get(flag, "") not in ("", "0"):
+        pytest.fail(f"{flag} is set but {message}", pytrace=False)
+    pytest.skip(message)
+
+
 def require_import(module: str, make_target: str, flag: str) -> None:
-    """Skip the test unless ``import module`` works in a fresh interpreter; where the environment variable
-    ``flag`` is set (CI sets it), fail instead: there the skip would hide a missing install."""
+    """Skip the test (or, with ``flag`` set, fail) unless ``import module`` works in a fresh interpreter."""
     probe = subprocess.run([sys.executable, "-c", f"import {module}"], capture_output=True, text=True)
     if probe.returncode != 0:
         why = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
-        message = f"{module} cannot be imported ({why}); `make {make_target}` installs it"
-        if os.environ.get(flag, "") not in ("", "0"):
-            pytest.fail(f"{flag} is set but {message}", pytrace=False)
-        pytest.skip(message)
+        skip_or_fail(f"{module} cannot be imported ({why}); `make {make_target}` installs it", flag)

@@ -2,7 +2,8 @@
 
 Needs a Docker engine and a base image for cluster/docker/Dockerfile that is already on it (no image
 can be pulled here): AUTOCNNP_DOCKER_BASE, default autocnnp-base:local, made by
-cluster/docker/base-from-host.sh. Without them these tests are skipped, saying which is missing. The
+cluster/docker/base-from-host.sh; cluster/docker/start.sh starts an engine and builds that image. Without
+them these tests are skipped, saying which is missing; AUTOCNNP_REQUIRE_DOCKER=1 (CI) fails them instead. The
 test builds the runtime image from the Dockerfile and, if this engine is no swarm manager yet, runs
 `docker swarm init` (and leaves the swarm again afterwards, removing the bridge it made).
 """
@@ -18,7 +19,7 @@ import time
 from pathlib import Path
 
 import pytest
-from jobfiles import TINY_UNET, checkpoint_plugin, strategy_module, synthetic_data, write_job
+from jobfiles import TINY_UNET, checkpoint_plugin, skip_or_fail, strategy_module, synthetic_data, write_job
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = os.environ.get("AUTOCNNP_DOCKER_BASE", "autocnnp-base:local")
@@ -102,19 +103,30 @@ def test_the_first_task_to_fail_is_blamed_not_the_smallest_slot(tmp_path):
     assert _wait(service, job, 10) == (1, "rank 1 failed: ValueError: bad")  # its own status is final: it failed
 
 
-@pytest.fixture(scope="module")
-def swarm():
-    docker = pytest.importorskip("docker", reason="the docker Python SDK is not installed")
+def _engine():
+    """A client of this machine's Docker engine with the base image on it, and None; or None and why not."""
+    try:
+        import docker
+    except ImportError:
+        return None, "the docker Python SDK is not installed (make venv)"
     try:
         client = docker.from_env(timeout=120)
         client.ping()
     except Exception as exc:
-        pytest.skip(f"no Docker engine answers here ({exc}); Debian: apt-get install docker.io, then start dockerd")
+        return None, f"no Docker engine answers here ({exc}); cluster/docker/start.sh starts one"
     try:
         client.images.get(BASE)
     except docker.errors.ImageNotFound:
-        pytest.skip(f"base image {BASE} is not on this engine and none can be pulled: build it with "
-                    "cluster/docker/base-from-host.sh (or set AUTOCNNP_DOCKER_BASE)")
+        return None, (f"base image {BASE} is not on this engine and none can be pulled: cluster/docker/start.sh "
+                      "builds it (cluster/docker/base-from-host.sh), or set AUTOCNNP_DOCKER_BASE")
+    return client, None
+
+
+@pytest.fixture(scope="module")
+def swarm():
+    client, why = _engine()
+    if why:
+        skip_or_fail(why, "AUTOCNNP_REQUIRE_DOCKER")
     client.images.build(path=str(ROOT), dockerfile="cluster/docker/Dockerfile", buildargs={"BASE": BASE}, tag=IMAGE,
                         rm=True)
     joined = client.info()["Swarm"]["LocalNodeState"] == "active"
