@@ -125,8 +125,10 @@ def run_swarm(job: Job, image: str, timeout_s: float = 3600.0, dry_run: bool = F
         return 0
     gen = job.generator
     rundir = gen.rundir
-    with lock.own_output(job, front_end=True):
+    with lock.own_output(job, front_end=True):  # what `autocnnp run` checks but the framework (the image's)
         preflight.check_output(job)
+        preflight.fetch_pretrained(job)
+        preflight.check_pretrained(job)
         preflight.check_data(job)
         client = _client(job)
         import docker
