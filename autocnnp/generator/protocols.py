@@ -163,7 +163,7 @@ class Strategy:
 
     @classmethod
     def traffic(cls, config: Any, *, grad_bytes: int, model_bytes: int, world_size: int, steps_per_epoch: int) -> Traffic:
-        """What one step of ``ranks`` ranks sends (``autocnnp scale``): by default a ring allreduce of the
+        """What one step of ``world_size`` ranks sends (``autocnnp scale``): by default a ring allreduce of the
         gradients (``grad_bytes``) every step, overlapped with the backward pass bucket by bucket.
         ``model_bytes`` counts parameters and floating-point buffers; ``steps_per_epoch`` is per rank."""
         del model_bytes, steps_per_epoch

@@ -135,9 +135,7 @@ def _ready(job: Job) -> Job:
     """The job as it starts now, checked: slots, pretrained weights, data and a minibatch per rank."""
     now = _available(job)
     preflight.check_slots(now, os.environ)
-    preflight.fetch_pretrained(now)
-    preflight.check_pretrained(now)
-    preflight.check_data(now)
+    preflight.check_inputs(now)
     return now
 
 

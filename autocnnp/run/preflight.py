@@ -40,13 +40,22 @@ def check_pretrained(job: Job) -> None:
     try:
         with open(path, "rb") as f:
             legacy = f.read(1) == b"\x80"  # a pickle's PROTO opcode
-        archive = zipfile.is_zipfile(path) and any(n.endswith("/data.pkl") for n in zipfile.ZipFile(path).namelist())
+            archive = not legacy and zipfile.is_zipfile(f) and any(n.endswith("/data.pkl")
+                                                                   for n in zipfile.ZipFile(f).namelist())
     except (OSError, zipfile.BadZipFile) as exc:
         raise JobError(pretrained.where, f"the pretrained checkpoint {path} cannot be read ({exc})",
                        "name a checkpoint written by autocnnp run, its run folder, or a zoo model") from None
     if not (legacy or archive):
         raise JobError(pretrained.where, f"the pretrained checkpoint {path} is not a torch checkpoint",
                        "name a checkpoint written by autocnnp run, its run folder, or a zoo model")
+
+
+def check_inputs(job: Job) -> None:
+    """What the ranks will read, checked once before they start: the pretrained weights (a zoo model fetched
+    first) and the data with a minibatch per rank. Every front-end calls it: run, submit, deploy --swarm."""
+    fetch_pretrained(job)
+    check_pretrained(job)
+    check_data(job)
 
 
 def check_framework(job: Job) -> None:

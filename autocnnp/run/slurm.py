@@ -31,7 +31,7 @@ from ..core.metrics import DICE, TRAIN_LOSS, VALID_LOSS
 from ..core.rundir import RunDir
 from .job import Job, load_job
 from .lock import is_held, own_output
-from .preflight import check_data, check_framework, check_output, check_pretrained, fetch_pretrained
+from .preflight import check_framework, check_inputs, check_output
 
 ACTIVE = ("PENDING", "CONFIGURING", "RUNNING", "COMPLETING", "SUSPENDED", "REQUEUED", "RESIZING", "STAGE_OUT",
           "SIGNALING", "REQUEUE_HOLD", "REQUEUE_FED", "RESV_DEL_HOLD", "STOPPED")
@@ -269,9 +269,7 @@ def submit(job: Job, dry_run: bool = False, out=None) -> str | None:
     with own_output(job, front_end=True):
         check_framework(job)
         check_output(job)
-        fetch_pretrained(job)
-        check_pretrained(job)
-        check_data(job)
+        check_inputs(job)
     folder = rundir.slurm
     folder.mkdir(parents=True, exist_ok=True)
     res.output.parent.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log's folder

@@ -127,9 +127,7 @@ def run_swarm(job: Job, image: str, timeout_s: float = 3600.0, dry_run: bool = F
     rundir = gen.rundir
     with lock.own_output(job, front_end=True):  # what `autocnnp run` checks but the framework (the image's)
         preflight.check_output(job)
-        preflight.fetch_pretrained(job)
-        preflight.check_pretrained(job)
-        preflight.check_data(job)
+        preflight.check_inputs(job)
         client = _client(job)
         import docker
         from docker.types import EndpointSpec, Mount, RestartPolicy, ServiceMode

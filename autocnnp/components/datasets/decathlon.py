@@ -211,11 +211,11 @@ class Decathlon(DataFormat):
         for root, trains in ((c.train, True), (c.valid, True), (c.test, False)):
             if root is None:
                 continue
-            verdict = check_cache(root) if is_cache(root) else check_dataset(root, split="training") if trains \
-                else Verdict()
+            cache = is_cache(root)
+            verdict = check_cache(root) if cache else check_dataset(root, split="training") if trains else Verdict()
             found.problems += verdict.problems
             found.notes += [verdict.note()] if verdict.note() else []
-            if not is_cache(root):
+            if not cache:
                 known = {str(p) for p in verdict.problems}
                 found.notes += [f"{p} (a test case: training goes on without it, predict would refuse it)"
                                 for p in check_dataset(root, split="test").problems if str(p) not in known]
