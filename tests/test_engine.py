@@ -96,6 +96,24 @@ def test_malformed_xml_column_points_at_the_offending_character(job, refused):
     assert f":{line_of(path, 'x=1')}:{column}: " in msg
 
 
+@pytest.mark.parametrize("encoding", ["latin-1", "latin1", "ISO-8859-1", "iso8859_15", "utf_8", "u8", "cp1252",
+                                      "mac-roman", "euc_jp"])
+def test_every_python_name_of_a_supported_encoding_is_accepted(job, cli, encoding):
+    """Python's codecs and libxml2 spell encodings differently (latin-1 / ISO-8859-1); either name works."""
+    from autocnnp.engine.job import read_job
+
+    path = job((XML_DECL, XML_DECL.replace("UTF-8", encoding) + "\n<!-- r\u00e9seau -->"))
+    path.write_bytes(path.read_text().encode(encoding))
+    rc, out, err = cli("validate", path)
+    assert rc == 0, err
+    assert "r\u00e9seau" in read_job(path).text
+
+
+def test_encoding_neither_python_nor_libxml2_knows_is_refused_with_a_fix(job, refused):
+    path = job((XML_DECL, XML_DECL.replace("UTF-8", "latin-9x")))
+    refused(path, 1, "Unsupported encoding: latin-9x", 'Hint: save the file as UTF-8 and declare encoding="UTF-8"')
+
+
 def test_empty_file(job, refused):
     refused(job(text=""), 1, "malformed XML")
 
