@@ -173,8 +173,18 @@ BUILD_EVERY_TENSORFLOW_BUILTIN = textwrap.dedent("""
             config = bind(entry.config, [], Path("."), name)
             args = [config] if config is not None else []
             if point.type == "architecture_injection":
-                out = impl(*args, in_channels=2, num_classes=3)(np.zeros((1, 32, 32, 2), np.float32))
+                model = impl(*args, in_channels=2, num_classes=3)
+                out = model(np.zeros((1, 32, 32, 2), np.float32))
                 assert tuple(out.shape) == (1, 32, 32, 3), (name, out.shape)
+                rule = config.input_sizes()  # the engine's size rule is the Keras network's too
+                side = rule.nearest(rule.multiple + 1)[-1]
+                assert tuple(model(np.zeros((1, side, 32, 2), np.float32)).shape) == (1, side, 32, 3), name
+                try:
+                    model(np.zeros((1, side + rule.multiple // 2, 32, 2), np.float32))
+                except Exception:  # noqa: BLE001 - Keras' shape errors differ by layer
+                    pass
+                else:
+                    raise AssertionError(f"{name} took a side its rule {rule} refuses")
             elif point.type == "communication_init":
                 assert impl(*args, timeout_s=60).world_size == 1
             elif point.type == "device_placement":

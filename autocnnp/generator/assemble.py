@@ -12,7 +12,7 @@ from ..core.rundir import ZOO_CHECKPOINT, RunDir, checkpoint_file
 from ..engine.job import Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
 from .points import COMPOSITES, MODULE_BY_NAME, MODULES, PLUGIN_FITS, POINT_BY_NAME, POINTS, SET_ELSEWHERE
-from .protocols import DataFormat, LRPolicy, replicas_of, shards_of, steps_per_epoch
+from .protocols import DataFormat, LRPolicy, input_sizes_of, replicas_of, shards_of, steps_per_epoch
 from .registry import Entry
 from .tree import Action, Binding, Composite, Module
 
@@ -162,6 +162,7 @@ def assemble(job: JobSpec | Path | str) -> Generator:
         raise JobError(where, f"precision fp16 (with a loss scaler) is trained on the torch framework only; this job "
                        f"trains with {framework}", "write bf16 (Keras' mixed_bfloat16) or fp32")
     _check_lr_policy(gen)
+    _check_input_sizes(gen)
     return gen
 
 
@@ -308,6 +309,29 @@ def _check_lr_policy(gen: Generator) -> None:
     except ValueError as exc:
         raise JobError(action.where or gen.job.where, f"lr_policy '{action.entry.name}': {exc}",
                        "fix its parameters or the hyperparameters' end_epoch") from None
+
+
+def _check_input_sizes(gen: Generator) -> None:
+    """The data's input sides are ones the architecture takes (its SizeRule; every framework, 2D or 3D): a size
+    the network cannot take is refused here, not by every rank after the launch."""
+    arch, data = gen.action("architecture_injection"), gen.action("dataset_injection")
+    input_size = getattr(data.config, "input_size", None)
+    if not callable(input_size):
+        return
+    sides = tuple(input_size())
+    rule = input_sizes_of(arch.config, arch.entry.input_sizes)
+    wrong = list(dict.fromkeys(side for side in sides if not rule.takes(side)))
+    if not wrong:
+        return
+    name = arch.entry.name if arch.entry.origin == "built-in" else f"{arch.entry.name} ({arch.entry.origin})"
+    params = ", ".join(f"{s.name}={s.text.strip()}" for s in arch.settings)
+    nearest = "; ".join(f"{' or '.join(map(str, rule.nearest(side)))} instead of {side}" for side in wrong)
+    size = next((s for s in gen.job.data_params if s.name.lower() == "size"), None)
+    raise JobError(size.where if size else arch.where or gen.job.where,
+                   f"architecture '{name}'{f' ({params})' if params else ''} takes input sides that are "
+                   f"{rule.describe()}, but the data's inputs are {'x'.join(map(str, sides))}",
+                   f"give the data sides it takes, the nearest being {nearest}; or change the architecture's "
+                   "parameters")
 
 
 def _bindings() -> list[Binding]:
