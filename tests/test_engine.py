@@ -365,9 +365,12 @@ def test_architecture_file_not_python(job, refused):
             "model.onnx is not a Python file or a Keras model", "Hint:")
 
 
-def test_missing_keras_model_file(job, refused, tmp_path):
+def test_missing_or_broken_keras_model_file(job, refused, tmp_path):
     refused(job((ARCH_UNET, "<CNN_archi><path>model.keras</path></CNN_archi>")), "<CNN_archi>",
             f"the Keras model file {tmp_path / 'model.keras'} does not exist", "Hint: fix the <path>")
+    (tmp_path / "model.keras").write_bytes(b"not a zip archive")
+    refused(job((ARCH_UNET, "<CNN_archi><path>model.keras</path></CNN_archi>")), "<CNN_archi>",
+            f"{tmp_path / 'model.keras'} is no Keras 3 model file (BadZipFile", "Hint: save the model with model.save")
 
 
 def test_missing_data_path(job, refused, tmp_path):

@@ -3,7 +3,9 @@ bind its typed parameters, check the modules still fit together. Nothing heavy i
 
 from __future__ import annotations
 
+import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -256,6 +258,7 @@ def _injection_actions(spec: JobSpec, framework: str) -> dict[str, Action]:
         if not arch.path.is_file():
             raise JobError(arch.where, f"the Keras model file {arch.path} does not exist",
                            "fix the <path> (relative paths are read from the job file's folder)")
+        _check_keras_file(arch.path, arch.where)
         arch_entry = registry.get("keras", arch.where, framework)
         arch_settings = [Setting("path", str(arch.path), arch.where), *arch_settings]
     elif arch.path is not None:
@@ -279,6 +282,38 @@ def _injection_actions(spec: JobSpec, framework: str) -> dict[str, Action]:
         "hyperparameters_injection": _action(hyper, hyper.registry.get(hyper.default, spec.where, framework),
                                              spec.hyperparameters, spec.where, spec, framework),
     }
+
+
+def _check_keras_file(path: Path, where: Location) -> None:
+    """A .keras file is a zip archive whose config.json describes the model (read here without Keras): one that
+    Keras' safe mode will not load, because a layer holds Python code (a Lambda), is refused now."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise JobError(where, f"{path} is no Keras 3 model file ({type(exc).__name__}: {exc})",
+                       "save the model with model.save('model.keras') in Keras 3") from None
+    layer = _python_code_layer(config)
+    if layer is not None:
+        raise JobError(where, f"the Keras model {path.name} holds Python code in its layer '{layer}' (a Lambda), which "
+                       "Keras' safe mode refuses to load from a file", "describe the network in a .py architecture "
+                       "instead: <CNN_archi><path>net.py</path></CNN_archi> whose build(in_channels, num_classes) "
+                       "returns the keras.Model (its Lambda layers included)")
+
+
+def _python_code_layer(node, layer: str = "?") -> str | None:
+    """The name of the first layer of a Keras config whose serialised Python code (``__lambda__``) safe mode
+    refuses; None when there is none."""
+    if isinstance(node, dict):
+        if node.get("class_name") == "__lambda__":
+            return layer
+        config = node.get("config")
+        if "class_name" in node and isinstance(config, dict) and isinstance(config.get("name"), str):
+            layer = config["name"]
+        return next((found for value in node.values() if (found := _python_code_layer(value, layer))), None)
+    if isinstance(node, list):
+        return next((found for value in node if (found := _python_code_layer(value, layer))), None)
+    return None
 
 
 def _fit_dependencies(actions: dict[str, Action], spec: JobSpec, framework: str) -> None:
