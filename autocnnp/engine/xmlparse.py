@@ -82,15 +82,14 @@ def _with_libxml2_encoding_name(raw: bytes) -> bytes:
     return raw[:declared.start(4)] + known.encode("ascii") + raw[declared.end(4):]
 
 
-@functools.cache
+@functools.lru_cache(maxsize=64)
 def _libxml2_name(declared: str) -> str | None:
     """``declared`` if libxml2 knows it, else the first of the names Python's codecs give the same codec
     that libxml2 knows; None when neither knows the encoding."""
     if _libxml2_knows(declared):
         return declared
-    try:
-        codec = codecs.lookup(declared).name
-    except LookupError:
+    codec = _codec_name(declared)
+    if codec is None:
         return None
     aliases = [alias for alias, module in encodings.aliases.aliases.items()
                if _codec_name(module) == codec]
@@ -102,9 +101,10 @@ def _libxml2_name(declared: str) -> str | None:
 
 
 def _codec_name(name: str) -> str | None:
+    """The name of Python's codec for ``name``, if it knows one."""
     try:
         return codecs.lookup(name).name
-    except LookupError:
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
         return None
 
 
