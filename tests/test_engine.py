@@ -247,6 +247,15 @@ def test_fcn_takes_multiples_of_32(job, refused):
     refused(path, '<param name="size">48', "architecture 'fcn' (width=0.05)", "multiples of 32", "32 or 64 instead of 48")
 
 
+def test_a_slice_cache_is_checked_at_the_size_it_was_built_with(job, refused, tmp_path):
+    """A decathlon job reading a slice cache (autocnnp preprocess --size 30) gets its slices at the cache's size,
+    whatever its own size says; validate reads it from the cache's meta.json."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "meta.json").write_text('{"format": 2, "size": [30, 36], "channels": 1}')
+    path = job((DATA_SYNTHETIC, '<data format="decathlon">\n      <train><path>cache</path></train>\n    </data>'))
+    refused(path, "<CNN_archi", "multiples of 4", "the data's inputs are 30x36", "28 or 32 instead of 30")
+
+
 SIZED_NET = """import torch
 
 
