@@ -98,3 +98,11 @@ def test_a_pretrained_source_is_checked_with_the_job(cli, tmp_path):
     missing = job(tmp_path, "m", seed=0, epochs=1, arch=TINY_UNET.replace("<CNN_archi ", '<CNN_archi pretrained="no.pt" '))
     rc, _, err = cli("validate", missing)
     assert rc == 2 and "no.pt does not exist" in err
+
+
+def test_publishing_a_folder_that_does_not_exist_says_so(cli, tmp_path):
+    rc, _, err = cli("zoo", "publish", tmp_path / "runs" / "nothere", "--name", "x", "--zoo", tmp_path / "zoo")
+    assert rc == 2 and "nothere: the run folder does not exist" in err and "holds no checkpoint" not in err
+    (tmp_path / "empty").mkdir()
+    rc, _, err = cli("zoo", "publish", tmp_path / "empty", "--name", "x", "--zoo", tmp_path / "zoo")
+    assert rc == 2 and "the run folder holds no checkpoint" in err

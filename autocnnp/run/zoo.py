@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 
 from ..components.trackers.mlflow_tracking import store_of
-from ..core.errors import JobError, Source
+from ..core.errors import JobError, Source, shorten
 from ..core.files import read_json
 from ..core.metrics import DICE, FOREGROUND_DICE
 from ..core.rundir import BEST_RECORD, ZOO_CHECKPOINT, RunDir, start_checkpoint
@@ -79,9 +79,13 @@ def _version(client, name: str, version: int | None):
 
 
 def _checkpoint_of(rundir: Path) -> Path:
+    where = Source(rundir, text=shorten(rundir))
+    if not rundir.is_dir():
+        raise JobError(where, "the run folder does not exist" if not rundir.exists() else "this is not a folder",
+                       "name the output folder of a trained run (its <output><path> in the job file)")
     found = start_checkpoint(RunDir(rundir).checkpoints)
     if found is None:
-        raise JobError(rundir, "the run folder holds no checkpoint", "name the output folder of a trained run")
+        raise JobError(where, "the run folder holds no checkpoint", "name the output folder of a trained run")
     return found
 
 
