@@ -106,3 +106,23 @@ def test_publishing_a_folder_that_does_not_exist_says_so(cli, tmp_path):
     (tmp_path / "empty").mkdir()
     rc, _, err = cli("zoo", "publish", tmp_path / "empty", "--name", "x", "--zoo", tmp_path / "zoo")
     assert rc == 2 and "the run folder holds no checkpoint" in err
+
+
+def test_show_lists_the_metrics_of_the_published_epoch(cli, tmp_path):
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    card = {"architecture": {"name": "unet"}, "classes": {"0": "background", "1": "organ"}, "in_channels": 1,
+            "job": {"text": "<system_config/>"}}
+    model = UNet(1, 2, depth=2, base_channels=4, norm="none").state_dict()
+    torch.save({"model": model, "epoch": 2, "model_card": card}, run / "checkpoints" / "ckpt-best.pt")
+    torch.save({"model": model, "epoch": 3, "model_card": card}, run / "checkpoints" / "ckpt-epoch0003.pt")
+    (run / "checkpoints" / "latest").write_text("ckpt-epoch0003.pt\n")
+    (run / "checkpoints" / "best").write_text('{"file": "ckpt-best.pt", "metric": "dice_fg", "value": 0.9, "epoch": 2}')
+    (run / "metrics.csv").write_text("epoch,dice_fg,valid_loss\n1,0.5,0.7\n2,0.9,0.3\n3,0.8,0.2\n")
+    (run / "manifest.json").write_text('{"final_metrics": {"epoch": 3, "dice_fg": 0.8, "valid_loss": 0.2}}')
+    rc, out, err = cli("zoo", "publish", run, "--name", "organ", "--zoo", tmp_path / "zoo")
+    assert rc == 0, err
+    rc, out, _ = cli("zoo", "show", "organ", "--zoo", tmp_path / "zoo")
+    assert "best: dice_fg=0.9000 at epoch 2" in out and "epoch: 2" in out
+    assert "metric dice_fg: 0.9000" in out and "metric valid_loss: 0.3000" in out  # epoch 2's, not the last's
+    assert "zoo:organ/1: dice_fg 0.9000" in out
