@@ -81,7 +81,7 @@ def test_a_new_head_for_other_classes(tmp_path):
     trained = UNet(1, 4, depth=2, base_channels=4, norm="none")
     torch.save({"model": trained.state_dict()}, tmp_path / "c.pt")
     fresh = UNet(1, 2, depth=2, base_channels=4, norm="none")
-    text = load_pretrained(fresh, tmp_path / "c.pt", "none")
+    text = load_pretrained(fresh, tmp_path / "c.pt", "none").summary
     assert "new: head.bias, head.weight" in text
     assert torch.equal(fresh.down[0][0].weight, trained.down[0][0].weight)
     with pytest.raises(Exception, match="no tensor of it fits"):
@@ -126,3 +126,29 @@ def test_show_lists_the_metrics_of_the_published_epoch(cli, tmp_path):
     assert "best: dice_fg=0.9000 at epoch 2" in out and "epoch: 2" in out
     assert "metric dice_fg: 0.9000" in out and "metric valid_loss: 0.3000" in out  # epoch 2's, not the last's
     assert "zoo:organ/1: dice_fg 0.9000" in out
+
+
+@pytest.mark.ranks
+def test_freeze_encoder_trains_what_is_new_and_keeps_the_statistics(tmp_path):
+    """A 4-channel model with batch norm starts a 1-channel job: the new first layer trains, the rest of the
+    encoder (weights and BatchNorm running statistics) stays as loaded, through training and validation."""
+    torch.manual_seed(0)
+    source = UNet(4, 2, depth=2, base_channels=4, norm="batch")
+    for module in source.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+    torch.save({"model": source.state_dict()}, tmp_path / "four.pt")
+    arch = TINY_UNET.replace("none", "batch").replace("<CNN_archi ", '<CNN_archi pretrained="four.pt" freeze="encoder" ')
+    path = job(tmp_path, "frozen", seed=1, epochs=2, arch=arch)
+    done = autocnnp("run", path)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "new: down.0.0.weight" in done.stdout and "newly initialised parameters in it train" in done.stdout
+    first, after = (torch.load(tmp_path / "runs" / "frozen" / "checkpoints" / f"ckpt-epoch000{n}.pt",
+                               weights_only=False)["model"] for n in (1, 2))
+    loaded = {k: v for k, v in source.state_dict().items() if k.startswith("down.") and k != "down.0.0.weight"}
+    assert any("running_mean" in k for k in loaded)
+    moved = [k for k, v in loaded.items() if not torch.equal(v, after[k])]
+    assert not moved, f"frozen tensors changed: {moved}"
+    assert after["down.0.0.weight"].shape[1] == 1 and not torch.equal(first["down.0.0.weight"],
+                                                                       after["down.0.0.weight"])  # the new layer trains

@@ -3,11 +3,14 @@
 Every tensor whose name and shape match is copied; the others keep their fresh initialisation, so a
 model trained for other classes gets a new head (and other input channels a new first layer).
 ``freeze="encoder"`` stops the gradients of the architecture's encoder (``net.encoder()``: the U-Net's
-contracting path, the FCN's VGG stages; a user architecture may define it).
+contracting path, the FCN's VGG stages; a user architecture may define it), except for the tensors that
+were newly initialised (they always train), and keeps the running statistics of its loaded norm layers:
+those layers stay in evaluation mode throughout training (:meth:`Transfer.keep_frozen`).
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,9 +18,23 @@ import torch
 from ..core.errors import DataError
 
 
-def load_pretrained(net: torch.nn.Module, checkpoint: Path, freeze: str) -> str:
+@dataclass
+class Transfer:
+    """What :func:`load_pretrained` did: its one-line summary and the frozen norm layers."""
+
+    summary: str
+    frozen_norms: list[torch.nn.Module] = field(default_factory=list)
+
+    def keep_frozen(self) -> None:
+        """Put the frozen norm layers back in evaluation mode (after ``model.train()``): they normalise with,
+        and never update, their pretrained running statistics."""
+        for module in self.frozen_norms:
+            module.eval()
+
+
+def load_pretrained(net: torch.nn.Module, checkpoint: Path, freeze: str) -> Transfer:
     """Copy the matching weights of ``checkpoint`` (an autocnnp checkpoint) into ``net``; freeze its encoder
-    when asked. Returns one line saying what was loaded, what was left fresh and what is frozen."""
+    when asked (what was newly initialised still trains). Says what was loaded, left fresh and frozen."""
     if not Path(checkpoint).is_file():
         raise DataError(checkpoint, "the pretrained checkpoint is not there",
                         "run the job with `autocnnp run` (it fetches zoo models first), or `autocnnp zoo pull` it")
@@ -39,15 +56,36 @@ def load_pretrained(net: torch.nn.Module, checkpoint: Path, freeze: str) -> str:
                         "architecture (and parameters)")
     net.load_state_dict(loaded, strict=False)
     fresh = sorted(k for k in own if k not in loaded)
-    text = f"{len(loaded)} of {len(own)} tensors from {checkpoint}" + (
-        f"; new: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}" if fresh else "")
+    transfer = Transfer(f"{len(loaded)} of {len(own)} tensors from {checkpoint}" + (
+        f"; new: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}" if fresh else ""))
     if freeze == "encoder":
         encoder = getattr(net, "encoder", None)
         if not callable(encoder):
             raise DataError(checkpoint, f"freeze=encoder, but the architecture {type(net).__name__} names no encoder",
                             "define encoder() returning its encoder modules, or use freeze=none")
-        params = [p for module in encoder() for p in module.parameters()]
-        for p in params:
-            p.requires_grad_(False)
-        text += f"; encoder frozen ({sum(p.numel() for p in params)} parameters)"
-    return text
+        _freeze(net, encoder(), set(loaded), transfer)
+    return transfer
+
+
+def _freeze(net: torch.nn.Module, encoder: list[torch.nn.Module], loaded: set[str], transfer: Transfer) -> None:
+    """Stop the gradients of the encoder's loaded parameters, and keep the statistics of its norm layers
+    whose tensors were all loaded; a newly initialised tensor (and its layer's statistics) trains."""
+    in_encoder = {id(m) for top in encoder for m in top.modules()}
+    frozen = []
+    for name, module in net.named_modules():
+        if id(module) not in in_encoder:
+            continue
+        prefix = f"{name}." if name else ""
+        own = [prefix + key for key, _ in module.named_parameters(recurse=False)]
+        own += [prefix + key for key, b in module.named_buffers(recurse=False) if b is not None]
+        for key, p in module.named_parameters(recurse=False):
+            if prefix + key in loaded:
+                p.requires_grad_(False)
+                frozen.append(p)
+        statistics = getattr(module, "track_running_stats", False)
+        if statistics and all(key in loaded for key in own):
+            transfer.frozen_norms.append(module)
+    still_new = sum(p.numel() for top in encoder for p in top.parameters() if p.requires_grad)
+    transfer.summary += (f"; encoder frozen ({sum(p.numel() for p in frozen)} parameters, "
+                         f"{len(transfer.frozen_norms)} norm layers keep their statistics"
+                         + (f"; {still_new} newly initialised parameters in it train" if still_new else "") + ")")
