@@ -32,9 +32,9 @@ class Transfer:
             module.eval()
 
 
-def load_pretrained(net: torch.nn.Module, checkpoint: Path, freeze: str) -> Transfer:
-    """Copy the matching weights of ``checkpoint`` (an autocnnp checkpoint) into ``net``; freeze its encoder
-    when asked (what was newly initialised still trains). Says what was loaded, left fresh and frozen."""
+def read_pretrained(checkpoint: Path, framework: str) -> dict:
+    """The network tensors (``state["model"]``) of ``checkpoint``, an autocnnp checkpoint of a ``framework``
+    run."""
     if not Path(checkpoint).is_file():
         raise DataError(checkpoint, "the pretrained checkpoint is not there",
                         "run the job with `autocnnp run` (it fetches zoo models first), or `autocnnp zoo pull` it")
@@ -45,19 +45,36 @@ def load_pretrained(net: torch.nn.Module, checkpoint: Path, freeze: str) -> Tran
         raise DataError(checkpoint, f"cannot be read as a checkpoint ({type(exc).__name__}: {str(exc)[:200]})",
                         "name a checkpoint written by autocnnp run, or a zoo model") from None
     trained = (state.get("model_card") or {}).get("framework", "torch")
-    if trained != "torch":
-        raise DataError(checkpoint, f"holds a {trained} model; pretrained weights start torch networks",
-                        "start from a checkpoint of a torch run of the same architecture")
-    saved = {k.removeprefix("module."): v for k, v in saved.items()}
-    own = net.state_dict()
-    loaded = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    if trained != framework:
+        raise DataError(checkpoint, f"holds a {trained} model; this job trains {framework} networks",
+                        f"start from a checkpoint of a {framework} run of the same architecture")
+    return saved
+
+
+def loaded_summary(checkpoint: Path, loaded: int, total: int, fresh: list[str]) -> str:
+    """``N of M tensors from FILE; new: ...``; refuses a checkpoint of which nothing fits."""
     if not loaded:
         raise DataError(checkpoint, "no tensor of it fits this architecture", "start from a model of the same "
                         "architecture (and parameters)")
-    net.load_state_dict(loaded, strict=False)
-    fresh = sorted(k for k in own if k not in loaded)
-    transfer = Transfer(f"{len(loaded)} of {len(own)} tensors from {checkpoint}" + (
-        f"; new: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}" if fresh else ""))
+    return f"{loaded} of {total} tensors from {checkpoint}" + (
+        f"; new: {', '.join(fresh[:6])}{' ...' if len(fresh) > 6 else ''}" if fresh else "")
+
+
+def frozen_summary(frozen: int, norms: int, still_new: int) -> str:
+    """What ``freeze="encoder"`` froze, in the words of the console line."""
+    return (f"; encoder frozen ({frozen} parameters, {norms} norm layers keep their statistics"
+            + (f"; {still_new} newly initialised parameters in it train" if still_new else "") + ")")
+
+
+def load_pretrained(net: torch.nn.Module, checkpoint: Path, freeze: str) -> Transfer:
+    """Copy the matching weights of ``checkpoint`` (an autocnnp checkpoint) into ``net``; freeze its encoder
+    when asked (what was newly initialised still trains). Says what was loaded, left fresh and frozen."""
+    saved = {k.removeprefix("module."): v for k, v in read_pretrained(checkpoint, "torch").items()}
+    own = net.state_dict()
+    loaded = {k: v for k, v in saved.items() if k in own and own[k].shape == v.shape}
+    if loaded:
+        net.load_state_dict(loaded, strict=False)
+    transfer = Transfer(loaded_summary(checkpoint, len(loaded), len(own), sorted(k for k in own if k not in loaded)))
     if freeze == "encoder":
         encoder = getattr(net, "encoder", None)
         if not callable(encoder):
@@ -86,6 +103,4 @@ def _freeze(net: torch.nn.Module, encoder: list[torch.nn.Module], loaded: set[st
         if statistics and all(key in loaded for key in own):
             transfer.frozen_norms.append(module)
     still_new = sum(p.numel() for top in encoder for p in top.parameters() if p.requires_grad)
-    transfer.summary += (f"; encoder frozen ({sum(p.numel() for p in frozen)} parameters, "
-                         f"{len(transfer.frozen_norms)} norm layers keep their statistics"
-                         + (f"; {still_new} newly initialised parameters in it train" if still_new else "") + ")")
+    transfer.summary += frozen_summary(sum(p.numel() for p in frozen), len(transfer.frozen_norms), still_new)
