@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import csv
 import os
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -152,3 +154,38 @@ def test_freeze_encoder_trains_what_is_new_and_keeps_the_statistics(tmp_path):
     assert not moved, f"frozen tensors changed: {moved}"
     assert after["down.0.0.weight"].shape[1] == 1 and not torch.equal(first["down.0.0.weight"],
                                                                        after["down.0.0.weight"])  # the new layer trains
+
+
+def readme_path() -> list[str]:
+    """The command lines of README.rst's path from volumes to a zoo model's predictions (Model zoo section)."""
+    text = (Path(__file__).resolve().parents[1] / "README.rst").read_text()
+    section = text[text.index("Model zoo and transfer learning"):]
+    block = section[section.index(".. code-block:: sh"):].split("\n\n")[1]
+    return [line.strip() for line in block.splitlines() if line.strip()]
+
+
+@pytest.mark.ranks
+def test_the_readme_path_from_volumes_to_zoo_predictions_runs_as_written(tmp_path):
+    shutil.copytree(Path(__file__).resolve().parents[1] / "xml_configs", tmp_path / "xml_configs",
+                    ignore=shutil.ignore_patterns("runs", "data"))
+    env = {k: v for k, v in os.environ.items() if k != "AUTOCNNP_ZOO"}
+    env["HOME"] = str(tmp_path / "home")  # the default zoo (~/.autocnnp/zoo) and its cache, here
+    lines = readme_path()
+    assert [shlex.split(line)[:2] for line in lines] == [[".venv/bin/autocnnp", verb] for verb in
+                                                         ("synth", "run", "zoo", "predict", "evaluate")]
+    for line in lines:
+        argv = [sys.executable, "-m", "autocnnp", *shlex.split(line)[1:]]
+        done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+        assert done.returncode == 0, f"{line}\n{done.stderr[-2000:]}"
+    assert (tmp_path / "predictions" / "case_006.nii.gz").is_file()
+    with open(tmp_path / "predictions" / "metrics.csv") as f:
+        case = next(row for row in csv.DictReader(f) if row["case"] == "case_006")
+    assert float(case["dice_fg"]) > 0.3, case  # it learned something
+
+
+def test_predict_refuses_a_model_without_volumes_saying_what_to_predict_on(cli, tmp_path):
+    torch.save({"model": {}, "model_card": {"input": None}}, tmp_path / "synthetic.pt")
+    rc, _, err = cli("predict", "--checkpoint", tmp_path / "synthetic.pt", "--input", tmp_path, "--out",
+                     tmp_path / "pred")
+    assert rc == 2 and "trained on data without volumes" in err and "metrics.csv" in err
+    assert "`autocnnp synth DIR`" in err and "then predict on DIR" in err
