@@ -131,9 +131,11 @@ def test_show_lists_the_metrics_of_the_published_epoch(cli, tmp_path):
 
 
 @pytest.mark.ranks
-def test_freeze_encoder_trains_what_is_new_and_keeps_the_statistics(tmp_path):
+@pytest.mark.parametrize("sync_batchnorm", ["false", "true"])
+def test_freeze_encoder_trains_what_is_new_and_keeps_the_statistics(tmp_path, sync_batchnorm):
     """A 4-channel model with batch norm starts a 1-channel job: the new first layer trains, the rest of the
-    encoder (weights and BatchNorm running statistics) stays as loaded, through training and validation."""
+    encoder (weights and BatchNorm running statistics) stays as loaded, through training and validation, also
+    when the strategy replaces the norm layers (sync_batchnorm)."""
     torch.manual_seed(0)
     source = UNet(4, 2, depth=2, base_channels=4, norm="batch")
     for module in source.modules():
@@ -143,7 +145,7 @@ def test_freeze_encoder_trains_what_is_new_and_keeps_the_statistics(tmp_path):
     torch.save({"model": source.state_dict()}, tmp_path / "four.pt")
     arch = TINY_UNET.replace("none", "batch").replace("<CNN_archi ", '<CNN_archi pretrained="four.pt" freeze="encoder" ')
     path = job(tmp_path, "frozen", seed=1, epochs=2, arch=arch)
-    done = autocnnp("run", path)
+    done = autocnnp("run", path, "--set", f"dist_strategy.sync_batchnorm={sync_batchnorm}")
     assert done.returncode == 0, done.stderr[-2000:]
     assert "new: down.0.0.weight" in done.stdout and "newly initialised parameters in it train" in done.stdout
     first, after = (torch.load(tmp_path / "runs" / "frozen" / "checkpoints" / f"ckpt-epoch000{n}.pt",

@@ -20,16 +20,18 @@ from ..core.errors import DataError
 
 @dataclass
 class Transfer:
-    """What :func:`load_pretrained` did: its one-line summary and the frozen norm layers."""
+    """What :func:`load_pretrained` did: its one-line summary and the names of the frozen norm layers (names, as
+    a strategy may replace the layers: sync_batchnorm)."""
 
     summary: str
-    frozen_norms: list[torch.nn.Module] = field(default_factory=list)
+    frozen_norms: list[str] = field(default_factory=list)
 
-    def keep_frozen(self) -> None:
-        """Put the frozen norm layers back in evaluation mode (after ``model.train()``): they normalise with,
-        and never update, their pretrained running statistics."""
-        for module in self.frozen_norms:
-            module.eval()
+    def keep_frozen(self, net: torch.nn.Module) -> None:
+        """Put the frozen norm layers of ``net`` (unwrapped) back in evaluation mode after ``model.train()``:
+        they normalise with, and never update, their pretrained running statistics."""
+        modules = dict(net.named_modules())
+        for name in self.frozen_norms:
+            modules[name].eval()
 
 
 def read_pretrained(checkpoint: Path, framework: str) -> dict:
@@ -101,6 +103,6 @@ def _freeze(net: torch.nn.Module, encoder: list[torch.nn.Module], loaded: set[st
                 frozen.append(p)
         statistics = getattr(module, "track_running_stats", False)
         if statistics and all(key in loaded for key in own):
-            transfer.frozen_norms.append(module)
+            transfer.frozen_norms.append(name)
     still_new = sum(p.numel() for top in encoder for p in top.parameters() if p.requires_grad)
     transfer.summary += frozen_summary(sum(p.numel() for p in frozen), len(transfer.frozen_norms), still_new)

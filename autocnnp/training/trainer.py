@@ -67,7 +67,7 @@ class Run:
     def begin_steps(self) -> None:
         self.model.train()
         if self.transfer is not None:  # frozen norm layers keep their statistics, also after validation
-            self.transfer.keep_frozen()
+            self.transfer.keep_frozen(self.strategy.unwrap(self.model))
 
     def step(self, x, y, lr: float) -> float:
         """One optimizer step at ``lr``: forward under autocast, backward through the loss scaler, the strategy's
