@@ -113,7 +113,9 @@ def publish(rundir: Path, name: str, store, description: str = "") -> int:
         EXPERIMENT, artifact_location=store[1].as_uri() if store[1] else None)
     tags = {"architecture": card["architecture"]["name"], "classes": json.dumps(card["classes"]),
             "in_channels": str(card["in_channels"]), "source_run": str(rundir), "checkpoint": checkpoint.name,
-            "dataset_checksum": json.dumps(checksum)[:5000], "epoch": str(epoch)}
+            "dataset_checksum": json.dumps(checksum)[:5000]}
+    if epoch is not None:
+        tags["epoch"] = str(epoch)
     if best:
         tags["best"] = f"{best['metric']}={best['value']:.4f} at epoch {best['epoch']}"
     run = client.create_run(experiment, tags={"mlflow.runName": name, **tags})
