@@ -45,6 +45,10 @@ SURFACE_CONVENTIONS = ("surface distances in mm from the reference's voxel spaci
 
 # --- predict -----------------------------------------------------------------------------------------------
 
+NO_VOLUMES_HINT = ("to predict NIfTI volumes, train on volumes: `autocnnp synth DIR` writes a small Decathlon-layout "
+                   "set; train a <data format=\"decathlon\"> job on it (README, Model zoo: "
+                   "xml_configs/brain_tumour_unet.xml), then predict on DIR (its imagesTs/) or on your own volumes")
+
 def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
     """The checkpoint file ``--checkpoint`` names: ``latest`` or ``best`` of the job's run, or a path
     (core/rundir.checkpoint_file: a checkpoint file, a ``latest``/``best`` file, a run or checkpoints folder)."""
@@ -130,8 +134,9 @@ def _model_and_transform(state: dict, checkpoint: Path, gen: Generator | None, n
         names: tuple[str, ...] = ()
     else:
         if card.get("input") is None:
-            raise DataError(checkpoint, "was trained on data without volumes (a synthetic or in-memory format)",
-                            "predict with a model trained on NIfTI volumes (<data format=\"decathlon\">)")
+            raise DataError(checkpoint, "was trained on data without volumes (a synthetic or in-memory format), so "
+                            "it has no volumes to predict: its scores on its own validation slices are in its run's "
+                            "metrics.csv", NO_VOLUMES_HINT)
         trained = _trained_job(card, checkpoint)
         classes = num_classes or card["num_classes"]
         transform = trained.data_format().volumes_from_card(card["input"], classes)
@@ -146,7 +151,7 @@ def _model_and_transform(state: dict, checkpoint: Path, gen: Generator | None, n
     if transform is None:
         raise JobError(trained.job.where, f"predict needs volumes, but the job's data format "
                        f"'{trained.action('dataset_injection').entry.name}' has none",
-                       "predict with a job that trained on NIfTI volumes (<data format=\"decathlon\">)")
+                       NO_VOLUMES_HINT)
     if classes is None:
         raise DataError(checkpoint, "the number of classes the model was trained with is not recorded",
                         "pass --num-classes")

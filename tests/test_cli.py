@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import os
 import re
@@ -74,6 +75,21 @@ def test_new_writes_a_job_that_validates_and_is_not_overwritten(cli, tmp_path):
 
     rc, out, err = cli("new", target, "--force")
     assert (rc, err) == (0, "") and target.read_text() == TEMPLATE.read_text()
+
+
+@pytest.mark.ranks
+def test_the_starter_job_learns_as_written(tmp_path):
+    """A newcomer's first job: `autocnnp new`, `validate`, `run` as written reaches foreground Dice 0.5."""
+    def autocnnp(*argv):
+        return subprocess.run([sys.executable, "-m", "autocnnp", *argv], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=600)
+
+    for argv in (["new", "job.xml"], ["validate", "job.xml"], ["run", "job.xml"]):
+        done = autocnnp(*argv)
+        assert done.returncode == 0, done.stderr[-2000:]
+    with open(tmp_path / "runs" / "my-job" / "metrics.csv") as f:
+        dice = [float(row["dice_fg"]) for row in csv.DictReader(f)]
+    assert dice[-1] >= 0.5 and dice[-1] > dice[0], dice  # it learned
 
 
 def test_new_default_name_in_current_folder(cli, tmp_path, monkeypatch):

@@ -4,6 +4,8 @@ command on a tiny job (table, plot, JSON) and on bad options."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 
 import pytest
 
@@ -173,6 +175,15 @@ def test_command_on_a_tiny_job(capsys, tmp_path, tiny_job):
     assert report["profile"]["grad_bytes"] > 0 and report["profile"]["batch"] == 2
     assert all(r["comm_s"] > 0 for r in report["rows"][1:])
     assert report["rows"][-1]["efficiency"] < report["rows"][1]["efficiency"]
+
+
+def test_json_to_standard_output_is_the_json_alone(tmp_path):
+    plot = tmp_path / "scale.png"
+    done = subprocess.run([sys.executable, "-m", "autocnnp", "scale", "--preset", "r2d2-unet", "--ranks", "1,18",
+                           "--plot", str(plot), "--json", "-"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert [row["world_size"] for row in json.loads(done.stdout)["rows"]] == [1, 18]  # nothing else on stdout
+    assert "R2D2 U-Net" in done.stderr and f"wrote {plot}" in done.stderr  # the table goes to standard error
 
 
 def test_compute_override_replaces_the_profile(tmp_path):

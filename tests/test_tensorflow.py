@@ -80,15 +80,11 @@ def test_the_torch_tree_refuses_a_tensorflow_only_component(tmp_path):
     assert "communication_init 'tf_config' has no torch implementation (it exists for tensorflow)" in result.stderr
 
 
-def test_a_user_file_declaring_another_framework_pretrained_weights_and_fp16_are_refused(tmp_path):
+def test_a_user_file_declaring_another_framework_and_fp16_are_refused(tmp_path):
     (tmp_path / "net.py").write_text("class Net:\n    frameworks = ('torch',)\n    def forward(self, x):\n        return x\n")
     job = write_job(tmp_path / "job.xml", actions=generator(), arch='<CNN_archi><path>net.py</path></CNN_archi>')
     result = cli("validate", job)
     assert result.returncode == 2 and "is written for torch, but the job trains with tensorflow" in result.stderr
-    job = write_job(tmp_path / "job.xml", actions=generator(),
-                    arch=PLAIN_UNET.replace('name="unet"', 'name="unet" pretrained="zoo:atrium"'))
-    result = cli("validate", job)
-    assert result.returncode == 2 and "pretrained weights are loaded on the torch framework only" in result.stderr
     job = write_job(tmp_path / "job.xml", actions=generator(), arch=PLAIN_UNET, hyper={"precision": "fp16"})
     result = cli("validate", job)
     assert result.returncode == 2 and "precision fp16 (with a loss scaler) is trained on the torch framework only" \
@@ -361,3 +357,50 @@ def test_the_demo_job_reaches_the_dice_of_torch_on_tensorflow(tensorflow, tmp_pa
         dice[framework] = float(last_metrics(tmp_path / framework)["dice_fg"])
     print(f"demo job foreground Dice: {dice}")
     assert min(dice.values()) > 0.9 and abs(dice["tensorflow"] - dice["torch"]) < 0.05, dice
+
+
+FOUR_CHANNEL_SOURCE = """
+import sys
+import keras
+import numpy as np
+import torch
+from autocnnp.components.architectures.keras_unet import build
+from autocnnp.components.architectures.unet import Config
+from autocnnp.training.keras_trainer import weights_of
+
+keras.utils.set_random_seed(5)
+model = build(Config(depth=2, base_channels=4, norm="batch"), in_channels=4, num_classes=2)
+for layer in model.layers:
+    if isinstance(layer, keras.layers.BatchNormalization):
+        layer.moving_mean.assign(np.random.uniform(-1, 1, layer.moving_mean.shape))
+        layer.moving_variance.assign(np.random.uniform(0.5, 2, layer.moving_variance.shape))
+torch.save({"model": weights_of(model), "model_card": {"framework": "tensorflow"}}, sys.argv[1])
+"""
+
+
+@pytest.mark.ranks
+def test_freeze_encoder_on_tensorflow_trains_what_is_new_and_keeps_the_statistics(tensorflow, tmp_path):
+    """A 4-channel Keras U-Net with batch norm starts a 1-channel tensorflow job: the new first layer trains, the
+    rest of the encoder (weights and BatchNormalization moving statistics) stays as loaded."""
+    source = tmp_path / "four.pt"
+    made = subprocess.run([sys.executable, "-c", FOUR_CHANNEL_SOURCE, source], capture_output=True, text=True,
+                          env={**os.environ, "KERAS_BACKEND": "tensorflow"}, timeout=300)
+    assert made.returncode == 0, made.stderr[-3000:]
+    arch = PLAIN_UNET.replace("none", "batch").replace('name="unet"', 'name="unet" pretrained="four.pt" '
+                                                                         'freeze="encoder"')
+    job = write_job(tmp_path / "job.xml", degree=2, output="out", arch=arch, actions=generator(), extra=QUIET,
+                    data=synthetic_data(16, 4, "atrium"), hyper=dict(minibatch_size=4, end_epoch=2, lr=0.01))
+    result = cli("run", job)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "new: encoder0_0_conv/kernel" in result.stdout and "4 norm layers keep their statistics" in result.stdout
+    assert "newly initialised parameters in it train" in result.stdout
+    saved = {k.partition(":")[2]: v for k, v in torch.load(source, weights_only=False)["model"].items()}
+    first, after = ({k.partition(":")[2]: v for k, v in torch.load(tmp_path / "out" / "checkpoints" /
+                                                                     f"ckpt-epoch000{n}.pt", weights_only=False)[
+                         "model"].items()} for n in (1, 2))
+    encoder = [k for k in saved if k.startswith("encoder") and k != "encoder0_0_conv/kernel"]
+    assert any("moving_mean" in k for k in encoder)
+    moved = [k for k in encoder if not np.array_equal(saved[k], after[k])]
+    assert not moved, f"frozen variables changed: {moved}"
+    assert after["encoder0_0_conv/kernel"].shape[2] == 1  # HWIO: one input channel
+    assert not np.array_equal(first["encoder0_0_conv/kernel"], after["encoder0_0_conv/kernel"])  # it trains

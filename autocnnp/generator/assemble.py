@@ -156,9 +156,6 @@ def assemble(job: JobSpec | Path | str) -> Generator:
         Composite(c, title, [modules[m.name] for m in MODULES if m.composite == c]) for c, title in COMPOSITES.items()
     ])
     gen = Generator(spec, root, _bindings(), world_size, seed, rundir, _pretrained(spec))
-    if gen.pretrained is not None and framework != "torch":
-        raise JobError(gen.pretrained.where, f"pretrained weights are loaded on the torch framework only; this job "
-                       f"trains with {framework}", "remove pretrained= (and freeze=), or train with framework torch")
     if framework != "torch" and gen.hyperparameters.precision == "fp16":
         where = next((s.where for s in spec.hyperparameters if s.name == "precision"), spec.where)
         raise JobError(where, f"precision fp16 (with a loss scaler) is trained on the torch framework only; this job "

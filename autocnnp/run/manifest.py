@@ -266,11 +266,18 @@ def dataset_record(job: Job) -> dict:
 
 def final_metrics(rundir: RunDir) -> dict:
     """The last row of ``metrics.csv`` (numbers as floats), {} if there is none."""
+    return epoch_metrics(rundir, None)
+
+
+def epoch_metrics(rundir: RunDir, epoch: int | None) -> dict:
+    """The row of ``metrics.csv`` of ``epoch`` (counted from 1, as a checkpoint's epochs done; None: the last
+    row), numbers as floats; {} if there is none."""
     try:
         with open(rundir.metrics, newline="") as f:
             rows = list(csv.DictReader(f))
     except OSError:
         return {}
+    rows = [row for row in rows if epoch is None or row.get("epoch") == str(epoch)]
     if not rows:
         return {}
     out = {}

@@ -2,8 +2,8 @@
 
 * ``autocnnp zoo publish RUN_DIR --name NAME`` registers the run's best checkpoint (else its latest) as a new
   version of NAME, with what reusing it needs: the checkpoint (which describes its model: architecture and
-  parameters, preprocessing, classes), ``model_card.json``, the job file, ``manifest.json``, the final
-  metrics and the dataset checksum;
+  parameters, preprocessing, classes), ``model_card.json``, the job file, ``manifest.json``, the metrics of
+  the epoch that checkpoint was written at (metrics.csv) and the dataset checksum;
 * ``autocnnp zoo list``, ``autocnnp zoo show NAME[/VERSION]``, ``autocnnp zoo pull NAME[/VERSION] DIR``;
 * a job starts from a zoo model with ``<CNN_archi pretrained="zoo:NAME/VERSION">`` (run & manage fetches it
   before the ranks start) and ``autocnnp predict --model zoo:NAME`` predicts with one.
@@ -22,10 +22,11 @@ import tempfile
 from pathlib import Path
 
 from ..components.trackers.mlflow_tracking import store_of
-from ..core.errors import JobError, Source
+from ..core.errors import JobError, Source, shorten
 from ..core.files import read_json
 from ..core.metrics import DICE, FOREGROUND_DICE
 from ..core.rundir import BEST_RECORD, ZOO_CHECKPOINT, RunDir, start_checkpoint
+from .manifest import epoch_metrics
 
 ZOO_ENV = "AUTOCNNP_ZOO"
 EXPERIMENT = "autocnnp-zoo"
@@ -79,9 +80,13 @@ def _version(client, name: str, version: int | None):
 
 
 def _checkpoint_of(rundir: Path) -> Path:
+    where = Source(rundir, text=shorten(rundir))
+    if not rundir.is_dir():
+        raise JobError(where, "the run folder does not exist" if not rundir.exists() else "this is not a folder",
+                       "name the output folder of a trained run (its <output><path> in the job file)")
     found = start_checkpoint(RunDir(rundir).checkpoints)
     if found is None:
-        raise JobError(rundir, "the run folder holds no checkpoint", "name the output folder of a trained run")
+        raise JobError(where, "the run folder holds no checkpoint", "name the output folder of a trained run")
     return found
 
 
@@ -91,13 +96,15 @@ def publish(rundir: Path, name: str, store, description: str = "") -> int:
 
     rundir = Path(rundir).resolve()
     checkpoint = _checkpoint_of(rundir)
-    card = torch.load(checkpoint, map_location="cpu", weights_only=False).get("model_card")
+    saved = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    card = saved.get("model_card")
     if card is None:
         raise JobError(checkpoint, "the checkpoint does not describe its model (written by an older autocnnp)",
                        "train it again with this version, then publish")
     paths = RunDir(rundir)
     manifest = read_json(paths.manifest) or {}
-    metrics = {k: v for k, v in (manifest.get("final_metrics") or {}).items() if isinstance(v, (int, float))}
+    epoch = saved.get("epoch")  # epochs done when the published checkpoint was written: its metrics.csv row
+    metrics = {k: v for k, v in epoch_metrics(paths, epoch).items() if k != "epoch" and isinstance(v, (int, float))}
     best = read_json(paths.checkpoints / BEST_RECORD) or {}
     checksum = (manifest.get("dataset") or {}).get("checksum", {})
     client = _client(store)
@@ -107,6 +114,8 @@ def publish(rundir: Path, name: str, store, description: str = "") -> int:
     tags = {"architecture": card["architecture"]["name"], "classes": json.dumps(card["classes"]),
             "in_channels": str(card["in_channels"]), "source_run": str(rundir), "checkpoint": checkpoint.name,
             "dataset_checksum": json.dumps(checksum)[:5000]}
+    if epoch is not None:
+        tags["epoch"] = str(epoch)
     if best:
         tags["best"] = f"{best['metric']}={best['value']:.4f} at epoch {best['epoch']}"
     run = client.create_run(experiment, tags={"mlflow.runName": name, **tags})

@@ -20,6 +20,7 @@ import tensorflow as tf  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
+from ..core.errors import DataError  # noqa: E402
 from ..core.processes import default_threads  # noqa: E402
 from ..core.world import World  # noqa: E402
 from ..data.batches import DeviceBatches  # noqa: E402
@@ -36,6 +37,7 @@ from .loop import (  # noqa: E402
     seed_everything,
 )
 from .monitor import DivergenceGuard, MonitoringConfig  # noqa: E402
+from .pretrained import frozen_summary, loaded_summary, read_pretrained  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise RuntimeError(f"Keras was imported with the {keras.backend.backend()!r} backend before this tensorflow job "
@@ -125,6 +127,46 @@ def load_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
         variable.assign(value)
 
 
+ENCODER_PREFIX = "encoder"  # freeze="encoder" freezes the top-level layers whose names start with it
+
+
+def load_pretrained(model: keras.Model, checkpoint: Path, freeze: str) -> str:
+    """Copy the variables of ``checkpoint`` (a tensorflow run's) whose path and shape match into ``model``;
+    with ``freeze="encoder"`` the layers named ``encoder...`` whose variables were all loaded stop training
+    (a frozen BatchNormalization runs in inference mode: it keeps its moving statistics), while a layer
+    newly initialised in the encoder (a first layer for other input channels) trains. Says what it did."""
+    saved: dict[tuple[str, int], np.ndarray] = {}
+    for key, value in read_pretrained(checkpoint, "tensorflow").items():
+        path = key.partition(":")[2]  # 'N:path' (weights_of); a path repeats in sub-models: count them
+        saved[(path, sum(p == path for p, _ in saved))] = value
+    loaded, fresh, seen = set(), [], {}
+    for variable in model.weights:
+        key = (variable.path, seen.setdefault(variable.path, 0))
+        seen[variable.path] += 1
+        if key in saved and tuple(variable.shape) == saved[key].shape:
+            variable.assign(saved[key])
+            loaded.add(id(variable))
+        else:
+            fresh.append(variable.path)
+    summary = loaded_summary(checkpoint, len(loaded), len(model.weights), fresh)
+    if freeze != "encoder":
+        return summary
+    encoder = [layer for layer in model.layers if layer.name.startswith(ENCODER_PREFIX) and layer.weights]
+    if not encoder:
+        raise DataError(checkpoint, f"freeze=encoder, but the Keras model {model.name} has no layer named "
+                        f"'{ENCODER_PREFIX}...'", f"name its encoder layers {ENCODER_PREFIX}_..., or use freeze=none")
+    frozen = [layer for layer in encoder if all(id(v) in loaded for v in layer.weights)]
+    frozen_size = _size(v for layer in frozen for v in layer.trainable_weights)
+    for layer in frozen:
+        layer.trainable = False
+    norms = sum(isinstance(layer, keras.layers.BatchNormalization) for layer in frozen)
+    return summary + frozen_summary(frozen_size, norms, _size(v for layer in encoder for v in layer.trainable_weights))
+
+
+def _size(variables) -> int:
+    return sum(int(np.prod(v.shape)) for v in variables)
+
+
 def make_optimizer(hp) -> keras.optimizers.Optimizer:
     """Adam or SGD as torch's (Adam's epsilon 1e-8; weight decay is added to the gradients by the step, the
     L2 of torch's optimizers, not Keras' decoupled one)."""
@@ -158,6 +200,10 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
         if not isinstance(net, keras.Model):
             raise TypeError(f"the architecture built a {type(net).__name__}; the tensorflow framework trains Keras "
                             "models (keras.Model): return one from build(), or choose the torch framework")
+        if gen.pretrained is not None:  # before the optimizer sees the trainable variables
+            loaded = load_pretrained(net, gen.pretrained.local(gen.rundir), gen.pretrained.freeze)
+            if world.rank == 0:
+                print(f"autocnnp: pretrained ({gen.pretrained.source}): {loaded}", flush=True)
         optimizer = make_optimizer(hp)
         optimizer.build(net.trainable_variables)
     sampler = strategy.sampler(data.train, shuffle=True, seed=gen.seed)

@@ -26,7 +26,7 @@ from .loop import (
 )
 from .monitor import DivergenceGuard, MonitoringConfig
 from .precision import mixed_precision
-from .pretrained import load_pretrained
+from .pretrained import Transfer, load_pretrained
 
 
 def make_optimizer(hp, params) -> torch.optim.Optimizer:
@@ -62,9 +62,12 @@ class Run:
     resumed_from: Path | None  # the checkpoint this run continued from
     regions: dict[str, tuple[int, ...]]  # groups of classes scored as one (<monitoring> regions)
     card: dict  # what predict needs to rebuild and feed the network (model_card)
+    transfer: Transfer | None = None  # the pretrained weights it started from, and what of them is frozen
 
     def begin_steps(self) -> None:
         self.model.train()
+        if self.transfer is not None:  # frozen norm layers keep their statistics, also after validation
+            self.transfer.keep_frozen(self.strategy.unwrap(self.model))
 
     def step(self, x, y, lr: float) -> float:
         """One optimizer step at ``lr``: forward under autocast, backward through the loss scaler, the strategy's
@@ -104,10 +107,11 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     seed_everything(gen.seed)  # identical initial parameters on every rank (DDP broadcasts them too)
     data = gen.data_format().datasets(world=world, seed=gen.seed, cache_dir=gen.rundir.cache)
     net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
+    transfer = None
     if gen.pretrained is not None:  # before any wrapping; a resumed run then loads its own checkpoint over it
-        loaded = load_pretrained(net, gen.pretrained.local(gen.rundir), gen.pretrained.freeze)
+        transfer = load_pretrained(net, gen.pretrained.local(gen.rundir), gen.pretrained.freeze)
         if world.rank == 0:
-            print(f"autocnnp: pretrained ({gen.pretrained.source}): {loaded}", flush=True)
+            print(f"autocnnp: pretrained ({gen.pretrained.source}): {transfer.summary}", flush=True)
     strategy = gen.action("dist_strategy").build(world=world, device=device, beat=beat)
     if hp.channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -125,7 +129,7 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
     regions = checked_regions(task, data, monitoring, checkpoints)
     return Run(gen, world, device, hp, task, data, strategy, model, sampler, loader, loader_rng, valid_loader,
                policy, checkpoints, state, task.loss(hp.loss), autocast, scaler, guard, deterministic, resumed_from,
-               regions, model_card(gen, data))
+               regions, model_card(gen, data), transfer)
 
 
 

@@ -8,6 +8,7 @@ Heavy modules (torch, matplotlib) are imported inside the functions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -340,6 +341,21 @@ def add_commands(sub) -> None:
 
 
 def cmd_scale(args) -> int:
+    """Print the prediction; with ``--json -`` standard output is the JSON alone (the rest goes to stderr)."""
+    if args.json != "-":
+        report = _scale(args)
+        if args.json:
+            Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+            print(f"wrote {args.json}")
+        return ExitCode.OK
+    with contextlib.redirect_stdout(sys.stderr):
+        report = _scale(args)
+    print(json.dumps(report, indent=2, default=str))
+    return ExitCode.OK
+
+
+def _scale(args) -> dict:
+    """Profile (or take the preset), predict and print the table; returns the JSON report."""
     if (args.job is None) == (args.preset is None):
         raise JobError(option("JOB.xml"), "give a job file or --preset, not both and not neither",
                        f"autocnnp scale JOB.xml, or autocnnp scale --preset {next(iter(PRESETS))}")
@@ -386,15 +402,7 @@ def cmd_scale(args) -> int:
     print(table(rows))
     if args.plot:
         print(f"wrote {plot(rows, Path(args.plot), title)}")
-    if args.json:
-        report = Report(title, link, data_path.describe(), overlap, placement, profile, rows).jsonable()
-        text = json.dumps(report, indent=2, default=str)
-        if args.json == "-":
-            print(text)
-        else:
-            Path(args.json).write_text(text + "\n")
-            print(f"wrote {args.json}")
-    return ExitCode.OK
+    return Report(title, link, data_path.describe(), overlap, placement, profile, rows).jsonable()
 
 
 def _traffic(strategy: type[Strategy], config, profile: Profile):

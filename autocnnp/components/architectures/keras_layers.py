@@ -9,14 +9,16 @@ import keras
 import numpy as np
 
 
-def conv_norm_relu(x, channels: int, norm: str):
-    """3x3 convolution ('same' padding), optional normalisation (torch's epsilon and momentum), ReLU."""
-    x = keras.layers.Conv2D(channels, 3, padding="same", use_bias=norm == "none")(x)
+def conv_norm_relu(x, channels: int, norm: str, name: str | None = None):
+    """3x3 convolution ('same' padding), optional normalisation (torch's epsilon and momentum), ReLU; ``name``
+    prefixes its layers' names (``encoder...`` marks the encoder that ``freeze="encoder"`` freezes)."""
+    named = (lambda part: f"{name}_{part}") if name else (lambda part: None)
+    x = keras.layers.Conv2D(channels, 3, padding="same", use_bias=norm == "none", name=named("conv"))(x)
     if norm == "batch":
-        x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5)(x)
+        x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=named("norm"))(x)
     elif norm == "group":
-        x = keras.layers.GroupNormalization(groups=math.gcd(8, channels), epsilon=1e-5)(x)
-    return keras.layers.ReLU()(x)
+        x = keras.layers.GroupNormalization(groups=math.gcd(8, channels), epsilon=1e-5, name=named("norm"))(x)
+    return keras.layers.ReLU(name=named("relu"))(x)
 
 
 def bilinear_upsampler(channels: int, factor: int):

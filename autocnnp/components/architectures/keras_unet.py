@@ -19,7 +19,7 @@ def build(config: Config, *, in_channels: int, num_classes: int) -> keras.Model:
     for level, c in enumerate(channels):
         if level:
             x = keras.layers.MaxPooling2D(2)(x)
-        x = conv_norm_relu(conv_norm_relu(x, c, config.norm), c, config.norm)
+        x = conv_norm_relu(conv_norm_relu(x, c, config.norm, f"encoder{level}_0"), c, config.norm, f"encoder{level}_1")
         skips.append(x)
     skips.pop()
     for level in reversed(range(config.depth - 1)):

@@ -41,12 +41,15 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
 
 
 def convert(module: nn.Module) -> nn.Module:
-    """Replace every BatchNorm layer of ``module`` by a CrossRankBatchNorm holding the same state."""
+    """Replace every BatchNorm layer of ``module`` by a CrossRankBatchNorm holding the same state: its
+    parameters themselves (a frozen one stays frozen), buffers and mode, as torch's convert_sync_batchnorm."""
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and not isinstance(module, CrossRankBatchNorm):
         new = CrossRankBatchNorm(module.num_features, module.eps, module.momentum, module.affine,
                                  module.track_running_stats)
         new.load_state_dict(module.state_dict())
-        return new
+        if module.affine:
+            new.weight, new.bias = module.weight, module.bias
+        return new.train(module.training)
     for name, child in module.named_children():
         setattr(module, name, convert(child))
     return module
