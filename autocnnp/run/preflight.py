@@ -33,8 +33,9 @@ def fetch_pretrained(job: Job) -> None:
 
 
 def check_pretrained(job: Job) -> None:
-    """The checkpoint the job starts from is a torch checkpoint (a zip archive holding ``data.pkl``, or a
-    legacy pickle): a garbage file is refused here, not by every rank after the launch."""
+    """The checkpoint the job starts from is a checkpoint of autocnnp (a zip archive holding ``data.pkl``, or a
+    legacy pickle) of the job's framework: a garbage file, or another framework's, is refused here, not by every
+    rank after the launch."""
     pretrained = job.generator.pretrained
     if pretrained is None:
         return
@@ -50,10 +51,10 @@ def check_pretrained(job: Job) -> None:
     if not (legacy or archive):
         raise JobError(pretrained.where, f"the pretrained checkpoint {path} is not a torch checkpoint",
                        "name a checkpoint written by autocnnp run, its run folder, or a zoo model")
-    trained = trained_framework(path) if archive else "torch"
-    if trained not in (None, "torch"):
-        raise JobError(pretrained.where, f"the pretrained checkpoint {path} holds a {trained} model; pretrained "
-                       "weights start torch networks", "start from a checkpoint of a torch run of the same architecture")
+    trained, framework = (trained_framework(path) if archive else "torch"), job.generator.framework
+    if trained not in (None, framework):
+        raise JobError(pretrained.where, f"the pretrained checkpoint {path} holds a {trained} model, but the job "
+                       f"trains with {framework}", f"start from a checkpoint of a {framework} run of the same architecture")
 
 
 def check_resume(job: Job) -> None:
