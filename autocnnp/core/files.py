@@ -127,7 +127,7 @@ def read_input(path: Path, where: Location | Path, what: str, limit: int = INPUT
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         reason = {errno.ELOOP: "its path loops through symbolic links",
-                  errno.ENAMETOOLONG: "its path is too long"}.get(exc.errno, exc.strerror or str(exc))
+                  errno.ENAMETOOLONG: "its path is too long"}.get(exc.errno or 0, exc.strerror or str(exc))
         raise JobError(where, f"cannot read the {what} {shorten(path)} ({reason})", hint) from None
     try:
         mode = os.fstat(fd).st_mode

@@ -149,7 +149,8 @@ def read_job(file: Path | str, text: str | None = None) -> JobSpec:
             p = el.find("path")
             data_paths[part] = Setting(part, str(_resolve(base, _text(p))), _where(path, p))
 
-    actions, modules = [], {}
+    actions: list[ActionSpec] = []
+    modules: dict[str, Location] = {}
     gen = section("CNN-Parallelism-Generator")
     for mod in ([] if gen is None else gen.findall("module")):
         modules.setdefault(mod.get("name"), _where(path, mod))
