@@ -58,7 +58,7 @@ def command_options(p: argparse.ArgumentParser, words: list[str]) -> list[tuple[
 
 def test_every_config_field_is_documented(site_ids):
     fields = config_fields()
-    assert len(fields) > 100  # the walk finds the Configs (there are well over a hundred settings)
+    assert len(fields) > 50  # the walk finds the Configs (about a hundred settings)
     missing = [f"{config}.{name}" for config, name in fields if setting_id(config, name) not in site_ids]
     assert not missing, f"Config fields missing from the site: {missing}"
 
