@@ -271,7 +271,12 @@ def _complex_type(node, types: dict):
 
 
 def _attributes(ctype) -> list:
-    return [] if ctype is None else [a for a in ctype.iter(f"{XS}attribute")]
+    """The attributes a complex type declares (its own, not those of the elements inside it)."""
+    if ctype is None:
+        return []
+    holders = [ctype, *ctype.iterfind(f"{XS}simpleContent/{XS}extension"),
+               *ctype.iterfind(f"{XS}complexContent/{XS}extension")]
+    return [a for holder in holders for a in holder.findall(f"{XS}attribute")]
 
 
 def _children(ctype) -> list:
@@ -301,7 +306,8 @@ def job_schema():
 
 
 class JobFileDirective(SphinxDirective):
-    """``.. autocnnp-job-file::``: the job file's elements and attributes, from the XSD."""
+    """``.. autocnnp-job-file::``: the job file's elements and attributes, from the XSD; an element or attribute
+    without ``xs:documentation`` is a warning (a ``name`` attribute explains itself)."""
 
     def run(self):
         schema = job_schema()
@@ -312,6 +318,9 @@ class JobFileDirective(SphinxDirective):
             name = "/".join(path)
             ctype = _complex_type(element, types)
             doc = _doc(element) or (_doc(ctype) if ctype is not None else "")
+            for undocumented in ([] if doc else [name]) + [f"{name} @{a.get('name')}" for a in attributes if not _doc(a)
+                                                       and a.get("name") != "name"]:
+                logger.warning(f"job.xsd: {undocumented} has no xs:documentation", location=self.get_location())
             attrs = nodes.bullet_list()
             for a in attributes:
                 text = f" ({'required' if a.get('use') == 'required' else 'optional'}) {_doc(a)}"
