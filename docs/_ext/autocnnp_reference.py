@@ -4,6 +4,7 @@
 * ``autocnnp-settings SECTION``: the Config of a job-file section (``monitoring``, ``cluster``);
 * ``autocnnp-points``: every extension point of the generator tree, its protocol, its built-ins per framework
   and their Configs (defaults, bounds, other spellings, help), and the ``<monitoring>`` trackers;
+* ``autocnnp-protocols``: every class of generator/protocols.py (autodoc);
 * ``autocnnp-tree``: the generator tree (composites, modules, actions, what they hand each other);
 * ``autocnnp-commands``: every command and option of the argparse parsers;
 * ``autocnnp-exit-codes``: ``ExitCode`` with the comment of each member;
@@ -369,7 +370,7 @@ def _argument_row(names: list[list[str]], parser, action: argparse.Action) -> li
         facts.append("one of " + ", ".join(map(str, action.choices)))
     if action.default not in (None, False, [], argparse.SUPPRESS) and "%(default)" not in (action.help or ""):
         facts.append(f"default {action.default}")
-    if isinstance(action, argparse._AppendAction):
+    if isinstance(action, argparse._AppendAction) and "repeatable" not in help_text:
         facts.append("repeatable")
     ids = [option_id(words, option_name(action)) for words in names]
     return [_code(shown, *ids), " ".join([help_text, *(f"({f})" for f in facts)])]
@@ -466,6 +467,18 @@ class RunFolderDirective(SphinxDirective):
         return [_table(["path", "what"], rows, [25, 60])]
 
 
+class ProtocolsDirective(SphinxDirective):
+    """``.. autocnnp-protocols::``: every public class of generator/protocols.py with its members (autodoc)."""
+
+    def run(self):
+        import autocnnp.generator.protocols as protocols
+
+        classes = [name for name, obj in vars(protocols).items() if inspect.isclass(obj) and not name.startswith("_")
+                   and obj.__module__ == protocols.__name__]
+        text = "\n\n".join(f".. autoclass:: {protocols.__name__}.{name}\n   :members:\n   :no-index:" for name in classes)
+        return nested_parse_to_nodes(self.state, text, source=protocols.__file__)
+
+
 class DocstringDirective(SphinxDirective):
     """``.. autocnnp-docstring:: module``: a module's docstring, as reStructuredText."""
 
@@ -482,6 +495,7 @@ def setup(app):
     for name, directive in (("autocnnp-job-file", JobFileDirective), ("autocnnp-settings", SettingsDirective),
                             ("autocnnp-points", PointsDirective), ("autocnnp-tree", TreeDirective),
                             ("autocnnp-commands", CommandsDirective), ("autocnnp-exit-codes", ExitCodesDirective),
-                            ("autocnnp-run-folder", RunFolderDirective), ("autocnnp-docstring", DocstringDirective)):
+                            ("autocnnp-run-folder", RunFolderDirective), ("autocnnp-docstring", DocstringDirective),
+                            ("autocnnp-protocols", ProtocolsDirective)):
         app.add_directive(name, directive)
     return {"version": "1", "parallel_read_safe": True, "parallel_write_safe": True}
