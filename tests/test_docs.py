@@ -69,3 +69,11 @@ def test_every_command_and_option_is_documented(site_ids):
     missing = [" ".join(words) + (f" {option}" if option else "") for words, option in found
                if (option_id(words, option) if option else command_id(words)) not in site_ids]
     assert not missing, f"commands or options missing from the site: {missing}"
+
+
+def test_every_exit_code_is_documented(site_ids):
+    from docutils.nodes import make_id
+
+    from autocnnp.core.errors import ExitCode
+
+    assert not [code.name for code in ExitCode if make_id(f"exit {code.name}") not in site_ids]
