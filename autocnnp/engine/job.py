@@ -70,7 +70,7 @@ class JobSpec:
     freeze: Setting | None = None  # <CNN_archi freeze="none|encoder">
     seed: Setting | None = None
     output: Setting | None = None
-    # KEY=VALUE overrides applied on top of the file (engine/overrides.py); passed on to the workers
+    # KEY=VALUE overrides applied on top of the file (generator/overrides.py); passed on to the workers
     overrides: dict[str, str] = field(default_factory=dict)
 
     @property
