@@ -463,7 +463,8 @@ class RunFolderDirective(SphinxDirective):
             if not any(Path(p).parts[:len(parts)] == parts or parts[:len(Path(p).parts)] == Path(p).parts
                        for p in listed):
                 logger.warning(f"RunDir.{member} is not in core/rundir.py's layout", location=self.get_location())
-        rows = [[_code("OUTPUT/" + path, nodes.make_id(f"run folder {path}")), what] for path, what in layout]
+        rows = [[_code("OUTPUT/" + path, nodes.make_id(f"run folder {path}")), _para(*self.parse_inline(what)[0])]
+                for path, what in layout]
         return [_table(["path", "what"], rows, [25, 60])]
 
 
