@@ -1,7 +1,8 @@
 """Several hosts: hostfile checks before mpirun starts anything, and a real two-host run on one machine.
 
 The two hosts are network namespaces (cluster/netns/hosts.sh): own addresses, own host names, one
-veth link between them, a shared filesystem; mpirun reaches the second one through the launch agent
+veth link between them, a shared filesystem, and each its own /etc/hosts in the Debian default style
+(its own name on 127.0.1.1 first); mpirun reaches the second one through the launch agent
 cluster/netns/agent instead of ssh. That part needs root and iproute2, and is skipped without them.
 """
 
@@ -12,10 +13,11 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
-from jobfiles import TINY_UNET, checkpoint_plugin, strategy_module, synthetic_data, write_job
+from jobfiles import TINY_UNET, checkpoint_plugin, require_import, strategy_module, synthetic_data, write_job
 
 import autocnnp.run.launch as launch
 from autocnnp.run.hosts import parse_hostfile
@@ -101,6 +103,8 @@ def two_hosts():
     up = subprocess.run(["bash", str(NETNS / "hosts.sh"), "up"], capture_output=True, text=True)
     if up.returncode != 0:
         pytest.skip(f"network namespaces are not available here: {up.stderr.strip()}")
+    # as on stock Debian and Ubuntu nodes, each host's name resolves first to 127.0.1.1, which only it reaches
+    assert on("acp-h1", "getent", "hosts", "acp-h1", cwd=ROOT).stdout.split()[0] == "127.0.1.1"
     yield ["acp-h1", "acp-h2"]
     subprocess.run(["bash", str(NETNS / "hosts.sh"), "down"], capture_output=True)
 
@@ -113,15 +117,35 @@ def on(host: str, *cmd, cwd: Path, timeout: float = 240) -> subprocess.Completed
 
 @pytest.mark.multihost
 @pytest.mark.ranks
-def test_two_ranks_on_two_hosts(two_hosts, tmp_path):
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_two_ranks_on_two_hosts(two_hosts, tmp_path, framework):
+    if framework == "tensorflow":
+        require_import("tensorflow", "tensorflow", "AUTOCNNP_REQUIRE_TENSORFLOW")
     job = hosts_job(tmp_path, "acp-h1 slots=1\nacp-h2 slots=1\n", agent=NETNS / "agent")
-    result = on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, cwd=tmp_path)
+    result = on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, f"--set=framework={framework}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     # each rank ran on its own host: own host name, own network namespace, gloo and MPI over the veth link
     assert [(tmp_path / f"host-rank{r}.txt").read_text() for r in (0, 1)] == ["acp-h1", "acp-h2"]
     with open(tmp_path / "out" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1"] and 0 < float(rows[0]["dice"]) <= 1
+
+
+@pytest.mark.multihost
+@pytest.mark.ranks
+def test_hosts_that_cannot_reach_each_other_end_the_job_at_once(two_hosts, tmp_path):
+    # interface lo: each host offers 127.0.0.1, where only it reaches itself
+    job = hosts_job(tmp_path, "acp-h1 slots=1\nacp-h2 slots=1\n", agent=NETNS / "agent")
+    started = time.monotonic()
+    result = on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, "--set=communication_init.interface=lo",
+                cwd=tmp_path, timeout=60)
+    assert result.returncode == 2 and time.monotonic() - started < 60, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("autocnnp:")]
+    assert len(lines) == 1, result.stderr
+    assert "cannot open a connection to host acp-h" in lines[0] and "at 127.0.0.1 (Connection refused)" in lines[0]
+    assert "set by communication_init interface=lo" in lines[0] and "loopback" in lines[0]
+    assert "Hint: set communication_init interface" in lines[0] and "acp-veth" in lines[0]
+    assert not (tmp_path / "out" / "metrics.csv").exists()
 
 
 @pytest.mark.multihost
