@@ -9,6 +9,7 @@ cluster/netns/agent instead of ssh. That part needs root and iproute2, and is sk
 from __future__ import annotations
 
 import csv
+import json
 import os
 import shutil
 import subprocess
@@ -129,6 +130,43 @@ def test_two_ranks_on_two_hosts(two_hosts, tmp_path, framework):
     with open(tmp_path / "out" / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
     assert [r["epoch"] for r in rows] == ["1"] and 0 < float(rows[0]["dice"]) <= 1
+
+
+CHOOSE = """import json, os, socket
+from autocnnp.components.communication.rendezvous import RendezvousConfig, choose, interfaces, resolve
+host = socket.gethostname()
+def pick(interface=""):
+    a = choose(RendezvousConfig(interface=interface), host, interfaces(), [("acp-h2", resolve("acp-h2"))])
+    return [a.address, a.interface, a.why]
+out = {"auto": pick(), "name": pick("acp-veth1"), "network": pick("10.77.0.0/24"), "lo": pick("lo")}
+os.environ["GLOO_SOCKET_IFNAME"] = "acp-veth1"
+out["gloo"] = pick()
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.multihost
+@pytest.mark.parametrize("own_lines,why", [
+    ("127.0.1.1 acp-h1\n10.77.0.1 acp-h1\n", "the host name acp-h1 resolves to it"),  # Debian's line, then the real one
+    ("127.0.1.1 acp-h1\n", "the host name acp-h1 resolves to 127.0.1.1, and the route to acp-h2 (10.77.0.2) leaves"),
+    ("", "the host name acp-h1 resolves to nothing, and the route to acp-h2 (10.77.0.2) leaves"),
+])
+def test_a_host_offers_the_address_its_peers_reach(two_hosts, tmp_path, own_lines, why):
+    hosts = Path("/etc/netns/acp-h1/hosts")
+    kept = hosts.read_text()
+    try:
+        hosts.write_text(f"127.0.0.1 localhost\n{own_lines}10.77.0.2 acp-h2\n")
+        result = on("acp-h1", sys.executable, "-c", CHOOSE, cwd=tmp_path, timeout=30)
+    finally:
+        hosts.write_text(kept)
+    assert result.returncode == 0, result.stderr
+    chosen = json.loads(result.stdout)
+    assert chosen["auto"][:2] == ["10.77.0.1", "acp-veth1"] and chosen["auto"][2].startswith(why)
+    assert chosen["name"] == ["10.77.0.1", "acp-veth1", "it is interface acp-veth1's address, set by "
+                              "communication_init interface=acp-veth1"]
+    assert chosen["network"][:2] == ["10.77.0.1", "acp-veth1"] and "10.77.0.0/24" in chosen["network"][2]
+    assert chosen["lo"][:2] == ["127.0.0.1", "lo"]  # what the user asked for: the check before training refuses it
+    assert chosen["gloo"][:2] == ["10.77.0.1", "acp-veth1"] and "GLOO_SOCKET_IFNAME=acp-veth1" in chosen["gloo"][2]
 
 
 @pytest.mark.multihost
