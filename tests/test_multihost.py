@@ -171,12 +171,15 @@ def test_a_host_offers_the_address_its_peers_reach(two_hosts, tmp_path, own_line
 
 @pytest.mark.multihost
 @pytest.mark.ranks
-def test_hosts_that_cannot_reach_each_other_end_the_job_at_once(two_hosts, tmp_path):
+@pytest.mark.parametrize("strategy", ["ring_allreduce", "horovod"])
+def test_hosts_that_cannot_reach_each_other_end_the_job_at_once(two_hosts, tmp_path, strategy):
+    if strategy == "horovod":
+        require_import("horovod.torch", "horovod", "AUTOCNNP_REQUIRE_HOROVOD")
     # interface lo: each host offers 127.0.0.1, where only it reaches itself
     job = hosts_job(tmp_path, "acp-h1 slots=1\nacp-h2 slots=1\n", agent=NETNS / "agent")
     started = time.monotonic()
-    result = on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, "--set=communication_init.interface=lo",
-                cwd=tmp_path, timeout=60)
+    result = on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, f"--set=dist_strategy={strategy}",
+                "--set=communication_init.interface=lo", cwd=tmp_path, timeout=60)
     assert result.returncode == 2 and time.monotonic() - started < 60, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("autocnnp:")]
     assert len(lines) == 1, result.stderr
