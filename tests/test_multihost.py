@@ -150,7 +150,7 @@ print(json.dumps(out))
     ("127.0.1.1 acp-h1\n10.77.0.1 acp-h1\n", "the host name acp-h1 resolves to it"),  # Debian's line, then the real one
     ("127.0.1.1 acp-h1\n", "the host name acp-h1 resolves to 127.0.1.1, and the route to acp-h2 (10.77.0.2) leaves"),
     ("", "the host name acp-h1 resolves to nothing, and the route to acp-h2 (10.77.0.2) leaves"),
-])
+], ids=["debian", "only-127.0.1.1", "no-line"])
 def test_a_host_offers_the_address_its_peers_reach(two_hosts, tmp_path, own_lines, why):
     hosts = Path("/etc/netns/acp-h1/hosts")
     kept = hosts.read_text()

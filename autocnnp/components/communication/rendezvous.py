@@ -13,6 +13,7 @@ to the chosen interface, so gloo and NCCL use the same one.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import os
 import secrets
@@ -163,8 +164,8 @@ def agree(config: RendezvousConfig, comm) -> list[Address]:
     if len(set(hosts)) == 1 and not config.interface:
         return [Address(host, "127.0.0.1", "", f"every rank runs on {host}")] * comm.size
     ifaces = interfaces()
-    seen = comm.allgather(usable(ifaces))
-    peers = [(h, resolve(h) + [u.split()[1] for u in seen[hosts.index(h)]]) for h in dict.fromkeys(hosts) if h != host]
+    seen = dict(zip(hosts, comm.allgather(usable(ifaces))))  # each host's addresses, to route toward
+    peers = [(h, resolve(h) + [u.split()[1] for u in addrs]) for h, addrs in seen.items() if h != host]
     chosen = comm.allgather(choose(config, host, ifaces, peers))
     failed = next((r for r, a in enumerate(chosen) if not a.address), None)
     if failed is not None:
@@ -249,6 +250,8 @@ class _Listener:
 
     def close(self) -> None:
         if self.sock is not None:
+            with contextlib.suppress(OSError):
+                self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread's accept()
             self.sock.close()
 
 
