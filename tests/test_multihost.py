@@ -116,14 +116,27 @@ def on(host: str, *cmd, cwd: Path, timeout: float = 240) -> subprocess.Completed
                           timeout=timeout, env=env)
 
 
+# what a --set value needs installed: (module, make target, flag that makes its absence a failure)
+NEEDS = {"tensorflow": ("tensorflow", "tensorflow", "AUTOCNNP_REQUIRE_TENSORFLOW"),
+         "horovod": ("horovod.torch", "horovod", "AUTOCNNP_REQUIRE_HOROVOD")}
+
+
+def run_on_two_hosts(tmp_path: Path, *sets: str, timeout: float = 240) -> subprocess.CompletedProcess:
+    """``autocnnp run`` from acp-h1 of a job with one rank on each host (``sets``: ``--set`` KEY=VALUE); skipped
+    where what they name is not installed."""
+    for value in (s.partition("=")[2] for s in sets):
+        if value in NEEDS:
+            require_import(*NEEDS[value])
+    job = hosts_job(tmp_path, "acp-h1 slots=1\nacp-h2 slots=1\n", agent=NETNS / "agent")
+    return on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, *(f"--set={s}" for s in sets), cwd=tmp_path,
+              timeout=timeout)
+
+
 @pytest.mark.multihost
 @pytest.mark.ranks
 @pytest.mark.parametrize("framework", ["torch", "tensorflow"])
 def test_two_ranks_on_two_hosts(two_hosts, tmp_path, framework):
-    if framework == "tensorflow":
-        require_import("tensorflow", "tensorflow", "AUTOCNNP_REQUIRE_TENSORFLOW")
-    job = hosts_job(tmp_path, "acp-h1 slots=1\nacp-h2 slots=1\n", agent=NETNS / "agent")
-    result = on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, f"--set=framework={framework}", cwd=tmp_path)
+    result = run_on_two_hosts(tmp_path, f"framework={framework}")
     assert result.returncode == 0, result.stderr[-3000:]
     # each rank ran on its own host: own host name, own network namespace, gloo and MPI over the veth link
     assert [(tmp_path / f"host-rank{r}.txt").read_text() for r in (0, 1)] == ["acp-h1", "acp-h2"]
@@ -173,13 +186,8 @@ def test_a_host_offers_the_address_its_peers_reach(two_hosts, tmp_path, own_line
 @pytest.mark.ranks
 @pytest.mark.parametrize("strategy", ["ring_allreduce", "horovod"])
 def test_hosts_that_cannot_reach_each_other_end_the_job_at_once(two_hosts, tmp_path, strategy):
-    if strategy == "horovod":
-        require_import("horovod.torch", "horovod", "AUTOCNNP_REQUIRE_HOROVOD")
-    # interface lo: each host offers 127.0.0.1, where only it reaches itself
-    job = hosts_job(tmp_path, "acp-h1 slots=1\nacp-h2 slots=1\n", agent=NETNS / "agent")
-    started = time.monotonic()
-    result = on("acp-h1", sys.executable, "-m", "autocnnp", "run", job, f"--set=dist_strategy={strategy}",
-                "--set=communication_init.interface=lo", cwd=tmp_path, timeout=60)
+    started = time.monotonic()  # interface lo: each host offers 127.0.0.1, where only it reaches itself
+    result = run_on_two_hosts(tmp_path, f"dist_strategy={strategy}", "communication_init.interface=lo", timeout=60)
     assert result.returncode == 2 and time.monotonic() - started < 60, result.stderr[-3000:]
     lines = [line for line in result.stderr.splitlines() if line.startswith("autocnnp:")]
     assert len(lines) == 1, result.stderr
