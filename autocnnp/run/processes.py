@@ -33,10 +33,12 @@ def start(cmd: list[str], env: dict[str, str] | None, stdout=None, stderr=None) 
 
 
 # Open MPI's banner when a rank calls MPI_Abort (the rank has said why), its count of the other ranks'
-# banners with the advice that follows it, and the show_help noise of 4.1
+# banners with the advice that follows it, the show_help noise of 4.1, and its event library's warning when
+# the connections to other hosts close under it
 _BANNER_EDGE, _ABORT_BANNER = "-" * 20, "MPI_ABORT was invoked"
 _LAUNCHER_NOISE = re.compile(r"ORTE_ERROR_LOG: .* in file \S*show_help\.c|sent help message "
-                             r"help-mpi-api\.txt / mpi-abort|Set MCA parameter \"orte_base_help_aggregate\" to 0")
+                             r"help-mpi-api\.txt / mpi-abort|Set MCA parameter \"orte_base_help_aggregate\" to 0|"
+                             r"^\[warn\] Epoll \w+\(\d+\) on fd \d+ failed")
 
 
 def forward_stderr(stream, out, mute: threading.Event | None = None) -> threading.Thread:

@@ -123,9 +123,10 @@ def run_rank(job: Job) -> int:
     try:
         with manifest.recording(job, rank):  # manifest.json on rank 0: the run's reproducibility record
             train(job, beat=status.beat)
-    except DataError as exc:  # bad input data: one clear paragraph, no traceback
+    except DataError as exc:  # bad input data: one clear paragraph, no traceback (once, where every rank has it)
         status.set("failed", str(exc))
-        print(f"autocnnp: rank {rank}: {exc}", file=sys.stderr, flush=True)
+        if getattr(exc, "reporter", rank) == rank:
+            print(f"autocnnp: rank {rank}: {exc}", file=sys.stderr, flush=True)
         _abort(ExitCode.BAD_INPUT)
     except Diverged as exc:
         status.set("failed", f"training diverged: {exc}")
