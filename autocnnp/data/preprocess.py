@@ -185,7 +185,7 @@ def build_cache(
         source_bytes = sum(entry[2] for entry in params["cases"])
         n_workers = min(len(cases), int(workers) if workers is not None else
                         (usable_cores() if source_bytes >= POOL_MIN_BYTES else 1))
-        with _case_runner(n_workers) as run:
+        with case_runner(n_workers) as run:
             meta = _write_cache(work, cases, params, key, ds, mods, run, progress)
         _commit(work, out, meta)
         shutil.rmtree(work, ignore_errors=True)
@@ -280,7 +280,7 @@ def _start_worker() -> None:
 
 
 @contextlib.contextmanager
-def _case_runner(workers: int):
+def case_runner(workers: int):
     """``run(fn, jobs)``: ``fn(*job)`` for each job, results as they come; in this process for one worker, else
     in a pool of ``workers`` spawned processes that is stopped (its processes killed) on any error or Ctrl-C.
     Each runs torch on one thread: the cases are the parallel work (torch's thread pool on small per-slice

@@ -159,12 +159,17 @@ def _integer(path: Path, raw: np.ndarray) -> np.ndarray:
 
 
 def load_labels(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """A label map (int64 ``(X, Y, Z)``) and its affine; non-integer or negative values are refused."""
+    """A label map ``(X, Y, Z)`` and its affine. The map is read as :func:`read_voxels` reads (a view of the
+    decompressed file, Fortran order) in the smallest unsigned integer type that holds its values (uint8 for
+    up to 256 classes: no int64 copies of a large volume); non-integer or negative values are refused."""
     img = open_nifti(path)
-    raw = _integer(path, read_array(path, img).reshape(label_shape(path, img.shape)))
-    if raw.size and raw.min() < 0:
-        raise DataError(path, f"label map holds negative values ({int(raw.min())})", "store class indices 0, 1, ...")
-    return raw.astype(np.int64), np.asarray(img.affine)
+    raw = _integer(path, read_voxels(path, img).reshape(label_shape(path, img.shape), order="F"))
+    if not raw.size:
+        return raw.astype(np.uint8), np.asarray(img.affine)
+    low, high = raw.min(), raw.max()
+    if low < 0:
+        raise DataError(path, f"label map holds negative values ({int(low)})", "store class indices 0, 1, ...")
+    return raw.astype(np.min_scalar_type(int(high)), copy=False), np.asarray(img.affine)
 
 
 def save_label(volume: np.ndarray, affine: np.ndarray, header, path: Path) -> None:

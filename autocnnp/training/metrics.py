@@ -29,7 +29,7 @@ import torch
 from ..core.metrics import BRATS_REGIONS, FOREGROUND_DICE, class_metric
 
 __all__ = ["BRATS_REGIONS", "SegEval", "class_scores", "confusion_matrix", "foreground_dice", "region_dice",
-           "report", "segmentation_metrics"]
+           "report", "segmentation_metrics", "volume_confusion"]
 
 
 def _check_range(values: torch.Tensor, num_classes: int, name: str) -> None:
@@ -53,6 +53,24 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
     _check_range(target, num_classes, "target")
     _check_range(pred, num_classes, "pred")
     counts = torch.bincount(target * num_classes + pred, minlength=num_classes**2)
+    return counts.reshape(num_classes, num_classes)
+
+
+def volume_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, slab: int = 1 << 22) -> np.ndarray:
+    """:func:`confusion_matrix` of two label volumes (numpy, non-negative integers, any memory layout), counted
+    along the last axis about ``slab`` voxels at a time: no int64 copy of a whole volume is made."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    for name, values in (("target", target), ("pred", pred)):
+        top = int(values.max(initial=0))
+        if top >= num_classes or values.min(initial=0) < 0:
+            raise ValueError(f"{name} value {top if top >= num_classes else int(values.min())} is outside "
+                             f"[0, {num_classes})")
+    counts = np.zeros(num_classes**2, dtype=np.int64)
+    step = max(1, slab // max(1, int(np.prod(pred.shape[:-1]))))
+    for lo in range(0, pred.shape[-1], step):
+        codes = target[..., lo:lo + step].astype(np.intp) * num_classes + pred[..., lo:lo + step]
+        counts += np.bincount(codes.ravel(order="K"), minlength=num_classes**2)
     return counts.reshape(num_classes, num_classes)
 
 
