@@ -25,7 +25,7 @@ from .core.cli_args import positive
 from .core.errors import DataError, JobError
 from .core.files import atomic_write
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
-from .core.processes import default_threads
+from .core.processes import case_runner, default_threads
 from .core.rundir import BEST_RECORD, LATEST_POINTER, checkpoint_file, zoo_folder
 from .core.text import text_table
 from .engine.job import read_job
@@ -419,7 +419,6 @@ def evaluate(args) -> int:
     import numpy as np
 
     from .data.index import nifti_files
-    from .data.preprocess import case_runner
     from .training.metrics import report
 
     pred_dir, ref = Path(args.pred), Path(args.ref)

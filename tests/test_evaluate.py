@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import multiprocessing
 from pathlib import Path
 
 import nibabel as nib
@@ -145,6 +146,10 @@ def test_workers_score_the_cases_in_parallel_to_the_same_report(cli, dataset):
         assert rc == 0, err
         reports.append(json.loads((preds / f"w{workers}.json").read_text()))
     assert reports[0] == reports[1] and [r["case"] for r in reports[1]["cases"]] == ["case_000", "case_001"]
+    nib.save(nib.Nifti1Image(np.zeros((16, 16, 4), np.uint8), np.diag([*SPACING, 1.0])), preds / "case_001.nii.gz")
+    rc, _, err = cli("evaluate", preds, root, "--out", preds / "bad.json", "--workers", "2")
+    assert rc == 2 and "differs from reference shape" in err and not (preds / "bad.json").exists()
+    assert multiprocessing.active_children() == []  # the pool was shut down
 
 
 def test_volume_confusion_counts_as_the_confusion_matrix_slab_by_slab():

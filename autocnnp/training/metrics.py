@@ -22,9 +22,12 @@ as class ``j``: Dice ``2 n_ii / (t_i + p_i)``, IoU ``n_ii / (t_i + p_i - n_ii)``
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a function needs it: `autocnnp evaluate` scores numpy volumes without it
+    import torch
 
 from ..core.metrics import BRATS_REGIONS, FOREGROUND_DICE, class_metric
 
@@ -49,6 +52,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
         raise ValueError(
             f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}"
         )
+    import torch
+
     pred, target = pred.long().flatten(), target.long().flatten()
     _check_range(target, num_classes, "target")
     _check_range(pred, num_classes, "pred")
@@ -76,11 +81,7 @@ def volume_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, sla
 
 def segmentation_metrics(conf: torch.Tensor | np.ndarray) -> dict[str, float]:
     """The five SegEval metrics of a confusion matrix (numpy or torch), in float64."""
-    if isinstance(conf, torch.Tensor):
-        conf = conf.detach().cpu().numpy()
-    n = np.asarray(conf, dtype=np.float64)
-    if n.ndim != 2 or n.shape[0] != n.shape[1]:
-        raise ValueError(f"confusion matrix must be square, got shape {n.shape}")
+    n = _square_matrix(conf)
     total = n.sum()
     if total == 0:
         raise ValueError("confusion matrix is empty (no pixels counted)")
@@ -117,6 +118,8 @@ class SegEval:
         self.class_names = tuple(class_names) or tuple(f"class {i}" for i in range(num_classes))
         self.regions = dict(regions or {})
         region_dice(np.zeros((num_classes, num_classes)), self.regions)  # class values checked now, not at the end
+        import torch
+
         self._conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, logits_or_pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -172,7 +175,7 @@ def report(conf: torch.Tensor | np.ndarray, class_names: tuple[str, ...] = (),
 
 
 def _square_matrix(conf: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(conf, torch.Tensor):
+    if hasattr(conf, "detach"):  # a torch tensor
         conf = conf.detach().cpu().numpy()
     n = np.asarray(conf, dtype=np.float64)
     if n.ndim != 2 or n.shape[0] != n.shape[1]:
