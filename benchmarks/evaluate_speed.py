@@ -19,14 +19,12 @@ import json
 import math
 import os
 import statistics
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import ROOT, table  # noqa: E402
+from _bench import ROOT, measured, table  # noqa: E402
 
 SPACING = (0.8, 0.8, 1.5)
 GOAL_SECONDS, GOAL_BYTES = 15.0, 1 << 30
@@ -80,26 +78,13 @@ def write_pair(folder: Path, shape) -> tuple[Path, Path]:
 
 def run_evaluate(pythonpath: str, pred: Path, ref: Path, out: Path, workers: int) -> tuple[float, int, int]:
     """``(seconds, peak RSS in bytes, exit code)`` of one ``autocnnp evaluate`` subprocess."""
-    env = {**os.environ, "PYTHONPATH": pythonpath}
     cmd = [sys.executable, "-m", "autocnnp", "evaluate", str(pred), str(ref), "--out", str(out)]
     if workers > 1:
         cmd += ["--workers", str(workers)]
-    start = time.perf_counter()
-    process = subprocess.Popen(cmd, env=env, cwd=out.parent, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                               start_new_session=True)
-    try:
-        _, status, usage = os.wait4(process.pid, 0)
-    except BaseException:
-        os.killpg(process.pid, 9)
-        process.wait()
-        raise
-    seconds = time.perf_counter() - start
-    process.returncode = os.waitstatus_to_exitcode(status)
-    error = process.stderr.read().decode(errors="replace")
-    process.stderr.close()
-    if process.returncode:
-        print(error, file=sys.stderr)
-    return seconds, usage.ru_maxrss * 1024, process.returncode
+    seconds, peak, rc, text = measured(cmd, pythonpath, out.parent)  # not in a checkout: PYTHONPATH decides
+    if rc:
+        print(text, file=sys.stderr)
+    return seconds, peak, rc
 
 
 def compare(old: Path, new: Path) -> str:
