@@ -320,7 +320,7 @@ def predict(args) -> int:
             raise DataError(case.image, f"image has {slices.shape[1]} channel(s) after modality selection, the model "
                             f"takes {in_channels}", "give every input the same modalities")
         probs, infer = slice_probabilities(model, slices, batch_size, device, args.tta, dtype, channels_last)
-        resampled = time.perf_counter()
+        inferred = time.perf_counter()
         target = out / f"{case.name}.nii.gz"
         labels, grid = source_grid(probs, tuple(image.shape[:2]), args.probabilities)  # bilinear, then argmax
         del probs, slices, image
@@ -333,7 +333,7 @@ def predict(args) -> int:
         total_slices, total_infer, total_wall = total_slices + depth, total_infer + infer, total_wall + wall
         print(f"  {case.name}: {depth} slices, inference {1000 * infer / max(depth, 1):.2f} ms/slice, "
               f"{wall:.3f} s/volume (read {read - start:.2f} s, prepare {prepared - read:.2f} s, network {infer:.2f} s, "
-              f"resize back and write {time.perf_counter() - resampled:.2f} s) -> {target}")
+              f"resize back and write {time.perf_counter() - inferred:.2f} s) -> {target}")
     named = f"; classes: {', '.join(f'{i} {n}' for i, n in enumerate(names))}" if names else ""
     print(f"{len(cases)} volume(s), {total_slices} slices: inference {1000 * total_infer / max(total_slices, 1):.2f} "
           f"ms/slice, {total_wall / max(len(cases), 1):.3f} s/volume on average; label volumes in {out}{named}")
