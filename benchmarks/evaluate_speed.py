@@ -1,12 +1,13 @@
 """Time and peak memory of ``autocnnp evaluate`` on one large prediction/reference pair (a CT-sized case).
 
-    python benchmarks/evaluate_speed.py [--shape 512,512,300] [--workers 1] [--compare /work/main]
+    python benchmarks/evaluate_speed.py [--shape 512,512,300] [--cases 1] [--workers 1] [--compare /work/main]
 
 Builds a synthetic CT-like pair as uint8 NIfTI (``.nii.gz``, 0.8 x 0.8 x 1.5 mm): the reference holds a body
 (class 1, an ellipsoid filling most of each slice), an organ inside it (class 2) and three small lesions
 (class 3); the prediction shifts and reshapes the body and the organ by a few voxels, finds one lesion, misses
-two and adds a false one. Then runs ``python -m autocnnp evaluate PRED REF --out report.json`` as a subprocess
-and reports its wall time and peak resident memory (``wait4``'s ``ru_maxrss``), with the machine's load.
+two and adds a false one (``--cases N``: N copies of the pair). Then runs ``python -m autocnnp evaluate PRED
+REF --out report.json`` as a subprocess and reports its wall time and peak resident memory (``wait4``'s
+``ru_maxrss``: the largest of the process and its workers), with the machine's load.
 ``--compare PATH`` runs the same command with ``PYTHONPATH=PATH`` (another checkout, e.g. the code before a
 change) in the same run, alternated, and compares the per-case values of the two reports. The issue's goal for
 a 512 x 512 x 300 pair on 2 cores: under 15 s and under 1 GB. Figures, not asserts.
@@ -64,7 +65,10 @@ def case_pair(shape) -> tuple:
     return truth, pred
 
 
-def write_pair(folder: Path, shape) -> tuple[Path, Path]:
+def write_pair(folder: Path, shape, cases: int = 1) -> tuple[Path, Path]:
+    """The folders ``pred`` and ``ref`` in ``folder``, each holding ``cases`` copies of the pair's volume."""
+    import shutil
+
     import nibabel as nib
     import numpy as np
 
@@ -73,6 +77,8 @@ def write_pair(folder: Path, shape) -> tuple[Path, Path]:
     for sub, volume in (("ref", truth), ("pred", pred)):
         (folder / sub).mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(volume, affine), folder / sub / "case_000.nii.gz")
+        for i in range(1, cases):
+            shutil.copyfile(folder / sub / "case_000.nii.gz", folder / sub / f"case_{i:03d}.nii.gz")
     return folder / "pred", folder / "ref"
 
 
@@ -109,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="512,512,300", help="volume shape X,Y,Z (default 512,512,300)")
     ap.add_argument("--rounds", type=int, default=1, help="runs of each variant, alternated (default 1)")
+    ap.add_argument("--cases", type=int, default=1, help="copies of the pair to score (default 1)")
     ap.add_argument("--workers", type=int, default=1, help="evaluate --workers (default 1)")
     ap.add_argument("--compare", default=None, help="also run evaluate from this checkout (PYTHONPATH), e.g. /work/main")
     args = ap.parse_args(argv)
@@ -118,9 +125,10 @@ def main(argv: list[str] | None = None) -> int:
         variants = {f"{args.compare}": str(Path(args.compare).resolve()), **variants}
     with tempfile.TemporaryDirectory(prefix="autocnnp-evaluate-bench-") as tmp:
         folder = Path(tmp)
-        pred, ref = write_pair(folder, shape)
-        megabytes = sum(f.stat().st_size for f in folder.rglob("*.nii.gz")) / 1e6
-        print(f"evaluate: one {' x '.join(map(str, shape))} uint8 pair ({megabytes:.1f} MB as .nii.gz), "
+        pred, ref = write_pair(folder, shape, args.cases)
+        megabytes = sum(f.stat().st_size for f in folder.rglob("case_000.nii.gz")) / 1e6
+        print(f"evaluate: {args.cases} x one {' x '.join(map(str, shape))} uint8 pair ({megabytes:.1f} MB as .nii.gz), "
+              f"--workers {args.workers}, "
               f"spacing {SPACING} mm, {os.cpu_count()} cores, load {os.getloadavg()[0]:.2f} before")
         figures: dict[str, list[tuple[float, int]]] = {}
         for r in range(args.rounds):
