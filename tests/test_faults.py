@@ -546,6 +546,32 @@ def test_a_minibatch_larger_than_a_rank_shard(cli, tmp_path, nothing_starts):
     assert not (tmp_path / "out").exists()  # a refused run leaves no output folder behind (no lock, no cache)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "existing-folder"])
+def test_a_signal_during_the_data_check_leaves_nothing_the_run_created(cli, tmp_path, nothing_starts, monkeypatch,
+                                                                       sig, existing):
+    """Ctrl-C or SIGTERM while the front-end checks (and caches) the data: the folders, lock and cache the run
+    created are gone; what was there before stays."""
+    from autocnnp.run import preflight
+
+    checked = preflight.check_data
+
+    def signalled_while_checking(job):
+        checked(job)  # the data is checked and cached in the run folder: then the signal comes
+        os.kill(os.getpid(), sig)
+        time.sleep(10)
+
+    monkeypatch.setattr(preflight, "check_data", signalled_while_checking)
+    job = tiny_job(tmp_path)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    rc, _, err = cli("run", job, "--set", f"output={out / 'nested' / 'run'}" if not existing else "output=out")
+    assert rc == ExitCode.INTERRUPTED + sig and err == f"autocnnp: interrupted by {sig.name}\n"
+    assert (sorted(p.name for p in out.iterdir()) == ["notes.txt"]) if existing else not out.exists()
+
+
 def test_a_refusal_keeps_an_existing_output_folder(cli, tmp_path, nothing_starts):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")

@@ -103,7 +103,7 @@ def run(job: Job) -> int:
             return run_rank(job)
         with lock.own_output(job, front_end=False):
             return run_rank(job)
-    with lock.own_output(job, front_end=True):
+    with lock.own_output(job, front_end=True) as claim:
         preflight.check_framework(job)
         preflight.check_output(job)
         attempt = 0
@@ -118,6 +118,7 @@ def run(job: Job) -> int:
                 print(f"autocnnp: {problem}", file=sys.stderr, flush=True)
                 return ExitCode.FAILED
             cmd, env = build_command(now)
+            claim.keep()
             code, problem = supervise(cmd, env, rundir, now.generator.world_size, now.launch)
             restart = code == ExitCode.FAILED and attempt < job.launch.max_restarts
             if code == ExitCode.FAILED:

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ..core.errors import DataError, JobError, Location
+from ..core.errors import JobError, Location
 from ..core.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -55,21 +55,59 @@ def owned(rundir: RunDir, where: Location):
         os.close(fd)
 
 
+class Claim:
+    """A front-end's hold on the output folder: until :meth:`keep` (the ranks start), whatever the run
+    created there (the folder itself and its parents, the lock, a data cache) is removed again when the
+    command ends early: refused, stopped by a signal or failed. A refused or stopped run leaves nothing."""
+
+    def __init__(self, root: Path):
+        self.root = root
+        root = root.absolute()
+        self.created = next((p for p in (*reversed(root.parents), root) if not p.exists()), None)
+        self.before = None if self.created is not None else _names(root)
+        self.kept = False
+
+    def keep(self) -> None:
+        """The ranks start: from now on the folder holds the run's work."""
+        self.kept = True
+
+    def undo(self) -> None:
+        if self.kept:
+            return
+        if self.created is not None:
+            shutil.rmtree(self.created, ignore_errors=True)
+        elif self.before is not None:
+            for name in (_names(self.root) or set()) - self.before:
+                path = self.root / name
+                if path.is_dir() and not path.is_symlink():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+
+
+def _names(folder: Path) -> set[str] | None:
+    """The names in ``folder``; None when it cannot be listed (then nothing of it is removed)."""
+    try:
+        return set(os.listdir(folder))
+    except OSError:
+        return None
+
+
 @contextlib.contextmanager
 def own_output(job: Job, front_end: bool):
     """Hold the job's output folder for the block (``autocnnp run``, ``deploy --swarm``, or rank 0 of ranks
-    started by another launcher); a dead holder's lock taken over is said on stderr. A folder a front-end
-    created is removed again when the job is refused before any rank started: a refused run leaves nothing."""
+    started by another launcher); a dead holder's lock taken over is said on stderr. A front-end gets a
+    :class:`Claim`: what it created is removed again if the block ends before it keeps the folder."""
     rundir = job.generator.rundir
-    fresh = front_end and not rundir.root.exists()
+    claim = Claim(rundir.root) if front_end else None
     with owned(rundir, job.spec.output.where if job.spec.output else job.spec.where) as note:
         if note:
             print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
         try:
-            yield
-        except (JobError, DataError):
-            if fresh and not rundir.ranks.exists():
-                shutil.rmtree(rundir.root, ignore_errors=True)
+            yield claim
+        except BaseException:
+            if claim is not None:
+                claim.undo()
             raise
 
 
