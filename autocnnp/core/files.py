@@ -46,6 +46,12 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def first_missing(path: Path | str) -> Path | None:
+    """The outermost of ``path`` and its folders that does not exist (what creating ``path`` creates), or None."""
+    path = Path(path).absolute()
+    return next((p for p in (*reversed(path.parents), path) if not p.exists()), None)
+
+
 def atomic_create(path: Path | str, create: Callable[[Path], object]) -> Path:
     """Have ``create(tmp)`` make the file at a temporary name next to ``path`` (a copy, a hard link), then
     rename it over ``path`` atomically. The folder is created if needed. On any error the temporary file

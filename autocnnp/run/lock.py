@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import JobError, Location
+from ..core.files import first_missing
 from ..core.rundir import RunDir
 
 if TYPE_CHECKING:
@@ -62,8 +63,7 @@ class Claim:
 
     def __init__(self, root: Path):
         self.root = root
-        root = root.absolute()
-        self.created = next((p for p in (*reversed(root.parents), root) if not p.exists()), None)
+        self.created = first_missing(root)
         self.before = None if self.created is not None else _names(root)
         self.kept = False
 
