@@ -597,6 +597,40 @@ def test_a_pretrained_file_that_is_no_checkpoint(cli, tmp_path, nothing_starts, 
     assert err.startswith(f"autocnnp: {job}:{line}:") and f"the pretrained checkpoint {tmp_path / 'weights.pt'}" in err
 
 
+def finished_run(folder: Path, job: str = "/jobs/other.xml") -> Path:
+    """A run folder as a finished run leaves it: its manifest, checkpoints, metrics."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
+    (folder / "manifest.json").write_text(json.dumps({"autocnnp_manifest": 1, "status": "completed",
+                                                      "job": {"file": job}}))
+    return folder
+
+
+def test_an_output_inside_another_runs_folder_is_refused_before_anything_is_written(cli, tmp_path, nothing_starts):
+    other = finished_run(tmp_path / "other")
+    before = sorted(p.relative_to(other) for p in other.rglob("*"))
+    for inside in (other / "checkpoints" / "mine", other / "deeper" / "mine"):
+        err = refused(cli, "run", tiny_job(tmp_path), "--set", f"output={inside}")
+        assert f"the output folder {inside} is inside {other}, the output folder of the run of /jobs/other.xml" in err
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == before  # no lock, manifest or metrics
+
+
+def test_an_output_holding_another_runs_folder_is_refused(cli, tmp_path, nothing_starts):
+    from autocnnp.run.lock import check_apart, owned
+
+    other = tmp_path / "runs" / "demo"
+    with owned(RunDir(other), None):  # a run in its pre-flight checks: a lock, no manifest yet
+        err = refused(cli, "run", tiny_job(tmp_path), "--set", f"output={tmp_path / 'runs'}")
+        assert f"the output folder {tmp_path / 'runs'} holds {other}, the output folder of the run of pid " \
+               f"{os.getpid()}" in err
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo"]
+    finished_run(other)  # its own repeats and tune runs are no other run's, nor what its layout's folders hold
+    for inner in (other / "seed-0", other / "tune" / "runs" / "lr-1", other / "cache" / "pretrained" / "zoo-1"):
+        finished_run(inner)
+    for folder in (other, other / "seed-0", other / "tune" / "runs" / "lr-1", tmp_path / "elsewhere"):
+        check_apart(RunDir(folder), None)
+
+
 def test_a_lock_whose_holder_still_runs_here_is_not_taken(cli, tmp_path, nothing_starts):
     """Where the filesystem's locks do not hold (the holder's flock is not seen), a holder that still runs
     on this host keeps the folder."""

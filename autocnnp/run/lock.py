@@ -16,8 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from ..core.errors import JobError, Location
-from ..core.files import first_missing
+from ..core.files import first_missing, read_json
 from ..core.rundir import RunDir
+from . import manifest
 
 if TYPE_CHECKING:
     from .job import Job
@@ -54,6 +55,56 @@ def owned(rundir: RunDir, where: Location):
             os.ftruncate(fd, 0)  # released cleanly: the next run finds no holder to report
     finally:
         os.close(fd)
+
+
+SCAN_LIMIT = 10_000  # folders looked through below an output folder for another run's
+
+
+def run_in(folder: Path) -> str | None:
+    """Which run ``folder`` is the output folder of (its manifest's job, or the holder of its lock while it
+    has no manifest yet), or None for a folder that is no run's."""
+    record = manifest.read(RunDir(folder)) or {}
+    if "autocnnp_manifest" in record:
+        job = record.get("job")
+        return f"the run of {job['file']}" if isinstance(job, dict) and job.get("file") else "a run"
+    holder = read_json(RunDir(folder).lock) or {}
+    return f"the run of {_holder_text(holder)}" if "pid" in holder else None
+
+
+def _runs_below(root: Path):
+    """The run folders below ``root``, outside its own layout (a run's folders hold no other run), not
+    looking into a run folder nor past SCAN_LIMIT folders."""
+    top, pending, seen = RunDir(root), [root], 0
+    while pending and seen < SCAN_LIMIT:
+        folder = pending.pop()
+        try:
+            entries = [e for e in os.scandir(folder) if e.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
+        for entry in entries:
+            seen += 1
+            if folder == root and top.owns(entry.name):
+                continue
+            if run_in(Path(entry.path)) is not None:
+                yield Path(entry.path)
+            else:
+                pending.append(Path(entry.path))
+
+
+def check_apart(rundir: RunDir, where: Location) -> None:
+    """The output folder is neither inside another run's folder (its checkpoints, say) nor holds one: each
+    run would write its lock, manifest and metrics among the other's. A run's own runs (``tune/``, the
+    ``seed-S/`` folders of ``run --repeat``) are part of its layout."""
+    root = rundir.root.resolve()
+    for folder, inner in zip(root.parents, (root, *root.parents)):
+        other = run_in(folder)
+        if other is not None and not RunDir(folder).keeps_runs_in(inner.name):
+            raise JobError(where, f"the output folder {rundir} is inside {folder}, the output folder of {other}",
+                           "give this run an <output> folder of its own, outside other runs' folders")
+    inner = next(_runs_below(root), None) if root.is_dir() else None
+    if inner is not None:
+        raise JobError(where, f"the output folder {rundir} holds {inner}, the output folder of {run_in(inner)}",
+                       "give this run an <output> folder of its own that holds no other run, or move that run")
 
 
 class Claim:
@@ -99,8 +150,10 @@ def own_output(job: Job, front_end: bool):
     started by another launcher); a dead holder's lock taken over is said on stderr. A front-end gets a
     :class:`Claim`: what it created is removed again if the block ends before it keeps the folder."""
     rundir = job.generator.rundir
+    where = job.spec.output.where if job.spec.output else job.spec.where
+    check_apart(rundir, where)
     claim = Claim(rundir.root) if front_end else None
-    with owned(rundir, job.spec.output.where if job.spec.output else job.spec.where) as note:
+    with owned(rundir, where) as note:
         if note:
             print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
         try:
