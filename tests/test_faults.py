@@ -286,6 +286,32 @@ def test_a_rank_signalled_from_outside_is_named(tmp_path, launches):
     assert run.stderr.splitlines()[-1] == "autocnnp: the job failed: rank 1 was stopped by SIGTERM from outside the job"
 
 
+KILLED_IN_CHECKPOINT = '''import os
+import signal
+
+
+def Killed(epoch, metrics, state):
+    """Rank 1 is killed (SIGKILL) while the checkpoint of the second epoch is written."""
+    if epoch == 1 and os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.mark.ranks
+def test_a_rank_killed_during_a_checkpoint_is_one_line_on_the_console(tmp_path, launches):
+    """Neither Open MPI's banners nor the surviving peer's lost-connection traceback reach the console: one
+    line names the rank and the signal; the peer's words are in its log."""
+    (tmp_path / "killed.py").write_text(KILLED_IN_CHECKPOINT)
+    job = tiny_job(tmp_path, actions=strategy_module(extra=checkpoint_plugin("Killed", "killed.py")), end_epoch=4)
+    run = launches(job, tmp_path=tmp_path)
+    assert run.wait() == ExitCode.FAILED
+    assert run.gone_within(5) == []
+    assert run.stderr == "autocnnp: the job failed: rank 1 was killed by SIGKILL\n"
+    if json.loads((tmp_path / "out" / ".ranks" / "rank0").read_text())["state"] == "failed":  # it lost its peer
+        log = (tmp_path / "out" / "logs" / "rank0.log").read_text()  # before the launcher stopped it
+        assert "Traceback (most recent call last)" in log and "autocnnp: rank 0 failed: " in log
+
+
 @pytest.mark.ranks
 def test_nohup_keeps_a_run_through_the_logout(tmp_path, launches):
     """A SIGHUP ignored when `autocnnp run` starts (nohup) stays ignored; the run trains on."""
@@ -372,6 +398,29 @@ def test_the_launchers_abort_banner_is_left_out_and_its_other_messages_kept():
     out = io.StringIO()
     forward_stderr(io.BytesIO(b"autocnnp: rank 1: why\n" + OPEN_MPI_ABORT + OPEN_MPI_HELP + b"last\n"), out).join(5)
     assert out.getvalue() == "autocnnp: rank 1: why\n" + OPEN_MPI_HELP.decode() + "last\n"
+
+
+OPEN_MPI_KILLED = b"""--------------------------------------------------------------------------
+Primary job  terminated normally, but 1 process returned
+a non-zero exit code. Per user-direction, the job has been aborted.
+--------------------------------------------------------------------------
+--------------------------------------------------------------------------
+mpirun noticed that process rank 1 with PID 0 on node vm exited on signal 11 (Segmentation fault).
+--------------------------------------------------------------------------
+"""
+
+
+def test_the_launchers_banners_on_a_killed_rank_become_its_name_and_signal():
+    import io
+
+    from autocnnp.run.processes import forward_stderr
+    from autocnnp.run.supervise import diagnose
+
+    out, killed = io.StringIO(), {}
+    forward_stderr(io.BytesIO(b"epoch 1\n" + OPEN_MPI_KILLED + OPEN_MPI_HELP), out, killed=killed).join(5)
+    assert out.getvalue() == "epoch 1\n" + OPEN_MPI_HELP.decode() and killed == {1: signal.SIGSEGV}
+    statuses = {0: status("failed", LOST, 2.0), 1: status("running")}
+    assert diagnose(statuses, 2, "the launcher mpirun", 1, killed) == "rank 1 was killed by SIGSEGV"
 
 
 @pytest.mark.ranks

@@ -26,6 +26,7 @@ from .slurm import check_srun, srun_command
 from .supervise import supervise
 
 PARENT_RUN = "AUTOCNNP_PARENT_RUN"  # the run folder of the parent of the runs started in the block (trackers)
+SUPERVISED = "AUTOCNNP_SUPERVISED"  # set for ranks whose launch run & manage watches: it names a failure's cause
 
 
 @contextlib.contextmanager
@@ -63,6 +64,7 @@ def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
     child_env, mode = dict(env), launch_mode(launch, env)
     if mode == "inplace":
         return worker, child_env
+    child_env[SUPERVISED] = "1"
     if mode == "srun":  # in a Slurm allocation: one task per rank, MPI wired up over PMIx
         return srun_command(job, worker, child_env)
     # run & manage counted the slots itself (preflight.check_slots): mpirun, which counts only physical
@@ -78,7 +80,7 @@ def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
         cmd += ["--hostfile", str(launch.hostfile)]
     if launch.launch_agent:  # how mpirun reaches the other hosts (default: ssh)
         cmd += ["--mca", "plm_rsh_agent", launch.launch_agent]
-    for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS"):
+    for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS", SUPERVISED):
         if name in child_env:
             cmd += ["-x", name]
     if os.geteuid() == 0:  # containers and CI often run as root; Open MPI refuses that by default

@@ -18,7 +18,7 @@ from ..generator.protocols import RunInfo, Tracker, adopt
 from ..training.monitor import Diverged, StopRequested
 from . import manifest
 from .job import Job, load_job
-from .launch import PARENT_RUN
+from .launch import PARENT_RUN, SUPERVISED
 from .processes import die_with_parent
 from .supervise import RankStatus
 
@@ -53,6 +53,14 @@ def tee_output(rundir: RunDir, rank: int) -> None:
         os.close(target)
         os.dup2(tee.stdin.fileno(), fd)
         tee.stdin.close()
+
+
+def log_only(rundir: RunDir, rank: int, text: str) -> None:
+    """Write ``text`` into ``logs/rankN.log`` alone, after what the rank printed so far."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with open(rundir.rank_log(rank), "a") as f:
+        f.write(text)
 
 
 def _drain() -> None:
@@ -137,9 +145,12 @@ def run_rank(job: Job) -> int:
             print(f"autocnnp: {exc}; the same command resumes from it", file=sys.stderr, flush=True)
         return ExitCode.STOPPED
     except Exception as exc:  # any failure on one rank must end all of them
-        traceback.print_exc()
         status.set("failed", f"{type(exc).__name__}: {exc}")
-        print(f"autocnnp: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        report = f"{traceback.format_exc()}autocnnp: rank {rank} failed: {type(exc).__name__}: {exc}\n"
+        if os.environ.get(SUPERVISED):  # run & manage names the cause on the console (a peer's loss, say)
+            log_only(rundir, rank, report)
+        else:
+            print(report, end="", file=sys.stderr, flush=True)
         _abort(ExitCode.FAILED)
     status.set("done")
     return ExitCode.OK
