@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import DataError, ExitCode, JobError
-from ..core.files import atomic_write
+from ..core.files import WriteRefused, atomic_write
 from ..core.world import discover_world, launcher_name
 from ..generator.overrides import apply_overrides
 from . import lock, manifest, preflight
@@ -116,7 +116,7 @@ def run(job: Job) -> int:
                 if not attempt:
                     raise
                 problem = f"restart {attempt} could not start: {exc}"
-                manifest.record_failure(rundir, problem)
+                _record_failure(rundir, problem)
                 print(f"autocnnp: {problem}", file=sys.stderr, flush=True)
                 return ExitCode.FAILED
             cmd, env = build_command(now)
@@ -124,7 +124,7 @@ def run(job: Job) -> int:
             code, problem = supervise(cmd, env, rundir, now.generator.world_size, now.launch)
             restart = code == ExitCode.FAILED and attempt < job.launch.max_restarts
             if code == ExitCode.FAILED:
-                manifest.record_failure(rundir, problem, restart=attempt + 1 if restart else None)
+                _record_failure(rundir, problem, restart=attempt + 1 if restart else None)
             if not restart:
                 return code
             attempt += 1
@@ -132,6 +132,12 @@ def run(job: Job) -> int:
             print(f"autocnnp: restart {attempt} of {job.launch.max_restarts} in {delay:g} s from the latest "
                   f"checkpoint (after: {problem})", file=sys.stderr, flush=True)
             time.sleep(delay)
+
+
+def _record_failure(rundir, problem: str, restart: int | None = None) -> None:
+    """The failure in the manifest, unless the filesystem refuses it (the console said why the job failed)."""
+    with contextlib.suppress(WriteRefused):
+        manifest.record_failure(rundir, problem, restart=restart)
 
 
 def _ready(job: Job) -> Job:

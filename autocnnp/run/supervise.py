@@ -5,7 +5,9 @@ signal to the front-end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -15,11 +17,12 @@ import threading
 import time
 
 from ..core.errors import ExitCode, Interrupted
-from ..core.files import atomic_write
+from ..core.files import WriteRefused, atomic_write
 from ..core.rundir import RunDir
 from . import processes
 from .config import LaunchConfig
 
+STATUS_CHARS = 500  # of the message of a status file rewritten in place (within one filesystem block)
 # a rank's verdict that run & manage passes on as it is (any other exit of a rank is a failure)
 RANK_VERDICTS = (ExitCode.BAD_INPUT, ExitCode.DIVERGED, ExitCode.STOPPED)
 
@@ -33,7 +36,17 @@ class RankStatus:
         self._running = False
 
     def set(self, state: str, message: str = "") -> None:
-        atomic_write(self.path, json.dumps({"state": state, "message": message, "time": time.time()}))
+        try:
+            atomic_write(self.path, json.dumps({"state": state, "message": message, "time": time.time()}))
+        except WriteRefused:  # a full disk: rewrite the file in place, in the block it holds already
+            short = json.dumps({"state": state, "message": message[:STATUS_CHARS], "time": time.time()}).encode()
+            with contextlib.suppress(OSError):
+                fd = os.open(self.path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, short, 0)
+                    os.ftruncate(fd, len(short))
+                finally:
+                    os.close(fd)
 
     def beat(self) -> None:
         """Record progress (a few microseconds: fine for every step). Ranks are watched for hangs
