@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autocnnp.core.files import append_text, read_json, write_json
+from autocnnp.core.files import WriteRefused, append_text, read_json, write_json
 from autocnnp.core.processes import die_with_parent
 from autocnnp.core.rundir import RunDir, start_checkpoint
 from autocnnp.core.settings import setting
@@ -282,6 +282,8 @@ def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) 
         try:
             tail.read(journal)
             sender.send()
+        except WriteRefused:  # a full disk: not the store's fault, and the rank's own writes say so
+            pass
         except Exception as exc:  # noqa: BLE001 - the store is down, refuses, or mlflow is missing
             if not warned:
                 warned = True
