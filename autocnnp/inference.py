@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 from .core.cli_args import positive
-from .core.errors import DataError, JobError
+from .core.errors import DataError, JobError, Source
 from .core.files import atomic_write
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
 from .core.processes import default_threads
@@ -31,6 +31,7 @@ from .core.text import text_table
 from .engine.job import read_job
 from .generator.assemble import Generator, assemble
 from .generator.overrides import apply_overrides, parse_sets, read_variant
+from .run.preflight import check_installed
 from .training.monitor import MonitoringConfig
 
 OVERALL = "overall"
@@ -264,6 +265,8 @@ def predict(args) -> int:
     checkpoint = _zoo_checkpoint(args.model) if args.model else _checkpoint_path(args.checkpoint, gen)
     state = _load_checkpoint(checkpoint)
     trained, transform, classes, names, in_channels = _model_and_transform(state, checkpoint, gen, args.num_classes)
+    check_installed(trained.framework, Source(checkpoint, text=str(checkpoint)), "the model was trained with",
+                    "or predict on a machine that has it")
     given_transform = gen.data_format().volumes() if gen is not None else None
     source = Path(args.input) if args.input else (given_transform.default_input if given_transform else None)
     if source is None:

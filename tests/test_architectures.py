@@ -11,6 +11,8 @@ from autocnnp.components.architectures.unet import UNet
 from autocnnp.core.errors import JobError, Location
 from autocnnp.engine.job import Setting
 from autocnnp.engine.values import bind
+from autocnnp.generator.points import registry
+from autocnnp.generator.protocols import SizeRule
 
 
 def n_params(model: torch.nn.Module) -> int:
@@ -118,3 +120,36 @@ def test_build_passes_params():
     model = fcn.build(fcn.Config(width=1 / 32), in_channels=3, num_classes=5)
     assert isinstance(model, FCN)
     assert model(torch.randn(1, 3, 32, 32)).shape == (1, 5, 32, 32)
+
+
+# Settings of every built-in that keep it small, and vary its size rule; a .keras file ("keras") is a model of
+# the user's, which declares no rule.
+VARIANTS = {"unet": [[("base_channels", "2"), ("norm", "none"), ("depth", d)] for d in ("1", "3", "4")],
+            "fcn": [[("width", "0.01")]]}
+
+
+@pytest.mark.parametrize("name", [n for n in registry("architecture_injection").names("torch") if n != "keras"])
+def test_every_builtin_architecture_takes_exactly_the_sizes_its_rule_declares(name):
+    """The engine refuses a data size by the rule the architecture's Config declares: it must be the network's."""
+    entry = registry("architecture_injection").builtin(name)
+    for settings in VARIANTS[name]:
+        config = bind(entry.config, [Setting(k, v, WHERE) for k, v in settings], Path("."), name)
+        rule = config.input_sizes()
+        assert isinstance(rule, SizeRule)
+        model = entry.load()(config, in_channels=1, num_classes=2).eval()
+        taken = sorted({*rule.nearest(rule.multiple + 1), *rule.nearest(3 * rule.multiple - 1)})
+        with torch.no_grad():
+            for side in taken:
+                assert rule.takes(side) and model(torch.zeros(1, 1, side, taken[0])).shape[-2:] == (side, taken[0])
+            for side in {taken[0] + 1, taken[-1] - 1} - set(taken):
+                assert not rule.takes(side)
+                with pytest.raises(ValueError, match=f"multiples of {rule.multiple}"):
+                    model(torch.zeros(1, 1, side, taken[0]))
+
+
+@pytest.mark.parametrize(("rule", "side", "nearest"), [
+    (SizeRule(4), 30, [28, 32]), (SizeRule(4), 2, [4]), (SizeRule(16, 48), 32, [48]), (SizeRule(16, 48), 70, [64, 80]),
+    (SizeRule(), 31, [31, 32]),
+])
+def test_size_rule_names_the_nearest_sides_it_takes(rule, side, nearest):
+    assert rule.nearest(side) == nearest and all(rule.takes(s) for s in nearest)

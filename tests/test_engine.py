@@ -38,12 +38,14 @@ HYPER_END = "</hyperparameters>"
 def refused(cli, monkeypatch):
     """``refused(path, line_or_needle, *parts, file=None)``: `validate` and `run` both exit 2 with the same
     single-paragraph ``file:line:col: problem. Hint: fix.`` message naming every part, and nothing starts."""
+    import autocnnp.cli as cli_module  # imported before the patch: it binds launch.run by name
     import autocnnp.run.launch as launch
 
     def no_start(*args, **kwargs):
         raise AssertionError("a refused job must start nothing")
 
     monkeypatch.setattr(launch, "run", no_start)
+    monkeypatch.setattr(cli_module, "run", no_start)
     monkeypatch.setattr(subprocess, "run", no_start)
     monkeypatch.setattr(subprocess, "Popen", no_start)
 
@@ -94,6 +96,24 @@ def test_malformed_xml_column_points_at_the_offending_character(job, refused):
     column = path.read_text().splitlines()[line_of(path, "x=1") - 1].index("x=1") + 3  # 1-based, at the '1'
     msg = refused(path, "x=1", "malformed XML")
     assert f":{line_of(path, 'x=1')}:{column}: " in msg
+
+
+@pytest.mark.parametrize("encoding", ["latin-1", "latin1", "ISO-8859-1", "iso8859_15", "utf_8", "u8", "cp1252",
+                                      "mac-roman", "euc_jp"])
+def test_every_python_name_of_a_supported_encoding_is_accepted(job, cli, encoding):
+    """Python's codecs and libxml2 spell encodings differently (latin-1 / ISO-8859-1); either name works."""
+    from autocnnp.engine.job import read_job
+
+    path = job((XML_DECL, XML_DECL.replace("UTF-8", encoding) + "\n<!-- r\u00e9seau -->"))
+    path.write_bytes(path.read_text().encode(encoding))
+    rc, out, err = cli("validate", path)
+    assert rc == 0, err
+    assert "r\u00e9seau" in read_job(path).text
+
+
+def test_encoding_neither_python_nor_libxml2_knows_is_refused_with_a_fix(job, refused):
+    path = job((XML_DECL, XML_DECL.replace("UTF-8", "latin-9x")))
+    refused(path, 1, "Unsupported encoding: latin-9x", 'Hint: save the file as UTF-8 and declare encoding="UTF-8"')
 
 
 def test_empty_file(job, refused):
@@ -193,6 +213,82 @@ def test_exactly_one_mib_is_accepted(job, cli):
     assert cli("validate", path)[0] == 0
 
 
+# ---- input sizes: what the data gives and the architecture takes ---------------------------------------
+
+
+FRAMEWORK_TF = '<action class="non_extensible" type="framework"><value>tensorflow</value></action>'
+
+
+@pytest.mark.parametrize("framework", ["torch", "tensorflow"])
+def test_input_size_the_network_cannot_take_is_refused_naming_the_nearest(job, refused, framework):
+    """A depth-3 U-Net halves its inputs twice: 30 px slices are refused before anything starts, on either
+    framework, naming the rule and the nearest sizes that work."""
+    edits = [('<param name="size">32</param>', '<param name="size">30</param>')]
+    if framework == "tensorflow":
+        edits.append((ENV_MODULE, ENV_MODULE + FRAMEWORK_TF))
+    path = job(*edits)
+    refused(path, '<param name="size">30', "architecture 'unet' (depth=3", "multiples of 4",
+            "the data's inputs are 30x30", "28 or 32 instead of 30")
+
+
+def test_input_size_set_on_the_command_line_is_refused_there(job, cli):
+    rc, out, err = cli("validate", job(), "--set", "data.size=30")
+    assert (rc, out, err.count("\n")) == (2, "", 1), err
+    assert err.startswith("autocnnp: --set data.size=30: ") and "28 or 32 instead of 30" in err, err
+    assert cli("validate", job(), "--set", "data.size=28")[0] == 0
+
+
+def test_architecture_parameters_that_change_the_rule_are_checked_too(job, refused):
+    path = job(('<param name="depth">3</param>', '<param name="depth">7</param>'))
+    refused(path, '<param name="size">32', "multiples of 64", "64 instead of 32")
+
+
+def test_fcn_takes_multiples_of_32(job, refused):
+    path = job((ARCH_UNET, '<CNN_archi name="fcn"><param name="width">0.05</param></CNN_archi>'),
+               ('<param name="size">32</param>', '<param name="size">48</param>'))
+    refused(path, '<param name="size">48', "architecture 'fcn' (width=0.05)", "multiples of 32", "32 or 64 instead of 48")
+
+
+def test_a_slice_cache_is_checked_at_the_size_it_was_built_with(job, refused, tmp_path):
+    """A decathlon job reading a slice cache (autocnnp preprocess --size 30) gets its slices at the cache's size,
+    whatever its own size says; validate reads it from the cache's meta.json."""
+    (tmp_path / "cache").mkdir()
+    (tmp_path / "cache" / "meta.json").write_text('{"format": 2, "size": [30, 36], "channels": 1}')
+    path = job((DATA_SYNTHETIC, '<data format="decathlon">\n      <train><path>cache</path></train>\n    </data>'))
+    refused(path, "<CNN_archi", "multiples of 4", "the data's inputs are 30x36", "28 or 32 instead of 30")
+
+
+SIZED_NET = """import torch
+
+
+input_sizes = {rule}
+
+
+def build(in_channels, num_classes):
+    return torch.nn.Conv2d(in_channels, num_classes, 1)
+"""
+
+
+def test_user_architecture_declares_its_size_rule(job, cli, refused, tmp_path):
+    """A .py architecture declares its rule as a literal (read, not run: validate imports no torch)."""
+    (tmp_path / "net.py").write_text(SIZED_NET.format(rule='{"multiple": 16, "minimum": 48}'))
+    path = job((ARCH_UNET, "<CNN_archi><path>net.py</path></CNN_archi>"))
+    refused(path, '<param name="size">32', "takes input sides that are multiples of 16 and at least 48",
+            "48 instead of 32")
+    path = job((ARCH_UNET, "<CNN_archi><path>net.py</path></CNN_archi>"),
+               ('<param name="size">32</param>', '<param name="size">64</param>'))
+    assert cli("validate", path)[0] == 0
+    (tmp_path / "net.py").write_text(SIZED_NET.format(rule="None").replace("input_sizes = None", ""))
+    assert cli("validate", job((ARCH_UNET, "<CNN_archi><path>net.py</path></CNN_archi>"),
+                               ('<param name="size">32</param>', '<param name="size">31</param>')))[0] == 0
+
+
+def test_user_architecture_size_rule_that_is_no_literal_is_refused(job, refused, tmp_path):
+    (tmp_path / "net.py").write_text(SIZED_NET.format(rule="2 ** 4"))
+    path = job((ARCH_UNET, "<CNN_archi><path>net.py</path></CNN_archi>"))
+    refused(path, "<CNN_archi><path>net.py", "input_sizes = '2 ** 4' is no size rule", "Hint: fix input_sizes")
+
+
 # ---- names: modules, actions, implementations ("did you mean") ------------------------------------
 
 
@@ -280,9 +376,12 @@ def test_architecture_file_not_python(job, refused):
             "model.onnx is not a Python file or a Keras model", "Hint:")
 
 
-def test_missing_keras_model_file(job, refused, tmp_path):
+def test_missing_or_broken_keras_model_file(job, refused, tmp_path):
     refused(job((ARCH_UNET, "<CNN_archi><path>model.keras</path></CNN_archi>")), "<CNN_archi>",
             f"the Keras model file {tmp_path / 'model.keras'} does not exist", "Hint: fix the <path>")
+    (tmp_path / "model.keras").write_bytes(b"not a zip archive")
+    refused(job((ARCH_UNET, "<CNN_archi><path>model.keras</path></CNN_archi>")), "<CNN_archi>",
+            f"{tmp_path / 'model.keras'} is no Keras 3 model file (BadZipFile", "Hint: save the model with model.save")
 
 
 def test_missing_data_path(job, refused, tmp_path):

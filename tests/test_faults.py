@@ -646,6 +646,16 @@ def test_a_pretrained_file_that_is_no_checkpoint(cli, tmp_path, nothing_starts, 
     assert err.startswith(f"autocnnp: {job}:{line}:") and f"the pretrained checkpoint {tmp_path / 'weights.pt'}" in err
 
 
+def test_a_pretrained_checkpoint_of_a_tensorflow_run_is_refused_before_the_ranks(cli, tmp_path, nothing_starts):
+    """Its model card is read without torch in the front-end (the ranks found out after the launch)."""
+    torch.save({"model": {"w": torch.zeros(2)}, "model_card": {"framework": "tensorflow"}}, tmp_path / "weights.pt")
+    job = tiny_job(tmp_path)
+    job.write_text(job.read_text().replace("<CNN_archi ", "<CNN_archi pretrained=\"weights.pt\" "))
+    err = refused(cli, "run", job)
+    assert f"the pretrained checkpoint {tmp_path / 'weights.pt'} holds a tensorflow model" in err
+    assert "Hint: start from a checkpoint of a torch run" in err
+
+
 def finished_run(folder: Path, job: str = "/jobs/other.xml") -> Path:
     """A run folder as a finished run leaves it: its manifest, checkpoints, metrics."""
     (folder / "checkpoints").mkdir(parents=True)

@@ -133,6 +133,19 @@ def test_a_job_naming_a_keras_file_validates_without_importing_torch_or_keras(ke
     assert "keras" in plan.stdout and "model.keras" in plan.stdout
 
 
+def test_a_keras_file_with_a_lambda_layer_is_refused_by_validate_pointing_at_a_py_architecture(keras, tmp_path):
+    """Keras' safe mode refuses a Lambda's Python code (suggesting safe_mode=False, which no job can set): validate
+    says so first, reading the file's config.json without Keras, and names the way that works."""
+    inputs = keras.Input((None, None, 1))
+    outputs = keras.layers.Lambda(lambda t: 2.0 * t, name="double")(keras.layers.Conv2D(2, 1)(inputs))
+    keras.Model(inputs, outputs).save(tmp_path / "model.keras")
+    job = write_job(tmp_path / "job.xml", arch="<CNN_archi><path>model.keras</path></CNN_archi>", data=SMALL_DATA)
+    proc = subprocess.run([*AUTOCNNP, "validate", str(job)], capture_output=True, text=True)
+    assert (proc.returncode, proc.stdout, proc.stderr.count("\n")) == (2, "", 1), proc.stderr
+    assert "model.keras holds Python code in its layer 'double' (a Lambda)" in proc.stderr
+    assert "Hint: describe the network in a .py architecture" in proc.stderr and "safe_mode" not in proc.stderr
+
+
 SMALL_DATA = ('<data format="synthetic"><param name="kind">atrium</param><param name="train_samples">16</param>'
               '<param name="valid_samples">6</param><param name="size">16</param></data>')
 

@@ -110,6 +110,60 @@ def test_run_without_tensorflow_installed_says_make_tensorflow_before_any_rank_s
         preflight.check_framework(job)
 
 
+def in_process(capsys, *args) -> tuple[int, str, str]:
+    """``autocnnp ARGS`` run in this process (so a test can patch it): exit code, stdout, stderr."""
+    from autocnnp.cli import main
+
+    rc = main([str(a) for a in args])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def pretend_tensorflow_is_installed(monkeypatch, installed: bool) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: (
+        (real("json") if installed else None) if name == "tensorflow" else real(name, *a)))
+
+
+@pytest.mark.parametrize(("trained", "framework"), [("torch", "tensorflow"), ("tensorflow", "torch")])
+def test_resuming_another_frameworks_checkpoint_is_refused_before_any_rank_starts(
+        tmp_path, capsys, monkeypatch, nothing_starts, trained, framework):
+    """The checkpoint is read without torch in the front-end: one line, exit 2, nothing started (the ranks
+    found out after 32 s)."""
+    from autocnnp.components.checkpoints.periodic import Config, Periodic
+
+    pretend_tensorflow_is_installed(monkeypatch, True)
+    job = write_job(tmp_path / "job.xml", degree=1, actions=generator() if framework == "tensorflow" else None,
+                    arch=PLAIN_UNET, data=synthetic_data(8, 4), extra=QUIET)
+    Periodic(Config(), directory=tmp_path / "out" / "checkpoints", rank=0).save(
+        {"model": {"w": torch.zeros(2)}, "optimizer_type": "SGD", "epoch": 1, "model_card": {"framework": trained}}, 0)
+    rc, out, err = in_process(capsys, "run", job)
+    assert (rc, err.count("\n")) == (2, 1), err
+    assert (f"the run folder {tmp_path / 'out'} holds a checkpoint of a {trained} run (ckpt-epoch0001.pt) to resume "
+            f"from, but the job trains with {framework}. Hint: resume with framework {trained}, or start afresh") in err
+
+
+def test_predict_on_a_tensorflow_checkpoint_without_tensorflow_is_one_line(tmp_path, capsys, monkeypatch):
+    from autocnnp.data.synth import write_synthetic_dataset
+    from autocnnp.generator.assemble import assemble
+    from autocnnp.generator.protocols import DataBundle
+    from autocnnp.training.loop import model_card
+
+    write_synthetic_dataset(tmp_path / "data", "atrium", cases=2, shape=(16, 16, 6), seed=1, test_cases=1)
+    job = write_job(tmp_path / "job.xml", actions=generator(), arch=PLAIN_UNET,
+                    data='<data format="decathlon"><train><path>data</path></train><param name="size">16</param></data>')
+    card = model_card(assemble(job), DataBundle(None, None, 1, 2, class_names=("background", "left_atrium")))
+    torch.save({"model": {"w": np.zeros(2)}, "model_card": card}, tmp_path / "ckpt.pt")
+    pretend_tensorflow_is_installed(monkeypatch, False)
+    rc, out, err = in_process(capsys, "predict", "--checkpoint", tmp_path / "ckpt.pt", "--input", tmp_path / "data",
+                              "--out", tmp_path / "pred")
+    assert (rc, err.count("\n")) == (2, 1) and "Traceback" not in err, err
+    assert (f"{tmp_path / 'ckpt.pt'}: the model was trained with framework tensorflow, which is not installed in "
+            "this environment. Hint: run `make tensorflow`") in err
+
+
 def test_validate_and_plan_import_neither_tensorflow_nor_torch(tmp_path):
     job = write_job(tmp_path / "job.xml", actions=generator(), arch=PLAIN_UNET)
     code = textwrap.dedent(f"""
@@ -173,8 +227,18 @@ BUILD_EVERY_TENSORFLOW_BUILTIN = textwrap.dedent("""
             config = bind(entry.config, [], Path("."), name)
             args = [config] if config is not None else []
             if point.type == "architecture_injection":
-                out = impl(*args, in_channels=2, num_classes=3)(np.zeros((1, 32, 32, 2), np.float32))
+                model = impl(*args, in_channels=2, num_classes=3)
+                out = model(np.zeros((1, 32, 32, 2), np.float32))
                 assert tuple(out.shape) == (1, 32, 32, 3), (name, out.shape)
+                rule = config.input_sizes()  # the engine's size rule is the Keras network's too
+                side = rule.nearest(rule.multiple + 1)[-1]
+                assert tuple(model(np.zeros((1, side, 32, 2), np.float32)).shape) == (1, side, 32, 3), name
+                try:
+                    model(np.zeros((1, side + rule.multiple // 2, 32, 2), np.float32))
+                except Exception:  # noqa: BLE001 - Keras' shape errors differ by layer
+                    pass
+                else:
+                    raise AssertionError(f"{name} took a side its rule {rule} refuses")
             elif point.type == "communication_init":
                 assert impl(*args, timeout_s=60).world_size == 1
             elif point.type == "device_placement":
@@ -266,6 +330,9 @@ def test_a_user_keras_file_resumes_exactly_and_its_checkpoint_predicts_volumes(t
         assert result.returncode == 0, result.stderr[-3000:]
     assert "resumed from" in result.stdout + result.stderr
     a, b = latest(tmp_path / "straight"), latest(tmp_path / "resumed")
+    from autocnnp.core.card import trained_framework  # the front-end's torch-free reading of a real checkpoint
+
+    assert trained_framework(tmp_path / "straight" / "checkpoints" / "ckpt-epoch0003.pt") == "tensorflow"
     assert a["epoch"] == b["epoch"] == 3 and a["lr_policy"] == b["lr_policy"]
     for name, value in a["model"].items():
         np.testing.assert_array_equal(value, b["model"][name], err_msg=name)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import codecs
+import encodings.aliases
 import functools
 import re
 from pathlib import Path
@@ -17,6 +19,7 @@ _FORBIDDEN = (b"<!DOCTYPE", b"<!ENTITY")
 _DTD_PROBLEM = ("document type and entity declarations are refused "
                 "(they enable entity-expansion and external-entity attacks)")
 _DTD_HINT = "remove the <!DOCTYPE ...> block; job files need neither DTDs nor entities"
+_DECLARED_ENCODING = re.compile(rb"\A(\xef\xbb\xbf)?(<\?xml\s[^>]*?\bencoding\s*=\s*([\"']))([^\"'>]*)(?=\3)")
 
 
 def _parser() -> etree.XMLParser:
@@ -43,13 +46,15 @@ def read_xml(path: Path, raw: bytes | None = None) -> tuple[etree._Element, str]
         if at >= 0:
             line = raw.count(b"\n", 0, at) + 1
             raise JobError(Location(path, line, 1), _DTD_PROBLEM, _DTD_HINT)
+    parsed = _with_libxml2_encoding_name(raw)
     try:
-        root = etree.fromstring(raw, _parser(), base_url=str(path)).getroottree().getroot()
+        root = etree.fromstring(parsed, _parser(), base_url=str(path)).getroottree().getroot()
     except etree.XMLSyntaxError as exc:
         line, col = exc.position if exc.position else (exc.lineno or 0, 0)
         message = re.sub(r", line \d+, column \d+$", "", exc.msg or str(exc))
-        raise JobError(Location(path, line, max(col, 1)), f"malformed XML: {message}",
-                       "fix the markup at that position (every <tag> needs its </tag>)") from None
+        hint = ("save the file as UTF-8 and declare encoding=\"UTF-8\"" if _unknown_encoding(message)
+                else "fix the markup at that position (every <tag> needs its </tag>)")
+        raise JobError(Location(path, line, max(col, 1)), f"malformed XML: {message}", hint) from None
     docinfo = root.getroottree().docinfo
     if docinfo.doctype or docinfo.internalDTD is not None:  # a DTD in an encoding the byte scan cannot see
         try:
@@ -62,6 +67,60 @@ def read_xml(path: Path, raw: bytes | None = None) -> tuple[etree._Element, str]
     if not validator.validate(root):
         raise _schema_error(path, validator.error_log.filter_from_errors()[0]) from None
     return root, raw.decode(docinfo.encoding or "utf-8", "replace")
+
+
+def _with_libxml2_encoding_name(raw: bytes) -> bytes:
+    """``raw`` with its declared encoding renamed to a name libxml2 knows when only Python's codecs know
+    the declared one (``latin-1``, ``utf_8``, ``euc_jp`` ...); unchanged otherwise."""
+    declared = _DECLARED_ENCODING.match(raw)
+    if declared is None:
+        return raw
+    name = declared.group(4).decode("ascii", "replace")
+    known = _libxml2_name(name)
+    if known is None or known == name:
+        return raw
+    return raw[:declared.start(4)] + known.encode("ascii") + raw[declared.end(4):]
+
+
+@functools.lru_cache(maxsize=64)
+def _libxml2_name(declared: str) -> str | None:
+    """``declared`` if libxml2 knows it, else the first of the names Python's codecs give the same codec
+    that libxml2 knows; None when neither knows the encoding."""
+    if _libxml2_knows(declared):
+        return declared
+    codec = _codec_name(declared)
+    if codec is None:
+        return None
+    aliases = [alias for alias, module in encodings.aliases.aliases.items()
+               if _codec_name(module) == codec]
+    for name in [codec, *aliases]:
+        for spelling in dict.fromkeys((name, name.replace("_", "-"), name.replace("_", ""))):
+            if _libxml2_knows(spelling):
+                return spelling
+    return None
+
+
+def _codec_name(name: str) -> str | None:
+    """The name of Python's codec for ``name``, if it knows one."""
+    try:
+        return codecs.lookup(name).name
+    except (LookupError, ValueError):  # ValueError: a NUL in the name
+        return None
+
+
+def _libxml2_knows(name: str) -> bool:
+    """Whether libxml2 parses a document declaring ``encoding=name``."""
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9._-]*", name):  # XML's EncName production
+        return False
+    try:
+        etree.fromstring(f'<?xml version="1.0" encoding="{name}"?><a/>'.encode("ascii"), _parser())
+    except etree.XMLSyntaxError as exc:
+        return not _unknown_encoding(str(exc))
+    return True
+
+
+def _unknown_encoding(message: str) -> bool:
+    return "Unsupported encoding" in message or "encoding name" in message
 
 
 _ELEMENT = re.compile(r"Element '([^']+)'")

@@ -3,7 +3,9 @@ bind its typed parameters, check the modules still fit together. Nothing heavy i
 
 from __future__ import annotations
 
+import json
 import re
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -12,7 +14,7 @@ from ..core.rundir import ZOO_CHECKPOINT, RunDir, checkpoint_file
 from ..engine.job import Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
 from .points import COMPOSITES, MODULE_BY_NAME, MODULES, PLUGIN_FITS, POINT_BY_NAME, POINTS, SET_ELSEWHERE
-from .protocols import DataFormat, LRPolicy, replicas_of, shards_of, steps_per_epoch
+from .protocols import DataFormat, LRPolicy, input_sizes_of, replicas_of, shards_of, steps_per_epoch
 from .registry import Entry
 from .tree import Action, Binding, Composite, Module
 
@@ -162,6 +164,7 @@ def assemble(job: JobSpec | Path | str) -> Generator:
         raise JobError(where, f"precision fp16 (with a loss scaler) is trained on the torch framework only; this job "
                        f"trains with {framework}", "write bf16 (Keras' mixed_bfloat16) or fp32")
     _check_lr_policy(gen)
+    _check_input_sizes(gen)
     return gen
 
 
@@ -255,6 +258,7 @@ def _injection_actions(spec: JobSpec, framework: str) -> dict[str, Action]:
         if not arch.path.is_file():
             raise JobError(arch.where, f"the Keras model file {arch.path} does not exist",
                            "fix the <path> (relative paths are read from the job file's folder)")
+        _check_keras_file(arch.path, arch.where)
         arch_entry = registry.get("keras", arch.where, framework)
         arch_settings = [Setting("path", str(arch.path), arch.where), *arch_settings]
     elif arch.path is not None:
@@ -278,6 +282,38 @@ def _injection_actions(spec: JobSpec, framework: str) -> dict[str, Action]:
         "hyperparameters_injection": _action(hyper, hyper.registry.get(hyper.default, spec.where, framework),
                                              spec.hyperparameters, spec.where, spec, framework),
     }
+
+
+def _check_keras_file(path: Path, where: Location) -> None:
+    """A .keras file is a zip archive whose config.json describes the model (read here without Keras): one that
+    Keras' safe mode will not load, because a layer holds Python code (a Lambda), is refused now."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            config = json.loads(archive.read("config.json"))
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile) as exc:
+        raise JobError(where, f"{path} is no Keras 3 model file ({type(exc).__name__}: {exc})",
+                       "save the model with model.save('model.keras') in Keras 3") from None
+    layer = _python_code_layer(config)
+    if layer is not None:
+        raise JobError(where, f"the Keras model {path.name} holds Python code in its layer '{layer}' (a Lambda), which "
+                       "Keras' safe mode refuses to load from a file", "describe the network in a .py architecture "
+                       "instead: <CNN_archi><path>net.py</path></CNN_archi> whose build(in_channels, num_classes) "
+                       "returns the keras.Model (its Lambda layers included)")
+
+
+def _python_code_layer(node, layer: str = "?") -> str | None:
+    """The name of the first layer of a Keras config whose serialised Python code (``__lambda__``) safe mode
+    refuses; None when there is none."""
+    if isinstance(node, dict):
+        if node.get("class_name") == "__lambda__":
+            return layer
+        config = node.get("config")
+        if "class_name" in node and isinstance(config, dict) and isinstance(config.get("name"), str):
+            layer = config["name"]
+        return next((found for value in node.values() if (found := _python_code_layer(value, layer))), None)
+    if isinstance(node, list):
+        return next((found for value in node if (found := _python_code_layer(value, layer))), None)
+    return None
 
 
 def _fit_dependencies(actions: dict[str, Action], spec: JobSpec, framework: str) -> None:
@@ -308,6 +344,29 @@ def _check_lr_policy(gen: Generator) -> None:
     except ValueError as exc:
         raise JobError(action.where or gen.job.where, f"lr_policy '{action.entry.name}': {exc}",
                        "fix its parameters or the hyperparameters' end_epoch") from None
+
+
+def _check_input_sizes(gen: Generator) -> None:
+    """The data's input sides are ones the architecture takes (its SizeRule; every framework, 2D or 3D): a size
+    the network cannot take is refused here, not by every rank after the launch."""
+    arch, data = gen.action("architecture_injection"), gen.action("dataset_injection")
+    input_size = getattr(data.config, "input_size", None)
+    if not callable(input_size):
+        return
+    sides = tuple(input_size())
+    rule = input_sizes_of(arch.config, arch.entry.input_sizes)
+    wrong = list(dict.fromkeys(side for side in sides if not rule.takes(side)))
+    if not wrong:
+        return
+    name = arch.entry.name if arch.entry.origin == "built-in" else f"{arch.entry.name} ({arch.entry.origin})"
+    params = ", ".join(f"{s.name}={s.text.strip()}" for s in arch.settings)
+    nearest = "; ".join(f"{' or '.join(map(str, rule.nearest(side)))} instead of {side}" for side in wrong)
+    size = next((s for s in gen.job.data_params if s.name.lower() == "size"), None)
+    raise JobError(size.where if size else arch.where or gen.job.where,
+                   f"architecture '{name}'{f' ({params})' if params else ''} takes input sides that are "
+                   f"{rule.describe()}, but the data's inputs are {'x'.join(map(str, sides))}",
+                   f"give the data sides it takes, the nearest being {nearest}; or change the architecture's "
+                   "parameters")
 
 
 def _bindings() -> list[Binding]:

@@ -16,7 +16,7 @@ lr_policy                    ``Policy(config, base_lr=, replicas=, steps_per_epo
 checkpoint                   ``Checkpointer(config, directory=, rank=, plugins=)``: protocols.Checkpointer
 task_definition              ``Task()`` with ``loss(name)`` and ``evaluator(num_classes, class_names, regions)``
 architecture_injection       ``build(config, in_channels=, num_classes=) -> nn.Module`` (a keras.Model on
-                             tensorflow)
+                             tensorflow); the input sizes it takes: protocols.SizeRule
 dataset_injection            ``Format(config)``: protocols.DataFormat
 ===========================  ====================================================================
 

@@ -69,6 +69,58 @@ class Framework:
         return 0
 
 
+# --- architecture_injection ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class SizeRule:
+    """The input sizes an architecture takes: every spatial side (H and W; D, H and W in 3D) a multiple of
+    ``multiple`` and at least ``minimum``. The engine checks the data's input size against it before
+    anything starts (``validate`` included).
+
+    An architecture declares its rule in one of two ways: its Config defines ``input_sizes(self) ->
+    SizeRule`` (the built-ins: a U-Net of depth d takes multiples of 2^(d-1)), or a user file, an entry point's
+    object or its class sets ``input_sizes = {"multiple": 16, "minimum": 16}`` (a literal: a file is read,
+    not run, to validate a job; an int is the multiple). An architecture that declares nothing takes any size.
+    """
+
+    multiple: int = 1
+    minimum: int = 1
+
+    @classmethod
+    def parse(cls, value: Any) -> SizeRule:
+        """A declared rule: a SizeRule, a dict of its fields or an int (the multiple); ValueError otherwise."""
+        if isinstance(value, SizeRule):
+            return value
+        fields = {"multiple": value} if isinstance(value, int) and not isinstance(value, bool) else value
+        if not isinstance(fields, dict) or not set(fields) <= {"multiple", "minimum"} or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in fields.values()):
+            raise ValueError(f"input_sizes = {value!r} is no size rule: write an int (the multiple) or "
+                             '{"multiple": M, "minimum": N} with positive integers')
+        return cls(**fields)
+
+    def takes(self, side: int) -> bool:
+        return side >= self.minimum and side % self.multiple == 0
+
+    def nearest(self, side: int) -> list[int]:
+        """The sides it takes nearest to ``side``: the largest below it (if any) and the smallest above."""
+        lowest = -(-self.minimum // self.multiple) * self.multiple
+        below = side - side % self.multiple
+        above = max(below + self.multiple, lowest)
+        return ([below] if below >= lowest else []) + [above]
+
+    def describe(self) -> str:
+        parts = ([f"multiples of {self.multiple}"] if self.multiple > 1 else []) + \
+            ([f"at least {self.minimum}"] if self.minimum > 1 else [])
+        return " and ".join(parts) or "any size"
+
+
+def input_sizes_of(config: Any, declared: SizeRule | None) -> SizeRule:
+    """The rule of an architecture whose bound Config is ``config`` and whose file or object ``declared`` one
+    (:class:`SizeRule`); any size when neither says."""
+    method = getattr(config, "input_sizes", None)
+    return SizeRule.parse(method()) if callable(method) else declared or SizeRule()
+
+
 # --- dist_strategy --------------------------------------------------------------------------------------
 
 @dataclass
@@ -434,6 +486,10 @@ class DataFormat:
     ``check()``; the manifest hashes ``files()``; ``lr-plot`` asks ``train_samples()``;
     ``autocnnp predict`` asks ``volumes()`` how to turn a volume into model inputs and back, and
     ``volumes_from_card(card, num_classes)`` for the same of a checkpoint's model card.
+
+    Its Config may define ``input_size(self) -> (H, W)`` (``(D, H, W)`` in 3D): the sides of the network's
+    inputs, known without reading the data, which the engine checks against the architecture's
+    :class:`SizeRule` before anything starts.
     """
 
     def __init__(self, config: Any = None):

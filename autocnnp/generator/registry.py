@@ -27,7 +27,7 @@ from pathlib import Path
 
 from ..core.errors import JobError, Location, did_you_mean
 from ..core.files import read_input
-from .protocols import first_paragraph, summary
+from .protocols import SizeRule, first_paragraph, summary
 
 COMPONENTS = Path(__file__).resolve().parent.parent / "components"
 COMPONENTS_PACKAGE = "autocnnp.components"
@@ -57,6 +57,7 @@ class Entry:
     launchers: tuple[str, ...] = ()
     aliases: tuple[str, ...] = ()
     frameworks: tuple[str, ...] = ()  # the frameworks it trains with (empty: not declared, a user file's)
+    input_sizes: SizeRule | None = None  # an architecture's declared size rule (a built-in's is its Config's)
 
     @property
     def file(self) -> Path | None:
@@ -144,7 +145,8 @@ class Registry:
             dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else ep.value
             return Entry(name, ep.value, getattr(obj, "Config", None), summary(obj), f"entry point of {dist}",
                          dict(getattr(obj, "requires", {})), tuple(getattr(obj, "launchers", ())),
-                         frameworks=_frameworks(getattr(obj, "frameworks", ())))
+                         frameworks=_frameworks(getattr(obj, "frameworks", ())),
+                         input_sizes=_size_rule(getattr(obj, "input_sizes", None), where))
         installed = [ep.name for ep in entry_points(group=f"autocnnp.{self.point}")]
         raise JobError(where, f"unknown {self.point} '{name}'", did_you_mean(name, self.names() + installed))
 
@@ -185,10 +187,12 @@ class Registry:
             raise JobError(where, problem, f"{hint}; or name the symbol with entry=\"...\" on the element")
         node = defined.get(symbol)
         attrs = _class_literals(node) if isinstance(node, ast.ClassDef) else {}
+        attrs.setdefault("input_sizes", _class_literals(tree).get("input_sizes"))
         doc = ast.get_docstring(node) if node is not None else None
         return Entry(symbol, f"{path}:{symbol}", None, first_paragraph(doc or ast.get_docstring(tree)),
                      f"file {path}", dict(attrs.get("requires", {})), tuple(attrs.get("launchers", ())),
-                     frameworks=_frameworks(attrs.get("frameworks", ())))
+                     frameworks=_frameworks(attrs.get("frameworks", ())),
+                     input_sizes=_size_rule(attrs.get("input_sizes"), where, path))
 
     def _candidates(self, defined: dict, fits: Fits | None) -> list[str]:
         """The file's public definitions that fit the point, a class deriving from a fitting class of the file
@@ -223,6 +227,17 @@ class Registry:
 def _frameworks(value) -> tuple[str, ...]:
     """A plug-in's ``frameworks`` attribute as a tuple of names (a single name is accepted)."""
     return (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+
+
+def _size_rule(value, where: Location, path: Path | None = None) -> SizeRule | None:
+    """A plug-in's declared ``input_sizes`` (None: it declares none); a JobError when it is no size rule."""
+    if value is None:
+        return None
+    try:
+        return SizeRule.parse(value)
+    except ValueError as exc:
+        raise JobError(where, f"{path or 'the architecture'}: {exc}",
+                       "fix input_sizes in the architecture, or remove it (any size is then taken)") from None
 
 
 def _runs_on(entry: Entry, framework: str | None) -> bool:
@@ -302,18 +317,21 @@ def header(path: Path) -> types.ModuleType:
     return module
 
 
-def _class_literals(node: ast.ClassDef, namespace: dict | None = None) -> dict:
-    """Class attributes ``requires``, ``launchers`` and ``frameworks``: literals of a user file (anything else is not
-    evaluated, nothing of a user file runs), or expressions over a built-in's header ``namespace``."""
+def _class_literals(node: ast.ClassDef | ast.Module, namespace: dict | None = None) -> dict:
+    """Class (or a user file's top-level) attributes ``requires``, ``launchers``, ``frameworks`` and ``input_sizes``:
+    literals of a user file (anything else is not evaluated, nothing of a user file runs), or expressions over
+    a built-in's header ``namespace``."""
     out = {}
     for item in node.body:
         if isinstance(item, ast.Assign) and len(item.targets) == 1 and isinstance(item.targets[0], ast.Name) \
-                and item.targets[0].id in ("requires", "launchers", "frameworks"):
+                and item.targets[0].id in ("requires", "launchers", "frameworks", "input_sizes"):
             if namespace is not None:  # a built-in: its own constants (MPI_LAUNCHERS)
                 expression = compile(ast.Expression(item.value), "<component>", "eval")
                 out[item.targets[0].id] = eval(expression, dict(namespace))
             elif _is_static(item.value):
                 out[item.targets[0].id] = ast.literal_eval(item.value)
+            elif item.targets[0].id == "input_sizes":  # a size rule that is no literal is refused, not ignored
+                out["input_sizes"] = ast.unparse(item.value)
     return out
 
 

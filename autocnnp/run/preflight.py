@@ -8,9 +8,11 @@ import importlib.util
 import math
 import zipfile
 
+from ..core.card import trained_framework
 from ..core.errors import JobError
 from ..core.files import WriteRefused, atomic_write, free_bytes, size_text, space_text
 from ..core.processes import usable_cores
+from ..core.rundir import LATEST_POINTER, checkpoint_file
 from ..generator.protocols import shards_of, steps_per_epoch
 from .hosts import parse_hostfile
 from .job import Job
@@ -48,14 +50,35 @@ def check_pretrained(job: Job) -> None:
     if not (legacy or archive):
         raise JobError(pretrained.where, f"the pretrained checkpoint {path} is not a torch checkpoint",
                        "name a checkpoint written by autocnnp run, its run folder, or a zoo model")
+    trained = trained_framework(path) if archive else "torch"
+    if trained not in (None, "torch"):
+        raise JobError(pretrained.where, f"the pretrained checkpoint {path} holds a {trained} model; pretrained "
+                       "weights start torch networks", "start from a checkpoint of a torch run of the same architecture")
+
+
+def check_resume(job: Job) -> None:
+    """A run that resumes goes on from a checkpoint of its own framework: another framework's (read without
+    torch) is refused here, not by every rank after the launch."""
+    gen = job.generator
+    if not getattr(gen.action("checkpoint").config, "resume", False):
+        return
+    pointer = gen.rundir.checkpoints / LATEST_POINTER
+    latest = checkpoint_file(pointer)
+    trained = trained_framework(latest) if latest != pointer else None
+    if trained is not None and trained != gen.framework:
+        raise JobError(gen.action("framework").where or job.spec.where, f"the run folder {gen.rundir} holds a "
+                       f"checkpoint of a {trained} run ({latest.name}) to resume from, but the job trains with "
+                       f"{gen.framework}", f"resume with framework {trained}, or start afresh with another <output> "
+                       "folder or resume=false on the checkpoint action")
 
 
 def check_inputs(job: Job) -> None:
     """What the ranks will read, checked once before they start: the pretrained weights (a zoo model fetched
-    first) and the data with a minibatch per rank; then that what they will write fits. Every front-end calls
-    it: run, submit, deploy --swarm."""
+    first), the checkpoint a run resumes from, and the data with a minibatch per rank; then that what they
+    will write fits. Every front-end calls it: run, submit, deploy --swarm."""
     fetch_pretrained(job)
     check_pretrained(job)
+    check_resume(job)
     check_data(job)
     check_space(job)
 
@@ -86,10 +109,15 @@ def check_space(job: Job) -> None:
 def check_framework(job: Job) -> None:
     """The job's framework is installed here (TensorFlow is not part of `make venv`)."""
     gen = job.generator
-    if gen.framework == "tensorflow" and importlib.util.find_spec("tensorflow") is None:
-        raise JobError(gen.action("framework").where or job.spec.where, "the job trains with framework tensorflow, "
-                       "which is not installed in this environment", "run `make tensorflow` (pip install -r "
-                       "requirements/tensorflow.txt), or choose framework torch")
+    check_installed(gen.framework, gen.action("framework").where or job.spec.where, "the job trains with",
+                    "or choose framework torch")
+
+
+def check_installed(framework: str, where, subject: str, other: str) -> None:
+    """``framework`` can be imported here (a JobError saying ``subject`` it, and how to install it or ``other``)."""
+    if framework == "tensorflow" and importlib.util.find_spec("tensorflow") is None:
+        raise JobError(where, f"{subject} framework tensorflow, which is not installed in this environment",
+                       f"run `make tensorflow` (pip install -r requirements/tensorflow.txt), {other}")
 
 
 def check_output(job: Job) -> None:

@@ -8,6 +8,7 @@ import torch
 from torch import nn
 
 from autocnnp.core.settings import setting
+from autocnnp.generator.protocols import SizeRule
 from autocnnp.generator.registry import component
 
 from .unet import Norm, check_divisible, conv_norm_relu
@@ -17,6 +18,11 @@ from .unet import Norm, check_divisible, conv_norm_relu
 class Config:
     width: float = setting(1.0, min=0.01, help="VGG16's channel counts are multiplied by this")
     norm: Norm = setting("none", help="normalisation after every convolution: batch, group or none")
+
+    def input_sizes(self) -> SizeRule:
+        """Five 2x2 poolings: sides are multiples of 32."""
+        return SizeRule(multiple=32)
+
 
 # VGG16 convolution configuration; "M" is a 2x2 max pooling.
 VGG16 = (64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512, "M")

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from autocnnp.core.settings import setting
+from autocnnp.generator.protocols import SizeRule
 from autocnnp.generator.registry import component
 
 Norm = Literal["batch", "group", "none"]
@@ -20,6 +21,10 @@ class Config:
     depth: int = setting(4, min=1, max=8, help="resolution levels; input sides must be multiples of 2^(depth-1)")
     base_channels: int = setting(32, min=1, help="channels of the first level, doubled at every level")
     norm: Norm = setting("batch", help="normalisation after every convolution: batch, group or none")
+
+    def input_sizes(self) -> SizeRule:
+        """Each of the depth - 1 poolings halves the sides, and the decoder doubles them back."""
+        return SizeRule(multiple=2 ** (self.depth - 1))
 
 
 def conv_norm_relu(in_channels: int, out_channels: int, norm: Norm) -> list[nn.Module]:

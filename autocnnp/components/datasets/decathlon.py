@@ -40,6 +40,7 @@ from typing import Literal
 import numpy as np
 
 from autocnnp.core.errors import DataError
+from autocnnp.core.files import read_json
 from autocnnp.core.settings import setting
 from autocnnp.core.world import World
 from autocnnp.data.augment import RandomAffine2D
@@ -90,6 +91,12 @@ class Config:
     def __post_init__(self):
         if self.train is None:
             raise ValueError("<data> needs <train><path>...</path></train> pointing at the training data")
+
+    def input_size(self) -> tuple[int, ...]:
+        """The slices' sides: ``size``, or those a slice cache was built with (its meta.json, read torch-free)."""
+        meta = read_json(Path(self.train) / "meta.json") or {}  # data.preprocess.META_FILE
+        size = meta.get("size")
+        return tuple(size) if isinstance(size, list) and all(isinstance(s, int) for s in size) else (self.size, self.size)
 
 
 def split_cases(names: list[str], valid_fraction: float) -> tuple[list[str], list[str]]:

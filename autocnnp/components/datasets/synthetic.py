@@ -27,6 +27,9 @@ class Config:
     size: int = setting(64, min=8, help="slice side in pixels")
     in_memory: bool = setting(True, help="generate every slice once, up front (false: on every access, no memory)")
 
+    def input_size(self) -> tuple[int, ...]:
+        return (self.size, self.size)
+
 
 @component("synthetic", frameworks=("torch", "tensorflow"))
 class Synthetic(DataFormat):
