@@ -272,6 +272,25 @@ def probability_file(case: str, names: tuple[str, ...], k: int) -> str:
     return f"{case}{PROBABILITY_MARK}{k}-{class_key(names[k]) if k < len(names) else 'class'}.nii.gz"
 
 
+def _check_images(cases: list, transform, in_channels: int | None) -> int:
+    """Every input image's header, read before anything is written (a refused predict creates nothing): a
+    NIfTI image whose channels, after the modality selection, are the ones the model reads (the first
+    image's when the checkpoint does not say). Returns the model's input channels."""
+    import numpy as np
+
+    from .data.volumes import image_shape, open_nifti
+
+    for case in cases:
+        path = Path(case.image)
+        channels = image_shape(path, open_nifti(path).shape)[3]
+        channels = transform.to_slices(np.zeros((1, 1, 1, channels), np.float32), path).shape[1]
+        in_channels = in_channels or channels
+        if channels != in_channels:
+            raise DataError(path, f"image has {channels} channel(s) after modality selection, the model takes "
+                            f"{in_channels}", "give every input the same modalities")
+    return in_channels
+
+
 def predict(args) -> int:
     import numpy as np
     import torch
@@ -296,6 +315,7 @@ def predict(args) -> int:
         raise JobError(checkpoint, "no folder for the predictions", "pass --out, or name the job")
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder", "name a folder for the predicted label volumes")
+    in_channels = _check_images(cases, transform, in_channels)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -304,8 +324,7 @@ def predict(args) -> int:
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a volume's batches share one shape: tune the convolutions once
-    model = None
-    out.mkdir(parents=True, exist_ok=True)
+    model = None  # the first volume written creates the out folder
     total_slices, total_infer, total_wall = 0, 0.0, 0.0
     size = transform.size
     batch_size = args.batch_size or default_batch(device, size)
@@ -321,12 +340,8 @@ def predict(args) -> int:
         slices = transform.to_slices(image, case.image)
         prepared = time.perf_counter()
         if model is None:
-            in_channels = in_channels or slices.shape[1]
             model = prepare_network(_build_network(trained, state["model"], in_channels, classes, checkpoint),
                                     device, channels_last)
-        if slices.shape[1] != in_channels:
-            raise DataError(case.image, f"image has {slices.shape[1]} channel(s) after modality selection, the model "
-                            f"takes {in_channels}", "give every input the same modalities")
         probs, infer = slice_probabilities(model, slices, batch_size, device, args.tta, dtype, channels_last)
         inferred = time.perf_counter()
         target = out / f"{case.name}.nii.gz"

@@ -4,6 +4,7 @@ default threads; the GPU path (pinned memory, asynchronous copies) where a GPU i
 from __future__ import annotations
 
 import os
+import shutil
 import types
 
 import nibabel as nib
@@ -199,3 +200,24 @@ def test_source_grid_is_the_argmax_of_the_resized_probabilities_a_few_slices_at_
         if keep:
             assert grid.shape == (3, 40, 36, 10) and grid[0].flags.f_contiguous
             np.testing.assert_array_equal(grid, np.transpose(resized, (1, 2, 3, 0)))
+
+
+@pytest.mark.parametrize("bad", ["not-nifti", "channels", "truncated"])
+def test_a_refused_predict_creates_nothing(cli, untrained, tmp_path, torch_threads, bad):
+    """Each input's header is checked before anything is written; no --out folder (nor its parents) is made."""
+    images = tmp_path / "images"
+    images.mkdir()
+    good = untrained / "data" / "imagesTs" / "case_001.nii.gz"
+    shutil.copy(good, images / "a_good.nii.gz")  # predicted first, were it not for the check
+    if bad == "not-nifti":
+        (images / "b_bad.nii.gz").write_bytes(b"not a NIfTI image" * 10)
+    elif bad == "channels":
+        nib.save(nib.Nifti1Image(np.zeros((20, 24, 9, 2), np.float32), np.eye(4)), images / "b_bad.nii.gz")
+    else:  # a header that reads, voxels cut short: found when the volume is read, before any write
+        (images / "a_good.nii.gz").unlink()
+        nib.save(nib.Nifti1Image(np.ones((20, 24, 9), np.float32), np.eye(4)), images / "b_bad.nii")
+        (images / "b_bad.nii").write_bytes((images / "b_bad.nii").read_bytes()[:2000])
+    out = tmp_path / "new" / "predictions"
+    rc, _, err = cli("predict", "--checkpoint", untrained / "untrained.pt", "--input", images, "--out", out)
+    assert rc == 2 and "b_bad.nii" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "new").exists()

@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
-from ..core.files import atomic_write, exclusive_lock, read_json, write_json
+from ..core.files import atomic_write, exclusive_lock, read_json, reserve, write_json, writing
 from ..core.processes import case_runner, usable_cores
 from .batches import BatchDataset
 from .checks import Verdict
@@ -320,8 +320,12 @@ def _arrays(work: Path, shapes: dict) -> list[int]:
     except (OSError, ValueError):
         pass
     shutil.rmtree(work / DONE_DIR, ignore_errors=True)
-    return [np.lib.format.open_memmap(work / name, mode="w+", dtype=dtype, shape=shape).offset
-            for name, (shape, dtype) in shapes.items()]
+    offsets = []
+    for name, (shape, dtype) in shapes.items():
+        with writing(work / name):
+            offsets.append(np.lib.format.open_memmap(work / name, mode="w+", dtype=dtype, shape=shape).offset)
+            reserve(work / name)  # a full disk now, not a SIGBUS when a case is written into the map
+    return offsets
 
 
 def _write_cache(work: Path, cases, params, key, ds, mods, run, progress: bool) -> dict:
