@@ -12,6 +12,7 @@ from importlib import resources
 from pathlib import Path
 
 from .core.errors import DataError, ExitCode, Interrupted, JobError
+from .core.files import WriteRefused
 from .engine.values import type_name
 from .generator.plan import render
 from .generator.points import POINTS, TRACKERS
@@ -160,8 +161,8 @@ class PipeGuard:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Run one command; its errors and the signals that stop it (Ctrl-C, SIGTERM, SIGHUP) end it with one
-    line and the exit code of README's table, never a traceback."""
+    """Run one command; its errors, a write the filesystem refuses and the signals that stop it (Ctrl-C,
+    SIGTERM, SIGHUP) end it with one line and the exit code of README's table, never a traceback."""
     args = parser().parse_args(argv)
     stdout, sys.stdout = sys.stdout, PipeGuard(sys.stdout)
     try:
@@ -170,6 +171,9 @@ def main(argv: list[str] | None = None) -> int:
     except (JobError, DataError, Interrupted) as exc:
         print(f"autocnnp: {exc}", file=sys.stderr, flush=True)
         return exc.exit_code
+    except WriteRefused as exc:  # a full, over-quota or read-only filesystem: what and where, on one line
+        print(f"autocnnp: {exc}", file=sys.stderr, flush=True)
+        return ExitCode.FAILED
     finally:
         sys.stdout.flush()
         sys.stdout = stdout

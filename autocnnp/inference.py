@@ -25,7 +25,7 @@ from .core.cli_args import positive
 from .core.errors import DataError, JobError, Source
 from .core.files import atomic_write
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
-from .core.processes import default_threads
+from .core.processes import case_runner, default_threads
 from .core.rundir import BEST_RECORD, LATEST_POINTER, checkpoint_file, zoo_folder
 from .core.text import text_table
 from .engine.job import read_job
@@ -34,13 +34,20 @@ from .generator.overrides import apply_overrides, parse_sets, read_variant
 from .run.preflight import check_installed
 from .training.monitor import MonitoringConfig
 
-OVERALL = "overall"
+OVERALL, POOLED = "overall", "pooled"  # the rows after the cases: the mean over cases, the summed voxels
+CONVENTION = "convention"  # the report's column (JSON: key) saying how a row after the cases is computed
 REGIONS_DEFAULT = next(f.default for f in dataclasses.fields(MonitoringConfig) if f.name == "regions")  # as a run
 PROBABILITY_MARK = "_prob-"  # <case>_prob-<value>-<class>.nii.gz: not a label volume
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
-SURFACE_CONVENTIONS = ("surface distances in mm from the reference's voxel spacing (MONAI definitions: HD95 = "
-                       "the larger directed 95th percentile, ASD = the mean of both directions); both masks empty: "
-                       "0, one empty: inf (left out of the means, counted)")
+SURFACE_CONVENTIONS = ("hd95/asd: surface distances in mm from the reference's voxel spacing (MONAI definitions: "
+                       "HD95 = the larger directed 95th percentile, ASD = the mean of both directions); a class "
+                       "absent from both masks: 0 mm; absent from one (missed or invented): the case's image "
+                       "diagonal in mm (BraTS' penalty, longer than any real distance; counted in penalised/NAME)")
+OVERALL_CONVENTION = ("mean over the {cases} case(s) of each per-case value; a class absent from a case's reference and "
+                      "prediction has no Dice or IoU there and is left out of those means (dice_fg and region Dice "
+                      "count it as 1)")
+POOLED_CONVENTION = ("from the confusion matrix summed over every voxel of the {cases} case(s): large cases weigh "
+                     "more; no surface distances")
 
 
 # --- predict -----------------------------------------------------------------------------------------------
@@ -233,17 +240,62 @@ def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dty
     return out.numpy(), time.perf_counter() - start
 
 
+def source_grid(probs, plane: tuple[int, int], keep: bool):
+    """``(labels, probabilities)`` of slice probabilities ``[Z, C, h, w]`` resized bilinearly back to the source's
+    ``plane`` ``(X, Y)``: the argmax as a uint8 volume ``(X, Y, Z)``, and (``keep``) the probabilities
+    ``(C, X, Y, Z)`` in float32, else None. A few slices at a time, into Fortran-ordered volumes: NIfTI's order,
+    written without another copy."""
+    import numpy as np
+
+    from .data import slices as slicing
+    from .data.slices import resize
+
+    depth, classes = probs.shape[:2]
+    x, y = plane
+    labels = np.empty((depth, y, x), np.uint8)  # the memory of a Fortran-ordered (X, Y, Z)
+    grid = np.empty((classes, depth, y, x), np.float32) if keep else None
+    step = max(1, slicing.CHUNK_BYTES // (classes * x * y * 4))
+    for lo in range(0, depth, step):
+        part = resize(probs[lo:lo + step], plane).transpose(1, 0, 3, 2)  # [C, n, Y, X]
+        best, chosen = part[0].copy(), labels[lo:lo + step]
+        chosen[...] = 0
+        for k in range(1, classes):  # the argmax (the first of ties) in C - 1 passes: 40x numpy's over an inner axis
+            chosen[part[k] > best] = k
+            np.maximum(best, part[k], out=best)
+        if grid is not None:
+            grid[:, lo:lo + step] = part
+    return labels.T, None if grid is None else grid.transpose(0, 3, 2, 1)
+
+
 def probability_file(case: str, names: tuple[str, ...], k: int) -> str:
     """The name of the probability volume of class ``k`` of ``case``: ``case_004_prob-1-edema.nii.gz``."""
     return f"{case}{PROBABILITY_MARK}{k}-{class_key(names[k]) if k < len(names) else 'class'}.nii.gz"
+
+
+def _check_images(cases: list, transform, in_channels: int | None) -> int:
+    """Every input image's header, read before anything is written (a refused predict creates nothing): a
+    NIfTI image whose channels, after the modality selection, are the ones the model reads (the first
+    image's when the checkpoint does not say). Returns the model's input channels."""
+    import numpy as np
+
+    from .data.volumes import image_shape, open_nifti
+
+    for case in cases:
+        path = Path(case.image)
+        channels = image_shape(path, open_nifti(path).shape)[3]
+        channels = transform.to_slices(np.zeros((1, 1, 1, channels), np.float32), path).shape[1]
+        in_channels = in_channels or channels
+        if channels != in_channels:
+            raise DataError(path, f"image has {channels} channel(s) after modality selection, the model takes "
+                            f"{in_channels}", "give every input the same modalities")
+    return in_channels
 
 
 def predict(args) -> int:
     import numpy as np
     import torch
 
-    from .data.slices import resize
-    from .data.volumes import load_case, save_label, save_probabilities
+    from .data.volumes import read_case, save_label, save_probabilities
     from .training.precision import autocast_dtype
 
     torch.set_num_threads(args.threads or default_threads())
@@ -263,6 +315,7 @@ def predict(args) -> int:
         raise JobError(checkpoint, "no folder for the predictions", "pass --out, or name the job")
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder", "name a folder for the predicted label volumes")
+    in_channels = _check_images(cases, transform, in_channels)
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -271,8 +324,7 @@ def predict(args) -> int:
     channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a volume's batches share one shape: tune the convolutions once
-    model = None
-    out.mkdir(parents=True, exist_ok=True)
+    model = None  # the first volume written creates the out folder
     total_slices, total_infer, total_wall = 0, 0.0, 0.0
     size = transform.size
     batch_size = args.batch_size or default_batch(device, size)
@@ -282,28 +334,29 @@ def predict(args) -> int:
           f"to {size} x {size}{', flip test-time augmentation' if args.tta else ''})")
     for case in cases:
         start = time.perf_counter()
-        image, _, affine, header = load_case(case)
+        image, _, img = read_case(case)  # as stored: the model's input is made a few slices at a time
+        affine, header = np.asarray(img.affine, dtype=np.float64), img.header
+        read = time.perf_counter()
         slices = transform.to_slices(image, case.image)
+        prepared = time.perf_counter()
         if model is None:
-            in_channels = in_channels or slices.shape[1]
             model = prepare_network(_build_network(trained, state["model"], in_channels, classes, checkpoint),
                                     device, channels_last)
-        if slices.shape[1] != in_channels:
-            raise DataError(case.image, f"image has {slices.shape[1]} channel(s) after modality selection, the model "
-                            f"takes {in_channels}", "give every input the same modalities")
         probs, infer = slice_probabilities(model, slices, batch_size, device, args.tta, dtype, channels_last)
+        inferred = time.perf_counter()
         target = out / f"{case.name}.nii.gz"
-        grid = resize(probs, tuple(image.shape[:2]))  # [Z, C, X, Y]: bilinear back to the source grid, then argmax
-        save_label(np.ascontiguousarray(np.moveaxis(grid.argmax(axis=1), 0, 2)).astype(np.uint8), affine, header, target)
+        labels, grid = source_grid(probs, tuple(image.shape[:2]), args.probabilities)  # bilinear, then argmax
+        del probs, slices, image
+        save_label(labels, affine, header, target)
         if args.probabilities:  # a float32 volume per class, named after it
-            for k in range(grid.shape[1]):
-                save_probabilities(np.ascontiguousarray(np.transpose(grid[:, k], (1, 2, 0))), affine, header,
-                                   out / probability_file(case.name, names, k))
+            for k in range(grid.shape[0]):
+                save_probabilities(grid[k], affine, header, out / probability_file(case.name, names, k))
         wall = time.perf_counter() - start
-        depth = len(slices)
+        depth = labels.shape[2]
         total_slices, total_infer, total_wall = total_slices + depth, total_infer + infer, total_wall + wall
         print(f"  {case.name}: {depth} slices, inference {1000 * infer / max(depth, 1):.2f} ms/slice, "
-              f"{wall:.3f} s/volume (load, preprocess, infer, write) -> {target}")
+              f"{wall:.3f} s/volume (read {read - start:.2f} s, prepare {prepared - read:.2f} s, network {infer:.2f} s, "
+              f"resize back and write {time.perf_counter() - inferred:.2f} s) -> {target}")
     named = f"; classes: {', '.join(f'{i} {n}' for i, n in enumerate(names))}" if names else ""
     print(f"{len(cases)} volume(s), {total_slices} slices: inference {1000 * total_infer / max(total_slices, 1):.2f} "
           f"ms/slice, {total_wall / max(len(cases), 1):.3f} s/volume on average; label volumes in {out}{named}")
@@ -339,20 +392,21 @@ def _table(rows: list[dict], columns) -> str:
     return text_table(["case", *columns], cells)
 
 
-def _surface_means(rows: list[dict], columns: list[str]) -> dict:
-    """Mean of each surface column over the cases where it is finite, and how many were infinite."""
-    out: dict = {}
-    for column in columns:
+def _overall(rows: list[dict], penalised: dict[str, int]) -> dict:
+    """The mean over the case rows of every value they hold (``voxels``: the sum), with the cases each
+    surface column penalised (``penalised/NAME``)."""
+    out: dict = {"case": OVERALL}
+    for column in dict.fromkeys(k for r in rows for k in r if k != "case"):
         values = [r[column] for r in rows if column in r]
-        finite = [v for v in values if math.isfinite(v)]
-        out[column] = sum(finite) / len(finite) if finite else math.nan
-        if len(finite) < len(values):
-            out[f"{column}_inf_cases"] = len(values) - len(finite)
+        out[column] = sum(values) if column == "voxels" else sum(values) / len(values)
+    out.update({f"penalised/{name}": count for name, count in penalised.items()})
+    out[CONVENTION] = f"{OVERALL_CONVENTION.format(cases=len(rows))}; {SURFACE_CONVENTIONS}"
     return out
 
 
 def _write_report(out: Path, rows: list[dict], classes: dict[int, str], regions: dict) -> None:
-    """The per-case and overall rows as JSON when ``out`` ends in .json, else as CSV."""
+    """The per-case rows, then the overall and pooled rows (each saying how it is computed), as JSON when
+    ``out`` ends in .json, else as CSV."""
     out.parent.mkdir(parents=True, exist_ok=True)
     if out.suffix.lower() == ".json":
         def plain(v):  # JSON has no inf or NaN: "inf" and null
@@ -360,11 +414,11 @@ def _write_report(out: Path, rows: list[dict], classes: dict[int, str], regions:
                 if isinstance(v, list | tuple) else v if not isinstance(v, float) or math.isfinite(v) \
                 else ("inf" if v > 0 else None)
 
-        report = {"cases": rows[:-1], OVERALL: rows[-1], "classes": {str(k): v for k, v in classes.items()},
-                  "regions": regions, "surface": SURFACE_CONVENTIONS}
+        report = {"cases": rows[:-2], OVERALL: rows[-2], POOLED: rows[-1],
+                  "classes": {str(k): v for k, v in classes.items()}, "regions": regions}
         atomic_write(out, json.dumps(plain(report), indent=2, allow_nan=False) + "\n")
         return
-    columns = list(dict.fromkeys(k for r in rows for k in r))
+    columns = [k for k in dict.fromkeys(k for r in rows for k in r) if k != CONVENTION] + [CONVENTION]
     text = io.StringIO(newline="")
     writer = csv.DictWriter(text, fieldnames=columns, restval="")
     writer.writeheader()
@@ -373,14 +427,53 @@ def _write_report(out: Path, rows: list[dict], classes: dict[int, str], regions:
     atomic_write(out, text.getvalue())
 
 
+def _score_case(name: str, pred_path: Path, ref_path: Path, fixed: int | None, declared: dict[int, str],
+                regions: str, where: Path) -> tuple[dict, object, list[str]]:
+    """``(row, confusion matrix, the surface columns given the penalty)`` of one case: its labels are read as
+    uint8 (for up to 256 classes), the surface distances computed on the masks' boundary voxels."""
+    import numpy as np
+
+    from .data.volumes import load_labels
+    from .training.metrics import report, volume_confusion
+    from .training.surface import class_surface_distances, image_diagonal, voxel_spacing
+
+    pred, pred_affine = load_labels(pred_path)
+    truth, ref_affine = load_labels(ref_path)
+    if pred.shape != truth.shape:
+        raise DataError(pred_path, f"prediction shape {pred.shape} differs from reference shape {truth.shape} "
+                        f"of {ref_path}", "predict on the reference's own images (autocnnp predict keeps "
+                        "the source shape)")
+    if not np.allclose(pred_affine, ref_affine, atol=1e-3):
+        print(f"autocnnp: warning: {pred_path}: affine differs from the reference {ref_path}; "
+              "comparing voxel by voxel", file=sys.stderr)
+    k = max(2, int(fixed)) if fixed else max(2, int(pred.max(initial=0)) + 1, int(truth.max(initial=0)) + 1)
+    try:
+        conf = volume_confusion(pred, truth, k)
+    except ValueError as exc:
+        path = pred_path if int(pred.max(initial=0)) >= k else ref_path
+        raise DataError(path, f"{exc} ({k} classes)", "pass --num-classes or fix the labels") from None
+    names = tuple(declared.get(i, f"class {i}") for i in range(k))
+    spacing = voxel_spacing(ref_affine)
+    surface = class_surface_distances(pred, truth, spacing, range(1, k))
+    penalty, penalised = image_diagonal(truth.shape, spacing), []
+    row = {"case": name, **report(conf, names, _regions(regions, names, where)), "voxels": int(conf.sum())}
+    for c, distances in surface.items():
+        key = class_key(names[c])
+        if not math.isfinite(distances[0]):  # exactly one mask holds the class
+            distances, penalised = (penalty, penalty), [*penalised, key]
+        row[f"hd95/{key}"], row[f"asd/{key}"] = distances
+    return row, conf, penalised
+
+
+def _scored(position: int, *case) -> tuple[int, tuple]:
+    return position, _score_case(*case)
+
+
 def evaluate(args) -> int:
     import numpy as np
-    import torch
 
     from .data.index import nifti_files
-    from .data.volumes import load_labels
-    from .training.metrics import confusion_matrix, report
-    from .training.surface import class_surface_distances, voxel_spacing
+    from .training.metrics import report
 
     pred_dir, ref = Path(args.pred), Path(args.ref)
     if not pred_dir.is_dir():
@@ -409,54 +502,41 @@ def evaluate(args) -> int:
               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
 
     fixed = args.num_classes or (max(declared) + 1 if declared else None)  # declared values may leave gaps
-    rows, matrices = [], []
-    for name in matched:  # one case in memory at a time
-        pred, pred_affine = load_labels(preds[name])
-        truth, ref_affine = load_labels(refs[name])
-        if pred.shape != truth.shape:
-            raise DataError(preds[name], f"prediction shape {pred.shape} differs from reference shape {truth.shape} "
-                            f"of {refs[name]}", "predict on the reference's own images (autocnnp predict keeps "
-                            "the source shape)")
-        if not np.allclose(pred_affine, ref_affine, atol=1e-3):
-            print(f"autocnnp: warning: {preds[name]}: affine differs from the reference {refs[name]}; "
-                  "comparing voxel by voxel", file=sys.stderr)
-        k = max(2, int(fixed)) if fixed else max(2, int(pred.max(initial=0)) + 1, int(truth.max(initial=0)) + 1)
-        try:
-            conf = confusion_matrix(torch.from_numpy(pred), torch.from_numpy(truth), k)
-        except ValueError as exc:
-            path = preds[name] if int(pred.max(initial=0)) >= k else refs[name]
-            raise DataError(path, f"{exc} ({k} classes)", "pass --num-classes or fix the labels") from None
-        names = tuple(declared.get(i, f"class {i}") for i in range(k))
-        surface = class_surface_distances(pred, truth, voxel_spacing(ref_affine), range(1, k))
-        del pred, truth
-        matrices.append(conf)
-        row = {"case": name, **report(conf, names, _regions(args, names)), "voxels": int(conf.sum())}
-        for c, (hd95, asd) in surface.items():
-            row[f"hd95/{class_key(names[c])}"], row[f"asd/{class_key(names[c])}"] = hd95, asd
-        rows.append(row)
-    num_classes = max(m.shape[0] for m in matrices)
-    total = torch.zeros(num_classes, num_classes, dtype=torch.int64)
-    for m in matrices:
-        total[: m.shape[0], : m.shape[1]] += m
+    _regions(args.regions, (), pred_dir)  # a bad --regions is refused before any case is read
+    jobs = [(i, name, preds[name], refs[name], fixed, declared, args.regions, pred_dir) for i, name in enumerate(matched)]
+    results: list = [None] * len(jobs)
+    with case_runner(min(args.workers, len(jobs))) as run:  # one case in memory per worker
+        for position, result in run(_scored, jobs):
+            results[position] = result
+    rows = [row for row, _, _ in results]
+    penalised: dict[str, int] = {}
+    for _, _, keys in results:
+        for key in keys:
+            penalised[key] = penalised.get(key, 0) + 1
+    num_classes = max(conf.shape[0] for _, conf, _ in results)
+    total = np.zeros((num_classes, num_classes), dtype=np.int64)
+    for _, conf, _ in results:
+        total[: conf.shape[0], : conf.shape[1]] += conf
     names = tuple(declared.get(i, f"class {i}") for i in range(num_classes))
-    surface_columns = sorted({k for r in rows for k in r if k.startswith(("hd95/", "asd/"))})
-    rows.append({"case": OVERALL, **report(total, names, _regions(args, names)), "voxels": int(total.sum()),
-                 **_surface_means(rows, surface_columns)})
-
-    _write_report(out, rows, {i: n for i, n in enumerate(names)}, _regions(args, names))
-    shown = [FOREGROUND_DICE, *(k for k in rows[-1] if k.startswith(("dice/", "region_dice/")) and k != "dice/background"),
-             *(c for c in surface_columns if c.startswith("hd95/"))]
-    print(_table(rows, shown))
-    print(f"{OVERALL}: " + ", ".join(f"{m} {rows[-1][m]:.4f}" for m in SEGEVAL) + " (from the summed confusion matrix)")
-    print(f"{len(matrices)} case(s), {num_classes} classes; {SURFACE_CONVENTIONS}; wrote {out}")
+    regions = _regions(args.regions, names, pred_dir)
+    overall = _overall(rows, penalised)
+    pooled = {"case": POOLED, **report(total, names, regions), "voxels": int(total.sum()),
+              CONVENTION: POOLED_CONVENTION.format(cases=len(rows))}
+    _write_report(out, [*rows, overall, pooled], {i: n for i, n in enumerate(names)}, regions)
+    shown = [FOREGROUND_DICE, *(k for k in overall if k.startswith(("dice/", "region_dice/")) and k != "dice/background"),
+             *(k for k in overall if k.startswith("hd95/"))]
+    print(_table([*rows, overall, pooled], shown))
+    for row in (overall, pooled):
+        print(f"{row['case']}: " + ", ".join(f"{m} {row[m]:.4f}" for m in SEGEVAL) + f" ({row[CONVENTION]})")
+    print(f"{len(rows)} case(s), {num_classes} classes; wrote {out}")
     return 0
 
 
-def _regions(args, names: tuple[str, ...]) -> dict:
+def _regions(text: str, names: tuple[str, ...], where: Path) -> dict:
     try:
-        return parse_regions(args.regions, names)
+        return parse_regions(text, names)
     except ValueError as exc:
-        raise JobError(Path(args.pred), f"--regions: {exc}", "write NAME=1,2,3; NAME=2,3, auto or none") from None
+        raise JobError(where, f"--regions: {exc}", "write NAME=1,2,3; NAME=2,3, auto or none") from None
 
 
 def add_commands(sub) -> None:
@@ -511,4 +591,6 @@ def add_commands(sub) -> None:
                    help="number of classes (default: the labels dataset.json declares, else the largest label + 1)")
     s.add_argument("--regions", default=REGIONS_DEFAULT, help="groups of classes scored as one: auto (BraTS regions "
                                                               "for brain-tumour labels), none, or NAME=1,2,3; NAME=2,3")
+    s.add_argument("--workers", type=positive, default=1,
+                   help="cases scored at once, each in its own process (default 1; each holds one case in memory)")
     s.set_defaults(func=evaluate)

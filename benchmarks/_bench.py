@@ -106,6 +106,31 @@ def init_process_group(backend: str, world) -> None:
                             timeout=datetime.timedelta(seconds=300))
 
 
+def measured(cmd: list[str], pythonpath: str, cwd: Path) -> tuple[float, int, int, str]:
+    """Run ``cmd`` with ``PYTHONPATH=pythonpath`` (another checkout's code, say) in its own process group:
+    ``(seconds, peak resident bytes (wait4's ru_maxrss), exit code, standard output and error)``; the group is
+    killed if this is interrupted."""
+    import tempfile
+    import time
+
+    env = {**os.environ, "PYTHONPATH": pythonpath}
+    with tempfile.TemporaryFile() as output:
+        start = time.perf_counter()
+        process = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+        try:
+            _, status, usage = os.wait4(process.pid, 0)
+        except BaseException:
+            os.killpg(process.pid, 9)
+            process.wait()
+            raise
+        seconds = time.perf_counter() - start
+        process.returncode = os.waitstatus_to_exitcode(status)
+        output.seek(0)
+        text = output.read().decode(errors="replace")
+    return seconds, usage.ru_maxrss * 1024, process.returncode, text
+
+
 def table(head: tuple[str, ...], rows: list[tuple[str, ...]]) -> str:
     """A plain text table: first column left-aligned, the others right-aligned."""
     return "\n".join(line.rstrip() for line in text_table(head, rows, rule=True).splitlines())

@@ -2,6 +2,7 @@
 
     python benchmarks/inference_speed.py [--models unet,fcn] [--size 512] [--batch-sizes 1,8] [--slices 130]
     python benchmarks/inference_speed.py --device cuda --precision bf16 --channels-last   # on a GPU
+    python benchmarks/inference_speed.py --volume 512,512,300 [--volume-size 128] [--compare /work/main]
 
 What is timed is ``autocnnp.inference.slice_probabilities``, the function predict runs on every volume: the
 batch's copy to the device (from pinned host memory, asynchronous, on a GPU), the forward pass (under autocast
@@ -23,6 +24,13 @@ Variants, measured side by side, alternated within every round, medians over the
 * GPU (``--device cuda``): fp32, the ``--precision`` autocast (auto: bf16, fp16 where the GPU has none), and
   that in channels_last (on by default on a GPU, as in predict; ``--no-channels-last`` leaves it out).
 
+``--volume X,Y,Z`` times the whole of ``autocnnp predict`` instead, as a subprocess, on one synthetic CT-like
+int16 volume of that shape (a noisy body ellipsoid in air, 0.8 x 0.8 x 1.5 mm, ``.nii.gz``) with an untrained
+checkpoint of the first of ``--models`` (a U-Net) at ``--volume-size``: its wall time and peak resident memory,
+the network's seconds (from predict's per-volume line) and the rest (reading, preparing the slices, resizing the
+probabilities back, writing); ``--compare PATH`` runs the same with ``PYTHONPATH=PATH`` (the code before a change,
+say) in the same run. The goal: the rest costs less than the network.
+
 Each (model, variant) runs once before the rounds (on a GPU once per batch size: cuDNN tunes per shape); a
 measurement repeats the call until ``--min-time`` seconds have passed. The thesis (section 3.4.2) measured
 153 ms (Dist-U-Net) and 182 ms (Dist-FCN) per 512 x 512 image on a GTX 1080 Ti (TensorFlow, mean of 10 runs);
@@ -42,7 +50,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import table  # noqa: E402
+from _bench import ROOT, measured, table  # noqa: E402
 
 from autocnnp.core.processes import usable_cores  # noqa: E402
 from autocnnp.inference import PRECISIONS, prepare_network, slice_probabilities  # noqa: E402
@@ -125,6 +133,82 @@ def sizes(text: str) -> list[int]:
     return found
 
 
+def write_volume_case(folder: Path, shape: tuple[int, ...], model: str, size: int, classes: int) -> tuple[Path, Path]:
+    """``(image, checkpoint)``: a CT-like int16 volume of ``shape`` and an untrained checkpoint of ``model`` (a
+    U-Net of ``MODELS``) of ``classes`` classes with its model card, trained (as it were) at ``size`` on a small
+    synthetic dataset."""
+    import types
+
+    import nibabel as nib
+    import numpy as np
+    import torch
+
+    from autocnnp.data.synth import write_synthetic_dataset
+    from autocnnp.generator.assemble import assemble
+    from autocnnp.generator.overrides import parse_sets, read_variant
+    from autocnnp.training.loop import model_card
+
+    file, params = MODELS[model]
+    if file != "unet":
+        raise SystemExit(f"--volume: the model is a U-Net ({', '.join(m for m in MODELS if MODELS[m][0] == 'unet')})")
+    write_synthetic_dataset(folder / "data", "atrium", cases=1, shape=(32, 32, 6), seed=0, test_cases=0)
+    sets = [f"data.train={folder / 'data'}", "data.modalities=all", f"data.size={size}", f"output={folder / 'run'}",
+            *(f"architecture.{k}={v}" for k, v in params.items())]
+    gen = assemble(read_variant(ROOT / "xml_configs" / "brain_tumour_unet.xml", parse_sets(sets)))
+    torch.manual_seed(0)
+    net = gen.action("architecture_injection").build(in_channels=1, num_classes=classes)
+    bundle = types.SimpleNamespace(in_channels=1, num_classes=classes,
+                                   class_names=("background", *(f"organ {k}" for k in range(1, classes))))
+    torch.save({"model": net.state_dict(), "model_card": model_card(gen, bundle)}, folder / "model.pt")
+    rng = np.random.default_rng(0)
+    x, y = np.ogrid[:shape[0], :shape[1]]
+    body = ((x - shape[0] / 2) / (0.43 * shape[0])) ** 2 + ((y - shape[1] / 2) / (0.35 * shape[1])) ** 2 <= 1
+    volume = np.full(shape, -1000, np.int16, order="F")
+    for z in range(shape[2]):
+        volume[:, :, z][body] = rng.normal(40, 20, int(body.sum()))
+    (folder / "images").mkdir()
+    nib.save(nib.Nifti1Image(volume, np.diag([0.8, 0.8, 1.5, 1.0])), folder / "images" / "ct_000.nii.gz")
+    return folder / "images" / "ct_000.nii.gz", folder / "model.pt"
+
+
+def predict_volume(args) -> int:
+    """``--volume``: the whole of predict on one volume, this checkout and ``--compare`` (module docstring)."""
+    import re
+    import tempfile
+
+    shape = tuple(int(s) for s in args.volume.split(","))
+    model = (args.models or ["unet"])[0]
+    variants = {"this checkout": str(ROOT)}
+    if args.compare:
+        variants = {args.compare: str(Path(args.compare).resolve()), **variants}
+    with tempfile.TemporaryDirectory(prefix="autocnnp-predict-bench-") as tmp:
+        folder = Path(tmp)
+        image, checkpoint = write_volume_case(folder, shape, model, args.volume_size, args.classes)
+        print(f"predict: one {' x '.join(map(str, shape))} int16 volume ({image.stat().st_size / 1e6:.0f} MB as "
+              f".nii.gz), untrained {model} at {args.volume_size} x {args.volume_size}, {args.classes} classes"
+              f"{', --probabilities' if args.probabilities else ''}, on the CPU "
+              f"({usable_cores()} usable core(s)), load {os.getloadavg()[0]:.2f} before")
+        rows = []
+        for r in range(args.rounds or 1):
+            for label, path in variants.items():  # alternated: A B A B
+                out = folder / f"pred-{r}-{len(rows)}"
+                cmd = [sys.executable, "-m", "autocnnp", "predict", "--checkpoint", str(checkpoint), "--input",
+                       str(image), "--out", str(out), *(["--probabilities"] if args.probabilities else [])]
+                seconds, peak, rc, text = measured(cmd, path, folder)
+                found = re.search(r"(\d+) slices, inference ([\d.]+) ms/slice", text)
+                if rc or not found:
+                    print(text, file=sys.stderr)
+                    return 1
+                network = int(found[1]) * float(found[2]) / 1000
+                rows.append((label, f"{seconds:.1f}", f"{network:.1f}", f"{seconds - network:.1f}",
+                             f"{peak / 2**20:.0f}"))
+                print(f"  {label}: {text.splitlines()[1].strip()}", file=sys.stderr)
+        print(table(("code", "wall s", "network s", "the rest s", "peak RSS MiB"), rows))
+        print(f"load {os.getloadavg()[0]:.2f} after; the rest: process start, checkpoint, reading, preparing the "
+              "slices, resizing back, writing; goal: the rest under the network")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", type=names, default=None,
@@ -139,7 +223,15 @@ def main(argv: list[str] | None = None) -> int:
                     help="autocast of the variant measured beside fp32 (auto: bf16 on a GPU, none on a CPU)")
     ap.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                     help="also measure channels_last (default: on a GPU)")
+    ap.add_argument("--volume", default=None, metavar="X,Y,Z",
+                    help="time the whole of predict on one synthetic volume of this shape instead (module docstring)")
+    ap.add_argument("--volume-size", type=int, default=128, help="--volume: the model's slice size (default 128)")
+    ap.add_argument("--classes", type=int, default=2, help="--volume: the model's classes (default 2)")
+    ap.add_argument("--probabilities", action="store_true", help="--volume: predict --probabilities")
+    ap.add_argument("--compare", default=None, help="--volume: also run predict from this checkout (PYTHONPATH)")
     args = ap.parse_args(argv)
+    if args.volume:
+        return predict_volume(args)
 
     import numpy as np
     import torch

@@ -286,14 +286,15 @@ def test_predict_writes_label_volumes_on_the_source_grid_and_evaluate_scores_the
     rc, text, err = cli("evaluate", preds, brain_data, "--out", csv_file)
     assert rc == 0, err
     rows = read_csv(csv_file)
-    assert [r["case"] for r in rows] == ["case_000", "case_001", "case_002", "case_003", "overall"]
+    assert [r["case"] for r in rows] == ["case_000", "case_001", "case_002", "case_003", "overall", "pooled"]
     for r in rows:
         for key in METRICS:
             assert 0.0 <= float(r[key]) <= 1.0, (r["case"], key)
     assert int(rows[-1]["voxels"]) == 4 * int(np.prod(SHAPE))
     assert "overall" in text and "dice" in text
 
-    # the overall row comes from the summed confusion matrix, not from averaging the cases
+    # the overall row is the mean over the cases; the pooled row comes from the summed confusion matrix
+    assert float(rows[-2]["dice"]) == pytest.approx(sum(float(r["dice"]) for r in rows[:4]) / 4, abs=1e-6)
     import torch
 
     from autocnnp.training.metrics import confusion_matrix, segmentation_metrics

@@ -585,6 +585,18 @@ def test_dependency_chosen_by_the_engine(job, cli):
     assert "- communication_init [non-extensible] = something_else  (built-in, chosen by the engine)" in out
 
 
+def test_parameters_without_an_implementation_go_to_the_engines_choice(job, cli):
+    comm = ('<action class="non_extensible" type="communication_init"><value name="interface">eth1</value>'
+            '<value name="connect_timeout_s">5</value></action>')
+    path = job((PLACEMENT, comm + "\n        " + PLACEMENT), ("<value>ring_allreduce</value>", "<value>horovod</value>"))
+    rc, out, err = cli("plan", path)
+    assert rc == 0, err
+    assert "- communication_init [non-extensible] = horovod  (built-in, chosen by the engine)" in out
+    assert "interface=eth1, connect_timeout_s=5.0" in out
+    rc, out, err = cli("plan", path, "--set", "framework=tensorflow", "--set", "dist_strategy=ring_allreduce")
+    assert rc == 0 and "= tf_config  (built-in, chosen by the engine)" in out and "interface=eth1" in out, err
+
+
 def test_launcher_conflict(job, refused):
     path = job(("<value>ring_allreduce</value>", "<value>fake_mpi_only</value>"),
                (HYPER_END, HYPER_END + '\n    <cluster><property name="launcher">inplace</property></cluster>'))

@@ -286,6 +286,32 @@ def test_a_rank_signalled_from_outside_is_named(tmp_path, launches):
     assert run.stderr.splitlines()[-1] == "autocnnp: the job failed: rank 1 was stopped by SIGTERM from outside the job"
 
 
+KILLED_IN_CHECKPOINT = '''import os
+import signal
+
+
+def Killed(epoch, metrics, state):
+    """Rank 1 is killed (SIGKILL) while the checkpoint of the second epoch is written."""
+    if epoch == 1 and os.environ.get("OMPI_COMM_WORLD_RANK") == "1":
+        os.kill(os.getpid(), signal.SIGKILL)
+'''
+
+
+@pytest.mark.ranks
+def test_a_rank_killed_during_a_checkpoint_is_one_line_on_the_console(tmp_path, launches):
+    """Neither Open MPI's banners nor the surviving peer's lost-connection traceback reach the console: one
+    line names the rank and the signal; the peer's words are in its log."""
+    (tmp_path / "killed.py").write_text(KILLED_IN_CHECKPOINT)
+    job = tiny_job(tmp_path, actions=strategy_module(extra=checkpoint_plugin("Killed", "killed.py")), end_epoch=4)
+    run = launches(job, tmp_path=tmp_path)
+    assert run.wait() == ExitCode.FAILED
+    assert run.gone_within(5) == []
+    assert run.stderr == "autocnnp: the job failed: rank 1 was killed by SIGKILL\n"
+    if json.loads((tmp_path / "out" / ".ranks" / "rank0").read_text())["state"] == "failed":  # it lost its peer
+        log = (tmp_path / "out" / "logs" / "rank0.log").read_text()  # before the launcher stopped it
+        assert "Traceback (most recent call last)" in log and "autocnnp: rank 0 failed: " in log
+
+
 @pytest.mark.ranks
 def test_nohup_keeps_a_run_through_the_logout(tmp_path, launches):
     """A SIGHUP ignored when `autocnnp run` starts (nohup) stays ignored; the run trains on."""
@@ -372,6 +398,29 @@ def test_the_launchers_abort_banner_is_left_out_and_its_other_messages_kept():
     out = io.StringIO()
     forward_stderr(io.BytesIO(b"autocnnp: rank 1: why\n" + OPEN_MPI_ABORT + OPEN_MPI_HELP + b"last\n"), out).join(5)
     assert out.getvalue() == "autocnnp: rank 1: why\n" + OPEN_MPI_HELP.decode() + "last\n"
+
+
+OPEN_MPI_KILLED = b"""--------------------------------------------------------------------------
+Primary job  terminated normally, but 1 process returned
+a non-zero exit code. Per user-direction, the job has been aborted.
+--------------------------------------------------------------------------
+--------------------------------------------------------------------------
+mpirun noticed that process rank 1 with PID 0 on node vm exited on signal 11 (Segmentation fault).
+--------------------------------------------------------------------------
+"""
+
+
+def test_the_launchers_banners_on_a_killed_rank_become_its_name_and_signal():
+    import io
+
+    from autocnnp.run.processes import forward_stderr
+    from autocnnp.run.supervise import diagnose
+
+    out, killed = io.StringIO(), {}
+    forward_stderr(io.BytesIO(b"epoch 1\n" + OPEN_MPI_KILLED + OPEN_MPI_HELP), out, killed=killed).join(5)
+    assert out.getvalue() == "epoch 1\n" + OPEN_MPI_HELP.decode() and killed == {1: signal.SIGSEGV}
+    statuses = {0: status("failed", LOST, 2.0), 1: status("running")}
+    assert diagnose(statuses, 2, "the launcher mpirun", 1, killed) == "rank 1 was killed by SIGSEGV"
 
 
 @pytest.mark.ranks
@@ -546,6 +595,32 @@ def test_a_minibatch_larger_than_a_rank_shard(cli, tmp_path, nothing_starts):
     assert not (tmp_path / "out").exists()  # a refused run leaves no output folder behind (no lock, no cache)
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=lambda s: s.name)
+@pytest.mark.parametrize("existing", [False, True], ids=["new-folder", "existing-folder"])
+def test_a_signal_during_the_data_check_leaves_nothing_the_run_created(cli, tmp_path, nothing_starts, monkeypatch,
+                                                                       sig, existing):
+    """Ctrl-C or SIGTERM while the front-end checks (and caches) the data: the folders, lock and cache the run
+    created are gone; what was there before stays."""
+    from autocnnp.run import preflight
+
+    checked = preflight.check_data
+
+    def signalled_while_checking(job):
+        checked(job)  # the data is checked and cached in the run folder: then the signal comes
+        os.kill(os.getpid(), sig)
+        time.sleep(10)
+
+    monkeypatch.setattr(preflight, "check_data", signalled_while_checking)
+    job = tiny_job(tmp_path)
+    out = tmp_path / "out"
+    if existing:
+        out.mkdir()
+        (out / "notes.txt").write_text("mine")
+    rc, _, err = cli("run", job, "--set", f"output={out / 'nested' / 'run'}" if not existing else "output=out")
+    assert rc == ExitCode.INTERRUPTED + sig and err == f"autocnnp: interrupted by {sig.name}\n"
+    assert (sorted(p.name for p in out.iterdir()) == ["notes.txt"]) if existing else not out.exists()
+
+
 def test_a_refusal_keeps_an_existing_output_folder(cli, tmp_path, nothing_starts):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "notes.txt").write_text("mine")
@@ -580,6 +655,40 @@ def test_a_pretrained_checkpoint_of_a_tensorflow_run_is_refused_for_a_torch_job_
     err = refused(cli, "run", job)
     assert f"the pretrained checkpoint {tmp_path / 'weights.pt'} holds a tensorflow model, but the job trains with torch" in err
     assert "Hint: start from a checkpoint of a torch run" in err
+
+
+def finished_run(folder: Path, job: str = "/jobs/other.xml") -> Path:
+    """A run folder as a finished run leaves it: its manifest, checkpoints, metrics."""
+    (folder / "checkpoints").mkdir(parents=True)
+    (folder / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
+    (folder / "manifest.json").write_text(json.dumps({"autocnnp_manifest": 1, "status": "completed",
+                                                      "job": {"file": job}}))
+    return folder
+
+
+def test_an_output_inside_another_runs_folder_is_refused_before_anything_is_written(cli, tmp_path, nothing_starts):
+    other = finished_run(tmp_path / "other")
+    before = sorted(p.relative_to(other) for p in other.rglob("*"))
+    for inside in (other / "checkpoints" / "mine", other / "deeper" / "mine"):
+        err = refused(cli, "run", tiny_job(tmp_path), "--set", f"output={inside}")
+        assert f"the output folder {inside} is inside {other}, the output folder of the run of /jobs/other.xml" in err
+    assert sorted(p.relative_to(other) for p in other.rglob("*")) == before  # no lock, manifest or metrics
+
+
+def test_an_output_holding_another_runs_folder_is_refused(cli, tmp_path, nothing_starts):
+    from autocnnp.run.lock import check_apart, owned
+
+    other = tmp_path / "runs" / "demo"
+    with owned(RunDir(other), None):  # a run in its pre-flight checks: a lock, no manifest yet
+        err = refused(cli, "run", tiny_job(tmp_path), "--set", f"output={tmp_path / 'runs'}")
+        assert f"the output folder {tmp_path / 'runs'} holds {other}, the output folder of the run of pid " \
+               f"{os.getpid()}" in err
+        assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["demo"]
+    finished_run(other)  # its own repeats and tune runs are no other run's, nor what its layout's folders hold
+    for inner in (other / "seed-0", other / "tune" / "runs" / "lr-1", other / "cache" / "pretrained" / "zoo-1"):
+        finished_run(inner)
+    for folder in (other, other / "seed-0", other / "tune" / "runs" / "lr-1", tmp_path / "elsewhere"):
+        check_apart(RunDir(folder), None)
 
 
 def test_a_lock_whose_holder_still_runs_here_is_not_taken(cli, tmp_path, nothing_starts):

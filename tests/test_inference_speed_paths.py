@@ -4,6 +4,7 @@ default threads; the GPU path (pinned memory, asynchronous copies) where a GPU i
 from __future__ import annotations
 
 import os
+import shutil
 import types
 
 import nibabel as nib
@@ -135,3 +136,88 @@ def test_default_batch_keeps_cpu_batches_to_one_large_slice():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
     assert [default_batch(cpu, size) for size in (512, 600, 256, 128, 64)] == [1, 1, 4, 16, 16]
     assert default_batch(gpu, 512) == 16
+
+
+def old_to_slices(image: np.ndarray, modalities, size: int) -> np.ndarray:
+    """What predict fed the network before it worked a few slices at a time: the whole volume in float32, z-scored,
+    sliced, resized."""
+    from autocnnp.data.slices import resize, select_modalities, take_slices, zscore
+
+    volume = zscore(select_modalities(np.array(image, dtype=np.float32, order="C"), modalities))
+    return resize(take_slices(volume, None, np.arange(volume.shape[2]))[0], (size, size))
+
+
+def test_predict_input_is_made_a_few_slices_at_a_time_from_the_volume_as_stored(monkeypatch):
+    """A 2-channel int16 volume as NIfTI stores it (Fortran order): the model input equals the whole-volume
+    computation, and the float copies made at once hold a few slices, not the volume."""
+    import tracemalloc
+
+    from autocnnp.components.datasets.decathlon import SliceTransform
+    from autocnnp.data import slices
+
+    rng = np.random.default_rng(0)
+    stored = np.asfortranarray(rng.integers(-1000, 1500, size=(96, 80, 24, 3)).astype(np.int16))
+    stored[:20] = 0  # outside the body: stays 0
+    transform = SliceTransform(32, [2, 0], True, None, 2)
+    expected = old_to_slices(stored, [2, 0], 32)
+    monkeypatch.setattr(slices, "CHUNK_BYTES", 96 * 80 * 2 * 4 * 3, raising=False)  # three slices of two channels
+    tracemalloc.start()
+    try:
+        got = transform.to_slices(stored, "case.nii.gz")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert got.shape == (24, 2, 32, 32) and got.dtype == np.float32
+    np.testing.assert_allclose(got, expected, rtol=0, atol=1e-5)
+    volume_float32 = 96 * 80 * 24 * 2 * 4  # the two channels the model reads (the old path: all three, and float64)
+    assert peak < volume_float32, f"{peak} bytes at once"
+
+
+def test_source_grid_is_the_argmax_of_the_resized_probabilities_a_few_slices_at_a_time(monkeypatch):
+    """Slice probabilities back on the source grid, then the argmax (the first class of a tie), as volumes in
+    NIfTI's order; with the probabilities asked for or not, only a few slices are resized at once."""
+    import tracemalloc
+
+    from autocnnp.data import slices
+    from autocnnp.data.slices import resize
+    from autocnnp.inference import source_grid
+
+    rng = np.random.default_rng(1)
+    probs = rng.random((10, 3, 16, 12), dtype=np.float32)
+    probs[:, 1, :4] = probs[:, 2, :4] = 2  # ties: class 1 wins
+    resized = resize(probs, (40, 36))
+    expected = np.moveaxis(resized.argmax(axis=1), 0, 2)
+    monkeypatch.setattr(slices, "CHUNK_BYTES", 3 * 40 * 36 * 4 * 2)  # two slices
+    for keep in (False, True):
+        tracemalloc.start()
+        try:
+            labels, grid = source_grid(probs, (40, 36), keep)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert labels.dtype == np.uint8 and labels.flags.f_contiguous and np.array_equal(labels, expected)
+        assert (labels[:, :, 0] == 1).sum() > 0 and peak < labels.size + (grid.nbytes if keep else 0) + resized.nbytes / 3
+        if keep:
+            assert grid.shape == (3, 40, 36, 10) and grid[0].flags.f_contiguous
+            np.testing.assert_array_equal(grid, np.transpose(resized, (1, 2, 3, 0)))
+
+
+@pytest.mark.parametrize("bad", ["not-nifti", "channels", "truncated"])
+def test_a_refused_predict_creates_nothing(cli, untrained, tmp_path, torch_threads, bad):
+    """Each input's header is checked before anything is written; no --out folder (nor its parents) is made."""
+    images = tmp_path / "images"
+    images.mkdir()
+    good = untrained / "data" / "imagesTs" / "case_001.nii.gz"
+    shutil.copy(good, images / "a_good.nii.gz")  # predicted first, were it not for the check
+    if bad == "not-nifti":
+        (images / "b_bad.nii.gz").write_bytes(b"not a NIfTI image" * 10)
+    elif bad == "channels":
+        nib.save(nib.Nifti1Image(np.zeros((20, 24, 9, 2), np.float32), np.eye(4)), images / "b_bad.nii.gz")
+    else:  # a header that reads, voxels cut short: found when the volume is read, before any write
+        (images / "a_good.nii.gz").unlink()
+        nib.save(nib.Nifti1Image(np.ones((20, 24, 9), np.float32), np.eye(4)), images / "b_bad.nii")
+        (images / "b_bad.nii").write_bytes((images / "b_bad.nii").read_bytes()[:2000])
+    out = tmp_path / "new" / "predictions"
+    rc, _, err = cli("predict", "--checkpoint", untrained / "untrained.pt", "--input", images, "--out", out)
+    assert rc == 2 and "b_bad.nii" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "new").exists()

@@ -8,6 +8,7 @@ hits, the target is either the old complete file or the new complete file.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -25,6 +26,105 @@ from .errors import JobError, Location, shorten
 
 TEMP_SUFFIX = ".tmp"
 INPUT_LIMIT = 1 << 20  # bytes of a job file, a hostfile or a user's Python file
+REFUSED_WRITES = (errno.ENOSPC, errno.EDQUOT, errno.EROFS)  # the filesystem is full, over quota or read-only
+
+
+def size_text(n: float) -> str:
+    """Bytes for a person: ``40 KiB``, ``3.0 MiB``."""
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit in ("bytes", "KiB") else f"{n:.1f} {unit}"
+        n /= 1024
+    return ""
+
+
+def mount_of(path: Path | str) -> Path:
+    """The mount point of the filesystem that holds (or would hold) ``path``."""
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    while not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def free_bytes(path: Path | str) -> int:
+    """Bytes an unprivileged write may still use on the filesystem of ``path``."""
+    st = os.statvfs(mount_of(path))
+    return st.f_bavail * st.f_frsize
+
+
+def space_text(path: Path | str) -> str:
+    """``40 KiB free of 3.0 MiB on /mnt``: the free space of the filesystem of ``path``."""
+    mount = mount_of(path)
+    try:
+        st = os.statvfs(mount)
+    except OSError:
+        return f"free space of {mount} unknown"
+    return f"{size_text(st.f_bavail * st.f_frsize)} free of {size_text(st.f_blocks * st.f_frsize)} on {mount}"
+
+
+class WriteRefused(OSError):
+    """A write the filesystem refused (full, over quota, read-only), on one line naming the file and the
+    free space: ``cannot write /out/metrics.csv: No space left on device (40 KiB free of 3.0 MiB on /out)``."""
+
+    def __init__(self, path: Path | str, code: int):
+        super().__init__(code, os.strerror(code), str(path))
+
+    def __str__(self) -> str:
+        return f"cannot write {shorten(self.filename)}: {self.strerror} ({space_text(self.filename)})"
+
+    def __reduce__(self):
+        return (type(self), (self.filename, self.errno))
+
+
+def refused_write(exc: BaseException | None) -> OSError | None:
+    """The refused write (an OSError of REFUSED_WRITES) that ``exc`` is or came from, else None."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError) and exc.errno in REFUSED_WRITES:
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+@contextmanager
+def writing(path: Path | str):
+    """A write in the block that the filesystem refuses becomes a :class:`WriteRefused` naming ``path``."""
+    try:
+        yield
+    except WriteRefused:
+        raise
+    except Exception as exc:
+        refused = refused_write(exc)
+        if refused is None:
+            raise
+        raise WriteRefused(path, refused.errno) from None
+
+
+class _Watched:
+    """A file whose write errors are kept: some writers (torch.save) replace an ENOSPC by their own error."""
+
+    def __init__(self, file: BinaryIO):
+        self._file, self.error = file, None
+
+    def write(self, data) -> int:
+        try:
+            return self._file.write(data)
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def flush(self) -> None:
+        try:
+            self._file.flush()
+        except OSError as exc:
+            self.error = exc
+            raise
+
+    def __getattr__(self, name):
+        return getattr(self._file, name)
 
 
 def temp_path(path: Path) -> Path:
@@ -46,19 +146,26 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+def first_missing(path: Path | str) -> Path | None:
+    """The outermost of ``path`` and its folders that does not exist (what creating ``path`` creates), or None."""
+    path = Path(path).absolute()
+    return next((p for p in (*reversed(path.parents), path) if not p.exists()), None)
+
+
 def atomic_create(path: Path | str, create: Callable[[Path], object]) -> Path:
     """Have ``create(tmp)`` make the file at a temporary name next to ``path`` (a copy, a hard link), then
     rename it over ``path`` atomically. The folder is created if needed. On any error the temporary file
     is removed and ``path`` is left as it was."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
-    try:
-        create(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    with writing(path):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            create(tmp)
+            os.replace(tmp, path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
     fsync_dir(path.parent)
     return path
 
@@ -70,13 +177,51 @@ def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], o
     def write(tmp: Path) -> None:
         with open(tmp, "xb") as f:
             if callable(content):
-                content(f)
+                watched = _Watched(f)
+                try:
+                    content(watched)
+                except Exception:
+                    if watched.error is not None:
+                        raise watched.error from None
+                    raise
             else:
                 f.write(content.encode() if isinstance(content, str) else content)
             f.flush()
             os.fsync(f.fileno())
 
     return atomic_create(path, write)
+
+
+def reserve(path: Path | str) -> None:
+    """Allocate the blocks of the (sparse) file ``path`` now: a filesystem without room refuses here
+    (:class:`WriteRefused`), not with a SIGBUS when a memory map writes into a hole later."""
+    with writing(path):
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            os.posix_fallocate(fd, 0, os.fstat(fd).st_size)
+        except OSError as exc:
+            if exc.errno in REFUSED_WRITES:  # else a filesystem that cannot allocate ahead: the map's writes tell
+                raise
+        finally:
+            os.close(fd)
+
+
+def append_text(path: Path | str, text: str) -> None:
+    """Append ``text`` to ``path`` (a file one process writes) whole or not at all: a refused write
+    (:class:`WriteRefused`) cuts the file back to what it held, so a reader never meets half a line."""
+    with writing(path):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            size, left = os.fstat(fd).st_size, memoryview(text.encode())
+            try:
+                while left:
+                    left = left[os.write(fd, left):]
+            except OSError:
+                with contextlib.suppress(OSError):
+                    os.ftruncate(fd, size)
+                raise
+        finally:
+            os.close(fd)
 
 
 def jsonable(value):

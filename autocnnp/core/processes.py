@@ -1,12 +1,14 @@
-"""A process's life tied to its parent's (the kernel signals it when the parent ends, Linux), and the cores
-and threads it may use."""
+"""A process's life tied to its parent's (the kernel signals it when the parent ends, Linux), the cores
+and threads it may use, and a pool of worker processes that never outlives its work."""
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import multiprocessing
 import os
 import signal
+from concurrent.futures import ProcessPoolExecutor, as_completed
 
 PR_SET_PDEATHSIG = 1
 
@@ -36,3 +38,36 @@ def die_with_parent(sig: int = signal.SIGKILL) -> None:
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
     if os.getppid() != parent:  # the parent ended before the request took effect
         os.kill(os.getpid(), sig)
+
+
+def _start_worker(setup) -> None:
+    """A worker leaves Ctrl-C to the parent (which stops it), dies with the parent, then runs ``setup()``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    die_with_parent(signal.SIGTERM)
+    if setup is not None:
+        setup()
+
+
+@contextlib.contextmanager
+def case_runner(workers: int, setup=None):
+    """``run(fn, jobs)``: ``fn(*job)`` for each job, results as they come; in this process for one worker, else
+    in a pool of ``workers`` spawned processes (each running ``setup()``, a module-level function, first) that is
+    shut down when the work ends and stopped (its processes killed) on any error or Ctrl-C."""
+    if workers <= 1:
+        yield lambda fn, jobs: (fn(*job) for job in jobs)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
+                               initargs=(setup,))
+
+    def run(fn, jobs):
+        for future in as_completed([pool.submit(fn, *job) for job in jobs]):
+            yield future.result()
+
+    try:
+        yield run
+    except BaseException:
+        for process in list((pool._processes or {}).values()):  # no public way to stop running workers before 3.14
+            process.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)  # its manager thread finds them gone and reaps them all
+        raise
+    pool.shutdown()

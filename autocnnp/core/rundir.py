@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -180,6 +181,21 @@ class RunDir:
     @property
     def swarm(self) -> Path:
         return self.root / ".swarm"
+
+    @property
+    def areas(self) -> tuple[Path, ...]:
+        """Every folder of the layout above (the seed-S folders of a repeat set aside)."""
+        return (self.checkpoints, self.cache, self.plots, self.tensorboard, self.resources, self.tracking,
+                self.predictions, self.slurm, self.tune, self.logs, self.ranks, self.swarm)
+
+    def keeps_runs_in(self, name: str) -> bool:
+        """Whether the entry ``name`` of this folder holds runs of this run's own: its ``tune/`` iterations and
+        the ``seed-S/`` runs of ``run --repeat``."""
+        return name == self.tune.name or re.fullmatch(r"seed-(-?\d+)", name) is not None
+
+    def owns(self, name: str) -> bool:
+        """Whether the entry ``name`` of this folder is one of the run's own (its layout)."""
+        return self.keeps_runs_in(name) or any(name == area.name for area in self.areas)
 
     @property
     def folders(self) -> tuple[Path, ...]:

@@ -56,10 +56,3 @@ def free_port() -> int:
         s.bind(("", 0))
         return s.getsockname()[1]
 
-
-def host_address() -> str:
-    """This host's address as the other ranks reach it (loopback when the name does not resolve)."""
-    try:
-        return socket.gethostbyname(socket.gethostname())
-    except OSError:
-        return "127.0.0.1"

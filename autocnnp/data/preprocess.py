@@ -37,13 +37,10 @@ import contextlib
 import functools
 import hashlib
 import json
-import multiprocessing
 import os
 import shutil
-import signal
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -51,8 +48,8 @@ import numpy as np
 import torch
 
 from ..core.errors import DataError
-from ..core.files import atomic_write, exclusive_lock, read_json, write_json
-from ..core.processes import die_with_parent, usable_cores
+from ..core.files import atomic_write, exclusive_lock, read_json, reserve, write_json, writing
+from ..core.processes import case_runner, usable_cores
 from .batches import BatchDataset
 from .checks import Verdict
 from .index import Case, read_dataset
@@ -272,41 +269,26 @@ def _write_at(file, array: np.ndarray, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _start_worker() -> None:
-    """A worker leaves Ctrl-C to the parent (which stops it), dies with the parent and uses one thread."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    die_with_parent(signal.SIGTERM)
+def _one_thread() -> None:
     torch.set_num_threads(1)
 
 
 @contextlib.contextmanager
 def _case_runner(workers: int):
-    """``run(fn, jobs)``: ``fn(*job)`` for each job, results as they come; in this process for one worker, else
-    in a pool of ``workers`` spawned processes that is stopped (its processes killed) on any error or Ctrl-C.
-    Each runs torch on one thread: the cases are the parallel work (torch's thread pool on small per-slice
-    calls is slower, several times so on a busy machine)."""
-    if workers <= 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            yield lambda fn, jobs: (fn(*job) for job in jobs)
-        finally:
-            torch.set_num_threads(threads)
+    """``run(fn, jobs)`` of :func:`~autocnnp.core.processes.case_runner`, torch on one thread in each worker: the
+    cases are the parallel work (torch's thread pool on small per-slice calls is slower, several times so on a
+    busy machine)."""
+    if workers > 1:
+        with case_runner(workers, _one_thread) as run:
+            yield run
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker)
-
-    def run(fn, jobs):
-        for future in as_completed([pool.submit(fn, *job) for job in jobs]):
-            yield future.result()
-
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     try:
-        yield run
-    except BaseException:
-        for process in list((pool._processes or {}).values()):  # no public way to stop running workers before 3.14
-            process.terminate()
-        pool.shutdown(wait=True, cancel_futures=True)  # its manager thread finds them gone and reaps them all
-        raise
-    pool.shutdown()
+        with case_runner(1) as run:
+            yield run
+    finally:
+        torch.set_num_threads(threads)
 
 
 def _plans(work: Path, cases, params, mods, run) -> tuple[list[list[int]], int]:
@@ -338,8 +320,12 @@ def _arrays(work: Path, shapes: dict) -> list[int]:
     except (OSError, ValueError):
         pass
     shutil.rmtree(work / DONE_DIR, ignore_errors=True)
-    return [np.lib.format.open_memmap(work / name, mode="w+", dtype=dtype, shape=shape).offset
-            for name, (shape, dtype) in shapes.items()]
+    offsets = []
+    for name, (shape, dtype) in shapes.items():
+        with writing(work / name):
+            offsets.append(np.lib.format.open_memmap(work / name, mode="w+", dtype=dtype, shape=shape).offset)
+            reserve(work / name)  # a full disk now, not a SIGBUS when a case is written into the map
+    return offsets
 
 
 def _write_cache(work: Path, cases, params, key, ds, mods, run, progress: bool) -> dict:

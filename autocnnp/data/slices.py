@@ -150,6 +150,7 @@ def size_pair(size) -> tuple[int, int]:
     return h, w
 
 
+CHUNK_BYTES = 1 << 26  # predict converts, normalises and resizes a volume's slices this many float32 bytes at a time
 _TORCH_DTYPES = {np.dtype(np.float32): torch.float32, np.dtype(np.float16): torch.float16}
 
 

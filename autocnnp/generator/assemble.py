@@ -11,7 +11,7 @@ from pathlib import Path
 
 from ..core.errors import JobError, Location, did_you_mean
 from ..core.rundir import ZOO_CHECKPOINT, RunDir, checkpoint_file
-from ..engine.job import Choice, JobSpec, Setting, read_job
+from ..engine.job import ActionSpec, Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
 from .points import COMPOSITES, MODULE_BY_NAME, MODULES, PLUGIN_FITS, POINT_BY_NAME, POINTS, SET_ELSEWHERE
 from .protocols import DataFormat, LRPolicy, input_sizes_of, replicas_of, shards_of, steps_per_epoch
@@ -127,11 +127,19 @@ class Generator:
                             total_epochs=hp.end_epoch)
 
 
-def default_action(point, name: str, spec: JobSpec, framework: str) -> Action:
-    """An action of ``point`` implemented by ``name`` for ``framework``, with its default parameters."""
+def default_action(point, name: str, spec: JobSpec, framework: str, given: ActionSpec | None = None) -> Action:
+    """An action of ``point`` implemented by ``name`` for ``framework``, with its default parameters, or with
+    those of ``given`` (the job's action that sets parameters without naming an implementation)."""
     entry = point.registry.get(name, spec.where, framework)
-    return Action(point, entry, bind(entry.config, [], spec.base_dir, point.title), None, False, base_dir=spec.base_dir,
-                  framework=framework)
+    settings, where = (given.params, given.where) if given is not None else ([], None)
+    config = bind(entry.config, settings, spec.base_dir, f"{point.type} '{entry.name}'" if given else point.title, where)
+    return Action(point, entry, config, where, False, settings, base_dir=spec.base_dir, framework=framework)
+
+
+def _unnamed(spec: JobSpec, point) -> ActionSpec | None:
+    """The job's action of ``point`` that gives parameters but no implementation: the engine chooses one."""
+    return next((a for a in spec.actions if a.choice is None and not a.plugins and point.default is not None
+                 and POINT_BY_NAME.get(a.type.lower()) is point), None)
 
 
 def assemble(job: JobSpec | Path | str) -> Generator:
@@ -151,7 +159,7 @@ def assemble(job: JobSpec | Path | str) -> Generator:
     actions.update(_injection_actions(spec, framework))
     for point in POINTS:  # a default this framework lacks is set by a dependency (a strategy's requires)
         if point.type not in actions and point.default is not None and point.registry.builtin(point.default, framework):
-            actions[point.type] = default_action(point, point.default, spec, framework)
+            actions[point.type] = default_action(point, point.default, spec, framework, _unnamed(spec, point))
     _fit_dependencies(actions, spec, framework)
 
     modules = {m.name: Module(m.name, m.title, [actions[p.type] for p in POINTS if p.module == m.name])
@@ -208,6 +216,8 @@ def _explicit_actions(spec: JobSpec, framework: str):
             where = next(iter(a.plugins.values())).where
             raise JobError(where, f"'{point.type}' is non-extensible: user code cannot be plugged into it",
                            "remove the <path>; plug-ins go into extensible actions such as checkpoint")
+        if _unnamed(spec, point) is a:  # its parameters go to the implementation the engine chooses
+            continue
         entry = _choose(point.registry, a.choice, point.default, a.where,
                         None if point.type == "framework" else framework)
         _check_framework(point, entry, framework, a.where)
@@ -323,7 +333,8 @@ def _fit_dependencies(actions: dict[str, Action], spec: JobSpec, framework: str)
         for other_type, allowed in action.entry.requires.items():
             other = actions.get(other_type)
             if other is None or not other.explicit:
-                actions[other_type] = default_action(POINT_BY_NAME[other_type], allowed[0], spec, framework)
+                point = POINT_BY_NAME[other_type]
+                actions[other_type] = default_action(point, allowed[0], spec, framework, _unnamed(spec, point))
             elif other.entry.name not in allowed:
                 raise JobError(other.where or spec.where, f"{action.type} '{action.entry.name}' needs {other_type} "
                                f"{' or '.join(repr(a) for a in allowed)}, but the job sets '{other.entry.name}'",

@@ -15,7 +15,8 @@ manifest next to the job file's text. Keys:
                                and ``architecture.freeze`` its attributes
 ``ACTION``                     the implementation of an action, e.g. ``lr_policy=grescale``; choosing
                                another implementation drops the parameters written for the old one
-``ACTION.NAME``                an action parameter, e.g. ``lr_policy.warmup_epochs=6``
+``ACTION.NAME``                an action parameter, e.g. ``lr_policy.warmup_epochs=6`` (where the job names
+                               no implementation, for the one the engine chooses)
 =============================  ====================================================================
 """
 

@@ -63,6 +63,11 @@ class Framework:
     def network(self, gen, weights: dict, *, in_channels: int, num_classes: int):
         raise NotImplementedError
 
+    def checkpoint_bytes(self, gen) -> int:
+        """About the bytes of one checkpoint of the job, at least (its weights and optimiser state), told in
+        the front-end before any rank starts; 0 when it cannot be told cheaply."""
+        return 0
+
 
 # --- architecture_injection ---------------------------------------------------------------------------
 

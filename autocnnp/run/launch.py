@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from ..core.errors import DataError, ExitCode, JobError
-from ..core.files import atomic_write
+from ..core.files import WriteRefused, atomic_write
 from ..core.world import discover_world, launcher_name
 from ..generator.overrides import apply_overrides
 from . import lock, manifest, preflight
@@ -26,6 +26,7 @@ from .slurm import check_srun, srun_command
 from .supervise import supervise
 
 PARENT_RUN = "AUTOCNNP_PARENT_RUN"  # the run folder of the parent of the runs started in the block (trackers)
+SUPERVISED = "AUTOCNNP_SUPERVISED"  # set for ranks whose launch run & manage watches: it names a failure's cause
 
 
 @contextlib.contextmanager
@@ -63,6 +64,7 @@ def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
     child_env, mode = dict(env), launch_mode(launch, env)
     if mode == "inplace":
         return worker, child_env
+    child_env[SUPERVISED] = "1"
     if mode == "srun":  # in a Slurm allocation: one task per rank, MPI wired up over PMIx
         return srun_command(job, worker, child_env)
     # run & manage counted the slots itself (preflight.check_slots): mpirun, which counts only physical
@@ -78,7 +80,7 @@ def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
         cmd += ["--hostfile", str(launch.hostfile)]
     if launch.launch_agent:  # how mpirun reaches the other hosts (default: ssh)
         cmd += ["--mca", "plm_rsh_agent", launch.launch_agent]
-    for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS"):
+    for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS", SUPERVISED):
         if name in child_env:
             cmd += ["-x", name]
     if os.geteuid() == 0:  # containers and CI often run as root; Open MPI refuses that by default
@@ -103,7 +105,7 @@ def run(job: Job) -> int:
             return run_rank(job)
         with lock.own_output(job, front_end=False):
             return run_rank(job)
-    with lock.own_output(job, front_end=True):
+    with lock.own_output(job, front_end=True) as claim:
         preflight.check_framework(job)
         preflight.check_output(job)
         attempt = 0
@@ -114,14 +116,15 @@ def run(job: Job) -> int:
                 if not attempt:
                     raise
                 problem = f"restart {attempt} could not start: {exc}"
-                manifest.record_failure(rundir, problem)
+                _record_failure(rundir, problem)
                 print(f"autocnnp: {problem}", file=sys.stderr, flush=True)
                 return ExitCode.FAILED
             cmd, env = build_command(now)
+            claim.keep()
             code, problem = supervise(cmd, env, rundir, now.generator.world_size, now.launch)
             restart = code == ExitCode.FAILED and attempt < job.launch.max_restarts
             if code == ExitCode.FAILED:
-                manifest.record_failure(rundir, problem, restart=attempt + 1 if restart else None)
+                _record_failure(rundir, problem, restart=attempt + 1 if restart else None)
             if not restart:
                 return code
             attempt += 1
@@ -129,6 +132,12 @@ def run(job: Job) -> int:
             print(f"autocnnp: restart {attempt} of {job.launch.max_restarts} in {delay:g} s from the latest "
                   f"checkpoint (after: {problem})", file=sys.stderr, flush=True)
             time.sleep(delay)
+
+
+def _record_failure(rundir, problem: str, restart: int | None = None) -> None:
+    """The failure in the manifest, unless the filesystem refuses it (the console said why the job failed)."""
+    with contextlib.suppress(WriteRefused):
+        manifest.record_failure(rundir, problem, restart=restart)
 
 
 def _ready(job: Job) -> Job:

@@ -10,7 +10,7 @@ import zipfile
 
 from ..core.card import trained_framework
 from ..core.errors import JobError
-from ..core.files import atomic_write
+from ..core.files import WriteRefused, atomic_write, free_bytes, size_text, space_text
 from ..core.processes import usable_cores
 from ..core.rundir import LATEST_POINTER, checkpoint_file
 from ..generator.protocols import shards_of, steps_per_epoch
@@ -75,12 +75,36 @@ def check_resume(job: Job) -> None:
 
 def check_inputs(job: Job) -> None:
     """What the ranks will read, checked once before they start: the pretrained weights (a zoo model fetched
-    first), the checkpoint a run resumes from, and the data with a minibatch per rank. Every front-end calls
-    it: run, submit, deploy --swarm."""
+    first), the checkpoint a run resumes from, and the data with a minibatch per rank; then that what they
+    will write fits. Every front-end calls it: run, submit, deploy --swarm."""
     fetch_pretrained(job)
     check_pretrained(job)
     check_resume(job)
     check_data(job)
+    check_space(job)
+
+
+PLOTS_BYTES = 256 * 1024  # the PNGs of training.monitor.plot_run: about 200 KiB at dpi 100
+
+
+def check_space(job: Job) -> None:
+    """The output folder's filesystem has room for what the run will write (its data cache is written by
+    then): the checkpoints it holds at once (``keep``, the one being written and the best) at the size of
+    the latest one, else of the model's tensors and optimiser state, and the plots. Refused only when it
+    clearly has less: the estimate is a lower bound."""
+    gen = job.generator
+    rundir, checkpoints = gen.rundir, gen.action("checkpoint").config
+    at_once = getattr(checkpoints, "keep", 1) + 1 + bool(getattr(checkpoints, "best_metric", ""))
+    held = [p.stat().st_size for p in rundir.checkpoints.glob("*.pt")] if rundir.checkpoints.is_dir() else []
+    one = max(held, default=0) or gen.action("framework").build().checkpoint_bytes(gen)
+    plots = PLOTS_BYTES if any(getattr(tracker, "plots", False) for _, tracker in job.trackers) else 0
+    need = max(at_once * one - sum(held), 0) + plots
+    if need > free_bytes(rundir.root):
+        where = job.spec.output.where if job.spec.output else job.spec.where
+        raise JobError(where, f"the run will write at least {size_text(need)} in {rundir} ({at_once} checkpoints of "
+                       f"{size_text(one)} at once{' and its plots' if plots else ''}), more than the "
+                       f"{space_text(rundir.root)}", "free space there, give the run an <output> folder on a "
+                       "larger filesystem, or keep fewer checkpoints (the checkpoint action's keep)")
 
 
 def check_framework(job: Job) -> None:
@@ -139,7 +163,12 @@ def check_slots(job: Job, env) -> None:
 def check_data(job: Job) -> None:
     """Check and cache the data once (the ranks reuse both), then that every rank gets a minibatch."""
     gen = job.generator
-    samples = gen.data_format().prepare(seed=gen.seed, cache_dir=gen.rundir.cache)
+    try:
+        samples = gen.data_format().prepare(seed=gen.seed, cache_dir=gen.rundir.cache)
+    except WriteRefused as exc:  # the data cache does not fit: nothing started yet
+        raise JobError(job.spec.output.where if job.spec.output else job.spec.where, f"the data cache does not "
+                       f"fit: {exc}", "free space there, or give the run an <output> folder on a larger "
+                       "filesystem") from None
     if samples is None:
         return
     shards = shards_of(gen.action("dist_strategy").config, gen.world_size)

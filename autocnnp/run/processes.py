@@ -32,17 +32,25 @@ def start(cmd: list[str], env: dict[str, str] | None, stdout=None, stderr=None) 
                             start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
 
 
-# Open MPI's banner when a rank calls MPI_Abort (the rank has said why), its count of the other ranks'
-# banners with the advice that follows it, and the show_help noise of 4.1
-_BANNER_EDGE, _ABORT_BANNER = "-" * 20, "MPI_ABORT was invoked"
+# Open MPI's banners when ranks end (a rank called MPI_Abort, returned non-zero, was killed by a signal):
+# run & manage names the cause itself; the count of the other ranks' banners with the advice that follows
+# it, the show_help noise of 4.1, and its event library's warning when the connections to other hosts close
+# under it
+_BANNER_EDGE = "-" * 20
+_EXIT_BANNERS = ("MPI_ABORT was invoked", "mpirun noticed that process rank", "Primary job  terminated normally",
+                 "mpirun has exited due to process rank")
+_KILLED = re.compile(r"mpirun noticed that process rank (\d+) .* exited on signal (\d+)")
 _LAUNCHER_NOISE = re.compile(r"ORTE_ERROR_LOG: .* in file \S*show_help\.c|sent help message "
-                             r"help-mpi-api\.txt / mpi-abort|Set MCA parameter \"orte_base_help_aggregate\" to 0")
+                             r"help-mpi-api\.txt / mpi-abort|Set MCA parameter \"orte_base_help_aggregate\" to 0|"
+                             r"^\[warn\] Epoll \w+\(\d+\) on fd \d+ failed")
 
 
-def forward_stderr(stream, out, mute: threading.Event | None = None) -> threading.Thread:
-    """Copy a launcher's stderr to ``out`` as it comes, leaving out Open MPI's MPI_ABORT banner and its
-    unpack noise (a failed rank's own line says what happened), and everything once ``mute`` is set (a
-    job being stopped: the ranks' last words are in their logs). Returns the copying thread."""
+def forward_stderr(stream, out, mute: threading.Event | None = None,
+                   killed: dict[int, int] | None = None) -> threading.Thread:
+    """Copy a launcher's stderr to ``out`` as it comes, leaving out Open MPI's banners on ranks that ended
+    and its unpack noise (run & manage names the cause; the ranks' own words are in their logs), and
+    everything once ``mute`` is set (a job being stopped). The ranks Open MPI saw killed by a signal go
+    into ``killed`` (rank -> signal number). Returns the copying thread."""
     def copy() -> None:
         held, in_banner = None, False  # held: a dashed line, until the next one tells whether a banner starts
         for line in iter(stream.readline, b""):
@@ -50,11 +58,13 @@ def forward_stderr(stream, out, mute: threading.Event | None = None) -> threadin
             if mute is not None and mute.is_set():
                 held = None
                 continue
+            if killed is not None and (match := _KILLED.match(text)):
+                killed.setdefault(int(match[1]), int(match[2]))
             if in_banner:
                 in_banner = not text.startswith(_BANNER_EDGE)
                 continue
             if held is not None:
-                in_banner = text.startswith(_ABORT_BANNER)
+                in_banner = text.startswith(_EXIT_BANNERS)
                 out.write("" if in_banner else held)
                 held = None
                 if in_banner:

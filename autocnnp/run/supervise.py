@@ -5,7 +5,9 @@ signal to the front-end."""
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import re
 import shutil
 import signal
@@ -15,11 +17,12 @@ import threading
 import time
 
 from ..core.errors import ExitCode, Interrupted
-from ..core.files import atomic_write
+from ..core.files import WriteRefused, atomic_write
 from ..core.rundir import RunDir
 from . import processes
 from .config import LaunchConfig
 
+STATUS_CHARS = 500  # of the message of a status file rewritten in place (within one filesystem block)
 # a rank's verdict that run & manage passes on as it is (any other exit of a rank is a failure)
 RANK_VERDICTS = (ExitCode.BAD_INPUT, ExitCode.DIVERGED, ExitCode.STOPPED)
 
@@ -33,7 +36,17 @@ class RankStatus:
         self._running = False
 
     def set(self, state: str, message: str = "") -> None:
-        atomic_write(self.path, json.dumps({"state": state, "message": message, "time": time.time()}))
+        try:
+            atomic_write(self.path, json.dumps({"state": state, "message": message, "time": time.time()}))
+        except WriteRefused:  # a full disk: rewrite the file in place, in the block it holds already
+            short = json.dumps({"state": state, "message": message[:STATUS_CHARS], "time": time.time()}).encode()
+            with contextlib.suppress(OSError):
+                fd = os.open(self.path, os.O_WRONLY)
+                try:
+                    os.pwrite(fd, short, 0)
+                    os.ftruncate(fd, len(short))
+                finally:
+                    os.close(fd)
 
     def beat(self) -> None:
         """Record progress (a few microseconds: fine for every step). Ranks are watched for hangs
@@ -63,12 +76,14 @@ def read_statuses(rundir: RunDir) -> dict[int, dict]:
 _LOST_PEER = re.compile(r"connection (closed|reset|refused)|broken pipe|peer|timed? ?out|socket|ECONNRESET|EPIPE", re.I)
 
 
-def diagnose(statuses: dict[int, dict], world_size: int, launcher: str = "the launcher", code: int | None = None) -> str:
+def diagnose(statuses: dict[int, dict], world_size: int, launcher: str = "the launcher", code: int | None = None,
+             killed: dict[int, int] | None = None) -> str:
     """Name what ended the job, the cause only, never its victims: the ranks that failed on their own
     (earliest first); else the ranks that vanished without a word (crashed or were killed); else a rank
     stopped by a signal nobody in the job sent (every rank stopped so: the launcher was signalled); else
     the ranks that lost a peer. Ranks taken down by a failed rank (MPI_Abort, the launcher's SIGTERM, a
-    closed connection) are not named. ``launcher`` exited with ``code``."""
+    closed connection) are not named. ``launcher`` exited with ``code``; ``killed``: the ranks it saw killed by
+    a signal (rank -> signal number)."""
     def named(state: str, lost: bool | None = None) -> list[tuple[float, int, str]]:
         return sorted((info.get("time", 0), rank, info.get("message", "")) for rank, info in statuses.items()
                       if info["state"] == state and (lost is None or bool(_LOST_PEER.search(info.get("message", ""))) == lost))
@@ -80,6 +95,9 @@ def diagnose(statuses: dict[int, dict], world_size: int, launcher: str = "the la
         return "; ".join(f"rank {rank} failed: {message}" for _, rank, message in own)
     if silent:
         ranks = sorted(rank for _, rank, _ in silent)
+        signalled = [r for r in ranks if r in (killed or {})]
+        if signalled:
+            return "; ".join(f"rank {r} was killed by {_signal_name(killed[r])}" for r in signalled)
         return ", ".join(f"rank {rank}" for rank in ranks) + " exited without reporting (crashed or was killed)"
     if terminated and len(terminated) == len(statuses) == world_size:
         return (f"every rank was stopped by a signal autocnnp did not send ({terminated[0][2]}); {ended}: was the "
@@ -96,6 +114,13 @@ def diagnose(statuses: dict[int, dict], world_size: int, launcher: str = "the la
     if not statuses:
         return f"no rank started: {ended} (its message is above)"
     return ended
+
+
+def _signal_name(signum: int) -> str:
+    try:
+        return signal.Signals(signum).name
+    except ValueError:
+        return f"signal {signum}"
 
 
 def verdict(code: int, rundir: RunDir) -> ExitCode | None:
@@ -119,8 +144,8 @@ def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
     rundir.ranks.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGUSR1, lambda *_: atomic_write(rundir.stop_request, "time limit\n"))
     proc = processes.start(cmd, env, stderr=subprocess.PIPE)
-    stopping = threading.Event()
-    forwarding = processes.forward_stderr(proc.stderr, sys.stderr, mute=stopping)
+    stopping, killed = threading.Event(), {}
+    forwarding = processes.forward_stderr(proc.stderr, sys.stderr, mute=stopping, killed=killed)
     try:
         with processes.interruptible():
             try:
@@ -139,7 +164,7 @@ def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
         return passed, None
     if problem is None and code < 0:
         problem = f"the launcher {cmd[0]} was killed by {signal.Signals(-code).name}; its ranks were stopped with it"
-    problem = problem or diagnose(read_statuses(rundir), world_size, f"the launcher {cmd[0]}", code)
+    problem = problem or diagnose(read_statuses(rundir), world_size, f"the launcher {cmd[0]}", code, killed)
     print(f"autocnnp: the job failed: {problem}", file=sys.stderr, flush=True)
     return ExitCode.FAILED, problem
 

@@ -125,7 +125,7 @@ def run_swarm(job: Job, image: str, timeout_s: float = 3600.0, dry_run: bool = F
         return 0
     gen = job.generator
     rundir = gen.rundir
-    with lock.own_output(job, front_end=True):  # what `autocnnp run` checks but the framework (the image's)
+    with lock.own_output(job, front_end=True) as claim:  # what `autocnnp run` checks but the framework (the image's)
         preflight.check_output(job)
         preflight.check_inputs(job)
         client = _client(job)
@@ -138,6 +138,7 @@ def run_swarm(job: Job, image: str, timeout_s: float = 3600.0, dry_run: bool = F
             raise JobError(job.spec.where, f"image '{image}' is not on this Docker engine",
                            f"build it: docker build -f cluster/docker/Dockerfile -t {image} . (where no base image "
                            "can be pulled, first cluster/docker/base-from-host.sh; see the Dockerfile)") from None
+        claim.keep()
         run_id = spec["labels"]["autocnnp.run"]
         rendezvous = rundir.swarm.resolve() / run_id
         rendezvous.mkdir(parents=True, exist_ok=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -11,14 +12,14 @@ import traceback
 from pathlib import Path
 
 from ..core.errors import DataError, ExitCode, JobError
-from ..core.files import write_json
+from ..core.files import WriteRefused, append_text, refused_write, write_json
 from ..core.rundir import RunDir
 from ..core.world import discover_world, launcher_name
 from ..generator.protocols import RunInfo, Tracker, adopt
 from ..training.monitor import Diverged, StopRequested
 from . import manifest
 from .job import Job, load_job
-from .launch import PARENT_RUN
+from .launch import PARENT_RUN, SUPERVISED
 from .processes import die_with_parent
 from .supervise import RankStatus
 
@@ -49,10 +50,28 @@ def tee_output(rundir: RunDir, rank: int) -> None:
         stream.flush()
         fd = stream.fileno()
         target = os.dup(fd)
-        tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=target, preexec_fn=_drain)
+        tee = subprocess.Popen(["tee", "-a", str(path)], stdin=subprocess.PIPE, stdout=target,  # a full disk: the
+                               stderr=subprocess.DEVNULL, preexec_fn=_drain)  # console goes on, the run says why
         os.close(target)
         os.dup2(tee.stdin.fileno(), fd)
         tee.stdin.close()
+
+
+def failure_text(exc: Exception, rundir: RunDir) -> str:
+    """A failure on one line; a write the filesystem refused names the file (else the run folder) and the
+    free space, whatever library made it."""
+    refused = refused_write(exc)
+    if refused is None:
+        return f"{type(exc).__name__}: {exc}"
+    return str(refused if isinstance(refused, WriteRefused) else WriteRefused(refused.filename or rundir, refused.errno))
+
+
+def log_only(rundir: RunDir, rank: int, text: str) -> None:
+    """Write ``text`` into ``logs/rankN.log`` alone, after what the rank printed so far."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    with contextlib.suppress(OSError):  # a full disk: the status file told run & manage
+        append_text(rundir.rank_log(rank), text)
 
 
 def _drain() -> None:
@@ -123,9 +142,10 @@ def run_rank(job: Job) -> int:
     try:
         with manifest.recording(job, rank):  # manifest.json on rank 0: the run's reproducibility record
             train(job, beat=status.beat)
-    except DataError as exc:  # bad input data: one clear paragraph, no traceback
+    except DataError as exc:  # bad input data: one clear paragraph, no traceback (once, where every rank has it)
         status.set("failed", str(exc))
-        print(f"autocnnp: rank {rank}: {exc}", file=sys.stderr, flush=True)
+        if getattr(exc, "reporter", rank) == rank:
+            print(f"autocnnp: rank {rank}: {exc}", file=sys.stderr, flush=True)
         _abort(ExitCode.BAD_INPUT)
     except Diverged as exc:
         status.set("failed", f"training diverged: {exc}")
@@ -137,9 +157,12 @@ def run_rank(job: Job) -> int:
             print(f"autocnnp: {exc}; the same command resumes from it", file=sys.stderr, flush=True)
         return ExitCode.STOPPED
     except Exception as exc:  # any failure on one rank must end all of them
-        traceback.print_exc()
-        status.set("failed", f"{type(exc).__name__}: {exc}")
-        print(f"autocnnp: rank {rank} failed: {type(exc).__name__}: {exc}", file=sys.stderr, flush=True)
+        status.set("failed", failure_text(exc, rundir))
+        report = f"{traceback.format_exc()}autocnnp: rank {rank} failed: {failure_text(exc, rundir)}\n"
+        if os.environ.get(SUPERVISED):  # run & manage names the cause on the console (a peer's loss, say)
+            log_only(rundir, rank, report)
+        else:
+            print(report, end="", file=sys.stderr, flush=True)
         _abort(ExitCode.FAILED)
     status.set("done")
     return ExitCode.OK

@@ -22,14 +22,17 @@ as class ``j``: Dice ``2 n_ii / (t_i + p_i)``, IoU ``n_ii / (t_i + p_i - n_ii)``
 from __future__ import annotations
 
 from collections.abc import Collection, Mapping
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
+
+if TYPE_CHECKING:  # torch is imported where a function needs it: `autocnnp evaluate` scores numpy volumes without it
+    import torch
 
 from ..core.metrics import BRATS_REGIONS, FOREGROUND_DICE, class_metric
 
 __all__ = ["BRATS_REGIONS", "SegEval", "class_scores", "confusion_matrix", "foreground_dice", "region_dice",
-           "report", "segmentation_metrics"]
+           "report", "segmentation_metrics", "volume_confusion"]
 
 
 def _check_range(values: torch.Tensor, num_classes: int, name: str) -> None:
@@ -49,6 +52,8 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
         raise ValueError(
             f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}"
         )
+    import torch
+
     pred, target = pred.long().flatten(), target.long().flatten()
     _check_range(target, num_classes, "target")
     _check_range(pred, num_classes, "pred")
@@ -56,13 +61,27 @@ def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int)
     return counts.reshape(num_classes, num_classes)
 
 
+def volume_confusion(pred: np.ndarray, target: np.ndarray, num_classes: int, slab: int = 1 << 22) -> np.ndarray:
+    """:func:`confusion_matrix` of two label volumes (numpy, non-negative integers, any memory layout), counted
+    along the last axis about ``slab`` voxels at a time: no int64 copy of a whole volume is made."""
+    if pred.shape != target.shape:
+        raise ValueError(f"pred and target shapes differ: {tuple(pred.shape)} vs {tuple(target.shape)}")
+    for name, values in (("target", target), ("pred", pred)):
+        top = int(values.max(initial=0))
+        if top >= num_classes or values.min(initial=0) < 0:
+            raise ValueError(f"{name} value {top if top >= num_classes else int(values.min())} is outside "
+                             f"[0, {num_classes})")
+    counts = np.zeros(num_classes**2, dtype=np.int64)
+    step = max(1, slab // max(1, int(np.prod(pred.shape[:-1]))))
+    for lo in range(0, pred.shape[-1], step):
+        codes = target[..., lo:lo + step].astype(np.intp) * num_classes + pred[..., lo:lo + step]
+        counts += np.bincount(codes.ravel(order="K"), minlength=num_classes**2)
+    return counts.reshape(num_classes, num_classes)
+
+
 def segmentation_metrics(conf: torch.Tensor | np.ndarray) -> dict[str, float]:
     """The five SegEval metrics of a confusion matrix (numpy or torch), in float64."""
-    if isinstance(conf, torch.Tensor):
-        conf = conf.detach().cpu().numpy()
-    n = np.asarray(conf, dtype=np.float64)
-    if n.ndim != 2 or n.shape[0] != n.shape[1]:
-        raise ValueError(f"confusion matrix must be square, got shape {n.shape}")
+    n = _square_matrix(conf)
     total = n.sum()
     if total == 0:
         raise ValueError("confusion matrix is empty (no pixels counted)")
@@ -99,6 +118,8 @@ class SegEval:
         self.class_names = tuple(class_names) or tuple(f"class {i}" for i in range(num_classes))
         self.regions = dict(regions or {})
         region_dice(np.zeros((num_classes, num_classes)), self.regions)  # class values checked now, not at the end
+        import torch
+
         self._conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, logits_or_pred: torch.Tensor, target: torch.Tensor) -> None:
@@ -154,7 +175,7 @@ def report(conf: torch.Tensor | np.ndarray, class_names: tuple[str, ...] = (),
 
 
 def _square_matrix(conf: torch.Tensor | np.ndarray) -> np.ndarray:
-    if isinstance(conf, torch.Tensor):
+    if hasattr(conf, "detach"):  # a torch tensor
         conf = conf.detach().cpu().numpy()
     n = np.asarray(conf, dtype=np.float64)
     if n.ndim != 2 or n.shape[0] != n.shape[1]:

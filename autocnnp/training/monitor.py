@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from ..core.files import atomic_write
+from ..core.files import WriteRefused, append_text, atomic_write
 from ..core.metrics import FOREGROUND_DICE, SEGEVAL, parse_regions
 from ..core.rundir import RunDir
 from ..core.settings import setting
@@ -123,8 +123,8 @@ class ResourceSampler:
         self._cuda = torch.cuda if torch.cuda.is_available() else None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self._file = None
-        self._writer = None
+        self._started = False
+        self.failed: WriteRefused | None = None  # a row the filesystem refused: sampling ended there
         self._host = socket.gethostname()
         self._steps = [0, 0.0, 0.0]  # steps, seconds in steps, seconds waiting for data: since the last row
 
@@ -134,15 +134,13 @@ class ResourceSampler:
         steps[0], steps[1], steps[2] = steps[0] + 1, steps[1] + step_s, steps[2] + data_wait_s
 
     def start(self) -> ResourceSampler:
-        """Open the CSV, take a first sample and start the thread (no-op if started)."""
-        if self._file is not None or self._stop.is_set():
+        """Start the CSV (its header if new), take a first sample and start the thread (no-op if started)."""
+        if self._started or self._stop.is_set():
             return self
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         fresh = not self.append or not self.path.exists() or self.path.stat().st_size == 0
-        self._file = open(self.path, "w" if fresh else "a", newline="")
-        self._writer = csv.writer(self._file)
         if fresh:
-            self._writer.writerow(RESOURCE_COLUMNS)
+            atomic_write(self.path, _csv_line(RESOURCE_COLUMNS))
+        self._started = True
         self._process.cpu_percent(None)  # prime: the first call always reports 0
         self._sample()
         self._thread = threading.Thread(
@@ -156,14 +154,13 @@ class ResourceSampler:
         if self._stop.is_set():
             return
         self._stop.set()
-        if self._file is None:
+        if not self._started:
             return
         self._thread.join()
         self._sample()
-        self._file.close()
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval_s):
+        while not self._stop.wait(self.interval_s) and self.failed is None:
             self._sample()
 
     def _sample(self) -> None:
@@ -175,7 +172,7 @@ class ResourceSampler:
                 pass
             gpu_mem = f"{self._cuda.memory_allocated() / 2**20:.1f}"
         (n, step_s, wait_s), self._steps = self._steps, [0, 0.0, 0.0]
-        self._writer.writerow(
+        row = _csv_line(
             (
                 f"{time.time():.3f}",
                 self.rank,
@@ -188,7 +185,11 @@ class ResourceSampler:
                 self._host,
             )
         )
-        self._file.flush()
+        if self.failed is None:
+            try:
+                append_text(self.path, row)
+            except WriteRefused as exc:  # the monitor raises it at the epoch's end
+                self.failed = exc
 
     def __enter__(self) -> ResourceSampler:
         return self.start()
@@ -290,6 +291,8 @@ class Monitor:
 
     def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
         """Append the epoch's metrics to metrics.csv and TensorBoard; print a summary line."""
+        if self._sampler.failed is not None:
+            raise self._sampler.failed
         if self.rank != 0 or self._closed:
             return
         metrics = {name: float(value) for name, value in metrics.items()}
@@ -312,8 +315,7 @@ class Monitor:
             self._columns = ["epoch", *sorted(old | set(metrics))]
             _write_csv(self.metrics_path, self._columns, [*rows, row])
             return
-        with open(self.metrics_path, "a", newline="") as f:
-            csv.DictWriter(f, self._columns, restval="").writerow(row)
+        append_text(self.metrics_path, _csv_line(row.get(name, "") for name in self._columns))
 
     def close(self, status: str = "completed") -> None:
         """Stop sampling and the bar, and close the trackers with the run's ``status`` (idempotent)."""
@@ -357,6 +359,12 @@ def summary(metrics: dict[str, float]) -> list[str]:
     return words
 
 
+def _csv_line(values) -> str:
+    line = io.StringIO(newline="")
+    csv.writer(line).writerow(values)
+    return line.getvalue()
+
+
 def _read_csv(path: Path) -> tuple[list[str], list[dict[str, str]]]:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
@@ -391,7 +399,7 @@ def plot_run(rundir: RunDir) -> list[Path]:
     def save(fig: Figure, name: str) -> None:
         plots.mkdir(parents=True, exist_ok=True)
         fig.tight_layout()
-        fig.savefig(plots / name, dpi=100)
+        atomic_write(plots / name, lambda f: fig.savefig(f, format="png", dpi=100))
         written.append(plots / name)
 
     metrics_path = rundir.metrics

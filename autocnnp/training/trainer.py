@@ -35,6 +35,22 @@ def make_optimizer(hp, params) -> torch.optim.Optimizer:
     return torch.optim.SGD(params, lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
 
 
+def checkpoint_bytes(gen) -> int:
+    """About the bytes of one checkpoint of the job, at least: the network's tensors built on the meta device
+    (nothing allocated; one input channel, two classes) and the optimiser's state (Adam two tensors per
+    weight, SGD with momentum one); 0 for a network that cannot be built so."""
+    try:
+        with torch.device("meta"):
+            net = gen.action("architecture_injection").build(in_channels=1, num_classes=2)
+        tensors = net.state_dict().values()
+        weights = sum(p.numel() * p.element_size() for p in net.parameters() if p.requires_grad)
+    except Exception:  # a user's network that needs real tensors to build: an estimate refuses nothing
+        return 0
+    hp = gen.hyperparameters
+    slots = 2 if hp.optimizer == "adam" else 1 if hp.momentum else 0
+    return sum(t.numel() * t.element_size() for t in tensors) + slots * weights
+
+
 @dataclass
 class Run:
     """What one rank built from the generator's actions before its first step."""

@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Two "hosts" on one machine for trying (and testing) hostfile-based mpirun across hosts:
 # network namespaces acp-h1 (10.77.0.1) and acp-h2 (10.77.0.2) joined by a veth pair, each with
-# its own /etc/hosts (ip netns exec mounts /etc/netns/NAME/hosts over /etc/hosts), so the host
-# names resolve to addresses that only exist in one namespace. The filesystem stays shared, as
+# its own /etc/hosts (ip netns exec mounts /etc/netns/NAME/hosts over /etc/hosts, in a mount
+# namespace of its own, at every exec), so the host names resolve to addresses that only exist in
+# one namespace. As on stock Debian and Ubuntu nodes, each host's file also maps its own name to
+# 127.0.1.1, ahead of its real address. The filesystem stays shared, as
 # on a cluster with a shared filesystem. Start commands "on" a host with cluster/netns/on HOST CMD;
 # mpirun reaches the other host through the launch agent cluster/netns/agent (in place of ssh).
 #   hosts.sh up     create them (idempotent)      hosts.sh down   remove them
@@ -20,20 +22,27 @@ down() {
   done
 }
 
-up() {
-  if ip -n $H1 -br addr show acp-veth1 2>/dev/null | grep -q "$NET.1/" \
-     && ip -n $H2 -br addr show acp-veth2 2>/dev/null | grep -q "$NET.2/"; then return 0; fi
-  down
-  for h in $H1 $H2; do ip netns add "$h"; done
-  ip link add acp-veth1 netns $H1 type veth peer name acp-veth2 netns $H2
-  ip -n $H1 addr add $NET.1/24 dev acp-veth1
-  ip -n $H2 addr add $NET.2/24 dev acp-veth2
+hosts_files() {
   for h in $H1 $H2; do
-    ip -n "$h" link set lo up
-    ip -n "$h" link set "acp-veth${h#acp-h}" up
     mkdir -p "/etc/netns/$h"
-    printf '127.0.0.1 localhost\n%s.1 %s\n%s.2 %s\n' $NET $H1 $NET $H2 > "/etc/netns/$h/hosts"
+    printf '127.0.0.1 localhost\n127.0.1.1 %s\n%s.1 %s\n%s.2 %s\n' "$h" $NET $H1 $NET $H2 > "/etc/netns/$h/hosts"
   done
+}
+
+up() {
+  if ! ip -n $H1 -br addr show acp-veth1 2>/dev/null | grep -q "$NET.1/" \
+     || ! ip -n $H2 -br addr show acp-veth2 2>/dev/null | grep -q "$NET.2/"; then
+    down
+    for h in $H1 $H2; do ip netns add "$h"; done
+    ip link add acp-veth1 netns $H1 type veth peer name acp-veth2 netns $H2
+    ip -n $H1 addr add $NET.1/24 dev acp-veth1
+    ip -n $H2 addr add $NET.2/24 dev acp-veth2
+    for h in $H1 $H2; do
+      ip -n "$h" link set lo up
+      ip -n "$h" link set "acp-veth${h#acp-h}" up
+    done
+  fi
+  hosts_files
 }
 
 case "${1:-}" in

@@ -8,10 +8,14 @@ cluster/build-horovod.sh). It is imported here, at run time, never when a job is
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from autocnnp.core.world import World, discover_world
 from autocnnp.generator.registry import component
+
+from .rendezvous import RendezvousConfig, agree_over_mpi
 
 INSTALL_HINT = ("run `make horovod` (it builds Horovod 0.28.1 for this torch into .venv; "
                 "see cluster/build-horovod.sh)")
@@ -44,8 +48,14 @@ def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+@dataclass
+class Config(RendezvousConfig):
+    """Across several hosts, each host's address is agreed and checked over MPI before ``hvd.init()``, and
+    GLOO_SOCKET_IFNAME and NCCL_SOCKET_IFNAME name its interface (rendezvous.py)."""
+
+
 @component("horovod")
-def init_horovod(*, timeout_s: float) -> World:
+def init_horovod(config: Config, *, timeout_s: float) -> World:
     """hvd.init(): Horovod's MPI (mpirun) or Gloo (horovodrun --gloo) controller, no torch.distributed group.
 
     Rank, world size and local rank are Horovod's; ``make horovod`` installs Horovod.
@@ -54,6 +64,7 @@ def init_horovod(*, timeout_s: float) -> World:
     & manage's watchdog (``rank_timeout_s``) ends a hung job instead.
     """
     hvd = import_horovod()
+    agree_over_mpi(config)
     hvd.init()
     launched = discover_world()
     if launched.world_size > 1 and hvd.size() != launched.world_size:

@@ -10,7 +10,8 @@ import torch
 from autocnnp.core.world import World, discover_world
 from autocnnp.generator.registry import component
 
-from .horovod_world import INSTALL_HINT
+from .horovod_world import INSTALL_HINT, Config
+from .rendezvous import agree_over_mpi
 
 
 def import_horovod_tensorflow():
@@ -33,12 +34,13 @@ def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
 
 
 @component("horovod", frameworks=("tensorflow",))
-def init_horovod_tensorflow(*, timeout_s: float) -> World:
+def init_horovod_tensorflow(config: Config, *, timeout_s: float) -> World:
     """hvd.init() of horovod.tensorflow: Horovod's MPI (mpirun) or Gloo controller joins the ranks.
 
     Rank, world size and local rank are Horovod's. Its collectives have no timeout: run & manage's
     watchdog (``rank_timeout_s``) ends a hung job instead."""
     hvd = import_horovod_tensorflow()
+    agree_over_mpi(config)
     hvd.init()
     launched = discover_world()
     if launched.world_size > 1 and hvd.size() != launched.world_size:

@@ -1,4 +1,5 @@
-"""Communication init: a torch.distributed process group whose rendezvous is agreed over MPI."""
+"""Communication init: a torch.distributed process group whose rendezvous is agreed over MPI (across
+several hosts on an address the other hosts reach, checked first: rendezvous.py)."""
 
 from __future__ import annotations
 
@@ -12,28 +13,30 @@ import torch
 import torch.distributed as dist
 
 from autocnnp.core.settings import setting
-from autocnnp.core.world import World, discover_world, free_port, host_address
+from autocnnp.core.world import World, discover_world, free_port
 from autocnnp.generator.registry import component
+
+from .rendezvous import RendezvousConfig, agree, endpoint
 
 
 @dataclass
-class Config:
+class Config(RendezvousConfig):
     backend: Literal["auto", "gloo", "nccl"] = setting("auto", help="auto: gloo on CPU, NCCL where GPUs are present")
 
 
-def _rendezvous(world: World) -> tuple[str, int]:
-    """Address and port of rank 0: from the launcher's variables, else picked by rank 0 and sent over MPI.
-
-    Rank 0 binds port 0 to get a free port, so two jobs on one machine never collide.
+def _rendezvous(config: Config, world: World) -> str:
+    """``address:port`` of rank 0: from the launcher's variables, else rank 0's host address agreed over MPI
+    (rendezvous.agree) and a free port rank 0 picks (bound to port 0, so two jobs on one machine never collide).
     """
     if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
-        return os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"])
+        return f"{os.environ['MASTER_ADDR']}:{os.environ['MASTER_PORT']}"
     if world.world_size == 1:
-        return "127.0.0.1", free_port()
+        return f"127.0.0.1:{free_port()}"
     from mpi4py import MPI  # initialises MPI: only for a multi-rank rendezvous
 
     comm = MPI.COMM_WORLD
-    return comm.bcast((host_address(), free_port()) if comm.rank == 0 else None, root=0)
+    address = agree(config, comm)[0].address  # every rank takes part (and sets GLOO_SOCKET_IFNAME)
+    return comm.bcast(endpoint(address, free_port()) if comm.rank == 0 else None, root=0)
 
 
 @component("torch_distributed")
@@ -45,9 +48,9 @@ def init_torch_distributed(config: Config, *, timeout_s: float) -> World:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl" and not torch.cuda.is_available():
         raise RuntimeError("communication_init backend 'nccl' needs CUDA GPUs; use 'gloo' or 'auto' on CPU")
-    addr, port = _rendezvous(world)
+    rendezvous = _rendezvous(config, world)
     if not dist.is_initialized():
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=world.rank,
+        dist.init_process_group(backend, init_method=f"tcp://{rendezvous}", rank=world.rank,
                                 world_size=world.world_size, timeout=datetime.timedelta(seconds=timeout_s))
         atexit.register(_close)
     return World(world.rank, world.world_size, world.local_rank, world.local_world_size, backend,

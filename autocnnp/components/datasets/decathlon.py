@@ -43,11 +43,12 @@ from autocnnp.core.errors import DataError
 from autocnnp.core.files import read_json
 from autocnnp.core.settings import setting
 from autocnnp.core.world import World
+from autocnnp.data import slices as slicing
 from autocnnp.data.augment import RandomAffine2D
 from autocnnp.data.checks import Verdict, check_dataset, validate_once
 from autocnnp.data.index import Case, case_name, is_dataset, is_nifti, nifti_files, read_dataset
 from autocnnp.data.preprocess import CacheDataset, build_cache, cache_key_of, check_cache, is_cache
-from autocnnp.data.slices import parse_modalities, resize, select_modalities, take_slices, zscore
+from autocnnp.data.slices import parse_modalities, resize, select_modalities, zscore_stats, zscored
 from autocnnp.generator.protocols import DataBundle, DataCheck, DataFormat
 from autocnnp.generator.registry import component
 
@@ -316,12 +317,22 @@ class SliceTransform:
                         "name a dataset folder, a folder of NIfTI images or a file")
 
     def to_slices(self, image: np.ndarray, where: Path) -> np.ndarray:
-        """A channels-last volume ``(X, Y, Z, C)`` as model input ``[Z, C, size, size]``."""
+        """A channels-last volume ``(X, Y, Z, C)`` as stored (any dtype and memory order) as model input
+        ``[Z, C, size, size]`` (float32): z-scored with each channel's statistics over the whole volume, then
+        resized, a few slices at a time, as the slice cache is built (no float copy of the whole volume)."""
+        image = image[..., None] if image.ndim == 3 else image
         try:
-            image = select_modalities(image, self.modalities)
+            select_modalities(image[:1, :1, :1], self.modalities)  # modalities the volume lacks are refused
         except ValueError as exc:
             raise DataError(where, str(exc), "predict on images with the modalities the model was trained on") from None
-        if self.normalise:
-            image = zscore(image)
-        slices, _ = take_slices(image, None, np.arange(image.shape[2]))
-        return resize(slices, (self.size, self.size))
+        x, y, depth, stored = image.shape
+        channels = list(range(stored)) if self.modalities is None else [int(m) % stored for m in self.modalities]
+        stats = (np.array([zscore_stats(image[..., c]) for c in channels]).T.reshape(2, 1, -1, 1, 1)
+                 if self.normalise else None)
+        out = np.empty((depth, len(channels), self.size, self.size), np.float32)
+        step = max(1, slicing.CHUNK_BYTES // (x * y * len(channels) * 4))
+        for lo in range(0, depth, step):
+            part = np.moveaxis(image[:, :, lo:lo + step][..., channels], (2, 3), (0, 1))  # [n, C, X, Y]
+            part = zscored(part, *stats) if stats is not None else part.astype(np.float32)
+            out[lo:lo + step] = resize(part, (self.size, self.size))
+        return out

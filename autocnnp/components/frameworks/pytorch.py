@@ -19,6 +19,9 @@ class Torch(Framework):
     def fit(self, run, monitoring, *, beat=lambda: None, should_stop=lambda: False, trackers=()):
         return loop.fit(run, monitoring, beat, should_stop, trackers)
 
+    def checkpoint_bytes(self, gen) -> int:
+        return trainer.checkpoint_bytes(gen)
+
     def network(self, gen, weights: dict, *, in_channels: int, num_classes: int):
         """The job's architecture with ``weights`` (a state dict; a DDP prefix is dropped)."""
         model = gen.action("architecture_injection").build(in_channels=in_channels, num_classes=num_classes)

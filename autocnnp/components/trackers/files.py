@@ -6,6 +6,7 @@ import sys
 import types
 from dataclasses import dataclass
 
+from autocnnp.core.files import writing
 from autocnnp.core.rundir import RunDir
 from autocnnp.core.settings import setting
 from autocnnp.generator.protocols import RunInfo, Tracker
@@ -35,22 +36,27 @@ class Files(Tracker):
                 sys.modules.setdefault(NO_TENSORFLOW, types.ModuleType(NO_TENSORFLOW))
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(RunDir(info.rundir).tensorboard),  # a resumed run drops the events after it
-                                        purge_step=info.first_step + 1 if info.first_step else None)
+            self.events = RunDir(info.rundir).tensorboard
+            with writing(self.events):
+                self.writer = SummaryWriter(str(self.events),  # a resumed run drops the events after it
+                                            purge_step=info.first_step + 1 if info.first_step else None)
 
     def step(self, global_step: int, loss: float) -> None:
         if self.writer is not None:
-            self.writer.add_scalar("train/loss_step", loss, global_step)
+            with writing(self.events):
+                self.writer.add_scalar("train/loss_step", loss, global_step)
 
     def epoch_end(self, epoch: int, metrics: dict[str, float], global_step: int) -> None:
         if self.writer is not None:
-            for name, value in metrics.items():
-                self.writer.add_scalar(f"metrics/{name}", value, global_step)
-            self.writer.flush()
+            with writing(self.events):
+                for name, value in metrics.items():
+                    self.writer.add_scalar(f"metrics/{name}", value, global_step)
+                self.writer.flush()
 
     def close(self, status: str) -> None:
         if self.writer is not None:
-            self.writer.close()
+            with writing(self.events):
+                self.writer.close()
         if self.config.plots:
             from autocnnp.training.monitor import plot_run
 

@@ -27,7 +27,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autocnnp.core.files import read_json, write_json
+from autocnnp.core.files import WriteRefused, append_text, read_json, write_json
 from autocnnp.core.processes import die_with_parent
 from autocnnp.core.rundir import RunDir, start_checkpoint
 from autocnnp.core.settings import setting
@@ -70,8 +70,8 @@ class Journal:
 
     def add(self, kind: str, **event) -> None:
         line = json.dumps({"kind": kind, "time": time.time(), **event}, allow_nan=True) + "\n"
-        with self._lock, open(self.path, "a") as f:
-            f.write(line)
+        with self._lock:
+            append_text(self.path, line)
 
 
 class Sender:
@@ -282,6 +282,8 @@ def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) 
         try:
             tail.read(journal)
             sender.send()
+        except WriteRefused:  # a full disk: not the store's fault, and the rank's own writes say so
+            pass
         except Exception as exc:  # noqa: BLE001 - the store is down, refuses, or mlflow is missing
             if not warned:
                 warned = True
