@@ -122,6 +122,9 @@ def config_table(config: type, seen: set[str]) -> nodes.table:
 
     hints = typing.get_type_hints(config)
     name = config_name(config)
+    for f in dataclasses.fields(config):
+        if not f.metadata.get("help"):
+            logger.warning(f"{name}.{f.name} has no help: write setting(..., help=...)")
     rows = [[_code(f.name, setting_id(name, f.name), setting_id(config_name(declared_in(config, f.name)), f.name),
                    seen=seen), type_name(hints[f.name]), _code(_default(f)),
              _bounds(f.metadata), ", ".join(f.metadata.get("aliases", ())), f.metadata.get("help", "")]
