@@ -8,7 +8,11 @@
 * ``autocnnp-tree``: the generator tree (composites, modules, actions, what they hand each other);
 * ``autocnnp-commands``: every command and option of the argparse parsers;
 * ``autocnnp-exit-codes``: ``ExitCode`` with the comment of each member;
-* ``autocnnp-run-folder``: ``RunDir``'s layout; a path of ``RunDir`` the layout leaves out fails the build.
+* ``autocnnp-run-folder``: ``RunDir``'s layout (core/rundir.py's docstring).
+
+What the reference cannot say is a warning, so an error in ``make docs``: a Config field without help, an
+element or attribute of the XSD without ``xs:documentation``, an ExitCode member without a comment, a path of
+``RunDir`` outside its layout.
 
 Every setting, command and option gets an HTML id (:func:`setting_id`, :func:`command_id`, :func:`option_id`)
 that tests/test_docs.py looks for in the built site. Nothing here imports torch or TensorFlow: the registries
