@@ -8,7 +8,8 @@
 * ``autocnnp-tree``: the generator tree (composites, modules, actions, what they hand each other);
 * ``autocnnp-commands``: every command and option of the argparse parsers;
 * ``autocnnp-exit-codes``: ``ExitCode`` with the comment of each member;
-* ``autocnnp-run-folder``: ``RunDir``'s layout (core/rundir.py's docstring).
+* ``autocnnp-run-folder``: ``RunDir``'s layout (core/rundir.py's docstring);
+* ``autocnnp-docstring MODULE``: a module's docstring (the points table, the ``--set`` keys).
 
 What the reference cannot say is a warning, so an error in ``make docs``: a Config field without help, an
 element or attribute of the XSD without ``xs:documentation``, an ExitCode member without a comment, a path of
