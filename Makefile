@@ -1,13 +1,15 @@
 # Two commands do all set-up on a fresh Debian/Ubuntu machine:
 #   make demo   train the embedded default job (synthetic data, 2 MPI ranks, CPU)
 #   make test   run the test suite (what CI runs, with make lint)
-# While developing: make test-fast (no ranks, Slurm, Docker, network namespaces or slow tests; seconds), make lint.
+# While developing: make test-fast (no ranks, Slurm, Docker, network namespaces or slow tests; seconds), make lint,
+# make typecheck (mypy on core, engine, generator), make docs (the site, docs/_build/html; warnings are errors).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN     = $(VENV)/bin
 STAMP   = $(VENV)/.installed
+DOCS_STAMP = $(VENV)/.docs-installed
 
-.PHONY: venv horovod tensorflow demo test test-fast lint bench clean
+.PHONY: venv horovod tensorflow demo test test-fast lint typecheck docs bench clean
 
 venv: $(STAMP)
 
@@ -30,7 +32,7 @@ tensorflow: venv
 demo: venv
 	$(BIN)/autocnnp run xml_configs/demo.xml
 
-test: venv
+test: venv $(DOCS_STAMP)
 	bash cluster/install-deps.sh test
 	$(BIN)/python -m pytest -q
 
@@ -39,10 +41,24 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "$(FAST)"
 
 lint: venv
-	$(BIN)/ruff check autocnnp tests benchmarks
+	$(BIN)/ruff check autocnnp tests benchmarks docs
+
+# mypy (pinned in requirements/test.txt) on the layers listed in pyproject.toml's [tool.mypy]
+typecheck: venv
+	$(BIN)/mypy
+
+# Sphinx (pinned in requirements/docs.txt); the reference is generated from the code (docs/_ext), so every
+# page is read again each time (-E): a few seconds
+$(DOCS_STAMP): $(STAMP) requirements/docs.txt
+	$(BIN)/pip install -q -r requirements/docs.txt -c requirements/test.txt
+	touch $@
+
+docs: $(DOCS_STAMP)
+	$(BIN)/python -m sphinx -b html -E -W --keep-going -q docs docs/_build/html
+	@echo "the site: docs/_build/html/index.html"
 
 bench: venv
 	$(BIN)/python benchmarks/engine_overhead.py
 
 clean:
-	rm -rf $(VENV) xml_configs/runs
+	rm -rf $(VENV) xml_configs/runs docs/_build

@@ -17,7 +17,7 @@ from pathlib import Path
 class ExitCode(IntEnum):
     """What ``autocnnp run``, ``submit``, ``deploy``, ``tune`` and ``status`` return (README: Exit codes)."""
 
-    OK = 0
+    OK = 0  # success
     FAILED = 1  # a rank failed, hung or was killed, or the launcher did; a write the filesystem refused
     BAD_INPUT = 2  # the job, its data or an option was refused; nothing ran
     DIVERGED = 3  # training stopped because the loss diverged (a result, not a crash)

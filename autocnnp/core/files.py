@@ -20,7 +20,7 @@ from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 from .errors import JobError, Location, shorten
 
@@ -98,7 +98,7 @@ def writing(path: Path | str):
         raise
     except Exception as exc:
         refused = refused_write(exc)
-        if refused is None:
+        if refused is None or refused.errno is None:  # (a refused write has its errno)
             raise
         raise WriteRefused(path, refused.errno) from None
 
@@ -107,7 +107,8 @@ class _Watched:
     """A file whose write errors are kept: some writers (torch.save) replace an ENOSPC by their own error."""
 
     def __init__(self, file: BinaryIO):
-        self._file, self.error = file, None
+        self._file = file
+        self.error: OSError | None = None
 
     def write(self, data) -> int:
         try:
@@ -179,7 +180,7 @@ def atomic_write(path: Path | str, content: bytes | str | Callable[[BinaryIO], o
             if callable(content):
                 watched = _Watched(f)
                 try:
-                    content(watched)
+                    content(cast(BinaryIO, watched))  # it passes every other attribute on to the file
                 except Exception:
                     if watched.error is not None:
                         raise watched.error from None
@@ -272,7 +273,7 @@ def read_input(path: Path, where: Location | Path, what: str, limit: int = INPUT
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         reason = {errno.ELOOP: "its path loops through symbolic links",
-                  errno.ENAMETOOLONG: "its path is too long"}.get(exc.errno, exc.strerror or str(exc))
+                  errno.ENAMETOOLONG: "its path is too long"}.get(exc.errno or 0, exc.strerror or str(exc))
         raise JobError(where, f"cannot read the {what} {shorten(path)} ({reason})", hint) from None
     try:
         mode = os.fstat(fd).st_mode

@@ -70,7 +70,7 @@ class JobSpec:
     freeze: Setting | None = None  # <CNN_archi freeze="none|encoder">
     seed: Setting | None = None
     output: Setting | None = None
-    # KEY=VALUE overrides applied on top of the file (engine/overrides.py); passed on to the workers
+    # KEY=VALUE overrides applied on top of the file (generator/overrides.py); passed on to the workers
     overrides: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -149,7 +149,8 @@ def read_job(file: Path | str, text: str | None = None) -> JobSpec:
             p = el.find("path")
             data_paths[part] = Setting(part, str(_resolve(base, _text(p))), _where(path, p))
 
-    actions, modules = [], {}
+    actions: list[ActionSpec] = []
+    modules: dict[str, Location] = {}
     gen = section("CNN-Parallelism-Generator")
     for mod in ([] if gen is None else gen.findall("module")):
         modules.setdefault(mod.get("name"), _where(path, mod))

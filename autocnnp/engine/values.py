@@ -71,6 +71,7 @@ def convert(text: str, tp, where: Location, name: str, base_dir: Path, meta=None
             raise ValueError
         if tp in (int, float) and (not t.isascii() or "_" in t):  # Python would read 1_0 and full-width digits
             raise ValueError
+        value: int | float
         if tp is int:
             value = int(t)
         elif tp is float:
@@ -122,7 +123,8 @@ def bind(config_cls, settings: list[Setting], base_dir: Path, what: str, where: 
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     hints = typing.get_type_hints(config_cls)
     index = _field_index(config_cls)
-    values, seen = {}, {}
+    values: dict[str, object] = {}
+    seen: dict[str, Location] = {}
     for s in settings:
         key = index.get(s.name, index.get(s.name.lower()))
         if key is None:

@@ -42,6 +42,7 @@ class Pretrained:
         run & manage puts a zoo model before the ranks start."""
         if self.zoo is not None:
             return rundir.pretrained(*self.zoo) / ZOO_CHECKPOINT
+        assert self.path is not None  # a Pretrained names a zoo model or a path (_pretrained)
         return checkpoint_file(self.path)
 
 
@@ -49,13 +50,16 @@ ZOO_SOURCE = re.compile(r"^zoo:([\w.-]+)(?:/(\d+))?$")
 
 
 def _pretrained(spec: JobSpec) -> Pretrained | None:
-    freeze = (spec.freeze.text.strip().lower() if spec.freeze else "none")
-    if freeze not in ("none", "encoder"):
-        raise JobError(spec.freeze.where, f"freeze '{spec.freeze.text}' is neither none nor encoder",
-                       "write freeze=\"encoder\" (train the decoder and head only) or freeze=\"none\"")
-    if spec.pretrained is None:
-        if freeze != "none":
+    if spec.freeze is None:
+        freeze = "none"
+    else:
+        freeze = spec.freeze.text.strip().lower()
+        if freeze not in ("none", "encoder"):
+            raise JobError(spec.freeze.where, f"freeze '{spec.freeze.text}' is neither none nor encoder",
+                           "write freeze=\"encoder\" (train the decoder and head only) or freeze=\"none\"")
+        if spec.pretrained is None and freeze != "none":
             raise JobError(spec.freeze.where, "freeze needs pretrained weights", 'add pretrained="zoo:NAME" or a checkpoint')
+    if spec.pretrained is None:
         return None
     text, where = spec.pretrained.text.strip(), spec.pretrained.where
     if text.startswith("zoo:"):
@@ -241,7 +245,7 @@ def _choose(registry, choice: Choice | None, default: str | None, where: Locatio
     return registry.get(choice.name, choice.where, framework)
 
 
-def _check_framework(point, entry: Entry, framework: str, where: Location | None) -> None:
+def _check_framework(point, entry: Entry, framework: str, where: Location) -> None:
     """An implementation that declares its frameworks must train with the job's (user files that declare
     none are taken to be written for it)."""
     if entry.frameworks and framework not in entry.frameworks and point.type != "framework":
@@ -332,7 +336,7 @@ def _fit_dependencies(actions: dict[str, Action], spec: JobSpec, framework: str)
                 point = POINT_BY_NAME[other_type]
                 actions[other_type] = default_action(point, allowed[0], spec, framework, _unnamed(spec, point))
             elif other.entry.name not in allowed:
-                raise JobError(other.where, f"{action.type} '{action.entry.name}' needs {other_type} "
+                raise JobError(other.where or spec.where, f"{action.type} '{action.entry.name}' needs {other_type} "
                                f"{' or '.join(repr(a) for a in allowed)}, but the job sets '{other.entry.name}'",
                                f"change this action to {allowed[0]} or remove it to let the engine choose")
     missing = [p.type for p in POINTS if p.type not in actions]

@@ -29,6 +29,7 @@ MultiWorkerMirroredStrategy on tensorflow), so a job swaps framework by its fram
 
 from __future__ import annotations
 
+import builtins
 from dataclasses import dataclass, field
 
 from .protocols import Checkpointer, DataFormat, Framework, KerasStrategy, LRPolicy, Strategy
@@ -52,13 +53,13 @@ class Point:
     provides: tuple[str, ...] = ()
     noun: str = ""  # what messages call an implementation (and the entry-point group autocnnp.<noun>); default: type
     # (framework, base class) of protocols.py an implementation is seen through ("": any framework)
-    protocols: tuple[tuple[str, type], ...] = ()
+    protocols: tuple[tuple[str, builtins.type], ...] = ()  # builtins: the field `type` shadows it here
     registry: Registry = field(init=False, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "registry", Registry(self.noun or self.type, self.folder, self.file_entry, self.fits))
 
-    def protocol(self, framework: str) -> type | None:
+    def protocol(self, framework: str) -> builtins.type | None:
         """The base class an implementation of this point is for ``framework`` (None: no protocol class)."""
         return next((base for name, base in self.protocols if name in ("", framework)), None)
 

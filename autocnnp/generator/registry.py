@@ -294,7 +294,7 @@ def header(path: Path) -> types.ModuleType:
     module = types.ModuleType(f"{_module_name(path)}.__header__")
     module.__file__ = str(path)
     sys.modules[module.__name__] = module  # so typing.get_type_hints resolves the Config's annotations
-    body = []
+    body: list[ast.stmt] = []
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.level == 1 and node.module:
             sibling = header(path.with_name(f"{node.module}.py"))
@@ -340,13 +340,19 @@ def _marks(path: Path) -> tuple[tuple[str, tuple[str, ...], str, tuple[str, ...]
     """``(name, aliases, definition, frameworks)`` of each ``@component(...)`` mark in a built-in file
     (parsed, not run)."""
     out = []
-    for node in ast.parse(path.read_bytes(), filename=str(path)).body:
-        for mark in getattr(node, "decorator_list", []):
+    for node in _definitions(path):
+        for mark in node.decorator_list:
             if isinstance(mark, ast.Call) and _dotted(mark.func).rsplit(".", 1)[-1] == "component":
                 keywords = {k.arg: ast.literal_eval(k.value) for k in mark.keywords}
                 out.append((ast.literal_eval(mark.args[0]), tuple(keywords.get("aliases", ())), node.name,
                             tuple(keywords.get("frameworks", ("torch",)))))
     return tuple(out)
+
+
+def _definitions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
+    """The top-level functions and classes of a built-in file (parsed, not run)."""
+    return [node for node in ast.parse(path.read_bytes(), filename=str(path)).body
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 
 def _keys(path: Path) -> list[tuple[str, str]]:
@@ -358,7 +364,7 @@ def _keys(path: Path) -> list[tuple[str, str]]:
 def _entry(path: Path, definition: str) -> Entry:
     """The built-in ``definition`` of ``path``: its Config and class attributes read torch-free."""
     mod = header(path)
-    node = next(n for n in ast.parse(path.read_bytes(), filename=str(path)).body if getattr(n, "name", None) == definition)
+    node = next(n for n in _definitions(path) if n.name == definition)
     name, aliases, _, frameworks = next(m for m in _marks(path) if m[2] == definition)
     attrs = _class_literals(node, vars(mod)) if isinstance(node, ast.ClassDef) else {}
     return Entry(name, f"{_module_name(path)}:{definition}", getattr(mod, "Config", None),
@@ -372,6 +378,8 @@ def load_file(path: Path) -> types.ModuleType:
     module = sys.modules.get(name)
     if module is None:
         spec = importlib.util.spec_from_file_location(name, path)
+        if spec is None or spec.loader is None:  # not a Python source file (from_file has checked the suffix)
+            raise ImportError(f"cannot import {path}")
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
