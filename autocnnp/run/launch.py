@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..core.errors import DataError, ExitCode, JobError
+from ..components.trackers import mlflow_tracking
+from ..components.trackers.mlflow_tracking import FOLLOWED
+from ..core.errors import DataError, ExitCode, Interrupted, JobError
 from ..core.files import atomic_write
 from ..core.world import discover_world, launcher_name
 from ..generator.overrides import apply_overrides
@@ -22,10 +24,12 @@ from . import lock, manifest, preflight
 from .config import LaunchConfig
 from .hosts import check_hosts, parse_hostfile
 from .job import Job, load_job
+from .manifest import PARENT_RUN
 from .slurm import check_srun, srun_command
 from .supervise import supervise
 
-PARENT_RUN = "AUTOCNNP_PARENT_RUN"  # the run folder of the parent of the runs started in the block (trackers)
+# how an attempt ended, for its trackers (any other exit code: it failed)
+ENDS = {ExitCode.OK: "completed", ExitCode.DIVERGED: "diverged", ExitCode.STOPPED: "stopped"}
 
 
 @contextlib.contextmanager
@@ -78,7 +82,7 @@ def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
         cmd += ["--hostfile", str(launch.hostfile)]
     if launch.launch_agent:  # how mpirun reaches the other hosts (default: ssh)
         cmd += ["--mca", "plm_rsh_agent", launch.launch_agent]
-    for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS"):
+    for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS", PARENT_RUN, FOLLOWED):
         if name in child_env:
             cmd += ["-x", name]
     if os.geteuid() == 0:  # containers and CI often run as root; Open MPI refuses that by default
@@ -95,7 +99,6 @@ def run(job: Job) -> int:
         check_srun(job)
     elif mode == "mpirun" and shutil.which("mpirun") is None:
         raise JobError(job.spec.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
-    rundir = job.generator.rundir
     if mode == "inplace":  # this process is a rank: rank 0 owns the folder for all of them
         from .worker import run_rank  # imports torch: only where this process trains
 
@@ -103,32 +106,53 @@ def run(job: Job) -> int:
             return run_rank(job)
         with lock.own_output(job, front_end=False):
             return run_rank(job)
-    with lock.own_output(job, front_end=True):
+    with lock.own_output(job, front_end=True), contextlib.ExitStack() as stack:
         preflight.check_framework(job)
         preflight.check_output(job)
-        attempt = 0
-        while True:
-            try:
-                now = _ready(job)
-            except (JobError, DataError) as exc:
-                if not attempt:
-                    raise
-                problem = f"restart {attempt} could not start: {exc}"
-                manifest.record_failure(rundir, problem)
-                print(f"autocnnp: {problem}", file=sys.stderr, flush=True)
-                return ExitCode.FAILED
-            cmd, env = build_command(now)
+        return _attempts(job, mode, stack)
+
+
+def _attempts(job: Job, mode: str, stack: contextlib.ExitStack) -> int:
+    """Start the job and restart it from its latest checkpoint as ``max_restarts`` allows. The mlflow tracker's
+    run & manage side starts with the first attempt that passed the checks (closed with ``stack``) and ends
+    the MLflow run of each attempt, however it ended."""
+    rundir = job.generator.rundir
+    attempt, tracking = 0, None
+    while True:
+        try:
+            now = _ready(job)
+        except (JobError, DataError) as exc:
+            if not attempt:
+                raise
+            problem = f"restart {attempt} could not start: {exc}"
+            manifest.record_failure(rundir, problem)
+            print(f"autocnnp: {problem}", file=sys.stderr, flush=True)
+            return ExitCode.FAILED
+        mlflow = next((config for entry, config in now.trackers if entry.name == "mlflow"), None)
+        if tracking is None and mlflow is not None:
+            tracking = mlflow_tracking.FrontEnd(mlflow, manifest.run_info(now, mode))
+            stack.callback(tracking.close)
+        cmd, env = build_command(now, {**os.environ, **(tracking.environment if tracking else {})})
+        if tracking:
+            tracking.started()
+        try:
             code, problem = supervise(cmd, env, rundir, now.generator.world_size, now.launch)
-            restart = code == ExitCode.FAILED and attempt < job.launch.max_restarts
-            if code == ExitCode.FAILED:
-                manifest.record_failure(rundir, problem, restart=attempt + 1 if restart else None)
-            if not restart:
-                return code
-            attempt += 1
-            delay = job.launch.restart_backoff_s * 2 ** (attempt - 1)
-            print(f"autocnnp: restart {attempt} of {job.launch.max_restarts} in {delay:g} s from the latest "
-                  f"checkpoint (after: {problem})", file=sys.stderr, flush=True)
-            time.sleep(delay)
+        except Interrupted:
+            if tracking:
+                tracking.ended("terminated")
+            raise
+        if tracking:
+            tracking.ended(ENDS.get(code, "failed"))
+        restart = code == ExitCode.FAILED and attempt < job.launch.max_restarts
+        if code == ExitCode.FAILED:
+            manifest.record_failure(rundir, problem, restart=attempt + 1 if restart else None)
+        if not restart:
+            return code
+        attempt += 1
+        delay = job.launch.restart_backoff_s * 2 ** (attempt - 1)
+        print(f"autocnnp: restart {attempt} of {job.launch.max_restarts} in {delay:g} s from the latest "
+              f"checkpoint (after: {problem})", file=sys.stderr, flush=True)
+        time.sleep(delay)
 
 
 def _ready(job: Job) -> Job:
