@@ -4,6 +4,7 @@ parent runs of `run --repeat`, and `autocnnp dashboard` stopped with every proce
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -268,3 +269,32 @@ def test_every_way_a_run_ends_ends_its_mlflow_run(tmp_path):
     assert autocnnp("track", "sync", tmp_path / "runs" / "out").returncode == 0
     (mlflow_run,) = the_run(client)
     assert mlflow_run.info.status == "KILLED" and mlflow_run.info.end_time
+
+
+@pytest.mark.ranks
+def test_the_user_stops_a_run_from_the_dashboard(tmp_path):
+    """The MLflow UI's run tag autocnnp.stop: the ranks stop at the epoch's end with a checkpoint, as Ctrl-C does,
+    exit 75, recorded as stopped by the user; the tag is taken off, so the same command resumes the run."""
+    job = tracked_job(tmp_path, "mlflow", end_epoch=50)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}")
+    run = subprocess.Popen([sys.executable, "-m", "autocnnp", "run", str(job)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert run.stdout.readline().startswith("epoch 1/50")
+        deadline = time.monotonic() + 60
+        while not (runs := the_run(client)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        client.set_tag(runs[0].info.run_id, "autocnnp.stop", "enough")
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 75 and "asked by the user, from the dashboard" in err, err[-2000:]
+    epochs = int(out.strip().splitlines()[-1].split()[1].split("/")[0])
+    assert epochs < 50 and (tmp_path / "runs" / "out" / "checkpoints").is_dir()
+    manifest = json.loads((tmp_path / "runs" / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "stopped" and "the user, from the dashboard" in manifest["invocations"][-1]["message"]
+    (mlflow_run,) = the_run(client)
+    assert mlflow_run.info.status == "KILLED" and "autocnnp.stop" not in mlflow_run.data.tags
+    assert mlflow_run.data.tags["autocnnp.stopped_by"].startswith("the user, from the dashboard")

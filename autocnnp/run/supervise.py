@@ -117,7 +117,8 @@ def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
     shutil.rmtree(rundir.ranks, ignore_errors=True)  # ours: the run holds its folder's lock
     rundir.stop_request.unlink(missing_ok=True)
     rundir.ranks.mkdir(parents=True, exist_ok=True)
-    previous = signal.signal(signal.SIGUSR1, lambda *_: atomic_write(rundir.stop_request, "time limit\n"))
+    previous = signal.signal(signal.SIGUSR1,
+                             lambda *_: atomic_write(rundir.stop_request, "SIGUSR1 (Slurm's time-limit warning)\n"))
     proc = processes.start(cmd, env, stderr=subprocess.PIPE)
     stopping = threading.Event()
     forwarding = processes.forward_stderr(proc.stderr, sys.stderr, mute=stopping)

@@ -65,7 +65,11 @@ def train(job: Job, beat=lambda: None) -> dict[str, float]:
     manifest.record_run(job, run)
     trackers = start_trackers(job, run) if run.world.rank == 0 else []
     stop_request = job.generator.rundir.stop_request
-    return framework.fit(run, job.monitoring, beat=beat, should_stop=stop_request.exists, trackers=trackers)
+    try:
+        return framework.fit(run, job.monitoring, beat=beat, should_stop=stop_request.exists, trackers=trackers)
+    except StopRequested as exc:  # who asked (Slurm's time limit, the user from the dashboard), for the record
+        who = stop_request.read_text().strip() if stop_request.exists() else ""
+        raise StopRequested(f"{exc} (asked by {who})" if who else str(exc)) from None
 
 
 def start_trackers(job: Job, run) -> list:

@@ -30,7 +30,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from autocnnp.core.files import read_json, write_json
+from autocnnp.core.files import atomic_write, read_json, write_json
 from autocnnp.core.processes import die_with_parent
 from autocnnp.core.rundir import RunDir, start_checkpoint
 from autocnnp.core.settings import setting
@@ -42,6 +42,7 @@ STATUS = {"completed": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "st
           "killed": "KILLED"}
 SYSTEM_COLUMNS = ("cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb", "step_ms", "data_wait_ms")
 BATCH = 900  # metrics per request (MLflow accepts 1,000)
+STOP_TAG, STOPPED_TAG = "autocnnp.stop", "autocnnp.stopped_by"  # a stop asked for in the MLflow UI, and who asked
 FOLLOWED = "AUTOCNNP_TRACKING_FOLLOWED"  # the run folder whose journal run & manage's sender follows
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: model training, not GenAI
 TICK_S = 0.5  # how often the sender looks for a new epoch in the journal
@@ -171,6 +172,18 @@ class Sender:
             print(f"autocnnp: MLflow run at {self.uri.rstrip('/')}/#/experiments/{experiment}/runs/{run.info.run_id}",
                   file=sys.stderr, flush=True)
         return run.info.run_id
+
+    def stop_requested(self) -> str | None:
+        """Who asked, when the MLflow run carries the stop tag (set in the UI): the tag is taken off (a resumed run
+        goes on) and the stop recorded on the run."""
+        run_id = self.state.get("run_id")
+        value = self.client().get_run(run_id).data.tags.get(STOP_TAG) if run_id else None
+        if value is None:
+            return None
+        who = f"the user, from the dashboard (tag {STOP_TAG}={value})"
+        self.client().delete_tag(run_id, STOP_TAG)
+        self.client().set_tag(run_id, STOPPED_TAG, who)
+        return who
 
     def parent_run(self) -> str:
         """The MLflow run of this folder as a parent (repeats, tuning iterations), created if need be."""
@@ -357,7 +370,8 @@ def _background() -> None:
 
 def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) -> int:
     """The sender: every ``interval_s``, and as soon as an epoch ends, turn new resource samples into events and
-    send the journal; on SIGTERM (the run ended, or its starter is gone) send what is left and end. Tells once
+    send the journal, and pass on a stop asked for in the MLflow UI (the run's tag ``autocnnp.stop``, any value)
+    as run & manage's stop request; on SIGTERM (the run ended, or its starter is gone) send what is left and end. Tells once
     when the store is down. It starts at its starter's CPU priority (the run is in MLflow at once) and then
     leaves the cores to training."""
     journal = Journal(RunDir(rundir).tracking / JOURNAL)
@@ -376,6 +390,8 @@ def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) 
             sender.client()  # the first time: mlflow and the store, before the first event
             tail.read(journal)
             sender.send()
+            if not stopping and journal.is_open() and (who := sender.stop_requested()):
+                atomic_write(RunDir(rundir).stop_request, who + "\n")  # the ranks stop at the epoch's end
             failing = False
         except Exception as exc:  # noqa: BLE001 - the store is down, refuses, or mlflow is missing
             failing = True
