@@ -43,7 +43,7 @@ from .. import __version__
 from ..core.files import jsonable, read_json, sha256_file, sha256_text, write_json
 from ..core.rundir import RunDir
 from ..engine.values import describe
-from ..generator.protocols import RunInfo
+from ..generator.protocols import RunInfo, Tracker
 from ..training.monitor import outcome
 from .job import Job
 
@@ -400,3 +400,14 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, str]:
         else:
             out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
     return out
+
+
+class Stragglers(Tracker):
+    """The manifest as a tracker (rank 0): the ranks flagged as stragglers, as they are flagged."""
+
+    def straggler(self, epoch: int, rank: int, step_s: float, median_s: float) -> None:
+        rundir = RunDir(self.info.rundir)
+        manifest = read(rundir) or {}
+        manifest.setdefault("stragglers", []).append(
+            {"rank": rank, "epoch": epoch + 1, "step_ms": round(1000 * step_s, 2), "median_ms": round(1000 * median_s, 2)})
+        write_json(rundir.manifest, manifest)

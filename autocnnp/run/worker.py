@@ -73,9 +73,10 @@ def train(job: Job, beat=lambda: None) -> dict[str, float]:
 
 
 def start_trackers(job: Job, run) -> list:
-    """The job's trackers (``<monitoring> tracker``), started on rank 0."""
+    """The job's trackers (``<monitoring> tracker``) and the manifest's record of stragglers, started on rank 0."""
     info = manifest.run_info(job, launcher_name(os.environ) or "none", first_step=run.state.epoch * len(run.loader))
-    return [adopt(entry.load(), Tracker)(config, info=info) for entry, config in job.trackers]
+    return [*(adopt(entry.load(), Tracker)(config, info=info) for entry, config in job.trackers),
+            manifest.Stragglers(info=info)]
 
 
 def run_rank(job: Job) -> int:

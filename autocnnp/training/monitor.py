@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -54,6 +55,27 @@ class Diverged(RuntimeError):
     def __init__(self, message: str, epoch: int, step: int, loss: float) -> None:
         super().__init__(message)
         self.epoch, self.step, self.loss = epoch, step, loss
+
+
+class StragglerWatch:
+    """Flags a rank whose mean step time stays above ``factor`` x the ranks' median for ``epochs`` epochs in a row
+    (once per such stretch). The median is a rank's own time (the lower middle one of an even number of ranks):
+    with two ranks, the faster one's."""
+
+    def __init__(self, factor: float = 1.5, epochs: int = 2) -> None:
+        self.factor, self.epochs = factor, epochs
+        self.stretch: dict[int, int] = {}
+
+    def update(self, step_s: list[float]) -> list[tuple[int, float, float]]:
+        """(rank, its step time, the median) of the ranks flagged at this epoch, from every rank's step time."""
+        median = statistics.median_low(step_s) if len(step_s) > 1 else 0.0
+        flagged = []
+        for rank, seconds in enumerate(step_s):
+            above = median > 0 and seconds > self.factor * median
+            self.stretch[rank] = self.stretch.get(rank, 0) + 1 if above else 0
+            if self.stretch[rank] == self.epochs:
+                flagged.append((rank, seconds, median))
+        return flagged
 
 
 class StopRequested(Exception):
@@ -222,6 +244,7 @@ class Monitor:
         self.start_epoch = start_epoch
         self.metrics_path = rundir.metrics
         self.trackers = list(trackers)
+        self.stragglers = StragglerWatch()
         self._closed = False
         self._bar = None
         self._columns: list[str] | None = None
@@ -244,8 +267,12 @@ class Monitor:
 
     def _reset_epoch_counters(self) -> None:
         self._epoch_t0 = self._last_step_t = time.perf_counter()
-        self._epoch_samples = 0
+        self._epoch_samples = self._epoch_steps = 0
         self._epoch_step_s = self._epoch_wait_s = 0.0
+
+    def mean_step_s(self) -> float:
+        """This rank's mean step time in the epoch so far (every rank)."""
+        return self._epoch_step_s / self._epoch_steps if self._epoch_steps else 0.0
 
     def _truncate_metrics(self) -> None:
         """Keep only the metrics.csv rows of the ``start_epoch`` epochs done."""
@@ -264,6 +291,7 @@ class Monitor:
         """Record one optimizer step: ``samples`` is this rank's batch size, ``step_s`` the step's time and
         ``data_wait_s`` the part of it spent waiting for the batch (sampled on every rank)."""
         self._sampler.record_step(step_s, data_wait_s)
+        self._epoch_steps += 1
         self._epoch_step_s += step_s
         self._epoch_wait_s += data_wait_s
         if self.rank != 0 or self._closed:
@@ -288,9 +316,11 @@ class Monitor:
         elapsed = self._last_step_t - self._epoch_t0
         return self._epoch_samples / elapsed if elapsed > 0 else 0.0
 
-    def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Append the epoch's metrics to metrics.csv and TensorBoard; print a summary line."""
+    def epoch_end(self, epoch: int, metrics: dict[str, float], rank_step_s: list[float] = ()) -> None:
+        """Append the epoch's metrics to metrics.csv and TensorBoard; print a summary line; flag a straggler
+        from every rank's mean step time (``rank_step_s``, rank order)."""
         if self.rank != 0 or self._closed:
+            self._reset_epoch_counters()
             return
         metrics = {name: float(value) for name, value in metrics.items()}
         self._append_metrics(epoch, metrics)
@@ -301,6 +331,12 @@ class Monitor:
                  f"data_wait={100 * waiting:.0f}%"]
         self._write_line(" ".join(parts), file=sys.stdout)
         sys.stdout.flush()
+        for rank, step_s, median_s in self.stragglers.update(list(rank_step_s)):
+            self._write_line(f"autocnnp: rank {rank} is a straggler: its steps took {step_s / median_s:.1f} x the "
+                             f"ranks' median ({1000 * step_s:.0f} ms against {1000 * median_s:.0f} ms) for "
+                             f"{self.stragglers.epochs} epochs in a row", file=sys.stderr)
+            for tracker in self.trackers:
+                tracker.straggler(epoch, rank, step_s, median_s)
         self._reset_epoch_counters()
 
     def _append_metrics(self, epoch: int, metrics: dict[str, float]) -> None:

@@ -353,6 +353,10 @@ class MLflow(Tracker):
     def epoch_end(self, epoch: int, metrics: dict[str, float], global_step: int) -> None:
         self.journal.add("epoch", step=epoch + 1, values=metrics)  # the sender sends it at once
 
+    def straggler(self, epoch: int, rank: int, step_s: float, median_s: float) -> None:
+        self.journal.add("tags", values={f"straggler.rank{rank}": f"from epoch {epoch + 1}: steps of {1000 * step_s:.0f} "
+                                         f"ms, {step_s / median_s:.1f} x the ranks' median"})
+
     def close(self, status: str) -> None:
         self.journal.add("artifacts", files=end_artifacts(self.info.rundir))
         self.journal.add("end", status=status)
