@@ -124,6 +124,7 @@ def test_resource_sampler_rows(tmp_path):
     assert tuple(rows[0]) == RESOURCE_COLUMNS
     assert all(row["rank"] == "3" and float(row["rss_mb"]) > 0 for row in rows)
     assert float(rows[-1]["time_s"]) >= float(rows[0]["time_s"])
+    assert rows[0]["cpu_percent"] == ""  # the first row comes right after psutil's priming call: no share yet
 
 
 # ---------------------------------------------------------------- Monitor

@@ -274,7 +274,8 @@ def test_every_way_a_run_ends_ends_its_mlflow_run(tmp_path):
 @pytest.mark.ranks
 def test_the_user_stops_a_run_from_the_dashboard(tmp_path):
     """The MLflow UI's run tag autocnnp.stop: the ranks stop at the epoch's end with a checkpoint, as Ctrl-C does,
-    exit 75, recorded as stopped by the user; the tag is taken off, so the same command resumes the run."""
+    exit 75, recorded as stopped by the user; the tag is taken off, so the same command resumes the run. The
+    ranks' resources are one view in the run (plots/resources.png), without the files tracker too."""
     job = tracked_job(tmp_path, "mlflow", end_epoch=50)
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}")
     run = subprocess.Popen([sys.executable, "-m", "autocnnp", "run", str(job)], stdout=subprocess.PIPE,
@@ -298,3 +299,5 @@ def test_the_user_stops_a_run_from_the_dashboard(tmp_path):
     (mlflow_run,) = the_run(client)
     assert mlflow_run.info.status == "KILLED" and "autocnnp.stop" not in mlflow_run.data.tags
     assert mlflow_run.data.tags["autocnnp.stopped_by"].startswith("the user, from the dashboard")
+    plots = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "plots")}
+    assert "plots/resources.png" in plots  # every rank's step time, data wait, CPU and memory in one view, live

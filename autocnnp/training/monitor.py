@@ -166,7 +166,7 @@ class ResourceSampler:
         if fresh:
             self._writer.writerow(RESOURCE_COLUMNS)
         self._process.cpu_percent(None)  # prime: the first call always reports 0
-        self._sample()
+        self._sample(cpu=False)  # a CPU share over no time yet is noise (thousands of %)
         self._thread = threading.Thread(
             target=self._run, name=f"resource-sampler-rank{self.rank}", daemon=True
         )
@@ -188,7 +188,7 @@ class ResourceSampler:
         while not self._stop.wait(self.interval_s):
             self._sample()
 
-    def _sample(self) -> None:
+    def _sample(self, cpu: bool = True) -> None:
         gpu_util = gpu_mem = ""
         if self._cuda:
             try:
@@ -201,7 +201,7 @@ class ResourceSampler:
             (
                 f"{time.time():.3f}",
                 self.rank,
-                f"{self._process.cpu_percent(None):.1f}",
+                f"{self._process.cpu_percent(None):.1f}" if cpu else "",
                 f"{self._process.memory_info().rss / 2**20:.1f}",
                 gpu_util,
                 gpu_mem,
@@ -417,7 +417,7 @@ def plot_run(rundir: RunDir) -> list[Path]:
 
     learning_curves.png: every ``*loss`` column; metrics.png: the SegEval metrics and the mean
     foreground Dice; classes.png: the Dice of every class and region (``dice/NAME``,
-    ``region_dice/NAME``); resources.png: CPU, RSS (and GPU) per rank over time.
+    ``region_dice/NAME``); resources.png: :func:`plot_resources`.
     """
     from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
 
@@ -451,28 +451,40 @@ def plot_run(rundir: RunDir) -> list[Path]:
             ax.legend()
             save(fig, filename)
 
+    resources = plot_resources(rundir, plots / "resources.png")
+    return written + ([resources] if resources else [])
+
+
+def plot_resources(rundir: RunDir, path: Path) -> Path | None:
+    """Every rank's step time, time waiting for data, CPU and RSS (and GPU) over time into ``path``: a panel each,
+    every rank in each panel, so that a rank out of step stands out; None before the first sample."""
+    from matplotlib.figure import Figure
+
     tables = {}
-    for path in rundir.all_resource_samples():
-        rows = _read_csv(path)[1]
+    for samples in rundir.all_resource_samples():
+        rows = _read_csv(samples)[1]
         if rows:
             tables[int(rows[0]["rank"])] = rows
-    if tables:
-        t0 = min(float(rows[0]["time_s"]) for rows in tables.values())
-        panels = [("cpu_percent", "CPU %"), ("rss_mb", "RSS MB")]
-        panels += [
-            (name, label)
-            for name, label in (("gpu_util_percent", "GPU util %"), ("gpu_mem_mb", "GPU mem MB"))
-            if any(row[name] for rows in tables.values() for row in rows)
-        ]
-        fig = Figure(figsize=(7, 2.5 * len(panels)))
-        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-        for rank, rows in sorted(tables.items()):
-            times = [float(row["time_s"]) - t0 for row in rows]
-            for ax, (name, label) in zip(axes, panels):
-                ax.plot(times, _column(rows, name), label=f"rank {rank}")
-                ax.set_ylabel(label)
-                ax.grid(alpha=0.3)
-        axes[0].legend(fontsize="small", ncol=min(4, len(tables)))
-        axes[-1].set_xlabel("time [s]")
-        save(fig, "resources.png")
-    return written
+    if not tables:
+        return None
+    t0 = min(float(rows[0]["time_s"]) for rows in tables.values())
+    panels = [("step_ms", "step ms"), ("data_wait_ms", "data wait ms"), ("cpu_percent", "CPU %"), ("rss_mb", "RSS MB")]
+    panels += [
+        (name, label)
+        for name, label in (("gpu_util_percent", "GPU util %"), ("gpu_mem_mb", "GPU mem MB"))
+        if any(row[name] for rows in tables.values() for row in rows)
+    ]
+    fig = Figure(figsize=(7, 2.2 * len(panels)))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for rank, rows in sorted(tables.items()):
+        times = [float(row["time_s"]) - t0 for row in rows]
+        for ax, (name, label) in zip(axes, panels):
+            ax.plot(times, _column(rows, name), marker=".", markersize=3, label=f"rank {rank}")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small", ncol=min(4, len(tables)))
+    axes[-1].set_xlabel("time [s]")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path

@@ -46,6 +46,7 @@ STOP_TAG, STOPPED_TAG = "autocnnp.stop", "autocnnp.stopped_by"  # a stop asked f
 FOLLOWED = "AUTOCNNP_TRACKING_FOLLOWED"  # the run folder whose journal run & manage's sender follows
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}  # MLflow 3's UI: model training, not GenAI
 TICK_S = 0.5  # how often the sender looks for a new epoch in the journal
+RESOURCES_PLOT_S = 30.0  # how often the sender renders every rank's resources into one view (plots/resources.png)
 SENDER_NICE = 10  # the sender's CPU priority once the run exists (its start is at the ranks' priority)
 
 
@@ -172,6 +173,14 @@ class Sender:
             print(f"autocnnp: MLflow run at {self.uri.rstrip('/')}/#/experiments/{experiment}/runs/{run.info.run_id}",
                   file=sys.stderr, flush=True)
         return run.info.run_id
+
+    def log_resources(self) -> None:
+        """Every rank's step time, data wait, CPU and memory as one view, the run's ``plots/resources.png``."""
+        from autocnnp.training.monitor import plot_resources
+
+        plot = plot_resources(RunDir(self.rundir), self.folder / "resources.png")
+        if plot is not None and self.state.get("run_id"):
+            self.client().log_artifact(self.state["run_id"], str(plot), "plots")
 
     def stop_requested(self) -> str | None:
         """Who asked, when the MLflow run carries the stop tag (set in the UI): the tag is taken off (a resumed run
@@ -375,12 +384,12 @@ def _background() -> None:
 def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) -> int:
     """The sender: every ``interval_s``, and as soon as an epoch ends, turn new resource samples into events and
     send the journal, and pass on a stop asked for in the MLflow UI (the run's tag ``autocnnp.stop``, any value)
-    as run & manage's stop request; on SIGTERM (the run ended, or its starter is gone) send what is left and end. Tells once
-    when the store is down. It starts at its starter's CPU priority (the run is in MLflow at once) and then
-    leaves the cores to training."""
+    as run & manage's stop request; every ``RESOURCES_PLOT_S`` the ranks' resources as one view; on SIGTERM (the
+    run ended, or its starter is gone) send what is left and end. Tells once when the store is down. It starts
+    at its starter's CPU priority (the run is in MLflow at once) and then leaves the cores to training."""
     journal = Journal(RunDir(rundir).tracking / JOURNAL)
     sender, tail = Sender(rundir, tracking_uri, experiment), SystemTail(RunDir(rundir))
-    warned, failing, niced, due = False, False, False, 0.0
+    warned, failing, niced, due, plotted = False, False, False, 0.0, 0.0
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGTERM})
@@ -396,6 +405,9 @@ def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) 
             sender.send()
             if not stopping and journal.is_open() and (who := sender.stop_requested()):
                 atomic_write(RunDir(rundir).stop_request, who + "\n")  # the ranks stop at the epoch's end
+            if sender.state.get("run_id") and (stopping or time.monotonic() >= plotted + RESOURCES_PLOT_S):
+                plotted = time.monotonic()
+                sender.log_resources()
             failing = False
         except Exception as exc:  # noqa: BLE001 - the store is down, refuses, or mlflow is missing
             failing = True
