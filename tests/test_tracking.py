@@ -44,8 +44,7 @@ def free_port() -> int:
 
 def the_run(client: MlflowClient, experiment: str = "job"):
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    return runs
+    return client.search_runs([exp.experiment_id]) if exp else []
 
 
 def test_trackers_are_checked_with_the_job(cli, tmp_path):
