@@ -208,6 +208,8 @@ class Sender:
         metrics, params, tags = [], [], []
         for event in events:
             kind = event["kind"]
+            if kind in ("start", "end"):
+                self.state["running"] = kind == "start"  # whether the run goes on (a stop request is for it)
             if kind == "start":
                 run_id = self._run(event)
                 if not self.state.get("params_logged"):
@@ -403,7 +405,7 @@ def follow(rundir: Path, tracking_uri: str, experiment: str, interval_s: float) 
             sender.client()  # the first time: mlflow and the store, before the first event
             tail.read(journal)
             sender.send()
-            if not stopping and journal.is_open() and (who := sender.stop_requested()):
+            if not stopping and sender.state.get("running") and (who := sender.stop_requested()):
                 atomic_write(RunDir(rundir).stop_request, who + "\n")  # the ranks stop at the epoch's end
             if sender.state.get("run_id") and (stopping or time.monotonic() >= plotted + RESOURCES_PLOT_S):
                 plotted = time.monotonic()
