@@ -99,6 +99,7 @@ def run(job: Job) -> int:
         check_srun(job)
     elif mode == "mpirun" and shutil.which("mpirun") is None:
         raise JobError(job.spec.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
+    rundir = job.generator.rundir
     if mode == "inplace":  # this process is a rank: rank 0 owns the folder for all of them
         from .worker import run_rank  # imports torch: only where this process trains
 
@@ -109,50 +110,56 @@ def run(job: Job) -> int:
     with lock.own_output(job, front_end=True), contextlib.ExitStack() as stack:
         preflight.check_framework(job)
         preflight.check_output(job)
-        return _attempts(job, mode, stack)
+        attempt, tracking = 0, None
+        while True:
+            try:
+                now = _ready(job)
+            except (JobError, DataError) as exc:
+                if not attempt:
+                    raise
+                problem = f"restart {attempt} could not start: {exc}"
+                manifest.record_failure(rundir, problem)
+                print(f"autocnnp: {problem}", file=sys.stderr, flush=True)
+                return ExitCode.FAILED
+            tracking = tracking or _tracking(now, mode, stack)
+            cmd, env = build_command(now, {**os.environ, **(tracking.environment if tracking else {})})
+            code, problem = _supervised(cmd, env, now, tracking)
+            restart = code == ExitCode.FAILED and attempt < job.launch.max_restarts
+            if code == ExitCode.FAILED:
+                manifest.record_failure(rundir, problem, restart=attempt + 1 if restart else None)
+            if not restart:
+                return code
+            attempt += 1
+            delay = job.launch.restart_backoff_s * 2 ** (attempt - 1)
+            print(f"autocnnp: restart {attempt} of {job.launch.max_restarts} in {delay:g} s from the latest "
+                  f"checkpoint (after: {problem})", file=sys.stderr, flush=True)
+            time.sleep(delay)
 
 
-def _attempts(job: Job, mode: str, stack: contextlib.ExitStack) -> int:
-    """Start the job and restart it from its latest checkpoint as ``max_restarts`` allows. The mlflow tracker's
-    run & manage side starts with the first attempt that passed the checks (closed with ``stack``) and ends
-    the MLflow run of each attempt, however it ended."""
-    rundir = job.generator.rundir
-    attempt, tracking = 0, None
-    while True:
-        try:
-            now = _ready(job)
-        except (JobError, DataError) as exc:
-            if not attempt:
-                raise
-            problem = f"restart {attempt} could not start: {exc}"
-            manifest.record_failure(rundir, problem)
-            print(f"autocnnp: {problem}", file=sys.stderr, flush=True)
-            return ExitCode.FAILED
-        mlflow = next((config for entry, config in now.trackers if entry.name == "mlflow"), None)
-        if tracking is None and mlflow is not None:
-            tracking = mlflow_tracking.FrontEnd(mlflow, manifest.run_info(now, mode))
-            stack.callback(tracking.close)
-        cmd, env = build_command(now, {**os.environ, **(tracking.environment if tracking else {})})
+def _tracking(job: Job, mode: str, stack: contextlib.ExitStack) -> mlflow_tracking.FrontEnd | None:
+    """The mlflow tracker's run & manage side (its sender, closed with ``stack``), if the job has that tracker:
+    started with the first attempt that passed the checks."""
+    config = next((config for entry, config in job.trackers if entry.name == "mlflow"), None)
+    if config is None:
+        return None
+    tracking = mlflow_tracking.FrontEnd(config, manifest.run_info(job, mode))
+    stack.callback(tracking.close)
+    return tracking
+
+
+def _supervised(cmd: list[str], env: dict, job: Job, tracking) -> tuple[ExitCode, str | None]:
+    """One attempt, watched (``supervise``); its MLflow run (``tracking``) starts with it and ends however it ends."""
+    if tracking:
+        tracking.started()
+    try:
+        code, problem = supervise(cmd, env, job.generator.rundir, job.generator.world_size, job.launch)
+    except Interrupted:
         if tracking:
-            tracking.started()
-        try:
-            code, problem = supervise(cmd, env, rundir, now.generator.world_size, now.launch)
-        except Interrupted:
-            if tracking:
-                tracking.ended("terminated")
-            raise
-        if tracking:
-            tracking.ended(ENDS.get(code, "failed"))
-        restart = code == ExitCode.FAILED and attempt < job.launch.max_restarts
-        if code == ExitCode.FAILED:
-            manifest.record_failure(rundir, problem, restart=attempt + 1 if restart else None)
-        if not restart:
-            return code
-        attempt += 1
-        delay = job.launch.restart_backoff_s * 2 ** (attempt - 1)
-        print(f"autocnnp: restart {attempt} of {job.launch.max_restarts} in {delay:g} s from the latest "
-              f"checkpoint (after: {problem})", file=sys.stderr, flush=True)
-        time.sleep(delay)
+            tracking.ended("terminated")
+        raise
+    if tracking:
+        tracking.ended(ENDS.get(code, "failed"))
+    return code, problem
 
 
 def _ready(job: Job) -> Job:
