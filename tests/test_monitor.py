@@ -1,6 +1,7 @@
 """Tests for run monitoring: divergence guard, resource sampler, Monitor outputs and plots."""
 
 import csv
+import json
 import math
 
 import pytest
@@ -8,7 +9,7 @@ import pytest
 from autocnnp.components.trackers.files import Config as FilesConfig
 from autocnnp.components.trackers.files import Files
 from autocnnp.core.rundir import RunDir
-from autocnnp.generator.protocols import RunInfo
+from autocnnp.generator.protocols import RunInfo, Tracker
 from autocnnp.training.monitor import (
     RESOURCE_COLUMNS,
     Diverged,
@@ -16,6 +17,7 @@ from autocnnp.training.monitor import (
     Monitor,
     MonitoringConfig,
     ResourceSampler,
+    StragglerWatch,
     plot_run,
 )
 
@@ -122,6 +124,7 @@ def test_resource_sampler_rows(tmp_path):
     assert tuple(rows[0]) == RESOURCE_COLUMNS
     assert all(row["rank"] == "3" and float(row["rss_mb"]) > 0 for row in rows)
     assert float(rows[-1]["time_s"]) >= float(rows[0]["time_s"])
+    assert rows[0]["cpu_percent"] == ""  # the first row comes right after psutil's priming call: no share yet
 
 
 # ---------------------------------------------------------------- Monitor
@@ -227,3 +230,28 @@ def test_non_zero_rank_writes_only_resources(tmp_path):
     assert not (tmp_path / "tensorboard").exists()
     rows = read_rows(tmp_path / "resources" / "rank1.csv")
     assert len(rows) >= 2 and all(r["rank"] == "1" for r in rows)
+
+
+def test_a_rank_whose_steps_stay_slow_is_flagged_once(tmp_path, capsys):
+    from autocnnp.run.manifest import Stragglers
+
+    watch = StragglerWatch()
+    assert watch.update([0.1, 0.1, 0.4, 0.1]) == []  # one slow epoch: not yet
+    assert watch.update([0.1, 0.1, 0.4, 0.1]) == [(2, 0.4, 0.1)]  # stays slow: flagged
+    assert watch.update([0.1, 0.1, 0.4, 0.1]) == [] and watch.update([0.1, 0.12, 0.14, 0.1]) == []  # once; 1.4x: no
+    assert StragglerWatch().update([0.2]) == []
+    info = RunInfo("job", tmp_path, {}, {}, {})
+    seen = []
+
+    class Seen(Tracker):
+        def straggler(self, *args):
+            seen.append(args)
+
+    with Monitor(RunDir(tmp_path), 0, 2, config(), 3, STEPS, 0, trackers=[Seen(info=info), Stragglers(info=info)]) as monitor:
+        for epoch in range(3):
+            monitor.epoch_end(epoch, epoch_metrics(epoch), [0.1, 0.3])
+    err = capsys.readouterr().err
+    assert err.count("straggler") == 1 and "rank 1 is a straggler: its steps took 3.0 x the ranks' median" in err
+    assert seen == [(1, 1, 0.3, 0.1)]
+    manifest = json.loads(RunDir(tmp_path).manifest.read_text())
+    assert manifest["stragglers"] == [{"rank": 1, "epoch": 2, "step_ms": 300.0, "median_ms": 100.0}]

@@ -4,6 +4,7 @@ parent runs of `run --repeat`, and `autocnnp dashboard` stopped with every proce
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -22,11 +23,12 @@ DATA = synthetic_data(16, 4, size=16)
 HYPER = dict(minibatch_size=2, end_epoch=3, lr=0.05, optimiser="sgd")
 
 
-def tracked_job(tmp_path: Path, tracker: str = "files,mlflow", extra: str = "") -> Path:
+def tracked_job(tmp_path: Path, tracker: str = "files,mlflow", extra: str = "", **hyper) -> Path:
     monitoring = (f'<monitoring><property name="tracker">{tracker}</property><property name="progress">false</property>'
                   f'<property name="sample_interval_s">0.2</property><property name="system_interval_s">0.5</property>'
                   f'{extra}</monitoring>')
-    return write_job(tmp_path / "job.xml", output="runs/out", arch=TINY_UNET, data=DATA, hyper=HYPER, extra=monitoring)
+    return write_job(tmp_path / "job.xml", output="runs/out", arch=TINY_UNET, data=DATA, hyper={**HYPER, **hyper},
+                     extra=monitoring)
 
 
 def autocnnp(*args, timeout: float = 300) -> subprocess.CompletedProcess:
@@ -42,8 +44,7 @@ def free_port() -> int:
 
 def the_run(client: MlflowClient, experiment: str = "job"):
     exp = client.get_experiment_by_name(experiment)
-    runs = client.search_runs([exp.experiment_id])
-    return runs
+    return client.search_runs([exp.experiment_id]) if exp else []
 
 
 def test_trackers_are_checked_with_the_job(cli, tmp_path):
@@ -90,6 +91,9 @@ def test_a_server_that_is_down_loses_nothing(tmp_path):
     assert done.stderr.count(f"the MLflow store http://127.0.0.1:{port} cannot be reached") == 1
     rundir = tmp_path / "runs" / "out"
     assert (rundir / "tracking" / "mlflow-events.jsonl").stat().st_size > 0
+    unsent = autocnnp("track", "sync", rundir)  # to the store the job named, still down: never a local one
+    assert unsent.returncode == 2 and f"the MLflow store http://127.0.0.1:{port} cannot" in unsent.stderr
+    assert not (tmp_path / "runs" / "mlflow").exists()
     store = tmp_path / "later.db"
     synced = autocnnp("track", "sync", rundir, "--tracking-uri", f"sqlite:///{store}")
     assert synced.returncode == 0, synced.stderr
@@ -141,13 +145,158 @@ def test_dashboard_serves_a_run_from_a_real_server_and_stops_every_process(tmp_p
 
 
 def _in_session(sid: int) -> list[int]:
-    """Live processes of the dashboard's session (the server and what it started)."""
+    """Live processes of a session (the dashboard's: the server and what it started)."""
+    return _running("", sid)
+
+
+def _running(command: str, sid: int | None = None) -> list[int]:
+    """Live processes whose command line holds ``command`` (of session ``sid``)."""
     alive = []
     for entry in os.listdir("/proc"):
         if entry.isdigit():
             try:
-                if os.getsid(int(entry)) == sid and Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                proc = Path(f"/proc/{entry}")
+                if ((sid is None or os.getsid(int(entry)) == sid) and command.encode() in (proc / "cmdline").read_bytes()
+                        and (proc / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"):
                     alive.append(int(entry))
             except OSError:
                 pass
     return alive
+
+
+def journal_run(rundir: Path, *events: tuple[str, dict]) -> Path:
+    """A run folder whose mlflow journal holds a start and then ``events``."""
+    from autocnnp.components.trackers.mlflow_tracking import JOURNAL, Journal
+
+    journal = Journal(rundir / "tracking" / JOURNAL)
+    journal.add("start", name="job", run_name=rundir.name, params={"lr": 0.1}, tags={}, artifacts={}, parent=None)
+    for kind, event in events:
+        journal.add(kind, **event)
+    return rundir
+
+
+def test_every_end_of_a_run_closes_its_mlflow_run_once(tmp_path, cli):
+    from autocnnp.components.trackers.mlflow_tracking import Sender, close_journal
+
+    ends = {"completed": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "stopped": "KILLED",
+            "terminated": "KILLED", "killed": "KILLED"}
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    for status, expected in ends.items():
+        rundir = journal_run(tmp_path / status, ("epoch", dict(step=1, values={"dice_fg": 0.5})))
+        assert close_journal(rundir, status) and not close_journal(rundir, "failed")  # once: rank 0 or run & manage
+        sender = Sender(rundir, uri)
+        sender.send()
+        run = MlflowClient(uri).get_run(sender.state["run_id"])
+        assert (run.info.status, run.data.metrics["dice_fg"]) == (expected, 0.5), status
+        assert run.info.end_time and run.info.end_time >= run.info.start_time
+    restarted = Sender(journal_run(tmp_path / "completed"), uri)  # a restart: the same MLflow run, running again
+    restarted.send()
+    assert MlflowClient(uri).get_run(restarted.state["run_id"]).info.status == "RUNNING"
+    rc, _, err = cli("track", "sync", tmp_path / "completed")  # nobody holds the run: it was killed
+    assert rc == 0 and "closing it as KILLED" in err
+    assert MlflowClient(uri).get_run(restarted.state["run_id"]).info.status == "KILLED"
+
+
+def test_runs_show_as_model_training_in_mlflow_ui(tmp_path):
+    from autocnnp.components.trackers.mlflow_tracking import Sender
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client = MlflowClient(uri)
+    client.create_experiment("job")  # made by an earlier version, or by hand: MLflow 3 opens it as GenAI
+    Sender(journal_run(tmp_path / "a"), uri).send()
+    Sender(journal_run(tmp_path / "b"), uri, "other").send()
+    for name in ("job", "other"):
+        assert client.get_experiment_by_name(name).tags["mlflow.experimentKind"] == "custom_model_development"
+
+
+def test_the_sender_sends_an_epoch_at_once_and_records_the_store_first(tmp_path):
+    from autocnnp.components.trackers.mlflow_tracking import JOURNAL, Config, Follower, Journal, Sender
+
+    port = free_port()  # nothing listens there
+    down = Follower(journal_run(tmp_path / "down"), Config(tracking_uri=f"http://127.0.0.1:{port}"))
+    down.stop()
+    assert Sender(tmp_path / "down").uri == f"http://127.0.0.1:{port}"  # `track sync` goes there, not to SQLite
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    client, run = MlflowClient(uri), None
+    client.search_experiments()  # the store made here: two processes must not make it at once
+    rundir = journal_run(tmp_path / "up")
+    follower = Follower(rundir, Config(tracking_uri=uri, system_interval_s=600))
+    try:
+        deadline = time.monotonic() + 60
+        while run is None and time.monotonic() < deadline:  # the run exists before the first interval
+            time.sleep(0.2)
+            experiment = client.get_experiment_by_name("job")
+            run = experiment and next(iter(client.search_runs([experiment.experiment_id])), None)
+        assert run is not None
+        Journal(rundir / "tracking" / JOURNAL).add("epoch", step=1, values={"dice_fg": 0.25})
+        sent = time.monotonic()
+        while not client.get_run(run.info.run_id).data.metrics and time.monotonic() < sent + 10:
+            time.sleep(0.2)
+        assert client.get_run(run.info.run_id).data.metrics == {"dice_fg": 0.25}
+    finally:
+        follower.stop()
+
+
+@pytest.mark.ranks
+def test_every_way_a_run_ends_ends_its_mlflow_run(tmp_path):
+    """Its ranks killed: FAILED; run & manage stopped by SIGTERM (kill, scancel): KILLED, and a resumed run goes
+    on with the same MLflow run; run & manage killed by SIGKILL: `track sync` closes it as KILLED. Each with its
+    end time."""
+    job = tracked_job(tmp_path, "mlflow", end_epoch=50)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}")
+    for target, sig, status in (("ranks", signal.SIGKILL, "FAILED"), ("run", signal.SIGTERM, "KILLED"),
+                                ("run", signal.SIGKILL, "RUNNING")):
+        run = subprocess.Popen([sys.executable, "-m", "autocnnp", "run", str(job)], stdout=subprocess.PIPE,
+                               stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        try:
+            for line in run.stdout:  # until an epoch is done: the run is in MLflow
+                if line.startswith("epoch"):
+                    break
+            for pid in [run.pid] if target == "run" else _running(f"autocnnp.run.worker\0{job}"):
+                os.kill(pid, sig)
+            run.wait(90)
+            deadline = time.monotonic() + 60
+            while _in_session(run.pid) and time.monotonic() < deadline:  # the sender sends what it has, and ends
+                time.sleep(0.2)
+        finally:
+            if run.poll() is None:
+                os.killpg(run.pid, signal.SIGKILL)
+                run.wait()
+        (mlflow_run,) = the_run(client)
+        assert mlflow_run.info.status == status, (target, sig)
+        assert mlflow_run.info.end_time or status == "RUNNING"
+    assert autocnnp("track", "sync", tmp_path / "runs" / "out").returncode == 0
+    (mlflow_run,) = the_run(client)
+    assert mlflow_run.info.status == "KILLED" and mlflow_run.info.end_time
+
+
+@pytest.mark.ranks
+def test_the_user_stops_a_run_from_the_dashboard(tmp_path):
+    """The MLflow UI's run tag autocnnp.stop: the ranks stop at the epoch's end with a checkpoint, as Ctrl-C does,
+    exit 75, recorded as stopped by the user; the tag is taken off, so the same command resumes the run. The
+    ranks' resources are one view in the run (plots/resources.png), without the files tracker too."""
+    job = tracked_job(tmp_path, "mlflow", end_epoch=50)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs' / 'mlflow' / 'mlflow.db'}")
+    run = subprocess.Popen([sys.executable, "-m", "autocnnp", "run", str(job)], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        assert run.stdout.readline().startswith("epoch 1/50")
+        deadline = time.monotonic() + 60
+        while not (runs := the_run(client)) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        client.set_tag(runs[0].info.run_id, "autocnnp.stop", "enough")
+        out, err = run.communicate(timeout=120)
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+            run.wait()
+    assert run.returncode == 75 and "asked by the user, from the dashboard" in err, err[-2000:]
+    epochs = int(out.strip().splitlines()[-1].split()[1].split("/")[0])
+    assert epochs < 50 and (tmp_path / "runs" / "out" / "checkpoints").is_dir()
+    manifest = json.loads((tmp_path / "runs" / "out" / "manifest.json").read_text())
+    assert manifest["status"] == "stopped" and "the user, from the dashboard" in manifest["invocations"][-1]["message"]
+    (mlflow_run,) = the_run(client)
+    assert mlflow_run.info.status == "KILLED" and "autocnnp.stop" not in mlflow_run.data.tags
+    assert mlflow_run.data.tags["autocnnp.stopped_by"].startswith("the user, from the dashboard")
+    plots = {a.path for a in client.list_artifacts(mlflow_run.info.run_id, "plots")}
+    assert "plots/resources.png" in plots  # every rank's step time, data wait, CPU and memory in one view, live

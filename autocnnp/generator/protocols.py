@@ -545,9 +545,9 @@ class RunInfo:
 class Tracker:
     """Where a run's events go besides ``metrics.csv`` (which every run writes), on rank 0:
     ``Tracker(config, info=RunInfo)``. The monitor calls ``step`` every ``log_every_steps`` optimizer steps,
-    ``epoch_end`` after every epoch and ``close(status)`` once, with ``completed``, ``failed``, ``diverged``
-    or ``stopped``. A tracker never stops training: a tracker that fails keeps what it could not send and
-    says so once."""
+    ``epoch_end`` after every epoch, ``straggler`` when a rank lags and ``close(status)`` once, with
+    ``completed``, ``failed``, ``diverged`` or ``stopped``. A tracker never stops training: a tracker that
+    fails keeps what it could not send and says so once."""
 
     def __init__(self, config: Any = None, *, info: RunInfo):
         self.config, self.info = config, info
@@ -557,6 +557,9 @@ class Tracker:
 
     def epoch_end(self, epoch: int, metrics: dict[str, float], global_step: int) -> None:
         """The metrics of epoch ``epoch`` (0-based), reached at ``global_step``."""
+
+    def straggler(self, epoch: int, rank: int, step_s: float, median_s: float) -> None:
+        """Rank ``rank``'s mean step time (``step_s``) stayed above 1.5 x the ranks' median up to epoch ``epoch``."""
 
     def close(self, status: str) -> None:
         """The run ended (plots, manifest and checkpoints are on disk)."""

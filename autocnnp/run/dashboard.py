@@ -2,7 +2,7 @@
 ``autocnnp track sync`` (send what a tracker could not, e.g. while the tracking server was down).
 
 * ``autocnnp dashboard [JOB.xml] [--store DIR | --tracking-uri URI] [--host H] [--port P]``
-* ``autocnnp track sync RUN_DIR [--tracking-uri URI]``
+* ``autocnnp track sync RUN_DIR [--tracking-uri URI]`` (a run killed with SIGKILL: its MLflow run is closed as KILLED)
 
 The dashboard is ``mlflow server`` started in a session of its own and stopped with everything it
 started (it leaves helper processes behind when only the server is killed); it serves until Ctrl-C.
@@ -17,11 +17,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..components.trackers.mlflow_tracking import Sender, store_of
+from ..components.trackers.mlflow_tracking import Sender, close_journal, store_of
 from ..core.errors import Interrupted, JobError
 from ..core.rundir import RunDir
 from . import processes
 from .job import load_job
+from .lock import is_held
 
 START_TIMEOUT_S = 120.0
 MLFLOW_HINT = "install it with `make venv` (requirements/test.txt pins mlflow) or pip install mlflow"
@@ -86,6 +87,9 @@ def cmd_track_sync(args) -> int:
         raise JobError(rundir.root, "this run folder has no tracking journal (its job had no mlflow tracker)",
                        "name the output folder of a run whose <monitoring> tracker includes mlflow")
     sender = Sender(rundir.root, args.tracking_uri or "")
+    if not is_held(rundir) and close_journal(rundir.root, "killed", last_word=True):  # its ranks and run & manage were killed
+        print(f"autocnnp: the run in {rundir.root} ended without closing its MLflow run: closing it as KILLED",
+              file=sys.stderr)
     try:
         sent = sender.send()
     except Exception as exc:  # noqa: BLE001 - the store does not answer or refuses

@@ -14,7 +14,9 @@ import sys
 import time
 from pathlib import Path
 
-from ..core.errors import DataError, ExitCode, JobError
+from ..components.trackers import mlflow_tracking
+from ..components.trackers.mlflow_tracking import FOLLOWED
+from ..core.errors import DataError, ExitCode, Interrupted, JobError
 from ..core.files import WriteRefused, atomic_write
 from ..core.world import discover_world, launcher_name
 from ..generator.overrides import apply_overrides
@@ -22,11 +24,12 @@ from . import lock, manifest, preflight
 from .config import LaunchConfig
 from .hosts import check_hosts, parse_hostfile
 from .job import Job, load_job
+from .manifest import PARENT_RUN
 from .slurm import check_srun, srun_command
-from .supervise import supervise
+from .supervise import SUPERVISED, supervise
 
-PARENT_RUN = "AUTOCNNP_PARENT_RUN"  # the run folder of the parent of the runs started in the block (trackers)
-SUPERVISED = "AUTOCNNP_SUPERVISED"  # set for ranks whose launch run & manage watches: it names a failure's cause
+# how an attempt ended, for its trackers (any other exit code: it failed)
+ENDS = {ExitCode.OK: "completed", ExitCode.DIVERGED: "diverged", ExitCode.STOPPED: "stopped"}
 
 
 @contextlib.contextmanager
@@ -80,7 +83,7 @@ def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
         cmd += ["--hostfile", str(launch.hostfile)]
     if launch.launch_agent:  # how mpirun reaches the other hosts (default: ssh)
         cmd += ["--mca", "plm_rsh_agent", launch.launch_agent]
-    for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS", SUPERVISED):
+    for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS", PARENT_RUN, FOLLOWED, SUPERVISED):
         if name in child_env:
             cmd += ["-x", name]
     if os.geteuid() == 0:  # containers and CI often run as root; Open MPI refuses that by default
@@ -105,10 +108,10 @@ def run(job: Job) -> int:
             return run_rank(job)
         with lock.own_output(job, front_end=False):
             return run_rank(job)
-    with lock.own_output(job, front_end=True) as claim:
+    with lock.own_output(job, front_end=True) as claim, contextlib.ExitStack() as stack:
         preflight.check_framework(job)
         preflight.check_output(job)
-        attempt = 0
+        attempt, tracking = 0, None
         while True:
             try:
                 now = _ready(job)
@@ -119,9 +122,10 @@ def run(job: Job) -> int:
                 _record_failure(rundir, problem)
                 print(f"autocnnp: {problem}", file=sys.stderr, flush=True)
                 return ExitCode.FAILED
-            cmd, env = build_command(now)
             claim.keep()
-            code, problem = supervise(cmd, env, rundir, now.generator.world_size, now.launch)
+            tracking = tracking or _tracking(now, mode, stack)
+            cmd, env = build_command(now, {**os.environ, **(tracking.environment if tracking else {})})
+            code, problem = _supervised(cmd, env, now, tracking)
             restart = code == ExitCode.FAILED and attempt < job.launch.max_restarts
             if code == ExitCode.FAILED:
                 _record_failure(rundir, problem, restart=attempt + 1 if restart else None)
@@ -138,6 +142,32 @@ def _record_failure(rundir, problem: str, restart: int | None = None) -> None:
     """The failure in the manifest, unless the filesystem refuses it (the console said why the job failed)."""
     with contextlib.suppress(WriteRefused):
         manifest.record_failure(rundir, problem, restart=restart)
+
+
+def _tracking(job: Job, mode: str, stack: contextlib.ExitStack) -> mlflow_tracking.FrontEnd | None:
+    """The mlflow tracker's run & manage side (its sender, closed with ``stack``), if the job has that tracker:
+    started with the first attempt that passed the checks."""
+    config = next((config for entry, config in job.trackers if entry.name == "mlflow"), None)
+    if config is None:
+        return None
+    tracking = mlflow_tracking.FrontEnd(config, manifest.run_info(job, mode))
+    stack.callback(tracking.close)
+    return tracking
+
+
+def _supervised(cmd: list[str], env: dict, job: Job, tracking) -> tuple[ExitCode, str | None]:
+    """One attempt, watched (``supervise``); its MLflow run (``tracking``) starts with it and ends however it ends."""
+    if tracking:
+        tracking.started()
+    try:
+        code, problem = supervise(cmd, env, job.generator.rundir, job.generator.world_size, job.launch)
+    except Interrupted:
+        if tracking:
+            tracking.ended("terminated")
+        raise
+    if tracking:
+        tracking.ended(ENDS.get(code, "failed"))
+    return code, problem
 
 
 def _ready(job: Job) -> Job:

@@ -43,8 +43,11 @@ from .. import __version__
 from ..core.files import jsonable, read_json, sha256_file, sha256_text, write_json
 from ..core.rundir import RunDir
 from ..engine.values import describe
+from ..generator.protocols import RunInfo, Tracker
 from ..training.monitor import outcome
 from .job import Job
+
+PARENT_RUN = "AUTOCNNP_PARENT_RUN"  # the run folder of the parent of the runs started in the block (trackers)
 
 FORMAT = 1
 CONTENT_LIMIT = 512 * 2**20  # data_checksum=auto hashes contents up to this many bytes
@@ -375,3 +378,43 @@ def recording(job: Job, rank: int):
             finish(rundir, status, f"{type(exc).__name__}: {exc}")
         raise
     finish(rundir, "completed")
+
+
+def run_info(job: Job, launcher: str, first_step: int = 0) -> RunInfo:
+    """What the trackers learn of the run: the plan flattened into params, tags, the job and plan files; the
+    parent run from the environment (``run --repeat``, ``tune``)."""
+    gen = job.generator
+    plan = plan_record(job)
+    params = _flatten({k: v for k, v in plan.items() if k != "actions"})
+    for action in plan["actions"]:
+        params[action["type"]] = action["implementation"]
+        params.update(_flatten(action["parameters"], f"{action['type']}."))
+    plan_file = gen.rundir.tracking / "plan.json"
+    write_json(plan_file, plan)
+    parent = os.environ.get(PARENT_RUN)
+    tags = {"framework": gen.framework, "strategy": gen.action("dist_strategy").entry.name, "degree": str(gen.world_size),
+            "launcher": launcher, "architecture": gen.action("architecture_injection").entry.name,
+            "lr_policy": gen.action("lr_policy").entry.name, "data": gen.action("dataset_injection").entry.name}
+    return RunInfo(gen.job.file.stem, gen.rundir.root, params, tags, {"job": gen.job.file, "plan": plan_file},
+                   first_step=first_step, parent=Path(parent) if parent else None)
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, str]:
+    out = {}
+    for key, value in values.items():
+        if isinstance(value, dict):
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
+    return out
+
+
+class Stragglers(Tracker):
+    """The manifest as a tracker (rank 0): the ranks flagged as stragglers, as they are flagged."""
+
+    def straggler(self, epoch: int, rank: int, step_s: float, median_s: float) -> None:
+        rundir = RunDir(self.info.rundir)
+        manifest = read(rundir) or {}
+        manifest.setdefault("stragglers", []).append(
+            {"rank": rank, "epoch": epoch + 1, "step_ms": round(1000 * step_s, 2), "median_ms": round(1000 * median_s, 2)})
+        write_json(rundir.manifest, manifest)

@@ -22,6 +22,8 @@ from ..core.rundir import RunDir
 from . import processes
 from .config import LaunchConfig
 
+SUPERVISED = "AUTOCNNP_SUPERVISED"  # set for ranks whose launch run & manage watches: it names a failure's cause
+
 STATUS_CHARS = 500  # of the message of a status file rewritten in place (within one filesystem block)
 # a rank's verdict that run & manage passes on as it is (any other exit of a rank is a failure)
 RANK_VERDICTS = (ExitCode.BAD_INPUT, ExitCode.DIVERGED, ExitCode.STOPPED)
@@ -142,7 +144,8 @@ def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
     shutil.rmtree(rundir.ranks, ignore_errors=True)  # ours: the run holds its folder's lock
     rundir.stop_request.unlink(missing_ok=True)
     rundir.ranks.mkdir(parents=True, exist_ok=True)
-    previous = signal.signal(signal.SIGUSR1, lambda *_: atomic_write(rundir.stop_request, "time limit\n"))
+    previous = signal.signal(signal.SIGUSR1,
+                             lambda *_: atomic_write(rundir.stop_request, "SIGUSR1 (Slurm's time-limit warning)\n"))
     proc = processes.start(cmd, env, stderr=subprocess.PIPE)
     stopping, killed = threading.Event(), {}
     forwarding = processes.forward_stderr(proc.stderr, sys.stderr, mute=stopping, killed=killed)

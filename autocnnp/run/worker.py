@@ -3,25 +3,22 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import subprocess
 import sys
 import traceback
-from pathlib import Path
 
 from ..core.errors import DataError, ExitCode, JobError
-from ..core.files import WriteRefused, append_text, refused_write, write_json
+from ..core.files import WriteRefused, append_text, refused_write
 from ..core.rundir import RunDir
 from ..core.world import discover_world, launcher_name
-from ..generator.protocols import RunInfo, Tracker, adopt
+from ..generator.protocols import Tracker, adopt
 from ..training.monitor import Diverged, StopRequested
 from . import manifest
 from .job import Job, load_job
-from .launch import PARENT_RUN, SUPERVISED
 from .processes import die_with_parent
-from .supervise import RankStatus
+from .supervise import SUPERVISED, RankStatus
 
 # the launchers (launcher_name) whose ranks are MPI's: MPI_Abort reaches every peer
 MPI_RANKS = ("ompi", "pmi", "slurm")
@@ -88,41 +85,18 @@ def train(job: Job, beat=lambda: None) -> dict[str, float]:
     manifest.record_run(job, run)
     trackers = start_trackers(job, run) if run.world.rank == 0 else []
     stop_request = job.generator.rundir.stop_request
-    return framework.fit(run, job.monitoring, beat=beat, should_stop=stop_request.exists, trackers=trackers)
-
-
-def run_info(job: Job, run) -> RunInfo:
-    """What the trackers learn of the run: the plan flattened into params, tags, the job and plan files."""
-    gen = job.generator
-    plan = manifest.plan_record(job)
-    params = _flatten({k: v for k, v in plan.items() if k != "actions"})
-    for action in plan["actions"]:
-        params[action["type"]] = action["implementation"]
-        params.update(_flatten(action["parameters"], f"{action['type']}."))
-    plan_file = gen.rundir.tracking / "plan.json"
-    write_json(plan_file, plan)
-    parent = os.environ.get(PARENT_RUN)
-    tags = {"framework": gen.framework, "strategy": gen.action("dist_strategy").entry.name, "degree": str(gen.world_size),
-            "launcher": launcher_name(os.environ) or "none", "architecture": gen.action("architecture_injection").entry.name,
-            "lr_policy": gen.action("lr_policy").entry.name, "data": gen.action("dataset_injection").entry.name}
-    return RunInfo(gen.job.file.stem, gen.rundir.root, params, tags, {"job": gen.job.file, "plan": plan_file},
-                   first_step=run.state.epoch * len(run.loader), parent=Path(parent) if parent else None)
-
-
-def _flatten(values: dict, prefix: str = "") -> dict[str, str]:
-    out = {}
-    for key, value in values.items():
-        if isinstance(value, dict):
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = json.dumps(value) if isinstance(value, (list, tuple)) else str(value)
-    return out
+    try:
+        return framework.fit(run, job.monitoring, beat=beat, should_stop=stop_request.exists, trackers=trackers)
+    except StopRequested as exc:  # who asked (Slurm's time limit, the user from the dashboard), for the record
+        who = stop_request.read_text().strip() if stop_request.exists() else ""
+        raise StopRequested(f"{exc} (asked by {who})" if who else str(exc)) from None
 
 
 def start_trackers(job: Job, run) -> list:
-    """The job's trackers (``<monitoring> tracker``), started on rank 0."""
-    info = run_info(job, run)
-    return [adopt(entry.load(), Tracker)(config, info=info) for entry, config in job.trackers]
+    """The job's trackers (``<monitoring> tracker``) and the manifest's record of stragglers, started on rank 0."""
+    info = manifest.run_info(job, launcher_name(os.environ) or "none", first_step=run.state.epoch * len(run.loader))
+    return [*(adopt(entry.load(), Tracker)(config, info=info) for entry, config in job.trackers),
+            manifest.Stragglers(info=info)]
 
 
 def run_rank(job: Job) -> int:

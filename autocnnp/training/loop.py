@@ -134,7 +134,9 @@ def train_epoch(run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
     run.checkpoints.on_epoch_end(epoch, metrics, state)
     run.policy.on_epoch_end(epoch, metrics)  # an adaptive LR policy (GreScale); metrics are the same on every rank
     beat()
-    monitor.epoch_end(epoch, metrics)
+    rank_step_s = sum_over_ranks(world, [monitor.mean_step_s() if r == world.rank else 0.0
+                                         for r in range(world.world_size)])  # every rank's, for the straggler watch
+    monitor.epoch_end(epoch, metrics, rank_step_s)
     return metrics
 
 

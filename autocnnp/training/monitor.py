@@ -11,6 +11,7 @@ import csv
 import io
 import math
 import socket
+import statistics
 import sys
 import threading
 import time
@@ -54,6 +55,27 @@ class Diverged(RuntimeError):
     def __init__(self, message: str, epoch: int, step: int, loss: float) -> None:
         super().__init__(message)
         self.epoch, self.step, self.loss = epoch, step, loss
+
+
+class StragglerWatch:
+    """Flags a rank whose mean step time stays above ``factor`` x the ranks' median for ``epochs`` epochs in a row
+    (once per such stretch). The median is a rank's own time (the lower middle one of an even number of ranks):
+    with two ranks, the faster one's."""
+
+    def __init__(self, factor: float = 1.5, epochs: int = 2) -> None:
+        self.factor, self.epochs = factor, epochs
+        self.stretch: dict[int, int] = {}
+
+    def update(self, step_s: list[float]) -> list[tuple[int, float, float]]:
+        """(rank, its step time, the median) of the ranks flagged at this epoch, from every rank's step time."""
+        median = statistics.median_low(step_s) if len(step_s) > 1 else 0.0
+        flagged = []
+        for rank, seconds in enumerate(step_s):
+            above = median > 0 and seconds > self.factor * median
+            self.stretch[rank] = self.stretch.get(rank, 0) + 1 if above else 0
+            if self.stretch[rank] == self.epochs:
+                flagged.append((rank, seconds, median))
+        return flagged
 
 
 class StopRequested(Exception):
@@ -142,7 +164,7 @@ class ResourceSampler:
             atomic_write(self.path, _csv_line(RESOURCE_COLUMNS))
         self._started = True
         self._process.cpu_percent(None)  # prime: the first call always reports 0
-        self._sample()
+        self._sample(cpu=False)  # a CPU share over no time yet is noise (thousands of %)
         self._thread = threading.Thread(
             target=self._run, name=f"resource-sampler-rank{self.rank}", daemon=True
         )
@@ -163,7 +185,7 @@ class ResourceSampler:
         while not self._stop.wait(self.interval_s) and self.failed is None:
             self._sample()
 
-    def _sample(self) -> None:
+    def _sample(self, cpu: bool = True) -> None:
         gpu_util = gpu_mem = ""
         if self._cuda:
             try:
@@ -176,7 +198,7 @@ class ResourceSampler:
             (
                 f"{time.time():.3f}",
                 self.rank,
-                f"{self._process.cpu_percent(None):.1f}",
+                f"{self._process.cpu_percent(None):.1f}" if cpu else "",
                 f"{self._process.memory_info().rss / 2**20:.1f}",
                 gpu_util,
                 gpu_mem,
@@ -223,6 +245,7 @@ class Monitor:
         self.start_epoch = start_epoch
         self.metrics_path = rundir.metrics
         self.trackers = list(trackers)
+        self.stragglers = StragglerWatch()
         self._closed = False
         self._bar = None
         self._columns: list[str] | None = None
@@ -245,8 +268,12 @@ class Monitor:
 
     def _reset_epoch_counters(self) -> None:
         self._epoch_t0 = self._last_step_t = time.perf_counter()
-        self._epoch_samples = 0
+        self._epoch_samples = self._epoch_steps = 0
         self._epoch_step_s = self._epoch_wait_s = 0.0
+
+    def mean_step_s(self) -> float:
+        """This rank's mean step time in the epoch so far (every rank)."""
+        return self._epoch_step_s / self._epoch_steps if self._epoch_steps else 0.0
 
     def _truncate_metrics(self) -> None:
         """Keep only the metrics.csv rows of the ``start_epoch`` epochs done."""
@@ -265,6 +292,7 @@ class Monitor:
         """Record one optimizer step: ``samples`` is this rank's batch size, ``step_s`` the step's time and
         ``data_wait_s`` the part of it spent waiting for the batch (sampled on every rank)."""
         self._sampler.record_step(step_s, data_wait_s)
+        self._epoch_steps += 1
         self._epoch_step_s += step_s
         self._epoch_wait_s += data_wait_s
         if self.rank != 0 or self._closed:
@@ -289,11 +317,13 @@ class Monitor:
         elapsed = self._last_step_t - self._epoch_t0
         return self._epoch_samples / elapsed if elapsed > 0 else 0.0
 
-    def epoch_end(self, epoch: int, metrics: dict[str, float]) -> None:
-        """Append the epoch's metrics to metrics.csv and TensorBoard; print a summary line."""
+    def epoch_end(self, epoch: int, metrics: dict[str, float], rank_step_s: list[float] = ()) -> None:
+        """Append the epoch's metrics to metrics.csv and TensorBoard; print a summary line; flag a straggler
+        from every rank's mean step time (``rank_step_s``, rank order)."""
         if self._sampler.failed is not None:
             raise self._sampler.failed
         if self.rank != 0 or self._closed:
+            self._reset_epoch_counters()
             return
         metrics = {name: float(value) for name, value in metrics.items()}
         self._append_metrics(epoch, metrics)
@@ -304,6 +334,12 @@ class Monitor:
                  f"data_wait={100 * waiting:.0f}%"]
         self._write_line(" ".join(parts), file=sys.stdout)
         sys.stdout.flush()
+        for rank, step_s, median_s in self.stragglers.update(list(rank_step_s)):
+            self._write_line(f"autocnnp: rank {rank} is a straggler: its steps took {step_s / median_s:.1f} x the "
+                             f"ranks' median ({1000 * step_s:.0f} ms against {1000 * median_s:.0f} ms) for "
+                             f"{self.stragglers.epochs} epochs in a row", file=sys.stderr)
+            for tracker in self.trackers:
+                tracker.straggler(epoch, rank, step_s, median_s)
         self._reset_epoch_counters()
 
     def _append_metrics(self, epoch: int, metrics: dict[str, float]) -> None:
@@ -389,7 +425,7 @@ def plot_run(rundir: RunDir) -> list[Path]:
 
     learning_curves.png: every ``*loss`` column; metrics.png: the SegEval metrics and the mean
     foreground Dice; classes.png: the Dice of every class and region (``dice/NAME``,
-    ``region_dice/NAME``); resources.png: CPU, RSS (and GPU) per rank over time.
+    ``region_dice/NAME``); resources.png: :func:`plot_resources`.
     """
     from matplotlib.figure import Figure  # Agg canvas, no pyplot global state
 
@@ -423,28 +459,40 @@ def plot_run(rundir: RunDir) -> list[Path]:
             ax.legend()
             save(fig, filename)
 
+    resources = plot_resources(rundir, plots / "resources.png")
+    return written + ([resources] if resources else [])
+
+
+def plot_resources(rundir: RunDir, path: Path) -> Path | None:
+    """Every rank's step time, time waiting for data, CPU and RSS (and GPU) over time into ``path``: a panel each,
+    every rank in each panel, so that a rank out of step stands out; None before the first sample."""
+    from matplotlib.figure import Figure
+
     tables = {}
-    for path in rundir.all_resource_samples():
-        rows = _read_csv(path)[1]
+    for samples in rundir.all_resource_samples():
+        rows = _read_csv(samples)[1]
         if rows:
             tables[int(rows[0]["rank"])] = rows
-    if tables:
-        t0 = min(float(rows[0]["time_s"]) for rows in tables.values())
-        panels = [("cpu_percent", "CPU %"), ("rss_mb", "RSS MB")]
-        panels += [
-            (name, label)
-            for name, label in (("gpu_util_percent", "GPU util %"), ("gpu_mem_mb", "GPU mem MB"))
-            if any(row[name] for rows in tables.values() for row in rows)
-        ]
-        fig = Figure(figsize=(7, 2.5 * len(panels)))
-        axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
-        for rank, rows in sorted(tables.items()):
-            times = [float(row["time_s"]) - t0 for row in rows]
-            for ax, (name, label) in zip(axes, panels):
-                ax.plot(times, _column(rows, name), label=f"rank {rank}")
-                ax.set_ylabel(label)
-                ax.grid(alpha=0.3)
-        axes[0].legend(fontsize="small", ncol=min(4, len(tables)))
-        axes[-1].set_xlabel("time [s]")
-        save(fig, "resources.png")
-    return written
+    if not tables:
+        return None
+    t0 = min(float(rows[0]["time_s"]) for rows in tables.values())
+    panels = [("step_ms", "step ms"), ("data_wait_ms", "data wait ms"), ("cpu_percent", "CPU %"), ("rss_mb", "RSS MB")]
+    panels += [
+        (name, label)
+        for name, label in (("gpu_util_percent", "GPU util %"), ("gpu_mem_mb", "GPU mem MB"))
+        if any(row[name] for rows in tables.values() for row in rows)
+    ]
+    fig = Figure(figsize=(7, 2.2 * len(panels)))
+    axes = fig.subplots(len(panels), 1, sharex=True, squeeze=False)[:, 0]
+    for rank, rows in sorted(tables.items()):
+        times = [float(row["time_s"]) - t0 for row in rows]
+        for ax, (name, label) in zip(axes, panels):
+            ax.plot(times, _column(rows, name), marker=".", markersize=3, label=f"rank {rank}")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+    axes[0].legend(fontsize="small", ncol=min(4, len(tables)))
+    axes[-1].set_xlabel("time [s]")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return path
