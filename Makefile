@@ -39,7 +39,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "$(FAST)"
 
 lint: venv
-	$(BIN)/ruff check autocnnp tests benchmarks
+	$(BIN)/ruff check autocnnp tests benchmarks examples
 
 bench: venv
 	$(BIN)/python benchmarks/engine_overhead.py

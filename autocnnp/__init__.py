@@ -1,14 +1,14 @@
 """autocnnp: XML job files to distributed data-parallel training of CNN segmentation models.
 
 The Python API (:mod:`autocnnp.api`) is offered here too, imported on first use so that ``import autocnnp``
-stays cheap: ``autocnnp.load``, ``autocnnp.validate``, ``autocnnp.plan``, ``autocnnp.run``, ..."""
+stays cheap: ``autocnnp.load``, ``autocnnp.validate``, ``autocnnp.plan``, ``autocnnp.train``, ..."""
 
 __version__ = "0.1.0"
 
 # the public names of autocnnp.api (its __all__; tests/test_api.py checks they agree)
 API = ("DataCheck", "DataError", "EvaluateOptions", "Evaluation", "ExitCode", "Job", "JobError", "Plan",
        "PredictOptions", "Prediction", "RunResult", "ScaleOptions", "ScaleReport", "Validation", "ZooModel",
-       "check_data", "evaluate", "load", "plan", "predict", "run", "scale", "validate", "zoo_fetch", "zoo_list", "zoo_publish",
+       "check_data", "evaluate", "load", "plan", "predict", "scale", "train", "validate", "zoo_fetch", "zoo_list", "zoo_publish",
        "zoo_show")
 __all__ = ["__version__", *API]
 

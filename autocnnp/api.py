@@ -37,7 +37,7 @@ from .tuning.scaling import Report as ScaleReport
 
 __all__ = ["DataCheck", "DataError", "EvaluateOptions", "Evaluation", "ExitCode", "Job", "JobError", "Plan",
            "PredictOptions", "Prediction", "RunResult", "ScaleOptions", "ScaleReport", "Validation", "ZooModel",
-           "check_data", "evaluate", "load", "plan", "predict", "run", "scale", "validate", "zoo_fetch", "zoo_list",
+           "check_data", "evaluate", "load", "plan", "predict", "scale", "train", "validate", "zoo_fetch", "zoo_list",
            "zoo_publish", "zoo_show"]
 
 JobSource = Job | str | os.PathLike
@@ -137,7 +137,7 @@ class RunResult:
         return self.exit_code == ExitCode.OK
 
 
-def run(job: JobSource, sets: Sets = (), *, repeat: int = 1, launcher: str | None = None) -> RunResult:
+def train(job: JobSource, sets: Sets = (), *, repeat: int = 1, launcher: str | None = None) -> RunResult:
     """Train the job as ``autocnnp run`` does: run & manage owns the output folder, checks everything,
     starts the ranks (``mpirun -np <parallelism-degree>``, or ``launcher``: auto, mpirun, srun, inplace),
     watches them and restarts a failed job up to ``max_restarts`` times; ``repeat`` K trains seeds

@@ -45,7 +45,7 @@ def cmd_plan(args) -> int:
 
 
 def cmd_run(args) -> int:
-    return api.run(args.job, args.set, repeat=args.repeat, launcher=args.launcher).exit_code
+    return api.train(args.job, args.set, repeat=args.repeat, launcher=args.launcher).exit_code
 
 
 def cmd_new(args) -> int:
