@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -92,6 +93,31 @@ def test_scale_returns_the_report():
     report = api.scale(api.ScaleOptions(preset="r2d2-unet", ranks="1,18"))
     assert isinstance(report, api.ScaleReport) and [row.world_size for row in report.rows] == [1, 18]
     assert report.rows[0].speedup == pytest.approx(1.0)
+
+
+def test_the_zoo_publishes_lists_shows_and_fetches_models(tmp_path):
+    pytest.importorskip("mlflow", reason="mlflow is pinned in requirements/test.txt (make venv)")
+    import torch
+
+    from autocnnp.components.architectures.unet import UNet
+
+    run, zoo = tmp_path / "run", str(tmp_path / "zoo")
+    (run / "checkpoints").mkdir(parents=True)
+    card = {"architecture": {"name": "unet"}, "classes": {"0": "background", "1": "organ"}, "in_channels": 1,
+            "job": {"text": "<system_config/>"}}
+    model = UNet(1, 2, depth=2, base_channels=4, norm="none").state_dict()
+    torch.save({"model": model, "epoch": 2, "model_card": card}, run / "checkpoints" / "ckpt-epoch0002.pt")
+    (run / "checkpoints" / "latest").write_text("ckpt-epoch0002.pt\n")
+    (run / "metrics.csv").write_text("epoch,dice_fg\n1,0.5\n2,0.75\n")
+    assert api.zoo_list(zoo) == []
+    published = api.zoo_publish(run, "organ", zoo=zoo)
+    assert (published.name, published.version, published.versions) == ("organ", 1, 1)
+    assert published.metrics == {"dice_fg": 0.75} and published.classes == ["background", "organ"]
+    assert api.zoo_publish(run, "organ", description="again", zoo=zoo).version == 2
+    assert [(m.name, m.version, m.versions, m.description) for m in api.zoo_list(zoo)] == [("organ", 2, 2, "again")]
+    assert dataclasses.replace(api.zoo_show("organ/1", zoo), versions=1) == published
+    fetched = api.zoo_fetch("zoo:organ/1", tmp_path / "pulled", zoo)
+    assert fetched.parent == tmp_path / "pulled" and torch.load(fetched, weights_only=False)["epoch"] == 2
 
 
 @pytest.mark.ranks
