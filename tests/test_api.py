@@ -58,6 +58,33 @@ def test_bad_input_raises_the_commands_error():
                                   "Hint: did you mean 'sgd'?")
 
 
+@pytest.fixture
+def fake_training(monkeypatch):
+    """run & manage's launch replaced by a run that writes a metrics row (dice 0.5 + seed / 10) and a manifest
+    with the outcome of the exit code it is given."""
+    from autocnnp.run import launch
+
+    def fake(code: int):
+        def run(job):
+            folder = job.generator.rundir
+            folder.root.mkdir(parents=True, exist_ok=True)
+            folder.metrics.write_text(f"epoch,dice\n1,{0.5 + job.generator.seed / 10}\n")
+            folder.manifest.write_text(json.dumps({"status": {0: "completed", 3: "diverged"}[code]}))
+            return code
+        monkeypatch.setattr(launch, "run", run)
+    return fake
+
+
+def test_train_returns_the_exit_code_outcome_folder_and_final_metrics(fake_training, tmp_path):
+    fake_training(3)
+    result = api.train(DEMO, {"output": tmp_path / "run"})
+    assert result == api.RunResult(3, "diverged", tmp_path / "run", {"epoch": 1, "dice": 0.5}) and not result.ok
+    fake_training(0)
+    result = api.train(DEMO, {"output": tmp_path / "set", "seed": 1}, repeat=2)  # seeds 1 and 2
+    assert (result.exit_code, result.outcome, result.run_dir) == (0, "completed", tmp_path / "set")
+    assert result.metrics == {"dice": pytest.approx(0.65)} and result.summary["dice"]["n"] == 2
+
+
 def test_predict_and_evaluate_return_what_they_wrote(tmp_path):
     import torch
 
