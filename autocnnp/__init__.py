@@ -6,10 +6,10 @@ stays cheap: ``autocnnp.load``, ``autocnnp.validate``, ``autocnnp.plan``, ``auto
 __version__ = "0.1.0"
 
 # the public names of autocnnp.api (its __all__; tests/test_api.py checks they agree)
-API = ("DataCheck", "DataError", "EvaluateOptions", "Evaluation", "ExitCode", "Job", "JobError", "Plan",
-       "PredictOptions", "Prediction", "RunResult", "ScaleOptions", "ScaleReport", "Validation", "ZooModel",
-       "check_data", "evaluate", "load", "plan", "predict", "scale", "train", "validate", "zoo_fetch", "zoo_list", "zoo_publish",
-       "zoo_show")
+API = ("DataCheck", "DataError", "EvaluateOptions", "Evaluation", "ExitCode", "Interrupted", "Job", "JobError",
+       "Plan", "PredictOptions", "Prediction", "RunResult", "ScaleOptions", "ScaleReport", "Validation", "ZooModel",
+       "check_data", "evaluate", "load", "plan", "predict", "scale", "train", "validate", "zoo_fetch", "zoo_list",
+       "zoo_publish", "zoo_show")
 __all__ = ["__version__", *API]
 
 

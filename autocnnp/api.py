@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import inference
-from .core.errors import DataError, ExitCode, JobError
+from .core.errors import DataError, ExitCode, Interrupted, JobError
 from .core.rundir import RunDir
 from .generator.overrides import apply_overrides, parse_sets
 from .generator.plan import render
@@ -35,10 +35,10 @@ from .tuning import scale as scaling
 from .tuning.scale import ScaleOptions
 from .tuning.scaling import Report as ScaleReport
 
-__all__ = ["DataCheck", "DataError", "EvaluateOptions", "Evaluation", "ExitCode", "Job", "JobError", "Plan",
-           "PredictOptions", "Prediction", "RunResult", "ScaleOptions", "ScaleReport", "Validation", "ZooModel",
-           "check_data", "evaluate", "load", "plan", "predict", "scale", "train", "validate", "zoo_fetch", "zoo_list",
-           "zoo_publish", "zoo_show"]
+__all__ = ["DataCheck", "DataError", "EvaluateOptions", "Evaluation", "ExitCode", "Interrupted", "Job", "JobError",
+           "Plan", "PredictOptions", "Prediction", "RunResult", "ScaleOptions", "ScaleReport", "Validation",
+           "ZooModel", "check_data", "evaluate", "load", "plan", "predict", "scale", "train", "validate", "zoo_fetch",
+           "zoo_list", "zoo_publish", "zoo_show"]  # autocnnp.API offers them from the package
 
 JobSource = Job | str | os.PathLike
 Sets = Sequence[str] | Mapping[str, object]
@@ -142,7 +142,8 @@ def train(job: JobSource, sets: Sets = (), *, repeat: int = 1, launcher: str | N
     starts the ranks (``mpirun -np <parallelism-degree>``, or ``launcher``: auto, mpirun, srun, inplace),
     watches them and restarts a failed job up to ``max_restarts`` times; ``repeat`` K trains seeds
     seed..seed+K-1 into ``output/seed-<s>/``. A refused job raises (nothing started); a failed or
-    stopped training is a result with its exit code."""
+    diverged training is a result with its exit code; Ctrl-C or SIGTERM stops every rank and raises
+    :class:`Interrupted` (``exit_code`` 128+N; the same call resumes from the latest checkpoint)."""
     loaded = load(job, sets)
     if launcher:
         loaded = loaded.with_cluster({"launcher": launcher})
