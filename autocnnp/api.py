@@ -78,7 +78,7 @@ class Validation:
     world_size: int
     strategy: str
     architecture: str
-    data: DataCheck | None = None  # None unless validate(data=True)
+    data: DataCheck | None = None  #: None unless validate(data=True)
 
     @property
     def ok(self) -> bool:
@@ -130,7 +130,7 @@ class RunResult:
     outcome: str
     run_dir: Path
     metrics: dict[str, float] = field(default_factory=dict)
-    summary: dict[str, dict[str, float]] = field(default_factory=dict)  # repeat: metric -> mean, std, n
+    summary: dict[str, dict[str, float]] = field(default_factory=dict)  #: repeat: metric -> mean, std, n
 
     @property
     def ok(self) -> bool:

@@ -56,21 +56,21 @@ POOLED_CONVENTION = ("from the confusion matrix summed over every voxel of the {
 class PredictOptions:
     """What ``predict`` segments, with what and where it writes (``autocnnp predict``'s options)."""
 
-    job: Path | str | None = None  # the job file of the run: for latest/best and the default input and output
-    sets: tuple[str, ...] = ()  # the job variant that was trained, KEY=VALUE (as ``autocnnp run --set``)
-    checkpoint: str = LATEST_POINTER  # latest, best, a checkpoint file, a latest/best file or a run folder
-    model: str | None = None  # a zoo model instead: zoo:NAME or zoo:NAME/VERSION
-    input: Path | str | None = None  # dataset, folder of NIfTI images or one image (default: the job's test set)
-    split: str = "test"  # which cases of a dataset input: test, training or all
-    out: Path | str | None = None  # folder for <case>.nii.gz (default: predictions/ in the job's output)
-    num_classes: int | None = None  # default: recorded in the checkpoint
-    batch_size: int | None = None  # slices per forward pass (default: see default_batch)
-    threads: int | None = None  # CPU threads (default: OMP_NUM_THREADS, else the usable cores)
-    precision: str = "auto"  # one of PRECISIONS
-    channels_last: bool | None = None  # default: on a GPU
-    probabilities: bool = False  # also write <case>_prob-<value>-<class>.nii.gz per class
-    tta: bool = False  # average over the slice and its two flips
-    device: str | None = None  # torch device (default cuda when available, else cpu)
+    job: Path | str | None = None  #: the job file of the run: for latest/best and the default input and output
+    sets: tuple[str, ...] = ()  #: the job variant that was trained, KEY=VALUE (as ``autocnnp run --set``)
+    checkpoint: str = LATEST_POINTER  #: latest, best, a checkpoint file, a latest/best file or a run folder
+    model: str | None = None  #: a zoo model instead: zoo:NAME or zoo:NAME/VERSION
+    input: Path | str | None = None  #: dataset, folder of NIfTI images or one image (default: the job's test set)
+    split: str = "test"  #: which cases of a dataset input: test, training or all
+    out: Path | str | None = None  #: folder for <case>.nii.gz (default: predictions/ in the job's output)
+    num_classes: int | None = None  #: default: recorded in the checkpoint
+    batch_size: int | None = None  #: slices per forward pass (default: see default_batch)
+    threads: int | None = None  #: CPU threads (default: OMP_NUM_THREADS, else the usable cores)
+    precision: str = "auto"  #: one of PRECISIONS
+    channels_last: bool | None = None  #: default: on a GPU
+    probabilities: bool = False  #: also write <case>_prob-<value>-<class>.nii.gz per class
+    tta: bool = False  #: average over the slice and its two flips
+    device: str | None = None  #: torch device (default cuda when available, else cpu)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,8 +80,8 @@ class Prediction:
     checkpoint: Path
     out: Path
     labels: dict[str, Path]
-    classes: tuple[str, ...]  # the class names the checkpoint records (empty when it records none)
-    ms_per_slice: float  # network time per slice
+    classes: tuple[str, ...]  #: the class names the checkpoint records (empty when it records none)
+    ms_per_slice: float  #: network time per slice
 
 
 NO_VOLUMES_HINT = ("to predict NIfTI volumes, train on volumes: `autocnnp synth DIR` writes a small Decathlon-layout "
@@ -409,12 +409,12 @@ def predict(options: PredictOptions) -> Prediction:
 class EvaluateOptions:
     """What ``evaluate`` scores against what (``autocnnp evaluate``'s options)."""
 
-    pred: Path | str  # folder of predicted label volumes (<case>.nii.gz)
-    ref: Path | str  # the dataset (dataset.json / CSV; held-out labels in labelsTs/) or a folder of label volumes
-    out: Path | str | None = None  # report file, .csv or .json (default PRED/metrics.csv)
-    num_classes: int | None = None  # default: the labels the dataset declares, else the largest label + 1
-    regions: str = REGIONS_DEFAULT  # auto, none, or NAME=1,2,3; NAME=2,3
-    workers: int = 1  # cases scored at once, each in its own process
+    pred: Path | str  #: folder of predicted label volumes (<case>.nii.gz)
+    ref: Path | str  #: the dataset (dataset.json / CSV; held-out labels in labelsTs/) or a folder of label volumes
+    out: Path | str | None = None  #: report file, .csv or .json (default PRED/metrics.csv)
+    num_classes: int | None = None  #: default: the labels the dataset declares, else the largest label + 1
+    regions: str = REGIONS_DEFAULT  #: auto, none, or NAME=1,2,3; NAME=2,3
+    workers: int = 1  #: cases scored at once, each in its own process
 
 
 @dataclasses.dataclass(frozen=True)

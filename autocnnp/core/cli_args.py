@@ -27,5 +27,7 @@ def count(text: str) -> int:
 
 
 def options_of(cls, args: argparse.Namespace):
-    """``cls`` (an options dataclass of the API) from the parsed command-line ``args`` of the same names."""
-    return cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)})
+    """``cls`` (an options dataclass of the API) from the parsed command-line ``args`` of the same names
+    (repeated options as tuples)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})

@@ -308,23 +308,23 @@ PRESETS = {
 class ScaleOptions:
     """What ``scale`` predicts (``autocnnp scale``'s options): a job (profiled here) or a preset."""
 
-    job: Path | str | None = None  # the job file (not with preset)
-    sets: tuple[str, ...] = ()  # overrides of the job, KEY=VALUE
-    preset: str | None = None  # instead of a job: one of PRESETS (R2D2's experiments)
-    link: str | None = None  # one of LINKS or measured (default: measured for a job, the preset's link)
-    bandwidth_gbps: float | None = None  # overrides the link's bandwidth (Gb/s)
-    latency_us: float | None = None  # overrides the link's latency (microseconds)
-    data_path: str | None = None  # ram (default), disk:GBPS or nfs:GBPS
-    sample_bytes: int | None = None  # bytes read per sample (default: the sample's size in memory)
-    overlap: float | None = None  # share of the backward pass the allreduce hides behind (default 1 - 1/buckets)
-    bucket_mb: float | None = None  # gradient bucket in MB (default: the strategy's)
-    ranks: str | None = None  # comma-separated rank counts (default 1, 2, 4, ..., max_ranks and the job's)
+    job: Path | str | None = None  #: the job file (not with preset)
+    sets: tuple[str, ...] = ()  #: overrides of the job, KEY=VALUE
+    preset: str | None = None  #: instead of a job: one of PRESETS (R2D2's experiments)
+    link: str | None = None  #: one of LINKS or measured (default: measured for a job, the preset's link)
+    bandwidth_gbps: float | None = None  #: overrides the link's bandwidth (Gb/s)
+    latency_us: float | None = None  #: overrides the link's latency (microseconds)
+    data_path: str | None = None  #: ram (default), disk:GBPS or nfs:GBPS
+    sample_bytes: int | None = None  #: bytes read per sample (default: the sample's size in memory)
+    overlap: float | None = None  #: share of the backward pass the allreduce hides behind (default 1 - 1/buckets)
+    bucket_mb: float | None = None  #: gradient bucket in MB (default: the strategy's)
+    ranks: str | None = None  #: comma-separated rank counts (default 1, 2, 4, ..., max_ranks and the job's)
     max_ranks: int = 1024
-    ranks_per_node: int | None = None  # default: this machine's slots, its GPUs where it has some
-    compute_ms: float | None = None  # one rank's compute step measured elsewhere (ms)
-    speedup_of_gpu: float | None = None  # the device is this many times faster than this machine's profile
-    steps: int = 20  # timed steps per measurement, after WARMUP_STEPS warm-up steps
-    plot: Path | str | None = None  # write speedup and efficiency to this PNG
+    ranks_per_node: int | None = None  #: default: this machine's slots, its GPUs where it has some
+    compute_ms: float | None = None  #: one rank's compute step measured elsewhere (ms)
+    speedup_of_gpu: float | None = None  #: the device is this many times faster than this machine's profile
+    steps: int = 20  #: timed steps per measurement, after WARMUP_STEPS warm-up steps
+    plot: Path | str | None = None  #: write speedup and efficiency to this PNG
 
 
 
