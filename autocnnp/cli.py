@@ -151,7 +151,7 @@ class PipeGuard:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its errors, a write the filesystem refuses and the signals that stop it (Ctrl-C,
-    SIGTERM, SIGHUP) end it with one line and the exit code of README's table, never a traceback."""
+    SIGTERM, SIGHUP) end it with one line and its ``ExitCode``, never a traceback."""
     args = parser().parse_args(argv)
     stdout, sys.stdout = sys.stdout, PipeGuard(sys.stdout)
     try:

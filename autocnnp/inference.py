@@ -85,7 +85,7 @@ class Prediction:
 
 
 NO_VOLUMES_HINT = ("to predict NIfTI volumes, train on volumes: `autocnnp synth DIR` writes a small Decathlon-layout "
-                   "set; train a <data format=\"decathlon\"> job on it (README, Model zoo: "
+                   "set; train a <data format=\"decathlon\"> job on it (docs, howto/tracking-zoo: "
                    "xml_configs/brain_tumour_unet.xml), then predict on DIR (its imagesTs/) or on your own volumes")
 
 def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
