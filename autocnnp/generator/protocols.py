@@ -48,7 +48,8 @@ class Framework:
     trackers=)``; ``autocnnp predict`` calls ``network(gen, weights, in_channels=, num_classes=)`` for
     a torch module that takes and returns NCHW tensors, whatever framework trained it. A run has at least
     ``world``, ``data``, ``state`` (its ``epoch``), ``loader`` (its length: steps per epoch),
-    ``determinism`` and ``resumed_from``, which the manifest and trackers read.
+    ``determinism`` and ``resumed_from``, which the manifest and trackers read. The built-ins build
+    training/run.py's shared run around their :class:`TrainingSteps`.
     """
 
     def __init__(self, config: Any = None):
