@@ -8,7 +8,6 @@ import importlib
 import os
 import sys
 import typing
-from importlib import resources
 from pathlib import Path
 
 from . import api
@@ -54,6 +53,8 @@ def cmd_new(args) -> int:
     target = Path(args.path)
     if target.exists() and not args.force:
         raise JobError(target, "the file exists already", "choose another name or pass --force")
+    from importlib import resources  # here: with its zipfile, tempfile and shutil it costs validate ~10 ms
+
     target.write_text(resources.files("autocnnp.templates").joinpath("job.xml").read_text())
     print(f"wrote {target}; check it with: autocnnp validate {target}")
     return ExitCode.OK
