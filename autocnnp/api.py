@@ -130,9 +130,9 @@ class Plan:
 
 def plan(job: JobSource, sets: Sets = ()) -> Plan:
     """The plan of the job (``autocnnp plan``); starts nothing."""
-    loaded = load(job, sets)
     from .run import launch
 
+    loaded = load(job, sets)
     command = launch.build_command(loaded)[0]
     return Plan(render(loaded.generator, command), command)
 
