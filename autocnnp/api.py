@@ -14,31 +14,46 @@ their ``exit_code`` is the command's). Loading, validating and planning never im
 
 from __future__ import annotations
 
+import importlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from . import inference
 from .core.errors import DataError, ExitCode, Interrupted, JobError
 from .core.rundir import RunDir
 from .generator.overrides import apply_overrides, parse_sets
 from .generator.plan import render
-from .inference import EvaluateOptions, Evaluation, Prediction, PredictOptions
-from .run import launch
-from .run import manifest as mf
-from .run import zoo as registry
 from .run.job import Job, load_job
-from .run.repeat import run_repeats
-from .run.zoo import ZooModel
-from .tuning import scale as scaling
-from .tuning.scale import ScaleOptions
-from .tuning.scaling import Report as ScaleReport
+
+if TYPE_CHECKING:
+    from .inference import EvaluateOptions, Evaluation, Prediction, PredictOptions
+    from .run.zoo import ZooModel
+    from .tuning.scale import ScaleOptions
+    from .tuning.scaling import Report as ScaleReport
 
 __all__ = ["DataCheck", "DataError", "EvaluateOptions", "Evaluation", "ExitCode", "Interrupted", "Job", "JobError",
            "Plan", "PredictOptions", "Prediction", "RunResult", "ScaleOptions", "ScaleReport", "Validation",
            "ZooModel", "check_data", "evaluate", "load", "plan", "predict", "scale", "train", "validate", "zoo_fetch",
            "zoo_list", "zoo_publish", "zoo_show"]  # autocnnp.API offers them from the package
+
+# public names of the modules that train, predict, scale or keep the zoo: imported on first use, so that
+# load, validate and plan (and ``autocnnp validate``) stay fast
+_LAZY = {"EvaluateOptions": (".inference", "EvaluateOptions"), "Evaluation": (".inference", "Evaluation"),
+         "Prediction": (".inference", "Prediction"), "PredictOptions": (".inference", "PredictOptions"),
+         "ZooModel": (".run.zoo", "ZooModel"), "ScaleOptions": (".tuning.scale", "ScaleOptions"),
+         "ScaleReport": (".tuning.scaling", "Report")}
+
+
+def __getattr__(name: str):
+    """A public name of a heavier module, imported when first asked for."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    module, attr = _LAZY[name]
+    value = globals()[name] = getattr(importlib.import_module(module, __package__), attr)
+    return value
+
 
 JobSource = Job | str | os.PathLike
 Sets = Sequence[str] | Mapping[str, object]
@@ -115,6 +130,8 @@ class Plan:
 
 def plan(job: JobSource, sets: Sets = ()) -> Plan:
     """The plan of the job (``autocnnp plan``); starts nothing."""
+    from .run import launch
+
     loaded = load(job, sets)
     command = launch.build_command(loaded)[0]
     return Plan(render(loaded.generator, command), command)
@@ -144,6 +161,10 @@ def train(job: JobSource, sets: Sets = (), *, repeat: int = 1, launcher: str | N
     seed..seed+K-1 into ``output/seed-<s>/``. A refused job raises (nothing started); a failed or
     diverged training is a result with its exit code; Ctrl-C or SIGTERM stops every rank and raises
     :class:`Interrupted` (``exit_code`` 128+N; the same call resumes from the latest checkpoint)."""
+    from .run import launch
+    from .run import manifest as mf
+    from .run.repeat import run_repeats
+
     loaded = load(job, sets)
     if launcher:
         loaded = loaded.with_cluster({"launcher": launcher})
@@ -161,39 +182,53 @@ def train(job: JobSource, sets: Sets = (), *, repeat: int = 1, launcher: str | N
 def predict(options: PredictOptions) -> Prediction:
     """Segment volumes with a trained network (``autocnnp predict``): a label volume per case, written
     into ``options.out``; prints a line per volume. Imports torch."""
+    from . import inference
+
     return inference.predict(options)
 
 
 def evaluate(options: EvaluateOptions) -> Evaluation:
     """Score predicted label volumes against references (``autocnnp evaluate``): writes the report and
     returns the per-case, overall and pooled scores."""
+    from . import inference
+
     return inference.evaluate(options)
 
 
 def scale(options: ScaleOptions) -> ScaleReport:
     """Predict step time, throughput, speedup and efficiency at each rank count (``autocnnp scale``),
     from a profile of the job's step on this machine or from a preset; prints the table."""
+    from .tuning import scale as scaling
+
     return scaling.scale(options)
 
 
 def zoo_publish(run_dir: Path | str, name: str, *, description: str = "", zoo: str | None = None) -> ZooModel:
     """Register the run's best (else latest) checkpoint as a new version of ``name`` (``autocnnp zoo
     publish``). ``zoo``: a folder or tracking URI, default ``$AUTOCNNP_ZOO``, else ``~/.autocnnp/zoo``."""
+    from .run import zoo as registry
+
     version = registry.publish(Path(run_dir), name, registry.zoo_store(zoo), description)
     return registry.show(f"{name}/{version}", registry.zoo_store(zoo))
 
 
 def zoo_list(zoo: str | None = None) -> list[ZooModel]:
     """The latest version of every model in the zoo (``autocnnp zoo list``)."""
+    from .run import zoo as registry
+
     return registry.models(registry.zoo_store(zoo))
 
 
 def zoo_show(model: str, zoo: str | None = None) -> ZooModel:
     """One model version, ``NAME`` (the latest) or ``NAME/VERSION`` (``autocnnp zoo show``)."""
+    from .run import zoo as registry
+
     return registry.show(model, registry.zoo_store(zoo))
 
 
 def zoo_fetch(model: str, dest: Path | str, zoo: str | None = None) -> Path:
     """Download a model version's files into ``dest`` (``autocnnp zoo pull``); returns its checkpoint."""
+    from .run import zoo as registry
+
     name, version = registry.parse(model)
     return registry.fetch(name, version, Path(dest), registry.zoo_store(zoo))[0]

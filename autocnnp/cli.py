@@ -8,7 +8,6 @@ import importlib
 import os
 import sys
 import typing
-from importlib import resources
 from pathlib import Path
 
 from . import api
@@ -19,7 +18,9 @@ from .generator.points import POINTS, TRACKERS
 from .run.processes import interruptible
 
 # Feature areas that add their own subcommands (each module: ``add_commands(subparsers)``; keep its
-# imports light, torch only inside the command functions).
+# imports light, torch only inside the command functions). A command of this module's own (validate, plan,
+# run, new, components) builds only its own parsers: importing the feature areas would cost validate more
+# than its whole budget.
 COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.inference", "autocnnp.run.commands", "autocnnp.run.dashboard",
                    "autocnnp.run.zoo", "autocnnp.tuning.commands", "autocnnp.tuning.scale")
 
@@ -52,6 +53,8 @@ def cmd_new(args) -> int:
     target = Path(args.path)
     if target.exists() and not args.force:
         raise JobError(target, "the file exists already", "choose another name or pass --force")
+    from importlib import resources  # here: with its zipfile, tempfile and shutil it costs validate ~10 ms
+
     target.write_text(resources.files("autocnnp.templates").joinpath("job.xml").read_text())
     print(f"wrote {target}; check it with: autocnnp validate {target}")
     return ExitCode.OK
@@ -89,7 +92,11 @@ def _describe(name: str, entry) -> None:
             print(f"      {f.name} ({type_name(hints[f.name])}, {default}{extra}): {f.metadata.get('help', '')}")
 
 
-def parser() -> argparse.ArgumentParser:
+OWN_COMMANDS = ("validate", "plan", "run", "new", "components")
+
+
+def parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The command line's parser; for ``command`` one of OWN_COMMANDS, without the feature areas' commands."""
     p = argparse.ArgumentParser(prog="autocnnp", description="XML job files to distributed CNN segmentation training")
     sub = p.add_subparsers(dest="command", required=True)
     for name, fn, doc in (("validate", cmd_validate, "check a job file (schema and semantics); builds nothing"),
@@ -115,7 +122,7 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("components", help="list the built-in implementations of every action and their parameters")
     s.add_argument("point", nargs="?", help="only this action type (e.g. dist_strategy)")
     s.set_defaults(func=cmd_components)
-    for module in COMMAND_MODULES:
+    for module in () if command in OWN_COMMANDS else COMMAND_MODULES:
         importlib.import_module(module).add_commands(sub)
     return p
 
@@ -152,7 +159,8 @@ class PipeGuard:
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its errors, a write the filesystem refuses and the signals that stop it (Ctrl-C,
     SIGTERM, SIGHUP) end it with one line and its ``ExitCode``, never a traceback."""
-    args = parser().parse_args(argv)
+    words = sys.argv[1:] if argv is None else argv
+    args = parser(words[0] if words else None).parse_args(argv)
     stdout, sys.stdout = sys.stdout, PipeGuard(sys.stdout)
     try:
         with interruptible():

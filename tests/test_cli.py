@@ -143,6 +143,22 @@ def test_validate_and_plan_do_not_import_torch(command):
     assert [line for line in proc.stderr.splitlines() if "torch" in line] == []
 
 
+# what `autocnnp validate` must never import: the frameworks and heavy libraries, and the standard modules of
+# the commands that serve, train and spawn (the dashboard's http.client, process pools): validate's 150 ms
+# budget (benchmarks/validate_speed.py) has no room for them
+NOT_FOR_VALIDATE = {"torch", "tensorflow", "keras", "mlflow", "matplotlib", "http.client", "urllib.request",
+                    "multiprocessing", "concurrent.futures"}
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "xml_configs").glob("*.xml")), ids=lambda p: p.stem)
+def test_validate_imports_no_framework_nor_heavy_module(path):
+    proc = _python("-X", "importtime", "-m", "autocnnp", "validate", str(path))
+    assert proc.returncode in (0, 2), proc.stderr  # 2: the example's dataset is not on this machine
+    imported = {line.split("|")[-1].strip() for line in proc.stderr.splitlines() if line.startswith("import time:")}
+    assert "autocnnp.cli" in imported  # -X importtime really reported
+    assert {name for name in imported if name.split(".")[0] in NOT_FOR_VALIDATE or name in NOT_FOR_VALIDATE} == set()
+
+
 def test_validate_data_checks_every_dataset_file(cli, tmp_path):
     from autocnnp.data.synth import write_synthetic_dataset
 

@@ -4,11 +4,8 @@ and threads it may use, and a pool of worker processes that never outlives its w
 from __future__ import annotations
 
 import contextlib
-import ctypes
-import multiprocessing
 import os
 import signal
-from concurrent.futures import ProcessPoolExecutor, as_completed
 
 PR_SET_PDEATHSIG = 1
 
@@ -33,6 +30,8 @@ def default_threads(processes_on_node: int = 1) -> int:
 
 def die_with_parent(sig: int = signal.SIGKILL) -> None:
     """Have the kernel send ``sig`` to this process when its parent ends (Linux; a no-op elsewhere)."""
+    import ctypes  # here: ctypes, multiprocessing and concurrent.futures cost `autocnnp validate` ~20 ms
+
     parent = os.getppid()
     with contextlib.suppress(OSError, AttributeError):
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
@@ -56,6 +55,9 @@ def case_runner(workers: int, setup=None):
     if workers <= 1:
         yield lambda fn, jobs: (fn(*job) for job in jobs)
         return
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker,
                                initargs=(setup,))
 

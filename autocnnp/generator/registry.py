@@ -290,7 +290,7 @@ def header(path: Path) -> types.ModuleType:
     path = path.resolve()
     if path in _HEADERS:
         return _HEADERS[path]
-    tree = ast.parse(path.read_bytes(), filename=str(path))
+    tree = _tree(path)
     module = types.ModuleType(f"{_module_name(path)}.__header__")
     module.__file__ = str(path)
     sys.modules[module.__name__] = module  # so typing.get_type_hints resolves the Config's annotations
@@ -349,10 +349,15 @@ def _marks(path: Path) -> tuple[tuple[str, tuple[str, ...], str, tuple[str, ...]
     return tuple(out)
 
 
+@functools.cache
+def _tree(path: Path) -> ast.Module:
+    """A built-in file parsed (once per process: the built-ins do not change while it runs)."""
+    return ast.parse(path.read_bytes(), filename=str(path))
+
+
 def _definitions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef]:
     """The top-level functions and classes of a built-in file (parsed, not run)."""
-    return [node for node in ast.parse(path.read_bytes(), filename=str(path)).body
-            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+    return [node for node in _tree(path).body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
 
 
 def _keys(path: Path) -> list[tuple[str, str]]:
