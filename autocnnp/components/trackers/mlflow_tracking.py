@@ -40,7 +40,8 @@ from autocnnp.generator.registry import component
 JOURNAL, STATE = "mlflow-events.jsonl", "mlflow.json"
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "stopped": "KILLED", "terminated": "KILLED",
           "killed": "KILLED"}
-SYSTEM_COLUMNS = ("cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb", "step_ms", "data_wait_ms")
+SYSTEM_COLUMNS = ("cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb", "step_ms", "data_wait_ms",
+                  "collective_wait_ms")
 BATCH = 900  # metrics per request (MLflow accepts 1,000)
 STOP_TAG, STOPPED_TAG = "autocnnp.stop", "autocnnp.stopped_by"  # a stop asked for in the MLflow UI, and who asked
 FOLLOWED = "AUTOCNNP_TRACKING_FOLLOWED"  # the run folder whose journal run & manage's sender follows
