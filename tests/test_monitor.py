@@ -255,4 +255,4 @@ def test_a_rank_whose_steps_stay_slow_is_flagged_once(tmp_path, capsys):
                                             "the time blocked in collectives) took 3.0 x the ranks' median") in err
     assert seen == [(1, 1, 0.3, 0.1)]
     manifest = json.loads(RunDir(tmp_path).manifest.read_text())
-    assert manifest["stragglers"] == [{"rank": 1, "epoch": 2, "step_ms": 300.0, "median_ms": 100.0}]
+    assert manifest["stragglers"] == [{"rank": 1, "epoch": 2, "own_work_ms": 300.0, "median_ms": 100.0}]

@@ -609,7 +609,8 @@ class Tracker:
         """The metrics of epoch ``epoch`` (0-based), reached at ``global_step``."""
 
     def straggler(self, epoch: int, rank: int, step_s: float, median_s: float) -> None:
-        """Rank ``rank``'s mean step time (``step_s``) stayed above 1.5 x the ranks' median up to epoch ``epoch``."""
+        """Rank ``rank``'s own work per step (``step_s``: its mean step time less the time blocked in collectives)
+        stayed above 1.5 x the ranks' median up to epoch ``epoch``."""
 
     def close(self, status: str) -> None:
         """The run ended (plots, manifest and checkpoints are on disk)."""

@@ -366,8 +366,8 @@ class MLflow(Tracker):
         self.journal.add("epoch", step=epoch + 1, values=metrics)  # the sender sends it at once
 
     def straggler(self, epoch: int, rank: int, step_s: float, median_s: float) -> None:
-        self.journal.add("tags", values={f"straggler.rank{rank}": f"from epoch {epoch + 1}: steps of {1000 * step_s:.0f} "
-                                         f"ms, {step_s / median_s:.1f} x the ranks' median"})
+        self.journal.add("tags", values={f"straggler.rank{rank}": f"from epoch {epoch + 1}: own work per step "
+                                         f"{1000 * step_s:.0f} ms, {step_s / median_s:.1f} x the ranks' median"})
 
     def close(self, status: str) -> None:
         self.journal.add("artifacts", files=end_artifacts(self.info.rundir))
