@@ -185,6 +185,7 @@ class CollectiveWait:
 
     @contextlib.contextmanager
     def blocking(self):
+        """Count the time the ``with`` block takes (a blocking collective)."""
         self.enter()
         try:
             yield
