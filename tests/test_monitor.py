@@ -3,13 +3,14 @@
 import csv
 import json
 import math
+import time
 
 import pytest
 
 from autocnnp.components.trackers.files import Config as FilesConfig
 from autocnnp.components.trackers.files import Files
 from autocnnp.core.rundir import RunDir
-from autocnnp.generator.protocols import RunInfo, Tracker
+from autocnnp.generator.protocols import RunInfo, Tracker, collective_wait
 from autocnnp.training.monitor import (
     RESOURCE_COLUMNS,
     Diverged,
@@ -230,6 +231,19 @@ def test_non_zero_rank_writes_only_resources(tmp_path):
     assert not (tmp_path / "tensorboard").exists()
     rows = read_rows(tmp_path / "resources" / "rank1.csv")
     assert len(rows) >= 2 and all(r["rank"] == "1" for r in rows)
+
+
+def test_own_work_leaves_out_the_time_blocked_in_collectives(tmp_path):
+    """A step's time in the strategy's collectives (waiting for the other ranks) is not the rank's own work;
+    the resource samples record it per step."""
+    with Monitor(RunDir(tmp_path), 1, 2, config(), 1, STEPS, 0) as monitor:
+        for step in range(STEPS):
+            with collective_wait.blocking():  # as if the step had waited for the other rank
+                time.sleep(0.05)
+            monitor.step(0, step, 1.0, 2, step_s=0.5, data_wait_s=0.05)
+        assert 0.4 < monitor.mean_step_s() <= 0.45
+    rows = [row for row in read_rows(tmp_path / "resources" / "rank1.csv") if row["collective_wait_ms"]]
+    assert rows and all(50 <= float(row["collective_wait_ms"]) < 100 for row in rows)
 
 
 def test_a_rank_whose_steps_stay_slow_is_flagged_once(tmp_path, capsys):
