@@ -41,7 +41,7 @@ test-fast: venv
 	$(BIN)/python -m pytest -q -m "$(FAST)"
 
 lint: venv
-	$(BIN)/ruff check autocnnp tests benchmarks docs
+	$(BIN)/ruff check autocnnp tests benchmarks examples docs
 
 # mypy (pinned in requirements/test.txt) on the layers listed in pyproject.toml's [tool.mypy]
 typecheck: venv

@@ -11,15 +11,12 @@ import typing
 from importlib import resources
 from pathlib import Path
 
+from . import api
 from .core.errors import DataError, ExitCode, Interrupted, JobError
 from .core.files import WriteRefused
 from .engine.values import type_name
-from .generator.plan import render
 from .generator.points import POINTS, TRACKERS
-from .run.job import load_job
-from .run.launch import build_command, run
 from .run.processes import interruptible
-from .run.repeat import run_repeats
 
 # Feature areas that add their own subcommands (each module: ``add_commands(subparsers)``; keep its
 # imports light, torch only inside the command functions).
@@ -28,35 +25,27 @@ COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.inference", "autocnnp.run
 
 
 def cmd_validate(args) -> int:
-    gen = load_job(args.job, args.set).generator
-    print(f"{gen.job.file}: valid ({gen.job.task}, {gen.world_size} ranks, "
-          f"{gen.action('dist_strategy').entry.name}, {gen.action('architecture_injection').entry.name})")
+    valid = api.validate(args.job, args.set)
+    print(f"{valid.job.spec.file}: valid ({valid.task}, {valid.world_size} ranks, {valid.strategy}, {valid.architecture})")
     if not args.data:
         return ExitCode.OK
-    fmt = gen.data_format()  # every file of the job's datasets: NIfTI readable, shapes, affines, labels
-    found = fmt.check()
+    found = api.check_data(valid.job)  # every file of the job's datasets: NIfTI readable, shapes, affines, labels
     for problem in found.problems:
         print(f"autocnnp: {problem}", file=sys.stderr)
     for note in found.notes:
         print(f"autocnnp: note: {note}", file=sys.stderr)
-    checked = ", ".join(map(str, fmt.files())) or "nothing (the dataset has no files)"
+    checked = ", ".join(map(str, found.files)) or "nothing (the dataset has no files)"
     print(f"data: {len(found.problems)} problem(s) in {checked}" + (f", {len(found.notes)} note(s)" if found.notes else ""))
-    return ExitCode.BAD_INPUT if found.problems else ExitCode.OK
+    return ExitCode.OK if found.ok else ExitCode.BAD_INPUT
 
 
 def cmd_plan(args) -> int:
-    job = load_job(args.job, args.set)
-    print(render(job.generator, build_command(job)[0]))
+    print(api.plan(args.job, args.set))
     return ExitCode.OK
 
 
 def cmd_run(args) -> int:
-    job = load_job(args.job, args.set)
-    if args.launcher:  # the command line overrides <cluster> launcher
-        job = job.with_cluster({"launcher": args.launcher})
-    if args.repeat != 1:  # K runs with seeds seed, seed+1, ... in output/seed-<s>/, then mean and std
-        return run_repeats(job, args.repeat)
-    return run(job)
+    return api.train(args.job, args.set, repeat=args.repeat, launcher=args.launcher).exit_code
 
 
 def cmd_new(args) -> int:
@@ -162,7 +151,7 @@ class PipeGuard:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its errors, a write the filesystem refuses and the signals that stop it (Ctrl-C,
-    SIGTERM, SIGHUP) end it with one line and the exit code of README's table, never a traceback."""
+    SIGTERM, SIGHUP) end it with one line and its ``ExitCode``, never a traceback."""
     args = parser().parse_args(argv)
     stdout, sys.stdout = sys.stdout, PipeGuard(sys.stdout)
     try:

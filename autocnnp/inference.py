@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .core.cli_args import positive
+from .core.cli_args import options_of, positive
 from .core.errors import DataError, JobError, Source
 from .core.files import atomic_write
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
@@ -52,8 +52,40 @@ POOLED_CONVENTION = ("from the confusion matrix summed over every voxel of the {
 
 # --- predict -----------------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class PredictOptions:
+    """What ``predict`` segments, with what and where it writes (``autocnnp predict``'s options)."""
+
+    job: Path | str | None = None  #: the job file of the run: for latest/best and the default input and output
+    sets: tuple[str, ...] = ()  #: the job variant that was trained, KEY=VALUE (as ``autocnnp run --set``)
+    checkpoint: str = LATEST_POINTER  #: latest, best, a checkpoint file, a latest/best file or a run folder
+    model: str | None = None  #: a zoo model instead: zoo:NAME or zoo:NAME/VERSION
+    input: Path | str | None = None  #: dataset, folder of NIfTI images or one image (default: the job's test set)
+    split: str = "test"  #: which cases of a dataset input: test, training or all
+    out: Path | str | None = None  #: folder for <case>.nii.gz (default: predictions/ in the job's output)
+    num_classes: int | None = None  #: default: recorded in the checkpoint
+    batch_size: int | None = None  #: slices per forward pass (default: see default_batch)
+    threads: int | None = None  #: CPU threads (default: OMP_NUM_THREADS, else the usable cores)
+    precision: str = "auto"  #: one of PRECISIONS
+    channels_last: bool | None = None  #: default: on a GPU
+    probabilities: bool = False  #: also write <case>_prob-<value>-<class>.nii.gz per class
+    tta: bool = False  #: average over the slice and its two flips
+    device: str | None = None  #: torch device (default cuda when available, else cpu)
+
+
+@dataclasses.dataclass(frozen=True)
+class Prediction:
+    """What ``predict`` wrote: a label volume per case (``labels``: case -> file) in ``out``."""
+
+    checkpoint: Path
+    out: Path
+    labels: dict[str, Path]
+    classes: tuple[str, ...]  #: the class names the checkpoint records (empty when it records none)
+    ms_per_slice: float  #: network time per slice
+
+
 NO_VOLUMES_HINT = ("to predict NIfTI volumes, train on volumes: `autocnnp synth DIR` writes a small Decathlon-layout "
-                   "set; train a <data format=\"decathlon\"> job on it (README, Model zoo: "
+                   "set; train a <data format=\"decathlon\"> job on it (docs, howto/tracking-zoo: "
                    "xml_configs/brain_tumour_unet.xml), then predict on DIR (its imagesTs/) or on your own volumes")
 
 def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
@@ -291,47 +323,54 @@ def _check_images(cases: list, transform, in_channels: int | None) -> int:
     return in_channels
 
 
-def predict(args) -> int:
+def cmd_predict(args) -> int:
+    predict(options_of(PredictOptions, args))
+    return 0
+
+
+def predict(options: PredictOptions) -> Prediction:
+    """Segment the volumes ``options`` names with a trained network; prints a line per volume."""
     import numpy as np
     import torch
 
     from .data.volumes import read_case, save_label, save_probabilities
     from .training.precision import autocast_dtype
 
-    torch.set_num_threads(args.threads or default_threads())
-    gen = assemble(read_variant(args.job, parse_sets(args.set))) if args.job else None
-    checkpoint = _zoo_checkpoint(args.model) if args.model else _checkpoint_path(args.checkpoint, gen)
+    torch.set_num_threads(options.threads or default_threads())
+    gen = assemble(read_variant(options.job, parse_sets(list(options.sets)))) if options.job else None
+    checkpoint = _zoo_checkpoint(options.model) if options.model else _checkpoint_path(options.checkpoint, gen)
     state = _load_checkpoint(checkpoint)
-    trained, transform, classes, names, in_channels = _model_and_transform(state, checkpoint, gen, args.num_classes)
+    trained, transform, classes, names, in_channels = _model_and_transform(state, checkpoint, gen, options.num_classes)
     check_installed(trained.framework, Source(checkpoint, text=str(checkpoint)), "the model was trained with",
                     "or predict on a machine that has it")
     given_transform = gen.data_format().volumes() if gen is not None else None
-    source = Path(args.input) if args.input else (given_transform.default_input if given_transform else None)
+    source = Path(options.input) if options.input else (given_transform.default_input if given_transform else None)
     if source is None:
         raise JobError(checkpoint, "no volumes to segment", "pass --input (a dataset, a folder of NIfTI images or one)")
-    cases = transform.cases(source, args.split)
-    out = Path(args.out) if args.out else (gen.rundir.predictions if gen is not None else None)
+    cases = transform.cases(source, options.split)
+    out = Path(options.out) if options.out else (gen.rundir.predictions if gen is not None else None)
     if out is None:
         raise JobError(checkpoint, "no folder for the predictions", "pass --out, or name the job")
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder", "name a folder for the predicted label volumes")
     in_channels = _check_images(cases, transform, in_channels)
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise JobError(checkpoint, f"--device {args.device}: torch sees no CUDA GPU here", "leave --device out")
-    dtype = autocast_dtype(args.precision, device)
-    channels_last = device.type == "cuda" if args.channels_last is None else args.channels_last
+        raise JobError(checkpoint, f"--device {options.device}: torch sees no CUDA GPU here", "leave --device out")
+    dtype = autocast_dtype(options.precision, device)
+    channels_last = device.type == "cuda" if options.channels_last is None else options.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a volume's batches share one shape: tune the convolutions once
     model = None  # the first volume written creates the out folder
+    written: dict[str, Path] = {}
     total_slices, total_infer, total_wall = 0, 0.0, 0.0
     size = transform.size
-    batch_size = args.batch_size or default_batch(device, size)
+    batch_size = options.batch_size or default_batch(device, size)
     arithmetic = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
     print(f"predicting {len(cases)} volume(s) with {checkpoint} on {device} ({torch.get_num_threads()} thread(s), "
           f"{arithmetic}{', channels_last' if channels_last else ''}, batches of {batch_size}, slices resized "
-          f"to {size} x {size}{', flip test-time augmentation' if args.tta else ''})")
+          f"to {size} x {size}{', flip test-time augmentation' if options.tta else ''})")
     for case in cases:
         start = time.perf_counter()
         image, _, img = read_case(case)  # as stored: the model's input is made a few slices at a time
@@ -342,13 +381,14 @@ def predict(args) -> int:
         if model is None:
             model = prepare_network(_build_network(trained, state["model"], in_channels, classes, checkpoint),
                                     device, channels_last)
-        probs, infer = slice_probabilities(model, slices, batch_size, device, args.tta, dtype, channels_last)
+        probs, infer = slice_probabilities(model, slices, batch_size, device, options.tta, dtype, channels_last)
         inferred = time.perf_counter()
         target = out / f"{case.name}.nii.gz"
-        labels, grid = source_grid(probs, tuple(image.shape[:2]), args.probabilities)  # bilinear, then argmax
+        labels, grid = source_grid(probs, tuple(image.shape[:2]), options.probabilities)  # bilinear, then argmax
         del probs, slices, image
         save_label(labels, affine, header, target)
-        if args.probabilities:  # a float32 volume per class, named after it
+        written[case.name] = target
+        if options.probabilities:  # a float32 volume per class, named after it
             for k in range(grid.shape[0]):
                 save_probabilities(grid[k], affine, header, out / probability_file(case.name, names, k))
         wall = time.perf_counter() - start
@@ -360,10 +400,34 @@ def predict(args) -> int:
     named = f"; classes: {', '.join(f'{i} {n}' for i, n in enumerate(names))}" if names else ""
     print(f"{len(cases)} volume(s), {total_slices} slices: inference {1000 * total_infer / max(total_slices, 1):.2f} "
           f"ms/slice, {total_wall / max(len(cases), 1):.3f} s/volume on average; label volumes in {out}{named}")
-    return 0
+    return Prediction(checkpoint, out, written, names, 1000 * total_infer / max(total_slices, 1))
 
 
 # --- evaluate ----------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class EvaluateOptions:
+    """What ``evaluate`` scores against what (``autocnnp evaluate``'s options)."""
+
+    pred: Path | str  #: folder of predicted label volumes (<case>.nii.gz)
+    ref: Path | str  #: the dataset (dataset.json / CSV; held-out labels in labelsTs/) or a folder of label volumes
+    out: Path | str | None = None  #: report file, .csv or .json (default PRED/metrics.csv)
+    num_classes: int | None = None  #: default: the labels the dataset declares, else the largest label + 1
+    regions: str = REGIONS_DEFAULT  #: auto, none, or NAME=1,2,3; NAME=2,3
+    workers: int = 1  #: cases scored at once, each in its own process
+
+
+@dataclasses.dataclass(frozen=True)
+class Evaluation:
+    """The scores ``evaluate`` wrote to ``report``: a row per case (``cases``), the mean over cases
+    (``overall``) and the scores of the summed voxels (``pooled``); each row maps a metric to its value."""
+
+    report: Path
+    cases: list[dict]
+    overall: dict
+    pooled: dict
+    classes: dict[int, str]
+    regions: dict
 
 def _reference_labels(ref: Path) -> tuple[dict[str, Path], dict[str, str], dict[int, str]]:
     """``({case: label file}, {case: split}, {class value: name})`` of a dataset (its training labels and the
@@ -469,19 +533,32 @@ def _scored(position: int, *case) -> tuple[int, tuple]:
     return position, _score_case(*case)
 
 
-def evaluate(args) -> int:
+def cmd_evaluate(args) -> int:
+    scores = evaluate(options_of(EvaluateOptions, args))
+    overall, pooled = scores.overall, scores.pooled
+    shown = [FOREGROUND_DICE, *(k for k in overall if k.startswith(("dice/", "region_dice/")) and k != "dice/background"),
+             *(k for k in overall if k.startswith("hd95/"))]
+    print(_table([*scores.cases, overall, pooled], shown))
+    for row in (overall, pooled):
+        print(f"{row['case']}: " + ", ".join(f"{m} {row[m]:.4f}" for m in SEGEVAL) + f" ({row[CONVENTION]})")
+    print(f"{len(scores.cases)} case(s), {len(scores.classes)} classes; wrote {scores.report}")
+    return 0
+
+
+def evaluate(options: EvaluateOptions) -> Evaluation:
+    """Score the predicted label volumes against their references and write the report."""
     import numpy as np
 
     from .data.index import nifti_files
     from .training.metrics import report
 
-    pred_dir, ref = Path(args.pred), Path(args.ref)
+    pred_dir, ref = Path(options.pred), Path(options.ref)
     if not pred_dir.is_dir():
         raise DataError(pred_dir, "is not a folder of predicted label volumes", "name the folder `autocnnp predict` wrote")
     preds = {name: p for name, p in nifti_files(pred_dir).items() if PROBABILITY_MARK not in name}
     if not ref.exists():
         raise DataError(ref, "reference does not exist", "name the dataset or a folder of reference label files")
-    out = Path(args.out) if args.out else pred_dir / "metrics.csv"
+    out = Path(options.out) if options.out else pred_dir / "metrics.csv"
     if out.suffix.lower() not in (".csv", ".json"):
         raise DataError(out, "is neither a .csv nor a .json file", "name the report file.csv or file.json")
     refs, splits, declared = _reference_labels(ref)
@@ -501,11 +578,11 @@ def evaluate(args) -> int:
         print(f"autocnnp: note: {len(missing)} reference case(s) have no prediction and are not scored: "
               f"{', '.join(missing[:5])}{' ...' if len(missing) > 5 else ''}", file=sys.stderr)
 
-    fixed = args.num_classes or (max(declared) + 1 if declared else None)  # declared values may leave gaps
-    _regions(args.regions, (), pred_dir)  # a bad --regions is refused before any case is read
-    jobs = [(i, name, preds[name], refs[name], fixed, declared, args.regions, pred_dir) for i, name in enumerate(matched)]
+    fixed = options.num_classes or (max(declared) + 1 if declared else None)  # declared values may leave gaps
+    _regions(options.regions, (), pred_dir)  # a bad --regions is refused before any case is read
+    jobs = [(i, name, preds[name], refs[name], fixed, declared, options.regions, pred_dir) for i, name in enumerate(matched)]
     results: list = [None] * len(jobs)
-    with case_runner(min(args.workers, len(jobs))) as run:  # one case in memory per worker
+    with case_runner(min(options.workers, len(jobs))) as run:  # one case in memory per worker
         for position, result in run(_scored, jobs):
             results[position] = result
     rows = [row for row, _, _ in results]
@@ -518,18 +595,13 @@ def evaluate(args) -> int:
     for _, conf, _ in results:
         total[: conf.shape[0], : conf.shape[1]] += conf
     names = tuple(declared.get(i, f"class {i}") for i in range(num_classes))
-    regions = _regions(args.regions, names, pred_dir)
+    regions = _regions(options.regions, names, pred_dir)
     overall = _overall(rows, penalised)
     pooled = {"case": POOLED, **report(total, names, regions), "voxels": int(total.sum()),
               CONVENTION: POOLED_CONVENTION.format(cases=len(rows))}
-    _write_report(out, [*rows, overall, pooled], {i: n for i, n in enumerate(names)}, regions)
-    shown = [FOREGROUND_DICE, *(k for k in overall if k.startswith(("dice/", "region_dice/")) and k != "dice/background"),
-             *(k for k in overall if k.startswith("hd95/"))]
-    print(_table([*rows, overall, pooled], shown))
-    for row in (overall, pooled):
-        print(f"{row['case']}: " + ", ".join(f"{m} {row[m]:.4f}" for m in SEGEVAL) + f" ({row[CONVENTION]})")
-    print(f"{len(rows)} case(s), {num_classes} classes; wrote {out}")
-    return 0
+    classes = dict(enumerate(names))
+    _write_report(out, [*rows, overall, pooled], classes, regions)
+    return Evaluation(out, rows, overall, pooled, classes, regions)
 
 
 def _regions(text: str, names: tuple[str, ...], where: Path) -> dict:
@@ -546,9 +618,9 @@ def add_commands(sub) -> None:
     s = sub.add_parser("predict", help=doc, description=doc)
     s.add_argument("job", nargs="?", help="the XML job file of the run (optional: for latest/best, the default "
                                           "input and output folders)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+    s.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE",
                    help="the job variant that was trained (as `autocnnp run --set`)")
-    s.add_argument("--checkpoint", default=LATEST_POINTER,
+    s.add_argument("--checkpoint", default=PredictOptions.checkpoint,
                    help="latest (default) or best of the job's run, or a checkpoint file, a latest/best file in a "
                         "checkpoints folder, or a run folder (its best, else its latest)")
     s.add_argument("--model", help="a zoo model instead: zoo:NAME or zoo:NAME/VERSION (the zoo: $AUTOCNNP_ZOO, else "
@@ -556,7 +628,7 @@ def add_commands(sub) -> None:
     s.add_argument("--input", default=None,
                    help="dataset folder/index, folder of NIfTI images or one image (default: the job's <test>, "
                         "else its <train> dataset)")
-    s.add_argument("--split", choices=("test", "training", "all"), default="test",
+    s.add_argument("--split", choices=("test", "training", "all"), default=PredictOptions.split,
                    help="which cases of a dataset input to segment (default test)")
     s.add_argument("--out", default=None,
                    help="folder for the label volumes <case>.nii.gz (default: predictions/ in the job's output)")
@@ -568,7 +640,7 @@ def add_commands(sub) -> None:
     s.add_argument("--threads", type=positive, default=None,
                    help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use); on a machine "
                         "other work keeps busy, --threads 1 per process is best (all threads wait for the slowest)")
-    s.add_argument("--precision", choices=PRECISIONS, default="auto",
+    s.add_argument("--precision", choices=PRECISIONS, default=PredictOptions.precision,
                    help="the network's arithmetic: auto (default) is bf16 autocast on a GPU (fp16 where it has no "
                         "bf16) and fp32 on a CPU; probabilities are float32 either way")
     s.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
@@ -578,7 +650,7 @@ def add_commands(sub) -> None:
                         "<case>_prob-<value>-<class>.nii.gz")
     s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time)")
     s.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
-    s.set_defaults(func=predict)
+    s.set_defaults(func=cmd_predict)
 
     doc = ("score predicted label volumes against references: SegEval, Dice and IoU per class, region Dice and "
            "surface distances (HD95, ASD in mm) per case and overall")
@@ -589,8 +661,8 @@ def add_commands(sub) -> None:
     s.add_argument("--out", default=None, help="report file, .csv or .json (default PRED/metrics.csv)")
     s.add_argument("--num-classes", type=positive, default=None,
                    help="number of classes (default: the labels dataset.json declares, else the largest label + 1)")
-    s.add_argument("--regions", default=REGIONS_DEFAULT, help="groups of classes scored as one: auto (BraTS regions "
+    s.add_argument("--regions", default=EvaluateOptions.regions, help="groups of classes scored as one: auto (BraTS regions "
                                                               "for brain-tumour labels), none, or NAME=1,2,3; NAME=2,3")
-    s.add_argument("--workers", type=positive, default=1,
+    s.add_argument("--workers", type=positive, default=EvaluateOptions.workers,
                    help="cases scored at once, each in its own process (default 1; each holds one case in memory)")
-    s.set_defaults(func=evaluate)
+    s.set_defaults(func=cmd_evaluate)

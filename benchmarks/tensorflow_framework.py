@@ -80,7 +80,7 @@ def worker(args) -> None:
         while done < n:
             run.loader.set_epoch(done)
             for step, (x, y) in enumerate(run.loader):
-                run.step(x, y, run.policy.lr(0, step))
+                run.steps.step(x, y, run.policy.lr(0, step))
                 done += 1
                 if done == n:
                     break

@@ -84,3 +84,10 @@ def test_every_exit_code_is_documented(site_ids):
     from autocnnp.core.errors import ExitCode
 
     assert not [code.name for code in ExitCode if make_id(f"exit {code.name}") not in site_ids]
+
+
+def test_every_name_of_the_python_api_is_documented(site_ids):
+    import autocnnp
+
+    missing = [name for name in autocnnp.API if f"autocnnp.api.{name}" not in site_ids]
+    assert not missing, f"Python API names missing from the site: {missing}"

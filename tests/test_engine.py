@@ -38,14 +38,12 @@ HYPER_END = "</hyperparameters>"
 def refused(cli, monkeypatch):
     """``refused(path, line_or_needle, *parts, file=None)``: `validate` and `run` both exit 2 with the same
     single-paragraph ``file:line:col: problem. Hint: fix.`` message naming every part, and nothing starts."""
-    import autocnnp.cli as cli_module  # imported before the patch: it binds launch.run by name
     import autocnnp.run.launch as launch
 
     def no_start(*args, **kwargs):
         raise AssertionError("a refused job must start nothing")
 
     monkeypatch.setattr(launch, "run", no_start)
-    monkeypatch.setattr(cli_module, "run", no_start)
     monkeypatch.setattr(subprocess, "run", no_start)
     monkeypatch.setattr(subprocess, "Popen", no_start)
 

@@ -95,7 +95,7 @@ def test_lr_policy_and_divergence_reference_are_saved_and_resumed():
     from autocnnp.components.lr_policies import grescale
     from autocnnp.training.loop import TrainState
     from autocnnp.training.monitor import DivergenceGuard
-    from autocnnp.training.trainer import _resume, checkpoint_state
+    from autocnnp.training.run import Run, restore
 
     numbers = dict(base_lr=0.1, replicas=2, steps_per_epoch=2, total_epochs=12)
     policy = grescale.GreScale(grescale.Config(), **numbers)
@@ -116,16 +116,12 @@ def test_lr_policy_and_divergence_reference_are_saved_and_resumed():
 
     run = SimpleNamespace(state=TrainState(opt, epoch=2), checkpoints=Checkpoints(), policy=policy,
                           world=SimpleNamespace(world_size=2), gen=SimpleNamespace(seed=0, job=SimpleNamespace(file="j")),
-                          data=SimpleNamespace(in_channels=2, num_classes=2),
-                          scaler=torch.amp.GradScaler("cpu", enabled=False), guard=DivergenceGuard(1000.0), card={})
+                          data=SimpleNamespace(in_channels=2, num_classes=2), guard=DivergenceGuard(1000.0), card={})
     run.guard.check(1.25, 0, 0)  # the first loss of the run: what divergence is judged against
-    saved = checkpoint_state(model, run)
+    saved = Run.common_state(run)
     assert saved["lr_policy"]["warmup_epochs"] == 6
     resumed, guard = grescale.GreScale(grescale.Config(), **numbers), DivergenceGuard(1000.0)
-    ckpt = Checkpoints()
-    ckpt.load = lambda: saved
-    _resume(ckpt, torch.nn.Linear(2, 2), TrainState(torch.optim.SGD(model.parameters(), lr=0.1)), resumed,
-            torch.amp.GradScaler("cpu", enabled=False), guard)
+    restore(saved, Checkpoints(), TrainState(torch.optim.SGD(model.parameters(), lr=0.1)), resumed, guard, "torch")
     assert resumed.state_dict() == policy.state_dict()
     assert guard.reference == 1.25  # not the first loss after the resume
 

@@ -158,21 +158,22 @@ def test_freeze_encoder_trains_what_is_new_and_keeps_the_statistics(tmp_path, sy
                                                                        after["down.0.0.weight"])  # the new layer trains
 
 
-def readme_path() -> list[str]:
-    """The command lines of README.rst's path from volumes to a zoo model's predictions (Model zoo section)."""
-    text = (Path(__file__).resolve().parents[1] / "README.rst").read_text()
+def docs_path() -> list[str]:
+    """The command lines of the docs' path from volumes to a zoo model's predictions (how-to: tracking and zoo,
+    its Model zoo section)."""
+    text = (Path(__file__).resolve().parents[1] / "docs" / "howto" / "tracking-zoo.rst").read_text()
     section = text[text.index("Model zoo and transfer learning"):]
     block = section[section.index(".. code-block:: sh"):].split("\n\n")[1]
     return [line.strip() for line in block.splitlines() if line.strip()]
 
 
 @pytest.mark.ranks
-def test_the_readme_path_from_volumes_to_zoo_predictions_runs_as_written(tmp_path):
+def test_the_docs_path_from_volumes_to_zoo_predictions_runs_as_written(tmp_path):
     shutil.copytree(Path(__file__).resolve().parents[1] / "xml_configs", tmp_path / "xml_configs",
                     ignore=shutil.ignore_patterns("runs", "data"))
     env = {k: v for k, v in os.environ.items() if k != "AUTOCNNP_ZOO"}
     env["HOME"] = str(tmp_path / "home")  # the default zoo (~/.autocnnp/zoo) and its cache, here
-    lines = readme_path()
+    lines = docs_path()
     assert [shlex.split(line)[:2] for line in lines] == [[".venv/bin/autocnnp", verb] for verb in
                                                          ("synth", "run", "zoo", "predict", "evaluate")]
     for line in lines:

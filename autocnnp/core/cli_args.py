@@ -1,8 +1,10 @@
-"""argparse types the command modules share: counts that fail with a one-line message."""
+"""What the command modules share: argparse types (counts that fail with a one-line message) and the
+API's options built from parsed arguments."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 
 
 def _at_least(text: str, minimum: int, requirement: str) -> int:
@@ -22,3 +24,10 @@ def positive(text: str) -> int:
 
 def count(text: str) -> int:
     return _at_least(text, 0, "must be >= 0")
+
+
+def options_of(cls, args: argparse.Namespace):
+    """``cls`` (an options dataclass of the API) from the parsed command-line ``args`` of the same names
+    (repeated options as tuples)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)}
+    return cls(**{name: tuple(v) if isinstance(v, list) else v for name, v in values.items()})

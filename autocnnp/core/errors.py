@@ -15,7 +15,7 @@ from pathlib import Path
 
 
 class ExitCode(IntEnum):
-    """What ``autocnnp run``, ``submit``, ``deploy``, ``tune`` and ``status`` return (README: Exit codes)."""
+    """What ``autocnnp run``, ``submit``, ``deploy``, ``tune`` and ``status`` return."""
 
     OK = 0  # success
     FAILED = 1  # a rank failed, hung or was killed, or the launcher did; a write the filesystem refused

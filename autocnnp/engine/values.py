@@ -145,7 +145,7 @@ def bind(config_cls, settings: list[Setting], base_dir: Path, what: str, where: 
     except (TypeError, ValueError) as exc:
         named = [(str(exc).find(k), -len(k), k) for k in seen if k in str(exc)]
         where = seen[min(named)[2]] if named else where or (settings[0].where if settings else Location(base_dir))
-        raise JobError(where, f"{what}: {exc}", "see the job file reference in README.rst") from None
+        raise JobError(where, f"{what}: {exc}", "see the job file reference in the docs (reference/job-file)") from None
 
 
 def bind_section(config_classes: tuple, settings: list[Setting], base_dir: Path, section: str) -> list:

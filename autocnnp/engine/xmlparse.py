@@ -142,7 +142,7 @@ def _schema_error(path: Path, err) -> JobError:
     if "This element is not expected" in message:
         expected = re.search(r"Expected is (?:one of )?\( ?([^)]+)\)", message)
         hint = (f"allowed here: {expected.group(1).strip()}" if expected
-                else "remove it or move it to its section; see the job file reference in README.rst")
+                else "remove it or move it to its section; see the job file reference in the docs (reference/job-file)")
         return JobError(where, f"<{element}> is not allowed at this place", hint)
     if "Missing child element" in message:
         expected = re.search(r"Expected is (?:one of )?\( ?([^)]+)\)", message)
@@ -157,4 +157,4 @@ def _schema_error(path: Path, err) -> JobError:
         return JobError(where, f"{message.split(': ', 1)[-1]}", "use class=\"extensible\" or class=\"non_extensible\"")
     if "The attribute" in message and "is not allowed" in message:
         return JobError(where, message.split(": ", 1)[-1], f"remove that attribute from <{element}>")
-    return JobError(where, f"schema violation: {message}", "see the job file reference in README.rst")
+    return JobError(where, f"schema violation: {message}", "see the job file reference in the docs (reference/job-file)")

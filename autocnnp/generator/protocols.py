@@ -15,7 +15,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar, Literal, Protocol, runtime_checkable
 
 
 def adopt(impl: Any, protocol: type | None) -> Any:
@@ -49,7 +49,8 @@ class Framework:
     trackers=)``; ``autocnnp predict`` calls ``network(gen, weights, in_channels=, num_classes=)`` for
     a torch module that takes and returns NCHW tensors, whatever framework trained it. A run has at least
     ``world``, ``data``, ``state`` (its ``epoch``), ``loader`` (its length: steps per epoch),
-    ``determinism`` and ``resumed_from``, which the manifest and trackers read.
+    ``determinism`` and ``resumed_from``, which the manifest and trackers read. The built-ins build
+    training/run.py's shared run around their :class:`TrainingSteps`.
     """
 
     def __init__(self, config: Any = None):
@@ -68,6 +69,46 @@ class Framework:
         """About the bytes of one checkpoint of the job, at least (its weights and optimiser state), told in
         the front-end before any rank starts; 0 when it cannot be told cheaply."""
         return 0
+
+
+class TrainingSteps:
+    """A framework's part of one rank's training run: its network, optimizer, step and state I/O. The
+    run around it (data, LR policy, checkpoints, metrics, monitoring) is shared by every framework
+    (training/run.py), and training/loop.py's epoch loop drives it.
+
+    Every epoch the loop calls ``begin_steps()``, then ``step(x, y, lr)`` for each of this rank's
+    minibatches (NCHW images and labels as torch tensors on the run's device), then ``end_steps()``
+    for the network validation scores, and ``current_lr()`` for the epoch's metrics. A checkpoint
+    holds ``state_dict()`` beside the run's own state; ``load_state_dict(saved, source)`` is called
+    once before the first step with the checkpoint the run continues from (None: it starts afresh).
+    """
+
+    optimizer: Any  # the framework's optimizer: checkpoint plug-ins see it as ``state.optimizer``
+
+    def begin_steps(self) -> None:
+        """The epoch's steps start (the network in training mode); no-op by default."""
+
+    def step(self, x, y, lr: float) -> float:
+        """One optimizer step at learning rate ``lr`` on this rank's minibatch; this rank's loss."""
+        raise NotImplementedError
+
+    def end_steps(self):
+        """The epoch's steps are done: the network to validate, a torch-callable taking NCHW images and
+        returning NCHW float logits (the same scoring code serves every framework)."""
+        raise NotImplementedError
+
+    def current_lr(self) -> float:
+        """The learning rate of the last step."""
+        raise NotImplementedError
+
+    def state_dict(self) -> dict:
+        """What a checkpoint holds of the network and the optimizer (``model``, ``optimizer``, ...)."""
+        raise NotImplementedError
+
+    def load_state_dict(self, saved: dict | None, source: Path | None) -> None:
+        """Continue from ``saved``, a :meth:`state_dict` read from the checkpoint file ``source`` (both None
+        for a fresh start); afterwards every rank holds the same network and optimizer."""
+        raise NotImplementedError
 
 
 # --- architecture_injection ---------------------------------------------------------------------------
@@ -113,6 +154,19 @@ class SizeRule:
         parts = ([f"multiples of {self.multiple}"] if self.multiple > 1 else []) + \
             ([f"at least {self.minimum}"] if self.minimum > 1 else [])
         return " and ".join(parts) or "any size"
+
+
+ENCODER_PREFIX = "encoder"  # freeze="encoder" on a Keras model: its top-level layers named so
+
+
+@runtime_checkable
+class Encoded(Protocol):
+    """An architecture that names its encoder, for ``<CNN_archi pretrained=... freeze="encoder">``: a torch
+    network defines ``encoder()`` returning the modules of its encoder (the U-Net's contracting path, the
+    FCN's VGG stages), whose loaded weights then get no gradient. A Keras model declares it by layer names
+    instead: its top-level layers named ``encoder...`` (:data:`ENCODER_PREFIX`)."""
+
+    def encoder(self) -> list: ...
 
 
 def input_sizes_of(config: Any, declared: SizeRule | None) -> SizeRule:
@@ -566,16 +620,40 @@ class DataFormat:
         DataError); returns the training samples when known. The ranks reuse what it cached."""
         return self.train_samples()
 
-    def volumes(self):
-        """How ``autocnnp predict`` turns this format's volumes into model inputs and back (as the decathlon
-        format's :class:`~autocnnp.components.datasets.decathlon.SliceTransform`: ``card()``, ``cases``,
-        ``to_slices``, ``size``, ``num_classes``, ``default_input``), or None for a format without volumes."""
+    def volumes(self) -> VolumeTransform | None:
+        """How ``autocnnp predict`` turns this format's volumes into model inputs and back, or None for a
+        format without volumes."""
         return None
 
-    def volumes_from_card(self, card: dict, num_classes: int | None):
+    def volumes_from_card(self, card: dict, num_classes: int | None) -> VolumeTransform | None:
         """The transform whose ``card()`` a checkpoint recorded, for a model of ``num_classes`` classes;
         None (the default) for a format that cannot predict volumes."""
         return None
+
+
+class VolumeTransform:
+    """How ``autocnnp predict`` turns a format's volumes into the model's input slices (the training
+    pre-processing; predict resizes the slices' class probabilities back to the volume's grid), as
+    ``DataFormat.volumes()`` and ``volumes_from_card()`` return it. The decathlon format's is
+    :class:`~autocnnp.components.datasets.decathlon.SliceTransform`."""
+
+    size: int  # the side of the square slices the model takes
+    num_classes: int | None  # the classes the training data declares, if it declares them
+    default_input: Path | None  # what predict reads when given no --input (None: --input is required)
+
+    def card(self) -> dict:
+        """What a checkpoint's model card records of this transform (``volumes_from_card`` rebuilds it)."""
+        raise NotImplementedError
+
+    def cases(self, source: Path, split: str) -> list:
+        """The cases to predict in ``source`` (a dataset's ``split``, a folder or one image): objects with
+        ``name`` and ``image`` (a path)."""
+        raise NotImplementedError
+
+    def to_slices(self, image, where: Path):
+        """A channels-last volume ``(X, Y, Z, C)`` read from ``where`` as float32 model input
+        ``[slices, C, size, size]``; a DataError naming ``where`` when it does not fit the model."""
+        raise NotImplementedError
 
 
 # --- tracker (<monitoring> tracker: several at once) -----------------------------------------------------

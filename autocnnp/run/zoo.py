@@ -19,6 +19,7 @@ import logging
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from ..components.trackers.mlflow_tracking import store_of
@@ -163,6 +164,43 @@ def fetch(name: str, version: int | None, dest: Path, store) -> tuple[Path, int]
     return dest / ZOO_CHECKPOINT, int(found.version)
 
 
+@dataclass(frozen=True)
+class ZooModel:
+    """One version of a zoo model: its tags (architecture, classes, source run...), the metrics of the epoch
+    its checkpoint was written at, where its files are and how many versions the model has."""
+
+    name: str
+    version: int
+    description: str
+    tags: dict[str, str]
+    metrics: dict[str, float]
+    files: str
+    versions: int
+
+    @property
+    def classes(self) -> list[str]:
+        return list(json.loads(self.tags.get("classes", "{}")).values())
+
+
+def _model(client, found) -> ZooModel:
+    return ZooModel(found.name, int(found.version), found.description or "", dict(found.tags),
+                    dict(client.get_run(found.run_id).data.metrics), found.source,
+                    len(client.search_model_versions(f"name={found.name!r}")))
+
+
+def show(text: str, store) -> ZooModel:
+    """The zoo model ``NAME`` (its latest version) or ``NAME/VERSION``."""
+    client = _client(store)
+    return _model(client, _version(client, *parse(text)))
+
+
+def models(store) -> list[ZooModel]:
+    """The latest version of every model in the zoo, by name."""
+    client = _client(store)
+    return [_model(client, _version(client, m.name, None))
+            for m in sorted(client.search_registered_models(), key=lambda m: m.name)]
+
+
 # --- commands ------------------------------------------------------------------------------------------
 
 def cmd_publish(args) -> int:
@@ -172,28 +210,23 @@ def cmd_publish(args) -> int:
 
 
 def cmd_list(args) -> int:
-    client = _client(zoo_store(args.zoo))
-    models = client.search_registered_models()
-    if not models:
+    found = models(zoo_store(args.zoo))
+    if not found:
         print("the zoo holds no model yet (autocnnp zoo publish RUN_DIR --name NAME)")
-    for model in sorted(models, key=lambda m: m.name):
-        latest = _version(client, model.name, None)
-        print(f"{model.name}: {len(client.search_model_versions(f'name={model.name!r}'))} version(s), latest "
-              f"{latest.version} ({latest.tags.get('architecture', '?')}, classes "
-              f"{', '.join(json.loads(latest.tags.get('classes', '{}')).values())}) {latest.description or ''}")
+    for model in found:
+        print(f"{model.name}: {model.versions} version(s), latest {model.version} "
+              f"({model.tags.get('architecture', '?')}, classes {', '.join(model.classes)}) {model.description}")
     return 0
 
 
 def cmd_show(args) -> int:
-    client = _client(zoo_store(args.zoo))
-    found = _version(client, *parse(args.model))
-    print(f"zoo:{found.name}/{found.version}: {found.description or ''}")
-    for key, value in sorted(found.tags.items()):
+    model = show(args.model, zoo_store(args.zoo))
+    print(f"zoo:{model.name}/{model.version}: {model.description}")
+    for key, value in sorted(model.tags.items()):
         print(f"  {key}: {value}")
-    run = client.get_run(found.run_id)
-    for key, value in sorted(run.data.metrics.items()):
+    for key, value in sorted(model.metrics.items()):
         print(f"  metric {key}: {value:.4f}")
-    print(f"  files: {found.source}")
+    print(f"  files: {model.files}")
     return 0
 
 

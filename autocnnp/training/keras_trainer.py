@@ -3,12 +3,12 @@ through the job's KerasStrategy (``model.fit`` cannot take each rank's own batch
 MultiWorkerMirroredStrategy). Everything around the step is torch's: the same sharded, seeded and
 augmented minibatches (the CPU data pipeline, handed over as NHWC arrays), the same SegEval code
 scoring the validation logits, LR policies, checkpoints (the weights as arrays), monitoring and
-training/loop.py's epoch loop. Importing this module imports TensorFlow, with Keras on its backend."""
+training/loop.py's epoch loop: this module supplies only the network, optimizer, step and state I/O
+(training/run.py builds the rest). Importing this module imports TensorFlow, with Keras on its backend."""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ["KERAS_BACKEND"] = "tensorflow"  # before Keras is imported (this module is imported by tensorflow jobs only)
@@ -21,23 +21,12 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from ..core.errors import DataError  # noqa: E402
-from ..core.processes import default_threads  # noqa: E402
-from ..core.world import World  # noqa: E402
-from ..data.batches import DeviceBatches  # noqa: E402
 from ..generator.assemble import Generator  # noqa: E402
-from ..generator.protocols import Checkpointer, DataBundle, KerasStrategy, LRPolicy  # noqa: E402
-from . import determinism, keras_losses  # noqa: E402
-from .loop import (  # noqa: E402
-    TrainState,
-    checked_regions,
-    common_state,
-    loaders,
-    model_card,
-    restore,
-    seed_everything,
-)
-from .monitor import DivergenceGuard, MonitoringConfig  # noqa: E402
+from ..generator.protocols import ENCODER_PREFIX, KerasStrategy, TrainingSteps  # noqa: E402
+from . import determinism, keras_losses, run  # noqa: E402
+from .monitor import MonitoringConfig  # noqa: E402
 from .pretrained import frozen_summary, loaded_summary, read_pretrained  # noqa: E402
+from .run import Backend, Run, network, pretrained  # noqa: E402
 
 if keras.backend.backend() != "tensorflow":
     raise RuntimeError(f"Keras was imported with the {keras.backend.backend()!r} backend before this tensorflow job "
@@ -60,40 +49,21 @@ class KerasInference(nn.Module):
         return torch.from_numpy(logits.transpose(0, 3, 1, 2).copy()).to(x.device)
 
 
-@dataclass
-class KerasRun:
-    """What one rank built from the generator's actions before its first step (fields as torch's Run)."""
+class KerasSteps(TrainingSteps):
+    """The tensorflow framework's part of a run: the Keras network, its optimizer, the step as a
+    ``tf.function`` (images NHWC, labels) -> this rank's mean loss, and the network as validation scores it."""
 
-    gen: Generator
-    world: World
-    device: str
-    hp: object
-    task: object
-    data: DataBundle
-    strategy: KerasStrategy
-    model: keras.Model
-    sampler: object
-    loader: DeviceBatches
-    loader_rng: torch.Generator | None
-    valid_loader: DeviceBatches
-    policy: LRPolicy
-    checkpoints: Checkpointer
-    state: TrainState
-    loss_fn: object  # the task's torch loss, for validation
-    train_step: object  # tf.function (images NHWC, labels) -> this rank's mean loss
-    inference: KerasInference  # the network as validation scores it
-    guard: DivergenceGuard
-    determinism: dict
-    resumed_from: Path | None
-    regions: dict[str, tuple[int, ...]]
-    card: dict
+    def __init__(self, *, model: keras.Model, optimizer: keras.optimizers.Optimizer, strategy: KerasStrategy,
+                 train_step, inference: KerasInference):
+        self.model, self.optimizer, self.strategy = model, optimizer, strategy
+        self.train_step, self.inference = train_step, inference
 
     def begin_steps(self) -> None:
         """Nothing: the step function sets Keras' training mode itself."""
 
     def step(self, x, y, lr: float) -> float:
         """One synchronous step at ``lr`` on this rank's minibatch (NCHW from the data pipeline); its loss."""
-        self.state.optimizer.learning_rate.assign(lr)
+        self.optimizer.learning_rate.assign(lr)
         return float(self.train_step(nhwc(x), y.numpy()))
 
     def end_steps(self) -> KerasInference:
@@ -101,12 +71,60 @@ class KerasRun:
         return self.inference
 
     def current_lr(self) -> float:
-        return float(self.state.optimizer.learning_rate.numpy())
+        return float(self.optimizer.learning_rate.numpy())
 
-    def snapshot(self) -> dict:
-        """The network's and the optimizer's variables as arrays, and training/loop.py's common state."""
-        return {"model": weights_of(self.model), "optimizer": [v.numpy() for v in self.state.optimizer.variables],
-                **common_state(self)}
+    def state_dict(self) -> dict:
+        """The network's and the optimizer's variables as arrays."""
+        return {"model": weights_of(self.model), "optimizer": [v.numpy() for v in self.optimizer.variables]}
+
+    def load_state_dict(self, saved: dict | None, source: Path | None) -> None:
+        """The network and the optimizer (its step count and moments) from ``saved``, then rank 0's on every rank."""
+        if saved is not None:
+            load_weights(self.model, saved["model"])
+            own = self.optimizer.variables
+            if len(own) != len(saved["optimizer"]) or any(tuple(v.shape) != s.shape
+                                                          for v, s in zip(own, saved["optimizer"])):
+                raise RuntimeError(f"the optimizer state in {source} does not fit this optimizer (its momentum or "
+                                   "optimizer changed): resume with the same hyperparameters, or start afresh with "
+                                   "another <output> folder or resume=false on the checkpoint action")
+            for variable, value in zip(own, saved["optimizer"]):
+                variable.assign(value)
+        self.strategy.broadcast([*self.model.weights, *self.optimizer.variables])
+
+
+class KerasBackend(Backend):
+    """The tensorflow framework: a Keras network built inside the strategy's scope, the data pipeline on the CPU."""
+
+    name = "tensorflow"
+
+    def configure(self, threads: int, deterministic: bool) -> dict:
+        tf.config.threading.set_intra_op_parallelism_threads(threads)
+        torch.set_num_threads(threads)  # the data pipeline's augmentation
+        done = determinism.configure(deterministic)
+        if deterministic:
+            tf.config.experimental.enable_op_determinism()
+            done["tensorflow_op_determinism"] = True
+        return done
+
+    def seed(self, seed: int, hp) -> None:
+        keras.utils.set_random_seed(seed % 2**32)  # identical initial variables on every rank
+        keras.mixed_precision.set_global_policy(POLICIES[hp.precision])  # fp32 or bf16 (the engine refuses fp16)
+
+    def data_device(self, device) -> torch.device:
+        return torch.device("cpu")
+
+    def steps(self, gen: Generator, *, world, device, hp, data, strategy: KerasStrategy, loss_fn) -> KerasSteps:
+        with strategy.scope():
+            net = network(gen, data)
+            if not isinstance(net, keras.Model):
+                raise TypeError(f"the architecture built a {type(net).__name__}; the tensorflow framework trains "
+                                "Keras models (keras.Model): return one from build(), or choose the torch framework")
+            pretrained(gen, world, net, load_pretrained)  # before the optimizer sees the trainable variables
+            optimizer = make_optimizer(hp)
+            optimizer.build(net.trainable_variables)
+        step = train_step(net, optimizer, strategy, keras_losses.get_loss(hp.loss), hp.weight_decay, data.num_classes)
+        return KerasSteps(model=net, optimizer=optimizer, strategy=strategy, train_step=step,
+                          inference=KerasInference(net))
 
 
 def weights_of(model: keras.Model) -> dict[str, np.ndarray]:
@@ -125,9 +143,6 @@ def load_weights(model: keras.Model, weights: dict[str, np.ndarray]) -> None:
             raise ValueError(f"the saved weight {path} has shape {value.shape}, the network's {variable.path} "
                              f"{tuple(variable.shape)}")
         variable.assign(value)
-
-
-ENCODER_PREFIX = "encoder"  # freeze="encoder" freezes the top-level layers whose names start with it
 
 
 def load_pretrained(model: keras.Model, checkpoint: Path, freeze: str) -> str:
@@ -175,51 +190,9 @@ def make_optimizer(hp) -> keras.optimizers.Optimizer:
     return keras.optimizers.SGD(learning_rate=hp.lr, momentum=hp.momentum)
 
 
-def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, timeout_s: float) -> KerasRun:
-    """Call the generator's actions in the thesis' order; the tf.distribute strategy is created before any
-    TensorFlow operation, as TensorFlow requires (its collectives are configured at start-up)."""
-    world = gen.action("communication_init").build(timeout_s=timeout_s)
-    device = gen.action("device_placement").build(world=world)
-    device = gen.action("memory_allocation").build(device=device)
-    threads = default_threads(world.local_world_size)  # this node's cores shared among its ranks
-    tf.config.threading.set_intra_op_parallelism_threads(threads)
-    torch.set_num_threads(threads)  # the data pipeline's augmentation
-    hp = gen.action("hyperparameters_injection").build()  # precision: fp32 or bf16 (the engine refuses fp16)
-    deterministic = determinism.configure(hp.deterministic)
-    if hp.deterministic:
-        tf.config.experimental.enable_op_determinism()
-        deterministic["tensorflow_op_determinism"] = True
-    strategy = gen.action("dist_strategy").build(world=world, device=device, beat=beat)
-    task = gen.action("task_definition").build()
-    seed_everything(gen.seed)
-    keras.utils.set_random_seed(gen.seed % 2**32)  # identical initial variables on every rank
-    keras.mixed_precision.set_global_policy(POLICIES[hp.precision])
-    data = gen.data_format().datasets(world=world, seed=gen.seed, cache_dir=gen.rundir.cache)
-    with strategy.scope():
-        net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
-        if not isinstance(net, keras.Model):
-            raise TypeError(f"the architecture built a {type(net).__name__}; the tensorflow framework trains Keras "
-                            "models (keras.Model): return one from build(), or choose the torch framework")
-        if gen.pretrained is not None:  # before the optimizer sees the trainable variables
-            loaded = load_pretrained(net, gen.pretrained.local(gen.rundir), gen.pretrained.freeze)
-            if world.rank == 0:
-                print(f"autocnnp: pretrained ({gen.pretrained.source}): {loaded}", flush=True)
-        optimizer = make_optimizer(hp)
-        optimizer.build(net.trainable_variables)
-    sampler = strategy.sampler(data.train, shuffle=True, seed=gen.seed)
-    loader_rng = determinism.loader_generator(hp.deterministic)
-    loader, valid_loader = loaders(data, sampler, hp, world, torch.device("cpu"), loader_rng)
-    policy = gen.lr_policy(steps_per_epoch=len(loader), world_size=world.world_size)
-    checkpoints = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=world.rank)
-    state = TrainState(optimizer, epoch=hp.start_epoch)
-    guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
-    resumed_from = _resume(checkpoints, net, state, policy, guard)
-    strategy.broadcast([*net.weights, *optimizer.variables])
-    regions = checked_regions(task, data, monitoring, checkpoints)
-    step = train_step(net, optimizer, strategy, keras_losses.get_loss(hp.loss), hp.weight_decay, data.num_classes)
-    return KerasRun(gen, world, device, hp, task, data, strategy, net, sampler, loader, loader_rng, valid_loader,
-                    policy, checkpoints, state, task.loss(hp.loss), step, KerasInference(net), guard, deterministic,
-                    resumed_from, regions, model_card(gen, data))
+def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, timeout_s: float) -> Run:
+    """One rank's tensorflow run (training/run.py's :func:`~autocnnp.training.run.build`)."""
+    return run.build(gen, monitoring, KerasBackend(), beat=beat, timeout_s=timeout_s)
 
 
 def train_step(model: keras.Model, optimizer, strategy: KerasStrategy, loss_fn, weight_decay: float, num_classes: int):
@@ -252,21 +225,3 @@ def inference_module(gen: Generator, weights: dict, *, in_channels: int, num_cla
     load_weights(net, weights)
     return KerasInference(net)
 
-
-def _resume(checkpoints: Checkpointer, model: keras.Model, state: TrainState, policy: LRPolicy,
-            guard: DivergenceGuard) -> Path | None:
-    """Load the latest checkpoint into the network, the optimizer (its step count and moments), the state,
-    policy and divergence guard; the file it came from."""
-    saved = checkpoints.load()
-    if saved is None:
-        return None
-    resumed_from = restore(saved, checkpoints, state, policy, guard, "tensorflow")
-    load_weights(model, saved["model"])
-    own = state.optimizer.variables
-    if len(own) != len(saved["optimizer"]) or any(tuple(v.shape) != s.shape for v, s in zip(own, saved["optimizer"])):
-        raise RuntimeError(f"the optimizer state in {resumed_from} does not fit this optimizer (its momentum or "
-                           "optimizer changed): resume with the same hyperparameters, or start afresh with another "
-                           "<output> folder or resume=false on the checkpoint action")
-    for variable, value in zip(own, saved["optimizer"]):
-        variable.assign(value)
-    return resumed_from

@@ -1,26 +1,28 @@
 """What every framework's training shares: the epoch loop with its checkpoints and stop requests, the
-state plug-ins see, the resumed fields, metrics summed over ranks, and the model card predict reads. A
-framework's run supplies its step and what surrounds it: ``begin_steps()``, ``step(x, y, lr) -> loss``,
-``end_steps() -> the network validation scores`` (a torch-callable), ``current_lr()`` and ``snapshot()``."""
+state plug-ins see, metrics summed over ranks, and the model card predict reads. The loop drives a
+training/run.py :class:`~autocnnp.training.run.Run`, whose ``steps`` (the framework's part) follow the
+:class:`~autocnnp.generator.protocols.TrainingSteps` protocol."""
 
 from __future__ import annotations
 
 import random
 import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
-from ..core.errors import DataError
-from ..core.metrics import LEARNING_RATE, LOSSES, TRAIN_LOSS, VALID_LOSS, parse_regions
+from ..core.metrics import LEARNING_RATE, TRAIN_LOSS, VALID_LOSS
 from ..core.world import World
-from ..data.batches import DeviceBatches, batch_loader
+from ..data.batches import DeviceBatches
 from ..generator.assemble import Generator
-from ..generator.protocols import Checkpointer, DataBundle, LRPolicy
+from ..generator.protocols import DataBundle
 from . import determinism
-from .monitor import DivergenceGuard, Monitor, MonitoringConfig, StopRequested
+from .monitor import Monitor, MonitoringConfig, StopRequested
+
+if TYPE_CHECKING:
+    from .run import Run
 
 
 @dataclass
@@ -45,38 +47,7 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def loaders(data: DataBundle, sampler, hp, world: World, device, loader_rng) -> tuple[DeviceBatches, DeviceBatches]:
-    """This rank's training minibatches (its shard, augmented, on ``device``) and validation minibatches."""
-    pin = device.type == "cuda"
-    loader = DeviceBatches(batch_loader(data.train, sampler, hp.minibatch_size, drop_last=True,
-                                        workers=hp.loader_workers, pin_memory=pin, generator=loader_rng,
-                                        worker_init_fn=determinism.seed_worker if loader_rng is not None else None),
-                           device, data.augment, hp.channels_last)
-    # Validation shards without padding, so every sample is scored exactly once across the ranks.
-    valid_loader = DeviceBatches(batch_loader(data.valid, range(world.rank, len(data.valid), world.world_size),
-                                              hp.minibatch_size, drop_last=False, pin_memory=pin), device,
-                                 None, hp.channels_last)
-    if len(loader) == 0:
-        raise RuntimeError(f"each rank gets {len(sampler)} training samples, fewer than one minibatch of "
-                           f"{hp.minibatch_size}: lower minibatch_size or the parallelism degree")
-    return loader, valid_loader
-
-
-def checked_regions(task, data: DataBundle, monitoring: MonitoringConfig,
-                    checkpoints: Checkpointer) -> dict[str, tuple[int, ...]]:
-    """The ``<monitoring> regions`` scored as one, checked against the data's classes; the metrics the
-    checkpointer reads (``best_metric``) checked against those every epoch reports. Before training."""
-    regions = parse_regions(monitoring.regions, data.class_names)
-    try:
-        evaluator = task.evaluator(data.num_classes, data.class_names, regions)
-    except ValueError as exc:
-        raise DataError(None, f"<monitoring> regions: {exc}", f"use class values of the data's {data.num_classes} "
-                        "classes (0 is the background)") from None
-    checkpoints.check_metrics({*evaluator.names(), *LOSSES, LEARNING_RATE})
-    return regions
-
-
-def fit(run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=lambda: False,
+def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=lambda: False,
         trackers=()) -> dict[str, float]:
     """Train ``run`` from its current epoch to the end, calling ``beat()`` as it progresses and reporting
     to ``trackers`` (rank 0); returns the last epoch's metrics. When ``should_stop()`` is true on any
@@ -105,7 +76,7 @@ def fit(run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=lambda
     return metrics
 
 
-def train_epoch(run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
+def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
     """One epoch: the steps, validation, then plug-ins, the LR policy and the monitor see the (all-reduced)
     metrics."""
     gen, world, state = run.gen, run.world, run.state
@@ -113,23 +84,24 @@ def train_epoch(run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
     run.sampler.set_epoch(epoch)
     determinism.seed_loader(run.loader_rng, gen.seed, epoch, world.rank)
     run.loader.set_epoch(epoch)  # epoch-dependent augmentation
-    run.begin_steps()
+    steps = run.steps
+    steps.begin_steps()
     total, count = 0.0, 0
     last = time.perf_counter()  # the end of the previous step: what follows until the batch is there is waiting
     for step, (x, y) in enumerate(run.loader):
         waited = time.perf_counter() - last
         beat()  # before the step's collectives: a rank stuck elsewhere shows the oldest beat
-        value = run.step(x, y, run.policy.lr(epoch, step) * state.lr_scale)
+        value = steps.step(x, y, run.policy.lr(epoch, step) * state.lr_scale)
         run.guard.check(value, epoch, step)
         total, count = total + value * len(x), count + len(x)
         now = time.perf_counter()
         monitor.step(epoch, step, value, len(x), now - last, waited)
         last = now
-    net = run.end_steps()
+    net = steps.end_steps()
     evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
     metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat)
     loss_sum, n = sum_over_ranks(world, [total, count])
-    metrics = {TRAIN_LOSS: loss_sum / max(n, 1), LEARNING_RATE: run.current_lr(), **metrics}
+    metrics = {TRAIN_LOSS: loss_sum / max(n, 1), LEARNING_RATE: steps.current_lr(), **metrics}
     state.epoch = epoch + 1
     run.checkpoints.on_epoch_end(epoch, metrics, state)
     run.policy.on_epoch_end(epoch, metrics)  # an adaptive LR policy (GreScale); metrics are the same on every rank
@@ -153,40 +125,6 @@ def evaluate(model, loader: DeviceBatches, evaluator, loss_fn, world: World, bea
     evaluator.all_reduce(world.all_reduce)
     loss_sum, n = sum_over_ranks(world, [total, count])
     return {VALID_LOSS: loss_sum / max(n, 1), **evaluator.compute()}
-
-
-def common_state(run) -> dict:
-    """What a checkpoint holds besides the network and the optimizer: the epoch, the policy's and plug-ins'
-    states, and what predict needs to rebuild the network (``model_card``)."""
-    state = run.state
-    return {"optimizer_type": type(state.optimizer).__name__, "epoch": state.epoch, "lr_scale": state.lr_scale,
-            "plugins": run.checkpoints.plugin_state(), "world_size": run.world.world_size, "seed": run.gen.seed,
-            "job": str(run.gen.job.file), "lr_policy": run.policy.state_dict(),
-            "divergence_reference": run.guard.reference, "in_channels": run.data.in_channels,
-            "num_classes": run.data.num_classes, "model_card": run.card}
-
-
-def restore(saved: dict, checkpoints: Checkpointer, state: TrainState, policy: LRPolicy, guard: DivergenceGuard,
-            framework: str) -> Path:
-    """Continue from ``saved`` (the network and optimizer are the framework's part): the epoch, the plug-ins,
-    the feedback-adjusted schedule, and the divergence reference (the first loss of the whole run, not of
-    this start). Refuses a checkpoint of another framework or optimizer. Returns the checkpoint's file."""
-    trained = (saved.get("model_card") or {}).get("framework", "torch")
-    if trained != framework:
-        raise RuntimeError(f"the checkpoint in {checkpoints.latest()} was written by a {trained} run, the job now "
-                           f"trains with {framework}: resume with the framework it was trained with, or start "
-                           "afresh with another <output> folder or resume=false on the checkpoint action")
-    kind = type(state.optimizer).__name__
-    if saved.get("optimizer_type", kind) != kind:
-        raise RuntimeError(f"the checkpoint in {checkpoints.latest()} was written with the {saved['optimizer_type']} "
-                           f"optimizer, the job now asks for {kind}: resume with the same optimizer, or start "
-                           f"afresh with another <output> folder or resume=false on the checkpoint action")
-    state.epoch, state.lr_scale = saved["epoch"], saved["lr_scale"]
-    checkpoints.load_plugin_state(saved["plugins"])
-    if saved.get("lr_policy"):
-        policy.load_state_dict(saved["lr_policy"])
-    guard.reference = saved.get("divergence_reference", guard.reference)
-    return checkpoints.latest()
 
 
 def model_card(gen: Generator, data: DataBundle) -> dict:

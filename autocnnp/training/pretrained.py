@@ -3,7 +3,8 @@
 Every tensor whose name and shape match is copied; the others keep their fresh initialisation, so a
 model trained for other classes gets a new head (and other input channels a new first layer).
 ``freeze="encoder"`` stops the gradients of the architecture's encoder (``net.encoder()``: the U-Net's
-contracting path, the FCN's VGG stages; a user architecture may define it), except for the tensors that
+contracting path, the FCN's VGG stages; a user architecture may define it: the
+:class:`~autocnnp.generator.protocols.Encoded` protocol), except for the tensors that
 were newly initialised (they always train), and keeps the running statistics of its loaded norm layers:
 those layers stay in evaluation mode throughout training (:meth:`Transfer.keep_frozen`).
 """
@@ -16,6 +17,7 @@ from pathlib import Path
 import torch
 
 from ..core.errors import DataError
+from ..generator.protocols import Encoded
 
 
 @dataclass
@@ -25,6 +27,9 @@ class Transfer:
 
     summary: str
     frozen_norms: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return self.summary
 
     def keep_frozen(self, net: torch.nn.Module) -> None:
         """Put the frozen norm layers of ``net`` (unwrapped) back in evaluation mode after ``model.train()``:
@@ -78,11 +83,10 @@ def load_pretrained(net: torch.nn.Module, checkpoint: Path, freeze: str) -> Tran
         net.load_state_dict(loaded, strict=False)
     transfer = Transfer(loaded_summary(checkpoint, len(loaded), len(own), sorted(k for k in own if k not in loaded)))
     if freeze == "encoder":
-        encoder = getattr(net, "encoder", None)
-        if not callable(encoder):
+        if not isinstance(net, Encoded) or not callable(net.encoder):
             raise DataError(checkpoint, f"freeze=encoder, but the architecture {type(net).__name__} names no encoder",
                             "define encoder() returning its encoder modules, or use freeze=none")
-        _freeze(net, encoder(), set(loaded), transfer)
+        _freeze(net, net.encoder(), set(loaded), transfer)
     return transfer
 
 

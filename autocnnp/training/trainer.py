@@ -1,32 +1,20 @@
-"""The torch framework's run on every rank. It only calls the generator's actions, in the thesis' order,
-and the protocols of their implementations (generator/protocols.py): which strategy, architecture or
+"""The torch framework's part of the run on every rank: its network, optimizer, step and state I/O.
+Everything else, and the generator's actions, are training/run.py's; which strategy, architecture or
 dataset is used is decided by the job, never here. The epoch loop is training/loop.py's."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from ..core.processes import default_threads
-from ..core.world import World
-from ..data.batches import DeviceBatches
 from ..generator.assemble import Generator
-from ..generator.protocols import Checkpointer, DataBundle, LRPolicy, Strategy
-from . import determinism
-from .loop import (
-    TrainState,
-    checked_regions,
-    common_state,
-    loaders,
-    model_card,
-    restore,
-    seed_everything,
-)
-from .monitor import DivergenceGuard, MonitoringConfig
+from ..generator.protocols import Strategy, TrainingSteps
+from . import determinism, run
+from .monitor import MonitoringConfig
 from .precision import mixed_precision
 from .pretrained import Transfer, load_pretrained
+from .run import Backend, Run, network, pretrained
 
 
 def make_optimizer(hp, params) -> torch.optim.Optimizer:
@@ -51,34 +39,14 @@ def checkpoint_bytes(gen) -> int:
     return sum(t.numel() * t.element_size() for t in tensors) + slots * weights
 
 
-@dataclass
-class Run:
-    """What one rank built from the generator's actions before its first step."""
+class TorchSteps(TrainingSteps):
+    """The torch framework's part of a run: the strategy-wrapped network, its optimizer, the fp16 loss scaler
+    (kept across epochs: its scaling adapts over the run) and the pretrained weights' frozen norm layers."""
 
-    gen: Generator
-    world: World
-    device: torch.device
-    hp: object
-    task: object
-    data: DataBundle
-    strategy: Strategy
-    model: torch.nn.Module
-    sampler: object
-    loader: DeviceBatches  # the training minibatches, on the device, augmented
-    loader_rng: torch.Generator | None
-    valid_loader: DeviceBatches
-    policy: LRPolicy
-    checkpoints: Checkpointer
-    state: TrainState
-    loss_fn: object
-    autocast: object
-    scaler: torch.amp.GradScaler  # kept across epochs: fp16 loss scaling adapts over the run
-    guard: DivergenceGuard  # kept across epochs: divergence is judged against the run's first loss
-    determinism: dict  # what deterministic mode set (for the manifest)
-    resumed_from: Path | None  # the checkpoint this run continued from
-    regions: dict[str, tuple[int, ...]]  # groups of classes scored as one (<monitoring> regions)
-    card: dict  # what predict needs to rebuild and feed the network (model_card)
-    transfer: Transfer | None = None  # the pretrained weights it started from, and what of them is frozen
+    def __init__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy, loss_fn,
+                 autocast, scaler: torch.amp.GradScaler, transfer: Transfer | None):
+        self.model, self.optimizer, self.strategy, self.loss_fn = model, optimizer, strategy, loss_fn
+        self.autocast, self.scaler, self.transfer = autocast, scaler, transfer
 
     def begin_steps(self) -> None:
         self.model.train()
@@ -88,15 +56,14 @@ class Run:
     def step(self, x, y, lr: float) -> float:
         """One optimizer step at ``lr``: forward under autocast, backward through the loss scaler, the strategy's
         hooks; this rank's loss."""
-        optimizer = self.state.optimizer
-        for group in optimizer.param_groups:
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
         with self.autocast:
             loss = self.loss_fn(self.model(x), y)
-        optimizer.zero_grad()
+        self.optimizer.zero_grad()
         self.scaler.scale(loss).backward()
         self.strategy.after_backward(self.model)
-        self.strategy.step(optimizer, self.scaler)
+        self.strategy.step(self.optimizer, self.scaler)
         return loss.item()
 
     def end_steps(self) -> torch.nn.Module:
@@ -104,68 +71,44 @@ class Run:
         return self.strategy.unwrap(self.model)
 
     def current_lr(self) -> float:
-        return self.state.optimizer.param_groups[0]["lr"]
+        return self.optimizer.param_groups[0]["lr"]
 
-    def snapshot(self) -> dict:
-        return checkpoint_state(self.strategy.unwrap(self.model), self)
+    def state_dict(self) -> dict:
+        """The network, the optimizer and the fp16 loss scaler."""
+        return {"model": self.strategy.unwrap(self.model).state_dict(), "optimizer": self.optimizer.state_dict(),
+                "grad_scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, saved: dict | None, source: Path | None) -> None:
+        if saved is None:
+            return
+        self.strategy.unwrap(self.model).load_state_dict(saved["model"])
+        self.optimizer.load_state_dict(saved["optimizer"])
+        if saved.get("grad_scaler"):
+            self.scaler.load_state_dict(saved["grad_scaler"])
+
+
+class TorchBackend(Backend):
+    """The torch framework: torch modules trained by the job's strategy."""
+
+    name = "torch"
+
+    def configure(self, threads: int, deterministic: bool) -> dict:
+        torch.set_num_threads(threads)  # this node's cores shared among its ranks
+        return determinism.configure(deterministic)  # fixed threads, deterministic kernels
+
+    def steps(self, gen: Generator, *, world, device, hp, data, strategy: Strategy, loss_fn) -> TorchSteps:
+        net = network(gen, data)
+        # before any wrapping; a resumed run then loads its own checkpoint over it
+        transfer = pretrained(gen, world, net, load_pretrained)
+        if hp.channels_last:
+            net = net.to(memory_format=torch.channels_last)
+        model = strategy.wrap(net)
+        optimizer = strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model)
+        autocast, scaler = mixed_precision(hp.precision, device)
+        return TorchSteps(model=model, optimizer=optimizer, strategy=strategy, loss_fn=loss_fn, autocast=autocast,
+                          scaler=scaler, transfer=transfer)
 
 
 def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, timeout_s: float) -> Run:
-    """Call the generator's actions in the thesis' order: environment, injection, strategy tuning.
-    ``timeout_s`` bounds the collectives (a backup of run & manage's watchdog, which names the rank)."""
-    world = gen.action("communication_init").build(timeout_s=timeout_s)
-    device = gen.action("device_placement").build(world=world)
-    device = gen.action("memory_allocation").build(device=device)
-    torch.set_num_threads(default_threads(world.local_world_size))  # this node's cores shared among its ranks
-    hp = gen.action("hyperparameters_injection").build()
-    deterministic = determinism.configure(hp.deterministic)  # fixed threads, deterministic kernels
-    task = gen.action("task_definition").build()
-    seed_everything(gen.seed)  # identical initial parameters on every rank (DDP broadcasts them too)
-    data = gen.data_format().datasets(world=world, seed=gen.seed, cache_dir=gen.rundir.cache)
-    net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
-    transfer = None
-    if gen.pretrained is not None:  # before any wrapping; a resumed run then loads its own checkpoint over it
-        transfer = load_pretrained(net, gen.pretrained.local(gen.rundir), gen.pretrained.freeze)
-        if world.rank == 0:
-            print(f"autocnnp: pretrained ({gen.pretrained.source}): {transfer.summary}", flush=True)
-    strategy = gen.action("dist_strategy").build(world=world, device=device, beat=beat)
-    if hp.channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    model = strategy.wrap(net)
-    optimizer = strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model)
-    sampler = strategy.sampler(data.train, shuffle=True, seed=gen.seed)
-    loader_rng = determinism.loader_generator(hp.deterministic)
-    loader, valid_loader = loaders(data, sampler, hp, world, device, loader_rng)
-    policy = gen.lr_policy(steps_per_epoch=len(loader), world_size=world.world_size)
-    checkpoints = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=world.rank)
-    state = TrainState(optimizer, epoch=hp.start_epoch)
-    autocast, scaler = mixed_precision(hp.precision, device)
-    guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
-    resumed_from = _resume(checkpoints, strategy.unwrap(model), state, policy, scaler, guard)
-    regions = checked_regions(task, data, monitoring, checkpoints)
-    return Run(gen, world, device, hp, task, data, strategy, model, sampler, loader, loader_rng, valid_loader,
-               policy, checkpoints, state, task.loss(hp.loss), autocast, scaler, guard, deterministic, resumed_from,
-               regions, model_card(gen, data), transfer)
-
-
-
-def checkpoint_state(net: torch.nn.Module, run: Run) -> dict:
-    """What a checkpoint holds: the network, the optimizer, the fp16 loss scaler and training/loop.py's
-    common state."""
-    return {"model": net.state_dict(), "optimizer": run.state.optimizer.state_dict(),
-            "grad_scaler": run.scaler.state_dict(), **common_state(run)}
-
-
-def _resume(checkpoints: Checkpointer, model, state: TrainState, policy: LRPolicy, scaler: torch.amp.GradScaler,
-            guard: DivergenceGuard) -> Path | None:
-    """Load the latest checkpoint into the model, optimizer, state, policy, loss scaler and divergence guard;
-    the file it came from."""
-    saved = checkpoints.load()
-    if saved is None:
-        return None
-    resumed_from = restore(saved, checkpoints, state, policy, guard, "torch")
-    model.load_state_dict(saved["model"])
-    state.optimizer.load_state_dict(saved["optimizer"])
-    if saved.get("grad_scaler"):
-        scaler.load_state_dict(saved["grad_scaler"])
-    return resumed_from
+    """One rank's torch run (training/run.py's :func:`~autocnnp.training.run.build`)."""
+    return run.build(gen, monitoring, TorchBackend(), beat=beat, timeout_s=timeout_s)

@@ -23,7 +23,7 @@ from .guideline import Variant
 
 
 class RunFailed(RuntimeError):
-    """A run of the guideline ended without a result; ``exit_code`` is its own (README: Exit codes)."""
+    """A run of the guideline ended without a result; ``exit_code`` is its own (an ExitCode)."""
 
     def __init__(self, message: str, exit_code: int):
         super().__init__(message)

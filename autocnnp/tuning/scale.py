@@ -20,6 +20,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from ..core.cli_args import options_of
 from ..core.errors import ExitCode, JobError, did_you_mean
 from ..core.processes import usable_cores
 from ..generator.points import POINT_BY_NAME
@@ -234,7 +235,7 @@ def measure_link() -> Link:
     return Link(times[small], bandwidth, "measured")
 
 
-def choose_link(name: str, args) -> Link:
+def choose_link(name: str, args: ScaleOptions) -> Link:
     """The link ``name`` (``--link``), with ``--bandwidth-gbps`` and ``--latency-us`` overriding its figures."""
     if name == "measured":
         link = measure_link()
@@ -303,6 +304,30 @@ PRESETS = {
 
 # --- the command -----------------------------------------------------------------------------------------
 
+@dataclasses.dataclass(frozen=True)
+class ScaleOptions:
+    """What ``scale`` predicts (``autocnnp scale``'s options): a job (profiled here) or a preset."""
+
+    job: Path | str | None = None  #: the job file (not with preset)
+    sets: tuple[str, ...] = ()  #: overrides of the job, KEY=VALUE
+    preset: str | None = None  #: instead of a job: one of PRESETS (R2D2's experiments)
+    link: str | None = None  #: one of LINKS or measured (default: measured for a job, the preset's link)
+    bandwidth_gbps: float | None = None  #: overrides the link's bandwidth (Gb/s)
+    latency_us: float | None = None  #: overrides the link's latency (microseconds)
+    data_path: str | None = None  #: ram (default), disk:GBPS or nfs:GBPS
+    sample_bytes: int | None = None  #: bytes read per sample (default: the sample's size in memory)
+    overlap: float | None = None  #: share of the backward pass the allreduce hides behind (default 1 - 1/buckets)
+    bucket_mb: float | None = None  #: gradient bucket in MB (default: the strategy's)
+    ranks: str | None = None  #: comma-separated rank counts (default 1, 2, 4, ..., max_ranks and the job's)
+    max_ranks: int = 1024
+    ranks_per_node: int | None = None  #: default: this machine's slots, its GPUs where it has some
+    compute_ms: float | None = None  #: one rank's compute step measured elsewhere (ms)
+    speedup_of_gpu: float | None = None  #: the device is this many times faster than this machine's profile
+    steps: int = 20  #: timed steps per measurement, after WARMUP_STEPS warm-up steps
+    plot: Path | str | None = None  #: write speedup and efficiency to this PNG
+
+
+
 def add_commands(sub) -> None:
     s = sub.add_parser("scale", help="predict throughput, speedup and efficiency of the job at 1..1024 ranks",
                        description="Profile one rank's step of the job on this machine (compute with the threads "
@@ -311,7 +336,7 @@ def add_commands(sub) -> None:
                        "federated rounds) and the data path, and print step time, samples/s, speedup and "
                        "efficiency per rank count.")
     s.add_argument("job", nargs="?", help="the XML job file (not with --preset)")
-    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override the job")
+    s.add_argument("--set", action="append", default=[], dest="sets", metavar="KEY=VALUE", help="override the job")
     s.add_argument("--preset", help="instead of a job: " + ", ".join(PRESETS) + " (R2D2's experiments)")
     s.add_argument("--link", help=f"{', '.join(LINKS)} or measured (gloo between two local processes); "
                    "default measured for a job, the preset's link for a preset")
@@ -326,15 +351,15 @@ def add_commands(sub) -> None:
     s.add_argument("--bucket-mb", type=float, help="gradient bucket in MB (default: the strategy's bucket_cap_mb, "
                    "else ring_allreduce's, as DDP's)")
     s.add_argument("--ranks", help="comma-separated rank counts (default 1, 2, 4, ..., --max-ranks, and the job's)")
-    s.add_argument("--max-ranks", type=int, default=1024)
+    s.add_argument("--max-ranks", type=int, default=ScaleOptions.max_ranks)
     s.add_argument("--ranks-per-node", type=int, help="ranks on one node (default: this machine's slots, "
                    "its GPUs where it has some)")
     s.add_argument("--compute-ms", type=float, help="one rank's compute step measured elsewhere (ms); the backward "
                    "keeps its measured share")
     s.add_argument("--speedup-of-gpu", type=float, metavar="X", help="the device is X times faster than this "
                    "machine's profile (compute divided by X)")
-    s.add_argument("--steps", type=int, default=20,
-                   help=f"timed steps per measurement (after {WARMUP_STEPS} warm-up steps; default 20)")
+    s.add_argument("--steps", type=int, default=ScaleOptions.steps,
+                   help=f"timed steps per measurement (after {WARMUP_STEPS} warm-up steps; default {ScaleOptions.steps})")
     s.add_argument("--plot", metavar="PNG", help="write speedup and efficiency to this PNG")
     s.add_argument("--json", metavar="FILE", help="write inputs and prediction as JSON ('-': standard output)")
     s.set_defaults(func=cmd_scale)
@@ -342,20 +367,22 @@ def add_commands(sub) -> None:
 
 def cmd_scale(args) -> int:
     """Print the prediction; with ``--json -`` standard output is the JSON alone (the rest goes to stderr)."""
+    options = options_of(ScaleOptions, args)
     if args.json != "-":
-        report = _scale(args)
+        report = scale(options).jsonable()
         if args.json:
             Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
             print(f"wrote {args.json}")
         return ExitCode.OK
     with contextlib.redirect_stdout(sys.stderr):
-        report = _scale(args)
+        report = scale(options).jsonable()
     print(json.dumps(report, indent=2, default=str))
     return ExitCode.OK
 
 
-def _scale(args) -> dict:
-    """Profile (or take the preset), predict and print the table; returns the JSON report."""
+def scale(args: ScaleOptions) -> Report:
+    """Profile the job's step here (or take the preset), predict step time, throughput, speedup and efficiency
+    at each rank count and print the table; returns the prediction and its inputs."""
     if (args.job is None) == (args.preset is None):
         raise JobError(option("JOB.xml"), "give a job file or --preset, not both and not neither",
                        f"autocnnp scale JOB.xml, or autocnnp scale --preset {next(iter(PRESETS))}")
@@ -371,7 +398,7 @@ def _scale(args) -> dict:
         traffic = _traffic(Strategy, None, profile)
         link = choose_link(args.link or preset.link, args)
     else:
-        job = load_job(args.job, args.set)
+        job = load_job(args.job, list(args.sets))
         gen = job.generator
         if gen.framework != "torch":
             raise JobError(gen.action("framework").where or gen.job.where, f"autocnnp scale profiles the torch step; "
@@ -385,7 +412,7 @@ def _scale(args) -> dict:
         for n in world_sizes:
             threads = placement.threads(n)
             copies[threads] = max(copies.get(threads, 1), min(n, placement.ranks_per_node))
-        profile = profile_job(Path(args.job), args.set, copies, args.steps)
+        profile = profile_job(Path(args.job), list(args.sets), copies, args.steps)
         action = gen.action("dist_strategy")
         traffic = _traffic(adopt(action.entry.load(), Strategy), action.config, profile)
         bucket_mb = args.bucket_mb or _bucket_mb(action.config)
@@ -402,7 +429,7 @@ def _scale(args) -> dict:
     print(table(rows))
     if args.plot:
         print(f"wrote {plot(rows, Path(args.plot), title)}")
-    return Report(title, link, data_path.describe(), overlap, placement, profile, rows).jsonable()
+    return Report(title, link, data_path.describe(), overlap, placement, profile, rows)
 
 
 def _traffic(strategy: type[Strategy], config, profile: Profile):
@@ -431,7 +458,7 @@ def _placement(ranks_per_node: int | None, cpus_per_task: int) -> Placement:
     return Placement(ranks_per_node or slots, cores, cpus_per_task)
 
 
-def _overridden(profile: Profile, args) -> Profile:
+def _overridden(profile: Profile, args: ScaleOptions) -> Profile:
     """The profile with ``--compute-ms``, ``--speedup-of-gpu`` and ``--sample-bytes`` applied."""
     compute, backward = dict(profile.compute_s), dict(profile.backward_s)
     if args.compute_ms is not None:

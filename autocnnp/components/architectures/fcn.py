@@ -77,7 +77,7 @@ class FCN(nn.Module):
         self.up_final = _bilinear_upsampler(num_classes, 8)
 
     def encoder(self) -> list[nn.Module]:
-        """The VGG16 stages (``freeze="encoder"`` of a pretrained network)."""
+        """The VGG16 stages (``freeze="encoder"`` of a pretrained network; protocols.Encoded)."""
         return list(self.stages)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

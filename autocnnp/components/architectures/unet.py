@@ -84,7 +84,7 @@ class UNet(nn.Module):
         self.head = nn.Conv2d(channels[0], num_classes, 1)
 
     def encoder(self) -> list[nn.Module]:
-        """The contracting path (``freeze="encoder"`` of a pretrained network)."""
+        """The contracting path (``freeze="encoder"`` of a pretrained network; protocols.Encoded)."""
         return list(self.down)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

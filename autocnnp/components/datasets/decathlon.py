@@ -49,7 +49,7 @@ from autocnnp.data.checks import Verdict, check_dataset, validate_once
 from autocnnp.data.index import Case, case_name, is_dataset, is_nifti, nifti_files, read_dataset
 from autocnnp.data.preprocess import CacheDataset, build_cache, cache_key_of, check_cache, is_cache
 from autocnnp.data.slices import parse_modalities, resize, select_modalities, zscore_stats, zscored
-from autocnnp.generator.protocols import DataBundle, DataCheck, DataFormat
+from autocnnp.generator.protocols import DataBundle, DataCheck, DataFormat, VolumeTransform
 from autocnnp.generator.registry import component
 
 # Thesis Table 2.1 (left atrium): rotation [-45, 45] degrees, zoom [0.8, 1.2], shifts of 25.6 px
@@ -265,9 +265,9 @@ def _channel_names(declared: dict[int, str], modalities: list[int] | None) -> tu
 
 
 @dataclass(frozen=True)
-class SliceTransform:
-    """How ``autocnnp predict`` turns a volume into the model's input slices: the training pre-processing,
-    every slice along the third axis (predict resizes the slices' class probabilities back to the source grid)."""
+class SliceTransform(VolumeTransform):
+    """The decathlon format's volume transform: the training pre-processing of every slice along the third
+    axis."""
 
     size: int
     modalities: list[int] | None
