@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import subprocess
 import sys
 import time
@@ -166,3 +167,44 @@ def test_hostfile_reaches_the_mpirun_command(tmp_path):
     cmd, _ = build_command(load_job(job), env={})
     assert cmd[:3] == ["mpirun", "-np", "2"]
     assert cmd[cmd.index("--hostfile") + 1] == str(tmp_path / "hosts")
+
+
+SLEEPY_NET = """import os
+import time
+
+import torch
+
+DELAY_S = {delays}  # seconds each rank's forward pass sleeps: a rank made slow on purpose
+
+
+class Sleepy(torch.nn.Conv2d):
+    def forward(self, x):
+        if self.training:
+            time.sleep(DELAY_S[int(os.environ["OMPI_COMM_WORLD_RANK"])])  # the rank mpirun started
+        return super().forward(x)
+
+
+def build(in_channels, num_classes):
+    return Sleepy(in_channels, num_classes, 3, padding=1)
+"""
+
+
+@pytest.mark.ranks
+@pytest.mark.parametrize("strategy,delays,flagged", [("ring_allreduce", {0: 0.04, 1: 0.04}, []),
+                                                     ("ring_allreduce", {0: 0.04, 1: 0.16}, [1]),
+                                                     ("mpi", {0: 0.04, 1: 0.16}, [1])])
+def test_a_slow_rank_is_flagged_under_synchronous_allreduce(tmp_path, strategy, delays, flagged):
+    """A synchronous all-reduce (DDP's overlapped buckets, mpi's blocking Allreduce) makes every rank's step wait
+    for the slowest: the watch compares the ranks' own work (their steps less the time blocked in the
+    collectives), so the slow rank stands out and balanced ranks don't."""
+    (tmp_path / "net.py").write_text(SLEEPY_NET.format(delays=delays))
+    job = write_job(tmp_path / "job.xml", output="out", arch="<CNN_archi><path>net.py</path></CNN_archi>",
+                    data=SMALL_DATA, hyper=SMALL, actions=strategy_module(strategy))
+    result = run(job)
+    assert result.returncode == 0, result.stderr[-3000:]
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert [s["rank"] for s in manifest.get("stragglers", [])] == flagged, result.stderr[-3000:]
+    assert ("rank 1 is a straggler: its own work per step" in result.stderr) == bool(flagged)
+    with open(tmp_path / "out" / "resources" / "rank0.csv") as f:
+        waits = [float(row["collective_wait_ms"]) for row in csv.DictReader(f) if row["collective_wait_ms"]]
+    assert waits and (max(waits) > 80) == bool(flagged)  # rank 0 waits for rank 1's extra 120 ms every step

@@ -3,13 +3,14 @@
 import csv
 import json
 import math
+import time
 
 import pytest
 
 from autocnnp.components.trackers.files import Config as FilesConfig
 from autocnnp.components.trackers.files import Files
 from autocnnp.core.rundir import RunDir
-from autocnnp.generator.protocols import RunInfo, Tracker
+from autocnnp.generator.protocols import RunInfo, Tracker, collective_wait
 from autocnnp.training.monitor import (
     RESOURCE_COLUMNS,
     Diverged,
@@ -232,6 +233,19 @@ def test_non_zero_rank_writes_only_resources(tmp_path):
     assert len(rows) >= 2 and all(r["rank"] == "1" for r in rows)
 
 
+def test_own_work_leaves_out_the_time_blocked_in_collectives(tmp_path):
+    """A step's time in the strategy's collectives (waiting for the other ranks) is not the rank's own work;
+    the resource samples record it per step."""
+    with Monitor(RunDir(tmp_path), 1, 2, config(), 1, STEPS, 0) as monitor:
+        for step in range(STEPS):
+            with collective_wait.blocking():  # as if the step had waited for the other rank
+                time.sleep(0.05)
+            monitor.step(0, step, 1.0, 2, step_s=0.5, data_wait_s=0.05)
+        assert 0.4 < monitor.mean_step_s() <= 0.45
+    rows = [row for row in read_rows(tmp_path / "resources" / "rank1.csv") if row["collective_wait_ms"]]
+    assert rows and all(50 <= float(row["collective_wait_ms"]) < 100 for row in rows)
+
+
 def test_a_rank_whose_steps_stay_slow_is_flagged_once(tmp_path, capsys):
     from autocnnp.run.manifest import Stragglers
 
@@ -251,7 +265,8 @@ def test_a_rank_whose_steps_stay_slow_is_flagged_once(tmp_path, capsys):
         for epoch in range(3):
             monitor.epoch_end(epoch, epoch_metrics(epoch), [0.1, 0.3])
     err = capsys.readouterr().err
-    assert err.count("straggler") == 1 and "rank 1 is a straggler: its steps took 3.0 x the ranks' median" in err
+    assert err.count("straggler") == 1 and ("rank 1 is a straggler: its own work per step (compute and data wait, not "
+                                            "the time blocked in collectives) took 3.0 x the ranks' median") in err
     assert seen == [(1, 1, 0.3, 0.1)]
     manifest = json.loads(RunDir(tmp_path).manifest.read_text())
-    assert manifest["stragglers"] == [{"rank": 1, "epoch": 2, "step_ms": 300.0, "median_ms": 100.0}]
+    assert manifest["stragglers"] == [{"rank": 1, "epoch": 2, "own_work_ms": 300.0, "median_ms": 100.0}]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -223,6 +224,55 @@ class Traffic:
     overlap: float | None = None
 
 
+class CollectiveWait:
+    """Seconds this rank has spent blocked in its strategy's collectives (waiting for the other ranks and
+    the transfer), summed over the process: the monitor subtracts them from a step's time to get the rank's
+    own work (compute and data), which a straggler stands out in. A strategy times a blocking call with
+    ``with collective_wait.blocking():``; one that overlaps the exchange with the backward pass calls
+    ``watch(model)`` (each gradient's arrival marks the rank's own work so far) and ``synced()`` once the
+    exchanged gradients are there: the time since the last gradient arrived was spent waiting."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._ready: float | None = None
+        self._entered = 0.0
+
+    @contextlib.contextmanager
+    def blocking(self):
+        """Count the time the ``with`` block takes (a blocking collective)."""
+        self.enter()
+        try:
+            yield
+        finally:
+            self.leave()
+
+    def enter(self, *_hook_args) -> None:
+        """A blocking collective starts (usable as a module hook, as are :meth:`leave` and :meth:`synced`)."""
+        self._entered = time.perf_counter()
+
+    def leave(self, *_hook_args) -> None:
+        """The collective :meth:`enter` announced is done."""
+        self.seconds += time.perf_counter() - self._entered
+
+    def watch(self, model) -> None:
+        """Mark the time each of ``model``'s gradients is accumulated (the last one ends the backward pass)."""
+        for param in model.parameters():
+            if param.requires_grad:
+                param.register_post_accumulate_grad_hook(self._gradient_ready)
+
+    def _gradient_ready(self, _param) -> None:
+        self._ready = time.perf_counter()
+
+    def synced(self, *_hook_args) -> None:
+        """The exchange that followed the backward pass is done: count the time since its last gradient."""
+        if self._ready is not None:
+            self.seconds += time.perf_counter() - self._ready
+            self._ready = None
+
+
+collective_wait = CollectiveWait()  # this rank's (one rank per process)
+
+
 class Strategy:
     """A distributed optimizer (``dist_strategy``).
 
@@ -232,6 +282,7 @@ class Strategy:
     ``after_backward(model)`` then ``step(optimizer, scaler)``; after each epoch's steps, before
     validation, ``end_epoch(model)``; ``unwrap(model)`` wherever it needs the plain network.
     ``beat()`` tells run & manage the rank is alive: call it while blocking outside the step loop.
+    Time spent blocked in collectives during the steps is told to :data:`collective_wait`.
 
     Class attributes the engine reads: ``requires`` (``{action type: (implementations, ...)}`` this
     strategy works with; the engine picks the first when the job leaves that action out) and
@@ -637,7 +688,8 @@ class Tracker:
         """The metrics of epoch ``epoch`` (0-based), reached at ``global_step``."""
 
     def straggler(self, epoch: int, rank: int, step_s: float, median_s: float) -> None:
-        """Rank ``rank``'s mean step time (``step_s``) stayed above 1.5 x the ranks' median up to epoch ``epoch``."""
+        """Rank ``rank``'s own work per step (``step_s``: its mean step time less the time blocked in collectives)
+        stayed above 1.5 x the ranks' median up to epoch ``epoch``."""
 
     def close(self, status: str) -> None:
         """The run ended (plots, manifest and checkpoints are on disk)."""

@@ -416,5 +416,5 @@ class Stragglers(Tracker):
         rundir = RunDir(self.info.rundir)
         manifest = read(rundir) or {}
         manifest.setdefault("stragglers", []).append(
-            {"rank": rank, "epoch": epoch + 1, "step_ms": round(1000 * step_s, 2), "median_ms": round(1000 * median_s, 2)})
+            {"rank": rank, "epoch": epoch + 1, "own_work_ms": round(1000 * step_s, 2), "median_ms": round(1000 * median_s, 2)})
         write_json(rundir.manifest, manifest)

@@ -22,6 +22,7 @@ from ..core.files import WriteRefused, append_text, atomic_write
 from ..core.metrics import FOREGROUND_DICE, SEGEVAL, parse_regions
 from ..core.rundir import RunDir
 from ..core.settings import setting
+from ..generator.protocols import collective_wait
 
 
 @dataclass
@@ -45,7 +46,7 @@ class MonitoringConfig:
         parse_regions(self.regions)  # the syntax now; the class values once the data is known
 
 RESOURCE_COLUMNS = ("time_s", "rank", "cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb", "step_ms",
-                    "data_wait_ms", "host")
+                    "data_wait_ms", "host", "collective_wait_ms")
 
 
 class Diverged(RuntimeError):
@@ -57,7 +58,8 @@ class Diverged(RuntimeError):
 
 
 class StragglerWatch:
-    """Flags a rank whose mean step time stays above ``factor`` x the ranks' median for ``epochs`` epochs in a row
+    """Flags a rank whose own work per step (compute and data wait: its step time less the time blocked in the
+    strategy's collectives) stays above ``factor`` x the ranks' median for ``epochs`` epochs in a row
     (once per such stretch). The median is a rank's own time (the lower middle one of an even number of ranks):
     with two ranks, the faster one's."""
 
@@ -66,7 +68,7 @@ class StragglerWatch:
         self.stretch: dict[int, int] = {}
 
     def update(self, step_s: list[float]) -> list[tuple[int, float, float]]:
-        """(rank, its step time, the median) of the ranks flagged at this epoch, from every rank's step time."""
+        """(rank, its own work per step, the median) of the ranks flagged at this epoch, from every rank's."""
         import statistics  # here: with decimal and fractions it costs `autocnnp validate` ~8 ms
 
         median = statistics.median_low(step_s) if len(step_s) > 1 else 0.0
@@ -125,8 +127,8 @@ class DivergenceGuard:
 
 
 class ResourceSampler:
-    """Daemon thread appending rows of ``RESOURCE_COLUMNS``: CPU, RSS, GPU, and the mean step time and
-    time waiting for data of the steps since the last row (:meth:`record_step`).
+    """Daemon thread appending rows of ``RESOURCE_COLUMNS``: CPU, RSS, GPU, and the mean step time, time waiting
+    for data and time blocked in collectives of the steps since the last row (:meth:`record_step`).
 
     ``time_s`` is Unix time. One row is taken at :meth:`start` and one at :meth:`stop`.
     With ``append=False`` an existing file is replaced.
@@ -149,12 +151,12 @@ class ResourceSampler:
         self._started = False
         self.failed: WriteRefused | None = None  # a row the filesystem refused: sampling ended there
         self._host = socket.gethostname()
-        self._steps = [0, 0.0, 0.0]  # steps, seconds in steps, seconds waiting for data: since the last row
+        self._steps = [0, 0.0, 0.0, 0.0]  # steps; seconds in steps, waiting for data, in collectives: since the last row
 
-    def record_step(self, step_s: float, data_wait_s: float) -> None:
-        """Count one optimizer step and the part of it spent waiting for the next batch."""
+    def record_step(self, step_s: float, data_wait_s: float, collective_s: float = 0.0) -> None:
+        """Count one optimizer step and the parts of it spent waiting for the next batch and in collectives."""
         steps = self._steps
-        steps[0], steps[1], steps[2] = steps[0] + 1, steps[1] + step_s, steps[2] + data_wait_s
+        steps[:] = steps[0] + 1, steps[1] + step_s, steps[2] + data_wait_s, steps[3] + collective_s
 
     def start(self) -> ResourceSampler:
         """Start the CSV (its header if new), take a first sample and start the thread (no-op if started)."""
@@ -194,7 +196,7 @@ class ResourceSampler:
             except Exception:  # needs pynvml / NVML; leave the column empty without it
                 pass
             gpu_mem = f"{self._cuda.memory_allocated() / 2**20:.1f}"
-        (n, step_s, wait_s), self._steps = self._steps, [0, 0.0, 0.0]
+        (n, step_s, wait_s, collective_s), self._steps = self._steps, [0, 0.0, 0.0, 0.0]
         row = _csv_line(
             (
                 f"{time.time():.3f}",
@@ -206,6 +208,7 @@ class ResourceSampler:
                 f"{1000 * step_s / n:.2f}" if n else "",
                 f"{1000 * wait_s / n:.2f}" if n else "",
                 self._host,
+                f"{1000 * collective_s / n:.2f}" if n else "",
             )
         )
         if self.failed is None:
@@ -270,11 +273,14 @@ class Monitor:
     def _reset_epoch_counters(self) -> None:
         self._epoch_t0 = self._last_step_t = time.perf_counter()
         self._epoch_samples = self._epoch_steps = 0
-        self._epoch_step_s = self._epoch_wait_s = 0.0
+        self._epoch_step_s = self._epoch_wait_s = self._epoch_collective_s = 0.0
+        self._collective_mark = collective_wait.seconds
 
     def mean_step_s(self) -> float:
-        """This rank's mean step time in the epoch so far (every rank)."""
-        return self._epoch_step_s / self._epoch_steps if self._epoch_steps else 0.0
+        """This rank's own work per step in the epoch so far (every rank): its mean step time less the time
+        blocked in the strategy's collectives, where a synchronous exchange makes every rank wait for the slowest."""
+        own = self._epoch_step_s - self._epoch_collective_s
+        return own / self._epoch_steps if self._epoch_steps else 0.0
 
     def _truncate_metrics(self) -> None:
         """Keep only the metrics.csv rows of the ``start_epoch`` epochs done."""
@@ -291,11 +297,15 @@ class Monitor:
     def step(self, epoch: int, step: int, loss: float, samples: int, step_s: float = 0.0,
              data_wait_s: float = 0.0) -> None:
         """Record one optimizer step: ``samples`` is this rank's batch size, ``step_s`` the step's time and
-        ``data_wait_s`` the part of it spent waiting for the batch (sampled on every rank)."""
-        self._sampler.record_step(step_s, data_wait_s)
+        ``data_wait_s`` the part of it spent waiting for the batch (sampled on every rank); the part blocked in
+        the strategy's collectives since the last step is read from ``collective_wait``."""
+        collective_s = min(collective_wait.seconds - self._collective_mark, step_s)
+        self._collective_mark = collective_wait.seconds
+        self._sampler.record_step(step_s, data_wait_s, collective_s)
         self._epoch_steps += 1
         self._epoch_step_s += step_s
         self._epoch_wait_s += data_wait_s
+        self._epoch_collective_s += collective_s
         if self.rank != 0 or self._closed:
             return
         now = time.perf_counter()
@@ -320,7 +330,7 @@ class Monitor:
 
     def epoch_end(self, epoch: int, metrics: dict[str, float], rank_step_s: list[float] = ()) -> None:
         """Append the epoch's metrics to metrics.csv and TensorBoard; print a summary line; flag a straggler
-        from every rank's mean step time (``rank_step_s``, rank order)."""
+        from every rank's own work per step (``rank_step_s``, rank order: :meth:`mean_step_s`)."""
         if self._sampler.failed is not None:
             raise self._sampler.failed
         if self.rank != 0 or self._closed:
@@ -336,8 +346,9 @@ class Monitor:
         self._write_line(" ".join(parts), file=sys.stdout)
         sys.stdout.flush()
         for rank, step_s, median_s in self.stragglers.update(list(rank_step_s)):
-            self._write_line(f"autocnnp: rank {rank} is a straggler: its steps took {step_s / median_s:.1f} x the "
-                             f"ranks' median ({1000 * step_s:.0f} ms against {1000 * median_s:.0f} ms) for "
+            self._write_line(f"autocnnp: rank {rank} is a straggler: its own work per step (compute and data wait, "
+                             f"not the time blocked in collectives) took {step_s / median_s:.1f} x the ranks' "
+                             f"median ({1000 * step_s:.0f} ms against {1000 * median_s:.0f} ms) for "
                              f"{self.stragglers.epochs} epochs in a row", file=sys.stderr)
             for tracker in self.trackers:
                 tracker.straggler(epoch, rank, step_s, median_s)
@@ -465,8 +476,9 @@ def plot_run(rundir: RunDir) -> list[Path]:
 
 
 def plot_resources(rundir: RunDir, path: Path) -> Path | None:
-    """Every rank's step time, time waiting for data, CPU and RSS (and GPU) over time into ``path``: a panel each,
-    every rank in each panel, so that a rank out of step stands out; None before the first sample."""
+    """Every rank's step time, time waiting for data and in collectives, CPU and RSS (and GPU) over time into
+    ``path``: a panel each, every rank in each panel, so that a rank out of step stands out; None before the first
+    sample."""
     from matplotlib.figure import Figure
 
     tables = {}
@@ -477,7 +489,8 @@ def plot_resources(rundir: RunDir, path: Path) -> Path | None:
     if not tables:
         return None
     t0 = min(float(rows[0]["time_s"]) for rows in tables.values())
-    panels = [("step_ms", "step ms"), ("data_wait_ms", "data wait ms"), ("cpu_percent", "CPU %"), ("rss_mb", "RSS MB")]
+    panels = [("step_ms", "step ms"), ("data_wait_ms", "data wait ms"), ("collective_wait_ms", "collectives ms"),
+              ("cpu_percent", "CPU %"), ("rss_mb", "RSS MB")]
     panels += [
         (name, label)
         for name, label in (("gpu_util_percent", "GPU util %"), ("gpu_mem_mb", "GPU mem MB"))

@@ -11,6 +11,8 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 from torch import nn
 
+from autocnnp.generator.protocols import collective_wait
+
 
 class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm whose training statistics cover every rank's samples."""
@@ -25,7 +27,8 @@ class CrossRankBatchNorm(nn.modules.batchnorm._BatchNorm):
         dims = [d for d in range(x.dim()) if d != 1]
         c = x.size(1)
         local = torch.cat([x.sum(dims), (x * x).sum(dims), x.new_full((1,), x.numel() / c)])
-        total = dist_fn.all_reduce(local)
+        with collective_wait.blocking():
+            total = dist_fn.all_reduce(local)
         count = total[-1]
         mean = total[:c] / count
         var = total[c:2 * c] / count - mean * mean

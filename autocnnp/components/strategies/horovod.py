@@ -14,7 +14,7 @@ from torch import nn
 
 from autocnnp.components.communication.horovod_world import import_horovod
 from autocnnp.core.settings import setting
-from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig, shard_sampler
+from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig, collective_wait, shard_sampler
 from autocnnp.generator.registry import component
 
 
@@ -58,6 +58,7 @@ class Horovod(Strategy):
         # rank, built from the same hyperparameters) has nothing to broadcast, so only a filled one is.
         if optimizer.state_dict()["state"]:
             self.hvd.broadcast_optimizer_state(optimizer, root_rank=0, model=model)
+        collective_wait.watch(model)  # the allreduces overlap backward: what follows its last gradient is waiting
         return self.hvd.DistributedOptimizer(optimizer, named_parameters=model.named_parameters(),
                                              compression=self.compression, op=self.hvd.Average)
 
@@ -68,6 +69,7 @@ class Horovod(Strategy):
         """Wait for the gradient allreduces started during backward, then step (through the GradScaler,
         which unscales and checks the averaged gradients) without synchronizing again."""
         optimizer.synchronize()
+        collective_wait.synced()
         with optimizer.skip_synchronize():
             scaler.step(optimizer)
         scaler.update()

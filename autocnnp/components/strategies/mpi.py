@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy
+from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, collective_wait
 from autocnnp.generator.registry import component
 
 from .tensors import BucketConfig, bcast_module, mpi, pack, unpack
@@ -93,8 +93,9 @@ class MPIAllreduce(Strategy):
         if self.comm.size == 1:
             return
         MPI = mpi()
-        for b in self.buckets:
-            b.average(self.comm, MPI)
+        with collective_wait.blocking():
+            for b in self.buckets:
+                b.average(self.comm, MPI)
 
     def end_epoch(self, model: nn.Module) -> None:
         """Buffers (BatchNorm running statistics) follow rank 0, as DDP's broadcast_buffers does, so that

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from autocnnp.core.settings import setting
-from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig, Traffic, shard_sampler
+from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, StrategyConfig, Traffic, collective_wait, shard_sampler
 from autocnnp.generator.registry import component
 
 from .tensors import bcast_module, mpi, pack, unpack
@@ -138,8 +138,9 @@ class ParameterServer(Strategy):
             self._serve(own=True)
         else:
             self._pack()
-            self.comm.Send(self.message.numpy(), dest=self.server, tag=TAG_GRAD)
-            self.comm.Recv(self.flat.numpy(), source=self.server, tag=TAG_PARAMS)
+            with collective_wait.blocking():
+                self.comm.Send(self.message.numpy(), dest=self.server, tag=TAG_GRAD)
+                self.comm.Recv(self.flat.numpy(), source=self.server, tag=TAG_PARAMS)
             unpack(self.flat, self.params)
 
     def end_epoch(self, model: nn.Module) -> None:
@@ -170,7 +171,8 @@ class ParameterServer(Strategy):
         senders = list(self.inbox)
         statuses = [MPI.Status() for _ in senders]
         requests = [self.comm.Irecv(self.inbox[w].numpy(), source=w, tag=MPI.ANY_TAG) for w in senders]
-        wait_politely(requests, statuses)
+        with collective_wait.blocking():
+            wait_politely(requests, statuses)
         tags = {s.Get_tag() for s in statuses}
         if TAG_END in tags:
             if own or tags != {TAG_END}:
@@ -190,5 +192,6 @@ class ParameterServer(Strategy):
         unpack(total[self.header:], self.params, grads=True, divisor=len(self.workers))
         self.optimizer.step()
         pack(self.params, self.flat)
-        MPI.Request.Waitall([self.comm.Isend(self.flat.numpy(), dest=w, tag=TAG_PARAMS) for w in self.inbox])
+        with collective_wait.blocking():
+            MPI.Request.Waitall([self.comm.Isend(self.flat.numpy(), dest=w, tag=TAG_PARAMS) for w in self.inbox])
         return True

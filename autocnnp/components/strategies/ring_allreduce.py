@@ -8,7 +8,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from autocnnp.core.settings import setting
-from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy
+from autocnnp.generator.protocols import MPI_LAUNCHERS, Strategy, collective_wait
 from autocnnp.generator.registry import component
 
 from . import cross_rank_batchnorm
@@ -37,8 +37,17 @@ class RingAllreduce(Strategy):
                      else cross_rank_batchnorm.convert(model))
         model = model.to(self.device)
         ids = [self.device.index] if self.device.type == "cuda" else None
-        return DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.config.bucket_cap_mb,
-                                       find_unused_parameters=self.config.find_unused_parameters)
+        ddp = DistributedDataParallel(model, device_ids=ids, bucket_cap_mb=self.config.bucket_cap_mb,
+                                      find_unused_parameters=self.config.find_unused_parameters)
+        # Time blocked in collectives: DDP's forward broadcasts the buffers before the network's forward runs,
+        # and backward ends waiting for the gradient buckets' allreduces after the last gradient arrived.
+        ddp.register_forward_pre_hook(collective_wait.enter)
+        model.register_forward_pre_hook(collective_wait.leave)
+        collective_wait.watch(model)
+        return ddp
+
+    def after_backward(self, model: nn.Module) -> None:
+        collective_wait.synced()
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model

@@ -40,7 +40,8 @@ from autocnnp.generator.registry import component
 JOURNAL, STATE = "mlflow-events.jsonl", "mlflow.json"
 STATUS = {"completed": "FINISHED", "failed": "FAILED", "diverged": "FAILED", "stopped": "KILLED", "terminated": "KILLED",
           "killed": "KILLED"}
-SYSTEM_COLUMNS = ("cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb", "step_ms", "data_wait_ms")
+SYSTEM_COLUMNS = ("cpu_percent", "rss_mb", "gpu_util_percent", "gpu_mem_mb", "step_ms", "data_wait_ms",
+                  "collective_wait_ms")
 BATCH = 900  # metrics per request (MLflow accepts 1,000)
 STOP_TAG, STOPPED_TAG = "autocnnp.stop", "autocnnp.stopped_by"  # a stop asked for in the MLflow UI, and who asked
 FOLLOWED = "AUTOCNNP_TRACKING_FOLLOWED"  # the run folder whose journal run & manage's sender follows
@@ -365,8 +366,8 @@ class MLflow(Tracker):
         self.journal.add("epoch", step=epoch + 1, values=metrics)  # the sender sends it at once
 
     def straggler(self, epoch: int, rank: int, step_s: float, median_s: float) -> None:
-        self.journal.add("tags", values={f"straggler.rank{rank}": f"from epoch {epoch + 1}: steps of {1000 * step_s:.0f} "
-                                         f"ms, {step_s / median_s:.1f} x the ranks' median"})
+        self.journal.add("tags", values={f"straggler.rank{rank}": f"from epoch {epoch + 1}: own work per step "
+                                         f"{1000 * step_s:.0f} ms, {step_s / median_s:.1f} x the ranks' median"})
 
     def close(self, status: str) -> None:
         self.journal.add("artifacts", files=end_artifacts(self.info.rundir))
