@@ -84,7 +84,8 @@ def test_validate_stays_torch_free_with_the_data_commands(tmp_path):
     shutil.copy(BRAIN_JOB, job)
     write_synthetic_dataset(tmp_path / "data" / "Task01_BrainTumour", "brain", cases=2, shape=(12, 12, 6))
     # sys.modules, not -X importtime: the command modules are loaded by importlib, which importtime skips.
-    code = ("import sys; from autocnnp.cli import main; rc = main(['validate', sys.argv[1]]); "
+    # the whole parser (what --help builds, the data commands included) first, then validate
+    code = ("import sys; from autocnnp.cli import main, parser; parser(); rc = main(['validate', sys.argv[1]]); "
             "print(rc, 'autocnnp.data.commands' in sys.modules, "
             "sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'nibabel'))))")
     result = subprocess.run([sys.executable, "-c", code, str(job)], capture_output=True, text=True, timeout=60)
