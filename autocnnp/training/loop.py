@@ -101,13 +101,15 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
     evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
     metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat)
     loss_sum, n = sum_over_ranks(world, [total, count])
+    # every rank's step time (the straggler watch), gathered before the plug-ins' hooks: a rank failing in one leaves
+    # its peers writing the epoch's metrics, not blocked in a collective
+    rank_step_s = sum_over_ranks(world, [monitor.mean_step_s() if r == world.rank else 0.0
+                                         for r in range(world.world_size)])
     metrics = {TRAIN_LOSS: loss_sum / max(n, 1), LEARNING_RATE: steps.current_lr(), **metrics}
     state.epoch = epoch + 1
     run.checkpoints.on_epoch_end(epoch, metrics, state)
     run.policy.on_epoch_end(epoch, metrics)  # an adaptive LR policy (GreScale); metrics are the same on every rank
     beat()
-    rank_step_s = sum_over_ranks(world, [monitor.mean_step_s() if r == world.rank else 0.0
-                                         for r in range(world.world_size)])  # every rank's, for the straggler watch
     monitor.epoch_end(epoch, metrics, rank_step_s)
     return metrics
 
