@@ -111,7 +111,7 @@ def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
 
 def _zoo_checkpoint(model: str) -> Path:
     """The checkpoint of a zoo model (``zoo:NAME[/VERSION]``), pulled once into ~/.cache/autocnnp/zoo."""
-    from .run.zoo import fetch, parse, zoo_store
+    from .tracking.zoo import fetch, parse, zoo_store
 
     name, version = parse(model)
     checkpoint, _ = fetch(name, version, zoo_folder(Path.home() / ".cache" / "autocnnp" / "zoo", name, version), zoo_store())

@@ -1,6 +1,6 @@
 """The layers: every import, also one made inside a function, goes to the same layer or a lower one.
 
-core < engine < generator < data, training < components < run, inference < tuning, api, cli. So the core
+core < engine < generator < data, training < components < run, tracking, inference < tuning, api, cli. So the core
 imports nothing above it, nothing below run/ imports it, and the engine never imports torch. One exception:
 the package itself (``autocnnp/__init__.py``) re-exports the API, imported inside a function on first use.
 And no modules import each other in a circle (the same exception aside)."""
@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "autocnnp"
-LAYERS = {"core": 0, "engine": 1, "generator": 2, "data": 3, "training": 3, "components": 4, "run": 5,
+LAYERS = {"core": 0, "engine": 1, "generator": 2, "data": 3, "training": 3, "components": 4, "run": 5, "tracking": 5,
           "inference": 5, "tuning": 6, "api": 6, "cli": 6, "__main__": 7, "templates": 0, "__init__": 0}
 MODULES = sorted(PACKAGE.rglob("*.py"))
 

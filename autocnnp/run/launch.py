@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..components.trackers import mlflow_tracking
-from ..components.trackers.mlflow_tracking import FOLLOWED
 from ..core.errors import DataError, ExitCode, Interrupted, JobError
 from ..core.files import WriteRefused, atomic_write
 from ..core.world import discover_world, launcher_name
 from ..generator.overrides import apply_overrides
+from ..tracking import FOLLOWED, FrontEnd
 from . import lock, manifest, preflight
 from .config import LaunchConfig
 from .hosts import check_hosts, parse_hostfile
@@ -144,13 +143,13 @@ def _record_failure(rundir, problem: str, restart: int | None = None) -> None:
         manifest.record_failure(rundir, problem, restart=restart)
 
 
-def _tracking(job: Job, mode: str, stack: contextlib.ExitStack) -> mlflow_tracking.FrontEnd | None:
+def _tracking(job: Job, mode: str, stack: contextlib.ExitStack) -> FrontEnd | None:
     """The mlflow tracker's run & manage side (its sender, closed with ``stack``), if the job has that tracker:
     started with the first attempt that passed the checks."""
     config = next((config for entry, config in job.trackers if entry.name == "mlflow"), None)
     if config is None:
         return None
-    tracking = mlflow_tracking.FrontEnd(config, manifest.run_info(job, mode))
+    tracking = FrontEnd(config, manifest.run_info(job, mode))
     stack.callback(tracking.close)
     return tracking
 

@@ -23,7 +23,7 @@ def fetch_pretrained(job: Job) -> None:
     pretrained = job.generator.pretrained
     if pretrained is None or pretrained.zoo is None:
         return
-    from .zoo import fetch, zoo_store
+    from ..tracking.zoo import fetch, zoo_store
 
     name, version = pretrained.zoo
     target = pretrained.local(job.generator.rundir)

@@ -17,12 +17,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..components.trackers.mlflow_tracking import Sender, close_journal, store_of
 from ..core.errors import Interrupted, JobError
 from ..core.rundir import RunDir
-from . import processes
-from .job import load_job
-from .lock import is_held
+from ..run import processes
+from ..run.job import load_job
+from ..run.lock import is_held
+from . import Sender, close_journal, store_of
 
 START_TIMEOUT_S = 120.0
 MLFLOW_HINT = "install it with `make venv` (requirements/test.txt pins mlflow) or pip install mlflow"
