@@ -36,7 +36,7 @@ def _store(args) -> tuple[str, Path | None]:
         raise JobError(Path("."), "the dashboard needs a store", "name a job file, --store DIR or --tracking-uri URI")
     job = load_job(args.job, args.set)
     mlflow = next((config for entry, config in job.trackers if entry.name == "mlflow"), None)
-    return store_of(job.generator.rundir.root, mlflow.tracking_uri if mlflow else "")
+    return store_of(job.rundir.root, mlflow.tracking_uri if mlflow else "")
 
 
 def _answers(url: str) -> bool:
