@@ -29,7 +29,7 @@ from .run.job import Job, load_job
 
 if TYPE_CHECKING:
     from .inference import EvaluateOptions, Evaluation, Prediction, PredictOptions
-    from .run.zoo import ZooModel
+    from .tracking.zoo import ZooModel
     from .tuning.scale import ScaleOptions
     from .tuning.scaling import Report as ScaleReport
 
@@ -42,7 +42,7 @@ __all__ = ["DataCheck", "DataError", "EvaluateOptions", "Evaluation", "ExitCode"
 # load, validate and plan (and ``autocnnp validate``) stay fast
 _LAZY = {"EvaluateOptions": (".inference", "EvaluateOptions"), "Evaluation": (".inference", "Evaluation"),
          "Prediction": (".inference", "Prediction"), "PredictOptions": (".inference", "PredictOptions"),
-         "ZooModel": (".run.zoo", "ZooModel"), "ScaleOptions": (".tuning.scale", "ScaleOptions"),
+         "ZooModel": (".tracking.zoo", "ZooModel"), "ScaleOptions": (".tuning.scale", "ScaleOptions"),
          "ScaleReport": (".tuning.scaling", "Report")}
 
 
@@ -105,7 +105,7 @@ def validate(job: JobSource, sets: Sets = (), *, data: bool = False) -> Validati
     datasets (``--data``). Builds nothing and imports no torch."""
     loaded = load(job, sets)
     gen = loaded.generator
-    return Validation(loaded, gen.job.task, gen.world_size, gen.action("dist_strategy").entry.name,
+    return Validation(loaded, gen.spec.task, gen.world_size, gen.action("dist_strategy").entry.name,
                       gen.action("architecture_injection").entry.name, check_data(loaded) if data else None)
 
 
@@ -206,7 +206,7 @@ def scale(options: ScaleOptions) -> ScaleReport:
 def zoo_publish(run_dir: Path | str, name: str, *, description: str = "", zoo: str | None = None) -> ZooModel:
     """Register the run's best (else latest) checkpoint as a new version of ``name`` (``autocnnp zoo
     publish``). ``zoo``: a folder or tracking URI, default ``$AUTOCNNP_ZOO``, else ``~/.autocnnp/zoo``."""
-    from .run import zoo as registry
+    from .tracking import zoo as registry
 
     version = registry.publish(Path(run_dir), name, registry.zoo_store(zoo), description)
     return registry.show(f"{name}/{version}", registry.zoo_store(zoo))
@@ -214,21 +214,21 @@ def zoo_publish(run_dir: Path | str, name: str, *, description: str = "", zoo: s
 
 def zoo_list(zoo: str | None = None) -> list[ZooModel]:
     """The latest version of every model in the zoo (``autocnnp zoo list``)."""
-    from .run import zoo as registry
+    from .tracking import zoo as registry
 
     return registry.models(registry.zoo_store(zoo))
 
 
 def zoo_show(model: str, zoo: str | None = None) -> ZooModel:
     """One model version, ``NAME`` (the latest) or ``NAME/VERSION`` (``autocnnp zoo show``)."""
-    from .run import zoo as registry
+    from .tracking import zoo as registry
 
     return registry.show(model, registry.zoo_store(zoo))
 
 
 def zoo_fetch(model: str, dest: Path | str, zoo: str | None = None) -> Path:
     """Download a model version's files into ``dest`` (``autocnnp zoo pull``); returns its checkpoint."""
-    from .run import zoo as registry
+    from .tracking import zoo as registry
 
     name, version = registry.parse(model)
     return registry.fetch(name, version, Path(dest), registry.zoo_store(zoo))[0]

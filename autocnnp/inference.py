@@ -98,8 +98,8 @@ def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
         checkpoints = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=0)
         found = checkpoints.latest() if arg == LATEST_POINTER else checkpoints.best()
         if found is None:
-            raise JobError(gen.job.where, f"no {arg} checkpoint in {gen.rundir.checkpoints}",
-                           f"train first (autocnnp run {gen.job.file})" + (", with a best_metric the run reports"
+            raise JobError(gen.spec.where, f"no {arg} checkpoint in {gen.rundir.checkpoints}",
+                           f"train first (autocnnp run {gen.spec.file})" + (", with a best_metric the run reports"
                                                                           if arg == BEST_RECORD else "")
                            + ", or pass --checkpoint PATH")
         return found
@@ -111,7 +111,7 @@ def _checkpoint_path(arg: str, gen: Generator | None) -> Path:
 
 def _zoo_checkpoint(model: str) -> Path:
     """The checkpoint of a zoo model (``zoo:NAME[/VERSION]``), pulled once into ~/.cache/autocnnp/zoo."""
-    from .run.zoo import fetch, parse, zoo_store
+    from .tracking.zoo import fetch, parse, zoo_store
 
     name, version = parse(model)
     checkpoint, _ = fetch(name, version, zoo_folder(Path.home() / ".cache" / "autocnnp" / "zoo", name, version), zoo_store())
@@ -188,7 +188,7 @@ def _model_and_transform(state: dict, checkpoint: Path, gen: Generator | None, n
         for text in _disagreements(card, gen) if gen is not None else []:
             print(f"autocnnp: warning: the job says {text}; using what the checkpoint was trained with", file=sys.stderr)
     if transform is None:
-        raise JobError(trained.job.where, f"predict needs volumes, but the job's data format "
+        raise JobError(trained.spec.where, f"predict needs volumes, but the job's data format "
                        f"'{trained.action('dataset_injection').entry.name}' has none",
                        NO_VOLUMES_HINT)
     if classes is None:

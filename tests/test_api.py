@@ -39,7 +39,7 @@ def test_the_package_offers_every_api_name():
 
 def test_load_validate_and_plan_with_overrides():
     job = api.load(DEMO, {"parallelism-degree": 3, "hyperparameters.lr": 1e-4, "seed": 7})
-    assert (job.generator.world_size, job.generator.hyperparameters.lr, job.generator.seed) == (3, 1e-4, 7)
+    assert (job.world_size, job.generator.hyperparameters.lr, job.generator.seed) == (3, 1e-4, 7)
     again = api.load(job, ["seed=8"])  # a loaded job with further overrides keeps the first ones
     assert (again.generator.world_size, again.generator.seed) == (3, 8)
     valid = api.validate(DEMO, ["parallelism-degree=3"])
@@ -66,7 +66,7 @@ def fake_training(monkeypatch):
 
     def fake(code: int):
         def run(job):
-            folder = job.generator.rundir
+            folder = job.rundir
             folder.root.mkdir(parents=True, exist_ok=True)
             folder.metrics.write_text(f"epoch,dice\n1,{0.5 + job.generator.seed / 10}\n")
             folder.manifest.write_text(json.dumps({"status": {0: "completed", 3: "diverged"}[code]}))

@@ -638,7 +638,7 @@ def test_relative_paths_resolve_against_the_job_folder(job, tmp_path, monkeypatc
     monkeypatch.chdir(elsewhere)
     job_ = load_job("../jobs/job.xml")
     gen = job_.generator
-    assert gen.job.file == path.resolve()
+    assert gen.spec.file == path.resolve()
     assert gen.rundir.root == sub / "runs" / "demo"
     assert gen.action("dataset_injection").config.train == sub / "data" / "Task01"
     assert job_.launch.hostfile == sub / "hosts"

@@ -95,7 +95,7 @@ def test_the_first_task_to_fail_is_blamed_not_the_smallest_slot(tmp_path):
     # Docker trims the nanoseconds' trailing zeros: .12 (slot 2) is before .123456789 (slot 1)
     service = Service(task(1, "failed", "2026-01-01T10:00:00.123456789Z", 1), task(2, "failed", "2026-01-01T10:00:00.12Z", 3))
     assert _wait(service, job, 10) == (3, "rank 1 (task slot 2) failed: task: non-zero exit (3) (exit code 3)")
-    rundir = job.generator.rundir
+    rundir = job.rundir
     rundir.ranks.mkdir(parents=True)
     RankStatus(rundir, 0).set("failed", "RuntimeError: Connection reset by peer")  # the victim
     RankStatus(rundir, 1).set("failed", "ValueError: bad")

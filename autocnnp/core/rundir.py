@@ -31,7 +31,7 @@ from pathlib import Path
 
 # In a checkpoints folder: the file naming the newest checkpoint, the best checkpoint and its record
 LATEST_POINTER, BEST_CHECKPOINT, BEST_RECORD = "latest", "ckpt-best.pt", "best"
-# The checkpoint in the folder of a model fetched from the zoo (run/zoo.py)
+# The checkpoint in the folder of a model fetched from the zoo (tracking/zoo.py)
 ZOO_CHECKPOINT = "checkpoint.pt"
 
 

@@ -74,7 +74,7 @@ def _pretrained(spec: JobSpec) -> Pretrained | None:
 class Generator:
     """The assembled generator: the component tree, the number of ranks, the seed and the run folder."""
 
-    job: JobSpec
+    spec: JobSpec
     root: Composite
     bindings: list[Binding]
     world_size: int
@@ -120,7 +120,7 @@ class Generator:
         with its defaults, for ``world_size`` ranks (default: the job's)."""
         action = self.action("lr_policy")
         if name is not None and name != action.entry.name:
-            action = default_action(POINT_BY_NAME["lr_policy"], name, self.job, self.framework)
+            action = default_action(POINT_BY_NAME["lr_policy"], name, self.spec, self.framework)
         hp = self.hyperparameters
         return action.build(base_lr=hp.lr, replicas=self.replicas(world_size), steps_per_epoch=steps_per_epoch,
                             total_epochs=hp.end_epoch)
@@ -141,9 +141,9 @@ def _unnamed(spec: JobSpec, point) -> ActionSpec | None:
                  and POINT_BY_NAME.get(a.type.lower()) is point), None)
 
 
-def assemble(job: JobSpec | Path | str) -> Generator:
+def assemble(spec: JobSpec | Path | str) -> Generator:
     """Parse (if given a path), resolve and check a job; raise JobError on the first problem."""
-    spec = job if isinstance(job, JobSpec) else read_job(job)
+    spec = spec if isinstance(spec, JobSpec) else read_job(spec)
     base = spec.base_dir
     world_size = convert(spec.degree.text, int, spec.degree.where, "parallelism-degree", base,
                          {"min": 1, "max": MAX_RANKS})
@@ -355,7 +355,7 @@ def _check_lr_policy(gen: Generator) -> None:
     try:
         gen.lr_policy(steps_per_epoch=1)
     except ValueError as exc:
-        raise JobError(action.where or gen.job.where, f"lr_policy '{action.entry.name}': {exc}",
+        raise JobError(action.where or gen.spec.where, f"lr_policy '{action.entry.name}': {exc}",
                        "fix its parameters or the hyperparameters' end_epoch") from None
 
 
@@ -374,8 +374,8 @@ def _check_input_sizes(gen: Generator) -> None:
     name = arch.entry.name if arch.entry.origin == "built-in" else f"{arch.entry.name} ({arch.entry.origin})"
     params = ", ".join(f"{s.name}={s.text.strip()}" for s in arch.settings)
     nearest = "; ".join(f"{' or '.join(map(str, rule.nearest(side)))} instead of {side}" for side in wrong)
-    size = next((s for s in gen.job.data_params if s.name.lower() == "size"), None)
-    raise JobError(size.where if size else arch.where or gen.job.where,
+    size = next((s for s in gen.spec.data_params if s.name.lower() == "size"), None)
+    raise JobError(size.where if size else arch.where or gen.spec.where,
                    f"architecture '{name}'{f' ({params})' if params else ''} takes input sides that are "
                    f"{rule.describe()}, but the data's inputs are {'x'.join(map(str, sides))}",
                    f"give the data sides it takes, the nearest being {nearest}; or change the architecture's "

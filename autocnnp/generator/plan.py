@@ -16,7 +16,7 @@ def _params(config) -> str:
 
 
 def render(gen: Generator, command: list[str]) -> str:
-    lines = [f"job: {gen.job.file}", f"task: {gen.job.task}   parallelism-degree: {gen.world_size}   seed: {gen.seed}",
+    lines = [f"job: {gen.spec.file}", f"task: {gen.spec.task}   parallelism-degree: {gen.world_size}   seed: {gen.seed}",
              f"output: {gen.rundir}", ""]
 
     def walk(node, depth):

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from ..core.errors import JobError, Location
 from ..core.files import read_input
+from ..core.rundir import RunDir
 from ..engine.job import JobSpec
 from ..engine.values import bind_section
 from ..generator.assemble import Generator, assemble
@@ -31,7 +32,17 @@ class Job:
 
     @property
     def spec(self) -> JobSpec:
-        return self.generator.job
+        return self.generator.spec
+
+    @property
+    def rundir(self) -> RunDir:
+        """The run folder (its generator's)."""
+        return self.generator.rundir
+
+    @property
+    def world_size(self) -> int:
+        """The number of ranks (its generator's)."""
+        return self.generator.world_size
 
     def where(self, cluster_property: str) -> Location:
         """Where ``<cluster>`` property ``cluster_property`` was set (a job line or a command-line option)."""

@@ -14,12 +14,11 @@ import sys
 import time
 from pathlib import Path
 
-from ..components.trackers import mlflow_tracking
-from ..components.trackers.mlflow_tracking import FOLLOWED
 from ..core.errors import DataError, ExitCode, Interrupted, JobError
 from ..core.files import WriteRefused, atomic_write
 from ..core.world import discover_world, launcher_name
 from ..generator.overrides import apply_overrides
+from ..tracking import FOLLOWED, FrontEnd
 from . import lock, manifest, preflight
 from .config import LaunchConfig
 from .hosts import check_hosts, parse_hostfile
@@ -72,7 +71,7 @@ def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
         return srun_command(job, worker, child_env)
     # run & manage counted the slots itself (preflight.check_slots): mpirun, which counts only physical
     # cores, must not refuse what was checked
-    cmd = ["mpirun", "-np", str(job.generator.world_size), "--oversubscribe"]
+    cmd = ["mpirun", "-np", str(job.world_size), "--oversubscribe"]
     threads = job.slurm.cpus_per_task
     if threads > 1:  # each rank gets its own cores, and torch as many threads
         cmd += ["--map-by", f"slot:PE={threads}", "--bind-to", "core:overload-allowed" if launch.oversubscribe else "core"]
@@ -100,7 +99,7 @@ def run(job: Job) -> int:
         check_srun(job)
     elif mode == "mpirun" and shutil.which("mpirun") is None:
         raise JobError(job.spec.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
-    rundir = job.generator.rundir
+    rundir = job.rundir
     if mode == "inplace":  # this process is a rank: rank 0 owns the folder for all of them
         from .worker import run_rank  # imports torch: only where this process trains
 
@@ -144,13 +143,13 @@ def _record_failure(rundir, problem: str, restart: int | None = None) -> None:
         manifest.record_failure(rundir, problem, restart=restart)
 
 
-def _tracking(job: Job, mode: str, stack: contextlib.ExitStack) -> mlflow_tracking.FrontEnd | None:
+def _tracking(job: Job, mode: str, stack: contextlib.ExitStack) -> FrontEnd | None:
     """The mlflow tracker's run & manage side (its sender, closed with ``stack``), if the job has that tracker:
     started with the first attempt that passed the checks."""
     config = next((config for entry, config in job.trackers if entry.name == "mlflow"), None)
     if config is None:
         return None
-    tracking = mlflow_tracking.FrontEnd(config, manifest.run_info(job, mode))
+    tracking = FrontEnd(config, manifest.run_info(job, mode))
     stack.callback(tracking.close)
     return tracking
 
@@ -160,7 +159,7 @@ def _supervised(cmd: list[str], env: dict, job: Job, tracking) -> tuple[ExitCode
     if tracking:
         tracking.started()
     try:
-        code, problem = supervise(cmd, env, job.generator.rundir, job.generator.world_size, job.launch)
+        code, problem = supervise(cmd, env, job.rundir, job.world_size, job.launch)
     except Interrupted:
         if tracking:
             tracking.ended("terminated")
@@ -188,17 +187,17 @@ def _available(job: Job) -> Job:
     hosts = check_hosts(job, keep_going=launch.min_ranks is not None)
     gone = len(parse_hostfile(launch.hostfile, job.where("hostfile"))) - len(hosts)
     offered = sum(slots for _, slots in hosts)
-    if launch.min_ranks is None or (not gone and offered >= job.generator.world_size):
+    if launch.min_ranks is None or (not gone and offered >= job.world_size):
         return job
     if offered < launch.min_ranks:
         raise JobError(job.where("min_ranks"), f"the hosts that answer offer {offered} slot(s), fewer than "
                        f"min_ranks={launch.min_ranks}", "bring hosts back, or lower min_ranks")
-    world_size = min(job.generator.world_size, offered)
-    rundir = job.generator.rundir
+    world_size = min(job.world_size, offered)
+    rundir = job.rundir
     hostfile = rundir.root / "hostfile.available"
     atomic_write(hostfile, "".join(f"{host} slots={slots}\n" for host, slots in hosts))
     print(f"autocnnp: going on with {world_size} rank(s) on {len(hosts)} host(s) that answer "
-          f"(parallelism-degree {job.generator.world_size}, min_ranks {launch.min_ranks})", file=sys.stderr, flush=True)
-    spec = apply_overrides(job.spec, {"parallelism-degree": str(world_size)}) if world_size != job.generator.world_size \
+          f"(parallelism-degree {job.world_size}, min_ranks {launch.min_ranks})", file=sys.stderr, flush=True)
+    spec = apply_overrides(job.spec, {"parallelism-degree": str(world_size)}) if world_size != job.world_size \
         else job.spec
     return load_job(spec).with_cluster({"hostfile": hostfile})

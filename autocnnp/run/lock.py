@@ -149,7 +149,7 @@ def own_output(job: Job, front_end: bool):
     """Hold the job's output folder for the block (``autocnnp run``, ``deploy --swarm``, or rank 0 of ranks
     started by another launcher); a dead holder's lock taken over is said on stderr. A front-end gets a
     :class:`Claim`: what it created is removed again if the block ends before it keeps the folder."""
-    rundir = job.generator.rundir
+    rundir = job.rundir
     where = job.spec.output.where if job.spec.output else job.spec.where
     check_apart(rundir, where)
     claim = Claim(rundir.root) if front_end else None

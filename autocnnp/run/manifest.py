@@ -104,7 +104,7 @@ def plan_record(job: Job) -> dict:
             actions.append({"type": a.type, "module": module.name, "extensible": a.point.extensible,
                             **_entry_record(a.entry), "set_by": how, "parameters": a.recorded(),
                             "plugins": {name: _entry_record(p) for name, p in a.plugins.items()}})
-    return {"task": gen.job.task, "parallelism_degree": gen.world_size, "seed": gen.seed, "output": str(gen.rundir),
+    return {"task": gen.spec.task, "parallelism_degree": gen.world_size, "seed": gen.seed, "output": str(gen.rundir),
             "actions": actions, "hyperparameters": describe(gen.hyperparameters),
             "monitoring": describe(job.monitoring),
             "cluster": {**describe(job.launch), **describe(job.slurm), **describe(job.deploy)}}
@@ -301,7 +301,7 @@ def start(job: Job) -> dict:
     invocation = {"started": now(), "status": "running", "host": socket.gethostname(), "ranks": gen.world_size,
                   "argv": sys.argv, "resumed_from": None}
     manifest = {"autocnnp_manifest": FORMAT, "status": "running", "updated": now(),
-                "job": job_record(gen.job), "plan": plan_record(job), "seeds": seeds_record(gen.seed),
+                "job": job_record(gen.spec), "plan": plan_record(job), "seeds": seeds_record(gen.seed),
                 "determinism": {"enabled": gen.hyperparameters.deterministic},
                 "dataset": dataset_record(job), "software": software(), "hardware": hardware(gen.world_size),
                 "repeats": old.get("repeats", {"count": 1}),
@@ -316,7 +316,7 @@ def record_run(job: Job, run) -> None:
     the MPI library now that MPI is up, what deterministic mode set."""
     if run.world.rank != 0:
         return
-    rundir = job.generator.rundir
+    rundir = job.rundir
     manifest = read(rundir) or start(job)
     data = run.data
     sizes = {"train": len(data.train), "valid": len(data.valid)}
@@ -369,7 +369,7 @@ def recording(job: Job, rank: int):
         yield
         return
     start(job)
-    rundir = job.generator.rundir
+    rundir = job.rundir
     try:
         yield
     except BaseException as exc:
@@ -395,7 +395,7 @@ def run_info(job: Job, launcher: str, first_step: int = 0) -> RunInfo:
     tags = {"framework": gen.framework, "strategy": gen.action("dist_strategy").entry.name, "degree": str(gen.world_size),
             "launcher": launcher, "architecture": gen.action("architecture_injection").entry.name,
             "lr_policy": gen.action("lr_policy").entry.name, "data": gen.action("dataset_injection").entry.name}
-    return RunInfo(gen.job.file.stem, gen.rundir.root, params, tags, {"job": gen.job.file, "plan": plan_file},
+    return RunInfo(gen.spec.file.stem, gen.rundir.root, params, tags, {"job": gen.spec.file, "plan": plan_file},
                    first_step=first_step, parent=Path(parent) if parent else None)
 
 

@@ -23,10 +23,10 @@ def fetch_pretrained(job: Job) -> None:
     pretrained = job.generator.pretrained
     if pretrained is None or pretrained.zoo is None:
         return
-    from .zoo import fetch, zoo_store
+    from ..tracking.zoo import fetch, zoo_store
 
     name, version = pretrained.zoo
-    target = pretrained.local(job.generator.rundir)
+    target = pretrained.local(job.rundir)
     if not target.is_file():
         _, got = fetch(name, version, target.parent, zoo_store())
         print(f"autocnnp: pretrained from zoo:{name}/{got} ({zoo_store()[0]})", flush=True)
@@ -39,7 +39,7 @@ def check_pretrained(job: Job) -> None:
     pretrained = job.generator.pretrained
     if pretrained is None:
         return
-    path = pretrained.local(job.generator.rundir)
+    path = pretrained.local(job.rundir)
     try:
         with open(path, "rb") as f:
             legacy = f.read(1) == b"\x80"  # a pickle's PROTO opcode
@@ -123,7 +123,7 @@ def check_installed(framework: str, where, subject: str, other: str) -> None:
 
 def check_output(job: Job) -> None:
     """The output folder can be written, and none of the folders the run writes in is something else."""
-    rundir = job.generator.rundir
+    rundir = job.rundir
     where = job.spec.output.where if job.spec.output else job.spec.where
     probe = rundir.root / ".write-test"
     try:
@@ -151,7 +151,7 @@ def slots(job: Job, env) -> tuple[int, str]:
 
 def check_slots(job: Job, env) -> None:
     """No more ranks than slots (hostfile, Slurm allocation or local cores), unless oversubscribe is asked."""
-    world_size = job.generator.world_size
+    world_size = job.world_size
     offered, source = slots(job, env)
     if world_size > offered and not job.launch.oversubscribe:
         where = job.where("hostfile") if job.launch.hostfile is not None else job.spec.degree.where

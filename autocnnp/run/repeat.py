@@ -30,7 +30,7 @@ SUMMARY_METRICS = (*SEGEVAL, *reversed(LOSSES))
 
 def seed_job(job: Job, seed: int) -> Job:
     """``job`` for one repeat: its seed, its own output folder (passed on to the workers as overrides)."""
-    out = job.generator.rundir.seed(seed)
+    out = job.rundir.seed(seed)
     return load_job(apply_overrides(job.spec, {"seed": str(seed), "output": str(out)}))
 
 
@@ -73,7 +73,7 @@ def run_repeats(job: Job, count: int, run=None) -> int:
     if count < 1:
         raise JobError(job.spec.where, f"--repeat {count} asks for no run", "give 1 or more")
     run = run or launch.run
-    gen, base = job.generator, job.generator.rundir
+    gen, base = job.generator, job.rundir
     seeds = [gen.seed + i for i in range(count)]
     repeats = {"count": count, "seeds": seeds, "summary": str(base.repeats)}
     results, status, code = {}, {}, ExitCode.OK

@@ -62,7 +62,7 @@ class Resources:
 
 def resources(job: Job) -> Resources:
     """The allocation for the job; impossible combinations are refused here, before Slurm is asked."""
-    c, world_size, where = job.slurm, job.generator.world_size, job.where
+    c, world_size, where = job.slurm, job.world_size, job.where
     if c.nodes > world_size:
         raise JobError(where("nodes"), f"the job asks for {c.nodes} nodes but has only {world_size} ranks "
                        "(parallelism-degree), so some nodes would stay empty",
@@ -91,7 +91,7 @@ def resources(job: Job) -> Resources:
                            "use letters, digits, '.', '_', '+' or '-'")
     launcher = job.launch.launcher if job.launch.launcher in ("mpirun", "srun") else "mpirun"
     output = Path(c.slurm_output)
-    output = output if output.is_absolute() else job.generator.rundir.root / output
+    output = output if output.is_absolute() else job.rundir.root / output
     return Resources(c.nodes, world_size, per_node, c.cpus_per_task, c.gpus_per_task, c.time_limit.strip(),
                      c.partition, c.account, c.job_name or f"autocnnp-{job.spec.file.stem}", output, launcher)
 
@@ -133,7 +133,7 @@ def render(job: Job, res: Resources) -> str:
     directives += [f"--signal=B:USR1@{lead}"] if lead else []
     directives += ["--requeue", "--open-mode=append"] if c.requeue else []  # one log for every start
     directives += shlex.split(c.sbatch_args)
-    rundir = job.generator.rundir
+    rundir = job.rundir
     text = importlib_resources.files("autocnnp.templates").joinpath("sbatch.sh").read_text()
     return Template(text).substitute(
         job=q(str(job.spec.file)), job_name=res.job_name,
@@ -233,7 +233,7 @@ def preflight(job: Job, res: Resources) -> str:
                        f"{usable} that can run jobs ({states})",
                        "lower nodes, pick another partition, or bring the nodes back (scontrol update "
                        "nodename=... state=resume)")
-    rundir = job.generator.rundir
+    rundir = job.rundir
     earlier = read_json(rundir.slurm_record)
     if earlier:
         state = job_state(earlier["job_id"], rundir)
@@ -263,7 +263,7 @@ def submit(job: Job, dry_run: bool = False, out=None) -> str | None:
                        f"{_first_error(test)} (asked for {asked})",
                        f"compare with what the partition offers (sinfo -p {partition} -o '%N %c %G %l') "
                        "and lower the request")
-    rundir = job.generator.rundir
+    rundir = job.rundir
     # what `autocnnp run` checks in the front-end, but the slots (the allocation's, checked above): done in
     # the batch script, a refusal would come after the wait in the queue
     with own_output(job, front_end=True):
@@ -337,7 +337,7 @@ def job_state(job_id: str, rundir: RunDir | None = None) -> JobState:
 def srun_command(job: Job, worker: list[str], env: dict[str, str]) -> tuple[list[str], dict[str, str]]:
     """``srun`` starting one task per rank; Open MPI (and mpi4py) in the tasks wire up over PMIx."""
     c = job.slurm
-    cmd = ["srun", f"--ntasks={job.generator.world_size}", f"--cpus-per-task={c.cpus_per_task}", "--kill-on-bad-exit=1"]
+    cmd = ["srun", f"--ntasks={job.world_size}", f"--cpus-per-task={c.cpus_per_task}", "--kill-on-bad-exit=1"]
     if c.gpus_per_task:
         cmd.append(f"--gpus-per-task={c.gpus_per_task}")
     if "SLURM_JOB_ID" not in env:  # outside an allocation srun makes one: ask for it as sbatch would
@@ -362,7 +362,7 @@ def find_job(target: str, sets: list[str] | None = None) -> tuple[str, RunDir | 
     if re.fullmatch(r"\d+", target):
         return target, _submitted_from(target)
     job = load_job(target, sets)
-    rundir = job.generator.rundir
+    rundir = job.rundir
     record = read_json(rundir.slurm_record)
     if record is None:
         raise JobError(job.spec.where, f"this job was never submitted to Slurm (no {rundir.slurm_record})",

@@ -63,7 +63,7 @@ def _client(job: Job):
 def _mounts(job: Job) -> list[str]:
     """The folders to bind-mount at their own paths: the job's folder and output folder."""
     folders: list[Path] = []
-    for folder in (job.spec.base_dir, job.generator.rundir.root):
+    for folder in (job.spec.base_dir, job.rundir.root):
         folder = folder.resolve()
         if not any(folder == f or f in folder.parents for f in folders):
             folders = [f for f in folders if folder not in f.parents] + [folder]
@@ -86,7 +86,7 @@ def check_swarm(job: Job) -> None:
                        f"is {launch.max_restarts}", "run the job with `autocnnp run` to have it restarted, or remove "
                        "max_restarts (or set it to 0) for a swarm")
     if launch.min_ranks is not None:
-        raise JobError(job.where("min_ranks"), f"deploy --swarm starts all {job.generator.world_size} ranks or none, "
+        raise JobError(job.where("min_ranks"), f"deploy --swarm starts all {job.world_size} ranks or none, "
                        f"but min_ranks is {launch.min_ranks}", "run the job with `autocnnp run` and a hostfile to go "
                        "on with the hosts that answer, or remove min_ranks for a swarm")
 
@@ -96,13 +96,13 @@ def service_spec(job: Job, image: str, run_id: str) -> dict:
     gen = job.generator
     rendezvous = gen.rundir.swarm.resolve() / run_id
     return dict(
-        image=image, command=["python3", "-m", "autocnnp.run.swarm", str(gen.job.file)],
-        name=f"autocnnp-{gen.job.file.stem.lower()}-{run_id}"[:63],
+        image=image, command=["python3", "-m", "autocnnp.run.swarm", str(gen.spec.file)],
+        name=f"autocnnp-{gen.spec.file.stem.lower()}-{run_id}"[:63],
         env=["AUTOCNNP_SLOT={{.Task.Slot}}", f"WORLD_SIZE={gen.world_size}", f"AUTOCNNP_RENDEZVOUS={rendezvous}",
              f"AUTOCNNP_STARTUP_TIMEOUT_S={job.launch.startup_timeout_s:g}", "OMP_NUM_THREADS=1"],
-        hostname="{{.Service.Name}}-{{.Task.Slot}}", workdir=str(gen.job.base_dir), replicas=gen.world_size,
+        hostname="{{.Service.Name}}-{{.Task.Slot}}", workdir=str(gen.spec.base_dir), replicas=gen.world_size,
         mounts=_mounts(job), stop_grace_period_s=job.launch.stop_grace_s,
-        labels={"autocnnp.job": str(gen.job.file), "autocnnp.run": run_id})
+        labels={"autocnnp.job": str(gen.spec.file), "autocnnp.run": run_id})
 
 
 def print_spec(spec: dict, out) -> None:
@@ -269,10 +269,10 @@ def _blame(first: dict, ended: dict[int, dict], job: Job) -> str:
     where the rank never reported, the task's own error."""
     slot, status = first["Slot"], first["Status"]
     code = status.get("ContainerStatus", {}).get("ExitCode")
-    statuses = {r: info for r, info in read_statuses(job.generator.rundir).items()
+    statuses = {r: info for r, info in read_statuses(job.rundir).items()
                 if r + 1 in ended or info["state"] not in ("started", "running")}
     if slot - 1 in statuses:
-        return diagnose(statuses, job.generator.world_size, f"the replica of rank {slot - 1} (task slot {slot})", code)
+        return diagnose(statuses, job.world_size, f"the replica of rank {slot - 1} (task slot {slot})", code)
     why = status.get("Err") or status.get("Message") or status["State"]
     return f"rank {slot - 1} (task slot {slot}) {status['State']}: {why}" + (f" (exit code {code})" if code else "")
 

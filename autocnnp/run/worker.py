@@ -84,7 +84,7 @@ def train(job: Job, beat=lambda: None) -> dict[str, float]:
     run = framework.build(job.generator, job.monitoring, beat=beat, timeout_s=job.launch.rank_timeout_s + 30)
     manifest.record_run(job, run)
     trackers = start_trackers(job, run) if run.world.rank == 0 else []
-    stop_request = job.generator.rundir.stop_request
+    stop_request = job.rundir.stop_request
     try:
         return framework.fit(run, job.monitoring, beat=beat, should_stop=stop_request.exists, trackers=trackers)
     except StopRequested as exc:  # who asked (Slurm's time limit, the user from the dashboard), for the record
@@ -102,7 +102,7 @@ def start_trackers(job: Job, run) -> list:
 def run_rank(job: Job) -> int:
     """Train on this rank; on error print one line naming the rank and abort the job."""
     rank = discover_world().rank
-    rundir = job.generator.rundir
+    rundir = job.rundir
     tee_output(rundir, rank)
     status = RankStatus(rundir, rank)
     status.set("started")

@@ -135,7 +135,7 @@ def model_card(gen: Generator, data: DataBundle) -> dict:
     names, and how a volume becomes the model's input (None for a format without volumes)."""
     arch = gen.action("architecture_injection")
     transform = gen.data_format().volumes()
-    return {"job": {"file": str(gen.job.file), "text": gen.job.text, "overrides": dict(gen.job.overrides)},
+    return {"job": {"file": str(gen.spec.file), "text": gen.spec.text, "overrides": dict(gen.spec.overrides)},
             "framework": gen.framework,
             "architecture": {"name": arch.entry.name, "file": None if arch.entry.file is None else str(arch.entry.file),
                              "params": arch.recorded()},

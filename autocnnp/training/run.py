@@ -62,7 +62,7 @@ class Run:
         state = self.state
         return {"optimizer_type": type(state.optimizer).__name__, "epoch": state.epoch, "lr_scale": state.lr_scale,
                 "plugins": self.checkpoints.plugin_state(), "world_size": self.world.world_size,
-                "seed": self.gen.seed, "job": str(self.gen.job.file), "lr_policy": self.policy.state_dict(),
+                "seed": self.gen.seed, "job": str(self.gen.spec.file), "lr_policy": self.policy.state_dict(),
                 "divergence_reference": self.guard.reference, "in_channels": self.data.in_channels,
                 "num_classes": self.data.num_classes, "model_card": self.card}
 

@@ -80,7 +80,7 @@ def cmd_lr_plot(args) -> int:
     gen = load_job(args.job, args.set).generator
     world_size = args.ranks or gen.world_size
     if world_size < 1:
-        raise JobError(gen.job.where, f"--ranks {world_size} is not a number of ranks", "give 1 or more")
+        raise JobError(gen.spec.where, f"--ranks {world_size} is not a number of ranks", "give 1 or more")
     steps = args.steps_per_epoch or steps_per_epoch(gen, world_size)
     note = "" if steps else " (assumed: pass --steps-per-epoch)"
     steps = steps or ASSUMED_STEPS
@@ -89,14 +89,14 @@ def cmd_lr_plot(args) -> int:
         try:
             policy = gen.lr_policy(steps, world_size, None if name == "job" else name)
         except ValueError as exc:
-            raise JobError(gen.job.where, f"lr_policy '{name}': {exc}", "fix the policy's parameters") from None
+            raise JobError(gen.spec.where, f"lr_policy '{name}': {exc}", "fix the policy's parameters") from None
         label = gen.action("lr_policy").entry.name if name == "job" else name
         policies[label] = policy
         print(f"{label}: {policy.describe()}")
     out = Path(args.out) if args.out else gen.rundir.plots / "lr_schedule.png"
     actual = actual_lr(Path(args.metrics)) if args.metrics else None
     hp = gen.hyperparameters
-    title = (f"{gen.job.file.name}: base lr {hp.lr:g}, {world_size} rank(s) ({gen.replicas(world_size)} replica(s) per step), "
+    title = (f"{gen.spec.file.name}: base lr {hp.lr:g}, {world_size} rank(s) ({gen.replicas(world_size)} replica(s) per step), "
              f"{hp.end_epoch} epochs, {steps} steps/epoch{note}")
     plot_schedules(policies, hp.end_epoch, steps, out, title, actual, args.log)
     print(f"wrote {out}")
@@ -113,8 +113,8 @@ def _initial(gen, from_job: bool):
 
 def cmd_tune(args) -> int:
     gen = load_job(args.job, args.set).generator
-    sets = gen.job.overrides
-    job_file = Path(gen.job.file)
+    sets = gen.spec.overrides
+    job_file = Path(gen.spec.file)
     sha = hashlib.sha256(job_file.read_bytes()).hexdigest()
     out = Path(args.out).resolve() if args.out else gen.rundir.tune
     state_path = out / STATE

@@ -114,7 +114,7 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) ->
                        workers=hp.loader_workers)
     loader = DeviceBatches(raw, device, data.augment, hp.channels_last)  # the trainer's: read, moved, augmented
     if len(loader) == 0:
-        raise JobError(gen.job.where, f"the training set has fewer samples than one minibatch of {hp.minibatch_size}",
+        raise JobError(gen.spec.where, f"the training set has fewer samples than one minibatch of {hp.minibatch_size}",
                        "lower minibatch_size")
     images, labels, _ = next(iter(raw))
     sample_bytes = (images.nbytes + labels.nbytes) // len(images)  # as stored: what a sample read moves
@@ -401,7 +401,7 @@ def scale(args: ScaleOptions) -> Report:
         job = load_job(args.job, list(args.sets))
         gen = job.generator
         if gen.framework != "torch":
-            raise JobError(gen.action("framework").where or gen.job.where, f"autocnnp scale profiles the torch step; "
+            raise JobError(gen.action("framework").where or gen.spec.where, f"autocnnp scale profiles the torch step; "
                            f"this job trains with {gen.framework}", "profile the same architecture and data with "
                            "--set framework=torch (benchmarks/tensorflow_framework.py compares the two frameworks)")
         data_path = parse_data_path(args.data_path or "ram")
@@ -416,7 +416,7 @@ def scale(args: ScaleOptions) -> Report:
         action = gen.action("dist_strategy")
         traffic = _traffic(adopt(action.entry.load(), Strategy), action.config, profile)
         bucket_mb = args.bucket_mb or _bucket_mb(action.config)
-        title = (f"{gen.job.file.name}: {action.entry.name}, {link.name} link, "
+        title = (f"{gen.spec.file.name}: {action.entry.name}, {link.name} link, "
                  f"{gen.action('architecture_injection').entry.name}, minibatch {profile.batch} per rank")
     profile = _overridden(profile, args)
     overlap = args.overlap if args.overlap is not None else bucket_overlap(profile.grad_bytes, bucket_mb * 1e6)

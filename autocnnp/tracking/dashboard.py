@@ -17,12 +17,12 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from ..components.trackers.mlflow_tracking import Sender, close_journal, store_of
 from ..core.errors import Interrupted, JobError
 from ..core.rundir import RunDir
-from . import processes
-from .job import load_job
-from .lock import is_held
+from ..run import processes
+from ..run.job import load_job
+from ..run.lock import is_held
+from . import Sender, close_journal, store_of
 
 START_TIMEOUT_S = 120.0
 MLFLOW_HINT = "install it with `make venv` (requirements/test.txt pins mlflow) or pip install mlflow"
@@ -36,7 +36,7 @@ def _store(args) -> tuple[str, Path | None]:
         raise JobError(Path("."), "the dashboard needs a store", "name a job file, --store DIR or --tracking-uri URI")
     job = load_job(args.job, args.set)
     mlflow = next((config for entry, config in job.trackers if entry.name == "mlflow"), None)
-    return store_of(job.generator.rundir.root, mlflow.tracking_uri if mlflow else "")
+    return store_of(job.rundir.root, mlflow.tracking_uri if mlflow else "")
 
 
 def _answers(url: str) -> bool:

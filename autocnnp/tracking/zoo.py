@@ -22,12 +22,12 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..components.trackers.mlflow_tracking import store_of
 from ..core.errors import JobError, Source, shorten
 from ..core.files import read_json
 from ..core.metrics import DICE, FOREGROUND_DICE
 from ..core.rundir import BEST_RECORD, ZOO_CHECKPOINT, RunDir, start_checkpoint
-from .manifest import epoch_metrics
+from ..run.manifest import epoch_metrics
+from . import store_of
 
 ZOO_ENV = "AUTOCNNP_ZOO"
 EXPERIMENT = "autocnnp-zoo"
