@@ -44,6 +44,15 @@ class Job:
         """The number of ranks (its generator's)."""
         return self.generator.world_size
 
+    @property
+    def output_where(self) -> Location:
+        """Where the output folder was named (its <output> line, else the job's)."""
+        return self.spec.output.where if self.spec.output else self.spec.where
+
+    def tracker(self, name: str):
+        """The bound Config of the job's tracker ``name`` (e.g. ``mlflow``), or None when it has none."""
+        return next((config for entry, config in self.trackers if entry.name == name), None)
+
     def where(self, cluster_property: str) -> Location:
         """Where ``<cluster>`` property ``cluster_property`` was set (a job line or a command-line option)."""
         for s in self.spec.cluster:

@@ -146,7 +146,7 @@ def _record_failure(rundir, problem: str, restart: int | None = None) -> None:
 def _tracking(job: Job, mode: str, stack: contextlib.ExitStack) -> FrontEnd | None:
     """The mlflow tracker's run & manage side (its sender, closed with ``stack``), if the job has that tracker:
     started with the first attempt that passed the checks."""
-    config = next((config for entry, config in job.trackers if entry.name == "mlflow"), None)
+    config = job.tracker("mlflow")
     if config is None:
         return None
     tracking = FrontEnd(config, manifest.run_info(job, mode))

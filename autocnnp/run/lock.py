@@ -150,7 +150,7 @@ def own_output(job: Job, front_end: bool):
     started by another launcher); a dead holder's lock taken over is said on stderr. A front-end gets a
     :class:`Claim`: what it created is removed again if the block ends before it keeps the folder."""
     rundir = job.rundir
-    where = job.spec.output.where if job.spec.output else job.spec.where
+    where = job.output_where
     check_apart(rundir, where)
     claim = Claim(rundir.root) if front_end else None
     with owned(rundir, where) as note:

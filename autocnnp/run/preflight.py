@@ -63,9 +63,8 @@ def check_resume(job: Job) -> None:
     gen = job.generator
     if not getattr(gen.action("checkpoint").config, "resume", False):
         return
-    pointer = gen.rundir.checkpoints / LATEST_POINTER
-    latest = checkpoint_file(pointer)
-    trained = trained_framework(latest) if latest != pointer else None
+    latest = checkpoint_file(gen.rundir.checkpoints / LATEST_POINTER)
+    trained = trained_framework(latest)  # None where there is no checkpoint (or the pointer names none)
     if trained is not None and trained != gen.framework:
         raise JobError(gen.action("framework").where or job.spec.where, f"the run folder {gen.rundir} holds a "
                        f"checkpoint of a {trained} run ({latest.name}) to resume from, but the job trains with "
@@ -100,7 +99,7 @@ def check_space(job: Job) -> None:
     plots = PLOTS_BYTES if any(getattr(tracker, "plots", False) for _, tracker in job.trackers) else 0
     need = max(at_once * one - sum(held), 0) + plots
     if need > free_bytes(rundir.root):
-        where = job.spec.output.where if job.spec.output else job.spec.where
+        where = job.output_where
         raise JobError(where, f"the run will write at least {size_text(need)} in {rundir} ({at_once} checkpoints of "
                        f"{size_text(one)} at once{' and its plots' if plots else ''}), more than the "
                        f"{space_text(rundir.root)}", "free space there, give the run an <output> folder on a "
@@ -124,7 +123,7 @@ def check_installed(framework: str, where, subject: str, other: str) -> None:
 def check_output(job: Job) -> None:
     """The output folder can be written, and none of the folders the run writes in is something else."""
     rundir = job.rundir
-    where = job.spec.output.where if job.spec.output else job.spec.where
+    where = job.output_where
     probe = rundir.root / ".write-test"
     try:
         atomic_write(probe, b"")
@@ -166,7 +165,7 @@ def check_data(job: Job) -> None:
     try:
         samples = gen.data_format().prepare(seed=gen.seed, cache_dir=gen.rundir.cache)
     except WriteRefused as exc:  # the data cache does not fit: nothing started yet
-        raise JobError(job.spec.output.where if job.spec.output else job.spec.where, f"the data cache does not "
+        raise JobError(job.output_where, f"the data cache does not "
                        f"fit: {exc}", "free space there, or give the run an <output> folder on a larger "
                        "filesystem") from None
     if samples is None:

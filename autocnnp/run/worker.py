@@ -131,8 +131,9 @@ def run_rank(job: Job) -> int:
             print(f"autocnnp: {exc}; the same command resumes from it", file=sys.stderr, flush=True)
         return ExitCode.STOPPED
     except Exception as exc:  # any failure on one rank must end all of them
-        status.set("failed", failure_text(exc, rundir))
-        report = f"{traceback.format_exc()}autocnnp: rank {rank} failed: {failure_text(exc, rundir)}\n"
+        text = failure_text(exc, rundir)
+        status.set("failed", text)
+        report = f"{traceback.format_exc()}autocnnp: rank {rank} failed: {text}\n"
         if os.environ.get(SUPERVISED):  # run & manage names the cause on the console (a peer's loss, say)
             log_only(rundir, rank, report)
         else:

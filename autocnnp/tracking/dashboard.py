@@ -35,7 +35,7 @@ def _store(args) -> tuple[str, Path | None]:
     if args.job is None:
         raise JobError(Path("."), "the dashboard needs a store", "name a job file, --store DIR or --tracking-uri URI")
     job = load_job(args.job, args.set)
-    mlflow = next((config for entry, config in job.trackers if entry.name == "mlflow"), None)
+    mlflow = job.tracker("mlflow")
     return store_of(job.rundir.root, mlflow.tracking_uri if mlflow else "")
 
 

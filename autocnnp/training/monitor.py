@@ -445,9 +445,7 @@ def plot_run(rundir: RunDir) -> list[Path]:
     written: list[Path] = []
 
     def save(fig: Figure, name: str) -> None:
-        plots.mkdir(parents=True, exist_ok=True)
-        fig.tight_layout()
-        atomic_write(plots / name, lambda f: fig.savefig(f, format="png", dpi=100))
+        _save_png(fig, plots / name)
         written.append(plots / name)
 
     metrics_path = rundir.metrics
@@ -506,7 +504,12 @@ def plot_resources(rundir: RunDir, path: Path) -> Path | None:
             ax.grid(alpha=0.3)
     axes[0].legend(fontsize="small", ncol=min(4, len(tables)))
     axes[-1].set_xlabel("time [s]")
+    _save_png(fig, path)
+    return path
+
+
+def _save_png(fig, path: Path) -> None:
+    """``fig`` laid out into the PNG ``path``, written atomically (a full disk leaves no half plot)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    return path
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))

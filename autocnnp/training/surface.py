@@ -99,12 +99,13 @@ def surface_distances(pred: np.ndarray, truth: np.ndarray, spacing: Sequence[flo
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != pred.ndim or not all(np.isfinite(s) and s > 0 for s in spacing):
         raise ValueError(f"spacing must be {pred.ndim} positive numbers, got {spacing}")
-    if not pred.any() and not truth.any():
-        return 0.0, 0.0
-    if not pred.any() or not truth.any():
-        return float("inf"), float("inf")
     if pred.flags.f_contiguous and not pred.flags.c_contiguous:  # as NIfTI stores a volume: walk it in memory order
-        return surface_distances(pred.T, truth.T, spacing[::-1])
+        pred, truth, spacing = pred.T, truth.T, spacing[::-1]
+    has_pred, has_truth = pred.any(), truth.any()
+    if not has_pred and not has_truth:
+        return 0.0, 0.0
+    if not has_pred or not has_truth:
+        return float("inf"), float("inf")
     box = _bounding_box((pred, truth), margin=1)
     return _distances(pred[box], truth[box], spacing, [b.start for b in box])
 
