@@ -94,3 +94,25 @@ def test_the_built_in_architectures_name_their_encoder():
         assert isinstance(net, Encoded)
         assert all(isinstance(m, torch.nn.Module) for m in net.encoder())
     assert not isinstance(torch.nn.Conv2d(1, 2, 1), Encoded)
+
+
+def test_an_encoder_held_as_a_sub_module_is_frozen_not_called(tmp_path):
+    """A user network whose encoder is a sub-module named ``encoder`` (as most are written): freeze="encoder" freezes
+    it; calling it as the protocol's method would have run its forward pass without an input."""
+    from autocnnp.training.pretrained import load_pretrained
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.encoder = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.BatchNorm2d(4))
+            self.head = torch.nn.Conv2d(4, 2, 1)
+
+        def forward(self, x):
+            return self.head(self.encoder(x))
+
+    torch.save({"model": Net().state_dict()}, tmp_path / "ckpt.pt")
+    net = Net()
+    transfer = load_pretrained(net, tmp_path / "ckpt.pt", "encoder")
+    assert [n for n, p in net.named_parameters() if not p.requires_grad] == ["encoder.0.weight", "encoder.0.bias",
+                                                                             "encoder.1.weight", "encoder.1.bias"]
+    assert net.head.weight.requires_grad and transfer.frozen_norms == ["encoder.1"]

@@ -4,7 +4,8 @@ Every tensor whose name and shape match is copied; the others keep their fresh i
 model trained for other classes gets a new head (and other input channels a new first layer).
 ``freeze="encoder"`` stops the gradients of the architecture's encoder (``net.encoder()``: the U-Net's
 contracting path, the FCN's VGG stages; a user architecture may define it: the
-:class:`~autocnnp.generator.protocols.Encoded` protocol), except for the tensors that
+:class:`~autocnnp.generator.protocols.Encoded` protocol, or hold its encoder as a sub-module named
+``encoder``), except for the tensors that
 were newly initialised (they always train), and keeps the running statistics of its loaded norm layers:
 those layers stay in evaluation mode throughout training (:meth:`Transfer.keep_frozen`).
 """
@@ -83,11 +84,22 @@ def load_pretrained(net: torch.nn.Module, checkpoint: Path, freeze: str) -> Tran
         net.load_state_dict(loaded, strict=False)
     transfer = Transfer(loaded_summary(checkpoint, len(loaded), len(own), sorted(k for k in own if k not in loaded)))
     if freeze == "encoder":
-        if not isinstance(net, Encoded) or not callable(net.encoder):
+        encoder = encoder_modules(net)
+        if encoder is None:
             raise DataError(checkpoint, f"freeze=encoder, but the architecture {type(net).__name__} names no encoder",
-                            "define encoder() returning its encoder modules, or use freeze=none")
-        _freeze(net, net.encoder(), set(loaded), transfer)
+                            "define encoder() returning its encoder modules (or hold it as a sub-module named "
+                            "encoder), or use freeze=none")
+        _freeze(net, encoder, set(loaded), transfer)
     return transfer
+
+
+def encoder_modules(net: torch.nn.Module) -> list[torch.nn.Module] | None:
+    """The modules of ``net``'s encoder: its sub-module named ``encoder`` (a module is callable, but calling it runs
+    its forward pass), else what its ``encoder()`` method returns; None when it names none."""
+    named = getattr(net, "encoder", None)
+    if isinstance(named, torch.nn.Module):
+        return [named]
+    return list(net.encoder()) if isinstance(net, Encoded) and callable(named) else None
 
 
 def _freeze(net: torch.nn.Module, encoder: list[torch.nn.Module], loaded: set[str], transfer: Transfer) -> None:
