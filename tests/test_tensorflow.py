@@ -123,11 +123,12 @@ def pretend_tensorflow_is_installed(monkeypatch, installed: bool) -> None:
         (real("json") if installed else None) if name == "tensorflow" else real(name, *a)))
 
 
+@pytest.mark.parametrize("pointer", [True, False], ids=["latest-pointer", "no-pointer"])
 @pytest.mark.parametrize(("trained", "framework"), [("torch", "tensorflow"), ("tensorflow", "torch")])
 def test_resuming_another_frameworks_checkpoint_is_refused_before_any_rank_starts(
-        tmp_path, capsys, monkeypatch, nothing_starts, trained, framework):
+        tmp_path, capsys, monkeypatch, nothing_starts, trained, framework, pointer):
     """The checkpoint is read without torch in the front-end: one line, exit 2, nothing started (the ranks
-    found out after 32 s)."""
+    found out after 32 s); without its ``latest`` pointer too (the ranks resume from the highest epoch then)."""
     from autocnnp.components.checkpoints.periodic import Config, Periodic
 
     pretend_tensorflow_is_installed(monkeypatch, True)
@@ -135,6 +136,8 @@ def test_resuming_another_frameworks_checkpoint_is_refused_before_any_rank_start
                     arch=PLAIN_UNET, data=synthetic_data(8, 4), extra=QUIET)
     Periodic(Config(), directory=tmp_path / "out" / "checkpoints", rank=0).save(
         {"model": {"w": torch.zeros(2)}, "optimizer_type": "SGD", "epoch": 1, "model_card": {"framework": trained}}, 0)
+    if not pointer:
+        (tmp_path / "out" / "checkpoints" / "latest").unlink()
     rc, out, err = in_process(capsys, "run", job)
     assert (rc, err.count("\n")) == (2, 1), err
     assert (f"the run folder {tmp_path / 'out'} holds a checkpoint of a {trained} run (ckpt-epoch0001.pt) to resume "

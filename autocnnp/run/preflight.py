@@ -12,7 +12,6 @@ from ..core.card import trained_framework
 from ..core.errors import JobError
 from ..core.files import WriteRefused, atomic_write, free_bytes, size_text, space_text
 from ..core.processes import usable_cores
-from ..core.rundir import LATEST_POINTER, checkpoint_file
 from ..generator.protocols import shards_of, steps_per_epoch
 from .hosts import parse_hostfile
 from .job import Job
@@ -63,9 +62,9 @@ def check_resume(job: Job) -> None:
     gen = job.generator
     if not getattr(gen.action("checkpoint").config, "resume", False):
         return
-    latest = checkpoint_file(gen.rundir.checkpoints / LATEST_POINTER)
-    trained = trained_framework(latest)  # None where there is no checkpoint (or the pointer names none)
-    if trained is not None and trained != gen.framework:
+    latest = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=0).latest()  # as the ranks find it
+    trained = None if latest is None else trained_framework(latest)
+    if latest is not None and trained is not None and trained != gen.framework:
         raise JobError(gen.action("framework").where or job.spec.where, f"the run folder {gen.rundir} holds a "
                        f"checkpoint of a {trained} run ({latest.name}) to resume from, but the job trains with "
                        f"{gen.framework}", f"resume with framework {trained}, or start afresh with another <output> "
