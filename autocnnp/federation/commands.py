@@ -34,8 +34,10 @@ def cmd_certs(args) -> int:
 
 def cmd_server(args) -> int:
     from .config import federation_of
+    from .logs import quiet_flower
     from .server import run_server, server_job
 
+    quiet_flower()
     _tls(args, "server")
     job = server_job(Path(args.job), args.set)
     certs = None if args.insecure else tuple(Path(args.certs) / n for n in ("ca.crt", "server.crt", "server.key"))
@@ -44,8 +46,10 @@ def cmd_server(args) -> int:
 
 def cmd_site(args) -> int:
     from .config import federation_of
+    from .logs import quiet_flower
     from .site import run_site, site_job
 
+    quiet_flower()
     _tls(args, "site")
     job = site_job(Path(args.job), args.set, args.data and Path(args.data), args.out and Path(args.out))
     return run_site(job, federation_of(job), args.name, Path(args.key), None if args.insecure else Path(args.ca),

@@ -22,8 +22,11 @@ import numpy as np
 from flwr.common import EvaluateIns, FitIns, GetPropertiesIns, ReconnectIns, ndarrays_to_parameters
 from flwr.common import parameters_to_ndarrays as arrays_of
 from flwr.server.client_manager import SimpleClientManager
+from flwr.server.server import run_fl
 from flwr.server.strategy import FedAdam, FedAvg, FedProx, FedYogi
 from flwr.server.strategy.fedopt import FedOpt
+from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
+from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
 
 from ..core.errors import JobError, Source
 from ..core.files import atomic_write, read_json, write_json
@@ -208,6 +211,16 @@ class Rounds:
         atomic_write(self.rundir.checkpoints / BEST_CHECKPOINT, lambda f: torch.save(state, f))
 
 
+def weighted_mean(results: list[tuple[int, dict]]) -> dict[str, float]:
+    """Each metric's mean over the sites that report it, weighted by their samples."""
+    totals: dict[str, list[float]] = {}
+    for samples, metrics in results:
+        for key, value in metrics.items():
+            total = totals.setdefault(key, [0.0, 0.0])
+            total[0], total[1] = total[0] + samples * float(value), total[1] + samples
+    return {key: value / weight for key, (value, weight) in totals.items() if weight}
+
+
 def federated_strategy(fed: FederationConfig, rounds: Rounds, admission: Admission, audit: Audit, initial):
     """Flower's strategy named by ``aggregation``, with the federation's rounds around it."""
     base = STRATEGIES[fed.aggregation]
@@ -275,13 +288,26 @@ def federated_strategy(fed: FederationConfig, rounds: Rounds, admission: Admissi
             total = sum(n for n, _ in losses)
             return (sum(n * v for n, v in losses) / total if total else None), {}
 
-    options = {"fraction_fit": 1.0, "fraction_evaluate": 1.0, "min_fit_clients": fed.min_sites,
+    options = {"fit_metrics_aggregation_fn": weighted_mean, "evaluate_metrics_aggregation_fn": weighted_mean,
+               "fraction_fit": 1.0, "fraction_evaluate": 1.0, "min_fit_clients": fed.min_sites,
                "min_evaluate_clients": 1, "min_available_clients": fed.min_sites, "initial_parameters": initial}
     if fed.aggregation == "fedprox":
         options["proximal_mu"] = fed.proximal_mu
     if fed.aggregation in ("fedadam", "fedyogi"):
         options.update(eta=fed.server_lr, initial_parameters=initial or ndarrays_to_parameters([]))
     return Federated(**options)
+
+
+def serve(admission: Admission, strategy, address: str, certificates, rounds: int, timeout_s: float) -> None:
+    """Flower's server on ``address`` for ``rounds`` rounds (``flwr.server.start_server`` without its signal
+    handlers: a signal here is the command's, which stops the gRPC server on the way out)."""
+    server = flwr.server.Server(client_manager=admission, strategy=strategy)
+    grpc_server = start_grpc_server(client_manager=admission, server_address=address,
+                                    max_message_length=GRPC_MAX_MESSAGE_LENGTH, certificates=certificates)
+    try:
+        run_fl(server, flwr.server.ServerConfig(num_rounds=rounds, round_timeout=timeout_s))
+    finally:
+        grpc_server.stop(grace=1)
 
 
 def server_job(job_file: Path, sets: list[str]):
@@ -323,9 +349,7 @@ def run_server(job, fed: FederationConfig, site_list: Path, certs: tuple[Path, P
         address = listen or f"0.0.0.0:{port}"
         say(f"federation server on {address} ({'TLS' if certificates else 'no TLS'}), {len(sites)} site(s) "
             f"listed, {fed.rounds - done} round(s) to go, {fed.aggregation}")
-        flwr.server.start_server(server_address=address, config=flwr.server.ServerConfig(
-            num_rounds=fed.rounds - done, round_timeout=fed.round_timeout_s), strategy=strategy,
-            client_manager=admission, certificates=certificates)
+        serve(admission, strategy, address, certificates, fed.rounds - done, fed.round_timeout_s)
         best = rounds.state.get("best")
         if best:
             say(f"done: consensus model of round {best['epoch']} ({best['metric']} {best['value']:.4f}) in "

@@ -13,10 +13,11 @@ import time
 from pathlib import Path
 
 import flwr
+import grpc
 import numpy as np
 import torch
 
-from ..core.errors import DataError, JobError, Source
+from ..core.errors import DataError, ExitCode, JobError, Source
 from ..run import preflight
 from ..run.job import Job
 from ..training.loop import evaluate as score
@@ -25,6 +26,12 @@ from .admission import agreement, load_private_key, sign
 from .config import FederationConfig
 
 ROLES = ("train", "evaluate")
+
+
+class Unreachable(JobError):
+    """The federation server cannot be reached (a wrong address, a foreign certificate, a server gone)."""
+
+    exit_code = ExitCode.FAILED
 
 
 def scalars(metrics: dict) -> dict[str, float]:
@@ -95,8 +102,10 @@ class SiteClient(flwr.client.NumPyClient):
     def __init__(self, trainer: SiteTrainer, name: str, key, role: str):
         self.trainer, self.name, self.key, self.role = trainer, name, key, role
         self.verdict: str | None = None  # why the server refused this site, if it did
+        self.contacted = False  # whether the server asked anything on this connection
 
     def get_properties(self, config):
+        self.contacted = True
         if "verdict" in config:
             self.verdict = str(config["verdict"])
             print(f"autocnnp: the server refused this site: {self.verdict}", file=sys.stderr, flush=True)
@@ -106,9 +115,11 @@ class SiteClient(flwr.client.NumPyClient):
                 "card": json.dumps(self.trainer.card())}
 
     def get_parameters(self, config):
+        self.contacted = True
         return self.trainer.parameters()
 
     def fit(self, parameters, config):
+        self.contacted = True
         start = time.perf_counter()
         metrics = self.trainer.train(parameters, int(config["local_epochs"]), float(config.get("proximal_mu", 0.0)))
         metrics["fit_s"] = time.perf_counter() - start
@@ -137,8 +148,27 @@ def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, 
     client = SiteClient(trainer, name, key, role)
     address = server or federation.server
     print(f"autocnnp: site {name} ({role}) joins the federation at {address}", flush=True)
-    flwr.client.start_client(server_address=address, client=client.to_client(), root_certificates=root,
-                             insecure=root is None, transport="grpc-bidi", max_wait_time=federation.round_timeout_s)
+    lost_at = None  # when the server was last heard of, while it is away
+    while True:
+        client.contacted = False
+        try:
+            flwr.client.start_client(server_address=address, client=client.to_client(), root_certificates=root,
+                                     insecure=root is None, transport="grpc-bidi")
+            break
+        except grpc.RpcError as exc:
+            why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.Call) else type(exc).__name__
+            lost_at = None if client.contacted else lost_at or time.monotonic()
+            if lost_at is None:
+                print(f"autocnnp: site {name}: lost the server ({why}); reconnecting for up to "
+                      f"{federation.round_timeout_s:g} s", file=sys.stderr, flush=True)
+                lost_at = time.monotonic()
+            elif time.monotonic() - lost_at > federation.round_timeout_s:
+                raise Unreachable(Source(Path("."), text=f"federation server {address}"),
+                                  f"cannot reach it within {federation.round_timeout_s:g} s ({why})",
+                                  "check the <federation> server address (or --server), that the server runs and "
+                                  "that its port is open; with TLS, that --ca is the CA that signed its "
+                                  "certificate") from None
+            time.sleep(1.0)
     if client.verdict:
         raise JobError(Source(Path("."), text=f"federation server {address}"),
                        f"site {name} was refused: {client.verdict}", "make this site's job agree with the "

@@ -1,0 +1,174 @@
+"""Federated training on Flower (autocnnp federation): a server and sites as separate processes on this
+machine, over TLS, each site with its own synthetic dataset. The sites are real `autocnnp federation site`
+processes; what the server received is read back from its audit log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from jobfiles import QUIET, TINY_UNET, write_job
+
+pytestmark = pytest.mark.slow  # processes importing torch and flwr: ~1 minute each test
+
+CLI = [sys.executable, "-m", "autocnnp"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A command in its own process group, its output in ``NAME.log``."""
+
+    def __init__(self, folder: Path, name: str, *args: str):
+        self.log = folder / f"{name}.log"
+        with self.log.open("w") as out:
+            self.p = subprocess.Popen([*CLI, *args], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, needle: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            assert self.p.poll() is None or needle in self.text(), f"{self.log.name} ended:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {needle!r} in {self.log.name}:\n{self.text()[-3000:]}"
+            time.sleep(0.2)
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.log.name} still running:\n{self.text()[-3000:]}")
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.p.pid, sig)
+
+
+@pytest.fixture
+def procs():
+    """Start commands; every process group still there at the end is killed."""
+    started: list[Proc] = []
+
+    def start(folder: Path, name: str, *args: str) -> Proc:
+        started.append(Proc(folder, name, *args))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.p.poll() is None:
+            proc.signal(signal.SIGKILL)
+            proc.p.wait()
+
+
+DATA = ('<data format="decathlon"><train><path>data_a</path></train><param name="size">16</param>'
+        '<param name="slices_per_volume">4</param><param name="augment">false</param></data>')
+
+
+def federation_job(folder: Path, port: int, *, rounds: int = 2, min_sites: int = 2, base_channels: int = 4,
+                   aggregation: str = "fedavg") -> Path:
+    fed = (f'<federation><property name="server">127.0.0.1:{port}</property><property name="rounds">{rounds}</property>'
+           f'<property name="min_sites">{min_sites}</property><property name="round_timeout_s">60</property>'
+           f'<property name="aggregation">{aggregation}</property></federation>')
+    return write_job(folder / f"job{base_channels}.xml", degree=1, output="server", data=DATA,
+                     arch=TINY_UNET.replace(">4<", f">{base_channels}<"), extra=QUIET + fed,
+                     hyper={"minibatch_size": 2, "end_epoch": 1, "lr": 0.01})
+
+
+@pytest.fixture
+def stand(tmp_path, procs):
+    """Certificates for sites a, b, c, o and z, a dataset per site, a free port."""
+    subprocess.run([*CLI, "federation", "certs", "certs", "--sites", "a,b,c,o,z"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    subprocess.run([*CLI, "federation", "certs", "foreign", "--sites", "a"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    for seed, site in enumerate("abco"):
+        subprocess.run([*CLI, "synth", f"data_{site}", "--kind", "atrium", "--cases", "4", "--shape", "16", "16", "8",
+                        "--seed", str(seed), "--test-cases", "1"], cwd=tmp_path, check=True, capture_output=True)
+    return tmp_path, free_port()
+
+
+def site(procs, folder: Path, job: Path, name: str, *extra: str, data: str | None = None, key: str | None = None,
+         label: str | None = None):
+    label = label or name
+    return procs(folder, f"site_{label}", "federation", "site", job.name, "--name", name, "--ca", "certs/ca.crt",
+                 "--key", key or f"certs/sites/{name}.key", "--data", data or f"data_{name}", "--out", f"out_{label}",
+                 *extra)
+
+
+def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, procs):
+    folder, port = stand
+    job = federation_job(folder, port)
+    server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    a, b, c = (site(procs, folder, job, name) for name in "abc")
+    out_of_sample = site(procs, folder, job, "o", "--evaluate-only")
+    # at the door: a key the list does not hold, a job that differs
+    foreign = site(procs, folder, job, "a", key="foreign/sites/a.key", label="foreign")
+    other = site(procs, folder, federation_job(folder, port, base_channels=8), "z", data="data_o")
+    assert foreign.wait() == 2 and other.wait() == 2
+    assert "did not prove it holds the key" in foreign.text()
+    assert "architecture parameters" in other.text() and "base_channels" in other.text()
+    server.wait_for("refused a site: site 'a' did not prove")
+    server.wait_for("its job differs from the server's: architecture parameters")
+    # site c drops out once it trained a round: the rounds go on with a and b (min_sites 2)
+    c.wait_for("round 1 trained")
+    c.signal(signal.SIGKILL)
+    assert server.wait(180) == 0, server.text()[-3000:]
+    for proc in (a, b, out_of_sample):
+        assert proc.wait() == 0 and "the federation ended" in proc.text()
+    log = server.text()
+    assert "site c left" in log
+    assert "round 2: aggregated 2 site(s)" in log
+    assert "site o (evaluate) validation" in log
+    assert "consensus model: round" in log and "done: consensus model of round" in log
+    state = json.loads((folder / "server" / "federation" / "state.json").read_text())
+    assert state["round"] == 2 and state["best"]["metric"] == "dice_fg"
+    best = folder / "server" / "checkpoints" / "ckpt-best.pt"
+    # what the server saw: parameters shaped as the network's and scalars; no path, case, image or label
+    import torch
+
+    shapes = [list(t.shape) for t in torch.load(best, weights_only=False)["model"].values()]
+    text = (folder / "server" / "federation" / "received.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert {r["kind"] for r in records} == {"properties", "fit", "evaluate"}
+    for r in records:
+        if r["kind"] == "fit":
+            assert [shape for shape, _ in r["arrays"]] == shapes
+        if r["kind"] in ("fit", "evaluate"):
+            assert all(isinstance(v, float) for v in r["metrics"].values())
+        else:
+            assert set(r["properties"]) == {"site", "role", "signature", "agreement", "names", "card"}
+    for needle in ("case_", str(folder), "data_a", "data_b", "imagesTr", "labelsTr", ".nii"):
+        assert needle not in text
+    # the consensus model is a checkpoint predict reads
+    predicted = subprocess.run([*CLI, "predict", "--checkpoint", str(best), "--input", "data_o", "--out", "pred"],
+                               cwd=folder, capture_output=True, text=True, timeout=120)
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(list((folder / "pred").glob("*.nii.gz"))) == 1
+
+
+def test_an_interrupted_server_resumes_from_its_last_round(stand, procs):
+    folder, port = stand
+    job = federation_job(folder, port, rounds=2, min_sites=1)
+    server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    a = site(procs, folder, job, "a")
+    server.wait_for("round 1: weighted dice_fg")
+    server.signal(signal.SIGINT)  # Ctrl-C
+    assert server.wait() == 130
+    assert "interrupted by SIGINT" in server.text()
+    again = procs(folder, "server2", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    assert again.wait(180) == 0, again.text()[-3000:]
+    assert "resuming the federation from round 1" in again.text()
+    assert "round 2 of 2" in again.text() and "round 1 of 2" not in again.text()
+    assert a.wait() == 0  # the site reconnected to the restarted server
