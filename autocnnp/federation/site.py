@@ -17,8 +17,8 @@ import grpc
 import numpy as np
 import torch
 
-from ..core.errors import DataError, ExitCode, JobError, Source
-from ..run import preflight
+from ..core.errors import ExitCode, JobError, Source
+from ..run import lock, preflight
 from ..run.job import Job
 from ..training.loop import evaluate as score
 from ..training.loop import model_card
@@ -144,9 +144,15 @@ def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, 
         except OSError as exc:
             raise JobError(where, f"the CA certificate {ca_file} cannot be read ({exc.strerror})",
                            "give the ca.crt the federation's operator sent") from None
-    trainer = SiteTrainer(job)
-    client = SiteClient(trainer, name, key, role)
-    address = server or federation.server
+    with lock.owned(job.rundir, job.output_where):
+        return _take_part(SiteClient(SiteTrainer(job), name, key, role), server or federation.server, root,
+                          federation.round_timeout_s)
+
+
+def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: float) -> int:
+    """Flower's client until the server ends the federation; reconnects to a server gone for up to
+    ``timeout_s``."""
+    name, role = client.name, client.role
     print(f"autocnnp: site {name} ({role}) joins the federation at {address}", flush=True)
     lost_at = None  # when the server was last heard of, while it is away
     while True:
@@ -159,12 +165,12 @@ def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, 
             why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.Call) else type(exc).__name__
             lost_at = None if client.contacted else lost_at or time.monotonic()
             if lost_at is None:
-                print(f"autocnnp: site {name}: lost the server ({why}); reconnecting for up to "
-                      f"{federation.round_timeout_s:g} s", file=sys.stderr, flush=True)
+                print(f"autocnnp: site {name}: lost the server ({why}); reconnecting for up to {timeout_s:g} s",
+                      file=sys.stderr, flush=True)
                 lost_at = time.monotonic()
-            elif time.monotonic() - lost_at > federation.round_timeout_s:
+            elif time.monotonic() - lost_at > timeout_s:
                 raise Unreachable(Source(Path("."), text=f"federation server {address}"),
-                                  f"cannot reach it within {federation.round_timeout_s:g} s ({why})",
+                                  f"cannot reach it within {timeout_s:g} s ({why})",
                                   "check the <federation> server address (or --server), that the server runs and "
                                   "that its port is open; with TLS, that --ca is the CA that signed its "
                                   "certificate") from None
@@ -183,7 +189,4 @@ def site_job(job_file: Path, sets: list[str], data: Path | None, out: Path | Non
 
     extra = [f"data.train={Path(data).resolve()}"] if data else []
     extra += [f"output={Path(out).resolve()}"] if out else []
-    job = load_job(job_file, [*sets, *extra, "parallelism-degree=1"])
-    if not job.generator.data_format().files() and data:
-        raise DataError(data, "holds no training data", "give the site's dataset folder (dataset.json)")
-    return job
+    return load_job(job_file, [*sets, *extra, "parallelism-degree=1"])
