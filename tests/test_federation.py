@@ -16,7 +16,11 @@ from pathlib import Path
 import pytest
 from jobfiles import QUIET, TINY_UNET, write_job
 
-pytestmark = pytest.mark.slow  # processes importing torch and flwr: ~1 minute each test
+from autocnnp.core.errors import JobError
+from autocnnp.federation.admission import agreement, differences, load_private_key, read_site_list, sign, verified
+from autocnnp.federation.certs import make_certificates
+from autocnnp.federation.config import federation_of
+from autocnnp.run.job import load_job
 
 CLI = [sys.executable, "-m", "autocnnp"]
 
@@ -107,6 +111,7 @@ def site(procs, folder: Path, job: Path, name: str, *extra: str, data: str | Non
                  *extra)
 
 
+@pytest.mark.slow  # processes importing torch and flwr: ~1 minute
 def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, procs):
     folder, port = stand
     job = federation_job(folder, port)
@@ -158,6 +163,7 @@ def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, p
     assert len(list((folder / "pred").glob("*.nii.gz"))) == 1
 
 
+@pytest.mark.slow
 def test_an_interrupted_server_resumes_from_its_last_round(stand, procs):
     folder, port = stand
     job = federation_job(folder, port, rounds=2, min_sites=1)
@@ -172,3 +178,38 @@ def test_an_interrupted_server_resumes_from_its_last_round(stand, procs):
     assert "resuming the federation from round 1" in again.text()
     assert "round 2 of 2" in again.text() and "round 1 of 2" not in again.text()
     assert a.wait() == 0  # the site reconnected to the restarted server
+
+
+def test_the_federation_section_is_read_checked_and_overridable(tmp_path):
+    job = federation_job(tmp_path, 9999, rounds=5, aggregation="fedprox")
+    (tmp_path / "data_a").mkdir()
+    fed = federation_of(load_job(job, ["federation.local_epochs=2"]))
+    assert (fed.server, fed.rounds, fed.local_epochs, fed.aggregation) == ("127.0.0.1:9999", 5, 2, "fedprox")
+    with pytest.raises(JobError, match="did you mean 'rounds'"):
+        federation_of(load_job(job, ["federation.roundz=3"]))
+    with pytest.raises(JobError, match="aggregation"):
+        federation_of(load_job(job, ["federation.aggregation=fedmedian"]))
+
+
+def test_a_job_differing_in_what_must_agree_is_named(tmp_path):
+    (tmp_path / "data_a").mkdir()
+    ours = agreement(load_job(federation_job(tmp_path, 1)))
+    theirs = agreement(load_job(federation_job(tmp_path, 1, base_channels=8)))
+    assert differences(ours, ours, "site b") == []
+    [found] = differences(ours, theirs, "site b")
+    assert found.startswith("architecture parameters:") and '"base_channels": 8' in found and "at site b" in found
+    assert set(ours) == {"autocnnp version", "framework", "architecture", "architecture parameters", "data format",
+                         "modalities"}
+
+
+def test_only_a_listed_site_holding_its_key_is_verified(tmp_path):
+    make_certificates(tmp_path / "ours", ["a", "b"], ["127.0.0.1"])
+    make_certificates(tmp_path / "foreign", ["a"], ["127.0.0.1"])
+    sites = read_site_list(tmp_path / "ours" / "sites.csv")
+    key_a = load_private_key(tmp_path / "ours" / "sites" / "a.key")
+    foreign = load_private_key(tmp_path / "foreign" / "sites" / "a.key")
+    assert verified(sites, "a", "nonce", sign(key_a, "nonce")) is None
+    assert "did not prove" in verified(sites, "a", "nonce", sign(foreign, "nonce"))
+    assert "did not prove" in verified(sites, "b", "nonce", sign(key_a, "nonce"))
+    assert "not on the site list" in verified(sites, "mallory", "nonce", sign(key_a, "nonce"))
+    assert "did not prove" in verified(sites, "a", "other", sign(key_a, "nonce"))  # a replayed signature
