@@ -213,3 +213,14 @@ def test_only_a_listed_site_holding_its_key_is_verified(tmp_path):
     assert "did not prove" in verified(sites, "b", "nonce", sign(key_a, "nonce"))
     assert "not on the site list" in verified(sites, "mallory", "nonce", sign(key_a, "nonce"))
     assert "did not prove" in verified(sites, "a", "other", sign(key_a, "nonce"))  # a replayed signature
+
+
+def test_a_server_that_cannot_be_reached_is_one_line_after_the_timeout(capsys):
+    from autocnnp.federation.site import SiteClient, Unreachable, _take_part
+
+    start = time.monotonic()
+    with pytest.raises(Unreachable) as refused:
+        _take_part(SiteClient(None, "a", None, "train"), f"127.0.0.1:{free_port()}", None, 2.0)
+    assert refused.value.exit_code == 1 and time.monotonic() - start < 30
+    assert "cannot reach it within 2 s" in str(refused.value) and "\n" not in str(refused.value)
+    assert "cannot reach the server yet" in capsys.readouterr().err

@@ -163,9 +163,9 @@ def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: 
             break
         except grpc.RpcError as exc:
             why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.Call) else type(exc).__name__
-            lost_at = None if client.contacted else lost_at or time.monotonic()
-            if lost_at is None:
-                print(f"autocnnp: site {name}: lost the server ({why}); reconnecting for up to {timeout_s:g} s",
+            if client.contacted or lost_at is None:
+                what = "lost the server" if client.contacted else "cannot reach the server yet"
+                print(f"autocnnp: site {name}: {what} ({why}); trying again for up to {timeout_s:g} s",
                       file=sys.stderr, flush=True)
                 lost_at = time.monotonic()
             elif time.monotonic() - lost_at > timeout_s:
