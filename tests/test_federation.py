@@ -224,3 +224,72 @@ def test_a_server_that_cannot_be_reached_is_one_line_after_the_timeout(capsys):
     assert refused.value.exit_code == 1 and time.monotonic() - start < 30
     assert "cannot reach it within 2 s" in str(refused.value) and "\n" not in str(refused.value)
     assert "cannot reach the server yet" in capsys.readouterr().err
+
+
+class FakeSite:
+    def __init__(self, cid: str):
+        self.cid = cid
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "fedprox", "fedadam", "fedyogi"])
+def test_each_aggregation_averages_by_training_samples_and_keeps_the_round(tmp_path, aggregation):
+    """The server's strategy with two sites' results: FedAvg and FedProx take the sample-weighted mean; FedAdam and
+    FedYogi step from the consensus towards it; the round's model is saved for a restart."""
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.client_manager import SimpleClientManager
+
+    from autocnnp.core.rundir import RunDir
+    from autocnnp.federation.config import FederationConfig
+    from autocnnp.federation.server import Admission, Audit, Rounds, federated_strategy
+
+    fed = FederationConfig(min_sites=2, aggregation=aggregation, server_lr=0.1)
+    audit = Audit(tmp_path / "federation" / "received.jsonl")
+    admission = Admission({}, {}, fed.min_sites, 5.0, audit)
+    sites = [FakeSite("1"), FakeSite("2")]
+    for site, name in zip(sites, "ab", strict=True):
+        admission.who[site.cid] = (name, "train")
+        SimpleClientManager.register(admission, site)
+    rounds = Rounds(RunDir(tmp_path), None, fed, admission)
+    strategy = federated_strategy(fed, rounds, admission, audit, None)
+    start = ndarrays_to_parameters([np.zeros(3, np.float32)])
+    instructions = strategy.configure_fit(1, start, admission)
+    assert len(instructions) == 2 and instructions[0][1].config["local_epochs"] == 1
+    assert instructions[0][1].config["proximal_mu"] == (0.01 if aggregation == "fedprox" else 0.0)
+    ok = Status(code=Code.OK, message="")
+    results = [(sites[0], FitRes(ok, ndarrays_to_parameters([np.full(3, 1.0, np.float32)]), 30, {"fit_s": 1.0})),
+               (sites[1], FitRes(ok, ndarrays_to_parameters([np.full(3, 3.0, np.float32)]), 10, {"fit_s": 2.0}))]
+    parameters, metrics = strategy.aggregate_fit(1, results, [])
+    [got] = parameters_to_ndarrays(parameters)
+    if aggregation in ("fedavg", "fedprox"):
+        assert np.allclose(got, 1.5)  # (30 x 1 + 10 x 3) / 40
+    else:
+        assert 0 < got[0] < 1.5  # a server optimizer step of eta towards the mean
+    assert metrics["fit_s"] == pytest.approx(1.25)
+    assert rounds.state["round"] == 1 and (tmp_path / "federation" / "latest.npz").is_file()
+    assert [parameters_to_ndarrays(rounds.latest())[0].tolist()] == [got.tolist()]
+    # a round whose results come from fewer than min_sites keeps the model
+    assert strategy.aggregate_fit(2, results[:1], [(sites[1], RuntimeError("gone"))]) == (None, {})
+
+
+def test_a_site_trains_from_the_consensus_and_fedprox_keeps_it_near(tmp_path):
+    """The site's own run, in this process: it starts each round from the parameters it is sent; FedProx's
+    proximal term keeps its training near them."""
+    import numpy as np
+    from jobfiles import synthetic_data
+
+    from autocnnp.federation.site import SiteTrainer
+
+    job = write_job(tmp_path / "job.xml", degree=1, output="site", arch=TINY_UNET, data=synthetic_data(8, 4, size=16),
+                    extra=QUIET, hyper={"minibatch_size": 4, "end_epoch": 1, "lr": 0.05})
+    trainer = SiteTrainer(load_job(job))
+    start = trainer.parameters()
+    moved = {}
+    for mu in (0.0, 100.0):
+        trainer.train(start, 1, mu)
+        moved[mu] = sum(float(np.abs(a - b).sum()) for a, b in zip(trainer.parameters(), start, strict=True))
+    assert 0 < moved[100.0] < moved[0.0]
+    assert trainer.run.state.epoch == 2  # its own run goes on: epochs, checkpoints, metrics.csv
+    assert (tmp_path / "site" / "metrics.csv").is_file()
+    metrics = trainer.evaluate(start)
+    assert {"dice_fg", "valid_loss"} <= set(metrics) and all(isinstance(v, float) for v in metrics.values())

@@ -54,7 +54,7 @@ class SiteTrainer:
         self.loss_fn = self.run.steps.loss_fn
 
     def parameters(self) -> list[np.ndarray]:
-        return [v.detach().cpu().numpy() for v in self.model.state_dict().values()]
+        return [v.detach().cpu().numpy().copy() for v in self.model.state_dict().values()]  # not views of the network
 
     def names(self) -> list[str]:
         return list(self.model.state_dict())
