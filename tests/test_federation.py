@@ -191,6 +191,15 @@ def test_the_federation_section_is_read_checked_and_overridable(tmp_path):
         federation_of(load_job(job, ["federation.aggregation=fedmedian"]))
 
 
+def test_the_server_reads_the_sites_job_without_their_data(tmp_path):
+    from autocnnp.federation.server import server_job
+
+    job = federation_job(tmp_path, 9999)  # its data_a is at the sites, not here
+    with pytest.raises(JobError, match="data_a"):
+        load_job(job)
+    assert federation_of(server_job(job, [])).server == "127.0.0.1:9999"
+
+
 def test_a_job_differing_in_what_must_agree_is_named(tmp_path):
     (tmp_path / "data_a").mkdir()
     ours = agreement(load_job(federation_job(tmp_path, 1)))

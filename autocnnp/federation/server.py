@@ -191,19 +191,18 @@ class Rounds:
             f"{self.rundir.checkpoints / BEST_CHECKPOINT}")
 
     def save_checkpoint(self, done: int, parameters) -> None:
-        """A checkpoint ``autocnnp predict`` reads: the tensors by name and the model card."""
+        """A checkpoint ``autocnnp predict`` reads: the tensors by name and the model card (loop.py's
+        ``model_card``: the server's job and network, the sites' channels, classes and input)."""
         import torch
-
-        from ..training.loop import model_card
 
         ref = self.admission.reference
         names, card = ref["names"], ref["card"]
-
-        class Data:  # the data's part of the card comes from the sites
-            in_channels, num_classes = card["in_channels"], card["num_classes"]
-            class_names = tuple(card["classes"][str(i)] for i in range(card["num_classes"]))
-
-        full = {**model_card(self.job.generator, Data), "input": card["input"]}
+        gen = self.job.generator
+        arch = gen.action("architecture_injection")
+        full = {"job": {"file": str(gen.spec.file), "text": gen.spec.text, "overrides": dict(gen.spec.overrides)},
+                "framework": gen.framework, "architecture": {"name": arch.entry.name, "file": None if arch.entry.file
+                                                             is None else str(arch.entry.file),
+                                                             "params": arch.recorded()}, **card}
         model = OrderedDict((n, torch.as_tensor(a)) for n, a in zip(names, arrays_of(parameters), strict=True))
         state = {"model": model, "model_card": full, "epoch": done, "in_channels": card["in_channels"],
                  "num_classes": card["num_classes"], "federation_round": done}
@@ -311,10 +310,13 @@ def serve(admission: Admission, strategy, address: str, certificates, rounds: in
 
 
 def server_job(job_file: Path, sets: list[str]):
-    """The server's job: the sites' job; the server reads none of its data."""
+    """The server's job: the sites' job, whose data paths the server never reads (they need not exist here)."""
+    from ..generator.overrides import parse_sets, read_variant
     from ..run.job import load_job
 
-    return load_job(job_file, sets)
+    spec = read_variant(job_file, parse_sets(sets))
+    here = [f"data.{part}={spec.base_dir}" for part in spec.data_paths]
+    return load_job(job_file, [*sets, *here])
 
 
 def run_server(job, fed: FederationConfig, site_list: Path, certs: tuple[Path, Path, Path] | None,
