@@ -161,6 +161,11 @@ def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, p
                                cwd=folder, capture_output=True, text=True, timeout=120)
     assert predicted.returncode == 0, predicted.stderr
     assert len(list((folder / "pred").glob("*.nii.gz"))) == 1
+    # and is published to the zoo like a run's best checkpoint
+    from autocnnp import api
+
+    published = api.zoo_publish(folder / "server", "federated", zoo=str(folder / "zoo"))
+    assert published.name == "federated" and published.version == 1
 
 
 @pytest.mark.slow
