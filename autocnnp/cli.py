@@ -22,7 +22,8 @@ from .run.processes import interruptible
 # run, new, components) builds only its own parsers: importing the feature areas would cost validate more
 # than its whole budget.
 COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.inference", "autocnnp.run.commands", "autocnnp.tracking.dashboard",
-                   "autocnnp.tracking.zoo", "autocnnp.tuning.commands", "autocnnp.tuning.scale")
+                   "autocnnp.tracking.zoo", "autocnnp.tuning.commands", "autocnnp.tuning.scale",
+                   "autocnnp.federation.commands")
 
 
 def cmd_validate(args) -> int:

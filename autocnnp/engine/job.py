@@ -65,6 +65,7 @@ class JobSpec:
     hyperparameters: list[Setting]
     monitoring: list[Setting]
     cluster: list[Setting]
+    federation: list[Setting] = field(default_factory=list)  # <federation>: autocnnp/federation/
     text: str = ""  # the file as written, decoded as it declares
     pretrained: Setting | None = None  # <CNN_archi pretrained="zoo:NAME/VERSION"> or a checkpoint file
     freeze: Setting | None = None  # <CNN_archi freeze="none|encoder">
@@ -171,6 +172,7 @@ def read_job(file: Path | str, text: str | None = None) -> JobSpec:
         data_params=_named(path, data.findall("param"), "<data> param"),
         actions=actions, modules=modules,
         hyperparameters=props("hyperparameters"), monitoring=props("monitoring"), cluster=props("cluster"),
+        federation=props("federation"),
         seed=None if section("seed") is None else Setting("seed", _text(section("seed")), _where(path, section("seed"))),
         output=holder("output"),
     )

@@ -9,7 +9,8 @@ manifest next to the job file's text. Keys:
 ``output``                     ``<output><path>`` (relative paths, here and in ``data.``, are read from
                                the job file's folder, as in the file)
 ``parallelism-degree``         ``<parallelism-degree>`` (also ``degree``)
-``hyperparameters.NAME``       a ``<hyperparameters>`` property (likewise ``monitoring.``, ``cluster.``)
+``hyperparameters.NAME``       a ``<hyperparameters>`` property (likewise ``monitoring.``, ``cluster.``,
+                               ``federation.``)
 ``data.NAME``                  a ``<data>`` param; ``data.train``/``valid``/``test`` are paths
 ``architecture.NAME``          a ``<CNN_archi>`` param (also ``CNN_archi.NAME``); ``architecture.pretrained``
                                and ``architecture.freeze`` its attributes
@@ -31,7 +32,8 @@ from ..engine.job import ActionSpec, Choice, JobSpec, Setting, read_job
 from ..engine.values import convert
 from .points import MODULE_BY_NAME, POINT_BY_NAME
 
-_SECTIONS = {"hyperparameters": "hyperparameters", "monitoring": "monitoring", "cluster": "cluster"}
+_SECTIONS = {"hyperparameters": "hyperparameters", "monitoring": "monitoring", "cluster": "cluster",
+             "federation": "federation"}
 _ARCH = ("architecture", "cnn_archi")
 _DATA_PATHS = ("train", "valid", "test")
 

@@ -158,11 +158,15 @@ def section_configs(section: str) -> list[type]:
         from autocnnp.training.monitor import MonitoringConfig
 
         return [MonitoringConfig]
-    raise ValueError(f"no section {section!r}: monitoring or cluster")
+    if section == "federation":
+        from autocnnp.federation.config import FederationConfig
+
+        return [FederationConfig]
+    raise ValueError(f"no section {section!r}: monitoring, cluster or federation")
 
 
 class SettingsDirective(SphinxDirective):
-    """``.. autocnnp-settings:: monitoring|cluster``: the section's Configs."""
+    """``.. autocnnp-settings:: monitoring|cluster|federation``: the section's Configs."""
 
     required_arguments = 1
 

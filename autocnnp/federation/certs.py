@@ -1,0 +1,68 @@
+"""Certificates for a test federation: a CA, the server's TLS certificate, and a key pair per site (its
+identity for the site list). Real deployments bring their own CA and certificates."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+
+from ..core.files import atomic_write
+
+DAYS = 365
+
+
+def _pem_key(key) -> bytes:
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())
+
+
+def _certificate(subject: str, public_key, issuer: x509.Name, signer, *, ca: bool, hosts=()) -> x509.Certificate:
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
+               .issuer_name(issuer).public_key(public_key).serial_number(x509.random_serial_number())
+               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=DAYS))
+               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    if hosts:
+        names = []
+        for host in hosts:
+            try:
+                names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            except ValueError:
+                names.append(x509.DNSName(host))
+        builder = builder.add_extension(x509.SubjectAlternativeName(names), critical=False)
+    return builder.sign(signer, hashes.SHA256())
+
+
+def make_certificates(folder: Path, sites: list[str], hosts: list[str]) -> list[Path]:
+    """Write ``ca.crt``, ``server.crt``/``server.key`` (valid for ``hosts``), ``sites/NAME.key``/``.pub`` and
+    ``sites.csv`` into ``folder``; returns the files written."""
+    folder = Path(folder)
+    (folder / "sites").mkdir(parents=True, exist_ok=True)
+    ca_key = ec.generate_private_key(ec.SECP384R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "autocnnp federation test CA")])
+    ca = _certificate("autocnnp federation test CA", ca_key.public_key(), ca_name, ca_key, ca=True)
+    server_key = ec.generate_private_key(ec.SECP384R1())
+    server = _certificate(hosts[0], server_key.public_key(), ca_name, ca_key, ca=False, hosts=hosts)
+    files = {"ca.crt": ca.public_bytes(serialization.Encoding.PEM),
+             "server.crt": server.public_bytes(serialization.Encoding.PEM), "server.key": _pem_key(server_key)}
+    listing = ["# NAME,PUBLIC_KEY_FILE: the sites the server admits (autocnnp federation server --sites)"]
+    for name in sites:
+        key = ec.generate_private_key(ec.SECP384R1())
+        files[f"sites/{name}.key"] = _pem_key(key)
+        files[f"sites/{name}.pub"] = key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+        listing.append(f"{name},sites/{name}.pub")
+    files["sites.csv"] = ("\n".join(listing) + "\n").encode()
+    written = []
+    for name, data in files.items():
+        atomic_write(folder / name, data)
+        if name.endswith(".key"):
+            (folder / name).chmod(0o600)
+        written.append(folder / name)
+    return written

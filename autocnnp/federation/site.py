@@ -1,0 +1,192 @@
+"""A site: the job's own training run (training/run.py's build, loop.py's epochs), one rank in this
+process, driven round by round by the federation server through Flower. What leaves the site: the
+network's parameters, the number of training and validation samples, scalar metrics, and at admission the
+job's :func:`~autocnnp.federation.admission.agreement`, the parameter names and the classes' and
+channels' names (what a checkpoint's model card needs). Never a path, a case name, an image or a label."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import flwr
+import grpc
+import numpy as np
+import torch
+
+from ..core.errors import ExitCode, JobError, Source
+from ..run import lock, preflight
+from ..run.job import Job
+from ..training.loop import evaluate as score
+from ..training.loop import model_card
+from .admission import agreement, load_private_key, sign
+from .config import FederationConfig
+
+ROLES = ("train", "evaluate")
+
+
+class Unreachable(JobError):
+    """The federation server cannot be reached (a wrong address, a foreign certificate, a server gone)."""
+
+    exit_code = ExitCode.FAILED
+
+
+def scalars(metrics: dict) -> dict[str, float]:
+    """The finite numbers of ``metrics`` (what a site reports)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
+
+
+class SiteTrainer:
+    """The job's run on this site, built once; each round loads the consensus, trains or scores it."""
+
+    def __init__(self, job: Job):
+        if job.generator.framework != "torch":
+            raise JobError(job.spec.where, f"a federation trains torch networks, this job's framework is "
+                           f"{job.generator.framework}", "use the torch framework")
+        preflight.fetch_pretrained(job)
+        self.job = job
+        self.framework = job.generator.action("framework").build()
+        self.run = self.framework.build(job.generator, job.monitoring, timeout_s=job.launch.rank_timeout_s + 30)
+        self.model = self.run.strategy.unwrap(self.run.steps.model)
+        self.loss_fn = self.run.steps.loss_fn
+
+    def parameters(self) -> list[np.ndarray]:
+        return [v.detach().cpu().numpy().copy() for v in self.model.state_dict().values()]  # not views of the network
+
+    def names(self) -> list[str]:
+        return list(self.model.state_dict())
+
+    def load(self, arrays: list[np.ndarray]) -> None:
+        own = self.model.state_dict()
+        if len(arrays) != len(own):
+            raise RuntimeError(f"the server sent {len(arrays)} tensors, this network has {len(own)}")
+        self.model.load_state_dict({k: torch.as_tensor(a, dtype=v.dtype).reshape(v.shape)
+                                    for (k, v), a in zip(own.items(), arrays, strict=True)})
+
+    def card(self) -> dict:
+        """The data's part of the model card: channels, classes, how a volume becomes the input."""
+        card = model_card(self.job.generator, self.run.data)
+        return {key: card[key] for key in ("in_channels", "num_classes", "classes", "input")}
+
+    def train(self, arrays, epochs: int, proximal_mu: float) -> dict[str, float]:
+        """Train ``epochs`` epochs from ``arrays`` (the consensus); FedProx adds ``mu/2 |w - w_consensus|^2``."""
+        self.load(arrays)
+        run = self.run
+        run.hp.end_epoch = run.state.epoch + epochs
+        run.steps.loss_fn = self.proximal(proximal_mu) if proximal_mu > 0 else self.loss_fn
+        return scalars(self.framework.fit(run, self.job.monitoring))
+
+    def proximal(self, mu: float):
+        anchor = [p.detach().clone() for p in self.model.parameters()]
+        base = self.loss_fn
+
+        def loss(logits, y):
+            term = sum(((p - a) ** 2).sum() for p, a in zip(self.model.parameters(), anchor, strict=True))
+            return base(logits, y) + mu / 2 * term
+        return loss
+
+    def evaluate(self, arrays) -> dict[str, float]:
+        """The validation metrics of ``arrays`` on this site's validation samples."""
+        self.load(arrays)
+        run = self.run
+        evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
+        return scalars(score(self.model, run.valid_loader, evaluator, run.loss_fn, run.world))
+
+
+class SiteClient(flwr.client.NumPyClient):
+    """The Flower client of a site: answers the server's challenge, trains, scores."""
+
+    def __init__(self, trainer: SiteTrainer, name: str, key, role: str):
+        self.trainer, self.name, self.key, self.role = trainer, name, key, role
+        self.verdict: str | None = None  # why the server refused this site, if it did
+        self.contacted = False  # whether the server asked anything on this connection
+
+    def get_properties(self, config):
+        self.contacted = True
+        if "verdict" in config:
+            self.verdict = str(config["verdict"])
+            print(f"autocnnp: the server refused this site: {self.verdict}", file=sys.stderr, flush=True)
+            return {}
+        return {"site": self.name, "role": self.role, "signature": sign(self.key, str(config["challenge"])),
+                "agreement": json.dumps(agreement(self.trainer.job)), "names": json.dumps(self.trainer.names()),
+                "card": json.dumps(self.trainer.card())}
+
+    def get_parameters(self, config):
+        self.contacted = True
+        return self.trainer.parameters()
+
+    def fit(self, parameters, config):
+        self.contacted = True
+        start = time.perf_counter()
+        metrics = self.trainer.train(parameters, int(config["local_epochs"]), float(config.get("proximal_mu", 0.0)))
+        metrics["fit_s"] = time.perf_counter() - start
+        print(f"autocnnp: site {self.name}: round {config['round']} trained, "
+              + ", ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k.startswith("dice")), flush=True)
+        return self.trainer.parameters(), len(self.trainer.run.data.train), metrics
+
+    def evaluate(self, parameters, config):
+        metrics = self.trainer.evaluate(parameters)
+        return metrics.get("valid_loss", 0.0), len(self.trainer.run.data.valid), metrics
+
+
+def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, ca_file: Path | None,
+             role: str = "train", server: str | None = None) -> int:
+    """Join the federation as ``name`` and take part until the server ends it; raises JobError if refused."""
+    key = load_private_key(key_file)
+    where = Source(Path("."), text="autocnnp federation site --ca")
+    root = None
+    if ca_file is not None:
+        try:
+            root = Path(ca_file).read_bytes()
+        except OSError as exc:
+            raise JobError(where, f"the CA certificate {ca_file} cannot be read ({exc.strerror})",
+                           "give the ca.crt the federation's operator sent") from None
+    with lock.owned(job.rundir, job.output_where):
+        return _take_part(SiteClient(SiteTrainer(job), name, key, role), server or federation.server, root,
+                          federation.round_timeout_s)
+
+
+def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: float) -> int:
+    """Flower's client until the server ends the federation; reconnects to a server gone for up to
+    ``timeout_s``."""
+    name, role = client.name, client.role
+    print(f"autocnnp: site {name} ({role}) joins the federation at {address}", flush=True)
+    lost_at = None  # when the server was last heard of, while it is away
+    while True:
+        client.contacted = False
+        try:
+            flwr.client.start_client(server_address=address, client=client.to_client(), root_certificates=root,
+                                     insecure=root is None, transport="grpc-bidi")
+            break
+        except grpc.RpcError as exc:
+            why = f"{exc.code().name}: {exc.details()}" if isinstance(exc, grpc.Call) else type(exc).__name__
+            if client.contacted or lost_at is None:
+                what = "lost the server" if client.contacted else "cannot reach the server yet"
+                print(f"autocnnp: site {name}: {what} ({why}); trying again for up to {timeout_s:g} s",
+                      file=sys.stderr, flush=True)
+                lost_at = time.monotonic()
+            elif time.monotonic() - lost_at > timeout_s:
+                raise Unreachable(Source(Path("."), text=f"federation server {address}"),
+                                  f"cannot reach it within {timeout_s:g} s ({why})",
+                                  "check the <federation> server address (or --server), that the server runs and "
+                                  "that its port is open; with TLS, that --ca is the CA that signed its "
+                                  "certificate") from None
+            time.sleep(1.0)
+    if client.verdict:
+        raise JobError(Source(Path("."), text=f"federation server {address}"),
+                       f"site {name} was refused: {client.verdict}", "make this site's job agree with the "
+                       "server's, or ask the operator to list its public key")
+    print(f"autocnnp: site {name}: the federation ended", flush=True)
+    return 0
+
+
+def site_job(job_file: Path, sets: list[str], data: Path | None, out: Path | None) -> Job:
+    """The site's job: its own data (``data.train``) and output folder, one rank in this process."""
+    from ..run.job import load_job
+
+    extra = [f"data.train={Path(data).resolve()}"] if data else []
+    extra += [f"output={Path(out).resolve()}"] if out else []
+    return load_job(job_file, [*sets, *extra, "parallelism-degree=1"])

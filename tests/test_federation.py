@@ -1,0 +1,309 @@
+"""Federated training on Flower (autocnnp federation): a server and sites as separate processes on this
+machine, over TLS, each site with its own synthetic dataset. The sites are real `autocnnp federation site`
+processes; what the server received is read back from its audit log."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from jobfiles import QUIET, TINY_UNET, write_job
+
+from autocnnp.core.errors import JobError
+from autocnnp.federation.admission import agreement, differences, load_private_key, read_site_list, sign, verified
+from autocnnp.federation.certs import make_certificates
+from autocnnp.federation.config import federation_of
+from autocnnp.run.job import load_job
+
+CLI = [sys.executable, "-m", "autocnnp"]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Proc:
+    """A command in its own process group, its output in ``NAME.log``."""
+
+    def __init__(self, folder: Path, name: str, *args: str):
+        self.log = folder / f"{name}.log"
+        with self.log.open("w") as out:
+            self.p = subprocess.Popen([*CLI, *args], cwd=folder, stdout=out, stderr=subprocess.STDOUT,
+                                      start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    def text(self) -> str:
+        return self.log.read_text()
+
+    def wait_for(self, needle: str, timeout: float = 120) -> None:
+        deadline = time.monotonic() + timeout
+        while needle not in self.text():
+            assert self.p.poll() is None or needle in self.text(), f"{self.log.name} ended:\n{self.text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no {needle!r} in {self.log.name}:\n{self.text()[-3000:]}"
+            time.sleep(0.2)
+
+    def wait(self, timeout: float = 120) -> int:
+        try:
+            return self.p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{self.log.name} still running:\n{self.text()[-3000:]}")
+
+    def signal(self, sig: int) -> None:
+        os.killpg(self.p.pid, sig)
+
+
+@pytest.fixture
+def procs():
+    """Start commands; every process group still there at the end is killed."""
+    started: list[Proc] = []
+
+    def start(folder: Path, name: str, *args: str) -> Proc:
+        started.append(Proc(folder, name, *args))
+        return started[-1]
+
+    yield start
+    for proc in started:
+        if proc.p.poll() is None:
+            proc.signal(signal.SIGKILL)
+            proc.p.wait()
+
+
+DATA = ('<data format="decathlon"><train><path>data_a</path></train><param name="size">16</param>'
+        '<param name="slices_per_volume">4</param><param name="augment">false</param></data>')
+
+
+def federation_job(folder: Path, port: int, *, rounds: int = 2, min_sites: int = 2, base_channels: int = 4,
+                   aggregation: str = "fedavg") -> Path:
+    fed = (f'<federation><property name="server">127.0.0.1:{port}</property><property name="rounds">{rounds}</property>'
+           f'<property name="min_sites">{min_sites}</property><property name="round_timeout_s">60</property>'
+           f'<property name="aggregation">{aggregation}</property></federation>')
+    return write_job(folder / f"job{base_channels}.xml", degree=1, output="server", data=DATA,
+                     arch=TINY_UNET.replace(">4<", f">{base_channels}<"), extra=QUIET + fed,
+                     hyper={"minibatch_size": 2, "end_epoch": 1, "lr": 0.01})
+
+
+@pytest.fixture
+def stand(tmp_path, procs):
+    """Certificates for sites a, b, c, o and z, a dataset per site, a free port."""
+    subprocess.run([*CLI, "federation", "certs", "certs", "--sites", "a,b,c,o,z"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    subprocess.run([*CLI, "federation", "certs", "foreign", "--sites", "a"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    for seed, site in enumerate("abco"):
+        subprocess.run([*CLI, "synth", f"data_{site}", "--kind", "atrium", "--cases", "4", "--shape", "16", "16", "8",
+                        "--seed", str(seed), "--test-cases", "1"], cwd=tmp_path, check=True, capture_output=True)
+    return tmp_path, free_port()
+
+
+def site(procs, folder: Path, job: Path, name: str, *extra: str, data: str | None = None, key: str | None = None,
+         label: str | None = None):
+    label = label or name
+    return procs(folder, f"site_{label}", "federation", "site", job.name, "--name", name, "--ca", "certs/ca.crt",
+                 "--key", key or f"certs/sites/{name}.key", "--data", data or f"data_{name}", "--out", f"out_{label}",
+                 *extra)
+
+
+@pytest.mark.slow  # processes importing torch and flwr: ~1 minute
+def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, procs):
+    folder, port = stand
+    job = federation_job(folder, port)
+    server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    a, b, c = (site(procs, folder, job, name) for name in "abc")
+    out_of_sample = site(procs, folder, job, "o", "--evaluate-only")
+    # at the door: a key the list does not hold, a job that differs
+    foreign = site(procs, folder, job, "a", key="foreign/sites/a.key", label="foreign")
+    other = site(procs, folder, federation_job(folder, port, base_channels=8), "z", data="data_o")
+    assert foreign.wait() == 2 and other.wait() == 2
+    assert "did not prove it holds the key" in foreign.text()
+    assert "architecture parameters" in other.text() and "base_channels" in other.text()
+    server.wait_for("refused a site: site 'a' did not prove")
+    server.wait_for("its job differs from the server's: architecture parameters")
+    # site c drops out once it trained a round: the rounds go on with a and b (min_sites 2)
+    c.wait_for("round 1 trained")
+    c.signal(signal.SIGKILL)
+    assert server.wait(180) == 0, server.text()[-3000:]
+    for proc in (a, b, out_of_sample):
+        assert proc.wait() == 0 and "the federation ended" in proc.text()
+    log = server.text()
+    assert "site c left" in log
+    assert "round 2: aggregated 2 site(s)" in log
+    assert "site o (evaluate) validation" in log
+    assert "consensus model: round" in log and "done: consensus model of round" in log
+    state = json.loads((folder / "server" / "federation" / "state.json").read_text())
+    assert state["round"] == 2 and state["best"]["metric"] == "dice_fg"
+    best = folder / "server" / "checkpoints" / "ckpt-best.pt"
+    # what the server saw: parameters shaped as the network's and scalars; no path, case, image or label
+    import torch
+
+    shapes = [list(t.shape) for t in torch.load(best, weights_only=False)["model"].values()]
+    text = (folder / "server" / "federation" / "received.jsonl").read_text()
+    records = [json.loads(line) for line in text.splitlines()]
+    assert {r["kind"] for r in records} == {"properties", "fit", "evaluate"}
+    for r in records:
+        if r["kind"] == "fit":
+            assert [shape for shape, _ in r["arrays"]] == shapes
+        if r["kind"] in ("fit", "evaluate"):
+            assert all(isinstance(v, float) for v in r["metrics"].values())
+        else:
+            assert set(r["properties"]) == {"site", "role", "signature", "agreement", "names", "card"}
+    for needle in ("case_", str(folder), "data_a", "data_b", "imagesTr", "labelsTr", ".nii"):
+        assert needle not in text
+    # the consensus model is a checkpoint predict reads
+    predicted = subprocess.run([*CLI, "predict", "--checkpoint", str(best), "--input", "data_o", "--out", "pred"],
+                               cwd=folder, capture_output=True, text=True, timeout=120)
+    assert predicted.returncode == 0, predicted.stderr
+    assert len(list((folder / "pred").glob("*.nii.gz"))) == 1
+    # and is published to the zoo like a run's best checkpoint
+    from autocnnp import api
+
+    published = api.zoo_publish(folder / "server", "federated", zoo=str(folder / "zoo"))
+    assert published.name == "federated" and published.version == 1
+
+
+@pytest.mark.slow
+def test_an_interrupted_server_resumes_from_its_last_round(stand, procs):
+    folder, port = stand
+    job = federation_job(folder, port, rounds=2, min_sites=1)
+    server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    a = site(procs, folder, job, "a")
+    server.wait_for("round 1: weighted dice_fg")
+    server.signal(signal.SIGINT)  # Ctrl-C
+    assert server.wait() == 130
+    assert "interrupted by SIGINT" in server.text()
+    again = procs(folder, "server2", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    assert again.wait(180) == 0, again.text()[-3000:]
+    assert "resuming the federation from round 1" in again.text()
+    assert "round 2 of 2" in again.text() and "round 1 of 2" not in again.text()
+    assert a.wait() == 0  # the site reconnected to the restarted server
+
+
+def test_the_federation_section_is_read_checked_and_overridable(tmp_path):
+    job = federation_job(tmp_path, 9999, rounds=5, aggregation="fedprox")
+    (tmp_path / "data_a").mkdir()
+    fed = federation_of(load_job(job, ["federation.local_epochs=2"]))
+    assert (fed.server, fed.rounds, fed.local_epochs, fed.aggregation) == ("127.0.0.1:9999", 5, 2, "fedprox")
+    with pytest.raises(JobError, match="did you mean 'rounds'"):
+        federation_of(load_job(job, ["federation.roundz=3"]))
+    with pytest.raises(JobError, match="aggregation"):
+        federation_of(load_job(job, ["federation.aggregation=fedmedian"]))
+
+
+def test_the_server_reads_the_sites_job_without_their_data(tmp_path):
+    from autocnnp.federation.server import server_job
+
+    job = federation_job(tmp_path, 9999)  # its data_a is at the sites, not here
+    with pytest.raises(JobError, match="data_a"):
+        load_job(job)
+    assert federation_of(server_job(job, [])).server == "127.0.0.1:9999"
+
+
+def test_a_job_differing_in_what_must_agree_is_named(tmp_path):
+    (tmp_path / "data_a").mkdir()
+    ours = agreement(load_job(federation_job(tmp_path, 1)))
+    theirs = agreement(load_job(federation_job(tmp_path, 1, base_channels=8)))
+    assert differences(ours, ours, "site b") == []
+    [found] = differences(ours, theirs, "site b")
+    assert found.startswith("architecture parameters:") and '"base_channels": 8' in found and "at site b" in found
+    assert set(ours) == {"autocnnp version", "framework", "architecture", "architecture parameters", "data format",
+                         "modalities"}
+
+
+def test_only_a_listed_site_holding_its_key_is_verified(tmp_path):
+    make_certificates(tmp_path / "ours", ["a", "b"], ["127.0.0.1"])
+    make_certificates(tmp_path / "foreign", ["a"], ["127.0.0.1"])
+    sites = read_site_list(tmp_path / "ours" / "sites.csv")
+    key_a = load_private_key(tmp_path / "ours" / "sites" / "a.key")
+    foreign = load_private_key(tmp_path / "foreign" / "sites" / "a.key")
+    assert verified(sites, "a", "nonce", sign(key_a, "nonce")) is None
+    assert "did not prove" in verified(sites, "a", "nonce", sign(foreign, "nonce"))
+    assert "did not prove" in verified(sites, "b", "nonce", sign(key_a, "nonce"))
+    assert "not on the site list" in verified(sites, "mallory", "nonce", sign(key_a, "nonce"))
+    assert "did not prove" in verified(sites, "a", "other", sign(key_a, "nonce"))  # a replayed signature
+
+
+def test_a_server_that_cannot_be_reached_is_one_line_after_the_timeout(capsys):
+    from autocnnp.federation.site import SiteClient, Unreachable, _take_part
+
+    start = time.monotonic()
+    with pytest.raises(Unreachable) as refused:
+        _take_part(SiteClient(None, "a", None, "train"), f"127.0.0.1:{free_port()}", None, 2.0)
+    assert refused.value.exit_code == 1 and time.monotonic() - start < 30
+    assert "cannot reach it within 2 s" in str(refused.value) and "\n" not in str(refused.value)
+    assert "cannot reach the server yet" in capsys.readouterr().err
+
+
+class FakeSite:
+    def __init__(self, cid: str):
+        self.cid = cid
+
+
+@pytest.mark.parametrize("aggregation", ["fedavg", "fedprox", "fedadam", "fedyogi"])
+def test_each_aggregation_averages_by_training_samples_and_keeps_the_round(tmp_path, aggregation):
+    """The server's strategy with two sites' results: FedAvg and FedProx take the sample-weighted mean; FedAdam and
+    FedYogi step from the consensus towards it; the round's model is saved for a restart."""
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.client_manager import SimpleClientManager
+
+    from autocnnp.core.rundir import RunDir
+    from autocnnp.federation.config import FederationConfig
+    from autocnnp.federation.server import Admission, Audit, Rounds, federated_strategy
+
+    fed = FederationConfig(min_sites=2, aggregation=aggregation, server_lr=0.1)
+    audit = Audit(tmp_path / "federation" / "received.jsonl")
+    admission = Admission({}, {}, fed.min_sites, 5.0, audit)
+    sites = [FakeSite("1"), FakeSite("2")]
+    for site, name in zip(sites, "ab", strict=True):
+        admission.who[site.cid] = (name, "train")
+        SimpleClientManager.register(admission, site)
+    rounds = Rounds(RunDir(tmp_path), None, fed, admission)
+    strategy = federated_strategy(fed, rounds, admission, audit, None)
+    start = ndarrays_to_parameters([np.zeros(3, np.float32)])
+    instructions = strategy.configure_fit(1, start, admission)
+    assert len(instructions) == 2 and instructions[0][1].config["local_epochs"] == 1
+    assert instructions[0][1].config["proximal_mu"] == (0.01 if aggregation == "fedprox" else 0.0)
+    ok = Status(code=Code.OK, message="")
+    results = [(sites[0], FitRes(ok, ndarrays_to_parameters([np.full(3, 1.0, np.float32)]), 30, {"fit_s": 1.0})),
+               (sites[1], FitRes(ok, ndarrays_to_parameters([np.full(3, 3.0, np.float32)]), 10, {"fit_s": 2.0}))]
+    parameters, metrics = strategy.aggregate_fit(1, results, [])
+    [got] = parameters_to_ndarrays(parameters)
+    if aggregation in ("fedavg", "fedprox"):
+        assert np.allclose(got, 1.5)  # (30 x 1 + 10 x 3) / 40
+    else:
+        assert 0 < got[0] < 1.5  # a server optimizer step of eta towards the mean
+    assert metrics["fit_s"] == pytest.approx(1.25)
+    assert rounds.state["round"] == 1 and (tmp_path / "federation" / "latest.npz").is_file()
+    assert [parameters_to_ndarrays(rounds.latest())[0].tolist()] == [got.tolist()]
+    # a round whose results come from fewer than min_sites keeps the model
+    assert strategy.aggregate_fit(2, results[:1], [(sites[1], RuntimeError("gone"))]) == (None, {})
+
+
+def test_a_site_trains_from_the_consensus_and_fedprox_keeps_it_near(tmp_path):
+    """The site's own run, in this process: it starts each round from the parameters it is sent; FedProx's
+    proximal term keeps its training near them."""
+    import numpy as np
+    from jobfiles import synthetic_data
+
+    from autocnnp.federation.site import SiteTrainer
+
+    job = write_job(tmp_path / "job.xml", degree=1, output="site", arch=TINY_UNET, data=synthetic_data(8, 4, size=16),
+                    extra=QUIET, hyper={"minibatch_size": 4, "end_epoch": 1, "lr": 0.05})
+    trainer = SiteTrainer(load_job(job))
+    start = trainer.parameters()
+    moved = {}
+    for mu in (0.0, 100.0):
+        trainer.train(start, 1, mu)
+        moved[mu] = sum(float(np.abs(a - b).sum()) for a, b in zip(trainer.parameters(), start, strict=True))
+    assert 0 < moved[100.0] < moved[0.0]
+    assert trainer.run.state.epoch == 2  # its own run goes on: epochs, checkpoints, metrics.csv
+    assert (tmp_path / "site" / "metrics.csv").is_file()
+    metrics = trainer.evaluate(start)
+    assert {"dice_fg", "valid_loss"} <= set(metrics) and all(isinstance(v, float) for v in metrics.values())
