@@ -16,6 +16,9 @@
     OUTPUT/tune/                ``autocnnp tune``: its runs, table, plot and state
     OUTPUT/seed-S/              one run of ``autocnnp run --repeat K`` (a run folder itself)
     OUTPUT/repeats.csv          the summary of the repeats
+    OUTPUT/fold-F/              one fold of ``autocnnp study`` (a run folder itself)
+    OUTPUT/folds.json           the study's k-fold split (written once, reused by every fold)
+    OUTPUT/folds.csv            the summary of the folds
     OUTPUT/logs/rankN.log       what each rank printed
     OUTPUT/.ranks/rankN         rank status files (their mtime is the rank's heartbeat)
     OUTPUT/.stop                a request to the ranks: stop at the end of the epoch with a checkpoint
@@ -160,6 +163,18 @@ class RunDir:
     def repeats(self) -> Path:
         return self.root / "repeats.csv"
 
+    def fold(self, fold: int) -> RunDir:
+        """The run folder of one fold of ``autocnnp study``."""
+        return RunDir(self.root / f"fold-{fold}")
+
+    @property
+    def folds_split(self) -> Path:
+        return self.root / "folds.json"
+
+    @property
+    def folds_summary(self) -> Path:
+        return self.root / "folds.csv"
+
     @property
     def ranks(self) -> Path:
         return self.root / ".ranks"
@@ -190,8 +205,8 @@ class RunDir:
 
     def keeps_runs_in(self, name: str) -> bool:
         """Whether the entry ``name`` of this folder holds runs of this run's own: its ``tune/`` iterations and
-        the ``seed-S/`` runs of ``run --repeat``."""
-        return name == self.tune.name or re.fullmatch(r"seed-(-?\d+)", name) is not None
+        the ``seed-S/`` runs of ``run --repeat``, the ``fold-F/`` runs of ``study``."""
+        return name == self.tune.name or re.fullmatch(r"(seed-(-?\d+)|fold-\d+)", name) is not None
 
     def owns(self, name: str) -> bool:
         """Whether the entry ``name`` of this folder is one of the run's own (its layout)."""

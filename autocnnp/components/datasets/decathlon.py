@@ -43,6 +43,7 @@ from autocnnp.core.errors import DataError
 from autocnnp.core.files import read_json
 from autocnnp.core.settings import setting
 from autocnnp.core.world import World
+from autocnnp.data import folds
 from autocnnp.data import slices as slicing
 from autocnnp.data.augment import RandomAffine2D
 from autocnnp.data.checks import Verdict, check_dataset, validate_once
@@ -79,6 +80,12 @@ class Config:
     modalities: str = setting("all", help="'all' or comma-separated modality names or channel indices")
     valid_fraction: float = setting(0.2, min=0.0, max=0.9, help="share of the training cases held out for "
                                                                 "validation when there is no <valid>")
+    folds: int = setting(0, min=0, help="k-fold cross-validation: the number of folds, split by case and stratified "
+                                        "by the classes a case holds (autocnnp study trains them all); 0: valid_fraction")
+    fold: int = setting(0, min=0, help="with folds: the fold held out for validation (0 .. folds-1)")
+    split_seed: int = setting(0, help="with folds: the seed of the k-fold split's shuffle")
+    split: Path | None = setting(None, help="with folds: the split file to read (written once by autocnnp study, "
+                                            "refused if the data changed); default: the split made anew")
     validation: Literal["volumes", "slices"] = setting("volumes", help="score every slice of the validation "
                                                                        "volumes, or only slices sampled as for training")
     augment: bool = setting(True, help="random rotation, zoom and shift of the training slices (thesis Table 2.1)")
@@ -92,6 +99,9 @@ class Config:
     def __post_init__(self):
         if self.train is None:
             raise ValueError("<data> needs <train><path>...</path></train> pointing at the training data")
+        if self.folds == 1 or (self.folds and self.fold >= self.folds):
+            raise ValueError(f"fold {self.fold} of {self.folds} folds: give folds >= 2 and fold 0 .. folds-1 "
+                             "(folds 0 holds out valid_fraction)")
 
     def input_size(self) -> tuple[int, ...]:
         """The slices' sides: ``size``, or those a slice cache was built with (its meta.json, read torch-free)."""
@@ -184,8 +194,14 @@ class Decathlon(DataFormat):
     def _split(self, root) -> tuple[list[int], list[int]]:
         """Positions of the training and the validation cases of dataset ``root``."""
         names = [case.name for case in read_dataset(root).cases("training")]
+        c = self.config
+        if c.folds:
+            split = folds.read_split(c.split, root, c.folds, c.split_seed) if c.split is not None else \
+                folds.make_split(root, c.folds, c.split_seed)
+            train_names, valid_names = folds.fold_cases(split, names, c.fold)
+            return [names.index(n) for n in train_names], [names.index(n) for n in valid_names]
         try:
-            train_names, valid_names = split_cases(names, self.config.valid_fraction)
+            train_names, valid_names = split_cases(names, c.valid_fraction)
         except ValueError as exc:
             raise DataError(root, str(exc), "add cases, or name a separate validation dataset with "
                             "<valid><path>...</path></valid>") from None
@@ -196,7 +212,9 @@ class Decathlon(DataFormat):
         c = self.config
         names = [case["name"] for case in full.meta["cases"]]
         try:
-            train_names, valid_names = split_cases(names, c.valid_fraction)
+            train_names, valid_names = folds.fold_cases({"cases": folds.assign_folds(dict.fromkeys(names, ()), c.folds,
+                                                                                     c.split_seed)}, names, c.fold) \
+                if c.folds else split_cases(names, c.valid_fraction)
         except ValueError as exc:
             raise DataError(c.train, str(exc), "add cases, or name a separate validation dataset with "
                             "<valid><path>...</path></valid>") from None
