@@ -13,10 +13,11 @@ DOCS_STAMP = $(VENV)/.docs-installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements/test.txt pyproject.toml cluster/install-deps.sh
+$(STAMP): requirements/test.txt requirements/export.txt pyproject.toml cluster/install-deps.sh
 	bash cluster/install-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements/test.txt
+	$(BIN)/pip install -q -r requirements/export.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
