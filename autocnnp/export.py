@@ -24,6 +24,7 @@ import json
 import re
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -211,7 +212,9 @@ def export(options: ExportOptions) -> Exported:
     with torch.no_grad():
         export_onnx(model, example, partial, options.opset, checkpoint)
         partial.replace(onnx_path)
-        traced = torch.jit.trace(model, example, check_trace=False)
+        with warnings.catch_warnings():  # deprecated in favour of torch.export, which cannot keep the axes dynamic
+            warnings.simplefilter("ignore", DeprecationWarning)
+            traced = torch.jit.trace(model, example, check_trace=False)
     script = folder / (TORCHSCRIPT_FILE + ".partial")
     traced.save(str(script))
     script.replace(folder / TORCHSCRIPT_FILE)
