@@ -12,7 +12,8 @@ What :meth:`Decathlon.datasets` does, on every rank (all steps are safe to run c
    and parameters (``train-<hash>``, ``valid-<hash>``), so jobs that share a ``cache`` folder with
    other parameters do not overwrite each other's caches.
 3. **Split** by case: a ``<valid>`` dataset gets its own cache; otherwise the last ``valid_fraction``
-   of the training cases (at least one, in index order, deterministic) are held out for validation.
+   of the training cases (at least one, in index order, deterministic) are held out for validation, or
+   with ``folds`` k the cases of fold ``fold`` of a k-fold split (data/folds.py; ``autocnnp study``).
    Slices of one case never land on both sides. With ``validation=volumes`` (the default) the
    validation cache holds every slice of the validation volumes, so the validation metrics are those
    of whole volumes (the validation loader spreads the slices over the ranks and their confusion
