@@ -35,7 +35,6 @@ from .core.rundir import LATEST_POINTER
 CARD_FILE, ONNX_FILE, INT8_FILE, TORCHSCRIPT_FILE = "model.json", "model.onnx", "model.int8.onnx", "model.torchscript.pt"
 OPSET = 17
 INPUT, OUTPUT = "image", "logits"
-ONNX_HINT = ("install the export extras (make venv installs requirements/export.txt: onnx, onnxruntime, onnxscript)")
 
 
 @dataclass(frozen=True)
@@ -68,7 +67,8 @@ def _need(module: str):
     try:
         return importlib.import_module(module)
     except ImportError:
-        raise JobError(Path(module), f"the {module} package is not installed", ONNX_HINT) from None
+        raise JobError(Path(module), f"the {module} package is not installed", "install the export extras (make venv "
+                       "installs requirements/export.txt: onnx, onnxruntime, onnxscript)") from None
 
 
 def export_onnx(model, example, path: Path, opset: int, where: Path) -> None:
@@ -97,21 +97,6 @@ def _sha256(path: Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def session(path: Path, threads: int | None = None):
-    """An ONNX Runtime inference session of ``path`` on the CPU."""
-    ort = _need("onnxruntime")
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def onnx_logits(sess, images):
-    """The logits of a float32 batch ``[N, C, ...]`` (numpy) from an ONNX Runtime session."""
-    return sess.run(None, {sess.get_inputs()[0].name: images})[0]
 
 
 def _caches(trained, given: Path | None) -> tuple[Path, Path]:
@@ -194,6 +179,7 @@ def export(options: ExportOptions) -> Exported:
     from . import inference
     from .generator.assemble import assemble
     from .generator.overrides import parse_sets, read_variant
+    from .training.ensemble import onnx_logits, onnx_session
 
     gen = assemble(read_variant(options.job, parse_sets(list(options.sets)))) if options.job else None
     checkpoint = inference._checkpoint_path(options.checkpoint, gen)
@@ -202,7 +188,7 @@ def export(options: ExportOptions) -> Exported:
     if in_channels is None:
         raise DataError(checkpoint, "does not record its input channels", "export a checkpoint written by autocnnp run")
     model = inference._build_network(trained, state["model"], in_channels, classes, checkpoint).eval()
-    folder = Path(options.to) if options.to else trained.rundir.root / "export"
+    folder = Path(options.to) if options.to else trained.rundir.export
     folder.mkdir(parents=True, exist_ok=True)
     size = transform.card().get("size") or 64
     example = torch.zeros((1, in_channels, *([size] * getattr(transform, "dims", 2))), dtype=torch.float32)
@@ -234,7 +220,7 @@ def export(options: ExportOptions) -> Exported:
         images, reference = _slices(valid_cache, None)
         with torch.no_grad():
             torch_labels = labels_of(lambda x: model(torch.from_numpy(x)).numpy(), images)
-        fp32 = session(onnx_path)
+        fp32 = onnx_session(onnx_path)
         onnx_labels = labels_of(lambda x: onnx_logits(fp32, x), images)
         exported["onnx"]["label_agreement"] = float((onnx_labels == torch_labels).mean())
         exported["onnx"]["dice"] = dice_per_class(onnx_labels, reference, classes)
@@ -260,13 +246,15 @@ def _int8(options: ExportOptions, folder: Path, onnx_path: Path, train_cache: Pa
     than the threshold."""
     import math
 
+    from .training.ensemble import onnx_logits, onnx_session
+
     calibration, _ = _slices(train_cache, options.calibration_slices)
     target = folder / INT8_FILE
     trial = folder / (INT8_FILE + ".trial.onnx")
     start = time.perf_counter()
     try:
         quantize(onnx_path, trial, calibration)
-        int8 = session(trial)
+        int8 = onnx_session(trial)
         int8_dice = dice_per_class(labels_of(lambda x: onnx_logits(int8, x), images), reference, classes)
         drops = [a - b if not (math.isnan(a) or math.isnan(b)) else 0.0 for a, b in zip(fp32_dice, int8_dice)]
         label = [names[k] if k < len(names) else f"class {k}" for k in range(classes)]

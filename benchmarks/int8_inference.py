@@ -77,9 +77,9 @@ def measure(kind: str, path: str, size: int, rounds: int) -> dict:
             with torch.no_grad():
                 return model(torch.from_numpy(x)).numpy()
     else:
-        from autocnnp.export import onnx_logits, session
+        from autocnnp.training.ensemble import onnx_logits, onnx_session
 
-        sess = session(Path(path))
+        sess = onnx_session(Path(path))
 
         def run(x):
             return onnx_logits(sess, x)
@@ -106,7 +106,8 @@ def in_fresh_process(*args) -> dict:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from autocnnp.export import dice_per_class, export_onnx, labels_of, onnx_logits, quantize, session
+    from autocnnp.export import dice_per_class, export_onnx, labels_of, quantize
+    from autocnnp.training.ensemble import onnx_logits, onnx_session
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", default="unet,fcn")
@@ -134,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
             images, truth = (t.numpy() for t in held_out.read_batch(np.arange(64)))
             dice = {}
             for label, file in (("fp32", "model.onnx"), ("int8", "model.int8.onnx")):
-                sess = session(folder / file)
+                sess = onnx_session(folder / file)
                 dice[label] = dice_per_class(labels_of(lambda x, s=sess: onnx_logits(s, x), images), truth, CLASSES)
             print(f"{name}: trained {args.steps} steps, exported and quantized in {time.perf_counter() - start:.0f} s; "
                   f"Dice fp32 {[round(d, 4) for d in dice['fp32']]}, int8 {[round(d, 4) for d in dice['int8']]}",

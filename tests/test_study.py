@@ -116,8 +116,29 @@ def test_export_agrees_with_torch_and_refuses_an_int8_model_that_loses_dice(stud
                        "--max-dice-drop", "-1")  # any result loses more than -1
     assert rc == 2 and "the int8 model loses" in err and "enhancing tumour" in err
     assert not (root / "export" / "model.int8.onnx").exists()
-    rc, out, err = cli("export", "--checkpoint", root / "out" / "fold-0", "--to", root / "export", "--int8",
-                       "--max-dice-drop", "1")
+    rc, out, err = cli("export", "--checkpoint", root / "out" / "fold-0", "--int8", "--max-dice-drop", "1")
     assert rc == 0, err
-    int8 = json.loads((root / "export" / "model.json").read_text())["export"]["int8"]
-    assert len(int8["dice"]) == 4 and (root / "export" / "model.int8.onnx").is_file()
+    exported = root / "out" / "fold-0" / "export"  # the run's own export folder
+    int8 = json.loads((exported / "model.json").read_text())["export"]["int8"]
+    assert len(int8["dice"]) == 4 and (exported / "model.int8.onnx").is_file()
+    rc, out, err = cli("zoo", "publish", root / "out" / "fold-0", "--name", "fold0", "--zoo", root / "zoo")
+    assert rc == 0, err
+    rc, out, err = cli("zoo", "pull", "fold0", root / "pulled", "--zoo", root / "zoo")
+    assert rc == 0 and {"model.onnx", "model.int8.onnx", "model.json"} <= {p.name for p in (root / "pulled").iterdir()}
+
+
+def test_an_ensemble_averages_its_members_probabilities():
+    import torch
+
+    from autocnnp.training.ensemble import Ensemble, probabilities
+
+    torch.manual_seed(0)
+    members = [torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Conv2d(2, 3, 1), torch.nn.Conv2d(2, 1, 1)]
+    x = torch.randn(2, 2, 8, 8)
+    for chosen in (members[:2], members[1:]):  # three classes; and a one-logit (sigmoid) member with a 2-class one
+        if chosen[1].out_channels == 1:
+            chosen = [torch.nn.Conv2d(2, 2, 1), chosen[1]]
+        with torch.no_grad():
+            expected = (probabilities(chosen[0](x)) + probabilities(chosen[1](x))) / 2
+            got = torch.softmax(Ensemble(chosen)(x), dim=1)  # what predict takes of a network's logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)

@@ -12,6 +12,7 @@
     OUTPUT/resources/rankN.csv  per-rank CPU, memory and GPU samples
     OUTPUT/tracking/            a tracker's journal and state (the mlflow tracker), the plan it logged
     OUTPUT/predictions/         label volumes written by ``autocnnp predict``
+    OUTPUT/export/              ``autocnnp export``: model.onnx, model.int8.onnx, model.torchscript.pt, model.json
     OUTPUT/slurm/               sbatch scripts, job.json (the submitted job), <id>.exit
     OUTPUT/tune/                ``autocnnp tune``: its runs, table, plot and state
     OUTPUT/seed-S/              one run of ``autocnnp run --repeat K`` (a run folder itself)
@@ -141,6 +142,10 @@ class RunDir:
         return self.root / "predictions"
 
     @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
     def slurm(self) -> Path:
         return self.root / "slurm"
 
@@ -201,7 +206,7 @@ class RunDir:
     def areas(self) -> tuple[Path, ...]:
         """Every folder of the layout above (the seed-S folders of a repeat set aside)."""
         return (self.checkpoints, self.cache, self.plots, self.tensorboard, self.resources, self.tracking,
-                self.predictions, self.slurm, self.tune, self.logs, self.ranks, self.swarm)
+                self.predictions, self.export, self.slurm, self.tune, self.logs, self.ranks, self.swarm)
 
     def keeps_runs_in(self, name: str) -> bool:
         """Whether the entry ``name`` of this folder holds runs of this run's own: its ``tune/`` iterations and
