@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         for label, at_once in (("at once", args.folds), ("one after another", 1)):
             start = time.perf_counter()
             done = subprocess.run([sys.executable, "-m", "autocnnp", "study", "job.xml", "--at-once", str(at_once),
-                                   "--set", f"output=out-{at_once}", "--set", "cluster.oversubscribe=true"], cwd=root, capture_output=True, text=True)
+                                   "--set", f"output=out-{at_once}", "--set", "cluster.oversubscribe=true"],
+                                  cwd=root, capture_output=True, text=True)
             times[label] = time.perf_counter() - start
             if done.returncode != 0:
                 print(done.stdout[-2000:], done.stderr[-2000:])
