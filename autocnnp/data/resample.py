@@ -39,11 +39,11 @@ def parse_spacing(text: str, where=None) -> tuple[float, float, float] | None:
     return values  # type: ignore[return-value]
 
 
-def case_geometry(case: Case) -> tuple[tuple[int, int, int], tuple[float, float, float]]:
-    """The grid ``(X, Y, Z)`` and spacing ``(x, y, z)`` of a case's image, from its header only."""
+def case_geometry(case: Case) -> tuple[tuple[int, ...], tuple[float, float, float]]:
+    """The shape ``(X, Y, Z, C)`` and spacing ``(x, y, z)`` of a case's image, from its header only."""
     path = Path(case.image)
     img = open_nifti(path)
-    return image_shape(path, img.shape)[:3], header_spacing(path, img)  # type: ignore[return-value]
+    return image_shape(path, img.shape), header_spacing(path, img)
 
 
 def median_spacing(spacings) -> tuple[float, float, float]:
