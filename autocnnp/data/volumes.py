@@ -7,6 +7,7 @@ Images are returned channels last ``(X, Y, Z, C)`` (3D images get ``C = 1``). Ev
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -79,6 +80,19 @@ def read_voxels(path: Path, img) -> np.ndarray:
     if not np.isnan(slope) and (slope != 1 or inter != 0):
         voxels = voxels * np.float32(slope) + np.float32(inter)
     return voxels
+
+
+SPACING_HINT = ("fix the voxel sizes (pixdim) in the header, e.g. nibabel's img.header.set_zooms((1.0, 1.0, 1.0)), "
+                "or re-export the image")
+
+
+def header_spacing(path: Path, img) -> tuple[float, float, float]:
+    """The voxel spacing ``(x, y, z)`` in mm of the NIfTI image ``img`` opened from ``path``; a DataError
+    naming the file when a spacing is 0, negative or not a number."""
+    zooms = tuple(float(z) for z in img.header.get_zooms()[:3])
+    if len(zooms) < 3 or not all(math.isfinite(z) and z > 0 for z in zooms):
+        raise DataError(path, f"header voxel spacing {zooms} mm is not three positive numbers", SPACING_HINT)
+    return zooms
 
 
 def image_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:
