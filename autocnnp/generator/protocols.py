@@ -119,6 +119,8 @@ class SizeRule:
     ``multiple`` and at least ``minimum``. The engine checks the data's input size against it before
     anything starts (``validate`` included).
 
+    ``dimensions`` says whether it takes 2D slices or 3D patches (None: either).
+
     An architecture declares its rule in one of two ways: its Config defines ``input_sizes(self) ->
     SizeRule`` (the built-ins: a U-Net of depth d takes multiples of 2^(d-1)), or a user file, an entry point's
     object or its class sets ``input_sizes = {"multiple": 16, "minimum": 16}`` (a literal: a file is read,
@@ -127,6 +129,7 @@ class SizeRule:
 
     multiple: int = 1
     minimum: int = 1
+    dimensions: int | None = None  #: the spatial dimensions it takes: 2 (slices) or 3 (patches); None: either
 
     @classmethod
     def parse(cls, value: Any) -> SizeRule:
@@ -134,10 +137,11 @@ class SizeRule:
         if isinstance(value, SizeRule):
             return value
         fields = {"multiple": value} if isinstance(value, int) and not isinstance(value, bool) else value
-        if not isinstance(fields, dict) or not set(fields) <= {"multiple", "minimum"} or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in fields.values()):
+        if not isinstance(fields, dict) or not set(fields) <= {"multiple", "minimum", "dimensions"} or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in fields.values()) \
+                or fields.get("dimensions", 2) not in (2, 3):
             raise ValueError(f"input_sizes = {value!r} is no size rule: write an int (the multiple) or "
-                             '{"multiple": M, "minimum": N} with positive integers')
+                             '{"multiple": M, "minimum": N, "dimensions": 2 or 3} with positive integers')
         return cls(**fields)
 
     def takes(self, side: int) -> bool:
