@@ -33,7 +33,8 @@ def tubes(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def cache(tubes, tmp_path_factory) -> Path:
-    return build_volume_cache(tubes, tmp_path_factory.mktemp("cache") / "c", target_spacing=(1.0, 1.0, 1.5))
+    return build_volume_cache(tubes, tmp_path_factory.mktemp("cache") / "c", target_spacing=(1.0, 1.0, 1.5),
+                              normalise=True)
 
 
 def _set_spacing(path: Path, zooms) -> None:
@@ -97,12 +98,13 @@ def test_a_bad_header_spacing_is_one_data_error_naming_the_file(tubes, tmp_path,
 def test_the_cache_is_built_once_and_shared(tubes, cache, tmp_path):
     images = cache / "images.npy"
     before = images.stat().st_mtime_ns
-    assert build_volume_cache(tubes, cache, target_spacing=(1.0, 1.0, 1.5)) == cache  # a second rank: nothing written
-    assert images.stat().st_mtime_ns == before
+    again = build_volume_cache(tubes, cache, target_spacing=(1.0, 1.0, 1.5), normalise=True)  # a second rank
+    assert again == cache
+    assert images.stat().st_mtime_ns == before  # nothing written
     meta = VolumeDataset(cache).meta
     assert meta["dtype"] == {"images": "float16", "labels": "uint8"}
     assert [c["shape"] for c in meta["cases"]] == [[16, 24, 24]] * 3  # Z 8 x 3 mm / 1.5 mm
-    other = build_volume_cache(tubes, tmp_path / "c2", target_spacing=(2.0, 2.0, 3.0))
+    other = build_volume_cache(tubes, tmp_path / "c2", target_spacing=(2.0, 2.0, 3.0), normalise=True)
     assert VolumeDataset(other).meta["cases"][0]["shape"] == [8, 12, 12]
 
 
@@ -135,8 +137,8 @@ def test_foreground_share_centres_patches_on_labelled_voxels(cache):
 
 
 def test_cases_smaller_than_the_patch_are_padded_and_said_once(tubes, tmp_path, capsys):
-    ds = PatchDataset(build_volume_cache(tubes, tmp_path / "c", target_spacing=(1.0, 1.0, 3.0)), patch=(16, 16, 16),
-                      length=3, foreground_share=0.0, seed=0)
+    built = build_volume_cache(tubes, tmp_path / "c", target_spacing=(1.0, 1.0, 3.0), normalise=True)
+    ds = PatchDataset(built, patch=(16, 16, 16), length=3, foreground_share=0.0, seed=0)
     x, y = ds.read_batch(np.arange(3))
     assert x.shape == (3, 1, 16, 16, 16)
     assert (x[:, :, :4] == 0).all() and (x[:, :, -4:] == 0).all() and (x[:, :, 4:12] != 0).any()  # D 8, centred

@@ -30,7 +30,7 @@ def _interpolate(volume: torch.Tensor, shape, label: bool) -> torch.Tensor:
         return F.interpolate(volume[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
 
 
-def preprocess_volume(image: np.ndarray, spacing, target_spacing, modalities=None, normalise: bool = True) -> np.ndarray:
+def preprocess_volume(image: np.ndarray, spacing, target_spacing, modalities, normalise: bool) -> np.ndarray:
     """The training pre-processing of one case: a channels-last image ``(X, Y, Z, C)`` (any dtype, as stored)
     of voxel ``spacing`` ``(x, y, z)`` mm as float32 ``[C, D, H, W]`` = ``[C, Z, X, Y]`` at ``target_spacing``:
     channels ``modalities`` (indices; None: all), each z-scored over its non-zero voxels when ``normalise``,

@@ -83,7 +83,7 @@ def plan_cases(cases: list[Case], target_spacing, mods, budget_bytes: int) -> li
     return plans
 
 
-def build_volume_cache(root, cache_dir, *, target_spacing, modalities=None, normalise: bool = True,
+def build_volume_cache(root, cache_dir, *, target_spacing, modalities=None, normalise: bool,
                        case_indices=None, budget_bytes: int = 1 << 30, workers: int | None = None,
                        progress: bool = False) -> Path:
     """Build (or reuse, or finish) the volume cache of the labelled cases of dataset ``root`` at positions
