@@ -1,4 +1,4 @@
-"""Voxel spacing for 3D training: reading it from the headers, the target spacing, resampling a case.
+"""Resampling for 3D training: one case to the target spacing and back (the spacing itself: data/spacing.py).
 
 A 3D case is trained on at one target spacing (default: the median spacing of the training cases, as
 nnU-Net does). :func:`preprocess_volume` is *the* training pre-processing of one case: the volume cache
@@ -12,53 +12,12 @@ probabilities ``[K, D, H, W]`` back to the source grid ``(X, Y, Z)``, a few sour
 
 from __future__ import annotations
 
-import math
-from pathlib import Path
-
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..core.errors import DataError
-from .index import Case
 from .slices import CHUNK_BYTES, zscore_stats, zscored
-from .volumes import header_spacing, image_shape, open_nifti
-
-
-def parse_spacing(text: str, where=None) -> tuple[float, float, float] | None:
-    """``"median"`` (None: the training cases' median) or ``"x,y,z"`` in mm."""
-    if str(text).strip().lower() == "median":
-        return None
-    try:
-        values = tuple(float(v) for v in str(text).split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise DataError(where, f"spacing {text!r} is neither 'median' nor three positive sizes in mm",
-                        "write spacing as 'median' or e.g. '1.0,1.0,3.0' (x, y, z)")
-    return values  # type: ignore[return-value]
-
-
-def case_geometry(case: Case) -> tuple[tuple[int, ...], tuple[float, float, float]]:
-    """The shape ``(X, Y, Z, C)`` and spacing ``(x, y, z)`` of a case's image, from its header only."""
-    path = Path(case.image)
-    img = open_nifti(path)
-    return image_shape(path, img.shape), header_spacing(path, img)
-
-
-def median_spacing(spacings) -> tuple[float, float, float]:
-    """The per-axis median of the cases' spacings ``(x, y, z)``."""
-    return tuple(float(v) for v in np.median(np.asarray(spacings, dtype=np.float64), axis=0))  # type: ignore[return-value]
-
-
-def resampled_shape(shape, spacing, target) -> tuple[int, int, int]:
-    """The grid ``(X, Y, Z)`` of a volume of ``shape`` and ``spacing`` resampled to ``target`` spacing."""
-    return tuple(max(1, int(round(n * s / t))) for n, s, t in zip(shape[:3], spacing, target))  # type: ignore[return-value]
-
-
-def model_shape(xyz) -> tuple[int, int, int]:
-    """A source-ordered ``(X, Y, Z)`` shape in the model's order ``(D, H, W) = (Z, X, Y)``."""
-    return int(xyz[2]), int(xyz[0]), int(xyz[1])
+from .spacing import model_shape, resampled_shape
 
 
 def _interpolate(volume: torch.Tensor, shape, label: bool) -> torch.Tensor:
@@ -71,7 +30,7 @@ def _interpolate(volume: torch.Tensor, shape, label: bool) -> torch.Tensor:
         return F.interpolate(volume[None], size=tuple(shape), mode="trilinear", align_corners=False)[0]
 
 
-def preprocess_volume(image: np.ndarray, spacing, target_spacing, modalities=None, normalise: bool = True) -> np.ndarray:
+def preprocess_volume(image: np.ndarray, spacing, target_spacing, modalities, normalise: bool) -> np.ndarray:
     """The training pre-processing of one case: a channels-last image ``(X, Y, Z, C)`` (any dtype, as stored)
     of voxel ``spacing`` ``(x, y, z)`` mm as float32 ``[C, D, H, W]`` = ``[C, Z, X, Y]`` at ``target_spacing``:
     channels ``modalities`` (indices; None: all), each z-scored over its non-zero voxels when ``normalise``,

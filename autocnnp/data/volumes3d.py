@@ -41,12 +41,12 @@ from .preprocess import (
     pool_size,
     training_cases,
 )
-from .resample import case_geometry, model_shape, preprocess_label, preprocess_volume, resampled_shape
+from .resample import preprocess_label, preprocess_volume
+from .spacing import case_geometry, model_shape, resampled_shape
 from .volumes import header_spacing, read_case
 
 VOLUME_FORMAT = "volumes-1"  # meta.json "format": the slice cache's readers refuse it
 LOCATIONS = 500  # voxels of each present class kept per case for foreground patches
-PATCH_MULTIPLE = 16  # an automatic patch side is a multiple of this: a U-Net of depth 5 (4 poolings) takes it
 
 
 @dataclass(frozen=True)
@@ -83,7 +83,7 @@ def plan_cases(cases: list[Case], target_spacing, mods, budget_bytes: int) -> li
     return plans
 
 
-def build_volume_cache(root, cache_dir, *, target_spacing, modalities=None, normalise: bool = True,
+def build_volume_cache(root, cache_dir, *, target_spacing, modalities=None, normalise: bool,
                        case_indices=None, budget_bytes: int = 1 << 30, workers: int | None = None,
                        progress: bool = False) -> Path:
     """Build (or reuse, or finish) the volume cache of the labelled cases of dataset ``root`` at positions
@@ -168,17 +168,6 @@ def _build_case(position: int, plan: Plan, first: int, layout: _Layout) -> tuple
     record = {"label_counts": counts.tolist(), "locations": locations}
     write_json(layout.done / f"{position}.json", record)
     return position, record
-
-
-def auto_patch(shapes, budget_voxels: int) -> tuple[int, int, int]:
-    """The patch ``(D, H, W)``: the median resampled shape, each side rounded down to a multiple of
-    :data:`PATCH_MULTIPLE` (at least one), the largest side shrunk by that step while the patch holds more
-    than ``budget_voxels`` voxels."""
-    median = np.median(np.asarray(shapes, dtype=np.float64), axis=0)
-    patch = [max(PATCH_MULTIPLE, int(s // PATCH_MULTIPLE) * PATCH_MULTIPLE) for s in median]
-    while int(np.prod(patch)) > budget_voxels and max(patch) > PATCH_MULTIPLE:
-        patch[int(np.argmax(patch))] -= PATCH_MULTIPLE
-    return tuple(patch)  # type: ignore[return-value]
 
 
 class _VolumeCache(BatchDataset):

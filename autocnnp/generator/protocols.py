@@ -560,8 +560,9 @@ def _as_plugin(name: str, value) -> CheckpointPlugin:
 class DataBundle:
     """What a data format hands to the trainer."""
 
-    train: Any  # map-style datasets of (image [C, H, W] float32, label [H, W] int64); a data.batches.BatchDataset
-    valid: Any  # (read_batch) is read a minibatch at a time, any other dataset a sample at a time
+    train: Any  # map-style datasets of (image [C, H, W] float32, label [H, W] int64), [C, D, H, W] / [D, H, W] in 3D;
+    valid: Any  # a data.batches.BatchDataset (read_batch) is read a minibatch at a time, any other a sample at a time;
+    # a train dataset whose epoch_indexed is true is given item i of epoch e as e * len(train) + i
     in_channels: int
     num_classes: int
     # Random augmentation of the training minibatches on the training device (data.batches.Augment): an object
@@ -570,6 +571,12 @@ class DataBundle:
     augment: Any = None
     class_names: tuple[str, ...] = ()  # the name of every class value (metrics per class are named after them)
     empty_label_cases: tuple[str, ...] = ()  # cases whose label map is background only (for the manifest)
+    # validation items per minibatch (None: the job's minibatch_size; 1 for whole volumes of differing shapes)
+    valid_batch_size: int | None = None
+    # how validation runs the network on a minibatch: infer(model, images) -> logits (None: model(images); e.g. a
+    # training.sliding_window.SlidingWindow over whole volumes)
+    infer: Any = None
+    notes: tuple[str, ...] = ()  # lines said once before the ranks start (e.g. cases padded to the patch)
 
     @property
     def augmentation(self) -> str:
