@@ -39,6 +39,26 @@ class BatchDataset(Dataset):
         return images[0].float(), labels[0].long()
 
 
+class EpochIndices:
+    """The items of ``sampler`` (a dataset of ``size`` items) as ``epoch * size + item``: a dataset that draws its
+    items afresh each epoch (random patches; its ``epoch_indexed`` is true) reads the epoch from the index, in any
+    worker process. ``set_epoch`` is passed on to ``sampler``."""
+
+    def __init__(self, sampler, size: int):
+        self.sampler, self.size, self.epoch = sampler, int(size), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[int]:
+        return (self.epoch * self.size + int(i) for i in self.sampler)
+
+
 class BatchReader(Dataset):
     """Item ``[i, j, ...]`` is the minibatch ``(images, labels, indices)`` of those items of ``dataset``."""
 

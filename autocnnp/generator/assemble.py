@@ -172,6 +172,7 @@ def assemble(spec: JobSpec | Path | str) -> Generator:
         raise JobError(where, f"precision fp16 (with a loss scaler) is trained on the torch framework only; this job "
                        f"trains with {framework}", "write bf16 (Keras' mixed_bfloat16) or fp32")
     _check_lr_policy(gen)
+    _check_dimensions(gen)
     _check_input_sizes(gen)
     return gen
 
@@ -380,6 +381,28 @@ def _check_input_sizes(gen: Generator) -> None:
                    f"{rule.describe()}, but the data's inputs are {'x'.join(map(str, sides))}",
                    f"give the data sides it takes, the nearest being {nearest}; or change the architecture's "
                    "parameters")
+
+
+def _check_dimensions(gen: Generator) -> None:
+    """2D slices go to a 2D network and 3D patches to a 3D one (the architecture's SizeRule says which it takes),
+    and 3D trains on torch only: refused here, before anything starts."""
+    arch, data = gen.action("architecture_injection"), gen.action("dataset_injection")
+    input_size = getattr(data.config, "input_size", None)
+    sides = tuple(input_size()) if callable(input_size) else ()
+    rule = input_sizes_of(arch.config, arch.entry.input_sizes)
+    dimension = next((s for s in gen.spec.data_params if s.name.lower() == "dimension"), None)
+    if gen.framework != "torch" and (len(sides) == 3 or rule.dimensions == 3):
+        what = (f"dimension={dimension.text.strip()}" if dimension is not None and len(sides) == 3
+                else f"architecture '{arch.entry.name}' (3D)")
+        raise JobError(dimension.where if dimension is not None and len(sides) == 3 else arch.where or gen.spec.where,
+                       f"{what} trains on the torch framework only; this job trains with {gen.framework}",
+                       "remove the framework action (torch), or train 2D slices (dimension 2d, a 2D architecture)")
+    if rule.dimensions and sides and len(sides) != rule.dimensions:
+        raise JobError(arch.where or gen.spec.where,
+                       f"architecture '{arch.entry.name}' takes {rule.dimensions}D inputs, but the data's inputs are "
+                       f"{len(sides)}D ({'x'.join(map(str, sides))})",
+                       "for 3D patches choose unet3d or resunet3d, for 2D slices unet or fcn; or change the data's "
+                       "dimension")
 
 
 def _bindings() -> list[Binding]:

@@ -99,7 +99,7 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
         last = now
     net = steps.end_steps()
     evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
-    metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat)
+    metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat, run.data.infer)
     loss_sum, n = sum_over_ranks(world, [total, count])
     # every rank's step time (the straggler watch), gathered before the plug-ins' hooks: a rank failing in one leaves
     # its peers writing the epoch's metrics, not blocked in a collective
@@ -115,12 +115,14 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
 
 
 @torch.no_grad()
-def evaluate(model, loader: DeviceBatches, evaluator, loss_fn, world: World, beat=lambda: None) -> dict[str, float]:
-    """SegEval over the whole validation set: confusion matrices are summed across ranks, never scores."""
+def evaluate(model, loader: DeviceBatches, evaluator, loss_fn, world: World, beat=lambda: None,
+             infer=None) -> dict[str, float]:
+    """SegEval over the whole validation set: confusion matrices are summed across ranks, never scores.
+    ``infer(model, x)`` runs the network on a minibatch (default: ``model(x)``)."""
     model.eval()
     total, count = 0.0, 0
     for x, y in loader:
-        logits = model(x)
+        logits = model(x) if infer is None else infer(model, x)
         total, count = total + loss_fn(logits, y).item() * len(x), count + len(x)
         evaluator.update(logits, y)
         beat()

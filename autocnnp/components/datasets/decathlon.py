@@ -23,6 +23,18 @@ What :meth:`Decathlon.datasets` does, on every rank (all steps are safe to run c
    0.8-1.2, shifts up to 5 % of the slice size; optionally flips and intensity changes), seeded with the
    job's seed, the epoch and each slice's index.
 
+With ``dimension=3d`` the format trains on 3D patches instead (issue 22): every case is z-scored and
+resampled to one target ``spacing`` (default: the training cases' median) into a volume cache
+(:func:`~autocnnp.data.volumes3d.build_volume_cache`, as content-keyed and shared as the slice cache);
+``patches_per_volume`` patches of ``patch_size`` per training case and epoch are read from it
+(:class:`~autocnnp.data.volumes3d.PatchDataset`: a ``foreground_share`` of them centred on a voxel of a
+class the case holds), augmented on the device by :class:`~autocnnp.data.augment.RandomAffine3D`; each
+rank validates whole resampled volumes of its share of the validation cases with a sliding window
+(:class:`~autocnnp.training.sliding_window.SlidingWindow`, ``valid_overlap``). ``patch_size=auto`` is
+the median resampled shape rounded down to multiples of 16 (a depth-5 U-Net takes it), shrunk to at most
+``patch_budget`` voxels. Cases smaller than the patch are padded with zeros (said once, before the
+ranks start); a case that resampling would blow beyond ``volume_budget_mb`` stops the job, named.
+
 ``in_channels`` is the number of selected modalities; ``num_classes`` the number of labels that
 ``dataset.json`` declares (for a CSV index: the largest label value in the cache + 1). ``<test>`` is
 not used for training; ``autocnnp predict`` reads it.
@@ -46,19 +58,25 @@ from autocnnp.core.settings import setting
 from autocnnp.core.world import World
 from autocnnp.data import folds
 from autocnnp.data import slices as slicing
-from autocnnp.data.augment import RandomAffine2D
+from autocnnp.data.augment import RandomAffine2D, RandomAffine3D
 from autocnnp.data.checks import Verdict, check_dataset, validate_once
 from autocnnp.data.index import Case, case_name, is_dataset, is_nifti, nifti_files, read_dataset
 from autocnnp.data.preprocess import CacheDataset, build_cache, cache_key_of, check_cache, is_cache
 from autocnnp.data.slices import parse_modalities, resize, select_modalities, zscore_stats, zscored
+from autocnnp.data.spacing import target_spacing
+from autocnnp.data.volumes3d import PatchDataset, VolumeDataset, build_volume_cache
 from autocnnp.generator.protocols import DataBundle, DataCheck, DataFormat, VolumeTransform
 from autocnnp.generator.registry import component
+from autocnnp.training.sliding_window import SlidingWindow
 
 # Thesis Table 2.1 (left atrium): rotation [-45, 45] degrees, zoom [0.8, 1.2], shifts of 25.6 px
 # on 512 px slices = 5 % of the slice size (Keras width_shift_range / height_shift_range).
 AUGMENT_ROTATION = 45.0
 AUGMENT_ZOOM = (0.8, 1.2)
 AUGMENT_TRANSLATE = 0.05
+# 3D patches (nnU-Net-like): rotation about the depth axis, zoom; no shifts (the patch position is random already)
+AUGMENT_ROTATION_3D = 15.0
+AUGMENT_ZOOM_3D = (0.85, 1.25)
 
 
 @dataclass
@@ -94,6 +112,22 @@ class Config:
     augment_intensity: float = setting(0.0, min=0.0, help="with augment: also scale and shift the intensities by factors "
                                                   "1 + u and v, u, v uniform in [-intensity, intensity] (z-score units)")
     normalise: bool = setting(True, help="z-score every case and channel over its non-zero voxels")
+    augment_gamma: float = setting(0.0, min=0.0, max=0.9, help="with augment: also raise each item's intensities "
+                                   "(mapped to [0, 1]) to a power log-uniform in [1 - gamma, 1 / (1 - gamma)]")
+    dimension: Literal["2d", "3d"] = setting("2d", help="2d: train on cached slices; 3d: on patches of resampled "
+                                                        "volumes (the settings below marked 3D)")
+    patch_size: str = setting("auto", help="3D: patch 'D,H,W' in voxels, D along the volume's third axis, or 'auto' "
+                                           "(the median resampled shape, multiples of 16, within patch_budget)")
+    patch_budget: int = setting(128 ** 3, min=1, help="3D: most voxels of an automatic patch")
+    spacing: str = setting("median", help="3D: target voxel spacing 'x,y,z' in mm, or 'median' (of the training "
+                                          "cases, as nnU-Net)")
+    foreground_share: float = setting(0.33, min=0.0, max=1.0, help="3D: share of the patches centred on a voxel of "
+                                      "a class the case holds (nnU-Net's 0.33), the rest anywhere")
+    patches_per_volume: int = setting(8, min=1, help="3D: training patches per training case and epoch")
+    valid_overlap: float = setting(0.5, min=0.0, max=0.95, help="3D: overlap of the sliding windows that validate "
+                                                                "whole volumes")
+    volume_budget_mb: int = setting(2048, min=1, help="3D: most MiB (float32, all channels) a case may take once "
+                                                      "resampled; a larger one stops the job before it starts")
     cache: Path | None = setting(None, help="slice cache folder (default: the run's cache folder)")
     in_memory: bool = setting(False, help="read the slice cache into memory (else memory-mapped: bounded memory)")
 
@@ -105,7 +139,14 @@ class Config:
                              "(folds 0 holds out valid_fraction)")
 
     def input_size(self) -> tuple[int, ...]:
-        """The slices' sides: ``size``, or those a slice cache was built with (its meta.json, read torch-free)."""
+        """The slices' sides: ``size``, or those a slice cache was built with (its meta.json, read torch-free); in
+        3D the patch ``(D, H, W)`` (from the training cases' headers)."""
+        if self.dimension == "3d":
+            from autocnnp.data.index import read_dataset
+            from autocnnp.data.spacing import patch_of
+
+            return patch_of(read_dataset(self.train).cases("training"), self.patch_size, self.spacing,
+                            self.patch_budget, self.train)
         meta = read_json(Path(self.train) / "meta.json") or {}  # data.preprocess.META_FILE
         size = meta.get("size")
         return tuple(size) if isinstance(size, list) and all(isinstance(s, int) for s in size) else (self.size, self.size)
@@ -160,6 +201,8 @@ class Decathlon(DataFormat):
         a slice cache (``autocnnp preprocess``) is used as it is."""
         c = self.config
         cache_root = Path(c.cache) if c.cache is not None else Path(cache_dir)
+        if c.dimension == "3d":
+            return self._datasets_3d(world, seed, cache_root)
         empty: list[str] = []
         for role, root in (("train", c.train), ("valid", c.valid)):
             if root is not None:  # a dataset, or a slice cache checked as one
@@ -167,7 +210,8 @@ class Decathlon(DataFormat):
                 empty += validate_once(root, cache_root, role, check, cache_key_of(root) if check else None).empty_labels
         volumes = c.validation == "volumes"
         augmenter = RandomAffine2D(rotation=AUGMENT_ROTATION, zoom=AUGMENT_ZOOM, translate=AUGMENT_TRANSLATE,
-                                   seed=int(seed), flips=c.augment_flips, intensity=c.augment_intensity) if c.augment else None
+                                   seed=int(seed), flips=c.augment_flips, intensity=c.augment_intensity,
+                                   gamma=c.augment_gamma) if c.augment else None
         if is_cache(c.train):  # preprocessed already: the job reads it as it is, validation from its slices
             full = CacheDataset(c.train, in_memory=False)  # its indices only
             train_ds, valid_ds = self._split_cache(full) if c.valid is None else (
@@ -191,6 +235,62 @@ class Decathlon(DataFormat):
                           augment=augmenter,
                           class_names=class_names(train_ds.meta.get("labels") or {}, num_classes),
                           empty_label_cases=tuple(empty))
+
+    def _datasets_3d(self, world: World, seed: int, cache_root: Path) -> DataBundle:
+        """Validate (header spacings too), cache the resampled volumes, patches for training, whole volumes for
+        validation (see the module docstring)."""
+        c = self.config
+        if is_cache(c.train) or (c.valid is not None and is_cache(c.valid)):
+            raise DataError(c.train, "a 3D job trains from a dataset, not from a slice cache",
+                            "give <train> (and <valid>) a dataset folder, dataset.json or CSV index")
+        empty: list[str] = []
+        for role, root in (("train3d", c.train), ("valid3d", c.valid)):
+            if root is not None:
+                empty += validate_once(root, cache_root, role,
+                                       lambda r=root: check_dataset(r, split="training", spacing=True)).empty_labels
+        cases = read_dataset(c.train).cases("training")
+        target = target_spacing(cases, c.spacing, c.train)
+        patch = c.input_size()
+        train_cases, valid_cases = (None, None) if c.valid is not None else self._split(c.train)
+        train_dir = self._volume_cache(cache_root, "train3d", c.train, train_cases, target, world.rank)
+        valid_dir = self._volume_cache(cache_root, "valid3d", c.valid if c.valid is not None else c.train,
+                                       valid_cases, target, world.rank)
+        n_train = len(cases) if train_cases is None else len(train_cases)
+        train = PatchDataset(train_dir, patch=patch, length=c.patches_per_volume * n_train,
+                             foreground_share=c.foreground_share, seed=int(seed))
+        valid = VolumeDataset(valid_dir)
+        if valid.num_channels != train.num_channels:
+            raise DataError(c.valid, f"validation images have {valid.num_channels} channel(s) after modality "
+                            f"selection, training images {train.num_channels}", "give both datasets the same modalities")
+        small = [case["name"] for ds in (train, valid) for case in ds.cases
+                 if any(n < p for n, p in zip(case["shape"], patch))]
+        notes = (f"{len(small)} case(s) are smaller than the patch {'x'.join(map(str, patch))} along some axis once "
+                 f"resampled to {target} mm ({', '.join(small[:5])}{' ...' if len(small) > 5 else ''}): they are "
+                 "padded with zeros (background)",) if small else ()
+        augmenter = RandomAffine3D(rotation=AUGMENT_ROTATION_3D, zoom=AUGMENT_ZOOM_3D, seed=int(seed),
+                                   flips=c.augment_flips, intensity=c.augment_intensity,
+                                   gamma=c.augment_gamma) if c.augment else None
+        num_classes = max(_num_classes(train.meta), _num_classes(valid.meta))
+        return DataBundle(train, valid, train.num_channels, num_classes, augment=augmenter,
+                          class_names=class_names(train.meta.get("labels") or {}, num_classes),
+                          empty_label_cases=tuple(empty), valid_batch_size=1,
+                          infer=SlidingWindow(patch, overlap=c.valid_overlap), notes=notes)
+
+    def _volume_cache(self, cache_root: Path, role: str, root, cases: list[int] | None, target, rank: int) -> Path:
+        """Build (or find) the volume cache of ``cases`` of ``root`` at ``target`` spacing in
+        ``cache_root/<role>-<hash>``."""
+        c = self.config
+        params = {"root": str(Path(root).resolve()), "spacing": list(target), "normalise": bool(c.normalise),
+                  "modalities": parse_modalities(c.modalities), "cases": cases}
+        folder = Path(cache_root) / f"{role}-{hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]}"
+        start = time.perf_counter()
+        build_volume_cache(root, folder, target_spacing=target, modalities=parse_modalities(c.modalities),
+                           normalise=c.normalise, case_indices=cases, budget_bytes=c.volume_budget_mb << 20,
+                           progress=rank == 0)
+        took = time.perf_counter() - start
+        if rank == 0 and took > 2.0:
+            print(f"autocnnp: {role} volume cache ready in {folder} ({took:.1f} s)", file=sys.stderr, flush=True)
+        return folder
 
     def _split(self, root) -> tuple[list[int], list[int]]:
         """Positions of the training and the validation cases of dataset ``root``."""
@@ -226,9 +326,9 @@ class Decathlon(DataFormat):
     def prepare(self, *, seed: int, cache_dir: Path) -> int:
         """Validate, cache and split once, before the ranks start (they find the stamps and caches)."""
         bundle = self.datasets(world=World(), seed=seed, cache_dir=cache_dir)
-        note = Verdict(empty_labels=list(bundle.empty_label_cases)).note()
-        if note:
-            print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
+        for note in (Verdict(empty_labels=list(bundle.empty_label_cases)).note(), *bundle.notes):
+            if note:
+                print(f"autocnnp: note: {note}", file=sys.stderr, flush=True)
         return len(bundle.train)
 
     def check(self) -> DataCheck:
@@ -239,7 +339,8 @@ class Decathlon(DataFormat):
             if root is None:
                 continue
             cache = is_cache(root)
-            verdict = check_cache(root) if cache else check_dataset(root, split="training") if trains else Verdict()
+            verdict = check_cache(root) if cache else check_dataset(root, split="training", spacing=c.dimension == "3d") \
+                if trains else Verdict()
             found.problems += verdict.problems
             found.notes += [verdict.note()] if verdict.note() else []
             if not cache:
