@@ -23,7 +23,7 @@ from pathlib import Path
 
 from .core.cli_args import options_of, positive
 from .core.errors import DataError, JobError, Source
-from .core.files import atomic_write
+from .core.files import atomic_write, read_json
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
 from .core.processes import case_runner, default_threads
 from .core.rundir import BEST_RECORD, LATEST_POINTER, checkpoint_file, zoo_folder
@@ -71,6 +71,8 @@ class PredictOptions:
     probabilities: bool = False  #: also write <case>_prob-<value>-<class>.nii.gz per class
     tta: bool = False  #: average over the slice and its two flips (3D: the window's flips along its 3 axes)
     device: str | None = None  #: torch device (default cuda when available, else cpu)
+    ensemble: tuple[str, ...] = ()  #: checkpoints, exported models or a study's folder whose probabilities are averaged
+    members: bool = False  #: with ensemble: also each member's label volumes, in OUT/member-N/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,7 +121,17 @@ def _zoo_checkpoint(model: str) -> Path:
 
 
 def _load_checkpoint(path: Path) -> dict:
+    """A checkpoint's state; for an exported ONNX model (``autocnnp export``), its model card beside it and no weights."""
     import torch
+
+    if path.suffix == ".onnx":
+        from .export import CARD_FILE
+
+        card = read_json(path.parent / CARD_FILE)
+        if not isinstance(card, dict) or "architecture" not in card:
+            raise DataError(path, f"an ONNX model without its model card ({CARD_FILE} beside it)",
+                            "predict with the folder autocnnp export wrote, or export the checkpoint again")
+        return {"model_card": {k: v for k, v in card.items() if k != "export"}, "model": {}, "onnx": path}
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -208,6 +220,49 @@ def _build_network(trained: Generator, weights: dict, in_channels: int, classes:
                         f"classes ({str(exc).splitlines()[0]})", "pass the --num-classes it was trained with") from None
 
 
+def _network(trained: Generator, state: dict, in_channels: int, classes: int, checkpoint: Path, threads: int | None):
+    """The torch module that runs a checkpoint: its network, or an exported ONNX model under ONNX Runtime."""
+    if "onnx" not in state:
+        return _build_network(trained, state["model"], in_channels, classes, checkpoint)
+    from .training.ensemble import OnnxNetwork
+
+    try:
+        return OnnxNetwork(checkpoint, threads)
+    except ImportError:
+        raise JobError(checkpoint, "predicting with an ONNX model needs ONNX Runtime, which is not installed",
+                       "pip install -r requirements/export.txt (make venv does)") from None
+
+
+def _member(path: Path, gen: Generator | None, num_classes: int | None, transform, classes: int) -> tuple:
+    """``(path, (generator, state))`` of an ensemble member, refused unless it reads its input as the first member does
+    and has its classes."""
+    state = _load_checkpoint(path)
+    trained, own, own_classes, _, _ = _model_and_transform(state, path, gen, num_classes)
+    if own.card() != transform.card() or own_classes != classes:
+        raise DataError(path, f"this ensemble member reads {own.card()} with {own_classes} classes, the first "
+                        f"{transform.card()} with {classes}", "ensemble models trained on the same input and classes "
+                        "(the folds of one study, say)")
+    return path, (trained, state)
+
+
+def _members(args: tuple[str, ...], gen: Generator | None) -> list[Path]:
+    """The checkpoints of ``--ensemble``: each a checkpoint, exported model or run folder; a study's output folder
+    (its folds.json) stands for the best (else latest) checkpoint of each of its folds."""
+    from .core.rundir import RunDir
+
+    found = []
+    for arg in args:
+        folder = RunDir(Path(arg).expanduser())
+        if folder.folds_split.is_file():
+            folds = sorted(folder.root.glob("fold-*"), key=lambda p: int(p.name.split("-")[1]))
+            if not folds:
+                raise DataError(folder.root, "the study has trained no fold yet", "run autocnnp study first")
+            found += [_checkpoint_path(str(f), gen) for f in folds]
+        else:
+            found.append(_checkpoint_path(arg, gen))
+    return found
+
+
 def probability_file(case: str, names: tuple[str, ...], k: int) -> str:
     """The name of the probability volume of class ``k`` of ``case``: ``case_004_prob-1-edema.nii.gz``."""
     return f"{case}{PROBABILITY_MARK}{k}-{class_key(names[k]) if k < len(names) else 'class'}.nii.gz"
@@ -240,14 +295,18 @@ def predict(options: PredictOptions) -> Prediction:
     import torch
 
     from .data.volumes import read_case, save_label, save_probabilities
+    from .training.ensemble import Ensemble
     from .training.precision import autocast_dtype
     from .training.predictor import Predictor, prepare_network
 
     torch.set_num_threads(options.threads or default_threads())
     gen = assemble(read_variant(options.job, parse_sets(list(options.sets)))) if options.job else None
-    checkpoint = _zoo_checkpoint(options.model) if options.model else _checkpoint_path(options.checkpoint, gen)
+    members = _members(options.ensemble, gen) if options.ensemble else None
+    checkpoint = members[0] if members else \
+        _zoo_checkpoint(options.model) if options.model else _checkpoint_path(options.checkpoint, gen)
     state = _load_checkpoint(checkpoint)
     trained, transform, classes, names, in_channels = _model_and_transform(state, checkpoint, gen, options.num_classes)
+    others = [_member(path, gen, options.num_classes, transform, classes) for path in (members or [])[1:]]
     check_installed(trained.framework, Source(checkpoint, text=str(checkpoint)), "the model was trained with",
                     "or predict on a machine that has it")
     given_transform = gen.data_format().volumes() if gen is not None else None
@@ -269,12 +328,13 @@ def predict(options: PredictOptions) -> Prediction:
     channels_last = device.type == "cuda" if options.channels_last is None else options.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a volume's batches share one shape: tune the convolutions once
-    model = None  # the first volume written creates the out folder
+    model, alone = None, []  # the first volume written creates the out folder
     written: dict[str, Path] = {}
     total_units, total_infer, total_wall, unit = 0, 0.0, 0.0, "slice"
     arithmetic = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
     batches = f"batches of {options.batch_size}, " if options.batch_size else ""
-    print(f"predicting {len(cases)} volume(s) with {checkpoint} on {device} ({torch.get_num_threads()} thread(s), "
+    used = f"an ensemble of {len(others) + 1} ({', '.join(str(p) for p in members or [])})" if others else checkpoint
+    print(f"predicting {len(cases)} volume(s) with {used} on {device} ({torch.get_num_threads()} thread(s), "
           f"{arithmetic}{', channels_last' if channels_last else ''}, {batches}{transform.describe()}"
           f"{', flip test-time augmentation' if options.tta else ''})")
     for case in cases:
@@ -283,10 +343,17 @@ def predict(options: PredictOptions) -> Prediction:
         affine, header = np.asarray(img.affine, dtype=np.float64), img.header
         read = time.perf_counter()
         if model is None:
-            model = Predictor(prepare_network(_build_network(trained, state["model"], in_channels, classes, checkpoint),
-                                              device, channels_last),
-                              device, options.batch_size, options.tta, dtype, channels_last)
+            networks = [_network(trained, state, in_channels, classes, checkpoint, options.threads),
+                        *(_network(*other, in_channels, classes, path, options.threads) for path, other in others)]
+            network = networks[0] if len(networks) == 1 else Ensemble(networks)
+            model = Predictor(prepare_network(network, device, channels_last), device, options.batch_size, options.tta,
+                              dtype, channels_last)
+            alone = [Predictor(net, device, options.batch_size, options.tta, dtype, channels_last)
+                     for net in networks] if options.members and len(networks) > 1 else []
         done = transform.predict(image, img, Path(case.image), model, options.probabilities)
+        for index, member in enumerate(alone):  # each member on its own, for evaluate to compare
+            save_label(transform.predict(image, img, Path(case.image), member, False).labels, affine, header,
+                       out / f"member-{index}" / f"{case.name}.nii.gz")
         del image
         written_at = time.perf_counter()
         target = out / f"{case.name}.nii.gz"
@@ -334,6 +401,10 @@ class Evaluation:
     pooled: dict
     classes: dict[int, str]
     regions: dict
+    members: dict = dataclasses.field(default_factory=dict)  #: an ensemble's members (PRED/member-N/): their overall rows
+
+
+MEMBER_FOLDER = "member-"  # predict --ensemble --members writes each member's label volumes into PRED/member-N/
 
 def _reference_labels(ref: Path) -> tuple[dict[str, Path], dict[str, str], dict[int, str]]:
     """``({case: label file}, {case: split}, {class value: name})`` of a dataset (its training labels and the
@@ -448,6 +519,9 @@ def cmd_evaluate(args) -> int:
     for row in (overall, pooled):
         print(f"{row['case']}: " + ", ".join(f"{m} {row[m]:.4f}" for m in SEGEVAL) + f" ({row[CONVENTION]})")
     print(f"{len(scores.cases)} case(s), {len(scores.classes)} classes; wrote {scores.report}")
+    if scores.members:  # an ensemble beside each of its members, mean over the cases
+        print(_table([{**overall, "case": "ensemble"}, *({**row, "case": name} for name, row in scores.members.items())],
+                     shown))
     return 0
 
 
@@ -507,7 +581,9 @@ def evaluate(options: EvaluateOptions) -> Evaluation:
               CONVENTION: POOLED_CONVENTION.format(cases=len(rows))}
     classes = dict(enumerate(names))
     _write_report(out, [*rows, overall, pooled], classes, regions)
-    return Evaluation(out, rows, overall, pooled, classes, regions)
+    members = {folder.name: evaluate(dataclasses.replace(options, pred=folder, out=folder / out.name)).overall
+               for folder in sorted(pred_dir.glob(f"{MEMBER_FOLDER}*"), key=lambda p: p.name) if folder.is_dir()}
+    return Evaluation(out, rows, overall, pooled, classes, regions, members)
 
 
 def _regions(text: str, names: tuple[str, ...], where: Path) -> dict:
@@ -528,7 +604,8 @@ def add_commands(sub) -> None:
                    help="the job variant that was trained (as `autocnnp run --set`)")
     s.add_argument("--checkpoint", default=PredictOptions.checkpoint,
                    help="latest (default) or best of the job's run, or a checkpoint file, a latest/best file in a "
-                        "checkpoints folder, or a run folder (its best, else its latest)")
+                        "checkpoints folder, a run folder (its best, else its latest), or a model autocnnp export "
+                        "wrote (model.onnx, model.int8.onnx: run with ONNX Runtime)")
     s.add_argument("--model", help="a zoo model instead: zoo:NAME or zoo:NAME/VERSION (the zoo: $AUTOCNNP_ZOO, else "
                                    "~/.autocnnp/zoo)")
     s.add_argument("--input", default=None,
@@ -556,6 +633,11 @@ def add_commands(sub) -> None:
                         "<case>_prob-<value>-<class>.nii.gz")
     s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time)")
     s.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    s.add_argument("--ensemble", nargs="+", default=(), metavar="MODEL",
+                   help="average the class probabilities of several models instead of --checkpoint: checkpoint files, "
+                        "run folders, exported model.onnx / model.int8.onnx files, or a study's output folder (its folds)")
+    s.add_argument("--members", action="store_true", help="with --ensemble: also write each member's label volumes "
+                   "into OUT/member-N/ (evaluate then compares the ensemble with each)")
     s.set_defaults(func=cmd_predict)
 
     doc = ("score predicted label volumes against references: SegEval, Dice and IoU per class, region Dice and "
