@@ -9,6 +9,7 @@ import sys
 from collections import Counter
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 from jobfiles import QUIET, TINY_UNET, write_job
@@ -121,6 +122,13 @@ def test_export_agrees_with_torch_and_refuses_an_int8_model_that_loses_dice(stud
     exported = root / "out" / "fold-0" / "export"  # the run's own export folder
     int8 = json.loads((exported / "model.json").read_text())["export"]["int8"]
     assert len(int8["dice"]) == 4 and (exported / "model.int8.onnx").is_file()
+    for name, model in (("torch", root / "out" / "fold-0"), ("onnx", root / "export" / "model.onnx"),
+                        ("int8", exported / "model.int8.onnx")):
+        rc, out, err = cli("predict", "--checkpoint", model, "--input", root / "data", "--out", root / "pred" / name)
+        assert rc == 0, err
+    torch_labels, onnx_labels = (np.asarray(nib.load(root / "pred" / name / "case_004.nii.gz").dataobj)
+                                 for name in ("torch", "onnx"))
+    assert (torch_labels == onnx_labels).mean() >= 0.999  # the test volume, on its own grid
     rc, out, err = cli("zoo", "publish", root / "out" / "fold-0", "--name", "fold0", "--zoo", root / "zoo")
     assert rc == 0, err
     rc, out, err = cli("zoo", "pull", "fold0", root / "pulled", "--zoo", root / "zoo")
@@ -142,3 +150,16 @@ def test_an_ensemble_averages_its_members_probabilities():
             expected = (probabilities(chosen[0](x)) + probabilities(chosen[1](x))) / 2
             got = torch.softmax(Ensemble(chosen)(x), dim=1)  # what predict takes of a network's logits
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.ranks
+def test_an_ensemble_of_the_folds_predicts_and_evaluate_compares_it_with_each_member(study, cli):
+    root = study[0]
+    rc, out, err = cli("predict", "--ensemble", root / "out", "--members", "--input", root / "data",
+                       "--out", root / "ensemble")
+    assert rc == 0, err
+    assert "an ensemble of 2" in out and (root / "ensemble" / "member-1" / "case_004.nii.gz").is_file()
+    rc, out, err = cli("evaluate", root / "ensemble", root / "data")
+    assert rc == 0, err
+    table = out.splitlines()[-3:]
+    assert [line.split()[0] for line in table] == ["ensemble", "member-0", "member-1"]
