@@ -40,19 +40,25 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 CLASSES = 3
 
 
-def train(name: str, size: int, steps: int):
-    """The built-in architecture ``name`` (inference_speed.MODELS) trained ``steps`` Adam steps on synthetic slices."""
+def network(name: str):
+    """The built-in architecture ``name`` (inference_speed.MODELS), 1 channel in, CLASSES out."""
     import importlib
 
-    import torch
     from inference_speed import MODELS
+
+    file, params = MODELS[name]
+    module = importlib.import_module(f"autocnnp.components.architectures.{file}")
+    return module.build(module.Config(**params), in_channels=1, num_classes=CLASSES)
+
+
+def train(name: str, size: int, steps: int):
+    """The built-in architecture ``name`` (inference_speed.MODELS) trained ``steps`` Adam steps on synthetic slices."""
+    import torch
 
     from autocnnp.data.synthetic_slices import SyntheticSliceDataset
 
     torch.manual_seed(0)
-    file, params = MODELS[name]
-    module = importlib.import_module(f"autocnnp.components.architectures.{file}")
-    model = module.build(module.Config(**params), in_channels=1, num_classes=CLASSES).train()
+    model = network(name).train()
     data = SyntheticSliceDataset("brain", 8 * steps, size, 1, CLASSES, seed=1, in_memory=False)
     optimiser = torch.optim.Adam(model.parameters(), lr=1e-3)
     for step in range(steps):
@@ -71,7 +77,9 @@ def measure(kind: str, path: str, size: int, rounds: int) -> dict:
 
     before = psutil.Process().memory_info().rss / 1024  # KiB, as ru_maxrss
     if kind == "torch":
-        model = torch.load(path, weights_only=False).eval()
+        model = network(Path(path).parent.name)
+        model.load_state_dict(torch.load(path))
+        model.eval()
 
         def run(x):
             with torch.no_grad():
@@ -128,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
             example = torch.zeros((1, 1, args.train_size, args.train_size))
             with torch.no_grad():
                 export_onnx(model, example, folder / "model.onnx", 17, folder)
-                torch.save(model, folder / "model.pt")  # the eager module, as predict runs it
+                torch.save(model.state_dict(), folder / "model.pt")  # run eagerly, as predict runs it
             calibration, _ = data.read_batch(np.arange(0, 32))
             quantize(folder / "model.onnx", folder / "model.int8.onnx", calibration.numpy())
             held_out = type(data)("brain", 64, args.train_size, 1, CLASSES, seed=99, in_memory=False)
