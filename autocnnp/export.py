@@ -30,9 +30,9 @@ from pathlib import Path
 
 from .core.errors import DataError, JobError
 from .core.files import atomic_write
-from .core.rundir import LATEST_POINTER
+from .core.rundir import EXPORT_CARD, LATEST_POINTER
 
-CARD_FILE, ONNX_FILE, INT8_FILE, TORCHSCRIPT_FILE = "model.json", "model.onnx", "model.int8.onnx", "model.torchscript.pt"
+ONNX_FILE, INT8_FILE, TORCHSCRIPT_FILE = "model.onnx", "model.int8.onnx", "model.torchscript.pt"
 OPSET = 17
 INPUT, OUTPUT = "image", "logits"
 
@@ -230,12 +230,12 @@ def export(options: ExportOptions) -> Exported:
                                      exported["onnx"]["dice"])
             out.files["int8"] = folder / INT8_FILE
     card["export"] = exported
-    atomic_write(folder / CARD_FILE, json.dumps(card, indent=1, default=str) + "\n")
-    out.files["card"] = folder / CARD_FILE
+    atomic_write(folder / EXPORT_CARD, json.dumps(card, indent=1, default=str) + "\n")
+    out.files["card"] = folder / EXPORT_CARD
     out.card = card
     agreement = exported["onnx"].get("label_agreement")
     print(f"exported {checkpoint} -> {onnx_path} (opset {options.opset}), {folder / TORCHSCRIPT_FILE}, "
-          f"{folder / CARD_FILE}" + (f"; ONNX and torch labels agree on {100 * agreement:.3f} % of "
+          f"{folder / EXPORT_CARD}" + (f"; ONNX and torch labels agree on {100 * agreement:.3f} % of "
                                      f"{len(images) * images[0, 0].size} held-out pixels" if agreement is not None else ""))
     return out
 

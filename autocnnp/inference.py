@@ -26,7 +26,7 @@ from .core.errors import DataError, JobError, Source
 from .core.files import atomic_write, read_json
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
 from .core.processes import case_runner, default_threads
-from .core.rundir import BEST_RECORD, LATEST_POINTER, checkpoint_file, zoo_folder
+from .core.rundir import BEST_RECORD, EXPORT_CARD, LATEST_POINTER, checkpoint_file, zoo_folder
 from .core.text import text_table
 from .engine.job import read_job
 from .generator.assemble import Generator, assemble
@@ -125,11 +125,9 @@ def _load_checkpoint(path: Path) -> dict:
     import torch
 
     if path.suffix == ".onnx":
-        from .export import CARD_FILE
-
-        card = read_json(path.parent / CARD_FILE)
+        card = read_json(path.parent / EXPORT_CARD)
         if not isinstance(card, dict) or "architecture" not in card:
-            raise DataError(path, f"an ONNX model without its model card ({CARD_FILE} beside it)",
+            raise DataError(path, f"an ONNX model without its model card ({EXPORT_CARD} beside it)",
                             "predict with the folder autocnnp export wrote, or export the checkpoint again")
         return {"model_card": {k: v for k, v in card.items() if k != "export"}, "model": {}, "onnx": path}
 

@@ -37,6 +37,8 @@ from pathlib import Path
 LATEST_POINTER, BEST_CHECKPOINT, BEST_RECORD = "latest", "ckpt-best.pt", "best"
 # The checkpoint in the folder of a model fetched from the zoo (tracking/zoo.py)
 ZOO_CHECKPOINT = "checkpoint.pt"
+# The model card ``autocnnp export`` writes beside the exported models (export.py), read by predict and the zoo
+EXPORT_CARD = "model.json"
 
 
 def zoo_folder(folder: Path, name: str, version: int | None) -> Path:

@@ -26,12 +26,11 @@ from pathlib import Path
 from ..core.errors import JobError, Source, shorten
 from ..core.files import read_json
 from ..core.metrics import DICE, FOREGROUND_DICE
-from ..core.rundir import BEST_RECORD, ZOO_CHECKPOINT, RunDir, start_checkpoint
+from ..core.rundir import BEST_RECORD, EXPORT_CARD, ZOO_CHECKPOINT, RunDir, start_checkpoint
 from ..run.manifest import epoch_metrics
 from . import store_of
 
 ZOO_ENV = "AUTOCNNP_ZOO"
-EXPORT_CARD = "model.json"  # autocnnp export's model card in the run's export/ folder
 EXPERIMENT = "autocnnp-zoo"
 
 
