@@ -138,7 +138,8 @@ def test_export_agrees_with_torch_and_refuses_an_int8_model_that_loses_dice(stud
 def test_an_ensemble_averages_its_members_probabilities():
     import torch
 
-    from autocnnp.training.ensemble import Ensemble, probabilities
+    from autocnnp.training.ensemble import Ensemble
+    from autocnnp.training.sliding_window import probabilities_of as probabilities
 
     torch.manual_seed(0)
     members = [torch.nn.Conv2d(2, 3, 3, padding=1), torch.nn.Conv2d(2, 3, 1), torch.nn.Conv2d(2, 1, 1)]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-ONNX_HINT = "install the export extras (make venv installs requirements/export.txt: onnx, onnxruntime, onnxscript)"
+from .sliding_window import probabilities_of
 
 
 def onnx_session(path: Path, threads: int | None = None):
@@ -29,15 +29,6 @@ def onnx_session(path: Path, threads: int | None = None):
 def onnx_logits(sess, images):
     """The logits of a float32 batch ``[N, C, ...]`` (numpy) from an ONNX Runtime session."""
     return sess.run(None, {sess.get_inputs()[0].name: images})[0]
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities in float32; one logit channel is the foreground of two classes (sigmoid)."""
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits)
-        return torch.cat([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
 
 
 class OnnxNetwork(torch.nn.Module):
@@ -61,5 +52,5 @@ class Ensemble(torch.nn.Module):
         self.members = torch.nn.ModuleList(members)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = sum(probabilities(member(x)) for member in self.members) / len(self.members)
+        mean = sum(probabilities_of(member(x)) for member in self.members) / len(self.members)
         return torch.log(mean.clamp_min(torch.finfo(torch.float32).tiny))
