@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from .core.card import card_dimension
 from .core.cli_args import options_of, positive
 from .core.errors import DataError, JobError, Source
 from .core.files import atomic_write
@@ -143,6 +144,9 @@ def _trained_job(card: dict, checkpoint: Path) -> Generator:
 
 def _disagreements(card: dict, gen: Generator) -> list[str]:
     """Where the job given to predict differs from what the checkpoint was trained with."""
+    if gen.dimension != card_dimension(card):  # nothing else compares: a 2D job's settings are not a 3D model's
+        return [f"dimension {gen.dimension}: a {gen.dimension.upper()} model (trained: a {card_dimension(card).upper()} "
+                f"{card['architecture']['name']} model)"]
     found = []
     arch = gen.action("architecture_injection")
     if arch.entry.name != card["architecture"]["name"]:
@@ -519,8 +523,8 @@ def _regions(text: str, names: tuple[str, ...], where: Path) -> dict:
 
 def add_commands(sub) -> None:
     """Add ``predict`` and ``evaluate`` to the ``autocnnp`` sub-parsers ``sub``."""
-    doc = ("segment volumes slice by slice with a trained network and write NIfTI label volumes (the checkpoint "
-           "describes its model: the job file is optional)")
+    doc = ("segment volumes with a trained network, slice by slice (2D) or through sliding windows (3D), and write "
+           "NIfTI label volumes on each volume's own grid (the checkpoint describes its model: the job file is optional)")
     s = sub.add_parser("predict", help=doc, description=doc)
     s.add_argument("job", nargs="?", help="the XML job file of the run (optional: for latest/best, the default "
                                           "input and output folders)")
@@ -542,7 +546,8 @@ def add_commands(sub) -> None:
                    help="classes the model was trained with (default: recorded in the checkpoint)")
     s.add_argument("--batch-size", type=positive, default=None,
                    help="slices per forward pass, taken across the whole volume (default: 16 on a GPU; on a CPU as "
-                        "many as make one 512 x 512 slice's pixels, at most 16)")
+                        "many as make one 512 x 512 slice's pixels, at most 16); 3D: windows (default 2 on a GPU, "
+                        "1 on a CPU)")
     s.add_argument("--threads", type=positive, default=None,
                    help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use); on a machine "
                         "other work keeps busy, --threads 1 per process is best (all threads wait for the slowest)")
@@ -554,7 +559,8 @@ def add_commands(sub) -> None:
     s.add_argument("--probabilities", action="store_true",
                    help="also write the probability of each class as a float32 volume, "
                         "<case>_prob-<value>-<class>.nii.gz")
-    s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time)")
+    s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time); 3D: "
+                                                      "over the window's 8 flips along its axes (8x)")
     s.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     s.set_defaults(func=cmd_predict)
 
