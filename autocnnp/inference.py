@@ -23,12 +23,13 @@ from pathlib import Path
 
 from .core.card import card_dimension
 from .core.cli_args import options_of, positive
-from .core.errors import DataError, JobError, Source
+from .core.errors import DataError, ExitCode, JobError, Source
 from .core.files import atomic_write
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
 from .core.processes import case_runner, default_threads
 from .core.rundir import BEST_RECORD, LATEST_POINTER, checkpoint_file, zoo_folder
 from .core.text import text_table
+from .core.world import discover_world, launcher_name
 from .engine.job import read_job
 from .generator.assemble import Generator, assemble
 from .generator.overrides import apply_overrides, parse_sets, read_variant
@@ -72,6 +73,7 @@ class PredictOptions:
     probabilities: bool = False  #: also write <case>_prob-<value>-<class>.nii.gz per class
     tta: bool = False  #: average over the slice and its two flips (3D: the window's flips along its 3 axes)
     device: str | None = None  #: torch device (default cuda when available, else cpu)
+    ranks: int = 1  #: processes sharing the cases (started with mpirun; srun/mpirun-started ranks split by themselves)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,9 +235,60 @@ def _check_images(cases: list, transform, in_channels: int | None) -> int:
     return in_channels
 
 
+class RanksFailed(RuntimeError):
+    """A rank of a ``predict --ranks`` ended with an error (its own message went to stderr already)."""
+
+
 def cmd_predict(args) -> int:
-    predict(options_of(PredictOptions, args))
+    try:
+        predict(options_of(PredictOptions, args))
+    except RanksFailed as exc:
+        print(f"autocnnp: {exc}", file=sys.stderr, flush=True)
+        return ExitCode.FAILED
     return 0
+
+
+def rank_argv(options: PredictOptions, checkpoint: Path, out: Path, source: Path) -> list[str]:
+    """``autocnnp predict`` as each rank runs it: the options given, with the checkpoint, input and output the
+    front-end resolved (absolute paths), without ``--ranks``."""
+    argv = [sys.executable, "-m", "autocnnp", "predict"] + ([str(Path(options.job).resolve())] if options.job else [])
+    argv += [f"--set={s}" for s in options.sets]
+    argv += ["--checkpoint", str(checkpoint.resolve()), "--input", str(source.resolve()), "--split", options.split,
+             "--out", str(out.resolve()), "--precision", options.precision]
+    for flag, value in (("--num-classes", options.num_classes), ("--batch-size", options.batch_size),
+                        ("--threads", options.threads), ("--device", options.device)):
+        argv += [flag, str(value)] if value is not None else []
+    if options.channels_last is not None:
+        argv.append("--channels-last" if options.channels_last else "--no-channels-last")
+    return argv + ["--probabilities"] * options.probabilities + ["--tta"] * options.tta
+
+
+def _run_ranks(ranks: int, argv: list[str]) -> None:
+    """Run ``argv`` on ``ranks`` processes (``mpirun -np``, one session stopped as a whole on any signal or error);
+    RanksFailed when a rank fails."""
+    import os
+    import shutil
+
+    from .run.processes import start, stop_session
+
+    if shutil.which("mpirun") is None:
+        raise JobError(Path("--ranks"), f"--ranks {ranks} starts the ranks with mpirun (Open MPI), which is not "
+                       "installed", "install Open MPI, or run `srun -n N autocnnp predict ...` in a Slurm allocation")
+    env = dict(os.environ)
+    if os.geteuid() == 0:  # containers and CI often run as root; Open MPI refuses that by default
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    cmd += [arg for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS") if name in env
+            for arg in ("-x", name)]
+    proc = start(cmd + argv, env)
+    try:
+        code = proc.wait()  # a signal to this process (Interrupted) stops the whole session below
+    finally:
+        if proc.poll() is None:
+            stop_session(proc, grace_s=5.0)
+    if code != 0:
+        raise RanksFailed(f"predict on {ranks} ranks failed (mpirun exit code {code}); label volumes the other ranks "
+                          "finished are written")
 
 
 def predict(options: PredictOptions) -> Prediction:
@@ -247,7 +300,8 @@ def predict(options: PredictOptions) -> Prediction:
     from .training.precision import autocast_dtype
     from .training.predictor import Predictor, prepare_network
 
-    torch.set_num_threads(options.threads or default_threads())
+    world = discover_world()  # ranks started by srun or mpirun share the cases
+    torch.set_num_threads(options.threads or default_threads(world.local_world_size))
     gen = assemble(read_variant(options.job, parse_sets(list(options.sets)))) if options.job else None
     checkpoint = _zoo_checkpoint(options.model) if options.model else _checkpoint_path(options.checkpoint, gen)
     state = _load_checkpoint(checkpoint)
@@ -265,6 +319,13 @@ def predict(options: PredictOptions) -> Prediction:
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder", "name a folder for the predicted label volumes")
     in_channels = _check_images(cases, transform, in_channels)
+    if options.ranks > 1 and launcher_name() is None:  # checked here, once: the ranks split the cases
+        print(f"predicting {len(cases)} volume(s) on {options.ranks} ranks (mpirun), each writing its share to {out}",
+              flush=True)
+        _run_ranks(options.ranks, rank_argv(options, checkpoint, out, source))
+        return Prediction(checkpoint, out, {case.name: out / f"{case.name}.nii.gz" for case in cases}, names, 0.0)
+    every = len(cases)
+    cases = cases[world.rank::world.world_size]
 
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -278,7 +339,8 @@ def predict(options: PredictOptions) -> Prediction:
     total_units, total_infer, total_wall, unit = 0, 0.0, 0.0, "slice"
     arithmetic = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
     batches = f"batches of {options.batch_size}, " if options.batch_size else ""
-    print(f"predicting {len(cases)} volume(s) with {checkpoint} on {device} ({torch.get_num_threads()} thread(s), "
+    share = f" (rank {world.rank} of {world.world_size}: {len(cases)} of {every})" if world.world_size > 1 else ""
+    print(f"predicting {len(cases)} volume(s){share} with {checkpoint} on {device} ({torch.get_num_threads()} thread(s), "
           f"{arithmetic}{', channels_last' if channels_last else ''}, {batches}{transform.describe()}"
           f"{', flip test-time augmentation' if options.tta else ''})")
     for case in cases:
@@ -562,6 +624,10 @@ def add_commands(sub) -> None:
     s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time); 3D: "
                                                       "over the window's 8 flips along its axes (8x)")
     s.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    s.add_argument("--ranks", type=positive, default=PredictOptions.ranks,
+                   help="processes sharing the cases, started with mpirun after the inputs are checked; each case is "
+                        "written once, by one rank (default 1). Ranks a launcher started (srun -n N, mpirun -np N) "
+                        "split the cases by themselves")
     s.set_defaults(func=cmd_predict)
 
     doc = ("score predicted label volumes against references: SegEval, Dice and IoU per class, region Dice and "

@@ -151,3 +151,24 @@ def test_dimension_3d_on_tensorflow_is_refused_at_validate_naming_the_setting(ch
     line = next(i for i, t in enumerate(job.read_text().splitlines(), 1) if 'name="dimension"' in t)
     assert err.startswith(f"autocnnp: {job}:{line}:") and "dimension=3d trains on the torch framework only; this job " \
         "trains with tensorflow. Hint: remove the framework action (torch), or train 2D slices" in err
+
+
+@pytest.mark.ranks
+def test_predict_on_two_ranks_writes_each_case_once_as_one_rank_does(checkpoint3d, cli, tmp_path):
+    import subprocess
+    import sys
+
+    root, _ = checkpoint3d
+    common = ["--checkpoint", root / "net3d.pt", "--input", root / "data", "--split", "all", "--threads", "1"]
+    assert cli("predict", *common, "--out", tmp_path / "one")[0] == 0
+    done = subprocess.run([sys.executable, "-m", "autocnnp", "predict", *map(str, common), "--out",
+                           str(tmp_path / "two"), "--ranks", "2"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    text = done.stdout
+    assert "predicting 3 volume(s) on 2 ranks (mpirun)" in text
+    assert "(rank 0 of 2: 2 of 3)" in text and "(rank 1 of 2: 1 of 3)" in text
+    for case in ("case_000", "case_001", "case_002"):
+        assert text.count(f"  {case}: ") == 1  # written by one rank
+        one, two = (nib.load(tmp_path / run / f"{case}.nii.gz") for run in ("one", "two"))
+        np.testing.assert_array_equal(np.asarray(one.dataobj), np.asarray(two.dataobj))
+    assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [f"case_00{i}.nii.gz" for i in range(3)]
