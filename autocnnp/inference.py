@@ -21,13 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+from .core.card import card_dimension
 from .core.cli_args import options_of, positive
-from .core.errors import DataError, JobError, Source
+from .core.errors import DataError, ExitCode, JobError, Source
 from .core.files import atomic_write, read_json
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
 from .core.processes import case_runner, default_threads
 from .core.rundir import BEST_RECORD, EXPORT_CARD, LATEST_POINTER, checkpoint_file, zoo_folder
 from .core.text import text_table
+from .core.world import discover_world, launcher_name
 from .engine.job import read_job
 from .generator.assemble import Generator, assemble
 from .generator.overrides import apply_overrides, parse_sets, read_variant
@@ -71,6 +73,7 @@ class PredictOptions:
     probabilities: bool = False  #: also write <case>_prob-<value>-<class>.nii.gz per class
     tta: bool = False  #: average over the slice and its two flips (3D: the window's flips along its 3 axes)
     device: str | None = None  #: torch device (default cuda when available, else cpu)
+    ranks: int = 1  #: processes sharing the cases (started with mpirun; srun/mpirun-started ranks split by themselves)
     ensemble: tuple[str, ...] = ()  #: checkpoints, exported models or a study's folder whose probabilities are averaged
     members: bool = False  #: with ensemble: also each member's label volumes, in OUT/member-N/
 
@@ -153,6 +156,9 @@ def _trained_job(card: dict, checkpoint: Path) -> Generator:
 
 def _disagreements(card: dict, gen: Generator) -> list[str]:
     """Where the job given to predict differs from what the checkpoint was trained with."""
+    if gen.dimension != card_dimension(card):  # nothing else compares: a 2D job's settings are not a 3D model's
+        return [f"dimension {gen.dimension}: a {gen.dimension.upper()} model (trained: a {card_dimension(card).upper()} "
+                f"{card['architecture']['name']} model)"]
     found = []
     arch = gen.action("architecture_injection")
     if arch.entry.name != card["architecture"]["name"]:
@@ -282,9 +288,61 @@ def _check_images(cases: list, transform, in_channels: int | None) -> int:
     return in_channels
 
 
+class RanksFailed(RuntimeError):
+    """A rank of a ``predict --ranks`` ended with an error (its own message went to stderr already)."""
+
+
 def cmd_predict(args) -> int:
-    predict(options_of(PredictOptions, args))
+    try:
+        predict(options_of(PredictOptions, args))
+    except RanksFailed as exc:
+        print(f"autocnnp: {exc}", file=sys.stderr, flush=True)
+        return ExitCode.FAILED
     return 0
+
+
+def rank_argv(options: PredictOptions, checkpoint: Path, out: Path, source: Path) -> list[str]:
+    """``autocnnp predict`` as each rank runs it: the options given, with the checkpoint, input and output the
+    front-end resolved (absolute paths), without ``--ranks``."""
+    argv = [sys.executable, "-m", "autocnnp", "predict"] + ([str(Path(options.job).resolve())] if options.job else [])
+    argv += [f"--set={s}" for s in options.sets]
+    argv += ["--checkpoint", str(checkpoint.resolve()), "--input", str(source.resolve()), "--split", options.split,
+             "--out", str(out.resolve()), "--precision", options.precision]
+    for flag, value in (("--num-classes", options.num_classes), ("--batch-size", options.batch_size),
+                        ("--threads", options.threads), ("--device", options.device)):
+        argv += [flag, str(value)] if value is not None else []
+    if options.channels_last is not None:
+        argv.append("--channels-last" if options.channels_last else "--no-channels-last")
+    argv += ["--ensemble", *options.ensemble] + ["--members"] * options.members if options.ensemble else []
+    return argv + ["--probabilities"] * options.probabilities + ["--tta"] * options.tta
+
+
+def _run_ranks(ranks: int, argv: list[str]) -> None:
+    """Run ``argv`` on ``ranks`` processes (``mpirun -np``, one session stopped as a whole on any signal or error);
+    RanksFailed when a rank fails."""
+    import os
+    import shutil
+
+    from .run.processes import start, stop_session
+
+    if shutil.which("mpirun") is None:
+        raise JobError(Path("--ranks"), f"--ranks {ranks} starts the ranks with mpirun (Open MPI), which is not "
+                       "installed", "install Open MPI, or run `srun -n N autocnnp predict ...` in a Slurm allocation")
+    env = dict(os.environ)
+    if os.geteuid() == 0:  # containers and CI often run as root; Open MPI refuses that by default
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    cmd += [arg for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS") if name in env
+            for arg in ("-x", name)]
+    proc = start(cmd + argv, env)
+    try:
+        code = proc.wait()  # a signal to this process (Interrupted) stops the whole session below
+    finally:
+        if proc.poll() is None:
+            stop_session(proc, grace_s=5.0)
+    if code != 0:
+        raise RanksFailed(f"predict on {ranks} ranks failed (mpirun exit code {code}); label volumes the other ranks "
+                          "finished are written")
 
 
 def predict(options: PredictOptions) -> Prediction:
@@ -297,7 +355,8 @@ def predict(options: PredictOptions) -> Prediction:
     from .training.precision import autocast_dtype
     from .training.predictor import Predictor, prepare_network
 
-    torch.set_num_threads(options.threads or default_threads())
+    world = discover_world()  # ranks started by srun or mpirun share the cases
+    torch.set_num_threads(options.threads or default_threads(world.local_world_size))
     gen = assemble(read_variant(options.job, parse_sets(list(options.sets)))) if options.job else None
     members = _members(options.ensemble, gen) if options.ensemble else None
     checkpoint = members[0] if members else \
@@ -318,6 +377,13 @@ def predict(options: PredictOptions) -> Prediction:
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder", "name a folder for the predicted label volumes")
     in_channels = _check_images(cases, transform, in_channels)
+    if options.ranks > 1 and launcher_name() is None:  # checked here, once: the ranks split the cases
+        print(f"predicting {len(cases)} volume(s) on {options.ranks} ranks (mpirun), each writing its share to {out}",
+              flush=True)
+        _run_ranks(options.ranks, rank_argv(options, checkpoint, out, source))
+        return Prediction(checkpoint, out, {case.name: out / f"{case.name}.nii.gz" for case in cases}, names, 0.0)
+    every = len(cases)
+    cases = cases[world.rank::world.world_size]
 
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -331,8 +397,9 @@ def predict(options: PredictOptions) -> Prediction:
     total_units, total_infer, total_wall, unit = 0, 0.0, 0.0, "slice"
     arithmetic = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
     batches = f"batches of {options.batch_size}, " if options.batch_size else ""
+    share = f" (rank {world.rank} of {world.world_size}: {len(cases)} of {every})" if world.world_size > 1 else ""
     used = f"an ensemble of {len(others) + 1} ({', '.join(str(p) for p in members or [])})" if others else checkpoint
-    print(f"predicting {len(cases)} volume(s) with {used} on {device} ({torch.get_num_threads()} thread(s), "
+    print(f"predicting {len(cases)} volume(s){share} with {used} on {device} ({torch.get_num_threads()} thread(s), "
           f"{arithmetic}{', channels_last' if channels_last else ''}, {batches}{transform.describe()}"
           f"{', flip test-time augmentation' if options.tta else ''})")
     for case in cases:
@@ -593,8 +660,8 @@ def _regions(text: str, names: tuple[str, ...], where: Path) -> dict:
 
 def add_commands(sub) -> None:
     """Add ``predict`` and ``evaluate`` to the ``autocnnp`` sub-parsers ``sub``."""
-    doc = ("segment volumes slice by slice with a trained network and write NIfTI label volumes (the checkpoint "
-           "describes its model: the job file is optional)")
+    doc = ("segment volumes with a trained network, slice by slice (2D) or through sliding windows (3D), and write "
+           "NIfTI label volumes on each volume's own grid (the checkpoint describes its model: the job file is optional)")
     s = sub.add_parser("predict", help=doc, description=doc)
     s.add_argument("job", nargs="?", help="the XML job file of the run (optional: for latest/best, the default "
                                           "input and output folders)")
@@ -617,7 +684,8 @@ def add_commands(sub) -> None:
                    help="classes the model was trained with (default: recorded in the checkpoint)")
     s.add_argument("--batch-size", type=positive, default=None,
                    help="slices per forward pass, taken across the whole volume (default: 16 on a GPU; on a CPU as "
-                        "many as make one 512 x 512 slice's pixels, at most 16)")
+                        "many as make one 512 x 512 slice's pixels, at most 16); 3D: windows (default 2 on a GPU, "
+                        "1 on a CPU)")
     s.add_argument("--threads", type=positive, default=None,
                    help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use); on a machine "
                         "other work keeps busy, --threads 1 per process is best (all threads wait for the slowest)")
@@ -629,8 +697,13 @@ def add_commands(sub) -> None:
     s.add_argument("--probabilities", action="store_true",
                    help="also write the probability of each class as a float32 volume, "
                         "<case>_prob-<value>-<class>.nii.gz")
-    s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time)")
+    s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time); 3D: "
+                                                      "over the window's 8 flips along its axes (8x)")
     s.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    s.add_argument("--ranks", type=positive, default=PredictOptions.ranks,
+                   help="processes sharing the cases, started with mpirun after the inputs are checked; each case is "
+                        "written once, by one rank (default 1). Ranks a launcher started (srun -n N, mpirun -np N) "
+                        "split the cases by themselves")
     s.add_argument("--ensemble", nargs="+", default=(), metavar="MODEL",
                    help="average the class probabilities of several models instead of --checkpoint: checkpoint files, "
                         "run folders, exported model.onnx / model.int8.onnx files, or a study's output folder (its folds)")

@@ -662,13 +662,12 @@ class VolumeTransform:
     """How ``autocnnp predict`` turns a format's volumes into the model's input and the model's output into
     class probabilities on each volume's own grid (the training pre-processing, and its inverse), as
     ``DataFormat.volumes()`` and ``volumes_from_card()`` return it. The decathlon format's are
-    :class:`~autocnnp.components.datasets.decathlon.SliceTransform` (2D: slices along the third axis, the
-    default :meth:`predict` here) and :class:`~autocnnp.components.datasets.volume3d.PatchTransform` (3D:
-    resampled volumes through a sliding window)."""
+    :class:`~autocnnp.components.datasets.decathlon.SliceTransform` (2D: slices along the third axis) and
+    :class:`~autocnnp.components.datasets.volume3d.PatchTransform` (3D: resampled volumes through a sliding
+    window)."""
 
     num_classes: int | None  # the classes the training data declares, if it declares them
     default_input: Path | None  # what predict reads when given no --input (None: --input is required)
-    size: int  # a 2D transform's: the side of the square slices the model takes
 
     def card(self) -> dict:
         """What a checkpoint's model card records of this transform (``volumes_from_card`` rebuilds it)."""
@@ -681,33 +680,18 @@ class VolumeTransform:
 
     def describe(self) -> str:
         """How the model sees a volume, for predict's first line."""
-        return f"slices resized to {self.size} x {self.size}"
+        raise NotImplementedError
 
     def input_channels(self, channels: int, where: Path) -> int:
         """The channels the model reads of an image stored with ``channels``; a DataError naming ``where`` when
         the image lacks some."""
-        import numpy as np
-
-        return self.to_slices(np.zeros((1, 1, 1, channels), np.float32), where).shape[1]
-
-    def to_slices(self, image, where: Path):
-        """A channels-last volume ``(X, Y, Z, C)`` read from ``where`` as float32 model input
-        ``[slices, C, size, size]``; a DataError naming ``where`` when it does not fit the model (a 2D transform's)."""
         raise NotImplementedError
 
     def predict(self, image, img, where: Path, predictor, keep: bool) -> VolumePrediction:
         """The prediction of a channels-last volume ``image`` ``(X, Y, Z, C)`` as stored, read from ``where`` (its
         NIfTI image ``img``: header, affine), by ``predictor`` (autocnnp.training.predictor.Predictor: the network on
-        its device), on the volume's own grid; the probabilities too when ``keep``. This default runs
-        :meth:`to_slices`' slices through the network and resizes their probabilities back (2D)."""
-        start = time.perf_counter()
-        slices = self.to_slices(image, where)
-        prepared = time.perf_counter()
-        probs, network = predictor.slices(slices)
-        inferred = time.perf_counter()
-        labels, grid = predictor.slices_to_source(probs, tuple(image.shape[:2]), keep)  # bilinear, then argmax
-        return VolumePrediction(labels, grid, len(slices), "slice", prepared - start, network,
-                                time.perf_counter() - inferred)
+        its device), on the volume's own grid; the probabilities too when ``keep``."""
+        raise NotImplementedError
 
 
 # --- tracker (<monitoring> tracker: several at once) -----------------------------------------------------

@@ -40,17 +40,18 @@ class Predictor:
         """Labels and (``keep``) probabilities on the source grid of slice probabilities (:func:`source_grid`)."""
         return source_grid(probs, plane, keep)
 
-    def volume(self, volume: np.ndarray, patch, overlap: float) -> tuple[torch.Tensor, float]:
+    def volume(self, volume: np.ndarray, patch, overlap: float) -> tuple[torch.Tensor, float, int]:
         """Class probabilities ``[K, D, H, W]`` (float32, on the CPU) of a whole volume ``[C, D, H, W]``, windows of
-        side ``patch`` overlapping by ``overlap`` (mirrored along the three axes with ``tta``), and the seconds
-        spent."""
+        side ``patch`` overlapping by ``overlap`` (mirrored along the three axes with ``tta``), the seconds spent
+        and the number of windows."""
         start = time.perf_counter()
         window = SlidingWindow(patch, overlap, batch=self.batch_size or default_windows(self.device),
                                mirror=self.tta, dtype=self.dtype)
         probs = window.probabilities(self.model, torch.from_numpy(volume)[None])[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        return probs, time.perf_counter() - start
+        padded = [max(side, p) for side, p in zip(volume.shape[1:], patch)]
+        return probs, time.perf_counter() - start, len(window.windows(padded))
 
 
 def default_windows(device) -> int:
