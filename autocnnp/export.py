@@ -2,8 +2,9 @@
 
 ``export CHECKPOINT --to DIR`` writes into DIR:
 
-* ``model.onnx``: the network (input ``image`` ``[N, C, H, W]`` float32, output ``logits``; the batch and the
-  spatial axes dynamic), checked against torch on the run's validation slices (``label_agreement``);
+* ``model.onnx``: the network (input ``image`` ``[N, C, H, W]`` float32, 3D ``[N, C, D, H, W]``, output ``logits``;
+  the batch and the spatial axes dynamic), checked against torch on the run's validation slices
+  (``label_agreement``; 2D: 3D runs cache volumes, not slices, and are exported without this check);
 * ``model.torchscript.pt``: torch's own serialised form (``torch.jit.load`` runs it without autocnnp);
 * ``model.json``: the model card (the checkpoint's: job, architecture, classes, input transform) with what
   was exported and measured.
@@ -28,6 +29,7 @@ import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .core.card import card_dimension
 from .core.errors import DataError, JobError
 from .core.files import atomic_write
 from .core.rundir import EXPORT_CARD, LATEST_POINTER
@@ -89,6 +91,13 @@ def export_onnx(model, example, path: Path, opset: int, where: Path) -> None:
         raise DataError(where, f"the network uses the operator {operator}, which ONNX (opset {opset}) cannot express",
                         "write that step of the architecture with standard layers (convolutions, pooling, "
                         "interpolation, activations), or deploy the TorchScript form instead") from None
+
+
+def example_sides(card: dict) -> list[int]:
+    """The spatial sides of the example input the export traces: a 3D network's patch, a 2D network's slice."""
+    if card_dimension(card) == "3d":
+        return [int(n) for n in card["patch_size"]]
+    return [int(card["size"])] * 2
 
 
 def _sha256(path: Path) -> str:
@@ -190,8 +199,7 @@ def export(options: ExportOptions) -> Exported:
     model = inference._build_network(trained, state["model"], in_channels, classes, checkpoint).eval()
     folder = Path(options.to) if options.to else trained.rundir.export
     folder.mkdir(parents=True, exist_ok=True)
-    size = transform.card().get("size") or 64
-    example = torch.zeros((1, in_channels, *([size] * getattr(transform, "dims", 2))), dtype=torch.float32)
+    example = torch.zeros((1, in_channels, *example_sides(transform.card())), dtype=torch.float32)
     out = Exported(folder)
     onnx_path = folder / ONNX_FILE
     partial = folder / (ONNX_FILE + ".partial")
