@@ -206,8 +206,8 @@ def export(options: ExportOptions) -> Exported:
     with torch.no_grad():
         export_onnx(model, example, partial, options.opset, checkpoint)
         partial.replace(onnx_path)
-        with warnings.catch_warnings():  # deprecated in favour of torch.export, which cannot keep the axes dynamic
-            warnings.simplefilter("ignore", DeprecationWarning)
+        with warnings.catch_warnings():  # deprecated in favour of torch.export, which cannot keep the axes dynamic;
+            warnings.simplefilter("ignore")  # and the tracer's notes on the network's shape checks
             traced = torch.jit.trace(model, example, check_trace=False)
     script = folder / (TORCHSCRIPT_FILE + ".partial")
     traced.save(str(script))
