@@ -166,6 +166,25 @@ def test_the_3d_bundle_validates_whole_volumes_through_a_sliding_window(tubes, t
     assert Config(train=tubes, dimension="3d", patch_size="8,16,16").input_size() == (8, 16, 16)
 
 
+def test_validate_checks_the_3d_patch_against_the_architecture(tubes, tmp_path, cli):
+    from jobfiles import write_job
+
+    def job(patch: str) -> Path:
+        data = (f'<data format="decathlon"><train><path>{tubes}</path></train><param name="dimension">3d</param>'
+                f'<param name="patch_size">{patch}</param></data>')
+        return write_job(tmp_path / "job.xml", arch='<CNN_archi name="unet3d"><param name="depth">3</param></CNN_archi>',
+                         data=data)
+
+    rc, out, err = cli("validate", job("16,16,16"))
+    assert rc == 0, err
+    bad = job("6,16,16")
+    line = next(n for n, text in enumerate(bad.read_text().splitlines(), 1) if "patch_size" in text)
+    rc, out, err = cli("validate", bad)
+    assert rc == 2 and f"job.xml:{line}:" in err and "6x16x16" in err and "4 or 8 instead of 6" in err
+    rc, out, err = cli("validate", job("auto"))  # 16 x 24 x 24 resampled (median spacing): 16 x 16 x 16
+    assert rc == 0, err
+
+
 class _World:
     rank, world_size = 0, 1
 
