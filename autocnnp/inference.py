@@ -21,6 +21,7 @@ import sys
 import time
 from pathlib import Path
 
+from .core.card import card_dimension
 from .core.cli_args import options_of, positive
 from .core.errors import DataError, JobError, Source
 from .core.files import atomic_write
@@ -64,12 +65,12 @@ class PredictOptions:
     split: str = "test"  #: which cases of a dataset input: test, training or all
     out: Path | str | None = None  #: folder for <case>.nii.gz (default: predictions/ in the job's output)
     num_classes: int | None = None  #: default: recorded in the checkpoint
-    batch_size: int | None = None  #: slices per forward pass (default: see default_batch)
+    batch_size: int | None = None  #: slices (3D: windows) per forward pass (default: see training.predictor)
     threads: int | None = None  #: CPU threads (default: OMP_NUM_THREADS, else the usable cores)
     precision: str = "auto"  #: one of PRECISIONS
     channels_last: bool | None = None  #: default: on a GPU
     probabilities: bool = False  #: also write <case>_prob-<value>-<class>.nii.gz per class
-    tta: bool = False  #: average over the slice and its two flips
+    tta: bool = False  #: average over the slice and its two flips (3D: the window's flips along its 3 axes)
     device: str | None = None  #: torch device (default cuda when available, else cpu)
 
 
@@ -81,7 +82,7 @@ class Prediction:
     out: Path
     labels: dict[str, Path]
     classes: tuple[str, ...]  #: the class names the checkpoint records (empty when it records none)
-    ms_per_slice: float  #: network time per slice
+    ms_per_slice: float  #: network time per slice (per window of a 3D model)
 
 
 NO_VOLUMES_HINT = ("to predict NIfTI volumes, train on volumes: `autocnnp synth DIR` writes a small Decathlon-layout "
@@ -143,6 +144,9 @@ def _trained_job(card: dict, checkpoint: Path) -> Generator:
 
 def _disagreements(card: dict, gen: Generator) -> list[str]:
     """Where the job given to predict differs from what the checkpoint was trained with."""
+    if gen.dimension != card_dimension(card):  # nothing else compares: a 2D job's settings are not a 3D model's
+        return [f"dimension {gen.dimension}: a {gen.dimension.upper()} model (trained: a {card_dimension(card).upper()} "
+                f"{card['architecture']['name']} model)"]
     found = []
     arch = gen.action("architecture_injection")
     if arch.entry.name != card["architecture"]["name"]:
@@ -208,97 +212,6 @@ def _build_network(trained: Generator, weights: dict, in_channels: int, classes:
                         f"classes ({str(exc).splitlines()[0]})", "pass the --num-classes it was trained with") from None
 
 
-def default_batch(device, size: int) -> int:
-    """Slices per forward pass: 16 on a GPU; on a CPU as many as hold the pixels of one 512 x 512 slice (at most
-    16): larger batches of large slices were slower per slice there (U-Net at 512 x 512 on 2 cores: 458 ms
-    a slice one at a time, 607 ms in batches of 8: activations of hundreds of MB cost page faults)."""
-    return 16 if device.type == "cuda" else max(1, min(16, (512 * 512) // (size * size)))
-
-
-def prepare_network(model, device, channels_last: bool):
-    """``model`` on ``device`` for inference (eval mode), its weights in channels_last when asked."""
-    import torch
-
-    model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
-def _softmax(logits):
-    """Class probabilities in float32; one logit channel is the foreground of two classes (sigmoid)."""
-    import torch
-
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits)
-        return torch.cat([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
-
-
-def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dtype, channels_last: bool):
-    """Softmax probabilities ``[Z, C, H, W]`` (float32) of a volume's slices ``[Z, C_in, H, W]``, run through
-    the network ``batch_size`` slices at a time and written into one array allocated for the volume; averaged
-    over flips when asked. ``dtype`` is the autocast dtype (None: float32), ``channels_last`` the batches'
-    memory format. On a GPU the volume and the array sit in pinned host memory and the copies are
-    asynchronous, so the next batch is queued while the GPU works. Returns them and the seconds spent
-    (copies and network)."""
-    import contextlib
-
-    import numpy as np
-    import torch
-
-    cuda = device.type == "cuda"
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    views = [(), (-1,), (-2,)] if flips else [()]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    start = time.perf_counter()
-    source = torch.from_numpy(np.ascontiguousarray(slices))
-    if cuda:
-        source = source.pin_memory()
-    out = None
-    with torch.inference_mode(), autocast:
-        for lo in range(0, len(source), batch_size):
-            batch = source[lo:lo + batch_size].to(device, non_blocking=cuda).contiguous(memory_format=layout)
-            probs = None
-            for dims in views:
-                p = _softmax(model(batch.flip(dims) if dims else batch))
-                p = p.flip(dims) if dims else p
-                probs = p if probs is None else probs + p
-            probs = probs / len(views)
-            if out is None:
-                out = torch.empty((len(source), *probs.shape[1:]), dtype=torch.float32, pin_memory=cuda)
-            out[lo:lo + len(probs)].copy_(probs.contiguous(), non_blocking=cuda)
-    if cuda:
-        torch.cuda.synchronize(device)
-    return out.numpy(), time.perf_counter() - start
-
-
-def source_grid(probs, plane: tuple[int, int], keep: bool):
-    """``(labels, probabilities)`` of slice probabilities ``[Z, C, h, w]`` resized bilinearly back to the source's
-    ``plane`` ``(X, Y)``: the argmax as a uint8 volume ``(X, Y, Z)``, and (``keep``) the probabilities
-    ``(C, X, Y, Z)`` in float32, else None. A few slices at a time, into Fortran-ordered volumes: NIfTI's order,
-    written without another copy."""
-    import numpy as np
-
-    from .data import slices as slicing
-    from .data.slices import resize
-
-    depth, classes = probs.shape[:2]
-    x, y = plane
-    labels = np.empty((depth, y, x), np.uint8)  # the memory of a Fortran-ordered (X, Y, Z)
-    grid = np.empty((classes, depth, y, x), np.float32) if keep else None
-    step = max(1, slicing.CHUNK_BYTES // (classes * x * y * 4))
-    for lo in range(0, depth, step):
-        part = resize(probs[lo:lo + step], plane).transpose(1, 0, 3, 2)  # [C, n, Y, X]
-        best, chosen = part[0].copy(), labels[lo:lo + step]
-        chosen[...] = 0
-        for k in range(1, classes):  # the argmax (the first of ties) in C - 1 passes: 40x numpy's over an inner axis
-            chosen[part[k] > best] = k
-            np.maximum(best, part[k], out=best)
-        if grid is not None:
-            grid[:, lo:lo + step] = part
-    return labels.T, None if grid is None else grid.transpose(0, 3, 2, 1)
-
-
 def probability_file(case: str, names: tuple[str, ...], k: int) -> str:
     """The name of the probability volume of class ``k`` of ``case``: ``case_004_prob-1-edema.nii.gz``."""
     return f"{case}{PROBABILITY_MARK}{k}-{class_key(names[k]) if k < len(names) else 'class'}.nii.gz"
@@ -308,14 +221,11 @@ def _check_images(cases: list, transform, in_channels: int | None) -> int:
     """Every input image's header, read before anything is written (a refused predict creates nothing): a
     NIfTI image whose channels, after the modality selection, are the ones the model reads (the first
     image's when the checkpoint does not say). Returns the model's input channels."""
-    import numpy as np
-
     from .data.volumes import image_shape, open_nifti
 
     for case in cases:
         path = Path(case.image)
-        channels = image_shape(path, open_nifti(path).shape)[3]
-        channels = transform.to_slices(np.zeros((1, 1, 1, channels), np.float32), path).shape[1]
+        channels = transform.input_channels(image_shape(path, open_nifti(path).shape)[3], path)
         in_channels = in_channels or channels
         if channels != in_channels:
             raise DataError(path, f"image has {channels} channel(s) after modality selection, the model takes "
@@ -335,6 +245,7 @@ def predict(options: PredictOptions) -> Prediction:
 
     from .data.volumes import read_case, save_label, save_probabilities
     from .training.precision import autocast_dtype
+    from .training.predictor import Predictor, prepare_network
 
     torch.set_num_threads(options.threads or default_threads())
     gen = assemble(read_variant(options.job, parse_sets(list(options.sets)))) if options.job else None
@@ -364,43 +275,42 @@ def predict(options: PredictOptions) -> Prediction:
         torch.backends.cudnn.benchmark = True  # a volume's batches share one shape: tune the convolutions once
     model = None  # the first volume written creates the out folder
     written: dict[str, Path] = {}
-    total_slices, total_infer, total_wall = 0, 0.0, 0.0
-    size = transform.size
-    batch_size = options.batch_size or default_batch(device, size)
+    total_units, total_infer, total_wall, unit = 0, 0.0, 0.0, "slice"
     arithmetic = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
+    batches = f"batches of {options.batch_size}, " if options.batch_size else ""
     print(f"predicting {len(cases)} volume(s) with {checkpoint} on {device} ({torch.get_num_threads()} thread(s), "
-          f"{arithmetic}{', channels_last' if channels_last else ''}, batches of {batch_size}, slices resized "
-          f"to {size} x {size}{', flip test-time augmentation' if options.tta else ''})")
+          f"{arithmetic}{', channels_last' if channels_last else ''}, {batches}{transform.describe()}"
+          f"{', flip test-time augmentation' if options.tta else ''})")
     for case in cases:
         start = time.perf_counter()
-        image, _, img = read_case(case)  # as stored: the model's input is made a few slices at a time
+        image, _, img = read_case(case)  # as stored: the transform makes the model's input a part at a time
         affine, header = np.asarray(img.affine, dtype=np.float64), img.header
         read = time.perf_counter()
-        slices = transform.to_slices(image, case.image)
-        prepared = time.perf_counter()
         if model is None:
-            model = prepare_network(_build_network(trained, state["model"], in_channels, classes, checkpoint),
-                                    device, channels_last)
-        probs, infer = slice_probabilities(model, slices, batch_size, device, options.tta, dtype, channels_last)
-        inferred = time.perf_counter()
+            model = Predictor(prepare_network(_build_network(trained, state["model"], in_channels, classes, checkpoint),
+                                              device, channels_last),
+                              device, options.batch_size, options.tta, dtype, channels_last)
+        done = transform.predict(image, img, Path(case.image), model, options.probabilities)
+        del image
+        written_at = time.perf_counter()
         target = out / f"{case.name}.nii.gz"
-        labels, grid = source_grid(probs, tuple(image.shape[:2]), options.probabilities)  # bilinear, then argmax
-        del probs, slices, image
-        save_label(labels, affine, header, target)
+        save_label(done.labels, affine, header, target)
         written[case.name] = target
         if options.probabilities:  # a float32 volume per class, named after it
-            for k in range(grid.shape[0]):
-                save_probabilities(grid[k], affine, header, out / probability_file(case.name, names, k))
+            for k in range(done.probabilities.shape[0]):
+                save_probabilities(done.probabilities[k], affine, header, out / probability_file(case.name, names, k))
         wall = time.perf_counter() - start
-        depth = labels.shape[2]
-        total_slices, total_infer, total_wall = total_slices + depth, total_infer + infer, total_wall + wall
-        print(f"  {case.name}: {depth} slices, inference {1000 * infer / max(depth, 1):.2f} ms/slice, "
-              f"{wall:.3f} s/volume (read {read - start:.2f} s, prepare {prepared - read:.2f} s, network {infer:.2f} s, "
-              f"resize back and write {time.perf_counter() - inferred:.2f} s) -> {target}")
+        unit = done.unit
+        total_units, total_infer, total_wall = total_units + done.units, total_infer + done.network_s, total_wall + wall
+        print(f"  {case.name}: {done.units} {unit}s, inference {1000 * done.network_s / max(done.units, 1):.2f} "
+              f"ms/{unit}, {wall:.3f} s/volume (read {read - start:.2f} s, prepare {done.prepare_s:.2f} s, network "
+              f"{done.network_s:.2f} s, resize back and write {done.back_s + time.perf_counter() - written_at:.2f} s)"
+              f" -> {target}")
     named = f"; classes: {', '.join(f'{i} {n}' for i, n in enumerate(names))}" if names else ""
-    print(f"{len(cases)} volume(s), {total_slices} slices: inference {1000 * total_infer / max(total_slices, 1):.2f} "
-          f"ms/slice, {total_wall / max(len(cases), 1):.3f} s/volume on average; label volumes in {out}{named}")
-    return Prediction(checkpoint, out, written, names, 1000 * total_infer / max(total_slices, 1))
+    per_unit = 1000 * total_infer / max(total_units, 1)
+    print(f"{len(cases)} volume(s), {total_units} {unit}s: inference {per_unit:.2f} ms/{unit}, "
+          f"{total_wall / max(len(cases), 1):.3f} s/volume on average; label volumes in {out}{named}")
+    return Prediction(checkpoint, out, written, names, per_unit)
 
 
 # --- evaluate ----------------------------------------------------------------------------------------------
@@ -613,8 +523,8 @@ def _regions(text: str, names: tuple[str, ...], where: Path) -> dict:
 
 def add_commands(sub) -> None:
     """Add ``predict`` and ``evaluate`` to the ``autocnnp`` sub-parsers ``sub``."""
-    doc = ("segment volumes slice by slice with a trained network and write NIfTI label volumes (the checkpoint "
-           "describes its model: the job file is optional)")
+    doc = ("segment volumes with a trained network, slice by slice (2D) or through sliding windows (3D), and write "
+           "NIfTI label volumes on each volume's own grid (the checkpoint describes its model: the job file is optional)")
     s = sub.add_parser("predict", help=doc, description=doc)
     s.add_argument("job", nargs="?", help="the XML job file of the run (optional: for latest/best, the default "
                                           "input and output folders)")
@@ -636,7 +546,8 @@ def add_commands(sub) -> None:
                    help="classes the model was trained with (default: recorded in the checkpoint)")
     s.add_argument("--batch-size", type=positive, default=None,
                    help="slices per forward pass, taken across the whole volume (default: 16 on a GPU; on a CPU as "
-                        "many as make one 512 x 512 slice's pixels, at most 16)")
+                        "many as make one 512 x 512 slice's pixels, at most 16); 3D: windows (default 2 on a GPU, "
+                        "1 on a CPU)")
     s.add_argument("--threads", type=positive, default=None,
                    help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use); on a machine "
                         "other work keeps busy, --threads 1 per process is best (all threads wait for the slowest)")
@@ -648,7 +559,8 @@ def add_commands(sub) -> None:
     s.add_argument("--probabilities", action="store_true",
                    help="also write the probability of each class as a float32 volume, "
                         "<case>_prob-<value>-<class>.nii.gz")
-    s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time)")
+    s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time); 3D: "
+                                                      "over the window's 8 flips along its axes (8x)")
     s.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
     s.set_defaults(func=cmd_predict)
 

@@ -335,7 +335,7 @@ def test_unknown_name_far_from_any_lists_the_choices(job, refused):
 
 def test_unknown_architecture(job, refused):
     path = job(('<CNN_archi name="unet">', '<CNN_archi name="unett">'))
-    refused(path, "unett", "unknown architecture 'unett'", "Hint: did you mean 'unet'?")
+    refused(path, "unett", "unknown architecture 'unett'", "Hint: did you mean 'unet' or 'unet3d'?")
 
 
 def test_unknown_data_format_and_lr_policy(job, refused):

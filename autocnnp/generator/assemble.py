@@ -87,6 +87,17 @@ class Generator:
         """What the ranks train with: torch or tensorflow (the framework action)."""
         return self.action("framework").entry.name
 
+    @property
+    def dimension(self) -> str:
+        """``3d`` when the job trains a network on 3D patches (its architecture's size rule says so, else its data's
+        inputs have three sides), else ``2d``."""
+        arch = self.action("architecture_injection")
+        declared = input_sizes_of(arch.config, arch.entry.input_sizes).dimensions
+        if declared:
+            return f"{declared}d"
+        input_size = getattr(self.action("dataset_injection").config, "input_size", None)
+        return "3d" if callable(input_size) and len(tuple(input_size())) == 3 else "2d"
+
     def actions(self):
         for module in self.root.modules():
             yield from module.actions

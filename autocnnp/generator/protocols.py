@@ -642,13 +642,30 @@ class DataFormat:
         return None
 
 
-class VolumeTransform:
-    """How ``autocnnp predict`` turns a format's volumes into the model's input slices (the training
-    pre-processing; predict resizes the slices' class probabilities back to the volume's grid), as
-    ``DataFormat.volumes()`` and ``volumes_from_card()`` return it. The decathlon format's is
-    :class:`~autocnnp.components.datasets.decathlon.SliceTransform`."""
+@dataclass(frozen=True)
+class VolumePrediction:
+    """What a volume transform's ``predict`` gives for one volume: the argmax ``labels`` ``(X, Y, Z)`` (uint8) on
+    the source grid, the class ``probabilities`` ``(K, X, Y, Z)`` there (float32; None unless kept), how many
+    ``units`` the network ran over (slices, windows: ``unit``) and the seconds spent preparing the input, in the
+    network and bringing the output back to the source grid."""
 
-    size: int  # the side of the square slices the model takes
+    labels: Any
+    probabilities: Any
+    units: int
+    unit: str
+    prepare_s: float
+    network_s: float
+    back_s: float
+
+
+class VolumeTransform:
+    """How ``autocnnp predict`` turns a format's volumes into the model's input and the model's output into
+    class probabilities on each volume's own grid (the training pre-processing, and its inverse), as
+    ``DataFormat.volumes()`` and ``volumes_from_card()`` return it. The decathlon format's are
+    :class:`~autocnnp.components.datasets.decathlon.SliceTransform` (2D: slices along the third axis) and
+    :class:`~autocnnp.components.datasets.volume3d.PatchTransform` (3D: resampled volumes through a sliding
+    window)."""
+
     num_classes: int | None  # the classes the training data declares, if it declares them
     default_input: Path | None  # what predict reads when given no --input (None: --input is required)
 
@@ -661,9 +678,19 @@ class VolumeTransform:
         ``name`` and ``image`` (a path)."""
         raise NotImplementedError
 
-    def to_slices(self, image, where: Path):
-        """A channels-last volume ``(X, Y, Z, C)`` read from ``where`` as float32 model input
-        ``[slices, C, size, size]``; a DataError naming ``where`` when it does not fit the model."""
+    def describe(self) -> str:
+        """How the model sees a volume, for predict's first line."""
+        raise NotImplementedError
+
+    def input_channels(self, channels: int, where: Path) -> int:
+        """The channels the model reads of an image stored with ``channels``; a DataError naming ``where`` when
+        the image lacks some."""
+        raise NotImplementedError
+
+    def predict(self, image, img, where: Path, predictor, keep: bool) -> VolumePrediction:
+        """The prediction of a channels-last volume ``image`` ``(X, Y, Z, C)`` as stored, read from ``where`` (its
+        NIfTI image ``img``: header, affine), by ``predictor`` (autocnnp.training.predictor.Predictor: the network on
+        its device), on the volume's own grid; the probabilities too when ``keep``."""
         raise NotImplementedError
 
 

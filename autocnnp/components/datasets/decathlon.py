@@ -58,7 +58,7 @@ from autocnnp.core.world import World
 from autocnnp.data import slices as slicing
 from autocnnp.data.augment import RandomAffine2D, RandomAffine3D
 from autocnnp.data.checks import Verdict, check_dataset, validate_once
-from autocnnp.data.index import Case, case_name, is_dataset, is_nifti, nifti_files, read_dataset
+from autocnnp.data.index import read_dataset
 from autocnnp.data.preprocess import CacheDataset, build_cache, cache_key_of, check_cache, is_cache
 from autocnnp.data.slices import parse_modalities, resize, select_modalities, zscore_stats, zscored
 from autocnnp.data.spacing import target_spacing
@@ -66,6 +66,8 @@ from autocnnp.data.volumes3d import PatchDataset, VolumeDataset, build_volume_ca
 from autocnnp.generator.protocols import DataBundle, DataCheck, DataFormat, VolumeTransform
 from autocnnp.generator.registry import component
 from autocnnp.training.sliding_window import SlidingWindow
+
+from .inputs import DatasetInputs, SlicePrediction, channel_names_of
 
 # Thesis Table 2.1 (left atrium): rotation [-45, 45] degrees, zoom [0.8, 1.2], shifts of 25.6 px
 # on 512 px slices = 5 % of the slice size (Keras width_shift_range / height_shift_range).
@@ -333,7 +335,7 @@ class Decathlon(DataFormat):
     def files(self) -> list[Path]:
         return [Path(p) for p in (self.config.train, self.config.valid, self.config.test) if p is not None]
 
-    def volumes(self) -> SliceTransform:
+    def volumes(self) -> VolumeTransform:
         c = self.config
         try:
             index = read_dataset(c.train) if not is_cache(c.train) else None
@@ -350,23 +352,26 @@ class Decathlon(DataFormat):
         else:
             modalities = [index.modality_index(m) for m in names]
         declared = len(index.labels) if index is not None else 0
-        return SliceTransform(c.size, modalities, c.normalise, Path(c.test or c.train), max(2, declared) if declared else None,
-                              channel_names=_channel_names(index.modalities, modalities) if index is not None else None)
+        if c.dimension == "3d":  # the 3D transform (volume3d.py)
+            from .volume3d import PatchTransform
 
-    def volumes_from_card(self, card: dict, num_classes: int | None) -> SliceTransform:
+            return PatchTransform(c.input_size(), target_spacing(read_dataset(c.train).cases("training"), c.spacing, c.train),
+                                  c.valid_overlap, modalities, c.normalise, Path(c.test or c.train),
+                                  max(2, declared) if declared else None,
+                                  channel_names_of(index.modalities, modalities) if index is not None else None)
+        return SliceTransform(c.size, modalities, c.normalise, Path(c.test or c.train), max(2, declared) if declared else None,
+                              channel_names=channel_names_of(index.modalities, modalities) if index is not None else None)
+
+    def volumes_from_card(self, card: dict, num_classes: int | None) -> VolumeTransform:
+        if card.get("dimension") == "3d":
+            from .volume3d import PatchTransform
+
+            return PatchTransform.from_card(card, num_classes)
         return SliceTransform.from_card(card, num_classes)
 
 
-def _channel_names(declared: dict[int, str], modalities: list[int] | None) -> tuple[str, ...] | None:
-    """The names of the channels a model reads (``modalities``, or all), from dataset.json's ``modality``."""
-    if not declared:
-        return None
-    picked = modalities if modalities is not None else range(len(declared))
-    return tuple(str(declared.get(i % len(declared), f"channel {i}")) for i in picked)
-
-
 @dataclass(frozen=True)
-class SliceTransform(VolumeTransform):
+class SliceTransform(DatasetInputs, SlicePrediction, VolumeTransform):
     """The decathlon format's volume transform: the training pre-processing of every slice along the third
     axis."""
 
@@ -388,34 +393,6 @@ class SliceTransform(VolumeTransform):
         names = card.get("channel_names")
         return cls(int(card["size"]), card["modalities"], bool(card["normalise"]), None, num_classes,
                    int(card.get("slice_axis", 2)), tuple(names) if names else None)
-
-    def cases(self, source: Path, split: str) -> list[Case]:
-        """The cases to predict: a dataset's ``split``, every NIfTI file in a folder, or one file."""
-        if not source.exists():
-            raise DataError(source, "input does not exist", "name a dataset folder, a folder of NIfTI images or a file")
-        if source.is_file() and is_nifti(source):
-            return [Case(case_name(source), source, None)]
-        if is_dataset(source):
-            ds = read_dataset(source)
-            given = _channel_names(ds.modalities, self.modalities)
-            if self.channel_names and given and [n.lower() for n in given] != [n.lower() for n in self.channel_names]:
-                raise DataError(ds.index_file, f"the channels the model reads are the modalities {', '.join(given)} "
-                                f"here, but it was trained on {', '.join(self.channel_names)}",
-                                "predict on data whose dataset.json 'modality' lists the same modalities in the same "
-                                "order")
-            cases = [Case(c.name, c.image, None) for c in ds.cases(split)]
-            if not cases:
-                raise DataError(ds.index_file, f"the dataset lists no {split} cases",
-                                "pick another --split (test, training or all) or another --input")
-            return cases
-        if source.is_dir():
-            files = nifti_files(source)
-            if not files:
-                raise DataError(source, "the folder holds no NIfTI images (.nii or .nii.gz) and no dataset.json",
-                                "name a Decathlon dataset folder or a folder of images")
-            return [Case(name, path, None) for name, path in files.items()]
-        raise DataError(source, "is neither a NIfTI image, a dataset index nor a folder",
-                        "name a dataset folder, a folder of NIfTI images or a file")
 
     def to_slices(self, image: np.ndarray, where: Path) -> np.ndarray:
         """A channels-last volume ``(X, Y, Z, C)`` as stored (any dtype and memory order) as model input
