@@ -3,6 +3,7 @@ setting and its bad inputs."""
 
 import gzip
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -151,8 +152,11 @@ def test_cases_smaller_than_the_patch_are_padded_and_said_once(tubes, tmp_path, 
 def test_a_spacing_blowing_a_case_beyond_the_budget_is_refused_naming_it(tubes, tmp_path):
     job = Decathlon(Config(train=tubes, dimension="3d", patch_size="8,16,16", spacing="0.1,0.1,0.1",
                            volume_budget_mb=32))
-    with pytest.raises(DataError, match=r"case case_000 .* becomes 240x240x240 .* beyond the budget of 32 MiB"):
+    blown = r"case case_000 .* becomes 240x240x240 .* beyond the budget of 32 MiB"
+    with pytest.raises(DataError, match=blown):
         job.prepare(seed=0, cache_dir=tmp_path / "cache")
+    problems = job.check().problems  # validate --data says it too
+    assert len(problems) == 1 and re.search(blown, str(problems[0]))
 
 
 def test_the_3d_bundle_validates_whole_volumes_through_a_sliding_window(tubes, tmp_path):
