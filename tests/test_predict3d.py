@@ -70,7 +70,7 @@ def test_the_card_of_a_3d_model_says_everything_predict_needs(checkpoint3d):
 def test_3d_predict_writes_the_source_grid_affine_and_codes(checkpoint3d, cli, tmp_path):
     root, net = checkpoint3d
     rc, text, err = cli("predict", "--checkpoint", root / "net3d.pt", "--input", root / "data", "--out", tmp_path,
-                        "--probabilities", "--threads", "1")
+                        "--probabilities", "--threads", "1", "--channels-last")  # a GPU's default: channels_last_3d
     assert rc == 0, err
     assert "sliding windows of 8x16x16 overlapping by 0.5" in text and "case_002: " in text and "windows" in text
     source = nib.load(root / "data" / "imagesTs" / "case_002.nii.gz")

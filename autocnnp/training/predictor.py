@@ -67,9 +67,13 @@ def default_batch(device, size: int) -> int:
 
 
 def prepare_network(model, device, channels_last: bool):
-    """``model`` on ``device`` for inference (eval mode), its weights in channels_last when asked."""
+    """``model`` on ``device`` for inference (eval mode), its weights in channels_last (channels_last_3d for a 3D
+    network) when asked."""
     model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    if not channels_last:
+        return model
+    volumetric = any(p.dim() == 5 for p in model.parameters())
+    return model.to(memory_format=torch.channels_last_3d if volumetric else torch.channels_last)
 
 
 def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dtype, channels_last: bool):
