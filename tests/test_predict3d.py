@@ -172,3 +172,11 @@ def test_predict_on_two_ranks_writes_each_case_once_as_one_rank_does(checkpoint3
         one, two = (nib.load(tmp_path / run / f"{case}.nii.gz") for run in ("one", "two"))
         np.testing.assert_array_equal(np.asarray(one.dataobj), np.asarray(two.dataobj))
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [f"case_00{i}.nii.gz" for i in range(3)]
+
+
+def test_channels_last_of_a_3d_network_and_batch_is_channels_last_3d():
+    from autocnnp.data.batches import channels_last, channels_last_network
+
+    net = channels_last_network(torch.nn.Conv3d(2, 3, 3))
+    assert net.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert channels_last(5) is torch.channels_last_3d and channels_last(4) is torch.channels_last

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..data import slices as slicing
+from ..data.batches import channels_last_network
 from ..data.slices import resize
 from .sliding_window import SlidingWindow, probabilities_of
 
@@ -72,8 +73,7 @@ def prepare_network(model, device, channels_last: bool):
     model = model.to(device).eval()
     if not channels_last:
         return model
-    volumetric = any(p.dim() == 5 for p in model.parameters())
-    return model.to(memory_format=torch.channels_last_3d if volumetric else torch.channels_last)
+    return channels_last_network(model)
 
 
 def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dtype, channels_last: bool):
