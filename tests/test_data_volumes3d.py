@@ -3,6 +3,7 @@ setting and its bad inputs."""
 
 import gzip
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -151,8 +152,11 @@ def test_cases_smaller_than_the_patch_are_padded_and_said_once(tubes, tmp_path, 
 def test_a_spacing_blowing_a_case_beyond_the_budget_is_refused_naming_it(tubes, tmp_path):
     job = Decathlon(Config(train=tubes, dimension="3d", patch_size="8,16,16", spacing="0.1,0.1,0.1",
                            volume_budget_mb=32))
-    with pytest.raises(DataError, match=r"case case_000 .* becomes 240x240x240 .* beyond the budget of 32 MiB"):
+    blown = r"case case_000 .* becomes 240x240x240 .* beyond the budget of 32 MiB"
+    with pytest.raises(DataError, match=blown):
         job.prepare(seed=0, cache_dir=tmp_path / "cache")
+    problems = job.check().problems  # validate --data says it too
+    assert len(problems) == 1 and re.search(blown, str(problems[0]))
 
 
 def test_the_3d_bundle_validates_whole_volumes_through_a_sliding_window(tubes, tmp_path):
@@ -164,6 +168,25 @@ def test_the_3d_bundle_validates_whole_volumes_through_a_sliding_window(tubes, t
     seen = bundle.infer(lambda x: torch.zeros(x.shape[0], 3, *x.shape[2:]), image.float())
     assert seen.shape == (1, 3, 16, 24, 24) and bundle.class_names == ("background", "sphere", "tube")
     assert Config(train=tubes, dimension="3d", patch_size="8,16,16").input_size() == (8, 16, 16)
+
+
+def test_validate_checks_the_3d_patch_against_the_architecture(tubes, tmp_path, cli):
+    from jobfiles import write_job
+
+    def job(patch: str) -> Path:
+        data = (f'<data format="decathlon"><train><path>{tubes}</path></train><param name="dimension">3d</param>'
+                f'<param name="patch_size">{patch}</param></data>')
+        return write_job(tmp_path / "job.xml", arch='<CNN_archi name="unet3d"><param name="depth">3</param></CNN_archi>',
+                         data=data)
+
+    rc, out, err = cli("validate", job("16,16,16"))
+    assert rc == 0, err
+    bad = job("6,16,16")
+    line = next(n for n, text in enumerate(bad.read_text().splitlines(), 1) if "patch_size" in text)
+    rc, out, err = cli("validate", bad)
+    assert rc == 2 and f"job.xml:{line}:" in err and "6x16x16" in err and "4 or 8 instead of 6" in err
+    rc, out, err = cli("validate", job("auto"))  # 16 x 24 x 24 resampled (median spacing): 16 x 16 x 16
+    assert rc == 0, err
 
 
 class _World:

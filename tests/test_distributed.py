@@ -103,22 +103,21 @@ def test_two_ranks_match_one_rank_with_double_batch(tmp_path, norm, sync, dims, 
 
 
 @pytest.mark.ranks
-def test_resume_continues_the_loss_curve_even_with_other_rank_count(tmp_path):
-    full = write_job(tmp_path / "full.xml", output="full", arch=PLAIN_UNET, data=SMALL_DATA,
-                     hyper={**SMALL, "end_epoch": 3})
+@pytest.mark.parametrize("dims", ["2d", pytest.param("3d", marks=pytest.mark.slow)])
+def test_resume_continues_the_loss_curve_even_with_other_rank_count(tmp_path, dims, request):
+    arch, data = (PLAIN_UNET, SMALL_DATA) if dims == "2d" else (PLAIN_UNET3D, data_3d(request.getfixturevalue("tubes")))
+    full = write_job(tmp_path / "full.xml", output="full", arch=arch, data=data, hyper={**SMALL, "end_epoch": 3})
     assert run(full).returncode == 0
-    part = write_job(tmp_path / "part.xml", output="part", arch=PLAIN_UNET, data=SMALL_DATA,
-                     hyper={**SMALL, "end_epoch": 2})
+    part = write_job(tmp_path / "part.xml", output="part", arch=arch, data=data, hyper={**SMALL, "end_epoch": 2})
     assert run(part).returncode == 0
-    rest = write_job(tmp_path / "part.xml", output="part", arch=PLAIN_UNET, data=SMALL_DATA,
-                     hyper={**SMALL, "end_epoch": 3})
+    rest = write_job(tmp_path / "part.xml", output="part", arch=arch, data=data, hyper={**SMALL, "end_epoch": 3})
     assert run(rest).returncode == 0
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
     assert [r["epoch"] for r in b] == ["1", "2", "3"]
     for ra, rb in zip(a, b):
         assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), rel=1e-5)
         assert float(ra["valid_loss"]) == pytest.approx(float(rb["valid_loss"]), rel=1e-5)
-    one_rank = write_job(tmp_path / "part.xml", degree=1, output="part", arch=PLAIN_UNET, data=SMALL_DATA,
+    one_rank = write_job(tmp_path / "part.xml", degree=1, output="part", arch=arch, data=data,
                          hyper={**SMALL, "end_epoch": 4})
     result = run(one_rank)
     assert result.returncode == 0, result.stderr[-3000:]

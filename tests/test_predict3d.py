@@ -70,7 +70,7 @@ def test_the_card_of_a_3d_model_says_everything_predict_needs(checkpoint3d):
 def test_3d_predict_writes_the_source_grid_affine_and_codes(checkpoint3d, cli, tmp_path):
     root, net = checkpoint3d
     rc, text, err = cli("predict", "--checkpoint", root / "net3d.pt", "--input", root / "data", "--out", tmp_path,
-                        "--probabilities", "--threads", "1")
+                        "--probabilities", "--threads", "1", "--channels-last")  # a GPU's default: channels_last_3d
     assert rc == 0, err
     assert "sliding windows of 8x16x16 overlapping by 0.5" in text and "case_002: " in text and "windows" in text
     source = nib.load(root / "data" / "imagesTs" / "case_002.nii.gz")
@@ -172,3 +172,11 @@ def test_predict_on_two_ranks_writes_each_case_once_as_one_rank_does(checkpoint3
         one, two = (nib.load(tmp_path / run / f"{case}.nii.gz") for run in ("one", "two"))
         np.testing.assert_array_equal(np.asarray(one.dataobj), np.asarray(two.dataobj))
     assert sorted(p.name for p in (tmp_path / "two").iterdir()) == [f"case_00{i}.nii.gz" for i in range(3)]
+
+
+def test_channels_last_of_a_3d_network_and_batch_is_channels_last_3d():
+    from autocnnp.data.batches import channels_last, channels_last_network
+
+    net = channels_last_network(torch.nn.Conv3d(2, 3, 3))
+    assert net.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    assert channels_last(5) is torch.channels_last_3d and channels_last(4) is torch.channels_last

@@ -97,6 +97,17 @@ class Augment(Protocol):
         draws depend on (epoch, index) only: reproducible)."""
 
 
+def channels_last(dims: int) -> torch.memory_format:
+    """The channels-last memory format of a tensor (or a network's weights) with ``dims`` dimensions: 4 (2D
+    images, convolutions) or 5 (3D: channels_last_3d)."""
+    return torch.channels_last_3d if dims == 5 else torch.channels_last
+
+
+def channels_last_network(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with its weights channels-last (channels_last_3d for a 3D network)."""
+    return net.to(memory_format=channels_last(max((p.dim() for p in net.parameters()), default=4)))
+
+
 class DeviceBatches:
     """The batches of ``loader`` on ``device`` (float32 images, int64 labels), augmented there by ``augment``
     with the epoch of :meth:`set_epoch`, channels-last if asked; on CUDA the next batch is copied on a side
@@ -122,7 +133,7 @@ class DeviceBatches:
         if self.augment is not None:
             images, labels = self.augment.batch(images, labels, epoch=self.epoch, indices=indices)
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=channels_last(images.dim()))
         return images, labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

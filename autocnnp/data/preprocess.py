@@ -233,8 +233,9 @@ def _plan_case(position: int, case: Case, *, mods, mode: str, n_slices, axis: in
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """Where and how a case's slices are written: the arrays (and their data offsets), the slices' form."""
+class Arrays:
+    """Where a cache build writes a case: the image and label arrays (and their data offsets), the images'
+    dtype, the channels kept (None: all)."""
 
     images: Path
     labels: Path
@@ -242,6 +243,12 @@ class _Layout:
     labels_offset: int
     image_dtype: str
     channels: list[int] | None
+
+
+@dataclass(frozen=True)
+class _Layout(Arrays):
+    """Where and how a case's slices are written: the arrays, the slices' form."""
+
     axis: int
     normalise: bool
     size: tuple[int, int]

@@ -15,18 +15,23 @@ from .volumes import header_spacing, image_shape, open_nifti
 PATCH_MULTIPLE = 16  # an automatic patch side is a multiple of this: a U-Net of depth 5 (4 poolings) takes it
 
 
-def parse_spacing(text: str, where=None) -> tuple[float, float, float] | None:
-    """``"median"`` (None: the training cases' median) or ``"x,y,z"`` in mm."""
-    if str(text).strip().lower() == "median":
+def _triple(text: str, auto: str, convert, what: str, unit: str, example: str, where):
+    """``None`` for the word ``auto``, else three positive numbers ``convert``-ed from ``"a,b,c"``, or a DataError."""
+    if str(text).strip().lower() == auto:
         return None
     try:
-        values = tuple(float(v) for v in str(text).split(","))
+        values = tuple(convert(v) for v in str(text).split(","))
     except ValueError:
         values = ()
     if len(values) != 3 or not all(math.isfinite(v) and v > 0 for v in values):
-        raise DataError(where, f"spacing {text!r} is neither 'median' nor three positive sizes in mm",
-                        "write spacing as 'median' or e.g. '1.0,1.0,3.0' (x, y, z)")
-    return values  # type: ignore[return-value]
+        raise DataError(where, f"{what} {text!r} is neither '{auto}' nor three positive {unit}",
+                        f"write {what} as '{auto}' or e.g. '{example}'")
+    return values
+
+
+def parse_spacing(text: str, where=None) -> tuple[float, float, float] | None:
+    """``"median"`` (None: the training cases' median) or ``"x,y,z"`` in mm."""
+    return _triple(text, "median", float, "spacing", "sizes in mm (x, y, z)", "1.0,1.0,3.0", where)
 
 
 def case_geometry(case: Case) -> tuple[tuple[int, ...], tuple[float, float, float]]:
@@ -64,16 +69,7 @@ def auto_patch(shapes, budget_voxels: int) -> tuple[int, int, int]:
 
 def parse_patch(text: str, where=None) -> tuple[int, int, int] | None:
     """``"auto"`` (None) or ``"D,H,W"`` voxels."""
-    if str(text).strip().lower() == "auto":
-        return None
-    try:
-        values = tuple(int(v) for v in str(text).split(","))
-    except ValueError:
-        values = ()
-    if len(values) != 3 or min(values) < 1:
-        raise DataError(where, f"patch_size {text!r} is neither 'auto' nor three positive voxel counts D,H,W",
-                        "write patch_size as 'auto' or e.g. '32,64,64'")
-    return values  # type: ignore[return-value]
+    return _triple(text, "auto", int, "patch_size", "voxel counts D,H,W", "32,64,64", where)
 
 
 def target_spacing(cases: list[Case], spacing: str, where=None) -> tuple[float, float, float]:

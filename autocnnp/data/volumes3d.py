@@ -31,6 +31,7 @@ from .preprocess import (
     DONE_DIR,
     IMAGES_FILE,
     LABELS_FILE,
+    Arrays,
     _arrays,
     _case_runner,
     _Progress,
@@ -131,13 +132,9 @@ def build_volume_cache(root, cache_dir, *, target_spacing, modalities=None, norm
 
 
 @dataclass(frozen=True)
-class _Layout:
-    images: Path
-    labels: Path
-    images_offset: int
-    labels_offset: int
-    image_dtype: str
-    channels: list[int] | None
+class _Layout(Arrays):
+    """Where a case's volume is written, and how it is pre-processed."""
+
     normalise: bool
     spacing: tuple[float, float, float]
     done: Path

@@ -386,7 +386,7 @@ def _check_input_sizes(gen: Generator) -> None:
     name = arch.entry.name if arch.entry.origin == "built-in" else f"{arch.entry.name} ({arch.entry.origin})"
     params = ", ".join(f"{s.name}={s.text.strip()}" for s in arch.settings)
     nearest = "; ".join(f"{' or '.join(map(str, rule.nearest(side)))} instead of {side}" for side in wrong)
-    size = next((s for s in gen.spec.data_params if s.name.lower() == "size"), None)
+    size = next((s for s in gen.spec.data_params if s.name.lower() in ("size", "patch_size")), None)
     raise JobError(size.where if size else arch.where or gen.spec.where,
                    f"architecture '{name}'{f' ({params})' if params else ''} takes input sides that are "
                    f"{rule.describe()}, but the data's inputs are {'x'.join(map(str, sides))}",

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from ..data import slices as slicing
+from ..data.batches import channels_last_network
 from ..data.slices import resize
 from .sliding_window import SlidingWindow, probabilities_of
 
@@ -67,9 +68,12 @@ def default_batch(device, size: int) -> int:
 
 
 def prepare_network(model, device, channels_last: bool):
-    """``model`` on ``device`` for inference (eval mode), its weights in channels_last when asked."""
+    """``model`` on ``device`` for inference (eval mode), its weights in channels_last (channels_last_3d for a 3D
+    network) when asked."""
     model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if channels_last else model
+    if not channels_last:
+        return model
+    return channels_last_network(model)
 
 
 def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dtype, channels_last: bool):

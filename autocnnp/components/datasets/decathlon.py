@@ -61,10 +61,10 @@ from autocnnp.data import slices as slicing
 from autocnnp.data.augment import RandomAffine2D, RandomAffine3D
 from autocnnp.data.checks import Verdict, check_dataset, validate_once
 from autocnnp.data.index import read_dataset
-from autocnnp.data.preprocess import CacheDataset, build_cache, cache_key_of, check_cache, is_cache
+from autocnnp.data.preprocess import CacheDataset, build_cache, cache_key_of, check_cache, is_cache, training_cases
 from autocnnp.data.slices import parse_modalities, resize, select_modalities, zscore_stats, zscored
 from autocnnp.data.spacing import target_spacing
-from autocnnp.data.volumes3d import PatchDataset, VolumeDataset, build_volume_cache
+from autocnnp.data.volumes3d import PatchDataset, VolumeDataset, build_volume_cache, plan_cases
 from autocnnp.generator.protocols import DataBundle, DataCheck, DataFormat, VolumeTransform
 from autocnnp.generator.registry import component
 from autocnnp.training.sliding_window import SlidingWindow
@@ -349,6 +349,14 @@ class Decathlon(DataFormat):
                 known = {str(p) for p in verdict.problems}
                 found.notes += [f"{p} (a test case: training goes on without it, predict would refuse it)"
                                 for p in check_dataset(root, split="test").problems if str(p) not in known]
+        if c.dimension == "3d" and not found.problems:  # resampled, every case fits the volume budget
+            try:
+                target = target_spacing(read_dataset(c.train).cases("training"), c.spacing, c.train)
+                for root in (r for r in (c.train, c.valid) if r is not None):
+                    _, cases, mods = training_cases(root, None, parse_modalities(c.modalities))
+                    plan_cases(cases, target, mods, c.volume_budget_mb << 20)
+            except DataError as exc:
+                found.problems.append(exc)
         return found
 
     def files(self) -> list[Path]:
