@@ -13,11 +13,12 @@ DOCS_STAMP = $(VENV)/.docs-installed
 
 venv: $(STAMP)
 
-$(STAMP): requirements/test.txt requirements/federated.txt pyproject.toml cluster/install-deps.sh
+$(STAMP): requirements/test.txt requirements/federated.txt requirements/export.txt pyproject.toml cluster/install-deps.sh
 	bash cluster/install-deps.sh
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q -r requirements/test.txt
 	$(BIN)/pip install -q -r requirements/federated.txt -c requirements/test.txt
+	$(BIN)/pip install -q -r requirements/export.txt -c requirements/test.txt -c requirements/federated.txt
 	$(BIN)/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 

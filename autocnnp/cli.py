@@ -21,9 +21,9 @@ from .run.processes import interruptible
 # imports light, torch only inside the command functions). A command of this module's own (validate, plan,
 # run, new, components) builds only its own parsers: importing the feature areas would cost validate more
 # than its whole budget.
-COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.inference", "autocnnp.run.commands", "autocnnp.tracking.dashboard",
-                   "autocnnp.tracking.zoo", "autocnnp.tuning.commands", "autocnnp.tuning.scale",
-                   "autocnnp.federation.commands")
+COMMAND_MODULES = ("autocnnp.data.commands", "autocnnp.export", "autocnnp.inference", "autocnnp.run.commands",
+                   "autocnnp.tracking.dashboard", "autocnnp.tracking.zoo", "autocnnp.tuning.commands",
+                   "autocnnp.tuning.scale", "autocnnp.federation.commands")
 
 
 def cmd_validate(args) -> int:

@@ -21,13 +21,15 @@ import sys
 import time
 from pathlib import Path
 
+from .core.card import card_dimension
 from .core.cli_args import options_of, positive
-from .core.errors import DataError, JobError, Source
-from .core.files import atomic_write
+from .core.errors import DataError, ExitCode, JobError, Source
+from .core.files import atomic_write, read_json
 from .core.metrics import FOREGROUND_DICE, SEGEVAL, class_key, parse_regions
 from .core.processes import case_runner, default_threads
-from .core.rundir import BEST_RECORD, LATEST_POINTER, checkpoint_file, zoo_folder
+from .core.rundir import BEST_RECORD, EXPORT_CARD, LATEST_POINTER, checkpoint_file, zoo_folder
 from .core.text import text_table
+from .core.world import discover_world, launcher_name
 from .engine.job import read_job
 from .generator.assemble import Generator, assemble
 from .generator.overrides import apply_overrides, parse_sets, read_variant
@@ -64,13 +66,16 @@ class PredictOptions:
     split: str = "test"  #: which cases of a dataset input: test, training or all
     out: Path | str | None = None  #: folder for <case>.nii.gz (default: predictions/ in the job's output)
     num_classes: int | None = None  #: default: recorded in the checkpoint
-    batch_size: int | None = None  #: slices per forward pass (default: see default_batch)
+    batch_size: int | None = None  #: slices (3D: windows) per forward pass (default: see training.predictor)
     threads: int | None = None  #: CPU threads (default: OMP_NUM_THREADS, else the usable cores)
     precision: str = "auto"  #: one of PRECISIONS
     channels_last: bool | None = None  #: default: on a GPU
     probabilities: bool = False  #: also write <case>_prob-<value>-<class>.nii.gz per class
-    tta: bool = False  #: average over the slice and its two flips
+    tta: bool = False  #: average over the slice and its two flips (3D: the window's flips along its 3 axes)
     device: str | None = None  #: torch device (default cuda when available, else cpu)
+    ranks: int = 1  #: processes sharing the cases (started with mpirun; srun/mpirun-started ranks split by themselves)
+    ensemble: tuple[str, ...] = ()  #: checkpoints, exported models or a study's folder whose probabilities are averaged
+    members: bool = False  #: with ensemble: also each member's label volumes, in OUT/member-N/
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +86,7 @@ class Prediction:
     out: Path
     labels: dict[str, Path]
     classes: tuple[str, ...]  #: the class names the checkpoint records (empty when it records none)
-    ms_per_slice: float  #: network time per slice
+    ms_per_slice: float  #: network time per slice (per window of a 3D model)
 
 
 NO_VOLUMES_HINT = ("to predict NIfTI volumes, train on volumes: `autocnnp synth DIR` writes a small Decathlon-layout "
@@ -119,7 +124,15 @@ def _zoo_checkpoint(model: str) -> Path:
 
 
 def _load_checkpoint(path: Path) -> dict:
+    """A checkpoint's state; for an exported ONNX model (``autocnnp export``), its model card beside it and no weights."""
     import torch
+
+    if path.suffix == ".onnx":
+        card = read_json(path.parent / EXPORT_CARD)
+        if not isinstance(card, dict) or "architecture" not in card:
+            raise DataError(path, f"an ONNX model without its model card ({EXPORT_CARD} beside it)",
+                            "predict with the folder autocnnp export wrote, or export the checkpoint again")
+        return {"model_card": {k: v for k, v in card.items() if k != "export"}, "model": {}, "onnx": path}
 
     try:
         state = torch.load(path, map_location="cpu", weights_only=False)
@@ -143,6 +156,9 @@ def _trained_job(card: dict, checkpoint: Path) -> Generator:
 
 def _disagreements(card: dict, gen: Generator) -> list[str]:
     """Where the job given to predict differs from what the checkpoint was trained with."""
+    if gen.dimension != card_dimension(card):  # nothing else compares: a 2D job's settings are not a 3D model's
+        return [f"dimension {gen.dimension}: a {gen.dimension.upper()} model (trained: a {card_dimension(card).upper()} "
+                f"{card['architecture']['name']} model)"]
     found = []
     arch = gen.action("architecture_injection")
     if arch.entry.name != card["architecture"]["name"]:
@@ -208,95 +224,47 @@ def _build_network(trained: Generator, weights: dict, in_channels: int, classes:
                         f"classes ({str(exc).splitlines()[0]})", "pass the --num-classes it was trained with") from None
 
 
-def default_batch(device, size: int) -> int:
-    """Slices per forward pass: 16 on a GPU; on a CPU as many as hold the pixels of one 512 x 512 slice (at most
-    16): larger batches of large slices were slower per slice there (U-Net at 512 x 512 on 2 cores: 458 ms
-    a slice one at a time, 607 ms in batches of 8: activations of hundreds of MB cost page faults)."""
-    return 16 if device.type == "cuda" else max(1, min(16, (512 * 512) // (size * size)))
+def _network(trained: Generator, state: dict, in_channels: int, classes: int, checkpoint: Path, threads: int | None):
+    """The torch module that runs a checkpoint: its network, or an exported ONNX model under ONNX Runtime."""
+    if "onnx" not in state:
+        return _build_network(trained, state["model"], in_channels, classes, checkpoint)
+    from .training.ensemble import OnnxNetwork
+
+    try:
+        return OnnxNetwork(checkpoint, threads)
+    except ImportError:
+        raise JobError(checkpoint, "predicting with an ONNX model needs ONNX Runtime, which is not installed",
+                       "pip install -r requirements/export.txt (make venv does)") from None
 
 
-def prepare_network(model, device, channels_last: bool):
-    """``model`` on ``device`` for inference (eval mode), its weights in channels_last when asked."""
-    import torch
-
-    model = model.to(device).eval()
-    return model.to(memory_format=torch.channels_last) if channels_last else model
-
-
-def _softmax(logits):
-    """Class probabilities in float32; one logit channel is the foreground of two classes (sigmoid)."""
-    import torch
-
-    logits = logits.float()
-    if logits.shape[1] == 1:
-        p = torch.sigmoid(logits)
-        return torch.cat([1 - p, p], dim=1)
-    return torch.softmax(logits, dim=1)
+def _member(path: Path, gen: Generator | None, num_classes: int | None, transform, classes: int) -> tuple:
+    """``(path, (generator, state))`` of an ensemble member, refused unless it reads its input as the first member does
+    and has its classes."""
+    state = _load_checkpoint(path)
+    trained, own, own_classes, _, _ = _model_and_transform(state, path, gen, num_classes)
+    if own.card() != transform.card() or own_classes != classes:
+        raise DataError(path, f"this ensemble member reads {own.card()} with {own_classes} classes, the first "
+                        f"{transform.card()} with {classes}", "ensemble models trained on the same input and classes "
+                        "(the folds of one study, say)")
+    return path, (trained, state)
 
 
-def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dtype, channels_last: bool):
-    """Softmax probabilities ``[Z, C, H, W]`` (float32) of a volume's slices ``[Z, C_in, H, W]``, run through
-    the network ``batch_size`` slices at a time and written into one array allocated for the volume; averaged
-    over flips when asked. ``dtype`` is the autocast dtype (None: float32), ``channels_last`` the batches'
-    memory format. On a GPU the volume and the array sit in pinned host memory and the copies are
-    asynchronous, so the next batch is queued while the GPU works. Returns them and the seconds spent
-    (copies and network)."""
-    import contextlib
+def _members(args: tuple[str, ...], gen: Generator | None) -> list[Path]:
+    """The checkpoints of ``--ensemble``: each a checkpoint, exported model or run folder; a study's output folder
+    (its folds.json) stands for the best (else latest) checkpoint of each of its folds."""
+    from .core.rundir import RunDir
 
-    import numpy as np
-    import torch
-
-    cuda = device.type == "cuda"
-    layout = torch.channels_last if channels_last else torch.contiguous_format
-    views = [(), (-1,), (-2,)] if flips else [()]
-    autocast = torch.autocast(device.type, dtype=dtype) if dtype is not None else contextlib.nullcontext()
-    start = time.perf_counter()
-    source = torch.from_numpy(np.ascontiguousarray(slices))
-    if cuda:
-        source = source.pin_memory()
-    out = None
-    with torch.inference_mode(), autocast:
-        for lo in range(0, len(source), batch_size):
-            batch = source[lo:lo + batch_size].to(device, non_blocking=cuda).contiguous(memory_format=layout)
-            probs = None
-            for dims in views:
-                p = _softmax(model(batch.flip(dims) if dims else batch))
-                p = p.flip(dims) if dims else p
-                probs = p if probs is None else probs + p
-            probs = probs / len(views)
-            if out is None:
-                out = torch.empty((len(source), *probs.shape[1:]), dtype=torch.float32, pin_memory=cuda)
-            out[lo:lo + len(probs)].copy_(probs.contiguous(), non_blocking=cuda)
-    if cuda:
-        torch.cuda.synchronize(device)
-    return out.numpy(), time.perf_counter() - start
-
-
-def source_grid(probs, plane: tuple[int, int], keep: bool):
-    """``(labels, probabilities)`` of slice probabilities ``[Z, C, h, w]`` resized bilinearly back to the source's
-    ``plane`` ``(X, Y)``: the argmax as a uint8 volume ``(X, Y, Z)``, and (``keep``) the probabilities
-    ``(C, X, Y, Z)`` in float32, else None. A few slices at a time, into Fortran-ordered volumes: NIfTI's order,
-    written without another copy."""
-    import numpy as np
-
-    from .data import slices as slicing
-    from .data.slices import resize
-
-    depth, classes = probs.shape[:2]
-    x, y = plane
-    labels = np.empty((depth, y, x), np.uint8)  # the memory of a Fortran-ordered (X, Y, Z)
-    grid = np.empty((classes, depth, y, x), np.float32) if keep else None
-    step = max(1, slicing.CHUNK_BYTES // (classes * x * y * 4))
-    for lo in range(0, depth, step):
-        part = resize(probs[lo:lo + step], plane).transpose(1, 0, 3, 2)  # [C, n, Y, X]
-        best, chosen = part[0].copy(), labels[lo:lo + step]
-        chosen[...] = 0
-        for k in range(1, classes):  # the argmax (the first of ties) in C - 1 passes: 40x numpy's over an inner axis
-            chosen[part[k] > best] = k
-            np.maximum(best, part[k], out=best)
-        if grid is not None:
-            grid[:, lo:lo + step] = part
-    return labels.T, None if grid is None else grid.transpose(0, 3, 2, 1)
+    found = []
+    for arg in args:
+        folder = RunDir(Path(arg).expanduser())
+        if folder.folds_split.is_file():
+            folds = sorted(folder.root.glob("fold-*"), key=lambda p: int(p.name.split("-")[1]))
+            if not folds:
+                raise DataError(folder.root, "the study has trained no fold yet", "run autocnnp study first")
+            found += [_checkpoint_path(str(f), gen) for f in folds]
+        else:
+            found.append(_checkpoint_path(arg, gen))
+    return found
 
 
 def probability_file(case: str, names: tuple[str, ...], k: int) -> str:
@@ -308,14 +276,11 @@ def _check_images(cases: list, transform, in_channels: int | None) -> int:
     """Every input image's header, read before anything is written (a refused predict creates nothing): a
     NIfTI image whose channels, after the modality selection, are the ones the model reads (the first
     image's when the checkpoint does not say). Returns the model's input channels."""
-    import numpy as np
-
     from .data.volumes import image_shape, open_nifti
 
     for case in cases:
         path = Path(case.image)
-        channels = image_shape(path, open_nifti(path).shape)[3]
-        channels = transform.to_slices(np.zeros((1, 1, 1, channels), np.float32), path).shape[1]
+        channels = transform.input_channels(image_shape(path, open_nifti(path).shape)[3], path)
         in_channels = in_channels or channels
         if channels != in_channels:
             raise DataError(path, f"image has {channels} channel(s) after modality selection, the model takes "
@@ -323,9 +288,61 @@ def _check_images(cases: list, transform, in_channels: int | None) -> int:
     return in_channels
 
 
+class RanksFailed(RuntimeError):
+    """A rank of a ``predict --ranks`` ended with an error (its own message went to stderr already)."""
+
+
 def cmd_predict(args) -> int:
-    predict(options_of(PredictOptions, args))
+    try:
+        predict(options_of(PredictOptions, args))
+    except RanksFailed as exc:
+        print(f"autocnnp: {exc}", file=sys.stderr, flush=True)
+        return ExitCode.FAILED
     return 0
+
+
+def rank_argv(options: PredictOptions, checkpoint: Path, out: Path, source: Path) -> list[str]:
+    """``autocnnp predict`` as each rank runs it: the options given, with the checkpoint, input and output the
+    front-end resolved (absolute paths), without ``--ranks``."""
+    argv = [sys.executable, "-m", "autocnnp", "predict"] + ([str(Path(options.job).resolve())] if options.job else [])
+    argv += [f"--set={s}" for s in options.sets]
+    argv += ["--checkpoint", str(checkpoint.resolve()), "--input", str(source.resolve()), "--split", options.split,
+             "--out", str(out.resolve()), "--precision", options.precision]
+    for flag, value in (("--num-classes", options.num_classes), ("--batch-size", options.batch_size),
+                        ("--threads", options.threads), ("--device", options.device)):
+        argv += [flag, str(value)] if value is not None else []
+    if options.channels_last is not None:
+        argv.append("--channels-last" if options.channels_last else "--no-channels-last")
+    argv += ["--ensemble", *options.ensemble] + ["--members"] * options.members if options.ensemble else []
+    return argv + ["--probabilities"] * options.probabilities + ["--tta"] * options.tta
+
+
+def _run_ranks(ranks: int, argv: list[str]) -> None:
+    """Run ``argv`` on ``ranks`` processes (``mpirun -np``, one session stopped as a whole on any signal or error);
+    RanksFailed when a rank fails."""
+    import os
+    import shutil
+
+    from .run.processes import start, stop_session
+
+    if shutil.which("mpirun") is None:
+        raise JobError(Path("--ranks"), f"--ranks {ranks} starts the ranks with mpirun (Open MPI), which is not "
+                       "installed", "install Open MPI, or run `srun -n N autocnnp predict ...` in a Slurm allocation")
+    env = dict(os.environ)
+    if os.geteuid() == 0:  # containers and CI often run as root; Open MPI refuses that by default
+        env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")
+    cmd = ["mpirun", "-np", str(ranks), "--oversubscribe", "--bind-to", "none"]
+    cmd += [arg for name in ("PATH", "PYTHONPATH", "VIRTUAL_ENV", "OMP_NUM_THREADS") if name in env
+            for arg in ("-x", name)]
+    proc = start(cmd + argv, env)
+    try:
+        code = proc.wait()  # a signal to this process (Interrupted) stops the whole session below
+    finally:
+        if proc.poll() is None:
+            stop_session(proc, grace_s=5.0)
+    if code != 0:
+        raise RanksFailed(f"predict on {ranks} ranks failed (mpirun exit code {code}); label volumes the other ranks "
+                          "finished are written")
 
 
 def predict(options: PredictOptions) -> Prediction:
@@ -334,13 +351,19 @@ def predict(options: PredictOptions) -> Prediction:
     import torch
 
     from .data.volumes import read_case, save_label, save_probabilities
+    from .training.ensemble import Ensemble
     from .training.precision import autocast_dtype
+    from .training.predictor import Predictor, prepare_network
 
-    torch.set_num_threads(options.threads or default_threads())
+    world = discover_world()  # ranks started by srun or mpirun share the cases
+    torch.set_num_threads(options.threads or default_threads(world.local_world_size))
     gen = assemble(read_variant(options.job, parse_sets(list(options.sets)))) if options.job else None
-    checkpoint = _zoo_checkpoint(options.model) if options.model else _checkpoint_path(options.checkpoint, gen)
+    members = _members(options.ensemble, gen) if options.ensemble else None
+    checkpoint = members[0] if members else \
+        _zoo_checkpoint(options.model) if options.model else _checkpoint_path(options.checkpoint, gen)
     state = _load_checkpoint(checkpoint)
     trained, transform, classes, names, in_channels = _model_and_transform(state, checkpoint, gen, options.num_classes)
+    others = [_member(path, gen, options.num_classes, transform, classes) for path in (members or [])[1:]]
     check_installed(trained.framework, Source(checkpoint, text=str(checkpoint)), "the model was trained with",
                     "or predict on a machine that has it")
     given_transform = gen.data_format().volumes() if gen is not None else None
@@ -354,6 +377,13 @@ def predict(options: PredictOptions) -> Prediction:
     if out.exists() and not out.is_dir():
         raise DataError(out, "exists and is not a folder", "name a folder for the predicted label volumes")
     in_channels = _check_images(cases, transform, in_channels)
+    if options.ranks > 1 and launcher_name() is None:  # checked here, once: the ranks split the cases
+        print(f"predicting {len(cases)} volume(s) on {options.ranks} ranks (mpirun), each writing its share to {out}",
+              flush=True)
+        _run_ranks(options.ranks, rank_argv(options, checkpoint, out, source))
+        return Prediction(checkpoint, out, {case.name: out / f"{case.name}.nii.gz" for case in cases}, names, 0.0)
+    every = len(cases)
+    cases = cases[world.rank::world.world_size]
 
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -362,45 +392,53 @@ def predict(options: PredictOptions) -> Prediction:
     channels_last = device.type == "cuda" if options.channels_last is None else options.channels_last
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # a volume's batches share one shape: tune the convolutions once
-    model = None  # the first volume written creates the out folder
+    model, alone = None, []  # the first volume written creates the out folder
     written: dict[str, Path] = {}
-    total_slices, total_infer, total_wall = 0, 0.0, 0.0
-    size = transform.size
-    batch_size = options.batch_size or default_batch(device, size)
+    total_units, total_infer, total_wall, unit = 0, 0.0, 0.0, "slice"
     arithmetic = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
-    print(f"predicting {len(cases)} volume(s) with {checkpoint} on {device} ({torch.get_num_threads()} thread(s), "
-          f"{arithmetic}{', channels_last' if channels_last else ''}, batches of {batch_size}, slices resized "
-          f"to {size} x {size}{', flip test-time augmentation' if options.tta else ''})")
+    batches = f"batches of {options.batch_size}, " if options.batch_size else ""
+    share = f" (rank {world.rank} of {world.world_size}: {len(cases)} of {every})" if world.world_size > 1 else ""
+    used = f"an ensemble of {len(others) + 1} ({', '.join(str(p) for p in members or [])})" if others else checkpoint
+    print(f"predicting {len(cases)} volume(s){share} with {used} on {device} ({torch.get_num_threads()} thread(s), "
+          f"{arithmetic}{', channels_last' if channels_last else ''}, {batches}{transform.describe()}"
+          f"{', flip test-time augmentation' if options.tta else ''})")
     for case in cases:
         start = time.perf_counter()
-        image, _, img = read_case(case)  # as stored: the model's input is made a few slices at a time
+        image, _, img = read_case(case)  # as stored: the transform makes the model's input a part at a time
         affine, header = np.asarray(img.affine, dtype=np.float64), img.header
         read = time.perf_counter()
-        slices = transform.to_slices(image, case.image)
-        prepared = time.perf_counter()
         if model is None:
-            model = prepare_network(_build_network(trained, state["model"], in_channels, classes, checkpoint),
-                                    device, channels_last)
-        probs, infer = slice_probabilities(model, slices, batch_size, device, options.tta, dtype, channels_last)
-        inferred = time.perf_counter()
+            networks = [_network(trained, state, in_channels, classes, checkpoint, options.threads),
+                        *(_network(*other, in_channels, classes, path, options.threads) for path, other in others)]
+            network = networks[0] if len(networks) == 1 else Ensemble(networks)
+            model = Predictor(prepare_network(network, device, channels_last), device, options.batch_size, options.tta,
+                              dtype, channels_last)
+            alone = [Predictor(net, device, options.batch_size, options.tta, dtype, channels_last)
+                     for net in networks] if options.members and len(networks) > 1 else []
+        done = transform.predict(image, img, Path(case.image), model, options.probabilities)
+        for index, member in enumerate(alone):  # each member on its own, for evaluate to compare
+            save_label(transform.predict(image, img, Path(case.image), member, False).labels, affine, header,
+                       out / f"member-{index}" / f"{case.name}.nii.gz")
+        del image
+        written_at = time.perf_counter()
         target = out / f"{case.name}.nii.gz"
-        labels, grid = source_grid(probs, tuple(image.shape[:2]), options.probabilities)  # bilinear, then argmax
-        del probs, slices, image
-        save_label(labels, affine, header, target)
+        save_label(done.labels, affine, header, target)
         written[case.name] = target
         if options.probabilities:  # a float32 volume per class, named after it
-            for k in range(grid.shape[0]):
-                save_probabilities(grid[k], affine, header, out / probability_file(case.name, names, k))
+            for k in range(done.probabilities.shape[0]):
+                save_probabilities(done.probabilities[k], affine, header, out / probability_file(case.name, names, k))
         wall = time.perf_counter() - start
-        depth = labels.shape[2]
-        total_slices, total_infer, total_wall = total_slices + depth, total_infer + infer, total_wall + wall
-        print(f"  {case.name}: {depth} slices, inference {1000 * infer / max(depth, 1):.2f} ms/slice, "
-              f"{wall:.3f} s/volume (read {read - start:.2f} s, prepare {prepared - read:.2f} s, network {infer:.2f} s, "
-              f"resize back and write {time.perf_counter() - inferred:.2f} s) -> {target}")
+        unit = done.unit
+        total_units, total_infer, total_wall = total_units + done.units, total_infer + done.network_s, total_wall + wall
+        print(f"  {case.name}: {done.units} {unit}s, inference {1000 * done.network_s / max(done.units, 1):.2f} "
+              f"ms/{unit}, {wall:.3f} s/volume (read {read - start:.2f} s, prepare {done.prepare_s:.2f} s, network "
+              f"{done.network_s:.2f} s, resize back and write {done.back_s + time.perf_counter() - written_at:.2f} s)"
+              f" -> {target}")
     named = f"; classes: {', '.join(f'{i} {n}' for i, n in enumerate(names))}" if names else ""
-    print(f"{len(cases)} volume(s), {total_slices} slices: inference {1000 * total_infer / max(total_slices, 1):.2f} "
-          f"ms/slice, {total_wall / max(len(cases), 1):.3f} s/volume on average; label volumes in {out}{named}")
-    return Prediction(checkpoint, out, written, names, 1000 * total_infer / max(total_slices, 1))
+    per_unit = 1000 * total_infer / max(total_units, 1)
+    print(f"{len(cases)} volume(s), {total_units} {unit}s: inference {per_unit:.2f} ms/{unit}, "
+          f"{total_wall / max(len(cases), 1):.3f} s/volume on average; label volumes in {out}{named}")
+    return Prediction(checkpoint, out, written, names, per_unit)
 
 
 # --- evaluate ----------------------------------------------------------------------------------------------
@@ -428,6 +466,10 @@ class Evaluation:
     pooled: dict
     classes: dict[int, str]
     regions: dict
+    members: dict = dataclasses.field(default_factory=dict)  #: an ensemble's members (PRED/member-N/): their overall rows
+
+
+MEMBER_FOLDER = "member-"  # predict --ensemble --members writes each member's label volumes into PRED/member-N/
 
 def _reference_labels(ref: Path) -> tuple[dict[str, Path], dict[str, str], dict[int, str]]:
     """``({case: label file}, {case: split}, {class value: name})`` of a dataset (its training labels and the
@@ -542,6 +584,9 @@ def cmd_evaluate(args) -> int:
     for row in (overall, pooled):
         print(f"{row['case']}: " + ", ".join(f"{m} {row[m]:.4f}" for m in SEGEVAL) + f" ({row[CONVENTION]})")
     print(f"{len(scores.cases)} case(s), {len(scores.classes)} classes; wrote {scores.report}")
+    if scores.members:  # an ensemble beside each of its members, mean over the cases
+        print(_table([{**overall, "case": "ensemble"}, *({**row, "case": name} for name, row in scores.members.items())],
+                     shown))
     return 0
 
 
@@ -601,7 +646,9 @@ def evaluate(options: EvaluateOptions) -> Evaluation:
               CONVENTION: POOLED_CONVENTION.format(cases=len(rows))}
     classes = dict(enumerate(names))
     _write_report(out, [*rows, overall, pooled], classes, regions)
-    return Evaluation(out, rows, overall, pooled, classes, regions)
+    members = {folder.name: evaluate(dataclasses.replace(options, pred=folder, out=folder / out.name)).overall
+               for folder in sorted(pred_dir.glob(f"{MEMBER_FOLDER}*"), key=lambda p: p.name) if folder.is_dir()}
+    return Evaluation(out, rows, overall, pooled, classes, regions, members)
 
 
 def _regions(text: str, names: tuple[str, ...], where: Path) -> dict:
@@ -613,8 +660,8 @@ def _regions(text: str, names: tuple[str, ...], where: Path) -> dict:
 
 def add_commands(sub) -> None:
     """Add ``predict`` and ``evaluate`` to the ``autocnnp`` sub-parsers ``sub``."""
-    doc = ("segment volumes slice by slice with a trained network and write NIfTI label volumes (the checkpoint "
-           "describes its model: the job file is optional)")
+    doc = ("segment volumes with a trained network, slice by slice (2D) or through sliding windows (3D), and write "
+           "NIfTI label volumes on each volume's own grid (the checkpoint describes its model: the job file is optional)")
     s = sub.add_parser("predict", help=doc, description=doc)
     s.add_argument("job", nargs="?", help="the XML job file of the run (optional: for latest/best, the default "
                                           "input and output folders)")
@@ -622,7 +669,8 @@ def add_commands(sub) -> None:
                    help="the job variant that was trained (as `autocnnp run --set`)")
     s.add_argument("--checkpoint", default=PredictOptions.checkpoint,
                    help="latest (default) or best of the job's run, or a checkpoint file, a latest/best file in a "
-                        "checkpoints folder, or a run folder (its best, else its latest)")
+                        "checkpoints folder, a run folder (its best, else its latest), or a model autocnnp export "
+                        "wrote (model.onnx, model.int8.onnx: run with ONNX Runtime)")
     s.add_argument("--model", help="a zoo model instead: zoo:NAME or zoo:NAME/VERSION (the zoo: $AUTOCNNP_ZOO, else "
                                    "~/.autocnnp/zoo)")
     s.add_argument("--input", default=None,
@@ -636,7 +684,8 @@ def add_commands(sub) -> None:
                    help="classes the model was trained with (default: recorded in the checkpoint)")
     s.add_argument("--batch-size", type=positive, default=None,
                    help="slices per forward pass, taken across the whole volume (default: 16 on a GPU; on a CPU as "
-                        "many as make one 512 x 512 slice's pixels, at most 16)")
+                        "many as make one 512 x 512 slice's pixels, at most 16); 3D: windows (default 2 on a GPU, "
+                        "1 on a CPU)")
     s.add_argument("--threads", type=positive, default=None,
                    help="CPU threads (default: OMP_NUM_THREADS, else the cores this process may use); on a machine "
                         "other work keeps busy, --threads 1 per process is best (all threads wait for the slowest)")
@@ -648,8 +697,18 @@ def add_commands(sub) -> None:
     s.add_argument("--probabilities", action="store_true",
                    help="also write the probability of each class as a float32 volume, "
                         "<case>_prob-<value>-<class>.nii.gz")
-    s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time)")
+    s.add_argument("--tta", action="store_true", help="average over the slice and its two flips (3x the time); 3D: "
+                                                      "over the window's 8 flips along its axes (8x)")
     s.add_argument("--device", default=None, help="torch device (default cuda when available, else cpu)")
+    s.add_argument("--ranks", type=positive, default=PredictOptions.ranks,
+                   help="processes sharing the cases, started with mpirun after the inputs are checked; each case is "
+                        "written once, by one rank (default 1). Ranks a launcher started (srun -n N, mpirun -np N) "
+                        "split the cases by themselves")
+    s.add_argument("--ensemble", nargs="+", default=(), metavar="MODEL",
+                   help="average the class probabilities of several models instead of --checkpoint: checkpoint files, "
+                        "run folders, exported model.onnx / model.int8.onnx files, or a study's output folder (its folds)")
+    s.add_argument("--members", action="store_true", help="with --ensemble: also write each member's label volumes "
+                   "into OUT/member-N/ (evaluate then compares the ensemble with each)")
     s.set_defaults(func=cmd_predict)
 
     doc = ("score predicted label volumes against references: SegEval, Dice and IoU per class, region Dice and "

@@ -4,7 +4,7 @@
     python benchmarks/inference_speed.py --device cuda --precision bf16 --channels-last   # on a GPU
     python benchmarks/inference_speed.py --volume 512,512,300 [--volume-size 128] [--compare /work/main]
 
-What is timed is ``autocnnp.inference.slice_probabilities``, the function predict runs on every volume: the
+What is timed is ``autocnnp.training.predictor.slice_probabilities``, the function predict runs on every volume: the
 batch's copy to the device (from pinned host memory, asynchronous, on a GPU), the forward pass (under autocast
 when a precision is given), the softmax and the copy back into the volume's preallocated probability array, on
 random slices of 1 channel and 2 classes (the thesis' left-atrium task). Loading, resampling and writing
@@ -53,8 +53,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import ROOT, measured, table  # noqa: E402
 
 from autocnnp.core.processes import usable_cores  # noqa: E402
-from autocnnp.inference import PRECISIONS, prepare_network, slice_probabilities  # noqa: E402
+from autocnnp.inference import PRECISIONS  # noqa: E402
 from autocnnp.training.precision import autocast_dtype  # noqa: E402
+from autocnnp.training.predictor import prepare_network, slice_probabilities  # noqa: E402
 
 THESIS_MS = {"unet": 153, "fcn": 182}  # per 512 x 512 image, GTX 1080 Ti
 GPU_GOAL_MS = 5.0  # per 512 x 512 slice, U-Net

@@ -105,7 +105,7 @@ def cli(capsys, monkeypatch):
 # What a test starts decides its marker (pyproject.toml lists them; `make test-fast` deselects them all).
 MARKED_COMMANDS = {"mpirun": "ranks", "srun": "ranks", "horovodrun": "ranks", "sbatch": "slurm", "scancel": "slurm",
                    "docker": "docker", "dockerd": "docker", "ip": "multihost"}
-AUTOCNNP_RANK_COMMANDS = ("run", "tune")  # `python -m autocnnp run|tune ...` starts ranks
+AUTOCNNP_RANK_COMMANDS = ("run", "tune", "study")  # `python -m autocnnp run|tune|study ...` starts ranks
 
 
 def _needed_marker(argv) -> str | None:

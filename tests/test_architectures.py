@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from autocnnp.components.architectures import fcn, unet
+from autocnnp.components.architectures import fcn, resunet3d, unet, unet3d
 from autocnnp.components.architectures.fcn import FCN
 from autocnnp.components.architectures.unet import UNet
 from autocnnp.core.errors import JobError, Location
@@ -85,7 +85,7 @@ def test_bad_input_size(model, size, multiple):
 WHERE = Location(Path("job.xml"), 9, 5)
 
 
-@pytest.mark.parametrize("module", [unet, fcn])
+@pytest.mark.parametrize("module", [unet, fcn, unet3d])
 def test_bad_norm_is_refused_where_the_job_writes_it(module):
     with pytest.raises(JobError, match=r"job.xml:9:5: 'layer' is not a valid norm.*valid choices are 'batch'"):
         bind(module.Config, [Setting("norm", "layer", WHERE)], Path("."), "architecture")
@@ -125,7 +125,9 @@ def test_build_passes_params():
 # Settings of every built-in that keep it small, and vary its size rule; a .keras file ("keras") is a model of
 # the user's, which declares no rule.
 VARIANTS = {"unet": [[("base_channels", "2"), ("norm", "none"), ("depth", d)] for d in ("1", "3", "4")],
-            "fcn": [[("width", "0.01")]]}
+            "fcn": [[("width", "0.01")]],
+            **{name: [[("base_channels", "2"), ("norm", "none"), ("depth", d)] for d in ("1", "3")]
+               for name in ("unet3d", "resunet3d")}}
 
 
 @pytest.mark.parametrize("name", [n for n in registry("architecture_injection").names("torch") if n != "keras"])
@@ -138,13 +140,15 @@ def test_every_builtin_architecture_takes_exactly_the_sizes_its_rule_declares(na
         assert isinstance(rule, SizeRule)
         model = entry.load()(config, in_channels=1, num_classes=2).eval()
         taken = sorted({*rule.nearest(rule.multiple + 1), *rule.nearest(3 * rule.multiple - 1)})
+        assert rule.dimensions in (2, 3)
+        rest = (taken[0],) * (rule.dimensions - 1)  # the other sides: one the rule takes
         with torch.no_grad():
             for side in taken:
-                assert rule.takes(side) and model(torch.zeros(1, 1, side, taken[0])).shape[-2:] == (side, taken[0])
+                assert rule.takes(side) and model(torch.zeros(1, 1, side, *rest)).shape[2:] == (side, *rest)
             for side in {taken[0] + 1, taken[-1] - 1} - set(taken):
                 assert not rule.takes(side)
                 with pytest.raises(ValueError, match=f"multiples of {rule.multiple}"):
-                    model(torch.zeros(1, 1, side, taken[0]))
+                    model(torch.zeros(1, 1, side, *rest))
 
 
 @pytest.mark.parametrize(("rule", "side", "nearest"), [
@@ -153,3 +157,51 @@ def test_every_builtin_architecture_takes_exactly_the_sizes_its_rule_declares(na
 ])
 def test_size_rule_names_the_nearest_sides_it_takes(rule, side, nearest):
     assert rule.nearest(side) == nearest and all(rule.takes(s) for s in nearest)
+
+
+# --- 3D -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("module", [unet3d, resunet3d])
+@pytest.mark.parametrize("norm", ["instance", "batch", "group", "none"])
+def test_3d_networks_keep_the_patch_shape(module, norm):
+    model = module.build(module.Config(depth=3, base_channels=4, norm=norm), in_channels=2, num_classes=3)
+    assert model(torch.randn(2, 2, 4, 8, 12)).shape == (2, 3, 4, 8, 12)
+
+
+def test_3d_defaults_are_instance_norm_without_deep_supervision():
+    config = unet3d.Config()
+    assert (config.norm, config.deep_supervision, config.input_sizes()) == ("instance", False, SizeRule(8, 1, 3))
+    model = resunet3d.build(resunet3d.Config(depth=2, base_channels=2), in_channels=1, num_classes=2)
+    assert any(isinstance(m, torch.nn.InstanceNorm3d) for m in model.modules())
+    assert unet.Config().input_sizes().dimensions == 2
+
+
+def test_the_residual_unet_adds_its_input_to_every_block():
+    plain = n_params(unet3d.build(unet3d.Config(depth=2, base_channels=2, norm="none"), in_channels=1, num_classes=2))
+    residual = resunet3d.build(resunet3d.Config(depth=2, base_channels=2, norm="none"), in_channels=1, num_classes=2)
+    # the same convolutions, plus a 1x1x1 projection where a block changes the channels: 1->2, 2->4, 8->4... by hand:
+    # down 1->2 (2 + 2 = 4), down 2->4 (8 + 4 = 12), up_conv 4->2 (8 + 2 = 10)
+    assert n_params(residual) == plain + 4 + 12 + 10
+    block = residual.down[1]
+    with torch.no_grad():
+        for p in block.body.parameters():  # the convolutions give 0: the block passes its (projected) input on
+            p.zero_()
+    x = torch.randn(1, 2, 2, 2, 2)
+    torch.testing.assert_close(block(x), torch.relu(block.skip(x)))
+    assert block(x).abs().sum() > 0
+
+
+def test_deep_supervision_returns_lower_levels_in_training_only():
+    model = unet3d.build(unet3d.Config(depth=4, base_channels=2, deep_supervision=True), in_channels=1, num_classes=3)
+    outputs = model.train()(torch.randn(2, 1, 16, 16, 8))
+    assert [tuple(o.shape) for o in outputs] == [(2, 3, 16, 16, 8), (2, 3, 8, 8, 4), (2, 3, 4, 4, 2)]
+    assert model.eval()(torch.randn(2, 1, 16, 16, 8)).shape == (2, 3, 16, 16, 8)
+    plain = unet3d.build(unet3d.Config(depth=4, base_channels=2), in_channels=1, num_classes=3)
+    assert set(model.state_dict()) - set(plain.state_dict()) == {f"auxiliary.{i}.{p}" for i in (0, 1)
+                                                                   for p in ("weight", "bias")}
+
+
+def test_2d_unet_keeps_its_parameter_names():
+    """2D checkpoints written before the blocks were shared load into the U-Net built today."""
+    names = set(UNet(1, 2, depth=2, base_channels=2, norm="batch").state_dict())
+    assert {"down.0.0.weight", "down.0.1.running_mean", "up.0.weight", "up_conv.0.3.weight", "head.bias"} <= names

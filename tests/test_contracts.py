@@ -89,6 +89,18 @@ def test_the_decathlon_transform_is_the_volume_transform_predict_uses():
     assert transform.to_slices(torch.ones(4, 4, 5).numpy(), "x.nii.gz").shape == (5, 1, 8, 8)
 
 
+def test_the_decathlon_3d_transform_is_a_volume_transform_too():
+    from autocnnp.components.datasets.volume3d import PatchTransform
+
+    card = {"dimension": "3d", "patch_size": [8, 16, 16], "spacing": [1.0, 1.0, 2.0], "overlap": 0.5,
+            "modalities": [1], "normalise": True}
+    transform = PatchTransform.from_card(card, 3)
+    assert isinstance(transform, VolumeTransform)
+    assert supplied(PatchTransform, VolumeTransform) == declared(VolumeTransform)
+    assert PatchTransform.from_card(transform.card(), 3) == transform
+    assert transform.input_channels(2, "x.nii.gz") == 1
+
+
 def test_the_built_in_architectures_name_their_encoder():
     for net in (UNet(1, 2, depth=2, base_channels=4, norm="batch"), FCN(1, 2, width=1 / 16, norm="batch")):
         assert isinstance(net, Encoded)

@@ -22,6 +22,7 @@ from autocnnp.data.synth import write_synthetic_dataset
 ROOT = Path(__file__).resolve().parents[1]
 BRAIN_JOB = ROOT / "xml_configs" / "brain_tumour_unet.xml"
 ATRIUM_JOB = ROOT / "xml_configs" / "left_atrium_fcn.xml"
+TUBES_JOB = ROOT / "xml_configs" / "tubes_unet3d.xml"
 AUTOCNNP = [sys.executable, "-m", "autocnnp"]
 SHAPE = (32, 32, 8)
 METRICS = ("dice", "pixel_accuracy", "mean_accuracy", "mean_iou", "fw_iou")
@@ -64,9 +65,10 @@ def brain_data(tmp_path_factory) -> Path:
 
 # --------------------------------------------------------------------------- (a) example jobs
 
-@pytest.mark.parametrize("src,kind,folder", [(BRAIN_JOB, "brain", "Task01_BrainTumour"),
-                                             (ATRIUM_JOB, "atrium", "Task02_Heart")])
-def test_example_jobs_validate_once_their_data_exists(tmp_path, cli, src, kind, folder):
+@pytest.mark.parametrize("src,kind,folder,arch", [(BRAIN_JOB, "brain", "Task01_BrainTumour", "unet"),
+                                                  (ATRIUM_JOB, "atrium", "Task02_Heart", "fcn"),
+                                                  (TUBES_JOB, "tubes", "Tubes", "unet3d")])
+def test_example_jobs_validate_once_their_data_exists(tmp_path, cli, src, kind, folder, arch):
     job = tmp_path / src.name
     shutil.copy(src, job)
     rc, _, err = cli("validate", job)
@@ -74,7 +76,7 @@ def test_example_jobs_validate_once_their_data_exists(tmp_path, cli, src, kind, 
     write_synthetic_dataset(tmp_path / "data" / folder, kind, cases=2, shape=(12, 12, 6))
     rc, out, err = cli("validate", job)
     assert rc == 0, err
-    assert "valid" in out and ("unet" if kind == "brain" else "fcn") in out
+    assert "valid" in out and f"{arch})" in out
     rc, out, _ = cli("check-data", tmp_path / "data" / folder)
     assert rc == 0 and "OK" in out
 

@@ -26,7 +26,7 @@ def atrium(tmp_path_factory):
 
 
 def test_kinds():
-    assert KINDS == ("brain", "atrium")
+    assert KINDS == ("brain", "atrium", "tubes")
 
 
 def test_layout_and_dataset_json(brain):

@@ -53,11 +53,32 @@ def test_two_rank_run_writes_metrics_checkpoints_plots_and_resources(tmp_path):
     assert final_params(out)
 
 
+PLAIN_UNET3D = PLAIN_UNET.replace('"unet"', '"unet3d"')
+
+
+@pytest.fixture(scope="module")
+def tubes(tmp_path_factory) -> Path:
+    """A small 3D dataset (synth tubes, 1 x 1 x 3 mm) for 3D jobs."""
+    from autocnnp.data.synth import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("tubes"), "tubes", cases=3, shape=(24, 24, 8), seed=1)
+
+
+def data_3d(root: Path) -> str:
+    """A decathlon 3D ``<data>`` section: 8 patches of 8 x 16 x 16 per epoch from 2 training cases (the volume
+    caches shared by the jobs, as they are content-keyed)."""
+    return (f'<data format="decathlon"><train><path>{root}</path></train><param name="dimension">3d</param>'
+            f'<param name="cache">{root.parent / "cache"}</param>'
+            '<param name="patch_size">8,16,16</param><param name="patches_per_volume">4</param>'
+            '<param name="valid_fraction">0.34</param></data>')
+
+
 @pytest.mark.ranks
-@pytest.mark.parametrize("norm,sync", [("none", "false"), ("batch", "true")])
-def test_two_ranks_match_one_rank_with_double_batch(tmp_path, norm, sync):
-    """The data-parallel oracle: 2 ranks x batch b == 1 rank x batch 2b after k steps."""
-    arch = PLAIN_UNET.replace(">none<", f">{norm}<")
+@pytest.mark.parametrize("norm,sync,dims", [("none", "false", "2d"), ("batch", "true", "2d"), ("none", "false", "3d")])
+def test_two_ranks_match_one_rank_with_double_batch(tmp_path, norm, sync, dims, request):
+    """The data-parallel oracle: 2 ranks x batch b == 1 rank x batch 2b after k steps (2D slices, 3D patches)."""
+    arch = (PLAIN_UNET if dims == "2d" else PLAIN_UNET3D).replace(">none<", f">{norm}<")
+    data = SMALL_DATA if dims == "2d" else data_3d(request.getfixturevalue("tubes"))
     extra = (f'<action class="extensible" type="dist_strategy"><value>ring_allreduce</value>'
              f'<value name="sync_batchnorm">{sync}</value></action>')
     env = '<module name="train_env_def"></module>'
@@ -66,11 +87,11 @@ def test_two_ranks_match_one_rank_with_double_batch(tmp_path, norm, sync):
         actions = env + strategy_module(lr_policy="constant").replace(
             '<action class="extensible" type="dist_strategy"><value>ring_allreduce</value></action>', extra)
         job = write_job(tmp_path / f"job{degree}.xml", degree=degree, output=f"out{degree}", arch=arch,
-                        actions=actions, data=SMALL_DATA, hyper={**SMALL, "minibatch_size": batch, "end_epoch": 1})
+                        actions=actions, data=data, hyper={**SMALL, "minibatch_size": batch, "end_epoch": 1})
         result = run(job)
         assert result.returncode == 0, result.stderr[-3000:]
         outs[degree] = final_params(tmp_path / f"out{degree}")
-    init = write_job(tmp_path / "jobinit.xml", degree=1, output="init", arch=arch, data=SMALL_DATA,
+    init = write_job(tmp_path / "jobinit.xml", degree=1, output="init", arch=arch, data=data,
                      hyper={**SMALL, "lr": 1e-12, "end_epoch": 1})
     assert run(init).returncode == 0
     initial = final_params(tmp_path / "init")
@@ -82,22 +103,21 @@ def test_two_ranks_match_one_rank_with_double_batch(tmp_path, norm, sync):
 
 
 @pytest.mark.ranks
-def test_resume_continues_the_loss_curve_even_with_other_rank_count(tmp_path):
-    full = write_job(tmp_path / "full.xml", output="full", arch=PLAIN_UNET, data=SMALL_DATA,
-                     hyper={**SMALL, "end_epoch": 3})
+@pytest.mark.parametrize("dims", ["2d", pytest.param("3d", marks=pytest.mark.slow)])
+def test_resume_continues_the_loss_curve_even_with_other_rank_count(tmp_path, dims, request):
+    arch, data = (PLAIN_UNET, SMALL_DATA) if dims == "2d" else (PLAIN_UNET3D, data_3d(request.getfixturevalue("tubes")))
+    full = write_job(tmp_path / "full.xml", output="full", arch=arch, data=data, hyper={**SMALL, "end_epoch": 3})
     assert run(full).returncode == 0
-    part = write_job(tmp_path / "part.xml", output="part", arch=PLAIN_UNET, data=SMALL_DATA,
-                     hyper={**SMALL, "end_epoch": 2})
+    part = write_job(tmp_path / "part.xml", output="part", arch=arch, data=data, hyper={**SMALL, "end_epoch": 2})
     assert run(part).returncode == 0
-    rest = write_job(tmp_path / "part.xml", output="part", arch=PLAIN_UNET, data=SMALL_DATA,
-                     hyper={**SMALL, "end_epoch": 3})
+    rest = write_job(tmp_path / "part.xml", output="part", arch=arch, data=data, hyper={**SMALL, "end_epoch": 3})
     assert run(rest).returncode == 0
     a, b = metrics(tmp_path / "full"), metrics(tmp_path / "part")
     assert [r["epoch"] for r in b] == ["1", "2", "3"]
     for ra, rb in zip(a, b):
         assert float(ra["train_loss"]) == pytest.approx(float(rb["train_loss"]), rel=1e-5)
         assert float(ra["valid_loss"]) == pytest.approx(float(rb["valid_loss"]), rel=1e-5)
-    one_rank = write_job(tmp_path / "part.xml", degree=1, output="part", arch=PLAIN_UNET, data=SMALL_DATA,
+    one_rank = write_job(tmp_path / "part.xml", degree=1, output="part", arch=arch, data=data,
                          hyper={**SMALL, "end_epoch": 4})
     result = run(one_rank)
     assert result.returncode == 0, result.stderr[-3000:]

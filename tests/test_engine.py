@@ -236,6 +236,20 @@ def test_input_size_set_on_the_command_line_is_refused_there(job, cli):
     assert cli("validate", job(), "--set", "data.size=28")[0] == 0
 
 
+def test_a_3d_network_on_2d_slices_is_refused(job, refused):
+    path = job((ARCH_UNET, '<CNN_archi name="unet3d"><param name="depth">3</param></CNN_archi>'))
+    refused(path, "<CNN_archi", "architecture 'unet3d' takes 3D inputs, but the data's inputs are 2D (32x32)",
+            "choose unet3d or resunet3d")
+
+
+def test_a_3d_network_on_tensorflow_is_refused(job, refused, tmp_path):
+    """3D trains on torch only: a network declaring 3D inputs is refused on tensorflow, at validate."""
+    (tmp_path / "net.py").write_text(SIZED_NET.format(rule='{"multiple": 4, "dimensions": 3}'))
+    path = job((ARCH_UNET, "<CNN_archi><path>net.py</path></CNN_archi>"), (ENV_MODULE, ENV_MODULE + FRAMEWORK_TF))
+    refused(path, "<CNN_archi", "architecture 'build' (3D) trains on the torch framework only; this job trains "
+            "with tensorflow")
+
+
 def test_architecture_parameters_that_change_the_rule_are_checked_too(job, refused):
     path = job(('<param name="depth">3</param>', '<param name="depth">7</param>'))
     refused(path, '<param name="size">32', "multiples of 64", "64 instead of 32")
@@ -321,7 +335,7 @@ def test_unknown_name_far_from_any_lists_the_choices(job, refused):
 
 def test_unknown_architecture(job, refused):
     path = job(('<CNN_archi name="unet">', '<CNN_archi name="unett">'))
-    refused(path, "unett", "unknown architecture 'unett'", "Hint: did you mean 'unet'?")
+    refused(path, "unett", "unknown architecture 'unett'", "Hint: did you mean 'unet' or 'unet3d'?")
 
 
 def test_unknown_data_format_and_lr_policy(job, refused):

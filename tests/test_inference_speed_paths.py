@@ -17,13 +17,13 @@ from autocnnp.components.architectures.unet import UNet
 from autocnnp.core.processes import default_threads, usable_cores
 from autocnnp.data.synth import write_synthetic_dataset
 from autocnnp.generator.assemble import assemble
-from autocnnp.inference import (
+from autocnnp.training.loop import model_card
+from autocnnp.training.precision import autocast_dtype
+from autocnnp.training.predictor import (
     default_batch,
     prepare_network,
     slice_probabilities,
 )
-from autocnnp.training.loop import model_card
-from autocnnp.training.precision import autocast_dtype
 
 CPU = torch.device("cpu")
 BF16_TOLERANCE = 0.03  # probabilities; bf16 keeps 8 bits of mantissa
@@ -180,7 +180,7 @@ def test_source_grid_is_the_argmax_of_the_resized_probabilities_a_few_slices_at_
 
     from autocnnp.data import slices
     from autocnnp.data.slices import resize
-    from autocnnp.inference import source_grid
+    from autocnnp.training.predictor import source_grid
 
     rng = np.random.default_rng(1)
     probs = rng.random((10, 3, 16, 12), dtype=np.float32)

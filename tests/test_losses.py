@@ -117,3 +117,26 @@ def test_a_class_absent_from_a_slice_adds_no_dice_term():
     shifted = logits.clone()
     shifted[:, 2] += 3.0
     assert dice_ce(shifted, target) > dice_ce(logits, target)
+
+
+@pytest.mark.parametrize("name", sorted(LOSSES))
+def test_losses_take_volumes(name):
+    """3D logits [N, C, D, H, W]: the loss of a volume is the loss of its voxels laid out as one 2D image."""
+    torch.manual_seed(0)
+    logits, target = torch.randn(2, 3, 4, 5, 6), torch.randint(0, 3, (2, 4, 5, 6))
+    flat = get_loss(name)(logits.reshape(2, 3, 20, 6), target.reshape(2, 20, 6))
+    torch.testing.assert_close(get_loss(name)(logits, target), flat)
+
+
+def test_deep_supervision_weights_halve_per_level_against_downsampled_labels():
+    from autocnnp.components.tasks.imaging_segmentation import SegmentationTask
+    from autocnnp.training.losses import deep_supervision_weights
+
+    assert deep_supervision_weights(3) == pytest.approx([4 / 7, 2 / 7, 1 / 7])
+    torch.manual_seed(0)
+    target = torch.randint(0, 3, (2, 8, 8, 4))
+    outputs = (torch.randn(2, 3, 8, 8, 4), torch.randn(2, 3, 4, 4, 2), torch.randn(2, 3, 2, 2, 1))
+    loss = SegmentationTask().loss("dice_ce")
+    expected = sum(w * dice_ce(o, target[:, ::s, ::s, ::s]) for w, o, s in zip([4 / 7, 2 / 7, 1 / 7], outputs, (1, 2, 4)))
+    torch.testing.assert_close(loss(outputs, target), expected)
+    torch.testing.assert_close(loss(outputs[0], target), dice_ce(outputs[0], target))  # a plain network's logits

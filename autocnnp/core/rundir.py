@@ -12,10 +12,14 @@
     OUTPUT/resources/rankN.csv  per-rank CPU, memory and GPU samples
     OUTPUT/tracking/            a tracker's journal and state (the mlflow tracker), the plan it logged
     OUTPUT/predictions/         label volumes written by ``autocnnp predict``
+    OUTPUT/export/              ``autocnnp export``: model.onnx, model.int8.onnx, model.torchscript.pt, model.json
     OUTPUT/slurm/               sbatch scripts, job.json (the submitted job), <id>.exit
     OUTPUT/tune/                ``autocnnp tune``: its runs, table, plot and state
     OUTPUT/seed-S/              one run of ``autocnnp run --repeat K`` (a run folder itself)
     OUTPUT/repeats.csv          the summary of the repeats
+    OUTPUT/fold-F/              one fold of ``autocnnp study`` (a run folder itself)
+    OUTPUT/folds.json           the study's k-fold split (written once, reused by every fold)
+    OUTPUT/folds.csv            the summary of the folds
     OUTPUT/logs/rankN.log       what each rank printed
     OUTPUT/.ranks/rankN         rank status files (their mtime is the rank's heartbeat)
     OUTPUT/.stop                a request to the ranks: stop at the end of the epoch with a checkpoint
@@ -33,6 +37,8 @@ from pathlib import Path
 LATEST_POINTER, BEST_CHECKPOINT, BEST_RECORD = "latest", "ckpt-best.pt", "best"
 # The checkpoint in the folder of a model fetched from the zoo (tracking/zoo.py)
 ZOO_CHECKPOINT = "checkpoint.pt"
+# The model card ``autocnnp export`` writes beside the exported models (export.py), read by predict and the zoo
+EXPORT_CARD = "model.json"
 
 
 def zoo_folder(folder: Path, name: str, version: int | None) -> Path:
@@ -138,6 +144,10 @@ class RunDir:
         return self.root / "predictions"
 
     @property
+    def export(self) -> Path:
+        return self.root / "export"
+
+    @property
     def slurm(self) -> Path:
         return self.root / "slurm"
 
@@ -159,6 +169,18 @@ class RunDir:
     @property
     def repeats(self) -> Path:
         return self.root / "repeats.csv"
+
+    def fold(self, fold: int) -> RunDir:
+        """The run folder of one fold of ``autocnnp study``."""
+        return RunDir(self.root / f"fold-{fold}")
+
+    @property
+    def folds_split(self) -> Path:
+        return self.root / "folds.json"
+
+    @property
+    def folds_summary(self) -> Path:
+        return self.root / "folds.csv"
 
     @property
     def ranks(self) -> Path:
@@ -186,12 +208,12 @@ class RunDir:
     def areas(self) -> tuple[Path, ...]:
         """Every folder of the layout above (the seed-S folders of a repeat set aside)."""
         return (self.checkpoints, self.cache, self.plots, self.tensorboard, self.resources, self.tracking,
-                self.predictions, self.slurm, self.tune, self.logs, self.ranks, self.swarm)
+                self.predictions, self.export, self.slurm, self.tune, self.logs, self.ranks, self.swarm)
 
     def keeps_runs_in(self, name: str) -> bool:
         """Whether the entry ``name`` of this folder holds runs of this run's own: its ``tune/`` iterations and
-        the ``seed-S/`` runs of ``run --repeat``."""
-        return name == self.tune.name or re.fullmatch(r"seed-(-?\d+)", name) is not None
+        the ``seed-S/`` runs of ``run --repeat``, the ``fold-F/`` runs of ``study``."""
+        return name == self.tune.name or re.fullmatch(r"(seed-(-?\d+)|fold-\d+)", name) is not None
 
     def owns(self, name: str) -> bool:
         """Whether the entry ``name`` of this folder is one of the run's own (its layout)."""

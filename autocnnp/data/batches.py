@@ -39,6 +39,26 @@ class BatchDataset(Dataset):
         return images[0].float(), labels[0].long()
 
 
+class EpochIndices:
+    """The items of ``sampler`` (a dataset of ``size`` items) as ``epoch * size + item``: a dataset that draws its
+    items afresh each epoch (random patches; its ``epoch_indexed`` is true) reads the epoch from the index, in any
+    worker process. ``set_epoch`` is passed on to ``sampler``."""
+
+    def __init__(self, sampler, size: int):
+        self.sampler, self.size, self.epoch = sampler, int(size), 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def __iter__(self) -> Iterator[int]:
+        return (self.epoch * self.size + int(i) for i in self.sampler)
+
+
 class BatchReader(Dataset):
     """Item ``[i, j, ...]`` is the minibatch ``(images, labels, indices)`` of those items of ``dataset``."""
 
@@ -77,6 +97,17 @@ class Augment(Protocol):
         draws depend on (epoch, index) only: reproducible)."""
 
 
+def channels_last(dims: int) -> torch.memory_format:
+    """The channels-last memory format of a tensor (or a network's weights) with ``dims`` dimensions: 4 (2D
+    images, convolutions) or 5 (3D: channels_last_3d)."""
+    return torch.channels_last_3d if dims == 5 else torch.channels_last
+
+
+def channels_last_network(net: torch.nn.Module) -> torch.nn.Module:
+    """``net`` with its weights channels-last (channels_last_3d for a 3D network)."""
+    return net.to(memory_format=channels_last(max((p.dim() for p in net.parameters()), default=4)))
+
+
 class DeviceBatches:
     """The batches of ``loader`` on ``device`` (float32 images, int64 labels), augmented there by ``augment``
     with the epoch of :meth:`set_epoch`, channels-last if asked; on CUDA the next batch is copied on a side
@@ -102,7 +133,7 @@ class DeviceBatches:
         if self.augment is not None:
             images, labels = self.augment.batch(images, labels, epoch=self.epoch, indices=indices)
         if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)
+            images = images.contiguous(memory_format=channels_last(images.dim()))
         return images, labels
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:

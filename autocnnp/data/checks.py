@@ -19,7 +19,7 @@ import numpy as np
 from ..core.errors import DataError
 from ..core.files import atomic_write, exclusive_lock
 from .index import Case, read_dataset
-from .volumes import image_shape, label_shape, open_nifti, read_array
+from .volumes import header_spacing, image_shape, label_shape, open_nifti, read_array
 
 AFFINE_ATOL = 1e-3
 _CHUNK = 1 << 20
@@ -108,12 +108,14 @@ class Verdict:
 
 
 def _check_case(case: Case, allowed: set[int] | None, n_modalities: int | None, index_file: Path,
-                verdict: Verdict) -> list[DataError]:
+                verdict: Verdict, spacing: bool = False) -> list[DataError]:
     errors: list[DataError] = []
     image_path = Path(case.image)
     try:
         img = open_nifti(image_path)
         shape = image_shape(image_path, img.shape)
+        if spacing:
+            header_spacing(image_path, img)
         if n_modalities and shape[3] != n_modalities:
             errors.append(DataError(image_path, f"image has {shape[3]} channel(s) but {index_file.name} declares "
                                     f"{n_modalities} modalities", "fix the 'modality' entry or the image"))
@@ -161,7 +163,7 @@ def validate_dataset(root, num_classes: int | None = None, split: str = "all") -
     return check_dataset(root, num_classes, split).problems
 
 
-def check_dataset(root, num_classes: int | None = None, split: str = "all") -> Verdict:
+def check_dataset(root, num_classes: int | None = None, split: str = "all", *, spacing: bool = False) -> Verdict:
     """Check a dataset's index and the cases of ``split`` (``training``, ``test`` or ``all``).
 
     Checks the index (missing keys, ``numTraining``/``numTest`` against the entries, label and
@@ -169,8 +171,9 @@ def check_dataset(root, num_classes: int | None = None, split: str = "all") -> V
     case, one at a time with streamed voxel data: files exist and are readable NIfTI (corrupt or
     truncated files are caught), channel count against the declared modalities, finite image
     values, image/label spatial shape and affine (``np.allclose``, atol 1e-3) agreement, integer
-    label values within the declared labels (and ``< num_classes`` when given); label maps with
-    background only are noted, not refused.
+    label values within the declared labels (and ``< num_classes`` when given), and with ``spacing`` (3D
+    training resamples by it) positive, finite header voxel spacings; label maps with background only are
+    noted, not refused.
     """
     verdict = Verdict()
     try:
@@ -193,7 +196,7 @@ def check_dataset(root, num_classes: int | None = None, split: str = "all") -> V
                                 "add image,label pairs to the index"))
     n_mod = len(ds.modalities) or None
     for case in ds.cases(split):
-        errors.extend(_check_case(case, allowed, n_mod, ds.index_file, verdict))
+        errors.extend(_check_case(case, allowed, n_mod, ds.index_file, verdict, spacing))
     return verdict
 
 

@@ -4,7 +4,7 @@
 are imported inside the command functions, so ``autocnnp validate`` stays fast and torch-free.
 Bad data is one DataError paragraph on stderr (the CLI prints it) with exit code 2.
 
-* ``autocnnp synth OUT --kind brain|atrium --cases N --shape X Y Z --seed S --test-cases T``
+* ``autocnnp synth OUT --kind brain|atrium|tubes --cases N --shape X Y Z --seed S --test-cases T``
 * ``autocnnp preprocess DATA CACHE --slices N --size S --mode even|labelled|mixed --foreground-fraction F
   --modalities all --workers N`` (progress on stderr; an interrupted run started again goes on where it stopped)
 * ``autocnnp check-data DATA|CACHE [--num-classes K]``
@@ -139,9 +139,10 @@ def add_commands(sub) -> None:
     s = sub.add_parser("synth", help=doc, description=doc)
     s.add_argument("out", help="the dataset folder to write")
     default = _synth_defaults()
-    s.add_argument("--kind", choices=("brain", "atrium"), default=default["kind"],
+    s.add_argument("--kind", choices=("brain", "atrium", "tubes"), default=default["kind"],
                    help="brain: 4 modalities, labels 0-3 (like Task01_BrainTumour); atrium: 1 modality, labels 0-1 "
-                        f"(like Task02_Heart); default {default['kind']}")
+                        "(like Task02_Heart); tubes: 1 modality, 1 x 1 x 3 mm, label 1 spheres and 2 tubes along z "
+                        f"that look alike in every axial slice (3D against 2D); default {default['kind']}")
     s.add_argument("--cases", type=count, default=default["cases"],
                    help=f"labelled training cases (default {default['cases']})")
     s.add_argument("--shape", type=positive, nargs=3, default=list(default["shape"]), metavar=("X", "Y", "Z"),

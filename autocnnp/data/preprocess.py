@@ -139,6 +139,31 @@ def build_cache(
         raise ValueError(f"workers must be at least 1, got {workers}")
     fraction = check_fraction(foreground_fraction)
     h, w = size_pair(size)
+    ds, cases, mods = training_cases(root, case_indices, modalities)
+
+    params = {
+        "format": CACHE_FORMAT,
+        "n_slices": None if not n_slices else int(n_slices),
+        "size": [h, w],
+        "modalities": mods,
+        "mode": mode,
+        "normalise": bool(normalise),
+        "axis": axis,
+        "foreground_fraction": fraction,
+        "cases": case_stats(cases),
+    }
+    key = cache_key(params)
+
+    def build(work: Path) -> dict:
+        with _case_runner(pool_size(len(cases), params["cases"], workers)) as run:
+            return _write_cache(work, cases, params, key, ds, mods, run, progress)
+
+    return built_once(Path(cache_dir), key, build)
+
+
+def training_cases(root, case_indices=None, modalities=None) -> tuple:
+    """``(index, cases, channels)``: the labelled cases of dataset ``root`` at positions ``case_indices`` (None:
+    all) and the channel indices of ``modalities`` (names or indices; None: all), or a DataError."""
     ds = read_dataset(root)
     cases = ds.cases("training")
     if case_indices is not None:
@@ -154,20 +179,27 @@ def build_cache(
     mods = None if modalities is None else [ds.modality_index(m) for m in modalities]
     if mods is not None and not mods:
         raise DataError(ds.index_file, "an empty list of modalities was asked for", "name at least one modality")
+    return ds, cases, mods
 
-    params = {
-        "format": CACHE_FORMAT,
-        "n_slices": None if not n_slices else int(n_slices),
-        "size": [h, w],
-        "modalities": mods,
-        "mode": mode,
-        "normalise": bool(normalise),
-        "axis": axis,
-        "foreground_fraction": fraction,
-        "cases": [[c.name] + _stat(Path(c.image)) + _stat(Path(c.label)) for c in cases],
-    }
-    key = cache_key(params)
-    out = Path(cache_dir)
+
+def case_stats(cases) -> list[list]:
+    """What a cache's content key holds of each case: its name and its files' paths, sizes and times."""
+    return [[c.name] + _stat(Path(c.image)) + _stat(Path(c.label)) for c in cases]
+
+
+def pool_size(n_cases: int, stats: list[list], workers: int | None) -> int:
+    """Worker processes for a build: ``workers``, else the usable cores when the sources (``case_stats``) are
+    large enough to pay for starting them, capped by the number of cases."""
+    source_bytes = sum(entry[2] for entry in stats)
+    return min(n_cases, int(workers) if workers is not None else
+               (usable_cores() if source_bytes >= POOL_MIN_BYTES else 1))
+
+
+def built_once(out: Path, key: str, build) -> Path:
+    """Make ``out`` hold the cache of content ``key`` exactly once across processes: return at once when its
+    ``meta.json`` matches, else, holding ``out/.lock``, call ``build(work)`` (which writes the arrays into the
+    build folder ``work``, kept across interrupted attempts, and returns the meta) and move the result into
+    place, ``meta.json`` last."""
     if _is_current(out, key):
         return out
     out.mkdir(parents=True, exist_ok=True)
@@ -179,12 +211,7 @@ def build_cache(
             if stale.name.startswith(_STALE_PREFIXES) and stale != work:
                 shutil.rmtree(stale, ignore_errors=True)
         work.mkdir(exist_ok=True)
-        source_bytes = sum(entry[2] for entry in params["cases"])
-        n_workers = min(len(cases), int(workers) if workers is not None else
-                        (usable_cores() if source_bytes >= POOL_MIN_BYTES else 1))
-        with _case_runner(n_workers) as run:
-            meta = _write_cache(work, cases, params, key, ds, mods, run, progress)
-        _commit(work, out, meta)
+        _commit(work, out, build(work))
         shutil.rmtree(work, ignore_errors=True)
     return out
 
@@ -206,8 +233,9 @@ def _plan_case(position: int, case: Case, *, mods, mode: str, n_slices, axis: in
 
 
 @dataclass(frozen=True)
-class _Layout:
-    """Where and how a case's slices are written: the arrays (and their data offsets), the slices' form."""
+class Arrays:
+    """Where a cache build writes a case: the image and label arrays (and their data offsets), the images'
+    dtype, the channels kept (None: all)."""
 
     images: Path
     labels: Path
@@ -215,6 +243,12 @@ class _Layout:
     labels_offset: int
     image_dtype: str
     channels: list[int] | None
+
+
+@dataclass(frozen=True)
+class _Layout(Arrays):
+    """Where and how a case's slices are written: the arrays, the slices' form."""
+
     axis: int
     normalise: bool
     size: tuple[int, int]

@@ -18,6 +18,13 @@ Two kinds mimic the two use cases of the thesis:
     3D mono-modal images; label 1 is a thin hollow ellipsoid shell (the atrial wall) around a
     bright blood pool, on a noisy non-zero background.
 
+A third kind has structure that single slices cannot resolve (for 3D against 2D):
+
+``"tubes"``
+    3D mono-modal images of anisotropic spacing (1 x 1 x 3 mm) holding look-alike blobs of one
+    intensity: label 1 spheres and label 2 tubes along z of the same radius, so every axial slice
+    through either shows a disc of about the same size; only the extent along z tells them apart.
+
 Everything is deterministic given ``seed``: case ``i`` is drawn from
 ``numpy.random.default_rng([seed, i])``, so it does not depend on how many cases are written.
 Images get a non-identity affine (1 x 1 x 1.5 mm spacing and an offset) so affine handling is
@@ -31,7 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
-KINDS: tuple[str, ...] = ("brain", "atrium")
+KINDS: tuple[str, ...] = ("brain", "atrium", "tubes")
 
 SPACING = (1.0, 1.0, 1.5)
 
@@ -39,6 +46,9 @@ BRAIN_MODALITIES = {"0": "FLAIR", "1": "T1w", "2": "t1gd", "3": "T2w"}
 BRAIN_LABELS = {"0": "background", "1": "edema", "2": "non-enhancing tumor", "3": "enhancing tumour"}
 ATRIUM_MODALITIES = {"0": "MRI"}
 ATRIUM_LABELS = {"0": "background", "1": "left atrium"}
+TUBES_MODALITIES = {"0": "MRI"}
+TUBES_LABELS = {"0": "background", "1": "sphere", "2": "tube"}
+TUBES_SPACING = (1.0, 1.0, 3.0)  # mm: thick slices, as prostate or cardiac MRI
 
 # Mean intensity of [brain tissue, edema, non-enhancing core, enhancing rim] per modality
 # (rows FLAIR, T1w, t1gd, T2w), loosely following how the tissues look in BraTS.
@@ -138,7 +148,30 @@ def atrium_case(shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray
     return image, label
 
 
-_GENERATORS = {"brain": brain_case, "atrium": atrium_case}
+def tubes_case(shape, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """One case of spheres (label 1) and tubes along z (label 2) of one radius and intensity, on
+    :data:`TUBES_SPACING`: float32 image ``(X, Y, Z)`` and uint8 label ``(X, Y, Z)``."""
+    shape = _check_shape(shape)
+    grid = _grid(shape)
+    sx, _, sz = TUBES_SPACING
+    radius = max(2.0, min(shape[0], shape[1]) * 0.12)  # voxels in-plane (mm / sx)
+    label = np.zeros(shape, dtype=np.uint8)
+    for value in (1, 2, 1, 2):
+        centre = [rng.uniform(radius, n - 1 - radius) for n in shape[:2]] + [rng.uniform(0, shape[2] - 1)]
+        disc = ((grid[0] - centre[0]) ** 2 + (grid[1] - centre[1]) ** 2) < radius ** 2
+        if value == 1:  # a sphere: the disc shrinks away from its centre slice
+            inside = _ellipsoid(grid, centre, (radius, radius, radius * sx / sz)) < 1.0
+        else:  # a tube through every slice
+            inside = disc
+        label[inside & (label == 0)] = value
+    vol = np.where(label > 0, 1.0, 0.3) * (1.0 + 2 * _NOISE * rng.standard_normal(shape))
+    return (np.clip(vol, 0.02, None) * _SCALE).astype(np.float32), label
+
+
+_GENERATORS = {"brain": brain_case, "atrium": atrium_case, "tubes": tubes_case}
+_INDEX = {"brain": ("SyntheticBrainTumour", "4D", BRAIN_MODALITIES, BRAIN_LABELS),
+          "atrium": ("SyntheticLeftAtrium", "3D", ATRIUM_MODALITIES, ATRIUM_LABELS),
+          "tubes": ("SyntheticTubes", "3D", TUBES_MODALITIES, TUBES_LABELS)}
 
 
 def _save(array: np.ndarray, affine: np.ndarray, path: Path) -> None:
@@ -164,8 +197,8 @@ def write_synthetic_dataset(
 
     Returns ``out_dir`` as a :class:`~pathlib.Path`. Training cases are ``case_000`` ...
     ``case_{cases-1}``; test cases continue the numbering, their labels go to ``labelsTs/`` (not
-    listed in dataset.json, as in the Decathlon). ``affine`` (4x4) replaces :func:`affine_for`, e.g.
-    an oblique one. Existing files of the same names are overwritten.
+    listed in dataset.json, as in the Decathlon). ``affine`` (4x4) replaces :func:`affine_for` (of
+    :data:`TUBES_SPACING` for ``"tubes"``), e.g. an oblique one. Existing files of the same names are overwritten.
     """
     if kind not in _GENERATORS:
         raise ValueError(f"unknown synthetic dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
@@ -176,7 +209,8 @@ def write_synthetic_dataset(
     for sub in ("imagesTr", "labelsTr", "imagesTs", "labelsTs"):
         (out / sub).mkdir(parents=True, exist_ok=True)
     make = _GENERATORS[kind]
-    affine = affine_for(shape) if affine is None else np.asarray(affine, dtype=np.float64)
+    spacing = TUBES_SPACING if kind == "tubes" else SPACING
+    affine = affine_for(shape, spacing) if affine is None else np.asarray(affine, dtype=np.float64)
 
     training, test = [], []
     for i in range(int(cases) + int(test_cases)):
@@ -191,16 +225,16 @@ def write_synthetic_dataset(
             _save(label, affine, out / "labelsTs" / name)
             test.append(f"./imagesTs/{name}")
 
-    brain = kind == "brain"
+    name, tensor, modalities, labels = _INDEX[kind]
     index = {
-        "name": "SyntheticBrainTumour" if brain else "SyntheticLeftAtrium",
+        "name": name,
         "description": f"Synthetic {kind} dataset written by autocnnp (seed {int(seed)})",
         "reference": "autocnnp.data.synth",
         "licence": "CC0",
         "release": "1.0",
-        "tensorImageSize": "4D" if brain else "3D",
-        "modality": dict(BRAIN_MODALITIES if brain else ATRIUM_MODALITIES),
-        "labels": dict(BRAIN_LABELS if brain else ATRIUM_LABELS),
+        "tensorImageSize": tensor,
+        "modality": dict(modalities),
+        "labels": dict(labels),
         "numTraining": len(training),
         "numTest": len(test),
         "training": training,

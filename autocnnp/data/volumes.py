@@ -7,6 +7,7 @@ Images are returned channels last ``(X, Y, Z, C)`` (3D images get ``C = 1``). Ev
 from __future__ import annotations
 
 import gzip
+import math
 import zlib
 from pathlib import Path
 
@@ -79,6 +80,33 @@ def read_voxels(path: Path, img) -> np.ndarray:
     if not np.isnan(slope) and (slope != 1 or inter != 0):
         voxels = voxels * np.float32(slope) + np.float32(inter)
     return voxels
+
+
+SPACING_HINT = ("fix the voxel sizes (pixdim) in the header, e.g. nibabel's img.header.set_zooms((1.0, 1.0, 1.0)), "
+                "or re-export the image")
+
+
+def header_spacing(path: Path, img) -> tuple[float, float, float]:
+    """The voxel spacing ``(x, y, z)`` in mm of the NIfTI image ``img`` opened from ``path``; a DataError
+    naming the file when a spacing is 0, negative or not a number."""
+    zooms = _stored_zooms(path, img)
+    if len(zooms) < 3 or not all(math.isfinite(z) and z > 0 for z in zooms):
+        raise DataError(path, f"header voxel spacing {zooms} mm is not three positive numbers", SPACING_HINT)
+    return zooms
+
+
+def _stored_zooms(path: Path, img) -> tuple[float, ...]:
+    """The spacing as the header stores it: nibabel's load replaces a 0 by 1 and a negative by its magnitude
+    (with a warning), so a single-file NIfTI's header is read again, unchecked."""
+    header = img.header
+    if hasattr(header, "from_fileobj") and "pixdim" in getattr(header, "keys", lambda: ())():
+        try:
+            with (gzip.open(path, "rb") if path.name.lower().endswith(".gz") else open(path, "rb")) as f:
+                header = type(header).from_fileobj(f, check=False)
+        except (OSError, EOFError, ValueError, zlib.error):
+            header = img.header
+        return tuple(float(z) for z in header["pixdim"][1:4])
+    return tuple(float(z) for z in header.get_zooms()[:3])
 
 
 def image_shape(path: Path, shape: tuple[int, ...]) -> tuple[int, ...]:

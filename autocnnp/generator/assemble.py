@@ -87,6 +87,17 @@ class Generator:
         """What the ranks train with: torch or tensorflow (the framework action)."""
         return self.action("framework").entry.name
 
+    @property
+    def dimension(self) -> str:
+        """``3d`` when the job trains a network on 3D patches (its architecture's size rule says so, else its data's
+        inputs have three sides), else ``2d``."""
+        arch = self.action("architecture_injection")
+        declared = input_sizes_of(arch.config, arch.entry.input_sizes).dimensions
+        if declared:
+            return f"{declared}d"
+        input_size = getattr(self.action("dataset_injection").config, "input_size", None)
+        return "3d" if callable(input_size) and len(tuple(input_size())) == 3 else "2d"
+
     def actions(self):
         for module in self.root.modules():
             yield from module.actions
@@ -172,6 +183,7 @@ def assemble(spec: JobSpec | Path | str) -> Generator:
         raise JobError(where, f"precision fp16 (with a loss scaler) is trained on the torch framework only; this job "
                        f"trains with {framework}", "write bf16 (Keras' mixed_bfloat16) or fp32")
     _check_lr_policy(gen)
+    _check_dimensions(gen)
     _check_input_sizes(gen)
     return gen
 
@@ -374,12 +386,34 @@ def _check_input_sizes(gen: Generator) -> None:
     name = arch.entry.name if arch.entry.origin == "built-in" else f"{arch.entry.name} ({arch.entry.origin})"
     params = ", ".join(f"{s.name}={s.text.strip()}" for s in arch.settings)
     nearest = "; ".join(f"{' or '.join(map(str, rule.nearest(side)))} instead of {side}" for side in wrong)
-    size = next((s for s in gen.spec.data_params if s.name.lower() == "size"), None)
+    size = next((s for s in gen.spec.data_params if s.name.lower() in ("size", "patch_size")), None)
     raise JobError(size.where if size else arch.where or gen.spec.where,
                    f"architecture '{name}'{f' ({params})' if params else ''} takes input sides that are "
                    f"{rule.describe()}, but the data's inputs are {'x'.join(map(str, sides))}",
                    f"give the data sides it takes, the nearest being {nearest}; or change the architecture's "
                    "parameters")
+
+
+def _check_dimensions(gen: Generator) -> None:
+    """2D slices go to a 2D network and 3D patches to a 3D one (the architecture's SizeRule says which it takes),
+    and 3D trains on torch only: refused here, before anything starts."""
+    arch, data = gen.action("architecture_injection"), gen.action("dataset_injection")
+    input_size = getattr(data.config, "input_size", None)
+    sides = tuple(input_size()) if callable(input_size) else ()
+    rule = input_sizes_of(arch.config, arch.entry.input_sizes)
+    dimension = next((s for s in gen.spec.data_params if s.name.lower() == "dimension"), None)
+    if gen.framework != "torch" and (len(sides) == 3 or rule.dimensions == 3):
+        what = (f"dimension={dimension.text.strip()}" if dimension is not None and len(sides) == 3
+                else f"architecture '{arch.entry.name}' (3D)")
+        raise JobError(dimension.where if dimension is not None and len(sides) == 3 else arch.where or gen.spec.where,
+                       f"{what} trains on the torch framework only; this job trains with {gen.framework}",
+                       "remove the framework action (torch), or train 2D slices (dimension 2d, a 2D architecture)")
+    if rule.dimensions and sides and len(sides) != rule.dimensions:
+        raise JobError(arch.where or gen.spec.where,
+                       f"architecture '{arch.entry.name}' takes {rule.dimensions}D inputs, but the data's inputs are "
+                       f"{len(sides)}D ({'x'.join(map(str, sides))})",
+                       "for 3D patches choose unet3d or resunet3d, for 2D slices unet or fcn; or change the data's "
+                       "dimension")
 
 
 def _bindings() -> list[Binding]:

@@ -119,6 +119,8 @@ class SizeRule:
     ``multiple`` and at least ``minimum``. The engine checks the data's input size against it before
     anything starts (``validate`` included).
 
+    ``dimensions`` says whether it takes 2D slices or 3D patches (None: either).
+
     An architecture declares its rule in one of two ways: its Config defines ``input_sizes(self) ->
     SizeRule`` (the built-ins: a U-Net of depth d takes multiples of 2^(d-1)), or a user file, an entry point's
     object or its class sets ``input_sizes = {"multiple": 16, "minimum": 16}`` (a literal: a file is read,
@@ -127,6 +129,7 @@ class SizeRule:
 
     multiple: int = 1
     minimum: int = 1
+    dimensions: int | None = None  #: the spatial dimensions it takes: 2 (slices) or 3 (patches); None: either
 
     @classmethod
     def parse(cls, value: Any) -> SizeRule:
@@ -134,10 +137,11 @@ class SizeRule:
         if isinstance(value, SizeRule):
             return value
         fields = {"multiple": value} if isinstance(value, int) and not isinstance(value, bool) else value
-        if not isinstance(fields, dict) or not set(fields) <= {"multiple", "minimum"} or not all(
-                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in fields.values()):
+        if not isinstance(fields, dict) or not set(fields) <= {"multiple", "minimum", "dimensions"} or not all(
+                isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in fields.values()) \
+                or fields.get("dimensions", 2) not in (2, 3):
             raise ValueError(f"input_sizes = {value!r} is no size rule: write an int (the multiple) or "
-                             '{"multiple": M, "minimum": N} with positive integers')
+                             '{"multiple": M, "minimum": N, "dimensions": 2 or 3} with positive integers')
         return cls(**fields)
 
     def takes(self, side: int) -> bool:
@@ -556,8 +560,9 @@ def _as_plugin(name: str, value) -> CheckpointPlugin:
 class DataBundle:
     """What a data format hands to the trainer."""
 
-    train: Any  # map-style datasets of (image [C, H, W] float32, label [H, W] int64); a data.batches.BatchDataset
-    valid: Any  # (read_batch) is read a minibatch at a time, any other dataset a sample at a time
+    train: Any  # map-style datasets of (image [C, H, W] float32, label [H, W] int64), [C, D, H, W] / [D, H, W] in 3D;
+    valid: Any  # a data.batches.BatchDataset (read_batch) is read a minibatch at a time, any other a sample at a time;
+    # a train dataset whose epoch_indexed is true is given item i of epoch e as e * len(train) + i
     in_channels: int
     num_classes: int
     # Random augmentation of the training minibatches on the training device (data.batches.Augment): an object
@@ -566,6 +571,12 @@ class DataBundle:
     augment: Any = None
     class_names: tuple[str, ...] = ()  # the name of every class value (metrics per class are named after them)
     empty_label_cases: tuple[str, ...] = ()  # cases whose label map is background only (for the manifest)
+    # validation items per minibatch (None: the job's minibatch_size; 1 for whole volumes of differing shapes)
+    valid_batch_size: int | None = None
+    # how validation runs the network on a minibatch: infer(model, images) -> logits (None: model(images); e.g. a
+    # training.sliding_window.SlidingWindow over whole volumes)
+    infer: Any = None
+    notes: tuple[str, ...] = ()  # lines said once before the ranks start (e.g. cases padded to the patch)
 
     @property
     def augmentation(self) -> str:
@@ -631,13 +642,30 @@ class DataFormat:
         return None
 
 
-class VolumeTransform:
-    """How ``autocnnp predict`` turns a format's volumes into the model's input slices (the training
-    pre-processing; predict resizes the slices' class probabilities back to the volume's grid), as
-    ``DataFormat.volumes()`` and ``volumes_from_card()`` return it. The decathlon format's is
-    :class:`~autocnnp.components.datasets.decathlon.SliceTransform`."""
+@dataclass(frozen=True)
+class VolumePrediction:
+    """What a volume transform's ``predict`` gives for one volume: the argmax ``labels`` ``(X, Y, Z)`` (uint8) on
+    the source grid, the class ``probabilities`` ``(K, X, Y, Z)`` there (float32; None unless kept), how many
+    ``units`` the network ran over (slices, windows: ``unit``) and the seconds spent preparing the input, in the
+    network and bringing the output back to the source grid."""
 
-    size: int  # the side of the square slices the model takes
+    labels: Any
+    probabilities: Any
+    units: int
+    unit: str
+    prepare_s: float
+    network_s: float
+    back_s: float
+
+
+class VolumeTransform:
+    """How ``autocnnp predict`` turns a format's volumes into the model's input and the model's output into
+    class probabilities on each volume's own grid (the training pre-processing, and its inverse), as
+    ``DataFormat.volumes()`` and ``volumes_from_card()`` return it. The decathlon format's are
+    :class:`~autocnnp.components.datasets.decathlon.SliceTransform` (2D: slices along the third axis) and
+    :class:`~autocnnp.components.datasets.volume3d.PatchTransform` (3D: resampled volumes through a sliding
+    window)."""
+
     num_classes: int | None  # the classes the training data declares, if it declares them
     default_input: Path | None  # what predict reads when given no --input (None: --input is required)
 
@@ -650,9 +678,19 @@ class VolumeTransform:
         ``name`` and ``image`` (a path)."""
         raise NotImplementedError
 
-    def to_slices(self, image, where: Path):
-        """A channels-last volume ``(X, Y, Z, C)`` read from ``where`` as float32 model input
-        ``[slices, C, size, size]``; a DataError naming ``where`` when it does not fit the model."""
+    def describe(self) -> str:
+        """How the model sees a volume, for predict's first line."""
+        raise NotImplementedError
+
+    def input_channels(self, channels: int, where: Path) -> int:
+        """The channels the model reads of an image stored with ``channels``; a DataError naming ``where`` when
+        the image lacks some."""
+        raise NotImplementedError
+
+    def predict(self, image, img, where: Path, predictor, keep: bool) -> VolumePrediction:
+        """The prediction of a channels-last volume ``image`` ``(X, Y, Z, C)`` as stored, read from ``where`` (its
+        NIfTI image ``img``: header, affine), by ``predictor`` (autocnnp.training.predictor.Predictor: the network on
+        its device), on the volume's own grid; the probabilities too when ``keep``."""
         raise NotImplementedError
 
 

@@ -9,6 +9,7 @@
 * ``autocnnp cancel JOB.xml|JOBID [--set KEY=VALUE]``
 * ``autocnnp deploy JOB.xml --to DIR [--with-package] [--dry-run]``
 * ``autocnnp deploy JOB.xml --swarm [--image IMAGE] [--to DIR]``
+* ``autocnnp study JOB.xml [--folds K] [--fold F ...] [--at-once N] [--submit] [--set KEY=VALUE]`` (k-fold)
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ def cmd_deploy(args) -> int:
                      dry_run=args.dry_run)
 
 
+def cmd_study(args) -> int:
+    from .study import run_study
+
+    return run_study(load_job(args.job, args.set), args.folds, args.fold, args.at_once, args.submit)
+
+
 def _add_set(s) -> None:
     s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override the job as `autocnnp run --set` does (repeatable); status and cancel take the "
@@ -137,6 +144,21 @@ def add_commands(sub) -> None:
     s.add_argument("target", help="the XML job file that was submitted, or a Slurm job id")
     _add_set(s)
     s.set_defaults(func=cmd_cancel)
+
+    s = sub.add_parser("study", help="k-fold cross-validation: train every fold of the job (at once where the slots "
+                       "allow) and summarise them", description="Split the training cases into the job's folds "
+                       "(<data> folds, split_seed) once, into OUTPUT/folds.json, and train fold F in OUTPUT/fold-F as "
+                       "an ordinary run; then write OUTPUT/folds.csv: every metric's mean and standard deviation over "
+                       "the folds, per class. Running it again trains only the folds not finished.")
+    s.add_argument("job", help="the XML job file")
+    s.add_argument("--folds", type=int, metavar="K", help="the number of folds (default: the job's <data> folds)")
+    s.add_argument("--fold", type=int, action="append", metavar="F", help="train only this fold (repeatable)")
+    s.add_argument("--at-once", type=int, metavar="N", help="folds trained at the same time (default: as many "
+                   "groups of parallelism-degree ranks as the slots hold)")
+    s.add_argument("--submit", action="store_true", help="queue one Slurm job per fold (sbatch) instead")
+    s.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override the job as `autocnnp run --set` does (repeatable)")
+    s.set_defaults(func=cmd_study)
 
     s = sub.add_parser("deploy", help="copy the job and its user files (and autocnnp) to a shared folder, "
                        "keyed by content: unchanged files are not copied again")

@@ -8,7 +8,7 @@ import importlib.util
 import math
 import zipfile
 
-from ..core.card import trained_framework
+from ..core.card import trained_dimension, trained_framework
 from ..core.errors import JobError
 from ..core.files import WriteRefused, atomic_write, free_bytes, size_text, space_text
 from ..core.processes import usable_cores
@@ -54,11 +54,17 @@ def check_pretrained(job: Job) -> None:
     if trained not in (None, framework):
         raise JobError(pretrained.where, f"the pretrained checkpoint {path} holds a {trained} model, but the job "
                        f"trains with {framework}", f"start from a checkpoint of a {framework} run of the same architecture")
+    trained, dimension = (trained_dimension(path) if archive else "2d"), job.generator.dimension
+    if trained not in (None, dimension):
+        raise JobError(pretrained.where, f"the pretrained checkpoint {path} holds a {trained.upper()} model, but the "
+                       f"job trains a {dimension.upper()} one", f"start from a checkpoint of a {dimension.upper()} run "
+                       "of the same architecture")
 
 
 def check_resume(job: Job) -> None:
-    """A run that resumes goes on from a checkpoint of its own framework: another framework's (read without
-    torch) is refused here, not by every rank after the launch."""
+    """A run that resumes goes on from a checkpoint of its own framework and dimension: another framework's or a
+    2D model for a 3D job (and the reverse), read without torch, is refused here, not by every rank after the
+    launch."""
     gen = job.generator
     if not getattr(gen.action("checkpoint").config, "resume", False):
         return
@@ -69,6 +75,12 @@ def check_resume(job: Job) -> None:
                        f"checkpoint of a {trained} run ({latest.name}) to resume from, but the job trains with "
                        f"{gen.framework}", f"resume with framework {trained}, or start afresh with another <output> "
                        "folder or resume=false on the checkpoint action")
+    trained = trained_dimension(latest)
+    if trained is not None and trained != gen.dimension:
+        raise JobError(gen.action("architecture_injection").where or job.spec.where, f"the run folder {gen.rundir} "
+                       f"holds a checkpoint of a {trained.upper()} model ({latest.name}) to resume from, but the job "
+                       f"trains a {gen.dimension.upper()} one", f"resume with the {trained} job it was trained with, "
+                       "or start afresh with another <output> folder or resume=false on the checkpoint action")
 
 
 def check_inputs(job: Job) -> None:

@@ -14,11 +14,11 @@ import csv
 import io
 import math
 import statistics
+from pathlib import Path
 
 from ..core.errors import ExitCode, JobError
 from ..core.files import atomic_write, write_json
 from ..core.metrics import LOSSES, SEGEVAL
-from ..core.rundir import RunDir
 from ..core.text import text_table
 from ..generator.overrides import apply_overrides
 from . import launch
@@ -34,10 +34,13 @@ def seed_job(job: Job, seed: int) -> Job:
     return load_job(apply_overrides(job.spec, {"seed": str(seed), "output": str(out)}))
 
 
-def summarise(results: dict[int, dict]) -> dict[str, dict[str, float]]:
-    """metric -> {"mean", "std", "n"} over the seeds that finished (std: sample, n - 1; NaN for n = 1)."""
+def summarise(results: dict[int, dict], per_class: bool = False) -> dict[str, dict[str, float]]:
+    """metric -> {"mean", "std", "n"} over the runs that finished (std: sample, n - 1; NaN for n = 1); with
+    ``per_class`` also every class's and region's metric (``dice/edema``)."""
     out = {}
     names = [m for m in SUMMARY_METRICS if any(m in r for r in results.values())]
+    if per_class:
+        names += sorted({m for r in results.values() for m in r if "/" in m})
     for name in names:
         values = [float(r[name]) for r in results.values() if r.get(name) not in (None, "")]
         values = [v for v in values if math.isfinite(v)]
@@ -47,25 +50,36 @@ def summarise(results: dict[int, dict]) -> dict[str, dict[str, float]]:
     return out
 
 
-def write_summary(rundir: RunDir, results: dict[int, dict], status: dict[int, str], summary: dict):
+def write_summary(path: Path, results: dict[int, dict], status: dict[int, str], summary: dict, key: str = "seed"):
+    """The table of the runs (one row per ``key``: seed or fold) then ``mean`` and ``std`` into CSV ``path``."""
     names = list(summary) or list(SUMMARY_METRICS)
     text = io.StringIO(newline="")
     w = csv.writer(text)
-    w.writerow(["seed", "status", "epochs", *names])
+    w.writerow([key, "status", "epochs", *names])
     for seed, r in results.items():
         w.writerow([seed, status.get(seed, ""), r.get("epoch", -1) + 1 if "epoch" in r else "",
                     *[repr(float(r[n])) if n in r else "" for n in names]])
     for stat in ("mean", "std"):
         w.writerow([stat, "", "", *[repr(summary[n][stat]) if n in summary else "" for n in names]])
-    return atomic_write(rundir.repeats, text.getvalue())
+    return atomic_write(path, text.getvalue())
 
 
-def format_summary(results: dict[int, dict], summary: dict) -> str:
+def format_summary(results: dict[int, dict], summary: dict, key: str = "seed") -> str:
     seeds = list(results)
-    head = ["metric", "mean", "std", *[f"seed {s}" for s in seeds]]
+    head = ["metric", "mean", "std", *[f"{key} {s}" for s in seeds]]
     rows = [[n, f"{v['mean']:.4f}", "" if math.isnan(v["std"]) else f"{v['std']:.4f}",
              *[f"{float(results[s][n]):.4f}" if n in results[s] else "" for s in seeds]] for n, v in summary.items()]
     return text_table(head, rows, rule=True)
+
+
+def finished(one: Job) -> bool:
+    """Whether ``one`` (a variant of a set's job) completed all its epochs in its folder, with this job file and
+    these overrides (a run of a set then is not trained again)."""
+    done = mf.read(one.rundir) or {}
+    same = done.get("job", {}).get("sha256") == mf.job_record(one.spec)["sha256"] and \
+        done.get("job", {}).get("overrides") == dict(one.spec.overrides)
+    return same and done.get("status") == "completed" and \
+        int(done.get("final_metrics", {}).get("epoch", 0)) >= one.generator.hyperparameters.end_epoch  # from 1
 
 
 def run_repeats(job: Job, count: int, run=None) -> int:
@@ -80,11 +94,7 @@ def run_repeats(job: Job, count: int, run=None) -> int:
     for index, seed in enumerate(seeds):
         one = seed_job(job, seed)
         out = one.generator.rundir
-        done = mf.read(out) or {}
-        same = done.get("job", {}).get("sha256") == mf.job_record(job.spec)["sha256"] and \
-            done.get("job", {}).get("overrides") == dict(one.spec.overrides)
-        if same and done.get("status") == "completed" and \
-                int(done.get("final_metrics", {}).get("epoch", 0)) >= gen.hyperparameters.end_epoch:  # from 1
+        if finished(one):
             print(f"autocnnp: seed {seed} finished already ({out})", flush=True)
             rc = ExitCode.OK
         else:
@@ -99,14 +109,14 @@ def run_repeats(job: Job, count: int, run=None) -> int:
             code = code or rc
             if rc != ExitCode.DIVERGED:  # a diverged seed is a result; anything else stops the set
                 break
-    finished = {s: r for s, r in results.items() if r}
-    summary = summarise(finished)
-    table = write_summary(base, finished, status, summary)
+    done = {s: r for s, r in results.items() if r}
+    summary = summarise(done)
+    table = write_summary(base.repeats, done, status, summary)
     write_json(base.manifest, {"autocnnp_manifest": mf.FORMAT, "kind": "repeat set", "updated": mf.now(),
                                "job": mf.job_record(job.spec), "plan": mf.plan_record(job), "repeats": repeats,
                                "runs": {str(s): str(base.seed(s)) for s in seeds}, "status": status,
                                "summary": summary, "standard_deviation": "sample (n - 1)"})
     if summary:
-        print(format_summary(finished, summary))
+        print(format_summary(done, summary))
     print(f"wrote {table}")
     return code

@@ -3,7 +3,8 @@
 * ``autocnnp zoo publish RUN_DIR --name NAME`` registers the run's best checkpoint (else its latest) as a new
   version of NAME, with what reusing it needs: the checkpoint (which describes its model: architecture and
   parameters, preprocessing, classes), ``model_card.json``, the job file, ``manifest.json``, the metrics of
-  the epoch that checkpoint was written at (metrics.csv) and the dataset checksum;
+  the epoch that checkpoint was written at (metrics.csv) and the dataset checksum; and the run's exported forms
+  (``autocnnp export``: model.onnx, model.int8.onnx and model.json) with their measured Dice per class;
 * ``autocnnp zoo list``, ``autocnnp zoo show NAME[/VERSION]``, ``autocnnp zoo pull NAME[/VERSION] DIR``;
 * a job starts from a zoo model with ``<CNN_archi pretrained="zoo:NAME/VERSION">`` (run & manage fetches it
   before the ranks start) and ``autocnnp predict --model zoo:NAME`` predicts with one.
@@ -25,7 +26,7 @@ from pathlib import Path
 from ..core.errors import JobError, Source, shorten
 from ..core.files import read_json
 from ..core.metrics import DICE, FOREGROUND_DICE
-from ..core.rundir import BEST_RECORD, ZOO_CHECKPOINT, RunDir, start_checkpoint
+from ..core.rundir import BEST_RECORD, EXPORT_CARD, ZOO_CHECKPOINT, RunDir, start_checkpoint
 from ..run.manifest import epoch_metrics
 from . import store_of
 
@@ -119,6 +120,12 @@ def publish(rundir: Path, name: str, store, description: str = "") -> int:
         tags["epoch"] = str(epoch)
     if best:
         tags["best"] = f"{best['metric']}={best['value']:.4f} at epoch {best['epoch']}"
+    exported = (read_json(paths.export / EXPORT_CARD) or {}).get("export") or {}
+    forms = {form: exported[form] for form in ("onnx", "int8")
+             if (paths.export / exported.get(form, {}).get("file", "-")).is_file()}
+    if forms:  # autocnnp export's forms, with what they measured
+        tags["exported"] = json.dumps({form: {k: v for k, v in f.items() if k in ("file", "dice", "label_agreement")}
+                                       for form, f in forms.items()})[:5000]
     run = client.create_run(experiment, tags={"mlflow.runName": name, **tags})
     with tempfile.TemporaryDirectory() as tmp:
         model = Path(tmp) / "model"
@@ -128,6 +135,8 @@ def publish(rundir: Path, name: str, store, description: str = "") -> int:
         (model / "job.xml").write_text(card["job"]["text"])
         if paths.manifest.is_file():
             shutil.copyfile(paths.manifest, model / "manifest.json")
+        for file in [f["file"] for f in forms.values()] + ([EXPORT_CARD] if forms else []):
+            shutil.copyfile(paths.export / file, model / file)
         client.log_artifacts(run.info.run_id, str(model), "model")
     for key, value in metrics.items():
         client.log_metric(run.info.run_id, key.replace("/", "."), float(value))

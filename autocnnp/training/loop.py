@@ -99,7 +99,7 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
         last = now
     net = steps.end_steps()
     evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
-    metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat)
+    metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat, run.data.infer)
     loss_sum, n = sum_over_ranks(world, [total, count])
     # every rank's step time (the straggler watch), gathered before the plug-ins' hooks: a rank failing in one leaves
     # its peers writing the epoch's metrics, not blocked in a collective
@@ -115,12 +115,14 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
 
 
 @torch.no_grad()
-def evaluate(model, loader: DeviceBatches, evaluator, loss_fn, world: World, beat=lambda: None) -> dict[str, float]:
-    """SegEval over the whole validation set: confusion matrices are summed across ranks, never scores."""
+def evaluate(model, loader: DeviceBatches, evaluator, loss_fn, world: World, beat=lambda: None,
+             infer=None) -> dict[str, float]:
+    """SegEval over the whole validation set: confusion matrices are summed across ranks, never scores.
+    ``infer(model, x)`` runs the network on a minibatch (default: ``model(x)``)."""
     model.eval()
     total, count = 0.0, 0
     for x, y in loader:
-        logits = model(x)
+        logits = model(x) if infer is None else infer(model, x)
         total, count = total + loss_fn(logits, y).item() * len(x), count + len(x)
         evaluator.update(logits, y)
         beat()
@@ -132,11 +134,12 @@ def evaluate(model, loader: DeviceBatches, evaluator, loss_fn, world: World, bea
 def model_card(gen: Generator, data: DataBundle) -> dict:
     """What ``autocnnp predict`` needs to rebuild the network and feed it without the job file: the job as
     trained (text and overrides), the framework, the architecture and its parameters, the classes and their
-    names, and how a volume becomes the model's input (None for a format without volumes)."""
+    names, whether it takes 2D slices or 3D patches (``dimension``), and how a volume becomes the model's input
+    (None for a format without volumes; a 3D model's records its patch size, target spacing and window overlap)."""
     arch = gen.action("architecture_injection")
     transform = gen.data_format().volumes()
     return {"job": {"file": str(gen.spec.file), "text": gen.spec.text, "overrides": dict(gen.spec.overrides)},
-            "framework": gen.framework,
+            "framework": gen.framework, "dimension": gen.dimension,
             "architecture": {"name": arch.entry.name, "file": None if arch.entry.file is None else str(arch.entry.file),
                              "params": arch.recorded()},
             "in_channels": data.in_channels, "num_classes": data.num_classes,

@@ -1,4 +1,5 @@
-"""Segmentation losses on logits ``[N, C, H, W]`` and integer targets ``[N, H, W]``.
+"""Segmentation losses on logits ``[N, C, H, W]`` and integer targets ``[N, H, W]`` (3D: ``[N, C, D, H, W]`` and
+``[N, D, H, W]``).
 
 Every loss is the mean over the batch of a per-sample loss. Hence, for
 samples of equal size, the loss (and its gradient) on a batch of ``2b``
@@ -8,7 +9,7 @@ data-parallel ranks gives exactly the single-process result.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -16,12 +17,19 @@ import torch.nn.functional as F
 Loss = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def _check(logits: torch.Tensor, target: torch.Tensor) -> None:
-    if logits.dim() != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
+def _check(logits: torch.Tensor, target: torch.Tensor) -> tuple[int, ...]:
+    """The spatial dimensions of ``logits`` (to sum over); ValueError unless the target matches them."""
+    if logits.dim() not in (4, 5) or target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(
-            f"expected logits [N, C, H, W] and target [N, H, W], got "
+            f"expected logits [N, C, H, W] and target [N, H, W] (3D: [N, C, D, H, W] and [N, D, H, W]), got "
             f"{tuple(logits.shape)} and {tuple(target.shape)}"
         )
+    return tuple(range(2, logits.dim()))
+
+
+def _onehot(target: torch.Tensor, classes: int, dtype: torch.dtype) -> torch.Tensor:
+    """``[N, *S]`` integer labels as ``[N, classes, *S]``."""
+    return F.one_hot(target, classes).movedim(-1, 1).to(dtype)
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
@@ -35,16 +43,16 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor, eps: float = 1e-6) -> 
     Dice on sigmoid probabilities. Unlike a Dice pooled over the whole batch, this per-sample mean
     decomposes over data-parallel ranks.
     """
-    _check(logits, target)
+    spatial = _check(logits, target)
     if logits.shape[1] == 1:
         probs = torch.sigmoid(logits)
         onehot = target.unsqueeze(1).to(probs.dtype)
     else:
         probs = torch.softmax(logits, dim=1)
-        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(probs.dtype)
-    intersection = (probs * onehot).sum(dim=(2, 3))
-    truth = onehot.sum(dim=(2, 3))
-    dice = (2 * intersection + eps) / (probs.sum(dim=(2, 3)) + truth + eps)
+        onehot = _onehot(target, logits.shape[1], probs.dtype)
+    intersection = (probs * onehot).sum(dim=spatial)
+    truth = onehot.sum(dim=spatial)
+    dice = (2 * intersection + eps) / (probs.sum(dim=spatial) + truth + eps)
     if logits.shape[1] == 1:
         return 1 - dice.mean()
     present = (truth > 0).to(dice.dtype)
@@ -59,7 +67,7 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     if logits.is_cuda and torch.are_deterministic_algorithms_enabled():
         # deterministic mode: CUDA's nll_loss2d has no deterministic kernel; this is the same mean
         logp = F.log_softmax(logits, dim=1)
-        onehot = F.one_hot(target, logits.shape[1]).permute(0, 3, 1, 2).to(logp.dtype)
+        onehot = _onehot(target, logits.shape[1], logp.dtype)
         return -(logp * onehot).sum(dim=1).mean()
     return F.cross_entropy(logits, target)
 
@@ -67,6 +75,32 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 def dice_ce(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Sum of :func:`dice_loss` and :func:`cross_entropy`."""
     return dice_loss(logits, target) + cross_entropy(logits, target)
+
+
+def deep_supervision_weights(outputs: int) -> list[float]:
+    """nnU-Net's weights of the outputs of a deeply supervised network (full resolution first): halving per
+    level, normalised to sum to 1."""
+    weights = [0.5**level for level in range(outputs)]
+    return [w / sum(weights) for w in weights]
+
+
+def supervised(loss: Loss) -> Callable[[torch.Tensor | Sequence[torch.Tensor], torch.Tensor], torch.Tensor]:
+    """``loss`` that also takes the tuple a deeply supervised network returns while training (the logits, then
+    those of lower decoder levels): the weighted sum (:func:`deep_supervision_weights`) of ``loss`` on each
+    output against the target downsampled to its size (nearest: no new label values)."""
+
+    def combined(logits, target: torch.Tensor) -> torch.Tensor:
+        if isinstance(logits, torch.Tensor):
+            return loss(logits, target)
+        weights = deep_supervision_weights(len(logits))
+        total = loss(logits[0], target) * weights[0]
+        for output, weight in zip(logits[1:], weights[1:]):
+            small = F.interpolate(target.unsqueeze(1).float(), size=output.shape[2:], mode="nearest")
+            total = total + weight * loss(output, small.squeeze(1).to(target.dtype))
+        return total
+
+    combined.__doc__ = loss.__doc__
+    return combined
 
 
 LOSSES: dict[str, Loss] = {

@@ -123,15 +123,16 @@ class SegEval:
         self._conf = torch.zeros(num_classes, num_classes, dtype=torch.int64)
 
     def update(self, logits_or_pred: torch.Tensor, target: torch.Tensor) -> None:
-        """Add a batch: float logits ``[N, C, H, W]`` or integer predictions ``[N, H, W]``.
+        """Add a batch: float logits ``[N, C, H, W]`` or integer predictions ``[N, H, W]`` (``[N, C, D, H, W]`` and
+        ``[N, D, H, W]`` in 3D).
 
         Logits are reduced by argmax over C; single-channel logits are
         thresholded at sigmoid probability 0.5 (background 0, foreground 1).
         """
         pred = logits_or_pred
         if pred.is_floating_point():
-            if pred.dim() != 4:
-                raise ValueError(f"logits must be [N, C, H, W], got {tuple(pred.shape)}")
+            if pred.dim() not in (4, 5):
+                raise ValueError(f"logits must be [N, C, H, W] or [N, C, D, H, W], got {tuple(pred.shape)}")
             pred = (pred[:, 0] > 0).long() if pred.shape[1] == 1 else pred.argmax(dim=1)
         self._conf += confusion_matrix(pred, target, self.num_classes).cpu()
 

@@ -16,7 +16,7 @@ from ..core.errors import DataError
 from ..core.metrics import LEARNING_RATE, LOSSES, parse_regions
 from ..core.processes import default_threads
 from ..core.world import World
-from ..data.batches import DeviceBatches, batch_loader
+from ..data.batches import DeviceBatches, EpochIndices, batch_loader
 from ..generator.assemble import Generator
 from ..generator.protocols import Checkpointer, DataBundle, LRPolicy, Strategy, TrainingSteps
 from . import determinism
@@ -108,6 +108,8 @@ def build(gen: Generator, monitoring: MonitoringConfig, backend: Backend, *, bea
     loss_fn = task.loss(hp.loss)
     steps = backend.steps(gen, world=world, device=device, hp=hp, data=data, strategy=strategy, loss_fn=loss_fn)
     sampler = strategy.sampler(data.train, shuffle=True, seed=gen.seed)
+    if getattr(data.train, "epoch_indexed", False):  # items drawn afresh each epoch (random patches)
+        sampler = EpochIndices(sampler, len(data.train))
     loader_rng = determinism.loader_generator(hp.deterministic)
     loader, valid_loader = loaders(data, sampler, hp, world, backend.data_device(device), loader_rng)
     policy = gen.lr_policy(steps_per_epoch=len(loader), world_size=world.world_size)
@@ -148,7 +150,8 @@ def loaders(data: DataBundle, sampler, hp, world: World, device, loader_rng) -> 
                            device, data.augment, hp.channels_last)
     # Validation shards without padding, so every sample is scored exactly once across the ranks.
     valid_loader = DeviceBatches(batch_loader(data.valid, range(world.rank, len(data.valid), world.world_size),
-                                              hp.minibatch_size, drop_last=False, pin_memory=pin), device,
+                                              data.valid_batch_size or hp.minibatch_size, drop_last=False,
+                                              pin_memory=pin), device,
                                  None, hp.channels_last)
     if len(loader) == 0:
         raise RuntimeError(f"each rank gets {len(sampler)} training samples, fewer than one minibatch of "

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from ..data.batches import channels_last_network
 from ..generator.assemble import Generator
 from ..generator.protocols import Strategy, TrainingSteps
 from . import determinism, run
@@ -101,7 +102,7 @@ class TorchBackend(Backend):
         # before any wrapping; a resumed run then loads its own checkpoint over it
         transfer = pretrained(gen, world, net, load_pretrained)
         if hp.channels_last:
-            net = net.to(memory_format=torch.channels_last)
+            net = channels_last_network(net)
         model = strategy.wrap(net)
         optimizer = strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model)
         autocast, scaler = mixed_precision(hp.precision, device)

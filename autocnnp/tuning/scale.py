@@ -90,7 +90,7 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) ->
     from torch.utils.data import RandomSampler
 
     from ..core.world import World
-    from ..data.batches import DeviceBatches, batch_loader
+    from ..data.batches import DeviceBatches, batch_loader, channels_last_network
     from ..training.loop import seed_everything
     from ..training.precision import mixed_precision
     from ..training.trainer import make_optimizer
@@ -106,7 +106,7 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) ->
     net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
     net = net.to(device).train()
     if hp.channels_last:
-        net = net.to(memory_format=torch.channels_last)
+        net = channels_last_network(net)
     optimizer = make_optimizer(hp, net.parameters())
     loss_fn = task.loss(hp.loss)
     autocast, scaler = mixed_precision(hp.precision, device)

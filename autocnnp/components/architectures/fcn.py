@@ -21,7 +21,7 @@ class Config:
 
     def input_sizes(self) -> SizeRule:
         """Five 2x2 poolings: sides are multiples of 32."""
-        return SizeRule(multiple=32)
+        return SizeRule(multiple=32, dimensions=2)
 
 
 # VGG16 convolution configuration; "M" is a 2x2 max pooling.

@@ -16,6 +16,8 @@ def conv_norm_relu(x, channels: int, norm: str, name: str | None = None):
     x = keras.layers.Conv2D(channels, 3, padding="same", use_bias=norm == "none", name=named("conv"))(x)
     if norm == "batch":
         x = keras.layers.BatchNormalization(momentum=0.9, epsilon=1e-5, name=named("norm"))(x)
+    elif norm == "instance":  # a group per channel
+        x = keras.layers.GroupNormalization(groups=-1, epsilon=1e-5, name=named("norm"))(x)
     elif norm == "group":
         x = keras.layers.GroupNormalization(groups=math.gcd(8, channels), epsilon=1e-5, name=named("norm"))(x)
     return keras.layers.ReLU(name=named("relu"))(x)

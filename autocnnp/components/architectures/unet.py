@@ -1,10 +1,10 @@
-"""2D U-Net for semantic segmentation (Ronneberger et al., 2015)."""
+"""2D U-Net for semantic segmentation (Ronneberger et al., 2015), and the blocks the 3D U-Nets share with it."""
 
 from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Literal
+from typing import ClassVar, Literal
 
 import torch
 from torch import nn
@@ -13,82 +13,122 @@ from autocnnp.core.settings import setting
 from autocnnp.generator.protocols import SizeRule
 from autocnnp.generator.registry import component
 
-Norm = Literal["batch", "group", "none"]
+Norm = Literal["batch", "instance", "group", "none"]
 
 
 @dataclass
-class Config:
+class UNetConfig:
+    """The settings every U-Net shares, 2D or 3D."""
+
     depth: int = setting(4, min=1, max=8, help="resolution levels; input sides must be multiples of 2^(depth-1)")
     base_channels: int = setting(32, min=1, help="channels of the first level, doubled at every level")
-    norm: Norm = setting("batch", help="normalisation after every convolution: batch, group or none")
+    dimensions: ClassVar[int] = 2
 
     def input_sizes(self) -> SizeRule:
         """Each of the depth - 1 poolings halves the sides, and the decoder doubles them back."""
-        return SizeRule(multiple=2 ** (self.depth - 1))
+        return SizeRule(multiple=2 ** (self.depth - 1), dimensions=self.dimensions)
 
 
-def conv_norm_relu(in_channels: int, out_channels: int, norm: Norm) -> list[nn.Module]:
-    """3x3 convolution (padding 1), optional normalisation, ReLU."""
+@dataclass
+class Config(UNetConfig):
+    norm: Norm = setting("batch", help="normalisation after every convolution: batch, instance, group or none")
+
+
+CONV = {2: nn.Conv2d, 3: nn.Conv3d}
+UP = {2: nn.ConvTranspose2d, 3: nn.ConvTranspose3d}
+POOL = {2: nn.MaxPool2d, 3: nn.MaxPool3d}
+BATCH_NORM = {2: nn.BatchNorm2d, 3: nn.BatchNorm3d}
+INSTANCE_NORM = {2: nn.InstanceNorm2d, 3: nn.InstanceNorm3d}
+
+
+def conv_norm_relu(in_channels: int, out_channels: int, norm: Norm, dims: int = 2) -> list[nn.Module]:
+    """3x3 (3x3x3) convolution (padding 1), optional normalisation, ReLU."""
     layers: list[nn.Module] = [
-        nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=norm == "none")
+        CONV[dims](in_channels, out_channels, 3, padding=1, bias=norm == "none")
     ]
     if norm == "batch":
-        layers.append(nn.BatchNorm2d(out_channels))
+        layers.append(BATCH_NORM[dims](out_channels))
+    elif norm == "instance":
+        layers.append(INSTANCE_NORM[dims](out_channels, affine=True))
     elif norm == "group":
         layers.append(nn.GroupNorm(math.gcd(8, out_channels), out_channels))
     layers.append(nn.ReLU(inplace=True))
     return layers
 
 
-def check_divisible(x: torch.Tensor, multiple: int) -> None:
-    """Raise ValueError unless the input height and width are multiples of ``multiple``."""
-    height, width = x.shape[-2:]
-    if height % multiple or width % multiple:
-        raise ValueError(
-            f"input height and width must be multiples of {multiple}, got {height}x{width}"
-        )
+def check_divisible(x: torch.Tensor, multiple: int, dims: int = 2) -> None:
+    """Raise ValueError unless every spatial side of the input is a multiple of ``multiple``."""
+    sides = tuple(x.shape[-dims:])
+    if any(side % multiple for side in sides):
+        names = "height and width" if dims == 2 else "depth, height and width"
+        raise ValueError(f"input {names} must be multiples of {multiple}, got {'x'.join(map(str, sides))}")
 
 
-def _double_conv(in_channels: int, out_channels: int, norm: Norm) -> nn.Sequential:
+def double_conv(in_channels: int, out_channels: int, norm: Norm, dims: int) -> nn.Module:
+    """Two convolution-normalisation-ReLU layers (the U-Net's block)."""
     return nn.Sequential(
-        *conv_norm_relu(in_channels, out_channels, norm),
-        *conv_norm_relu(out_channels, out_channels, norm),
+        *conv_norm_relu(in_channels, out_channels, norm, dims),
+        *conv_norm_relu(out_channels, out_channels, norm, dims),
     )
 
 
-class UNet(nn.Module):
-    """U-Net with ``depth`` resolution levels; channels double per level.
+class Residual(nn.Module):
+    """Two convolution-normalisation layers plus the input (a 1x1 projection when the channels change), then
+    ReLU (He et al.; the residual U-Net's block)."""
 
-    Input H and W must be multiples of ``2 ** (depth - 1)``. Returns logits
-    ``[N, num_classes, H, W]``.
+    def __init__(self, in_channels: int, out_channels: int, norm: Norm, dims: int) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            *conv_norm_relu(in_channels, out_channels, norm, dims),
+            *conv_norm_relu(out_channels, out_channels, norm, dims)[:-1],
+        )
+        self.skip = nn.Identity() if in_channels == out_channels else CONV[dims](in_channels, out_channels, 1)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.body(x) + self.skip(x))
+
+
+class UNet(nn.Module):
+    """U-Net with ``depth`` resolution levels in ``dims`` (2 or 3) spatial dimensions; channels double per level.
+
+    Input sides must be multiples of ``2 ** (depth - 1)``. Returns logits ``[N, num_classes, *sides]``. With
+    ``residual`` every level's block is a residual one (the residual U-Net). With ``deep_supervision``, a training
+    forward returns a tuple: the logits, then those of every decoder level above the lowest (each at half the
+    previous one's resolution); the losses (autocnnp.training.losses) take such a tuple. In eval mode only the
+    logits are returned.
     """
 
-    def __init__(self, in_channels: int, num_classes: int, *, depth: int, base_channels: int, norm: Norm) -> None:
+    def __init__(self, in_channels: int, num_classes: int, *, depth: int, base_channels: int, norm: Norm,
+                 dims: int = 2, residual: bool = False, deep_supervision: bool | None = None) -> None:
         super().__init__()
         channels = [base_channels * 2**level for level in range(depth)]
-        self.multiple = 2 ** (depth - 1)
+        block = Residual if residual else double_conv
+        self.multiple, self.dims = 2 ** (depth - 1), dims
         self.down = nn.ModuleList()
         previous = in_channels
         for c in channels:
-            self.down.append(_double_conv(previous, c, norm))
+            self.down.append(block(previous, c, norm, dims))
             previous = c
-        self.pool = nn.MaxPool2d(2)
+        self.pool = POOL[dims](2)
         self.up = nn.ModuleList(
-            nn.ConvTranspose2d(channels[level + 1], channels[level], 2, stride=2)
+            UP[dims](channels[level + 1], channels[level], 2, stride=2)
             for level in reversed(range(depth - 1))
         )
         self.up_conv = nn.ModuleList(
-            _double_conv(2 * channels[level], channels[level], norm)
+            block(2 * channels[level], channels[level], norm, dims)
             for level in reversed(range(depth - 1))
         )
-        self.head = nn.Conv2d(channels[0], num_classes, 1)
+        self.head = CONV[dims](channels[0], num_classes, 1)
+        if deep_supervision:  # a 1x1 head on decoder levels 1 .. depth - 2
+            self.auxiliary = nn.ModuleList(CONV[dims](channels[level], num_classes, 1) for level in range(1, depth - 1))
 
     def encoder(self) -> list[nn.Module]:
         """The contracting path (``freeze="encoder"`` of a pretrained network; protocols.Encoded)."""
         return list(self.down)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        check_divisible(x, self.multiple)
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
+        check_divisible(x, self.multiple, self.dims)
         skips = []
         for level, block in enumerate(self.down):
             if level:
@@ -96,9 +136,15 @@ class UNet(nn.Module):
             x = block(x)
             skips.append(x)
         skips.pop()
-        for up, conv in zip(self.up, self.up_conv):
+        auxiliary = getattr(self, "auxiliary", None) if self.training else None
+        outputs = []
+        for level, (up, conv) in zip(reversed(range(len(self.up))), zip(self.up, self.up_conv)):
             x = conv(torch.cat([skips.pop(), up(x)], dim=1))
-        return self.head(x)
+            if auxiliary is not None and level:
+                outputs.append(auxiliary[level - 1](x))
+        if auxiliary is None:
+            return self.head(x)
+        return (self.head(x), *reversed(outputs))
 
 
 @component("unet")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from autocnnp.generator.registry import component
-from autocnnp.training.losses import get_loss
+from autocnnp.training.losses import get_loss, supervised
 from autocnnp.training.metrics import SegEval
 
 
@@ -13,7 +13,8 @@ class SegmentationTask:
     every class and the Dice of regions (groups of classes)."""
 
     def loss(self, name: str):
-        return get_loss(name)
+        """The loss ``name``, taking a deeply supervised network's training outputs too (losses.supervised)."""
+        return supervised(get_loss(name))
 
     def evaluator(self, num_classes: int, class_names: tuple[str, ...] = (), regions=None) -> SegEval:
         return SegEval(max(num_classes, 2), class_names, regions)
