@@ -16,7 +16,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "autocnnp"
 LAYERS = {"core": 0, "engine": 1, "generator": 2, "data": 3, "training": 3, "components": 4, "run": 5, "tracking": 5,
-          "inference": 5, "export": 5, "tuning": 6, "federation": 6, "api": 6, "cli": 6, "__main__": 7, "templates": 0, "__init__": 0}
+          "inference": 5, "export": 5, "tuning": 6, "federation": 6, "api": 6, "cli": 6, "__main__": 7, "templates": 0,
+          "__init__": 0}
 MODULES = sorted(PACKAGE.rglob("*.py"))
 
 
