@@ -262,6 +262,38 @@ def test_every_tensorflow_builtin_reads_as_its_module_and_builds_from_its_defaul
 
 # --- real ranks ----------------------------------------------------------------------------------------------
 
+TRACE_ONCE = textwrap.dedent("""
+    import numpy as np
+    from autocnnp.components.architectures.keras_unet import Config, build
+    from autocnnp.generator.protocols import KerasStrategy
+    from autocnnp.training import keras_losses
+    from autocnnp.training.keras_trainer import KerasInference, make_optimizer, train_step
+
+    class HP:
+        optimizer, lr = "adam", 1e-3
+
+    model = build(Config(depth=2, base_channels=4), in_channels=2, num_classes=3)
+    optimizer = make_optimizer(HP)
+    optimizer.build(model.trainable_variables)
+    step = train_step(model, optimizer, KerasStrategy(None, world=None, device="/CPU:0"),
+                      keras_losses.get_loss("dice_ce"), 0.0, 3)
+    inference = KerasInference(model)
+    for batch, side in [(4, 32), (3, 32), (2, 24)]:  # a short last batch, another image size
+        step(np.zeros((batch, side, side, 2), np.float32), np.zeros((batch, side, side), np.int64), np.float32(1e-3))
+        inference.forward_fn(np.zeros((batch + 1, side, side, 2), np.float32))
+    print(step.experimental_get_tracing_count(), inference.forward_fn.experimental_get_tracing_count())
+""")
+
+
+def test_the_step_and_validation_are_traced_once_for_every_batch_and_image_size(tensorflow, tmp_path):
+    """Each trace of the train step costs seconds of the first epoch: a short last batch or validation batch
+    must reuse it."""
+    result = subprocess.run([sys.executable, "-c", TRACE_ONCE], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["1", "1"]
+
+
 @pytest.mark.parametrize("strategy", ["ring_allreduce", "horovod"])
 @pytest.mark.ranks
 def test_two_ranks_with_batch_b_give_the_weights_of_one_rank_with_batch_2b(tensorflow, tmp_path, strategy):
