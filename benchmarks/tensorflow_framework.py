@@ -143,6 +143,7 @@ def main(argv=None) -> int:
                     "alternated with this one's (the first epoch's samples/s before/after)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="override the demo job in both parts (as autocnnp run --set), e.g. data.train_samples=16")
+    ap.add_argument("--demo-rounds", type=int, default=2, help="alternated rounds of part 2")
     ap.add_argument("--parts", default="steps,demo", help="which parts to run: steps (1), demo (2)")
     ap.add_argument("--worker", metavar="DIR", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -169,13 +170,13 @@ def main(argv=None) -> int:
         runs.append(("tensorflow", args.baseline.resolve()))
     rows: dict[str, list] = {}
     with tempfile.TemporaryDirectory(prefix="autocnnp-frameworks-") as tmp:
-        for i in range(2):  # alternated: the machine's noise on every side
-            for framework, code in runs:
+        for i in range(args.demo_rounds):  # alternated: the machine's noise on every side
+            for j, (framework, code) in enumerate(runs):
                 name = framework if code == ROOT else f"{framework} (baseline)"
-                rows.setdefault(name, []).append(demo_job(framework, args.epochs, Path(tmp) / f"{i}-{len(rows)}", code,
+                rows.setdefault(name, []).append(demo_job(framework, args.epochs, Path(tmp) / f"{i}-{j}", code,
                                                           args.set))
     med = {name: [statistics.median(r[k] for r in runs_) for k in (0, 1)] for name, runs_ in rows.items()}
-    print(f"2. the demo job, {args.epochs} epochs, 2 ranks, each side twice (alternated); samples/s medians")
+    print(f"2. the demo job, {args.epochs} epochs, {args.demo_rounds} alternated rounds; samples/s medians")
     print(table(("framework", "first epoch", "later epochs", "dice_fg"),
                 [(n, f"{med[n][0]:.1f}", f"{med[n][1]:.1f}", f"{r[-1][2]:.4f}") for n, r in rows.items()]))
     print(f"tensorflow / torch samples/s: first epoch {med['tensorflow'][0] / med['torch'][0]:.3f}, "

@@ -278,16 +278,18 @@ TRACE_ONCE = textwrap.dedent("""
     step = train_step(model, optimizer, KerasStrategy(None, world=None, device="/CPU:0"),
                       keras_losses.get_loss("dice_ce"), 0.0, 3)
     inference = KerasInference(model)
-    for batch, side in [(4, 32), (3, 32), (2, 24)]:  # a short last batch, another image size
-        step(np.zeros((batch, side, side, 2), np.float32), np.zeros((batch, side, side), np.int64), np.float32(1e-3))
-        inference.forward_fn(np.zeros((batch + 1, side, side, 2), np.float32))
+    for epoch in range(2):
+        for lr in (1e-3, 2e-3):  # another learning rate: the same trace
+            step(np.zeros((4, 32, 32, 2), np.float32), np.zeros((4, 32, 32), np.int64), np.float32(lr))
+        for batch, side in [(4, 32), (3, 32), (2, 24)]:  # a short last batch, another image size
+            inference.forward_fn(np.zeros((batch, side, side, 2), np.float32))
     print(step.experimental_get_tracing_count(), inference.forward_fn.experimental_get_tracing_count())
 """)
 
 
-def test_the_step_and_validation_are_traced_once_for_every_batch_and_image_size(tensorflow, tmp_path):
-    """Each trace of the train step costs seconds of the first epoch: a short last batch or validation batch
-    must reuse it."""
+def test_the_step_is_traced_once_and_validation_once_for_every_batch_and_image_size(tensorflow, tmp_path):
+    """Each trace costs the first epoch seconds: later epochs and learning rates reuse the step's, and validation
+    batches of every size one trace."""
     result = subprocess.run([sys.executable, "-c", TRACE_ONCE], cwd=tmp_path, capture_output=True, text=True,
                             timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]

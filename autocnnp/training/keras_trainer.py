@@ -42,7 +42,7 @@ class KerasInference(nn.Module):
     def __init__(self, model: keras.Model) -> None:
         super().__init__()
         self.keras_model = model
-        self.forward_fn = ShapeGeneric(lambda x: tf.cast(model(x, training=False), tf.float32))
+        self.forward_fn = Traced(lambda x: tf.cast(model(x, training=False), tf.float32), exact=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.forward_fn(nhwc(x.detach().float().cpu())).numpy()
@@ -215,23 +215,24 @@ def train_step(model: keras.Model, optimizer, strategy: KerasStrategy, loss_fn, 
         optimizer.learning_rate.assign(lr)
         return strategy.run(replica_step, images, labels)
 
-    return ShapeGeneric(step)
+    return Traced(step, exact=True)
 
 
-class ShapeGeneric:
-    """``fn`` of arrays as a ``tf.function`` traced once per rank and dtype of its arguments: every dimension
-    but the first argument's last (the images' channels) is left unknown, so a short last batch, validation
-    batches and other image sizes reuse the first epoch's trace. Not converted by AutoGraph, as Keras' own
-    train step (a Keras model traces its Python control flow itself)."""
+class Traced:
+    """``fn`` of arrays as ``tf.function`` traces, made once and reused by every later epoch, not converted by
+    AutoGraph (as Keras' own train step: a Keras model traces its Python control flow itself). ``exact``: one
+    trace per shape and dtype of the arguments (the train step: a minibatch has one shape, and a graph of known
+    shapes runs faster); otherwise one per rank and dtype, every dimension but the first argument's last (the
+    images' channels) left unknown, so validation batches of any size and image size share one trace."""
 
-    def __init__(self, fn) -> None:
-        self.fn, self.traced = fn, {}
+    def __init__(self, fn, exact: bool) -> None:
+        self.fn, self.exact, self.traced = fn, exact, {}
 
     def __call__(self, *arrays):
-        key = tuple((a.ndim, str(a.dtype)) for a in arrays) + (arrays[0].shape[-1],)
+        key = tuple((a.shape if self.exact else a.ndim, str(a.dtype)) for a in arrays) + (arrays[0].shape[-1],)
         if key not in self.traced:
-            spec = [tf.TensorSpec([None] * a.ndim, tf.as_dtype(a.dtype)) for a in arrays]
-            spec[0] = tf.TensorSpec([None] * (arrays[0].ndim - 1) + [arrays[0].shape[-1]], spec[0].dtype)
+            spec = [tf.TensorSpec(a.shape if self.exact else [None] * a.ndim, tf.as_dtype(a.dtype)) for a in arrays]
+            spec[0] = tf.TensorSpec(spec[0].shape[:-1] + [arrays[0].shape[-1]], spec[0].dtype)
             self.traced[key] = tf.function(self.fn, input_signature=spec, autograph=False)
         return self.traced[key](*arrays)
 
