@@ -77,3 +77,19 @@ def require_import(module: str, make_target: str, flag: str) -> None:
     if probe.returncode != 0:
         why = (probe.stderr.strip().splitlines() or ["import failed"])[-1]
         skip_or_fail(f"{module} cannot be imported ({why}); `make {make_target}` installs it", flag)
+
+
+def run_in_group(cmd: list[str], timeout: float, **popen) -> tuple[int, str, str]:
+    """Run ``cmd`` in its own process group, killed with everything it started if it outlives ``timeout`` or
+    the test fails: ``(exit code, stdout, stderr)`` (text)."""
+    import signal
+
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            **popen)
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    return proc.returncode, out, err

@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import signal
 import subprocess
 import sys
 import types
 from pathlib import Path
 
 import pytest
-from jobfiles import QUIET, write_job
+from jobfiles import QUIET, run_in_group, write_job
 
 import autocnnp
 from autocnnp import api
@@ -150,15 +148,9 @@ def test_the_zoo_publishes_lists_shows_and_fetches_models(tmp_path):
 @pytest.mark.ranks
 def test_the_example_trains_the_demo_and_prints_its_results(tmp_path):
     """examples/api_example.py: the demo job, tiny, loaded, validated, planned, trained on 2 ranks."""
-    proc = subprocess.Popen([sys.executable, str(ROOT / "examples" / "api_example.py"), str(tmp_path / "run")],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    assert proc.returncode == 0, err
+    rc, out, err = run_in_group([sys.executable, str(ROOT / "examples" / "api_example.py"), str(tmp_path / "run")],
+                                300)
+    assert rc == 0, err
     lines = out.splitlines()
     assert lines[0] == "valid: imaging_segmentation, 2 ranks, ring_allreduce, unet"
     assert lines[1].startswith("command: mpirun -np 2 ") and "--set=hyperparameters.end_epoch=1" in lines[1]

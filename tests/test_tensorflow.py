@@ -265,6 +265,40 @@ def test_every_tensorflow_builtin_reads_as_its_module_and_builds_from_its_defaul
 
 # --- real ranks ----------------------------------------------------------------------------------------------
 
+TRACE_ONCE = textwrap.dedent("""
+    import numpy as np
+    from autocnnp.components.architectures.keras_unet import Config, build
+    from autocnnp.generator.protocols import KerasStrategy
+    from autocnnp.training import keras_losses
+    from autocnnp.training.keras_trainer import KerasInference, make_optimizer, train_step
+
+    class HP:
+        optimizer, lr = "adam", 1e-3
+
+    model = build(Config(depth=2, base_channels=4), in_channels=2, num_classes=3)
+    optimizer = make_optimizer(HP)
+    optimizer.build(model.trainable_variables)
+    step = train_step(model, optimizer, KerasStrategy(None, world=None, device="/CPU:0"),
+                      keras_losses.get_loss("dice_ce"), 0.0, 3)
+    inference = KerasInference(model)
+    for epoch in range(2):
+        for lr in (1e-3, 2e-3):  # another learning rate: the same trace
+            step(np.zeros((4, 32, 32, 2), np.float32), np.zeros((4, 32, 32), np.int64), np.float32(lr))
+        for batch, side in [(4, 32), (3, 32), (2, 24)]:  # a short last batch, another image size
+            inference.forward_fn(np.zeros((batch, side, side, 2), np.float32))
+    print(step.experimental_get_tracing_count(), inference.forward_fn.experimental_get_tracing_count())
+""")
+
+
+def test_the_step_is_traced_once_and_validation_once_for_every_batch_and_image_size(tensorflow, tmp_path):
+    """Each trace costs the first epoch seconds: later epochs and learning rates reuse the step's, and validation
+    batches of every size one trace."""
+    result = subprocess.run([sys.executable, "-c", TRACE_ONCE], cwd=tmp_path, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["1", "1"]
+
+
 @pytest.mark.parametrize("strategy", ["ring_allreduce", "horovod"])
 @pytest.mark.ranks
 def test_two_ranks_with_batch_b_give_the_weights_of_one_rank_with_batch_2b(tensorflow, tmp_path, strategy):

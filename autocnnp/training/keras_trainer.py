@@ -42,7 +42,7 @@ class KerasInference(nn.Module):
     def __init__(self, model: keras.Model) -> None:
         super().__init__()
         self.keras_model = model
-        self.forward_fn = tf.function(lambda x: tf.cast(model(x, training=False), tf.float32), reduce_retracing=True)
+        self.forward_fn = Traced(lambda x: tf.cast(model(x, training=False), tf.float32), exact=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         logits = self.forward_fn(nhwc(x.detach().float().cpu())).numpy()
@@ -63,8 +63,7 @@ class KerasSteps(TrainingSteps):
 
     def step(self, x, y, lr: float) -> float:
         """One synchronous step at ``lr`` on this rank's minibatch (NCHW from the data pipeline); its loss."""
-        self.optimizer.learning_rate.assign(lr)
-        return float(self.train_step(nhwc(x), y.numpy()))
+        return float(self.train_step(nhwc(x), y.numpy(), np.float32(lr)))
 
     def end_steps(self) -> KerasInference:
         self.strategy.synchronize(self.model.non_trainable_variables)
@@ -196,8 +195,9 @@ def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, ti
 
 
 def train_step(model: keras.Model, optimizer, strategy: KerasStrategy, loss_fn, weight_decay: float, num_classes: int):
-    """One synchronous step as a ``tf.function``: this rank's loss, weighted by its ``share`` of the step, its
-    gradients (plus L2 weight decay, as torch's optimizers add it), applied through the strategy."""
+    """One synchronous step at a learning rate as a ``tf.function`` (images, labels, lr): this rank's loss,
+    weighted by its ``share`` of the step, its gradients (plus L2 weight decay, as torch's optimizers add it),
+    applied through the strategy."""
     variables = model.trainable_variables
 
     def replica_step(images, labels):
@@ -211,7 +211,34 @@ def train_step(model: keras.Model, optimizer, strategy: KerasStrategy, loss_fn, 
         optimizer.apply_gradients(zip(grads, variables))
         return loss
 
-    return tf.function(lambda images, labels: strategy.run(replica_step, images, labels), reduce_retracing=True)
+    def step(images, labels, lr):  # the LR set in the step's graph: no eager op per step
+        optimizer.learning_rate.assign(lr)
+        return strategy.run(replica_step, images, labels)
+
+    return Traced(step, exact=True)
+
+
+class Traced:
+    """``fn`` of arrays as ``tf.function`` traces, made once and reused by every later epoch, not converted by
+    AutoGraph (as Keras' own train step: a Keras model traces its Python control flow itself). ``exact``: one
+    trace per shape and dtype of the arguments (the train step: a minibatch has one shape, and a graph of known
+    shapes runs faster); otherwise one per rank and dtype, every dimension but the first argument's last (the
+    images' channels) left unknown, so validation batches of any size and image size share one trace."""
+
+    def __init__(self, fn, exact: bool) -> None:
+        self.fn, self.exact, self.traced = fn, exact, {}
+
+    def __call__(self, *arrays):
+        key = tuple((a.shape if self.exact else a.ndim, str(a.dtype)) for a in arrays) + (arrays[0].shape[-1],)
+        if key not in self.traced:
+            spec = [tf.TensorSpec(a.shape if self.exact else [None] * a.ndim, tf.as_dtype(a.dtype)) for a in arrays]
+            spec[0] = tf.TensorSpec(spec[0].shape[:-1] + [arrays[0].shape[-1]], spec[0].dtype)
+            self.traced[key] = tf.function(self.fn, input_signature=spec, autograph=False)
+        return self.traced[key](*arrays)
+
+    def experimental_get_tracing_count(self) -> int:
+        """How many times ``fn`` was traced (as ``tf.function``'s)."""
+        return sum(f.experimental_get_tracing_count() for f in self.traced.values())
 
 
 def nhwc(images: torch.Tensor) -> np.ndarray:
