@@ -13,8 +13,7 @@ from ..core.rundir import ZOO_CHECKPOINT, RunDir, checkpoint_file
 from ..engine.job import ActionSpec, Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
 from .points import COMPOSITES, MODULE_BY_NAME, MODULES, PLUGIN_FITS, POINT_BY_NAME, POINTS, SET_ELSEWHERE
-from .protocols import (DataFormat, LRPolicy, StrategyConfig, input_sizes_of, replicas_of, shards_of,
-                        steps_per_epoch)
+from .protocols import DataFormat, LRPolicy, StrategyConfig, input_sizes_of, replicas_of, shards_of, steps_per_epoch
 from .registry import Entry
 from .tree import Action, Binding, Composite, Module
 

@@ -99,8 +99,8 @@ def apply_overrides(spec: JobSpec, overrides: Mapping[str, str], labels: Mapping
             _override_action(out, POINT_BY_NAME[low], name, value, where)
         else:
             raise JobError(where, f"cannot override '{key}'",
-                           "use seed, output, parallelism-degree, parallelism-degree.virtual, hyperparameters.NAME, monitoring.NAME, "
-                           "cluster.NAME, data.NAME, architecture.NAME, an action type (lr_policy=grescale) "
+                           "use seed, output, parallelism-degree, parallelism-degree.virtual, hyperparameters.NAME, "
+                           "monitoring.NAME, cluster.NAME, data.NAME, architecture.NAME, an action type (lr_policy=grescale) "
                            "or ACTION.NAME (lr_policy.warmup_epochs=6)")
     return out
 
