@@ -115,7 +115,8 @@ def chapter(args, work: Path) -> None:
                     out = work / "runs" / f"{task}-s{seed}-{n}-{policy or 'guideline'}"
                     shutil.rmtree(out, ignore_errors=True)
                     if policy is not None:
-                        run([*AUTOCNNP, "run", str(job), *sets({**common, **degree, "lr_policy": policy, **warmup,
+                        ramp = warmup if policy == "gradual_warmup" else {}
+                        run([*AUTOCNNP, "run", str(job), *sets({**common, **degree, "lr_policy": policy, **ramp,
                                                                 "output": str(out)})], work / "last.log")
                         results.setdefault((task, n, label), []).append(last_metrics(out))
                         continue
