@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 from jobfiles import QUIET, TINY_UNET, synthetic_data, write_job
 from test_strategies import ARCH, RING, dist_strategy, final_params, metrics, train
 
