@@ -4,7 +4,8 @@ FCN on the atrium (``autocnnp synth`` volumes), at parallelism 1 and 12-18 (one 
 (linear_scaling), with gradual warmup (gradual_warmup), and the guideline (``autocnnp tune --from-job``:
 GreScale with its ordered actions, against the 1-rank baseline). Prints Dice, mean accuracy and mean IoU
 per setting (as Figures 6.4-6.6, mean over the seeds) and the guideline's action sequences (as Tables
-6.1-6.10), with the run times. ``--overhead`` measures instead the wall time and peak memory of 18 virtual
+6.1-6.10), with the run times. Runs completed in ``--out`` are kept: an interrupted benchmark resumes
+(give it another folder to start afresh). ``--overhead`` measures instead the wall time and peak memory of 18 virtual
 ranks on 2 processes against 2 real ranks at the same global batch.
 
     python benchmarks/thesis_chapter6.py                      # the reduced run (about 20-30 min on 2 cores)
@@ -75,6 +76,12 @@ def last_metrics(out: Path) -> dict[str, float]:
     return {m: float(rows[-1][m]) for m in METRICS}
 
 
+def finished(out: Path) -> bool:
+    """A run of an earlier, interrupted benchmark that completed (kept: the benchmark resumes)."""
+    manifest = out / "manifest.json"
+    return manifest.exists() and json.loads(manifest.read_text()).get("status") == "completed"
+
+
 def sets(overrides: dict[str, str]) -> list[str]:
     return [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
 
@@ -106,23 +113,24 @@ def chapter(args, work: Path) -> None:
             common = {"seed": str(seed), "hyperparameters.end_epoch": str(args.epochs)}
             warmup = {"lr_policy.warmup_epochs": str(args.warmup)}
             base = work / "runs" / f"{task}-s{seed}-1"
-            shutil.rmtree(base, ignore_errors=True)
-            run([*AUTOCNNP, "run", str(job), *sets({**common, "output": str(base)})], work / "last.log")
+            if not finished(base):
+                run([*AUTOCNNP, "run", str(job), *sets({**common, "output": str(base)})], work / "last.log")
             results.setdefault((task, 1, "baseline"), []).append(last_metrics(base))
             for n in (d for d in args.degrees if d > 1):
                 degree = degree_overrides(n, 1)
                 for label, policy in POLICIES.items():
                     out = work / "runs" / f"{task}-s{seed}-{n}-{policy or 'guideline'}"
-                    shutil.rmtree(out, ignore_errors=True)
                     if policy is not None:
                         ramp = warmup if policy == "gradual_warmup" else {}
-                        run([*AUTOCNNP, "run", str(job), *sets({**common, **degree, "lr_policy": policy, **ramp,
-                                                                "output": str(out)})], work / "last.log")
+                        if not finished(out):
+                            run([*AUTOCNNP, "run", str(job), *sets({**common, **degree, "lr_policy": policy, **ramp,
+                                                                    "output": str(out)})], work / "last.log")
                         results.setdefault((task, n, label), []).append(last_metrics(out))
                         continue
-                    run([*AUTOCNNP, "tune", str(job), "--from-job", "--processes", "1", "--baseline", str(base),
-                         "--budget", str(args.budget), "--ranks-threshold", "12", "--out", str(out),
-                         *sets({**common, **degree, "lr_policy": "grescale", **warmup})], work / "last.log")
+                    if not (out / "tune.csv").exists():
+                        run([*AUTOCNNP, "tune", str(job), "--from-job", "--processes", "1", "--baseline", str(base),
+                             "--budget", str(args.budget), "--ranks-threshold", "12", "--out", str(out),
+                             *sets({**common, **degree, "lr_policy": "grescale", **warmup})], work / "last.log")
                     state = json.loads((out / "state.json").read_text())
                     results.setdefault((task, n, label), []).append(state["best"]["metrics"])
                     with open(out / "tune.csv") as f:
