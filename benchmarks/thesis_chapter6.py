@@ -5,7 +5,8 @@ FCN on the atrium (``autocnnp synth`` volumes), at parallelism 1 and 12-18 (one 
 GreScale with its ordered actions, against the 1-rank baseline). Prints Dice, mean accuracy and mean IoU
 per setting (as Figures 6.4-6.6, mean over the seeds) and the guideline's action sequences (as Tables
 6.1-6.10), with the run times. Runs completed in ``--out`` are kept: an interrupted benchmark resumes
-(give it another folder to start afresh). ``--overhead`` measures instead the wall time and peak memory of 18 virtual
+(give it another folder to start afresh); ``--report`` prints what is done so far. ``--overhead``
+measures instead the wall time and peak memory of 18 virtual
 ranks on 2 processes against 2 real ranks at the same global batch.
 
     python benchmarks/thesis_chapter6.py                      # the reduced run (about 20-30 min on 2 cores)
@@ -76,12 +77,6 @@ def last_metrics(out: Path) -> dict[str, float]:
     return {m: float(rows[-1][m]) for m in METRICS}
 
 
-def finished(out: Path) -> bool:
-    """A run of an earlier, interrupted benchmark that completed (kept: the benchmark resumes)."""
-    manifest = out / "manifest.json"
-    return manifest.exists() and json.loads(manifest.read_text()).get("status") == "completed"
-
-
 def sets(overrides: dict[str, str]) -> list[str]:
     return [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
 
@@ -107,14 +102,26 @@ def chapter(args, work: Path) -> None:
     results: dict[tuple, list[dict]] = {}
     sequences: dict[tuple, list[str]] = {}
     seconds: dict[str, float] = {}
-    for task, job in jobs.items():
-        started = time.perf_counter()
-        for seed in args.seeds:
+
+    def train(task: str, cmd: list[str], out: Path) -> bool:
+        """Run ``cmd`` (writing ``out``) unless an earlier benchmark did (``--report``: never); whether it is
+        done. Its wall time is kept in ``out/wall_s.txt``, which marks it done, and summed per task."""
+        done = out / "wall_s.txt"
+        if not done.exists() and not args.report:
+            shutil.rmtree(out, ignore_errors=True)  # an interrupted run: start it afresh
+            wall = run(cmd, work / "last.log")
+            done.write_text(f"{wall:.1f}")
+        if done.exists():
+            seconds[task] = seconds.get(task, 0.0) + float(done.read_text())
+        return done.exists()
+
+    for seed in args.seeds:  # seed by seed: an interrupted benchmark has whole seeds to report
+        for task, job in jobs.items():
             common = {"seed": str(seed), "hyperparameters.end_epoch": str(args.epochs)}
             warmup = {"lr_policy.warmup_epochs": str(args.warmup)}
             base = work / "runs" / f"{task}-s{seed}-1"
-            if not finished(base):
-                run([*AUTOCNNP, "run", str(job), *sets({**common, "output": str(base)})], work / "last.log")
+            if not train(task, [*AUTOCNNP, "run", str(job), *sets({**common, "output": str(base)})], base):
+                continue
             results.setdefault((task, 1, "baseline"), []).append(last_metrics(base))
             for n in (d for d in args.degrees if d > 1):
                 degree = degree_overrides(n, 1)
@@ -122,21 +129,21 @@ def chapter(args, work: Path) -> None:
                     out = work / "runs" / f"{task}-s{seed}-{n}-{policy or 'guideline'}"
                     if policy is not None:
                         ramp = warmup if policy == "gradual_warmup" else {}
-                        if not finished(out):
-                            run([*AUTOCNNP, "run", str(job), *sets({**common, **degree, "lr_policy": policy, **ramp,
-                                                                    "output": str(out)})], work / "last.log")
-                        results.setdefault((task, n, label), []).append(last_metrics(out))
+                        cmd = [*AUTOCNNP, "run", str(job), *sets({**common, **degree, "lr_policy": policy, **ramp,
+                                                                 "output": str(out)})]
+                        if train(task, cmd, out):
+                            results.setdefault((task, n, label), []).append(last_metrics(out))
                         continue
-                    if not (out / "tune.csv").exists():
-                        run([*AUTOCNNP, "tune", str(job), "--from-job", "--processes", "1", "--baseline", str(base),
-                             "--budget", str(args.budget), "--ranks-threshold", "12", "--out", str(out),
-                             *sets({**common, **degree, "lr_policy": "grescale", **warmup})], work / "last.log")
+                    cmd = [*AUTOCNNP, "tune", str(job), "--from-job", "--processes", "1", "--baseline", str(base),
+                           "--budget", str(args.budget), "--ranks-threshold", "12", "--out", str(out),
+                           *sets({**common, **degree, "lr_policy": "grescale", **warmup})]
+                    if not train(task, cmd, out):
+                        continue
                     state = json.loads((out / "state.json").read_text())
                     results.setdefault((task, n, label), []).append(state["best"]["metrics"])
                     with open(out / "tune.csv") as f:
                         sequences[(task, n, seed)] = [f"{r['iteration']}: {r['action']} (dice {float(r['dice']):.4f})"
                                                       for r in csv.DictReader(f) if r["dice"]]
-        seconds[task] = time.perf_counter() - started
     print(f"\nthesis chapter 6 with virtual ranks: seeds {args.seeds}, {args.epochs} epochs, {args.cases} synth cases "
           f"of {'x'.join(map(str, args.shape))} ({args.slices} slices each, 1/4 of the cases for validation), "
           f"minibatch {args.minibatch} per rank, {args.optimizer} lr {args.lr}, tune budget {args.budget} runs\n")
@@ -189,6 +196,7 @@ def main(argv=None) -> None:
     p.add_argument("--optimizer", default="adam")
     p.add_argument("--warmup", type=int, default=2, help="warmup epochs of gradual_warmup and GreScale's start")
     p.add_argument("--budget", type=int, default=3, help="training runs per tune (the baseline is given)")
+    p.add_argument("--report", action="store_true", help="print the table of the runs done so far, run nothing")
     p.add_argument("--overhead", action="store_true", help="measure 18 virtual ranks on 2 processes instead")
     args = p.parse_args(argv)
     work = Path(args.out)
