@@ -163,3 +163,10 @@ def test_tune_at_18_virtual_ranks_on_2_processes(tmp_path):
     run = next(p for p in (tune / "runs").iterdir() if p.name.startswith("iter-0"))
     plan = json.loads((run / "manifest.json").read_text())["plan"]
     assert (plan["parallelism_degree"], plan["processes"], plan["virtual_ranks"]) == (18, 2, 9)
+
+
+def test_the_check_before_launch_counts_virtual_ranks(cli, tmp_path, nothing_starts):
+    job = write_job(tmp_path / "job.xml", degree=1, virtual=4, arch=TINY_UNET, extra=QUIET,
+                    data=synthetic_data(16, 4), hyper={"minibatch_size": 8})
+    rc, _, err = cli("run", job)
+    assert rc == 2 and "each rank gets 4 of the 16 training samples, fewer than one minibatch of 8" in err
