@@ -132,11 +132,13 @@ def test_virtual_ranks_are_refused_in_one_line_where_they_are_not_the_strategy(n
     assemble(read_variant(DEMO, {**sets, "parallelism-degree.virtual": "1"}))  # one rank per process: as before
 
 
-def test_the_job_file_attribute_and_the_plan(job, cli):
+def test_the_job_file_attribute_the_plan_and_lr_plot(job, cli):
     path = job(("<parallelism-degree>2</parallelism-degree>", '<parallelism-degree virtual="7">2</parallelism-degree>'))
     rc, out, err = cli("plan", path)
     assert rc == 0, err
     assert "parallelism-degree: 14 (2 process(es) x 7 virtual)" in out
+    rc, out, err = cli("lr-plot", path, "--out", path.with_suffix(".png"), "--policy", "linear_scaling")
+    assert rc == 0 and "x 14 replicas" in out, err
     rc, _, err = cli("validate", path, "--set", "parallelism-degree.virtual=0")
     assert rc == 2 and "virtual" in err
     rc, _, err = cli("tune", path, "--processes", "4")
