@@ -144,7 +144,8 @@ def chapter(args, work: Path) -> None:
                     with open(out / "tune.csv") as f:
                         sequences[(task, n, seed)] = [f"{r['iteration']}: {r['action']} (dice {float(r['dice']):.4f})"
                                                       for r in csv.DictReader(f) if r["dice"]]
-    print(f"\nthesis chapter 6 with virtual ranks: seeds {args.seeds}, {args.epochs} epochs, {args.cases} synth cases "
+    print(f"\nthesis chapter 6 with virtual ranks: seeds {args.seeds}, {args.epochs} epochs ({args.warmup} of warmup), "
+          f"{args.cases} synth cases "
           f"of {'x'.join(map(str, args.shape))} ({args.slices} slices each, 1/4 of the cases for validation), "
           f"minibatch {args.minibatch} per rank, {args.optimizer} lr {args.lr}, tune budget {args.budget} runs\n")
     rows = []
