@@ -176,10 +176,12 @@ def overhead(args, work: Path) -> None:
         log = work / "overhead.log"
         wall = run(cmd, log)
         rss = int(log.read_text().split()[-1]) / 1024
-        rows.append([label, f"{wall:.1f}", f"{rss:.0f}", f"{last_metrics(out)['dice']:.4f}"])
-    print(text_table(["setting", "wall s", "peak rank RSS MiB", "dice"], rows))
-    print(f"time ratio virtual/real {float(rows[1][1]) / float(rows[0][1]):.2f}, "
-          f"memory ratio {float(rows[1][2]) / float(rows[0][2]):.2f}")
+        speed = float((out / "logs" / "rank0.log").read_text().rsplit("samples/s=", 1)[1].split()[0])
+        rows.append([label, f"{wall:.1f}", f"{speed:.1f}", f"{rss:.0f}", f"{last_metrics(out)['dice']:.4f}"])
+    print(f"minibatch {args.minibatch} per virtual rank, global batch {18 * args.minibatch}, {args.epochs} epochs")
+    print(text_table(["setting", "wall s", "samples/s (last epoch)", "peak rank RSS MiB", "dice"], rows))
+    print(f"ratios virtual/real: wall time {float(rows[1][1]) / float(rows[0][1]):.2f}, training speed "
+          f"{float(rows[1][2]) / float(rows[0][2]):.2f}, memory {float(rows[1][3]) / float(rows[0][3]):.2f}")
 
 
 def main(argv=None) -> None:
