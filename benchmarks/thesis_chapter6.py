@@ -12,6 +12,7 @@ ranks on 2 processes against 2 real ranks at the same global batch.
     python benchmarks/thesis_chapter6.py                      # the reduced run (about 20-30 min on 2 cores)
     python benchmarks/thesis_chapter6.py --seeds 0 1 2 --epochs 30 --cases 24 --degrees 1 12 14 16 18
     python benchmarks/thesis_chapter6.py --overhead
+    python benchmarks/thesis_chapter6.py --tasks fcn-atrium --shape 32 32 16    # FCN takes sides of 32k
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ POLICIES = {"linear, no warmup": "linear_scaling", "linear + warmup": "gradual_w
 TASKS = {"unet-brain": ("unet", "brain"), "unet-atrium": ("unet", "atrium"), "fcn-atrium": ("fcn", "atrium")}
 ARCHS = {"unet": '<CNN_archi name="unet"><param name="depth">3</param><param name="base_channels">8</param>'
                  '<param name="norm">batch</param></CNN_archi>',
-         "fcn": '<CNN_archi name="fcn"><param name="width">0.125</param><param name="depth">3</param>'
-                '<param name="norm">batch</param></CNN_archi>'}
+         "fcn": '<CNN_archi name="fcn"><param name="width">0.125</param><param name="norm">batch</param></CNN_archi>'}
 
 JOB = """<?xml version="1.0" encoding="UTF-8"?>
 <system_config><task name="imaging_segmentation">
