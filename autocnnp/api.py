@@ -90,7 +90,7 @@ class Validation:
 
     job: Job
     task: str
-    world_size: int
+    world_size: int  #: the parallelism degree: processes x the virtual ranks each emulates
     strategy: str
     architecture: str
     data: DataCheck | None = None  #: None unless validate(data=True)
@@ -105,7 +105,7 @@ def validate(job: JobSource, sets: Sets = (), *, data: bool = False) -> Validati
     datasets (``--data``). Builds nothing and imports no torch."""
     loaded = load(job, sets)
     gen = loaded.generator
-    return Validation(loaded, gen.spec.task, gen.world_size, gen.action("dist_strategy").entry.name,
+    return Validation(loaded, gen.spec.task, gen.ranks, gen.action("dist_strategy").entry.name,
                       gen.action("architecture_injection").entry.name, check_data(loaded) if data else None)
 
 

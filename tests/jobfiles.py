@@ -16,10 +16,13 @@ DEMO = Path(__file__).resolve().parents[1] / "xml_configs" / "demo.xml"
 
 def write_job(path: Path, *, degree: int = 2, output: str = "out", arch: str | None = None,
               actions: str | None = None, data: str | None = None, hyper: dict | None = None,
-              extra: str = "") -> Path:
-    """The demo job at ``path`` with its degree, output, sections and hyperparameters replaced."""
+              extra: str = "", virtual: int = 1) -> Path:
+    """The demo job at ``path`` with its degree (``virtual`` ranks per process), output, sections and
+    hyperparameters replaced."""
     text = re.sub(r"<!--.*?-->", "", DEMO.read_text(), flags=re.S)
-    text = re.sub(r"<parallelism-degree>\d+</parallelism-degree>", f"<parallelism-degree>{degree}</parallelism-degree>", text)
+    attribute = f' virtual="{virtual}"' if virtual != 1 else ""
+    text = re.sub(r"<parallelism-degree>\d+</parallelism-degree>",
+                  f"<parallelism-degree{attribute}>{degree}</parallelism-degree>", text)
     text = re.sub(r"<output><path>[^<]*</path></output>", f"<output><path>{output}</path></output>{extra}", text)
     if arch is not None:
         text = re.sub(r"<CNN_archi.*?</CNN_archi>", arch, text, flags=re.S)

@@ -62,12 +62,13 @@ def actions(strategy: str, comm: str | None = None, probe: bool = False, lr_poli
 
 
 def train(folder: Path, strategy: str, *, comm: str | None = None, degree: int = 2, env: dict | None = None,
-          probe: bool = False, lr_policy: str = "constant", **hyper) -> Path:
-    """Run a job with ``strategy`` in ``folder``; returns its output folder."""
+          probe: bool = False, lr_policy: str = "constant", virtual: int = 1, arch: str = ARCH, **hyper) -> Path:
+    """Run a job with ``strategy`` in ``folder`` on ``degree`` processes of ``virtual`` ranks; returns its
+    output folder."""
     folder.mkdir(parents=True, exist_ok=True)
     if probe:
         (folder / "probe.py").write_text(PROBE)
-    job = write_job(folder / "job.xml", degree=degree, output="out", arch=ARCH, data=DATA, extra=QUIET,
+    job = write_job(folder / "job.xml", degree=degree, output="out", arch=arch, data=DATA, extra=QUIET, virtual=virtual,
                     actions=actions(strategy, comm, probe, lr_policy), hyper={**HYPER, **hyper})
     result = subprocess.run([*AUTOCNNP, "run", str(job)], capture_output=True, text=True, timeout=180,
                             env={**os.environ, **(env or {})})

@@ -80,7 +80,8 @@ def test_table_6_3_left_atrium_14_gpus():
     assert outcome.finished and "confirmed" in outcome.status and outcome.runs == 7
     lrs = [float(c.overrides["hyperparameters.lr"]) for c in runner.calls[1:]]
     assert lrs == pytest.approx([1e-5, 5e-6, 2.5e-6, 1.25e-6, 1.25e-6, 1.25e-6])  # steps are cumulative
-    assert runner.calls[0].world_size == 1 and runner.calls[0].overrides == {"parallelism-degree": "1"}
+    assert runner.calls[0].world_size == 1 and runner.calls[0].overrides == {"parallelism-degree": "1",
+                                                                          "parallelism-degree.virtual": "1"}
     assert runner.calls[5].overrides["lr_policy.decay_coefficient"] == "0.95"
     assert runner.calls[6].overrides["seed"] == "8" and "seed" not in runner.calls[5].overrides
     assert [r.reached for r in outcome.rows][-2:] == [True, True]

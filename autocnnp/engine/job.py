@@ -71,6 +71,7 @@ class JobSpec:
     freeze: Setting | None = None  # <CNN_archi freeze="none|encoder">
     seed: Setting | None = None
     output: Setting | None = None
+    virtual: Setting | None = None  # <parallelism-degree virtual="k">: ranks each process emulates
     # KEY=VALUE overrides applied on top of the file (generator/overrides.py); passed on to the workers
     overrides: dict[str, str] = field(default_factory=dict)
 
@@ -174,8 +175,14 @@ def read_job(file: Path | str, text: str | None = None) -> JobSpec:
         hyperparameters=props("hyperparameters"), monitoring=props("monitoring"), cluster=props("cluster"),
         federation=props("federation"),
         seed=None if section("seed") is None else Setting("seed", _text(section("seed")), _where(path, section("seed"))),
-        output=holder("output"),
+        output=holder("output"), virtual=_virtual(path, section("parallelism-degree")),
     )
+
+
+def _virtual(path: Path, degree) -> Setting | None:
+    """The ``virtual`` attribute of ``<parallelism-degree>``, if written."""
+    text = None if degree is None else degree.get("virtual")
+    return None if text is None else Setting("virtual", text.strip(), _where(path, degree))
 
 
 def _action(path: Path, base: Path, module: str, act) -> ActionSpec:

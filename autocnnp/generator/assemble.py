@@ -13,7 +13,7 @@ from ..core.rundir import ZOO_CHECKPOINT, RunDir, checkpoint_file
 from ..engine.job import ActionSpec, Choice, JobSpec, Setting, read_job
 from ..engine.values import bind, convert
 from .points import COMPOSITES, MODULE_BY_NAME, MODULES, PLUGIN_FITS, POINT_BY_NAME, POINTS, SET_ELSEWHERE
-from .protocols import DataFormat, LRPolicy, input_sizes_of, replicas_of, shards_of, steps_per_epoch
+from .protocols import DataFormat, LRPolicy, StrategyConfig, input_sizes_of, replicas_of, shards_of, steps_per_epoch
 from .registry import Entry
 from .tree import Action, Binding, Composite, Module
 
@@ -81,6 +81,12 @@ class Generator:
     seed: int
     rundir: RunDir
     pretrained: Pretrained | None = None  # <CNN_archi pretrained=... freeze=...>
+    virtual_ranks: int = 1  # ranks each process emulates (<parallelism-degree virtual="k">)
+
+    @property
+    def ranks(self) -> int:
+        """The parallelism degree: processes (``world_size``) times the virtual ranks each emulates."""
+        return self.world_size * self.virtual_ranks
 
     @property
     def framework(self) -> str:
@@ -117,13 +123,14 @@ class Generator:
         return self.action("dataset_injection").build()
 
     def replicas(self, world_size: int | None = None) -> int:
-        """Model replicas whose gradients make one step with ``world_size`` ranks (default: the job's)."""
-        return replicas_of(self.action("dist_strategy").config, world_size or self.world_size)
+        """Model replicas whose gradients make one step with ``world_size`` ranks (default: the job's
+        parallelism degree, virtual ranks included)."""
+        return replicas_of(self.action("dist_strategy").config, world_size or self.ranks)
 
     def steps_per_epoch(self, samples: int, world_size: int | None = None) -> int:
         """Each rank's optimizer steps per epoch over ``samples`` training samples with ``world_size`` ranks
-        (default: the job's), the training set split as the strategy splits it."""
-        shards = shards_of(self.action("dist_strategy").config, world_size or self.world_size)
+        (default: the job's, virtual ranks included), the training set split as the strategy splits it."""
+        shards = shards_of(self.action("dist_strategy").config, world_size or self.ranks)
         return steps_per_epoch(samples, shards, self.hyperparameters.minibatch_size)
 
     def lr_policy(self, steps_per_epoch: int, world_size: int | None = None, name: str | None = None) -> LRPolicy:
@@ -177,7 +184,8 @@ def assemble(spec: JobSpec | Path | str) -> Generator:
     root = Composite("cnn_parallelism_generator", "CNN-Parallelism-Generator", [
         Composite(c, title, [modules[m.name] for m in MODULES if m.composite == c]) for c, title in COMPOSITES.items()
     ])
-    gen = Generator(spec, root, _bindings(), world_size, seed, rundir, _pretrained(spec))
+    gen = Generator(spec, root, _bindings(), world_size, seed, rundir, _pretrained(spec),
+                    _virtual_ranks(spec, framework, actions["dist_strategy"]))
     if framework != "torch" and gen.hyperparameters.precision == "fp16":
         where = next((s.where for s in spec.hyperparameters if s.name == "precision"), spec.where)
         raise JobError(where, f"precision fp16 (with a loss scaler) is trained on the torch framework only; this job "
@@ -186,6 +194,21 @@ def assemble(spec: JobSpec | Path | str) -> Generator:
     _check_dimensions(gen)
     _check_input_sizes(gen)
     return gen
+
+
+def _virtual_ranks(spec: JobSpec, framework: str, strategy: Action) -> int:
+    """``<parallelism-degree virtual="k">``, refused where accumulating k micro-batches is not what k ranks
+    of the strategy would do."""
+    if spec.virtual is None:
+        return 1
+    k = convert(spec.virtual.text, int, spec.virtual.where, "virtual", spec.base_dir, {"min": 1, "max": MAX_RANKS})
+    config = strategy.config
+    why = (f"the {framework} framework trains no virtual ranks (torch only)" if framework != "torch" and k > 1
+           else config.refuses_virtual_ranks() if k > 1 and isinstance(config, StrategyConfig) else None)
+    if why:
+        raise JobError(spec.virtual.where, f"virtual=\"{k}\" with dist_strategy '{strategy.entry.name}': {why}",
+                       "remove virtual=, or use dist_strategy ring_allreduce or mpi")
+    return k
 
 
 def _framework(spec: JobSpec) -> str:

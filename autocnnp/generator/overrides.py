@@ -4,7 +4,6 @@ A variant is the job file plus a few overrides; it is checked by the same engine
 travels to the workers on their command line (``--set KEY=VALUE``) and is recorded in the run's
 manifest next to the job file's text. Keys:
 
-=============================  ====================================================================
 ``seed``                       ``<seed>``
 ``output``                     ``<output><path>`` (relative paths, here and in ``data.``, are read from
                                the job file's folder, as in the file)
@@ -19,6 +18,23 @@ manifest next to the job file's text. Keys:
 ``ACTION.NAME``                an action parameter, e.g. ``lr_policy.warmup_epochs=6`` (where the job names
                                no implementation, for the one the engine chooses)
 =============================  ====================================================================
+=======
+================================  ========================================================================
+``seed``                          ``<seed>``
+``output``                        ``<output><path>`` (relative paths, here and in ``data.``, are read from
+                                  the job file's folder, as in the file)
+``parallelism-degree``            ``<parallelism-degree>`` (also ``degree``)
+``parallelism-degree.virtual``    its ``virtual`` attribute: ranks each process emulates (also ``virtual``)
+``hyperparameters.NAME``          a ``<hyperparameters>`` property (likewise ``monitoring.``, ``cluster.``,
+                                  ``federation.``)
+``data.NAME``                     a ``<data>`` param; ``data.train``/``valid``/``test`` are paths
+``architecture.NAME``             a ``<CNN_archi>`` param (also ``CNN_archi.NAME``); ``architecture.pretrained``
+                                  and ``architecture.freeze`` its attributes
+``ACTION``                        the implementation of an action, e.g. ``lr_policy=grescale``; choosing
+                                  another implementation drops the parameters written for the old one
+``ACTION.NAME``                   an action parameter, e.g. ``lr_policy.warmup_epochs=6`` (where the job names
+                                  no implementation, for the one the engine chooses)
+================================  ========================================================================
 """
 
 from __future__ import annotations
@@ -81,6 +97,9 @@ def apply_overrides(spec: JobSpec, overrides: Mapping[str, str], labels: Mapping
             out.output = Setting("output", _in_job_folder(spec, value, where), where)
         elif not name and low in ("parallelism-degree", "parallelism_degree", "degree"):
             out.degree = Setting("parallelism-degree", value, where)
+        elif (name.lower() == "virtual" and low in ("parallelism-degree", "parallelism_degree", "degree")) \
+                or (not name and low == "virtual"):
+            out.virtual = Setting("virtual", value, where)
         elif name and low in _SECTIONS:
             attr = _SECTIONS[low]
             setattr(out, attr, _put(getattr(out, attr), Setting(name, value, where)))
@@ -97,8 +116,8 @@ def apply_overrides(spec: JobSpec, overrides: Mapping[str, str], labels: Mapping
             _override_action(out, POINT_BY_NAME[low], name, value, where)
         else:
             raise JobError(where, f"cannot override '{key}'",
-                           "use seed, output, parallelism-degree, hyperparameters.NAME, monitoring.NAME, "
-                           "cluster.NAME, data.NAME, architecture.NAME, an action type (lr_policy=grescale) "
+                           "use seed, output, parallelism-degree, parallelism-degree.virtual, hyperparameters.NAME, "
+                           "monitoring.NAME, cluster.NAME, data.NAME, architecture.NAME, an action type (lr_policy=grescale) "
                            "or ACTION.NAME (lr_policy.warmup_epochs=6)")
     return out
 
@@ -128,3 +147,13 @@ def _override_action(spec: JobSpec, point, name: str, value: str, where: Locatio
     if current is None or current.lower() != value.lower():
         action.params = []
     action.choice = Choice(value, None, None, where)
+
+
+def degree_overrides(ranks: int, processes: int) -> dict[str, str]:
+    """The overrides that train on ``ranks`` ranks with ``processes`` processes (at most ``ranks``), each
+    emulating ``ranks / processes`` virtual ranks; ValueError where ``processes`` does not divide ``ranks``."""
+    processes = min(processes, ranks)
+    if ranks % processes:
+        raise ValueError(f"{processes} processes cannot emulate {ranks} ranks: each process emulates the same "
+                         "number of virtual ranks")
+    return {"parallelism-degree": str(processes), "parallelism-degree.virtual": str(ranks // processes)}

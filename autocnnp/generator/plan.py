@@ -16,7 +16,8 @@ def _params(config) -> str:
 
 
 def render(gen: Generator, command: list[str]) -> str:
-    lines = [f"job: {gen.spec.file}", f"task: {gen.spec.task}   parallelism-degree: {gen.world_size}   seed: {gen.seed}",
+    virtual = f" ({gen.world_size} process(es) x {gen.virtual_ranks} virtual)" if gen.virtual_ranks > 1 else ""
+    lines = [f"job: {gen.spec.file}", f"task: {gen.spec.task}   parallelism-degree: {gen.ranks}{virtual}   seed: {gen.seed}",
              f"output: {gen.rundir}", ""]
 
     def walk(node, depth):

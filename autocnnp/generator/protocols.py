@@ -194,6 +194,14 @@ class StrategyConfig:
         """Parts the training set is split into, one per training rank."""
         return world_size
 
+    def refuses_virtual_ranks(self) -> str | None:
+        """Why a process cannot emulate several ranks of this strategy by accumulating their micro-batches'
+        gradients into one step (None: it can). By default it can where every rank's gradient makes the one
+        step of every rank (replicas and shards = ranks)."""
+        if self.replicas(2) != 2 or self.shards(2) != 2:
+            return "not every rank's gradient makes each step (a rank that only serves, or steps alone)"
+        return None
+
 
 def replicas_of(config: Any, world_size: int) -> int:
     """:meth:`StrategyConfig.replicas` of a strategy's Config; ``world_size`` for any other (a user strategy's)."""
@@ -319,6 +327,12 @@ class Strategy:
         """Apply one optimizer step (through the fp16 gradient scaler, a no-op scaler otherwise)."""
         scaler.step(optimizer)
         scaler.update()
+
+    def accumulating(self, model):
+        """Context of a backward whose gradients stay on this rank, summed with the next ones before the
+        exchange (virtual ranks: every micro-batch but the last); by default nothing changes."""
+        del model
+        return contextlib.nullcontext()
 
     def end_epoch(self, model) -> None:
         """The epoch's steps are done; validation and checkpointing follow (no-op by default)."""

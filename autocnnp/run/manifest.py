@@ -104,7 +104,8 @@ def plan_record(job: Job) -> dict:
             actions.append({"type": a.type, "module": module.name, "extensible": a.point.extensible,
                             **_entry_record(a.entry), "set_by": how, "parameters": a.recorded(),
                             "plugins": {name: _entry_record(p) for name, p in a.plugins.items()}})
-    return {"task": gen.spec.task, "parallelism_degree": gen.world_size, "seed": gen.seed, "output": str(gen.rundir),
+    return {"task": gen.spec.task, "parallelism_degree": gen.ranks, "processes": gen.world_size,
+            "virtual_ranks": gen.virtual_ranks, "seed": gen.seed, "output": str(gen.rundir),
             "actions": actions, "hyperparameters": describe(gen.hyperparameters),
             "monitoring": describe(job.monitoring),
             "cluster": {**describe(job.launch), **describe(job.slurm), **describe(job.deploy)}}
@@ -392,7 +393,7 @@ def run_info(job: Job, launcher: str, first_step: int = 0) -> RunInfo:
     plan_file = gen.rundir.tracking / "plan.json"
     write_json(plan_file, plan)
     parent = os.environ.get(PARENT_RUN)
-    tags = {"framework": gen.framework, "strategy": gen.action("dist_strategy").entry.name, "degree": str(gen.world_size),
+    tags = {"framework": gen.framework, "strategy": gen.action("dist_strategy").entry.name, "degree": str(gen.ranks),
             "launcher": launcher, "architecture": gen.action("architecture_injection").entry.name,
             "lr_policy": gen.action("lr_policy").entry.name, "data": gen.action("dataset_injection").entry.name}
     return RunInfo(gen.spec.file.stem, gen.rundir.root, params, tags, {"job": gen.spec.file, "plan": plan_file},

@@ -181,7 +181,7 @@ def check_data(job: Job) -> None:
                        "filesystem") from None
     if samples is None:
         return
-    shards = shards_of(gen.action("dist_strategy").config, gen.world_size)
+    shards = shards_of(gen.action("dist_strategy").config, gen.ranks)
     per_rank = math.ceil(samples / shards)
     batch = gen.hyperparameters.minibatch_size
     if steps_per_epoch(samples, shards, batch) < 1:

@@ -19,7 +19,7 @@ from ..core.world import World
 from ..data.batches import DeviceBatches, EpochIndices, batch_loader
 from ..generator.assemble import Generator
 from ..generator.protocols import Checkpointer, DataBundle, LRPolicy, Strategy, TrainingSteps
-from . import determinism
+from . import determinism, virtual
 from .loop import TrainState, model_card, seed_everything
 from .monitor import DivergenceGuard, MonitoringConfig
 
@@ -61,7 +61,8 @@ class Run:
         (``model_card``)."""
         state = self.state
         return {"optimizer_type": type(state.optimizer).__name__, "epoch": state.epoch, "lr_scale": state.lr_scale,
-                "plugins": self.checkpoints.plugin_state(), "world_size": self.world.world_size,
+                "plugins": self.checkpoints.plugin_state(),
+                "world_size": self.world.world_size * self.gen.virtual_ranks,
                 "seed": self.gen.seed, "job": str(self.gen.spec.file), "lr_policy": self.policy.state_dict(),
                 "divergence_reference": self.guard.reference, "in_channels": self.data.in_channels,
                 "num_classes": self.data.num_classes, "model_card": self.card}
@@ -107,12 +108,14 @@ def build(gen: Generator, monitoring: MonitoringConfig, backend: Backend, *, bea
     data = gen.data_format().datasets(world=world, seed=gen.seed, cache_dir=gen.rundir.cache)
     loss_fn = task.loss(hp.loss)
     steps = backend.steps(gen, world=world, device=device, hp=hp, data=data, strategy=strategy, loss_fn=loss_fn)
-    sampler = strategy.sampler(data.train, shuffle=True, seed=gen.seed)
+    sampler = virtual.sampler(strategy, data.train, world, gen.virtual_ranks, hp.minibatch_size, shuffle=True,
+                              seed=gen.seed)
     if getattr(data.train, "epoch_indexed", False):  # items drawn afresh each epoch (random patches)
         sampler = EpochIndices(sampler, len(data.train))
     loader_rng = determinism.loader_generator(hp.deterministic)
-    loader, valid_loader = loaders(data, sampler, hp, world, backend.data_device(device), loader_rng)
-    policy = gen.lr_policy(steps_per_epoch=len(loader), world_size=world.world_size)
+    loader, valid_loader = loaders(data, sampler, hp, world, backend.data_device(device), loader_rng,
+                                   micro_batches=gen.virtual_ranks)
+    policy = gen.lr_policy(steps_per_epoch=len(loader), world_size=world.world_size * gen.virtual_ranks)
     checkpoints = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=world.rank)
     state = TrainState(steps.optimizer, epoch=hp.start_epoch)
     guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
@@ -141,10 +144,12 @@ def pretrained(gen: Generator, world: World, net, load):
     return loaded
 
 
-def loaders(data: DataBundle, sampler, hp, world: World, device, loader_rng) -> tuple[DeviceBatches, DeviceBatches]:
-    """This rank's training minibatches (its shard, augmented, on ``device``) and validation minibatches."""
+def loaders(data: DataBundle, sampler, hp, world: World, device, loader_rng,
+            micro_batches: int = 1) -> tuple[DeviceBatches, DeviceBatches]:
+    """This rank's training minibatches (its shard, augmented, on ``device``; ``micro_batches`` minibatches
+    in each, one per virtual rank) and validation minibatches."""
     pin = device.type == "cuda"
-    loader = DeviceBatches(batch_loader(data.train, sampler, hp.minibatch_size, drop_last=True,
+    loader = DeviceBatches(batch_loader(data.train, sampler, hp.minibatch_size * micro_batches, drop_last=True,
                                         workers=hp.loader_workers, pin_memory=pin, generator=loader_rng,
                                         worker_init_fn=determinism.seed_worker if loader_rng is not None else None),
                            device, data.augment, hp.channels_last)
@@ -154,7 +159,7 @@ def loaders(data: DataBundle, sampler, hp, world: World, device, loader_rng) -> 
                                               pin_memory=pin), device,
                                  None, hp.channels_last)
     if len(loader) == 0:
-        raise RuntimeError(f"each rank gets {len(sampler)} training samples, fewer than one minibatch of "
+        raise RuntimeError(f"each rank gets {len(sampler) // micro_batches} training samples, fewer than one minibatch of "
                            f"{hp.minibatch_size}: lower minibatch_size or the parallelism degree")
     return loader, valid_loader
 

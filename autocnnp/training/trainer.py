@@ -4,6 +4,7 @@ dataset is used is decided by the job, never here. The epoch loop is training/lo
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -11,7 +12,7 @@ import torch
 from ..data.batches import channels_last_network
 from ..generator.assemble import Generator
 from ..generator.protocols import Strategy, TrainingSteps
-from . import determinism, run
+from . import determinism, run, virtual
 from .monitor import MonitoringConfig
 from .precision import mixed_precision
 from .pretrained import Transfer, load_pretrained
@@ -45,9 +46,10 @@ class TorchSteps(TrainingSteps):
     (kept across epochs: its scaling adapts over the run) and the pretrained weights' frozen norm layers."""
 
     def __init__(self, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer, strategy: Strategy, loss_fn,
-                 autocast, scaler: torch.amp.GradScaler, transfer: Transfer | None):
+                 autocast, scaler: torch.amp.GradScaler, transfer: Transfer | None, micro_batches: int = 1):
         self.model, self.optimizer, self.strategy, self.loss_fn = model, optimizer, strategy, loss_fn
         self.autocast, self.scaler, self.transfer = autocast, scaler, transfer
+        self.micro_batches = micro_batches  # the virtual ranks this process emulates (training/virtual.py)
 
     def begin_steps(self) -> None:
         self.model.train()
@@ -55,17 +57,32 @@ class TorchSteps(TrainingSteps):
             self.transfer.keep_frozen(self.strategy.unwrap(self.model))
 
     def step(self, x, y, lr: float) -> float:
-        """One optimizer step at ``lr``: forward under autocast, backward through the loss scaler, the strategy's
-        hooks; this rank's loss."""
+        """One optimizer step at ``lr``: :meth:`accumulate` the gradients, then the strategy's hooks; this
+        rank's loss (the mean of its virtual ranks')."""
         for group in self.optimizer.param_groups:
             group["lr"] = lr
-        with self.autocast:
-            loss = self.loss_fn(self.model(x), y)
         self.optimizer.zero_grad()
-        self.scaler.scale(loss).backward()
+        loss = self.accumulate(x, y)
         self.strategy.after_backward(self.model)
         self.strategy.step(self.optimizer, self.scaler)
-        return loss.item()
+        return loss
+
+    def accumulate(self, x, y) -> float:
+        """Forward under autocast and backward through the loss scaler of each of the ``micro_batches``
+        (virtual ranks) parts of the batch, their gradients summed (each loss divided by their number) and
+        exchanged by the last backward only; BatchNorm's running statistics stay the first part's."""
+        k = self.micro_batches
+        total = 0.0
+        with virtual.first_statistics(self.model, k) as after_first:
+            for i, (xm, ym) in enumerate(zip(x.chunk(k), y.chunk(k))):
+                with self.strategy.accumulating(self.model) if i < k - 1 else contextlib.nullcontext():
+                    with self.autocast:
+                        loss = self.loss_fn(self.model(xm), ym)
+                    self.scaler.scale(loss / k).backward()
+                if i == 0:
+                    after_first()
+                total += loss.item()
+        return total / k
 
     def end_steps(self) -> torch.nn.Module:
         self.strategy.end_epoch(self.model)
@@ -107,7 +124,7 @@ class TorchBackend(Backend):
         optimizer = strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model)
         autocast, scaler = mixed_precision(hp.precision, device)
         return TorchSteps(model=model, optimizer=optimizer, strategy=strategy, loss_fn=loss_fn, autocast=autocast,
-                          scaler=scaler, transfer=transfer)
+                          scaler=scaler, transfer=transfer, micro_batches=gen.virtual_ranks)
 
 
 def build(gen: Generator, monitoring: MonitoringConfig, *, beat=lambda: None, timeout_s: float) -> Run:

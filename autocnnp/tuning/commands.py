@@ -38,6 +38,8 @@ def add_commands(sub) -> None:
     s.add_argument("--budget", type=int, help="at most this many training runs, baseline included")
     s.add_argument("--ranks-threshold", type=int, default=DEFAULT_THRESHOLD,
                    help=f"tune from this many ranks on (thesis: {DEFAULT_THRESHOLD}); below it, just train")
+    s.add_argument("--processes", type=int, help="real processes each run starts (default: the job's "
+                   "parallelism-degree), each emulating the job's ranks / PROCESSES virtual ranks")
     s.add_argument("--baseline", metavar="RUN_DIR", help="use this finished single-rank run's metrics.csv as the "
                    "baseline instead of training one")
     s.add_argument("--tolerance", type=float, default=Guideline.tolerance,
@@ -78,7 +80,7 @@ def add_commands(sub) -> None:
 
 def cmd_lr_plot(args) -> int:
     gen = load_job(args.job, args.set).generator
-    world_size = args.ranks or gen.world_size
+    world_size = args.ranks or gen.ranks
     if world_size < 1:
         raise JobError(gen.spec.where, f"--ranks {world_size} is not a number of ranks", "give 1 or more")
     steps = args.steps_per_epoch or steps_per_epoch(gen, world_size)
@@ -124,6 +126,10 @@ def cmd_tune(args) -> int:
                        "pass --restart to start the tune afresh, or --out another folder")
     if args.budget is not None and args.budget < 1:
         raise JobError(job_file, f"--budget {args.budget} allows no run", "give 1 or more")
+    processes = args.processes or gen.world_size
+    if processes < 1 or gen.ranks % min(processes, gen.ranks):
+        raise JobError(job_file, f"--processes {processes} cannot emulate the job's {gen.ranks} ranks (each process "
+                       "emulates the same number of virtual ranks)", f"give a divisor of {gen.ranks}")
     baseline = None
     if args.baseline:
         baseline = final_metrics(RunDir(Path(args.baseline)))
@@ -147,7 +153,7 @@ def cmd_tune(args) -> int:
         record["updated"] = now()
         write_json(state_path, record)
 
-    guideline = Guideline(JobRunner(job_file, out / "runs", sha, sets), world_size=gen.world_size,
+    guideline = Guideline(JobRunner(job_file, out / "runs", sha, sets), world_size=gen.ranks, processes=processes,
                           total_epochs=gen.hyperparameters.end_epoch, initial=initial, seed=gen.seed,
                           threshold=args.ranks_threshold, budget=args.budget, tolerance=args.tolerance, steps=steps,
                           revert_worse=args.revert_worse, baseline_metrics=baseline, cache=record["cache"],

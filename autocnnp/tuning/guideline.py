@@ -37,6 +37,7 @@ from ..components.hyperparameters.xml_properties import Config as Hyperparameter
 from ..components.lr_policies.grescale import Config as GreScaleConfig
 from ..components.lr_policies.grescale import grescale_phases
 from ..core.metrics import GUIDELINE_PRIORITY
+from ..generator.overrides import degree_overrides
 
 DEFAULT_THRESHOLD = 12
 MIN_LR = 1e-6  # thesis 6.3.3, after [159]: keep the lr above 1e-6
@@ -186,7 +187,7 @@ class Guideline:
     ``{"key": variant.key, "metrics": ...}`` for runs done before (a resumed tune)."""
 
     runner: Callable[[Variant], dict]
-    world_size: int
+    world_size: int  # the ranks (the parallelism degree) to tune for
     total_epochs: int
     initial: Settings
     seed: int = 0
@@ -198,6 +199,7 @@ class Guideline:
     baseline_metrics: dict | None = None
     cache: dict = field(default_factory=dict)
     on_run: Callable[[Variant, dict, bool], None] | None = None  # after each run: (variant, metrics, cached)
+    processes: int | None = None  # real processes per run, each emulating ranks / processes (None: one per rank)
 
     def __post_init__(self):
         self.runs = 0
@@ -217,10 +219,14 @@ class Guideline:
         return metrics
 
     def _variant(self, s: Settings, seed: int | None = None) -> dict[str, str]:
-        out = {**s.overrides(), "parallelism-degree": str(self.world_size)}
+        out = {**s.overrides(), **self.degree(self.world_size)}
         if seed is not None:
             out["seed"] = str(seed)
         return out
+
+    def degree(self, ranks: int) -> dict[str, str]:
+        """The overrides of a run on ``ranks`` ranks: as many processes, or ``processes`` emulating them."""
+        return degree_overrides(ranks, self.processes or ranks)
 
     def walk(self) -> Outcome:
         rows: list[Row] = []
@@ -244,7 +250,7 @@ class Guideline:
             if self.baseline_metrics is not None:
                 base = dict(self.baseline_metrics)
             else:
-                base = self.execute("baseline", {"parallelism-degree": "1"}, 1)
+                base = self.execute("baseline", self.degree(1), 1)
             baseline = Row("baseline", BASELINE_LABEL, base, None, 1, "baseline")
 
             current, it = self.initial, 0

@@ -407,7 +407,7 @@ def scale(args: ScaleOptions) -> Report:
         data_path = parse_data_path(args.data_path or "ram")
         link = choose_link(args.link or "measured", args)  # before torch fills the cores
         placement = _placement(args.ranks_per_node, job.slurm.cpus_per_task)
-        world_sizes = sorted({*world_sizes, gen.world_size}) if not args.ranks else world_sizes
+        world_sizes = sorted({*world_sizes, gen.ranks}) if not args.ranks else world_sizes
         copies: dict[int, int] = {}  # threads per rank -> the most ranks on one node that get them
         for n in world_sizes:
             threads = placement.threads(n)

@@ -22,6 +22,9 @@ from autocnnp.generator.registry import component
 class Config(StrategyConfig):
     compression: Literal["none", "fp16"] = setting("none", help="gradients sent as fp16 halves the traffic")
 
+    def refuses_virtual_ranks(self) -> str | None:
+        return "Horovod's DistributedOptimizer exchanges the gradients in each backward and refuses a second before the step"
+
 
 @component("horovod")
 class Horovod(Strategy):

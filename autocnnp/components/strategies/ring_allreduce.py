@@ -20,6 +20,10 @@ class Config(BucketConfig):
     sync_batchnorm: bool = setting(False, help="BatchNorm statistics over every rank's samples")
     find_unused_parameters: bool = setting(False, help="let DDP skip parameters that get no gradient")
 
+    def refuses_virtual_ranks(self) -> str | None:
+        return ("sync_batchnorm takes BatchNorm statistics over every rank's samples at once, which micro-batches "
+                "taken one after another cannot" if self.sync_batchnorm else super().refuses_virtual_ranks())
+
 
 @component("ring_allreduce")
 class RingAllreduce(Strategy):
@@ -48,6 +52,10 @@ class RingAllreduce(Strategy):
 
     def after_backward(self, model: nn.Module) -> None:
         collective_wait.synced()
+
+    def accumulating(self, model: nn.Module):
+        """DDP's no_sync: the micro-batches' gradients are summed here and exchanged once, by the last backward."""
+        return model.no_sync()
 
     def unwrap(self, model: nn.Module) -> nn.Module:
         return model.module if isinstance(model, DistributedDataParallel) else model
