@@ -115,7 +115,8 @@ def test_lr_policy_and_divergence_reference_are_saved_and_resumed():
             return "ckpt"
 
     run = SimpleNamespace(state=TrainState(opt, epoch=2), checkpoints=Checkpoints(), policy=policy,
-                          world=SimpleNamespace(world_size=2), gen=SimpleNamespace(seed=0, spec=SimpleNamespace(file="j")),
+                          world=SimpleNamespace(world_size=2),
+                          gen=SimpleNamespace(seed=0, spec=SimpleNamespace(file="j"), virtual_ranks=1),
                           data=SimpleNamespace(in_channels=2, num_classes=2), guard=DivergenceGuard(1000.0), card={})
     run.guard.check(1.25, 0, 0)  # the first loss of the run: what divergence is judged against
     saved = Run.common_state(run)

@@ -4,21 +4,6 @@ A variant is the job file plus a few overrides; it is checked by the same engine
 travels to the workers on their command line (``--set KEY=VALUE``) and is recorded in the run's
 manifest next to the job file's text. Keys:
 
-``seed``                       ``<seed>``
-``output``                     ``<output><path>`` (relative paths, here and in ``data.``, are read from
-                               the job file's folder, as in the file)
-``parallelism-degree``         ``<parallelism-degree>`` (also ``degree``)
-``hyperparameters.NAME``       a ``<hyperparameters>`` property (likewise ``monitoring.``, ``cluster.``,
-                               ``federation.``)
-``data.NAME``                  a ``<data>`` param; ``data.train``/``valid``/``test`` are paths
-``architecture.NAME``          a ``<CNN_archi>`` param (also ``CNN_archi.NAME``); ``architecture.pretrained``
-                               and ``architecture.freeze`` its attributes
-``ACTION``                     the implementation of an action, e.g. ``lr_policy=grescale``; choosing
-                               another implementation drops the parameters written for the old one
-``ACTION.NAME``                an action parameter, e.g. ``lr_policy.warmup_epochs=6`` (where the job names
-                               no implementation, for the one the engine chooses)
-=============================  ====================================================================
-=======
 ================================  ========================================================================
 ``seed``                          ``<seed>``
 ``output``                        ``<output><path>`` (relative paths, here and in ``data.``, are read from
