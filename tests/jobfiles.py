@@ -96,3 +96,19 @@ def run_in_group(cmd: list[str], timeout: float, **popen) -> tuple[int, str, str
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
     return proc.returncode, out, err
+
+
+def small_tubes(tmp_path_factory) -> Path:
+    """A small 3D dataset (synth tubes, 1 x 1 x 3 mm) for 3D jobs."""
+    from autocnnp.data.synth import write_synthetic_dataset
+
+    return write_synthetic_dataset(tmp_path_factory.mktemp("tubes"), "tubes", cases=3, shape=(24, 24, 8), seed=1)
+
+
+def data_3d(root: Path) -> str:
+    """A decathlon 3D ``<data>`` section: 8 patches of 8 x 16 x 16 per epoch from 2 training cases (the volume
+    caches shared by the jobs, as they are content-keyed)."""
+    return (f'<data format="decathlon"><train><path>{root}</path></train><param name="dimension">3d</param>'
+            f'<param name="cache">{root.parent / "cache"}</param>'
+            '<param name="patch_size">8,16,16</param><param name="patches_per_volume">4</param>'
+            '<param name="valid_fraction">0.34</param></data>')

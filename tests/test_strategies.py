@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from jobfiles import strategy_module, write_job
+from jobfiles import data_3d, small_tubes, strategy_module, write_job
 
 AUTOCNNP = [sys.executable, "-m", "autocnnp"]
 PLUGINS = Path(__file__).resolve().parent / "plugins"
@@ -62,13 +62,14 @@ def actions(strategy: str, comm: str | None = None, probe: bool = False, lr_poli
 
 
 def train(folder: Path, strategy: str, *, comm: str | None = None, degree: int = 2, env: dict | None = None,
-          probe: bool = False, lr_policy: str = "constant", virtual: int = 1, arch: str = ARCH, **hyper) -> Path:
+          probe: bool = False, lr_policy: str = "constant", virtual: int = 1, arch: str = ARCH, data: str = DATA,
+          **hyper) -> Path:
     """Run a job with ``strategy`` in ``folder`` on ``degree`` processes of ``virtual`` ranks; returns its
     output folder."""
     folder.mkdir(parents=True, exist_ok=True)
     if probe:
         (folder / "probe.py").write_text(PROBE)
-    job = write_job(folder / "job.xml", degree=degree, output="out", arch=arch, data=DATA, extra=QUIET, virtual=virtual,
+    job = write_job(folder / "job.xml", degree=degree, output="out", arch=arch, data=data, extra=QUIET, virtual=virtual,
                     actions=actions(strategy, comm, probe, lr_policy), hyper={**HYPER, **hyper})
     result = subprocess.run([*AUTOCNNP, "run", str(job)], capture_output=True, text=True, timeout=180,
                             env={**os.environ, **(env or {})})
@@ -153,6 +154,19 @@ def test_synchronous_strategies_reproduce_ring_allreduce(name, ring, tmp_path, r
     assert_learns(out)
     if probe:  # MPI-only strategies never create a torch.distributed process group
         assert [(tmp_path / f"torch_distributed_{r}.txt").read_text() for r in (0, 1)] == ["False", "False"]
+
+
+@pytest.mark.ranks
+def test_3d_patches_train_alike_with_every_synchronous_strategy(tmp_path, tmp_path_factory):
+    """A 3D U-Net on 3D patches: the synchronous strategies give ring_allreduce's run (they see gradients, whatever
+    the dimension), and fedavg trains it too."""
+    data, arch = data_3d(small_tubes(tmp_path_factory)), ARCH.replace('"unet"', '"unet3d"')
+    ring3d = train(tmp_path / "ring", RING, arch=arch, data=data)
+    for name in ("mpi", "parameter_server shared"):
+        assert_same_run(train(tmp_path / name, SYNCHRONOUS[name][0], arch=arch, data=data), ring3d)
+    fedavg = train(tmp_path / "fedavg", dist_strategy("<value>fedavg</value>"), arch=arch, data=data)
+    assert torch.load(fedavg / "checkpoints" / "ckpt-epoch0002.pt", weights_only=False)["model_card"]["input"][
+        "dimension"] == "3d"
 
 
 @pytest.mark.ranks
