@@ -26,52 +26,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _bench import init_process_group, run_ranks, table  # noqa: E402
-from train_throughput import framework_run  # noqa: E402
+from train_throughput import JOB, framework_run  # noqa: E402
 
 TARGET = 0.95
-
-JOB = """<?xml version="1.0" encoding="UTF-8"?>
-<system_config>
-  <task name="imaging_segmentation">
-    <parallelism-degree>{ranks}</parallelism-degree>
-    <seed>0</seed>
-    <output><path>runs/throughput3d</path></output>
-    <CNN_archi name="unet3d">
-      <param name="depth">{depth}</param>
-      <param name="base_channels">{base_channels}</param>
-    </CNN_archi>
-    <CNN-Parallelism-Generator>
-      <module name="train_env_def">
-        <action class="non_extensible" type="communication_init">
-          <value>torch_distributed</value><value name="backend">gloo</value>
-        </action>
-        <action class="non_extensible" type="device_placement"><value>cpu</value></action>
-      </module>
-      <module name="train_strategy_def">
-        <action class="extensible" type="dist_strategy"><value>ring_allreduce</value></action>
-        <action class="extensible" type="lr_policy"><value>constant</value></action>
-      </module>
-    </CNN-Parallelism-Generator>
-    <data format="decathlon">
-      <train><path>{data}</path></train>
-      <param name="dimension">3d</param>
-      <param name="patch_size">{patch}</param>
-      <param name="patches_per_volume">{patches_per_volume}</param>
-      <param name="valid_fraction">0.2</param>
-      <param name="cache">{cache}</param>
-    </data>
-    <hyperparameters>
-      <property name="lr">0.01</property>
-      <property name="optimiser">sgd</property>
-      <property name="momentum">0.9</property>
-      <property name="loss">ce</property>
-      <property name="minibatch_size">{batch}</property>
-      <property name="end_epoch">1</property>
-    </hyperparameters>
-    <monitoring><property name="plots">false</property></monitoring>
-  </task>
-</system_config>
-"""
 
 CASES, TRAIN_CASES = 5, 4  # valid_fraction 0.2 holds one out
 
@@ -165,8 +122,13 @@ def main(argv=None) -> int:
         steps = args.warmup + args.steps
         per_volume = -(-steps * args.batch * args.ranks // TRAIN_CASES)
         (folder / "job.xml").write_text(JOB.format(
-            ranks=args.ranks, depth=args.depth, base_channels=args.base_channels, data=folder / "tubes",
-            patch=args.patch, patches_per_volume=per_volume, cache=folder / "cache", batch=args.batch))
+            ranks=args.ranks, output="throughput3d", backend="gloo", placement="cpu", batch=args.batch,
+            architecture=f'<CNN_archi name="unet3d"><param name="depth">{args.depth}</param>'
+                         f'<param name="base_channels">{args.base_channels}</param></CNN_archi>',
+            data=f'<data format="decathlon"><train><path>{folder / "tubes"}</path></train>'
+                 f'<param name="dimension">3d</param><param name="patch_size">{args.patch}</param>'
+                 f'<param name="patches_per_volume">{per_volume}</param><param name="valid_fraction">0.2</param>'
+                 f'<param name="cache">{folder / "cache"}</param></data>', hyperparameters=""))
         forwarded = [*(argv if argv is not None else sys.argv[1:]), "--worker", str(folder)]
         started = time.perf_counter()
         rc = run_ranks(Path(__file__).resolve(), args.ranks, forwarded, args.launcher, log=folder / "ranks.log")

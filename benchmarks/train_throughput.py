@@ -64,12 +64,8 @@ JOB = """<?xml version="1.0" encoding="UTF-8"?>
   <task name="imaging_segmentation">
     <parallelism-degree>{ranks}</parallelism-degree>
     <seed>0</seed>
-    <output><path>runs/throughput</path></output>
-    <CNN_archi name="unet">
-      <param name="depth">{depth}</param>
-      <param name="base_channels">{base_channels}</param>
-      <param name="norm">{norm}</param>
-    </CNN_archi>
+    <output><path>runs/{output}</path></output>
+    {architecture}
     <CNN-Parallelism-Generator>
       <module name="train_env_def">
         <action class="non_extensible" type="communication_init">
@@ -82,27 +78,19 @@ JOB = """<?xml version="1.0" encoding="UTF-8"?>
         <action class="extensible" type="lr_policy"><value>constant</value></action>
       </module>
     </CNN-Parallelism-Generator>
-    <data format="synthetic">
-      <param name="kind">{kind}</param>
-      <param name="train_samples">{train_samples}</param>
-      <param name="valid_samples">{ranks}</param>
-      <param name="size">{size}</param>
-    </data>
+    {data}
     <hyperparameters>
       <property name="lr">0.01</property>
       <property name="optimiser">sgd</property>
       <property name="momentum">0.9</property>
       <property name="loss">ce</property>
       <property name="minibatch_size">{batch}</property>
-      <property name="end_epoch">1</property>
-      <property name="precision">{precision}</property>
-      <property name="channels_last">{channels_last}</property>
-      <property name="loader_workers">{workers}</property>
+      <property name="end_epoch">1</property>{hyperparameters}
     </hyperparameters>
     <monitoring><property name="plots">false</property></monitoring>
   </task>
 </system_config>
-"""
+"""  # train3d_throughput.py fills it with its 3D network and data
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -306,10 +294,16 @@ def main(argv=None) -> int:
     folder = Path(tempfile.mkdtemp(prefix="autocnnp-throughput-"))
     try:
         (folder / "job.xml").write_text(JOB.format(
-            ranks=args.ranks, depth=args.depth, base_channels=args.base_channels, norm=args.norm,
-            backend="nccl" if gpu else "gloo", placement="local_rank" if gpu else "cpu", kind=args.kind,
-            train_samples=train_samples(args), size=args.size, batch=args.batch, precision=args.precision,
-            channels_last=str(args.channels_last).lower(), workers=args.workers))
+            ranks=args.ranks, output="throughput", backend="nccl" if gpu else "gloo",
+            placement="local_rank" if gpu else "cpu", batch=args.batch,
+            architecture=f'<CNN_archi name="unet"><param name="depth">{args.depth}</param><param name="base_channels">'
+                         f'{args.base_channels}</param><param name="norm">{args.norm}</param></CNN_archi>',
+            data=f'<data format="synthetic"><param name="kind">{args.kind}</param><param name="train_samples">'
+                 f'{train_samples(args)}</param><param name="valid_samples">{args.ranks}</param>'
+                 f'<param name="size">{args.size}</param></data>',
+            hyperparameters=f'<property name="precision">{args.precision}</property><property name="channels_last">'
+                            f'{str(args.channels_last).lower()}</property><property name="loader_workers">'
+                            f'{args.workers}</property>'))
         forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--keep"]
         forwarded = [*forwarded, "--ranks", str(args.ranks), "--workers", str(args.workers), "--worker", str(folder)]
         started = time.perf_counter()
