@@ -53,21 +53,24 @@ def run_ranks(script: Path, ranks: int, args: list[str], launcher: str = "auto",
     return rc
 
 
-def ranks_result(script: Path, ranks: int, argv: list[str], launcher: str, name: str) -> dict | None:
+def ranks_result(script: Path, ranks: int, argv: list[str], launcher: str, name: str,
+                 folder: Path | None = None) -> dict | None:
     """Re-run ``script`` as ``ranks`` ranks with ``--worker FOLDER`` appended and return the
-    ``result.json`` its rank 0 writes there (None, with a message, if the ranks failed)."""
+    ``result.json`` its rank 0 writes there (None, with a message, if the ranks failed). FOLDER is
+    ``folder`` (the caller's, holding its job) or a temporary one, removed afterwards."""
     import json
     import tempfile
 
-    folder = Path(tempfile.mkdtemp(prefix=f"autocnnp-{name}-"))
+    work = folder or Path(tempfile.mkdtemp(prefix=f"autocnnp-{name}-"))
     try:
-        rc = run_ranks(script, ranks, [*argv, "--worker", str(folder)], launcher, log=folder / "ranks.log")
-        if rc != 0 or not (folder / "result.json").exists():
+        rc = run_ranks(script, ranks, [*argv, "--worker", str(work)], launcher, log=work / "ranks.log")
+        if rc != 0 or not (work / "result.json").exists():
             print(f"{name}: the ranks failed (exit code {rc}); see the output above", file=sys.stderr)
             return None
-        return json.loads((folder / "result.json").read_text())
+        return json.loads((work / "result.json").read_text())
     finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder is None:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 def init_process_group(backend: str, world) -> None:

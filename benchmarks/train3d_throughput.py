@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import init_process_group, run_ranks, table  # noqa: E402
+from _bench import init_process_group, ranks_result, table  # noqa: E402
 from train_throughput import JOB, framework_run  # noqa: E402
 
 TARGET = 0.95
@@ -129,13 +129,11 @@ def main(argv=None) -> int:
                  f'<param name="dimension">3d</param><param name="patch_size">{args.patch}</param>'
                  f'<param name="patches_per_volume">{per_volume}</param><param name="valid_fraction">0.2</param>'
                  f'<param name="cache">{folder / "cache"}</param></data>', hyperparameters=""))
-        forwarded = [*(argv if argv is not None else sys.argv[1:]), "--worker", str(folder)]
         started = time.perf_counter()
-        rc = run_ranks(Path(__file__).resolve(), args.ranks, forwarded, args.launcher, log=folder / "ranks.log")
-        if rc != 0 or not (folder / "result.json").exists():
-            print(f"train3d_throughput: the ranks failed (exit code {rc}); see the output above", file=sys.stderr)
+        result = ranks_result(Path(__file__).resolve(), args.ranks, argv if argv is not None else sys.argv[1:],
+                              args.launcher, "train3d_throughput", folder)
+        if result is None:
             return 0
-        result = json.loads((folder / "result.json").read_text())
         wall = time.perf_counter() - started
     finally:
         shutil.rmtree(folder, ignore_errors=True)

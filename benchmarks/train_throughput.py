@@ -52,7 +52,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _bench import init_process_group, run_ranks, table  # noqa: E402
+from _bench import init_process_group, ranks_result, table  # noqa: E402
 
 from autocnnp.training.precision import AUTOCAST_DTYPES  # noqa: E402
 
@@ -305,13 +305,11 @@ def main(argv=None) -> int:
                             f'{str(args.channels_last).lower()}</property><property name="loader_workers">'
                             f'{args.workers}</property>'))
         forwarded = [a for a in (argv if argv is not None else sys.argv[1:]) if a != "--keep"]
-        forwarded = [*forwarded, "--ranks", str(args.ranks), "--workers", str(args.workers), "--worker", str(folder)]
+        forwarded = [*forwarded, "--ranks", str(args.ranks), "--workers", str(args.workers)]
         started = time.perf_counter()
-        rc = run_ranks(Path(__file__).resolve(), args.ranks, forwarded, args.launcher, log=folder / "ranks.log")
-        if rc != 0 or not (folder / "result.json").exists():
-            print(f"train_throughput: the ranks failed (exit code {rc}); see the output above", file=sys.stderr)
+        result = ranks_result(Path(__file__).resolve(), args.ranks, forwarded, args.launcher, "train_throughput", folder)
+        if result is None:
             return 0
-        result = json.loads((folder / "result.json").read_text())
         wall = time.perf_counter() - started
     finally:
         if args.keep:
