@@ -15,7 +15,7 @@ import torch
 from ..data import slices as slicing
 from ..data.batches import channels_last_network
 from ..data.slices import resize
-from .sliding_window import SlidingWindow, probabilities_of
+from .sliding_window import SlidingWindow, flip_mean
 
 
 @dataclass(frozen=True)
@@ -95,12 +95,7 @@ def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dty
     with torch.inference_mode(), autocast:
         for lo in range(0, len(source), batch_size):
             batch = source[lo:lo + batch_size].to(device, non_blocking=cuda).contiguous(memory_format=layout)
-            probs = None
-            for dims in views:
-                p = probabilities_of(model(batch.flip(dims) if dims else batch))
-                p = p.flip(dims) if dims else p
-                probs = p if probs is None else probs + p
-            probs = probs / len(views)
+            probs = flip_mean(model, batch, views)
             if out is None:
                 out = torch.empty((len(source), *probs.shape[1:]), dtype=torch.float32, pin_memory=cuda)
             out[lo:lo + len(probs)].copy_(probs.contiguous(), non_blocking=cuda)

@@ -52,6 +52,18 @@ def probabilities_of(logits: torch.Tensor) -> torch.Tensor:
     return torch.softmax(logits, dim=1)
 
 
+def flip_mean(model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, flips: Sequence[tuple[int, ...]],
+              head: Callable[[torch.Tensor], torch.Tensor] = probabilities_of) -> torch.Tensor:
+    """``head(model(x))`` averaged over the flips of ``x`` along each tuple of axes in ``flips`` (``()``: as is),
+    each output flipped back (test-time augmentation)."""
+    total = None
+    for dims in flips:
+        result = head(model(x.flip(dims)) if dims else model(x))
+        result = result.flip(dims) if dims else result
+        total = result if total is None else total + result
+    return total / len(flips)
+
+
 class SlidingWindow:
     """Whole-volume inference with overlapping, Gaussian-weighted windows of side ``patch`` ``(D, H, W)``.
 
@@ -96,17 +108,20 @@ class SlidingWindow:
         device = _device_of(model, x)
         x, crop = _pad_to(x, self.patch)
         importance = self.importance.to(x.device)
+        windows = self.windows(x.shape[2:])
+        # the 8 flips along the spatial axes of a batch of windows when mirroring
+        flips = [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)] if self.mirror else [()]
         weights = torch.zeros(x.shape[2:], dtype=torch.float32, device=x.device)
-        for window in self.windows(x.shape[2:]):
+        for window in windows:
             weights[window] += importance
         out = None
         autocast = (torch.autocast(device.type, dtype=self.dtype) if self.dtype is not None
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
             for item in range(x.shape[0]):
-                for chunk in _chunks(self.windows(x.shape[2:]), self.batch):
+                for chunk in _chunks(windows, self.batch):
                     tiles = torch.stack([x[item][(slice(None), *window)] for window in chunk]).to(device)
-                    result = self._mirrored(model, tiles, head).to(x.device)
+                    result = flip_mean(model, tiles, flips, head).to(x.device)
                     if out is None:
                         out = torch.zeros((x.shape[0], result.shape[1], *x.shape[2:]), dtype=torch.float32,
                                           device=x.device)
@@ -114,16 +129,6 @@ class SlidingWindow:
                         out[item][(slice(None), *window)] += tile * importance
         out /= weights
         return out[(slice(None), slice(None), *crop)]
-
-    def _mirrored(self, model, tiles: torch.Tensor, head) -> torch.Tensor:
-        """``head(model(tiles))`` in float32, averaged over the flips of the spatial axes when ``mirror``."""
-        flips = [dims for n in range(4) for dims in itertools.combinations((2, 3, 4), n)] if self.mirror else [()]
-        total = None
-        for dims in flips:
-            result = head(model(tiles.flip(dims)) if dims else model(tiles))
-            result = result.flip(dims) if dims else result
-            total = result if total is None else total + result
-        return total / len(flips) if len(flips) > 1 else total
 
 
 def _device_of(model, x: torch.Tensor) -> torch.device:
