@@ -418,7 +418,7 @@ def predict(options: PredictOptions) -> Prediction:
         done = transform.predict(image, img, Path(case.image), model, options.probabilities)
         for index, member in enumerate(alone):  # each member on its own, for evaluate to compare
             save_label(transform.predict(image, img, Path(case.image), member, False).labels, affine, header,
-                       out / f"member-{index}" / f"{case.name}.nii.gz")
+                       out / f"{MEMBER_FOLDER}{index}" / f"{case.name}.nii.gz")
         del image
         written_at = time.perf_counter()
         target = out / f"{case.name}.nii.gz"
