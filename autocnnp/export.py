@@ -141,14 +141,9 @@ def _slices(cache: Path, count: int | None):
 
 def dice_per_class(predicted, reference, classes: int) -> list[float]:
     """Dice of each class over all the voxels given (NaN where a class is in neither)."""
-    import numpy as np
+    from .training.metrics import class_scores, volume_confusion
 
-    out = []
-    for k in range(classes):
-        p, r = predicted == k, reference == k
-        total = int(p.sum()) + int(r.sum())
-        out.append(2.0 * int((p & r).sum()) / total if total else float("nan"))
-    return [float(v) for v in np.asarray(out)]
+    return [float(v) for v in class_scores(volume_confusion(predicted, reference, classes))["dice"]]
 
 
 def labels_of(run, images, batch: int = 8):
