@@ -138,7 +138,7 @@ class UNet(nn.Module):
         skips.pop()
         auxiliary = getattr(self, "auxiliary", None) if self.training else None
         outputs = []
-        for level, (up, conv) in zip(reversed(range(len(self.up))), zip(self.up, self.up_conv)):
+        for level, up, conv in zip(reversed(range(len(self.up))), self.up, self.up_conv):
             x = conv(torch.cat([skips.pop(), up(x)], dim=1))
             if auxiliary is not None and level:
                 outputs.append(auxiliary[level - 1](x))
