@@ -191,8 +191,10 @@ def assemble(spec: JobSpec | Path | str) -> Generator:
         raise JobError(where, f"precision fp16 (with a loss scaler) is trained on the torch framework only; this job "
                        f"trains with {framework}", "write bf16 (Keras' mixed_bfloat16) or fp32")
     _check_lr_policy(gen)
-    _check_dimensions(gen)
-    _check_input_sizes(gen)
+    input_size = getattr(gen.action("dataset_injection").config, "input_size", None)
+    sides = tuple(input_size()) if callable(input_size) else ()  # once: in 3D it reads every training case's header
+    _check_dimensions(gen, sides)
+    _check_input_sizes(gen, sides)
     return gen
 
 
@@ -394,14 +396,10 @@ def _check_lr_policy(gen: Generator) -> None:
                        "fix its parameters or the hyperparameters' end_epoch") from None
 
 
-def _check_input_sizes(gen: Generator) -> None:
-    """The data's input sides are ones the architecture takes (its SizeRule; every framework, 2D or 3D): a size
-    the network cannot take is refused here, not by every rank after the launch."""
-    arch, data = gen.action("architecture_injection"), gen.action("dataset_injection")
-    input_size = getattr(data.config, "input_size", None)
-    if not callable(input_size):
-        return
-    sides = tuple(input_size())
+def _check_input_sizes(gen: Generator, sides: tuple[int, ...]) -> None:
+    """The data's input ``sides`` (none: the format declares none) are ones the architecture takes (its SizeRule;
+    every framework, 2D or 3D): a size the network cannot take is refused here, not by every rank after the launch."""
+    arch = gen.action("architecture_injection")
     rule = input_sizes_of(arch.config, arch.entry.input_sizes)
     wrong = list(dict.fromkeys(side for side in sides if not rule.takes(side)))
     if not wrong:
@@ -417,12 +415,10 @@ def _check_input_sizes(gen: Generator) -> None:
                    "parameters")
 
 
-def _check_dimensions(gen: Generator) -> None:
-    """2D slices go to a 2D network and 3D patches to a 3D one (the architecture's SizeRule says which it takes),
-    and 3D trains on torch only: refused here, before anything starts."""
-    arch, data = gen.action("architecture_injection"), gen.action("dataset_injection")
-    input_size = getattr(data.config, "input_size", None)
-    sides = tuple(input_size()) if callable(input_size) else ()
+def _check_dimensions(gen: Generator, sides: tuple[int, ...]) -> None:
+    """2D slices go to a 2D network and 3D patches to a 3D one (the architecture's SizeRule says which it takes; the
+    data's input ``sides``), and 3D trains on torch only: refused here, before anything starts."""
+    arch = gen.action("architecture_injection")
     rule = input_sizes_of(arch.config, arch.entry.input_sizes)
     dimension = next((s for s in gen.spec.data_params if s.name.lower() == "dimension"), None)
     if gen.framework != "torch" and (len(sides) == 3 or rule.dimensions == 3):

@@ -69,8 +69,10 @@ def check_resume(job: Job) -> None:
     if not getattr(gen.action("checkpoint").config, "resume", False):
         return
     latest = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=0).latest()  # as the ranks find it
-    trained = None if latest is None else trained_framework(latest)
-    if latest is not None and trained is not None and trained != gen.framework:
+    if latest is None:
+        return
+    trained = trained_framework(latest)
+    if trained is not None and trained != gen.framework:
         raise JobError(gen.action("framework").where or job.spec.where, f"the run folder {gen.rundir} holds a "
                        f"checkpoint of a {trained} run ({latest.name}) to resume from, but the job trains with "
                        f"{gen.framework}", f"resume with framework {trained}, or start afresh with another <output> "

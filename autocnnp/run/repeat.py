@@ -110,13 +110,21 @@ def run_repeats(job: Job, count: int, run=None) -> int:
             if rc != ExitCode.DIVERGED:  # a diverged seed is a result; anything else stops the set
                 break
     done = {s: r for s, r in results.items() if r}
-    summary = summarise(done)
-    table = write_summary(base.repeats, done, status, summary)
-    write_json(base.manifest, {"autocnnp_manifest": mf.FORMAT, "kind": "repeat set", "updated": mf.now(),
-                               "job": mf.job_record(job.spec), "plan": mf.plan_record(job), "repeats": repeats,
-                               "runs": {str(s): str(base.seed(s)) for s in seeds}, "status": status,
-                               "summary": summary, "standard_deviation": "sample (n - 1)"})
-    if summary:
-        print(format_summary(done, summary))
-    print(f"wrote {table}")
+    report_set(job, "repeat set", done, status, {str(s): str(base.seed(s)) for s in seeds}, base.repeats,
+               repeats=repeats)
     return code
+
+
+def report_set(job: Job, kind: str, done: dict[int, dict], status: dict[int, str], runs: dict[str, str], table: Path,
+               key: str = "seed", per_class: bool = False, **record) -> None:
+    """The summary of a set of runs of ``job`` (a repeat set, a study; one per ``key``) over those ``done``: the
+    CSV ``table``, the set's manifest (its ``kind``, ``record`` and ``runs``) and the table on the console."""
+    summary = summarise(done, per_class)
+    written = write_summary(table, done, status, summary, key)
+    write_json(job.rundir.manifest, {"autocnnp_manifest": mf.FORMAT, "kind": kind, "updated": mf.now(),
+                                     "job": mf.job_record(job.spec), "plan": mf.plan_record(job), **record,
+                                     "runs": runs, "status": status, "summary": summary,
+                                     "standard_deviation": "sample (n - 1)"})
+    if summary:
+        print(format_summary(done, summary, key))
+    print(f"wrote {written}")

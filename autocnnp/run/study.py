@@ -20,7 +20,6 @@ import time
 from pathlib import Path
 
 from ..core.errors import ExitCode, JobError
-from ..core.files import write_json
 from ..data import folds as splits
 from ..generator.overrides import apply_overrides
 from . import manifest as mf
@@ -28,7 +27,7 @@ from . import preflight, slurm
 from .job import Job, load_job
 from .manifest import PARENT_RUN
 from .processes import start, stop_session
-from .repeat import finished, format_summary, summarise, write_summary
+from .repeat import finished, report_set
 
 
 def fold_job(job: Job, fold: int) -> Job:
@@ -148,16 +147,8 @@ def _summarise(job: Job, k: int, split: dict, jobs: dict[int, Job], codes: dict[
         code = codes.get(fold)
         status[fold] = record.get("status") or ("not run" if code is None else f"exit {code}")
     done = {fold: r for fold, r in results.items() if r and finished(jobs[fold])}
-    summary = summarise(done, per_class=True)
-    table = write_summary(base.folds_summary, done, status, summary, key="fold")
-    write_json(base.manifest, {"autocnnp_manifest": mf.FORMAT, "kind": "study", "updated": mf.now(),
-                               "job": mf.job_record(job.spec), "plan": mf.plan_record(job),
-                               "folds": {"k": k, "seed": split["seed"], "split": str(base.folds_split)},
-                               "runs": {str(f): str(one.rundir) for f, one in jobs.items()}, "status": status,
-                               "summary": summary, "standard_deviation": "sample (n - 1)"})
-    if summary:
-        print(format_summary(done, summary, key="fold"))
-    print(f"wrote {table}")
+    report_set(job, "study", done, status, {str(f): str(one.rundir) for f, one in jobs.items()}, base.folds_summary,
+               key="fold", per_class=True, folds={"k": k, "seed": split["seed"], "split": str(base.folds_split)})
     failed = [f for f, c in codes.items() if c != ExitCode.OK]
     if failed:
         print(f"autocnnp: fold(s) {', '.join(map(str, failed))} failed; run the same command again to train them "
