@@ -68,18 +68,17 @@ def checkpoint_card(path: Path) -> dict | None:
     return card if isinstance(card, dict) else {}
 
 
+def card_framework(card: dict) -> str:
+    """The framework a model card says wrote its checkpoint (cards of older checkpoints: torch)."""
+    return str(card.get("framework") or "torch")
+
+
 def trained_framework(path: Path) -> str | None:
     """The framework that wrote the checkpoint at ``path`` (older checkpoints: torch); None if unreadable."""
     card = checkpoint_card(path)
-    return None if card is None else str(card.get("framework") or "torch")
+    return None if card is None else card_framework(card)
 
 
 def card_dimension(card: dict) -> str:
     """What a model card says its network takes: ``3d`` patches or ``2d`` slices (cards written before 3D: 2d)."""
     return str(card.get("dimension") or "2d")
-
-
-def trained_dimension(path: Path) -> str | None:
-    """The dimension (``2d``, ``3d``) of the network of the checkpoint at ``path``; None if unreadable."""
-    card = checkpoint_card(path)
-    return None if card is None else card_dimension(card)

@@ -8,7 +8,7 @@ import importlib.util
 import math
 import zipfile
 
-from ..core.card import trained_dimension, trained_framework
+from ..core.card import card_dimension, card_framework, checkpoint_card
 from ..core.errors import JobError
 from ..core.files import WriteRefused, atomic_write, free_bytes, size_text, space_text
 from ..core.processes import usable_cores
@@ -50,11 +50,12 @@ def check_pretrained(job: Job) -> None:
     if not (legacy or archive):
         raise JobError(pretrained.where, f"the pretrained checkpoint {path} is not a torch checkpoint",
                        "name a checkpoint written by autocnnp run, its run folder, or a zoo model")
-    trained, framework = (trained_framework(path) if archive else "torch"), job.generator.framework
+    card = checkpoint_card(path) if archive else {}  # a legacy pickle: a torch 2D model
+    trained, framework = (None if card is None else card_framework(card)), job.generator.framework
     if trained not in (None, framework):
         raise JobError(pretrained.where, f"the pretrained checkpoint {path} holds a {trained} model, but the job "
                        f"trains with {framework}", f"start from a checkpoint of a {framework} run of the same architecture")
-    trained, dimension = (trained_dimension(path) if archive else "2d"), job.generator.dimension
+    trained, dimension = (None if card is None else card_dimension(card)), job.generator.dimension
     if trained not in (None, dimension):
         raise JobError(pretrained.where, f"the pretrained checkpoint {path} holds a {trained.upper()} model, but the "
                        f"job trains a {dimension.upper()} one", f"start from a checkpoint of a {dimension.upper()} run "
@@ -71,14 +72,17 @@ def check_resume(job: Job) -> None:
     latest = gen.action("checkpoint").build(directory=gen.rundir.checkpoints, rank=0).latest()  # as the ranks find it
     if latest is None:
         return
-    trained = trained_framework(latest)
-    if trained is not None and trained != gen.framework:
+    card = checkpoint_card(latest)  # read once, torch-free
+    if card is None:
+        return
+    trained = card_framework(card)
+    if trained != gen.framework:
         raise JobError(gen.action("framework").where or job.spec.where, f"the run folder {gen.rundir} holds a "
                        f"checkpoint of a {trained} run ({latest.name}) to resume from, but the job trains with "
                        f"{gen.framework}", f"resume with framework {trained}, or start afresh with another <output> "
                        "folder or resume=false on the checkpoint action")
-    trained = trained_dimension(latest)
-    if trained is not None and trained != gen.dimension:
+    trained = card_dimension(card)
+    if trained != gen.dimension:
         raise JobError(gen.action("architecture_injection").where or job.spec.where, f"the run folder {gen.rundir} "
                        f"holds a checkpoint of a {trained.upper()} model ({latest.name}) to resume from, but the job "
                        f"trains a {gen.dimension.upper()} one", f"resume with the {trained} job it was trained with, "
