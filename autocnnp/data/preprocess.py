@@ -259,9 +259,7 @@ def _build_case(position: int, case: Case, indices: list[int], first: int, layou
     """Write the slices ``indices`` of ``case`` as cache rows ``first, first + 1, ...`` and record the case done:
     ``(position, record)``; only the selected slices are normalised, resized and converted."""
     volume, label, _ = read_case(case)
-    if label.size and (label.min() < 0 or label.max() > 255):
-        raise DataError(case.label, f"label values range {int(label.min())}..{int(label.max())} does not fit 0..255",
-                        "store class indices 0..255")
+    check_byte_labels(case, label)
     h, w = layout.size
     channels = layout.channels if layout.channels is not None else list(range(volume.shape[-1]))
     if layout.normalise:
@@ -288,6 +286,13 @@ def _build_case(position: int, case: Case, indices: list[int], first: int, layou
     record = {"slices": len(indices), "label_counts": counts.tolist()}
     write_json(layout.done / f"{position}.json", record)
     return position, record
+
+
+def check_byte_labels(case: Case, label: np.ndarray) -> None:
+    """A DataError unless the label map of ``case`` holds values 0..255 only (a cache stores them as uint8)."""
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise DataError(case.label, f"label values range {int(label.min())}..{int(label.max())} does not fit 0..255",
+                        "store class indices 0..255")
 
 
 def _plane(shape: tuple[int, ...], axis: int) -> tuple[int, int]:

@@ -39,6 +39,7 @@ from .preprocess import (
     built_once,
     cache_key,
     case_stats,
+    check_byte_labels,
     pool_size,
     training_cases,
 )
@@ -143,9 +144,7 @@ class _Layout(Arrays):
 def _build_case(position: int, plan: Plan, first: int, layout: _Layout) -> tuple[int, dict]:
     """Pre-process one case into the arrays at voxel ``first``; record its class counts and locations."""
     volume, label, img = read_case(plan.case)
-    if label.size and (label.min() < 0 or label.max() > 255):
-        raise DataError(plan.case.label, f"label values range {int(label.min())}..{int(label.max())} does not fit "
-                        "0..255", "store class indices 0..255")
+    check_byte_labels(plan.case, label)
     spacing = header_spacing(Path(plan.case.image), img)
     image = preprocess_volume(volume, spacing, layout.spacing, layout.channels, layout.normalise)
     labels = preprocess_label(label, spacing, layout.spacing)
