@@ -259,9 +259,7 @@ def _build_case(position: int, case: Case, indices: list[int], first: int, layou
     """Write the slices ``indices`` of ``case`` as cache rows ``first, first + 1, ...`` and record the case done:
     ``(position, record)``; only the selected slices are normalised, resized and converted."""
     volume, label, _ = read_case(case)
-    if label.size and (label.min() < 0 or label.max() > 255):
-        raise DataError(case.label, f"label values range {int(label.min())}..{int(label.max())} does not fit 0..255",
-                        "store class indices 0..255")
+    check_byte_labels(case, label)
     h, w = layout.size
     channels = layout.channels if layout.channels is not None else list(range(volume.shape[-1]))
     if layout.normalise:
@@ -288,6 +286,13 @@ def _build_case(position: int, case: Case, indices: list[int], first: int, layou
     record = {"slices": len(indices), "label_counts": counts.tolist()}
     write_json(layout.done / f"{position}.json", record)
     return position, record
+
+
+def check_byte_labels(case: Case, label: np.ndarray) -> None:
+    """A DataError unless the label map of ``case`` holds values 0..255 only (a cache stores them as uint8)."""
+    if label.size and (label.min() < 0 or label.max() > 255):
+        raise DataError(case.label, f"label values range {int(label.min())}..{int(label.max())} does not fit 0..255",
+                        "store class indices 0..255")
 
 
 def _plane(shape: tuple[int, ...], axis: int) -> tuple[int, int]:
@@ -374,20 +379,13 @@ def _write_cache(work: Path, cases, params, key, ds, mods, run, progress: bool) 
                                                   LABELS_FILE: ((total, h, w), np.dtype(np.uint8))})
     layout = _Layout(work / IMAGES_FILE, work / LABELS_FILE, images_offset, labels_offset, image_dtype.name, mods,
                      params["axis"], params["normalise"], (h, w), work / DONE_DIR)
-    layout.done.mkdir(exist_ok=True)
-    records = {int(p.stem): read_json(p) for p in layout.done.glob("*.json")}
-    records = {i: r for i, r in records.items() if r is not None and 0 <= i < len(cases) and r["slices"] == len(plans[i])}
+    records = done_records(layout.done, lambda i, r: 0 <= i < len(cases) and r["slices"] == len(plans[i]))
     todo = [(i, cases[i], plans[i], firsts[i]) for i in range(len(cases)) if i not in records]
     meter = _Progress(len(cases), len(records)) if progress else None
     for position, record in run(functools.partial(_build_case, layout=layout), todo):
         records[position] = record
         if meter is not None:
             meter.case_done(record["slices"])
-    counts = np.zeros(256, dtype=np.int64)
-    for record in records.values():
-        counts[: len(record["label_counts"])] += record["label_counts"]
-    top = int(np.flatnonzero(counts).max()) if counts.any() else 0
-    names = mods if mods is not None else list(range(int(channels)))
     meta = {
         "format": CACHE_FORMAT,
         "key": key,
@@ -395,12 +393,7 @@ def _write_cache(work: Path, cases, params, key, ds, mods, run, progress: bool) 
         "channels": int(channels),
         "size": [h, w],
         "dtype": {"images": image_dtype.name, "labels": "uint8"},
-        "source": str(ds.index_file.resolve()),
-        "dataset": ds.name,
-        "modalities": names,
-        "modality_names": [ds.modalities.get(m, str(m)) for m in names],
-        "labels": {str(k): v for k, v in ds.labels.items()},
-        "label_counts": counts[: top + 1].tolist(),
+        **dataset_fields(ds, mods, int(channels), records),
         "params": {k: v for k, v in params.items() if k != "cases"},
         "cases": [{"name": c.name, "image": str(Path(c.image).resolve()), "label": str(Path(c.label).resolve()),
                    "slices": len(p)} for c, p in zip(cases, plans)],
@@ -408,6 +401,27 @@ def _write_cache(work: Path, cases, params, key, ds, mods, run, progress: bool) 
         "slice_index": [int(z) for p in plans for z in p],
     }
     return meta
+
+
+def done_records(done: Path, fits) -> dict[int, dict]:
+    """The records ``done/<position>.json`` of the cases an interrupted build finished, those that ``fits(position,
+    record)`` (the others are built again); makes ``done``."""
+    done.mkdir(exist_ok=True)
+    records = {int(p.stem): read_json(p) for p in done.glob("*.json")}
+    return {i: r for i, r in records.items() if r is not None and fits(i, r)}
+
+
+def dataset_fields(ds, mods, channels: int, records: dict[int, dict]) -> dict:
+    """What a cache's meta.json says of its source: the index, the dataset's name, the channels kept (indices and
+    names), the declared labels and the voxel (or pixel) count of each label over the cases' ``records``."""
+    counts = np.zeros(256, dtype=np.int64)
+    for record in records.values():
+        counts[: len(record["label_counts"])] += record["label_counts"]
+    top = int(np.flatnonzero(counts).max()) if counts.any() else 0
+    names = mods if mods is not None else list(range(channels))
+    return {"source": str(ds.index_file.resolve()), "dataset": ds.name, "modalities": names,
+            "modality_names": [ds.modalities.get(m, str(m)) for m in names],
+            "labels": {str(k): v for k, v in ds.labels.items()}, "label_counts": counts[: top + 1].tolist()}
 
 
 class _Progress:

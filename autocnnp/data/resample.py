@@ -7,7 +7,8 @@ voxels. Its output layout is ``[C, D, H, W]`` with ``D`` the volume's third axis
 axis), ``H`` its first (X) and ``W`` its second (Y): the 2D path's ``[C, X, Y]`` with depth first.
 Images are z-scored (over each channel's non-zero voxels) on the source grid, then resampled trilinearly;
 labels with nearest neighbour, so no new label value appears. :func:`to_source` takes class
-probabilities ``[K, D, H, W]`` back to the source grid ``(X, Y, Z)``, a few source slices at a time.
+probabilities ``[K, D, H, W]`` back to the source grid ``(X, Y, Z)``, a few source slices at a time
+(:func:`to_source_both`: labels and probabilities in one pass).
 """
 
 from __future__ import annotations
@@ -57,13 +58,22 @@ def preprocess_label(label: np.ndarray, spacing, target_spacing) -> np.ndarray:
 
 def to_source(probabilities, shape, *, labels: bool = False, chunk_bytes: int = CHUNK_BYTES) -> np.ndarray:
     """Class probabilities (or logits) ``[K, D, H, W]`` on the model's grid back on the source grid ``shape``
-    ``(X, Y, Z)``: float32 ``(X, Y, Z, K)``, or with ``labels`` the uint8 argmax ``(X, Y, Z)``. Trilinear
+    ``(X, Y, Z)``: float32 ``(X, Y, Z, K)``, or with ``labels`` the uint8 argmax ``(X, Y, Z)`` (see
+    :func:`to_source_both`)."""
+    argmax, probs = to_source_both(probabilities, shape, labels=labels, keep=not labels, chunk_bytes=chunk_bytes)
+    return argmax if labels else probs
+
+
+def to_source_both(probabilities, shape, *, labels: bool = True, keep: bool = False,
+                   chunk_bytes: int = CHUNK_BYTES) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """``(labels, probabilities)`` of :func:`to_source` in one pass, each only where asked (else None). Trilinear
     (``align_corners=False``, as :func:`preprocess_volume`), computed separably a few source slices at a time:
-    beyond the output, memory stays within about ``chunk_bytes``."""
+    beyond the outputs, memory stays within about ``chunk_bytes``."""
     probs = torch.as_tensor(probabilities).float()
     k, depth = probs.shape[:2]
     x, y, z = (int(s) for s in shape[:3])
-    out = np.empty((x, y, z) if labels else (x, y, z, k), np.uint8 if labels else np.float32)
+    argmax = np.empty((x, y, z), np.uint8) if labels else None
+    out = np.empty((x, y, z, k), np.float32) if keep else None
     step = max(1, chunk_bytes // max(1, 2 * k * x * y * 4))
     scale = depth / z
     for lo in range(0, z, step):
@@ -75,5 +85,8 @@ def to_source(probabilities, shape, *, labels: bool = False, chunk_bytes: int = 
         planes = probs[:, below] * (1 - weight) + probs[:, above] * weight  # [K, n, H, W]
         planes = _interpolate(planes, (len(zs), x, y), label=False)  # in-plane only: depth is already n
         part = planes.permute(2, 3, 1, 0)  # [X, Y, n, K]
-        out[:, :, lo:lo + len(zs)] = part.argmax(-1).to(torch.uint8).numpy() if labels else part.numpy()
-    return out
+        if argmax is not None:
+            argmax[:, :, lo:lo + len(zs)] = part.argmax(-1).to(torch.uint8).numpy()
+        if out is not None:
+            out[:, :, lo:lo + len(zs)] = part.numpy()
+    return argmax, out

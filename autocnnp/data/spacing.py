@@ -72,10 +72,13 @@ def parse_patch(text: str, where=None) -> tuple[int, int, int] | None:
     return _triple(text, "auto", int, "patch_size", "voxel counts D,H,W", "32,64,64", where)
 
 
-def target_spacing(cases: list[Case], spacing: str, where=None) -> tuple[float, float, float]:
-    """The spacing ``(x, y, z)`` the cases are resampled to: ``spacing`` in mm, or the median of theirs."""
+def target_spacing(cases: list[Case], spacing: str, where=None, geometry=None) -> tuple[float, float, float]:
+    """The spacing ``(x, y, z)`` the cases are resampled to: ``spacing`` in mm, or the median of theirs
+    (``geometry``: the cases' :func:`case_geometry`, where read already)."""
     given = parse_spacing(spacing, where)
-    return given if given is not None else median_spacing([case_geometry(c)[1] for c in cases])
+    if given is not None:
+        return given
+    return median_spacing([g[1] for g in (geometry if geometry is not None else map(case_geometry, cases))])
 
 
 def patch_of(cases: list[Case], patch_size: str, spacing: str, budget_voxels: int, where=None) -> tuple[int, int, int]:
@@ -83,6 +86,8 @@ def patch_of(cases: list[Case], patch_size: str, spacing: str, budget_voxels: in
     given = parse_patch(patch_size, where)
     if given is not None:
         return given
-    target = target_spacing(cases, spacing, where)
-    shapes = [model_shape(resampled_shape(*case_geometry(c), target)) for c in cases]
+    parse_spacing(spacing, where)  # a bad spacing is said before any header is read
+    geometry = [case_geometry(c) for c in cases]  # each header read once
+    target = target_spacing(cases, spacing, where, geometry)
+    shapes = [model_shape(resampled_shape(shape, case_spacing, target)) for shape, case_spacing in geometry]
     return auto_patch(shapes, budget_voxels)

@@ -39,6 +39,9 @@ from .preprocess import (
     built_once,
     cache_key,
     case_stats,
+    check_byte_labels,
+    dataset_fields,
+    done_records,
     pool_size,
     training_cases,
 )
@@ -105,9 +108,7 @@ def build_volume_cache(root, cache_dir, *, target_spacing, modalities=None, norm
                                  LABELS_FILE: ((lab_first[-1],), np.dtype(np.uint8))})
         layout = _Layout(work / IMAGES_FILE, work / LABELS_FILE, offsets[0], offsets[1], dtype.name, mods,
                          normalise, tuple(target_spacing), work / DONE_DIR)
-        layout.done.mkdir(exist_ok=True)
-        records = {int(p.stem): read_json(p) for p in layout.done.glob("*.json")}
-        records = {i: r for i, r in records.items() if r is not None and 0 <= i < len(plans)}
+        records = done_records(layout.done, lambda i, r: 0 <= i < len(plans))
         todo = [(i, plans[i], lab_first[i]) for i in range(len(plans)) if i not in records]
         meter = _Progress(len(plans), len(records)) if progress else None
         with _case_runner(pool_size(len(cases), params["cases"], workers)) as run:
@@ -115,16 +116,9 @@ def build_volume_cache(root, cache_dir, *, target_spacing, modalities=None, norm
                 records[position] = record
                 if meter is not None:
                     meter.case_done(1)
-        counts = np.zeros(256, dtype=np.int64)
-        for record in records.values():
-            counts[: len(record["label_counts"])] += record["label_counts"]
-        top = int(np.flatnonzero(counts).max()) if counts.any() else 0
-        names = mods if mods is not None else list(range(channels))
         return {"format": VOLUME_FORMAT, "key": key, "count": len(plans), "channels": channels,
                 "spacing": [float(s) for s in target_spacing], "dtype": {"images": dtype.name, "labels": "uint8"},
-                "source": str(ds.index_file.resolve()), "dataset": ds.name, "modalities": names,
-                "modality_names": [ds.modalities.get(m, str(m)) for m in names],
-                "labels": {str(k): v for k, v in ds.labels.items()}, "label_counts": counts[: top + 1].tolist(),
+                **dataset_fields(ds, mods, channels, records),
                 "cases": [{"name": p.case.name, "shape": list(p.shape), "voxels": first,
                            "locations": records[i]["locations"]} for i, (p, first) in enumerate(zip(plans, lab_first))]}
 
@@ -143,9 +137,7 @@ class _Layout(Arrays):
 def _build_case(position: int, plan: Plan, first: int, layout: _Layout) -> tuple[int, dict]:
     """Pre-process one case into the arrays at voxel ``first``; record its class counts and locations."""
     volume, label, img = read_case(plan.case)
-    if label.size and (label.min() < 0 or label.max() > 255):
-        raise DataError(plan.case.label, f"label values range {int(label.min())}..{int(label.max())} does not fit "
-                        "0..255", "store class indices 0..255")
+    check_byte_labels(plan.case, label)
     spacing = header_spacing(Path(plan.case.image), img)
     image = preprocess_volume(volume, spacing, layout.spacing, layout.channels, layout.normalise)
     labels = preprocess_label(label, spacing, layout.spacing)

@@ -42,8 +42,6 @@ not used for training; ``autocnnp predict`` reads it.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -61,7 +59,7 @@ from autocnnp.data import slices as slicing
 from autocnnp.data.augment import RandomAffine2D, RandomAffine3D
 from autocnnp.data.checks import Verdict, check_dataset, validate_once
 from autocnnp.data.index import read_dataset
-from autocnnp.data.preprocess import CacheDataset, build_cache, cache_key_of, check_cache, is_cache, training_cases
+from autocnnp.data.preprocess import CacheDataset, build_cache, cache_key, cache_key_of, check_cache, is_cache, training_cases
 from autocnnp.data.slices import parse_modalities, resize, select_modalities, zscore_stats, zscored
 from autocnnp.data.spacing import target_spacing
 from autocnnp.data.volumes3d import PatchDataset, VolumeDataset, build_volume_cache, plan_cases
@@ -175,6 +173,18 @@ def _num_classes(meta: dict) -> int:
     return max(2, declared or present)
 
 
+def _built(cache_root: Path, role: str, params: dict, kind: str, rank: int, build) -> Path:
+    """The cache folder ``cache_root/<role>-<hash of params>``, filled by ``build(folder)``; rank 0 says where
+    when that took long."""
+    folder = Path(cache_root) / f"{role}-{cache_key(params)[:12]}"
+    start = time.perf_counter()
+    build(folder)
+    took = time.perf_counter() - start
+    if rank == 0 and took > 2.0:
+        print(f"autocnnp: {role} {kind} cache ready in {folder} ({took:.1f} s)", file=sys.stderr, flush=True)
+    return folder
+
+
 @component("decathlon", frameworks=("torch", "tensorflow"))
 class Decathlon(DataFormat):
     """Decathlon-layout NIfTI (dataset.json, imagesTr, labelsTr) sliced and cached on disk."""
@@ -187,16 +197,9 @@ class Decathlon(DataFormat):
         params = {"root": str(Path(root).resolve()), "slices": n_slices, "mode": mode, "size": c.size,
                   "foreground_fraction": c.foreground_fraction,
                   "modalities": parse_modalities(c.modalities), "normalise": bool(c.normalise), "cases": cases}
-        digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]
-        folder = Path(cache_root) / f"{role}-{digest}"
-        start = time.perf_counter()
-        build_cache(root, folder, n_slices=n_slices, size=c.size, modalities=parse_modalities(c.modalities),
-                    mode=mode, normalise=c.normalise, case_indices=cases, foreground_fraction=c.foreground_fraction,
-                    progress=rank == 0)
-        took = time.perf_counter() - start
-        if rank == 0 and took > 2.0:
-            print(f"autocnnp: {role} slice cache ready in {folder} ({took:.1f} s)", file=sys.stderr, flush=True)
-        return folder
+        return _built(cache_root, role, params, "slice", rank, lambda folder: build_cache(
+            root, folder, n_slices=n_slices, size=c.size, modalities=parse_modalities(c.modalities), mode=mode,
+            normalise=c.normalise, case_indices=cases, foreground_fraction=c.foreground_fraction, progress=rank == 0))
 
     def datasets(self, *, world: World, seed: int, cache_dir: Path) -> DataBundle:
         """Validate, cache and split (see the module docstring). A ``train``/``valid`` folder that already is
@@ -284,15 +287,9 @@ class Decathlon(DataFormat):
         c = self.config
         params = {"root": str(Path(root).resolve()), "spacing": list(target), "normalise": bool(c.normalise),
                   "modalities": parse_modalities(c.modalities), "cases": cases}
-        folder = Path(cache_root) / f"{role}-{hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:12]}"
-        start = time.perf_counter()
-        build_volume_cache(root, folder, target_spacing=target, modalities=parse_modalities(c.modalities),
-                           normalise=c.normalise, case_indices=cases, budget_bytes=c.volume_budget_mb << 20,
-                           progress=rank == 0)
-        took = time.perf_counter() - start
-        if rank == 0 and took > 2.0:
-            print(f"autocnnp: {role} volume cache ready in {folder} ({took:.1f} s)", file=sys.stderr, flush=True)
-        return folder
+        return _built(cache_root, role, params, "volume", rank, lambda folder: build_volume_cache(
+            root, folder, target_spacing=target, modalities=parse_modalities(c.modalities), normalise=c.normalise,
+            case_indices=cases, budget_bytes=c.volume_budget_mb << 20, progress=rank == 0))
 
     def _split(self, root) -> tuple[list[int], list[int]]:
         """Positions of the training and the validation cases of dataset ``root``."""

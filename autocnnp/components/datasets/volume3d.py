@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from autocnnp.core.errors import DataError
-from autocnnp.data.resample import preprocess_volume, to_source
+from autocnnp.data.resample import preprocess_volume, to_source_both
 from autocnnp.data.slices import select_modalities
 from autocnnp.data.volumes import header_spacing
 from autocnnp.generator.protocols import VolumePrediction, VolumeTransform
@@ -68,6 +68,6 @@ class PatchTransform(DatasetInputs, VolumeTransform):
         del volume
         back = time.perf_counter()
         grid = image.shape[:3]
-        labels = to_source(probs, grid, labels=True)
-        kept = to_source(probs, grid).transpose(3, 0, 1, 2) if keep else None
+        labels, kept = to_source_both(probs, grid, keep=keep)  # one pass back, both from the same resampling
+        kept = kept.transpose(3, 0, 1, 2) if kept is not None else None
         return VolumePrediction(labels, kept, windows, "window", prepared - start, network, time.perf_counter() - back)
