@@ -307,3 +307,26 @@ def test_a_site_trains_from_the_consensus_and_fedprox_keeps_it_near(tmp_path):
     assert (tmp_path / "site" / "metrics.csv").is_file()
     metrics = trainer.evaluate(start)
     assert {"dice_fg", "valid_loss"} <= set(metrics) and all(isinstance(v, float) for v in metrics.values())
+
+
+def test_the_consensus_checkpoint_carries_the_model_card_a_trained_run_writes(tmp_path):
+    """The server's checkpoint card has every entry of loop.py's ``model_card`` (its dimension included: predict
+    and export read a card without one as a 2D model's)."""
+    import numpy as np
+    from flwr.common import ndarrays_to_parameters
+
+    from autocnnp.core.card import checkpoint_card
+    from autocnnp.core.rundir import BEST_CHECKPOINT
+    from autocnnp.federation.server import Admission, Audit, Rounds, server_job
+
+    job = server_job(federation_job(tmp_path, 9999), [])
+    audit = Audit(tmp_path / "federation" / "received.jsonl")
+    admission = Admission({}, {}, 1, 5.0, audit)
+    admission.reference = {"names": ["w"], "card": {"in_channels": 1, "num_classes": 2, "input": None,
+                                                    "classes": {"0": "background", "1": "fg"}}}
+    rounds = Rounds(job.rundir, job, federation_of(job), admission)
+    rounds.save_checkpoint(1, ndarrays_to_parameters([np.zeros(3, np.float32)]))
+    card = checkpoint_card(job.rundir.checkpoints / BEST_CHECKPOINT)
+    assert set(card) == {"job", "framework", "dimension", "architecture", "in_channels", "num_classes", "classes",
+                         "input"}
+    assert card["dimension"] == job.generator.dimension == "2d" and card["framework"] == "torch"

@@ -200,9 +200,10 @@ class Rounds:
         gen = self.job.generator
         arch = gen.action("architecture_injection")
         full = {"job": {"file": str(gen.spec.file), "text": gen.spec.text, "overrides": dict(gen.spec.overrides)},
-                "framework": gen.framework, "architecture": {"name": arch.entry.name, "file": None if arch.entry.file
-                                                             is None else str(arch.entry.file),
-                                                             "params": arch.recorded()}, **card}
+                "framework": gen.framework, "dimension": gen.dimension,
+                "architecture": {"name": arch.entry.name,
+                                 "file": None if arch.entry.file is None else str(arch.entry.file),
+                                 "params": arch.recorded()}, **card}
         model = OrderedDict((n, torch.as_tensor(a)) for n, a in zip(names, arrays_of(parameters), strict=True))
         state = {"model": model, "model_card": full, "epoch": done, "in_channels": card["in_channels"],
                  "num_classes": card["num_classes"], "federation_round": done}
