@@ -330,3 +330,23 @@ def test_the_consensus_checkpoint_carries_the_model_card_a_trained_run_writes(tm
     assert set(card) == {"job", "framework", "dimension", "architecture", "in_channels", "num_classes", "classes",
                          "input"}
     assert card["dimension"] == job.generator.dimension == "2d" and card["framework"] == "torch"
+
+
+def test_the_server_and_a_site_keep_their_output_out_of_another_runs(tmp_path):
+    """Like ``autocnnp run``, neither writes into another run's output folder (lock.own_output's check)."""
+    from autocnnp.core.files import write_json
+    from autocnnp.core.rundir import RunDir
+    from autocnnp.federation.server import run_server, server_job
+    from autocnnp.federation.site import run_site, site_job
+
+    make_certificates(tmp_path / "certs", ["a"], ["127.0.0.1"])
+    (tmp_path / "other").mkdir()
+    write_json(RunDir(tmp_path / "other").lock, {"pid": os.getpid(), "host": socket.gethostname()})
+    job = federation_job(tmp_path, 9999)
+    server = server_job(job, [f"output={tmp_path / 'other' / 'server'}"])
+    with pytest.raises(JobError, match="is inside .*other"):
+        run_server(server, federation_of(server), tmp_path / "certs" / "sites.csv", None)
+    (tmp_path / "data_a").mkdir()
+    a = site_job(job, [], None, tmp_path / "other" / "site_a")
+    with pytest.raises(JobError, match="is inside .*other"):
+        run_site(a, federation_of(a), "a", tmp_path / "certs" / "sites" / "a.key", None)

@@ -336,7 +336,7 @@ def run_server(job, fed: FederationConfig, site_list: Path, certs: tuple[Path, P
                            f"{exc.filename} cannot be read ({exc.strerror})",
                            "give the folder holding ca.crt, server.crt and server.key") from None
     rundir = job.rundir
-    with lock.owned(rundir, job.output_where):
+    with lock.own_output(job, front_end=False):
         audit = Audit(rundir.root / "federation" / "received.jsonl")
         admission = Admission(sites, agreement(job), fed.min_sites, fed.round_timeout_s, audit)
         rounds = Rounds(rundir, job, fed, admission)
