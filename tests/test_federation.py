@@ -307,3 +307,46 @@ def test_a_site_trains_from_the_consensus_and_fedprox_keeps_it_near(tmp_path):
     assert (tmp_path / "site" / "metrics.csv").is_file()
     metrics = trainer.evaluate(start)
     assert {"dice_fg", "valid_loss"} <= set(metrics) and all(isinstance(v, float) for v in metrics.values())
+
+
+def test_the_consensus_checkpoint_carries_the_model_card_a_trained_run_writes(tmp_path):
+    """The server's checkpoint card has every entry of loop.py's ``model_card`` (its dimension included: predict
+    and export read a card without one as a 2D model's)."""
+    import numpy as np
+    from flwr.common import ndarrays_to_parameters
+
+    from autocnnp.core.card import checkpoint_card
+    from autocnnp.core.rundir import BEST_CHECKPOINT
+    from autocnnp.federation.server import Admission, Audit, Rounds, server_job
+
+    job = server_job(federation_job(tmp_path, 9999), [])
+    audit = Audit(tmp_path / "federation" / "received.jsonl")
+    admission = Admission({}, {}, 1, 5.0, audit)
+    admission.reference = {"names": ["w"], "card": {"in_channels": 1, "num_classes": 2, "input": None,
+                                                    "classes": {"0": "background", "1": "fg"}}}
+    rounds = Rounds(job.rundir, job, federation_of(job), admission)
+    rounds.save_checkpoint(1, ndarrays_to_parameters([np.zeros(3, np.float32)]))
+    card = checkpoint_card(job.rundir.checkpoints / BEST_CHECKPOINT)
+    assert set(card) == {"job", "framework", "dimension", "architecture", "in_channels", "num_classes", "classes",
+                         "input"}
+    assert card["dimension"] == job.generator.dimension == "2d" and card["framework"] == "torch"
+
+
+def test_the_server_and_a_site_keep_their_output_out_of_another_runs(tmp_path):
+    """Like ``autocnnp run``, neither writes into another run's output folder (lock.own_output's check)."""
+    from autocnnp.core.files import write_json
+    from autocnnp.core.rundir import RunDir
+    from autocnnp.federation.server import run_server, server_job
+    from autocnnp.federation.site import run_site, site_job
+
+    make_certificates(tmp_path / "certs", ["a"], ["127.0.0.1"])
+    (tmp_path / "other").mkdir()
+    write_json(RunDir(tmp_path / "other").lock, {"pid": os.getpid(), "host": socket.gethostname()})
+    job = federation_job(tmp_path, 9999)
+    server = server_job(job, [f"output={tmp_path / 'other' / 'server'}"])
+    with pytest.raises(JobError, match="is inside .*other"):
+        run_server(server, federation_of(server), tmp_path / "certs" / "sites.csv", None)
+    (tmp_path / "data_a").mkdir()
+    a = site_job(job, [], None, tmp_path / "other" / "site_a")
+    with pytest.raises(JobError, match="is inside .*other"):
+        run_site(a, federation_of(a), "a", tmp_path / "certs" / "sites" / "a.key", None)

@@ -9,6 +9,7 @@ what the server saw, for audit (and for the test that nothing but parameters and
 from __future__ import annotations
 
 import csv
+import io
 import json
 import secrets
 import sys
@@ -29,7 +30,7 @@ from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
 from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
 
 from ..core.errors import JobError, Source
-from ..core.files import atomic_write, read_json, write_json
+from ..core.files import append_text, atomic_write, read_json, write_json
 from ..core.rundir import BEST_CHECKPOINT, BEST_RECORD, RunDir
 from .admission import agreement, differences, verified
 from .config import FederationConfig
@@ -47,13 +48,12 @@ class Audit:
 
     def __init__(self, path: Path):
         path.parent.mkdir(parents=True, exist_ok=True)
-        self.file = path.open("a")
-        self.lock = threading.Lock()
+        self.path = path
+        self.lock = threading.Lock()  # sites' threads record at once; append_text wants one writer
 
     def record(self, kind: str, site: str, **fields) -> None:
         with self.lock:
-            self.file.write(json.dumps({"kind": kind, "site": site, **fields}, default=str) + "\n")
-            self.file.flush()
+            append_text(self.path, json.dumps({"kind": kind, "site": site, **fields}, default=str) + "\n")
 
 
 class Admission(SimpleClientManager):
@@ -170,13 +170,13 @@ class Rounds:
 
     def log_metrics(self, done: int, rows: list[tuple[str, str, int, dict]]) -> None:
         path = self.folder / "metrics.csv"
-        new = not path.exists()
-        with path.open("a", newline="") as f:
-            out = csv.writer(f)
-            if new:
-                out.writerow(["round", "site", "role", "samples", "metric", "value"])
-            for site, role, samples, metrics in rows:
-                out.writerows([done, site, role, samples, k, f"{v:.6g}"] for k, v in sorted(metrics.items()))
+        text = io.StringIO()
+        out = csv.writer(text)
+        if not path.exists():
+            out.writerow(["round", "site", "role", "samples", "metric", "value"])
+        for site, role, samples, metrics in rows:
+            out.writerows([done, site, role, samples, k, f"{v:.6g}"] for k, v in sorted(metrics.items()))
+        append_text(path, text.getvalue())
 
     def consider(self, done: int, score: float) -> None:
         """Keep round ``done``'s model as the consensus if it scores best so far."""
@@ -200,9 +200,10 @@ class Rounds:
         gen = self.job.generator
         arch = gen.action("architecture_injection")
         full = {"job": {"file": str(gen.spec.file), "text": gen.spec.text, "overrides": dict(gen.spec.overrides)},
-                "framework": gen.framework, "architecture": {"name": arch.entry.name, "file": None if arch.entry.file
-                                                             is None else str(arch.entry.file),
-                                                             "params": arch.recorded()}, **card}
+                "framework": gen.framework, "dimension": gen.dimension,
+                "architecture": {"name": arch.entry.name,
+                                 "file": None if arch.entry.file is None else str(arch.entry.file),
+                                 "params": arch.recorded()}, **card}
         model = OrderedDict((n, torch.as_tensor(a)) for n, a in zip(names, arrays_of(parameters), strict=True))
         state = {"model": model, "model_card": full, "epoch": done, "in_channels": card["in_channels"],
                  "num_classes": card["num_classes"], "federation_round": done}
@@ -335,7 +336,7 @@ def run_server(job, fed: FederationConfig, site_list: Path, certs: tuple[Path, P
                            f"{exc.filename} cannot be read ({exc.strerror})",
                            "give the folder holding ca.crt, server.crt and server.key") from None
     rundir = job.rundir
-    with lock.owned(rundir, job.output_where):
+    with lock.own_output(job, front_end=False):
         audit = Audit(rundir.root / "federation" / "received.jsonl")
         admission = Admission(sites, agreement(job), fed.min_sites, fed.round_timeout_s, audit)
         rounds = Rounds(rundir, job, fed, admission)

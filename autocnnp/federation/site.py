@@ -144,7 +144,7 @@ def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, 
         except OSError as exc:
             raise JobError(where, f"the CA certificate {ca_file} cannot be read ({exc.strerror})",
                            "give the ca.crt the federation's operator sent") from None
-    with lock.owned(job.rundir, job.output_where):
+    with lock.own_output(job, front_end=False):
         return _take_part(SiteClient(SiteTrainer(job), name, key, role), server or federation.server, root,
                           federation.round_timeout_s)
 
