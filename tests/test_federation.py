@@ -116,7 +116,9 @@ def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, p
     folder, port = stand
     job = federation_job(folder, port)
     server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
-    a, b, c = (site(procs, folder, job, name) for name in "abc")
+    c = site(procs, folder, job, "c")  # c joins first, so it is in round 1 (min_sites 2 starts it with the next)
+    server.wait_for("site c joined")
+    a, b = (site(procs, folder, job, name) for name in "ab")
     out_of_sample = site(procs, folder, job, "o", "--evaluate-only")
     # at the door: a key the list does not hold, a job that differs
     foreign = site(procs, folder, job, "a", key="foreign/sites/a.key", label="foreign")
