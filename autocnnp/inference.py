@@ -353,7 +353,7 @@ def predict(options: PredictOptions) -> Prediction:
     from .data.volumes import read_case, save_label, save_probabilities
     from .training.ensemble import Ensemble
     from .training.precision import autocast_dtype
-    from .training.predictor import Predictor, prepare_network
+    from .training.predictor import Predictor, SharedPass, prepare_network
 
     world = discover_world()  # ranks started by srun or mpirun share the cases
     torch.set_num_threads(options.threads or default_threads(world.local_world_size))
@@ -410,11 +410,12 @@ def predict(options: PredictOptions) -> Prediction:
         if model is None:
             networks = [_network(trained, state, in_channels, classes, checkpoint, options.threads),
                         *(_network(*other, in_channels, classes, path, options.threads) for path, other in others)]
-            network = networks[0] if len(networks) == 1 else Ensemble(networks)
+            network = networks[0] if len(networks) == 1 else Ensemble(networks, each=options.members)
             model = Predictor(prepare_network(network, device, channels_last), device, options.batch_size, options.tta,
-                              dtype, channels_last)
-            alone = [Predictor(net, device, options.batch_size, options.tta, dtype, channels_last)
-                     for net in networks] if options.members and len(networks) > 1 else []
+                              dtype, channels_last, getattr(network, "groups", 1))
+            if model.groups > 1:  # one pass of each member gives the ensemble and each member alone
+                shared = SharedPass(model)
+                model, alone = shared.view(0), [shared.view(group) for group in range(1, model.groups)]
         done = transform.predict(image, img, Path(case.image), model, options.probabilities)
         for index, member in enumerate(alone):  # each member on its own, for evaluate to compare
             save_label(transform.predict(image, img, Path(case.image), member, False).labels, affine, header,

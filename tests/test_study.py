@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 import subprocess
 import sys
 from collections import Counter
@@ -150,16 +151,57 @@ def test_an_ensemble_averages_its_members_probabilities():
         with torch.no_grad():
             expected = (probabilities(chosen[0](x)) + probabilities(chosen[1](x))) / 2
             got = torch.softmax(Ensemble(chosen)(x), dim=1)  # what predict takes of a network's logits
+            each = probabilities(Ensemble(chosen, each=True)(x), groups=3)  # and each member's, side by side
+            alone = torch.cat([expected, *(probabilities(member(x)) for member in chosen)], 1)
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-6)
+        torch.testing.assert_close(each, alone, rtol=0, atol=1e-6)
+
+
+def test_one_pass_gives_the_ensemble_and_each_member_of_a_3d_volume():
+    import torch
+
+    from autocnnp.training.ensemble import Ensemble
+    from autocnnp.training.predictor import Predictor, SharedPass
+
+    torch.manual_seed(0)
+    members = [torch.nn.Conv3d(1, 3, 3, padding=1), torch.nn.Conv3d(1, 3, 1)]
+    volume = np.random.default_rng(0).normal(size=(1, 6, 8, 8)).astype(np.float32)
+
+    def predictor(net, groups=1):
+        return Predictor(net.eval(), torch.device("cpu"), 2, True, None, False, groups)
+
+    shared = SharedPass(predictor(Ensemble(members, each=True), 3))
+    views = [shared.view(group).volume(volume, (4, 4, 4), 0.5)[0] for group in range(3)]
+    for got, net in zip(views, [Ensemble(members), *members]):
+        torch.testing.assert_close(got, predictor(net).volume(volume, (4, 4, 4), 0.5)[0], rtol=0, atol=1e-5)
 
 
 @pytest.mark.ranks
-def test_an_ensemble_of_the_folds_predicts_and_evaluate_compares_it_with_each_member(study, cli):
+def test_an_ensemble_of_the_folds_predicts_and_evaluate_compares_it_with_each_member(study, cli, monkeypatch):
+    import torch
+
+    from autocnnp import inference
+
+    seen: Counter = Counter()  # slices each member's network ran over
+
+    class Counted(torch.nn.Module):
+        def __init__(self, net, checkpoint):
+            super().__init__()
+            self.net, self.checkpoint = net, checkpoint
+
+        def forward(self, x):
+            seen[self.checkpoint] += len(x)
+            return self.net(x)
+
+    network = inference._network
+    monkeypatch.setattr(inference, "_network", lambda *args: Counted(network(*args), args[4]))
     root = study[0]
     rc, out, err = cli("predict", "--ensemble", root / "out", "--members", "--input", root / "data",
                        "--out", root / "ensemble")
     assert rc == 0, err
     assert "an ensemble of 2" in out and (root / "ensemble" / "member-1" / "case_004.nii.gz").is_file()
+    slices = int(re.search(r"case_004: (\d+) slices", out)[1])
+    assert len(seen) == 2 and set(seen.values()) == {slices}  # each member once over the volume's slices
     rc, out, err = cli("evaluate", root / "ensemble", root / "data")
     assert rc == 0, err
     table = out.splitlines()[-3:]

@@ -45,12 +45,21 @@ class OnnxNetwork(torch.nn.Module):
 
 
 class Ensemble(torch.nn.Module):
-    """Members (torch modules giving logits) whose class probabilities are averaged, with equal weights."""
+    """Members (torch modules giving logits) whose class probabilities are averaged, with equal weights. With
+    ``each``, each member's own log-probabilities follow the ensemble's along the channels (``groups`` sets of
+    classes side by side, for a :class:`~autocnnp.training.predictor.Predictor` with as many ``groups``), so one
+    pass of every member gives the ensemble and each member alone."""
 
-    def __init__(self, members: list[torch.nn.Module]):
+    def __init__(self, members: list[torch.nn.Module], each: bool = False):
         super().__init__()
         self.members = torch.nn.ModuleList(members)
+        self.groups = 1 + len(members) if each else 1
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mean = sum(probabilities_of(member(x)) for member in self.members) / len(self.members)
-        return torch.log(mean.clamp_min(torch.finfo(torch.float32).tiny))
+        probabilities = [probabilities_of(member(x)) for member in self.members]
+        mean = sum(probabilities) / len(probabilities)
+        return torch.cat([_log(p) for p in [mean, *probabilities][:self.groups]], dim=1)
+
+
+def _log(probabilities: torch.Tensor) -> torch.Tensor:
+    return torch.log(probabilities.clamp_min(torch.finfo(torch.float32).tiny))

@@ -5,8 +5,11 @@ volume transform (protocols.VolumeTransform) decides which and brings them back 
 
 from __future__ import annotations
 
+import collections
 import contextlib
+import functools
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -15,14 +18,15 @@ import torch
 from ..data import slices as slicing
 from ..data.batches import channels_last_network
 from ..data.slices import resize
-from .sliding_window import SlidingWindow, flip_mean
+from .sliding_window import SlidingWindow, flip_mean, probabilities_of
 
 
 @dataclass(frozen=True)
 class Predictor:
     """A network ready for inference (eval mode, on ``device``) and how it runs: ``batch_size`` slices or
     windows per forward pass (None: :func:`default_batch`), flip test-time augmentation (``tta``), the autocast
-    ``dtype`` (None: float32) and channels_last batches."""
+    ``dtype`` (None: float32) and channels_last batches. A network giving ``groups`` sets of logits side by side
+    (an ensemble and each member) gives their probabilities side by side (:class:`SharedPass` splits them)."""
 
     model: torch.nn.Module
     device: torch.device
@@ -30,11 +34,13 @@ class Predictor:
     tta: bool
     dtype: torch.dtype | None
     channels_last: bool
+    groups: int = 1
 
     def slices(self, slices: np.ndarray) -> tuple[np.ndarray, float]:
         """Softmax probabilities ``[Z, K, h, w]`` of a volume's slices ``[Z, C, h, w]`` and the seconds spent."""
         batch = self.batch_size or default_batch(self.device, slices.shape[-1])
-        return slice_probabilities(self.model, slices, batch, self.device, self.tta, self.dtype, self.channels_last)
+        return slice_probabilities(self.model, slices, batch, self.device, self.tta, self.dtype, self.channels_last,
+                                   self.groups)
 
     @staticmethod
     def slices_to_source(probs: np.ndarray, plane: tuple[int, int], keep: bool):
@@ -48,11 +54,51 @@ class Predictor:
         start = time.perf_counter()
         window = SlidingWindow(patch, overlap, batch=self.batch_size or default_windows(self.device),
                                mirror=self.tta, dtype=self.dtype)
-        probs = window.probabilities(self.model, torch.from_numpy(volume)[None])[0]
+        probs = window.probabilities(self.model, torch.from_numpy(volume)[None], self.groups)[0]
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         padded = [max(side, p) for side, p in zip(volume.shape[1:], patch)]
         return probs, time.perf_counter() - start, len(window.windows(padded))
+
+
+class SharedPass:
+    """One network pass per volume for an ensemble and each of its members: ``view(0)`` runs ``predictor`` (its
+    network an :class:`~autocnnp.training.ensemble.Ensemble` with ``each``) and gives the ensemble's probabilities,
+    ``view(i)`` then gives member ``i - 1``'s of that same pass, without running anything. Each view stands for a
+    :class:`Predictor` to a volume transform, which calls its views in turn on the same volume."""
+
+    def __init__(self, predictor: Predictor):
+        self.predictor = predictor
+        self.pending: list[collections.deque] = [collections.deque() for _ in range(predictor.groups)]
+
+    def view(self, group: int) -> _GroupView:
+        return _GroupView(self, group)
+
+    def take(self, group: int, run: Callable[[Predictor], tuple], axis: int) -> tuple:
+        """The result of ``run`` (probabilities with the groups along ``axis``, then its other values) for
+        ``group``: group 0 runs it and keeps the others' shares for their views, which take them in order."""
+        if group == 0:
+            probs, *rest = run(self.predictor)
+            groups = self.predictor.groups
+            parts = np.split(probs, groups, axis) if isinstance(probs, np.ndarray) else probs.chunk(groups, axis)
+            for index, part in enumerate(parts):
+                self.pending[index].append((part, *rest))
+        return self.pending[group].popleft()
+
+
+@dataclass(frozen=True)
+class _GroupView:
+    """A :class:`SharedPass`'s ``group`` with a :class:`Predictor`'s methods."""
+
+    shared: SharedPass
+    group: int
+    slices_to_source = staticmethod(Predictor.slices_to_source)
+
+    def slices(self, slices: np.ndarray) -> tuple[np.ndarray, float]:
+        return self.shared.take(self.group, lambda predictor: predictor.slices(slices), 1)
+
+    def volume(self, volume: np.ndarray, patch, overlap: float) -> tuple[torch.Tensor, float, int]:
+        return self.shared.take(self.group, lambda predictor: predictor.volume(volume, patch, overlap), 0)
 
 
 def default_windows(device) -> int:
@@ -76,13 +122,14 @@ def prepare_network(model, device, channels_last: bool):
     return channels_last_network(model)
 
 
-def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dtype, channels_last: bool):
+def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dtype, channels_last: bool,
+                        groups: int = 1):
     """Softmax probabilities ``[Z, C, H, W]`` (float32) of a volume's slices ``[Z, C_in, H, W]``, run through
     the network ``batch_size`` slices at a time and written into one array allocated for the volume; averaged
     over flips when asked. ``dtype`` is the autocast dtype (None: float32), ``channels_last`` the batches'
     memory format. On a GPU the volume and the array sit in pinned host memory and the copies are
     asynchronous, so the next batch is queued while the GPU works. Returns them and the seconds spent
-    (copies and network)."""
+    (copies and network). ``groups``: see :func:`~autocnnp.training.sliding_window.probabilities_of`."""
     cuda = device.type == "cuda"
     layout = torch.channels_last if channels_last else torch.contiguous_format
     views = [(), (-1,), (-2,)] if flips else [()]
@@ -95,7 +142,7 @@ def slice_probabilities(model, slices, batch_size: int, device, flips: bool, dty
     with torch.inference_mode(), autocast:
         for lo in range(0, len(source), batch_size):
             batch = source[lo:lo + batch_size].to(device, non_blocking=cuda).contiguous(memory_format=layout)
-            probs = flip_mean(model, batch, views)
+            probs = flip_mean(model, batch, views, functools.partial(probabilities_of, groups=groups))
             if out is None:
                 out = torch.empty((len(source), *probs.shape[1:]), dtype=torch.float32, pin_memory=cuda)
             out[lo:lo + len(probs)].copy_(probs.contiguous(), non_blocking=cuda)

@@ -10,6 +10,7 @@ held, so memory is bounded by the volume, not by the number of windows.
 from __future__ import annotations
 
 import contextlib
+import functools
 import itertools
 import math
 from collections.abc import Callable, Iterator, Sequence
@@ -43,8 +44,11 @@ def gaussian_importance(patch: Sequence[int], sigma_scale: float = SIGMA_SCALE) 
     return weights.clamp(min=torch.finfo(torch.float32).tiny).float()
 
 
-def probabilities_of(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities in float32; one logit channel is the foreground of two classes (sigmoid)."""
+def probabilities_of(logits: torch.Tensor, groups: int = 1) -> torch.Tensor:
+    """Class probabilities in float32; one logit channel is the foreground of two classes (sigmoid). ``groups``
+    sets of logits side by side along the channels (an ensemble and each member) give theirs side by side."""
+    if groups > 1:
+        return torch.cat([probabilities_of(part) for part in logits.chunk(groups, dim=1)], dim=1)
     logits = logits.float()
     if logits.shape[1] == 1:
         p = torch.sigmoid(logits)
@@ -91,10 +95,12 @@ class SlidingWindow:
         """The Gaussian-weighted mean of the windows' logits: ``[B, K, D, H, W]`` float32 on ``x``'s device."""
         return self._infer(model, x, lambda logits: logits.float())
 
-    def probabilities(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def probabilities(self, model: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor,
+                      groups: int = 1) -> torch.Tensor:
         """The Gaussian-weighted mean of the windows' class probabilities (softmax; sigmoid of one channel as
-        two classes): ``[B, K, D, H, W]`` float32 on ``x``'s device."""
-        return self._infer(model, x, probabilities_of)
+        two classes): ``[B, K, D, H, W]`` float32 on ``x``'s device (``groups`` sets side by side: see
+        :func:`probabilities_of`)."""
+        return self._infer(model, x, functools.partial(probabilities_of, groups=groups))
 
     def windows(self, shape: Sequence[int]) -> list[tuple[slice, slice, slice]]:
         """The windows covering a (padded) volume of spatial ``shape``: one slice per axis."""
