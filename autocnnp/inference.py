@@ -378,12 +378,19 @@ def predict(options: PredictOptions) -> Prediction:
         raise DataError(out, "exists and is not a folder", "name a folder for the predicted label volumes")
     in_channels = _check_images(cases, transform, in_channels)
     if options.ranks > 1 and launcher_name() is None:  # checked here, once: the ranks split the cases
-        print(f"predicting {len(cases)} volume(s) on {options.ranks} ranks (mpirun), each writing its share to {out}",
-              flush=True)
-        _run_ranks(options.ranks, rank_argv(options, checkpoint, out, source))
-        return Prediction(checkpoint, out, {case.name: out / f"{case.name}.nii.gz" for case in cases}, names, 0.0)
+        ranks = min(options.ranks, len(cases))  # a rank without a volume would have nothing to do
+        if ranks < options.ranks:
+            print(f"--ranks {options.ranks} but {len(cases)} volume(s): {ranks} rank(s), one a volume", flush=True)
+        if ranks > 1:
+            print(f"predicting {len(cases)} volume(s) on {ranks} ranks (mpirun), each writing its share to {out}",
+                  flush=True)
+            _run_ranks(ranks, rank_argv(options, checkpoint, out, source))
+            return Prediction(checkpoint, out, {case.name: out / f"{case.name}.nii.gz" for case in cases}, names, 0.0)
     every = len(cases)
     cases = cases[world.rank::world.world_size]
+    if not cases and world.rank > 0:  # more ranks than volumes (srun -n N): rank 0 says so for them
+        return Prediction(checkpoint, out, {}, names, 0.0)
+    idle = f"; {world.world_size - every} rank(s) without a volume" if world.rank == 0 and world.world_size > every else ""
 
     device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda" and not torch.cuda.is_available():
@@ -397,7 +404,7 @@ def predict(options: PredictOptions) -> Prediction:
     total_units, total_infer, total_wall, unit = 0, 0.0, 0.0, "slice"
     arithmetic = f"{str(dtype).removeprefix('torch.')} autocast" if dtype else "float32"
     batches = f"batches of {options.batch_size}, " if options.batch_size else ""
-    share = f" (rank {world.rank} of {world.world_size}: {len(cases)} of {every})" if world.world_size > 1 else ""
+    share = f" (rank {world.rank} of {world.world_size}: {len(cases)} of {every}{idle})" if world.world_size > 1 else ""
     used = f"an ensemble of {len(others) + 1} ({', '.join(str(p) for p in members or [])})" if others else checkpoint
     print(f"predicting {len(cases)} volume(s){share} with {used} on {device} ({torch.get_num_threads()} thread(s), "
           f"{arithmetic}{', channels_last' if channels_last else ''}, {batches}{transform.describe()}"

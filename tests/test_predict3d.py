@@ -180,3 +180,17 @@ def test_channels_last_of_a_3d_network_and_batch_is_channels_last_3d():
     net = channels_last_network(torch.nn.Conv3d(2, 3, 3))
     assert net.weight.is_contiguous(memory_format=torch.channels_last_3d)
     assert channels_last(5) is torch.channels_last_3d and channels_last(4) is torch.channels_last
+
+
+def test_more_ranks_than_volumes_leave_the_idle_ranks_silent(checkpoint3d, cli, tmp_path, monkeypatch):
+    root, _ = checkpoint3d
+    common = ("--checkpoint", root / "net3d.pt", "--input", root / "data" / "imagesTs" / "case_002.nii.gz",
+              "--threads", "1")
+    rc, text, err = cli("predict", *common, "--out", tmp_path / "front", "--ranks", "3")
+    assert rc == 0, err
+    assert text.startswith("--ranks 3 but 1 volume(s): 1 rank(s), one a volume\npredicting 1 volume(s) with ")
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "3")  # as srun -n 3 or mpirun -np 3 start it
+    for rank, says in (("1", ""), ("0", "(rank 0 of 3: 1 of 1; 2 rank(s) without a volume)")):
+        monkeypatch.setenv("OMPI_COMM_WORLD_RANK", rank)
+        rc, text, err = cli("predict", *common, "--out", tmp_path / "rank")
+        assert rc == 0 and (says in text if says else text == ""), err
