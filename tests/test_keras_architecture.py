@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,23 @@ def test_two_rank_run_trains_a_keras_model(keras, tmp_path):
     latest = (tmp_path / "out" / "checkpoints" / "latest").read_text().strip()
     saved = torch.load(tmp_path / "out" / "checkpoints" / Path(latest).name, map_location="cpu", weights_only=False)
     assert any("conv2d" in key for key in saved["model"])  # the Keras weights were checkpointed
+
+
+
+@pytest.mark.parametrize("given", [None, "jax"])
+def test_loading_keras_leaves_the_environment_of_later_subprocesses_as_it_was(given, tmp_path, monkeypatch):
+    from autocnnp.components.architectures.keras_file import import_keras
+
+    (tmp_path / "keras.py").write_text("import os\nclass backend:\n    backend = staticmethod(lambda: CHOSEN)\n"
+                                       "CHOSEN = os.environ['KERAS_BACKEND']  # as Keras reads it when imported\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    monkeypatch.delitem(sys.modules, "keras", raising=False)  # the real one, if loaded, is back after the test
+    if given is None:
+        monkeypatch.delenv("KERAS_BACKEND", raising=False)
+    else:
+        monkeypatch.setenv("KERAS_BACKEND", given)
+    try:
+        assert import_keras().backend.backend() == "torch"
+    finally:
+        sys.modules.pop("keras", None)
+    assert os.environ.get("KERAS_BACKEND") == given

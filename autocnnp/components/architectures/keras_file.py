@@ -46,8 +46,15 @@ def import_keras(backend: str = "torch"):
     """Keras on ``backend``; a clear error when Keras was already imported with another one."""
     loaded = sys.modules.get("keras")
     if loaded is None:
-        os.environ["KERAS_BACKEND"] = backend
-        import keras as loaded
+        before = os.environ.get("KERAS_BACKEND")
+        os.environ["KERAS_BACKEND"] = backend  # Keras reads it once, when imported: not left for subprocesses
+        try:
+            import keras as loaded
+        finally:
+            if before is None:
+                del os.environ["KERAS_BACKEND"]
+            else:
+                os.environ["KERAS_BACKEND"] = before
     found = loaded.backend.backend()
     if found != backend:
         raise RuntimeError(f"Keras is already loaded with the {found!r} backend in this process, but this Keras "
