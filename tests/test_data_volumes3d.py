@@ -234,3 +234,21 @@ def test_the_synth_command_writes_tubes(tmp_path):
     assert main(["synth", str(tmp_path / "t"), "--kind", "tubes", "--cases", "2", "--shape", "16", "16", "6"]) == 0
     assert read_dataset(tmp_path / "t").labels == {0: "background", 1: "sphere", 2: "tube"}
     assert os.path.isfile(tmp_path / "t" / "imagesTs" / "case_002.nii.gz")
+
+
+def test_a_user_3d_architecture_reads_the_patch_once_however_often_its_dimension_is_asked(tubes, tmp_path,
+                                                                                        monkeypatch):
+    from jobfiles import write_job
+
+    from autocnnp.generator.assemble import assemble
+
+    (tmp_path / "net.py").write_text("import torch\n\n\ndef build(in_channels, num_classes):\n"
+                                     "    return torch.nn.Conv3d(in_channels, num_classes, 1)\n")  # no size rule
+    from autocnnp.data import spacing
+
+    calls = []  # the automatic patch, from every training case's header
+    monkeypatch.setattr(spacing, "patch_of", lambda *args: calls.append(args) or patch_of(*args))
+    data = (f'<data format="decathlon"><train><path>{tubes}</path></train><param name="dimension">3d</param>'
+            '<param name="patch_size">auto</param></data>')
+    gen = assemble(write_job(tmp_path / "job.xml", arch="<CNN_archi><path>net.py</path></CNN_archi>", data=data))
+    assert [gen.dimension for _ in range(3)] == ["3d"] * 3 and len(calls) == 1

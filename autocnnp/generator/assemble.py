@@ -82,6 +82,7 @@ class Generator:
     rundir: RunDir
     pretrained: Pretrained | None = None  # <CNN_archi pretrained=... freeze=...>
     virtual_ranks: int = 1  # ranks each process emulates (<parallelism-degree virtual="k">)
+    dimension: str = "2d"  # 3d when the job trains a network on 3D patches (assemble sets it: _dimension)
 
     @property
     def ranks(self) -> int:
@@ -92,17 +93,6 @@ class Generator:
     def framework(self) -> str:
         """What the ranks train with: torch or tensorflow (the framework action)."""
         return self.action("framework").entry.name
-
-    @property
-    def dimension(self) -> str:
-        """``3d`` when the job trains a network on 3D patches (its architecture's size rule says so, else its data's
-        inputs have three sides), else ``2d``."""
-        arch = self.action("architecture_injection")
-        declared = input_sizes_of(arch.config, arch.entry.input_sizes).dimensions
-        if declared:
-            return f"{declared}d"
-        input_size = getattr(self.action("dataset_injection").config, "input_size", None)
-        return "3d" if callable(input_size) and len(tuple(input_size())) == 3 else "2d"
 
     def actions(self):
         for module in self.root.modules():
@@ -193,6 +183,7 @@ def assemble(spec: JobSpec | Path | str) -> Generator:
     _check_lr_policy(gen)
     input_size = getattr(gen.action("dataset_injection").config, "input_size", None)
     sides = tuple(input_size()) if callable(input_size) else ()  # once: in 3D it reads every training case's header
+    gen.dimension = _dimension(gen, sides)
     _check_dimensions(gen, sides)
     _check_input_sizes(gen, sides)
     return gen
@@ -413,6 +404,14 @@ def _check_input_sizes(gen: Generator, sides: tuple[int, ...]) -> None:
                    f"{rule.describe()}, but the data's inputs are {'x'.join(map(str, sides))}",
                    f"give the data sides it takes, the nearest being {nearest}; or change the architecture's "
                    "parameters")
+
+
+def _dimension(gen: Generator, sides: tuple[int, ...]) -> str:
+    """``3d`` when the job trains a network on 3D patches (its architecture's size rule says so, else its data's
+    inputs have three ``sides``), else ``2d``."""
+    arch = gen.action("architecture_injection")
+    declared = input_sizes_of(arch.config, arch.entry.input_sizes).dimensions
+    return f"{declared}d" if declared else "3d" if len(sides) == 3 else "2d"
 
 
 def _check_dimensions(gen: Generator, sides: tuple[int, ...]) -> None:
