@@ -252,3 +252,19 @@ def test_a_user_3d_architecture_reads_the_patch_once_however_often_its_dimension
             '<param name="patch_size">auto</param></data>')
     gen = assemble(write_job(tmp_path / "job.xml", arch="<CNN_archi><path>net.py</path></CNN_archi>", data=data))
     assert [gen.dimension for _ in range(3)] == ["3d"] * 3 and len(calls) == 1
+
+
+def test_3d_start_up_reads_each_header_once_until_the_file_changes(tubes, tmp_path, monkeypatch):
+    from autocnnp.data import spacing
+
+    root = shutil.copytree(tubes, tmp_path / "tubes")  # files no earlier test read
+    opened = []
+    monkeypatch.setattr(spacing, "open_nifti", lambda path: opened.append(path.name) or nib.load(path))
+    cases = read_dataset(root).cases("training")
+    config = Config(train=root, dimension="3d", patch_size="auto")
+    target_spacing(cases, "median")  # the spacing, then the automatic patch, as a 3D job starts
+    assert config.input_size() == patch_of(cases, "auto", "median", config.patch_budget)
+    assert sorted(opened) == [f"case_00{i}.nii.gz" for i in range(3)]
+    os.utime(cases[0].image, ns=(1, 1))  # changed since: read again
+    target_spacing(cases, "median")
+    assert opened[3:] == ["case_000.nii.gz"]

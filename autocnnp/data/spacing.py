@@ -3,6 +3,7 @@ before anything starts): the target spacing, a case's resampled grid, the automa
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
 
@@ -35,8 +36,22 @@ def parse_spacing(text: str, where=None) -> tuple[float, float, float] | None:
 
 
 def case_geometry(case: Case) -> tuple[tuple[int, ...], tuple[float, float, float]]:
-    """The shape ``(X, Y, Z, C)`` and spacing ``(x, y, z)`` of a case's image, from its header only."""
+    """The shape ``(X, Y, Z, C)`` and spacing ``(x, y, z)`` of a case's image, from its header only: read once per
+    process while the file is unchanged (a 3D job's start-up asks for the spacing, the patch and the budget)."""
     path = Path(case.image)
+    try:
+        stat = path.stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+    except OSError:
+        stamp = (-1, -1)  # open_nifti says what is wrong
+    return _geometry(path, *stamp)
+
+
+@functools.lru_cache(maxsize=1 << 14)
+def _geometry(path: Path, size: int, mtime_ns: int) -> tuple[tuple[int, ...], tuple[float, float, float]]:
+    """:func:`case_geometry` of the file ``path``; ``size`` and ``mtime_ns`` key the cache, so a changed file is
+    read again."""
+    del size, mtime_ns
     img = open_nifti(path)
     return image_shape(path, img.shape), header_spacing(path, img)
 
