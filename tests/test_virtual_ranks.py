@@ -132,7 +132,7 @@ def test_virtual_ranks_are_refused_in_one_line_where_they_are_not_the_strategy(n
     assemble(read_variant(DEMO, {**sets, "parallelism-degree.virtual": "1"}))  # one rank per process: as before
 
 
-def test_the_job_file_attribute_the_plan_and_lr_plot(job, cli):
+def test_the_job_file_attribute_the_plan_and_lr_plot(job, cli, capsys):
     path = job(("<parallelism-degree>2</parallelism-degree>", '<parallelism-degree virtual="7">2</parallelism-degree>'))
     rc, out, err = cli("plan", path)
     assert rc == 0, err
@@ -142,7 +142,12 @@ def test_the_job_file_attribute_the_plan_and_lr_plot(job, cli):
     rc, _, err = cli("validate", path, "--set", "parallelism-degree.virtual=0")
     assert rc == 2 and "virtual" in err
     rc, _, err = cli("tune", path, "--processes", "4")
-    assert rc == 2 and "--processes 4 cannot emulate the job's 14 ranks" in err
+    assert rc == 2 and err.count("cannot emulate") == 1, err
+    assert "--processes: 4 processes cannot emulate 14 ranks: each process emulates the same number of virtual " \
+        "ranks. Hint: give a divisor of 14" in err
+    with pytest.raises(SystemExit) as exited:  # refused as it is read (it fell back to the job's degree)
+        cli("tune", path, "--processes", "0")
+    assert exited.value.code == 2 and "--processes: must be at least 1" in capsys.readouterr().err
 
 
 @pytest.mark.ranks

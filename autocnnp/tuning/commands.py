@@ -12,9 +12,11 @@ import hashlib
 import sys
 from pathlib import Path
 
+from ..core.cli_args import positive
 from ..core.errors import ExitCode, JobError
 from ..core.files import read_json, write_json
 from ..core.rundir import RunDir
+from ..generator.overrides import degree_overrides
 from ..run.job import load_job
 from ..run.manifest import final_metrics, now
 from . import report
@@ -38,7 +40,7 @@ def add_commands(sub) -> None:
     s.add_argument("--budget", type=int, help="at most this many training runs, baseline included")
     s.add_argument("--ranks-threshold", type=int, default=DEFAULT_THRESHOLD,
                    help=f"tune from this many ranks on (thesis: {DEFAULT_THRESHOLD}); below it, just train")
-    s.add_argument("--processes", type=int, help="real processes each run starts (default: the job's "
+    s.add_argument("--processes", type=positive, help="real processes each run starts (default: the job's "
                    "parallelism-degree), each emulating the job's ranks / PROCESSES virtual ranks")
     s.add_argument("--baseline", metavar="RUN_DIR", help="use this finished single-rank run's metrics.csv as the "
                    "baseline instead of training one")
@@ -127,9 +129,10 @@ def cmd_tune(args) -> int:
     if args.budget is not None and args.budget < 1:
         raise JobError(job_file, f"--budget {args.budget} allows no run", "give 1 or more")
     processes = args.processes or gen.world_size
-    if processes < 1 or gen.ranks % min(processes, gen.ranks):
-        raise JobError(job_file, f"--processes {processes} cannot emulate the job's {gen.ranks} ranks (each process "
-                       "emulates the same number of virtual ranks)", f"give a divisor of {gen.ranks}")
+    try:
+        degree_overrides(gen.ranks, processes)  # each run's, checked before the first
+    except ValueError as exc:
+        raise JobError(job_file, f"--processes: {exc}", f"give a divisor of {gen.ranks}") from None
     baseline = None
     if args.baseline:
         baseline = final_metrics(RunDir(Path(args.baseline)))
