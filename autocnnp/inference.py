@@ -258,7 +258,8 @@ def _members(args: tuple[str, ...], gen: Generator | None) -> list[Path]:
     for arg in args:
         folder = RunDir(Path(arg).expanduser())
         if folder.folds_split.is_file():
-            folds = sorted(folder.root.glob("fold-*"), key=lambda p: int(p.name.split("-")[1]))
+            k = int((read_json(folder.folds_split) or {}).get("folds") or 0)
+            folds = [folder.fold(f).root for f in range(k) if folder.fold(f).root.is_dir()]
             if not folds:
                 raise DataError(folder.root, "the study has trained no fold yet", "run autocnnp study first")
             found += [_checkpoint_path(str(f), gen) for f in folds]

@@ -63,6 +63,37 @@ def test_export_names_the_operator_onnx_cannot_express(tmp_path):
         export_onnx(Odd(), torch.zeros(1, 1, 8, 8), tmp_path / "m.onnx", 17, tmp_path / "ckpt.pt")
 
 
+def test_a_finished_study_reads_each_folds_manifest_once(tmp_path, monkeypatch):
+    from autocnnp.run import manifest
+    from autocnnp.run.job import load_job
+    from autocnnp.run.study import fold_job, run_study, study_job
+
+    write_synthetic_dataset(tmp_path / "data", "brain", cases=4, shape=(24, 24, 8), seed=1)
+    job, k = study_job(load_job(write_job(tmp_path / "job.xml", degree=1, output="out", arch=TINY_UNET, data=DATA,
+                                          extra=QUIET, hyper={"end_epoch": 1})), None)
+    for fold in range(k):  # as a finished fold's run leaves its folder
+        one = fold_job(job, fold)
+        one.rundir.root.mkdir(parents=True)
+        manifest.write_json(one.rundir.manifest, {"status": "completed", "job": manifest.job_record(one.spec),
+                                                  "final_metrics": {"epoch": 1}})
+        one.rundir.metrics.write_text(f"epoch,dice\n1,0.{fold + 5}\n")
+    read = manifest.read
+    seen = Counter()
+    monkeypatch.setattr(manifest, "read", lambda rundir: seen.update([rundir.root.name]) or read(rundir))
+    assert run_study(job) == 0
+    assert seen == {"fold-0": 1, "fold-1": 1}
+
+
+def test_an_ensemble_of_a_study_takes_its_folds_by_number(tmp_path):
+    from autocnnp.inference import _members
+
+    (tmp_path / "folds.json").write_text(json.dumps({"folds": 2}))
+    for name in ("fold-1", "fold-0", "fold-1.old"):  # a copy set aside is no fold
+        (tmp_path / name / "checkpoints").mkdir(parents=True)
+        (tmp_path / name / "checkpoints" / "ckpt-best.pt").write_bytes(b"")
+    assert _members((str(tmp_path),), None) == [tmp_path / f"fold-{f}" / "checkpoints" / "ckpt-best.pt" for f in (0, 1)]
+
+
 def autocnnp(*args, cwd: Path):
     return subprocess.run([sys.executable, "-m", "autocnnp", *map(str, args)], capture_output=True, text=True,
                           timeout=400, cwd=cwd)

@@ -72,10 +72,10 @@ def format_summary(results: dict[int, dict], summary: dict, key: str = "seed") -
     return text_table(head, rows, rule=True)
 
 
-def finished(one: Job) -> bool:
+def finished(one: Job, manifest: dict | None = None) -> bool:
     """Whether ``one`` (a variant of a set's job) completed all its epochs in its folder, with this job file and
-    these overrides (a run of a set then is not trained again)."""
-    done = mf.read(one.rundir) or {}
+    these overrides (a run of a set then is not trained again); ``manifest``: its manifest, where read already."""
+    done = (mf.read(one.rundir) if manifest is None else manifest) or {}
     same = done.get("job", {}).get("sha256") == mf.job_record(one.spec)["sha256"] and \
         done.get("job", {}).get("overrides") == dict(one.spec.overrides)
     return same and done.get("status") == "completed" and \

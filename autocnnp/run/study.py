@@ -81,13 +81,13 @@ def run_study(job: Job, k: int | None = None, only: list[int] | None = None, par
             raise JobError(job.spec.where, f"--fold {fold} is not one of the study's folds 0 .. {k - 1}",
                            f"give a fold from 0 to {k - 1}")
     jobs = {fold: fold_job(job, fold) for fold in range(k)}
+    records = {fold: mf.read(one.rundir) or {} for fold, one in jobs.items()}  # each fold's manifest, read once
+    todo = [fold for fold in wanted if not finished(jobs[fold], records[fold])]
     if submit:
-        for fold in wanted:
-            if not finished(jobs[fold]):
-                print(f"autocnnp: fold {fold}:", end=" ", flush=True)
-                slurm.submit(jobs[fold])
+        for fold in todo:
+            print(f"autocnnp: fold {fold}:", end=" ", flush=True)
+            slurm.submit(jobs[fold])
         return ExitCode.OK
-    todo = [fold for fold in wanted if not finished(jobs[fold])]
     for fold in sorted(set(wanted) - set(todo)):
         print(f"autocnnp: fold {fold} finished already ({jobs[fold].rundir})", flush=True)
     groups = at_once(job, parallel, len(todo)) if todo else 1
@@ -95,7 +95,8 @@ def run_study(job: Job, k: int | None = None, only: list[int] | None = None, par
         print(f"autocnnp: study of {k} folds: training fold(s) {', '.join(map(str, todo))}, {groups} at once "
               f"({job.world_size} rank(s) each)", flush=True)
     codes = _train(job, {fold: jobs[fold] for fold in todo}, groups)
-    return _summarise(job, k, split, jobs, codes)
+    records.update({fold: mf.read(jobs[fold].rundir) or {} for fold in codes})  # as the trained folds left them
+    return _summarise(job, k, split, jobs, records, codes)
 
 
 def _command(one: Job) -> list[str]:
@@ -137,16 +138,17 @@ def _train(job: Job, todo: dict[int, Job], groups: int) -> dict[int, int]:
     return codes
 
 
-def _summarise(job: Job, k: int, split: dict, jobs: dict[int, Job], codes: dict[int, int]) -> int:
-    """The study's summary table and manifest; the exit code: the first failed fold's."""
+def _summarise(job: Job, k: int, split: dict, jobs: dict[int, Job], records: dict[int, dict],
+               codes: dict[int, int]) -> int:
+    """The study's summary table and manifest from the folds' manifests (``records``); the exit code: the first
+    failed fold's."""
     base = job.rundir
     results, status = {}, {}
     for fold, one in jobs.items():
-        record = mf.read(one.rundir) or {}
         results[fold] = mf.final_metrics(one.rundir)
         code = codes.get(fold)
-        status[fold] = record.get("status") or ("not run" if code is None else f"exit {code}")
-    done = {fold: r for fold, r in results.items() if r and finished(jobs[fold])}
+        status[fold] = records[fold].get("status") or ("not run" if code is None else f"exit {code}")
+    done = {fold: r for fold, r in results.items() if r and finished(jobs[fold], records[fold])}
     report_set(job, "study", done, status, {str(f): str(one.rundir) for f, one in jobs.items()}, base.folds_summary,
                key="fold", per_class=True, folds={"k": k, "seed": split["seed"], "split": str(base.folds_split)})
     failed = [f for f, c in codes.items() if c != ExitCode.OK]
