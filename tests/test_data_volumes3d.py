@@ -173,11 +173,11 @@ def test_the_3d_bundle_validates_whole_volumes_through_a_sliding_window(tubes, t
 def test_validate_checks_the_3d_patch_against_the_architecture(tubes, tmp_path, cli):
     from jobfiles import write_job
 
-    def job(patch: str) -> Path:
+    def job(patch: str, norm: str = "instance") -> Path:
         data = (f'<data format="decathlon"><train><path>{tubes}</path></train><param name="dimension">3d</param>'
                 f'<param name="patch_size">{patch}</param></data>')
-        return write_job(tmp_path / "job.xml", arch='<CNN_archi name="unet3d"><param name="depth">3</param></CNN_archi>',
-                         data=data)
+        return write_job(tmp_path / "job.xml", arch='<CNN_archi name="unet3d"><param name="depth">3</param>'
+                         f'<param name="norm">{norm}</param></CNN_archi>', data=data)
 
     rc, out, err = cli("validate", job("16,16,16"))
     assert rc == 0, err
@@ -187,6 +187,12 @@ def test_validate_checks_the_3d_patch_against_the_architecture(tubes, tmp_path, 
     assert rc == 2 and f"job.xml:{line}:" in err and "6x16x16" in err and "4 or 8 instead of 6" in err
     rc, out, err = cli("validate", job("auto"))  # 16 x 24 x 24 resampled (median spacing): 16 x 16 x 16
     assert rc == 0, err
+    rc, out, err = cli("validate", job("4,4,4"))  # one voxel at the deepest level: instance norm over one value
+    assert rc == 2 and err.startswith(f"autocnnp: {bad}:{line}:") and err.count("\n") == 1
+    assert ("architecture 'unet3d' needs at least 2 voxels at its deepest level (depth 3, instance norm: one voxel has "
+            "no variance), but the patch 4x4x4 leaves 1x1x1 there. Hint: give a larger patch (8x4x4, say) or a smaller "
+            "depth.") in err
+    assert cli("validate", job("4,4,4", norm="batch"))[0] == 0
 
 
 class _World:

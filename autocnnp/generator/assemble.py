@@ -4,6 +4,7 @@ bind its typed parameters, check the modules still fit together. Nothing heavy i
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -393,15 +394,22 @@ def _check_input_sizes(gen: Generator, sides: tuple[int, ...]) -> None:
     arch = gen.action("architecture_injection")
     rule = input_sizes_of(arch.config, arch.entry.input_sizes)
     wrong = list(dict.fromkeys(side for side in sides if not rule.takes(side)))
-    if not wrong:
+    deepest = rule.deepest(sides)
+    if not wrong and (not sides or math.prod(deepest) >= rule.deepest_voxels):
         return
     name = arch.entry.name if arch.entry.origin == "built-in" else f"{arch.entry.name} ({arch.entry.origin})"
     params = ", ".join(f"{s.name}={s.text.strip()}" for s in arch.settings)
-    nearest = "; ".join(f"{' or '.join(map(str, rule.nearest(side)))} instead of {side}" for side in wrong)
     size = next((s for s in gen.spec.data_params if s.name.lower() in ("size", "patch_size")), None)
-    raise JobError(size.where if size else arch.where or gen.spec.where,
-                   f"architecture '{name}'{f' ({params})' if params else ''} takes input sides that are "
-                   f"{rule.describe()}, but the data's inputs are {'x'.join(map(str, sides))}",
+    where, inputs = size.where if size else arch.where or gen.spec.where, "x".join(map(str, sides))
+    if not wrong:
+        what = "patch" if len(sides) == 3 else "slice"
+        larger = "x".join(map(str, (2 * rule.multiple, *sides[1:])))
+        raise JobError(where, f"architecture '{name}' needs at least {rule.deepest_voxels} voxels at its deepest level"
+                       f"{f' ({rule.reason})' if rule.reason else ''}, but the {what} {inputs} leaves "
+                       f"{'x'.join(map(str, deepest))} there", f"give a larger {what} ({larger}, say) or a smaller depth")
+    nearest = "; ".join(f"{' or '.join(map(str, rule.nearest(side)))} instead of {side}" for side in wrong)
+    raise JobError(where, f"architecture '{name}'{f' ({params})' if params else ''} takes input sides that are "
+                   f"{rule.describe()}, but the data's inputs are {inputs}",
                    f"give the data sides it takes, the nearest being {nearest}; or change the architecture's "
                    "parameters")
 

@@ -119,7 +119,9 @@ class SizeRule:
     ``multiple`` and at least ``minimum``. The engine checks the data's input size against it before
     anything starts (``validate`` included).
 
-    ``dimensions`` says whether it takes 2D slices or 3D patches (None: either).
+    ``dimensions`` says whether it takes 2D slices or 3D patches (None: either). ``deepest_voxels``: the voxels its
+    deepest level must hold at least (the sides each divided by ``multiple``, multiplied): 2 where it normalises
+    each sample there over its voxels (instance norm: one value has no variance), ``reason`` saying so.
 
     An architecture declares its rule in one of two ways: its Config defines ``input_sizes(self) ->
     SizeRule`` (the built-ins: a U-Net of depth d takes multiples of 2^(d-1)), or a user file, an entry point's
@@ -130,6 +132,8 @@ class SizeRule:
     multiple: int = 1
     minimum: int = 1
     dimensions: int | None = None  #: the spatial dimensions it takes: 2 (slices) or 3 (patches); None: either
+    deepest_voxels: int = 1  #: the voxels the deepest level (each side / multiple) holds at least
+    reason: str = ""  #: why deepest_voxels is more than 1
 
     @classmethod
     def parse(cls, value: Any) -> SizeRule:
@@ -137,15 +141,20 @@ class SizeRule:
         if isinstance(value, SizeRule):
             return value
         fields = {"multiple": value} if isinstance(value, int) and not isinstance(value, bool) else value
-        if not isinstance(fields, dict) or not set(fields) <= {"multiple", "minimum", "dimensions"} or not all(
+        if not isinstance(fields, dict) or not set(fields) <= {"multiple", "minimum", "dimensions", "deepest_voxels"} or not all(
                 isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in fields.values()) \
                 or fields.get("dimensions", 2) not in (2, 3):
             raise ValueError(f"input_sizes = {value!r} is no size rule: write an int (the multiple) or "
-                             '{"multiple": M, "minimum": N, "dimensions": 2 or 3} with positive integers')
+                             '{"multiple": M, "minimum": N, "dimensions": 2 or 3, "deepest_voxels": V} with positive '
+                             "integers")
         return cls(**fields)
 
     def takes(self, side: int) -> bool:
         return side >= self.minimum and side % self.multiple == 0
+
+    def deepest(self, sides: tuple[int, ...]) -> tuple[int, ...]:
+        """The sides of the deepest level of an input of ``sides`` (sides it takes)."""
+        return tuple(side // self.multiple for side in sides)
 
     def nearest(self, side: int) -> list[int]:
         """The sides it takes nearest to ``side``: the largest below it (if any) and the smallest above."""

@@ -25,8 +25,11 @@ class UNetConfig:
     dimensions: ClassVar[int] = 2
 
     def input_sizes(self) -> SizeRule:
-        """Each of the depth - 1 poolings halves the sides, and the decoder doubles them back."""
-        return SizeRule(multiple=2 ** (self.depth - 1), dimensions=self.dimensions)
+        """Each of the depth - 1 poolings halves the sides, and the decoder doubles them back; instance norm (the
+        subclasses' ``norm``) needs two voxels or more at the deepest level."""
+        instance = self.norm == "instance"  # type: ignore[attr-defined]
+        return SizeRule(multiple=2 ** (self.depth - 1), dimensions=self.dimensions, deepest_voxels=2 if instance else 1,
+                        reason=f"depth {self.depth}, instance norm: one voxel has no variance" if instance else "")
 
 
 @dataclass
