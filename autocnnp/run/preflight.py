@@ -7,6 +7,8 @@ from __future__ import annotations
 import importlib.util
 import math
 import zipfile
+from pathlib import Path
+from typing import NoReturn
 
 from ..core.card import card_dimension, card_framework, checkpoint_card
 from ..core.errors import JobError
@@ -77,16 +79,20 @@ def check_resume(job: Job) -> None:
         return
     trained = card_framework(card)
     if trained != gen.framework:
-        raise JobError(gen.action("framework").where or job.spec.where, f"the run folder {gen.rundir} holds a "
-                       f"checkpoint of a {trained} run ({latest.name}) to resume from, but the job trains with "
-                       f"{gen.framework}", f"resume with framework {trained}, or start afresh with another <output> "
-                       "folder or resume=false on the checkpoint action")
+        _refuse_resume(job, latest, "framework", f"a {trained} run", f"with {gen.framework}",
+                       f"resume with framework {trained}")
     trained = card_dimension(card)
     if trained != gen.dimension:
-        raise JobError(gen.action("architecture_injection").where or job.spec.where, f"the run folder {gen.rundir} "
-                       f"holds a checkpoint of a {trained.upper()} model ({latest.name}) to resume from, but the job "
-                       f"trains a {gen.dimension.upper()} one", f"resume with the {trained} job it was trained with, "
-                       "or start afresh with another <output> folder or resume=false on the checkpoint action")
+        _refuse_resume(job, latest, "architecture_injection", f"a {trained.upper()} model",
+                       f"a {gen.dimension.upper()} one", f"resume with the {trained} job it was trained with")
+
+
+def _refuse_resume(job: Job, latest: Path, action: str, held: str, trains: str, fix: str) -> NoReturn:
+    """Refuse to resume from ``latest``, a checkpoint of ``held`` (another framework, dimension), pointing at the
+    job's ``action``."""
+    raise JobError(job.generator.action(action).where or job.spec.where, f"the run folder {job.generator.rundir} "
+                   f"holds a checkpoint of {held} ({latest.name}) to resume from, but the job trains {trains}",
+                   f"{fix}, or start afresh with another <output> folder or resume=false on the checkpoint action")
 
 
 def check_inputs(job: Job) -> None:
