@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..core.errors import JobError, Location, did_you_mean
@@ -83,7 +83,7 @@ class Generator:
     rundir: RunDir
     pretrained: Pretrained | None = None  # <CNN_archi pretrained=... freeze=...>
     virtual_ranks: int = 1  # ranks each process emulates (<parallelism-degree virtual="k">)
-    dimension: str = "2d"  # 3d when the job trains a network on 3D patches (assemble sets it: _dimension)
+    dimension: str = field(init=False)  # 2d, or 3d when the job trains a network on 3D patches (set by assemble)
 
     @property
     def ranks(self) -> int:
