@@ -199,7 +199,7 @@ def test_one_pass_gives_the_ensemble_and_each_member_of_a_3d_volume():
     volume = np.random.default_rng(0).normal(size=(1, 6, 8, 8)).astype(np.float32)
 
     def predictor(net, groups=1):
-        return Predictor(net.eval(), torch.device("cpu"), 2, True, None, False, groups)
+        return Predictor(net.eval(), torch.device("cpu"), 2, False, None, False, groups)
 
     shared = SharedPass(predictor(Ensemble(members, each=True), 3))
     views = [shared.view(group).volume(volume, (4, 4, 4), 0.5)[0] for group in range(3)]
