@@ -294,7 +294,7 @@ def test_a_site_trains_from_the_consensus_and_fedprox_keeps_it_near(tmp_path):
     import numpy as np
     from jobfiles import synthetic_data
 
-    from autocnnp.federation.site import SiteTrainer
+    from autocnnp.federation.local import SiteTrainer
 
     job = write_job(tmp_path / "job.xml", degree=1, output="site", arch=TINY_UNET, data=synthetic_data(8, 4, size=16),
                     extra=QUIET, hyper={"minibatch_size": 4, "end_epoch": 1, "lr": 0.05})

@@ -192,18 +192,14 @@ class Rounds:
 
     def save_checkpoint(self, done: int, parameters) -> None:
         """A checkpoint ``autocnnp predict`` reads: the tensors by name and the model card (loop.py's
-        ``model_card``: the server's job and network, the sites' channels, classes and input)."""
+        ``model_card``: the server's :func:`job_card`, the sites' channels, classes and input)."""
         import torch
+
+        from ..training.loop import job_card
 
         ref = self.admission.reference
         names, card = ref["names"], ref["card"]
-        gen = self.job.generator
-        arch = gen.action("architecture_injection")
-        full = {"job": {"file": str(gen.spec.file), "text": gen.spec.text, "overrides": dict(gen.spec.overrides)},
-                "framework": gen.framework, "dimension": gen.dimension,
-                "architecture": {"name": arch.entry.name,
-                                 "file": None if arch.entry.file is None else str(arch.entry.file),
-                                 "params": arch.recorded()}, **card}
+        full = {**job_card(self.job.generator), **card}
         model = OrderedDict((n, torch.as_tensor(a)) for n, a in zip(names, arrays_of(parameters), strict=True))
         state = {"model": model, "model_card": full, "epoch": done, "in_channels": card["in_channels"],
                  "num_classes": card["num_classes"], "federation_round": done}
