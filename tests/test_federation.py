@@ -352,3 +352,33 @@ def test_the_server_and_a_site_keep_their_output_out_of_another_runs(tmp_path):
     a = site_job(job, [], None, tmp_path / "other" / "site_a")
     with pytest.raises(JobError, match="is inside .*other"):
         run_site(a, federation_of(a), "a", tmp_path / "certs" / "sites" / "a.key", None)
+
+
+@pytest.mark.ranks
+@pytest.mark.slow  # three launches of 2 ranks
+def test_a_site_on_two_ranks_trains_as_its_job_alone_on_two_ranks(tmp_path):
+    """A site whose job asks for 2 ranks trains each round on them (mpirun, gloo), resuming its own run with the
+    consensus as the weights: 2 rounds of FedAvg over this one site give the weights of the job trained alone
+    for 2 epochs on 2 ranks."""
+    import numpy as np
+    import torch
+    from flwr.server.strategy.aggregate import aggregate
+    from jobfiles import synthetic_data
+
+    from autocnnp.federation.local import LaunchedTrainer, site_trainer
+    from autocnnp.run import launch
+
+    job = write_job(tmp_path / "job.xml", degree=2, output="site", arch=TINY_UNET, data=synthetic_data(8, 4),
+                    extra=QUIET + "<federation/>", hyper={"minibatch_size": 2, "end_epoch": 1, "lr": 0.01})
+    trainer = site_trainer(load_job(job))
+    assert isinstance(trainer, LaunchedTrainer)
+    consensus = trainer.parameters()
+    for _ in range(2):
+        metrics = trainer.train(consensus, 1, 0.0)
+        consensus = aggregate([(trainer.parameters(), len(trainer.run.data.train))])  # FedAvg of one site
+    assert {"dice_fg", "valid_loss", "train_loss"} <= set(metrics)
+    assert trainer.run.state.epoch == 2 and (tmp_path / "site" / "resources" / "rank1.csv").is_file()
+    assert launch.run(load_job(job, ["output=alone", "hyperparameters.end_epoch=2"])) == 0
+    alone = torch.load(tmp_path / "alone" / "checkpoints" / "ckpt-epoch0002.pt", weights_only=False)["model"]
+    worst = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(consensus, alone.values(), strict=True))
+    assert worst < 1e-6, worst
