@@ -334,6 +334,53 @@ def test_the_consensus_checkpoint_carries_the_model_card_a_trained_run_writes(tm
     assert card["dimension"] == job.generator.dimension == "2d" and card["framework"] == "torch"
 
 
+def test_the_federation_is_one_mlflow_parent_run_with_a_child_per_site_resumed_after_a_restart(tmp_path):
+    """With the job's mlflow tracker: each site's validation metrics per round on its child (step = round, tags site
+    and role), the training sites' weighted mean and the selected round on the parent; a restarted server (a new
+    ``Rounds``) goes on with the same parent run, which ends with the last round."""
+    import numpy as np
+    from flwr.common import ndarrays_to_parameters
+    from mlflow.tracking import MlflowClient
+
+    from autocnnp.federation.server import Admission, Audit, Rounds, server_job
+
+    monitoring = '<monitoring><property name="tracker">mlflow</property><property name="progress">false</property></monitoring>'
+    job = server_job(write_job(tmp_path / "job.xml", degree=1, output="server", data=DATA, arch=TINY_UNET,
+                               extra=monitoring + '<federation><property name="rounds">2</property></federation>'), [])
+
+    def server():  # what run_server builds, without the transport
+        admission = Admission({}, {}, 1, 5.0, Audit(job.rundir.root / "federation" / "received.jsonl"))
+        admission.reference = {"names": ["w"], "card": {"in_channels": 1, "num_classes": 2, "input": None,
+                                                        "classes": {"0": "background", "1": "fg"}}}
+        rounds = Rounds(job.rundir, job, federation_of(job), admission)
+        rounds.evaluated = ndarrays_to_parameters([np.zeros(3, np.float32)])
+        return rounds
+
+    def validation(done):
+        return [("a", "train", 30, {"dice_fg": 0.2 * done, "dice/fg": 0.2 * done}),
+                ("b", "train", 10, {"dice_fg": 0.6, "dice/fg": 0.6}), ("o", "evaluate", 5, {"dice_fg": 0.1})]
+
+    first = server()
+    first.log_metrics(1, validation(1))
+    first.consider(1, 0.3)
+    again = server()  # the server restarted
+    again.log_metrics(2, validation(2))
+    again.consider(2, 0.45)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("job").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.run_id == json.loads((tmp_path / "server" / "tracking" / "mlflow.json").read_text())["run_id"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["selected_round"] == "2"
+    weighted = client.get_metric_history(parent.info.run_id, "consensus/dice_fg")
+    assert [(m.step, round(m.value, 6)) for m in weighted] == [(1, 0.3), (2, 0.45)]  # (30 x 0.2 + 10 x 0.6) / 40
+    children = {r.data.tags["site"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"a", "b", "o"} and len(runs) == 4
+    assert {s: r.data.tags["role"] for s, r in children.items()} == {"a": "training", "b": "training",
+                                                                    "o": "out-of-sample"}
+    history = client.get_metric_history(children["a"].info.run_id, "dice/fg")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.2), (2, 0.4)]
+
+
 def test_the_server_and_a_site_keep_their_output_out_of_another_runs(tmp_path):
     """Like ``autocnnp run``, neither writes into another run's output folder (lock.own_output's check)."""
     from autocnnp.core.files import write_json
