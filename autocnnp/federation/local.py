@@ -93,6 +93,11 @@ class SiteTrainer:
         return scalars(score(self.model, run.valid_loader, evaluator, run.loss_fn, run.world))
 
 
+def variant(job: Job, overrides: dict[str, str]) -> Job:
+    """``job`` with ``overrides`` (``--set KEY=VALUE``), which its ranks get on their command line."""
+    return load_job(apply_overrides(job.spec, overrides))
+
+
 class LaunchedTrainer(SiteTrainer):
     """A site whose job asks for several ranks. This process holds the network (one rank: the parameters, the
     validation); each round the job's ranks resume the site's own run from its latest checkpoint with the
@@ -101,8 +106,8 @@ class LaunchedTrainer(SiteTrainer):
     says)."""
 
     def __init__(self, job: Job):
-        self.ranks_job = job
-        super().__init__(load_job(apply_overrides(job.spec, {"parallelism-degree": "1"})))
+        self.ranks_job = variant(job, {"checkpoint.resume": "true"})  # the round's start is the checkpoint
+        super().__init__(variant(self.ranks_job, {"parallelism-degree": "1"}))
 
     def train(self, arrays, epochs: int, proximal_mu: float) -> dict[str, float]:
         checkpoints = self.run.checkpoints
@@ -111,7 +116,7 @@ class LaunchedTrainer(SiteTrainer):
         saved["model"] = self.model.state_dict()
         checkpoints.save(saved, saved["epoch"] - 1)  # named by the epochs done, as the ranks name theirs
         job = self.ranks_job
-        ranks = load_job(apply_overrides(job.spec, {"hyperparameters.end_epoch": str(saved["epoch"] + epochs)}))
+        ranks = variant(job, {"hyperparameters.end_epoch": str(saved["epoch"] + epochs)})
         code = launch.attempts(ranks, launch.checked_mode(ranks))
         if code != ExitCode.OK:
             raise RuntimeError(f"the site's {job.world_size} ranks ended with exit code {code} "
