@@ -196,6 +196,10 @@ def test_the_federation_section_is_read_checked_and_overridable(tmp_path):
         federation_of(load_job(job, ["federation.roundz=3"]))
     with pytest.raises(JobError, match="aggregation"):
         federation_of(load_job(job, ["federation.aggregation=fedmedian"]))
+    from autocnnp.federation.local import site_trainer
+
+    with pytest.raises(JobError, match="2 ranks cannot add FedProx's proximal term"):
+        site_trainer(load_job(job, ["parallelism-degree=2"]))
 
 
 def test_the_server_reads_the_sites_job_without_their_data(tmp_path):
