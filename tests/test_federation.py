@@ -200,6 +200,8 @@ def test_the_federation_section_is_read_checked_and_overridable(tmp_path):
 
     with pytest.raises(JobError, match="2 ranks cannot add FedProx's proximal term"):
         site_trainer(load_job(job, ["parallelism-degree=2"]))
+    with pytest.raises(JobError, match="starts them itself"):
+        site_trainer(load_job(job, ["parallelism-degree=2", "federation.aggregation=fedavg", "cluster.launcher=inplace"]))
 
 
 def test_the_server_reads_the_sites_job_without_their_data(tmp_path):

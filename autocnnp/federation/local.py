@@ -106,6 +106,11 @@ class LaunchedTrainer(SiteTrainer):
     says)."""
 
     def __init__(self, job: Job):
+        self.mode = launch.checked_mode(job)
+        if self.mode == "inplace":
+            raise JobError(job.where("launcher"), f"a site on {job.world_size} ranks starts them itself, and this "
+                           "process runs in place (launcher=inplace, or under a launcher's rank variables)",
+                           "start the site as one process, with launcher=mpirun, or srun inside a Slurm allocation")
         self.ranks_job = variant(job, {"checkpoint.resume": "true"})  # the round's start is the checkpoint
         super().__init__(variant(self.ranks_job, {"parallelism-degree": "1"}))
 
@@ -117,7 +122,7 @@ class LaunchedTrainer(SiteTrainer):
         checkpoints.save(saved, saved["epoch"] - 1)  # named by the epochs done, as the ranks name theirs
         job = self.ranks_job
         ranks = variant(job, {"hyperparameters.end_epoch": str(saved["epoch"] + epochs)})
-        code = launch.attempts(ranks, launch.checked_mode(ranks))
+        code = launch.attempts(ranks, self.mode)
         if code != ExitCode.OK:
             raise RuntimeError(f"the site's {job.world_size} ranks ended with exit code {code} "
                                f"(their logs: {job.rundir.root})")
