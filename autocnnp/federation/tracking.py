@@ -62,7 +62,9 @@ class FederationRuns:
         journal = Journal(RunDir(folder).tracking / JOURNAL)
         if not journal.is_open():
             journal.add("start", **start)
-        self.senders[folder] = Sender(folder, self.uri, self.experiment)
+        sender = Sender(folder, self.uri, self.experiment)
+        sender.save()  # the store it goes to, for `autocnnp track sync` should this one never answer
+        self.senders[folder] = sender
         return journal
 
     def site(self, name: str, role: str) -> Journal:
@@ -82,10 +84,11 @@ class FederationRuns:
         training = [(samples, metrics) for _, role, samples, metrics in rows if role == "train"]
         self.parent.add("epoch", step=done,
                         values={f"consensus/{k}": v for k, v in weighted_mean(training).items()})
-        if done >= self.rounds:
+        last = done >= self.rounds
+        if last:
             for journal in (self.parent, *self.journals.values()):
                 journal.add("end", status="completed")
-        self.send()
+        self.send(again=last)
 
     def selected(self, done: int, metric: str, value: float) -> None:
         """Round ``done``'s model is the consensus model so far."""
@@ -93,8 +96,11 @@ class FederationRuns:
                                         "selected_value": f"{value:.6g}"})
         self.send()
 
-    def send(self) -> None:
-        """Send the journals (the parent's first: the children name it); a store that does not answer: said once."""
+    def send(self, again: bool = False) -> None:
+        """Send the journals (the parent's first: the children name it). A store that did not answer is said once
+        and tried ``again`` only at the end (a store that is down would hold up every round)."""
+        if self.warned and not again:
+            return
         try:
             for sender in self.senders.values():
                 sender.send()
