@@ -340,32 +340,42 @@ def test_the_consensus_checkpoint_carries_the_model_card_a_trained_run_writes(tm
     assert card["dimension"] == job.generator.dimension == "2d" and card["framework"] == "torch"
 
 
-def test_the_federation_is_one_mlflow_parent_run_with_a_child_per_site_resumed_after_a_restart(tmp_path):
-    """With the job's mlflow tracker: each site's validation metrics per round on its child (step = round, tags site
-    and role), the training sites' weighted mean and the selected round on the parent; a restarted server (a new
-    ``Rounds``) goes on with the same parent run, which ends with the last round."""
+def tracked_server(tmp_path: Path, store: str = ""):
+    """A federation job with the mlflow tracker (its store ``store``), and a ``Rounds`` as run_server builds it,
+    without the transport (called again: a restarted server)."""
     import numpy as np
     from flwr.common import ndarrays_to_parameters
-    from mlflow.tracking import MlflowClient
 
     from autocnnp.federation.server import Admission, Audit, Rounds, server_job
 
-    monitoring = '<monitoring><property name="tracker">mlflow</property><property name="progress">false</property></monitoring>'
+    monitoring = (f'<monitoring><property name="tracker">mlflow</property><property name="progress">false</property>'
+                  f'{store}</monitoring>')
     job = server_job(write_job(tmp_path / "job.xml", degree=1, output="server", data=DATA, arch=TINY_UNET,
                                extra=monitoring + '<federation><property name="rounds">2</property></federation>'), [])
 
-    def server():  # what run_server builds, without the transport
+    def server():
         admission = Admission({}, {}, 1, 5.0, Audit(job.rundir.root / "federation" / "received.jsonl"))
         admission.reference = {"names": ["w"], "card": {"in_channels": 1, "num_classes": 2, "input": None,
                                                         "classes": {"0": "background", "1": "fg"}}}
         rounds = Rounds(job.rundir, job, federation_of(job), admission)
         rounds.evaluated = ndarrays_to_parameters([np.zeros(3, np.float32)])
         return rounds
+    return server
 
-    def validation(done):
-        return [("a", "train", 30, {"dice_fg": 0.2 * done, "dice/fg": 0.2 * done}),
-                ("b", "train", 10, {"dice_fg": 0.6, "dice/fg": 0.6}), ("o", "evaluate", 5, {"dice_fg": 0.1})]
 
+def validation(done: int) -> list[tuple[str, str, int, dict]]:
+    """Round ``done``'s validation rows from two training sites and an out-of-sample one."""
+    return [("a", "train", 30, {"dice_fg": 0.2 * done, "dice/fg": 0.2 * done}),
+            ("b", "train", 10, {"dice_fg": 0.6, "dice/fg": 0.6}), ("o", "evaluate", 5, {"dice_fg": 0.1})]
+
+
+def test_the_federation_is_one_mlflow_parent_run_with_a_child_per_site_resumed_after_a_restart(tmp_path):
+    """With the job's mlflow tracker: each site's validation metrics per round on its child (step = round, tags site
+    and role), the training sites' weighted mean and the selected round on the parent; a restarted server (a new
+    ``Rounds``) goes on with the same parent run, which ends with the last round."""
+    from mlflow.tracking import MlflowClient
+
+    server = tracked_server(tmp_path)
     first = server()
     first.log_metrics(1, validation(1))
     first.consider(1, 0.3)
@@ -385,6 +395,16 @@ def test_the_federation_is_one_mlflow_parent_run_with_a_child_per_site_resumed_a
                                                                     "o": "out-of-sample"}
     history = client.get_metric_history(children["a"].info.run_id, "dice/fg")
     assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.2), (2, 0.4)]
+
+
+def test_a_federation_whose_mlflow_store_is_down_goes_on_and_keeps_the_events(tmp_path, capsys):
+    server = tracked_server(tmp_path, f'<property name="tracking_uri">http://127.0.0.1:{free_port()}</property>')()
+    server.log_metrics(1, validation(1))
+    server.log_metrics(2, validation(2))
+    assert capsys.readouterr().err.count("cannot be reached") == 1
+    journal = tmp_path / "server" / "federation" / "sites" / "a" / "tracking" / "mlflow-events.jsonl"
+    assert [json.loads(line)["kind"] for line in journal.read_text().splitlines()] == ["start", "epoch", "epoch", "end"]
+    assert "127.0.0.1" in json.loads((journal.parent / "mlflow.json").read_text())["tracking_uri"]
 
 
 def test_the_server_and_a_site_keep_their_output_out_of_another_runs(tmp_path):
