@@ -196,6 +196,12 @@ def test_the_federation_section_is_read_checked_and_overridable(tmp_path):
         federation_of(load_job(job, ["federation.roundz=3"]))
     with pytest.raises(JobError, match="aggregation"):
         federation_of(load_job(job, ["federation.aggregation=fedmedian"]))
+    from autocnnp.federation.local import site_trainer
+
+    with pytest.raises(JobError, match="2 ranks cannot add FedProx's proximal term"):
+        site_trainer(load_job(job, ["parallelism-degree=2"]))
+    with pytest.raises(JobError, match="starts them itself"):
+        site_trainer(load_job(job, ["parallelism-degree=2", "federation.aggregation=fedavg", "cluster.launcher=inplace"]))
 
 
 def test_the_server_reads_the_sites_job_without_their_data(tmp_path):
@@ -294,7 +300,7 @@ def test_a_site_trains_from_the_consensus_and_fedprox_keeps_it_near(tmp_path):
     import numpy as np
     from jobfiles import synthetic_data
 
-    from autocnnp.federation.site import SiteTrainer
+    from autocnnp.federation.local import SiteTrainer
 
     job = write_job(tmp_path / "job.xml", degree=1, output="site", arch=TINY_UNET, data=synthetic_data(8, 4, size=16),
                     extra=QUIET, hyper={"minibatch_size": 4, "end_epoch": 1, "lr": 0.05})
@@ -334,6 +340,73 @@ def test_the_consensus_checkpoint_carries_the_model_card_a_trained_run_writes(tm
     assert card["dimension"] == job.generator.dimension == "2d" and card["framework"] == "torch"
 
 
+def tracked_server(tmp_path: Path, store: str = ""):
+    """A federation job with the mlflow tracker (its store ``store``), and a ``Rounds`` as run_server builds it,
+    without the transport (called again: a restarted server)."""
+    import numpy as np
+    from flwr.common import ndarrays_to_parameters
+
+    from autocnnp.federation.server import Admission, Audit, Rounds, server_job
+
+    monitoring = (f'<monitoring><property name="tracker">mlflow</property><property name="progress">false</property>'
+                  f'{store}</monitoring>')
+    job = server_job(write_job(tmp_path / "job.xml", degree=1, output="server", data=DATA, arch=TINY_UNET,
+                               extra=monitoring + '<federation><property name="rounds">2</property></federation>'), [])
+
+    def server():
+        admission = Admission({}, {}, 1, 5.0, Audit(job.rundir.root / "federation" / "received.jsonl"))
+        admission.reference = {"names": ["w"], "card": {"in_channels": 1, "num_classes": 2, "input": None,
+                                                        "classes": {"0": "background", "1": "fg"}}}
+        rounds = Rounds(job.rundir, job, federation_of(job), admission)
+        rounds.evaluated = ndarrays_to_parameters([np.zeros(3, np.float32)])
+        return rounds
+    return server
+
+
+def validation(done: int) -> list[tuple[str, str, int, dict]]:
+    """Round ``done``'s validation rows from two training sites and an out-of-sample one."""
+    return [("a", "train", 30, {"dice_fg": 0.2 * done, "dice/fg": 0.2 * done}),
+            ("b", "train", 10, {"dice_fg": 0.6, "dice/fg": 0.6}), ("o", "evaluate", 5, {"dice_fg": 0.1})]
+
+
+def test_the_federation_is_one_mlflow_parent_run_with_a_child_per_site_resumed_after_a_restart(tmp_path):
+    """With the job's mlflow tracker: each site's validation metrics per round on its child (step = round, tags site
+    and role), the training sites' weighted mean and the selected round on the parent; a restarted server (a new
+    ``Rounds``) goes on with the same parent run, which ends with the last round."""
+    from mlflow.tracking import MlflowClient
+
+    server = tracked_server(tmp_path)
+    first = server()
+    first.log_metrics(1, validation(1))
+    first.consider(1, 0.3)
+    again = server()  # the server restarted
+    again.log_metrics(2, validation(2))
+    again.consider(2, 0.45)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("job").experiment_id])
+    [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.run_id == json.loads((tmp_path / "server" / "tracking" / "mlflow.json").read_text())["run_id"]
+    assert parent.info.status == "FINISHED" and parent.data.tags["selected_round"] == "2"
+    weighted = client.get_metric_history(parent.info.run_id, "consensus/dice_fg")
+    assert [(m.step, round(m.value, 6)) for m in weighted] == [(1, 0.3), (2, 0.45)]  # (30 x 0.2 + 10 x 0.6) / 40
+    children = {r.data.tags["site"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id}
+    assert set(children) == {"a", "b", "o"} and len(runs) == 4
+    assert {s: r.data.tags["role"] for s, r in children.items()} == {"a": "training", "b": "training",
+                                                                    "o": "out-of-sample"}
+    history = client.get_metric_history(children["a"].info.run_id, "dice/fg")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(1, 0.2), (2, 0.4)]
+
+
+def test_a_federation_whose_mlflow_store_is_down_goes_on_and_keeps_the_events(tmp_path, capsys):
+    server = tracked_server(tmp_path, f'<property name="tracking_uri">http://127.0.0.1:{free_port()}</property>')()
+    server.log_metrics(1, validation(1))
+    server.log_metrics(2, validation(2))
+    assert capsys.readouterr().err.count("cannot be reached") == 1
+    journal = tmp_path / "server" / "federation" / "sites" / "a" / "tracking" / "mlflow-events.jsonl"
+    assert [json.loads(line)["kind"] for line in journal.read_text().splitlines()] == ["start", "epoch", "epoch", "end"]
+    assert "127.0.0.1" in json.loads((journal.parent / "mlflow.json").read_text())["tracking_uri"]
+
+
 def test_the_server_and_a_site_keep_their_output_out_of_another_runs(tmp_path):
     """Like ``autocnnp run``, neither writes into another run's output folder (lock.own_output's check)."""
     from autocnnp.core.files import write_json
@@ -352,3 +425,33 @@ def test_the_server_and_a_site_keep_their_output_out_of_another_runs(tmp_path):
     a = site_job(job, [], None, tmp_path / "other" / "site_a")
     with pytest.raises(JobError, match="is inside .*other"):
         run_site(a, federation_of(a), "a", tmp_path / "certs" / "sites" / "a.key", None)
+
+
+@pytest.mark.ranks
+@pytest.mark.slow  # three launches of 2 ranks
+def test_a_site_on_two_ranks_trains_as_its_job_alone_on_two_ranks(tmp_path):
+    """A site whose job asks for 2 ranks trains each round on them (mpirun, gloo), resuming its own run with the
+    consensus as the weights: 2 rounds of FedAvg over this one site give the weights of the job trained alone
+    for 2 epochs on 2 ranks."""
+    import numpy as np
+    import torch
+    from flwr.server.strategy.aggregate import aggregate
+    from jobfiles import synthetic_data
+
+    from autocnnp.federation.local import LaunchedTrainer, site_trainer
+    from autocnnp.run import launch
+
+    job = write_job(tmp_path / "job.xml", degree=2, output="site", arch=TINY_UNET, data=synthetic_data(8, 4),
+                    extra=QUIET + "<federation/>", hyper={"minibatch_size": 2, "end_epoch": 1, "lr": 0.01})
+    trainer = site_trainer(load_job(job))
+    assert isinstance(trainer, LaunchedTrainer)
+    consensus = trainer.parameters()
+    for _ in range(2):
+        metrics = trainer.train(consensus, 1, 0.0)
+        consensus = aggregate([(trainer.parameters(), len(trainer.run.data.train))])  # FedAvg of one site
+    assert {"dice_fg", "valid_loss", "train_loss"} <= set(metrics)
+    assert trainer.run.state.epoch == 2 and (tmp_path / "site" / "resources" / "rank1.csv").is_file()
+    assert launch.run(load_job(job, ["output=alone", "hyperparameters.end_epoch=2"])) == 0
+    alone = torch.load(tmp_path / "alone" / "checkpoints" / "ckpt-epoch0002.pt", weights_only=False)["model"]
+    worst = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(consensus, alone.values(), strict=True))
+    assert worst < 1e-6, worst

@@ -34,6 +34,7 @@ from ..core.files import append_text, atomic_write, read_json, write_json
 from ..core.rundir import BEST_CHECKPOINT, BEST_RECORD, RunDir
 from .admission import agreement, differences, verified
 from .config import FederationConfig
+from .tracking import federation_runs, weighted_mean
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
 DATA_KEYS = ("in_channels", "num_classes", "classes")  # what every site's data must share
@@ -146,13 +147,14 @@ class Admission(SimpleClientManager):
 
 class Rounds:
     """The federation's state on disk (``federation/``): the latest round's model, the per-site metrics
-    of every round, and the consensus model selected so far."""
+    of every round, and the consensus model selected so far; and in MLflow (tracking.py)."""
 
     def __init__(self, rundir: RunDir, job, fed: FederationConfig, admission: Admission):
         self.rundir, self.job, self.fed, self.admission = rundir, job, fed, admission
         self.folder = rundir.root / "federation"
         self.state = read_json(self.folder / "state.json") or {"round": 0, "best": None}
         self.evaluated = None  # the parameters the current evaluation round scores
+        self.tracking = federation_runs(job, fed.rounds, self.state["round"])  # MLflow: a parent run, a child per site
 
     def latest(self):
         path = self.folder / "latest.npz"
@@ -177,6 +179,8 @@ class Rounds:
         for site, role, samples, metrics in rows:
             out.writerows([done, site, role, samples, k, f"{v:.6g}"] for k, v in sorted(metrics.items()))
         append_text(path, text.getvalue())
+        if self.tracking:
+            self.tracking.round(done, rows)
 
     def consider(self, done: int, score: float) -> None:
         """Keep round ``done``'s model as the consensus if it scores best so far."""
@@ -187,38 +191,26 @@ class Rounds:
         self.save_checkpoint(done, self.evaluated)
         write_json(self.rundir.checkpoints / BEST_RECORD, self.state["best"])
         write_json(self.folder / "state.json", self.state)
+        if self.tracking:
+            self.tracking.selected(done, self.fed.select_metric, score)
         say(f"consensus model: round {done} ({self.fed.select_metric} {score:.4f}), saved to "
             f"{self.rundir.checkpoints / BEST_CHECKPOINT}")
 
     def save_checkpoint(self, done: int, parameters) -> None:
         """A checkpoint ``autocnnp predict`` reads: the tensors by name and the model card (loop.py's
-        ``model_card``: the server's job and network, the sites' channels, classes and input)."""
+        ``model_card``: the server's :func:`job_card`, the sites' channels, classes and input)."""
         import torch
+
+        from ..training.loop import job_card
 
         ref = self.admission.reference
         names, card = ref["names"], ref["card"]
-        gen = self.job.generator
-        arch = gen.action("architecture_injection")
-        full = {"job": {"file": str(gen.spec.file), "text": gen.spec.text, "overrides": dict(gen.spec.overrides)},
-                "framework": gen.framework, "dimension": gen.dimension,
-                "architecture": {"name": arch.entry.name,
-                                 "file": None if arch.entry.file is None else str(arch.entry.file),
-                                 "params": arch.recorded()}, **card}
+        full = {**job_card(self.job.generator), **card}
         model = OrderedDict((n, torch.as_tensor(a)) for n, a in zip(names, arrays_of(parameters), strict=True))
         state = {"model": model, "model_card": full, "epoch": done, "in_channels": card["in_channels"],
                  "num_classes": card["num_classes"], "federation_round": done}
         self.rundir.checkpoints.mkdir(parents=True, exist_ok=True)
         atomic_write(self.rundir.checkpoints / BEST_CHECKPOINT, lambda f: torch.save(state, f))
-
-
-def weighted_mean(results: list[tuple[int, dict]]) -> dict[str, float]:
-    """Each metric's mean over the sites that report it, weighted by their samples."""
-    totals: dict[str, list[float]] = {}
-    for samples, metrics in results:
-        for key, value in metrics.items():
-            total = totals.setdefault(key, [0.0, 0.0])
-            total[0], total[1] = total[0] + samples * float(value), total[1] + samples
-    return {key: value / weight for key, (value, weight) in totals.items() if weight}
 
 
 def federated_strategy(fed: FederationConfig, rounds: Rounds, admission: Admission, audit: Audit, initial):

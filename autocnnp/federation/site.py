@@ -1,5 +1,5 @@
-"""A site: the job's own training run (training/run.py's build, loop.py's epochs), one rank in this
-process, driven round by round by the federation server through Flower. What leaves the site: the
+"""A site: the job's own training run (local.py: in this process, or on the job's ranks), driven round by
+round by the federation server through Flower. What leaves the site: the
 network's parameters, the number of training and validation samples, scalar metrics, and at admission the
 job's :func:`~autocnnp.federation.admission.agreement`, the parameter names and the classes' and
 channels' names (what a checkpoint's model card needs). Never a path, a case name, an image or a label."""
@@ -7,23 +7,19 @@ channels' names (what a checkpoint's model card needs). Never a path, a case nam
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from pathlib import Path
 
 import flwr
 import grpc
-import numpy as np
-import torch
 
 from ..core.errors import ExitCode, JobError, Source
-from ..run import lock, preflight
+from ..run import lock
 from ..run.job import Job
-from ..training.loop import evaluate as score
-from ..training.loop import model_card
 from .admission import agreement, load_private_key, sign
 from .config import FederationConfig
+from .local import SiteTrainer, site_trainer
 
 ROLES = ("train", "evaluate")
 
@@ -32,68 +28,6 @@ class Unreachable(JobError):
     """The federation server cannot be reached (a wrong address, a foreign certificate, a server gone)."""
 
     exit_code = ExitCode.FAILED
-
-
-def scalars(metrics: dict) -> dict[str, float]:
-    """The finite numbers of ``metrics`` (what a site reports)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, int | float) and math.isfinite(float(v))}
-
-
-class SiteTrainer:
-    """The job's run on this site, built once; each round loads the consensus, trains or scores it."""
-
-    def __init__(self, job: Job):
-        if job.generator.framework != "torch":
-            raise JobError(job.spec.where, f"a federation trains torch networks, this job's framework is "
-                           f"{job.generator.framework}", "use the torch framework")
-        preflight.fetch_pretrained(job)
-        self.job = job
-        self.framework = job.generator.action("framework").build()
-        self.run = self.framework.build(job.generator, job.monitoring, timeout_s=job.launch.rank_timeout_s + 30)
-        self.model = self.run.strategy.unwrap(self.run.steps.model)
-        self.loss_fn = self.run.steps.loss_fn
-
-    def parameters(self) -> list[np.ndarray]:
-        return [v.detach().cpu().numpy().copy() for v in self.model.state_dict().values()]  # not views of the network
-
-    def names(self) -> list[str]:
-        return list(self.model.state_dict())
-
-    def load(self, arrays: list[np.ndarray]) -> None:
-        own = self.model.state_dict()
-        if len(arrays) != len(own):
-            raise RuntimeError(f"the server sent {len(arrays)} tensors, this network has {len(own)}")
-        self.model.load_state_dict({k: torch.as_tensor(a, dtype=v.dtype).reshape(v.shape)
-                                    for (k, v), a in zip(own.items(), arrays, strict=True)})
-
-    def card(self) -> dict:
-        """The data's part of the model card: channels, classes, how a volume becomes the input."""
-        card = model_card(self.job.generator, self.run.data)
-        return {key: card[key] for key in ("in_channels", "num_classes", "classes", "input")}
-
-    def train(self, arrays, epochs: int, proximal_mu: float) -> dict[str, float]:
-        """Train ``epochs`` epochs from ``arrays`` (the consensus); FedProx adds ``mu/2 |w - w_consensus|^2``."""
-        self.load(arrays)
-        run = self.run
-        run.hp.end_epoch = run.state.epoch + epochs
-        run.steps.loss_fn = self.proximal(proximal_mu) if proximal_mu > 0 else self.loss_fn
-        return scalars(self.framework.fit(run, self.job.monitoring))
-
-    def proximal(self, mu: float):
-        anchor = [p.detach().clone() for p in self.model.parameters()]
-        base = self.loss_fn
-
-        def loss(logits, y):
-            term = sum(((p - a) ** 2).sum() for p, a in zip(self.model.parameters(), anchor, strict=True))
-            return base(logits, y) + mu / 2 * term
-        return loss
-
-    def evaluate(self, arrays) -> dict[str, float]:
-        """The validation metrics of ``arrays`` on this site's validation samples."""
-        self.load(arrays)
-        run = self.run
-        evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
-        return scalars(score(self.model, run.valid_loader, evaluator, run.loss_fn, run.world))
 
 
 class SiteClient(flwr.client.NumPyClient):
@@ -145,7 +79,7 @@ def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, 
             raise JobError(where, f"the CA certificate {ca_file} cannot be read ({exc.strerror})",
                            "give the ca.crt the federation's operator sent") from None
     with lock.own_output(job, front_end=False):
-        return _take_part(SiteClient(SiteTrainer(job), name, key, role), server or federation.server, root,
+        return _take_part(SiteClient(site_trainer(job), name, key, role), server or federation.server, root,
                           federation.round_timeout_s)
 
 
@@ -184,9 +118,9 @@ def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: 
 
 
 def site_job(job_file: Path, sets: list[str], data: Path | None, out: Path | None) -> Job:
-    """The site's job: its own data (``data.train``) and output folder, one rank in this process."""
+    """The site's job: its own data (``data.train``) and output folder (its ranks: local.py's ``site_trainer``)."""
     from ..run.job import load_job
 
     extra = [f"data.train={Path(data).resolve()}"] if data else []
     extra += [f"output={Path(out).resolve()}"] if out else []
-    return load_job(job_file, [*sets, *extra, "parallelism-degree=1"])
+    return load_job(job_file, [*sets, *extra])

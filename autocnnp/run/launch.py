@@ -94,12 +94,7 @@ def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
 def run(job: Job) -> int:
     """Own the output folder, check everything, start the ranks and watch them; restart a failed job
     from its latest checkpoint up to ``max_restarts`` times. Returns the job's exit code."""
-    mode = launch_mode(job.launch)
-    if mode == "srun":
-        check_srun(job)
-    elif mode == "mpirun" and shutil.which("mpirun") is None:
-        raise JobError(job.spec.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
-    rundir = job.rundir
+    mode = checked_mode(job)
     if mode == "inplace":  # this process is a rank: rank 0 owns the folder for all of them
         from .worker import run_rank  # imports torch: only where this process trains
 
@@ -107,7 +102,25 @@ def run(job: Job) -> int:
             return run_rank(job)
         with lock.own_output(job, front_end=False):
             return run_rank(job)
-    with lock.own_output(job, front_end=True) as claim, contextlib.ExitStack() as stack:
+    with lock.own_output(job, front_end=True) as claim:
+        return attempts(job, mode, claim.keep)
+
+
+def checked_mode(job: Job) -> str:
+    """How the job's ranks start (:func:`launch_mode`), checked: its launcher is there."""
+    mode = launch_mode(job.launch)
+    if mode == "srun":
+        check_srun(job)
+    elif mode == "mpirun" and shutil.which("mpirun") is None:
+        raise JobError(job.spec.where, "mpirun (Open MPI) is not installed", MPIRUN_HINT)
+    return mode
+
+
+def attempts(job: Job, mode: str, started=lambda: None) -> int:
+    """In an output folder this process holds: check, start the ranks with launcher ``mode`` and watch them
+    (``started()`` once they start), restarting a failed job up to ``max_restarts`` times; the exit code."""
+    rundir = job.rundir
+    with contextlib.ExitStack() as stack:
         preflight.check_framework(job)
         preflight.check_output(job)
         attempt, tracking = 0, None
@@ -121,7 +134,7 @@ def run(job: Job) -> int:
                 _record_failure(rundir, problem)
                 print(f"autocnnp: {problem}", file=sys.stderr, flush=True)
                 return ExitCode.FAILED
-            claim.keep()
+            started()
             tracking = tracking or _tracking(now, mode, stack)
             cmd, env = build_command(now, {**os.environ, **(tracking.environment if tracking else {})})
             code, problem = _supervised(cmd, env, now, tracking)

@@ -132,16 +132,26 @@ def evaluate(model, loader: DeviceBatches, evaluator, loss_fn, world: World, bea
 
 
 def model_card(gen: Generator, data: DataBundle) -> dict:
-    """What ``autocnnp predict`` needs to rebuild the network and feed it without the job file: the job as
-    trained (text and overrides), the framework, the architecture and its parameters, the classes and their
-    names, whether it takes 2D slices or 3D patches (``dimension``), and how a volume becomes the model's input
-    (None for a format without volumes; a 3D model's records its patch size, target spacing and window overlap)."""
+    """What ``autocnnp predict`` needs to rebuild the network and feed it without the job file: the job's part
+    (:func:`job_card`) and the data's (:func:`data_card`)."""
+    return {**job_card(gen), **data_card(gen, data)}
+
+
+def job_card(gen: Generator) -> dict:
+    """The model card's part that the job alone gives: the job as trained (text and overrides), the framework,
+    the architecture and its parameters, and whether it takes 2D slices or 3D patches (``dimension``)."""
     arch = gen.action("architecture_injection")
-    transform = gen.data_format().volumes()
     return {"job": {"file": str(gen.spec.file), "text": gen.spec.text, "overrides": dict(gen.spec.overrides)},
             "framework": gen.framework, "dimension": gen.dimension,
             "architecture": {"name": arch.entry.name, "file": None if arch.entry.file is None else str(arch.entry.file),
-                             "params": arch.recorded()},
-            "in_channels": data.in_channels, "num_classes": data.num_classes,
+                             "params": arch.recorded()}}
+
+
+def data_card(gen: Generator, data: DataBundle) -> dict:
+    """The model card's part that the data gives: channels, classes and their names, and how a volume becomes
+    the model's input (None for a format without volumes; a 3D model's records its patch size, target spacing
+    and window overlap)."""
+    transform = gen.data_format().volumes()
+    return {"in_channels": data.in_channels, "num_classes": data.num_classes,
             "classes": {str(i): name for i, name in enumerate(data.class_names)},
             "input": None if transform is None else transform.card()}

@@ -196,7 +196,10 @@ class Sender:
         return who
 
     def parent_run(self) -> str:
-        """The MLflow run of this folder as a parent (repeats, tuning iterations), created if need be."""
+        """The MLflow run of this folder as a parent (repeats, tuning iterations, a federation): its own run, else
+        one created and ended."""
+        if self.state.get("run_id"):
+            return self.state["run_id"]
         run_id = self._run({"name": self.experiment, "run_name": self.rundir.name, "tags": {},
                             "time": time.time()})
         self.client().set_terminated(run_id, "FINISHED")
