@@ -76,22 +76,27 @@ def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) 
     def over_copies(key: str, of=statistics.median) -> dict[int, float]:
         return {t: of(f[key] for f in fs) for t, fs in figures.items()}
 
+    exchanged = {t: s for t, s in over_copies("exchange_s", max).items() if len(figures[t]) > 1}
     return Profile(first["batch"], over_copies("compute_s", max), over_copies("backward_s", max),
-                   over_copies("data_s"), first["grad_bytes"],
-                   first["model_bytes"], first["sample_bytes"], first["loader_workers"], first["train_samples"])
+                   over_copies("data_s"), first["grad_bytes"], first["model_bytes"], first["sample_bytes"],
+                   first["loader_workers"], first["train_samples"], exchanged)
 
 
-def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) -> dict:
-    """This process's figures for the job's step: forward, backward and optimizer step of one rank's
-    minibatch (median of ``steps`` after WARMUP_STEPS warm-up steps; ``barrier()`` before the timed steps and at the end of
-    each, so copies profiled together step together, as synchronous ranks do), the loader's time per
-    minibatch and what the step moves. Built as a rank builds it, without a process group."""
+def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None,
+                 exchange: Callable[[list], None] | None = None) -> dict:
+    """This process's figures for the job's step, timed as the trainer's loop runs it: the wait for the
+    loader's next minibatch, then the trainer's per-step work (the LR policy, forward, backward, optimizer
+    step, the loss read back, the divergence guard), fresh minibatches every step (medians of ``steps`` after
+    WARMUP_STEPS warm-up steps; ``barrier()`` ends each, so copies profiled together step together, as
+    synchronous ranks do). ``exchange(grads)``, when given, all-reduces the gradients after the timed part
+    and is timed on its own. Built as a rank builds it, without a process group."""
     import torch
     from torch.utils.data import RandomSampler
 
     from ..core.world import World
     from ..data.batches import DeviceBatches, batch_loader, channels_last_network
     from ..training.loop import seed_everything
+    from ..training.monitor import DivergenceGuard, MonitoringConfig
     from ..training.precision import mixed_precision
     from ..training.trainer import make_optimizer
 
@@ -116,46 +121,58 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) ->
     if len(loader) == 0:
         raise JobError(gen.spec.where, f"the training set has fewer samples than one minibatch of {hp.minibatch_size}",
                        "lower minibatch_size")
+    policy = gen.lr_policy(steps_per_epoch=len(loader), world_size=gen.world_size)
+    monitoring = MonitoringConfig()
+    guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
     images, labels, _ = next(iter(raw))
     sample_bytes = (images.nbytes + labels.nbytes) // len(images)  # as stored: what a sample read moves
-    x, y = next(iter(loader))
+    trainable = [p for p in net.parameters() if p.requires_grad]
 
     def sync() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    def step() -> tuple[float, float]:
-        """One forward, backward and optimizer step: (its time, the backward's)."""
+    def batches():
+        """The loader's minibatches, pass after pass (each pass's first batch pays the loader's start, as in training)."""
+        while True:
+            yield from loader
+
+    def step(index: int, x, y) -> tuple[float, float, float]:
+        """The trainer's work on one minibatch: (its time, the backward's, the gradient exchange's)."""
         start = sync()
+        for group in optimizer.param_groups:
+            group["lr"] = policy.lr(0, index % len(loader))
         with autocast:
             loss = loss_fn(net(x), y)
         optimizer.zero_grad()
         forward_end = sync()
         scaler.scale(loss).backward()
         backward_end = sync()
+        exchanged = backward_end
+        if exchange is not None:
+            exchange([p.grad for p in trainable if p.grad is not None])
+            exchanged = sync()
         scaler.step(optimizer)
         scaler.update()
+        guard.check(loss.item(), 0, index)
         barrier()
-        return sync() - start, backward_end - forward_end
+        return sync() - start - (exchanged - backward_end), backward_end - forward_end, exchanged - backward_end
 
-    def load() -> float:
-        """The loader's time for one minibatch (a fresh pass: the first batch pays the loader's start)."""
-        batches = iter(loader)
-        next(batches)
-        start = time.perf_counter()
-        next(batches, None)
-        return time.perf_counter() - start
-
-    for _ in range(WARMUP_STEPS):
-        step()
+    feed = batches()
+    for i in range(WARMUP_STEPS):
+        step(i, *next(feed))
     barrier()
-    timed = [(*step(), load()) for _ in range(steps)]
-    trainable = [p for p in net.parameters() if p.requires_grad]
+    timed = []
+    for i in range(steps):
+        start = time.perf_counter()
+        x, y = next(feed)
+        waited = time.perf_counter() - start  # the wait for the minibatch: what loading adds to the step
+        timed.append((*step(i, x, y), waited))
     floats = (*net.parameters(), *(b for b in net.buffers() if b.is_floating_point()))
     return {"compute_s": statistics.median(s[0] for s in timed), "backward_s": statistics.median(s[1] for s in timed),
-            "data_s": statistics.median(s[2] for s in timed), "batch": hp.minibatch_size,
-            "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
+            "exchange_s": statistics.median(s[2] for s in timed), "data_s": statistics.median(s[3] for s in timed),
+            "batch": hp.minibatch_size, "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
             "model_bytes": sum(t.numel() * t.element_size() for t in floats), "sample_bytes": sample_bytes,
             "loader_workers": hp.loader_workers, "train_samples": len(data.train)}
 
@@ -172,12 +189,34 @@ def _profile_copy(argv: list[str]) -> None:
     if together:
         dist.init_process_group("gloo", store=dist.FileStore(str(Path(folder) / "store"), int(copies)),
                                 rank=int(index), world_size=int(copies))
+    bucket_bytes = _bucket_mb(gen.action("dist_strategy").config) * 1e6
     try:
-        figures = profile_here(gen, int(steps), dist.barrier if together else lambda: None)
+        figures = profile_here(gen, int(steps), dist.barrier if together else lambda: None,
+                               (lambda grads: all_reduce_buckets(grads, bucket_bytes)) if together else None)
     finally:
         if together:
             dist.destroy_process_group()
     (Path(folder) / f"copy-{index}.json").write_text(json.dumps(figures))
+
+
+def all_reduce_buckets(grads: list, bucket_bytes: float) -> None:
+    """Sum ``grads`` over the process group as DDP does: flattened into buckets of ``bucket_bytes``, one
+    allreduce each (gloo pays a latency per bucket)."""
+    import torch
+    import torch.distributed as dist
+
+    bucket: list = []
+    size = 0
+    for grad in [*grads, None]:
+        if bucket and (grad is None or size + grad.nbytes > bucket_bytes):
+            flat = torch.cat([g.reshape(-1) for g in bucket])
+            dist.all_reduce(flat)
+            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
+                g.copy_(part.view_as(g))
+            bucket, size = [], 0
+        if grad is not None:
+            bucket.append(grad)
+            size += grad.nbytes
 
 
 # --- the link --------------------------------------------------------------------------------------------
