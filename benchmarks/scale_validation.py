@@ -74,7 +74,7 @@ def job_with(architecture: Path | None, folder: Path) -> Path:
     """The demo job, with the user architecture at ``architecture`` (a path) in place of its U-Net."""
     if architecture is None:
         return DEMO
-    text = re.sub(r"<CNN_archi.*?</CNN_archi>", f"<CNN_archi><path>{architecture.resolve()}</path></CNN_archi>",
+    text = re.sub(r"<CNN_archi name=.*?</CNN_archi>", f"<CNN_archi><path>{architecture.resolve()}</path></CNN_archi>",
                   DEMO.read_text(), flags=re.S)
     job = folder / f"{architecture.stem}.xml"
     job.write_text(text)
