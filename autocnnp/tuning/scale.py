@@ -51,7 +51,7 @@ def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) 
     processes at once (the node's k ranks sharing its cores) with ``threads`` threads each
     (``OMP_NUM_THREADS``, as run & manage sets it). A synchronous step lasts as long as its slowest rank: the
     compute and backward times are those of the slowest copy (cores are not alike: SMT siblings, other work),
-    the data time the median."""
+    the data time the median, the gradient exchange the shortest (the slowest copy's)."""
     figures: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="autocnnp-scale-") as tmp:
         for threads, k in copies.items():
@@ -76,7 +76,9 @@ def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) 
     def over_copies(key: str, of=statistics.median) -> dict[int, float]:
         return {t: of(f[key] for f in fs) for t, fs in figures.items()}
 
-    exchanged = {t: s for t, s in over_copies("exchange_s", max).items() if len(figures[t]) > 1}
+    # the allreduce waits for the last copy to arrive: the others' times hold the skew the slowest copy's
+    # compute already counts, the slowest copy's (the shortest) is the exchange itself
+    exchanged = {t: s for t, s in over_copies("exchange_s", min).items() if len(figures[t]) > 1}
     return Profile(first["batch"], over_copies("compute_s", max), over_copies("backward_s", max),
                    over_copies("data_s"), first["grad_bytes"], first["model_bytes"], first["sample_bytes"],
                    first["loader_workers"], first["train_samples"], exchanged)
