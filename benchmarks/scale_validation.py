@@ -41,14 +41,15 @@ DEFAULT_SETS = ("data.train_samples=512", "checkpoint.every_epochs=100", "monito
                 "monitoring.sample_interval_s=0.5")
 
 
-def step_ms(rundir: Path) -> float:
-    """The median step time of every rank's samples after the first quarter (warm-up): the typical step,
-    not the stalls other processes on a shared machine cause now and then."""
+def step_ms(rundir: Path, column: str = "step_ms") -> float:
+    """The median of ``column`` (the step time, or its data wait or collectives) over every rank's samples
+    after the first quarter (warm-up): the typical step, not the stalls other processes on a shared machine
+    cause now and then."""
     values = []
     for path in sorted((rundir / "resources").glob("rank*.csv")):
         with open(path) as f:
             rows = [r for r in csv.DictReader(f) if r["step_ms"]]
-        values += [float(r["step_ms"]) for r in rows[len(rows) // 4:]]
+        values += [float(r[column] or 0) for r in rows[len(rows) // 4:]]
     return statistics.median(values)
 
 
@@ -56,18 +57,26 @@ def autocnnp(*args: str) -> None:
     subprocess.run([sys.executable, "-m", "autocnnp", *args], check=True, capture_output=True, cwd=ROOT)
 
 
-def predict(job: Path, sets: list[str], ranks: list[int], out: Path) -> dict[int, float]:
-    """``autocnnp scale``'s samples/s per rank count."""
+def predict(job: Path, sets: list[str], ranks: list[int], out: Path) -> dict[int, dict]:
+    """``autocnnp scale``'s rows (samples/s and the step's parts) per rank count."""
     autocnnp("scale", str(job), *(f"--set={s}" for s in sets), "--ranks", ",".join(map(str, ranks)),
              "--link", "measured", "--steps", "30", "--json", str(out))
-    return {row["world_size"]: row["samples_s"] for row in json.loads(out.read_text())["rows"]}
+    return {row["world_size"]: row for row in json.loads(out.read_text())["rows"]}
 
 
-def measure(job: Path, sets: list[str], ranks: int, epochs: int, batch: int, out: Path) -> float:
-    """Samples/s of a real run with ``ranks`` ranks."""
+def measure(job: Path, sets: list[str], ranks: int, epochs: int, batch: int, out: Path) -> tuple[float, str]:
+    """Samples/s of a real run with ``ranks`` ranks, and its step's parts (ms) as the ranks recorded them."""
     autocnnp("run", str(job), *(f"--set={s}" for s in sets), f"--set=output={out}", f"--set=parallelism-degree={ranks}",
              f"--set=hyperparameters.end_epoch={epochs}")
-    return ranks * batch / step_ms(out) * 1e3
+    step = step_ms(out)
+    return ranks * batch / step * 1e3, (f"step {step:.1f} = data wait {step_ms(out, 'data_wait_ms'):.1f} + collectives "
+                                        f"{step_ms(out, 'collective_wait_ms'):.1f} + the rest")
+
+
+def parts(row: dict) -> str:
+    """The predicted step's parts (ms)."""
+    return (f"step {row['step_s'] * 1e3:.1f} = data {row['data_s'] * 1e3:.1f} + compute {row['compute_s'] * 1e3:.1f} "
+            f"+ exposed exchange {row['exposed_s'] * 1e3:.1f}")
 
 
 def job_with(architecture: Path | None, folder: Path) -> Path:
@@ -103,10 +112,12 @@ def main() -> int:
             for model in models:
                 job = job_with(MODELS[model], Path(jobs))
                 with tempfile.TemporaryDirectory() as tmp:
-                    for n, value in predict(job, sets, ranks, Path(tmp) / "scale.json").items():
-                        predicted[model, n].append(value)
+                    rows = predict(job, sets, ranks, Path(tmp) / "scale.json")
                     for n in ranks:
-                        measured[model, n].append(measure(job, sets, n, args.epochs, batch, Path(tmp) / f"run-{n}"))
+                        predicted[model, n].append(rows[n]["samples_s"])
+                        samples_s, breakdown = measure(job, sets, n, args.epochs, batch, Path(tmp) / f"run-{n}")
+                        measured[model, n].append(samples_s)
+                        print(f"  {model}, {n} rank(s): predicted {parts(rows[n])}; measured {breakdown}", flush=True)
                 print(f"round {i + 1}, {model}: " + "; ".join(
                     f"{n} rank(s) predicted {predicted[model, n][-1]:.1f}, measured {measured[model, n][-1]:.1f} "
                     f"samples/s ({predicted[model, n][-1] / measured[model, n][-1] - 1:+.1%})" for n in ranks),

@@ -51,7 +51,7 @@ def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) 
     processes at once (the node's k ranks sharing its cores) with ``threads`` threads each
     (``OMP_NUM_THREADS``, as run & manage sets it). A synchronous step lasts as long as its slowest rank: the
     compute and backward times are those of the slowest copy (cores are not alike: SMT siblings, other work),
-    the data time the median, the gradient exchange the shortest (the slowest copy's)."""
+    the data time the median, the time blocked in the exchange the shortest (the slowest copy's)."""
     figures: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="autocnnp-scale-") as tmp:
         for threads, k in copies.items():
@@ -71,53 +71,61 @@ def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) 
             if any(codes):
                 raise RuntimeError(f"profiling the job's step with {threads} thread(s) failed (exit codes {codes})")
             figures[threads] = [json.loads((folder / f"copy-{i}.json").read_text()) for i in range(k)]
+    for fs in figures.values():
+        if len(fs) == 1:  # a lone rank's time in its strategy's collectives (a group of one) is its own work
+            fs[0]["compute_s"] += fs[0]["exchange_s"]
     first = next(iter(figures.values()))[0]
 
     def over_copies(key: str, of=statistics.median) -> dict[int, float]:
         return {t: of(f[key] for f in fs) for t, fs in figures.items()}
 
-    # the allreduce waits for the last copy to arrive: the others' times hold the skew the slowest copy's
-    # compute already counts, the slowest copy's (the shortest) is the exchange itself
+    # a copy waits in the exchange for the last copy's gradients: the others' waits hold the skew the slowest
+    # copy's compute already counts, the slowest copy's (the shortest) is the exchange itself
     exchanged = {t: s for t, s in over_copies("exchange_s", min).items() if len(figures[t]) > 1}
     return Profile(first["batch"], over_copies("compute_s", max), over_copies("backward_s", max),
                    over_copies("data_s"), first["grad_bytes"], first["model_bytes"], first["sample_bytes"],
                    first["loader_workers"], first["train_samples"], exchanged)
 
 
-def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None,
-                 exchange: Callable[[list], None] | None = None) -> dict:
+def profile_here(gen, steps: int, world=None, barrier: Callable[[], None] = lambda: None) -> dict:
     """This process's figures for the job's step, timed as the trainer's loop runs it: the wait for the
-    loader's next minibatch, then the trainer's per-step work (the LR policy, forward, backward, optimizer
-    step, the loss read back, the divergence guard), fresh minibatches every step (medians of ``steps`` after
-    WARMUP_STEPS warm-up steps; ``barrier()`` ends each, so copies profiled together step together, as
-    synchronous ranks do). ``exchange(grads)``, when given, all-reduces the gradients after the timed part
-    and is timed on its own. Built as a rank builds it, without a process group."""
+    loader's next minibatch, then the trainer's step (:class:`~autocnnp.training.trainer.TorchSteps`: the LR,
+    forward, backward, the job's strategy's exchange and optimizer step) and the divergence guard, fresh
+    minibatches every step (medians of ``steps`` after WARMUP_STEPS warm-up steps; ``barrier()`` ends each, so
+    copies profiled together step together, as synchronous ranks do). The job's strategy wraps the network
+    when it communicates over torch.distributed (its process group, of ``world``'s ranks, must exist): its
+    per-step bookkeeping is then in the compute, and the time it reports blocked in collectives is the
+    exchange; other strategies' exchanges are left to the link model. Built as a rank builds it."""
     import torch
     from torch.utils.data import RandomSampler
 
     from ..core.world import World
     from ..data.batches import DeviceBatches, batch_loader, channels_last_network
+    from ..generator.protocols import Strategy, collective_wait
     from ..training.loop import seed_everything
     from ..training.monitor import DivergenceGuard, MonitoringConfig
     from ..training.precision import mixed_precision
-    from ..training.trainer import make_optimizer
+    from ..training.trainer import TorchSteps, make_optimizer
 
-    world = World()
+    world = world or World()
     device = gen.action("memory_allocation").build(device=gen.action("device_placement").build(world=world))
     hp = gen.action("hyperparameters_injection").build()
     task = gen.action("task_definition").build()
+    strategy = (gen.action("dist_strategy").build(world=world, device=device) if exchanges_over_torch(gen)
+                else Strategy(world=world, device=device))
     seed_everything(gen.seed)
     fmt = gen.data_format()
     fmt.prepare(seed=gen.seed, cache_dir=gen.rundir.cache)
     data = fmt.datasets(world=world, seed=gen.seed, cache_dir=gen.rundir.cache)
     net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
-    net = net.to(device).train()
     if hp.channels_last:
         net = channels_last_network(net)
-    optimizer = make_optimizer(hp, net.parameters())
-    loss_fn = task.loss(hp.loss)
+    model = strategy.wrap(net)
     autocast, scaler = mixed_precision(hp.precision, device)
-    raw = batch_loader(data.train, RandomSampler(data.train), hp.minibatch_size, drop_last=True,
+    trainer = TorchSteps(model=model, optimizer=strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model),
+                         strategy=strategy, loss_fn=task.loss(hp.loss), autocast=autocast, scaler=scaler,
+                         transfer=None, micro_batches=gen.virtual_ranks)
+    raw = batch_loader(data.train, RandomSampler(data.train), hp.minibatch_size * gen.virtual_ranks, drop_last=True,
                        workers=hp.loader_workers)
     loader = DeviceBatches(raw, device, data.augment, hp.channels_last)  # the trainer's: read, moved, augmented
     if len(loader) == 0:
@@ -129,11 +137,19 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None,
     images, labels, _ = next(iter(raw))
     sample_bytes = (images.nbytes + labels.nbytes) // len(images)  # as stored: what a sample read moves
     trainable = [p for p in net.parameters() if p.requires_grad]
+    backward = [0.0, 0.0]  # this step's backward: its start, its last gradient
 
     def sync() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
+
+    def mark_backward(_param) -> None:
+        backward[1] = time.perf_counter()
+
+    net.register_forward_hook(lambda *_: backward.__setitem__(0, sync()))  # the forward's end
+    for param in trainable:
+        param.register_post_accumulate_grad_hook(mark_backward)
 
     def batches():
         """The loader's minibatches, pass after pass (each pass's first batch pays the loader's start, as in training)."""
@@ -141,27 +157,15 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None,
             yield from loader
 
     def step(index: int, x, y) -> tuple[float, float, float]:
-        """The trainer's work on one minibatch: (its time, the backward's, the gradient exchange's)."""
-        start = sync()
-        for group in optimizer.param_groups:
-            group["lr"] = policy.lr(0, index % len(loader))
-        with autocast:
-            loss = loss_fn(net(x), y)
-        optimizer.zero_grad()
-        forward_end = sync()
-        scaler.scale(loss).backward()
-        backward_end = sync()
-        exchanged = backward_end
-        if exchange is not None:
-            exchange([p.grad for p in trainable if p.grad is not None])
-            exchanged = sync()
-        scaler.step(optimizer)
-        scaler.update()
-        guard.check(loss.item(), 0, index)
+        """The trainer's step on one minibatch: (its time less the exchange's, the backward's, the exchange's)."""
+        start, blocked = sync(), collective_wait.seconds
+        guard.check(trainer.step(x, y, policy.lr(0, index % len(loader))), 0, index)
         barrier()
-        return sync() - start - (exchanged - backward_end), backward_end - forward_end, exchanged - backward_end
+        exchange = collective_wait.seconds - blocked
+        return sync() - start - exchange, backward[1] - backward[0], exchange
 
     feed = batches()
+    trainer.begin_steps()
     for i in range(WARMUP_STEPS):
         step(i, *next(feed))
     barrier()
@@ -179,46 +183,31 @@ def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None,
             "loader_workers": hp.loader_workers, "train_samples": len(data.train)}
 
 
+def exchanges_over_torch(gen) -> bool:
+    """Whether the job's strategy communicates over a torch.distributed process group (the profile's copies
+    then form one and step through the strategy itself)."""
+    return gen.action("communication_init").entry.name == "torch_distributed"
+
+
 def _profile_copy(argv: list[str]) -> None:
-    """One copy of :func:`profile_job`: ``JOB FOLDER COPIES STEPS [--set=K=V ...] INDEX``. Copies profiled
-    together join a gloo group (rendezvous in FOLDER) whose barrier ends each timed step: the step then
-    lasts as long as the slowest copy's, with the jitter of cores shared with other work, as in training."""
+    """One copy of :func:`profile_job`: ``JOB FOLDER COPIES STEPS [--set=K=V ...] INDEX``. The copies form a
+    gloo group (rendezvous in FOLDER), a group of one included, as the job's ranks do; its barrier ends each
+    timed step: the step then lasts as long as the slowest copy's, with the jitter of cores shared with other
+    work, as in training."""
     import torch.distributed as dist
+
+    from ..core.world import World
 
     job, folder, copies, steps, *sets, index = argv
     gen = load_job(job, [s.removeprefix("--set=") for s in sets]).generator
-    together = int(copies) > 1
-    if together:
-        dist.init_process_group("gloo", store=dist.FileStore(str(Path(folder) / "store"), int(copies)),
-                                rank=int(index), world_size=int(copies))
-    bucket_bytes = _bucket_mb(gen.action("dist_strategy").config) * 1e6
+    rank, size = int(index), int(copies)
+    dist.init_process_group("gloo", store=dist.FileStore(str(Path(folder) / "store"), size), rank=rank,
+                            world_size=size)
     try:
-        figures = profile_here(gen, int(steps), dist.barrier if together else lambda: None,
-                               (lambda grads: all_reduce_buckets(grads, bucket_bytes)) if together else None)
+        figures = profile_here(gen, int(steps), World(rank, size, rank, size, "gloo"), dist.barrier)
     finally:
-        if together:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
     (Path(folder) / f"copy-{index}.json").write_text(json.dumps(figures))
-
-
-def all_reduce_buckets(grads: list, bucket_bytes: float) -> None:
-    """Sum ``grads`` over the process group as DDP does: flattened into buckets of ``bucket_bytes``, one
-    allreduce each (gloo pays a latency per bucket)."""
-    import torch
-    import torch.distributed as dist
-
-    bucket: list = []
-    size = 0
-    for grad in [*grads, None]:
-        if bucket and (grad is None or size + grad.nbytes > bucket_bytes):
-            flat = torch.cat([g.reshape(-1) for g in bucket])
-            dist.all_reduce(flat)
-            for g, part in zip(bucket, flat.split([g.numel() for g in bucket])):
-                g.copy_(part.view_as(g))
-            bucket, size = [], 0
-        if grad is not None:
-            bucket.append(grad)
-            size += grad.nbytes
 
 
 # --- the link --------------------------------------------------------------------------------------------

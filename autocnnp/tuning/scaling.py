@@ -110,8 +110,8 @@ class Profile:
     sample_bytes: int
     loader_workers: int  # the job's: they read ahead while the rank computes
     train_samples: int | None = None  # for strategies that exchange once per epoch or round
-    # threads -> seconds of a bucketed gloo allreduce of the gradients among the copies profiled together on
-    # this node, measured while they train (their cores busy): the node's own exchange, contention included
+    # threads -> seconds a step waits in the job's strategy's exchange among the copies profiled together on
+    # this node (the ranks that share it), measured while they train: the node's own exchange, contention included
     exchange_s: dict[int, float] = field(default_factory=dict)
 
 
@@ -182,15 +182,13 @@ def exchange_s(traffic: Traffic, world_size: int, link: Link) -> float:
     return 0.0
 
 
-def node_exchange_s(profile: Profile, traffic: Traffic, world_size: int, threads: int, placement: Placement) -> float:
-    """The step's wait for a ring exchange among ranks that all sit on this node, from the profile's measured
-    allreduce (scaled to the traffic's bytes, per step): no overlap where the ranks' threads fill the node's
-    cores, as nothing is left to run the exchange beside the backward pass. 0 where nothing was measured."""
-    if traffic.pattern != "ring" or not 1 < world_size <= placement.ranks_per_node or threads not in profile.exchange_s:
+def node_exchange_s(profile: Profile, world_size: int, threads: int, placement: Placement) -> float:
+    """The step's wait in the exchange among ranks that all sit on this node, as the profile measured it: the
+    job's own strategy among as many copies, each with ``threads`` threads (its overlap with the backward
+    pass and the cores' contention included). 0 where nothing was measured or the ranks span nodes."""
+    if not 1 < world_size <= placement.ranks_per_node:
         return 0.0
-    if threads * min(world_size, placement.ranks_per_node) < placement.cores:
-        return 0.0
-    return profile.exchange_s[threads] * traffic.bytes / max(profile.grad_bytes, 1) / traffic.every_steps
+    return profile.exchange_s.get(threads, 0.0)
 
 
 def predict(profile: Profile, traffic: Callable[[int], Traffic], link: Link, world_sizes: list[int], *,
@@ -205,7 +203,7 @@ def predict(profile: Profile, traffic: Callable[[int], Traffic], link: Link, wor
         tr = traffic(n)
         comm = exchange_s(tr, n, link)
         exposed = exposed_s(comm, backward, overlap if tr.overlap is None else tr.overlap) / tr.every_steps
-        measured = node_exchange_s(profile, tr, n, t, placement)
+        measured = node_exchange_s(profile, n, t, placement)
         if measured > exposed:  # the node's own exchange, measured, costs more than the link model says
             comm = exposed = measured
         data = _at(profile.data_s, t) + data_path.read_s(n, placement.ranks_per_node,
