@@ -13,8 +13,10 @@ then trains the job with each rank count (``autocnnp run --set parallelism-degre
 the machine's drifting load weighs on both alike. The measured figure is ranks x minibatch / step time,
 the median step time the ranks recorded (``resources/rankN.csv`` ``step_ms``: the trainer's whole step,
 the data wait, the collectives, the guard and the monitor included; the first quarter of the samples
-dropped as warm-up), as the profile takes the median of its steps. Reported: each round's pair and error,
-then per model the median over rounds of each and of the paired error (prediction / measurement - 1).
+dropped as warm-up), as the profile takes the median of its steps. Reported: each round's pair and error
+(with the load average) and the step's parts, predicted (data, compute, exposed exchange) and measured
+(data wait, collectives), then per model the median over rounds of each and of the paired error
+(prediction / measurement - 1). Other sessions' processes on the machine swing the measured side itself.
 Goal: within 15 %.
 """
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -118,7 +121,7 @@ def main() -> int:
                         samples_s, breakdown = measure(job, sets, n, args.epochs, batch, Path(tmp) / f"run-{n}")
                         measured[model, n].append(samples_s)
                         print(f"  {model}, {n} rank(s): predicted {parts(rows[n])}; measured {breakdown}", flush=True)
-                print(f"round {i + 1}, {model}: " + "; ".join(
+                print(f"round {i + 1}, {model} (load average {os.getloadavg()[0]:.1f}): " + "; ".join(
                     f"{n} rank(s) predicted {predicted[model, n][-1]:.1f}, measured {measured[model, n][-1]:.1f} "
                     f"samples/s ({predicted[model, n][-1] / measured[model, n][-1] - 1:+.1%})" for n in ranks),
                     flush=True)
