@@ -144,10 +144,10 @@ def test_validate_and_plan_do_not_import_torch(command):
 
 
 # what `autocnnp validate` must never import: the frameworks and heavy libraries, and the standard modules of
-# the commands that serve, train and spawn (the dashboard's http.client, process pools): validate's 150 ms
-# budget (benchmarks/validate_speed.py) has no room for them
+# the commands that serve, train and spawn (the dashboard's http.client, process pools, sockets; content hashes'
+# OpenSSL bindings): validate's 150 ms budget (benchmarks/validate_speed.py) has no room for them
 NOT_FOR_VALIDATE = {"torch", "tensorflow", "keras", "mlflow", "matplotlib", "http.client", "urllib.request",
-                    "multiprocessing", "concurrent.futures"}
+                    "multiprocessing", "concurrent.futures", "socket", "hashlib"}
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "xml_configs").glob("*.xml")), ids=lambda p: p.stem)

@@ -128,6 +128,41 @@ def test_threads_per_rank_follow_the_ranks_on_a_node():
     assert [r.compute_s for r in rows] == [0.02, 0.03]
 
 
+def test_measured_node_exchange_enters_the_prediction_for_ranks_on_one_node():
+    """The wait in the job's strategy's exchange measured among the copies profiled together on this node,
+    while they train, is the step's wait at that rank count where it exceeds the link model's; it does not
+    carry over to ranks on other nodes."""
+    measured = Profile(4, {1: 0.03, 2: 0.02}, {1: 0.02, 2: 0.01}, {1: 0.0, 2: 0.0}, 100 * MB, 100 * MB, 4, 0,
+                       exchange_s={1: 0.5})
+    full = predict(measured, ring(), LINK, [1, 2, 4], placement=Placement(2, 2, 1), overlap=0.9)
+    assert full[0].exposed_s == 0 and full[1].exposed_s == full[1].comm_s == 0.5
+    assert full[1].step_s == pytest.approx(0.03 + 0.5)
+    link_only = exposed_s(ring_allreduce_s(100 * MB, 4, LINK), 0.02, 0.9)
+    assert full[2].exposed_s == pytest.approx(link_only)  # 4 ranks span two nodes: the link model
+    slow_link = Link(1e-3, 1 * MB)  # a link model slower than the measurement wins
+    assert predict(measured, ring(), slow_link, [2], placement=Placement(2, 2, 1), overlap=0.0)[0].exposed_s > 1
+
+
+def test_profile_steps_through_the_jobs_strategy(tiny_job, tmp_path):
+    """The profile runs the trainer's step on fresh minibatches through the job's strategy (DDP over a
+    process group, here of one): its time in collectives is the exchange, apart from the compute."""
+    import torch.distributed as dist
+
+    from autocnnp.generator.protocols import collective_wait
+    from autocnnp.run.job import load_job
+
+    gen = load_job(tiny_job, []).generator
+    assert scale_command.exchanges_over_torch(gen)
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        before = collective_wait.seconds
+        figures = scale_command.profile_here(gen, 2)
+    finally:
+        dist.destroy_process_group()
+    assert collective_wait.seconds > before  # DDP's hooks timed its allreduces
+    assert figures["exchange_s"] > 0 and figures["compute_s"] > figures["backward_s"] > 0 and figures["data_s"] > 0
+
+
 def test_powers_of_two_up_to_the_top():
     assert powers_of_two(1024) == [1 << i for i in range(11)]
     assert powers_of_two(18) == [1, 2, 4, 8, 16, 18]

@@ -11,10 +11,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
-import hashlib
 import json
 import os
-import secrets
 import stat
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -130,7 +128,7 @@ class _Watched:
 
 def temp_path(path: Path) -> Path:
     """A unique temporary name next to ``path`` (``.NAME.<pid>.<token>.tmp``)."""
-    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_SUFFIX}")
+    return path.with_name(f".{path.name}.{os.getpid()}.{os.urandom(4).hex()}{TEMP_SUFFIX}")
 
 
 def fsync_dir(directory: Path) -> None:
@@ -253,10 +251,14 @@ def read_json(path: Path | str) -> dict | None:
 
 
 def sha256_text(text: str) -> str:
+    import hashlib  # here: with OpenSSL's bindings it costs `autocnnp validate` ~3 ms
+
     return hashlib.sha256(text.encode()).hexdigest()
 
 
 def sha256_file(path: Path | str) -> str:
+    import hashlib
+
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
-import socket
+import os
 import sys
 import threading
 import time
@@ -150,7 +150,7 @@ class ResourceSampler:
         self._thread: threading.Thread | None = None
         self._started = False
         self.failed: WriteRefused | None = None  # a row the filesystem refused: sampling ended there
-        self._host = socket.gethostname()
+        self._host = os.uname().nodename  # socket.gethostname()'s, without importing socket for validate
         self._steps = [0, 0.0, 0.0, 0.0]  # steps; seconds in steps, waiting for data, in collectives: since the last row
 
     def record_step(self, step_s: float, data_wait_s: float, collective_s: float = 0.0) -> None:

@@ -51,7 +51,7 @@ def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) 
     processes at once (the node's k ranks sharing its cores) with ``threads`` threads each
     (``OMP_NUM_THREADS``, as run & manage sets it). A synchronous step lasts as long as its slowest rank: the
     compute and backward times are those of the slowest copy (cores are not alike: SMT siblings, other work),
-    the data time the median."""
+    the data time the median, the time blocked in the exchange the shortest (the slowest copy's)."""
     figures: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="autocnnp-scale-") as tmp:
         for threads, k in copies.items():
@@ -71,112 +71,142 @@ def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) 
             if any(codes):
                 raise RuntimeError(f"profiling the job's step with {threads} thread(s) failed (exit codes {codes})")
             figures[threads] = [json.loads((folder / f"copy-{i}.json").read_text()) for i in range(k)]
+    for fs in figures.values():
+        if len(fs) == 1:  # a lone rank's time in its strategy's collectives (a group of one) is its own work
+            fs[0]["compute_s"] += fs[0]["exchange_s"]
     first = next(iter(figures.values()))[0]
 
     def over_copies(key: str, of=statistics.median) -> dict[int, float]:
         return {t: of(f[key] for f in fs) for t, fs in figures.items()}
 
+    # a copy waits in the exchange for the last copy's gradients: the others' waits hold the skew the slowest
+    # copy's compute already counts, the slowest copy's (the shortest) is the exchange itself
+    exchanged = {t: s for t, s in over_copies("exchange_s", min).items() if len(figures[t]) > 1}
     return Profile(first["batch"], over_copies("compute_s", max), over_copies("backward_s", max),
-                   over_copies("data_s"), first["grad_bytes"],
-                   first["model_bytes"], first["sample_bytes"], first["loader_workers"], first["train_samples"])
+                   over_copies("data_s"), first["grad_bytes"], first["model_bytes"], first["sample_bytes"],
+                   first["loader_workers"], first["train_samples"], exchanged)
 
 
-def profile_here(gen, steps: int, barrier: Callable[[], None] = lambda: None) -> dict:
-    """This process's figures for the job's step: forward, backward and optimizer step of one rank's
-    minibatch (median of ``steps`` after WARMUP_STEPS warm-up steps; ``barrier()`` before the timed steps and at the end of
-    each, so copies profiled together step together, as synchronous ranks do), the loader's time per
-    minibatch and what the step moves. Built as a rank builds it, without a process group."""
+def profile_here(gen, steps: int, world=None, barrier: Callable[[], None] = lambda: None) -> dict:
+    """This process's figures for the job's step, timed as the trainer's loop runs it: the wait for the
+    loader's next minibatch, then the trainer's step (:class:`~autocnnp.training.trainer.TorchSteps`: the LR,
+    forward, backward, the job's strategy's exchange and optimizer step) and the divergence guard, fresh
+    minibatches every step (medians of ``steps`` after WARMUP_STEPS warm-up steps; ``barrier()`` ends each, so
+    copies profiled together step together, as synchronous ranks do). The job's strategy wraps the network
+    when it communicates over torch.distributed (its process group, of ``world``'s ranks, must exist): its
+    per-step bookkeeping is then in the compute, and the time it reports blocked in collectives is the
+    exchange; other strategies' exchanges are left to the link model. Built as a rank builds it."""
     import torch
     from torch.utils.data import RandomSampler
 
     from ..core.world import World
     from ..data.batches import DeviceBatches, batch_loader, channels_last_network
+    from ..generator.protocols import Strategy, collective_wait
     from ..training.loop import seed_everything
+    from ..training.monitor import DivergenceGuard, MonitoringConfig
     from ..training.precision import mixed_precision
-    from ..training.trainer import make_optimizer
+    from ..training.trainer import TorchSteps, make_optimizer
 
-    world = World()
+    world = world or World()
     device = gen.action("memory_allocation").build(device=gen.action("device_placement").build(world=world))
     hp = gen.action("hyperparameters_injection").build()
     task = gen.action("task_definition").build()
+    strategy = (gen.action("dist_strategy").build(world=world, device=device) if exchanges_over_torch(gen)
+                else Strategy(world=world, device=device))
     seed_everything(gen.seed)
     fmt = gen.data_format()
     fmt.prepare(seed=gen.seed, cache_dir=gen.rundir.cache)
     data = fmt.datasets(world=world, seed=gen.seed, cache_dir=gen.rundir.cache)
     net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
-    net = net.to(device).train()
     if hp.channels_last:
         net = channels_last_network(net)
-    optimizer = make_optimizer(hp, net.parameters())
-    loss_fn = task.loss(hp.loss)
+    model = strategy.wrap(net)
     autocast, scaler = mixed_precision(hp.precision, device)
-    raw = batch_loader(data.train, RandomSampler(data.train), hp.minibatch_size, drop_last=True,
+    trainer = TorchSteps(model=model, optimizer=strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model),
+                         strategy=strategy, loss_fn=task.loss(hp.loss), autocast=autocast, scaler=scaler,
+                         transfer=None, micro_batches=gen.virtual_ranks)
+    raw = batch_loader(data.train, RandomSampler(data.train), hp.minibatch_size * gen.virtual_ranks, drop_last=True,
                        workers=hp.loader_workers)
     loader = DeviceBatches(raw, device, data.augment, hp.channels_last)  # the trainer's: read, moved, augmented
     if len(loader) == 0:
         raise JobError(gen.spec.where, f"the training set has fewer samples than one minibatch of {hp.minibatch_size}",
                        "lower minibatch_size")
+    policy = gen.lr_policy(steps_per_epoch=len(loader), world_size=gen.world_size)
+    monitoring = MonitoringConfig()
+    guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
     images, labels, _ = next(iter(raw))
     sample_bytes = (images.nbytes + labels.nbytes) // len(images)  # as stored: what a sample read moves
-    x, y = next(iter(loader))
+    trainable = [p for p in net.parameters() if p.requires_grad]
+    backward = [0.0, 0.0]  # this step's backward: its start, its last gradient
 
     def sync() -> float:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         return time.perf_counter()
 
-    def step() -> tuple[float, float]:
-        """One forward, backward and optimizer step: (its time, the backward's)."""
-        start = sync()
-        with autocast:
-            loss = loss_fn(net(x), y)
-        optimizer.zero_grad()
-        forward_end = sync()
-        scaler.scale(loss).backward()
-        backward_end = sync()
-        scaler.step(optimizer)
-        scaler.update()
+    def mark_backward(_param) -> None:
+        backward[1] = time.perf_counter()
+
+    net.register_forward_hook(lambda *_: backward.__setitem__(0, sync()))  # the forward's end
+    for param in trainable:
+        param.register_post_accumulate_grad_hook(mark_backward)
+
+    def batches():
+        """The loader's minibatches, pass after pass (each pass's first batch pays the loader's start, as in training)."""
+        while True:
+            yield from loader
+
+    def step(index: int, x, y) -> tuple[float, float, float]:
+        """The trainer's step on one minibatch: (its time less the exchange's, the backward's, the exchange's)."""
+        start, blocked = sync(), collective_wait.seconds
+        guard.check(trainer.step(x, y, policy.lr(0, index % len(loader))), 0, index)
         barrier()
-        return sync() - start, backward_end - forward_end
+        exchange = collective_wait.seconds - blocked
+        return sync() - start - exchange, backward[1] - backward[0], exchange
 
-    def load() -> float:
-        """The loader's time for one minibatch (a fresh pass: the first batch pays the loader's start)."""
-        batches = iter(loader)
-        next(batches)
-        start = time.perf_counter()
-        next(batches, None)
-        return time.perf_counter() - start
-
-    for _ in range(WARMUP_STEPS):
-        step()
+    feed = batches()
+    trainer.begin_steps()
+    for i in range(WARMUP_STEPS):
+        step(i, *next(feed))
     barrier()
-    timed = [(*step(), load()) for _ in range(steps)]
-    trainable = [p for p in net.parameters() if p.requires_grad]
+    timed = []
+    for i in range(steps):
+        start = time.perf_counter()
+        x, y = next(feed)
+        waited = time.perf_counter() - start  # the wait for the minibatch: what loading adds to the step
+        timed.append((*step(i, x, y), waited))
     floats = (*net.parameters(), *(b for b in net.buffers() if b.is_floating_point()))
     return {"compute_s": statistics.median(s[0] for s in timed), "backward_s": statistics.median(s[1] for s in timed),
-            "data_s": statistics.median(s[2] for s in timed), "batch": hp.minibatch_size,
-            "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
+            "exchange_s": statistics.median(s[2] for s in timed), "data_s": statistics.median(s[3] for s in timed),
+            "batch": hp.minibatch_size, "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
             "model_bytes": sum(t.numel() * t.element_size() for t in floats), "sample_bytes": sample_bytes,
             "loader_workers": hp.loader_workers, "train_samples": len(data.train)}
 
 
+def exchanges_over_torch(gen) -> bool:
+    """Whether the job's strategy communicates over a torch.distributed process group (the profile's copies
+    then form one and step through the strategy itself)."""
+    return gen.action("communication_init").entry.name == "torch_distributed"
+
+
 def _profile_copy(argv: list[str]) -> None:
-    """One copy of :func:`profile_job`: ``JOB FOLDER COPIES STEPS [--set=K=V ...] INDEX``. Copies profiled
-    together join a gloo group (rendezvous in FOLDER) whose barrier ends each timed step: the step then
-    lasts as long as the slowest copy's, with the jitter of cores shared with other work, as in training."""
+    """One copy of :func:`profile_job`: ``JOB FOLDER COPIES STEPS [--set=K=V ...] INDEX``. The copies form a
+    gloo group (rendezvous in FOLDER), a group of one included, as the job's ranks do; its barrier ends each
+    timed step: the step then lasts as long as the slowest copy's, with the jitter of cores shared with other
+    work, as in training."""
     import torch.distributed as dist
+
+    from ..core.world import World
 
     job, folder, copies, steps, *sets, index = argv
     gen = load_job(job, [s.removeprefix("--set=") for s in sets]).generator
-    together = int(copies) > 1
-    if together:
-        dist.init_process_group("gloo", store=dist.FileStore(str(Path(folder) / "store"), int(copies)),
-                                rank=int(index), world_size=int(copies))
+    rank, size = int(index), int(copies)
+    dist.init_process_group("gloo", store=dist.FileStore(str(Path(folder) / "store"), size), rank=rank,
+                            world_size=size)
     try:
-        figures = profile_here(gen, int(steps), dist.barrier if together else lambda: None)
+        figures = profile_here(gen, int(steps), World(rank, size, rank, size, "gloo"), dist.barrier)
     finally:
-        if together:
-            dist.destroy_process_group()
+        dist.destroy_process_group()
     (Path(folder) / f"copy-{index}.json").write_text(json.dumps(figures))
 
 

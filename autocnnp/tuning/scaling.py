@@ -110,6 +110,9 @@ class Profile:
     sample_bytes: int
     loader_workers: int  # the job's: they read ahead while the rank computes
     train_samples: int | None = None  # for strategies that exchange once per epoch or round
+    # threads -> seconds a step waits in the job's strategy's exchange among the copies profiled together on
+    # this node (the ranks that share it), measured while they train: the node's own exchange, contention included
+    exchange_s: dict[int, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -179,6 +182,15 @@ def exchange_s(traffic: Traffic, world_size: int, link: Link) -> float:
     return 0.0
 
 
+def node_exchange_s(profile: Profile, world_size: int, threads: int, placement: Placement) -> float:
+    """The step's wait in the exchange among ranks that all sit on this node, as the profile measured it: the
+    job's own strategy among as many copies, each with ``threads`` threads (its overlap with the backward
+    pass and the cores' contention included). 0 where nothing was measured or the ranks span nodes."""
+    if not 1 < world_size <= placement.ranks_per_node:
+        return 0.0
+    return profile.exchange_s.get(threads, 0.0)
+
+
 def predict(profile: Profile, traffic: Callable[[int], Traffic], link: Link, world_sizes: list[int], *,
             placement: Placement, data_path: DataPath = DataPath(), overlap: float) -> list[Row]:
     """The model's row for every rank count; speedup and efficiency against the first (usually 1 rank).
@@ -191,6 +203,9 @@ def predict(profile: Profile, traffic: Callable[[int], Traffic], link: Link, wor
         tr = traffic(n)
         comm = exchange_s(tr, n, link)
         exposed = exposed_s(comm, backward, overlap if tr.overlap is None else tr.overlap) / tr.every_steps
+        measured = node_exchange_s(profile, n, t, placement)
+        if measured > exposed:  # the node's own exchange, measured, costs more than the link model says
+            comm = exposed = measured
         data = _at(profile.data_s, t) + data_path.read_s(n, placement.ranks_per_node,
                                                          profile.batch * profile.sample_bytes)
         work = compute + exposed
