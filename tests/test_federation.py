@@ -288,6 +288,46 @@ def test_each_aggregation_averages_by_training_samples_and_keeps_the_round(tmp_p
     assert strategy.aggregate_fit(2, results[:1], [(sites[1], RuntimeError("gone"))]) == (None, {})
 
 
+@pytest.mark.parametrize("aggregation", ["fedadam", "fedyogi"])
+def test_a_restarted_server_steps_on_from_its_optimizer_moments(tmp_path, aggregation):
+    """FedAdam's and FedYogi's moments are saved with each round: a server restarted after round 1 makes the
+    same round-2 step as one that ran on (without them, it would restart its moments from zero)."""
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.client_manager import SimpleClientManager
+
+    from autocnnp.core.rundir import RunDir
+    from autocnnp.federation.config import FederationConfig
+    from autocnnp.federation.server import Admission, Audit, Rounds, federated_strategy
+
+    fed = FederationConfig(min_sites=1, aggregation=aggregation, server_lr=0.1)
+    ok = Status(code=Code.OK, message="")
+
+    def server(folder: Path):
+        audit = Audit(folder / "federation" / "received.jsonl")
+        admission = Admission({}, {}, 1, 5.0, audit)
+        admission.who["1"] = ("a", "train")
+        SimpleClientManager.register(admission, FakeSite("1"))
+        rounds = Rounds(RunDir(folder), None, fed, admission)
+        initial = rounds.latest() if rounds.state["round"] else None
+        strategy = federated_strategy(fed, rounds, admission, audit, initial)
+        return strategy, admission, initial or ndarrays_to_parameters([np.zeros(3, np.float32)])
+
+    def round_of(strategy, admission, parameters, value: float):
+        strategy.configure_fit(1, parameters, admission)
+        result = FitRes(ok, ndarrays_to_parameters([np.full(3, value, np.float32)]), 10, {})
+        return strategy.aggregate_fit(1, [(FakeSite("1"), result)], [])[0]
+
+    on, admission, start = server(tmp_path / "on")
+    once = round_of(on, admission, start, 1.0)
+    twice = parameters_to_ndarrays(round_of(on, admission, once, 3.0))[0]
+    first, admission, start = server(tmp_path / "restarted")
+    round_of(first, admission, start, 1.0)
+    again, admission, resumed = server(tmp_path / "restarted")  # a new server on the same folder
+    assert [m.tolist() for m in again.m_t] == [m.tolist() for m in first.m_t]
+    assert np.allclose(parameters_to_ndarrays(round_of(again, admission, resumed, 3.0))[0], twice)
+
+
 def test_a_site_trains_from_the_consensus_and_fedprox_keeps_it_near(tmp_path):
     """The site's own run, in this process: it starts each round from the parameters it is sent; FedProx's
     proximal term keeps its training near them."""
