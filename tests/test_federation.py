@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -104,17 +105,17 @@ def stand(tmp_path, procs):
 
 
 def site(procs, folder: Path, job: Path, name: str, *extra: str, data: str | None = None, key: str | None = None,
-         label: str | None = None):
+         label: str | None = None, out: str | None = None):
     label = label or name
     return procs(folder, f"site_{label}", "federation", "site", job.name, "--name", name, "--ca", "certs/ca.crt",
-                 "--key", key or f"certs/sites/{name}.key", "--data", data or f"data_{name}", "--out", f"out_{label}",
-                 *extra)
+                 "--key", key or f"certs/sites/{name}.key", "--data", data or f"data_{name}",
+                 "--out", out or f"out_{label}", *extra)
 
 
 @pytest.mark.slow  # processes importing torch and flwr: ~1 minute
-def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, procs):
+def test_three_sites_over_tls_one_dropping_out_and_back_select_a_consensus_model(stand, procs):
     folder, port = stand
-    job = federation_job(folder, port)
+    job = federation_job(folder, port, rounds=3)
     server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
     c = site(procs, folder, job, "c")  # c joins first, so it is in round 1 (min_sites 2 starts it with the next)
     server.wait_for("site c joined")
@@ -123,24 +124,38 @@ def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, p
     # at the door: a key the list does not hold, a job that differs
     foreign = site(procs, folder, job, "a", key="foreign/sites/a.key", label="foreign")
     other = site(procs, folder, federation_job(folder, port, base_channels=8), "z", data="data_o")
-    assert foreign.wait() == 2 and other.wait() == 2
+    (folder / "data_empty").mkdir()
+    no_data = site(procs, folder, job, "z", data="data_empty", label="no_data")  # its own data check fails
+    assert foreign.wait() == 2 and other.wait() == 2 and no_data.wait() == 2
+    assert "data_empty" in no_data.text() and "Traceback" not in no_data.text()
     assert "did not prove it holds the key" in foreign.text()
     assert "architecture parameters" in other.text() and "base_channels" in other.text()
     server.wait_for("refused a site: site 'a' did not prove")
     server.wait_for("its job differs from the server's: architecture parameters")
-    # site c drops out once it trained a round: the rounds go on with a and b (min_sites 2)
+    # site c drops out once it trained a round: the rounds go on with a and b (min_sites 2); c comes back (the same
+    # command, resuming its own run) and trains again in a later round
     c.wait_for("round 1 trained")
     c.signal(signal.SIGKILL)
+    c.wait()
+    b.signal(signal.SIGSTOP)  # b holds the rounds up (they wait for its results) until c is back: no race
+    c_again = site(procs, folder, job, "c", label="c_again", out="out_c")
+    server.wait_for("site c left")
+    deadline = time.monotonic() + 120
+    while server.text().count("site c joined") < 2:
+        assert time.monotonic() < deadline and c_again.p.poll() is None, c_again.text()[-3000:]
+        time.sleep(0.2)
+    b.signal(signal.SIGCONT)
     assert server.wait(180) == 0, server.text()[-3000:]
-    for proc in (a, b, out_of_sample):
+    for proc in (a, b, out_of_sample, c_again):
         assert proc.wait() == 0 and "the federation ended" in proc.text()
+    assert re.search(r"site c: round [23] trained", c_again.text()), c_again.text()[-3000:]
     log = server.text()
-    assert "site c left" in log
+    assert "site c left" in log and log.count("site c joined") == 2
     assert "round 2: aggregated 2 site(s)" in log
     assert "site o (evaluate) validation" in log
     assert "consensus model: round" in log and "done: consensus model of round" in log
     state = json.loads((folder / "server" / "federation" / "state.json").read_text())
-    assert state["round"] == 2 and state["best"]["metric"] == "dice_fg"
+    assert state["round"] == 3 and state["best"]["metric"] == "dice_fg"
     best = folder / "server" / "checkpoints" / "ckpt-best.pt"
     # what the server saw: parameters shaped as the network's and scalars; no path, case, image or label
     import torch
@@ -240,6 +255,46 @@ def test_a_server_that_cannot_be_reached_is_one_line_after_the_timeout(capsys):
     assert refused.value.exit_code == 1 and time.monotonic() - start < 30
     assert "cannot reach it within 2 s" in str(refused.value) and "\n" not in str(refused.value)
     assert "cannot reach the server yet" in capsys.readouterr().err
+
+
+def test_a_wrong_address_a_foreign_or_expired_certificate_fail_a_joining_site_within_seconds(tmp_path):
+    """Before Flower's client (which retries for round_timeout_s), a site probes the server: one line, exit 1."""
+    import ssl
+    import threading
+
+    from autocnnp.federation.site import Unreachable, probe
+
+    make_certificates(tmp_path / "ours", ["a"], ["127.0.0.1"])
+    make_certificates(tmp_path / "foreign", ["a"], ["127.0.0.1"])
+    make_certificates(tmp_path / "expired", ["a"], ["127.0.0.1"], days=-1)
+    root = (tmp_path / "ours" / "ca.crt").read_bytes()
+
+    def tls_server(folder: Path) -> str:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(folder / "server.crt", folder / "server.key")
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def serve():
+            with listener:
+                conn, _ = listener.accept()
+                try:
+                    context.wrap_socket(conn, server_side=True).close()
+                except (ssl.SSLError, OSError):
+                    conn.close()
+        threading.Thread(target=serve, daemon=True).start()
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    probe(tls_server(tmp_path / "ours"), root, 5.0)  # the right server passes
+    start = time.monotonic()
+    cases = [(tls_server(tmp_path / "foreign"), root, "not one --ca vouches for"),
+             (tls_server(tmp_path / "expired"), (tmp_path / "expired" / "ca.crt").read_bytes(), "has expired"),
+             ("nowhere.invalid:9092", root, "does not resolve"),
+             (f"127.0.0.1:{free_port()}", root, "nothing answers there within 1 s")]
+    for address, ca, why in cases:
+        with pytest.raises(Unreachable, match=why) as failed:
+            probe(address, ca, 1.0)
+        assert failed.value.exit_code == 1 and "\n" not in str(failed.value)
+    assert time.monotonic() - start < 15
 
 
 class FakeSite:
