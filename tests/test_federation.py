@@ -117,6 +117,7 @@ def test_three_sites_over_tls_one_dropping_out_and_back_select_a_consensus_model
     folder, port = stand
     job = federation_job(folder, port, rounds=3)
     server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    server.wait_for("federation server on")
     c = site(procs, folder, job, "c")  # c joins first, so it is in round 1 (min_sites 2 starts it with the next)
     server.wait_for("site c joined")
     a, b = (site(procs, folder, job, name) for name in "ab")
@@ -190,6 +191,7 @@ def test_an_interrupted_server_resumes_from_its_last_round(stand, procs):
     folder, port = stand
     job = federation_job(folder, port, rounds=2, min_sites=1)
     server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    server.wait_for("federation server on")
     a = site(procs, folder, job, "a")
     server.wait_for("round 1: weighted dice_fg")
     server.signal(signal.SIGINT)  # Ctrl-C

@@ -28,7 +28,7 @@ from .admission import agreement, load_private_key, sign
 from .config import FederationConfig
 
 ROLES = ("train", "evaluate")
-JOIN_WAIT_S = 10.0  # how long a joining site waits for a server that does not listen yet
+JOIN_WAIT_S = 30.0  # how long a joining site waits for a server that does not listen yet
 
 
 class Unreachable(JobError):
@@ -149,8 +149,9 @@ def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, 
                            "give the ca.crt the federation's operator sent") from None
     address = server or federation.server
     with lock.own_output(job, front_end=False):
+        trainer = SiteTrainer(job)  # the site's own data check, first
         probe(address, root, min(federation.round_timeout_s, JOIN_WAIT_S))
-        return _take_part(SiteClient(SiteTrainer(job), name, key, role), address, root, federation.round_timeout_s)
+        return _take_part(SiteClient(trainer, name, key, role), address, root, federation.round_timeout_s)
 
 
 def probe(address: str, root: bytes | None, wait_s: float) -> None:
