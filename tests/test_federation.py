@@ -164,13 +164,15 @@ def test_three_sites_over_tls_one_dropping_out_and_back_select_a_consensus_model
     shapes = [list(t.shape) for t in torch.load(best, weights_only=False)["model"].values()]
     text = (folder / "server" / "federation" / "received.jsonl").read_text()
     records = [json.loads(line) for line in text.splitlines()]
-    assert {r["kind"] for r in records} == {"properties", "fit", "evaluate"}
+    assert {r["kind"] for r in records} == {"properties", "fit", "evaluate", "refused"}
+    refusals = [r["reason"] for r in records if r["kind"] == "refused"]  # the refusals are logged for audit
+    assert any("did not prove" in r for r in refusals) and any("base_channels" in r for r in refusals)
     for r in records:
         if r["kind"] == "fit":
             assert [shape for shape, _ in r["arrays"]] == shapes
         if r["kind"] in ("fit", "evaluate"):
             assert all(isinstance(v, float) for v in r["metrics"].values())
-        else:
+        elif r["kind"] == "properties":
             assert set(r["properties"]) == {"site", "role", "signature", "agreement", "names", "card"}
     for needle in ("case_", str(folder), "data_a", "data_b", "imagesTr", "labelsTr", ".nii"):
         assert needle not in text

@@ -91,6 +91,7 @@ class Admission(SimpleClientManager):
             reason = f"site {name!r} is connected already"
         if reason is not None:
             print(f"autocnnp: refused a site: {reason}", file=sys.stderr, flush=True)
+            self.audit.record("refused", name, reason=reason)
             try:
                 client.get_properties(GetPropertiesIns({"verdict": reason}), timeout=self.timeout_s, group_id=None)
                 client.reconnect(ReconnectIns(seconds=None), timeout=self.timeout_s, group_id=None)
