@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -81,9 +82,9 @@ DATA = ('<data format="decathlon"><train><path>data_a</path></train><param name=
 
 
 def federation_job(folder: Path, port: int, *, rounds: int = 2, min_sites: int = 2, base_channels: int = 4,
-                   aggregation: str = "fedavg") -> Path:
+                   aggregation: str = "fedavg", timeout_s: int = 60) -> Path:
     fed = (f'<federation><property name="server">127.0.0.1:{port}</property><property name="rounds">{rounds}</property>'
-           f'<property name="min_sites">{min_sites}</property><property name="round_timeout_s">60</property>'
+           f'<property name="min_sites">{min_sites}</property><property name="round_timeout_s">{timeout_s}</property>'
            f'<property name="aggregation">{aggregation}</property></federation>')
     return write_job(folder / f"job{base_channels}.xml", degree=1, output="server", data=DATA,
                      arch=TINY_UNET.replace(">4<", f">{base_channels}<"), extra=QUIET + fed,
@@ -104,18 +105,19 @@ def stand(tmp_path, procs):
 
 
 def site(procs, folder: Path, job: Path, name: str, *extra: str, data: str | None = None, key: str | None = None,
-         label: str | None = None):
+         label: str | None = None, out: str | None = None):
     label = label or name
     return procs(folder, f"site_{label}", "federation", "site", job.name, "--name", name, "--ca", "certs/ca.crt",
-                 "--key", key or f"certs/sites/{name}.key", "--data", data or f"data_{name}", "--out", f"out_{label}",
-                 *extra)
+                 "--key", key or f"certs/sites/{name}.key", "--data", data or f"data_{name}",
+                 "--out", out or f"out_{label}", *extra)
 
 
 @pytest.mark.slow  # processes importing torch and flwr: ~1 minute
-def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, procs):
+def test_three_sites_over_tls_one_dropping_out_and_back_select_a_consensus_model(stand, procs):
     folder, port = stand
-    job = federation_job(folder, port)
+    job = federation_job(folder, port, rounds=3, timeout_s=180)  # sites may take long to start on a busy machine
     server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    server.wait_for("federation server on")
     c = site(procs, folder, job, "c")  # c joins first, so it is in round 1 (min_sites 2 starts it with the next)
     server.wait_for("site c joined")
     a, b = (site(procs, folder, job, name) for name in "ab")
@@ -123,24 +125,38 @@ def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, p
     # at the door: a key the list does not hold, a job that differs
     foreign = site(procs, folder, job, "a", key="foreign/sites/a.key", label="foreign")
     other = site(procs, folder, federation_job(folder, port, base_channels=8), "z", data="data_o")
-    assert foreign.wait() == 2 and other.wait() == 2
+    (folder / "data_empty").mkdir()
+    no_data = site(procs, folder, job, "z", data="data_empty", label="no_data")  # its own data check fails
+    assert foreign.wait() == 2 and other.wait() == 2 and no_data.wait() == 2
+    assert "data_empty" in no_data.text() and "Traceback" not in no_data.text()
     assert "did not prove it holds the key" in foreign.text()
     assert "architecture parameters" in other.text() and "base_channels" in other.text()
     server.wait_for("refused a site: site 'a' did not prove")
     server.wait_for("its job differs from the server's: architecture parameters")
-    # site c drops out once it trained a round: the rounds go on with a and b (min_sites 2)
+    # site c drops out once it trained a round: the rounds go on with a and b (min_sites 2); c comes back (the same
+    # command, resuming its own run) and trains again in a later round
     c.wait_for("round 1 trained")
     c.signal(signal.SIGKILL)
-    assert server.wait(180) == 0, server.text()[-3000:]
-    for proc in (a, b, out_of_sample):
+    c.wait()
+    b.signal(signal.SIGSTOP)  # b holds the rounds up (they wait for its results) until c is back: no race
+    c_again = site(procs, folder, job, "c", label="c_again", out="out_c")
+    server.wait_for("site c left")
+    deadline = time.monotonic() + 120
+    while server.text().count("site c joined") < 2:
+        assert time.monotonic() < deadline and c_again.p.poll() is None, c_again.text()[-3000:]
+        time.sleep(0.2)
+    b.signal(signal.SIGCONT)
+    assert server.wait(300) == 0, server.text()[-3000:]
+    for proc in (a, b, out_of_sample, c_again):
         assert proc.wait() == 0 and "the federation ended" in proc.text()
+    assert re.search(r"site c: round [23] trained", c_again.text()), c_again.text()[-3000:]
     log = server.text()
-    assert "site c left" in log
+    assert "site c left" in log and log.count("site c joined") == 2
     assert "round 2: aggregated 2 site(s)" in log
     assert "site o (evaluate) validation" in log
     assert "consensus model: round" in log and "done: consensus model of round" in log
     state = json.loads((folder / "server" / "federation" / "state.json").read_text())
-    assert state["round"] == 2 and state["best"]["metric"] == "dice_fg"
+    assert state["round"] == 3 and state["best"]["metric"] == "dice_fg"
     best = folder / "server" / "checkpoints" / "ckpt-best.pt"
     # what the server saw: parameters shaped as the network's and scalars; no path, case, image or label
     import torch
@@ -148,13 +164,15 @@ def test_three_sites_over_tls_one_dropping_out_select_a_consensus_model(stand, p
     shapes = [list(t.shape) for t in torch.load(best, weights_only=False)["model"].values()]
     text = (folder / "server" / "federation" / "received.jsonl").read_text()
     records = [json.loads(line) for line in text.splitlines()]
-    assert {r["kind"] for r in records} == {"properties", "fit", "evaluate"}
+    assert {r["kind"] for r in records} == {"properties", "fit", "evaluate", "refused"}
+    refusals = [r["reason"] for r in records if r["kind"] == "refused"]  # the refusals are logged for audit
+    assert any("did not prove" in r for r in refusals) and any("base_channels" in r for r in refusals)
     for r in records:
         if r["kind"] == "fit":
             assert [shape for shape, _ in r["arrays"]] == shapes
         if r["kind"] in ("fit", "evaluate"):
             assert all(isinstance(v, float) for v in r["metrics"].values())
-        else:
+        elif r["kind"] == "properties":
             assert set(r["properties"]) == {"site", "role", "signature", "agreement", "names", "card"}
     for needle in ("case_", str(folder), "data_a", "data_b", "imagesTr", "labelsTr", ".nii"):
         assert needle not in text
@@ -175,6 +193,7 @@ def test_an_interrupted_server_resumes_from_its_last_round(stand, procs):
     folder, port = stand
     job = federation_job(folder, port, rounds=2, min_sites=1)
     server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    server.wait_for("federation server on")
     a = site(procs, folder, job, "a")
     server.wait_for("round 1: weighted dice_fg")
     server.signal(signal.SIGINT)  # Ctrl-C
@@ -248,6 +267,46 @@ def test_a_server_that_cannot_be_reached_is_one_line_after_the_timeout(capsys):
     assert "cannot reach the server yet" in capsys.readouterr().err
 
 
+def test_a_wrong_address_a_foreign_or_expired_certificate_fail_a_joining_site_within_seconds(tmp_path):
+    """Before Flower's client (which retries for round_timeout_s), a site probes the server: one line, exit 1."""
+    import ssl
+    import threading
+
+    from autocnnp.federation.site import Unreachable, probe
+
+    make_certificates(tmp_path / "ours", ["a"], ["127.0.0.1"])
+    make_certificates(tmp_path / "foreign", ["a"], ["127.0.0.1"])
+    make_certificates(tmp_path / "expired", ["a"], ["127.0.0.1"], days=-1)
+    root = (tmp_path / "ours" / "ca.crt").read_bytes()
+
+    def tls_server(folder: Path) -> str:
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(folder / "server.crt", folder / "server.key")
+        listener = socket.create_server(("127.0.0.1", 0))
+
+        def serve():
+            with listener:
+                conn, _ = listener.accept()
+                try:
+                    context.wrap_socket(conn, server_side=True).close()
+                except (ssl.SSLError, OSError):
+                    conn.close()
+        threading.Thread(target=serve, daemon=True).start()
+        return f"127.0.0.1:{listener.getsockname()[1]}"
+
+    probe(tls_server(tmp_path / "ours"), root, 5.0)  # the right server passes
+    start = time.monotonic()
+    cases = [(tls_server(tmp_path / "foreign"), root, "not one --ca vouches for"),
+             (tls_server(tmp_path / "expired"), (tmp_path / "expired" / "ca.crt").read_bytes(), "has expired"),
+             ("nowhere.invalid:9092", root, "does not resolve"),
+             (f"127.0.0.1:{free_port()}", root, "nothing answers there within 1 s")]
+    for address, ca, why in cases:
+        with pytest.raises(Unreachable, match=why) as failed:
+            probe(address, ca, 1.0)
+        assert failed.value.exit_code == 1 and "\n" not in str(failed.value)
+    assert time.monotonic() - start < 15
+
+
 class FakeSite:
     def __init__(self, cid: str):
         self.cid = cid
@@ -292,6 +351,46 @@ def test_each_aggregation_averages_by_training_samples_and_keeps_the_round(tmp_p
     assert [parameters_to_ndarrays(rounds.latest())[0].tolist()] == [got.tolist()]
     # a round whose results come from fewer than min_sites keeps the model
     assert strategy.aggregate_fit(2, results[:1], [(sites[1], RuntimeError("gone"))]) == (None, {})
+
+
+@pytest.mark.parametrize("aggregation", ["fedadam", "fedyogi"])
+def test_a_restarted_server_steps_on_from_its_optimizer_moments(tmp_path, aggregation):
+    """FedAdam's and FedYogi's moments are saved with each round: a server restarted after round 1 makes the
+    same round-2 step as one that ran on (without them, it would restart its moments from zero)."""
+    import numpy as np
+    from flwr.common import Code, FitRes, Status, ndarrays_to_parameters, parameters_to_ndarrays
+    from flwr.server.client_manager import SimpleClientManager
+
+    from autocnnp.core.rundir import RunDir
+    from autocnnp.federation.config import FederationConfig
+    from autocnnp.federation.server import Admission, Audit, Rounds, federated_strategy
+
+    fed = FederationConfig(min_sites=1, aggregation=aggregation, server_lr=0.1)
+    ok = Status(code=Code.OK, message="")
+
+    def server(folder: Path):
+        audit = Audit(folder / "federation" / "received.jsonl")
+        admission = Admission({}, {}, 1, 5.0, audit)
+        admission.who["1"] = ("a", "train")
+        SimpleClientManager.register(admission, FakeSite("1"))
+        rounds = Rounds(RunDir(folder), None, fed, admission)
+        initial = rounds.latest() if rounds.state["round"] else None
+        strategy = federated_strategy(fed, rounds, admission, audit, initial)
+        return strategy, admission, initial or ndarrays_to_parameters([np.zeros(3, np.float32)])
+
+    def round_of(strategy, admission, parameters, value: float):
+        strategy.configure_fit(1, parameters, admission)
+        result = FitRes(ok, ndarrays_to_parameters([np.full(3, value, np.float32)]), 10, {})
+        return strategy.aggregate_fit(1, [(FakeSite("1"), result)], [])[0]
+
+    on, admission, start = server(tmp_path / "on")
+    once = round_of(on, admission, start, 1.0)
+    twice = parameters_to_ndarrays(round_of(on, admission, once, 3.0))[0]
+    first, admission, start = server(tmp_path / "restarted")
+    round_of(first, admission, start, 1.0)
+    again, admission, resumed = server(tmp_path / "restarted")  # a new server on the same folder
+    assert [m.tolist() for m in again.m_t] == [m.tolist() for m in first.m_t]
+    assert np.allclose(parameters_to_ndarrays(round_of(again, admission, resumed, 3.0))[0], twice)
 
 
 def test_a_site_trains_from_the_consensus_and_fedprox_keeps_it_near(tmp_path):

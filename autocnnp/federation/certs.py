@@ -22,11 +22,13 @@ def _pem_key(key) -> bytes:
                              serialization.NoEncryption())
 
 
-def _certificate(subject: str, public_key, issuer: x509.Name, signer, *, ca: bool, hosts=()) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.UTC)
+def _certificate(subject: str, public_key, issuer: x509.Name, signer, *, ca: bool, hosts=(),
+                 days: int = DAYS) -> x509.Certificate:
+    until = datetime.datetime.now(datetime.UTC) + datetime.timedelta(days=days)
+    since = min(datetime.datetime.now(datetime.UTC), until) - datetime.timedelta(minutes=5)
     builder = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, subject)]))
                .issuer_name(issuer).public_key(public_key).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=DAYS))
+               .not_valid_before(since).not_valid_after(until)
                .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
     if hosts:
         names = []
@@ -39,16 +41,17 @@ def _certificate(subject: str, public_key, issuer: x509.Name, signer, *, ca: boo
     return builder.sign(signer, hashes.SHA256())
 
 
-def make_certificates(folder: Path, sites: list[str], hosts: list[str]) -> list[Path]:
-    """Write ``ca.crt``, ``server.crt``/``server.key`` (valid for ``hosts``), ``sites/NAME.key``/``.pub`` and
-    ``sites.csv`` into ``folder``; returns the files written."""
+def make_certificates(folder: Path, sites: list[str], hosts: list[str], days: int = DAYS) -> list[Path]:
+    """Write ``ca.crt``, ``server.crt``/``server.key`` (valid for ``hosts`` and ``days`` days: a negative number
+    makes an expired one), ``sites/NAME.key``/``.pub`` and ``sites.csv`` into ``folder``; returns the files
+    written."""
     folder = Path(folder)
     (folder / "sites").mkdir(parents=True, exist_ok=True)
     ca_key = ec.generate_private_key(ec.SECP384R1())
     ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "autocnnp federation test CA")])
     ca = _certificate("autocnnp federation test CA", ca_key.public_key(), ca_name, ca_key, ca=True)
     server_key = ec.generate_private_key(ec.SECP384R1())
-    server = _certificate(hosts[0], server_key.public_key(), ca_name, ca_key, ca=False, hosts=hosts)
+    server = _certificate(hosts[0], server_key.public_key(), ca_name, ca_key, ca=False, hosts=hosts, days=days)
     files = {"ca.crt": ca.public_bytes(serialization.Encoding.PEM),
              "server.crt": server.public_bytes(serialization.Encoding.PEM), "server.key": _pem_key(server_key)}
     listing = ["# NAME,PUBLIC_KEY_FILE: the sites the server admits (autocnnp federation server --sites)"]

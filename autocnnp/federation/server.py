@@ -92,6 +92,7 @@ class Admission(SimpleClientManager):
             reason = f"site {name!r} is connected already"
         if reason is not None:
             print(f"autocnnp: refused a site: {reason}", file=sys.stderr, flush=True)
+            self.audit.record("refused", name, reason=reason)
             try:
                 client.get_properties(GetPropertiesIns({"verdict": reason}), timeout=self.timeout_s, group_id=None)
                 client.reconnect(ReconnectIns(seconds=None), timeout=self.timeout_s, group_id=None)
@@ -162,6 +163,20 @@ class Rounds:
             return None
         with np.load(path) as saved:
             return ndarrays_to_parameters([saved[f"a{i}"] for i in range(len(saved.files))])
+
+    def save_moments(self, first: list[np.ndarray], second: list[np.ndarray]) -> None:
+        """FedAdam's and FedYogi's server optimizer state (first and second moments), kept with the round's model
+        so that a restarted server steps on from them."""
+        arrays = {**{f"m{i}": a for i, a in enumerate(first)}, **{f"v{i}": a for i, a in enumerate(second)}}
+        atomic_write(self.folder / "moments.npz", lambda f: np.savez(f, **arrays))
+
+    def moments(self) -> tuple[list[np.ndarray], list[np.ndarray]] | None:
+        path = self.folder / "moments.npz"
+        if not path.is_file():
+            return None
+        with np.load(path) as saved:
+            count = len(saved.files) // 2
+            return [saved[f"m{i}"] for i in range(count)], [saved[f"v{i}"] for i in range(count)]
 
     def save_round(self, done: int, parameters) -> None:
         if parameters is not None:
@@ -245,6 +260,8 @@ def federated_strategy(fed: FederationConfig, rounds: Rounds, admission: Admissi
                 rounds.save_round(done, self.evaluated_or_latest())
                 return None, {}
             parameters, metrics = super().aggregate_fit(server_round, results, failures)
+            if isinstance(self, FedOpt):
+                rounds.save_moments(self.m_t, self.v_t)
             rounds.save_round(done, parameters)
             slowest = max(float(res.metrics.get("fit_s", 0.0)) for _, res in results)
             say(f"round {done}: aggregated {len(results)} site(s) ({fed.aggregation}) in "
@@ -287,7 +304,12 @@ def federated_strategy(fed: FederationConfig, rounds: Rounds, admission: Admissi
         options["proximal_mu"] = fed.proximal_mu
     if fed.aggregation in ("fedadam", "fedyogi"):
         options.update(eta=fed.server_lr, initial_parameters=initial or ndarrays_to_parameters([]))
-    return Federated(**options)
+    strategy = Federated(**options)
+    moments = rounds.moments() if initial is not None else None
+    if isinstance(strategy, FedOpt) and moments is not None:  # a restarted server steps on from its moments
+        strategy.current_weights = arrays_of(initial)
+        strategy.m_t, strategy.v_t = moments
+    return strategy
 
 
 def serve(admission: Admission, strategy, address: str, certificates, rounds: int, timeout_s: float) -> None:

@@ -7,6 +7,8 @@ channels' names (what a checkpoint's model card needs). Never a path, a case nam
 from __future__ import annotations
 
 import json
+import socket
+import ssl
 import sys
 import time
 from pathlib import Path
@@ -22,6 +24,7 @@ from .config import FederationConfig
 from .local import SiteTrainer, site_trainer
 
 ROLES = ("train", "evaluate")
+JOIN_WAIT_S = 30.0  # how long a joining site waits for a server that does not listen yet
 
 
 class Unreachable(JobError):
@@ -78,9 +81,48 @@ def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, 
         except OSError as exc:
             raise JobError(where, f"the CA certificate {ca_file} cannot be read ({exc.strerror})",
                            "give the ca.crt the federation's operator sent") from None
+    address = server or federation.server
     with lock.own_output(job, front_end=False):
-        return _take_part(SiteClient(site_trainer(job), name, key, role), server or federation.server, root,
-                          federation.round_timeout_s)
+        trainer = site_trainer(job)  # the site's own data check, first
+        probe(address, root, min(federation.round_timeout_s, JOIN_WAIT_S))
+        return _take_part(SiteClient(trainer, name, key, role), address, root, federation.round_timeout_s)
+
+
+def probe(address: str, root: bytes | None, wait_s: float) -> None:
+    """Raise Unreachable within seconds if nothing listens at ``address`` (for ``wait_s``), its host does not
+    resolve, or, with TLS, its certificate is foreign to ``root`` or expired: before Flower's client, which
+    would retry for ``round_timeout_s``."""
+    host, _, port = address.rpartition(":")
+    where = Source(Path("."), text=f"federation server {address}")
+    deadline = time.monotonic() + wait_s
+    while True:
+        try:
+            conn = socket.create_connection((host.strip("[]"), int(port)), timeout=5.0)
+            break
+        except socket.gaierror as exc:
+            raise Unreachable(where, f"its host {host!r} does not resolve ({exc.strerror})",
+                              "check the <federation> server address (or --server)") from None
+        except OSError as exc:
+            if time.monotonic() >= deadline:
+                raise Unreachable(where, f"nothing answers there within {wait_s:g} s ({exc.strerror or exc})",
+                                  "check the <federation> server address (or --server), that the server runs and "
+                                  "that its port is open") from None
+            time.sleep(0.5)
+    with conn:
+        if root is None:
+            return
+        context = ssl.create_default_context(cadata=root.decode())
+        context.set_alpn_protocols(["h2"])
+        try:
+            context.wrap_socket(conn, server_hostname=host.strip("[]")).close()
+        except ssl.SSLCertVerificationError as exc:
+            why = ("its certificate has expired" if "expired" in exc.verify_message else
+                   f"its certificate is not one --ca vouches for ({exc.verify_message})")
+            raise Unreachable(where, why, "ask the federation's operator for its current ca.crt, or to renew the "
+                              "server's certificate") from None
+        except (ssl.SSLError, OSError) as exc:
+            raise Unreachable(where, f"no TLS handshake ({exc})", "check that the server runs with --certs, "
+                              "and the address") from None
 
 
 def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: float) -> int:
