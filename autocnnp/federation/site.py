@@ -22,6 +22,7 @@ from ..run.job import Job
 from .admission import agreement, load_private_key, sign
 from .config import FederationConfig
 from .local import SiteTrainer, site_trainer
+from .transports import transport_of
 
 ROLES = ("train", "evaluate")
 JOIN_WAIT_S = 30.0  # how long a joining site waits for a server that does not listen yet
@@ -40,6 +41,7 @@ class SiteClient(flwr.client.NumPyClient):
         self.trainer, self.name, self.key, self.role = trainer, name, key, role
         self.verdict: str | None = None  # why the server refused this site, if it did
         self.contacted = False  # whether the server asked anything on this connection
+        self.ended = False  # whether the server said the federation ended
 
     def get_properties(self, config):
         self.contacted = True
@@ -47,9 +49,12 @@ class SiteClient(flwr.client.NumPyClient):
             self.verdict = str(config["verdict"])
             print(f"autocnnp: the server refused this site: {self.verdict}", file=sys.stderr, flush=True)
             return {}
-        return {"site": self.name, "role": self.role, "signature": sign(self.key, str(config["challenge"])),
-                "agreement": json.dumps(agreement(self.trainer.job)), "names": json.dumps(self.trainer.names()),
-                "card": json.dumps(self.trainer.card())}
+        if "ended" in config:
+            self.ended = True
+            return {}
+        proof = {"signature": sign(self.key, str(config["challenge"]))} if "challenge" in config else {}
+        return {"site": self.name, "role": self.role, **proof, "agreement": json.dumps(agreement(self.trainer.job)),
+                "names": json.dumps(self.trainer.names()), "card": json.dumps(self.trainer.card())}
 
     def get_parameters(self, config):
         self.contacted = True
@@ -85,7 +90,17 @@ def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, 
     with lock.own_output(job, front_end=False):
         trainer = site_trainer(job)  # the site's own data check, first
         probe(address, root, min(federation.round_timeout_s, JOIN_WAIT_S))
-        return _take_part(SiteClient(trainer, name, key, role), address, root, federation.round_timeout_s)
+        client = SiteClient(trainer, name, key, role)
+        transport_of(federation).join(client, address, ca_file, Path(key_file), federation.round_timeout_s,
+                                      job.rundir.root / "federation")
+    print(f"autocnnp: site {name}: the federation ended", flush=True)
+    return 0
+
+
+def join_grpc(client: SiteClient, address: str, ca_file: Path | None, key_file: Path, timeout_s: float,
+              folder: Path) -> None:
+    """The grpc transport: Flower's client in this process (:func:`_take_part`)."""
+    _take_part(client, address, ca_file and Path(ca_file).read_bytes(), timeout_s)
 
 
 def probe(address: str, root: bytes | None, wait_s: float) -> None:
@@ -125,7 +140,7 @@ def probe(address: str, root: bytes | None, wait_s: float) -> None:
                               "and the address") from None
 
 
-def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: float) -> int:
+def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: float) -> None:
     """Flower's client until the server ends the federation; reconnects to a server gone for up to
     ``timeout_s``."""
     name, role = client.name, client.role
@@ -151,12 +166,15 @@ def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: 
                                   "that its port is open; with TLS, that --ca is the CA that signed its "
                                   "certificate") from None
             time.sleep(1.0)
+    refused(client, address)
+
+
+def refused(client: SiteClient, address: str) -> None:
+    """Raise JobError if the server refused ``client``, saying why."""
     if client.verdict:
         raise JobError(Source(Path("."), text=f"federation server {address}"),
-                       f"site {name} was refused: {client.verdict}", "make this site's job agree with the "
+                       f"site {client.name} was refused: {client.verdict}", "make this site's job agree with the "
                        "server's, or ask the operator to list its public key")
-    print(f"autocnnp: site {name}: the federation ended", flush=True)
-    return 0
 
 
 def site_job(job_file: Path, sets: list[str], data: Path | None, out: Path | None) -> Job:
