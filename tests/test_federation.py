@@ -82,9 +82,9 @@ DATA = ('<data format="decathlon"><train><path>data_a</path></train><param name=
 
 
 def federation_job(folder: Path, port: int, *, rounds: int = 2, min_sites: int = 2, base_channels: int = 4,
-                   aggregation: str = "fedavg", timeout_s: int = 60, transport: str = "grpc") -> Path:
-    fed = (f'<federation><property name="transport">{transport}</property>'
-           f'<property name="server">127.0.0.1:{port}</property><property name="rounds">{rounds}</property>'
+                   aggregation: str = "fedavg", timeout_s: int = 60, transport: str | None = None) -> Path:
+    chosen = f'<property name="transport">{transport}</property>' if transport else ""  # else the default, grpc
+    fed = (f'<federation>{chosen}<property name="server">127.0.0.1:{port}</property><property name="rounds">{rounds}</property>'
            f'<property name="min_sites">{min_sites}</property><property name="round_timeout_s">{timeout_s}</property>'
            f'<property name="aggregation">{aggregation}</property></federation>')
     return write_job(folder / f"job{base_channels}.xml", degree=1, output="server", data=DATA,
@@ -92,22 +92,17 @@ def federation_job(folder: Path, port: int, *, rounds: int = 2, min_sites: int =
                      hyper={"minibatch_size": 2, "end_epoch": 1, "lr": 0.01})
 
 
-def make_stand(tmp_path: Path, sites: str, trained: str) -> tuple[Path, int]:
-    """Certificates for ``sites`` (and a foreign key for a), a dataset per site of ``trained``, a free port."""
-    subprocess.run([*CLI, "federation", "certs", "certs", "--sites", ",".join(sites)], cwd=tmp_path, check=True,
-                   capture_output=True)
-    subprocess.run([*CLI, "federation", "certs", "foreign", "--sites", "a"], cwd=tmp_path, check=True,
-                   capture_output=True)
-    for seed, site in enumerate(trained):
-        subprocess.run([*CLI, "synth", f"data_{site}", "--kind", "atrium", "--cases", "4", "--shape", "16", "16", "8",
-                        "--seed", str(seed), "--test-cases", "1"], cwd=tmp_path, check=True, capture_output=True)
-    return tmp_path, free_port()
-
-
 @pytest.fixture
 def stand(tmp_path, procs):
     """Certificates for sites a, b, c, o and z, a dataset per site, a free port."""
-    return make_stand(tmp_path, "abcoz", "abco")
+    subprocess.run([*CLI, "federation", "certs", "certs", "--sites", "a,b,c,o,z"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    subprocess.run([*CLI, "federation", "certs", "foreign", "--sites", "a"], cwd=tmp_path, check=True,
+                   capture_output=True)
+    for seed, site in enumerate("abco"):
+        subprocess.run([*CLI, "synth", f"data_{site}", "--kind", "atrium", "--cases", "4", "--shape", "16", "16", "8",
+                        "--seed", str(seed), "--test-cases", "1"], cwd=tmp_path, check=True, capture_output=True)
+    return tmp_path, free_port()
 
 
 def site(procs, folder: Path, job: Path, name: str, *extra: str, data: str | None = None, key: str | None = None,
@@ -202,7 +197,13 @@ def flower_processes(folder: Path) -> list[str]:
 
 @pytest.mark.slow  # Flower's SuperLink and SuperNodes, polling every 3 s: ~1 minute
 def test_the_deployment_transport_federates_over_flowers_superlink_with_node_authentication(tmp_path, procs):
-    folder, port = make_stand(tmp_path, "ab", "ab")
+    folder, port = tmp_path, free_port()
+    make_certificates(folder / "certs", ["a", "b"], ["127.0.0.1"])
+    make_certificates(folder / "foreign", ["a"], ["127.0.0.1"])
+    synth = [subprocess.Popen([*CLI, "synth", f"data_{site}", "--kind", "atrium", "--cases", "4", "--shape", "16", "16",
+                               "8", "--seed", str(seed), "--test-cases", "1"], cwd=folder, stdout=subprocess.DEVNULL)
+             for seed, site in enumerate("ab")]
+    assert [p.wait() for p in synth] == [0, 0]
     job = federation_job(folder, port, rounds=2, timeout_s=120, transport="deployment")
     server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
     server.wait_for("federation server (Flower SuperLink) on")

@@ -16,7 +16,27 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .. import __version__
-from ..core.errors import JobError, Location
+from ..core.errors import ExitCode, JobError, Location, Source
+
+
+class Unreachable(JobError):
+    """The federation server cannot be reached (a wrong address, a foreign certificate, a server gone)."""
+
+    exit_code = ExitCode.FAILED
+
+
+class Refused(JobError):
+    """The server refused this site (exit 2: bad input)."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+def refused(client, address: str) -> None:
+    """Raise JobError if the server refused ``client`` (a site's Flower client), saying why."""
+    if client.verdict:
+        raise JobError(Source(Path("."), text=f"federation server {address}"),
+                       f"site {client.name} was refused: {client.verdict}", "make this site's job agree with the "
+                       "server's, or ask the operator to list its public key")
 
 
 def agreement(job) -> dict[str, str]:

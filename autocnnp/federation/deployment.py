@@ -27,10 +27,11 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 
-from ..core.errors import ExitCode, JobError, Source
+from ..core.errors import JobError, Source
 from ..core.files import atomic_write
-from .admission import FlowerNodes, load_private_key
-from .server import say
+from ..core.processes import die_with_parent
+from .admission import FlowerNodes, Refused, Unreachable, load_private_key, refused
+from .logs import say
 
 APP_NAME = "autocnnp-federation"
 AUTH_METHODS = frozenset({"/flwr.proto.Runtime/AcquireTask"})
@@ -59,16 +60,17 @@ def flower_command(name: str) -> str:
 
 
 class FlowerProcess:
-    """A Flower command in this command's process group (a signal to the group reaches it too), its output in
-    ``log``; each output line is also passed to ``on_line``. ``stop`` ends it (SIGTERM, then SIGKILL after
-    ``grace_s``)."""
+    """A Flower command in this command's process group (a signal to the group reaches it too; it dies with this
+    process, even one killed), its output in ``log``; each output line is also passed to ``on_line``. ``stop``
+    ends it (SIGTERM, then SIGKILL after ``grace_s``)."""
 
     def __init__(self, args: list[str], log: Path, on_line: Callable[[str], None] | None = None,
                  env: dict | None = None):
         log.parent.mkdir(parents=True, exist_ok=True)
         self.log = log
         self.proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})},
+                                     preexec_fn=lambda: die_with_parent(signal.SIGTERM))
         self.thread = threading.Thread(target=self._copy, args=(on_line,), daemon=True)
         self.thread.start()
 
@@ -87,6 +89,9 @@ class FlowerProcess:
         return self.log.read_text() if self.log.exists() else ""
 
     def stop(self, grace_s: float = 5.0) -> None:
+        """End the process; Flower's threads in this command that still talk to it (heartbeats, the server's node
+        updates) then fail on their way out, unsaid."""
+        threading.excepthook = lambda args: None
         for sig in (signal.SIGTERM, signal.SIGKILL):
             try:
                 self.proc.send_signal(sig)
@@ -275,12 +280,6 @@ def serve_client_app(address: str, app, done: Callable[[], bool]) -> None:
 
 
 
-class Refused(JobError):
-    """Flower's node authentication refused this site: its key is not registered at the SuperLink."""
-
-    exit_code = ExitCode.BAD_INPUT
-
-
 def refusal_logger(audit):
     """A SuperLink output line handler: a SuperNode whose key is not registered, refused by Flower's node
     authentication, is said on the console and recorded in the audit log (with its key's fingerprint)."""
@@ -360,8 +359,6 @@ def join(client, address: str, ca_file: Path | None, key_file: Path, timeout_s: 
     """Flower's SuperNode, authenticated by the site's key, with this process serving its ClientApp (``client``),
     until the server ends the federation; the SuperNode reconnects to a server gone for up to ``timeout_s``."""
     from flwr.clientapp import ClientApp
-
-    from .site import Unreachable, refused
 
     name = client.name
     say(f"site {name} ({client.role}) joins the federation at {address} (Flower SuperNode)")

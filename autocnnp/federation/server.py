@@ -33,14 +33,11 @@ from ..core.files import append_text, atomic_write, read_json, write_json
 from ..core.rundir import BEST_CHECKPOINT, BEST_RECORD, RunDir
 from .admission import SignedChallenge, agreement, differences
 from .config import FederationConfig
+from .logs import say
 from .tracking import federation_runs, weighted_mean
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
 DATA_KEYS = ("in_channels", "num_classes", "classes")  # what every site's data must share
-
-
-def say(text: str) -> None:
-    print(f"autocnnp: {text}", flush=True)
 
 
 class Audit:
@@ -353,11 +350,11 @@ def server_job(job_file: Path, sets: list[str]):
 
 
 def run_server(job, fed: FederationConfig, site_list: Path, certs: tuple[Path, Path, Path] | None,
-               listen: str | None = None) -> int:
-    """Serve the federation's rounds to the listed sites over the job's transport; returns the exit code."""
+               listen: str | None = None, serve=serve_grpc) -> int:
+    """Serve the federation's rounds to the listed sites with ``serve`` (the job's transport: transports.py);
+    returns the exit code."""
     from ..run import lock
     from .admission import read_site_list
-    from .transports import transport_of
 
     sites = read_site_list(site_list)
     rundir = job.rundir
@@ -381,7 +378,7 @@ def run_server(job, fed: FederationConfig, site_list: Path, certs: tuple[Path, P
             return admission, server, flwr.server.ServerConfig(num_rounds=fed.rounds - done,
                                                                round_timeout=fed.round_timeout_s)
 
-        transport_of(fed).serve(setup, fed, sites, certs, listen, audit)
+        serve(setup, fed, sites, certs, listen, audit)
         best = (read_json(folder / "state.json") or {}).get("best")
         if best:
             say(f"done: consensus model of round {best['epoch']} ({best['metric']} {best['value']:.4f}) in "

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import deployment, server, site
+
 
 @dataclass(frozen=True)
 class Transport:
@@ -20,8 +22,7 @@ class Transport:
 
 
 def transport_of(fed) -> Transport:
-    """The transport ``fed`` (a FederationConfig) names."""
-    from . import deployment, server, site
-
+    """The transport ``fed`` (a FederationConfig) names (the commands pass its functions to ``run_server`` and
+    ``run_site``)."""
     return {"grpc": Transport(server.serve_grpc, site.join_grpc),
             "deployment": Transport(deployment.serve, deployment.join)}[fed.transport]
