@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import flwr
@@ -102,12 +103,15 @@ class Admission(SimpleClientManager):
 
     def end(self) -> None:
         """Tell every admitted site that the federation ended (a site whose connection outlives the rounds, as a
-        SuperNode's does, then stops)."""
-        for client in list(self.clients.values()):
+        SuperNode's does, then stops), all at once."""
+        def tell(client) -> None:
             try:
                 client.get_properties(GetPropertiesIns({"ended": "1"}), timeout=self.timeout_s, group_id=None)
             except Exception:  # noqa: BLE001 - it left already
                 pass
+
+        with ThreadPoolExecutor(max(1, len(self.clients))) as pool:
+            list(pool.map(tell, list(self.clients.values())))
 
     def _data_differs(self, name: str, props) -> str | None:
         theirs = {"names": json.loads(str(props["names"])), "card": json.loads(str(props["card"]))}
