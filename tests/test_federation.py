@@ -82,8 +82,9 @@ DATA = ('<data format="decathlon"><train><path>data_a</path></train><param name=
 
 
 def federation_job(folder: Path, port: int, *, rounds: int = 2, min_sites: int = 2, base_channels: int = 4,
-                   aggregation: str = "fedavg", timeout_s: int = 60) -> Path:
-    fed = (f'<federation><property name="server">127.0.0.1:{port}</property><property name="rounds">{rounds}</property>'
+                   aggregation: str = "fedavg", timeout_s: int = 60, transport: str | None = None) -> Path:
+    chosen = f'<property name="transport">{transport}</property>' if transport else ""  # else the default, grpc
+    fed = (f'<federation>{chosen}<property name="server">127.0.0.1:{port}</property><property name="rounds">{rounds}</property>'
            f'<property name="min_sites">{min_sites}</property><property name="round_timeout_s">{timeout_s}</property>'
            f'<property name="aggregation">{aggregation}</property></federation>')
     return write_job(folder / f"job{base_channels}.xml", degree=1, output="server", data=DATA,
@@ -186,6 +187,42 @@ def test_three_sites_over_tls_one_dropping_out_and_back_select_a_consensus_model
 
     published = api.zoo_publish(folder / "server", "federated", zoo=str(folder / "zoo"))
     assert published.name == "federated" and published.version == 1
+
+
+def flower_processes(folder: Path) -> list[str]:
+    """Flower's SuperLinks and SuperNodes still running for the federation in ``folder``."""
+    ps = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True, check=True).stdout
+    return [line for line in ps.splitlines() if "flower-super" in line and str(folder) in line]
+
+
+@pytest.mark.slow  # Flower's SuperLink and SuperNodes, polling every 3 s: ~1 minute
+def test_the_deployment_transport_federates_over_flowers_superlink_with_node_authentication(tmp_path, procs):
+    folder, port = tmp_path, free_port()
+    make_certificates(folder / "certs", ["a", "b"], ["127.0.0.1"])
+    make_certificates(folder / "foreign", ["a"], ["127.0.0.1"])
+    synth = [subprocess.Popen([*CLI, "synth", f"data_{site}", "--kind", "atrium", "--cases", "4", "--shape", "16", "16",
+                               "8", "--seed", str(seed), "--test-cases", "1"], cwd=folder, stdout=subprocess.DEVNULL)
+             for seed, site in enumerate("ab")]
+    assert [p.wait() for p in synth] == [0, 0]
+    job = federation_job(folder, port, rounds=2, timeout_s=120, transport="deployment")
+    server = procs(folder, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    server.wait_for("federation server (Flower SuperLink) on")
+    a, b = (site(procs, folder, job, name) for name in "ab")
+    foreign = site(procs, folder, job, "a", key="foreign/sites/a.key", label="foreign", data="data_a")
+    assert foreign.wait() == 2, foreign.text()[-3000:]  # refused by Flower's node authentication: bad input
+    refusal = [line for line in foreign.text().splitlines() if "was refused" in line]
+    assert len(refusal) == 1 and "its key is not registered there" in refusal[0] and "Traceback" not in foreign.text()
+    server.wait_for("refused a site: a SuperNode whose key is not registered")
+    assert server.wait(120) == 0, server.text()[-3000:]
+    for proc in (a, b):
+        assert proc.wait() == 0 and "the federation ended" in proc.text(), proc.text()[-3000:]
+    log = server.text()
+    assert "round 2: aggregated 2 site(s)" in log and "done: consensus model of round" in log
+    assert (folder / "server" / "checkpoints" / "ckpt-best.pt").is_file()
+    records = [json.loads(line) for line in (folder / "server" / "federation" / "received.jsonl").read_text().splitlines()]
+    assert {r["kind"] for r in records} == {"properties", "fit", "evaluate", "refused"}
+    assert {r["site"] for r in records if r["kind"] == "fit"} == {"a", "b"}
+    assert not flower_processes(folder)
 
 
 @pytest.mark.slow

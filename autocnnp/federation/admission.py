@@ -1,11 +1,14 @@
-"""Who may join a federation, and with what job: a site signs the server's challenge with its private key
-(the server lists the sites' public keys: ``sites.csv``, one ``NAME,PUBLIC_KEY_PEM_FILE`` a line), and its
-job must agree with the server's on what makes the parameters exchangeable (:func:`agreement`)."""
+"""Who may join a federation, and with what job. The server lists the sites' public keys (``sites.csv``, one
+``NAME,PUBLIC_KEY_FILE`` a line); a site proves it holds the private half: with the grpc transport it signs
+the server's challenge (:class:`SignedChallenge`), with the deployment transport Flower's node authentication
+checks it (:class:`FlowerNodes`). Keys are elliptic-curve keys in OpenSSH format (as Flower reads them) or PEM.
+A site's job must agree with the server's on what makes the parameters exchangeable (:func:`agreement`)."""
 
 from __future__ import annotations
 
 import base64
 import json
+import secrets
 from pathlib import Path
 
 from cryptography.exceptions import InvalidSignature
@@ -13,7 +16,27 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from .. import __version__
-from ..core.errors import JobError, Location
+from ..core.errors import ExitCode, JobError, Location, Source
+
+
+class Unreachable(JobError):
+    """The federation server cannot be reached (a wrong address, a foreign certificate, a server gone)."""
+
+    exit_code = ExitCode.FAILED
+
+
+class Refused(JobError):
+    """The server refused this site (exit 2: bad input)."""
+
+    exit_code = ExitCode.BAD_INPUT
+
+
+def refused(client, address: str) -> None:
+    """Raise JobError if the server refused ``client`` (a site's Flower client), saying why."""
+    if client.verdict:
+        raise JobError(Source(Path("."), text=f"federation server {address}"),
+                       f"site {client.name} was refused: {client.verdict}", "make this site's job agree with the "
+                       "server's, or ask the operator to list its public key")
 
 
 def agreement(job) -> dict[str, str]:
@@ -33,9 +56,21 @@ def differences(ours: dict[str, str], theirs: dict[str, str], whose: str) -> lis
             if ours.get(key) != theirs.get(key)]
 
 
+def _read_key(path: Path, private: bool):
+    """The key in ``path``, OpenSSH format or PEM."""
+    data = Path(path).read_bytes()
+    if private:
+        if b"OPENSSH PRIVATE KEY" in data:
+            return serialization.load_ssh_private_key(data, password=None)
+        return serialization.load_pem_private_key(data, password=None)
+    if data.lstrip().startswith(b"ecdsa-"):
+        return serialization.load_ssh_public_key(data)
+    return serialization.load_pem_public_key(data)
+
+
 def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
-        key = serialization.load_pem_private_key(Path(path).read_bytes(), password=None)
+        key = _read_key(path, private=True)
     except (OSError, ValueError) as exc:
         raise JobError(Location(Path(path)), f"the site key cannot be read ({exc})",
                        "give the private key `autocnnp federation certs` made for this site") from None
@@ -64,13 +99,16 @@ def read_site_list(path: Path) -> dict[str, ec.EllipticCurvePublicKey]:
         name, _, key_file = (part.strip() for part in line.partition(","))
         key_path = path.parent / key_file
         try:
-            key = serialization.load_pem_public_key(key_path.read_bytes())
+            key = _read_key(key_path, private=False)
         except (OSError, ValueError) as exc:
             raise JobError(Location(path, number), f"site {name}: its public key {key_path} cannot be read ({exc})",
-                           "write NAME,PUBLIC_KEY_PEM_FILE") from None
+                           "write NAME,PUBLIC_KEY_FILE") from None
+        if not isinstance(key, ec.EllipticCurvePublicKey):
+            raise JobError(Location(path, number), f"site {name}: {key_path} is no elliptic-curve key",
+                           "make one with `autocnnp federation certs` or `ssh-keygen -t ecdsa -b 384`")
         sites[name] = key
     if not sites:
-        raise JobError(Location(path), "the site list names no site", "write one NAME,PUBLIC_KEY_PEM_FILE a line")
+        raise JobError(Location(path), "the site list names no site", "write one NAME,PUBLIC_KEY_FILE a line")
     return sites
 
 
@@ -84,3 +122,36 @@ def verified(sites: dict, name: str, challenge: str, signature: str) -> str | No
     except (InvalidSignature, ValueError):
         return f"site {name!r} did not prove it holds the key the site list names for it"
     return None
+
+
+class SignedChallenge:
+    """The grpc transport's site authentication: a site signs a fresh challenge with its private key, which
+    must be the half of the public key the site list names for it."""
+
+    def __init__(self, sites: dict):
+        self.sites = sites
+
+    def question(self) -> dict[str, str]:
+        return {"challenge": secrets.token_hex(16)}
+
+    def identify(self, cid: str, asked: dict, props) -> tuple[str, str | None]:
+        """The site's name, and why it is refused (None if not)."""
+        name = str(props.get("site", "?"))
+        return name, verified(self.sites, name, asked["challenge"], str(props.get("signature", "")))
+
+
+class FlowerNodes:
+    """The deployment transport's site authentication: Flower's node authentication let only SuperNodes with a
+    registered key in; a node's site is the name its key was registered under (``names()``: node id -> name)."""
+
+    def __init__(self, names):
+        self.names = names
+
+    def question(self) -> dict[str, str]:
+        return {}
+
+    def identify(self, cid: str, asked: dict, props) -> tuple[str, str | None]:
+        name = self.names().get(cid, "?")
+        if props.get("site") != name:
+            return name, f"its key is registered for site {name!r}, it calls itself {props.get('site')!r}"
+        return name, None

@@ -1,5 +1,6 @@
 """Certificates for a test federation: a CA, the server's TLS certificate, and a key pair per site (its
-identity for the site list). Real deployments bring their own CA and certificates."""
+identity for the site list, in OpenSSH format: both transports, and Flower's node authentication, read it).
+Real deployments bring their own CA and certificates."""
 
 from __future__ import annotations
 
@@ -57,9 +58,10 @@ def make_certificates(folder: Path, sites: list[str], hosts: list[str], days: in
     listing = ["# NAME,PUBLIC_KEY_FILE: the sites the server admits (autocnnp federation server --sites)"]
     for name in sites:
         key = ec.generate_private_key(ec.SECP384R1())
-        files[f"sites/{name}.key"] = _pem_key(key)
-        files[f"sites/{name}.pub"] = key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                                   serialization.PublicFormat.SubjectPublicKeyInfo)
+        files[f"sites/{name}.key"] = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                       serialization.NoEncryption())
+        files[f"sites/{name}.pub"] = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                                   serialization.PublicFormat.OpenSSH)
         listing.append(f"{name},sites/{name}.pub")
     files["sites.csv"] = ("\n".join(listing) + "\n").encode()
     written = []

@@ -36,24 +36,28 @@ def cmd_server(args) -> int:
     from .config import federation_of
     from .logs import quiet_flower
     from .server import run_server, server_job
+    from .transports import transport_of
 
     quiet_flower()
     _tls(args, "server")
     job = server_job(Path(args.job), args.set)
     certs = None if args.insecure else tuple(Path(args.certs) / n for n in ("ca.crt", "server.crt", "server.key"))
-    return run_server(job, federation_of(job), Path(args.sites), certs, args.listen)
+    fed = federation_of(job)
+    return run_server(job, fed, Path(args.sites), certs, args.listen, transport_of(fed).serve)
 
 
 def cmd_site(args) -> int:
     from .config import federation_of
     from .logs import quiet_flower
     from .site import run_site, site_job
+    from .transports import transport_of
 
     quiet_flower()
     _tls(args, "site")
     job = site_job(Path(args.job), args.set, args.data and Path(args.data), args.out and Path(args.out))
-    return run_site(job, federation_of(job), args.name, Path(args.key), None if args.insecure else Path(args.ca),
-                    "evaluate" if args.evaluate_only else "train", args.server)
+    fed = federation_of(job)
+    return run_site(job, fed, args.name, Path(args.key), None if args.insecure else Path(args.ca),
+                    "evaluate" if args.evaluate_only else "train", args.server, transport_of(fed).join)
 
 
 def add_commands(sub) -> None:

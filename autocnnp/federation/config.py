@@ -17,6 +17,10 @@ class FederationConfig:
     """Federated training (``autocnnp federation server/site``); the rest of the job is each site's own job."""
 
     server: str = setting("127.0.0.1:9092", help="HOST:PORT the sites connect to (the server listens on PORT)")
+    transport: Literal["grpc", "deployment"] = setting(
+        "grpc", help="grpc: the server and sites speak Flower's protocol in the commands' own processes, sites "
+                     "sign the server's challenge; deployment: Flower's Deployment Engine (SuperLink and "
+                     "SuperNode processes, Flower's node authentication)")
     rounds: int = setting(3, min=1, help="federated rounds: each site trains, the server aggregates")
     local_epochs: int = setting(1, min=1, help="epochs each site trains per round on its own data")
     min_sites: int = setting(2, min=1, help="training sites a round needs: it waits for them, and a round whose "

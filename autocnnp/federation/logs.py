@@ -6,6 +6,10 @@ from __future__ import annotations
 import logging
 
 
+def say(text: str) -> None:
+    print(f"autocnnp: {text}", flush=True)
+
+
 def quiet_flower() -> None:
     logger = logging.getLogger("flwr")
     logger.setLevel(logging.WARNING)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import csv
 import io
 import json
-import secrets
 import sys
 import threading
 import time
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import flwr
@@ -32,16 +32,13 @@ from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
 from ..core.errors import JobError, Source
 from ..core.files import append_text, atomic_write, read_json, write_json
 from ..core.rundir import BEST_CHECKPOINT, BEST_RECORD, RunDir
-from .admission import agreement, differences, verified
+from .admission import SignedChallenge, agreement, differences
 from .config import FederationConfig
+from .logs import say
 from .tracking import federation_runs, weighted_mean
 
 STRATEGIES = {"fedavg": FedAvg, "fedprox": FedProx, "fedadam": FedAdam, "fedyogi": FedYogi}
 DATA_KEYS = ("in_channels", "num_classes", "classes")  # what every site's data must share
-
-
-def say(text: str) -> None:
-    print(f"autocnnp: {text}", flush=True)
 
 
 class Audit:
@@ -58,13 +55,15 @@ class Audit:
 
 
 class Admission(SimpleClientManager):
-    """Flower's client manager, with a door: a connecting site signs a challenge with its listed key and
-    sends its job's agreement; a refused one is told why, disconnected, and the refusal logged. Only admitted
-    sites are sampled; ``sample`` waits for ``min_sites`` training sites up to ``timeout_s``, saying so."""
+    """Flower's client manager, with a door: a connecting site proves who it is (``identity``: the transport's
+    site authentication, by default a challenge it signs with its listed key) and sends its job's agreement; a
+    refused one is told why, disconnected, and the refusal logged. Only admitted sites are sampled; ``sample``
+    waits for ``min_sites`` training sites up to ``timeout_s``, saying so."""
 
-    def __init__(self, sites: dict, ours: dict, min_sites: int, timeout_s: float, audit: Audit):
+    def __init__(self, sites: dict, ours: dict, min_sites: int, timeout_s: float, audit: Audit, identity=None):
         super().__init__()
         self.sites, self.ours, self.min_sites, self.timeout_s, self.audit = sites, ours, min_sites, timeout_s, audit
+        self.identity = identity or SignedChallenge(sites)
         self.who: dict[str, tuple[str, str]] = {}  # cid -> (site name, role)
         self.reference: dict | None = None  # the first admitted site's data description (names, card)
 
@@ -73,16 +72,14 @@ class Admission(SimpleClientManager):
         return True
 
     def _admit(self, client) -> None:
-        challenge = secrets.token_hex(16)
+        asked = self.identity.question()
         try:
-            props = client.get_properties(GetPropertiesIns({"challenge": challenge}), timeout=self.timeout_s,
-                                          group_id=None).properties
+            props = client.get_properties(GetPropertiesIns(asked), timeout=self.timeout_s, group_id=None).properties
         except Exception as exc:  # noqa: BLE001 - a client gone before it answered
             say(f"a connection closed before it identified itself ({type(exc).__name__})")
             return
-        name = str(props.get("site", "?"))
+        name, reason = self.identity.identify(client.cid, asked, props)
         self.audit.record("properties", name, properties=props)
-        reason = verified(self.sites, name, challenge, str(props.get("signature", "")))
         if reason is None:
             found = differences(self.ours, json.loads(str(props.get("agreement", "{}"))), f"site {name}")
             reason = f"its job differs from the server's: {'; '.join(found)}" if found else None
@@ -103,6 +100,18 @@ class Admission(SimpleClientManager):
         self.who[client.cid] = (name, role)
         say(f"site {name} joined ({role}); {self.training_count()} training site(s) connected")
         super().register(client)
+
+    def end(self) -> None:
+        """Tell every admitted site that the federation ended (a site whose connection outlives the rounds, as a
+        SuperNode's does, then stops), all at once."""
+        def tell(client) -> None:
+            try:
+                client.get_properties(GetPropertiesIns({"ended": "1"}), timeout=self.timeout_s, group_id=None)
+            except Exception:  # noqa: BLE001 - it left already
+                pass
+
+        with ThreadPoolExecutor(max(1, len(self.clients))) as pool:
+            list(pool.map(tell, list(self.clients.values())))
 
     def _data_differs(self, name: str, props) -> str | None:
         theirs = {"names": json.loads(str(props["names"])), "card": json.loads(str(props["card"]))}
@@ -312,14 +321,24 @@ def federated_strategy(fed: FederationConfig, rounds: Rounds, admission: Admissi
     return strategy
 
 
-def serve(admission: Admission, strategy, address: str, certificates, rounds: int, timeout_s: float) -> None:
-    """Flower's server on ``address`` for ``rounds`` rounds (``flwr.server.start_server`` without its signal
-    handlers: a signal here is the command's, which stops the gRPC server on the way out)."""
-    server = flwr.server.Server(client_manager=admission, strategy=strategy)
+def serve_grpc(setup, fed: FederationConfig, sites: dict, certs, listen: str | None, audit: Audit) -> None:
+    """The grpc transport: Flower's server in this process on ``listen`` (default: every address, the
+    <federation> server's port), sites admitted by the challenge they sign (``flwr.server.start_server`` without
+    its signal handlers: a signal here is the command's, which stops the gRPC server on the way out)."""
+    try:
+        certificates = None if certs is None else tuple(Path(p).read_bytes() for p in certs)
+    except OSError as exc:
+        raise JobError(Source(Path("."), text="autocnnp federation server --certs"),
+                       f"{exc.filename} cannot be read ({exc.strerror})",
+                       "give the folder holding ca.crt, server.crt and server.key") from None
+    admission, server, config = setup(SignedChallenge(sites))
+    address = listen or f"0.0.0.0:{fed.server.rpartition(':')[2]}"
+    say(f"federation server on {address} ({'TLS' if certificates else 'no TLS'}), {len(sites)} site(s) "
+        f"listed, {config.num_rounds} round(s) to go, {fed.aggregation}")
     grpc_server = start_grpc_server(client_manager=admission, server_address=address,
                                     max_message_length=GRPC_MAX_MESSAGE_LENGTH, certificates=certificates)
     try:
-        run_fl(server, flwr.server.ServerConfig(num_rounds=rounds, round_timeout=timeout_s))
+        run_fl(server, config)
     finally:
         grpc_server.stop(grace=1)
 
@@ -335,39 +354,36 @@ def server_job(job_file: Path, sets: list[str]):
 
 
 def run_server(job, fed: FederationConfig, site_list: Path, certs: tuple[Path, Path, Path] | None,
-               listen: str | None = None) -> int:
-    """Serve the federation's rounds to the listed sites; returns the exit code."""
+               listen: str | None = None, serve=serve_grpc) -> int:
+    """Serve the federation's rounds to the listed sites with ``serve`` (the job's transport: transports.py);
+    returns the exit code."""
     from ..run import lock
     from .admission import read_site_list
 
     sites = read_site_list(site_list)
-    certificates = None
-    if certs is not None:
-        try:
-            certificates = tuple(Path(p).read_bytes() for p in certs)
-        except OSError as exc:
-            raise JobError(Source(Path("."), text="autocnnp federation server --certs"),
-                           f"{exc.filename} cannot be read ({exc.strerror})",
-                           "give the folder holding ca.crt, server.crt and server.key") from None
     rundir = job.rundir
     with lock.own_output(job, front_end=False):
-        audit = Audit(rundir.root / "federation" / "received.jsonl")
-        admission = Admission(sites, agreement(job), fed.min_sites, fed.round_timeout_s, audit)
-        rounds = Rounds(rundir, job, fed, admission)
-        done = rounds.state["round"]
+        folder = rundir.root / "federation"
+        audit = Audit(folder / "received.jsonl")
+        done = (read_json(folder / "state.json") or {"round": 0})["round"]
         if done >= fed.rounds:
             say(f"the federation in {rundir} has run its {fed.rounds} round(s) already: raise rounds to go on")
             return 0
-        initial = rounds.latest() if done else None
-        if done:
-            say(f"resuming the federation from round {done} ({rundir.root / 'federation' / 'latest.npz'})")
-        strategy = federated_strategy(fed, rounds, admission, audit, initial)
-        port = fed.server.rpartition(":")[2]
-        address = listen or f"0.0.0.0:{port}"
-        say(f"federation server on {address} ({'TLS' if certificates else 'no TLS'}), {len(sites)} site(s) "
-            f"listed, {fed.rounds - done} round(s) to go, {fed.aggregation}")
-        serve(admission, strategy, address, certificates, fed.rounds - done, fed.round_timeout_s)
-        best = rounds.state.get("best")
+
+        def setup(identity):
+            """The rounds to go, sites admitted by ``identity``: (admission, Flower's server, its config)."""
+            admission = Admission(sites, agreement(job), fed.min_sites, fed.round_timeout_s, audit, identity)
+            rounds = Rounds(rundir, job, fed, admission)
+            initial = rounds.latest() if done else None
+            if done:
+                say(f"resuming the federation from round {done} ({folder / 'latest.npz'})")
+            server = flwr.server.Server(client_manager=admission,
+                                        strategy=federated_strategy(fed, rounds, admission, audit, initial))
+            return admission, server, flwr.server.ServerConfig(num_rounds=fed.rounds - done,
+                                                               round_timeout=fed.round_timeout_s)
+
+        serve(setup, fed, sites, certs, listen, audit)
+        best = (read_json(folder / "state.json") or {}).get("best")
         if best:
             say(f"done: consensus model of round {best['epoch']} ({best['metric']} {best['value']:.4f}) in "
                 f"{rundir.checkpoints / BEST_CHECKPOINT}")

@@ -16,21 +16,15 @@ from pathlib import Path
 import flwr
 import grpc
 
-from ..core.errors import ExitCode, JobError, Source
+from ..core.errors import JobError, Source
 from ..run import lock
 from ..run.job import Job
-from .admission import agreement, load_private_key, sign
+from .admission import Unreachable, agreement, load_private_key, refused, sign
 from .config import FederationConfig
 from .local import SiteTrainer, site_trainer
 
 ROLES = ("train", "evaluate")
 JOIN_WAIT_S = 30.0  # how long a joining site waits for a server that does not listen yet
-
-
-class Unreachable(JobError):
-    """The federation server cannot be reached (a wrong address, a foreign certificate, a server gone)."""
-
-    exit_code = ExitCode.FAILED
 
 
 class SiteClient(flwr.client.NumPyClient):
@@ -40,6 +34,7 @@ class SiteClient(flwr.client.NumPyClient):
         self.trainer, self.name, self.key, self.role = trainer, name, key, role
         self.verdict: str | None = None  # why the server refused this site, if it did
         self.contacted = False  # whether the server asked anything on this connection
+        self.ended = False  # whether the server said the federation ended
 
     def get_properties(self, config):
         self.contacted = True
@@ -47,9 +42,12 @@ class SiteClient(flwr.client.NumPyClient):
             self.verdict = str(config["verdict"])
             print(f"autocnnp: the server refused this site: {self.verdict}", file=sys.stderr, flush=True)
             return {}
-        return {"site": self.name, "role": self.role, "signature": sign(self.key, str(config["challenge"])),
-                "agreement": json.dumps(agreement(self.trainer.job)), "names": json.dumps(self.trainer.names()),
-                "card": json.dumps(self.trainer.card())}
+        if "ended" in config:
+            self.ended = True
+            return {}
+        proof = {"signature": sign(self.key, str(config["challenge"]))} if "challenge" in config else {}
+        return {"site": self.name, "role": self.role, **proof, "agreement": json.dumps(agreement(self.trainer.job)),
+                "names": json.dumps(self.trainer.names()), "card": json.dumps(self.trainer.card())}
 
     def get_parameters(self, config):
         self.contacted = True
@@ -69,9 +67,16 @@ class SiteClient(flwr.client.NumPyClient):
         return metrics.get("valid_loss", 0.0), len(self.trainer.run.data.valid), metrics
 
 
+def join_grpc(client: SiteClient, address: str, ca_file: Path | None, key_file: Path, timeout_s: float,
+              folder: Path) -> None:
+    """The grpc transport: Flower's client in this process (:func:`_take_part`)."""
+    _take_part(client, address, ca_file and Path(ca_file).read_bytes(), timeout_s)
+
+
 def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, ca_file: Path | None,
-             role: str = "train", server: str | None = None) -> int:
-    """Join the federation as ``name`` and take part until the server ends it; raises JobError if refused."""
+             role: str = "train", server: str | None = None, join=join_grpc) -> int:
+    """Join the federation as ``name`` with ``join`` (the job's transport: transports.py) and take part until
+    the server ends it; raises JobError if refused."""
     key = load_private_key(key_file)
     where = Source(Path("."), text="autocnnp federation site --ca")
     root = None
@@ -85,7 +90,10 @@ def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, 
     with lock.own_output(job, front_end=False):
         trainer = site_trainer(job)  # the site's own data check, first
         probe(address, root, min(federation.round_timeout_s, JOIN_WAIT_S))
-        return _take_part(SiteClient(trainer, name, key, role), address, root, federation.round_timeout_s)
+        join(SiteClient(trainer, name, key, role), address, ca_file, Path(key_file), federation.round_timeout_s,
+             job.rundir.root / "federation")
+    print(f"autocnnp: site {name}: the federation ended", flush=True)
+    return 0
 
 
 def probe(address: str, root: bytes | None, wait_s: float) -> None:
@@ -125,7 +133,7 @@ def probe(address: str, root: bytes | None, wait_s: float) -> None:
                               "and the address") from None
 
 
-def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: float) -> int:
+def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: float) -> None:
     """Flower's client until the server ends the federation; reconnects to a server gone for up to
     ``timeout_s``."""
     name, role = client.name, client.role
@@ -151,12 +159,7 @@ def _take_part(client: SiteClient, address: str, root: bytes | None, timeout_s: 
                                   "that its port is open; with TLS, that --ca is the CA that signed its "
                                   "certificate") from None
             time.sleep(1.0)
-    if client.verdict:
-        raise JobError(Source(Path("."), text=f"federation server {address}"),
-                       f"site {name} was refused: {client.verdict}", "make this site's job agree with the "
-                       "server's, or ask the operator to list its public key")
-    print(f"autocnnp: site {name}: the federation ended", flush=True)
-    return 0
+    refused(client, address)
 
 
 def site_job(job_file: Path, sets: list[str], data: Path | None, out: Path | None) -> Job:
