@@ -594,3 +594,12 @@ def test_a_site_on_two_ranks_trains_as_its_job_alone_on_two_ranks(tmp_path):
     alone = torch.load(tmp_path / "alone" / "checkpoints" / "ckpt-epoch0002.pt", weights_only=False)["model"]
     worst = max(float(np.abs(a - b.numpy()).max()) for a, b in zip(consensus, alone.values(), strict=True))
     assert worst < 1e-6, worst
+
+
+def test_too_few_sites_within_the_timeout_is_one_line_and_exit_1(tmp_path, procs):
+    subprocess.run([*CLI, "federation", "certs", "certs", "--sites", "a"], cwd=tmp_path, check=True, capture_output=True)
+    job = federation_job(tmp_path, free_port(), timeout_s=2)
+    server = procs(tmp_path, "server", "federation", "server", job.name, "--sites", "certs/sites.csv", "--certs", "certs")
+    assert server.wait() == 1
+    assert "fewer than min_sites=2 training sites joined within 2 s (0 did)" in server.text()
+    assert "Traceback" not in server.text(), server.text()

@@ -29,7 +29,7 @@ from flwr.server.strategy.fedopt import FedOpt
 from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
 from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
 
-from ..core.errors import JobError, Source
+from ..core.errors import ExitCode, JobError, Source
 from ..core.files import append_text, atomic_write, read_json, write_json
 from ..core.rundir import BEST_CHECKPOINT, BEST_RECORD, RunDir
 from .admission import SignedChallenge, agreement, differences
@@ -150,9 +150,13 @@ class Admission(SimpleClientManager):
             while self.training_count() < self.min_sites:
                 if not self._cv.wait(timeout=max(0.0, min(1.0, deadline - time.monotonic()))) \
                         and time.monotonic() >= deadline:
-                    raise TimeoutError(f"fewer than min_sites={self.min_sites} training sites joined within "
+                    raise TooFewSites(f"fewer than min_sites={self.min_sites} training sites joined within "
                                        f"{self.timeout_s:g} s ({self.training_count()} did)")
         return self.training()
+
+
+class TooFewSites(Exception):
+    """Fewer than ``min_sites`` training sites joined within the round timeout."""
 
 
 class Rounds:
@@ -382,7 +386,12 @@ def run_server(job, fed: FederationConfig, site_list: Path, certs: tuple[Path, P
             return admission, server, flwr.server.ServerConfig(num_rounds=fed.rounds - done,
                                                                round_timeout=fed.round_timeout_s)
 
-        serve(setup, fed, sites, certs, listen, audit)
+        try:
+            serve(setup, fed, sites, certs, listen, audit)
+        except TooFewSites as exc:
+            say(f"{exc}: the federation stops, its rounds so far are kept; start it again once the sites can "
+                f"join (or lower min_sites, raise round_timeout_s)")
+            return ExitCode.FAILED
         best = (read_json(folder / "state.json") or {}).get("best")
         if best:
             say(f"done: consensus model of round {best['epoch']} ({best['metric']} {best['value']:.4f}) in "
