@@ -30,6 +30,7 @@ from cryptography.hazmat.primitives import serialization
 from ..core.errors import JobError, Source
 from ..core.files import atomic_write
 from ..core.processes import die_with_parent
+from ..core.world import free_port
 from .admission import FlowerNodes, Refused, Unreachable, load_private_key, refused
 from .logs import say
 
@@ -116,12 +117,6 @@ def wait_listening(host: str, port: int, process: FlowerProcess, timeout_s: floa
         except OSError:
             time.sleep(0.2)
     return False
-
-
-def free_local_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def write_secret(path: Path) -> bytes:
@@ -362,7 +357,7 @@ def join(client, address: str, ca_file: Path | None, key_file: Path, timeout_s: 
 
     name = client.name
     say(f"site {name} ({client.role}) joins the federation at {address} (Flower SuperNode)")
-    port = free_local_port()
+    port = free_port()
     tls = ["--root-certificates", str(ca_file)] if ca_file is not None else ["--insecure"]
     node = FlowerProcess(
         [flower_command("flower-supernode"), "--superlink", address, *tls, "--auth-supernode-private-key",
