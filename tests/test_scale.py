@@ -113,10 +113,12 @@ def test_data_path_shared_by_every_rank_and_hidden_by_loader_workers():
                      data_path=nfs, overlap=0.0)
     assert serial[1].data_s == pytest.approx(0.01 + 16 * 8 * MB / 1e9)
     assert serial[1].step_s == pytest.approx(serial[1].data_s + 0.1 + serial[1].exposed_s)
-    two_workers = predict(profile(data=0.01, workers=2), ring(1), LINK, [1], placement=Placement(1, 1, 1), overlap=0.0)
-    assert two_workers[0].step_s == pytest.approx(0.1)  # read ahead within the loader's capacity
-    slow = predict(profile(data=0.5, workers=2), ring(1), LINK, [1], placement=Placement(1, 1, 1), overlap=0.0)
-    assert slow[0].step_s == pytest.approx(0.25)  # beyond it, the loader sets the pace
+    read_ahead = dict(traffic=ring(1), link=LINK, world_sizes=[1], placement=Placement(1, 1, 1), overlap=0.0)
+    two_workers = predict(profile(data=0.01, workers=2, sample_bytes=MB), data_path=nfs, **read_ahead)
+    assert two_workers[0].step_s == pytest.approx(0.01 + 0.1)  # the read hidden within the loader's capacity; the
+    # wait the profile measured stays
+    slow = predict(profile(workers=2, sample_bytes=100 * MB), data_path=DataPath("nfs", 1e9), **read_ahead)
+    assert slow[0].step_s == pytest.approx(0.8 / 2)  # beyond it, the loader sets the pace
 
 
 def test_threads_per_rank_follow_the_ranks_on_a_node():
@@ -143,27 +145,16 @@ def test_measured_node_exchange_enters_the_prediction_for_ranks_on_one_node():
     assert predict(measured, ring(), slow_link, [2], placement=Placement(2, 2, 1), overlap=0.0)[0].exposed_s > 1
 
 
-def test_profile_steps_through_the_jobs_strategy(tiny_job, tmp_path):
-    """The profile runs the trainer's step on fresh minibatches through the job's strategy (DDP over a
-    process group, here of one): its time in collectives is the exchange, apart from the compute."""
-    import torch.distributed as dist
-
-    from autocnnp.generator.protocols import collective_wait
-    from autocnnp.run.job import load_job
-
-    gen = load_job(tiny_job, []).generator
-    assert scale_command.exchanges_over_torch(gen)
-    own = not dist.is_initialized()  # an in-process run earlier in this process keeps its group of one
-    if own:
-        dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
-    try:
-        before = collective_wait.seconds
-        figures = scale_command.profile_here(gen, 2)
-    finally:
-        if own:
-            dist.destroy_process_group()
-    assert collective_wait.seconds > before  # DDP's hooks timed its allreduces
-    assert figures["exchange_s"] > 0 and figures["compute_s"] > figures["backward_s"] > 0 and figures["data_s"] > 0
+@pytest.mark.ranks
+def test_profile_times_the_training_loops_steps_on_the_jobs_ranks(tiny_job):
+    """The profile is a short run of the job on its ranks, started by mpirun as run & manage starts them: each
+    rank times the training loop's own steps through the job's strategy (DDP over gloo), its monitor included;
+    their time blocked in the allreduce is the exchange, apart from the compute."""
+    profile = scale_command.profile_job(tiny_job, [], {1: 2}, steps=4)
+    assert set(profile.compute_s) == set(profile.backward_s) == set(profile.data_s) == set(profile.exchange_s) == {1}
+    assert profile.compute_s[1] > profile.backward_s[1] > 0 and profile.data_s[1] > 0 and profile.exchange_s[1] > 0
+    assert profile.batch == 2 and profile.train_samples == 8 and profile.grad_bytes > 0
+    assert profile.sample_bytes == 16 * 16 * (4 * 4 + 8)  # as stored: four float32 channels and an int64 label
 
 
 def test_powers_of_two_up_to_the_top():
@@ -198,6 +189,7 @@ def test_r2d2_preset_at_18_gpus(capsys, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.ranks
 def test_command_on_a_tiny_job(capsys, tmp_path, tiny_job):
     plot, out = tmp_path / "scale.png", tmp_path / "scale.json"
     assert main(["scale", str(tiny_job), "--link", "10gbe", "--max-ranks", "64", "--ranks-per-node", "1",

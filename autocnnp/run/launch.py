@@ -57,11 +57,13 @@ def launch_mode(launch: LaunchConfig, env=os.environ) -> str:
     return "inplace" if launcher_name(env) else "mpirun"
 
 
-def build_command(job: Job, env=os.environ) -> tuple[list[str], dict[str, str]]:
+def build_command(job: Job, env=os.environ, program: tuple[str, ...] = ("autocnnp.run.worker",)
+                  ) -> tuple[list[str], dict[str, str]]:
     """The command and environment that start every rank of the job (``cpus_per_task`` cores and
-    threads per rank)."""
+    threads per rank); each rank runs ``python -m PROGRAM JOB --set=...`` (``program``: a module and its
+    first arguments; ``autocnnp scale`` starts its profile so)."""
     spec, launch = job.spec, job.launch
-    worker = [sys.executable, "-m", "autocnnp.run.worker", str(spec.file)]
+    worker = [sys.executable, "-m", *program, str(spec.file)]
     worker += [f"--set={k}={v}" for k, v in spec.overrides.items()]  # a job variant (generator/overrides.py)
     child_env, mode = dict(env), launch_mode(launch, env)
     if mode == "inplace":

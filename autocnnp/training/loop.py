@@ -5,6 +5,7 @@ training/run.py :class:`~autocnnp.training.run.Run`, whose ``steps`` (the framew
 
 from __future__ import annotations
 
+import itertools
 import random
 import time
 from dataclasses import dataclass
@@ -79,24 +80,9 @@ def fit(run: Run, monitoring: MonitoringConfig, beat=lambda: None, should_stop=l
 def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float]:
     """One epoch: the steps, validation, then plug-ins, the LR policy and the monitor see the (all-reduced)
     metrics."""
-    gen, world, state = run.gen, run.world, run.state
-    seed_everything(gen.seed + 1000 * epoch + world.rank)  # RNG state is a function of (seed, epoch, rank)
-    run.sampler.set_epoch(epoch)
-    determinism.seed_loader(run.loader_rng, gen.seed, epoch, world.rank)
-    run.loader.set_epoch(epoch)  # epoch-dependent augmentation
-    steps = run.steps
-    steps.begin_steps()
-    total, count = 0.0, 0
-    last = time.perf_counter()  # the end of the previous step: what follows until the batch is there is waiting
-    for step, (x, y) in enumerate(run.loader):
-        waited = time.perf_counter() - last
-        beat()  # before the step's collectives: a rank stuck elsewhere shows the oldest beat
-        value = steps.step(x, y, run.policy.lr(epoch, step) * state.lr_scale)
-        run.guard.check(value, epoch, step)
-        total, count = total + value * len(x), count + len(x)
-        now = time.perf_counter()
-        monitor.step(epoch, step, value, len(x), now - last, waited)
-        last = now
+    world, state, steps = run.world, run.state, run.steps
+    begin_epoch(run, epoch)
+    total, count = train_steps(run, epoch, monitor, beat)
     net = steps.end_steps()
     evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
     metrics = evaluate(net, run.valid_loader, evaluator, run.loss_fn, world, beat, run.data.infer)
@@ -112,6 +98,36 @@ def train_epoch(run: Run, epoch: int, monitor: Monitor, beat) -> dict[str, float
     beat()
     monitor.epoch_end(epoch, metrics, rank_step_s)
     return metrics
+
+
+def begin_epoch(run: Run, epoch: int) -> None:
+    """What precedes an epoch's first step: the seeds (a function of seed, epoch and rank), the sampler's and
+    the loader's epoch, the framework's train mode."""
+    gen, world = run.gen, run.world
+    seed_everything(gen.seed + 1000 * epoch + world.rank)
+    run.sampler.set_epoch(epoch)
+    determinism.seed_loader(run.loader_rng, gen.seed, epoch, world.rank)
+    run.loader.set_epoch(epoch)  # epoch-dependent augmentation
+    run.steps.begin_steps()
+
+
+def train_steps(run: Run, epoch: int, monitor: Monitor, beat, limit: int | None = None) -> tuple[float, int]:
+    """The epoch's optimizer steps (the first ``limit`` of them: ``autocnnp scale`` times these), each reported
+    to the monitor with its time and its wait for the minibatch; returns the loss summed over the samples and
+    their number."""
+    steps, policy, guard, state = run.steps, run.policy, run.guard, run.state
+    total, count = 0.0, 0
+    last = time.perf_counter()  # the end of the previous step: what follows until the batch is there is waiting
+    for step, (x, y) in enumerate(itertools.islice(run.loader, limit)):
+        waited = time.perf_counter() - last
+        beat()  # before the step's collectives: a rank stuck elsewhere shows the oldest beat
+        value = steps.step(x, y, policy.lr(epoch, step) * state.lr_scale)
+        guard.check(value, epoch, step)
+        total, count = total + value * len(x), count + len(x)
+        now = time.perf_counter()
+        monitor.step(epoch, step, value, len(x), now - last, waited)
+        last = now
+    return total, count
 
 
 @torch.no_grad()

@@ -250,6 +250,7 @@ class Monitor:
         self.metrics_path = rundir.metrics
         self.trackers = list(trackers)
         self.stragglers = StragglerWatch()
+        self.last_step = (0.0, 0.0, 0.0)  # the last step's seconds: all of it, waiting for data, in collectives
         self._closed = False
         self._bar = None
         self._columns: list[str] | None = None
@@ -301,6 +302,7 @@ class Monitor:
         the strategy's collectives since the last step is read from ``collective_wait``."""
         collective_s = min(collective_wait.seconds - self._collective_mark, step_s)
         self._collective_mark = collective_wait.seconds
+        self.last_step = (step_s, data_wait_s, collective_s)
         self._sampler.record_step(step_s, data_wait_s, collective_s)
         self._epoch_steps += 1
         self._epoch_step_s += step_s

@@ -12,12 +12,12 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from ..core.cli_args import options_of
@@ -25,7 +25,7 @@ from ..core.errors import ExitCode, JobError, did_you_mean
 from ..core.processes import usable_cores
 from ..generator.points import POINT_BY_NAME
 from ..generator.protocols import Strategy, Traffic, adopt, shards_of, steps_per_epoch
-from ..run.job import load_job
+from ..run.job import Job, load_job
 from .scaling import (
     GB,
     LINKS,
@@ -46,168 +46,139 @@ from .scaling import (
 WARMUP_STEPS = 5  # the first steps pay for kernel selection and allocation
 
 
-def profile_job(job: Path, sets: list[str], copies: dict[int, int], steps: int) -> Profile:
-    """Profile the job's step as its ranks would run on this node: for each ``threads: k`` of ``copies``, k
-    processes at once (the node's k ranks sharing its cores) with ``threads`` threads each
-    (``OMP_NUM_THREADS``, as run & manage sets it). A synchronous step lasts as long as its slowest rank: the
-    compute and backward times are those of the slowest copy (cores are not alike: SMT siblings, other work),
-    the data time the median, the time blocked in the exchange the shortest (the slowest copy's)."""
+def profile_job(job_path: Path, sets: list[str], copies: dict[int, int], steps: int) -> Profile:
+    """Profile the job's step as its ranks run it on this node: for each ``threads: k`` of ``copies``, a short
+    run of the job on k ranks, started as run & manage starts them (mpirun, its binding, ``threads`` threads
+    per rank), each rank building its run as a training rank does and timing the training loop's own steps
+    (:func:`profile_run`). A synchronous step lasts as long as its slowest rank: the compute and backward
+    times are those of the slowest rank (cores are not alike: SMT siblings, other work), the data time the
+    median, the time blocked in the exchange the shortest (the slowest rank's)."""
+    from ..run import preflight
+
+    job = load_job(job_path, sets)
+    preflight.fetch_pretrained(job)
+    preflight.check_data(job)  # the data cached once, as run & manage does: the profile's ranks read it
     figures: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="autocnnp-scale-") as tmp:
         for threads, k in copies.items():
-            folder = Path(tmp) / f"threads-{threads}"
-            folder.mkdir()
-            env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-            cmd = [sys.executable, "-m", "autocnnp.tuning.scale", str(job), str(folder), str(k), str(steps),
-                   *(f"--set={s}" for s in sets)]
-            procs = [subprocess.Popen([*cmd, str(i)], env=env) for i in range(k)]
-            try:
-                codes = [proc.wait() for proc in procs]
-            finally:
-                for proc in procs:  # an interrupted command leaves no profiler behind
-                    if proc.poll() is None:
-                        proc.kill()
-                        proc.wait()
-            if any(codes):
-                raise RuntimeError(f"profiling the job's step with {threads} thread(s) failed (exit codes {codes})")
-            figures[threads] = [json.loads((folder / f"copy-{i}.json").read_text()) for i in range(k)]
+            out = Path(tmp) / f"threads-{threads}"
+            out.mkdir()
+            (out / "cache").symlink_to(job.rundir.cache, target_is_directory=True)
+            variant = load_job(job_path, [*sets, f"output={out}", f"parallelism-degree={k}"])
+            figures[threads] = _profile_on_ranks(variant, out, steps, threads)
     for fs in figures.values():
         if len(fs) == 1:  # a lone rank's time in its strategy's collectives (a group of one) is its own work
             fs[0]["compute_s"] += fs[0]["exchange_s"]
     first = next(iter(figures.values()))[0]
 
-    def over_copies(key: str, of=statistics.median) -> dict[int, float]:
+    def over_ranks(key: str, of=statistics.median) -> dict[int, float]:
         return {t: of(f[key] for f in fs) for t, fs in figures.items()}
 
-    # a copy waits in the exchange for the last copy's gradients: the others' waits hold the skew the slowest
-    # copy's compute already counts, the slowest copy's (the shortest) is the exchange itself
-    exchanged = {t: s for t, s in over_copies("exchange_s", min).items() if len(figures[t]) > 1}
-    return Profile(first["batch"], over_copies("compute_s", max), over_copies("backward_s", max),
-                   over_copies("data_s"), first["grad_bytes"], first["model_bytes"], first["sample_bytes"],
+    # a rank waits in the exchange for the last rank's gradients: the others' waits hold the skew the slowest
+    # rank's compute already counts, the slowest rank's (the shortest) is the exchange itself
+    exchanged = {t: s for t, s in over_ranks("exchange_s", min).items() if len(figures[t]) > 1}
+    return Profile(first["batch"], over_ranks("compute_s", max), over_ranks("backward_s", max),
+                   over_ranks("data_s"), first["grad_bytes"], first["model_bytes"], first["sample_bytes"],
                    first["loader_workers"], first["train_samples"], exchanged)
 
 
-def profile_here(gen, steps: int, world=None, barrier: Callable[[], None] = lambda: None) -> dict:
-    """This process's figures for the job's step, timed as the trainer's loop runs it: the wait for the
-    loader's next minibatch, then the trainer's step (:class:`~autocnnp.training.trainer.TorchSteps`: the LR,
-    forward, backward, the job's strategy's exchange and optimizer step) and the divergence guard, fresh
-    minibatches every step (medians of ``steps`` after WARMUP_STEPS warm-up steps; ``barrier()`` ends each, so
-    copies profiled together step together, as synchronous ranks do). The job's strategy wraps the network
-    when it communicates over torch.distributed (its process group, of ``world``'s ranks, must exist): its
-    per-step bookkeeping is then in the compute, and the time it reports blocked in collectives is the
-    exchange; other strategies' exchanges are left to the link model. Built as a rank builds it."""
+def _profile_on_ranks(job: Job, out: Path, steps: int, threads: int) -> list[dict]:
+    """Every rank's figures from :func:`profile_run`, the ranks started on this machine by mpirun as run &
+    manage starts the job's (``threads`` threads each); their output goes to OUT/profile.log."""
+    from ..run import processes
+    from ..run.launch import MPIRUN_HINT, build_command
+
+    if shutil.which("mpirun") is None:
+        raise JobError(job.spec.where, "autocnnp scale starts the job's ranks with mpirun, which is not installed",
+                       MPIRUN_HINT)
+    local = dataclasses.replace(job, launch=dataclasses.replace(job.launch, launcher="mpirun", hostfile=None))
+    cmd, env = build_command(local, {**os.environ, "OMP_NUM_THREADS": str(threads)},
+                             program=("autocnnp.tuning.scale", str(out), str(steps)))
+    log = out / "profile.log"
+    with open(log, "w") as f:
+        proc = processes.start(cmd, env, stdout=f, stderr=subprocess.STDOUT)
+        try:
+            code = proc.wait()
+        finally:  # an interrupted command leaves no rank behind
+            processes.stop_session(proc, 5.0)
+    if code != 0:
+        tail = "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        raise RuntimeError(f"profiling the job's step on {job.world_size} rank(s) with {threads} thread(s) each "
+                           f"failed (exit code {code}):\n{tail}")
+    return [json.loads((out / f"rank-{r}.json").read_text()) for r in range(job.world_size)]
+
+
+class _StepTimes:
+    """The run's monitor as the training loop's steps see it, also keeping every step's seconds: all of it,
+    waiting for data, in collectives, and the backward pass (``backward``: its start and its last gradient,
+    set by hooks)."""
+
+    def __init__(self, monitor, backward: list[float]) -> None:
+        self.monitor, self.backward, self.steps = monitor, backward, []
+
+    def step(self, *args) -> None:
+        self.monitor.step(*args)
+        self.steps.append((*self.monitor.last_step, self.backward[1] - self.backward[0]))
+
+
+def profile_run(run, monitoring, steps: int) -> dict:
+    """This rank's figures from WARMUP_STEPS + ``steps`` steps of the training loop's own code
+    (:func:`~autocnnp.training.loop.train_steps`, epoch after epoch until done: the loader, the step through
+    the job's strategy, the divergence guard and the monitor as a run has them; no validation, checkpoint or
+    tracker). Means after the warm-up (a run's throughput is its mean step's, slow steps included; the parts
+    add up to the step) of: the step less its wait for the minibatch and its time blocked in the strategy's
+    collectives (compute), the wait (data), the time in collectives (exchange), the backward pass (from the
+    forward's end to the last gradient)."""
     import torch
-    from torch.utils.data import RandomSampler
 
-    from ..core.world import World
-    from ..data.batches import DeviceBatches, batch_loader, channels_last_network
-    from ..generator.protocols import Strategy, collective_wait
-    from ..training.loop import seed_everything
-    from ..training.monitor import DivergenceGuard, MonitoringConfig
-    from ..training.precision import mixed_precision
-    from ..training.trainer import TorchSteps, make_optimizer
+    from ..training.loop import begin_epoch, train_steps
+    from ..training.monitor import Monitor
 
-    world = world or World()
-    device = gen.action("memory_allocation").build(device=gen.action("device_placement").build(world=world))
-    hp = gen.action("hyperparameters_injection").build()
-    task = gen.action("task_definition").build()
-    strategy = (gen.action("dist_strategy").build(world=world, device=device) if exchanges_over_torch(gen)
-                else Strategy(world=world, device=device))
-    seed_everything(gen.seed)
-    fmt = gen.data_format()
-    fmt.prepare(seed=gen.seed, cache_dir=gen.rundir.cache)
-    data = fmt.datasets(world=world, seed=gen.seed, cache_dir=gen.rundir.cache)
-    net = gen.action("architecture_injection").build(in_channels=data.in_channels, num_classes=data.num_classes)
-    if hp.channels_last:
-        net = channels_last_network(net)
-    model = strategy.wrap(net)
-    autocast, scaler = mixed_precision(hp.precision, device)
-    trainer = TorchSteps(model=model, optimizer=strategy.wrap_optimizer(make_optimizer(hp, model.parameters()), model),
-                         strategy=strategy, loss_fn=task.loss(hp.loss), autocast=autocast, scaler=scaler,
-                         transfer=None, micro_batches=gen.virtual_ranks)
-    raw = batch_loader(data.train, RandomSampler(data.train), hp.minibatch_size * gen.virtual_ranks, drop_last=True,
-                       workers=hp.loader_workers)
-    loader = DeviceBatches(raw, device, data.augment, hp.channels_last)  # the trainer's: read, moved, augmented
-    if len(loader) == 0:
-        raise JobError(gen.spec.where, f"the training set has fewer samples than one minibatch of {hp.minibatch_size}",
-                       "lower minibatch_size")
-    policy = gen.lr_policy(steps_per_epoch=len(loader), world_size=gen.world_size)
-    monitoring = MonitoringConfig()
-    guard = DivergenceGuard(monitoring.divergence_factor, monitoring.stop_on_divergence)
-    images, labels, _ = next(iter(raw))
-    sample_bytes = (images.nbytes + labels.nbytes) // len(images)  # as stored: what a sample read moves
-    trainable = [p for p in net.parameters() if p.requires_grad]
-    backward = [0.0, 0.0]  # this step's backward: its start, its last gradient
+    net = run.strategy.unwrap(run.steps.model)
+    backward = [0.0, 0.0]
 
-    def sync() -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        return time.perf_counter()
+    def forward_end(*_) -> None:
+        if run.device.type == "cuda":
+            torch.cuda.synchronize(run.device)
+        backward[0] = time.perf_counter()
 
-    def mark_backward(_param) -> None:
+    def last_gradient(_param) -> None:
         backward[1] = time.perf_counter()
 
-    net.register_forward_hook(lambda *_: backward.__setitem__(0, sync()))  # the forward's end
+    net.register_forward_hook(forward_end)
+    trainable = [p for p in net.parameters() if p.requires_grad]
     for param in trainable:
-        param.register_post_accumulate_grad_hook(mark_backward)
-
-    def batches():
-        """The loader's minibatches, pass after pass (each pass's first batch pays the loader's start, as in training)."""
-        while True:
-            yield from loader
-
-    def step(index: int, x, y) -> tuple[float, float, float]:
-        """The trainer's step on one minibatch: (its time less the exchange's, the backward's, the exchange's)."""
-        start, blocked = sync(), collective_wait.seconds
-        guard.check(trainer.step(x, y, policy.lr(0, index % len(loader))), 0, index)
-        barrier()
-        exchange = collective_wait.seconds - blocked
-        return sync() - start - exchange, backward[1] - backward[0], exchange
-
-    feed = batches()
-    trainer.begin_steps()
-    for i in range(WARMUP_STEPS):
-        step(i, *next(feed))
-    barrier()
-    timed = []
-    for i in range(steps):
-        start = time.perf_counter()
-        x, y = next(feed)
-        waited = time.perf_counter() - start  # the wait for the minibatch: what loading adds to the step
-        timed.append((*step(i, x, y), waited))
+        param.register_post_accumulate_grad_hook(last_gradient)
+    needed = WARMUP_STEPS + steps
+    epochs = -(-needed // len(run.loader))
+    with Monitor(run.gen.rundir, run.world.rank, run.world.world_size, monitoring, epochs, len(run.loader),
+                 start_epoch=0) as monitor:
+        timed = _StepTimes(monitor, backward)
+        for epoch in range(epochs):
+            begin_epoch(run, epoch)
+            train_steps(run, epoch, timed, lambda: None, limit=needed - len(timed.steps))
+            run.steps.end_steps()
+    kept = timed.steps[WARMUP_STEPS:]
     floats = (*net.parameters(), *(b for b in net.buffers() if b.is_floating_point()))
-    return {"compute_s": statistics.median(s[0] for s in timed), "backward_s": statistics.median(s[1] for s in timed),
-            "exchange_s": statistics.median(s[2] for s in timed), "data_s": statistics.median(s[3] for s in timed),
-            "batch": hp.minibatch_size, "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
-            "model_bytes": sum(t.numel() * t.element_size() for t in floats), "sample_bytes": sample_bytes,
-            "loader_workers": hp.loader_workers, "train_samples": len(data.train)}
+    image, label = run.data.train[0][:2]  # as stored: what a sample read moves
+    return {"compute_s": statistics.fmean(s - w - c for s, w, c, _ in kept),
+            "backward_s": statistics.fmean(b for *_, b in kept), "exchange_s": statistics.fmean(c for *_, c, _ in kept),
+            "data_s": statistics.fmean(w for _, w, *_ in kept), "batch": run.hp.minibatch_size,
+            "grad_bytes": sum(p.numel() * p.element_size() for p in trainable),
+            "model_bytes": sum(t.numel() * t.element_size() for t in floats),
+            "sample_bytes": int(image.nbytes + label.nbytes), "loader_workers": run.hp.loader_workers,
+            "train_samples": len(run.data.train)}
 
 
-def exchanges_over_torch(gen) -> bool:
-    """Whether the job's strategy communicates over a torch.distributed process group (the profile's copies
-    then form one and step through the strategy itself)."""
-    return gen.action("communication_init").entry.name == "torch_distributed"
-
-
-def _profile_copy(argv: list[str]) -> None:
-    """One copy of :func:`profile_job`: ``JOB FOLDER COPIES STEPS [--set=K=V ...] INDEX``. The copies form a
-    gloo group (rendezvous in FOLDER), a group of one included, as the job's ranks do; its barrier ends each
-    timed step: the step then lasts as long as the slowest copy's, with the jitter of cores shared with other
-    work, as in training."""
-    import torch.distributed as dist
-
-    from ..core.world import World
-
-    job, folder, copies, steps, *sets, index = argv
-    gen = load_job(job, [s.removeprefix("--set=") for s in sets]).generator
-    rank, size = int(index), int(copies)
-    dist.init_process_group("gloo", store=dist.FileStore(str(Path(folder) / "store"), size), rank=rank,
-                            world_size=size)
-    try:
-        figures = profile_here(gen, int(steps), World(rank, size, rank, size, "gloo"), dist.barrier)
-    finally:
-        dist.destroy_process_group()
-    (Path(folder) / f"copy-{index}.json").write_text(json.dumps(figures))
+def _profile_rank(argv: list[str]) -> None:
+    """One rank of :func:`_profile_on_ranks`: ``OUT STEPS JOB [--set=K=V ...]``, started by mpirun. It builds
+    its run as a training rank does and writes its figures to OUT/rank-RANK.json."""
+    out, steps, job_path, *sets = argv
+    job = load_job(job_path, [s.removeprefix("--set=") for s in sets])
+    framework = job.generator.action("framework").build()
+    run = framework.build(job.generator, job.monitoring, timeout_s=job.launch.rank_timeout_s + 30)
+    figures = profile_run(run, job.monitoring, int(steps))
+    (Path(out) / f"rank-{run.world.rank}.json").write_text(json.dumps(figures))
 
 
 # --- the link --------------------------------------------------------------------------------------------
@@ -521,4 +492,4 @@ def _rank_counts(text: str | None, top: int) -> list[int]:
 
 
 if __name__ == "__main__":
-    _profile_copy(sys.argv[1:])
+    _profile_rank(sys.argv[1:])

@@ -2,9 +2,10 @@
 strategy sends (:class:`~autocnnp.generator.protocols.Traffic`) over a link (latency, bandwidth) gives the
 step time, throughput, speedup and efficiency at every rank count. Pure arithmetic: no torch here.
 
-Per step and rank: ``step = data + compute + exposed communication`` when the loader has no workers,
-else ``max(compute + exposed communication, data / workers)`` (the workers read ahead, up to their
-capacity). A ring allreduce of S bytes over n ranks takes ``2(n-1)/n * S/B + 2(n-1) * a``; with an
+Per step and rank: ``step = wait + compute + exposed communication + read`` when the loader has no workers,
+else ``wait + max(compute + exposed communication, read / workers)`` (the workers read ahead, up to their
+capacity), where ``wait`` is the wait for the minibatch the profile measured and ``read`` what the data
+path adds to a minibatch's reading. A ring allreduce of S bytes over n ranks takes ``2(n-1)/n * S/B + 2(n-1) * a``; with an
 overlap fraction f of the backward pass b only ``max((1-f) T, T - f b)`` is exposed (bucket k of K
 leaves when the backward has produced it, the last bucket never overlaps: f = 1 - 1/K). A parameter
 server's link carries every other rank's S in, then as much out: ``2 (n-1) S/B + 2a``. An exchange made
@@ -104,7 +105,7 @@ class Profile:
     batch: int  # samples per rank and step
     compute_s: dict[int, float]  # threads -> seconds
     backward_s: dict[int, float]
-    data_s: dict[int, float]
+    data_s: dict[int, float]  # the step's wait for its minibatch, what the job's loader leaves exposed
     grad_bytes: int
     model_bytes: int
     sample_bytes: int
@@ -206,10 +207,11 @@ def predict(profile: Profile, traffic: Callable[[int], Traffic], link: Link, wor
         measured = node_exchange_s(profile, n, t, placement)
         if measured > exposed:  # the node's own exchange, measured, costs more than the link model says
             comm = exposed = measured
-        data = _at(profile.data_s, t) + data_path.read_s(n, placement.ranks_per_node,
-                                                         profile.batch * profile.sample_bytes)
+        wait = _at(profile.data_s, t)
+        read = data_path.read_s(n, placement.ranks_per_node, profile.batch * profile.sample_bytes)
         work = compute + exposed
-        step = data + work if profile.loader_workers == 0 else max(work, data / profile.loader_workers)
+        step = wait + (work + read if profile.loader_workers == 0 else max(work, read / profile.loader_workers))
+        data = wait + read
         rows.append(Row(n, t, compute, data, comm / tr.every_steps, exposed, step, tr.workers * profile.batch / step))
     base = rows[0]
     return [Row(**{**asdict(r), "speedup": r.samples_s / base.samples_s,
