@@ -58,6 +58,7 @@ def profile_job(job_path: Path, sets: list[str], copies: dict[int, int], steps: 
     job = load_job(job_path, sets)
     preflight.fetch_pretrained(job)
     preflight.check_data(job)  # the data cached once, as run & manage does: the profile's ranks read it
+    job.rundir.cache.mkdir(parents=True, exist_ok=True)
     figures: dict[int, list[dict]] = {}
     with tempfile.TemporaryDirectory(prefix="autocnnp-scale-") as tmp:
         for threads, k in copies.items():
