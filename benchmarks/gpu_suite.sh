@@ -8,7 +8,7 @@
 #   1. framework vs a hand-written DDP loop: train_throughput.py, 1 GPU, NCCL, bf16, channels_last
 #   2. input pipeline delivered vs consumed: input_pipeline.py (batched path, device augmentation)
 #   3. 2D inference ms per 512 x 512 slice, U-Net, bf16 (goal <= 5 ms): inference_speed.py
-#   4. 3D sliding-window seconds per volume: skipped until autocnnp/training/sliding_window.py exists
+#   4. 3D sliding-window seconds per 240 x 240 x 155 x 4 volume, fp32 and bf16: predict3d.py (autocnnp predict)
 #   5. TensorFlow vs torch: tensorflow_framework.py (the framework vs a hand-written MWMS loop; the demo job)
 #   6. allreduce bus bandwidth vs the device's bound: allreduce_busbw.py (the link bound needs 2 GPUs)
 # PYTHON picks the interpreter (default: .venv/bin/python, else python3); LOGS the log folder (default: a new
@@ -55,6 +55,7 @@ if [ "$DRY" = 1 ]; then
   INFER=(--models unet --size 64 --batch-sizes 1 --rounds 1 --min-time 0.01)
   TF=(--ranks 1 --rounds 1 --steps 2 --epochs 1 --demo-rounds 1 --set degree=1 --set data.train_samples=8 --set data.valid_samples=4)
   BUS=(--device cpu --sizes-mb 1 --iterations 2)
+  PRED3D=(--vs-precision --device cpu --shape 24,24,12 --patch 8,16,16 --depth 2 --base-channels 4 --skip-memory)
   LIMIT=300
 else
   "$PYTHON" -c "import torch; print('gpu_suite on', torch.cuda.get_device_name(0), '(torch', torch.__version__ + ')')"
@@ -63,6 +64,7 @@ else
   INFER=(--device cuda --precision bf16 --models unet --size 512 --batch-sizes 1,8 --rounds 5)
   TF=(--ranks 1 --rounds 3 --steps 30 --epochs 3 --set degree=1)
   BUS=(--device cuda)
+  PRED3D=(--vs-precision --device cuda --precision bf16 --skip-memory)
   LIMIT=
 fi
 
@@ -74,13 +76,7 @@ if [ -f "$LOGS/inference_2d.log" ]; then  # the best ms per slice against the 5 
                       if (best == "" || ms + 0 < best + 0) best = ms }
        END { if (best != "") printf "   best ms per slice / 5 ms goal: %.2f\n", best / 5 }' "$LOGS/inference_2d.log"
 fi
-echo "== sliding_window_3d"
-if [ -f autocnnp/training/sliding_window.py ] && [ -f benchmarks/sliding_window_speed.py ]; then
-  part sliding_window_3d "${LIMIT:-60}" "s per volume|ratio" benchmarks/sliding_window_speed.py
-else
-  echo "   skipped: 3D sliding-window inference (autocnnp/training/sliding_window.py and its benchmark" \
-       "benchmarks/sliding_window_speed.py) does not exist yet"
-fi
+part sliding_window_3d "${LIMIT:-120}" "x4, |s per volume" benchmarks/predict3d.py "${PRED3D[@]}"
 if "$PYTHON" -c "import tensorflow" >/dev/null 2>&1; then
   part tensorflow "${LIMIT:-150}" "^framework / hand-written|^tensorflow / torch" benchmarks/tensorflow_framework.py "${TF[@]}"
 else

@@ -1,8 +1,10 @@
 """3D predict: seconds per 240 x 240 x 155 volume (BraTS-sized, 4 channels) on the CPU with 1 and 2 threads and
 across 2 ranks (``predict --ranks 2``, one thread each), and the peak memory of predicting one 512 x 512 x 300
-volume (issue 22's bound: 4 GB).
+volume (issue 22's bound: 4 GB). With ``--vs-precision --device cuda`` (benchmarks/gpu_suite.sh): seconds per
+volume on the device in fp32 and in ``--precision`` (bf16 by default), and their ratio, in the same run.
 
     python benchmarks/predict3d.py [--base-channels 8] [--depth 4] [--patch 64,128,128] [--overlap 0.5]
+                                   [--shape 240,240,155] [--vs-precision --device cuda --precision bf16]
 
 Each figure is one ``autocnnp predict`` process (``python -m autocnnp predict``, the command a user runs) of an
 untrained ``unet3d`` (speed and memory do not depend on the weights) whose checkpoint describes a 3D model at 1 mm
@@ -86,6 +88,11 @@ def main(argv=None) -> int:
     ap.add_argument("--overlap", type=float, default=0.5)
     ap.add_argument("--memory-shape", default="512,512,300")
     ap.add_argument("--memory-overlap", type=float, default=0.0)
+    ap.add_argument("--shape", default="240,240,155", help="the speed volumes' X,Y,Z (4 channels)")
+    ap.add_argument("--vs-precision", action="store_true", help="fp32 against --precision on --device, instead "
+                    "of 1 thread, 2 threads and 2 ranks on the CPU")
+    ap.add_argument("--device", default="cpu", help="with --vs-precision: the torch device")
+    ap.add_argument("--precision", default="bf16", help="with --vs-precision: the precision set against fp32")
     ap.add_argument("--skip-speed", action="store_true")
     ap.add_argument("--skip-memory", action="store_true")
     args = ap.parse_args(argv)
@@ -94,12 +101,18 @@ def main(argv=None) -> int:
         rows = []
         if not args.skip_speed:
             ck = checkpoint(folder, args, 4, args.overlap)
-            brats = volumes(folder / "brats", (240, 240, 155, 4), 2)
-            for name, extra, count in (("1 thread", ("--threads", "1"), 1), ("2 threads", ("--threads", "2"), 1),
-                                       ("2 ranks x 1 thread", ("--threads", "1", "--ranks", "2"), 2)):
+            shape = tuple(int(s) for s in args.shape.split(","))
+            brats = volumes(folder / "brats", (*shape, 4), 2)
+            runs = ((("1 thread", ("--threads", "1"), 1), ("2 threads", ("--threads", "2"), 1),
+                     ("2 ranks x 1 thread", ("--threads", "1", "--ranks", "2"), 2)) if not args.vs_precision else
+                    ((f"{args.device} {p}", ("--device", args.device, "--precision", p), 1)
+                     for p in ("fp32", args.precision)))
+            per_volume = []
+            for name, extra, count in runs:
                 source = brats / "case_000.nii" if count == 1 else brats
                 seconds, peak, network, _ = predict(ck, source, folder / name.replace(" ", "_"), *extra)
-                rows.append((f"240x240x155x4, {name}", f"{seconds / count:.1f}",
+                per_volume.append((seconds / count, network / count))
+                rows.append((f"{'x'.join(map(str, shape))}x4, {name}", f"{seconds / count:.1f}",
                              f"{network / count:.1f}" if network else "-", f"{peak / 2**30:.2f}"))
         if not args.skip_memory:
             shape = tuple(int(s) for s in args.memory_shape.split(","))
@@ -109,8 +122,14 @@ def main(argv=None) -> int:
             rows.append((f"{'x'.join(map(str, shape))}x1, 2 threads (overlap {args.memory_overlap:g})",
                          f"{seconds:.1f}", f"{network:.1f}", f"{peak / 2**30:.2f}"))
         print(f"unet3d depth {args.depth}, {args.base_channels} base channels, windows {args.patch}, overlap "
-              f"{args.overlap:g}, 4 classes, float32, CPU ({torch.get_num_threads()} cores seen)")
+              f"{args.overlap:g}, 4 classes, {args.device if args.vs_precision else 'CPU'} "
+              f"({torch.get_num_threads()} cores seen)")
         print(table(("volume, processes", "s/volume", "network s/volume", "peak GiB (one process)"), rows))
+        if args.vs_precision and not args.skip_speed:
+            (whole, net), (whole_p, net_p) = per_volume
+            print(f"s per volume {args.precision} / fp32: {whole_p / whole:.2f} (the process), "
+                  f"{net_p / net:.2f} (the network)" if net else f"s per volume {args.precision} / fp32: "
+                  f"{whole_p / whole:.2f} (the process)")
         if not args.skip_memory:
             print(f"memory bound: {'met' if peak / 2**30 <= BOUND_GB else 'NOT met'} "
                   f"({peak / 2**30:.2f} GiB of {BOUND_GB:g} GB)")

@@ -20,6 +20,6 @@ def test_the_gpu_suite_runs_every_part_on_the_cpu(tmp_path):
     rc, out, err = run_in_group(["bash", str(ROOT / "benchmarks" / "gpu_suite.sh"), "--cpu-dry-run"], 900, env=env)
     assert rc == 0, out + err
     for line in ("ratio framework / hand:", "lowest ratio: batched", "best ms per slice / 5 ms goal:",
-                 "skipped: 3D sliding-window", "framework / hand-written:", "tensorflow / torch samples/s:",
+                 "x4, cpu bf16", "s per volume bf16 / fp32:", "framework / hand-written:", "tensorflow / torch samples/s:",
                  "busbw / link bound: skipped"):
         assert line in out, (line, out)
