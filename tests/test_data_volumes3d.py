@@ -274,3 +274,13 @@ def test_3d_start_up_reads_each_header_once_until_the_file_changes(tubes, tmp_pa
     os.utime(cases[0].image, ns=(1, 1))  # changed since: read again
     target_spacing(cases, "median")
     assert opened[3:] == ["case_000.nii.gz"]
+
+
+def test_checking_a_3d_dataset_reads_each_image_header_once_with_the_start_up(tubes, tmp_path, monkeypatch):
+    root = shutil.copytree(tubes, tmp_path / "tubes")  # files no earlier test read
+    load, opened = nib.load, []
+    monkeypatch.setattr(nib, "load", lambda path, *a, **k: opened.append(Path(path)) or load(path, *a, **k))
+    cases = read_dataset(root).cases("training")
+    assert not check_dataset(root, split="training", spacing=True).problems  # as a 3D job starts: check, then plan
+    patch_of(cases, "auto", "median", 1 << 20)
+    assert sorted(p.name for p in opened if p.parent.name == "imagesTr") == [f"case_00{i}.nii.gz" for i in range(3)]

@@ -568,6 +568,37 @@ def test_the_server_and_a_site_keep_their_output_out_of_another_runs(tmp_path):
         run_site(a, federation_of(a), "a", tmp_path / "certs" / "sites" / "a.key", None)
 
 
+@pytest.mark.parametrize("transport", ["grpc", "deployment"])
+def test_a_server_certificate_that_cannot_be_read_is_the_same_line_on_either_transport(tmp_path, transport):
+    from autocnnp.federation.server import server_job
+    from autocnnp.federation.transports import transport_of
+
+    make_certificates(tmp_path, ["a"], ["127.0.0.1"])
+    (tmp_path / "server.key").unlink()
+    job = server_job(federation_job(tmp_path, 9999, transport=transport), [])
+    certs = tuple(tmp_path / n for n in ("ca.crt", "server.crt", "server.key"))
+    with pytest.raises(JobError, match=r"server.key cannot be read \(No such file or directory\)") as failed:
+        transport_of(federation_of(job)).serve(lambda identity: pytest.fail("served"), federation_of(job), {}, certs,
+                                               None, None)
+    assert failed.value.exit_code == 2 and "\n" not in str(failed.value)
+
+
+def test_a_site_joins_with_the_ca_certificate_it_checked(tmp_path, monkeypatch):
+    """``--ca`` is read once: the probe and the transport get what was read, even if the file goes after."""
+    from autocnnp.federation import site
+
+    make_certificates(tmp_path / "certs", ["a"], ["127.0.0.1"])
+    (tmp_path / "data_a").mkdir()
+    job = site.site_job(federation_job(tmp_path, 9999), [], None, tmp_path / "site_a")
+    ca = tmp_path / "certs" / "ca.crt"
+    pem, joined = ca.read_bytes(), []
+    monkeypatch.setattr(site, "site_trainer", lambda job: None)
+    monkeypatch.setattr(site, "probe", lambda address, root, wait_s: ca.unlink() if root == pem else pytest.fail())
+    monkeypatch.setattr(site, "_take_part", lambda client, address, root, timeout_s: joined.append(root))
+    assert site.run_site(job, federation_of(job), "a", tmp_path / "certs" / "sites" / "a.key", ca) == 0
+    assert joined == [pem]
+
+
 @pytest.mark.ranks
 @pytest.mark.slow  # three launches of 2 ranks
 def test_a_site_on_two_ranks_trains_as_its_job_alone_on_two_ranks(tmp_path):

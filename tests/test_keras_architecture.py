@@ -23,7 +23,7 @@ AUTOCNNP = [sys.executable, "-m", "autocnnp"]
 
 @pytest.fixture(scope="module")
 def keras():
-    from autocnnp.components.architectures.keras_file import import_keras
+    from autocnnp.training.keras_backend import import_keras
 
     return import_keras()
 
@@ -170,7 +170,7 @@ def test_two_rank_run_trains_a_keras_model(keras, tmp_path):
 
 @pytest.mark.parametrize("given", [None, "jax"])
 def test_loading_keras_leaves_the_environment_of_later_subprocesses_as_it_was(given, tmp_path, monkeypatch):
-    from autocnnp.components.architectures.keras_file import import_keras
+    from autocnnp.training.keras_backend import import_keras
 
     (tmp_path / "keras.py").write_text("import os\nclass backend:\n    backend = staticmethod(lambda: CHOSEN)\n"
                                        "CHOSEN = os.environ['KERAS_BACKEND']  # as Keras reads it when imported\n")

@@ -199,9 +199,11 @@ def test_a_torch_job_never_imports_tensorflow(tensorflow, tmp_path):
 # --- the tensorflow components ------------------------------------------------------------------------------
 
 BUILD_EVERY_TENSORFLOW_BUILTIN = textwrap.dedent("""
-    import dataclasses, sys, typing
+    import dataclasses, os, sys, typing
     from pathlib import Path
-    import autocnnp.training.keras_trainer  # Keras on TensorFlow, as a tensorflow job imports it
+    import autocnnp.training.keras_trainer as keras_trainer  # Keras on TensorFlow, as a tensorflow job imports it
+    assert keras_trainer.keras.backend.backend() == "tensorflow"
+    assert os.environ["KERAS_BACKEND"] == "torch"  # the test's, as it was: the subprocesses a job starts inherit it
     import numpy as np
     from autocnnp.core.world import World
     from autocnnp.engine.values import bind
@@ -247,6 +249,7 @@ BUILD_EVERY_TENSORFLOW_BUILTIN = textwrap.dedent("""
             elif point.type == "dist_strategy":
                 assert impl(config, world=World(), device="/CPU:0").share == 1.0
             built.append(f"{point.type}:{name}")
+    assert os.environ["KERAS_BACKEND"] == "torch"
     print(" ".join(built))
 """)
 
@@ -254,6 +257,7 @@ BUILD_EVERY_TENSORFLOW_BUILTIN = textwrap.dedent("""
 @pytest.mark.slow
 def test_every_tensorflow_builtin_reads_as_its_module_and_builds_from_its_defaults(tensorflow, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMI_", "RANK", "WORLD_SIZE", "TF_CONFIG"))}
+    env["KERAS_BACKEND"] = "torch"  # another backend set: Keras still loads on TensorFlow, the setting stays
     result = subprocess.run([sys.executable, "-c", BUILD_EVERY_TENSORFLOW_BUILTIN], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

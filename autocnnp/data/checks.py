@@ -19,7 +19,8 @@ import numpy as np
 from ..core.errors import DataError
 from ..core.files import atomic_write, exclusive_lock
 from .index import Case, read_dataset
-from .volumes import header_spacing, image_shape, label_shape, open_nifti, read_array
+from .spacing import file_geometry
+from .volumes import image_shape, label_shape, open_nifti, read_array
 
 AFFINE_ATOL = 1e-3
 _CHUNK = 1 << 20
@@ -113,9 +114,7 @@ def _check_case(case: Case, allowed: set[int] | None, n_modalities: int | None, 
     image_path = Path(case.image)
     try:
         img = open_nifti(image_path)
-        shape = image_shape(image_path, img.shape)
-        if spacing:
-            header_spacing(image_path, img)
+        shape = file_geometry(image_path, img)[0] if spacing else image_shape(image_path, img.shape)
         if n_modalities and shape[3] != n_modalities:
             errors.append(DataError(image_path, f"image has {shape[3]} channel(s) but {index_file.name} declares "
                                     f"{n_modalities} modalities", "fix the 'modality' entry or the image"))

@@ -3,7 +3,6 @@ before anything starts): the target spacing, a case's resampled grid, the automa
 
 from __future__ import annotations
 
-import functools
 import math
 from pathlib import Path
 
@@ -35,25 +34,34 @@ def parse_spacing(text: str, where=None) -> tuple[float, float, float] | None:
     return _triple(text, "median", float, "spacing", "sizes in mm (x, y, z)", "1.0,1.0,3.0", where)
 
 
-def case_geometry(case: Case) -> tuple[tuple[int, ...], tuple[float, float, float]]:
+Geometry = tuple[tuple[int, ...], tuple[float, float, float]]
+_GEOMETRY: dict[tuple[Path, int, int], Geometry] = {}  # by path, size and mtime: a changed file is read again
+_GEOMETRY_LIMIT = 1 << 14
+
+
+def case_geometry(case: Case) -> Geometry:
     """The shape ``(X, Y, Z, C)`` and spacing ``(x, y, z)`` of a case's image, from its header only: read once per
-    process while the file is unchanged (a 3D job's start-up asks for the spacing, the patch and the budget)."""
-    path = Path(case.image)
+    process while the file is unchanged (a 3D job's start-up checks the data, then asks for the spacing, the patch and
+    the budget)."""
+    return file_geometry(Path(case.image))
+
+
+def file_geometry(path: Path, img=None) -> Geometry:
+    """:func:`case_geometry` of the image file ``path``; ``img``: the file as :func:`open_nifti` opened it already
+    (a check that reads its voxels too), so that its header is not read again."""
     try:
         stat = path.stat()
-        stamp = (stat.st_size, stat.st_mtime_ns)
+        key = (path, stat.st_size, stat.st_mtime_ns)
     except OSError:
-        stamp = (-1, -1)  # open_nifti says what is wrong
-    return _geometry(path, *stamp)
-
-
-@functools.lru_cache(maxsize=1 << 14)
-def _geometry(path: Path, size: int, mtime_ns: int) -> tuple[tuple[int, ...], tuple[float, float, float]]:
-    """:func:`case_geometry` of the file ``path``; ``size`` and ``mtime_ns`` key the cache, so a changed file is
-    read again."""
-    del size, mtime_ns
-    img = open_nifti(path)
-    return image_shape(path, img.shape), header_spacing(path, img)
+        key = (path, -1, -1)  # open_nifti says what is wrong
+    found = _GEOMETRY.get(key)
+    if found is None:
+        img = img if img is not None else open_nifti(path)
+        found = image_shape(path, img.shape), header_spacing(path, img)
+        if len(_GEOMETRY) >= _GEOMETRY_LIMIT:
+            del _GEOMETRY[next(iter(_GEOMETRY))]  # the oldest
+        _GEOMETRY[key] = found
+    return found
 
 
 def median_spacing(spacings) -> tuple[float, float, float]:

@@ -1,11 +1,13 @@
 """Certificates for a test federation: a CA, the server's TLS certificate, and a key pair per site (its
 identity for the site list, in OpenSSH format: both transports, and Flower's node authentication, read it).
-Real deployments bring their own CA and certificates."""
+Real deployments bring their own CA and certificates, which the server (:func:`read_server_certificates`) and a
+site (:func:`read_ca`) read here, once, for either transport."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -13,6 +15,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from ..core.errors import JobError, Source
 from ..core.files import atomic_write
 
 DAYS = 365
@@ -71,3 +74,36 @@ def make_certificates(folder: Path, sites: list[str], hosts: list[str], days: in
             (folder / name).chmod(0o600)
         written.append(folder / name)
     return written
+
+
+def read_server_certificates(certs: tuple[Path, Path, Path] | None) -> tuple[bytes, bytes, bytes] | None:
+    """The server's ``--certs`` (ca.crt, server.crt, server.key) as bytes, None without TLS; a JobError naming
+    the file that cannot be read."""
+    if certs is None:
+        return None
+    try:
+        ca, certificate, key = (Path(p).read_bytes() for p in certs)
+    except OSError as exc:
+        raise JobError(Source(Path("."), text="autocnnp federation server --certs"),
+                       f"{exc.filename} cannot be read ({exc.strerror})",
+                       "give the folder holding ca.crt, server.crt and server.key") from None
+    return ca, certificate, key
+
+
+@dataclass(frozen=True)
+class CaCertificate:
+    """The CA certificate a site trusts the server by (``--ca``), read once: its file (for Flower's SuperNode,
+    which reads it itself) and its PEM bytes (for the probe and Flower's client in this process)."""
+
+    file: Path
+    pem: bytes
+
+
+def read_ca(path: Path) -> CaCertificate:
+    """The site's ``--ca`` file; a JobError when it cannot be read."""
+    try:
+        return CaCertificate(Path(path), Path(path).read_bytes())
+    except OSError as exc:
+        raise JobError(Source(Path("."), text="autocnnp federation site --ca"),
+                       f"the CA certificate {path} cannot be read ({exc.strerror})",
+                       "give the ca.crt the federation's operator sent") from None

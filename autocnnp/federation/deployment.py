@@ -32,6 +32,7 @@ from ..core.files import atomic_write
 from ..core.processes import die_with_parent
 from ..core.world import free_port
 from .admission import FlowerNodes, Refused, Unreachable, load_private_key, refused
+from .certs import CaCertificate, read_server_certificates
 from .logs import say
 
 APP_NAME = "autocnnp-federation"
@@ -294,11 +295,7 @@ def serve(setup, fed, sites: dict, certs, listen: str | None, audit) -> None:
     """Flower's SuperLink on ``listen`` (default: every address, the <federation> server's port; Fleet, Control and
     Runtime API on that one port) with the listed sites' keys registered, and the rounds that ``setup(identity)``
     makes run as the SuperLink's ServerApp in this process."""
-    if certs is not None:
-        missing = [p for p in certs if not Path(p).is_file()]
-        if missing:
-            raise JobError(Source(Path("."), text="autocnnp federation server --certs"),
-                           f"{missing[0]} cannot be read", "give the folder holding ca.crt, server.crt and server.key")
+    certificates = read_server_certificates(certs)  # the SuperLink reads the files, the ServerApp trusts the CA
     folder = audit.path.parent
     host, _, port = fed.server.rpartition(":")
     listen_host, _, listen_port = (listen or f"0.0.0.0:{port}").rpartition(":")
@@ -332,7 +329,7 @@ def serve(setup, fed, sites: dict, certs, listen: str | None, audit) -> None:
             start_grid(grid=grid, server=server, config=config)
             admission.end()
 
-        run_server_app(address, Path(certs[0]).read_bytes() if certs else None, secret, main)
+        run_server_app(address, certificates and certificates[0], secret, main)
     finally:
         link.stop()
 
@@ -350,7 +347,7 @@ def node_key(path: Path, converted: Path) -> Path:
     return converted
 
 
-def join(client, address: str, ca_file: Path | None, key_file: Path, timeout_s: float, folder: Path) -> None:
+def join(client, address: str, ca: CaCertificate | None, key_file: Path, timeout_s: float, folder: Path) -> None:
     """Flower's SuperNode, authenticated by the site's key, with this process serving its ClientApp (``client``),
     until the server ends the federation; the SuperNode reconnects to a server gone for up to ``timeout_s``."""
     from flwr.clientapp import ClientApp
@@ -358,7 +355,7 @@ def join(client, address: str, ca_file: Path | None, key_file: Path, timeout_s: 
     name = client.name
     say(f"site {name} ({client.role}) joins the federation at {address} (Flower SuperNode)")
     port = free_port()
-    tls = ["--root-certificates", str(ca_file)] if ca_file is not None else ["--insecure"]
+    tls = ["--root-certificates", str(ca.file)] if ca is not None else ["--insecure"]
     node = FlowerProcess(
         [flower_command("flower-supernode"), "--superlink", address, *tls, "--auth-supernode-private-key",
          str(node_key(key_file, folder / "node.key")), "--isolation", "process", "--host", "127.0.0.1",

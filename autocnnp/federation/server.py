@@ -29,10 +29,11 @@ from flwr.server.strategy.fedopt import FedOpt
 from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
 from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
 
-from ..core.errors import ExitCode, JobError, Source
+from ..core.errors import ExitCode
 from ..core.files import append_text, atomic_write, read_json, write_json
 from ..core.rundir import BEST_CHECKPOINT, BEST_RECORD, RunDir
 from .admission import SignedChallenge, agreement, differences
+from .certs import read_server_certificates
 from .config import FederationConfig
 from .logs import say
 from .tracking import federation_runs, weighted_mean
@@ -329,12 +330,7 @@ def serve_grpc(setup, fed: FederationConfig, sites: dict, certs, listen: str | N
     """The grpc transport: Flower's server in this process on ``listen`` (default: every address, the
     <federation> server's port), sites admitted by the challenge they sign (``flwr.server.start_server`` without
     its signal handlers: a signal here is the command's, which stops the gRPC server on the way out)."""
-    try:
-        certificates = None if certs is None else tuple(Path(p).read_bytes() for p in certs)
-    except OSError as exc:
-        raise JobError(Source(Path("."), text="autocnnp federation server --certs"),
-                       f"{exc.filename} cannot be read ({exc.strerror})",
-                       "give the folder holding ca.crt, server.crt and server.key") from None
+    certificates = read_server_certificates(certs)
     admission, server, config = setup(SignedChallenge(sites))
     address = listen or f"0.0.0.0:{fed.server.rpartition(':')[2]}"
     say(f"federation server on {address} ({'TLS' if certificates else 'no TLS'}), {len(sites)} site(s) "

@@ -16,10 +16,11 @@ from pathlib import Path
 import flwr
 import grpc
 
-from ..core.errors import JobError, Source
+from ..core.errors import Source
 from ..run import lock
 from ..run.job import Job
 from .admission import Unreachable, agreement, load_private_key, refused, sign
+from .certs import CaCertificate, read_ca
 from .config import FederationConfig
 from .local import SiteTrainer, site_trainer
 
@@ -67,10 +68,10 @@ class SiteClient(flwr.client.NumPyClient):
         return metrics.get("valid_loss", 0.0), len(self.trainer.run.data.valid), metrics
 
 
-def join_grpc(client: SiteClient, address: str, ca_file: Path | None, key_file: Path, timeout_s: float,
+def join_grpc(client: SiteClient, address: str, ca: CaCertificate | None, key_file: Path, timeout_s: float,
               folder: Path) -> None:
     """The grpc transport: Flower's client in this process (:func:`_take_part`)."""
-    _take_part(client, address, ca_file and Path(ca_file).read_bytes(), timeout_s)
+    _take_part(client, address, None if ca is None else ca.pem, timeout_s)
 
 
 def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, ca_file: Path | None,
@@ -78,19 +79,12 @@ def run_site(job: Job, federation: FederationConfig, name: str, key_file: Path, 
     """Join the federation as ``name`` with ``join`` (the job's transport: transports.py) and take part until
     the server ends it; raises JobError if refused."""
     key = load_private_key(key_file)
-    where = Source(Path("."), text="autocnnp federation site --ca")
-    root = None
-    if ca_file is not None:
-        try:
-            root = Path(ca_file).read_bytes()
-        except OSError as exc:
-            raise JobError(where, f"the CA certificate {ca_file} cannot be read ({exc.strerror})",
-                           "give the ca.crt the federation's operator sent") from None
+    ca = None if ca_file is None else read_ca(ca_file)  # read once: the probe and the transport use what was read
     address = server or federation.server
     with lock.own_output(job, front_end=False):
         trainer = site_trainer(job)  # the site's own data check, first
-        probe(address, root, min(federation.round_timeout_s, JOIN_WAIT_S))
-        join(SiteClient(trainer, name, key, role), address, ca_file, Path(key_file), federation.round_timeout_s,
+        probe(address, None if ca is None else ca.pem, min(federation.round_timeout_s, JOIN_WAIT_S))
+        join(SiteClient(trainer, name, key, role), address, ca, Path(key_file), federation.round_timeout_s,
              job.rundir.root / "federation")
     print(f"autocnnp: site {name}: the federation ended", flush=True)
     return 0

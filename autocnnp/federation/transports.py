@@ -18,7 +18,7 @@ from . import deployment, server, site
 @dataclass(frozen=True)
 class Transport:
     serve: Callable  # (setup, fed, sites, certs, listen, audit): run the rounds that setup(identity) makes
-    join: Callable  # (client, address, ca_file, key_file, timeout_s, folder): take part until the server ends
+    join: Callable  # (client, address, ca, key_file, timeout_s, folder): take part until the server ends (ca: certs.py)
 
 
 def transport_of(fed) -> Transport:

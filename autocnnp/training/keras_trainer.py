@@ -11,10 +11,12 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-os.environ["KERAS_BACKEND"] = "tensorflow"  # before Keras is imported (this module is imported by tensorflow jobs only)
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")  # before TensorFlow is imported
 
-import keras  # noqa: E402
+from .keras_backend import import_keras  # noqa: E402
+
+keras = import_keras("tensorflow")  # before TensorFlow, which imports Keras on the backend KERAS_BACKEND names
+
 import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import torch  # noqa: E402
@@ -27,10 +29,6 @@ from . import determinism, keras_losses, run  # noqa: E402
 from .monitor import MonitoringConfig  # noqa: E402
 from .pretrained import frozen_summary, loaded_summary, read_pretrained  # noqa: E402
 from .run import Backend, Run, network, pretrained  # noqa: E402
-
-if keras.backend.backend() != "tensorflow":
-    raise RuntimeError(f"Keras was imported with the {keras.backend.backend()!r} backend before this tensorflow job "
-                       "built its network: set KERAS_BACKEND=tensorflow, or import nothing that imports keras first")
 
 POLICIES = {"fp32": "float32", "bf16": "mixed_bfloat16"}  # Keras mixed-precision policies of <precision>
 

@@ -21,7 +21,6 @@ with torch's own normalisation layers.
 
 from __future__ import annotations
 
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +30,7 @@ from torch import nn
 
 from autocnnp.core.settings import setting
 from autocnnp.generator.registry import component
+from autocnnp.training.keras_backend import import_keras
 
 _LOGIT_FREE = ("softmax", "log_softmax", "sigmoid")
 
@@ -40,27 +40,6 @@ class Config:
     """``<CNN_archi><path>model.keras</path></CNN_archi>`` selects this entry with the path set."""
 
     path: Path = setting(must_exist=True, help="the Keras 3 model file (.keras)")
-
-
-def import_keras(backend: str = "torch"):
-    """Keras on ``backend``; a clear error when Keras was already imported with another one."""
-    loaded = sys.modules.get("keras")
-    if loaded is None:
-        before = os.environ.get("KERAS_BACKEND")
-        os.environ["KERAS_BACKEND"] = backend  # Keras reads it once, when imported: not left for subprocesses
-        try:
-            import keras as loaded
-        finally:
-            if before is None:
-                del os.environ["KERAS_BACKEND"]
-            else:
-                os.environ["KERAS_BACKEND"] = before
-    found = loaded.backend.backend()
-    if found != backend:
-        raise RuntimeError(f"Keras is already loaded with the {found!r} backend in this process, but this Keras "
-                           f"architecture trains on the {backend} backend: set KERAS_BACKEND={backend} (or import "
-                           "nothing that imports keras before the job builds its network)")
-    return loaded
 
 
 def _data_format(keras, model) -> str:
