@@ -25,11 +25,12 @@ from ..core.processes import die_with_parent
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def start(cmd: list[str], env: dict[str, str] | None, stdout=None, stderr=None) -> subprocess.Popen:
+def start(cmd: list[str], env: dict[str, str] | None, stdout=None, stderr=None,
+          orphaned: int = signal.SIGTERM) -> subprocess.Popen:
     """Start ``cmd`` (with ``env``, or this process's environment; output to ``stdout`` and ``stderr``, or
-    ours) as the leader of a new session that ends (SIGTERM) when this process ends."""
+    ours) as the leader of a new session that gets ``orphaned`` when this process ends."""
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+                            start_new_session=True, preexec_fn=lambda: die_with_parent(orphaned))
 
 
 # Open MPI's banners when ranks end (a rank called MPI_Abort, returned non-zero, was killed by a signal):
