@@ -134,7 +134,8 @@ def end_on_stop_signals(exit_code, signals=STOP_SIGNALS):
     the command returned, what it started stopped), ``signals`` end it at once with 128+N and one line, never a
     traceback; and once its exit functions ran it ends with ``exit_code()`` before the interpreter tears its
     modules down (seconds, with torch and gRPC loaded), where Python gives the signals their default action back
-    (a Ctrl-C there killed it: -2). Signals ignored now stay so (``nohup``). Returns ``exiting()``, to call when
+    (a Ctrl-C there killed it: -2); a process that loaded MPI (mpi4py: MPI_Finalize comes last) tears them down,
+    ignoring the signals. Signals ignored now stay so (``nohup``). Returns ``exiting()``, to call when
     the command returned: a signal Python's exit holds back from then on (while it joins the threads left) still
     ends the process so."""
     caught: list[int] = []  # the read end of the signals' wakeup pipe, from exiting() on
@@ -158,6 +159,10 @@ def end_on_stop_signals(exit_code, signals=STOP_SIGNALS):
             for signum in os.read(caught[0], 64) if caught else b"":
                 if signum in signals:
                     handler(signum, None)
+        if "mpi4py.MPI" in sys.modules:  # a rank's MPI_Finalize comes after the teardown: it runs, the signals ignored
+            for s in signals:
+                signal.signal(s, signal.SIG_IGN)
+            return
         os._exit(exit_code())
 
     for s in signals:
