@@ -15,7 +15,7 @@ from .core.errors import DataError, ExitCode, Interrupted, JobError
 from .core.files import WriteRefused
 from .engine.values import type_name
 from .generator.points import POINTS, TRACKERS
-from .run.processes import interruptible
+from .run.processes import end_on_stop_signals, interruptible
 
 # Feature areas that add their own subcommands (each module: ``add_commands(subparsers)``; keep its
 # imports light, torch only inside the command functions). A command of this module's own (validate, plan,
@@ -159,9 +159,20 @@ class PipeGuard:
 
 def main(argv: list[str] | None = None) -> int:
     """Run one command; its errors, a write the filesystem refuses and the signals that stop it (Ctrl-C,
-    SIGTERM, SIGHUP) end it with one line and its ``ExitCode``, never a traceback."""
-    words = sys.argv[1:] if argv is None else argv
-    args = parser(words[0] if words else None).parse_args(argv)
+    SIGTERM, SIGHUP) end it with one line and its ``ExitCode``, never a traceback. Called without ``argv`` it is
+    the process (``autocnnp``, ``python -m autocnnp``): those signals do so from its start to its end."""
+    if argv is None:
+        code = [ExitCode.FAILED]  # an exception that escapes: Python's traceback, then exit 1
+        exiting = end_on_stop_signals(lambda: code[0])  # what interruptible() gives back once the command returns
+        try:
+            code[0] = main(sys.argv[1:]) or 0
+        except SystemExit as exc:  # argparse: --help, a usage error
+            code[0] = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            raise
+        finally:
+            exiting()
+        return code[0]
+    args = parser(argv[0] if argv else None).parse_args(argv)
     stdout, sys.stdout = sys.stdout, PipeGuard(sys.stdout)
     try:
         with interruptible():

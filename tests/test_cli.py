@@ -6,8 +6,10 @@ import csv
 import dataclasses
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 from conftest import BASE_JOB, DEMO, ROOT, TEMPLATE
@@ -133,6 +135,32 @@ def test_process_exit_code_and_single_line_on_bad_job(tmp_path):
     assert proc.stderr.count("\n") == 1 and "Traceback" not in proc.stderr
     assert re.match(rf"autocnnp: {re.escape(str(bad))}:\d+:\d+: 'sgdd' is not a valid optimizer\. "
                     r"Hint: did you mean 'sgd'\?$", proc.stderr.strip())
+
+
+@pytest.mark.parametrize("leaves", ["atexit.register(work)", "threading.Thread(target=work).start()"],
+                         ids=["exit-function", "thread"])
+def test_a_stop_signal_while_the_process_exits_ends_it_with_one_line_and_128_plus_n(leaves):
+    """Ctrl-C or SIGTERM once the command returned, while the process exits (a library's work on the way out: a
+    gRPC server's grace, a thread joined, torch's teardown), ends it as during the command: 128+N and one line,
+    never a traceback, a death by the signal (the federation server after its last round: -2) nor exit 0."""
+    code = ("import atexit, os, sys, threading, time\nimport autocnnp.cli as cli\n"
+            "def work():\n"
+            "    os.write(1, b'exiting\\n')\n"
+            "    time.sleep(10)\n"
+            f"cli.cmd_components = lambda args: ({leaves}, 0)[1]\n"
+            "sys.argv = ['autocnnp', 'components']\nsys.exit(cli.main())\n")
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True)
+        try:
+            assert proc.stdout.readline() == "exiting\n"
+            proc.send_signal(sig)
+            sent = time.monotonic()
+            _, err = proc.communicate(timeout=30)
+        finally:
+            proc.kill()
+        assert (proc.returncode, err) == (128 + sig, f"autocnnp: interrupted by {sig.name}\n")
+        assert time.monotonic() < sent + 5  # at once, not once the work is done
 
 
 @pytest.mark.parametrize("command", ["validate", "plan"])

@@ -501,6 +501,7 @@ def tracked_server(tmp_path: Path, store: str = ""):
         rounds = Rounds(job.rundir, job, federation_of(job), admission)
         rounds.evaluated = ndarrays_to_parameters([np.zeros(3, np.float32)])
         return rounds
+    server.job = job
     return server
 
 
@@ -512,21 +513,36 @@ def validation(done: int) -> list[tuple[str, str, int, dict]]:
 
 def test_the_federation_is_one_mlflow_parent_run_with_a_child_per_site_resumed_after_a_restart(tmp_path):
     """With the job's mlflow tracker: each site's validation metrics per round on its child (step = round, tags site
-    and role), the training sites' weighted mean and the selected round on the parent; a restarted server (a new
-    ``Rounds``) goes on with the same parent run, which ends with the last round."""
+    and role), the training sites' weighted mean and the selected round on the parent; a server stopped by Ctrl-C
+    ends its runs as KILLED, and a restarted server (a new ``Rounds``) goes on with the same runs, which end with
+    the last round."""
     from mlflow.tracking import MlflowClient
 
+    from autocnnp.core.errors import Interrupted
+    from autocnnp.federation.server import run_server
+
+    def interrupted(setup, *_):  # Ctrl-C once the rounds are set up
+        setup(None)
+        raise Interrupted(signal.SIGINT)
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     server = tracked_server(tmp_path)
     first = server()
     first.log_metrics(1, validation(1))
     first.consider(1, 0.3)
+    make_certificates(tmp_path / "certs", ["a"], ["127.0.0.1"])
+    with pytest.raises(Interrupted):
+        run_server(server.job, federation_of(server.job), tmp_path / "certs" / "sites.csv", None, serve=interrupted)
+    runs = client.search_runs([client.get_experiment_by_name("job").experiment_id])
+    assert {r.info.status for r in runs} == {"KILLED"} and len(runs) == 4
     again = server()  # the server restarted
+    parent_id = json.loads((tmp_path / "server" / "tracking" / "mlflow.json").read_text())["run_id"]
+    assert client.get_run(parent_id).info.status == "RUNNING"
     again.log_metrics(2, validation(2))
     again.consider(2, 0.45)
-    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("job").experiment_id])
     [parent] = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
-    assert parent.info.run_id == json.loads((tmp_path / "server" / "tracking" / "mlflow.json").read_text())["run_id"]
+    assert parent.info.run_id == parent_id
     assert parent.info.status == "FINISHED" and parent.data.tags["selected_round"] == "2"
     weighted = client.get_metric_history(parent.info.run_id, "consensus/dice_fg")
     assert [(m.step, round(m.value, 6)) for m in weighted] == [(1, 0.3), (2, 0.45)]  # (30 x 0.2 + 10 x 0.6) / 40

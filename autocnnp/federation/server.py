@@ -29,7 +29,7 @@ from flwr.server.strategy.fedopt import FedOpt
 from flwr.server.superlink.fleet.grpc_bidi.grpc_server import start_grpc_server
 from flwr.supercore.grpc import GRPC_MAX_MESSAGE_LENGTH
 
-from ..core.errors import ExitCode
+from ..core.errors import ExitCode, Interrupted
 from ..core.files import append_text, atomic_write, read_json, write_json
 from ..core.rundir import BEST_CHECKPOINT, BEST_RECORD, RunDir
 from .admission import SignedChallenge, agreement, differences
@@ -340,7 +340,7 @@ def serve_grpc(setup, fed: FederationConfig, sites: dict, certs, listen: str | N
     try:
         run_fl(server, config)
     finally:
-        grpc_server.stop(grace=1)
+        grpc_server.stop(grace=1).wait()
 
 
 def server_job(job_file: Path, sets: list[str]):
@@ -370,10 +370,13 @@ def run_server(job, fed: FederationConfig, site_list: Path, certs: tuple[Path, P
             say(f"the federation in {rundir} has run its {fed.rounds} round(s) already: raise rounds to go on")
             return 0
 
+        made: list[Rounds] = []
+
         def setup(identity):
             """The rounds to go, sites admitted by ``identity``: (admission, Flower's server, its config)."""
             admission = Admission(sites, agreement(job), fed.min_sites, fed.round_timeout_s, audit, identity)
             rounds = Rounds(rundir, job, fed, admission)
+            made.append(rounds)
             initial = rounds.latest() if done else None
             if done:
                 say(f"resuming the federation from round {done} ({folder / 'latest.npz'})")
@@ -384,7 +387,12 @@ def run_server(job, fed: FederationConfig, site_list: Path, certs: tuple[Path, P
 
         try:
             serve(setup, fed, sites, certs, listen, audit)
-        except TooFewSites as exc:
+        except BaseException as exc:  # its MLflow runs end with it (a restart resumes them)
+            for rounds in made:
+                if rounds.tracking:
+                    rounds.tracking.end("terminated" if isinstance(exc, Interrupted) else "failed")
+            if not isinstance(exc, TooFewSites):
+                raise
             say(f"{exc}: the federation stops, its rounds so far are kept; start it again once the sites can "
                 f"join (or lower min_sites, raise round_timeout_s)")
             return ExitCode.FAILED

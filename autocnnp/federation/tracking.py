@@ -8,7 +8,8 @@ Events go through the mlflow tracker's journals (``OUTPUT/tracking/`` for the pa
 ``OUTPUT/federation/sites/NAME/tracking/`` for a site's child) and are sent after every round. A store that
 does not answer stops nothing: it is said once and the journals keep the events for ``autocnnp track sync`` (of
 ``OUTPUT`` and of each ``OUTPUT/federation/sites/NAME``).
-A restarted server goes on with the same parent run (its id is in ``OUTPUT/tracking/mlflow.json``)."""
+A server that stops before the last round ends them (KILLED when stopped by a signal, FAILED when too few
+sites came); a restarted server goes on with the same runs (the parent's id is in ``OUTPUT/tracking/mlflow.json``)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ..components.trackers.mlflow_tracking import JOURNAL, Journal, Sender, star
 from ..core.rundir import RunDir
 from ..run import manifest
 
+SITES = Path("federation", "sites")  # a site's child run's folder, in the server's output folder
 ROLES = {"train": "training", "evaluate": "out-of-sample"}
 
 
@@ -72,7 +74,7 @@ class FederationRuns:
         if name not in self.journals:
             start = {"name": self.experiment, "run_name": name, "params": {}, "artifacts": {},
                      "tags": {"site": name, "role": ROLES.get(role, role)}, "parent": str(self.root)}
-            folder = self.root / "federation" / "sites" / re.sub(r"[^\w.-]", "_", name)
+            folder = self.root / SITES / re.sub(r"[^\w.-]", "_", name)
             self.journals[name] = self._open(folder, start)
         return self.journals[name]
 
@@ -84,11 +86,21 @@ class FederationRuns:
         training = [(samples, metrics) for _, role, samples, metrics in rows if role == "train"]
         self.parent.add("epoch", step=done,
                         values={f"consensus/{k}": v for k, v in weighted_mean(training).items()})
-        last = done >= self.rounds
-        if last:
-            for journal in (self.parent, *self.journals.values()):
-                journal.add("end", status="completed")
-        self.send(again=last)
+        if done >= self.rounds:
+            self.end("completed")
+        else:
+            self.send()
+
+    def end(self, status: str) -> None:
+        """End every run still going with ``status`` (the server stopped by a signal: ``terminated``, KILLED in
+        MLflow; a restarted server sets them RUNNING again), a site's not seen since a restart too, and send them."""
+        sites = sorted(path.parents[1] for path in (self.root / SITES).glob(f"*/tracking/{JOURNAL}"))
+        for folder in (self.root, *sites):
+            journal = Journal(RunDir(folder).tracking / JOURNAL)
+            if journal.is_open():
+                journal.add("end", status=status)
+                self.senders.setdefault(folder, Sender(folder, self.uri, self.experiment))
+        self.send(again=True)
 
     def selected(self, done: int, metric: str, value: float) -> None:
         """Round ``done``'s model is the consensus model so far."""

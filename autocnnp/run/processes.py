@@ -10,26 +10,29 @@ with it, on every host.
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 
-from ..core.errors import Interrupted
+from ..core.errors import ExitCode, Interrupted
 from ..core.processes import die_with_parent
 
 # what stops a run & manage command cleanly; SIGUSR1 is Slurm's warning before the time limit
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 
 
-def start(cmd: list[str], env: dict[str, str] | None, stdout=None, stderr=None) -> subprocess.Popen:
+def start(cmd: list[str], env: dict[str, str] | None, stdout=None, stderr=None,
+          orphaned: int = signal.SIGTERM) -> subprocess.Popen:
     """Start ``cmd`` (with ``env``, or this process's environment; output to ``stdout`` and ``stderr``, or
-    ours) as the leader of a new session that ends (SIGTERM) when this process ends."""
+    ours) as the leader of a new session that gets ``orphaned`` when this process ends."""
     return subprocess.Popen(cmd, env=env, stdin=subprocess.DEVNULL, stdout=stdout, stderr=stderr,
-                            start_new_session=True, preexec_fn=lambda: die_with_parent(signal.SIGTERM))
+                            start_new_session=True, preexec_fn=lambda: die_with_parent(orphaned))
 
 
 # Open MPI's banners when ranks end (a rank called MPI_Abort, returned non-zero, was killed by a signal):
@@ -124,6 +127,49 @@ def _running(pid: int) -> bool:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"  # zombies have ended
     except OSError:
         return False
+
+
+def end_on_stop_signals(exit_code, signals=STOP_SIGNALS):
+    """For the rest of this process's life (a command's, outside :func:`interruptible`: its start, and its exit once
+    the command returned, what it started stopped), ``signals`` end it at once with 128+N and one line, never a
+    traceback; and once its exit functions ran it ends with ``exit_code()`` before the interpreter tears its
+    modules down (seconds, with torch and gRPC loaded), where Python gives the signals their default action back
+    (a Ctrl-C there killed it: -2); a process that loaded MPI (mpi4py: MPI_Finalize comes last) tears them down,
+    ignoring the signals. Signals ignored now stay so (``nohup``). Returns ``exiting()``, to call when
+    the command returned: a signal Python's exit holds back from then on (while it joins the threads left) still
+    ends the process so."""
+    caught: list[int] = []  # the read end of the signals' wakeup pipe, from exiting() on
+
+    def handler(signum, frame):
+        os.write(2, f"autocnnp: {Interrupted(signum)}\n".encode())
+        os._exit(ExitCode.INTERRUPTED + signum)
+
+    def exiting() -> None:
+        read, write = os.pipe()
+        for fd in (read, write):
+            os.set_blocking(fd, False)
+        signal.set_wakeup_fd(write, warn_on_full_buffer=False)
+        caught.append(read)
+
+    def end() -> None:
+        for stream in (sys.stdout, sys.stderr):
+            with contextlib.suppress(Exception):
+                stream.flush()
+        with contextlib.suppress(OSError):
+            for signum in os.read(caught[0], 64) if caught else b"":
+                if signum in signals:
+                    handler(signum, None)
+        if "mpi4py.MPI" in sys.modules:  # a rank's MPI_Finalize comes after the teardown: it runs, the signals ignored
+            for s in signals:
+                signal.signal(s, signal.SIG_IGN)
+            return
+        os._exit(exit_code())
+
+    for s in signals:
+        if signal.getsignal(s) is not signal.SIG_IGN:
+            signal.signal(s, handler)
+    atexit.register(end)  # registered first, run last
+    return exiting
 
 
 @contextlib.contextmanager

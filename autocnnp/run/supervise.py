@@ -25,6 +25,10 @@ from .config import LaunchConfig
 SUPERVISED = "AUTOCNNP_SUPERVISED"  # set for ranks whose launch run & manage watches: it names a failure's cause
 
 STATUS_CHARS = 500  # of the message of a status file rewritten in place (within one filesystem block)
+# what a launcher gets when run & manage dies (else SIGTERM): mpirun passes SIGTERM on to its ranks only after
+# odls_base_sigkill_timeout (1 s), time enough for them to train on, even to the end, with nobody watching; killed,
+# it takes its ranks at once (theirs die with it, and its daemons on other hosts end their own)
+ORPHANED = {"mpirun": signal.SIGKILL}
 # a rank's verdict that run & manage passes on as it is (any other exit of a rank is a failure)
 RANK_VERDICTS = (ExitCode.BAD_INPUT, ExitCode.DIVERGED, ExitCode.STOPPED)
 
@@ -146,7 +150,8 @@ def supervise(cmd: list[str], env: dict, rundir: RunDir, world_size: int,
     rundir.ranks.mkdir(parents=True, exist_ok=True)
     previous = signal.signal(signal.SIGUSR1,
                              lambda *_: atomic_write(rundir.stop_request, "SIGUSR1 (Slurm's time-limit warning)\n"))
-    proc = processes.start(cmd, env, stderr=subprocess.PIPE)
+    proc = processes.start(cmd, env, stderr=subprocess.PIPE, orphaned=ORPHANED.get(os.path.basename(cmd[0]),
+                                                                                   signal.SIGTERM))
     stopping, killed = threading.Event(), {}
     forwarding = processes.forward_stderr(proc.stderr, sys.stderr, mute=stopping, killed=killed)
     try:

@@ -317,8 +317,9 @@ class Follower:
 
 
 def close_journal(rundir: Path, status: str, last_word: bool = False) -> bool:
-    """End the run that last started in the folder's journal with ``status`` unless it has ended (rank 0 ended
-    it, or its end was never written: a rank or run & manage killed); returns whether it was open. With
+    """End the run that last started in the folder's journal with ``status`` (and log what a run logs at its
+    end) unless it has ended; returns whether it was open. Run & manage ends its runs, rank 0 those it started
+    itself, and ``track sync`` one whose end was never written (run & manage or rank 0 killed): with
     ``last_word``, the end time is that of the journal's last event (a run found dead later)."""
     journal = Journal(RunDir(rundir).tracking / JOURNAL)
     if not journal.is_open():
@@ -373,9 +374,10 @@ class MLflow(Tracker):
                                          f"{1000 * step_s:.0f} ms, {step_s / median_s:.1f} x the ranks' median"})
 
     def close(self, status: str) -> None:
-        self.journal.add("artifacts", files=end_artifacts(self.info.rundir))
-        self.journal.add("end", status=status)
+        """End the run where this rank started it; under run & manage the job's exit ends it (FrontEnd.ended),
+        never the ranks: training that outlived run & manage, or a rank whose peers failed, did not complete."""
         if self.follower is not None:
+            close_journal(self.info.rundir, status)
             self.follower.stop()
 
 
