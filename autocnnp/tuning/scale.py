@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import json
 import os
 import shutil
@@ -44,6 +45,7 @@ from .scaling import (
 )
 
 WARMUP_STEPS = 5  # the first steps pay for kernel selection and allocation
+VALIDATION_BATCHES = 4  # of the validation pass between the profile's warm-up and its timed steps
 
 
 def profile_job(job_path: Path, sets: list[str], copies: dict[int, int], steps: int) -> Profile:
@@ -123,16 +125,16 @@ class _StepTimes:
 
 
 def profile_run(run, monitoring, steps: int) -> dict:
-    """This rank's figures from WARMUP_STEPS + ``steps`` steps of the training loop's own code
+    """This rank's figures from ``steps`` steps of the training loop's own code
     (:func:`~autocnnp.training.loop.train_steps`, epoch after epoch until done: the loader, the step through
-    the job's strategy, the divergence guard and the monitor as a run has them; no validation, checkpoint or
-    tracker). Means after the warm-up (a run's throughput is its mean step's, slow steps included; the parts
-    add up to the step) of: the step less its wait for the minibatch and its time blocked in the strategy's
-    collectives (compute), the wait (data), the time in collectives (exchange), the backward pass (from the
-    forward's end to the last gradient)."""
+    the job's strategy, the divergence guard and the monitor as a run has them; no checkpoint or tracker),
+    after an epoch of WARMUP_STEPS steps and the first VALIDATION_BATCHES of its validation pass. Means (a
+    run's throughput is its mean step's, slow steps included; the parts add up to the step) of: the step less
+    its wait for the minibatch and its time blocked in the strategy's collectives (compute), the wait (data),
+    the time in collectives (exchange), the backward pass (from the forward's end to the last gradient)."""
     import torch
 
-    from ..training.loop import begin_epoch, train_steps
+    from ..training.loop import begin_epoch, evaluate, train_steps
     from ..training.monitor import Monitor
 
     net = run.strategy.unwrap(run.steps.model)
@@ -150,16 +152,21 @@ def profile_run(run, monitoring, steps: int) -> dict:
     trainable = [p for p in net.parameters() if p.requires_grad]
     for param in trainable:
         param.register_post_accumulate_grad_hook(last_gradient)
-    needed = WARMUP_STEPS + steps
-    epochs = -(-needed // len(run.loader))
+    warmup = min(WARMUP_STEPS, len(run.loader))
+    epochs = 1 + -(-steps // len(run.loader))  # the warm-up's, then as many as the timed steps take
     with Monitor(run.gen.rundir, run.world.rank, run.world.world_size, monitoring, epochs, len(run.loader),
                  start_epoch=0) as monitor:
         timed = _StepTimes(monitor, backward)
         for epoch in range(epochs):
             begin_epoch(run, epoch)
-            train_steps(run, epoch, timed, lambda: None, limit=needed - len(timed.steps))
-            run.steps.end_steps()
-    kept = timed.steps[WARMUP_STEPS:]
+            train_steps(run, epoch, timed, lambda: None,
+                        limit=warmup if epoch == 0 else warmup + steps - len(timed.steps))
+            trained = run.steps.end_steps()
+            if epoch == 0:  # an epoch's end as a run has it: its validation takes and gives back larger batches
+                evaluator = run.task.evaluator(run.data.num_classes, run.data.class_names, run.regions)
+                evaluate(trained, itertools.islice(run.valid_loader, VALIDATION_BATCHES), evaluator, run.loss_fn,
+                         run.world, infer=run.data.infer)
+    kept = timed.steps[warmup:]
     floats = (*net.parameters(), *(b for b in net.buffers() if b.is_floating_point()))
     image, label = run.data.train[0][:2]  # as stored: what a sample read moves
     return {"compute_s": statistics.fmean(s - w - c for s, w, c, _ in kept),
