@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING
 
 from .core.errors import DataError, ExitCode, Interrupted, JobError
 from .core.rundir import RunDir
-from .generator.overrides import apply_overrides, parse_sets
+from .generator.overrides import parse_sets
 from .generator.plan import render
 from .run.job import Job, load_job
 
@@ -66,7 +66,7 @@ def load(job: JobSource, sets: Sets = ()) -> Job:
     if isinstance(sets, Mapping):
         sets = [f"{k}={str(v).lower() if isinstance(v, bool) else v}" for k, v in sets.items()]
     if isinstance(job, Job):
-        return load_job(apply_overrides(job.spec, parse_sets(sets))) if sets else job
+        return job.variant(parse_sets(sets)) if sets else job
     return load_job(Path(job), list(sets))
 
 

@@ -150,7 +150,9 @@ def test_profile_times_the_training_loops_steps_on_the_jobs_ranks(tiny_job):
     """The profile is a short run of the job on its ranks, started by mpirun as run & manage starts them: each
     rank times the training loop's own steps through the job's strategy (DDP over gloo), its monitor included;
     their time blocked in the allreduce is the exchange, apart from the compute."""
-    profile = scale_command.profile_job(tiny_job, [], {1: 2}, steps=4)
+    from autocnnp.run.job import load_job
+
+    profile = scale_command.profile_job(load_job(tiny_job), {1: 2}, steps=4)
     assert set(profile.compute_s) == set(profile.backward_s) == set(profile.data_s) == set(profile.exchange_s) == {1}
     assert min(profile.compute_s[1], profile.backward_s[1], profile.data_s[1], profile.exchange_s[1]) > 0
     assert profile.batch == 2 and profile.train_samples == 8 and profile.grad_bytes > 0

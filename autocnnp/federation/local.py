@@ -12,9 +12,8 @@ import numpy as np
 import torch
 
 from ..core.errors import ExitCode, JobError
-from ..generator.overrides import apply_overrides
 from ..run import launch, preflight
-from ..run.job import Job, load_job
+from ..run.job import Job
 from ..training.loop import data_card
 from ..training.loop import evaluate as score
 from .config import federation_of
@@ -45,8 +44,7 @@ class SiteTrainer:
                            f"{job.generator.framework}", "use the torch framework")
         preflight.fetch_pretrained(job)
         self.job = job
-        self.framework = job.generator.action("framework").build()
-        self.run = self.framework.build(job.generator, job.monitoring, timeout_s=job.launch.rank_timeout_s + 30)
+        self.framework, self.run = job.build_run()
         self.model = self.run.strategy.unwrap(self.run.steps.model)
         self.loss_fn = self.run.steps.loss_fn
 
@@ -93,11 +91,6 @@ class SiteTrainer:
         return scalars(score(self.model, run.valid_loader, evaluator, run.loss_fn, run.world))
 
 
-def variant(job: Job, overrides: dict[str, str]) -> Job:
-    """``job`` with ``overrides`` (``--set KEY=VALUE``), which its ranks get on their command line."""
-    return load_job(apply_overrides(job.spec, overrides))
-
-
 class LaunchedTrainer(SiteTrainer):
     """A site whose job asks for several ranks. This process holds the network (one rank: the parameters, the
     validation); each round the job's ranks resume the site's own run from its latest checkpoint with the
@@ -111,8 +104,8 @@ class LaunchedTrainer(SiteTrainer):
             raise JobError(job.where("launcher"), f"a site on {job.world_size} ranks starts them itself, and this "
                            "process runs in place (launcher=inplace, or under a launcher's rank variables)",
                            "start the site as one process, with launcher=mpirun, or srun inside a Slurm allocation")
-        self.ranks_job = variant(job, {"checkpoint.resume": "true"})  # the round's start is the checkpoint
-        super().__init__(variant(self.ranks_job, {"parallelism-degree": "1"}))
+        self.ranks_job = job.variant({"checkpoint.resume": "true"})  # the round's start is the checkpoint
+        super().__init__(self.ranks_job.variant({"parallelism-degree": "1"}))
 
     def train(self, arrays, epochs: int, proximal_mu: float) -> dict[str, float]:
         checkpoints = self.run.checkpoints
@@ -121,7 +114,7 @@ class LaunchedTrainer(SiteTrainer):
         saved["model"] = self.model.state_dict()
         checkpoints.save(saved, saved["epoch"] - 1)  # named by the epochs done, as the ranks name theirs
         job = self.ranks_job
-        ranks = variant(job, {"hyperparameters.end_epoch": str(saved["epoch"] + epochs)})
+        ranks = job.variant({"hyperparameters.end_epoch": str(saved["epoch"] + epochs)})
         code = launch.attempts(ranks, self.mode)
         if code != ExitCode.OK:
             raise RuntimeError(f"the site's {job.world_size} ranks ended with exit code {code} "

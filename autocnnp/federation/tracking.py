@@ -99,7 +99,8 @@ class FederationRuns:
             journal = Journal(RunDir(folder).tracking / JOURNAL)
             if journal.is_open():
                 journal.add("end", status=status)
-                self.senders.setdefault(folder, Sender(folder, self.uri, self.experiment))
+                if folder not in self.senders:  # a site not seen since a restart
+                    self.senders[folder] = Sender(folder, self.uri, self.experiment)
         self.send(again=True)
 
     def selected(self, done: int, metric: str, value: float) -> None:

@@ -60,6 +60,17 @@ class Job:
                 return s.where
         return self.spec.where
 
+    def variant(self, overrides: dict[str, str]) -> Job:
+        """This job with ``overrides`` (``--set KEY=VALUE``), which its ranks get on their command line."""
+        return load_job(apply_overrides(self.spec, overrides))
+
+    def build_run(self, beat=lambda: None):
+        """The job's framework and this rank's run, built as every rank builds it (its collectives bounded a
+        little past run & manage's watchdog)."""
+        framework = self.generator.action("framework").build()
+        return framework, framework.build(self.generator, self.monitoring, beat=beat,
+                                          timeout_s=self.launch.rank_timeout_s + 30)
+
     def with_cluster(self, values: dict[str, object], flags: dict[str, str] | None = None) -> Job:
         """This job with the given ``<cluster>`` properties replacing the job's (None: keep), typed and checked
         as if written in the job; ``flags`` names the command-line option of a property where it is not

@@ -20,10 +20,9 @@ from ..core.errors import ExitCode, JobError
 from ..core.files import atomic_write, write_json
 from ..core.metrics import LOSSES, SEGEVAL
 from ..core.text import text_table
-from ..generator.overrides import apply_overrides
 from . import launch
 from . import manifest as mf
-from .job import Job, load_job
+from .job import Job
 
 SUMMARY_METRICS = (*SEGEVAL, *reversed(LOSSES))
 
@@ -31,7 +30,7 @@ SUMMARY_METRICS = (*SEGEVAL, *reversed(LOSSES))
 def seed_job(job: Job, seed: int) -> Job:
     """``job`` for one repeat: its seed, its own output folder (passed on to the workers as overrides)."""
     out = job.rundir.seed(seed)
-    return load_job(apply_overrides(job.spec, {"seed": str(seed), "output": str(out)}))
+    return job.variant({"seed": str(seed), "output": str(out)})
 
 
 def summarise(results: dict[int, dict], per_class: bool = False) -> dict[str, dict[str, float]]:

@@ -21,10 +21,9 @@ from pathlib import Path
 
 from ..core.errors import ExitCode, JobError
 from ..data import folds as splits
-from ..generator.overrides import apply_overrides
 from . import manifest as mf
 from . import preflight, slurm
-from .job import Job, load_job
+from .job import Job
 from .manifest import PARENT_RUN
 from .processes import start, stop_session
 from .repeat import finished, report_set
@@ -33,8 +32,7 @@ from .repeat import finished, report_set
 def fold_job(job: Job, fold: int) -> Job:
     """The job variant that trains ``fold`` of the study in ``job``'s output folder."""
     base = job.rundir
-    return load_job(apply_overrides(job.spec, {"output": str(base.fold(fold)), "data.fold": str(fold),
-                                               "data.split": str(base.folds_split)}))
+    return job.variant({"output": str(base.fold(fold)), "data.fold": str(fold), "data.split": str(base.folds_split)})
 
 
 def study_job(job: Job, k: int | None) -> tuple[Job, int]:
@@ -45,7 +43,7 @@ def study_job(job: Job, k: int | None) -> tuple[Job, int]:
         raise JobError(where, f"the {job.generator.action('dataset_injection').entry.name} data format has no k-fold "
                        "split", "use <data format=\"decathlon\"> (or a format with a folds setting)")
     if k is not None:
-        job = load_job(apply_overrides(job.spec, {"data.folds": str(k)}))
+        job = job.variant({"data.folds": str(k)})
         config = job.generator.data_format().config
     if config.folds < 2:
         raise JobError(where, f"the job names {config.folds} folds", "set <param name=\"folds\">5</param> in <data> "

@@ -80,8 +80,7 @@ def _drain() -> None:
 def train(job: Job, beat=lambda: None) -> dict[str, float]:
     """Build the generator's run on this rank, record it in the manifest (rank 0), train it with the job's
     trackers (rank 0); stop at an epoch's end with a checkpoint when run & manage asks (``OUTPUT/.stop``)."""
-    framework = job.generator.action("framework").build()
-    run = framework.build(job.generator, job.monitoring, beat=beat, timeout_s=job.launch.rank_timeout_s + 30)
+    framework, run = job.build_run(beat)
     manifest.record_run(job, run)
     trackers = start_trackers(job, run) if run.world.rank == 0 else []
     stop_request = job.rundir.stop_request

@@ -48,7 +48,7 @@ WARMUP_STEPS = 5  # the first steps pay for kernel selection and allocation
 VALIDATION_BATCHES = 4  # of the validation pass between the profile's warm-up and its timed steps
 
 
-def profile_job(job_path: Path, sets: list[str], copies: dict[int, int], steps: int) -> Profile:
+def profile_job(job: Job, copies: dict[int, int], steps: int) -> Profile:
     """Profile the job's step as its ranks run it on this node: for each ``threads: k`` of ``copies``, a short
     run of the job on k ranks, started as run & manage starts them (mpirun, its binding, ``threads`` threads
     per rank), each rank building its run as a training rank does and timing the training loop's own steps
@@ -57,7 +57,6 @@ def profile_job(job_path: Path, sets: list[str], copies: dict[int, int], steps: 
     median, the time blocked in the exchange the shortest (the slowest rank's)."""
     from ..run import preflight
 
-    job = load_job(job_path, sets)
     preflight.fetch_pretrained(job)
     preflight.check_data(job)  # the data cached once, as run & manage does: the profile's ranks read it
     job.rundir.cache.mkdir(parents=True, exist_ok=True)
@@ -67,7 +66,7 @@ def profile_job(job_path: Path, sets: list[str], copies: dict[int, int], steps: 
             out = Path(tmp) / f"threads-{threads}"
             out.mkdir()
             (out / "cache").symlink_to(job.rundir.cache, target_is_directory=True)
-            variant = load_job(job_path, [*sets, f"output={out}", f"parallelism-degree={k}"])
+            variant = job.variant({"output": str(out), "parallelism-degree": str(k)})
             figures[threads] = _profile_on_ranks(variant, out, steps, threads)
     for fs in figures.values():
         if len(fs) == 1:  # a lone rank's time in its strategy's collectives (a group of one) is its own work
@@ -183,8 +182,7 @@ def _profile_rank(argv: list[str]) -> None:
     its run as a training rank does and writes its figures to OUT/rank-RANK.json."""
     out, steps, job_path, *sets = argv
     job = load_job(job_path, [s.removeprefix("--set=") for s in sets])
-    framework = job.generator.action("framework").build()
-    run = framework.build(job.generator, job.monitoring, timeout_s=job.launch.rank_timeout_s + 30)
+    _, run = job.build_run()
     figures = profile_run(run, job.monitoring, int(steps))
     (Path(out) / f"rank-{run.world.rank}.json").write_text(json.dumps(figures))
 
@@ -421,7 +419,7 @@ def scale(args: ScaleOptions) -> Report:
         for n in world_sizes:
             threads = placement.threads(n)
             copies[threads] = max(copies.get(threads, 1), min(n, placement.ranks_per_node))
-        profile = profile_job(Path(args.job), list(args.sets), copies, args.steps)
+        profile = profile_job(job, copies, args.steps)
         action = gen.action("dist_strategy")
         traffic = _traffic(adopt(action.entry.load(), Strategy), action.config, profile)
         bucket_mb = args.bucket_mb or _bucket_mb(action.config)
